@@ -1,0 +1,55 @@
+# Every target sets up what it needs, idempotently, on a fresh Debian machine with Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help venv gen check-gen lint typecheck protos test demo up down clean
+
+help:
+	@echo "make demo   bring the local stack up, run the scenario, bring it down"
+	@echo "make test   set up, lint, type-check, check the contracts, run every test"
+	@echo "make up     start the local stack in the background (make down stops it)"
+	@echo "make gen    regenerate the Python code of protos/"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+gen: venv
+	$(BIN)/python tools/genproto.py
+
+check-gen: venv
+	$(BIN)/python tools/genproto.py --check
+
+protos: venv
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
+	tools/check_breaking.sh $(BIN)/buf
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: venv check-gen protos lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+up: venv
+	$(BIN)/python -m stack up
+
+down: venv
+	$(BIN)/python -m stack down
+
+demo: venv
+	$(BIN)/python -m stack demo
+
+clean: down
+	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache

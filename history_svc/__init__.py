@@ -1,0 +1,1 @@
+"""The query side: payment history answered from the Redis read models only."""

@@ -1,0 +1,1 @@
+"""Small pieces shared by the services: settings, logging, errors, server bootstrap, tokens, keys."""

@@ -1,0 +1,220 @@
+"""The gRPC server skeleton every service uses: interceptors, health, reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram
+
+from payments_common.errors import ServiceError, internal_error, to_grpc_status
+from payments_common.logs import method_var, request_id_var
+
+log = logging.getLogger(__name__)
+
+RPC_TOTAL = Counter(
+    "grpc_server_handled_total", "RPCs completed, by method and status code.", ["grpc_method", "grpc_code"]
+)
+RPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to handle an RPC, by method.",
+    ["grpc_method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# Health service names: `liveness` only says the event loop runs; `readiness`
+# and the empty name follow the service's dependencies.
+LIVENESS = "liveness"
+READINESS = "readiness"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps ServiceError to its status, hides unexpected errors, and records metrics and log context."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        if method.startswith("/grpc."):
+            return handler  # health and reflection need no wrapping
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
+    if isinstance(error, ServiceError):
+        service_error = error
+        if error.code == grpc.StatusCode.INTERNAL:
+            log.error("internal error in %s: %s", method, error.message)
+    else:
+        log.error("unexpected error in %s", method, exc_info=error)
+        service_error = internal_error()
+    RPC_TOTAL.labels(method, service_error.code.name).inc()
+    await context.abort_with_status(to_grpc_status(service_error))  # type: ignore[attr-defined]
+
+
+def _wrap_unary(method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        method_var.set(method)
+        request_id_var.set(getattr(request, "request_id", ""))
+        started = time.perf_counter()
+        try:
+            response = await inner(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # every other failure becomes a status, never a traceback
+            await _fail(context, error, method)
+            raise  # unreachable: abort raises
+        finally:
+            RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+        RPC_TOTAL.labels(method, "OK").inc()
+        return response
+
+    return unary
+
+
+def _wrap_stream(method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        method_var.set(method)
+        try:
+            async for response in inner(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _fail(context, error, method)
+            raise
+        RPC_TOTAL.labels(method, "OK").inc()
+
+    return stream
+
+
+@dataclass
+class ServerOptions:
+    """Transport settings shared by every server."""
+
+    host: str = "[::]"
+    port: int = 0
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_connection_age_s: float = 0.0  # 0 keeps connections for ever
+    grace_s: float = 10.0
+
+    def channel_args(self) -> list[tuple[str, int]]:
+        args = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.max_connection_age_s > 0:
+            args += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.grace_s * 1000)),
+            ]
+        return args
+
+
+@dataclass
+class Readiness:
+    """Drives the health service: readiness follows a probe of the real dependencies."""
+
+    health: Any
+    service_names: Sequence[str]
+    probe: Callable[[], Awaitable[bool]]
+    interval_s: float = 1.0
+    ready: bool = False
+    _task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def _set_all(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", READINESS, *self.service_names):
+            await self.health.set(name, status)
+
+    async def check_once(self) -> bool:
+        try:
+            ok = await asyncio.wait_for(self.probe(), timeout=max(self.interval_s, 1.0) * 2)
+        except Exception as error:  # a probe that raises means "not ready"
+            log.warning("readiness probe failed: %s", error)
+            ok = False
+        if ok != self.ready:
+            log.info("readiness changed to %s", "SERVING" if ok else "NOT_SERVING")
+        self.ready = ok
+        await self._set_all(ok)
+        return ok
+
+    async def _loop(self) -> None:
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self.interval_s)
+
+    async def start(self) -> None:
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self.check_once()
+        self._task = asyncio.create_task(self._loop(), name="readiness")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.health.enter_graceful_shutdown()
+
+
+def build_server(
+    options: ServerOptions,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int, Any]:
+    """Creates (not starts) a server with health and reflection; returns it, its bound port and health."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options.channel_args())
+    register(server)
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"{options.host}:{options.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    return server, port, health_servicer
+
+
+async def wait_for_signal() -> None:
+    """Returns when the process gets SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown signal received")

@@ -1,0 +1,96 @@
+"""The Redis key schema of the read models: every key that the replicator writes and history reads.
+
+Keys are versioned (`rm:v1:...`) so that a new read-model version can be built beside
+the old one. Every key of one payment shares the hash tag `{<payment_id>}` and every
+key of one account shares `{<account_id>}`, so that the per-entity scripts touch a
+single Redis Cluster slot; nothing relies on a transaction across two entities.
+
+Layout (for payment P, account A, replication slot S):
+
+    rm:v1:payment:{P}                  HASH  lsn -> WAL position of the last write
+                                             view -> PaymentView bytes (timeline empty)
+    rm:v1:payment:{P}:timeline         HASH  <sequence> -> TimelineEntry bytes
+    rm:v1:account:{A}                  HASH  lsn, view -> AccountView bytes
+    rm:v1:account:{A}:idx:<dir>:<st>   ZSET  all scores 0; member "<create µs, 16 digits>:<P>",
+                                             so lexicographic order is time order
+                                             dir in sent|received|all, st in any|approved|...
+    rm:v1:account:{A}:idxver           HASH  <P> -> WAL position of the last index write of P
+    rm:v1:checkpoint:{S}               HASH  lsn -> end position of the last applied transaction
+                                             commit_time_us -> its commit time
+    rm:v1:changes                      STREAM  batch -> ChangeBatch bytes, one entry per applied batch
+    rm:v1:lock:{S}                     STRING  the replicator instance that owns slot S (with a TTL)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from payments.type.v1 import payment_pb2
+
+DIRECTIONS: Final = ("sent", "received", "all")
+
+# The index suffix of each status; "any" holds every status.
+STATUS_NAMES: Final[dict[int, str]] = {
+    payment_pb2.PAYMENT_STATUS_UNSPECIFIED: "any",
+    payment_pb2.PAYMENT_STATUS_APPROVED: "approved",
+    payment_pb2.PAYMENT_STATUS_DECLINED: "declined",
+    payment_pb2.PAYMENT_STATUS_PENDING_REVIEW: "pending_review",
+}
+
+# Fields of the entity hashes.
+LSN_FIELD: Final = "lsn"
+VIEW_FIELD: Final = "view"
+CHECKPOINT_LSN_FIELD: Final = "lsn"
+CHECKPOINT_COMMIT_TIME_FIELD: Final = "commit_time_us"
+STREAM_BATCH_FIELD: Final = "batch"
+
+# Index members start with the creation time in microseconds, zero-padded to this width.
+TIME_DIGITS: Final = 16
+
+
+def index_member(create_time_us: int, payment_id: str) -> str:
+    """The index member of a payment: sorts by creation time, then by id."""
+    return f"{create_time_us:0{TIME_DIGITS}d}:{payment_id}"
+
+
+def parse_index_member(member: str) -> tuple[int, str]:
+    """The creation time and payment id of an index member."""
+    stamp, _, payment_id = member.partition(":")
+    return int(stamp), payment_id
+
+
+@dataclass(frozen=True)
+class KeySchema:
+    """Builds the keys of one read-model version; `namespace` is e.g. "rm:v1"."""
+
+    namespace: str = "rm:v1"
+
+    def payment(self, payment_id: str) -> str:
+        return f"{self.namespace}:payment:{{{payment_id}}}"
+
+    def payment_timeline(self, payment_id: str) -> str:
+        return f"{self.namespace}:payment:{{{payment_id}}}:timeline"
+
+    def account(self, account_id: str) -> str:
+        return f"{self.namespace}:account:{{{account_id}}}"
+
+    def account_index(self, account_id: str, direction: str, status: int) -> str:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"unknown direction {direction!r}")
+        return f"{self.namespace}:account:{{{account_id}}}:idx:{direction}:{STATUS_NAMES[status]}"
+
+    def account_index_versions(self, account_id: str) -> str:
+        return f"{self.namespace}:account:{{{account_id}}}:idxver"
+
+    def checkpoint(self, slot: str) -> str:
+        return f"{self.namespace}:checkpoint:{{{slot}}}"
+
+    def changes(self) -> str:
+        return f"{self.namespace}:changes"
+
+    def lock(self, slot: str) -> str:
+        return f"{self.namespace}:lock:{{{slot}}}"
+
+
+DEFAULT_SCHEMA: Final = KeySchema()

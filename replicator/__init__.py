@@ -1,0 +1,1 @@
+"""Change data capture: PostgreSQL logical replication into the Redis read models."""

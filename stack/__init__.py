@@ -1,0 +1,1 @@
+"""Developer tooling: private PostgreSQL and Redis servers, the local stack, the demo."""

@@ -1,0 +1,394 @@
+"""Private PostgreSQL and Redis servers in temporary folders, on free ports, for tests and the local stack.
+
+Each server runs as a child process that this module starts, waits for, and stops. As
+root (CI), PostgreSQL runs as an unprivileged system user, since `initdb` refuses root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg2
+import redis
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ServerError(RuntimeError):
+    """A private server could not be set up or did not start; the message says what to do."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Runs in the child after any change of user: the kernel kills the server
+    # if the test process dies, so nothing is left running after a crash.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def find_postgres_bin(name: str) -> Path:
+    """The path of a PostgreSQL server program, on PATH or under /usr/lib/postgresql/*/bin."""
+    on_path = shutil.which(name)
+    if on_path:
+        return Path(on_path)
+    candidates = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
+    if candidates:
+        return Path(candidates[-1])
+    raise ServerError(
+        f"PostgreSQL program {name!r} not found on PATH or under /usr/lib/postgresql/*/bin; "
+        "install the server: `apt-get install postgresql` (Debian) or your platform's package"
+    )
+
+
+def find_redis_server() -> Path:
+    found = shutil.which("redis-server")
+    if not found:
+        raise ServerError("redis-server not found on PATH; install it: `apt-get install redis-server`")
+    return Path(found)
+
+
+def _unprivileged_user() -> pwd.struct_passwd | None:
+    """The user to run PostgreSQL as: None for a normal user, a system user when we are root."""
+    if os.geteuid() != 0:
+        return None
+    for name in (os.environ.get("PAYMENTS_PG_USER", ""), "postgres", "nobody"):
+        if not name:
+            continue
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise ServerError("running as root: create an unprivileged user (e.g. `postgres`) to run PostgreSQL")
+
+
+def _wait_until(
+    check: Callable[[], bool], process: subprocess.Popen[bytes], what: str, log: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerError(f"{what} exited with {process.returncode}:\n{_tail(log)}")
+        if check():
+            return
+        time.sleep(0.05)
+    raise ServerError(f"{what} did not accept connections within {timeout:.0f}s:\n{_tail(log)}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class PostgresServer:
+    """A private PostgreSQL cluster with logical replication enabled.
+
+    `fsync` is off by default because tests do not survive power loss; the benchmark
+    turns it on. `detached` servers outlive this process (for the local stack).
+    """
+
+    base_dir: Path | None = None
+    port: int = 0
+    fsync: bool = False
+    detached: bool = False
+    extra_settings: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _owns_dir: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def data_dir(self) -> Path:
+        assert self.base_dir is not None
+        return self.base_dir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        assert self.base_dir is not None
+        return self.base_dir / "postgres.log"
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def _popen(self, args: list[str], log: Path | None) -> subprocess.Popen[bytes]:
+        user = _unprivileged_user()
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
+        try:
+            return subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                user=user.pw_uid if user else None,
+                group=user.pw_gid if user else None,
+                extra_groups=[] if user else None,
+                cwd=self.base_dir,
+                preexec_fn=None if self.detached else _die_with_parent,
+                start_new_session=self.detached,
+                env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "TZ": "UTC"},
+            )
+        finally:
+            if log:
+                out.close()  # type: ignore[union-attr]
+
+    def init(self) -> None:
+        """Creates the cluster's folder and runs initdb (once)."""
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="payments-pg-"))
+            self._owns_dir = True
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        user = _unprivileged_user()
+        if user:
+            os.chown(self.base_dir, user.pw_uid, user.pw_gid)
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        initdb = self._popen(
+            [
+                str(find_postgres_bin("initdb")),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+            self.base_dir / "initdb.log",
+        )
+        if initdb.wait(timeout=120) != 0:
+            raise ServerError(f"initdb failed:\n{_tail(self.base_dir / 'initdb.log')}")
+
+    def start(self, timeout: float = 60.0) -> PostgresServer:
+        self.init()
+        assert self.base_dir is not None
+        if not self.port:
+            self.port = free_port()
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(self.port),
+            "unix_socket_directories": str(self.base_dir),
+            "wal_level": "logical",
+            "max_replication_slots": "20",
+            "max_wal_senders": "20",
+            "max_connections": "200",
+            "fsync": "on" if self.fsync else "off",
+            "synchronous_commit": "on" if self.fsync else "off",
+            "full_page_writes": "on" if self.fsync else "off",
+            "shared_buffers": "128MB",
+            "max_slot_wal_keep_size": "2GB",
+            "timezone": "UTC",
+            "log_min_messages": "warning",
+            **self.extra_settings,
+        }
+        args = [str(find_postgres_bin("postgres")), "-D", str(self.data_dir)]
+        for key, value in settings.items():
+            args += ["-c", f"{key}={value}"]
+        self.process = self._popen(args, self.log_path)
+        _wait_until(self._accepts, self.process, "PostgreSQL", self.log_path, timeout)
+        return self
+
+    def _accepts(self) -> bool:
+        try:
+            psycopg2.connect(self.dsn(), connect_timeout=2).close()
+            return True
+        except psycopg2.OperationalError:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT), SIGKILL if it takes too long."""
+        _stop(self.process, signal.SIGINT, timeout)
+        self.process = None
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL of the postmaster and its children)."""
+        if self.process is not None:
+            # Children would outlive a killed postmaster; SIGQUIT makes them exit at once.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGQUIT)
+            _stop(self.process, signal.SIGKILL, 10)
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def remove(self) -> None:
+        self.stop()
+        if self._owns_dir and self.base_dir is not None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def create_database(self, name: str) -> str:
+        """Creates an empty database and returns its DSN."""
+        connection = psycopg2.connect(self.dsn())
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            connection.close()
+        return self.dsn(name)
+
+    def drop_database(self, name: str) -> None:
+        connection = psycopg2.connect(self.dsn())
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE database = %s AND NOT active",
+                    (name,),
+                )
+                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            connection.close()
+
+
+@dataclass
+class RedisServer:
+    """A private Redis that keeps nothing on disk."""
+
+    base_dir: Path | None = None
+    port: int = 0
+    detached: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _owns_dir: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def log_path(self) -> Path:
+        assert self.base_dir is not None
+        return self.base_dir / "redis.log"
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self, timeout: float = 30.0) -> RedisServer:
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="payments-redis-"))
+            self._owns_dir = True
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        args = [
+            str(find_redis_server()),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.base_dir),
+            "--databases",
+            "64",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            *self.extra_args,
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=None if self.detached else _die_with_parent,
+                start_new_session=self.detached,
+            )
+        _wait_until(self._accepts, self.process, "Redis", self.log_path, timeout)
+        return self
+
+    def _accepts(self) -> bool:
+        try:
+            client = redis.Redis(port=self.port, socket_connect_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except redis.RedisError:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        _stop(self.process, signal.SIGTERM, timeout)
+        self.process = None
+
+    def kill(self) -> None:
+        _stop(self.process, signal.SIGKILL, 10)
+        self.process = None
+
+    def restart_empty(self) -> None:
+        """Stops Redis and starts it again on the same port with no data."""
+        self.kill()
+        self.start()
+
+    def pause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def remove(self) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)
+        self.stop()
+        if self._owns_dir and self.base_dir is not None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_postgres(**kwargs: object) -> Iterator[PostgresServer]:
+    server = PostgresServer(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+@contextlib.contextmanager
+def running_redis(**kwargs: object) -> Iterator[RedisServer]:
+    server = RedisServer(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield server.start()
+    finally:
+        server.remove()
