@@ -195,7 +195,9 @@ class PostgresServer:
             "max_wal_senders": "20",
             "max_connections": "200",
             "fsync": "on" if self.fsync else "off",
-            "synchronous_commit": "on" if self.fsync else "off",
+            # Always on: consistency tokens read the WAL position after COMMIT, which
+            # must then include the commit record.
+            "synchronous_commit": "on",
             "full_page_writes": "on" if self.fsync else "off",
             "shared_buffers": "128MB",
             "max_slot_wal_keep_size": "2GB",
