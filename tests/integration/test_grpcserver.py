@@ -1,0 +1,166 @@
+"""The shared server skeleton: errors become statuses with ErrorInfo, health and reflection are served."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from payments_common.errors import (
+    INTERNAL_MESSAGE,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    bad_request,
+    error_info,
+)
+from payments_common.grpcserver import LIVENESS, READINESS, Readiness, ServerOptions, build_server
+
+SERVICE = "test.Echo"
+
+
+async def _echo(request: wrappers_pb2.StringValue, context: Any) -> wrappers_pb2.StringValue:
+    if request.value == "missing":
+        raise NotFound("THING_NOT_FOUND", "no such thing", {"thing": "x"})
+    if request.value == "invalid":
+        raise InvalidArgument([FieldViolation("value", "must not be 'invalid'")])
+    if request.value == "crash":
+        raise RuntimeError("secret detail: password=hunter2")
+    return wrappers_pb2.StringValue(value=request.value)
+
+
+async def _count(request: wrappers_pb2.StringValue, context: Any) -> AsyncIterator[wrappers_pb2.StringValue]:
+    for i in range(3):
+        yield wrappers_pb2.StringValue(value=str(i))
+    raise NotFound("THING_NOT_FOUND", "stream ended badly")
+
+
+def _register(server: grpc.aio.Server) -> None:
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(
+            _echo,
+            request_deserializer=wrappers_pb2.StringValue.FromString,
+            response_serializer=wrappers_pb2.StringValue.SerializeToString,
+        ),
+        "Count": grpc.unary_stream_rpc_method_handler(
+            _count,
+            request_deserializer=wrappers_pb2.StringValue.FromString,
+            response_serializer=wrappers_pb2.StringValue.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Readiness, dict[str, bool]]]:
+    server, port, health = build_server(ServerOptions(host="127.0.0.1"), _register, [SERVICE])
+    ready = {"value": True}
+
+    async def probe() -> bool:
+        return ready["value"]
+
+    readiness = Readiness(health, [SERVICE], probe, interval_s=0.05)
+    await server.start()
+    await readiness.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+        yield chan, readiness, ready
+    await readiness.stop()
+    await server.stop(None)
+
+
+def _unary(chan: grpc.aio.Channel) -> Any:
+    return chan.unary_unary(
+        f"/{SERVICE}/Echo",
+        request_serializer=wrappers_pb2.StringValue.SerializeToString,
+        response_deserializer=wrappers_pb2.StringValue.FromString,
+    )
+
+
+async def test_ok_and_service_errors_map_to_status(
+    channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]],
+) -> None:
+    chan, _, _ = channel
+    echo = _unary(chan)
+    assert (await echo(wrappers_pb2.StringValue(value="hi"))).value == "hi"
+
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await echo(wrappers_pb2.StringValue(value="missing"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    info = error_info(missing.value)
+    assert info is not None
+    assert info.reason == "THING_NOT_FOUND"
+    assert info.metadata["thing"] == "x"
+
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await echo(wrappers_pb2.StringValue(value="invalid"))
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = bad_request(invalid.value)
+    assert violations is not None
+    assert [v.field for v in violations.field_violations] == ["value"]
+
+
+async def test_unexpected_error_is_internal_without_details(
+    channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]],
+) -> None:
+    chan, _, _ = channel
+    with pytest.raises(grpc.aio.AioRpcError) as crash:
+        await _unary(chan)(wrappers_pb2.StringValue(value="crash"))
+    assert crash.value.code() == grpc.StatusCode.INTERNAL
+    assert crash.value.details() == INTERNAL_MESSAGE
+    assert "hunter2" not in str(crash.value.trailing_metadata())
+    info = error_info(crash.value)
+    assert info is not None
+    assert info.reason == "INTERNAL"
+    # The server goes on serving.
+    assert (await _unary(chan)(wrappers_pb2.StringValue(value="after"))).value == "after"
+
+
+async def test_stream_errors_map_to_status(
+    channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]],
+) -> None:
+    chan, _, _ = channel
+    count = chan.unary_stream(
+        f"/{SERVICE}/Count",
+        request_serializer=wrappers_pb2.StringValue.SerializeToString,
+        response_deserializer=wrappers_pb2.StringValue.FromString,
+    )
+    seen: list[str] = []
+
+    async def drain() -> None:
+        async for item in count(wrappers_pb2.StringValue()):
+            seen.append(item.value)
+
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await drain()
+    assert seen == ["0", "1", "2"]
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    info = error_info(failed.value)
+    assert info is not None
+    assert info.reason == "THING_NOT_FOUND"
+
+
+async def test_readiness_follows_the_probe_and_liveness_does_not(
+    channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]],
+) -> None:
+    chan, readiness, ready = channel
+    stub = health_pb2_grpc.HealthStub(chan)
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def status(name: str) -> int:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        return int(response.status)
+
+    assert await status(READINESS) == serving
+    assert await status(SERVICE) == serving
+    ready["value"] = False
+    await readiness.check_once()
+    assert await status(READINESS) != serving
+    assert await status("") != serving
+    assert await status(LIVENESS) == serving
+    ready["value"] = True
+    await readiness.check_once()
+    assert await status(READINESS) == serving
