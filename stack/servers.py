@@ -115,6 +115,7 @@ class PostgresServer:
     port: int = 0
     fsync: bool = False
     detached: bool = False
+    log_file: Path | None = None
     extra_settings: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _owns_dir: bool = field(default=False, init=False, repr=False)
@@ -127,7 +128,7 @@ class PostgresServer:
     @property
     def log_path(self) -> Path:
         assert self.base_dir is not None
-        return self.base_dir / "postgres.log"
+        return self.log_file or self.base_dir / "postgres.log"
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
@@ -275,6 +276,7 @@ class RedisServer:
     base_dir: Path | None = None
     port: int = 0
     detached: bool = False
+    log_file: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _owns_dir: bool = field(default=False, init=False, repr=False)
@@ -282,7 +284,7 @@ class RedisServer:
     @property
     def log_path(self) -> Path:
         assert self.base_dir is not None
-        return self.base_dir / "redis.log"
+        return self.log_file or self.base_dir / "redis.log"
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"

@@ -1,0 +1,273 @@
+"""The demo: a realistic payment scenario through gRPC against the local stack, told as it happens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from payments.approval.v1 import approval_service_pb2 as approval
+from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
+from payments.history.v1 import history_service_pb2 as history
+from payments.history.v1 import history_service_pb2_grpc as history_grpc
+from payments.type.v1 import money_pb2, payment_pb2
+from stack import local
+from stack.clients import approval_channel, history_channel, history_target
+
+CURRENCY = "EUR"
+
+
+def money(minor: int) -> money_pb2.Money:
+    return money_pb2.Money(currency_code=CURRENCY, amount_minor=minor)
+
+
+def show(amount: money_pb2.Money) -> str:
+    sign = "-" if amount.amount_minor < 0 else ""
+    units, cents = divmod(abs(amount.amount_minor), 100)
+    return f"{sign}{units:,}.{cents:02d} {amount.currency_code}"
+
+
+def status_name(status: int) -> str:
+    return payment_pb2.PaymentStatus.Name(status).removeprefix("PAYMENT_STATUS_")
+
+
+def reason_name(reason: int) -> str:
+    return payment_pb2.DeclineReason.Name(reason).removeprefix("DECLINE_REASON_")
+
+
+def outcome(payment: approval.Payment) -> str:
+    text = status_name(payment.status)
+    if payment.status == payment_pb2.PAYMENT_STATUS_DECLINED:
+        text += f" ({reason_name(payment.decline_reason)})"
+    return text
+
+
+class Scenario:
+    """Runs the story step by step and remembers what it needs to check later."""
+
+    def __init__(
+        self,
+        approval_stub: approval_grpc.ApprovalServiceAsyncStub,
+        history_stub: history_grpc.HistoryServiceAsyncStub,
+    ) -> None:
+        self.approval = approval_stub
+        self.history = history_stub
+        self.names: dict[str, str] = {}
+        self.last_token = ""
+
+    async def open(self, owner: str, opening: int, per_payment: int, daily: int) -> str:
+        response = await self.approval.CreateAccount(
+            approval.CreateAccountRequest(
+                request_id=str(uuid.uuid4()),
+                owner_name=owner,
+                currency_code=CURRENCY,
+                opening_balance_minor=opening,
+                per_payment_limit_minor=per_payment,
+                daily_limit_minor=daily,
+            )
+        )
+        self.names[response.account.account_id] = owner
+        self.last_token = response.consistency_token
+        print(
+            f"  opened {owner:<6} {response.account.account_id}  balance {show(response.account.ledger_balance)}, "
+            f"per-payment limit {show(response.account.per_payment_limit)}"
+        )
+        return response.account.account_id
+
+    async def pay(
+        self, payer: str, payee: str, minor: int, reference: str, request_id: str | None = None
+    ) -> approval.SubmitPaymentResponse:
+        response = await self.approval.SubmitPayment(
+            approval.SubmitPaymentRequest(
+                request_id=request_id or str(uuid.uuid4()),
+                payer_account_id=payer,
+                payee_account_id=payee,
+                amount=money(minor),
+                reference=reference,
+            )
+        )
+        self.last_token = response.consistency_token
+        print(
+            f"  {self.names[payer]:>6} -> {self.names[payee]:<6} {show(money(minor)):>14}  "
+            f"{reference!r:<24} => {outcome(response.payment)}"
+        )
+        return response
+
+
+async def _watch(
+    history_stub: history_grpc.HistoryServiceAsyncStub,
+    account_id: str,
+    name: str,
+    seen: list[str],
+    ready: asyncio.Event,
+    wanted: int,
+    done: asyncio.Event,
+) -> None:
+    call = history_stub.WatchPayments(history.WatchPaymentsRequest(account_id=account_id))
+    ready.set()
+    try:
+        async for change in call:
+            view = change.payment
+            line = (
+                f"  [watch {name}] {view.payer_name} -> {view.payee_name} {show(view.amount)} "
+                f"is {status_name(view.status)}"
+            )
+            print(line, flush=True)
+            seen.append(view.payment_id)
+            if len(seen) >= wanted:
+                done.set()
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.CANCELLED:
+            raise
+
+
+async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
+    async with (
+        approval_channel(approval_addr) as a_chan,
+        history_channel(history_target(history_addrs)) as h_chan,
+    ):
+        story = Scenario(approval_grpc.ApprovalServiceStub(a_chan), history_grpc.HistoryServiceStub(h_chan))
+
+        print("\n1. Open accounts")
+        alice = await story.open("Alice", 500_000, 200_000, 1_000_000)
+        bob = await story.open("Bob", 10_000, 50_000, 100_000)
+        carol = await story.open("Carol", 0, 50_000, 100_000)
+        erin = await story.open("Erin", 0, 50_000, 100_000)
+
+        print("\n2. Payments decided at once")
+        first = await story.pay(alice, bob, 12_500, "dinner")
+        await story.pay(bob, alice, 40_000, "rent share")
+        await story.pay(alice, carol, 250_000, "car")
+        await story.approval.FreezeAccount(
+            approval.FreezeAccountRequest(
+                request_id=str(uuid.uuid4()), account_id=erin, reason="suspected fraud"
+            )
+        )
+        print("  Erin's account is frozen")
+        await story.pay(alice, erin, 1_000, "gift")
+
+        print("\n3. A large payment held for review, then approved by an operator")
+        held = await story.pay(alice, carol, 150_000, "deposit")
+        decided = await story.approval.ApprovePayment(
+            approval.ApprovePaymentRequest(
+                request_id=str(uuid.uuid4()),
+                payment_id=held.payment.payment_id,
+                reviewer="operator.jane",
+                note="verified by phone",
+            )
+        )
+        story.last_token = decided.consistency_token
+        print(f"  operator.jane approved {decided.payment.payment_id} => {outcome(decided.payment)}")
+
+        print("\n4. A retried request returns the first answer")
+        request_id = str(uuid.uuid4())
+        original = await story.pay(alice, bob, 2_000, "coffee beans", request_id)
+        retried = await story.pay(alice, bob, 2_000, "coffee beans", request_id)
+        same = retried.payment.payment_id == original.payment.payment_id
+        print(f"  same payment id on retry: {same} ({original.payment.payment_id})")
+        if not same:
+            raise AssertionError("a retry created a second payment")
+
+        print("\n5. Alice's history from the query side, read with the latest consistency token")
+        token = story.last_token
+        page_token, page = "", 1
+        while True:
+            listed = await story.history.ListPayments(
+                history.ListPaymentsRequest(
+                    account_id=alice,
+                    direction=history.PAYMENT_DIRECTION_ALL,
+                    page_size=3,
+                    page_token=page_token,
+                    min_consistency_token=token,
+                )
+            )
+            print(f"  page {page}:")
+            for view in listed.payments:
+                print(
+                    f"    {view.payer_name:>6} -> {view.payee_name:<6} {show(view.amount):>14}  {status_name(view.status)}"
+                )
+            if not listed.next_page_token:
+                break
+            page_token, page = listed.next_page_token, page + 1
+
+        for account_id in (alice, bob, carol):
+            account = (
+                await story.history.GetAccount(
+                    history.GetAccountRequest(account_id=account_id, min_consistency_token=token)
+                )
+            ).account
+            print(
+                f"  {account.owner_name:<6} balance {show(account.ledger_balance):>14}, "
+                f"available {show(account.available_balance):>14}, "
+                f"sent {show(account.total_sent)}, received {show(account.total_received)}"
+            )
+        timeline = (
+            await story.history.GetPayment(
+                history.GetPaymentRequest(payment_id=held.payment.payment_id, min_consistency_token=token)
+            )
+        ).payment
+        print(
+            "  timeline of the reviewed payment: "
+            + " -> ".join(f"{status_name(e.status)} by {e.actor}" for e in timeline.timeline)
+        )
+
+        print("\n6. Watching Bob's payments live")
+        seen: list[str] = []
+        ready, done = asyncio.Event(), asyncio.Event()
+        watcher = asyncio.create_task(_watch(story.history, bob, "Bob", seen, ready, 3, done))
+        await ready.wait()
+        await asyncio.sleep(0.3)  # the demo gives the stream a moment to open before paying
+        paid = [await story.pay(alice, bob, 500 * (i + 1), f"watch #{i + 1}") for i in range(3)]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=10)
+        watcher.cancel()
+        print(f"  the stream delivered {len(seen)} of {len(paid)} changes")
+
+        print("\n7. Commit-to-visible delay (approval response -> readable from history), 50 payments")
+        delays = []
+        for i in range(50):
+            response = await story.approval.SubmitPayment(
+                approval.SubmitPaymentRequest(
+                    request_id=str(uuid.uuid4()),
+                    payer_account_id=alice,
+                    payee_account_id=bob,
+                    amount=money(1),
+                    reference=f"probe {i}",
+                )
+            )
+            committed = time.perf_counter()
+            while True:
+                try:
+                    await story.history.GetPayment(
+                        history.GetPaymentRequest(payment_id=response.payment.payment_id)
+                    )
+                    break
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+            delays.append((time.perf_counter() - committed) * 1000)
+        delays.sort()
+        print(
+            f"  p50 {statistics.median(delays):.1f} ms, p99 {delays[int(len(delays) * 0.99) - 1]:.1f} ms, "
+            f"max {delays[-1]:.1f} ms"
+        )
+        del first
+
+
+def run(root: Path, history_count: int = 2) -> int:
+    """Brings the stack up, runs the scenario, brings the stack down."""
+    print("== bringing the local stack up")
+    state = local.up(root, history_count=history_count)
+    try:
+        print("\n== the scenario")
+        asyncio.run(scenario(state.endpoints["APPROVAL_ADDR"], state.endpoints["HISTORY_ADDRS"].split(",")))
+        print("\n== done")
+        return 0
+    finally:
+        print("\n== bringing the local stack down")
+        local.down(root)
