@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,8 +134,10 @@ def up(root: Path, history_count: int = 2, fsync: bool = False, timeout: float =
 
 def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeout: float) -> None:
     print("starting PostgreSQL (wal_level=logical) ...", flush=True)
+    # The data lives in a folder of its own under the system's temporary folder: as
+    # root, PostgreSQL runs as an unprivileged user that may not enter `root`.
     postgres = PostgresServer(
-        base_dir=root / "postgres",
+        base_dir=Path(tempfile.mkdtemp(prefix="payments-stack-pg-")),
         port=_port("postgres"),
         fsync=fsync,
         detached=True,

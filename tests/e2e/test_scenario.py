@@ -1,0 +1,206 @@
+"""The demo scenario as assertions, through the real processes of the local stack and their contracts only."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from payments.approval.v1 import approval_service_pb2 as approval
+from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
+from payments.history.v1 import history_service_pb2 as history
+from payments.history.v1 import history_service_pb2_grpc as history_grpc
+from payments.type.v1 import money_pb2
+from payments.type.v1 import payment_pb2 as types
+from payments_common.errors import error_info
+from stack.clients import approval_channel, history_channel, history_target
+
+EUR = "EUR"
+
+
+class Client:
+    def __init__(
+        self, a: approval_grpc.ApprovalServiceAsyncStub, h: history_grpc.HistoryServiceAsyncStub
+    ) -> None:
+        self.approval, self.history = a, h
+        self.token = ""
+
+    async def open(self, owner: str, opening: int, per_payment: int = 200_000, daily: int = 1_000_000) -> str:
+        response = await self.approval.CreateAccount(
+            approval.CreateAccountRequest(
+                request_id=str(uuid.uuid4()),
+                owner_name=owner,
+                currency_code=EUR,
+                opening_balance_minor=opening,
+                per_payment_limit_minor=per_payment,
+                daily_limit_minor=daily,
+            )
+        )
+        self.token = response.consistency_token
+        return response.account.account_id
+
+    async def pay(
+        self, payer: str, payee: str, minor: int, request_id: str = "", reference: str = ""
+    ) -> approval.Payment:
+        response = await self.approval.SubmitPayment(
+            approval.SubmitPaymentRequest(
+                request_id=request_id or str(uuid.uuid4()),
+                payer_account_id=payer,
+                payee_account_id=payee,
+                amount=money_pb2.Money(currency_code=EUR, amount_minor=minor),
+                reference=reference,
+            )
+        )
+        self.token = response.consistency_token
+        return response.payment
+
+
+@pytest.fixture
+async def client(endpoints: dict[str, str]) -> AsyncIterator[Client]:
+    target = history_target(endpoints["HISTORY_ADDRS"].split(","))
+    async with approval_channel(endpoints["APPROVAL_ADDR"]) as a, history_channel(target) as h:
+        yield Client(approval_grpc.ApprovalServiceStub(a), history_grpc.HistoryServiceStub(h))
+
+
+async def test_the_scenario(client: Client, endpoints: dict[str, str]) -> None:
+    alice = await client.open("Alice", 500_000, per_payment=200_000, daily=600_000)
+    bob = await client.open("Bob", 10_000)
+    carol = await client.open("Carol", 0)
+    erin = await client.open("Erin", 0)
+
+    approved = await client.pay(alice, bob, 12_500, reference="dinner")
+    assert approved.status == types.PAYMENT_STATUS_APPROVED
+
+    poor = await client.pay(bob, alice, 40_000)
+    assert (poor.status, poor.decline_reason) == (
+        types.PAYMENT_STATUS_DECLINED,
+        types.DECLINE_REASON_INSUFFICIENT_FUNDS,
+    )
+
+    too_big = await client.pay(alice, carol, 250_000)
+    assert too_big.decline_reason == types.DECLINE_REASON_PER_PAYMENT_LIMIT_EXCEEDED
+
+    await client.approval.FreezeAccount(
+        approval.FreezeAccountRequest(request_id=str(uuid.uuid4()), account_id=erin)
+    )
+    frozen = await client.pay(alice, erin, 1_000)
+    assert frozen.decline_reason == types.DECLINE_REASON_ACCOUNT_FROZEN
+
+    held = await client.pay(alice, carol, 150_000, reference="deposit")
+    assert held.status == types.PAYMENT_STATUS_PENDING_REVIEW
+    decided = await client.approval.ApprovePayment(
+        approval.ApprovePaymentRequest(
+            request_id=str(uuid.uuid4()), payment_id=held.payment_id, reviewer="operator.jane"
+        )
+    )
+    assert decided.payment.status == types.PAYMENT_STATUS_APPROVED
+    with pytest.raises(grpc.aio.AioRpcError) as twice:
+        await client.approval.ApprovePayment(
+            approval.ApprovePaymentRequest(
+                request_id=str(uuid.uuid4()), payment_id=held.payment_id, reviewer="operator.jane"
+            )
+        )
+    assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (info := error_info(twice.value)) is not None
+    assert info.reason == "PAYMENT_NOT_UNDER_REVIEW"
+
+    over_daily = await client.pay(alice, carol, 200_000)
+    assert over_daily.status == types.PAYMENT_STATUS_APPROVED  # 12,500 + 150,000 + 200,000 of 600,000 used
+    daily = await client.pay(alice, carol, 200_000)
+    assert daily.decline_reason == types.DECLINE_REASON_DAILY_LIMIT_EXCEEDED
+
+    request_id = str(uuid.uuid4())
+    first = await client.pay(alice, bob, 2_000, request_id=request_id)
+    again = await client.pay(alice, bob, 2_000, request_id=request_id)
+    assert again.payment_id == first.payment_id
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await client.pay(alice, bob, 3_000, request_id=request_id)
+    assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+    # The query side, read with the latest token, already includes every write.
+    token = client.token
+    expected = {
+        p.payment_id: p for p in (approved, poor, too_big, frozen, decided.payment, over_daily, daily, first)
+    }
+    alice_ids = {pid for pid, p in expected.items() if alice in (p.payer_account_id, p.payee_account_id)}
+    listed: list[str] = []
+    page_token = ""
+    while True:
+        page = await client.history.ListPayments(
+            history.ListPaymentsRequest(
+                account_id=alice,
+                direction=history.PAYMENT_DIRECTION_ALL,
+                page_size=3,
+                page_token=page_token,
+                min_consistency_token=token,
+            )
+        )
+        assert len(page.payments) <= 3
+        for view in page.payments:
+            source = expected[view.payment_id]
+            assert (view.status, view.decline_reason, view.amount.amount_minor) == (
+                source.status,
+                source.decline_reason,
+                source.amount.amount_minor,
+            )
+        listed += [v.payment_id for v in page.payments]
+        if not page.next_page_token:
+            break
+        page_token = page.next_page_token
+    assert len(listed) == len(set(listed))
+    assert set(listed) == alice_ids
+
+    account = (
+        await client.history.GetAccount(
+            history.GetAccountRequest(account_id=alice, min_consistency_token=token)
+        )
+    ).account
+    sent = 12_500 + 150_000 + 200_000 + 2_000
+    assert account.ledger_balance.amount_minor == 500_000 - sent
+    assert account.available_balance.amount_minor == 500_000 - sent
+    assert account.total_sent.amount_minor == sent
+    assert account.counts.sent_approved == 4
+    assert account.counts.sent_declined == 3
+
+    timeline = (
+        await client.history.GetPayment(
+            history.GetPaymentRequest(payment_id=held.payment_id, min_consistency_token=token)
+        )
+    ).payment.timeline
+    assert [e.status for e in timeline] == [
+        types.PAYMENT_STATUS_PENDING_REVIEW,
+        types.PAYMENT_STATUS_APPROVED,
+    ]
+    assert timeline[1].actor == "operator.jane"
+
+    # A live stream sees a new payment to Bob.
+    stream = client.history.WatchPayments(history.WatchPaymentsRequest(account_id=bob))
+    live = await client.pay(alice, bob, 700)
+    async with asyncio.timeout(30):
+        async for change in stream:
+            if change.payment.payment_id == live.payment_id:
+                assert change.payment.status == types.PAYMENT_STATUS_APPROVED
+                break
+    stream.cancel()
+
+    # The read models equal the system of record, row for row.
+    reconcile = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "replicator",
+        "reconcile",
+        env={
+            **os.environ,
+            "REPLICATOR_DATABASE_URL": endpoints["POSTGRES_DSN"],
+            "REPLICATOR_REDIS_URL": endpoints["REDIS_URL"],
+        },
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(reconcile.communicate(), timeout=120)
+    assert reconcile.returncode == 0, output.decode()
