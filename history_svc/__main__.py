@@ -1,0 +1,37 @@
+"""The history service's command line: `history-svc serve` (or `python -m history_svc serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import uvloop
+
+from history_svc.config import Settings
+from history_svc.server import serve
+from payments_common.logs import configure_logging
+from payments_common.settings import SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="history-svc",
+        description="The payments query side: answers payment history from the Redis read models.",
+        epilog="Settings come from HISTORY_* environment variables; see docs/history.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server until SIGTERM")
+    parser.parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+    except SettingsError as error:
+        print(f"history-svc: {error}", file=sys.stderr)
+        return 2
+    configure_logging("history_svc", settings.log_level)
+    uvloop.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The HistoryService servicer: translates between protobuf requests and the read models."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from history_svc.queries import ListQuery, ReadModel, ReadModelUnavailable, is_cursor, page_size
+from history_svc.watcher import ChangeWatcher
+from payments.history.v1 import history_service_pb2 as pb
+from payments.history.v1 import history_service_pb2_grpc
+from payments_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from payments_common.keys import STATUS_NAMES
+from payments_common.lsn import format_lsn
+from payments_common.tokens import (
+    PageTokenCodec,
+    TokenError,
+    decode_consistency_token,
+    encode_consistency_token,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_DIRECTIONS = {
+    pb.PAYMENT_DIRECTION_SENT: "sent",
+    pb.PAYMENT_DIRECTION_RECEIVED: "received",
+    pb.PAYMENT_DIRECTION_ALL: "all",
+}
+
+
+def consistency_budget(time_remaining: float | None, cap: float) -> float:
+    """How long a read may wait for its token: the cap, or less when the deadline is nearer.
+
+    A margin before the deadline leaves time for the failure to reach the client as
+    CONSISTENCY_NOT_REACHED rather than as the client's own DEADLINE_EXCEEDED.
+    """
+    if time_remaining is None:
+        return cap
+    margin = min(0.25, max(0.05, time_remaining * 0.1))
+    return max(0.0, min(cap, time_remaining - margin))
+
+
+def _uuid(field: str, value: str, violations: list[FieldViolation]) -> str:
+    if not value:
+        violations.append(FieldViolation(field, "required"))
+        return ""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        violations.append(FieldViolation(field, "must be a UUID"))
+        return ""
+
+
+def _micros(field: str, stamp: timestamp_pb2.Timestamp, violations: list[FieldViolation]) -> int:
+    if not 0 <= stamp.nanos < 1_000_000_000 or not -62135596800 <= stamp.seconds <= 253402300799:
+        violations.append(FieldViolation(field, "must be a valid timestamp"))
+        return 0
+    # Rounded up: a start of x.0000005 s must not include a payment at x.000000 s.
+    return stamp.seconds * 1_000_000 + (stamp.nanos + 999) // 1000
+
+
+class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
+    """Answers every query from Redis; each error is a ServiceError that the interceptor maps."""
+
+    def __init__(
+        self,
+        read_model: ReadModel,
+        watcher: ChangeWatcher,
+        page_tokens: PageTokenCodec,
+        consistency_wait_max_s: float,
+        watch_queue_size: int,
+    ) -> None:
+        self._read_model = read_model
+        self._watcher = watcher
+        self._page_tokens = page_tokens
+        self._consistency_wait_max_s = consistency_wait_max_s
+        self._watch_queue_size = watch_queue_size
+
+    async def GetPayment(self, request: pb.GetPaymentRequest, context: Context) -> pb.GetPaymentResponse:
+        violations: list[FieldViolation] = []
+        payment_id = _uuid("payment_id", request.payment_id, violations)
+        if violations:
+            raise InvalidArgument(violations)
+        await self._await_consistency(request.min_consistency_token, context)
+        view = await self._read_model.payment(payment_id)
+        if view is None:
+            raise NotFound("PAYMENT_NOT_FOUND", "no such payment", {"payment_id": payment_id})
+        return pb.GetPaymentResponse(payment=view)
+
+    async def GetAccount(self, request: pb.GetAccountRequest, context: Context) -> pb.GetAccountResponse:
+        violations: list[FieldViolation] = []
+        account_id = _uuid("account_id", request.account_id, violations)
+        if violations:
+            raise InvalidArgument(violations)
+        await self._await_consistency(request.min_consistency_token, context)
+        view = await self._read_model.account(account_id)
+        if view is None:
+            raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
+        return pb.GetAccountResponse(account=view)
+
+    async def ListPayments(
+        self, request: pb.ListPaymentsRequest, context: Context
+    ) -> pb.ListPaymentsResponse:
+        violations: list[FieldViolation] = []
+        account_id = _uuid("account_id", request.account_id, violations)
+        direction = _DIRECTIONS.get(request.direction)
+        if direction is None:
+            violations.append(FieldViolation("direction", "must be SENT, RECEIVED or ALL"))
+        if request.status not in STATUS_NAMES:
+            violations.append(FieldViolation("status", "unknown payment status"))
+        start_us = (
+            _micros("start_time", request.start_time, violations) if request.HasField("start_time") else None
+        )
+        end_us = _micros("end_time", request.end_time, violations) if request.HasField("end_time") else None
+        if start_us is not None and end_us is not None and start_us >= end_us and not violations:
+            violations.append(FieldViolation("end_time", "must be after start_time"))
+        size = 0
+        try:
+            size = page_size(request.page_size)
+        except ValueError:
+            violations.append(FieldViolation("page_size", "must not be negative"))
+        if violations or direction is None:
+            raise InvalidArgument(violations)
+        query = ListQuery(account_id, direction, request.status, start_us, end_us)
+        cursor = None
+        if request.page_token:
+            try:
+                cursor = self._page_tokens.decode(query.binding(), request.page_token)
+            except TokenError:
+                cursor = None
+            if cursor is None or not is_cursor(cursor):
+                raise InvalidArgument(
+                    [FieldViolation("page_token", "not a page token of this query")],
+                    reason="INVALID_PAGE_TOKEN",
+                )
+        await self._await_consistency(request.min_consistency_token, context)
+        page = await self._read_model.page(query, cursor, size)
+        if page is None:
+            raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
+        next_token = (
+            "" if page.next_cursor is None else self._page_tokens.encode(query.binding(), page.next_cursor)
+        )
+        return pb.ListPaymentsResponse(payments=page.views, next_page_token=next_token)
+
+    async def WatchPayments(
+        self, request: pb.WatchPaymentsRequest, context: Context
+    ) -> AsyncIterator[pb.WatchPaymentsResponse]:
+        violations: list[FieldViolation] = []
+        account_id = _uuid("account_id", request.account_id, violations)
+        if violations:
+            raise InvalidArgument(violations)
+        # Subscribed before the existence check, so that no change falls between the two.
+        subscription = self._watcher.subscribe(account_id, self._watch_queue_size)
+        try:
+            if not await self._read_model.account_exists(account_id):
+                raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
+            # Tells the client that the stream is established: every change applied from now on follows.
+            await context.send_initial_metadata(())
+            async for change in subscription:
+                yield pb.WatchPaymentsResponse(
+                    payment=change.view, consistency_token=encode_consistency_token(change.lsn)
+                )
+        finally:
+            self._watcher.unsubscribe(subscription)
+
+    async def _await_consistency(self, token: str, context: Context) -> None:
+        if not token:
+            return
+        try:
+            lsn = decode_consistency_token(token)
+        except TokenError:
+            raise InvalidArgument(
+                [FieldViolation("min_consistency_token", "not a consistency token")],
+                reason="INVALID_CONSISTENCY_TOKEN",
+            ) from None
+        budget = consistency_budget(context.time_remaining(), self._consistency_wait_max_s)
+        if await self._watcher.wait_for(lsn, budget):
+            return
+        if not self._watcher.connected:
+            raise ReadModelUnavailable()
+        raise Unavailable(
+            "CONSISTENCY_NOT_REACHED",
+            "the read models do not include the requested write yet; retry later",
+            {"min_lsn": format_lsn(lsn), "checkpoint_lsn": format_lsn(self._watcher.checkpoint)},
+        )

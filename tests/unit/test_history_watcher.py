@@ -1,0 +1,151 @@
+"""The shared change watcher's logic: consistency waiters, fan-out, bounded buffers, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import pytest
+
+from history_svc.watcher import Change, ChangeWatcher, Subscription, WatchTooSlow
+from payments.readmodel.v1 import read_model_pb2
+from payments.type.v1 import payment_pb2
+from payments_common.keys import KeySchema
+
+ALICE = "00000000-0000-4000-8000-00000000000a"
+BOB = "00000000-0000-4000-8000-00000000000b"
+CAROL = "00000000-0000-4000-8000-00000000000c"
+
+
+def _watcher() -> ChangeWatcher:
+    # The reader task is never started: these tests feed batches by hand.
+    return ChangeWatcher(redis=None, keys=KeySchema(), slot="s")  # type: ignore[arg-type]
+
+
+def _view(payment: int, payer: str, payee: str) -> read_model_pb2.PaymentView:
+    return read_model_pb2.PaymentView(
+        payment_id=f"00000000-0000-4000-8000-{payment:012d}",
+        payer_account_id=payer,
+        payee_account_id=payee,
+        status=payment_pb2.PAYMENT_STATUS_APPROVED,
+    )
+
+
+def _batch(lsn: int, *views: read_model_pb2.PaymentView) -> read_model_pb2.ChangeBatch:
+    return read_model_pb2.ChangeBatch(checkpoint_lsn=lsn, payments=views)
+
+
+async def _drain(subscription: Subscription, count: int) -> list[Change]:
+    changes: list[Change] = []
+    async for change in subscription:
+        changes.append(change)
+        if len(changes) == count:
+            break
+    return changes
+
+
+async def test_a_reached_position_answers_at_once_and_a_later_one_waits() -> None:
+    watcher = _watcher()
+    watcher.advance(100)
+    assert await watcher.wait_for(100, 0)
+    assert await watcher.wait_for(50, 0)
+    assert not await watcher.wait_for(101, 0)
+
+    waiters = [asyncio.create_task(watcher.wait_for(lsn, 30)) for lsn in (150, 200, 300)]
+    await asyncio.sleep(0)  # lets each task run up to its wait
+    assert watcher.waiting == 3
+    await watcher.apply(_batch(200))
+    assert await waiters[0]
+    assert await waiters[1]
+    assert not waiters[2].done()
+    assert watcher.waiting == 1
+    watcher.advance(300)
+    assert await waiters[2]
+    assert watcher.waiting == 0
+
+
+async def test_a_wait_that_times_out_leaves_nothing_behind() -> None:
+    watcher = _watcher()
+    assert not await watcher.wait_for(10, 0.01)
+    assert watcher.waiting == 0
+    task = asyncio.create_task(watcher.wait_for(10, 30))
+    await asyncio.sleep(0)
+    assert watcher.waiting == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert watcher.waiting == 0
+
+
+async def test_the_checkpoint_read_from_redis_is_authoritative_even_when_lower() -> None:
+    watcher = _watcher()
+    watcher.advance(500)
+    watcher.advance(20)  # the read models were rebuilt from scratch
+    assert watcher.checkpoint == 20
+    assert not await watcher.wait_for(500, 0)
+    await watcher.apply(_batch(10))  # an older batch never moves it back
+    assert watcher.checkpoint == 20
+
+
+async def test_changes_reach_the_payer_and_the_payee_only() -> None:
+    watcher = _watcher()
+    alice = watcher.subscribe(ALICE, 10)
+    bob = watcher.subscribe(BOB, 10)
+    carol = watcher.subscribe(CAROL, 10)
+    await watcher.apply(_batch(7, _view(1, ALICE, BOB)))
+    await watcher.apply(_batch(8, _view(2, BOB, BOB)))
+    watcher.close_streams()
+
+    alice_changes = [change async for change in alice]
+    bob_changes = [change async for change in bob]
+    carol_changes = [change async for change in carol]
+    assert [(c.view.payment_id[-1], c.lsn) for c in alice_changes] == [("1", 7)]
+    assert [(c.view.payment_id[-1], c.lsn) for c in bob_changes] == [("1", 7), ("2", 8)]
+    assert carol_changes == []
+    assert watcher.checkpoint == 8
+
+
+async def test_a_slow_subscriber_is_ended_without_growing_and_others_continue() -> None:
+    watcher = _watcher()
+    slow = watcher.subscribe(ALICE, 3)
+    fast = watcher.subscribe(ALICE, 3)
+    for lsn in range(1, 6):
+        await watcher.apply(_batch(lsn, _view(lsn, ALICE, BOB)))
+        if lsn <= 3:
+            assert (await fast.__anext__()).lsn == lsn
+    assert slow.ended
+    with pytest.raises(WatchTooSlow) as raised:
+        await slow.__anext__()
+    assert raised.value.reason == "WATCH_TOO_SLOW"
+    assert [c.lsn for c in await _drain(fast, 2)] == [4, 5]
+    watcher.unsubscribe(slow)
+    watcher.unsubscribe(fast)
+    assert watcher.subscriptions == 0
+
+
+async def test_shutdown_ends_open_streams_after_their_buffer_and_new_ones_at_once() -> None:
+    watcher = _watcher()
+    open_stream = watcher.subscribe(ALICE, 2)
+    await watcher.apply(_batch(1, _view(1, ALICE, BOB)))
+    await watcher.apply(_batch(2, _view(2, ALICE, BOB)))
+    watcher.close_streams()
+    assert [c.lsn async for c in open_stream] == [1, 2]
+    late = watcher.subscribe(ALICE, 2)
+    assert [c async for c in late] == []
+
+
+async def test_missing_timelines_are_read_once_per_batch_for_watched_payments() -> None:
+    calls: list[list[str]] = []
+    entry = read_model_pb2.TimelineEntry(sequence=1, status=payment_pb2.PAYMENT_STATUS_APPROVED)
+
+    async def timelines(ids: Iterable[str]) -> dict[str, list[read_model_pb2.TimelineEntry]]:
+        calls.append(list(ids))
+        return {payment_id: [entry] for payment_id in calls[-1]}
+
+    watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s", timelines=timelines)  # type: ignore[arg-type]
+    subscription = watcher.subscribe(ALICE, 10)
+    await watcher.apply(_batch(3, _view(1, ALICE, BOB), _view(2, CAROL, BOB), _view(3, CAROL, ALICE)))
+    await watcher.apply(_batch(4, _view(4, CAROL, BOB)))
+    changes = await _drain(subscription, 2)
+    assert calls == [[changes[0].view.payment_id, changes[1].view.payment_id]]
+    assert all(list(c.view.timeline) == [entry] for c in changes)
