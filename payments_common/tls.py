@@ -1,0 +1,61 @@
+"""Optional TLS and mutual TLS for gRPC servers and clients, configured by file paths from the environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from payments_common.settings import EnvReader, SettingsError
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """Paths of PEM files. With no certificate the server speaks plaintext (inside a mesh or for tests).
+
+    `client_ca_file` turns on mutual TLS: clients must present a certificate signed by it.
+    """
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+
+    @classmethod
+    def from_env(cls, env: EnvReader) -> TlsSettings:
+        settings = cls(
+            cert_file=env.text("TLS_CERT_FILE", ""),
+            key_file=env.text("TLS_KEY_FILE", ""),
+            client_ca_file=env.text("TLS_CLIENT_CA_FILE", ""),
+        )
+        if bool(settings.cert_file) != bool(settings.key_file):
+            raise SettingsError(f"{env.prefix}TLS_CERT_FILE and {env.prefix}TLS_KEY_FILE must be set together")
+        if settings.client_ca_file and not settings.cert_file:
+            raise SettingsError(f"{env.prefix}TLS_CLIENT_CA_FILE needs {env.prefix}TLS_CERT_FILE and _KEY_FILE")
+        return settings
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def server_credentials(self) -> grpc.ServerCredentials | None:
+        """Credentials for `add_secure_port`, or None for plaintext."""
+        if not self.enabled:
+            return None
+        key, cert = Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
+        if self.client_ca_file:
+            return grpc.ssl_server_credentials(
+                [(key, cert)],
+                root_certificates=Path(self.client_ca_file).read_bytes(),
+                require_client_auth=True,
+            )
+        return grpc.ssl_server_credentials([(key, cert)])
+
+
+def channel_credentials(ca_file: str, cert_file: str = "", key_file: str = "") -> grpc.ChannelCredentials:
+    """Client credentials that trust `ca_file`, presenting a client certificate for mutual TLS when given."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(),
+        private_key=Path(key_file).read_bytes() if key_file else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+    )
