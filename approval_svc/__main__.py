@@ -1,0 +1,59 @@
+"""Command line: `approval-svc serve` runs the gRPC server, `approval-svc migrate` the migrations."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from payments_common.logs import configure_logging
+from payments_common.settings import SettingsError
+
+log = logging.getLogger("approval_svc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="approval-svc", description="The command side of the payments platform."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the gRPC server until SIGTERM")
+    migrate = commands.add_parser("migrate", help="bring the database schema up to date, then exit")
+    migrate.add_argument("--revision", default="head", help="the target revision (default: head)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported here so that `--help` works without the service's dependencies loaded.
+    from approval_svc.config import Settings
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"approval-svc: {error}", file=sys.stderr)
+        return 2
+    configure_logging("approval-svc", settings.log_level)
+
+    if args.command == "migrate":
+        from approval_svc.migrate import upgrade
+
+        try:
+            upgrade(settings.database_url, args.revision)
+        except Exception as error:
+            log.error("migration failed: %s", error, exc_info=error)
+            return 1
+        log.info("schema is at %s", args.revision)
+        return 0
+
+    import uvloop
+
+    from approval_svc.server import serve
+
+    uvloop.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

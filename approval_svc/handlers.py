@@ -1,0 +1,296 @@
+"""The use cases: each runs the rules in one unit of work, with AIP-155 idempotency and bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+from uuid import UUID, uuid4
+
+from approval_svc import metrics
+from approval_svc.adapters.repository import RequestLookup
+from approval_svc.adapters.unit_of_work import UnitOfWork
+from approval_svc.domain import commands, rules
+from approval_svc.domain.errors import (
+    AccountNotFound,
+    DatabaseUnavailable,
+    PaymentNotFound,
+    PaymentNotUnderReview,
+    RequestIdReused,
+    TransactionConflict,
+)
+from approval_svc.domain.model import (
+    SYSTEM_ACTOR,
+    Account,
+    AccountStatus,
+    DeclineReason,
+    Payment,
+    PaymentEvent,
+    PaymentStatus,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Sequence numbers of a payment's timeline: the decision at submission, then the review.
+SUBMISSION_SEQUENCE = 1
+REVIEW_SEQUENCE = 2
+
+
+@dataclass(frozen=True)
+class RequestKey(Generic[T]):
+    """How to recognise a mutation's retries, and how to store its response (AIP-155).
+
+    `fingerprint` identifies the request's content; `encode` turns the result into the
+    bytes of the response that a retry gets back.
+    """
+
+    request_id: str
+    method: str
+    fingerprint: bytes
+    encode: Callable[[T], bytes]
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """A mutation's result: either `value` (done now) or `replay` (the stored first response).
+
+    `position` is a WAL position at or after the commit of the effect.
+    """
+
+    value: T | None
+    replay: bytes | None
+    position: int
+
+
+UnitOfWorkFactory = Callable[[], UnitOfWork]
+
+
+def _stored_response(lookup: RequestLookup, key: RequestKey[T]) -> bytes | None:
+    stored = lookup.stored
+    if stored is None:
+        return None
+    if stored.method != key.method or stored.fingerprint != key.fingerprint:
+        raise RequestIdReused(key.request_id)
+    metrics.REPLAYS.labels(key.method).inc()
+    return stored.response
+
+
+class Handlers:
+    """The command side's use cases, each in its own unit of work."""
+
+    def __init__(
+        self,
+        uow_factory: UnitOfWorkFactory,
+        review_threshold: int,
+        new_id: Callable[[], UUID] = uuid4,
+        max_attempts: int = 8,
+    ) -> None:
+        self._uow_factory = uow_factory
+        self._review_threshold = review_threshold
+        self._new_id = new_id
+        self._max_attempts = max_attempts
+
+    async def _run(self, work: Callable[[UnitOfWork], Awaitable[T]]) -> T:
+        attempt = 1
+        while True:
+            try:
+                async with self._uow_factory() as uow:
+                    return await work(uow)
+            except TransactionConflict:
+                if attempt >= self._max_attempts:
+                    raise DatabaseUnavailable("the database stayed too busy to commit; retry") from None
+            metrics.RETRIES.inc()
+            # Jitter spreads the retries of transactions that collided at the same moment.
+            await asyncio.sleep(random.uniform(0, 0.001 * 2**attempt))
+            attempt += 1
+
+    async def create_account(
+        self, command: commands.CreateAccount, key: RequestKey[Account]
+    ) -> Outcome[Account]:
+        async def work(uow: UnitOfWork) -> Outcome[Account]:
+            lookup = await uow.repo.begin_request(key.request_id)
+            replay = _stored_response(lookup, key)
+            if replay is not None:
+                return Outcome(None, replay, await uow.position())
+            account = Account(
+                account_id=self._new_id(),
+                owner_name=command.owner_name,
+                currency=command.currency,
+                status=AccountStatus.ACTIVE,
+                ledger_balance=command.opening_balance,
+                held=0,
+                per_payment_limit=command.per_payment_limit,
+                daily_limit=command.daily_limit,
+                created_at=lookup.now,
+                updated_at=lookup.now,
+            )
+            await uow.repo.add_account(account, rules.opening_entries(account))
+            await uow.repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(account))
+            return Outcome(account, None, await uow.commit())
+
+        outcome = await self._run(work)
+        if outcome.value is not None:
+            log.info("account opened", extra={"account_id": str(outcome.value.account_id)})
+        return outcome
+
+    async def submit_payment(
+        self, command: commands.SubmitPayment, key: RequestKey[Payment]
+    ) -> Outcome[Payment]:
+        async def work(uow: UnitOfWork) -> Outcome[Payment]:
+            repo = uow.repo
+            lookup = await repo.begin_request(key.request_id)
+            replay = _stored_response(lookup, key)
+            if replay is not None:
+                return Outcome(None, replay, await uow.position())
+            accounts = await repo.lock_accounts([command.payer_account_id, command.payee_account_id])
+            payer = accounts.get(command.payer_account_id)
+            if payer is None:
+                raise AccountNotFound(str(command.payer_account_id), "payer_account_id")
+            payee = accounts.get(command.payee_account_id)
+            if payee is None:
+                raise AccountNotFound(str(command.payee_account_id), "payee_account_id")
+            now = lookup.now
+            daily_used = await repo.daily_usage(payer.account_id, rules.day_start(now))
+            decision = rules.decide(
+                payer, payee, command.currency, command.amount, daily_used, self._review_threshold
+            )
+            if decision.status is not PaymentStatus.DECLINED:
+                rules.check_credit_fits(payee, command.amount)
+            payment = Payment(
+                payment_id=self._new_id(),
+                request_id=key.request_id,
+                payer_account_id=payer.account_id,
+                payee_account_id=payee.account_id,
+                payer_name=payer.owner_name,
+                payee_name=payee.owner_name,
+                currency=command.currency,
+                amount=command.amount,
+                reference=command.reference,
+                status=decision.status,
+                decline_reason=decision.decline_reason,
+                created_at=now,
+                updated_at=now,
+            )
+            event = PaymentEvent(
+                payment.payment_id,
+                SUBMISSION_SEQUENCE,
+                payment.status,
+                payment.decline_reason,
+                SYSTEM_ACTOR,
+                "",
+                now,
+            )
+            await repo.add_payment(payment, event)
+            entries = rules.transfer_entries(payment) if payment.status is PaymentStatus.APPROVED else []
+            await repo.apply_changes(rules.submission_changes(payment), entries, now)
+            await repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(payment))
+            return Outcome(payment, None, await uow.commit())
+
+        outcome = await self._run(work)
+        if outcome.value is not None:
+            _count_decision(outcome.value, SYSTEM_ACTOR)
+        return outcome
+
+    async def review_payment(
+        self, command: commands.ReviewPayment, key: RequestKey[Payment]
+    ) -> Outcome[Payment]:
+        async def work(uow: UnitOfWork) -> Outcome[Payment]:
+            repo = uow.repo
+            lookup = await repo.begin_request(key.request_id)
+            replay = _stored_response(lookup, key)
+            if replay is not None:
+                return Outcome(None, replay, await uow.position())
+            # The payment first, then its accounts in the usual order: SubmitPayment
+            # never waits for a payment lock, so this order cannot deadlock with it.
+            held = await repo.lock_payment(command.payment_id)
+            if held is None:
+                raise PaymentNotFound(str(command.payment_id))
+            if held.status is not PaymentStatus.PENDING_REVIEW:
+                raise PaymentNotUnderReview(str(held.payment_id), held.status.value)
+            accounts = await repo.lock_accounts([held.payer_account_id, held.payee_account_id])
+            if command.approve:
+                rules.check_credit_fits(accounts[held.payee_account_id], held.amount)
+            now = lookup.now
+            payment = dataclasses.replace(
+                held,
+                status=PaymentStatus.APPROVED if command.approve else PaymentStatus.DECLINED,
+                decline_reason=None if command.approve else DeclineReason.DECLINED_BY_REVIEWER,
+                updated_at=now,
+            )
+            event = PaymentEvent(
+                payment.payment_id,
+                REVIEW_SEQUENCE,
+                payment.status,
+                payment.decline_reason,
+                command.reviewer,
+                command.note,
+                now,
+            )
+            await repo.update_payment(payment, event)
+            entries = rules.transfer_entries(payment) if command.approve else []
+            await repo.apply_changes(rules.review_changes(payment, command.approve), entries, now)
+            await repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(payment))
+            return Outcome(payment, None, await uow.commit())
+
+        outcome = await self._run(work)
+        if outcome.value is not None:
+            _count_decision(outcome.value, "reviewer")
+            log.info(
+                "payment reviewed",
+                extra={
+                    "payment_id": str(outcome.value.payment_id),
+                    "status": outcome.value.status.value,
+                    "reviewer": command.reviewer,
+                },
+            )
+        return outcome
+
+    async def set_account_status(
+        self, command: commands.SetAccountStatus, key: RequestKey[Account]
+    ) -> Outcome[Account]:
+        async def work(uow: UnitOfWork) -> Outcome[Account]:
+            lookup = await uow.repo.begin_request(key.request_id)
+            replay = _stored_response(lookup, key)
+            if replay is not None:
+                return Outcome(None, replay, await uow.position())
+            account = (await uow.repo.lock_accounts([command.account_id])).get(command.account_id)
+            if account is None:
+                raise AccountNotFound(str(command.account_id), "account_id")
+            if account.status is not command.status:
+                await uow.repo.set_account_status(account.account_id, command.status, lookup.now)
+                account = dataclasses.replace(account, status=command.status, updated_at=lookup.now)
+            await uow.repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(account))
+            return Outcome(account, None, await uow.commit())
+
+        outcome = await self._run(work)
+        if outcome.value is not None:
+            # The reason has no column of its own; the log is its record.
+            log.info(
+                "account status set",
+                extra={
+                    "account_id": str(command.account_id),
+                    "status": command.status.value,
+                    "reason": command.reason,
+                },
+            )
+        return outcome
+
+    async def get_payment(self, payment_id: UUID) -> tuple[Payment, list[PaymentEvent]]:
+        async def work(uow: UnitOfWork) -> tuple[Payment, list[PaymentEvent]]:
+            payment = await uow.repo.get_payment(payment_id)
+            if payment is None:
+                raise PaymentNotFound(str(payment_id))
+            return payment, await uow.repo.list_events(payment_id)
+
+        return await self._run(work)
+
+
+def _count_decision(payment: Payment, decider: str) -> None:
+    reason = payment.decline_reason.value if payment.decline_reason else ""
+    metrics.DECISIONS.labels(payment.status.value, reason, decider).inc()

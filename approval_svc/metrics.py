@@ -1,0 +1,20 @@
+"""Prometheus metrics of the command side's business, beside the shared RPC metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+DECISIONS = Counter(
+    "approval_payment_decisions_total",
+    "Payment decisions committed, by status and decline reason (empty unless declined) and by who decided.",
+    ["status", "reason", "decider"],
+)
+REPLAYS = Counter(
+    "approval_idempotent_replays_total",
+    "Mutations answered with the stored first response of their request_id, by method.",
+    ["method"],
+)
+RETRIES = Counter(
+    "approval_transaction_retries_total",
+    "Units of work run again after a serialization failure, deadlock or concurrent request_id.",
+)

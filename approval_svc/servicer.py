@@ -1,0 +1,263 @@
+"""The gRPC servicer: translates between protobuf and the domain, and domain errors to statuses."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+from google.protobuf import message, timestamp_pb2
+
+from approval_svc.domain import commands
+from approval_svc.domain.errors import (
+    AccountNotFound,
+    DatabaseUnavailable,
+    DomainError,
+    InvalidRequest,
+    PaymentNotFound,
+    PaymentNotUnderReview,
+    RequestIdReused,
+    TransactionConflict,
+)
+from approval_svc.domain.model import Account, AccountStatus, Payment, PaymentEvent
+from approval_svc.handlers import Handlers, Outcome, RequestKey
+from payments.approval.v1 import approval_service_pb2 as pb
+from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
+from payments.type.v1 import money_pb2
+from payments_common import errors
+from payments_common.tokens import encode_consistency_token
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound=message.Message)
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ApprovalService"].full_name
+
+# The one table from domain errors to gRPC statuses; InvalidRequest is special-cased
+# because it carries field violations.
+_STATUS_OF: dict[type[DomainError], type[errors.ServiceError]] = {
+    AccountNotFound: errors.NotFound,
+    PaymentNotFound: errors.NotFound,
+    PaymentNotUnderReview: errors.FailedPrecondition,
+    RequestIdReused: errors.AlreadyExists,
+    DatabaseUnavailable: errors.Unavailable,
+    TransactionConflict: errors.Unavailable,
+}
+
+
+def to_service_error(error: DomainError) -> errors.ServiceError:
+    """The error a client sees for a domain error."""
+    if isinstance(error, InvalidRequest):
+        return errors.InvalidArgument(
+            [errors.FieldViolation(v.field, v.description) for v in error.violations]
+        )
+    status = _STATUS_OF.get(type(error))
+    if status is None:
+        return errors.internal_error()
+    return status(error.reason, error.message, error.metadata)
+
+
+def _translated(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except DomainError as error:
+            raise to_service_error(error) from error
+
+    return wrapper
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _money(currency: str, amount: int) -> money_pb2.Money:
+    return money_pb2.Money(currency_code=currency, amount_minor=amount)
+
+
+# Enum fields are set by name: the stored names are the proto names without their prefix.
+
+
+def account_message(account: Account) -> pb.Account:
+    return pb.Account(
+        account_id=str(account.account_id),
+        owner_name=account.owner_name,
+        currency_code=account.currency,
+        ledger_balance=_money(account.currency, account.ledger_balance),
+        available_balance=_money(account.currency, account.available_balance),
+        per_payment_limit=_money(account.currency, account.per_payment_limit),
+        daily_limit=_money(account.currency, account.daily_limit),
+        status=f"ACCOUNT_STATUS_{account.status.value}",
+        create_time=_timestamp(account.created_at),
+        update_time=_timestamp(account.updated_at),
+    )
+
+
+def payment_message(payment: Payment) -> pb.Payment:
+    reason = payment.decline_reason
+    return pb.Payment(
+        payment_id=str(payment.payment_id),
+        payer_account_id=str(payment.payer_account_id),
+        payee_account_id=str(payment.payee_account_id),
+        amount=_money(payment.currency, payment.amount),
+        reference=payment.reference,
+        status=f"PAYMENT_STATUS_{payment.status.value}",
+        decline_reason=f"DECLINE_REASON_{reason.value if reason else 'UNSPECIFIED'}",
+        create_time=_timestamp(payment.created_at),
+        update_time=_timestamp(payment.updated_at),
+    )
+
+
+def event_message(event: PaymentEvent) -> pb.PaymentEvent:
+    reason = event.decline_reason
+    return pb.PaymentEvent(
+        sequence=event.sequence,
+        status=f"PAYMENT_STATUS_{event.status.value}",
+        decline_reason=f"DECLINE_REASON_{reason.value if reason else 'UNSPECIFIED'}",
+        actor=event.actor,
+        note=event.note,
+        event_time=_timestamp(event.created_at),
+    )
+
+
+def fingerprint(method: str, request: message.Message) -> bytes:
+    """Identifies a request's content apart from its request_id, to tell a retry from a reuse."""
+    body = type(request)()
+    body.CopyFrom(request)
+    body.request_id = ""  # type: ignore[attr-defined]
+    return hashlib.sha256(method.encode() + b"\0" + body.SerializeToString(deterministic=True)).digest()
+
+
+def _key(method: str, request: Any, encode: Callable[[T], bytes]) -> RequestKey[T]:
+    return RequestKey(request.request_id, method, fingerprint(method, request), encode)
+
+
+def _response(outcome: Outcome[T], response_type: type[M], build: Callable[[T], M]) -> M:
+    if outcome.replay is not None:
+        response = response_type.FromString(outcome.replay)
+    else:
+        assert outcome.value is not None
+        response = build(outcome.value)
+    # A replay gets a fresh position: the stored response was written before its own
+    # commit, and any position read now is at or after that commit.
+    response.consistency_token = encode_consistency_token(outcome.position)  # type: ignore[attr-defined]
+    return response
+
+
+def _encoder(build: Callable[[T], message.Message]) -> Callable[[T], bytes]:
+    return lambda value: build(value).SerializeToString(deterministic=True)
+
+
+def _create_account_response(account: Account) -> pb.CreateAccountResponse:
+    return pb.CreateAccountResponse(account=account_message(account))
+
+
+def _submit_payment_response(payment: Payment) -> pb.SubmitPaymentResponse:
+    return pb.SubmitPaymentResponse(payment=payment_message(payment))
+
+
+def _approve_payment_response(payment: Payment) -> pb.ApprovePaymentResponse:
+    return pb.ApprovePaymentResponse(payment=payment_message(payment))
+
+
+def _decline_payment_response(payment: Payment) -> pb.DeclinePaymentResponse:
+    return pb.DeclinePaymentResponse(payment=payment_message(payment))
+
+
+def _freeze_account_response(account: Account) -> pb.FreezeAccountResponse:
+    return pb.FreezeAccountResponse(account=account_message(account))
+
+
+def _unfreeze_account_response(account: Account) -> pb.UnfreezeAccountResponse:
+    return pb.UnfreezeAccountResponse(account=account_message(account))
+
+
+class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
+    """payments.approval.v1.ApprovalService on top of the handlers."""
+
+    def __init__(self, handlers: Handlers) -> None:
+        self._handlers = handlers
+
+    @_translated
+    async def CreateAccount(self, request: pb.CreateAccountRequest, context: Any) -> pb.CreateAccountResponse:
+        command = commands.create_account(
+            request.request_id,
+            request.owner_name,
+            request.currency_code,
+            request.opening_balance_minor,
+            request.per_payment_limit_minor,
+            request.daily_limit_minor,
+        )
+        key = _key("CreateAccount", request, _encoder(_create_account_response))
+        outcome = await self._handlers.create_account(command, key)
+        return _response(outcome, pb.CreateAccountResponse, _create_account_response)
+
+    @_translated
+    async def SubmitPayment(self, request: pb.SubmitPaymentRequest, context: Any) -> pb.SubmitPaymentResponse:
+        command = commands.submit_payment(
+            request.request_id,
+            request.payer_account_id,
+            request.payee_account_id,
+            request.HasField("amount"),
+            request.amount.currency_code,
+            request.amount.amount_minor,
+            request.reference,
+        )
+        key = _key("SubmitPayment", request, _encoder(_submit_payment_response))
+        outcome = await self._handlers.submit_payment(command, key)
+        return _response(outcome, pb.SubmitPaymentResponse, _submit_payment_response)
+
+    @_translated
+    async def ApprovePayment(
+        self, request: pb.ApprovePaymentRequest, context: Any
+    ) -> pb.ApprovePaymentResponse:
+        command = commands.review_payment(
+            request.request_id, request.payment_id, request.reviewer, request.note, approve=True
+        )
+        key = _key("ApprovePayment", request, _encoder(_approve_payment_response))
+        outcome = await self._handlers.review_payment(command, key)
+        return _response(outcome, pb.ApprovePaymentResponse, _approve_payment_response)
+
+    @_translated
+    async def DeclinePayment(
+        self, request: pb.DeclinePaymentRequest, context: Any
+    ) -> pb.DeclinePaymentResponse:
+        command = commands.review_payment(
+            request.request_id, request.payment_id, request.reviewer, request.note, approve=False
+        )
+        key = _key("DeclinePayment", request, _encoder(_decline_payment_response))
+        outcome = await self._handlers.review_payment(command, key)
+        return _response(outcome, pb.DeclinePaymentResponse, _decline_payment_response)
+
+    @_translated
+    async def FreezeAccount(self, request: pb.FreezeAccountRequest, context: Any) -> pb.FreezeAccountResponse:
+        command = commands.set_account_status(
+            request.request_id, request.account_id, request.reason, AccountStatus.FROZEN
+        )
+        key = _key("FreezeAccount", request, _encoder(_freeze_account_response))
+        outcome = await self._handlers.set_account_status(command, key)
+        return _response(outcome, pb.FreezeAccountResponse, _freeze_account_response)
+
+    @_translated
+    async def UnfreezeAccount(
+        self, request: pb.UnfreezeAccountRequest, context: Any
+    ) -> pb.UnfreezeAccountResponse:
+        command = commands.set_account_status(
+            request.request_id, request.account_id, request.reason, AccountStatus.ACTIVE
+        )
+        key = _key("UnfreezeAccount", request, _encoder(_unfreeze_account_response))
+        outcome = await self._handlers.set_account_status(command, key)
+        return _response(outcome, pb.UnfreezeAccountResponse, _unfreeze_account_response)
+
+    @_translated
+    async def GetPayment(self, request: pb.GetPaymentRequest, context: Any) -> pb.GetPaymentResponse:
+        payment, events = await self._handlers.get_payment(commands.payment_id(request.payment_id))
+        return pb.GetPaymentResponse(
+            payment=payment_message(payment), events=[event_message(e) for e in events]
+        )
