@@ -1,0 +1,53 @@
+"""CPU time of processes from /proc: a server process, or PostgreSQL's postmaster with all its children."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name is in parentheses and may hold spaces: split after its last ")".
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of one process (all its threads); 0 when it is gone."""
+    fields = _fields(pid)
+    if fields is None:
+        return 0.0
+    # After the name: state(0) ppid(1) ... utime(11) stime(12).
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def children(parent: int) -> list[int]:
+    """The pids whose parent is `parent`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _fields(int(entry))
+        if fields is not None and int(fields[1]) == parent:
+            found.append(int(entry))
+    return found
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds of `root` and its direct children (PostgreSQL's backends and workers).
+
+    A backend that exits during a window takes its CPU with it; the benchmark's
+    clients keep their connections open, so that loss is limited to short-lived workers.
+    """
+    return process_cpu_s(root) + sum(process_cpu_s(pid) for pid in children(root))
+
+
+def total_cpu_s(pids: Iterable[int]) -> float:
+    """CPU seconds of several processes together."""
+    return sum(process_cpu_s(pid) for pid in pids)

@@ -1,0 +1,108 @@
+"""The benchmark's statistics: percentiles, spreads of repetitions, per-operation costs."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bench import stats
+
+
+def test_percentile_of_known_values() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert stats.percentile(values, 0.0) == 1.0
+    assert stats.percentile(values, 0.5) == 3.0
+    assert stats.percentile(values, 1.0) == 5.0
+    assert stats.percentile(values, 0.25) == 2.0
+    assert stats.percentile(values, 0.9) == pytest.approx(4.6)
+
+
+def test_percentile_ignores_input_order() -> None:
+    assert stats.percentile([5.0, 1.0, 3.0], 0.5) == 3.0
+
+
+def test_percentile_of_one_value() -> None:
+    assert stats.percentile([7.0], 0.99) == 7.0
+
+
+def test_percentile_rejects_empty_and_out_of_range() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        stats.percentile([], 0.5)
+    with pytest.raises(ValueError, match="within"):
+        stats.percentile([1.0], 1.5)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200), st.floats(0, 1))
+def test_percentile_matches_statistics_inclusive_and_stays_in_range(values: list[float], q: float) -> None:
+    result = stats.percentile(values, q)
+    assert min(values) <= result <= max(values)
+    if len(values) >= 2:
+        expected = statistics.quantiles(values, n=4, method="inclusive")[1]
+        assert stats.percentile(values, 0.5) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e3), min_size=1, max_size=50))
+def test_percentile_is_monotonic_in_q(values: list[float]) -> None:
+    qs = [0.0, 0.1, 0.5, 0.9, 0.99, 1.0]
+    results = [stats.percentile(values, q) for q in qs]
+    assert results == sorted(results)
+
+
+def test_spread_gives_median_min_max_and_reps() -> None:
+    result = stats.spread([3.0, 1.0, 2.0])
+    assert (result.median, result.min, result.max) == (2.0, 1.0, 3.0)
+    assert result.reps == (3.0, 1.0, 2.0)
+    assert result.as_dict() == {"median": 2.0, "min": 1.0, "max": 3.0, "reps": [3.0, 1.0, 2.0]}
+
+
+def test_spread_of_even_count_interpolates() -> None:
+    assert stats.spread([1.0, 2.0, 3.0, 10.0]).median == 2.5
+
+
+def test_spread_rejects_no_repetitions() -> None:
+    with pytest.raises(ValueError, match="no repetitions"):
+        stats.spread([])
+
+
+def test_latency_is_in_milliseconds() -> None:
+    result = stats.latency([0.001, 0.002, 0.003, 0.004, 0.100])
+    assert result.count == 5
+    assert result.p50_ms == pytest.approx(3.0)
+    assert result.max_ms == pytest.approx(100.0)
+    assert result.mean_ms == pytest.approx(22.0)
+    assert result.p50_ms <= result.p90_ms <= result.p99_ms <= result.p999_ms <= result.max_ms
+
+
+def test_latency_rejects_nothing_recorded() -> None:
+    with pytest.raises(ValueError, match="no latencies"):
+        stats.latency([])
+
+
+def test_per_op_and_ratio_never_divide_by_zero() -> None:
+    assert stats.per_op(2.0, 4) == 0.5
+    assert math.isnan(stats.per_op(1.0, 0))
+    assert stats.ratio(3.0, 2.0) == 1.5
+    assert math.isnan(stats.ratio(1.0, 0.0))
+    assert math.isnan(stats.ratio(math.nan, 1.0))
+
+
+def test_excess_subtracts_the_baseline_rate() -> None:
+    # Baseline: 1 s of CPU in 10 s; the window: 3 s of CPU in 5 s, so 2.5 s beyond the baseline.
+    assert stats.excess(3.0, 5.0, 1.0, 10.0) == pytest.approx(2.5)
+
+
+def test_excess_is_never_negative() -> None:
+    assert stats.excess(0.1, 5.0, 1.0, 5.0) == 0.0
+
+
+def test_excess_rejects_empty_windows() -> None:
+    with pytest.raises(ValueError, match="positive length"):
+        stats.excess(1.0, 0.0, 1.0, 1.0)
+
+
+def test_merge_concatenates_the_parts() -> None:
+    assert stats.merge([[1.0], [], [2.0, 3.0]]) == [1.0, 2.0, 3.0]
