@@ -1,0 +1,88 @@
+"""Helpers for the approval service's integration tests: engines, handlers and a running server."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from approval_svc.adapters.unit_of_work import SqlUnitOfWork, create_engine
+from approval_svc.config import Settings
+from approval_svc.domain import commands
+from approval_svc.domain.model import Account
+from approval_svc.handlers import Handlers, RequestKey
+from approval_svc.server import ApprovalServer, Dependencies, create_server
+from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
+
+
+def async_url(dsn: str) -> str:
+    return "postgresql+asyncpg://" + dsn.partition("://")[2]
+
+
+@contextlib.asynccontextmanager
+async def engine_for(dsn: str, pool_size: int = 20) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(async_url(dsn), pool_size)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def handlers_for(engine: AsyncEngine, review_threshold: int = 1_000_000) -> Handlers:
+    return Handlers(lambda: SqlUnitOfWork(engine), review_threshold)
+
+
+def key(method: str, request_id: str | None = None, fingerprint: bytes = b"f") -> RequestKey[object]:
+    """A request key whose stored response is a placeholder: these tests check effects, not replies."""
+    return RequestKey(request_id or uuid.uuid4().hex, method, fingerprint, lambda value: b"stored")
+
+
+async def open_account(
+    handlers: Handlers,
+    opening: int,
+    currency: str = "EUR",
+    per_payment_limit: int = 10**12,
+    daily_limit: int = 10**12,
+    owner: str = "Ada",
+) -> Account:
+    command = commands.CreateAccount(owner, currency, opening, per_payment_limit, daily_limit)
+    outcome = await handlers.create_account(command, key("CreateAccount"))  # type: ignore[arg-type]
+    assert outcome.value is not None
+    return outcome.value
+
+
+@dataclass
+class RunningServer:
+    server: ApprovalServer
+    port: int
+    channel: grpc.aio.Channel
+    stub: pb_grpc.ApprovalServiceStub
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    dsn: str, review_threshold: int = 1_000_000, readiness_interval_s: float = 0.1
+) -> AsyncIterator[RunningServer]:
+    """The real server on a free port of 127.0.0.1, with a client channel to it."""
+    settings = Settings(
+        database_url=dsn,
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        review_threshold_minor=review_threshold,
+        db_pool_size=10,
+        grace_seconds=1,
+    )
+    async with engine_for(dsn, settings.db_pool_size) as engine:
+        deps = Dependencies.from_engine(engine, readiness_interval_s=readiness_interval_s)
+        server, port = create_server(settings, deps)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                yield RunningServer(server, port, channel, pb_grpc.ApprovalServiceStub(channel))
+        finally:
+            await server.stop(None)

@@ -1,0 +1,220 @@
+"""The approval service's SQL adapters against a private PostgreSQL: effects, ledger, timeline, schema."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from approval_svc.domain import commands
+from approval_svc.domain.errors import AccountNotFound, InvalidRequest, PaymentNotUnderReview, RequestIdReused
+from approval_svc.domain.model import (
+    MAX_AMOUNT,
+    Account,
+    AccountStatus,
+    DeclineReason,
+    Payment,
+    PaymentStatus,
+)
+from approval_svc.handlers import Handlers
+from payments_common.lsn import parse_lsn
+from tests.integration.approval_fixtures import engine_for, handlers_for, key, open_account
+
+
+@pytest.fixture
+async def engine(migrated_dsn: str) -> AsyncEngine:
+    async with engine_for(migrated_dsn) as engine:
+        yield engine  # type: ignore[misc]
+
+
+async def pay(
+    handlers: Handlers, payer: Account, payee: Account, amount: int, request_id: str | None = None
+) -> Payment:
+    command = commands.SubmitPayment(payer.account_id, payee.account_id, payer.currency, amount, "ref")
+    outcome = await handlers.submit_payment(command, key("SubmitPayment", request_id))  # type: ignore[arg-type]
+    assert outcome.value is not None
+    return outcome.value
+
+
+async def review(handlers: Handlers, payment: Payment, approve: bool) -> Payment:
+    command = commands.ReviewPayment(payment.payment_id, "bob", "looked at it", approve)
+    outcome = await handlers.review_payment(command, key("Review"))  # type: ignore[arg-type]
+    assert outcome.value is not None
+    return outcome.value
+
+
+async def balances(engine: AsyncEngine) -> dict[uuid.UUID, tuple[int, int, int]]:
+    """Each account's ledger balance, held amount and the sum of its ledger entries."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text(
+                """
+                SELECT a.account_id, a.ledger_balance_minor, a.held_minor,
+                       coalesce((SELECT sum(amount_minor) FROM ledger_entries e
+                                 WHERE e.account_id = a.account_id), 0) AS ledger_sum
+                FROM accounts a
+                """
+            )
+        )
+        return {r.account_id: (r.ledger_balance_minor, r.held_minor, int(r.ledger_sum)) for r in rows}
+
+
+async def test_every_decision_is_stored_with_its_effects(engine: AsyncEngine) -> None:
+    handlers = handlers_for(engine, review_threshold=500)
+    payer, payee = (
+        await open_account(handlers, 1_000, owner="Ada"),
+        await open_account(handlers, 0, owner="Bo"),
+    )
+    approved = await pay(handlers, payer, payee, 100)
+    held = await pay(handlers, payer, payee, 600)
+    declined = await pay(handlers, payer, payee, 301)
+    assert (approved.status, held.status, declined.status) == (
+        PaymentStatus.APPROVED,
+        PaymentStatus.PENDING_REVIEW,
+        PaymentStatus.DECLINED,
+    )
+    assert declined.decline_reason is DeclineReason.INSUFFICIENT_FUNDS
+
+    after = await balances(engine)
+    assert after[payer.account_id] == (900, 600, 900)
+    assert after[payee.account_id] == (100, 0, 100)
+
+    stored, events = await handlers.get_payment(held.payment_id)
+    assert stored == held
+    assert [(e.sequence, e.status, e.actor) for e in events] == [(1, PaymentStatus.PENDING_REVIEW, "system")]
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                text(
+                    "SELECT payer_name, payee_name, sent_approved, sent_declined, sent_pending_review,"
+                    " total_sent_minor FROM payments p JOIN accounts a ON a.account_id = p.payer_account_id"
+                    " WHERE payment_id = :p"
+                ),
+                {"p": held.payment_id},
+            )
+        ).one()
+    assert tuple(row) == ("Ada", "Bo", 1, 1, 1, 100)
+
+    released = await review(handlers, held, approve=False)
+    assert released.decline_reason is DeclineReason.DECLINED_BY_REVIEWER
+    assert (await balances(engine))[payer.account_id] == (900, 0, 900)
+    _, events = await handlers.get_payment(held.payment_id)
+    assert [(e.sequence, e.status, e.actor, e.note) for e in events][1] == (
+        2,
+        PaymentStatus.DECLINED,
+        "bob",
+        "looked at it",
+    )
+    with pytest.raises(PaymentNotUnderReview):
+        await review(handlers, held, approve=True)
+
+
+async def test_approving_a_held_payment_moves_the_funds(engine: AsyncEngine) -> None:
+    handlers = handlers_for(engine, review_threshold=500)
+    payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 5)
+    held = await pay(handlers, payer, payee, 700)
+    assert (await pay(handlers, payer, payee, 301)).decline_reason is DeclineReason.INSUFFICIENT_FUNDS
+    approved = await review(handlers, held, approve=True)
+    assert approved.status is PaymentStatus.APPROVED
+    after = await balances(engine)
+    assert after[payer.account_id] == (300, 0, 300)
+    assert after[payee.account_id] == (705, 0, 705)
+    async with engine.connect() as connection:
+        kinds = (
+            await connection.execute(
+                text("SELECT kind, amount_minor FROM ledger_entries WHERE payment_id = :p ORDER BY entry_id"),
+                {"p": held.payment_id},
+            )
+        ).all()
+    assert [tuple(k) for k in kinds] == [("DEBIT", -700), ("CREDIT", 700)]
+
+
+async def test_the_daily_limit_ignores_yesterday_and_declines(engine: AsyncEngine) -> None:
+    handlers = handlers_for(engine)
+    payer, payee = await open_account(handlers, 10_000, daily_limit=1_000), await open_account(handlers, 0)
+    old = await pay(handlers, payer, payee, 900)
+    declined = await pay(handlers, payer, payee, 200)
+    assert declined.decline_reason is DeclineReason.DAILY_LIMIT_EXCEEDED
+    async with engine.begin() as connection:
+        await connection.execute(
+            text("UPDATE payments SET created_at = created_at - interval '1 day' WHERE payment_id = :p"),
+            {"p": old.payment_id},
+        )
+    assert (await pay(handlers, payer, payee, 1_000)).status is PaymentStatus.APPROVED
+
+
+async def test_idempotency_is_recorded_with_the_effect(engine: AsyncEngine) -> None:
+    handlers = handlers_for(engine)
+    payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+    command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 10, "")
+    first = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))  # type: ignore[arg-type]
+    again = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))  # type: ignore[arg-type]
+    assert again.replay == b"stored"
+    assert again.position >= first.position
+    with pytest.raises(RequestIdReused):
+        await handlers.submit_payment(command, key("SubmitPayment", "r-1", b"other"))  # type: ignore[arg-type]
+    # A request that failed leaves no record, so the same request_id may be used again.
+    unknown = commands.SubmitPayment(uuid.uuid4(), payee.account_id, "EUR", 10, "")
+    with pytest.raises(AccountNotFound):
+        await handlers.submit_payment(unknown, key("SubmitPayment", "r-2"))  # type: ignore[arg-type]
+    await handlers.submit_payment(command, key("SubmitPayment", "r-2"))  # type: ignore[arg-type]
+    async with engine.connect() as connection:
+        count = (await connection.execute(text("SELECT count(*) FROM payments"))).scalar_one()
+        keys = (await connection.execute(text("SELECT count(*) FROM idempotency_keys"))).scalar_one()
+    assert count == 2
+    assert keys == 4  # two accounts, two payments
+
+
+async def test_the_position_is_at_or_after_the_commit(engine: AsyncEngine) -> None:
+    handlers = handlers_for(engine)
+    payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+    command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 10, "")
+    first = await handlers.submit_payment(command, key("SubmitPayment"))  # type: ignore[arg-type]
+    second = await handlers.submit_payment(command, key("SubmitPayment"))  # type: ignore[arg-type]
+    assert second.position > first.position
+    async with engine.connect() as connection:
+        now = (await connection.execute(text("SELECT pg_current_wal_lsn()::text"))).scalar_one()
+    assert parse_lsn(now) >= second.position
+
+
+async def test_freeze_and_unfreeze(engine: AsyncEngine) -> None:
+    handlers = handlers_for(engine)
+    payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+    freeze = commands.SetAccountStatus(payer.account_id, AccountStatus.FROZEN, "")
+    frozen = await handlers.set_account_status(freeze, key("FreezeAccount"))  # type: ignore[arg-type]
+    assert frozen.value is not None
+    assert frozen.value.status is AccountStatus.FROZEN
+    assert (await pay(handlers, payer, payee, 10)).decline_reason is DeclineReason.ACCOUNT_FROZEN
+    unfreeze = commands.SetAccountStatus(payer.account_id, AccountStatus.ACTIVE, "")
+    await handlers.set_account_status(unfreeze, key("UnfreezeAccount"))  # type: ignore[arg-type]
+    assert (await pay(handlers, payer, payee, 10)).status is PaymentStatus.APPROVED
+
+
+async def test_a_credit_that_would_overflow_is_rejected(engine: AsyncEngine) -> None:
+    handlers = handlers_for(engine)
+    payer, payee = await open_account(handlers, 10), await open_account(handlers, MAX_AMOUNT - 5)
+    with pytest.raises(InvalidRequest):
+        await pay(handlers, payer, payee, 6)
+    assert (await pay(handlers, payer, payee, 5)).status is PaymentStatus.APPROVED
+    assert (await balances(engine))[payee.account_id][0] == MAX_AMOUNT
+
+
+async def test_the_publication_covers_the_read_model_tables(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        tables = (
+            await connection.execute(
+                text("SELECT tablename FROM pg_publication_tables WHERE pubname = 'payments_read_model'")
+            )
+        ).scalars()
+        identities = (
+            await connection.execute(
+                text(
+                    "SELECT relname, relreplident::text FROM pg_class"
+                    " WHERE relname IN ('accounts', 'payments', 'payment_events')"
+                )
+            )
+        ).all()
+    assert set(tables) == {"accounts", "payments", "payment_events"}
+    assert {tuple(r) for r in identities} == {("accounts", "d"), ("payments", "d"), ("payment_events", "d")}

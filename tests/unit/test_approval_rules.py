@@ -1,0 +1,259 @@
+"""The business rules and request validation of the approval service, in pure Python."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from approval_svc.config import Settings
+from approval_svc.domain import commands, rules
+from approval_svc.domain.errors import InvalidRequest
+from approval_svc.domain.model import (
+    MAX_AMOUNT,
+    Account,
+    AccountStatus,
+    DeclineReason,
+    LedgerKind,
+    Payment,
+    PaymentStatus,
+)
+from payments_common.settings import SettingsError
+
+NOW = datetime(2026, 3, 4, 15, 30, tzinfo=UTC)
+THRESHOLD = 1_000
+
+
+def account(
+    ledger: int = 10_000,
+    held: int = 0,
+    currency: str = "EUR",
+    status: AccountStatus = AccountStatus.ACTIVE,
+    per_payment_limit: int = 5_000,
+    daily_limit: int = 8_000,
+    total_received: int = 0,
+) -> Account:
+    return Account(
+        account_id=uuid.uuid4(),
+        owner_name="Ada",
+        currency=currency,
+        status=status,
+        ledger_balance=ledger,
+        held=held,
+        per_payment_limit=per_payment_limit,
+        daily_limit=daily_limit,
+        created_at=NOW,
+        updated_at=NOW,
+        total_received=total_received,
+    )
+
+
+def payment(payer: Account, payee: Account, amount: int, status: PaymentStatus) -> Payment:
+    return Payment(
+        payment_id=uuid.uuid4(),
+        request_id="r",
+        payer_account_id=payer.account_id,
+        payee_account_id=payee.account_id,
+        payer_name=payer.owner_name,
+        payee_name=payee.owner_name,
+        currency="EUR",
+        amount=amount,
+        reference="",
+        status=status,
+        decline_reason=None,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+
+
+def test_a_payment_within_every_rule_is_approved() -> None:
+    decision = rules.decide(account(), account(), "EUR", 999, 0, THRESHOLD)
+    assert decision == rules.Decision(PaymentStatus.APPROVED)
+
+
+def test_a_payment_at_the_review_threshold_is_held() -> None:
+    decision = rules.decide(account(), account(), "EUR", THRESHOLD, 0, THRESHOLD)
+    assert decision == rules.Decision(PaymentStatus.PENDING_REVIEW)
+
+
+@pytest.mark.parametrize(
+    ("payer", "payee", "currency", "amount", "daily_used", "reason"),
+    [
+        (account(status=AccountStatus.FROZEN), account(), "EUR", 10, 0, DeclineReason.ACCOUNT_FROZEN),
+        (account(), account(status=AccountStatus.FROZEN), "EUR", 10, 0, DeclineReason.ACCOUNT_FROZEN),
+        (account(), account(currency="USD"), "EUR", 10, 0, DeclineReason.CURRENCY_MISMATCH),
+        (account(currency="USD"), account(), "EUR", 10, 0, DeclineReason.CURRENCY_MISMATCH),
+        (account(), account(), "USD", 10, 0, DeclineReason.CURRENCY_MISMATCH),
+        (account(), account(), "EUR", 5_001, 0, DeclineReason.PER_PAYMENT_LIMIT_EXCEEDED),
+        (account(), account(), "EUR", 500, 7_501, DeclineReason.DAILY_LIMIT_EXCEEDED),
+        (account(ledger=400), account(), "EUR", 401, 0, DeclineReason.INSUFFICIENT_FUNDS),
+        (account(ledger=1_000, held=700), account(), "EUR", 301, 0, DeclineReason.INSUFFICIENT_FUNDS),
+    ],
+)
+def test_declines_name_the_first_broken_rule(
+    payer: Account, payee: Account, currency: str, amount: int, daily_used: int, reason: DeclineReason
+) -> None:
+    decision = rules.decide(payer, payee, currency, amount, daily_used, THRESHOLD)
+    assert decision == rules.Decision(PaymentStatus.DECLINED, reason)
+
+
+def test_limits_and_balance_are_inclusive() -> None:
+    payer = account(ledger=5_000, per_payment_limit=5_000, daily_limit=6_000)
+    assert rules.decide(payer, account(), "EUR", 5_000, 1_000, 10_000).status is PaymentStatus.APPROVED
+
+
+def test_a_frozen_account_wins_over_other_reasons() -> None:
+    payer = account(ledger=0, status=AccountStatus.FROZEN, currency="USD")
+    decision = rules.decide(payer, account(), "EUR", 10**9, 10**9, THRESHOLD)
+    assert decision.decline_reason is DeclineReason.ACCOUNT_FROZEN
+
+
+def test_the_day_starts_at_utc_midnight() -> None:
+    late_in_tokyo = datetime(2026, 3, 5, 1, 0, tzinfo=timezone(timedelta(hours=9)))
+    assert rules.day_start(late_in_tokyo) == datetime(2026, 3, 4, tzinfo=UTC)
+
+
+def test_a_credit_that_would_overflow_the_payee_is_rejected() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        rules.check_credit_fits(account(ledger=MAX_AMOUNT - 5), 6)
+    assert raised.value.violations[0].field == "amount.amount_minor"
+    with pytest.raises(InvalidRequest):
+        rules.check_credit_fits(account(ledger=0, total_received=MAX_AMOUNT), 1)
+    rules.check_credit_fits(account(ledger=MAX_AMOUNT - 5), 5)
+
+
+@pytest.mark.parametrize("status", list(PaymentStatus))
+def test_submission_and_review_conserve_money(status: PaymentStatus) -> None:
+    payer, payee = account(ledger=1_000), account(ledger=0)
+    held = payment(payer, payee, 300, status)
+    changes = rules.submission_changes(held)
+    after = {a.account_id: a for a in (payer, payee)}
+    for change in changes:
+        after[change.account_id] = after[change.account_id].applied(change, NOW)
+    assert sum(a.ledger_balance for a in after.values()) == 1_000
+    if status is PaymentStatus.APPROVED:
+        assert after[payer.account_id].ledger_balance == 700
+        assert after[payee.account_id].total_received == 300
+    if status is PaymentStatus.PENDING_REVIEW:
+        assert after[payer.account_id].ledger_balance == 1_000
+        assert after[payer.account_id].available_balance == 700
+        for approve in (True, False):
+            reviewed = dict(after)
+            for change in rules.review_changes(held, approve):
+                reviewed[change.account_id] = reviewed[change.account_id].applied(change, NOW)
+            assert reviewed[payer.account_id].held == 0
+            assert reviewed[payer.account_id].sent_pending_review == 0
+            assert reviewed[payee.account_id].received_pending_review == 0
+            assert reviewed[payer.account_id].ledger_balance == (700 if approve else 1_000)
+            assert sum(a.ledger_balance for a in reviewed.values()) == 1_000
+
+
+def test_a_transfer_is_one_debit_and_one_credit() -> None:
+    payer, payee = account(), account()
+    entries = rules.transfer_entries(payment(payer, payee, 250, PaymentStatus.APPROVED))
+    assert [(e.account_id, e.kind, e.amount) for e in entries] == [
+        (payer.account_id, LedgerKind.DEBIT, -250),
+        (payee.account_id, LedgerKind.CREDIT, 250),
+    ]
+    assert sum(e.amount for e in entries) == 0
+    assert rules.opening_entries(account(ledger=0)) == []
+
+
+def _fields(error: InvalidRequest) -> set[str]:
+    return {v.field for v in error.violations}
+
+
+def test_submit_payment_reports_every_malformed_field() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        commands.submit_payment("", "not-a-uuid", "", True, "eur", 0, "x" * 141)
+    assert _fields(raised.value) == {
+        "request_id",
+        "payer_account_id",
+        "payee_account_id",
+        "amount.currency_code",
+        "amount.amount_minor",
+        "reference",
+    }
+
+
+def test_submit_payment_rejects_paying_oneself_and_a_missing_amount() -> None:
+    same = str(uuid.uuid4())
+    with pytest.raises(InvalidRequest) as raised:
+        commands.submit_payment("r", same, same.upper(), False, "", 0, "")
+    assert _fields(raised.value) == {"payee_account_id", "amount"}
+
+
+@pytest.mark.parametrize("amount", [0, -1, -(2**63)])
+def test_non_positive_amounts_are_rejected(amount: int) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        commands.submit_payment("r", str(uuid.uuid4()), str(uuid.uuid4()), True, "EUR", amount, "")
+    assert _fields(raised.value) == {"amount.amount_minor"}
+
+
+def test_create_account_validation() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        commands.create_account("r" * 65, "x" * 201, "XXX", -1, 0, -5)
+    assert _fields(raised.value) == {
+        "request_id",
+        "owner_name",
+        "currency_code",
+        "opening_balance_minor",
+        "per_payment_limit_minor",
+        "daily_limit_minor",
+    }
+    made = commands.create_account("r", "Ada", "JPY", 0, 1, MAX_AMOUNT)
+    assert made.daily_limit == MAX_AMOUNT
+
+
+def test_text_with_nul_is_rejected() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        commands.review_payment("r", str(uuid.uuid4()), "bob\x00", "", approve=True)
+    assert _fields(raised.value) == {"reviewer"}
+
+
+def test_review_and_status_commands_validate_ids_and_lengths() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        commands.review_payment("r", "", " ", "n" * 501, approve=False)
+    assert _fields(raised.value) == {"payment_id", "reviewer", "note"}
+    with pytest.raises(InvalidRequest) as raised:
+        commands.set_account_status("", "1234", "r" * 501, AccountStatus.FROZEN)
+    assert _fields(raised.value) == {"request_id", "account_id", "reason"}
+    with pytest.raises(InvalidRequest):
+        commands.payment_id("0" * 100)
+
+
+def test_settings_read_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "APPROVAL_DATABASE_URL": "postgresql://u:secret@db:5432/payments",
+            "APPROVAL_PORT": "6000",
+            "APPROVAL_METRICS_PORT": "0",
+            "APPROVAL_REVIEW_THRESHOLD_MINOR": "500",
+            "APPROVAL_LOG_LEVEL": "debug",
+        }
+    )
+    assert settings.port == 6000
+    assert settings.metrics_port == 0
+    assert settings.review_threshold_minor == 500
+    assert settings.log_level == "DEBUG"
+    assert settings.db_pool_size == 10
+    assert settings.async_database_url == "postgresql+asyncpg://u:secret@db:5432/payments"
+    assert "secret" not in settings.redacted_database_url
+    assert "secret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("environ", "variable"),
+    [
+        ({}, "APPROVAL_DATABASE_URL"),
+        ({"APPROVAL_DATABASE_URL": "mysql://x"}, "APPROVAL_DATABASE_URL"),
+        ({"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_PORT": "http"}, "APPROVAL_PORT"),
+        ({"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_PORT": "70000"}, "APPROVAL_PORT"),
+        ({"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_DB_POOL_SIZE": "0"}, "APPROVAL_DB_POOL_SIZE"),
+        ({"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_LOG_LEVEL": "loud"}, "APPROVAL_LOG_LEVEL"),
+    ],
+)
+def test_bad_settings_name_the_variable(environ: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(environ)
