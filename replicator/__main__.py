@@ -1,0 +1,89 @@
+"""The replicator's command line: `replicator run` streams; `replicator reconcile` checks for drift."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from prometheus_client import start_http_server
+
+from payments_common.logs import configure_logging
+from payments_common.settings import SettingsError
+from replicator.config import Settings
+
+log = logging.getLogger("replicator")
+
+
+def _run(settings: Settings) -> int:
+    from replicator.health import HealthServer
+    from replicator.runner import Replicator
+
+    health = HealthServer(settings.health_port) if settings.health_port else None
+    replicator = Replicator(settings, on_ready=health.set_ready if health else None)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s received; stopping", signum)
+        replicator.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+    if health:
+        health.start()
+    log.info(
+        "replicator starting",
+        extra={
+            "slot": settings.slot_name,
+            "publication": settings.publication,
+            "health_port": health.port if health else 0,
+            "metrics_port": settings.metrics_port,
+        },
+    )
+    worker = threading.Thread(target=replicator.run_forever, name="replication")
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=0.5)
+    if health:
+        health.stop()
+    return 0
+
+
+def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from replicator.reconcile import ReconcileError, reconcile
+
+    try:
+        report = reconcile(settings, wait_seconds=args.wait_seconds, max_printed=args.max_printed)
+    except ReconcileError as error:
+        print(f"replicator reconcile: {error}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
+    return 0 if report.clean else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="replicator", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="stream the source into the Redis read models")
+    check = commands.add_parser("reconcile", help="compare every source row with its read model")
+    check.add_argument("--wait-seconds", type=float, default=30.0, help="how long to wait for the checkpoint")
+    check.add_argument("--max-printed", type=int, default=100, help="print at most this many differences")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"replicator: {error}", file=sys.stderr)
+        return 2
+    configure_logging("replicator", settings.log_level)
+    if args.command == "run":
+        return _run(settings)
+    return _reconcile(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

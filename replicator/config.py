@@ -1,0 +1,51 @@
+"""The replicator's settings, read once from `REPLICATOR_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from payments_common.settings import EnvReader, SettingsError
+
+PREFIX = "REPLICATOR_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    slot_name: str = "payments_read_model"
+    publication: str = "payments_read_model"
+    namespace: str = "rm:v1"
+    health_port: int = 50053
+    metrics_port: int = 9103
+    stream_maxlen: int = 10_000
+    lock_ttl_seconds: float = 10.0
+    batch_max_changes: int = 5000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = EnvReader(PREFIX, os.environ if environ is None else environ)
+        database_url = env.text("DATABASE_URL")
+        if not database_url.startswith(("postgresql://", "postgres://")):
+            raise SettingsError(f"{PREFIX}DATABASE_URL must start with postgresql://")
+        redis_url = env.text("REDIS_URL")
+        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")
+        lock_ttl = env.number("LOCK_TTL_SECONDS", cls.lock_ttl_seconds)
+        if lock_ttl < 1:
+            raise SettingsError(f"{PREFIX}LOCK_TTL_SECONDS must be at least 1, got {lock_ttl}")
+        return cls(
+            database_url=database_url,
+            redis_url=redis_url,
+            slot_name=env.text("SLOT_NAME", cls.slot_name),
+            publication=env.text("PUBLICATION", cls.publication),
+            health_port=env.integer("HEALTH_PORT", cls.health_port, minimum=0),
+            metrics_port=env.integer("METRICS_PORT", cls.metrics_port, minimum=0),
+            stream_maxlen=env.integer("STREAM_MAXLEN", cls.stream_maxlen, minimum=1),
+            lock_ttl_seconds=lock_ttl,
+            batch_max_changes=env.integer("BATCH_MAX_CHANGES", cls.batch_max_changes, minimum=1),
+            log_level=env.text("LOG_LEVEL", cls.log_level),
+        )

@@ -1,0 +1,273 @@
+"""Decodes pgoutput (protocol version 1) messages into typed values, with a relation cache.
+
+The format is described in the PostgreSQL manual, "Logical Replication Message Formats".
+Integers are big-endian; strings are NUL-terminated; timestamps are microseconds since
+2000-01-01 UTC.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Final
+
+# Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+PG_EPOCH_OFFSET_US: Final = 946_684_800_000_000
+
+
+class _Unchanged:
+    """A TOASTed column that an UPDATE left untouched: the server sent no value."""
+
+    _instance: _Unchanged | None = None
+
+    def __new__(cls) -> _Unchanged:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED: Final = _Unchanged()
+
+# A column value: None for NULL, text, bytes (binary format), or UNCHANGED.
+Value = str | bytes | None | _Unchanged
+
+
+class DecodeError(ValueError):
+    """A message that is not valid pgoutput, or refers to an unknown relation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    final_lsn: int
+    commit_time_us: int
+    xid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    flags: int
+    commit_lsn: int
+    end_lsn: int
+    commit_time_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type_oid: int
+    type_modifier: int
+    is_key: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Relation:
+    oid: int
+    namespace: str
+    name: str
+    replica_identity: str
+    columns: tuple[Column, ...]
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(column.name for column in self.columns)
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    relation: Relation
+    new: tuple[Value, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    relation: Relation
+    # The old key ('K') or the whole old row ('O'), when the server sent one.
+    old: tuple[Value, ...] | None
+    new: tuple[Value, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    relation: Relation
+    # The old key ('K') or the whole old row ('O').
+    old: tuple[Value, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Truncate:
+    cascade: bool
+    restart_identity: bool
+    relations: tuple[Relation, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    commit_lsn: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TypeInfo:
+    oid: int
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogicalMessage:
+    transactional: bool
+    lsn: int
+    prefix: str
+    content: bytes
+
+
+Message = Begin | Commit | Relation | Insert | Update | Delete | Truncate | Origin | TypeInfo | LogicalMessage
+
+_U8 = struct.Struct(">B")
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_U32 = struct.Struct(">I")
+_BEGIN = struct.Struct(">QqI")
+_COMMIT = struct.Struct(">BQQq")
+
+
+class Decoder:
+    """Turns pgoutput payloads into messages; remembers every Relation it has seen.
+
+    A Relation message comes before the first change of a table in each session and
+    again after DDL, so a cached entry is always overwritten.
+    """
+
+    def __init__(self) -> None:
+        self.relations: dict[int, Relation] = {}
+
+    def decode(self, payload: bytes | memoryview) -> Message:
+        data = bytes(payload)
+        if not data:
+            raise DecodeError("empty message")
+        kind = data[0]
+        try:
+            if kind == 0x42:  # 'B'
+                final_lsn, time_us, xid = _BEGIN.unpack_from(data, 1)
+                return Begin(final_lsn, time_us + PG_EPOCH_OFFSET_US, xid)
+            if kind == 0x43:  # 'C'
+                flags, commit_lsn, end_lsn, time_us = _COMMIT.unpack_from(data, 1)
+                return Commit(flags, commit_lsn, end_lsn, time_us + PG_EPOCH_OFFSET_US)
+            if kind == 0x49:  # 'I'
+                relation = self._relation(data, 1)
+                if data[5] != 0x4E:  # 'N'
+                    raise DecodeError(f"insert without a new tuple: {data[5:6]!r}")
+                new, _ = _tuple(data, 6)
+                return Insert(relation, new)
+            if kind == 0x55:  # 'U'
+                return self._update(data)
+            if kind == 0x44:  # 'D'
+                relation = self._relation(data, 1)
+                if data[5] not in (0x4B, 0x4F):  # 'K', 'O'
+                    raise DecodeError(f"delete without an old tuple: {data[5:6]!r}")
+                old, _ = _tuple(data, 6)
+                return Delete(relation, old)
+            if kind == 0x52:  # 'R'
+                relation = _parse_relation(data)
+                self.relations[relation.oid] = relation
+                return relation
+            if kind == 0x54:  # 'T'
+                (count,) = _U32.unpack_from(data, 1)
+                options = data[5]
+                relations = tuple(self._relation(data, 6 + 4 * i) for i in range(count))
+                return Truncate(bool(options & 1), bool(options & 2), relations)
+            if kind == 0x4F:  # 'O'
+                (commit_lsn,) = struct.unpack_from(">Q", data, 1)
+                name, _ = _cstring(data, 9)
+                return Origin(commit_lsn, name)
+            if kind == 0x59:  # 'Y'
+                (oid,) = _U32.unpack_from(data, 1)
+                namespace, offset = _cstring(data, 5)
+                name, _ = _cstring(data, offset)
+                return TypeInfo(oid, namespace, name)
+            if kind == 0x4D:  # 'M'
+                flags = data[1]
+                (lsn,) = struct.unpack_from(">Q", data, 2)
+                prefix, offset = _cstring(data, 10)
+                (length,) = _U32.unpack_from(data, offset)
+                content = data[offset + 4 : offset + 4 + length]
+                return LogicalMessage(bool(flags & 1), lsn, prefix, content)
+        except (struct.error, IndexError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"truncated or malformed {chr(kind)!r} message: {exc}") from exc
+        raise DecodeError(f"unknown message type {chr(kind)!r}")
+
+    def _relation(self, data: bytes, offset: int) -> Relation:
+        (oid,) = _U32.unpack_from(data, offset)
+        try:
+            return self.relations[oid]
+        except KeyError:
+            raise DecodeError(f"change for relation {oid} before its Relation message") from None
+
+    def _update(self, data: bytes) -> Update:
+        relation = self._relation(data, 1)
+        offset = 5
+        old: tuple[Value, ...] | None = None
+        if data[offset] in (0x4B, 0x4F):  # 'K', 'O'
+            old, offset = _tuple(data, offset + 1)
+        if data[offset] != 0x4E:  # 'N'
+            raise DecodeError(f"update without a new tuple: {data[offset : offset + 1]!r}")
+        new, _ = _tuple(data, offset + 1)
+        return Update(relation, old, new)
+
+
+def _cstring(data: bytes, offset: int) -> tuple[str, int]:
+    end = data.index(0, offset)
+    return data[offset:end].decode(), end + 1
+
+
+def _parse_relation(data: bytes) -> Relation:
+    (oid,) = _U32.unpack_from(data, 1)
+    namespace, offset = _cstring(data, 5)
+    name, offset = _cstring(data, offset)
+    replica_identity = chr(data[offset])
+    (count,) = _I16.unpack_from(data, offset + 1)
+    offset += 3
+    columns = []
+    for _ in range(count):
+        flags = data[offset]
+        column_name, offset = _cstring(data, offset + 1)
+        (type_oid,) = _U32.unpack_from(data, offset)
+        (modifier,) = _I32.unpack_from(data, offset + 4)
+        offset += 8
+        columns.append(Column(column_name, type_oid, modifier, bool(flags & 1)))
+    return Relation(oid, namespace or "pg_catalog", name, replica_identity, tuple(columns))
+
+
+def _tuple(data: bytes, offset: int) -> tuple[tuple[Value, ...], int]:
+    (count,) = _I16.unpack_from(data, offset)
+    offset += 2
+    values: list[Value] = []
+    append = values.append
+    for _ in range(count):
+        kind = data[offset]
+        offset += 1
+        if kind == 0x74:  # 't'
+            (length,) = _U32.unpack_from(data, offset)
+            offset += 4
+            append(data[offset : offset + length].decode())
+            offset += length
+        elif kind == 0x6E:  # 'n'
+            append(None)
+        elif kind == 0x75:  # 'u'
+            append(UNCHANGED)
+        elif kind == 0x62:  # 'b'
+            (length,) = _U32.unpack_from(data, offset)
+            offset += 4
+            append(data[offset : offset + length])
+            offset += length
+        else:
+            raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
+    return tuple(values), offset
+
+
+def as_row(relation: Relation, values: tuple[Value, ...]) -> dict[str, Value]:
+    """The values of a tuple by column name; a tuple shorter than the relation has only its first columns."""
+    return dict(zip(relation.column_names, values, strict=False))

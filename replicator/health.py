@@ -1,0 +1,36 @@
+"""grpc.health.v1 for Kubernetes probes, served by a small synchronous gRPC server."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from payments_common.grpcserver import LIVENESS, READINESS
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class HealthServer:
+    """`liveness` says the loop runs; `readiness` and "" say this instance streams the slot."""
+
+    def __init__(self, port: int, host: str = "[::]") -> None:
+        self.servicer = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.set_ready(False)
+        self.servicer.set(LIVENESS, SERVING)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def set_ready(self, ready: bool) -> None:
+        for name in ("", READINESS):
+            self.servicer.set(name, SERVING if ready else NOT_SERVING)
+
+    def stop(self) -> None:
+        self.servicer.enter_graceful_shutdown()
+        self.server.stop(grace=1).wait()

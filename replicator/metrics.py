@@ -1,0 +1,33 @@
+"""Prometheus metrics of the replicator."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LAG_BYTES = Gauge(
+    "replicator_lag_bytes", "WAL bytes between the source's current position and the applied checkpoint."
+)
+LAG_SECONDS = Gauge(
+    "replicator_lag_seconds",
+    "Seconds between the commit of the last applied transaction and its apply; 0 when caught up.",
+)
+CHECKPOINT_LSN = Gauge("replicator_checkpoint_lsn", "The applied checkpoint, as a WAL position.")
+CHANGES = Counter("replicator_changes_applied_total", "Row changes applied to Redis.")
+TRANSACTIONS = Counter("replicator_transactions_applied_total", "Source transactions applied to Redis.")
+BATCH_CHANGES = Histogram(
+    "replicator_batch_changes",
+    "Row changes per applied batch.",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000),
+)
+APPLY_SECONDS = Histogram(
+    "replicator_apply_seconds",
+    "Time to apply one batch to Redis.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+BOOTSTRAP_ROWS = Gauge("replicator_bootstrap_rows_copied", "Rows copied by the current or last bootstrap.")
+BOOTSTRAP_ESTIMATE = Gauge(
+    "replicator_bootstrap_rows_estimated", "The planner's estimate of the rows the bootstrap copies."
+)
+BOOTSTRAPS = Counter("replicator_bootstraps_total", "Bootstraps started, by reason.", ["reason"])
+RECONNECTS = Counter("replicator_reconnects_total", "Restarts of the replication loop after an error.")
+STREAMING = Gauge("replicator_streaming", "1 while this instance owns the slot and streams.")

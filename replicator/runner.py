@@ -1,0 +1,365 @@
+"""The replication loop: lock, bootstrap when needed, stream, apply in batches, reconnect with backoff."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import psycopg2
+import redis
+
+from payments_common.keys import KeySchema
+from payments_common.lsn import format_lsn
+from replicator import metrics
+from replicator.config import Settings
+from replicator.decoder import Begin, Commit, Decoder, Delete, Insert, Relation, Truncate, Update, as_row
+from replicator.projector import Op, Projector, RowChange
+from replicator.sink import Checkpoint, LockLost, Sink, SlotLock
+from replicator.source import Source
+
+log = logging.getLogger(__name__)
+
+# While idle, ask the walsender for its position this often, and move the checkpoint to it
+# at most this often, so that consistency tokens resolve without flooding Redis.
+PING_INTERVAL_S = 0.1
+IDLE_ADVANCE_INTERVAL_S = 0.02
+LAG_QUERY_INTERVAL_S = 2.0
+MAX_BACKOFF_S = 10.0
+
+
+class Stopped(Exception):
+    """The replicator was asked to stop."""
+
+
+@dataclass
+class _Transaction:
+    begin: Begin
+    skip: bool
+    changes: list[tuple[str, Literal["insert", "update", "delete"] | None, object]] = field(
+        default_factory=list
+    )
+
+
+class Replicator:
+    """Runs until `stop()`; every error of PostgreSQL or Redis leads to a clean restart."""
+
+    def __init__(self, settings: Settings, on_ready: Callable[[bool], None] | None = None) -> None:
+        self.settings = settings
+        self.schema = KeySchema(settings.namespace)
+        self.projector = Projector(self.schema)
+        self._stop = threading.Event()
+        self._on_ready = on_ready or (lambda ready: None)
+        self.lock_ttl_ms = int(settings.lock_ttl_seconds * 1000)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run_forever(self) -> None:
+        backoff = 0.5
+        while not self.stopping:
+            started = time.monotonic()
+            try:
+                self.run_once()
+            except Stopped:
+                break
+            except (psycopg2.Error, redis.RedisError, LockLost, OSError) as error:
+                metrics.RECONNECTS.inc()
+                if time.monotonic() - started > 30:
+                    backoff = 0.5
+                log.warning(
+                    "replication stopped: %s: %s; restarting in %.1fs", type(error).__name__, error, backoff
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            finally:
+                self._on_ready(False)
+                metrics.STREAMING.set(0)
+        log.info("replicator stopped")
+
+    # -- one session ------------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        client = redis.Redis.from_url(
+            self.settings.redis_url,
+            socket_timeout=max(5.0, self.settings.lock_ttl_seconds),
+            socket_connect_timeout=5.0,
+            socket_keepalive=True,
+        )
+        lock = SlotLock(client, self.schema.lock(self.settings.slot_name), self.lock_ttl_ms)
+        source = Source(self.settings.database_url, self.settings.slot_name, self.settings.publication)
+        try:
+            self._acquire(lock)
+            sink = Sink(
+                client,
+                self.schema,
+                self.settings.slot_name,
+                lock,
+                self.projector,
+                self.settings.stream_maxlen,
+            )
+            sink.load_scripts()
+            source.connect()
+            checkpoint = sink.read_checkpoint()
+            reason = self._bootstrap_reason(source, checkpoint)
+            if reason is not None:
+                checkpoint = self.bootstrap(source, sink, lock, reason)
+            assert checkpoint is not None
+            source.start_replication()
+            log.info(
+                "streaming slot %s from checkpoint %s", self.settings.slot_name, format_lsn(checkpoint.lsn)
+            )
+            metrics.STREAMING.set(1)
+            self._on_ready(True)
+            _Stream(self, source, sink, lock, checkpoint).run()
+        finally:
+            source.close()
+            if self.stopping:
+                with contextlib.suppress(redis.RedisError):
+                    lock.release()
+            client.close()
+
+    def _acquire(self, lock: SlotLock) -> None:
+        announced = False
+        while not lock.try_acquire():
+            if not announced:
+                log.info(
+                    "slot %s is owned by %s; waiting for the lock", self.settings.slot_name, lock.owner()
+                )
+                announced = True
+            if self._stop.wait(max(0.2, self.settings.lock_ttl_seconds / 5)):
+                raise Stopped
+        log.info("acquired the lock of slot %s as %s", self.settings.slot_name, lock.token)
+
+    def _bootstrap_reason(self, source: Source, checkpoint: Checkpoint | None) -> str | None:
+        state = source.slot_state()
+        if checkpoint is None:
+            return "no_checkpoint"
+        if state is None:
+            log.error(
+                "REBUILD: replication slot %s does not exist although Redis has checkpoint %s; "
+                "the read models are rebuilt from a fresh snapshot",
+                self.settings.slot_name,
+                format_lsn(checkpoint.lsn),
+            )
+            return "slot_missing"
+        if state.wal_status == "lost":
+            log.error(
+                "REBUILD: replication slot %s lost WAL it needed (wal_status=lost); "
+                "the read models are rebuilt from a fresh snapshot",
+                self.settings.slot_name,
+            )
+            return "slot_lost"
+        if state.confirmed_flush_lsn is not None and state.confirmed_flush_lsn > checkpoint.lsn:
+            log.error(
+                "REBUILD: Redis checkpoint %s is behind the slot's confirmed position %s (Redis lost writes); "
+                "the read models are rebuilt from a fresh snapshot",
+                format_lsn(checkpoint.lsn),
+                format_lsn(state.confirmed_flush_lsn),
+            )
+            return "redis_behind_slot"
+        return None
+
+    def bootstrap(self, source: Source, sink: Sink, lock: SlotLock, reason: str) -> Checkpoint:
+        """Copies every published row under the new slot's snapshot; the checkpoint is written last.
+
+        Interrupted at any point, it leaves no checkpoint, so the next start bootstraps again.
+        """
+        metrics.BOOTSTRAPS.labels(reason).inc()
+        log.warning("bootstrap of slot %s started (reason: %s)", self.settings.slot_name, reason)
+        started = time.monotonic()
+        sink.clear_checkpoint()
+        removed = sink.wipe()
+        log.info("bootstrap removed %d existing read-model keys", removed)
+        source.drop_slot()
+        consistent_point, snapshot = source.create_slot_with_snapshot()
+        log.info(
+            "created slot %s at consistent point %s with snapshot %s",
+            self.settings.slot_name,
+            format_lsn(consistent_point),
+            snapshot,
+        )
+        tables = source.published_tables()
+        estimate = sum(table.estimated_rows for table in tables)
+        metrics.BOOTSTRAP_ESTIMATE.set(estimate)
+        metrics.BOOTSTRAP_ROWS.set(0)
+        copied = 0
+        last_report = last_renew = time.monotonic()
+        for table, rows in source.copy(snapshot, tables):
+            if self.stopping:
+                raise Stopped
+            ops: list[Op] = []
+            for row in rows:
+                ops.extend(
+                    self.projector.project(RowChange(table.qualified, "insert", row, consistent_point))
+                )
+            sink.apply(ops, None, notify=False)
+            copied += len(rows)
+            metrics.BOOTSTRAP_ROWS.set(copied)
+            now = time.monotonic()
+            if now - last_renew > self.settings.lock_ttl_seconds / 3:
+                if not lock.renew():
+                    raise LockLost("lost the lock during the bootstrap copy")
+                last_renew = now
+            if now - last_report >= 5:
+                log.info(
+                    "bootstrap copied %d rows of about %d (%s)",
+                    copied,
+                    estimate,
+                    table.qualified,
+                    extra={"rows_copied": copied, "rows_estimated": estimate},
+                )
+                last_report = now
+        checkpoint = Checkpoint(consistent_point, None)
+        sink.apply([], checkpoint)
+        log.warning(
+            "bootstrap of slot %s done: %d rows in %.1fs, checkpoint %s",
+            self.settings.slot_name,
+            copied,
+            time.monotonic() - started,
+            format_lsn(consistent_point),
+            extra={"rows_copied": copied},
+        )
+        return checkpoint
+
+
+class _Stream:
+    """One streaming session: reads messages without blocking, applies whole transactions in batches."""
+
+    def __init__(
+        self, owner: Replicator, source: Source, sink: Sink, lock: SlotLock, checkpoint: Checkpoint
+    ) -> None:
+        self.owner = owner
+        self.source = source
+        self.sink = sink
+        self.lock = lock
+        self.checkpoint = checkpoint
+        self.decoder = Decoder()
+        self.projector = owner.projector
+        self.batch_max = owner.settings.batch_max_changes
+        self.transaction: _Transaction | None = None
+        self.pending: list[Op] = []
+        self.pending_checkpoint: Checkpoint | None = None
+        self.pending_changes = 0
+        self.pending_transactions = 0
+        now = time.monotonic()
+        self.last_ping = self.last_advance = self.last_lag_query = now
+        self.last_renew = now
+        self.renew_interval = owner.settings.lock_ttl_seconds / 3
+
+    def run(self) -> None:
+        cursor = self.source.cursor
+        fileno = cursor.fileno()  # type: ignore[no-untyped-call]
+        while True:
+            if self.owner.stopping:
+                self.flush(drained=True)
+                raise Stopped
+            message = cursor.read_message()
+            if message is not None:
+                self.handle(message.payload)
+                if self.transaction is None and self.pending_changes >= self.batch_max:
+                    self.flush(drained=False)
+                    self.renew_lock_if_due(time.monotonic())
+                continue
+            # The socket is drained: the moment to apply what has arrived.
+            if self.pending_checkpoint is not None:
+                self.flush(drained=True)
+            self.periodic()
+            select.select([fileno], [], [], 0.05)
+
+    def handle(self, payload: bytes) -> None:
+        message = self.decoder.decode(payload)
+        if isinstance(message, Begin):
+            # A commit that starts below the checkpoint ends at or below it: already applied.
+            self.transaction = _Transaction(message, skip=message.final_lsn < self.checkpoint.lsn)
+        elif isinstance(message, Insert | Update | Delete):
+            transaction = self.transaction
+            if transaction is None or transaction.skip:
+                return
+            relation = message.relation
+            table = f"{relation.namespace}.{relation.name}"
+            if isinstance(message, Insert):
+                transaction.changes.append((table, "insert", as_row(relation, message.new)))
+            elif isinstance(message, Update):
+                transaction.changes.append((table, "update", as_row(relation, message.new)))
+            else:
+                transaction.changes.append((table, "delete", as_row(relation, message.old)))
+        elif isinstance(message, Truncate):
+            if self.transaction is not None and not self.transaction.skip:
+                tables = tuple(f"{r.namespace}.{r.name}" for r in message.relations)
+                self.transaction.changes.append(("", None, tables))
+        elif isinstance(message, Commit):
+            transaction, self.transaction = self.transaction, None
+            if transaction is None or transaction.skip or message.end_lsn <= self.checkpoint.lsn:
+                return
+            for table, kind, data in transaction.changes:
+                if kind is None:
+                    assert isinstance(data, tuple)
+                    self.pending.extend(self.projector.truncate(data, message.end_lsn))
+                else:
+                    assert isinstance(data, dict)
+                    self.pending.extend(self.projector.project(RowChange(table, kind, data, message.end_lsn)))
+            self.pending_changes += len(transaction.changes)
+            self.pending_transactions += 1
+            self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
+        elif isinstance(message, Relation):
+            log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
+
+    def flush(self, drained: bool) -> None:
+        checkpoint = self.pending_checkpoint
+        if checkpoint is None:
+            return
+        started = time.perf_counter()
+        self.sink.apply(self.pending, checkpoint)
+        metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+        metrics.CHANGES.inc(self.pending_changes)
+        metrics.TRANSACTIONS.inc(self.pending_transactions)
+        metrics.BATCH_CHANGES.observe(self.pending_changes)
+        if checkpoint.commit_time_us is not None:
+            metrics.LAG_SECONDS.set(max(0.0, time.time() - checkpoint.commit_time_us / 1e6))
+        self.checkpoint = checkpoint
+        metrics.CHECKPOINT_LSN.set(checkpoint.lsn)
+        self.pending = []
+        self.pending_checkpoint = None
+        self.pending_changes = self.pending_transactions = 0
+        # Redis has acknowledged: the slot may forget everything up to here.
+        self.source.cursor.send_feedback(flush_lsn=checkpoint.lsn, force=drained)  # type: ignore[no-untyped-call]
+
+    def renew_lock_if_due(self, now: float) -> None:
+        if now - self.last_renew >= self.renew_interval:
+            if not self.lock.renew():
+                raise LockLost(f"lost the lock {self.lock.key}")
+            self.last_renew = now
+
+    def periodic(self) -> None:
+        now = time.monotonic()
+        self.renew_lock_if_due(now)
+        if self.transaction is not None or self.pending_checkpoint is not None:
+            return
+        cursor = self.source.cursor
+        # Idle: the walsender's position covers every change it has sent, so the
+        # checkpoint can move there even when no published table changed.
+        server_position = self.source.past_page_header(cursor.wal_end)
+        if server_position > self.checkpoint.lsn and now - self.last_advance >= IDLE_ADVANCE_INTERVAL_S:
+            checkpoint = Checkpoint(server_position, None)
+            self.sink.apply([], checkpoint)
+            self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us)
+            metrics.CHECKPOINT_LSN.set(server_position)
+            metrics.LAG_SECONDS.set(0)
+            cursor.send_feedback(flush_lsn=server_position, force=True)  # type: ignore[no-untyped-call]
+            self.last_advance = now
+        elif now - self.last_ping >= PING_INTERVAL_S:
+            cursor.send_feedback(reply=True, force=True)  # type: ignore[no-untyped-call]
+            self.last_ping = now
+        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_S:
+            metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - self.checkpoint.lsn))
+            self.last_lag_query = now

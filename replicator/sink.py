@@ -1,0 +1,498 @@
+"""Applies batches of read-model writes to Redis atomically with the slot's checkpoint.
+
+One batch is one MULTI/EXEC: an EVALSHA per entity (each script touches the keys of one
+entity only, which share a hash tag, so the same calls work on Redis Cluster), then the
+checkpoint, then the change notification. Every script compares WAL positions and skips a
+write older than the one stored, so a replay never moves a key backwards. The
+transaction WATCHes the slot's lock, so an instance that lost the lock cannot apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+
+from payments.readmodel.v1 import read_model_pb2
+from payments_common import keys
+from payments_common.keys import KeySchema
+from replicator.projector import (
+    ACCOUNTS,
+    PAYMENT_EVENTS,
+    PAYMENTS,
+    DeleteTimeline,
+    DeleteView,
+    Op,
+    Projector,
+    SetIndexes,
+    TruncateTables,
+    UnindexPayment,
+    UpsertTimeline,
+    UpsertView,
+    timestamp,
+)
+
+log = logging.getLogger(__name__)
+
+# Positions are decimal strings; comparing them as numbers in Lua would lose precision
+# above 2^53, so compare by length, then lexically.
+_NEWER = """
+local function newer(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+"""
+
+# KEYS[1] entity hash; ARGV[1] position, ARGV[2] view bytes (absent: delete, keep a tombstone).
+UPSERT_VIEW = (
+    _NEWER
+    + """
+local cur = redis.call('HGET', KEYS[1], 'lsn')
+if cur and newer(cur, ARGV[1]) then return 0 end
+if ARGV[2] then
+  redis.call('HSET', KEYS[1], 'lsn', ARGV[1], 'view', ARGV[2])
+else
+  redis.call('HSET', KEYS[1], 'lsn', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'view')
+end
+return 1
+"""
+)
+
+# KEYS[1] idxver hash, KEYS[2..] index keys (the first ARGV[4] to add to, the rest to remove from);
+# ARGV[1] position, ARGV[2] payment id, ARGV[3] member, ARGV[4] how many keys to add to.
+SET_INDEXES = (
+    _NEWER
+    + """
+local cur = redis.call('HGET', KEYS[1], ARGV[2])
+if cur and newer(cur, ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[2], ARGV[1])
+local adds = tonumber(ARGV[4])
+for i = 2, #KEYS do
+  if i <= adds + 1 then
+    redis.call('ZADD', KEYS[i], 0, ARGV[3])
+  else
+    redis.call('ZREM', KEYS[i], ARGV[3])
+  end
+end
+return 1
+"""
+)
+
+# KEYS[1] payment hash (holds the entry's position in field tl:<sequence>), KEYS[2] timeline hash;
+# ARGV[1] position, ARGV[2] sequence, ARGV[3] entry bytes (absent: delete).
+SET_TIMELINE = (
+    _NEWER
+    + """
+local field = 'tl:' .. ARGV[2]
+local cur = redis.call('HGET', KEYS[1], field)
+if cur and newer(cur, ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], field, ARGV[1])
+if ARGV[3] then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+else
+  redis.call('HDEL', KEYS[2], ARGV[2])
+end
+return 1
+"""
+)
+
+# KEYS[1] checkpoint hash; ARGV[1] position, ARGV[2] commit time in µs (empty: unchanged).
+SET_CHECKPOINT = (
+    _NEWER
+    + """
+local cur = redis.call('HGET', KEYS[1], 'lsn')
+if cur and newer(cur, ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'lsn', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'commit_time_us', ARGV[2]) end
+return 1
+"""
+)
+
+# KEYS[1] lock; ARGV[1] owner token, ARGV[2] time to live in ms.
+RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_SCRIPTS: Final = {
+    "upsert_view": UPSERT_VIEW,
+    "set_indexes": SET_INDEXES,
+    "set_timeline": SET_TIMELINE,
+    "set_checkpoint": SET_CHECKPOINT,
+    "renew_lock": RENEW_LOCK,
+    "release_lock": RELEASE_LOCK,
+}
+
+
+class LockLost(RuntimeError):
+    """This instance no longer owns the slot's lock; it must stop writing."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    lsn: int
+    commit_time_us: int | None
+
+
+@dataclass
+class BatchResult:
+    """What one apply wrote, for metrics and logs."""
+
+    ops: int
+    payments: int
+
+
+class SlotLock:
+    """The Redis lock that makes one instance the only writer for a slot."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_ms: int) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_ms = ttl_ms
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def try_acquire(self) -> bool:
+        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            return True
+        return self.renew()
+
+    def renew(self) -> bool:
+        return bool(self.client.eval(RENEW_LOCK, 1, self.key, self.token, self.ttl_ms))
+
+    def release(self) -> None:
+        self.client.eval(RELEASE_LOCK, 1, self.key, self.token)
+
+    def owner(self) -> str | None:
+        value = self.client.get(self.key)
+        return value.decode() if isinstance(value, bytes) else None
+
+
+class Sink:
+    """Writes batches of ops to one Redis database, fenced by the slot's lock."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        schema: KeySchema,
+        slot: str,
+        lock: SlotLock,
+        projector: Projector,
+        stream_maxlen: int = 10_000,
+    ) -> None:
+        self.client = client
+        self.schema = schema
+        self.slot = slot
+        self.lock = lock
+        self.projector = projector
+        self.stream_maxlen = stream_maxlen
+        self.checkpoint_key = schema.checkpoint(slot)
+        self._sha: dict[str, str] = {}
+
+    def load_scripts(self) -> None:
+        self._sha = {name: str(self.client.script_load(body)) for name, body in _SCRIPTS.items()}
+
+    def read_checkpoint(self) -> Checkpoint | None:
+        values = self.client.hmget(
+            self.checkpoint_key, [keys.CHECKPOINT_LSN_FIELD, keys.CHECKPOINT_COMMIT_TIME_FIELD]
+        )
+        lsn, commit_time = values
+        if lsn is None:
+            return None
+        return Checkpoint(int(lsn), int(commit_time) if commit_time else None)
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(
+        self,
+        ops: Sequence[Op],
+        checkpoint: Checkpoint | None,
+        notify: bool = True,
+    ) -> BatchResult:
+        """Applies `ops` and, if given, moves the checkpoint, in one fenced transaction.
+
+        A truncate splits the batch: what comes before it is applied first (without the
+        checkpoint; a replay is harmless), then the truncated keys are removed.
+        """
+        segment: list[Op] = []
+        total = BatchResult(0, 0)
+        for op in ops:
+            if isinstance(op, TruncateTables):
+                if segment:
+                    self._add(total, self._apply_segment(segment, None, notify=False))
+                    segment = []
+                self._truncate(op.tables)
+            else:
+                segment.append(op)
+        self._add(total, self._apply_segment(segment, checkpoint, notify))
+        return total
+
+    @staticmethod
+    def _add(total: BatchResult, part: BatchResult) -> None:
+        total.ops += part.ops
+        total.payments += part.payments
+
+    def _apply_segment(self, ops: Sequence[Op], checkpoint: Checkpoint | None, notify: bool) -> BatchResult:
+        if not ops and checkpoint is None:
+            return BatchResult(0, 0)
+        final = self._coalesce(ops)
+        payments: list[read_model_pb2.PaymentView] = []
+        timelines: dict[str, dict[int, read_model_pb2.TimelineEntry]] = {}
+        commands: list[tuple[Any, ...]] = []
+        upsert, indexes, timeline = (
+            self._sha["upsert_view"],
+            self._sha["set_indexes"],
+            self._sha["set_timeline"],
+        )
+        for op in final:
+            if isinstance(op, UpsertView):
+                commands.append(("EVALSHA", upsert, 1, op.key, op.lsn, op.view.SerializeToString()))
+                if isinstance(op.view, read_model_pb2.PaymentView):
+                    payments.append(op.view)
+            elif isinstance(op, DeleteView):
+                commands.append(("EVALSHA", upsert, 1, op.key, op.lsn))
+            elif isinstance(op, SetIndexes):
+                commands.append(
+                    (
+                        "EVALSHA",
+                        indexes,
+                        1 + len(op.add) + len(op.remove),
+                        op.versions_key,
+                        *op.add,
+                        *op.remove,
+                        op.lsn,
+                        op.payment_id,
+                        op.member,
+                        len(op.add),
+                    )
+                )
+            elif isinstance(op, UpsertTimeline):
+                commands.append(
+                    (
+                        "EVALSHA",
+                        timeline,
+                        2,
+                        op.payment_key,
+                        op.timeline_key,
+                        op.lsn,
+                        op.sequence,
+                        op.entry.SerializeToString(),
+                    )
+                )
+                timelines.setdefault(op.payment_id, {})[op.sequence] = op.entry
+            elif isinstance(op, DeleteTimeline):
+                commands.append(
+                    ("EVALSHA", timeline, 2, op.payment_key, op.timeline_key, op.lsn, op.sequence)
+                )
+        if checkpoint is not None:
+            commands.append(
+                (
+                    "EVALSHA",
+                    self._sha["set_checkpoint"],
+                    1,
+                    self.checkpoint_key,
+                    checkpoint.lsn,
+                    "" if checkpoint.commit_time_us is None else checkpoint.commit_time_us,
+                )
+            )
+            if notify:
+                batch = read_model_pb2.ChangeBatch(checkpoint_lsn=checkpoint.lsn)
+                if checkpoint.commit_time_us is not None:
+                    batch.commit_time.CopyFrom(timestamp(checkpoint.commit_time_us))
+                for view in payments:
+                    entries = timelines.get(view.payment_id)
+                    # Only a complete timeline is worth sending; otherwise readers fetch it.
+                    if entries and sorted(entries) == list(range(1, len(entries) + 1)):
+                        view = read_model_pb2.PaymentView.FromString(view.SerializeToString())
+                        view.timeline.extend(entries[s] for s in sorted(entries))
+                    batch.payments.append(view)
+                commands.append(
+                    (
+                        "XADD",
+                        self.schema.changes(),
+                        "MAXLEN",
+                        "~",
+                        self.stream_maxlen,
+                        "*",
+                        keys.STREAM_BATCH_FIELD,
+                        batch.SerializeToString(),
+                    )
+                )
+        self._execute(commands)
+        return BatchResult(len(final), len(payments))
+
+    def _execute(self, commands: list[tuple[Any, ...]]) -> None:
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(self.lock.key)  # type: ignore[no-untyped-call]
+                owner = pipe.get(self.lock.key)
+                if owner is None or _text(owner) != self.lock.token:
+                    raise LockLost(f"the lock {self.lock.key} is held by {owner!r}, not by this instance")
+                pipe.multi()
+                for command in commands:
+                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+                results = pipe.execute(raise_on_error=True)
+            except redis.WatchError as exc:
+                raise LockLost(f"the lock {self.lock.key} changed during a batch") from exc
+        del results
+
+    def _coalesce(self, ops: Sequence[Op]) -> list[Op]:
+        """Keeps the last write of each key (each is a full state), merging unchanged TOAST fields.
+
+        Fields that the source did not send come from an earlier write in the batch, else
+        from the stored view, which one read fetches for the whole batch.
+        """
+        latest: dict[tuple[str, ...], Op] = {}
+        for op in ops:
+            if isinstance(op, UpsertView | DeleteView):
+                identity: tuple[str, ...] = ("view", op.key)
+                previous = latest.get(identity)
+                if isinstance(op, UpsertView) and op.keep and isinstance(previous, UpsertView):
+                    op = _merge_view(op, previous.view)
+            elif isinstance(op, SetIndexes):
+                identity = ("idx", op.versions_key, op.payment_id)
+            elif isinstance(op, UnindexPayment):
+                identity = ("unindex", op.payment_id)
+                previous = latest.get(("view", self.schema.payment(op.payment_id)))
+                if isinstance(previous, UpsertView) and isinstance(previous.view, read_model_pb2.PaymentView):
+                    for resolved in self._unindex(op, previous.view):
+                        latest.pop(("idx", resolved.versions_key, resolved.payment_id), None)
+                        latest[("idx", resolved.versions_key, resolved.payment_id)] = resolved
+                    continue
+            elif isinstance(op, UpsertTimeline | DeleteTimeline):
+                identity = ("tl", op.timeline_key, str(op.sequence))
+                previous = latest.get(identity)
+                if isinstance(op, UpsertTimeline) and op.keep and isinstance(previous, UpsertTimeline):
+                    op = _merge_timeline(op, previous.entry)
+            else:
+                continue
+            # Re-insert so that the order of the batch is the order of the last writes.
+            latest.pop(identity, None)
+            latest[identity] = op
+        return self._resolve_stored(list(latest.values()))
+
+    def _unindex(self, op: UnindexPayment, view: read_model_pb2.PaymentView) -> list[SetIndexes]:
+        created_us = view.create_time.seconds * 1_000_000 + view.create_time.nanos // 1000
+        member = keys.index_member(created_us, op.payment_id)
+        return [
+            SetIndexes(
+                self.schema.account_index_versions(account_id),
+                op.payment_id,
+                op.lsn,
+                member,
+                (),
+                self.projector.all_index_keys(account_id),
+            )
+            for account_id in dict.fromkeys((view.payer_account_id, view.payee_account_id))
+        ]
+
+    def _resolve_stored(self, ops: list[Op]) -> list[Op]:
+        wanted: dict[str, str] = {}  # key -> field to read
+        for op in ops:
+            if isinstance(op, UpsertView) and op.keep:
+                wanted[op.key] = keys.VIEW_FIELD
+            elif isinstance(op, UnindexPayment):
+                wanted[self.schema.payment(op.payment_id)] = keys.VIEW_FIELD
+            elif isinstance(op, UpsertTimeline) and op.keep:
+                wanted[op.timeline_key + "\0" + str(op.sequence)] = str(op.sequence)
+        if not wanted:
+            return ops
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, field in wanted.items():
+                pipe.hget(key.split("\0", 1)[0], field)
+            stored = dict(zip(wanted, pipe.execute(), strict=True))
+        resolved: list[Op] = []
+        for op in ops:
+            if isinstance(op, UpsertView) and op.keep:
+                raw = stored[op.key]
+                if raw is not None:
+                    op = _merge_view(op, type(op.view).FromString(raw))
+                else:
+                    log.warning("unchanged column of %s with no stored view to take it from", op.key)
+            elif isinstance(op, UnindexPayment):
+                raw = stored[self.schema.payment(op.payment_id)]
+                if raw is None:
+                    continue  # never indexed, or already removed
+                resolved.extend(self._unindex(op, read_model_pb2.PaymentView.FromString(raw)))
+                continue
+            elif isinstance(op, UpsertTimeline) and op.keep:
+                raw = stored[op.timeline_key + "\0" + str(op.sequence)]
+                if raw is not None:
+                    op = _merge_timeline(op, read_model_pb2.TimelineEntry.FromString(raw))
+            resolved.append(op)
+        return resolved
+
+    # -- whole-namespace operations ---------------------------------------------------------
+
+    def _truncate(self, tables: Iterable[str]) -> None:
+        patterns: list[str] = []
+        ns = self.schema.namespace
+        for table in tables:
+            if table == PAYMENTS:
+                patterns += [f"{ns}:payment:*", f"{ns}:account:*:idx:*", f"{ns}:account:*:idxver"]
+            elif table == PAYMENT_EVENTS:
+                patterns.append(f"{ns}:payment:*:timeline")
+            elif table == ACCOUNTS:
+                patterns.append(f"{ns}:account:*")
+        log.warning("truncate of %s: removing keys %s", list(tables), patterns)
+        self._unlink_matching(patterns)
+
+    def wipe(self) -> int:
+        """Removes every read-model key of the namespace except the locks and the change stream."""
+        ns = self.schema.namespace
+        keep_prefixes = (f"{ns}:lock:", self.schema.changes())
+        return self._unlink_matching([f"{ns}:*"], keep_prefixes)
+
+    def _unlink_matching(self, patterns: list[str], keep_prefixes: tuple[str, ...] = ()) -> int:
+        removed = 0
+        for pattern in patterns:
+            chunk: list[bytes] = []
+            for key in self.client.scan_iter(match=pattern, count=1000):
+                if keep_prefixes and _text(key).startswith(keep_prefixes):
+                    continue
+                chunk.append(key)
+                if len(chunk) >= 1000:
+                    removed += self._unlink(chunk)
+                    chunk = []
+            if chunk:
+                removed += self._unlink(chunk)
+        return removed
+
+    def _unlink(self, chunk: list[bytes]) -> int:
+        if not self.lock.renew():
+            raise LockLost(f"lost the lock {self.lock.key} while removing keys")
+        return int(self.client.unlink(*chunk))
+
+    def clear_checkpoint(self) -> None:
+        self.client.delete(self.checkpoint_key)
+
+
+def _merge_view(op: UpsertView, stored: Any) -> UpsertView:
+    view = type(op.view).FromString(op.view.SerializeToString())
+    for field in op.keep:
+        setattr(view, field, getattr(stored, field))
+    return UpsertView(op.key, op.lsn, view, ())
+
+
+def _merge_timeline(op: UpsertTimeline, stored: read_model_pb2.TimelineEntry) -> UpsertTimeline:
+    entry = read_model_pb2.TimelineEntry.FromString(op.entry.SerializeToString())
+    for field in op.keep:
+        setattr(entry, field, getattr(stored, field))
+    return UpsertTimeline(op.payment_key, op.timeline_key, op.payment_id, op.sequence, op.lsn, entry, ())
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

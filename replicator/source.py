@@ -1,0 +1,222 @@
+"""The PostgreSQL side: the replication connection, the slot, the snapshot copy, feedback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import sql
+
+from payments_common.lsn import parse_lsn
+
+log = logging.getLogger(__name__)
+
+WAL_PAGE_BYTES = 8192
+SHORT_PAGE_HEADER_BYTES = 24
+LONG_PAGE_HEADER_BYTES = 40
+
+
+@dataclass(frozen=True)
+class SlotState:
+    active_pid: int | None
+    wal_status: str | None
+    confirmed_flush_lsn: int | None
+
+
+@dataclass(frozen=True)
+class CopyTable:
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    estimated_rows: int
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+class Source:
+    """One replication connection and one ordinary connection to the source database."""
+
+    def __init__(self, dsn: str, slot: str, publication: str, connect_timeout: int = 10) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.connect_timeout = connect_timeout
+        self._replication: psycopg2.extras.LogicalReplicationConnection | None = None
+        self._cursor: psycopg2.extras.ReplicationCursor | None = None
+        self._sql: psycopg2.extensions.connection | None = None
+        self.wal_segment_bytes = 16 * 1024 * 1024
+        self.wal_page_bytes = WAL_PAGE_BYTES
+
+    # -- connections ------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        keepalive: dict[str, Any] = {
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        }
+        self._sql = psycopg2.connect(
+            self.dsn, connect_timeout=self.connect_timeout, application_name="replicator", **keepalive
+        )
+        self._sql.autocommit = True
+        sizes = dict(
+            self._query(
+                "SELECT name, setting::bigint FROM pg_settings WHERE name IN ('wal_segment_size', 'wal_block_size')"
+            )
+        )
+        self.wal_segment_bytes = int(sizes.get("wal_segment_size", self.wal_segment_bytes))
+        self.wal_page_bytes = int(sizes.get("wal_block_size", self.wal_page_bytes))
+        self._replication = psycopg2.connect(
+            self.dsn,
+            connection_factory=psycopg2.extras.LogicalReplicationConnection,
+            connect_timeout=self.connect_timeout,
+            application_name="replicator",
+            **keepalive,
+        )
+        self._cursor = self._replication.cursor()
+
+    def close(self) -> None:
+        for connection in (self._replication, self._sql):
+            if connection is not None:
+                with contextlib.suppress(psycopg2.Error):
+                    connection.close()
+        self._replication = self._cursor = self._sql = None
+
+    @property
+    def cursor(self) -> psycopg2.extras.ReplicationCursor:
+        assert self._cursor is not None, "not connected"
+        return self._cursor
+
+    def _query(self, query: str | sql.Composable, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        assert self._sql is not None, "not connected"
+        with self._sql.cursor() as cursor:
+            cursor.execute(query, args)
+            return list(cursor.fetchall()) if cursor.description else []
+
+    # -- the slot ---------------------------------------------------------------------------
+
+    def slot_state(self) -> SlotState | None:
+        rows = self._query(
+            "SELECT active_pid, wal_status, confirmed_flush_lsn::text FROM pg_replication_slots "
+            "WHERE slot_name = %s AND database = current_database()",
+            (self.slot,),
+        )
+        if not rows:
+            return None
+        pid, wal_status, confirmed = rows[0]
+        return SlotState(pid, wal_status, parse_lsn(confirmed) if confirmed else None)
+
+    def past_page_header(self, position: int) -> int:
+        """A position at a WAL page boundary moved past the page header, where no record ends.
+
+        pg_current_wal_lsn() never points into a page header, so a consistency token taken
+        when the last record ended at a page boundary lies just past the header.
+        """
+        if position % self.wal_page_bytes:
+            return position
+        if position % self.wal_segment_bytes == 0:
+            return position + LONG_PAGE_HEADER_BYTES
+        return position + SHORT_PAGE_HEADER_BYTES
+
+    def server_wal_lsn(self) -> int:
+        return parse_lsn(self._query("SELECT pg_current_wal_lsn()::text")[0][0])
+
+    def end_other_consumer(self) -> None:
+        """Ends a walsender that still uses the slot: this instance holds the lock, so it is a zombie."""
+        state = self.slot_state()
+        if state is None or state.active_pid is None:
+            return
+        if self._replication is not None and state.active_pid == self._replication.get_backend_pid():
+            return
+        log.warning("ending walsender %s that still holds slot %s", state.active_pid, self.slot)
+        self._query("SELECT pg_terminate_backend(%s)", (state.active_pid,))
+
+    def drop_slot(self) -> None:
+        self.end_other_consumer()
+        rows = self._query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = %s AND database = current_database()",
+            (self.slot,),
+        )
+        if rows:
+            log.warning("dropped replication slot %s", self.slot)
+
+    def create_slot_with_snapshot(self) -> tuple[int, str]:
+        """Creates the slot and exports its snapshot; returns (consistent point, snapshot name).
+
+        The snapshot lives until the replication connection runs its next command.
+        """
+        assert self._replication is not None
+        if self._replication.server_version >= 150000:
+            command = "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')"
+        else:
+            command = "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT"
+        self.cursor.execute(sql.SQL(command).format(sql.Identifier(self.slot)))
+        row = self.cursor.fetchone()
+        assert row is not None
+        _, consistent_point, snapshot_name, _ = row
+        return parse_lsn(consistent_point), str(snapshot_name)
+
+    def start_replication(self, status_interval: int = 1) -> None:
+        self.end_other_consumer()
+        self.cursor.start_replication(
+            slot_name=self.slot,
+            decode=False,
+            status_interval=status_interval,
+            options={"proto_version": "1", "publication_names": self.publication},
+        )
+
+    # -- the copy ---------------------------------------------------------------------------
+
+    def published_tables(self) -> list[CopyTable]:
+        rows = self._query(
+            "SELECT t.schemaname, t.tablename, c.reltuples::bigint, "
+            "  array_agg(a.attname::text ORDER BY a.attnum) "
+            "FROM pg_publication_tables t "
+            "JOIN pg_class c ON c.oid = format('%%I.%%I', t.schemaname, t.tablename)::regclass "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+            "WHERE t.pubname = %s GROUP BY 1, 2, 3 ORDER BY 1, 2",
+            (self.publication,),
+        )
+        return [
+            CopyTable(schema, name, tuple(columns), max(int(estimate), 0))
+            for schema, name, estimate, columns in rows
+        ]
+
+    def copy(
+        self, snapshot: str, tables: list[CopyTable], batch_rows: int = 5000
+    ) -> Iterator[tuple[CopyTable, list[dict[str, str | None]]]]:
+        """Yields every row of `tables` as seen by `snapshot`, as text, in batches."""
+        connection = psycopg2.connect(
+            self.dsn, connect_timeout=self.connect_timeout, application_name="replicator-copy"
+        )
+        try:
+            connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            with connection.cursor() as setup:
+                setup.execute("SET TRANSACTION SNAPSHOT %s", (snapshot,))
+                setup.execute("SET LOCAL TimeZone = 'UTC'")
+            for table in tables:
+                select = sql.SQL("SELECT {} FROM {}").format(
+                    sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in table.columns),
+                    sql.Identifier(table.schema, table.name),
+                )
+                with connection.cursor(name=f"copy_{table.name}") as cursor:
+                    cursor.itersize = batch_rows
+                    cursor.execute(select)
+                    while True:
+                        rows = cursor.fetchmany(batch_rows)
+                        if not rows:
+                            break
+                        yield table, [dict(zip(table.columns, row, strict=True)) for row in rows]
+            connection.rollback()
+        finally:
+            connection.close()

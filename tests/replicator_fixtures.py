@@ -1,0 +1,312 @@
+"""Runs the replicator as a real subprocess in tests, and waits for it to catch up.
+
+Use the `replicator` fixture (import it into a test module or a conftest) to start one or
+more replicators for a database and a Redis database; every process it started is
+stopped at the end of the test. `wait_caught_up` polls until Redis's checkpoint reaches the
+source's current WAL position.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import psycopg2
+import pytest
+import redis
+
+from payments_common.keys import KeySchema
+from payments_common.lsn import format_lsn, parse_lsn
+from stack.servers import _die_with_parent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def slot_for(database_url: str) -> str:
+    """A replication slot name unique to a test database (slot names are cluster-wide)."""
+    return "rm_" + (urlparse(database_url).path.lstrip("/") or "postgres").lower()
+
+
+def current_wal_lsn(database_url: str) -> int:
+    connection = psycopg2.connect(database_url)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            row = cursor.fetchone()
+            assert row is not None
+            return parse_lsn(row[0])
+    finally:
+        connection.close()
+
+
+def checkpoint_lsn(redis_url: str, slot: str, namespace: str = "rm:v1") -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.hget(KeySchema(namespace).checkpoint(slot), "lsn")
+        return int(raw) if raw is not None else 0
+    finally:
+        client.close()
+
+
+def wait_caught_up(
+    database_url: str,
+    redis_url: str,
+    slot: str | None = None,
+    timeout: float = 60.0,
+    process: ReplicatorProcess | None = None,
+) -> int:
+    """Waits until the checkpoint in Redis reaches the source's WAL position of now; returns it."""
+    slot = slot or slot_for(database_url)
+    target = current_wal_lsn(database_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        reached = checkpoint_lsn(redis_url, slot)
+        if reached >= target:
+            return reached
+        if process is not None and not process.alive:
+            raise AssertionError(f"the replicator exited with {process.returncode}:\n{process.log_tail()}")
+        if time.monotonic() >= deadline:
+            tail = process.log_tail() if process else ""
+            raise AssertionError(
+                f"checkpoint {format_lsn(reached)} did not reach {format_lsn(target)} in {timeout}s\n{tail}"
+            )
+        time.sleep(0.02)
+
+
+@dataclass
+class ReplicatorProcess:
+    """One `python -m replicator run` child process."""
+
+    database_url: str
+    redis_url: str
+    log_path: Path
+    slot: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.slot = self.slot or slot_for(self.database_url)
+
+    def env(self) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "REPLICATOR_DATABASE_URL": self.database_url,
+            "REPLICATOR_REDIS_URL": self.redis_url,
+            "REPLICATOR_SLOT_NAME": self.slot,
+            "REPLICATOR_HEALTH_PORT": "0",
+            "REPLICATOR_METRICS_PORT": "0",
+            "REPLICATOR_LOCK_TTL_SECONDS": "2",
+            "REPLICATOR_LOG_LEVEL": "INFO",
+        }
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> ReplicatorProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "replicator", "run"],
+                env=self.env(),
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """kill -9: no chance to flush, acknowledge or release the lock."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def pause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_caught_up(self, timeout: float = 60.0) -> int:
+        return wait_caught_up(self.database_url, self.redis_url, self.slot, timeout, process=self)
+
+
+StartReplicator = Callable[..., ReplicatorProcess]
+
+
+@pytest.fixture
+def replicator(tmp_path: Path) -> Iterator[StartReplicator]:
+    """A factory: `replicator(database_url, redis_url, **env)` starts a replicator subprocess."""
+    started: list[ReplicatorProcess] = []
+
+    def start(database_url: str, redis_url: str, slot: str = "", **extra_env: str) -> ReplicatorProcess:
+        process = ReplicatorProcess(
+            database_url,
+            redis_url,
+            tmp_path / f"replicator-{len(started)}.log",
+            slot=slot,
+            extra_env={f"REPLICATOR_{k.upper()}": v for k, v in extra_env.items()},
+        )
+        started.append(process.start())
+        return process
+
+    yield start
+    for process in started:
+        if process.process is not None and process.process.poll() is None:
+            process.resume()
+        process.stop()
+
+
+class SourceWriter:
+    """Writes rows of the system of record with plain SQL, the way the command side would."""
+
+    def __init__(self, database_url: str) -> None:
+        self.connection = psycopg2.connect(database_url)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> SourceWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def execute(self, query: str, args: tuple[object, ...] = ()) -> None:
+        with self.connection, self.connection.cursor() as cursor:
+            cursor.execute(query, args)
+
+    def open_account(
+        self,
+        owner: str,
+        balance_minor: int = 10_000_000,
+        currency: str = "EUR",
+        account_id: str | None = None,
+    ) -> str:
+        account_id = account_id or str(uuid.uuid4())
+        self.execute(
+            "INSERT INTO accounts (account_id, owner_name, currency_code, status, ledger_balance_minor, "
+            "per_payment_limit_minor, daily_limit_minor) VALUES (%s, %s, %s, 'ACTIVE', %s, 1000000000, 1000000000)",
+            (account_id, owner, currency, balance_minor),
+        )
+        return account_id
+
+    def submit(
+        self,
+        payer: str,
+        payee: str,
+        amount_minor: int,
+        status: str = "APPROVED",
+        decline_reason: str | None = None,
+        reference: str = "",
+        payment_id: str | None = None,
+    ) -> str:
+        """Inserts a payment with its first event and updates both accounts, in one transaction."""
+        payment_id = payment_id or str(uuid.uuid4())
+        if status == "DECLINED" and decline_reason is None:
+            decline_reason = "INSUFFICIENT_FUNDS"
+        with self.connection, self.connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id, payer_name, "
+                "payee_name, currency_code, amount_minor, reference, status, decline_reason) "
+                "SELECT %s, %s, p.account_id, q.account_id, p.owner_name, q.owner_name, p.currency_code, %s, %s, "
+                "%s, %s FROM accounts p, accounts q WHERE p.account_id = %s AND q.account_id = %s",
+                (payment_id, payment_id, amount_minor, reference, status, decline_reason, payer, payee),
+            )
+            cursor.execute(
+                "INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor) "
+                "VALUES (%s, 1, %s, %s, 'system')",
+                (payment_id, status, decline_reason),
+            )
+            self._book(cursor, payer, payee, amount_minor, status, +1)
+        return payment_id
+
+    def review(self, payment_id: str, approve: bool, actor: str = "reviewer", note: str = "") -> None:
+        """Approves or declines a payment held for review, with its next timeline event."""
+        status = "APPROVED" if approve else "DECLINED"
+        reason = None if approve else "DECLINED_BY_REVIEWER"
+        with self.connection, self.connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE payments SET status = %s, decline_reason = %s, updated_at = now() "
+                "WHERE payment_id = %s AND status = 'PENDING_REVIEW' "
+                "RETURNING payer_account_id, payee_account_id, amount_minor",
+                (status, reason, payment_id),
+            )
+            row = cursor.fetchone()
+            assert row is not None, "the payment is not pending review"
+            payer, payee, amount = row
+            cursor.execute(
+                "INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, note) "
+                "SELECT %s, max(sequence) + 1, %s, %s, %s, %s FROM payment_events WHERE payment_id = %s",
+                (payment_id, status, reason, actor, note, payment_id),
+            )
+            self._book(cursor, payer, payee, amount, "PENDING_REVIEW", -1)
+            self._book(cursor, payer, payee, amount, status, +1)
+
+    @staticmethod
+    def _book(cursor: Any, payer: str, payee: str, amount: int, status: str, sign: int) -> None:
+        column = status.lower()
+        if status == "APPROVED":
+            cursor.execute(
+                "UPDATE accounts SET ledger_balance_minor = ledger_balance_minor - %s, "
+                "total_sent_minor = total_sent_minor + %s, sent_approved = sent_approved + %s, "
+                "updated_at = now() WHERE account_id = %s",
+                (sign * amount, sign * amount, sign, payer),
+            )
+            cursor.execute(
+                "UPDATE accounts SET ledger_balance_minor = ledger_balance_minor + %s, "
+                "total_received_minor = total_received_minor + %s, received_approved = received_approved + %s, "
+                "updated_at = now() WHERE account_id = %s",
+                (sign * amount, sign * amount, sign, payee),
+            )
+            return
+        held = sign * amount if status == "PENDING_REVIEW" else 0
+        cursor.execute(
+            f"UPDATE accounts SET held_minor = held_minor + %s, sent_{column} = sent_{column} + %s, "
+            "updated_at = now() WHERE account_id = %s",
+            (held, sign, payer),
+        )
+        cursor.execute(
+            f"UPDATE accounts SET received_{column} = received_{column} + %s, updated_at = now() "
+            "WHERE account_id = %s",
+            (sign, payee),
+        )
