@@ -1,0 +1,650 @@
+"""Checks deploy/k8s and the image without a cluster: rendering, schema, policy and cross-checks."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packaging.requirements import Requirement
+
+from tests.contract import k8s_support as k8s
+from tests.contract.k8s_support import OVERLAYS, SERVICES, Endpoint, Obj
+
+# Schemas of the oldest Kubernetes the manifests support (native sleep in preStop needs 1.30,
+# on by default) and of the newest that kubernetes-validate ships.
+KUBERNETES_VERSIONS = ("1.32.0", "1.37.0")
+
+
+@pytest.fixture(scope="session", params=sorted(OVERLAYS))
+def overlay(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def rendered_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("k8s-rendered")
+
+
+def _objects(overlay: str) -> tuple[Obj, ...]:
+    try:
+        return k8s.objects(overlay)
+    except k8s.ToolMissing as missing:
+        pytest.skip(str(missing))
+
+
+def _rendered_file(overlay: str, directory: Path) -> Path:
+    _objects(overlay)  # skips with the reason when a tool is missing
+    path = directory / f"{overlay}.yaml"
+    if not path.exists():
+        path.write_text(k8s.render(overlay))
+    return path
+
+
+@pytest.fixture(scope="session")
+def objs(overlay: str) -> tuple[Obj, ...]:
+    return _objects(overlay)
+
+
+@pytest.fixture(scope="session")
+def namespace(overlay: str) -> str:
+    return OVERLAYS[overlay]
+
+
+def _tool(name: str) -> Path:
+    try:
+        return k8s.venv_tool(name)
+    except k8s.ToolMissing as missing:
+        pytest.skip(str(missing))
+
+
+# ----- rendering and schema -------------------------------------------------------------------
+
+
+def test_overlay_renders_into_its_namespace(objs: tuple[Obj, ...], namespace: str) -> None:
+    kinds = {o["kind"] for o in objs}
+    assert {"Deployment", "Service", "Job", "NetworkPolicy", "HorizontalPodAutoscaler"} <= kinds
+    assert k8s.named(objs, "Namespace", namespace)
+    for obj in objs:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == namespace, obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_object_validates_strictly(overlay: str, rendered_dir: Path, version: str) -> None:
+    path = _rendered_file(overlay, rendered_dir)
+    validate = _tool("kubernetes-validate")
+    result = subprocess.run(
+        [str(validate), "--strict", "--quiet", "-k", version, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+_checkov_results: dict[str, dict[str, Any]] = {}
+
+
+def _checkov(overlay: str, directory: Path) -> dict[str, Any]:
+    """One checkov run per overlay per session, without skips (they are applied by the tests)."""
+    if overlay not in _checkov_results:
+        path = _rendered_file(overlay, directory)
+        checkov = _tool("checkov")
+        result = subprocess.run(
+            [str(checkov), "-f", str(path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            cwd=directory,
+        )
+        assert result.stdout.strip(), result.stderr
+        report = json.loads(result.stdout)
+        _checkov_results[overlay] = report[0] if isinstance(report, list) else report
+    return _checkov_results[overlay]
+
+
+def test_checkov_passes_but_for_documented_skips(overlay: str, rendered_dir: Path) -> None:
+    report = _checkov(overlay, rendered_dir)
+    assert report["summary"]["parsing_errors"] == 0
+    assert report["summary"]["passed"] > 300, "checkov ran too few checks: did it parse the objects?"
+    allowed = {s.check_id for s in k8s.checkov_skips() if overlay in s.overlays}
+    failures = sorted(
+        f"{f['check_id']} {f['resource']}: {f['check_name']}"
+        for f in report["results"]["failed_checks"]
+        if f["check_id"] not in allowed
+    )
+    assert failures == []
+
+
+def test_checkov_skips_have_reasons_and_are_needed(rendered_dir: Path) -> None:
+    skips = k8s.checkov_skips()
+    failing: dict[str, set[str]] = {}
+    for overlay in OVERLAYS:
+        report = _checkov(overlay, rendered_dir)
+        failing[overlay] = {f["check_id"] for f in report["results"]["failed_checks"]}
+    for skip in skips:
+        assert re.fullmatch(r"CKV2?_K8S_\d+", skip.check_id), skip
+        assert skip.overlays <= set(OVERLAYS), skip
+        assert len(skip.reason) > 40, f"{skip.check_id} needs a real reason"
+        stale = [o for o in skip.overlays if skip.check_id not in failing[o]]
+        assert stale == [], f"{skip.check_id} no longer fails in {stale}: remove it from the list"
+
+
+# ----- ports, probes, shutdown ------------------------------------------------------------------
+
+
+def _service_container(objs: tuple[Obj, ...], service: str) -> tuple[Obj, Obj]:
+    workload = k8s.service_workload(objs, service)
+    pod = k8s.pod_template(workload)
+    matches = [c for c in pod["spec"]["containers"] if c.get("command") == SERVICES[service]["command"]]
+    assert len(matches) == 1
+    return workload, matches[0]
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_container_ports_match_the_env_the_service_reads(
+    objs: tuple[Obj, ...], namespace: str, service: str
+) -> None:
+    _, container = _service_container(objs, service)
+    env = k8s.container_env(container, objs, namespace)
+    prefix = SERVICES[service]["prefix"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    grpc_port = int(env[SERVICES[service]["port_env"]])
+    metrics_port = int(env[f"{prefix}_METRICS_PORT"])
+    assert grpc_port in ports.values()
+    assert ports["metrics"] == metrics_port
+    assert len(set(ports.values())) == len(ports)
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_probes_use_grpc_health_on_the_grpc_port(objs: tuple[Obj, ...], namespace: str, service: str) -> None:
+    _, container = _service_container(objs, service)
+    grpc_port = int(k8s.container_env(container, objs, namespace)[SERVICES[service]["port_env"]])
+    expected = {"livenessProbe": "liveness", "startupProbe": "liveness", "readinessProbe": "readiness"}
+    for probe_name, health_service in expected.items():
+        probe = container.get(probe_name)
+        assert probe is not None, f"{service} has no {probe_name}"
+        assert probe.get("grpc") == {"port": grpc_port, "service": health_service}, (service, probe_name)
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_termination_grace_outlasts_prestop_and_server_grace(
+    objs: tuple[Obj, ...], namespace: str, service: str
+) -> None:
+    workload, container = _service_container(objs, service)
+    env = k8s.container_env(container, objs, namespace)
+    grace = float(env.get(f"{SERVICES[service]['prefix']}_GRACE_SECONDS", k8s.DEFAULT_GRACE_SECONDS))
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    pre_stop_seconds = pre_stop.get("sleep", {}).get("seconds", 0)
+    assert "exec" not in pre_stop, "preStop uses the native sleep action; the image has no shell to rely on"
+    period = k8s.pod_template(workload)["spec"].get("terminationGracePeriodSeconds", 30)
+    assert period >= pre_stop_seconds + grace + 5, (service, period, pre_stop_seconds, grace)
+    if service in ("approval", "history"):
+        assert pre_stop_seconds > 0, f"{service} is behind a Service: it needs a preStop delay"
+
+
+def test_every_service_port_reaches_a_container_port(objs: tuple[Obj, ...]) -> None:
+    pods = [k8s.pod_template(w) for w in k8s.workloads(objs)]
+    for service in k8s.of_kind(objs, "Service"):
+        selected = [
+            p
+            for p in pods
+            if k8s.simple_selector_matches(service["spec"]["selector"], p["metadata"]["labels"])
+        ]
+        assert selected, f"Service {service['metadata']['name']} selects no pods"
+        for pod in selected:
+            ports = [p for c in k8s.containers(pod) for p in c.get("ports", [])]
+            for service_port in service["spec"]["ports"]:
+                target = service_port.get("targetPort", service_port["port"])
+                assert any(target in (p["containerPort"], p.get("name")) for p in ports), (
+                    service["metadata"]["name"],
+                    target,
+                )
+
+
+def test_workload_selectors_match_their_pod_labels(objs: tuple[Obj, ...]) -> None:
+    for workload in k8s.workloads(objs):
+        if workload["kind"] in ("Job", "CronJob", "Pod"):
+            continue
+        labels = k8s.pod_template(workload)["metadata"]["labels"]
+        assert k8s.selector_matches(workload["spec"]["selector"], labels), workload["metadata"]["name"]
+    owners = {w["metadata"]["name"]: k8s.pod_template(w)["metadata"]["labels"] for w in k8s.workloads(objs)}
+    for pdb in k8s.of_kind(objs, "PodDisruptionBudget"):
+        matched = [n for n, labels in owners.items() if k8s.selector_matches(pdb["spec"]["selector"], labels)]
+        assert len(matched) == 1, (pdb["metadata"]["name"], matched)
+    deployments = {d["metadata"]["name"] for d in k8s.of_kind(objs, "Deployment")}
+    for hpa in k8s.of_kind(objs, "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment"
+        assert target["name"] in deployments
+
+
+# ----- replicas, scaling, disruption ------------------------------------------------------------
+
+
+def _pdbs_for(objs: tuple[Obj, ...], workload: Obj) -> list[Obj]:
+    labels = k8s.pod_template(workload)["metadata"]["labels"]
+    return [
+        p
+        for p in k8s.of_kind(objs, "PodDisruptionBudget")
+        if k8s.selector_matches(p["spec"]["selector"], labels)
+    ]
+
+
+def _disruptions_allowed(pdb: Obj, replicas: int) -> int:
+    spec = pdb["spec"]
+    if "maxUnavailable" in spec:
+        value = spec["maxUnavailable"]
+        return int(replicas * int(value[:-1]) / 100) if isinstance(value, str) else int(value)
+    value = spec["minAvailable"]
+    minimum = -(-replicas * int(value[:-1]) // 100) if isinstance(value, str) else int(value)
+    return replicas - minimum
+
+
+def test_replicator_cannot_run_two_active_consumers(objs: tuple[Obj, ...]) -> None:
+    consumers = [
+        w
+        for w in k8s.workloads(objs)
+        for c in k8s.containers(k8s.pod_template(w))
+        if (c.get("command") or [])[:2] == ["replicator", "run"]
+    ]
+    assert len(consumers) == 1, "exactly one workload may consume the replication slot"
+    replicator = consumers[0]
+    assert replicator["kind"] == "Deployment"
+    assert replicator["spec"].get("replicas") == 1
+    assert replicator["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [
+        h
+        for h in k8s.of_kind(objs, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "replicator"
+    ]
+    assert _pdbs_for(objs, replicator) == [], "a PDB on the single replicator blocks node drains"
+
+
+def test_approval_keeps_two_replicas_and_a_pdb_that_allows_drains(objs: tuple[Obj, ...]) -> None:
+    approval = k8s.service_workload(objs, "approval")
+    replicas = approval["spec"]["replicas"]
+    assert replicas >= 2
+    pdbs = _pdbs_for(objs, approval)
+    assert len(pdbs) == 1
+    assert 1 <= _disruptions_allowed(pdbs[0], replicas) < replicas
+
+
+def test_history_scales_horizontally(objs: tuple[Obj, ...], namespace: str) -> None:
+    history = k8s.service_workload(objs, "history")
+    assert "replicas" not in history["spec"], "the HPA owns the replica count; applying must not reset it"
+    (hpa,) = [
+        h
+        for h in k8s.of_kind(objs, "HorizontalPodAutoscaler")
+        if h["spec"]["scaleTargetRef"]["name"] == "history"
+    ]
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"])
+    (pdb,) = _pdbs_for(objs, history)
+    assert 1 <= _disruptions_allowed(pdb, hpa["spec"]["minReplicas"]) < hpa["spec"]["minReplicas"]
+    labels = k8s.pod_template(history)["metadata"]["labels"]
+    services = [
+        s for s in k8s.of_kind(objs, "Service") if k8s.simple_selector_matches(s["spec"]["selector"], labels)
+    ]
+    headless = [s for s in services if s["spec"].get("clusterIP") == "None"]
+    normal = [s for s in services if s["spec"].get("clusterIP") != "None"]
+    assert len(headless) == 1
+    assert len(normal) == 1
+    _, container = _service_container(objs, "history")
+    env = k8s.container_env(container, objs, namespace)
+    age = float(env.get("HISTORY_MAX_CONNECTION_AGE_SECONDS", 300))
+    assert 0 < age <= 600, "clients only re-resolve the headless Service when connections age out"
+
+
+def test_migration_runs_as_a_job_and_never_at_container_start(objs: tuple[Obj, ...]) -> None:
+    migrating = [
+        w
+        for w in k8s.workloads(objs)
+        for c in k8s.containers(k8s.pod_template(w))
+        if (c.get("command") or [])[:2] == ["approval-svc", "migrate"]
+    ]
+    assert [w["kind"] for w in migrating] == ["Job"]
+    assert k8s.pod_template(migrating[0])["spec"]["restartPolicy"] == "Never"
+
+
+# ----- hardening, labels, secrets ---------------------------------------------------------------
+
+
+def test_pods_are_hardened(objs: tuple[Obj, ...]) -> None:
+    for workload in k8s.workloads(objs):
+        name = workload["metadata"]["name"]
+        pod = k8s.pod_template(workload)["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] >= 10000, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod.get("automountServiceAccountToken") is False, name
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")), name
+        mounts_by_volume = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in k8s.containers(k8s.pod_template(workload)):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+            assert "add" not in context["capabilities"], name
+            assert context.get("privileged", False) is False, name
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][kind]), (name, kind)
+            if container["image"].split("/")[-1].startswith("payments-cqrs"):
+                (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+                assert "emptyDir" in mounts_by_volume[tmp["name"]], name
+
+
+def test_recommended_labels_come_from_kustomize_labels(objs: tuple[Obj, ...], overlay: str) -> None:
+    for obj in objs:
+        labels = obj["metadata"].get("labels", {})
+        for key in ("part-of", "managed-by", "instance", "version"):
+            assert f"app.kubernetes.io/{key}" in labels, (obj["kind"], obj["metadata"]["name"], key)
+        if obj["kind"] in (*k8s.WORKLOAD_KINDS, "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
+            assert "app.kubernetes.io/name" in labels
+            assert "app.kubernetes.io/component" in labels
+    for workload in k8s.workloads(objs):
+        labels = k8s.pod_template(workload)["metadata"]["labels"]
+        for key in ("name", "component", "part-of", "instance"):
+            assert f"app.kubernetes.io/{key}" in labels, (workload["metadata"]["name"], key)
+    for kustomization in k8s.K8S_DIR.rglob("kustomization.yaml"):
+        assert "commonLabels" not in kustomization.read_text(), kustomization
+
+
+SECRET_LOOKING = re.compile(r"PASSWORD|SECRET|TOKEN|_URL$|DSN", re.IGNORECASE)
+
+
+def test_credentials_only_come_from_secrets(objs: tuple[Obj, ...]) -> None:
+    assert k8s.of_kind(objs, "Secret") == [], "Secrets are created out of band, never rendered"
+    for configmap in k8s.of_kind(objs, "ConfigMap"):
+        for key, value in configmap.get("data", {}).items():
+            assert not (SECRET_LOOKING.search(key) and not key.endswith("_FILE")), (
+                configmap["metadata"]["name"],
+                key,
+            )
+            assert not re.search(r"://[^/\s]*:[^/\s]*@", value), (configmap["metadata"]["name"], key)
+    for workload in k8s.workloads(objs):
+        for container in k8s.containers(k8s.pod_template(workload)):
+            for var in container.get("env", []):
+                if "value" in var and SECRET_LOOKING.search(var["name"]):
+                    assert var["name"].endswith("_FILE"), (workload["metadata"]["name"], var["name"])
+                    assert var["value"].startswith("/var/run/secrets/"), var
+
+
+def test_file_settings_point_into_mounted_secrets(objs: tuple[Obj, ...], namespace: str) -> None:
+    for workload in k8s.workloads(objs):
+        pod = k8s.pod_template(workload)
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        for container in pod["spec"]["containers"]:
+            env = k8s.container_env(container, objs, namespace)
+            for name, path in env.items():
+                if not name.endswith("_FILE"):
+                    continue
+                directory, _, filename = path.rpartition("/")
+                (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+                secret = volumes[mount["name"]]["secret"]
+                assert filename in [item["path"] for item in secret["items"]], (
+                    workload["metadata"]["name"],
+                    name,
+                )
+
+
+# ----- network policies -------------------------------------------------------------------------
+
+OTHER_PORT = 8080  # a port nothing should reach: catches rules that allow every port
+
+
+def _world(
+    objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> tuple[list[Endpoint], dict[str, dict[str, str]]]:
+    endpoints = [
+        k8s.workload_endpoint(service, k8s.service_workload(objs, service), namespace, [OTHER_PORT])
+        for service in SERVICES
+    ]
+    endpoints.append(
+        k8s.workload_endpoint("migrate", k8s.named(objs, "Job", "migrate"), namespace, [OTHER_PORT])
+    )
+    if overlay == "dev":
+        endpoints += [
+            k8s.workload_endpoint(
+                "postgresql", k8s.named(objs, "StatefulSet", "postgresql"), namespace, [OTHER_PORT]
+            ),
+            k8s.workload_endpoint("redis", k8s.named(objs, "StatefulSet", "redis"), namespace, [OTHER_PORT]),
+        ]
+    else:
+        # What the prod overlay's README asks for: a CloudNativePG cluster and Redis pods.
+        endpoints += [
+            Endpoint(
+                "postgresql",
+                "databases",
+                {"cnpg.io/cluster": "payments-pg", "cnpg.io/instanceRole": "primary"},
+                ports=((5432, "TCP", ""), (OTHER_PORT, "TCP", "")),
+            ),
+            Endpoint(
+                "other-postgresql", "databases", {"cnpg.io/cluster": "other"}, ports=((5432, "TCP", ""),)
+            ),
+            Endpoint("redis", "redis", {"app.kubernetes.io/name": "redis"}, ports=((6379, "TCP", ""),)),
+        ]
+    endpoints += [
+        Endpoint(
+            "kube-dns", "kube-system", {"k8s-app": "kube-dns"}, ports=((53, "UDP", ""), (53, "TCP", ""))
+        ),
+        Endpoint(
+            "client", namespace, {"payments-cqrs/grpc-client": "true"}, ports=((OTHER_PORT, "TCP", ""),)
+        ),
+        Endpoint(
+            "stranger", namespace, {"app.kubernetes.io/name": "stranger"}, ports=((OTHER_PORT, "TCP", ""),)
+        ),
+        Endpoint(
+            "outsider", "elsewhere", {"payments-cqrs/grpc-client": "true"}, ports=((OTHER_PORT, "TCP", ""),)
+        ),
+        Endpoint(
+            "prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, ports=((9090, "TCP", ""),)
+        ),
+        Endpoint("internet", ip="203.0.113.7", ports=((443, "TCP", ""), (5432, "TCP", ""))),
+    ]
+    namespaces = {
+        name: {"kubernetes.io/metadata.name": name}
+        for name in (namespace, "kube-system", "databases", "redis", "elsewhere", "monitoring")
+    }
+    return endpoints, namespaces
+
+
+def test_network_policies_allow_exactly_the_intended_flows(
+    objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    endpoints, namespaces = _world(objs, overlay, namespace)
+    ours = {e.name for e in endpoints if e.namespace == namespace}
+    policies = k8s.of_kind(objs, "NetworkPolicy")
+    actual = {f for f in k8s.flows(policies, endpoints, namespaces) if f[0] in ours or f[1] in ours}
+    expected = {(name, "kube-dns", 53, protocol) for name in ours for protocol in ("UDP", "TCP")}
+    expected |= {
+        ("approval", "postgresql", 5432, "TCP"),
+        ("migrate", "postgresql", 5432, "TCP"),
+        ("replicator", "postgresql", 5432, "TCP"),
+        ("replicator", "redis", 6379, "TCP"),
+        ("history", "redis", 6379, "TCP"),
+        ("client", "approval", 50051, "TCP"),
+        ("client", "history", 50052, "TCP"),
+        ("prometheus", "approval", 9101, "TCP"),
+        ("prometheus", "history", 9102, "TCP"),
+        ("prometheus", "replicator", 9103, "TCP"),
+    }
+    assert sorted(actual - expected) == [], "allowed but not intended"
+    assert sorted(expected - actual) == [], "intended but not allowed"
+
+
+def test_grpc_ports_accept_any_pod_of_the_namespace_and_no_other(
+    objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    endpoints, namespaces = _world(objs, overlay, namespace)
+    by_name = {e.name: e for e in endpoints}
+    policies = k8s.of_kind(objs, "NetworkPolicy")
+    for service, port in (("approval", 50051), ("history", 50052), ("replicator", 50053)):
+        target = by_name[service]
+        for source, expected in (
+            ("stranger", True),
+            ("client", True),
+            ("outsider", False),
+            ("prometheus", False),
+        ):
+            ingress = k8s._side_allows(
+                policies, "ingress", target, by_name[source], target, port, "TCP", namespaces
+            )
+            assert ingress is expected, (source, service)
+
+
+def test_there_is_a_default_deny_for_every_pod(objs: tuple[Obj, ...]) -> None:
+    deny = [
+        p
+        for p in k8s.of_kind(objs, "NetworkPolicy")
+        if p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+    ]
+    assert len(deny) == 1
+
+
+# ----- overlays ---------------------------------------------------------------------------------
+
+
+def _flag(args: list[str], name: str) -> str:
+    values = [
+        args[i + 1].split("=", 1)[1]
+        for i, a in enumerate(args[:-1])
+        if a == "-c" and args[i + 1].startswith(f"{name}=")
+    ]
+    assert len(values) == 1, f"postgres needs exactly one -c {name}=..."
+    return values[0]
+
+
+def test_dev_postgres_is_ready_for_logical_replication() -> None:
+    objs = _objects("dev")
+    postgres = k8s.named(objs, "StatefulSet", "postgresql")
+    (container,) = k8s.pod_template(postgres)["spec"]["containers"]
+    args = container["args"]
+    assert _flag(args, "wal_level") == "logical"
+    assert int(_flag(args, "max_replication_slots")) >= 2
+    assert int(_flag(args, "max_wal_senders")) >= 2
+    assert re.fullmatch(r"[1-9]\d*(MB|GB)", _flag(args, "max_slot_wal_keep_size")), "the slot must be capped"
+    assert k8s.named(objs, "StatefulSet", "redis")
+
+
+def test_prod_runs_no_database_and_is_bigger_than_dev() -> None:
+    dev, prod = _objects("dev"), _objects("prod")
+    assert k8s.of_kind(prod, "StatefulSet", "PersistentVolumeClaim") == []
+    images = {c["image"] for w in k8s.workloads(prod) for c in k8s.containers(k8s.pod_template(w))}
+    assert all("payments-cqrs" in image for image in images), images
+    assert (
+        k8s.service_workload(prod, "approval")["spec"]["replicas"]
+        > k8s.service_workload(dev, "approval")["spec"]["replicas"]
+    )
+    hpa = {
+        o: k8s.named(objs, "HorizontalPodAutoscaler", "history")["spec"]
+        for o, objs in (("dev", dev), ("prod", prod))
+    }
+    assert hpa["prod"]["maxReplicas"] > hpa["dev"]["maxReplicas"]
+
+    def millicores(value: str) -> float:
+        return float(value[:-1]) if value.endswith("m") else float(value) * 1000
+
+    for service in SERVICES:
+        _, dev_container = _service_container(dev, service)
+        _, prod_container = _service_container(prod, service)
+        assert millicores(prod_container["resources"]["requests"]["cpu"]) > millicores(
+            dev_container["resources"]["requests"]["cpu"]
+        ), service
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_scrape_annotations_name_the_metrics_port(
+    objs: tuple[Obj, ...], namespace: str, service: str
+) -> None:
+    workload, container = _service_container(objs, service)
+    annotations = k8s.pod_template(workload)["metadata"].get("annotations", {})
+    metrics_port = k8s.container_env(container, objs, namespace)[
+        f"{SERVICES[service]['prefix']}_METRICS_PORT"
+    ]
+    assert annotations.get("prometheus.io/scrape") == "true"
+    assert annotations.get("prometheus.io/port") == metrics_port
+    assert annotations.get("prometheus.io/path") == "/metrics"
+
+
+# ----- image ------------------------------------------------------------------------------------
+
+DOCKERFILE = k8s.ROOT / "Dockerfile"
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = _tool("hadolint")
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "info", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_builds_a_slim_non_root_multi_stage_image() -> None:
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert base is not None
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base.group(1)), "pin a patch release of the slim image"
+    assert len(re.findall(r"^FROM ", text, re.MULTILINE)) >= 2
+    final_stage = text.rsplit("\nFROM ", 1)[1]
+    user = re.findall(r"^USER (\S+)$", final_stage, re.MULTILINE)
+    assert user, "the final stage must set USER"
+    uid = user[-1].split(":")[0]
+    assert uid.isdigit()
+    assert int(uid) >= 10000
+    patterns = [
+        line
+        for line in (k8s.ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert patterns[0] == "**", "the build context starts from nothing and adds what the image needs"
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.MULTILINE):
+        for path in source.split():
+            assert f"!{path}" in patterns or f"!{path}/" in patterns, (
+                f"{path} is excluded from the build context"
+            )
+
+
+def test_manifest_commands_are_console_scripts_of_the_image(objs: tuple[Obj, ...]) -> None:
+    scripts = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for workload in k8s.workloads(objs):
+        for container in k8s.containers(k8s.pod_template(workload)):
+            if "payments-cqrs" in container["image"]:
+                assert container["command"][0] in scripts, container["command"]
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert re.fullmatch(r"[\w.]+", version), f"{path.name}: {line} is not pinned"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_image_dependencies_are_pinned_and_satisfy_pyproject() -> None:
+    pins = _pins(k8s.ROOT / "deploy" / "docker" / "requirements.lock")
+    project = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())
+    for requirement in map(Requirement, project["project"]["dependencies"]):
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is missing from deploy/docker/requirements.lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    build = _pins(k8s.ROOT / "deploy" / "docker" / "build-requirements.lock")
+    for requirement in map(Requirement, project["build-system"]["requires"]):
+        assert requirement.specifier.contains(build[requirement.name.lower()], prereleases=True), requirement
