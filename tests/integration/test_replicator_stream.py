@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
+import threading
+import time
+import uuid
+
 import redis
 
 from payments.readmodel.v1 import read_model_pb2
@@ -61,3 +66,108 @@ def test_streams_inserts_updates_and_deletes(
         process.wait_caught_up()
         assert client.hget(KEYS.payment(paid), "view") is None
         _assert_reconciled(migrated_dsn, redis_url)
+
+
+def test_bootstrap_under_concurrent_writes_equals_the_source(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    with SourceWriter(migrated_dsn) as source:
+        accounts = [source.open_account(f"Owner {i}") for i in range(8)]
+        for i in range(400):
+            source.submit(accounts[i % 8], accounts[(i + 3) % 8], 100 + i)
+    stop = threading.Event()
+    written = []
+
+    def write() -> None:
+        with SourceWriter(migrated_dsn) as writer:
+            i = 0
+            while not stop.is_set():
+                status = ("APPROVED", "PENDING_REVIEW", "DECLINED")[i % 3]
+                payment = writer.submit(accounts[i % 8], accounts[(i + 1) % 8], 10 + i, status=status)
+                if status == "PENDING_REVIEW":
+                    writer.review(payment, approve=i % 2 == 0)
+                written.append(payment)
+                i += 1
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        process = replicator(migrated_dsn, redis_url)
+        process.wait_caught_up()
+        deadline = time.monotonic() + 30
+        while len(written) < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    process.wait_caught_up()
+    _assert_reconciled(migrated_dsn, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    everything = sum(
+        client.zcard(KEYS.account_index(a, "sent", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) for a in accounts
+    )
+    assert everything == 400 + len(written)
+
+
+def test_unchanged_toast_column_is_kept(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    process = replicator(migrated_dsn, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    big = secrets.token_hex(6000)  # incompressible: stored out of line, sent as "unchanged" on update
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        held = source.submit(alice, bob, 900_000, status="PENDING_REVIEW", reference=big)
+        process.wait_caught_up()
+        source.review(held, approve=True)
+        # Inserted and updated in one transaction: the unchanged value comes from the same batch.
+        both = str(uuid.uuid4())
+        with source.connection, source.connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id, payer_name, "
+                "payee_name, currency_code, amount_minor, reference, status) "
+                "VALUES (%s, %s, %s, %s, 'Alice', 'Bob', 'EUR', 5, %s, 'PENDING_REVIEW')",
+                (both, both, alice, bob, big),
+            )
+            cursor.execute("UPDATE payments SET status = 'APPROVED' WHERE payment_id = %s", (both,))
+        process.wait_caught_up()
+    for payment_id in (held, both):
+        view = _payment(client, payment_id)
+        assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
+        assert view.reference == big
+    _assert_reconciled(migrated_dsn, redis_url)
+
+
+def test_column_added_while_streaming(migrated_dsn: str, redis_url: str, replicator: StartReplicator) -> None:
+    process = replicator(migrated_dsn, redis_url)
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        source.submit(alice, bob, 10)
+        process.wait_caught_up()
+        source.execute("ALTER TABLE payments ADD COLUMN channel text NOT NULL DEFAULT 'web'")
+        source.execute("ALTER TABLE accounts ADD COLUMN nickname text")
+        late = source.submit(alice, bob, 20, reference="after the DDL")
+        source.execute("UPDATE accounts SET nickname = 'Al' WHERE account_id = %s", (alice,))
+        process.wait_caught_up()
+    assert _payment(redis.Redis.from_url(redis_url), late).reference == "after the DDL"
+    _assert_reconciled(migrated_dsn, redis_url)
+
+
+def test_truncate_removes_the_read_models(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    process = replicator(migrated_dsn, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        gone = source.submit(alice, bob, 10)
+        process.wait_caught_up()
+        source.execute("TRUNCATE payment_events, payments CASCADE")
+        process.wait_caught_up()
+        assert not client.exists(KEYS.payment(gone))
+        assert not client.exists(KEYS.account_index(alice, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED))
+        assert client.exists(KEYS.account(alice))
+        kept = source.submit(bob, alice, 3)
+        process.wait_caught_up()
+    assert _payment(client, kept).payer_name == "Bob"
+    _assert_reconciled(migrated_dsn, redis_url)

@@ -1,0 +1,142 @@
+"""The pgoutput decoder, on messages captured from a real PostgreSQL (see data/capture_pgoutput.py)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from replicator.decoder import (
+    UNCHANGED,
+    Begin,
+    Commit,
+    DecodeError,
+    Decoder,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Relation,
+    Truncate,
+    Update,
+    as_row,
+)
+
+CAPTURE = Path(__file__).parent / "data" / "pgoutput_capture.jsonl"
+PAYMENT = "00000000-0000-4000-8000-000000000001"
+
+
+def _decoded() -> list[object]:
+    decoder = Decoder()
+    return [
+        decoder.decode(bytes.fromhex(json.loads(line)["hex"])) for line in CAPTURE.read_text().splitlines()
+    ]
+
+
+def test_every_captured_message_decodes_to_its_kind() -> None:
+    lines = [json.loads(line) for line in CAPTURE.read_text().splitlines()]
+    kinds = {"B": Begin, "C": Commit, "R": Relation, "I": Insert, "U": Update, "D": Delete, "T": Truncate}
+    kinds["M"] = LogicalMessage
+    for line, message in zip(lines, _decoded(), strict=True):
+        assert isinstance(message, kinds[line["kind"]])
+
+
+def test_transactions_are_framed_by_begin_and_commit() -> None:
+    messages = _decoded()
+    begins = [m for m in messages if isinstance(m, Begin)]
+    commits = [m for m in messages if isinstance(m, Commit)]
+    assert len(begins) == len(commits) == 7
+    for begin, commit in zip(begins, commits, strict=True):
+        assert commit.commit_lsn == begin.final_lsn
+        assert commit.end_lsn > commit.commit_lsn
+        assert commit.commit_time_us == begin.commit_time_us
+        # A plausible Unix time in microseconds (after 2020).
+        assert commit.commit_time_us > 1_577_836_800_000_000
+    assert [c.end_lsn for c in commits] == sorted(c.end_lsn for c in commits)
+
+
+def test_relation_carries_columns_and_key_flags() -> None:
+    relation = next(m for m in _decoded() if isinstance(m, Relation) and m.name == "payments")
+    assert relation.namespace == "public"
+    assert relation.replica_identity == "d"
+    assert relation.column_names[:3] == ("payment_id", "request_id", "payer_account_id")
+    assert [c.name for c in relation.columns if c.is_key] == ["payment_id"]
+    assert relation.columns[0].type_oid == 2950  # uuid
+
+
+def test_insert_text_and_null_columns() -> None:
+    insert = next(m for m in _decoded() if isinstance(m, Insert) and m.relation.name == "payments")
+    row = as_row(insert.relation, insert.new)
+    assert row["payment_id"] == PAYMENT
+    assert row["amount_minor"] == "70000"
+    assert row["decline_reason"] is None
+    assert row["created_at"] == "2026-01-02 03:05:00+00"
+    assert isinstance(row["reference"], str)
+    assert len(row["reference"]) == 12000
+
+
+def test_update_sends_an_untouched_toasted_column_as_unchanged() -> None:
+    update = next(m for m in _decoded() if isinstance(m, Update) and m.relation.name == "payments")
+    row = as_row(update.relation, update.new)
+    assert update.old is None
+    assert row["status"] == "DECLINED"
+    assert row["reference"] is UNCHANGED
+
+
+def test_a_relation_message_after_ddl_replaces_the_cached_one() -> None:
+    decoder = Decoder()
+    updates = []
+    for line in CAPTURE.read_text().splitlines():
+        message = decoder.decode(bytes.fromhex(json.loads(line)["hex"]))
+        if isinstance(message, Update) and message.relation.name == "accounts":
+            updates.append(message)
+    added = updates[-1]
+    assert added.relation.column_names[-1] == "nickname"
+    assert as_row(added.relation, added.new)["nickname"] == "B"
+    assert "nickname" not in updates[0].relation.column_names
+
+
+def test_delete_sends_the_key() -> None:
+    deletes = [m for m in _decoded() if isinstance(m, Delete)]
+    assert [d.relation.name for d in deletes] == ["payment_events", "payment_events", "payments"]
+    row = as_row(deletes[-1].relation, deletes[-1].old)
+    assert row["payment_id"] == PAYMENT
+    assert row["status"] is None
+
+
+def test_truncate_lists_every_relation() -> None:
+    truncate = next(m for m in _decoded() if isinstance(m, Truncate))
+    assert sorted(r.name for r in truncate.relations) == ["accounts", "payment_events", "payments"]
+    assert truncate.cascade
+    assert not truncate.restart_identity
+
+
+def test_logical_message() -> None:
+    message = next(m for m in _decoded() if isinstance(m, LogicalMessage))
+    assert message.prefix == "heartbeat"
+    assert message.content == b"tick"
+    assert message.transactional
+
+
+def test_binary_column() -> None:
+    decoder = Decoder()
+    relation = struct.pack(">cI", b"R", 7) + b"public\0t\0d" + struct.pack(">h", 1)
+    relation += b"\x01id\0" + struct.pack(">Ii", 17, -1)
+    decoder.decode(relation)
+    insert = decoder.decode(
+        struct.pack(">cIch", b"I", 7, b"N", 1) + b"b" + struct.pack(">I", 3) + b"\x00\x01\x02"
+    )
+    assert isinstance(insert, Insert)
+    assert insert.new == (b"\x00\x01\x02",)
+
+
+def test_change_before_its_relation_is_an_error() -> None:
+    with pytest.raises(DecodeError):
+        Decoder().decode(struct.pack(">cIch", b"I", 99, b"N", 0))
+
+
+@pytest.mark.parametrize("payload", [b"", b"Z", b"B\x00\x01", b"I\x00"])
+def test_malformed_messages_raise_decode_error(payload: bytes) -> None:
+    with pytest.raises(DecodeError):
+        Decoder().decode(payload)

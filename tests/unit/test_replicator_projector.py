@@ -1,0 +1,198 @@
+"""The projection as a pure function: row changes in, read-model writes out, no server."""
+
+from __future__ import annotations
+
+from payments.readmodel.v1 import read_model_pb2
+from payments.type.v1 import payment_pb2
+from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from payments_common.keys import index_member
+from replicator.decoder import UNCHANGED, Value
+from replicator.projector import (
+    ACCOUNTS,
+    PAYMENT_EVENTS,
+    PAYMENTS,
+    DeleteTimeline,
+    DeleteView,
+    Projector,
+    RowChange,
+    SetIndexes,
+    TruncateTables,
+    UnindexPayment,
+    UpsertTimeline,
+    UpsertView,
+    parse_timestamp_us,
+)
+
+PROJECTOR = Projector(KEYS)
+P = "00000000-0000-4000-8000-000000000001"
+A = "00000000-0000-4000-8000-00000000000a"
+B = "00000000-0000-4000-8000-00000000000b"
+
+
+def _payment_row(**changes: Value) -> dict[str, Value]:
+    row: dict[str, Value] = {
+        "payment_id": P,
+        "request_id": "r1",
+        "payer_account_id": A,
+        "payee_account_id": B,
+        "payer_name": "Alice",
+        "payee_name": "Bob",
+        "currency_code": "EUR",
+        "amount_minor": "1234",
+        "reference": "rent",
+        "status": "APPROVED",
+        "decline_reason": None,
+        "created_at": "2026-01-02 03:04:05.123456+00",
+        "updated_at": "2026-01-02 03:04:06+00",
+    }
+    row.update(changes)
+    return row
+
+
+def _account_row(**changes: Value) -> dict[str, Value]:
+    row: dict[str, Value] = {
+        "account_id": A,
+        "owner_name": "Alice",
+        "currency_code": "EUR",
+        "status": "FROZEN",
+        "ledger_balance_minor": "10000",
+        "held_minor": "2500",
+        "per_payment_limit_minor": "5000",
+        "daily_limit_minor": "9000",
+        "total_sent_minor": "700",
+        "total_received_minor": "300",
+        "sent_approved": "1",
+        "sent_declined": "2",
+        "sent_pending_review": "3",
+        "received_approved": "4",
+        "received_declined": "5",
+        "received_pending_review": "6",
+        "created_at": "2026-01-01 00:00:00+00",
+        "updated_at": "2026-01-02 00:00:00+00",
+    }
+    row.update(changes)
+    return row
+
+
+def test_timestamps_parse_to_unix_microseconds() -> None:
+    assert parse_timestamp_us("1970-01-01 00:00:01.000002+00") == 1_000_002
+    assert parse_timestamp_us("2026-01-02 05:04:05+02") == parse_timestamp_us("2026-01-02 03:04:05+00")
+    assert parse_timestamp_us("1969-12-31 23:59:59.5+00") == -500_000
+
+
+def test_payment_insert_writes_the_view_and_both_accounts_indexes() -> None:
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "insert", _payment_row(), 900))
+    view_op = ops[0]
+    assert isinstance(view_op, UpsertView)
+    assert view_op.key == KEYS.payment(P)
+    assert view_op.lsn == 900
+    assert not view_op.keep
+    view = view_op.view
+    assert isinstance(view, read_model_pb2.PaymentView)
+    assert (view.payer_name, view.payee_name, view.reference) == ("Alice", "Bob", "rent")
+    assert (view.amount.currency_code, view.amount.amount_minor) == ("EUR", 1234)
+    assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
+    assert view.decline_reason == payment_pb2.DECLINE_REASON_UNSPECIFIED
+    assert view.create_time.ToMicroseconds() == parse_timestamp_us("2026-01-02 03:04:05.123456+00")
+    assert view.source_lsn == 900
+    indexes = [op for op in ops if isinstance(op, SetIndexes)]
+    assert [op.versions_key for op in indexes] == [
+        KEYS.account_index_versions(A),
+        KEYS.account_index_versions(B),
+    ]
+    member = index_member(view.create_time.ToMicroseconds(), P)
+    approved, pending = payment_pb2.PAYMENT_STATUS_APPROVED, payment_pb2.PAYMENT_STATUS_PENDING_REVIEW
+    payer = indexes[0]
+    assert payer.member == member
+    assert set(payer.add) == {
+        KEYS.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_UNSPECIFIED),
+        KEYS.account_index(A, "sent", approved),
+        KEYS.account_index(A, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED),
+        KEYS.account_index(A, "all", approved),
+    }
+    assert KEYS.account_index(A, "sent", pending) in payer.remove
+    assert KEYS.account_index(A, "all", pending) in payer.remove
+    assert not any(":received:" in key for key in payer.add + payer.remove)
+    payee = indexes[1]
+    assert KEYS.account_index(B, "received", approved) in payee.add
+    assert not any(":sent:" in key for key in payee.add + payee.remove)
+
+
+def test_status_change_moves_the_payment_between_status_indexes() -> None:
+    row = _payment_row(status="DECLINED", decline_reason="DECLINED_BY_REVIEWER")
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "update", row, 1000))
+    view = ops[0].view  # type: ignore[union-attr]
+    assert view.decline_reason == payment_pb2.DECLINE_REASON_DECLINED_BY_REVIEWER
+    payer = next(op for op in ops if isinstance(op, SetIndexes))
+    declined = payment_pb2.PAYMENT_STATUS_DECLINED
+    assert KEYS.account_index(A, "sent", declined) in payer.add
+    for status in (payment_pb2.PAYMENT_STATUS_APPROVED, payment_pb2.PAYMENT_STATUS_PENDING_REVIEW):
+        assert KEYS.account_index(A, "sent", status) in payer.remove
+        assert KEYS.account_index(A, "sent", status) not in payer.add
+
+
+def test_payment_to_oneself_is_sent_and_received_in_one_index_write() -> None:
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "insert", _payment_row(payee_account_id=A), 5))
+    indexes = [op for op in ops if isinstance(op, SetIndexes)]
+    assert len(indexes) == 1
+    directions = {key.split(":idx:")[1].split(":")[0] for key in indexes[0].add}
+    assert directions == {"sent", "received", "all"}
+
+
+def test_unchanged_toast_columns_are_kept_from_the_stored_view() -> None:
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "update", _payment_row(reference=UNCHANGED), 7))
+    assert isinstance(ops[0], UpsertView)
+    assert ops[0].keep == ("reference",)
+
+
+def test_payment_delete_unindexes_before_it_removes_the_view() -> None:
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "delete", {"payment_id": P, "status": None}, 8))
+    assert ops == [UnindexPayment(P, 8), DeleteView(KEYS.payment(P), 8)]
+
+
+def test_timeline_entry_and_its_delete() -> None:
+    row: dict[str, Value] = {
+        "payment_id": P,
+        "sequence": "2",
+        "status": "DECLINED",
+        "decline_reason": "DECLINED_BY_REVIEWER",
+        "actor": "carol",
+        "note": "no",
+        "created_at": "2026-01-02 04:00:00+00",
+    }
+    (op,) = PROJECTOR.project(RowChange(PAYMENT_EVENTS, "insert", row, 11))
+    assert isinstance(op, UpsertTimeline)
+    assert (op.payment_key, op.timeline_key, op.sequence) == (KEYS.payment(P), KEYS.payment_timeline(P), 2)
+    assert op.entry.actor == "carol"
+    assert op.entry.status == payment_pb2.PAYMENT_STATUS_DECLINED
+    (gone,) = PROJECTOR.project(RowChange(PAYMENT_EVENTS, "delete", {"payment_id": P, "sequence": "2"}, 12))
+    assert gone == DeleteTimeline(KEYS.payment(P), KEYS.payment_timeline(P), 2, 12)
+
+
+def test_account_view_is_a_function_of_the_row() -> None:
+    (op,) = PROJECTOR.project(RowChange(ACCOUNTS, "update", _account_row(), 13))
+    assert isinstance(op, UpsertView)
+    view = op.view
+    assert isinstance(view, read_model_pb2.AccountView)
+    assert view.status == payment_pb2.ACCOUNT_STATUS_FROZEN
+    assert view.ledger_balance.amount_minor == 10000
+    assert view.available_balance.amount_minor == 7500
+    assert (view.total_sent.amount_minor, view.total_received.amount_minor) == (700, 300)
+    counts = view.counts
+    assert (counts.sent_approved, counts.sent_declined, counts.sent_pending_review) == (1, 2, 3)
+    assert (counts.received_approved, counts.received_declined, counts.received_pending_review) == (4, 5, 6)
+    assert view.per_payment_limit.amount_minor == 5000
+    assert view.daily_limit.currency_code == "EUR"
+    # The same row projects to the same write: replaying a change cannot double-count.
+    assert PROJECTOR.project(RowChange(ACCOUNTS, "update", _account_row(), 13)) == [op]
+
+
+def test_new_columns_are_ignored_and_other_tables_produce_nothing() -> None:
+    (op,) = PROJECTOR.project(RowChange(ACCOUNTS, "update", _account_row(nickname="B"), 14))
+    assert isinstance(op, UpsertView)
+    assert PROJECTOR.project(RowChange("public.ledger_entries", "insert", {"entry_id": "1"}, 15)) == []
+
+
+def test_truncate_keeps_only_published_tables() -> None:
+    assert PROJECTOR.truncate((PAYMENTS, "public.ledger_entries"), 16) == [TruncateTables((PAYMENTS,), 16)]
+    assert PROJECTOR.truncate(("public.ledger_entries",), 16) == []
