@@ -226,6 +226,14 @@ def test_workload_selectors_match_their_pod_labels(objs: tuple[Obj, ...]) -> Non
         assert target["name"] in deployments
 
 
+def test_history_and_replicator_agree_on_the_slot(objs: tuple[Obj, ...], namespace: str) -> None:
+    # history finds the replicator's checkpoint (for consistency waits) by the slot name.
+    _, history = _service_container(objs, "history")
+    _, replicator = _service_container(objs, "replicator")
+    history_slot = k8s.container_env(history, objs, namespace)["HISTORY_SLOT_NAME"]
+    assert history_slot == k8s.container_env(replicator, objs, namespace)["REPLICATOR_SLOT_NAME"]
+
+
 # ----- replicas, scaling, disruption ------------------------------------------------------------
 
 
