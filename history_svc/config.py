@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from payments_common.settings import EnvReader, SettingsError
+from payments_common.tls import TlsSettings
 
 PREFIX = "HISTORY_"
 MIN_SECRET_BYTES = 16
@@ -30,6 +31,7 @@ class Settings:
     slot_name: str = "payments_read_model"
     redis_max_connections: int = 64
     redis_timeout_s: float = 5.0
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -59,6 +61,7 @@ class Settings:
             slot_name=env.text("SLOT_NAME", cls.slot_name),
             redis_max_connections=env.integer("REDIS_MAX_CONNECTIONS", cls.redis_max_connections, minimum=2),
             redis_timeout_s=_positive(env, "REDIS_TIMEOUT_SECONDS", cls.redis_timeout_s),
+            tls=TlsSettings.from_env(env),
         )
 
 

@@ -9,6 +9,9 @@ from typing import Any
 import grpc
 import prometheus_client
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from history_svc.config import Settings
 from history_svc.queries import ReadModel
@@ -25,6 +28,15 @@ SERVICE_NAME = history_service_pb2.DESCRIPTOR.services_by_name["HistoryService"]
 
 # The change watcher blocks this long per XREAD; its connection's timeout allows for it.
 WATCH_BLOCK_MS = 1000
+
+
+def _reconnect_once() -> Retry:
+    """After Redis restarts, pooled connections are dead; one retry on a new connection hides that.
+
+    Only connection errors are retried (every command here is a read): a timeout is not,
+    so a hung Redis costs a caller one timeout, not two.
+    """
+    return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 @dataclass
@@ -44,6 +56,7 @@ class Dependencies:
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
             health_check_interval=30,
+            retry=_reconnect_once(),
         )
         watch_pool = BlockingConnectionPool.from_url(
             settings.redis_url,
@@ -51,6 +64,7 @@ class Dependencies:
             timeout=settings.redis_timeout_s,
             socket_timeout=settings.redis_timeout_s + WATCH_BLOCK_MS / 1000,
             socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
+            retry=_reconnect_once(),
         )
         return cls(redis=Redis(connection_pool=pool), watch_redis=Redis(connection_pool=watch_pool))
 
@@ -112,7 +126,9 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
     def register(server: grpc.aio.Server) -> None:
         history_service_pb2_grpc.add_HistoryServiceServicer_to_server(servicer, server)
 
-    server, port, health = build_server(options, register, [SERVICE_NAME])
+    server, port, health = build_server(
+        options, register, [SERVICE_NAME], credentials=settings.tls.server_credentials()
+    )
     readiness = Readiness(health=health, service_names=[SERVICE_NAME], probe=read_model.ping)
     return HistoryServer(server, watcher, readiness, settings.grace_s), port
 

@@ -250,11 +250,15 @@ class ChangeWatcher:
             self._task = None
 
     async def _sync(self) -> bytes:
-        """Reads the checkpoint and the stream's last entry id together, to resume after it."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hget(self._keys.checkpoint(self._slot), CHECKPOINT_LSN_FIELD)
+        """Reads the stream's last entry id, then the checkpoint, to follow the stream after that entry.
+
+        In this order a batch published in between is read again from the stream rather
+        than missed. No MULTI: the service's Redis user may only read.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xrevrange(self._keys.changes(), count=1)
-            raw_lsn, last = await pipe.execute()
+            pipe.hget(self._keys.checkpoint(self._slot), CHECKPOINT_LSN_FIELD)
+            last, raw_lsn = await pipe.execute()
         self.advance(int(raw_lsn) if raw_lsn is not None else 0)
         return bytes(last[0][0]) if last else b"0-0"
 

@@ -1,0 +1,387 @@
+"""Test support for the history service: source rows written with plain SQL, and running servers.
+
+The source data goes into the system of record's 0001 schema, one transaction per
+payment with consistent balances and counters, so that the real replicator builds the
+read models that the history service then answers from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg2
+
+from history_svc.config import Settings
+from history_svc.server import Dependencies, HistoryServer, create_server
+from payments.history.v1 import history_service_pb2_grpc
+from payments_common.lsn import parse_lsn
+from payments_common.tokens import decode_consistency_token, encode_consistency_token
+from stack.servers import PostgresServer, RedisServer
+from tests.replicator_fixtures import ReplicatorProcess, checkpoint_lsn
+
+PAGE_SECRET = "history-tests-page-token-secret"
+ROOT = Path(__file__).resolve().parent.parent
+
+_COUNTER = {"APPROVED": "approved", "DECLINED": "declined", "PENDING_REVIEW": "pending_review"}
+
+
+@dataclass
+class SourceWriter:
+    """Writes accounts and payments into the system of record as the approval service would."""
+
+    dsn: str
+    _connection: Any = field(default=None, init=False, repr=False)
+
+    def _conn(self) -> Any:
+        if self._connection is None:
+            self._connection = psycopg2.connect(self.dsn)
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def position(self) -> str:
+        """A consistency token for everything committed so far."""
+        connection = self._conn()
+        with connection, connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            (lsn,) = cursor.fetchone()
+        return encode_consistency_token(parse_lsn(lsn))
+
+    def open_account(
+        self,
+        owner: str,
+        balance_minor: int = 1_000_000,
+        currency: str = "EUR",
+        status: str = "ACTIVE",
+    ) -> str:
+        account_id = str(uuid.uuid4())
+        connection = self._conn()
+        with connection, connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO accounts (account_id, owner_name, currency_code, status, ledger_balance_minor,"
+                " per_payment_limit_minor, daily_limit_minor) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (account_id, owner, currency, status, balance_minor, 10**12, 10**13),
+            )
+        return account_id
+
+    def pay(
+        self,
+        payer: str,
+        payee: str,
+        amount_minor: int,
+        status: str = "APPROVED",
+        created_at: datetime | None = None,
+        reference: str = "",
+    ) -> tuple[str, str]:
+        """Records one payment in one transaction; returns its id and a consistency token."""
+        connection = self._conn()
+        with connection, connection.cursor() as cursor:
+            payment_id = self._insert(cursor, payer, payee, amount_minor, status, created_at, reference)
+        return payment_id, self.position()
+
+    def pay_many(self, payer: str, payee: str, count: int, amount_minor: int = 1) -> list[str]:
+        """Records `count` approved payments in one source transaction (so in one replicated batch)."""
+        connection = self._conn()
+        with connection, connection.cursor() as cursor:
+            return [
+                self._insert(cursor, payer, payee, amount_minor, "APPROVED", None, f"bulk {n}")
+                for n in range(count)
+            ]
+
+    @staticmethod
+    def _insert(
+        cursor: Any,
+        payer: str,
+        payee: str,
+        amount_minor: int,
+        status: str,
+        created_at: datetime | None,
+        reference: str,
+    ) -> str:
+        payment_id = str(uuid.uuid4())
+        created = created_at or datetime.now(UTC)
+        decline = "INSUFFICIENT_FUNDS" if status == "DECLINED" else None
+        cursor.execute(
+            "SELECT account_id::text, owner_name FROM accounts WHERE account_id IN (%s, %s) FOR UPDATE",
+            (payer, payee),
+        )
+        names = dict(cursor.fetchall())
+        cursor.execute(
+            "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id,"
+            " payer_name, payee_name, currency_code, amount_minor, reference, status, decline_reason,"
+            " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'EUR', %s, %s, %s, %s, %s, %s)",
+            (
+                payment_id,
+                f"req-{payment_id}",
+                payer,
+                payee,
+                names[payer],
+                names[payee],
+                amount_minor,
+                reference,
+                status,
+                decline,
+                created,
+                created,
+            ),
+        )
+        cursor.execute(
+            "INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, created_at)"
+            " VALUES (%s, 1, %s, %s, 'system', %s)",
+            (payment_id, status, decline, created),
+        )
+        counter = _COUNTER[status]
+        payer_sets = [f"sent_{counter} = sent_{counter} + 1"]
+        payee_sets = [f"received_{counter} = received_{counter} + 1"]
+        if status == "APPROVED":
+            payer_sets += [
+                "ledger_balance_minor = ledger_balance_minor - %(amount)s",
+                "total_sent_minor = total_sent_minor + %(amount)s",
+            ]
+            payee_sets += [
+                "ledger_balance_minor = ledger_balance_minor + %(amount)s",
+                "total_received_minor = total_received_minor + %(amount)s",
+            ]
+        elif status == "PENDING_REVIEW":
+            payer_sets.append("held_minor = held_minor + %(amount)s")
+        for account, sets in ((payer, payer_sets), (payee, payee_sets)):
+            cursor.execute(
+                f"UPDATE accounts SET {', '.join(sets)}, updated_at = now() WHERE account_id = %(id)s",
+                {"amount": amount_minor, "id": account},
+            )
+        return payment_id
+
+    def approve_held(self, payment_id: str, actor: str = "operator.jane") -> str:
+        """An operator approves a held payment; returns a consistency token."""
+        connection = self._conn()
+        with connection, connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE payments SET status = 'APPROVED', updated_at = now() WHERE payment_id = %s"
+                " AND status = 'PENDING_REVIEW' RETURNING payer_account_id, payee_account_id, amount_minor",
+                (payment_id,),
+            )
+            payer, payee, amount = cursor.fetchone()
+            cursor.execute(
+                "INSERT INTO payment_events (payment_id, sequence, status, actor, note)"
+                " VALUES (%s, 2, 'APPROVED', %s, 'checked')",
+                (payment_id, actor),
+            )
+            cursor.execute(
+                "UPDATE accounts SET held_minor = held_minor - %(a)s, ledger_balance_minor ="
+                " ledger_balance_minor - %(a)s, total_sent_minor = total_sent_minor + %(a)s,"
+                " sent_pending_review = sent_pending_review - 1, sent_approved = sent_approved + 1"
+                " WHERE account_id = %(id)s",
+                {"a": amount, "id": payer},
+            )
+            cursor.execute(
+                "UPDATE accounts SET ledger_balance_minor = ledger_balance_minor + %(a)s,"
+                " total_received_minor = total_received_minor + %(a)s,"
+                " received_pending_review = received_pending_review - 1,"
+                " received_approved = received_approved + 1 WHERE account_id = %(id)s",
+                {"a": amount, "id": payee},
+            )
+        return self.position()
+
+
+def at(base: datetime, seconds: float) -> datetime:
+    return base + timedelta(seconds=seconds)
+
+
+def settings_for(redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "page_token_secret": PAGE_SECRET.encode(),
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "grace_s": 2.0,
+        "redis_timeout_s": 1.0,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@dataclass
+class RunningHistory:
+    """An in-process history server and a stub bound to it."""
+
+    server: HistoryServer
+    port: int
+    channel: grpc.aio.Channel
+    stub: history_service_pb2_grpc.HistoryServiceAsyncStub
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def running_history(settings: Settings) -> AsyncIterator[RunningHistory]:
+    deps = Dependencies.connect(settings)
+    server, port = create_server(settings, deps)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield RunningHistory(server, port, channel, history_service_pb2_grpc.HistoryServiceStub(channel))
+    finally:
+        await channel.close(None)
+        await server.stop(0)
+        await deps.close()
+
+
+@dataclass
+class HistoryProcess:
+    """A `python -m history_svc serve` subprocess on a fixed port."""
+
+    redis_url: str
+    port: int
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> HistoryProcess:
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "HISTORY_REDIS_URL": self.redis_url,
+            "HISTORY_PAGE_TOKEN_SECRET": PAGE_SECRET,
+            "HISTORY_HOST": "127.0.0.1",
+            "HISTORY_PORT": str(self.port),
+            "HISTORY_METRICS_PORT": "0",
+            "HISTORY_GRACE_SECONDS": "2",
+            **self.extra_env,
+        }
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "history_svc", "serve"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                assert self.process.poll() is None, self.log_path.read_text()
+                with contextlib.suppress(grpc.RpcError):
+                    reply = health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                time.sleep(0.05)
+        raise AssertionError(f"history on {self.address} not serving:\n{self.log_path.read_text()}")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+@contextlib.contextmanager
+def history_processes(make: Callable[[int], HistoryProcess], count: int) -> Iterator[list[HistoryProcess]]:
+    processes = [make(index) for index in range(count)]
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.wait_serving()
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+
+
+async def eventually(check: Callable[[], Any], within_s: float = 30.0, interval: float = 0.05) -> Any:
+    """Polls `check` (plain or async) until it returns a truthy value; fails after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {within_s}s (last: {last!r})")
+
+
+@dataclass
+class ReplicatedSource:
+    """A source database with the real replicator feeding a private Redis."""
+
+    dsn: str
+    redis_url: str
+    slot_name: str
+    writer: SourceWriter
+    replicator: ReplicatorProcess
+
+    def wait_replicated(self, token: str | None = None, timeout: float = 60.0) -> None:
+        """Waits until the Redis checkpoint includes `token` (default: everything committed so far)."""
+        if token is None:
+            self.replicator.wait_caught_up(timeout)
+            return
+        target = decode_consistency_token(token)
+        deadline = time.monotonic() + timeout
+        while checkpoint_lsn(self.redis_url, self.slot_name) < target:
+            assert self.replicator.alive, self.replicator.log_tail()
+            assert time.monotonic() < deadline, (
+                f"the checkpoint did not reach {target}:\n{self.replicator.log_tail()}"
+            )
+            time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def replicated_source(postgres: PostgresServer, work_dir: Path) -> Iterator[ReplicatedSource]:
+    from approval_svc.migrate import upgrade
+
+    name = f"h_{uuid.uuid4().hex[:12]}"
+    dsn = postgres.create_database(name)
+    # Detached: started without a pre-exec hook (see test_history_health).
+    redis_server = RedisServer(base_dir=work_dir / f"redis-{name}", detached=True)
+    writer = SourceWriter(dsn)
+    replicator: ReplicatorProcess | None = None
+    try:
+        upgrade(dsn)
+        redis_server.start()
+        replicator = ReplicatorProcess(dsn, redis_server.url(), work_dir / f"replicator-{name}.log")
+        replicator.start()
+        yield ReplicatedSource(dsn, redis_server.url(), replicator.slot, writer, replicator)
+    finally:
+        writer.close()
+        if replicator is not None:
+            replicator.stop()
+        redis_server.remove()
+        postgres.drop_database(name)

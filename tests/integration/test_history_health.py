@@ -1,0 +1,138 @@
+"""Health, reflection, and Redis outages: UNAVAILABLE and NOT_SERVING while Redis is gone, then recovery."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from history_svc.server import SERVICE_NAME
+from payments.history.v1 import history_service_pb2 as pb
+from payments_common.errors import error_info
+from payments_common.tokens import encode_consistency_token
+from stack.servers import RedisServer
+from tests.history_fixtures import RunningHistory, eventually, running_history, settings_for
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SOMEONE = "0b0e1a7c-55d0-4a5e-9a59-3c1a0e6f2d11"
+
+
+@pytest.fixture
+def redis_server_of_its_own(tmp_path: Path) -> Iterator[RedisServer]:
+    # Detached: started without a pre-exec hook, so a restart while gRPC threads run is a
+    # plain fork+exec that runs no gRPC fork handlers in the child.
+    server = RedisServer(base_dir=tmp_path / "redis", detached=True)
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+async def _status(history: RunningHistory, service: str) -> int:
+    health = health_pb2_grpc.HealthStub(history.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(reply.status)
+
+
+async def _statuses(history: RunningHistory) -> dict[str, int]:
+    return {name: await _status(history, name) for name in ("", "readiness", "liveness", SERVICE_NAME)}
+
+
+async def _reason(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as error:
+        info = error_info(error)
+        return error.code(), info.reason if info else ""
+    return grpc.StatusCode.OK, ""
+
+
+def _calls(history: RunningHistory) -> list[object]:
+    stub = history.stub
+    return [
+        stub.GetPayment(pb.GetPaymentRequest(payment_id=SOMEONE), timeout=10),
+        stub.GetAccount(pb.GetAccountRequest(account_id=SOMEONE), timeout=10),
+        stub.ListPayments(
+            pb.ListPaymentsRequest(account_id=SOMEONE, direction=pb.PAYMENT_DIRECTION_ALL), timeout=10
+        ),
+        stub.WatchPayments(pb.WatchPaymentsRequest(account_id=SOMEONE), timeout=10).read(),
+    ]
+
+
+async def test_health_and_reflection_are_served(redis_server_of_its_own: RedisServer) -> None:
+    async with running_history(settings_for(redis_server_of_its_own.url())) as history:
+        assert set((await _statuses(history)).values()) == {SERVING}
+        reflection = reflection_pb2_grpc.ServerReflectionStub(history.channel)
+        replies = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        names: set[str] = set()
+        async for reply in replies:
+            names |= {service.name for service in reply.list_services_response.service}
+            break
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+async def test_a_redis_outage_is_unavailable_and_not_serving_until_redis_returns(
+    redis_server_of_its_own: RedisServer,
+) -> None:
+    redis_server = redis_server_of_its_own
+    settings = settings_for(redis_server.url(), redis_timeout_s=1.0)
+    async with running_history(settings) as history:
+        assert [await _reason(call) for call in _calls(history)] == [
+            (grpc.StatusCode.NOT_FOUND, "PAYMENT_NOT_FOUND"),
+            (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+            (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+            (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+        ]
+
+        redis_server.kill()
+        assert [await _reason(call) for call in _calls(history)] == [
+            (grpc.StatusCode.UNAVAILABLE, "READ_MODEL_UNAVAILABLE")
+        ] * 4
+        await eventually(lambda: _not_serving(history))
+        assert await _status(history, "liveness") == SERVING
+        assert await _status(history, SERVICE_NAME) == NOT_SERVING
+        # A read that waits for a position cannot be answered either; it says why.
+        token_call = history.stub.GetAccount(
+            pb.GetAccountRequest(account_id=SOMEONE, min_consistency_token=encode_consistency_token(10**15)),
+            timeout=1.5,
+        )
+        assert await _reason(token_call) == (grpc.StatusCode.UNAVAILABLE, "READ_MODEL_UNAVAILABLE")
+
+        redis_server.start()  # the same port, empty
+        await eventually(lambda: _serving(history))
+        call = history.stub.GetAccount(pb.GetAccountRequest(account_id=SOMEONE), timeout=10)
+        assert await _reason(call) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+        await eventually(lambda: history.server.watcher.connected)
+
+
+async def test_a_hung_redis_times_out_as_unavailable_and_recovers(
+    redis_server_of_its_own: RedisServer,
+) -> None:
+    redis_server = redis_server_of_its_own
+    async with running_history(settings_for(redis_server.url(), redis_timeout_s=0.5)) as history:
+        await eventually(lambda: _serving(history))
+        redis_server.pause()
+        try:
+            call = history.stub.GetAccount(pb.GetAccountRequest(account_id=SOMEONE), timeout=10)
+            assert await _reason(call) == (grpc.StatusCode.UNAVAILABLE, "READ_MODEL_UNAVAILABLE")
+            await eventually(lambda: _not_serving(history))
+        finally:
+            redis_server.resume()
+        await eventually(lambda: _serving(history))
+        call = history.stub.GetAccount(pb.GetAccountRequest(account_id=SOMEONE), timeout=10)
+        assert await _reason(call) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+
+
+async def _serving(history: RunningHistory) -> bool:
+    return bool(await _status(history, "readiness") == SERVING)
+
+
+async def _not_serving(history: RunningHistory) -> bool:
+    return bool(await _status(history, "readiness") == NOT_SERVING)
