@@ -20,7 +20,7 @@ from replicator import metrics
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, Delete, Insert, Relation, Truncate, Update, as_row
 from replicator.projector import Op, Projector, RowChange
-from replicator.sink import Checkpoint, LockLost, Sink, SlotLock
+from replicator.sink import Checkpoint, LockLost, Sink, SlotLock, instance_token
 from replicator.source import Source
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ class Replicator:
         self._stop = threading.Event()
         self._on_ready = on_ready or (lambda ready: None)
         self.lock_ttl_ms = int(settings.lock_ttl_seconds * 1000)
+        # One token for the life of the process, so that a reconnect finds its own lock.
+        self.token = instance_token()
 
     def stop(self) -> None:
         self._stop.set()
@@ -95,7 +97,7 @@ class Replicator:
             socket_connect_timeout=5.0,
             socket_keepalive=True,
         )
-        lock = SlotLock(client, self.schema.lock(self.settings.slot_name), self.lock_ttl_ms)
+        lock = SlotLock(client, self.schema.lock(self.settings.slot_name), self.lock_ttl_ms, self.token)
         source = Source(self.settings.database_url, self.settings.slot_name, self.settings.publication)
         try:
             self._acquire(lock)
@@ -142,8 +144,15 @@ class Replicator:
 
     def _bootstrap_reason(self, source: Source, checkpoint: Checkpoint | None) -> str | None:
         state = source.slot_state()
+        if checkpoint is None and state is not None:
+            log.error(
+                "REBUILD: Redis has no checkpoint for slot %s although the slot exists (Redis lost its data, "
+                "or an earlier bootstrap was interrupted); the read models are rebuilt from a fresh snapshot",
+                self.settings.slot_name,
+            )
+            return "redis_empty"
         if checkpoint is None:
-            return "no_checkpoint"
+            return "new_deployment"
         if state is None:
             log.error(
                 "REBUILD: replication slot %s does not exist although Redis has checkpoint %s; "

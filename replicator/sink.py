@@ -156,14 +156,19 @@ class BatchResult:
     payments: int
 
 
+def instance_token() -> str:
+    """Names one replicator instance in the lock: host, process and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 class SlotLock:
     """The Redis lock that makes one instance the only writer for a slot."""
 
-    def __init__(self, client: redis.Redis, key: str, ttl_ms: int) -> None:
+    def __init__(self, client: redis.Redis, key: str, ttl_ms: int, token: str | None = None) -> None:
         self.client = client
         self.key = key
         self.ttl_ms = ttl_ms
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.token = token or instance_token()
 
     def try_acquire(self) -> bool:
         if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
@@ -340,7 +345,9 @@ class Sink:
                 pipe.watch(self.lock.key)  # type: ignore[no-untyped-call]
                 owner = pipe.get(self.lock.key)
                 if owner is None or _text(owner) != self.lock.token:
-                    raise LockLost(f"the lock {self.lock.key} is held by {owner!r}, not by this instance")
+                    raise LockLost(
+                        f"the lock {self.lock.key} is held by {_text(owner) if owner else None}, not by this instance"
+                    )
                 pipe.multi()
                 for command in commands:
                     pipe.execute_command(*command)  # type: ignore[no-untyped-call]

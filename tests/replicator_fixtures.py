@@ -8,10 +8,12 @@ source's current WAL position.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -310,3 +312,103 @@ class SourceWriter:
             "WHERE account_id = %s",
             (sign, payee),
         )
+
+
+class SourceLoad:
+    """A background thread that keeps submitting and reviewing payments until stopped."""
+
+    def __init__(self, database_url: str, accounts: list[str]) -> None:
+        self.database_url = database_url
+        self.accounts = accounts
+        self.written = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="source-load", daemon=True)
+
+    def __enter__(self) -> SourceLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+
+    def wait_for(self, rows: int, timeout: float = 60.0) -> None:
+        """Waits until at least `rows` payments were written in total."""
+        deadline = time.monotonic() + timeout
+        while self.written < rows:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"the load wrote {self.written} payments, not {rows}, in {timeout}s")
+            time.sleep(0.02)
+
+    def _run(self) -> None:
+        writer: SourceWriter | None = None
+        i = 0
+        count = len(self.accounts)
+        while not self._stop.is_set():
+            try:
+                if writer is None:
+                    writer = SourceWriter(self.database_url)
+                status = ("APPROVED", "PENDING_REVIEW", "DECLINED", "APPROVED")[i % 4]
+                payment = writer.submit(
+                    self.accounts[i % count],
+                    self.accounts[(i + 1 + i // count) % count],
+                    1 + i % 97,
+                    status=status,
+                )
+                if status == "PENDING_REVIEW" and i % 8 == 1:
+                    writer.review(payment, approve=i % 16 == 1)
+                self.written += 1
+                i += 1
+            except psycopg2.Error:
+                # The source restarts in some tests: reconnect and go on.
+                self.errors += 1
+                if writer is not None:
+                    with contextlib.suppress(psycopg2.Error):
+                        writer.close()
+                writer = None
+                self._stop.wait(0.1)
+        if writer is not None:
+            writer.close()
+
+
+class Monotonic:
+    """Samples the `lsn` of some hashes while a test runs and records any that moved backwards."""
+
+    def __init__(self, redis_url: str, keys: list[str]) -> None:
+        self.client = redis.Redis.from_url(redis_url)
+        self.keys = keys
+        self.highest: dict[str, int] = {}
+        self.backwards: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="monotonic", daemon=True)
+
+    def __enter__(self) -> Monotonic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.client.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self.client.pipeline(transaction=False) as pipe:
+                for key in self.keys:
+                    pipe.hget(key, "lsn")
+                values = pipe.execute()
+            for key, raw in zip(self.keys, values, strict=True):
+                if raw is None:
+                    continue
+                value = int(raw)
+                if value < self.highest.get(key, 0):
+                    self.backwards.append(f"{key}: {self.highest[key]} -> {value}")
+                self.highest[key] = max(value, self.highest.get(key, 0))
+            self.samples += 1
+            self._stop.wait(0.005)

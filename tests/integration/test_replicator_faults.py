@@ -1,0 +1,139 @@
+"""The replicator under faults: kill -9 under load, Redis flushed, PostgreSQL restarted, two instances."""
+
+from __future__ import annotations
+
+import redis
+
+from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from replicator.config import Settings
+from replicator.reconcile import reconcile
+from stack.servers import PostgresServer
+from tests.replicator_fixtures import (
+    Monotonic,
+    ReplicatorProcess,
+    SourceLoad,
+    SourceWriter,
+    StartReplicator,
+    replicator,
+    slot_for,
+)
+
+__all__ = ["replicator"]
+
+
+def _assert_reconciled(database_url: str, redis_url: str) -> None:
+    settings = Settings(database_url=database_url, redis_url=redis_url, slot_name=slot_for(database_url))
+    report = reconcile(settings, wait_seconds=60)
+    assert report.clean, "\n".join(report.lines())
+    assert report.in_flight == 0
+
+
+def _accounts(database_url: str, count: int = 6) -> list[str]:
+    with SourceWriter(database_url) as source:
+        return [source.open_account(f"Owner {i}") for i in range(count)]
+
+
+def _watched(redis_url: str, accounts: list[str], database_url: str) -> list[str]:
+    return [KEYS.checkpoint(slot_for(database_url)), *(KEYS.account(a) for a in accounts)]
+
+
+def _bootstraps(process: ReplicatorProcess) -> int:
+    return process.log_path.read_text().count("bootstrap of slot") // 2
+
+
+def test_kill_9_under_load_loses_nothing_and_never_goes_backwards(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    accounts = _accounts(migrated_dsn)
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    with Monotonic(redis_url, _watched(redis_url, accounts, migrated_dsn)) as monotonic:
+        with SourceLoad(migrated_dsn, accounts) as load:
+            for round_ in range(1, 4):
+                load.wait_for(round_ * 500)
+                process.kill()
+                process = replicator(migrated_dsn, redis_url)
+            load.wait_for(2000)
+        process.wait_caught_up()
+    assert monotonic.samples > 10
+    assert monotonic.backwards == []
+    _assert_reconciled(migrated_dsn, redis_url)
+    # Restarts resume from the checkpoint; only the first start copied the tables.
+    assert _bootstraps(process) == 0
+
+
+def test_redis_flushed_while_running_is_rebuilt(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    accounts = _accounts(migrated_dsn)
+    process = replicator(migrated_dsn, redis_url)
+    with SourceLoad(migrated_dsn, accounts) as load:
+        load.wait_for(300)
+        process.wait_caught_up()
+        redis.Redis.from_url(redis_url).flushdb()
+        load.wait_for(load.written + 300)
+    process.wait_caught_up()
+    _assert_reconciled(migrated_dsn, redis_url)
+    assert "REBUILD" in process.log_path.read_text()
+    assert _bootstraps(process) == 2
+
+
+def test_postgres_restart_resumes_without_a_new_bootstrap(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator, postgres_server: PostgresServer
+) -> None:
+    accounts = _accounts(migrated_dsn)
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    with SourceLoad(migrated_dsn, accounts) as load:
+        load.wait_for(200)
+        postgres_server.restart()
+        load.wait_for(load.written + 200)
+    process.wait_caught_up()
+    assert process.alive
+    _assert_reconciled(migrated_dsn, redis_url)
+    assert _bootstraps(process) == 1
+
+
+def test_second_instance_waits_then_takes_over(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    accounts = _accounts(migrated_dsn)
+    first = replicator(migrated_dsn, redis_url)
+    first.wait_caught_up()
+    second = replicator(migrated_dsn, redis_url)
+    with Monotonic(redis_url, _watched(redis_url, accounts, migrated_dsn)) as monotonic:
+        with SourceLoad(migrated_dsn, accounts) as load:
+            load.wait_for(300)
+            first.wait_caught_up()
+            assert "waiting for the lock" in second.log_path.read_text()
+            first.kill()
+            load.wait_for(load.written + 300)
+        second.wait_caught_up()
+    assert monotonic.backwards == []
+    _assert_reconciled(migrated_dsn, redis_url)
+    assert _bootstraps(second) == 0
+
+
+def test_paused_owner_is_fenced_after_a_takeover(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    accounts = _accounts(migrated_dsn)
+    first = replicator(migrated_dsn, redis_url)
+    first.wait_caught_up()
+    second = replicator(migrated_dsn, redis_url)
+    with Monotonic(redis_url, _watched(redis_url, accounts, migrated_dsn)) as monotonic:
+        with SourceLoad(migrated_dsn, accounts) as load:
+            load.wait_for(200)
+            first.pause()
+            try:
+                # The lock expires; the second instance takes the slot and streams.
+                second.wait_caught_up()
+                load.wait_for(load.written + 200)
+                second.wait_caught_up()
+            finally:
+                first.resume()
+            load.wait_for(load.written + 200)
+        second.wait_caught_up()
+    assert monotonic.backwards == []
+    assert first.alive
+    _assert_reconciled(migrated_dsn, redis_url)
