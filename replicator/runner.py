@@ -117,6 +117,8 @@ class Replicator:
                 checkpoint = self.bootstrap(source, sink, lock, reason)
             assert checkpoint is not None
             source.start_replication()
+            # Everything up to the checkpoint is in Redis: the slot need not send it again.
+            source.cursor.send_feedback(flush_lsn=checkpoint.lsn, force=True)  # type: ignore[no-untyped-call]
             log.info(
                 "streaming slot %s from checkpoint %s", self.settings.slot_name, format_lsn(checkpoint.lsn)
             )

@@ -1,0 +1,198 @@
+"""Operating the replicator: idle checkpoints, change notifications, lost slots, reconcile, health, metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import psycopg2
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from payments.readmodel.v1 import read_model_pb2
+from payments.type.v1 import payment_pb2
+from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from payments_common.lsn import parse_lsn
+from stack.servers import free_port
+from tests.replicator_fixtures import (
+    ROOT,
+    SourceWriter,
+    StartReplicator,
+    checkpoint_lsn,
+    current_wal_lsn,
+    replicator,
+    slot_for,
+)
+
+__all__ = ["replicator"]
+
+
+def _reconcile_cli(database_url: str, redis_url: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "REPLICATOR_DATABASE_URL": database_url,
+        "REPLICATOR_REDIS_URL": redis_url,
+        "REPLICATOR_SLOT_NAME": slot_for(database_url),
+        "REPLICATOR_LOG_LEVEL": "WARNING",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", "reconcile", "--wait-seconds", "30"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _confirmed_flush(database_url: str) -> int:
+    connection = psycopg2.connect(database_url)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                (slot_for(database_url),),
+            )
+            row = cursor.fetchone()
+            assert row is not None
+            return parse_lsn(row[0])
+    finally:
+        connection.close()
+
+
+def test_idle_checkpoint_follows_writes_to_unpublished_tables(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    with SourceWriter(migrated_dsn) as source:
+        source.execute("CREATE TABLE unpublished (n int)")
+        source.execute("INSERT INTO unpublished SELECT generate_series(1, 100)")
+    target = current_wal_lsn(migrated_dsn)
+    process.wait_caught_up()
+    assert checkpoint_lsn(redis_url, process.slot) >= target
+    # The slot is told too, so that it does not pin WAL.
+    deadline = time.monotonic() + 30
+    while _confirmed_flush(migrated_dsn) < target:
+        assert time.monotonic() < deadline, "the slot's confirmed position did not advance"
+        time.sleep(0.05)
+    client = redis.Redis.from_url(redis_url)
+    (_, fields), *_ = client.xrevrange(KEYS.changes(), count=1)
+    batch = read_model_pb2.ChangeBatch.FromString(fields[b"batch"])
+    assert batch.checkpoint_lsn >= target
+    assert not batch.payments
+
+
+def test_change_stream_announces_every_payment(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    client = redis.Redis.from_url(redis_url)
+    start = client.xrevrange(KEYS.changes(), count=1)[0][0]
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        payments = {source.submit(alice, bob, 1 + i) for i in range(20)}
+        process.wait_caught_up()
+    seen: set[str] = set()
+    checkpoints = []
+    for _, fields in client.xrange(KEYS.changes(), min=f"({start.decode()}"):
+        batch = read_model_pb2.ChangeBatch.FromString(fields[b"batch"])
+        checkpoints.append(batch.checkpoint_lsn)
+        for view in batch.payments:
+            assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
+            assert view.payer_name == "Alice"
+            assert [entry.sequence for entry in view.timeline] == [1]
+            seen.add(view.payment_id)
+    assert seen == payments
+    assert checkpoints == sorted(checkpoints)
+
+
+def test_dropped_slot_leads_to_a_fresh_bootstrap(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    process = replicator(migrated_dsn, redis_url)
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        source.submit(alice, bob, 10)
+        process.wait_caught_up()
+        assert process.stop() == 0
+        source.execute("SELECT pg_drop_replication_slot(%s)", (process.slot,))
+        source.submit(bob, alice, 5)
+        # A row deleted while no slot existed must not linger in Redis.
+        source.execute(
+            "DELETE FROM payment_events WHERE payment_id IN (SELECT payment_id FROM payments LIMIT 1)"
+        )
+        source.execute("DELETE FROM payments WHERE payment_id IN (SELECT payment_id FROM payments LIMIT 1)")
+    restarted = replicator(migrated_dsn, redis_url)
+    restarted.wait_caught_up()
+    assert "REBUILD" in restarted.log_path.read_text()
+    result = _reconcile_cli(migrated_dsn, redis_url)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reconcile_reports_drift(migrated_dsn: str, redis_url: str, replicator: StartReplicator) -> None:
+    process = replicator(migrated_dsn, redis_url)
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        paid = source.submit(alice, bob, 10)
+        process.wait_caught_up()
+    clean = _reconcile_cli(migrated_dsn, redis_url)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert process.stop() == 0
+    client = redis.Redis.from_url(redis_url)
+    view = read_model_pb2.AccountView.FromString(client.hget(KEYS.account(bob), "view"))
+    view.owner_name = "Mallory"
+    client.hset(KEYS.account(bob), "view", view.SerializeToString())
+    client.hdel(KEYS.payment(paid), "view")
+    client.zadd(
+        KEYS.account_index(alice, "sent", payment_pb2.PAYMENT_STATUS_DECLINED), {"0000000000000001:x": 0}
+    )
+    drift = _reconcile_cli(migrated_dsn, redis_url)
+    assert drift.returncode == 1
+    assert KEYS.account(bob) in drift.stdout
+    assert KEYS.payment(paid) in drift.stdout
+    assert "payment x extra in the index" in drift.stdout
+
+
+def test_health_and_metrics(migrated_dsn: str, redis_url: str, replicator: StartReplicator) -> None:
+    health_port, metrics_port = free_port(), free_port()
+    process = replicator(
+        migrated_dsn, redis_url, health_port=str(health_port), metrics_port=str(metrics_port)
+    )
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        process.wait_caught_up()
+        source.submit(alice, bob, 10)
+    process.wait_caught_up()
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("liveness", "readiness", ""):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+                except grpc.RpcError:
+                    status = None
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                assert time.monotonic() < deadline, f"{service!r} is not SERVING"
+                time.sleep(0.05)
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("replicator_") and " " in line
+    }
+    assert values["replicator_changes_applied_total"] >= 1
+    assert values["replicator_transactions_applied_total"] >= 1
+    assert values["replicator_streaming"] == 1
+    assert "replicator_lag_bytes" in values
+    assert "replicator_lag_seconds" in values
+    assert "replicator_bootstrap_rows_copied" in values

@@ -1,0 +1,172 @@
+"""The sink against a private Redis: position guards, idempotent replays, fencing, notifications."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from payments.readmodel.v1 import read_model_pb2
+from payments.type.v1 import payment_pb2
+from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from replicator.decoder import UNCHANGED, Value
+from replicator.projector import PAYMENT_EVENTS, PAYMENTS, Projector, RowChange
+from replicator.sink import Checkpoint, LockLost, Sink, SlotLock
+
+P = "00000000-0000-4000-8000-000000000001"
+A = "00000000-0000-4000-8000-00000000000a"
+B = "00000000-0000-4000-8000-00000000000b"
+PROJECTOR = Projector(KEYS)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(redis_url)
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def sink(client: redis.Redis) -> Sink:
+    lock = SlotLock(client, KEYS.lock("s"), 10_000)
+    assert lock.try_acquire()
+    sink = Sink(client, KEYS, "s", lock, PROJECTOR, stream_maxlen=100)
+    sink.load_scripts()
+    return sink
+
+
+def _payment(lsn: int, status: str = "APPROVED", **changes: Value) -> RowChange:
+    row: dict[str, Value] = {
+        "payment_id": P,
+        "payer_account_id": A,
+        "payee_account_id": B,
+        "payer_name": "Alice",
+        "payee_name": "Bob",
+        "currency_code": "EUR",
+        "amount_minor": "10",
+        "reference": f"at {lsn}",
+        "status": status,
+        "decline_reason": "INSUFFICIENT_FUNDS" if status == "DECLINED" else None,
+        "created_at": "2026-01-02 03:04:05+00",
+        "updated_at": "2026-01-02 03:04:05+00",
+    }
+    row.update(changes)
+    return RowChange(PAYMENTS, "update", row, lsn)
+
+
+def _event(lsn: int, sequence: int, status: str) -> RowChange:
+    row: dict[str, Value] = {
+        "payment_id": P,
+        "sequence": str(sequence),
+        "status": status,
+        "decline_reason": None,
+        "actor": "system",
+        "note": "",
+        "created_at": "2026-01-02 03:04:05+00",
+    }
+    return RowChange(PAYMENT_EVENTS, "insert", row, lsn)
+
+
+def _view(client: redis.Redis) -> read_model_pb2.PaymentView:
+    raw = client.hget(KEYS.payment(P), "view")
+    assert raw is not None
+    return read_model_pb2.PaymentView.FromString(raw)
+
+
+def _snapshot(client: redis.Redis) -> dict[bytes, object]:
+    state: dict[bytes, object] = {}
+    for key in client.scan_iter(match="rm:v1:*"):
+        kind = client.type(key)
+        if kind == b"hash":
+            state[key] = client.hgetall(key)
+        elif kind == b"zset":
+            state[key] = client.zrange(key, 0, -1)
+    return state
+
+
+def test_an_older_write_never_replaces_a_newer_one(sink: Sink, client: redis.Redis) -> None:
+    sink.apply(PROJECTOR.project(_payment(200, "DECLINED")), Checkpoint(200, 1))
+    sink.apply(PROJECTOR.project(_payment(100, "APPROVED")), Checkpoint(100, 1))
+    view = _view(client)
+    assert view.status == payment_pb2.PAYMENT_STATUS_DECLINED
+    assert view.source_lsn == 200
+    assert client.zcard(KEYS.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_DECLINED)) == 1
+    assert client.zcard(KEYS.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_APPROVED)) == 0
+    assert sink.read_checkpoint() == Checkpoint(200, 1)
+
+
+def test_replaying_batches_gives_the_same_state(sink: Sink, client: redis.Redis) -> None:
+    batches = [
+        [_payment(10, "PENDING_REVIEW"), _event(10, 1, "PENDING_REVIEW")],
+        [_payment(20, "APPROVED"), _event(20, 2, "APPROVED")],
+    ]
+    for batch in batches:
+        sink.apply([op for change in batch for op in PROJECTOR.project(change)], Checkpoint(batch[0].lsn, 5))
+    first = _snapshot(client)
+    for batch in batches:
+        sink.apply([op for change in batch for op in PROJECTOR.project(change)], Checkpoint(batch[0].lsn, 5))
+    assert _snapshot(client) == first
+    assert client.hlen(KEYS.payment_timeline(P)) == 2
+
+
+def test_writes_in_one_transaction_apply_in_order(sink: Sink, client: redis.Redis) -> None:
+    ops = PROJECTOR.project(_payment(30, "PENDING_REVIEW")) + PROJECTOR.project(_payment(30, "APPROVED"))
+    sink.apply(ops, Checkpoint(30, 5))
+    assert _view(client).status == payment_pb2.PAYMENT_STATUS_APPROVED
+    assert client.zcard(KEYS.account_index(B, "received", payment_pb2.PAYMENT_STATUS_PENDING_REVIEW)) == 0
+
+
+def test_unchanged_column_is_taken_from_the_stored_view(sink: Sink, client: redis.Redis) -> None:
+    sink.apply(PROJECTOR.project(_payment(40, "PENDING_REVIEW")), Checkpoint(40, 5))
+    sink.apply(PROJECTOR.project(_payment(50, "APPROVED", reference=UNCHANGED)), Checkpoint(50, 5))
+    view = _view(client)
+    assert view.reference == "at 40"
+    assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
+
+
+def test_delete_leaves_a_tombstone_and_empties_the_indexes(sink: Sink, client: redis.Redis) -> None:
+    sink.apply(PROJECTOR.project(_payment(60)), Checkpoint(60, 5))
+    delete = RowChange(PAYMENTS, "delete", {"payment_id": P}, 70)
+    sink.apply(PROJECTOR.project(delete), Checkpoint(70, 5))
+    assert client.hget(KEYS.payment(P), "view") is None
+    assert client.hget(KEYS.payment(P), "lsn") == b"70"
+    for account in (A, B):
+        assert client.zcard(KEYS.account_index(account, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) == 0
+    # A replayed older insert cannot bring it back.
+    sink.apply(PROJECTOR.project(_payment(60)), Checkpoint(60, 5))
+    assert client.hget(KEYS.payment(P), "view") is None
+    assert client.zcard(KEYS.account_index(A, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) == 0
+
+
+def test_an_instance_without_the_lock_cannot_apply(sink: Sink, client: redis.Redis) -> None:
+    client.set(KEYS.lock("s"), "someone else")
+    with pytest.raises(LockLost):
+        sink.apply(PROJECTOR.project(_payment(80)), Checkpoint(80, 5))
+    assert not client.exists(KEYS.payment(P))
+    assert sink.read_checkpoint() is None
+
+
+def test_each_batch_is_announced_on_the_change_stream(sink: Sink, client: redis.Redis) -> None:
+    ops = PROJECTOR.project(_payment(90, "PENDING_REVIEW")) + PROJECTOR.project(
+        _event(90, 1, "PENDING_REVIEW")
+    )
+    sink.apply(ops, Checkpoint(90, 1_700_000_000_000_000))
+    sink.apply([], Checkpoint(95, None))
+    entries = client.xrange(KEYS.changes())
+    batches = [read_model_pb2.ChangeBatch.FromString(fields[b"batch"]) for _, fields in entries]
+    assert [b.checkpoint_lsn for b in batches] == [90, 95]
+    assert batches[0].commit_time.ToMicroseconds() == 1_700_000_000_000_000
+    (view,) = batches[0].payments
+    assert view.payment_id == P
+    assert [entry.sequence for entry in view.timeline] == [1]
+    assert not batches[1].payments
+
+
+def test_wipe_keeps_locks_and_the_change_stream(sink: Sink, client: redis.Redis) -> None:
+    sink.apply(PROJECTOR.project(_payment(100)), Checkpoint(100, 5))
+    assert sink.wipe() > 0
+    assert client.exists(KEYS.lock("s"))
+    assert client.exists(KEYS.changes())
+    assert not client.exists(KEYS.payment(P))
+    assert sink.read_checkpoint() is None
