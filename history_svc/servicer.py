@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from prometheus_client import Counter
 
 from history_svc.queries import ListQuery, ReadModel, ReadModelUnavailable, is_cursor, page_size
 from history_svc.watcher import ChangeWatcher
@@ -24,6 +25,12 @@ from payments_common.tokens import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+CONSISTENCY_READS = Counter(
+    "history_consistency_reads_total",
+    "Reads with a consistency token, by outcome: at once, after waiting, or not reached.",
+    ["outcome"],
+)
 
 _DIRECTIONS = {
     pb.PAYMENT_DIRECTION_SENT: "sent",
@@ -177,9 +184,14 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                 [FieldViolation("min_consistency_token", "not a consistency token")],
                 reason="INVALID_CONSISTENCY_TOKEN",
             ) from None
+        if self._watcher.checkpoint >= lsn:
+            CONSISTENCY_READS.labels("immediate").inc()
+            return
         budget = consistency_budget(context.time_remaining(), self._consistency_wait_max_s)
         if await self._watcher.wait_for(lsn, budget):
+            CONSISTENCY_READS.labels("waited").inc()
             return
+        CONSISTENCY_READS.labels("not_reached").inc()
         if not self._watcher.connected:
             raise ReadModelUnavailable()
         raise Unavailable(
