@@ -1,0 +1,259 @@
+"""The benchmark's outputs: the JSON file, a Markdown table of the figures, and a PNG latency chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+# Every figure of the results file, as "figures.<path>"; each is a spread of repetitions
+# ({"median", "min", "max", "reps"}). The smoke test checks that all are there and finite.
+_READ_METRICS: Final = ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_rpc", "cpu_ratio_to_floor")
+_CRUD_METRICS: Final = (
+    "crud_throughput_rps",
+    "crud_p50_ms",
+    "crud_p99_ms",
+    "history_throughput_rps",
+    "history_p50_ms",
+    "history_p99_ms",
+    "p50_ratio",
+    "p99_ratio",
+    "crud_server_cpu_us_per_rpc",
+    "pg_cpu_us_per_read_crud",
+    "pg_cpu_us_per_read_history",
+    "redis_cpu_us_per_read_history",
+)
+REQUIRED_FIGURES: Final[tuple[str, ...]] = (
+    *(f"echo_floor.{m}" for m in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_rpc")),
+    *(f"approval_submit.{m}" for m in _READ_METRICS),
+    *(
+        f"history.{name}.{m}"
+        for name in ("get_payment_1", "get_payment_2", "list_payments_1", "list_payments_2")
+        for m in _READ_METRICS
+    ),
+    *(f"crud_baseline.{query}.{m}" for query in ("get_payment", "list_payments") for m in _CRUD_METRICS),
+    "crud_baseline.write_rate_achieved",
+    *(f"replication.commit_to_visible.{m}" for m in ("p50_ms", "p99_ms", "max_ms", "achieved_rate")),
+    *(
+        f"replication.drain.{m}"
+        for m in ("changes", "changes_per_s", "changes_per_s_steady", "startup_s", "cpu_us_per_change")
+    ),
+)
+
+
+def lookup(results: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path under results["figures"]; KeyError when absent."""
+    node: Any = results["figures"]
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def missing_figures(results: Mapping[str, Any]) -> list[str]:
+    """The required figures that are absent or not finite numbers (median, min and max)."""
+    missing = []
+    for path in REQUIRED_FIGURES:
+        try:
+            spread = lookup(results, path)
+        except (KeyError, TypeError):
+            missing.append(path)
+            continue
+        if not isinstance(spread, Mapping) or not all(
+            _finite(spread.get(k)) for k in ("median", "min", "max")
+        ):
+            missing.append(path)
+    return missing
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinities become null: the file stays strict JSON and a missing figure shows."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(results: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
+
+
+# Rows of the table: (label, figure path, unit, format).
+_ROWS: Final[tuple[tuple[str, str, str], ...]] = (
+    ("gRPC floor (echo), throughput", "echo_floor.throughput_rps", "RPC/s"),
+    ("gRPC floor (echo), p50 / p99", "echo_floor.p50_ms|echo_floor.p99_ms", "ms"),
+    ("gRPC floor (echo), server CPU per RPC", "echo_floor.server_cpu_us_per_rpc", "µs"),
+    ("Approval SubmitPayment, throughput", "approval_submit.throughput_rps", "payments/s"),
+    ("Approval SubmitPayment, p50 / p99", "approval_submit.p50_ms|approval_submit.p99_ms", "ms"),
+    ("Approval SubmitPayment, server CPU per RPC", "approval_submit.server_cpu_us_per_rpc", "µs"),
+    ("Approval SubmitPayment, CPU ÷ floor", "approval_submit.cpu_ratio_to_floor", "x"),
+    ("History GetPayment x1 process, throughput", "history.get_payment_1.throughput_rps", "RPC/s"),
+    ("History GetPayment x1, p50 / p99", "history.get_payment_1.p50_ms|history.get_payment_1.p99_ms", "ms"),
+    ("History GetPayment x2 processes, throughput", "history.get_payment_2.throughput_rps", "RPC/s"),
+    ("History GetPayment x2, p50 / p99", "history.get_payment_2.p50_ms|history.get_payment_2.p99_ms", "ms"),
+    ("History GetPayment, server CPU per RPC", "history.get_payment_1.server_cpu_us_per_rpc", "µs"),
+    ("History GetPayment, CPU ÷ floor", "history.get_payment_1.cpu_ratio_to_floor", "x"),
+    ("History ListPayments(20) x1, throughput", "history.list_payments_1.throughput_rps", "RPC/s"),
+    (
+        "History ListPayments(20) x1, p50 / p99",
+        "history.list_payments_1.p50_ms|history.list_payments_1.p99_ms",
+        "ms",
+    ),
+    ("History ListPayments(20) x2, throughput", "history.list_payments_2.throughput_rps", "RPC/s"),
+    (
+        "History ListPayments(20) x2, p50 / p99",
+        "history.list_payments_2.p50_ms|history.list_payments_2.p99_ms",
+        "ms",
+    ),
+    ("History ListPayments, server CPU per RPC", "history.list_payments_1.server_cpu_us_per_rpc", "µs"),
+    ("History ListPayments, CPU ÷ floor", "history.list_payments_1.cpu_ratio_to_floor", "x"),
+    (
+        "Under writes: GetPayment p50 / p99, CRUD",
+        "crud_baseline.get_payment.crud_p50_ms|crud_baseline.get_payment.crud_p99_ms",
+        "ms",
+    ),
+    (
+        "Under writes: GetPayment p50 / p99, history",
+        "crud_baseline.get_payment.history_p50_ms|crud_baseline.get_payment.history_p99_ms",
+        "ms",
+    ),
+    ("Under writes: GetPayment p99, CRUD ÷ history", "crud_baseline.get_payment.p99_ratio", "x"),
+    (
+        "Under writes: GetPayment PostgreSQL CPU per read, CRUD",
+        "crud_baseline.get_payment.pg_cpu_us_per_read_crud",
+        "µs",
+    ),
+    (
+        "Under writes: GetPayment PostgreSQL CPU per read, history",
+        "crud_baseline.get_payment.pg_cpu_us_per_read_history",
+        "µs",
+    ),
+    (
+        "Under writes: ListPayments p50 / p99, CRUD",
+        "crud_baseline.list_payments.crud_p50_ms|crud_baseline.list_payments.crud_p99_ms",
+        "ms",
+    ),
+    (
+        "Under writes: ListPayments p50 / p99, history",
+        "crud_baseline.list_payments.history_p50_ms|crud_baseline.list_payments.history_p99_ms",
+        "ms",
+    ),
+    ("Under writes: ListPayments p99, CRUD ÷ history", "crud_baseline.list_payments.p99_ratio", "x"),
+    (
+        "Under writes: ListPayments PostgreSQL CPU per read, CRUD",
+        "crud_baseline.list_payments.pg_cpu_us_per_read_crud",
+        "µs",
+    ),
+    (
+        "Under writes: ListPayments PostgreSQL CPU per read, history",
+        "crud_baseline.list_payments.pg_cpu_us_per_read_history",
+        "µs",
+    ),
+    (
+        "Commit-to-visible p50 / p99",
+        "replication.commit_to_visible.p50_ms|replication.commit_to_visible.p99_ms",
+        "ms",
+    ),
+    ("Commit-to-visible max", "replication.commit_to_visible.max_ms", "ms"),
+    ("Replicator drain (from restart)", "replication.drain.changes_per_s", "changes/s"),
+    ("Replicator drain (steady, after first apply)", "replication.drain.changes_per_s_steady", "changes/s"),
+    ("Replicator CPU per change", "replication.drain.cpu_us_per_change", "µs"),
+)
+
+
+def _number(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _spread_text(results: Mapping[str, Any], path: str) -> tuple[str, str]:
+    try:
+        spread = lookup(results, path)
+        median, low, high = (
+            float(spread[k]) if spread[k] is not None else math.nan for k in ("median", "min", "max")
+        )
+    except (KeyError, TypeError):
+        return "n/a", ""
+    return _number(median), f"{_number(low)}-{_number(high)}"
+
+
+def rows(results: Mapping[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    """(figure, median, min-max, unit) for each row of the table."""
+    for label, paths, unit in _ROWS:
+        medians, ranges = zip(*(_spread_text(results, p) for p in paths.split("|")), strict=True)
+        yield label, " / ".join(medians), " / ".join(r for r in ranges if r), unit
+
+
+def markdown_table(results: Mapping[str, Any]) -> str:
+    reps = results.get("settings", {}).get("reps", "?")
+    lines = [
+        f"| figure | median of {reps} | min-max | unit |",
+        "|---|---:|---:|---|",
+        *(f"| {label} | {median} | {span} | {unit} |" for label, median, span, unit in rows(results)),
+    ]
+    return "\n".join(lines)
+
+
+def targets_table(results: Mapping[str, Any]) -> str:
+    lines = ["| target | goal | measured (median) | met |", "|---|---|---:|---|"]
+    for target in results.get("targets", []):
+        value = target.get("value")
+        shown = _number(float(value)) if isinstance(value, int | float) else "n/a"
+        met = {True: "yes", False: "**no**"}.get(target.get("met"), "n/a")
+        lines.append(f"| {target['name']} | {target['goal']} | {shown} | {met} |")
+    return "\n".join(lines)
+
+
+def write_chart(results: Mapping[str, Any], path: Path) -> None:
+    """Latency percentiles against offered load, one panel per service, log-scaled latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps: Mapping[str, list[Mapping[str, Any]]] = results.get("sweeps", {})
+    names = list(sweeps)
+    columns = 2
+    count = max(1, len(names))
+    rows_ = (count + columns - 1) // columns
+    figure, axes = plt.subplots(rows_, columns, figsize=(11, 4.2 * rows_), squeeze=False)
+    for index, name in enumerate(names):
+        axis = axes[index // columns][index % columns]
+        points = [p for p in sweeps[name] if p.get("p50_ms") is not None]
+        offered = [p["offered_rps"] for p in points]
+        for key, style in (("p50_ms", "o-"), ("p90_ms", "s--"), ("p99_ms", "^-")):
+            axis.plot(offered, [p[key] for p in points], style, label=key.removesuffix("_ms"))
+        axis.set_title(name, fontsize=10)
+        axis.set_xlabel("offered load (calls/s, open loop)")
+        axis.set_ylabel("latency (ms)")
+        axis.set_yscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    for index in range(len(names), rows_ * columns):
+        axes[index // columns][index % columns].axis("off")
+    machine = results.get("machine", {})
+    figure.suptitle(
+        f"Latency vs offered load ({results.get('mode', '?')} run, {machine.get('cpus', '?')} CPUs, "
+        f"{machine.get('cpu_model', '?')})",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
