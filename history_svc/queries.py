@@ -22,7 +22,6 @@ from payments_common.keys import (
     TIME_DIGITS,
     VIEW_FIELD,
     KeySchema,
-    index_member,
     parse_index_member,
 )
 
@@ -215,7 +214,3 @@ def _timeline(raw: dict[bytes, bytes]) -> list[read_model_pb2.TimelineEntry]:
     ordered = sorted(raw.items(), key=lambda item: int(item[0]))
     return [read_model_pb2.TimelineEntry.FromString(value) for _, value in ordered]
 
-
-def member_of(view: read_model_pb2.PaymentView) -> str:
-    """The index member of a view, as the replicator writes it."""
-    return index_member(view.create_time.ToMicroseconds(), view.payment_id)

@@ -12,10 +12,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from redis.asyncio import Redis
 
+from history_svc.queries import ListQuery, ReadModel
 from payments.history.v1 import history_service_pb2 as pb
 from payments.type.v1 import payment_pb2 as types
 from payments_common.errors import bad_request, error_info
+from payments_common.keys import KeySchema
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer
 from tests.history_fixtures import (
@@ -564,3 +567,60 @@ async def test_shutdown_ends_watch_streams_and_finishes_calls_in_flight(dataset:
         reply = await waiting
         assert reply.account.counts.sent_approved == 1
         await stopping
+
+
+# -- Cost -----------------------------------------------------------------------------------
+
+
+class RoundTrips:
+    """Counts the round trips of one Redis client: each command, or each pipeline, is one."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.count = 0
+        command, pipeline = client.execute_command, client.pipeline
+
+        async def counted_command(*args: Any, **options: Any) -> Any:
+            self.count += 1
+            return await command(*args, **options)
+
+        def counted_pipeline(*args: Any, **options: Any) -> Any:
+            pipe = pipeline(*args, **options)
+            execute = pipe.execute
+
+            async def counted_execute(*args: Any, **options: Any) -> Any:
+                self.count += 1
+                return await execute(*args, **options)
+
+            pipe.execute = counted_execute  # type: ignore[method-assign]
+            return pipe
+
+        client.execute_command = counted_command  # type: ignore[method-assign]
+        client.pipeline = counted_pipeline  # type: ignore[method-assign]
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+async def test_round_trips_per_query_do_not_grow_with_the_page_size(dataset: Dataset) -> None:
+    client = Redis.from_url(dataset.source.redis_url)
+    trips = RoundTrips(client)
+    read_model = ReadModel(client, KeySchema())
+    try:
+        for size in (1, 5, 500):
+            page = await read_model.page(ListQuery(dataset.alice, "all", 0), None, size)
+            assert page is not None
+            assert len(page.views) == min(size, len(dataset.expected(dataset.alice, ALL)))
+            assert trips.take() == 2
+        assert await read_model.payment(dataset.reviewed) is not None
+        assert trips.take() == 1
+        assert await read_model.account(dataset.alice) is not None
+        assert trips.take() == 1
+        assert (
+            await read_model.page(ListQuery(dataset.alice, "all", 0, 10**15, 10**15 + 1), None, 50)
+            is not None
+        )
+        assert trips.take() == 1  # an empty page needs no second round trip
+    finally:
+        await client.aclose()
