@@ -1,0 +1,159 @@
+"""`python -m bench.profile`: where each service spends its CPU under the benchmark's load, sampled with py-spy.
+
+Starts the stack as the benchmark does, drives one load at a time (approval
+SubmitPayment, history GetPayment, history ListPayments, the replicator draining a
+backlog) while `py-spy record` samples the busy threads of the process that serves it,
+and prints the functions with the largest inclusive and self shares of the samples.
+The raw stacks go to bench/results/profile-*.txt (collapsed format, for flame graphs).
+py-spy is not a dependency of the project: `.venv/bin/pip install py-spy` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from bench import backlog
+from bench.__main__ import QUICK, ROOT, Bench, _alive
+from stack.clients import history_target
+
+_LINE = re.compile(r":\d+\)$")
+
+
+def summarize(
+    stacks: Iterable[str], top: int = 25
+) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+    """(inclusive, self) shares of the samples per function, from py-spy's collapsed "raw" lines."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in stacks:
+        line = line.rstrip()
+        if not line:
+            continue
+        frames_text, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        # The first frame names the thread; the rest go from the outermost call inwards.
+        frames = [_LINE.sub(")", frame) for frame in frames_text.split(";")[1:]]
+        total += count
+        for frame in set(frames):
+            inclusive[frame] += count
+        if frames:
+            own[frames[-1]] += count
+    if total == 0:
+        return [], []
+
+    def shares(counter: Counter[str]) -> list[tuple[str, float]]:
+        return [(frame, 100.0 * n / total) for frame, n in counter.most_common(top)]
+
+    return shares(inclusive), shares(own)
+
+
+def _record(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "-p",
+            str(pid),
+            "-o",
+            str(out),
+            "-f",
+            "raw",
+            "-r",
+            "250",
+            "-d",
+            str(int(seconds)),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _report(title: str, out: Path) -> None:
+    if not out.exists():
+        print(f"\n### {title}: no samples ({out} missing)")
+        return
+    inclusive, own = summarize(out.read_text().splitlines())
+    print(f"\n### {title}\n\ninclusive (% of busy samples):")
+    for frame, share in inclusive:
+        print(f"  {share:5.1f}%  {frame}")
+    print("self:")
+    for frame, share in own[:15]:
+        print(f"  {share:5.1f}%  {frame}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=12.0, help="length of each sampled load")
+    parser.add_argument("--drain-payments", type=int, default=50_000)
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench/results")
+    args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(QUICK, Path(tempfile.mkdtemp(prefix="payments-profile-")))
+    seconds = args.seconds
+    try:
+        bench.start()
+        bench.seed()
+        history = history_target(bench.endpoints["HISTORY_ADDRS"].split(",")[:1])
+        loads = (
+            ("approval", "approval_submit", bench.endpoints["APPROVAL_ADDR"], False),
+            ("history-1", "history_get", history, True),
+            ("history-1", "history_list", history, True),
+            ("echo", "echo", bench.endpoints["BENCH_ECHO_ADDR"], False),
+        )
+        for server, call, target, history_channel in loads:
+            out = args.out_dir / f"profile-{call}.txt"
+            print(f"== sampling {server} under closed-loop {call} for {seconds:.0f}s", flush=True)
+            spy = _record(bench.pid(server), out, seconds + 1)
+            bench.measure(
+                bench.jobs(
+                    "closed",
+                    call,
+                    target,
+                    bench.plan.concurrency,
+                    duration_s=seconds,
+                    history_channel=history_channel,
+                ),
+                {},
+                seconds,
+                0.5,
+            )
+            spy.wait(timeout=60)
+            bench.settle()
+            _report(f"{server} under {call}", out)
+
+        # The replicator, catching up on a backlog.
+        assert bench.state is not None
+        process = next(p for p in bench.state.processes if p.name == "replicator")
+        os.kill(process.pid, signal.SIGTERM)
+        while _alive(process.pid):
+            time.sleep(0.05)
+        made = backlog.generate(bench.endpoints["POSTGRES_DSN"], bench.payers, args.drain_payments)
+        new = bench._spawn_replicator(process)
+        out = args.out_dir / "profile-replicator-drain.txt"
+        print(f"== sampling the replicator draining {made.changes:,} changes", flush=True)
+        spy = _record(new.pid, out, 120)
+        bench._wait_checkpoint(made.target_lsn, timeout=300)
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+        _report("replicator draining a backlog", out)
+    finally:
+        bench.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
