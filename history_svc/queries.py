@@ -213,4 +213,3 @@ class ReadModel:
 def _timeline(raw: dict[bytes, bytes]) -> list[read_model_pb2.TimelineEntry]:
     ordered = sorted(raw.items(), key=lambda item: int(item[0]))
     return [read_model_pb2.TimelineEntry.FromString(value) for _, value in ordered]
-

@@ -543,7 +543,7 @@ async def test_watch_of_an_unknown_or_malformed_account_fails(history: RunningHi
 
 async def test_shutdown_ends_watch_streams_and_finishes_calls_in_flight(dataset: Dataset) -> None:
     writer = dataset.source.writer
-    lee = writer.open_account("Lee")
+    lee, mo = writer.open_account("Lee"), writer.open_account("Mo")
     dataset.source.wait_replicated()
     settings = settings_for(
         dataset.source.redis_url, slot_name=dataset.source.slot_name, consistency_wait_max_s=30
@@ -563,7 +563,7 @@ async def test_shutdown_ends_watch_streams_and_finishes_calls_in_flight(dataset:
         async with asyncio.timeout(30):
             assert [message async for message in stream] == []
         assert await stream.code() == grpc.StatusCode.OK
-        await asyncio.to_thread(writer.pay, lee, dataset.alice, 1)
+        await asyncio.to_thread(writer.pay, lee, mo, 1)
         reply = await waiting
         assert reply.account.counts.sent_approved == 1
         await stopping
