@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments_common.errors import error_info
 from payments_common.tokens import encode_consistency_token
 from stack.servers import RedisServer
-from tests.history_fixtures import RunningHistory, eventually, running_history, settings_for
+from tests.history_fixtures import ROOT, RunningHistory, eventually, running_history, settings_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -136,3 +139,34 @@ async def _serving(history: RunningHistory) -> bool:
 
 async def _not_serving(history: RunningHistory) -> bool:
     return bool(await _status(history, "readiness") == NOT_SERVING)
+
+
+BUF = ROOT / ".venv" / "bin" / "buf"
+
+
+@pytest.mark.skipif(not BUF.exists(), reason="buf is installed by `make venv`")
+async def test_buf_curl_calls_the_service_over_reflection(redis_server_of_its_own: RedisServer) -> None:
+    async with running_history(settings_for(redis_server_of_its_own.url())) as history:
+        command = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--data"]
+        health = await asyncio.to_thread(
+            subprocess.run,
+            [*command, '{"service": "readiness"}', f"http://{history.address}/grpc.health.v1.Health/Check"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert health.returncode == 0, health.stderr
+        assert json.loads(health.stdout) == {"status": "SERVING"}
+        missing = await asyncio.to_thread(
+            subprocess.run,
+            [
+                *command,
+                json.dumps({"account_id": SOMEONE}),
+                f"http://{history.address}/payments.history.v1.HistoryService/GetAccount",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert missing.returncode != 0
+        assert json.loads(missing.stderr)["code"] == "not_found"
