@@ -297,6 +297,13 @@ class ChangeWatcher:
                     log.warning("change stream read failed, retrying: %s", error)
                 self.connected = False
                 await asyncio.sleep(self._retry_s)
+            except Exception:
+                # Never let the one watcher die: every consistency wait of the process depends on it.
+                WATCHER_ERRORS.inc()
+                log.exception("change watcher failed; resynchronizing")
+                self.connected = False
+                last_id = None
+                await asyncio.sleep(self._retry_s)
 
     async def _apply_entry(self, fields: dict[bytes, bytes]) -> None:
         raw = fields.get(STREAM_BATCH_FIELD.encode())

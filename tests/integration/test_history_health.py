@@ -12,10 +12,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from redis.asyncio import Redis
 
 from history_svc.server import SERVICE_NAME
 from payments.history.v1 import history_service_pb2 as pb
+from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import error_info
+from payments_common.keys import CHECKPOINT_LSN_FIELD, STREAM_BATCH_FIELD, KeySchema
 from payments_common.tokens import encode_consistency_token
 from stack.servers import RedisServer
 from tests.history_fixtures import ROOT, RunningHistory, eventually, running_history, settings_for
@@ -170,3 +173,33 @@ async def test_buf_curl_calls_the_service_over_reflection(redis_server_of_its_ow
         )
         assert missing.returncode != 0
         assert json.loads(missing.stderr)["code"] == "not_found"
+
+
+async def test_the_watcher_survives_bad_stream_entries_and_catches_up_without_them(
+    redis_server_of_its_own: RedisServer,
+) -> None:
+    # The stream contract by hand: entries the replicator never writes must not stop the watcher.
+    keys = KeySchema()
+    client = Redis.from_url(redis_server_of_its_own.url())
+    try:
+        async with running_history(settings_for(redis_server_of_its_own.url())) as history:
+            watcher = history.server.watcher
+            await eventually(lambda: watcher.connected)
+            await client.xadd(keys.changes(), {STREAM_BATCH_FIELD: b"\xff not a batch"})
+            await client.xadd(keys.changes(), {"other": b"x"})
+            await client.xadd(
+                keys.changes(),
+                {STREAM_BATCH_FIELD: read_model_pb2.ChangeBatch(checkpoint_lsn=42).SerializeToString()},
+            )
+            assert await watcher.wait_for(42, 30)
+            # A checkpoint that moved without a stream entry (trimmed or missed) is found while idle.
+            await client.hset(keys.checkpoint("payments_read_model"), CHECKPOINT_LSN_FIELD, "77")
+            assert await watcher.wait_for(77, 30)
+            # The token's position is reached: the read is answered (the account just does not exist).
+            call = history.stub.GetAccount(
+                pb.GetAccountRequest(account_id=SOMEONE, min_consistency_token=encode_consistency_token(77)),
+                timeout=10,
+            )
+            assert await _reason(call) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+    finally:
+        await client.aclose()
