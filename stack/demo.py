@@ -109,6 +109,7 @@ async def _watch(
     done: asyncio.Event,
 ) -> None:
     call = history_stub.WatchPayments(history.WatchPaymentsRequest(account_id=account_id))
+    await call.initial_metadata()  # sent once the subscription is in place
     ready.set()
     try:
         async for change in call:
@@ -221,7 +222,6 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
         ready, done = asyncio.Event(), asyncio.Event()
         watcher = asyncio.create_task(_watch(story.history, bob, "Bob", seen, ready, 3, done))
         await ready.wait()
-        await asyncio.sleep(0.3)  # the demo gives the stream a moment to open before paying
         paid = [await story.pay(alice, bob, 500 * (i + 1), f"watch #{i + 1}") for i in range(3)]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), timeout=10)

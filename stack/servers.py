@@ -45,6 +45,19 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def dying_with_parent(args: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """The command and preexec function that make a child die when this process dies.
+
+    util-linux's `setpriv --pdeathsig` does it without running Python in the forked
+    child (which can abort when gRPC threads are running); a preexec function is the
+    fallback where setpriv is missing.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "KILL", "--", *args], None
+    return args, _die_with_parent
+
+
 def find_postgres_bin(name: str) -> Path:
     """The path of a PostgreSQL server program, on PATH or under /usr/lib/postgresql/*/bin."""
     on_path = shutil.which(name)
@@ -135,6 +148,9 @@ class PostgresServer:
 
     def _popen(self, args: list[str], log: Path | None) -> subprocess.Popen[bytes]:
         user = _unprivileged_user()
+        preexec: Callable[[], None] | None = None
+        if not self.detached:
+            args, preexec = dying_with_parent(args)
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
         try:
             return subprocess.Popen(
@@ -146,7 +162,7 @@ class PostgresServer:
                 group=user.pw_gid if user else None,
                 extra_groups=[] if user else None,
                 cwd=self.base_dir,
-                preexec_fn=None if self.detached else _die_with_parent,
+                preexec_fn=preexec,
                 start_new_session=self.detached,
                 env={"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "TZ": "UTC"},
             )
@@ -316,13 +332,16 @@ class RedisServer:
             "warning",
             *self.extra_args,
         ]
+        preexec: Callable[[], None] | None = None
+        if not self.detached:
+            args, preexec = dying_with_parent(args)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 args,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=None if self.detached else _die_with_parent,
+                preexec_fn=preexec,
                 start_new_session=self.detached,
             )
         _wait_until(self._accepts, self.process, "Redis", self.log_path, timeout)

@@ -182,6 +182,7 @@ async def test_the_scenario(client: Client, endpoints: dict[str, str]) -> None:
 
     # A live stream sees a new payment to Bob.
     stream = client.history.WatchPayments(history.WatchPaymentsRequest(account_id=bob))
+    await stream.initial_metadata()  # the subscription is in place: every later change follows
     live = await client.pay(alice, bob, 700)
     async with asyncio.timeout(30):
         async for change in stream:
