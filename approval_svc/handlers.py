@@ -283,10 +283,10 @@ class Handlers:
 
     async def get_payment(self, payment_id: UUID) -> tuple[Payment, list[PaymentEvent]]:
         async def work(uow: UnitOfWork) -> tuple[Payment, list[PaymentEvent]]:
-            payment = await uow.repo.get_payment(payment_id)
-            if payment is None:
+            found = await uow.repo.get_payment_with_events(payment_id)
+            if found is None:
                 raise PaymentNotFound(str(payment_id))
-            return payment, await uow.repo.list_events(payment_id)
+            return found
 
         return await self._run(work)
 

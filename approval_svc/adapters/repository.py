@@ -69,7 +69,9 @@ class Repository(Protocol):
 
     async def get_payment(self, payment_id: UUID) -> Payment | None: ...
 
-    async def list_events(self, payment_id: UUID) -> list[PaymentEvent]: ...
+    async def get_payment_with_events(
+        self, payment_id: UUID
+    ) -> tuple[Payment, list[PaymentEvent]] | None: ...
 
     async def set_account_status(self, account_id: UUID, status: AccountStatus, at: datetime) -> None: ...
 
@@ -205,10 +207,16 @@ _LOCK_PAYMENT = text(
     f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = :payment_id FOR NO KEY UPDATE"
 )
 _GET_PAYMENT = text(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = :payment_id")
-_LIST_EVENTS = text(
+# One statement, so the payment and its timeline come from one snapshot.
+_PAYMENT_WITH_EVENTS = text(
     """
-    SELECT payment_id, sequence, status, decline_reason, actor, note, created_at
-    FROM payment_events WHERE payment_id = :payment_id ORDER BY sequence
+    SELECT p.payment_id, p.request_id, p.payer_account_id, p.payee_account_id, p.payer_name,
+           p.payee_name, p.currency_code, p.amount_minor, p.reference, p.status, p.decline_reason,
+           p.created_at, p.updated_at, e.sequence, e.status AS event_status, e.decline_reason AS event_reason, e.actor, e.note,
+           e.created_at AS event_at
+    FROM payments AS p LEFT JOIN payment_events AS e ON e.payment_id = p.payment_id
+    WHERE p.payment_id = :payment_id
+    ORDER BY e.sequence
     """
 )
 _SET_ACCOUNT_STATUS = text(
@@ -256,19 +264,6 @@ def _payment(row: RowMapping) -> Payment:
         decline_reason=DeclineReason(reason) if reason is not None else None,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
-    )
-
-
-def _event(row: RowMapping) -> PaymentEvent:
-    reason = row["decline_reason"]
-    return PaymentEvent(
-        payment_id=row["payment_id"],
-        sequence=row["sequence"],
-        status=PaymentStatus(row["status"]),
-        decline_reason=DeclineReason(reason) if reason is not None else None,
-        actor=row["actor"],
-        note=row["note"],
-        created_at=row["created_at"],
     )
 
 
@@ -402,9 +397,28 @@ class SqlRepository:
         row = (await self._connection.execute(_GET_PAYMENT, {"payment_id": payment_id})).mappings().first()
         return _payment(row) if row is not None else None
 
-    async def list_events(self, payment_id: UUID) -> list[PaymentEvent]:
-        result = await self._connection.execute(_LIST_EVENTS, {"payment_id": payment_id})
-        return [_event(row) for row in result.mappings()]
+    async def get_payment_with_events(self, payment_id: UUID) -> tuple[Payment, list[PaymentEvent]] | None:
+        rows = (
+            (await self._connection.execute(_PAYMENT_WITH_EVENTS, {"payment_id": payment_id}))
+            .mappings()
+            .all()
+        )
+        if not rows:
+            return None
+        events = [
+            PaymentEvent(
+                payment_id=row["payment_id"],
+                sequence=row["sequence"],
+                status=PaymentStatus(row["event_status"]),
+                decline_reason=DeclineReason(row["event_reason"]) if row["event_reason"] else None,
+                actor=row["actor"],
+                note=row["note"],
+                created_at=row["event_at"],
+            )
+            for row in rows
+            if row["sequence"] is not None
+        ]
+        return _payment(rows[0]), events
 
     async def set_account_status(self, account_id: UUID, status: AccountStatus, at: datetime) -> None:
         await self._connection.execute(

@@ -111,8 +111,14 @@ class FakeRepository:
     async def get_payment(self, payment_id: UUID) -> Payment | None:
         return self.state.payments.get(payment_id)
 
-    async def list_events(self, payment_id: UUID) -> list[PaymentEvent]:
-        return sorted((e for e in self.state.events if e.payment_id == payment_id), key=lambda e: e.sequence)
+    async def get_payment_with_events(self, payment_id: UUID) -> tuple[Payment, list[PaymentEvent]] | None:
+        payment = self.state.payments.get(payment_id)
+        if payment is None:
+            return None
+        events = sorted(
+            (e for e in self.state.events if e.payment_id == payment_id), key=lambda e: e.sequence
+        )
+        return payment, events
 
     async def set_account_status(self, account_id: UUID, status: AccountStatus, at: datetime) -> None:
         account = self.state.accounts[account_id]
@@ -239,7 +245,7 @@ async def test_review_approves_or_releases_held_funds(handlers: Handlers, store:
         1,
         1,
     )
-    timeline = await FakeRepository(store).list_events(first.payment_id)
+    _, timeline = await handlers.get_payment(first.payment_id)
     assert [(e.sequence, e.status, e.actor, e.note) for e in timeline] == [
         (1, PaymentStatus.PENDING_REVIEW, "system", ""),
         (2, PaymentStatus.APPROVED, "bob", "checked"),
