@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -53,16 +52,7 @@ class ApprovalServer:
 
     async def stop(self, grace: float | None) -> None:
         """Reports NOT_SERVING first, so balancers drain, then lets calls in flight finish."""
-        stopping = asyncio.ensure_future(self.readiness.stop())
-        while not stopping.done():
-            await asyncio.wait({stopping}, timeout=0.5)
-            # On Python 3.11, asyncio.wait_for in the readiness probe swallows a
-            # cancellation that lands as the probe completes, and the loop runs on;
-            # cancelling again ends it at its next sleep.
-            task = self.readiness._task
-            if not stopping.done() and task is not None:
-                task.cancel()
-        stopping.result()
+        await self.readiness.stop()
         await self.grpc.stop(grace)
 
 

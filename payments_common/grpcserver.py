@@ -159,7 +159,10 @@ class Readiness:
 
     async def check_once(self) -> bool:
         try:
-            ok = await asyncio.wait_for(self.probe(), timeout=max(self.interval_s, 1.0) * 2)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that lands as the probe completes, and stop() would hang.
+            async with asyncio.timeout(max(self.interval_s, 1.0) * 2):
+                ok = await self.probe()
         except Exception as error:  # a probe that raises means "not ready"
             log.warning("readiness probe failed: %s", error)
             ok = False

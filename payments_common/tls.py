@@ -29,9 +29,13 @@ class TlsSettings:
             client_ca_file=env.text("TLS_CLIENT_CA_FILE", ""),
         )
         if bool(settings.cert_file) != bool(settings.key_file):
-            raise SettingsError(f"{env.prefix}TLS_CERT_FILE and {env.prefix}TLS_KEY_FILE must be set together")
+            raise SettingsError(
+                f"{env.prefix}TLS_CERT_FILE and {env.prefix}TLS_KEY_FILE must be set together"
+            )
         if settings.client_ca_file and not settings.cert_file:
-            raise SettingsError(f"{env.prefix}TLS_CLIENT_CA_FILE needs {env.prefix}TLS_CERT_FILE and _KEY_FILE")
+            raise SettingsError(
+                f"{env.prefix}TLS_CLIENT_CA_FILE needs {env.prefix}TLS_CERT_FILE and _KEY_FILE"
+            )
         return settings
 
     @property
