@@ -59,7 +59,9 @@ class Plan:
     list_payments: int  # payments seeded between the list accounts
     page_size: int
     write_rate: float  # the steady approval writes under the CRUD comparison
+    read_rate: float  # the open-loop reads of the CRUD comparison, the same for both sides
     visibility_rate: float
+    visibility_low_rate: float  # a rate that approval sustains, to see replication without overload
     visibility_window_s: float
     watched_accounts: int
     drain_payments: int
@@ -79,8 +81,10 @@ FULL = Plan(
     list_accounts=50,
     list_payments=5000,
     page_size=20,
-    write_rate=200.0,
+    write_rate=100.0,
+    read_rate=400.0,
     visibility_rate=500.0,
+    visibility_low_rate=100.0,
     visibility_window_s=10.0,
     watched_accounts=16,
     drain_payments=50_000,
@@ -90,7 +94,7 @@ FULL = Plan(
         "echo": (500, 1000, 2000, 3000, 4000),
         "history": (500, 1000, 2000, 3000, 4000),
         "crud": (500, 1000, 2000, 3000, 4000),
-        "approval": (100, 250, 500, 1000, 1500),
+        "approval": (50, 100, 200, 300, 500),
     },
 )
 
@@ -105,14 +109,16 @@ QUICK = Plan(
     list_accounts=20,
     list_payments=1000,
     page_size=20,
-    write_rate=200.0,
+    write_rate=100.0,
+    read_rate=400.0,
     visibility_rate=500.0,
+    visibility_low_rate=100.0,
     visibility_window_s=2.0,
     watched_accounts=8,
     drain_payments=5_000,
     drain_reps=1,
     sweep_window_s=1.0,
-    sweep_rates={"echo": (500, 2000), "history": (500, 2000), "crud": (500, 2000), "approval": (200, 500)},
+    sweep_rates={"echo": (500, 2000), "history": (500, 2000), "crud": (500, 2000), "approval": (100, 200)},
 )
 
 
@@ -326,7 +332,7 @@ class Bench:
     def measure(
         self,
         jobs_for: Callable[[float], list[Job]],
-        cpu_of: dict[str, Callable[[], float]],
+        cpu_of: dict[str, Callable[[], cpu.Snapshot]],
         duration_s: float,
         warmup_s: float,
     ) -> Window:
@@ -339,7 +345,9 @@ class Bench:
         _sleep_until(start_at + duration_s)
         after = {name: read() for name, read in cpu_of.items()}
         results = self.pool.collect(handles)
-        return self._window(results, duration_s, {name: after[name] - before[name] for name in cpu_of})
+        return self._window(
+            results, duration_s, {name: cpu.spent(before[name], after[name]) for name in cpu_of}
+        )
 
     @staticmethod
     def _window(results: list[JobResult], duration_s: float, cpu_s: dict[str, float]) -> Window:
@@ -394,12 +402,12 @@ class Bench:
 
         return build
 
-    def cpu_reader(self, *names: str) -> Callable[[], float]:
+    def cpu_reader(self, *names: str) -> Callable[[], cpu.Snapshot]:
         pids = [self.pid(name) for name in names]
-        return lambda: cpu.total_cpu_s(pids)
+        return lambda: cpu.snapshot(pids)
 
-    def pg_cpu(self) -> float:
-        return cpu.tree_cpu_s(self.pid("postgres"))
+    def pg_cpu(self) -> cpu.Snapshot:
+        return cpu.tree_snapshot(self.pid("postgres"))
 
     def _read_figure(self, figure: str, window: Window, server: str, floor_us: float | None) -> None:
         lat = window.latency()
@@ -456,7 +464,11 @@ class Bench:
                     self._read_figure(f"history.{figure}_{processes}", window, "history", floor)
 
     def phase_crud(self) -> None:
-        """Figure 4: CRUD baseline against history (one process each) under steady approval writes."""
+        """Figure 4: CRUD baseline against history (one process each) under steady approval writes.
+
+        Both sides get the same open-loop read rate, below saturation, so that latency
+        shows the cost of a read and its interference with the writes rather than a queue.
+        """
         plan = self.plan
         assert self.pool is not None
         crud = self.endpoints["BENCH_CRUD_ADDR"]
@@ -490,10 +502,10 @@ class Bench:
                 else:
                     source, call = name.split("_")
                     jobs = self.jobs(
-                        "closed",
+                        "open",
                         f"history_{call}",
                         crud if source == "crud" else history,
-                        plan.concurrency,
+                        plan.read_rate,
                         history_channel=True,
                     )
                 results[name] = self.measure(jobs, readers, plan.window_s, plan.warmup_s)
@@ -528,64 +540,72 @@ class Bench:
             self.settle()
 
     def phase_visibility(self) -> None:
-        """Figure 5a: commit-to-visible at a steady rate, timed on WatchPayments streams."""
+        """Figure 5a: commit-to-visible at a steady rate, timed on WatchPayments streams.
+
+        Measured at the target rate and at a rate that approval sustains on this machine,
+        so that replication's own delay shows apart from an overloaded approval service.
+        """
+        plan = self.plan
+        for rep in range(plan.reps):
+            for figure, rate in (
+                ("commit_to_visible", plan.visibility_rate),
+                ("commit_to_visible_sustained", plan.visibility_low_rate),
+            ):
+                print(f"== {figure} at {rate:.0f} payments/s, repetition {rep + 1}/{plan.reps}", flush=True)
+                self._visibility(f"replication.{figure}", rate)
+                self.settle()
+
+    def _visibility(self, figure: str, total_rate: float) -> None:
         plan = self.plan
         history = history_target(self.endpoints["HISTORY_ADDRS"].split(","))
         workers = plan.workers
         watched = [self.watched[i::workers] for i in range(workers)]
-        for rep in range(plan.reps):
-            print(
-                f"== commit-to-visible at {plan.visibility_rate:.0f} payments/s, repetition {rep + 1}/{plan.reps}",
-                flush=True,
-            )
 
-            def build(start_at: float) -> list[Job]:
-                return [
-                    Job(
-                        mode="visibility",
-                        call="approval_submit",
-                        target=self.endpoints["APPROVAL_ADDR"],
-                        start_at=start_at,
-                        duration_s=plan.visibility_window_s,
-                        warmup_s=plan.warmup_s,
-                        history_channel=True,
-                        rate=rate,
-                        payer_ids=self.payers,
-                        payee_ids=tuple(watched[index]),
-                        watch_target=history,
-                        seed=int(start_at * 1000) + index,
-                    )
-                    for index, rate in enumerate(split(plan.visibility_rate, workers))
-                ]
+        def build(start_at: float) -> list[Job]:
+            return [
+                Job(
+                    mode="visibility",
+                    call="approval_submit",
+                    target=self.endpoints["APPROVAL_ADDR"],
+                    start_at=start_at,
+                    duration_s=plan.visibility_window_s,
+                    warmup_s=plan.warmup_s,
+                    history_channel=True,
+                    rate=rate,
+                    payer_ids=self.payers,
+                    payee_ids=tuple(watched[index]),
+                    watch_target=history,
+                    seed=int(start_at * 1000) + index,
+                )
+                for index, rate in enumerate(split(total_rate, workers))
+            ]
 
-            assert self.pool is not None
-            start_at = time.monotonic() + 1.0 + plan.warmup_s  # streams open before the window
-            results = self.pool.collect(self.pool.submit(build(start_at)), timeout=120)
-            delays = stats.merge(r.delays for r in results)
-            lat = stats.latency(delays) if delays else stats.Latency(0, *([math.nan] * 6))
-            submitted = stats.merge(r.submit_delays for r in results)
-            from_submit = stats.latency(submitted) if submitted else stats.Latency(0, *([math.nan] * 6))
-            acked = sum(r.completed for r in results)
-            self.collector.add(
-                "replication.commit_to_visible",
-                p50_ms=lat.p50_ms,
-                p90_ms=lat.p90_ms,
-                p99_ms=lat.p99_ms,
-                max_ms=lat.max_ms,
-                submit_to_visible_p50_ms=from_submit.p50_ms,
-                submit_to_visible_p99_ms=from_submit.p99_ms,
-                achieved_rate=acked / plan.visibility_window_s,
-                acknowledged=acked,
-                missing=sum(r.missing for r in results),
-                seen_before_ack=sum(r.seen_before_ack for r in results),
-            )
-            errors: Counter[str] = Counter()
-            for r in results:
-                errors.update(r.errors)
-            self.collector.add_errors(
-                "replication.commit_to_visible", dict(errors), sum(r.dropped for r in results)
-            )
-            self.settle()
+        assert self.pool is not None
+        start_at = time.monotonic() + 1.0 + plan.warmup_s  # streams open before the window
+        results = self.pool.collect(self.pool.submit(build(start_at)), timeout=120)
+        delays = stats.merge(r.delays for r in results)
+        lat = stats.latency(delays) if delays else stats.Latency(0, *([math.nan] * 6))
+        submitted = stats.merge(r.submit_delays for r in results)
+        from_submit = stats.latency(submitted) if submitted else stats.Latency(0, *([math.nan] * 6))
+        acked = sum(r.completed for r in results)
+        self.collector.add(
+            figure,
+            offered_rate=total_rate,
+            p50_ms=lat.p50_ms,
+            p90_ms=lat.p90_ms,
+            p99_ms=lat.p99_ms,
+            max_ms=lat.max_ms,
+            submit_to_visible_p50_ms=from_submit.p50_ms,
+            submit_to_visible_p99_ms=from_submit.p99_ms,
+            achieved_rate=acked / plan.visibility_window_s,
+            acknowledged=acked,
+            missing=sum(r.missing for r in results),
+            seen_before_ack=sum(r.seen_before_ack for r in results),
+        )
+        errors: Counter[str] = Counter()
+        for r in results:
+            errors.update(r.errors)
+        self.collector.add_errors(figure, dict(errors), sum(r.dropped for r in results))
 
     def phase_sweeps(self) -> None:
         """The chart: open-loop latency percentiles against offered load."""

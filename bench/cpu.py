@@ -51,3 +51,31 @@ def tree_cpu_s(root: int) -> float:
 def total_cpu_s(pids: Iterable[int]) -> float:
     """CPU seconds of several processes together."""
     return sum(process_cpu_s(pid) for pid in pids)
+
+
+Snapshot = dict[int, float]
+
+
+def snapshot(pids: Iterable[int]) -> Snapshot:
+    """CPU seconds of each of `pids` that is alive now."""
+    found = {}
+    for pid in pids:
+        fields = _fields(pid)
+        if fields is not None:
+            found[pid] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return found
+
+
+def tree_snapshot(root: int) -> Snapshot:
+    """CPU seconds of `root` and of each of its direct children alive now."""
+    return snapshot([root, *children(root)])
+
+
+def spent(before: Snapshot, after: Snapshot) -> float:
+    """CPU seconds spent between two snapshots by the processes alive at the second.
+
+    A process born in between counts in full; one that exited in between is lost (its
+    CPU left with it), which can only make the figure smaller, never negative, as a
+    plain difference of sums would when a busy process exits.
+    """
+    return sum(max(0.0, value - before.get(pid, 0.0)) for pid, value in after.items())

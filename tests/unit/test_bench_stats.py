@@ -106,3 +106,22 @@ def test_excess_rejects_empty_windows() -> None:
 
 def test_merge_concatenates_the_parts() -> None:
     assert stats.merge([[1.0], [], [2.0, 3.0]]) == [1.0, 2.0, 3.0]
+
+
+def test_cpu_spent_ignores_exited_processes_and_counts_new_ones() -> None:
+    from bench.cpu import spent
+
+    before = {1: 10.0, 2: 5.0, 3: 100.0}
+    after = {1: 10.5, 2: 5.25, 4: 0.125}  # 3 exited, 4 was born
+    assert spent(before, after) == pytest.approx(0.875)
+
+
+def test_cpu_snapshot_of_this_process() -> None:
+    import os
+
+    from bench.cpu import snapshot, tree_snapshot
+
+    mine = snapshot([os.getpid(), 2**22 + 1])
+    assert list(mine) == [os.getpid()]
+    assert mine[os.getpid()] > 0
+    assert os.getpid() in tree_snapshot(os.getppid())
