@@ -69,10 +69,16 @@ class Relation:
     name: str
     replica_identity: str
     columns: tuple[Column, ...]
+    # Derived once here, since every change needs them.
+    column_names: tuple[str, ...] = ()
+    qualified_name: str = ""
 
-    @property
-    def column_names(self) -> tuple[str, ...]:
-        return tuple(column.name for column in self.columns)
+    @classmethod
+    def build(
+        cls, oid: int, namespace: str, name: str, replica_identity: str, columns: tuple[Column, ...]
+    ) -> Relation:
+        names = tuple(column.name for column in columns)
+        return cls(oid, namespace, name, replica_identity, columns, names, f"{namespace}.{name}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +244,7 @@ def _parse_relation(data: bytes) -> Relation:
         (modifier,) = _I32.unpack_from(data, offset + 4)
         offset += 8
         columns.append(Column(column_name, type_oid, modifier, bool(flags & 1)))
-    return Relation(oid, namespace or "pg_catalog", name, replica_identity, tuple(columns))
+    return Relation.build(oid, namespace or "pg_catalog", name, replica_identity, tuple(columns))
 
 
 def _tuple(data: bytes, offset: int) -> tuple[tuple[Value, ...], int]:

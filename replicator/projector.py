@@ -205,6 +205,76 @@ class _Row:
         return parse_timestamp_us(self.required(column))
 
 
+# The primary key of each published table (taken from the schema, not from the replica
+# identity flags, which mark every column under REPLICA IDENTITY FULL).
+KEY_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    ACCOUNTS: ("account_id",),
+    PAYMENTS: ("payment_id",),
+    PAYMENT_EVENTS: ("payment_id", "sequence"),
+}
+
+
+class RowBatch:
+    """The row changes of whole transactions, keeping only the last change of each row.
+
+    Every view is a function of its row, so only a row's last state in a batch needs
+    projecting. A delete followed by an insert of the same key keeps both, in order. An
+    unchanged (TOAST) column takes its value from the row's earlier change in the batch.
+    A truncate is a barrier: what came before it is projected before it.
+    """
+
+    def __init__(self) -> None:
+        self._segments: list[
+            tuple[list[RowChange], dict[tuple[str, ...], RowChange], TruncateTables | None]
+        ] = []
+        self._new_segment()
+        self.changes = 0
+
+    def _new_segment(self) -> None:
+        self._early: list[RowChange] = []
+        self._latest: dict[tuple[str, ...], RowChange] = {}
+        self._segments.append((self._early, self._latest, None))
+
+    def add(self, change: RowChange) -> None:
+        self.changes += 1
+        columns = KEY_COLUMNS.get(change.table)
+        if columns is None:
+            return
+        key = (change.table, *(str(change.row.get(c)) for c in columns))
+        previous = self._latest.get(key)
+        if previous is not None:
+            if previous.kind == "delete":
+                if change.kind != "delete":
+                    self._early.append(previous)
+            elif change.kind != "delete" and any(v is UNCHANGED for v in change.row.values()):
+                merged = {
+                    name: previous.row.get(name, value) if value is UNCHANGED else value
+                    for name, value in change.row.items()
+                }
+                change = RowChange(change.table, change.kind, merged, change.lsn)
+            del self._latest[key]
+        self._latest[key] = change
+
+    def truncate(self, tables: tuple[str, ...], lsn: int) -> None:
+        published = tuple(table for table in tables if table in TABLES)
+        if not published:
+            return
+        early, latest, _ = self._segments[-1]
+        self._segments[-1] = (early, latest, TruncateTables(published, lsn))
+        self._new_segment()
+
+    def project(self, projector: Projector) -> list[Op]:
+        ops: list[Op] = []
+        for early, latest, truncate in self._segments:
+            for change in early:
+                ops.extend(projector.project(change))
+            for change in latest.values():
+                ops.extend(projector.project(change))
+            if truncate is not None:
+                ops.append(truncate)
+        return ops
+
+
 class Projector:
     """Maps row changes of the published tables to read-model writes under one key schema."""
 

@@ -19,7 +19,7 @@ from payments_common.lsn import format_lsn
 from replicator import metrics
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, Delete, Insert, Relation, Truncate, Update, as_row
-from replicator.projector import Op, Projector, RowChange
+from replicator.projector import TABLES, Op, Projector, RowBatch, RowChange
 from replicator.sink import Checkpoint, LockLost, Sink, SlotLock, instance_token
 from replicator.source import Source
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 PING_INTERVAL_S = 0.1
 IDLE_ADVANCE_INTERVAL_S = 0.02
 LAG_QUERY_INTERVAL_S = 2.0
+# Under a steady stream the socket rarely drains; apply at least this often anyway.
+BATCH_MAX_AGE_S = 0.2
 MAX_BACKOFF_S = 10.0
 
 
@@ -258,18 +260,19 @@ class _Stream:
         self.projector = owner.projector
         self.batch_max = owner.settings.batch_max_changes
         self.transaction: _Transaction | None = None
-        self.pending: list[Op] = []
+        self.pending = RowBatch()
         self.pending_checkpoint: Checkpoint | None = None
         self.pending_changes = 0
         self.pending_transactions = 0
         now = time.monotonic()
         self.last_ping = self.last_advance = self.last_lag_query = now
-        self.last_renew = now
+        self.last_renew = self.batch_started = now
         self.renew_interval = owner.settings.lock_ttl_seconds / 3
 
     def run(self) -> None:
         cursor = self.source.cursor
         fileno = cursor.fileno()  # type: ignore[no-untyped-call]
+        received = 0
         while True:
             if self.owner.stopping:
                 self.flush(drained=True)
@@ -277,9 +280,15 @@ class _Stream:
             message = cursor.read_message()
             if message is not None:
                 self.handle(message.payload)
+                received += 1
                 if self.transaction is None and self.pending_changes >= self.batch_max:
                     self.flush(drained=False)
-                    self.renew_lock_if_due(time.monotonic())
+                if received % 256 == 0:
+                    # A long backlog never drains the socket: keep the lock and bound a batch's age.
+                    now = time.monotonic()
+                    self.renew_lock_if_due(now)
+                    if self.transaction is None and now - self.batch_started >= BATCH_MAX_AGE_S:
+                        self.flush(drained=False)
                 continue
             # The socket is drained: the moment to apply what has arrived.
             if self.pending_checkpoint is not None:
@@ -297,7 +306,9 @@ class _Stream:
             if transaction is None or transaction.skip:
                 return
             relation = message.relation
-            table = f"{relation.namespace}.{relation.name}"
+            table = relation.qualified_name
+            if table not in TABLES:
+                return
             if isinstance(message, Insert):
                 transaction.changes.append((table, "insert", as_row(relation, message.new)))
             elif isinstance(message, Update):
@@ -306,7 +317,7 @@ class _Stream:
                 transaction.changes.append((table, "delete", as_row(relation, message.old)))
         elif isinstance(message, Truncate):
             if self.transaction is not None and not self.transaction.skip:
-                tables = tuple(f"{r.namespace}.{r.name}" for r in message.relations)
+                tables = tuple(r.qualified_name for r in message.relations)
                 self.transaction.changes.append(("", None, tables))
         elif isinstance(message, Commit):
             transaction, self.transaction = self.transaction, None
@@ -315,12 +326,14 @@ class _Stream:
             for table, kind, data in transaction.changes:
                 if kind is None:
                     assert isinstance(data, tuple)
-                    self.pending.extend(self.projector.truncate(data, message.end_lsn))
+                    self.pending.truncate(data, message.end_lsn)
                 else:
                     assert isinstance(data, dict)
-                    self.pending.extend(self.projector.project(RowChange(table, kind, data, message.end_lsn)))
+                    self.pending.add(RowChange(table, kind, data, message.end_lsn))
             self.pending_changes += len(transaction.changes)
             self.pending_transactions += 1
+            if self.pending_checkpoint is None:
+                self.batch_started = time.monotonic()
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
         elif isinstance(message, Relation):
             log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
@@ -330,7 +343,7 @@ class _Stream:
         if checkpoint is None:
             return
         started = time.perf_counter()
-        self.sink.apply(self.pending, checkpoint)
+        self.sink.apply(self.pending.project(self.projector), checkpoint)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         metrics.CHANGES.inc(self.pending_changes)
         metrics.TRANSACTIONS.inc(self.pending_transactions)
@@ -339,7 +352,7 @@ class _Stream:
             metrics.LAG_SECONDS.set(max(0.0, time.time() - checkpoint.commit_time_us / 1e6))
         self.checkpoint = checkpoint
         metrics.CHECKPOINT_LSN.set(checkpoint.lsn)
-        self.pending = []
+        self.pending = RowBatch()
         self.pending_checkpoint = None
         self.pending_changes = self.pending_transactions = 0
         # Redis has acknowledged: the slot may forget everything up to here.

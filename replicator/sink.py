@@ -40,82 +40,97 @@ from replicator.projector import (
 
 log = logging.getLogger(__name__)
 
-# Positions are decimal strings; comparing them as numbers in Lua would lose precision
-# above 2^53, so compare by length, then lexically.
-_NEWER = """
+# Applies one batch: checks that the caller owns the slot's lock, applies every entity
+# write whose position is not older than the stored one, moves the checkpoint and appends
+# the change notification. A script runs atomically, so a batch is all or nothing, and an
+# instance that lost the lock writes nothing.
+#
+# KEYS: lock, checkpoint, change stream, then each op's keys in order.
+# ARGV: owner token, checkpoint position ('' = none), commit time in us ('' = unchanged),
+#       stream MAXLEN, ChangeBatch bytes ('' = none), then each op: a code and its arguments.
+#   V key(hash)                        position, view   upsert a view
+#   D key(hash)                        position         delete a view, keep a tombstone
+#   I keys(idxver, add..., remove...)  position, payment id, member, #add, #remove
+#   T keys(payment hash, timeline)     position, sequence, entry   ('X': delete, no entry)
+#
+# Positions are decimal strings; comparing them as Lua numbers would lose precision above
+# 2^53, so they are compared by length, then lexically.
+APPLY_BATCH = """
 local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-"""
-
-# KEYS[1] entity hash; ARGV[1] position, ARGV[2] view bytes (absent: delete, keep a tombstone).
-UPSERT_VIEW = (
-    _NEWER
-    + """
-local cur = redis.call('HGET', KEYS[1], 'lsn')
-if cur and newer(cur, ARGV[1]) then return 0 end
-if ARGV[2] then
-  redis.call('HSET', KEYS[1], 'lsn', ARGV[1], 'view', ARGV[2])
-else
-  redis.call('HSET', KEYS[1], 'lsn', ARGV[1])
-  redis.call('HDEL', KEYS[1], 'view')
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
 end
-return 1
-"""
-)
-
-# KEYS[1] idxver hash, KEYS[2..] index keys (the first ARGV[4] to add to, the rest to remove from);
-# ARGV[1] position, ARGV[2] payment id, ARGV[3] member, ARGV[4] how many keys to add to.
-SET_INDEXES = (
-    _NEWER
-    + """
-local cur = redis.call('HGET', KEYS[1], ARGV[2])
-if cur and newer(cur, ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[2], ARGV[1])
-local adds = tonumber(ARGV[4])
-for i = 2, #KEYS do
-  if i <= adds + 1 then
-    redis.call('ZADD', KEYS[i], 0, ARGV[3])
+local k, a, applied, skipped = 4, 6, 0, 0
+while a <= #ARGV do
+  local code, lsn = ARGV[a], ARGV[a + 1]
+  if code == 'V' or code == 'D' then
+    local key = KEYS[k]
+    local cur = redis.call('HGET', key, 'lsn')
+    if cur and newer(cur, lsn) then
+      skipped = skipped + 1
+    elseif code == 'V' then
+      redis.call('HSET', key, 'lsn', lsn, 'view', ARGV[a + 2])
+      applied = applied + 1
+    else
+      redis.call('HSET', key, 'lsn', lsn)
+      redis.call('HDEL', key, 'view')
+      applied = applied + 1
+    end
+    k = k + 1
+    a = a + (code == 'V' and 3 or 2)
+  elseif code == 'I' then
+    local payment, member = ARGV[a + 2], ARGV[a + 3]
+    local adds, removes = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+    local cur = redis.call('HGET', KEYS[k], payment)
+    if cur and newer(cur, lsn) then
+      skipped = skipped + 1
+    else
+      redis.call('HSET', KEYS[k], payment, lsn)
+      for i = k + 1, k + adds do redis.call('ZADD', KEYS[i], 0, member) end
+      -- A payment never indexed in this account is in none of its indexes yet.
+      if cur then
+        for i = k + adds + 1, k + adds + removes do redis.call('ZREM', KEYS[i], member) end
+      end
+      applied = applied + 1
+    end
+    k = k + 1 + adds + removes
+    a = a + 6
+  elseif code == 'T' or code == 'X' then
+    local field = 'tl:' .. ARGV[a + 2]
+    local cur = redis.call('HGET', KEYS[k], field)
+    if cur and newer(cur, lsn) then
+      skipped = skipped + 1
+    else
+      redis.call('HSET', KEYS[k], field, lsn)
+      if code == 'T' then
+        redis.call('HSET', KEYS[k + 1], ARGV[a + 2], ARGV[a + 3])
+      else
+        redis.call('HDEL', KEYS[k + 1], ARGV[a + 2])
+      end
+      applied = applied + 1
+    end
+    k = k + 2
+    a = a + (code == 'T' and 4 or 3)
   else
-    redis.call('ZREM', KEYS[i], ARGV[3])
+    return redis.error_reply('ERR unknown op ' .. tostring(code))
   end
 end
-return 1
-"""
-)
-
-# KEYS[1] payment hash (holds the entry's position in field tl:<sequence>), KEYS[2] timeline hash;
-# ARGV[1] position, ARGV[2] sequence, ARGV[3] entry bytes (absent: delete).
-SET_TIMELINE = (
-    _NEWER
-    + """
-local field = 'tl:' .. ARGV[2]
-local cur = redis.call('HGET', KEYS[1], field)
-if cur and newer(cur, ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], field, ARGV[1])
-if ARGV[3] then
-  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-else
-  redis.call('HDEL', KEYS[2], ARGV[2])
+if ARGV[2] ~= '' then
+  local cur = redis.call('HGET', KEYS[2], 'lsn')
+  if not (cur and newer(cur, ARGV[2])) then
+    redis.call('HSET', KEYS[2], 'lsn', ARGV[2])
+    if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'commit_time_us', ARGV[3]) end
+  end
+  if ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'batch', ARGV[5])
+  end
 end
-return 1
+return {applied, skipped}
 """
-)
 
-# KEYS[1] checkpoint hash; ARGV[1] position, ARGV[2] commit time in µs (empty: unchanged).
-SET_CHECKPOINT = (
-    _NEWER
-    + """
-local cur = redis.call('HGET', KEYS[1], 'lsn')
-if cur and newer(cur, ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'lsn', ARGV[1])
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'commit_time_us', ARGV[2]) end
-return 1
-"""
-)
-
-# KEYS[1] lock; ARGV[1] owner token, ARGV[2] time to live in ms.
 RENEW_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -128,14 +143,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_SCRIPTS: Final = {
-    "upsert_view": UPSERT_VIEW,
-    "set_indexes": SET_INDEXES,
-    "set_timeline": SET_TIMELINE,
-    "set_checkpoint": SET_CHECKPOINT,
-    "renew_lock": RENEW_LOCK,
-    "release_lock": RELEASE_LOCK,
-}
+_SCRIPTS: Final = {"apply_batch": APPLY_BATCH}
 
 
 class LockLost(RuntimeError):
@@ -256,105 +264,68 @@ class Sink:
         final = self._coalesce(ops)
         payments: list[read_model_pb2.PaymentView] = []
         timelines: dict[str, dict[int, read_model_pb2.TimelineEntry]] = {}
-        commands: list[tuple[Any, ...]] = []
-        upsert, indexes, timeline = (
-            self._sha["upsert_view"],
-            self._sha["set_indexes"],
-            self._sha["set_timeline"],
-        )
+        keys_: list[str] = [self.lock.key, self.checkpoint_key, self.schema.changes()]
+        args: list[Any] = []
         for op in final:
             if isinstance(op, UpsertView):
-                commands.append(("EVALSHA", upsert, 1, op.key, op.lsn, op.view.SerializeToString()))
+                keys_.append(op.key)
+                args += ("V", op.lsn, op.view.SerializeToString())
                 if isinstance(op.view, read_model_pb2.PaymentView):
                     payments.append(op.view)
             elif isinstance(op, DeleteView):
-                commands.append(("EVALSHA", upsert, 1, op.key, op.lsn))
+                keys_.append(op.key)
+                args += ("D", op.lsn)
             elif isinstance(op, SetIndexes):
-                commands.append(
-                    (
-                        "EVALSHA",
-                        indexes,
-                        1 + len(op.add) + len(op.remove),
-                        op.versions_key,
-                        *op.add,
-                        *op.remove,
-                        op.lsn,
-                        op.payment_id,
-                        op.member,
-                        len(op.add),
-                    )
-                )
+                keys_.append(op.versions_key)
+                keys_ += op.add
+                keys_ += op.remove
+                args += ("I", op.lsn, op.payment_id, op.member, len(op.add), len(op.remove))
             elif isinstance(op, UpsertTimeline):
-                commands.append(
-                    (
-                        "EVALSHA",
-                        timeline,
-                        2,
-                        op.payment_key,
-                        op.timeline_key,
-                        op.lsn,
-                        op.sequence,
-                        op.entry.SerializeToString(),
-                    )
-                )
+                keys_ += (op.payment_key, op.timeline_key)
+                args += ("T", op.lsn, op.sequence, op.entry.SerializeToString())
                 timelines.setdefault(op.payment_id, {})[op.sequence] = op.entry
             elif isinstance(op, DeleteTimeline):
-                commands.append(
-                    ("EVALSHA", timeline, 2, op.payment_key, op.timeline_key, op.lsn, op.sequence)
-                )
-        if checkpoint is not None:
-            commands.append(
-                (
-                    "EVALSHA",
-                    self._sha["set_checkpoint"],
-                    1,
-                    self.checkpoint_key,
-                    checkpoint.lsn,
-                    "" if checkpoint.commit_time_us is None else checkpoint.commit_time_us,
-                )
-            )
-            if notify:
-                batch = read_model_pb2.ChangeBatch(checkpoint_lsn=checkpoint.lsn)
-                if checkpoint.commit_time_us is not None:
-                    batch.commit_time.CopyFrom(timestamp(checkpoint.commit_time_us))
-                for view in payments:
-                    entries = timelines.get(view.payment_id)
-                    # Only a complete timeline is worth sending; otherwise readers fetch it.
-                    if entries and sorted(entries) == list(range(1, len(entries) + 1)):
-                        view = read_model_pb2.PaymentView.FromString(view.SerializeToString())
-                        view.timeline.extend(entries[s] for s in sorted(entries))
-                    batch.payments.append(view)
-                commands.append(
-                    (
-                        "XADD",
-                        self.schema.changes(),
-                        "MAXLEN",
-                        "~",
-                        self.stream_maxlen,
-                        "*",
-                        keys.STREAM_BATCH_FIELD,
-                        batch.SerializeToString(),
-                    )
-                )
-        self._execute(commands)
+                keys_ += (op.payment_key, op.timeline_key)
+                args += ("X", op.lsn, op.sequence)
+        batch_bytes = b""
+        if checkpoint is not None and notify:
+            batch = read_model_pb2.ChangeBatch(checkpoint_lsn=checkpoint.lsn)
+            if checkpoint.commit_time_us is not None:
+                batch.commit_time.CopyFrom(timestamp(checkpoint.commit_time_us))
+            for view in payments:
+                entries = timelines.get(view.payment_id)
+                # Only a complete timeline is worth sending; otherwise readers fetch it.
+                if entries and sorted(entries) == list(range(1, len(entries) + 1)):
+                    view = read_model_pb2.PaymentView.FromString(view.SerializeToString())
+                    view.timeline.extend(entries[s] for s in sorted(entries))
+                batch.payments.append(view)
+            batch_bytes = batch.SerializeToString()
+        head = [
+            self.lock.token,
+            "" if checkpoint is None else checkpoint.lsn,
+            "" if checkpoint is None or checkpoint.commit_time_us is None else checkpoint.commit_time_us,
+            self.stream_maxlen,
+            batch_bytes,
+        ]
+        self._execute(keys_, head + args)
         return BatchResult(len(final), len(payments))
 
-    def _execute(self, commands: list[tuple[Any, ...]]) -> None:
-        with self.client.pipeline(transaction=True) as pipe:
+    def _execute(self, keys_: list[str], args: list[Any]) -> None:
+        for attempt in (1, 2):
             try:
-                pipe.watch(self.lock.key)  # type: ignore[no-untyped-call]
-                owner = pipe.get(self.lock.key)
-                if owner is None or _text(owner) != self.lock.token:
-                    raise LockLost(
-                        f"the lock {self.lock.key} is held by {_text(owner) if owner else None}, not by this instance"
-                    )
-                pipe.multi()
-                for command in commands:
-                    pipe.execute_command(*command)  # type: ignore[no-untyped-call]
-                results = pipe.execute(raise_on_error=True)
-            except redis.WatchError as exc:
-                raise LockLost(f"the lock {self.lock.key} changed during a batch") from exc
-        del results
+                self.client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", self._sha["apply_batch"], len(keys_), *keys_, *args
+                )
+                return
+            except redis.exceptions.NoScriptError:
+                # Redis restarted or flushed its scripts; nothing ran, so load and retry.
+                if attempt == 2:
+                    raise
+                self.load_scripts()
+            except redis.ResponseError as error:
+                if str(error).startswith("LOCKLOST"):
+                    raise LockLost(f"the lock {self.lock.key} is not held by this instance") from error
+                raise
 
     def _coalesce(self, ops: Sequence[Op]) -> list[Op]:
         """Keeps the last write of each key (each is a full state), merging unchanged TOAST fields.
