@@ -687,6 +687,7 @@ class Bench:
             client = redis.Redis.from_url(self.endpoints["REDIS_URL"])
             try:
                 before = self._checkpoint(client)
+                others_before = {"redis": self.cpu_reader("redis")(), "pg": self.pg_cpu()}
                 started = time.monotonic()
                 new = self._spawn_replicator(process)
                 cpu_before = 0.0  # a new process starts from zero
@@ -704,6 +705,8 @@ class Bench:
                     time.sleep(0.005)
                 done = time.monotonic()
                 spent = cpu.process_cpu_s(new.pid) - cpu_before
+                redis_spent = cpu.spent(others_before["redis"], self.cpu_reader("redis")())
+                pg_spent = cpu.spent(others_before["pg"], self.pg_cpu())
             finally:
                 client.close()
             local.wait_serving(new.health_addr, 60)
@@ -715,6 +718,8 @@ class Bench:
                 startup_s=first - started,
                 elapsed_s=done - started,
                 cpu_us_per_change=spent * 1e6 / made.changes,
+                redis_cpu_us_per_change=redis_spent * 1e6 / made.changes,
+                postgres_cpu_us_per_change=pg_spent * 1e6 / made.changes,
                 generation_s=made.elapsed_s,
             )
 
