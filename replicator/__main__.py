@@ -44,13 +44,14 @@ def _run(settings: Settings) -> int:
             "metrics_port": settings.metrics_port,
         },
     )
-    worker = threading.Thread(target=replicator.run_forever, name="replication")
+    outcome: list[int] = []
+    worker = threading.Thread(target=lambda: outcome.append(replicator.run_forever()), name="replication")
     worker.start()
     while worker.is_alive():
         worker.join(timeout=0.5)
     if health:
         health.stop()
-    return 0
+    return outcome[0] if outcome else 1
 
 
 def _reconcile(settings: Settings, args: argparse.Namespace) -> int:

@@ -68,7 +68,8 @@ class Replicator:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def run_forever(self) -> None:
+    def run_forever(self) -> int:
+        """Streams until stopped; returns 0, or 1 after an unexpected error (a bug or unknown data)."""
         backoff = 0.5
         while not self.stopping:
             started = time.monotonic()
@@ -85,10 +86,15 @@ class Replicator:
                 )
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception:
+                # Retrying cannot fix a bug or a row this version cannot read: exit so that it is seen.
+                log.exception("replication failed with an unexpected error; exiting")
+                return 1
             finally:
                 self._on_ready(False)
                 metrics.STREAMING.set(0)
         log.info("replicator stopped")
+        return 0
 
     # -- one session ------------------------------------------------------------------------
 

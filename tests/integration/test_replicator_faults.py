@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.config import Settings
 from replicator.reconcile import reconcile
-from stack.servers import PostgresServer
+from stack.servers import PostgresServer, RedisServer
 from tests.replicator_fixtures import (
     Monotonic,
     ReplicatorProcess,
@@ -137,3 +139,41 @@ def test_paused_owner_is_fenced_after_a_takeover(
     assert monotonic.backwards == []
     assert first.alive
     _assert_reconciled(migrated_dsn, redis_url)
+
+
+def test_redis_paused_then_resumed_carries_on(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator, redis_server: RedisServer
+) -> None:
+    accounts = _accounts(migrated_dsn)
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    with SourceLoad(migrated_dsn, accounts) as load:
+        load.wait_for(200)
+        redis_server.pause()
+        try:
+            # The outage outlasts the lock's TTL (2 s), so the replicator must take the lock again.
+            outage_ends = time.monotonic() + 3
+            while time.monotonic() < outage_ends:
+                load.wait_for(load.written + 1)
+        finally:
+            redis_server.resume()
+        load.wait_for(load.written + 100)
+    process.wait_caught_up()
+    assert process.alive
+    _assert_reconciled(migrated_dsn, redis_url)
+    assert _bootstraps(process) == 1
+
+
+def test_redis_restarted_empty_is_rebuilt(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator, redis_server: RedisServer
+) -> None:
+    accounts = _accounts(migrated_dsn)
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    with SourceLoad(migrated_dsn, accounts) as load:
+        load.wait_for(200)
+        redis_server.restart_empty()
+        load.wait_for(load.written + 200)
+    process.wait_caught_up()
+    _assert_reconciled(migrated_dsn, redis_url)
+    assert "REBUILD" in process.log_path.read_text()

@@ -14,6 +14,7 @@ from replicator.projector import (
     DeleteTimeline,
     DeleteView,
     Projector,
+    RowBatch,
     RowChange,
     SetIndexes,
     TruncateTables,
@@ -196,3 +197,48 @@ def test_new_columns_are_ignored_and_other_tables_produce_nothing() -> None:
 def test_truncate_keeps_only_published_tables() -> None:
     assert PROJECTOR.truncate((PAYMENTS, "public.ledger_entries"), 16) == [TruncateTables((PAYMENTS,), 16)]
     assert PROJECTOR.truncate(("public.ledger_entries",), 16) == []
+
+
+def _views(ops: list[object]) -> list[tuple[str, int]]:
+    return [(op.key, op.lsn) for op in ops if isinstance(op, UpsertView | DeleteView)]
+
+
+def test_row_batch_projects_only_the_last_state_of_each_row() -> None:
+    batch = RowBatch()
+    batch.add(RowChange(ACCOUNTS, "update", _account_row(ledger_balance_minor="1"), 10))
+    batch.add(RowChange(PAYMENTS, "insert", _payment_row(status="PENDING_REVIEW"), 10))
+    batch.add(RowChange(ACCOUNTS, "update", _account_row(ledger_balance_minor="2"), 20))
+    batch.add(RowChange(PAYMENTS, "update", _payment_row(), 20))
+    assert batch.changes == 4
+    ops = batch.project(PROJECTOR)
+    assert _views(ops) == [(KEYS.account(A), 20), (KEYS.payment(P), 20)]
+    account = next(op for op in ops if isinstance(op, UpsertView) and op.key == KEYS.account(A))
+    assert account.view.ledger_balance.amount_minor == 2  # type: ignore[union-attr]
+
+
+def test_row_batch_fills_unchanged_columns_from_the_earlier_change() -> None:
+    batch = RowBatch()
+    batch.add(RowChange(PAYMENTS, "insert", _payment_row(reference="long"), 10))
+    batch.add(RowChange(PAYMENTS, "update", _payment_row(reference=UNCHANGED, status="DECLINED"), 10))
+    (view, *_) = batch.project(PROJECTOR)
+    assert isinstance(view, UpsertView)
+    assert not view.keep
+    assert view.view.reference == "long"  # type: ignore[union-attr]
+
+
+def test_row_batch_keeps_a_delete_before_a_new_insert_of_the_same_key() -> None:
+    batch = RowBatch()
+    batch.add(RowChange(ACCOUNTS, "delete", {"account_id": A}, 10))
+    batch.add(RowChange(ACCOUNTS, "insert", _account_row(), 20))
+    assert _views(batch.project(PROJECTOR)) == [(KEYS.account(A), 10), (KEYS.account(A), 20)]
+    assert isinstance(batch.project(PROJECTOR)[0], DeleteView)
+
+
+def test_row_batch_truncate_is_a_barrier() -> None:
+    batch = RowBatch()
+    batch.add(RowChange(ACCOUNTS, "update", _account_row(), 10))
+    batch.truncate((ACCOUNTS, PAYMENTS), 20)
+    batch.add(RowChange(ACCOUNTS, "insert", _account_row(), 30))
+    ops = batch.project(PROJECTOR)
+    kinds = [type(op).__name__ for op in ops]
+    assert kinds == ["UpsertView", "TruncateTables", "UpsertView"]
