@@ -168,6 +168,14 @@ class ReplicatorProcess:
         except OSError:
             return "(no log)"
 
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        """Waits until the process has logged `text`."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text(errors="replace"):
+            if not self.alive or time.monotonic() >= deadline:
+                raise AssertionError(f"the replicator did not log {text!r}:\n{self.log_tail()}")
+            time.sleep(0.02)
+
     def wait_caught_up(self, timeout: float = 60.0) -> int:
         return wait_caught_up(self.database_url, self.redis_url, self.slot, timeout, process=self)
 

@@ -107,7 +107,7 @@ def test_second_instance_waits_then_takes_over(
         with SourceLoad(migrated_dsn, accounts) as load:
             load.wait_for(300)
             first.wait_caught_up()
-            assert "waiting for the lock" in second.log_path.read_text()
+            second.wait_for_log("waiting for the lock")
             first.kill()
             load.wait_for(load.written + 300)
         second.wait_caught_up()
