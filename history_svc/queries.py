@@ -47,6 +47,19 @@ class ReadModelUnavailable(Unavailable):
         super().__init__("READ_MODEL_UNAVAILABLE", "the read models are unavailable; retry later")
 
 
+class CheckpointBehind(Exception):
+    """Redis's checkpoint is below the position a read asked for: its data may not include it.
+
+    The process's known checkpoint can be ahead of Redis for a moment after Redis lost its
+    data (a restart, a flush before a rebuild), so a read with a consistency token checks
+    the checkpoint again in the same round trip as its data, before the data.
+    """
+
+    def __init__(self, checkpoint: int) -> None:
+        super().__init__(f"checkpoint {checkpoint}")
+        self.checkpoint = checkpoint
+
+
 def page_size(requested: int) -> int:
     """The number of payments a page holds: 0 means the default, large values are capped."""
     if requested < 0:
@@ -119,20 +132,37 @@ def _text(value: bytes | str) -> str:
 class ReadModel:
     """Reads the views that the replicator writes; raises ReadModelUnavailable when Redis fails."""
 
-    def __init__(self, redis: Redis, keys: KeySchema) -> None:
+    def __init__(self, redis: Redis, keys: KeySchema, slot: str = "payments_read_model") -> None:
         self._redis = redis
         self._keys = keys
+        self._checkpoint_key = keys.checkpoint(slot)
+
+    def _guard(self, pipe: Any, min_lsn: int) -> None:
+        """Queues the checkpoint read first, so that the data read after it includes `min_lsn`."""
+        if min_lsn:
+            pipe.hget(self._checkpoint_key, CHECKPOINT_LSN_FIELD)
+
+    @staticmethod
+    def _checked(replies: list[Any], min_lsn: int) -> list[Any]:
+        """The replies after the guard's; raises CheckpointBehind when the checkpoint is below `min_lsn`."""
+        if not min_lsn:
+            return replies
+        checkpoint = int(replies[0]) if replies[0] is not None else 0
+        if checkpoint < min_lsn:
+            raise CheckpointBehind(checkpoint)
+        return replies[1:]
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
-    async def payment(self, payment_id: str) -> read_model_pb2.PaymentView | None:
+    async def payment(self, payment_id: str, min_lsn: int = 0) -> read_model_pb2.PaymentView | None:
         """The payment's view with its timeline (oldest first), or None when absent."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
+                self._guard(pipe, min_lsn)
                 pipe.hget(self._keys.payment(payment_id), VIEW_FIELD)
                 pipe.hgetall(self._keys.payment_timeline(payment_id))
-                raw_view, raw_timeline = await pipe.execute()
+                raw_view, raw_timeline = self._checked(await pipe.execute(), min_lsn)
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
         if raw_view is None:
@@ -156,9 +186,15 @@ class ReadModel:
             raise ReadModelUnavailable() from error
         return {payment_id: _timeline(raw) for payment_id, raw in zip(ids, replies, strict=True)}
 
-    async def account(self, account_id: str) -> read_model_pb2.AccountView | None:
+    async def account(self, account_id: str, min_lsn: int = 0) -> read_model_pb2.AccountView | None:
         try:
-            raw: bytes | None = await self._redis.hget(self._keys.account(account_id), VIEW_FIELD)  # type: ignore[assignment]
+            if min_lsn:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    self._guard(pipe, min_lsn)
+                    pipe.hget(self._keys.account(account_id), VIEW_FIELD)
+                    (raw,) = self._checked(await pipe.execute(), min_lsn)
+            else:
+                raw = await self._redis.hget(self._keys.account(account_id), VIEW_FIELD)
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
         return None if raw is None else read_model_pb2.AccountView.FromString(raw)
@@ -169,7 +205,7 @@ class ReadModel:
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
 
-    async def page(self, query: ListQuery, cursor: str | None, size: int) -> Page | None:
+    async def page(self, query: ListQuery, cursor: str | None, size: int, min_lsn: int = 0) -> Page | None:
         """One page of the query, newest first; None when the account does not exist.
 
         A member whose view is missing (the replicator removed the payment between the
@@ -179,11 +215,12 @@ class ReadModel:
         index = self._keys.account_index(query.account_id, query.direction, query.status)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
+                self._guard(pipe, min_lsn)
                 pipe.exists(self._keys.account(query.account_id))
                 if bounds is not None:
                     # One extra member says whether another page follows.
                     pipe.zrange(index, bounds[0], bounds[1], desc=True, bylex=True, offset=0, num=size + 1)
-                replies: list[Any] = await pipe.execute()
+                replies: list[Any] = self._checked(await pipe.execute(), min_lsn)
             if not replies[0]:
                 return None
             members = [_text(member) for member in replies[1]] if bounds is not None else []

@@ -104,7 +104,7 @@ class HistoryServer:
 def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer, int]:
     """Creates (not starts) the server and binds its port; port 0 picks a free one."""
     keys = KeySchema(settings.key_namespace)
-    read_model = ReadModel(deps.redis, keys)
+    read_model = ReadModel(deps.redis, keys, settings.slot_name)
     watcher = ChangeWatcher(
         deps.watch_redis, keys, settings.slot_name, timelines=read_model.timelines, block_ms=WATCH_BLOCK_MS
     )

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import Counter
 
-from history_svc.queries import ListQuery, ReadModel, ReadModelUnavailable, is_cursor, page_size
+from history_svc.queries import (
+    CheckpointBehind,
+    ListQuery,
+    ReadModel,
+    ReadModelUnavailable,
+    is_cursor,
+    page_size,
+)
 from history_svc.watcher import ChangeWatcher
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
@@ -25,6 +32,7 @@ from payments_common.tokens import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 CONSISTENCY_READS = Counter(
     "history_consistency_reads_total",
@@ -92,8 +100,8 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         payment_id = _uuid("payment_id", request.payment_id, violations)
         if violations:
             raise InvalidArgument(violations)
-        await self._await_consistency(request.min_consistency_token, context)
-        view = await self._read_model.payment(payment_id)
+        min_lsn = await self._await_consistency(request.min_consistency_token, context)
+        view = await self._read(self._read_model.payment(payment_id, min_lsn), min_lsn)
         if view is None:
             raise NotFound("PAYMENT_NOT_FOUND", "no such payment", {"payment_id": payment_id})
         return pb.GetPaymentResponse(payment=view)
@@ -103,8 +111,8 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         account_id = _uuid("account_id", request.account_id, violations)
         if violations:
             raise InvalidArgument(violations)
-        await self._await_consistency(request.min_consistency_token, context)
-        view = await self._read_model.account(account_id)
+        min_lsn = await self._await_consistency(request.min_consistency_token, context)
+        view = await self._read(self._read_model.account(account_id, min_lsn), min_lsn)
         if view is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
         return pb.GetAccountResponse(account=view)
@@ -144,8 +152,8 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                     [FieldViolation("page_token", "not a page token of this query")],
                     reason="INVALID_PAGE_TOKEN",
                 )
-        await self._await_consistency(request.min_consistency_token, context)
-        page = await self._read_model.page(query, cursor, size)
+        min_lsn = await self._await_consistency(request.min_consistency_token, context)
+        page = await self._read(self._read_model.page(query, cursor, size, min_lsn), min_lsn)
         if page is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
         next_token = (
@@ -174,9 +182,19 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         finally:
             self._watcher.unsubscribe(subscription)
 
-    async def _await_consistency(self, token: str, context: Context) -> None:
+    @staticmethod
+    async def _read(read: Awaitable[T], min_lsn: int) -> T:
+        """Runs a read that checked Redis's checkpoint; below the token it is CONSISTENCY_NOT_REACHED."""
+        try:
+            return await read
+        except CheckpointBehind as behind:
+            CONSISTENCY_READS.labels("behind_in_redis").inc()
+            raise _not_reached(min_lsn, behind.checkpoint) from None
+
+    async def _await_consistency(self, token: str, context: Context) -> int:
+        """Waits until the known checkpoint reaches the token; returns its position (0: no token)."""
         if not token:
-            return
+            return 0
         try:
             lsn = decode_consistency_token(token)
         except TokenError:
@@ -186,16 +204,20 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             ) from None
         if self._watcher.checkpoint >= lsn:
             CONSISTENCY_READS.labels("immediate").inc()
-            return
+            return lsn
         budget = consistency_budget(context.time_remaining(), self._consistency_wait_max_s)
         if await self._watcher.wait_for(lsn, budget):
             CONSISTENCY_READS.labels("waited").inc()
-            return
+            return lsn
         CONSISTENCY_READS.labels("not_reached").inc()
         if not self._watcher.connected:
             raise ReadModelUnavailable()
-        raise Unavailable(
-            "CONSISTENCY_NOT_REACHED",
-            "the read models do not include the requested write yet; retry later",
-            {"min_lsn": format_lsn(lsn), "checkpoint_lsn": format_lsn(self._watcher.checkpoint)},
-        )
+        raise _not_reached(lsn, self._watcher.checkpoint)
+
+
+def _not_reached(lsn: int, checkpoint: int) -> Unavailable:
+    return Unavailable(
+        "CONSISTENCY_NOT_REACHED",
+        "the read models do not include the requested write yet; retry later",
+        {"min_lsn": format_lsn(lsn), "checkpoint_lsn": format_lsn(checkpoint)},
+    )
