@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 from payments_common.settings import EnvReader, SettingsError
+from payments_common.tls import TlsSettings
 
 PREFIX = "APPROVAL_"
 
@@ -27,6 +28,7 @@ class Settings:
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
     def async_database_url(self) -> str:
@@ -68,4 +70,5 @@ class Settings:
             grace_seconds=env.number("GRACE_SECONDS", 10.0),
             max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024),
             log_level=log_level,
+            tls=TlsSettings.from_env(env),
         )

@@ -67,7 +67,10 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[ApprovalServe
         grace_s=settings.grace_seconds,
     )
     server, port, health = build_server(
-        options, lambda s: pb_grpc.add_ApprovalServiceServicer_to_server(servicer, s), [SERVICE_NAME]
+        options,
+        lambda s: pb_grpc.add_ApprovalServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+        credentials=settings.tls.server_credentials(),
     )
     readiness = Readiness(health, [SERVICE_NAME], deps.probe, interval_s=deps.readiness_interval_s)
     return ApprovalServer(server, readiness), port
@@ -87,6 +90,7 @@ async def serve(settings: Settings) -> None:
                 "port": port,
                 "metrics_port": settings.metrics_port,
                 "database": settings.redacted_database_url,
+                "tls": "mutual" if settings.tls.client_ca_file else "on" if settings.tls.enabled else "off",
             },
         )
         await wait_for_signal()
