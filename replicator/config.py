@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -34,13 +35,16 @@ class Settings:
         redis_url = env.text("REDIS_URL")
         if not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise SettingsError(f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")
+        slot_name = env.text("SLOT_NAME", cls.slot_name)
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", slot_name):
+            raise SettingsError(f"{PREFIX}SLOT_NAME must be 1-63 of a-z, 0-9 and _, got {slot_name!r}")
         lock_ttl = env.number("LOCK_TTL_SECONDS", cls.lock_ttl_seconds)
         if lock_ttl < 1:
             raise SettingsError(f"{PREFIX}LOCK_TTL_SECONDS must be at least 1, got {lock_ttl}")
         return cls(
             database_url=database_url,
             redis_url=redis_url,
-            slot_name=env.text("SLOT_NAME", cls.slot_name),
+            slot_name=slot_name,
             publication=env.text("PUBLICATION", cls.publication),
             health_port=env.integer("HEALTH_PORT", cls.health_port, minimum=0),
             metrics_port=env.integer("METRICS_PORT", cls.metrics_port, minimum=0),

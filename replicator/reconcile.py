@@ -31,6 +31,7 @@ from replicator.projector import (
     UpsertTimeline,
     UpsertView,
 )
+from replicator.source import SESSION_OPTIONS
 
 _ENTITY = re.compile(r"\{([^}]*)\}")
 
@@ -69,7 +70,7 @@ def _entity(key: str) -> str:
 
 
 def _read_source(dsn: str, projector: Projector) -> tuple[int, int, list[RowChange]]:
-    connection = psycopg2.connect(dsn, application_name="replicator-reconcile")
+    connection = psycopg2.connect(dsn, application_name="replicator-reconcile", options=SESSION_OPTIONS)
     try:
         connection.autocommit = True
         with connection.cursor() as cursor:
@@ -82,7 +83,6 @@ def _read_source(dsn: str, projector: Projector) -> tuple[int, int, list[RowChan
             # The first statement takes the snapshot; every commit in it ends at or below `high`.
             cursor.execute("SELECT pg_current_wal_lsn()::text")
             high = parse_lsn(cursor.fetchone()[0])  # type: ignore[index]
-            cursor.execute("SET LOCAL TimeZone = 'UTC'")
             for table in (ACCOUNTS, PAYMENTS, PAYMENT_EVENTS):
                 schema, name = table.split(".")
                 cursor.execute(

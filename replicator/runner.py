@@ -207,7 +207,7 @@ class Replicator:
             format_lsn(consistent_point),
             snapshot,
         )
-        tables = source.published_tables()
+        tables = [table for table in source.published_tables() if table.qualified in TABLES]
         estimate = sum(table.estimated_rows for table in tables)
         metrics.BOOTSTRAP_ESTIMATE.set(estimate)
         metrics.BOOTSTRAP_ROWS.set(0)
@@ -361,6 +361,10 @@ class _Stream:
         self.pending = RowBatch()
         self.pending_checkpoint = None
         self.pending_changes = self.pending_transactions = 0
+        now = time.monotonic()
+        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_S:
+            metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - checkpoint.lsn))
+            self.last_lag_query = now
         # Redis has acknowledged: the slot may forget everything up to here.
         self.source.cursor.send_feedback(flush_lsn=checkpoint.lsn, force=drained)  # type: ignore[no-untyped-call]
 

@@ -17,6 +17,7 @@ from payments_common.lsn import parse_lsn
 
 log = logging.getLogger(__name__)
 
+SESSION_OPTIONS = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres"
 WAL_PAGE_BYTES = 8192
 SHORT_PAGE_HEADER_BYTES = 24
 LONG_PAGE_HEADER_BYTES = 40
@@ -59,6 +60,8 @@ class Source:
 
     def connect(self) -> None:
         keepalive: dict[str, Any] = {
+            # The projection parses timestamps in ISO form; fix it whatever the server's defaults.
+            "options": SESSION_OPTIONS,
             "keepalives": 1,
             "keepalives_idle": 10,
             "keepalives_interval": 5,
@@ -197,7 +200,10 @@ class Source:
     ) -> Iterator[tuple[CopyTable, list[dict[str, str | None]]]]:
         """Yields every row of `tables` as seen by `snapshot`, as text, in batches."""
         connection = psycopg2.connect(
-            self.dsn, connect_timeout=self.connect_timeout, application_name="replicator-copy"
+            self.dsn,
+            connect_timeout=self.connect_timeout,
+            application_name="replicator-copy",
+            options=SESSION_OPTIONS,
         )
         try:
             connection.set_session(isolation_level="REPEATABLE READ", readonly=True)

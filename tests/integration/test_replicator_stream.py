@@ -171,3 +171,32 @@ def test_truncate_removes_the_read_models(
         process.wait_caught_up()
     assert _payment(client, kept).payer_name == "Bob"
     _assert_reconciled(migrated_dsn, redis_url)
+
+
+def test_server_date_style_and_time_zone_do_not_matter(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    with SourceWriter(migrated_dsn) as source:
+        source.connection.autocommit = True
+        with source.connection.cursor() as cursor:
+            cursor.execute("SELECT current_database()")
+            (name,) = cursor.fetchone()
+            cursor.execute(f"ALTER DATABASE \"{name}\" SET DateStyle = 'SQL, DMY'")
+            cursor.execute(f"ALTER DATABASE \"{name}\" SET TimeZone = 'Asia/Kolkata'")
+        source.connection.autocommit = False
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        before = source.submit(alice, bob, 10)
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    with SourceWriter(migrated_dsn) as source:
+        after = source.submit(bob, alice, 20)
+    process.wait_caught_up()
+    client = redis.Redis.from_url(redis_url)
+    with SourceWriter(migrated_dsn) as source, source.connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT payment_id::text, (extract(epoch FROM created_at) * 1000000)::bigint FROM payments"
+        )
+        created = dict(cursor.fetchall())
+    for payment_id in (before, after):
+        assert _payment(client, payment_id).create_time.ToMicroseconds() == created[payment_id]
+    _assert_reconciled(migrated_dsn, redis_url)

@@ -38,6 +38,8 @@ def test_rejects_malformed_values() -> None:
         Settings.from_env({**REQUIRED, "REPLICATOR_LOCK_TTL_SECONDS": "0.5"})
     with pytest.raises(SettingsError):
         Settings.from_env({**REQUIRED, "REPLICATOR_STREAM_MAXLEN": "0"})
+    with pytest.raises(SettingsError):
+        Settings.from_env({**REQUIRED, "REPLICATOR_SLOT_NAME": "Bad-Name"})
 
 
 class _FakeSource:
