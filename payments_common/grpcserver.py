@@ -12,11 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
-from payments_common.errors import ServiceError, internal_error, to_grpc_status
+from payments_common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    ServiceError,
+    internal_error,
+    to_grpc_status,
+)
 from payments_common.logs import method_var, request_id_var
 
 log = logging.getLogger(__name__)
@@ -51,19 +58,31 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = handler_call_details.method
         if method.startswith("/grpc."):
             return handler  # health and reflection need no wrapping
+        # The request is parsed inside the wrapper: when gRPC parses it, bytes that are not
+        # the request message fail with UNKNOWN and the parser's exception in the message.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                _wrap_unary(method, handler.unary_unary, handler.request_deserializer),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(method, handler.unary_stream, handler.request_deserializer),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _parse(raw: Any, deserializer: Callable[[bytes], Any] | None) -> Any:
+    """The request message, or INVALID_ARGUMENT when the bytes are not one."""
+    if deserializer is None:
+        return raw
+    try:
+        return deserializer(raw)
+    except DecodeError:
+        raise InvalidArgument([FieldViolation("request", "not a valid request message")]) from None
 
 
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
@@ -78,12 +97,16 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: Exception, m
     await context.abort_with_status(to_grpc_status(service_error))  # type: ignore[attr-defined]
 
 
-def _wrap_unary(method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
-    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+def _wrap_unary(
+    method: str, inner: Callable[..., Any], deserializer: Callable[[bytes], Any] | None = None
+) -> Callable[..., Any]:
+    async def unary(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         method_var.set(method)
-        request_id_var.set(getattr(request, "request_id", ""))
+        request_id_var.set("")
         started = time.perf_counter()
         try:
+            request = _parse(raw, deserializer)
+            request_id_var.set(getattr(request, "request_id", ""))
             response = await inner(request, context)
         except grpc.aio.AbortError:
             raise
@@ -98,11 +121,13 @@ def _wrap_unary(method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
-def _wrap_stream(method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
-    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+def _wrap_stream(
+    method: str, inner: Callable[..., Any], deserializer: Callable[[bytes], Any] | None = None
+) -> Callable[..., Any]:
+    async def stream(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         method_var.set(method)
         try:
-            async for response in inner(request, context):
+            async for response in inner(_parse(raw, deserializer), context):
                 yield response
         except grpc.aio.AbortError:
             raise
