@@ -1,0 +1,430 @@
+"""Property-based tests of every ApprovalService RPC with random and malformed fields.
+
+The server runs as a real subprocess. Whatever a request holds, the answer is one of the
+codes the contract documents for that RPC (never INTERNAL, never UNKNOWN, never a
+traceback in the message), the server keeps serving, and the database holds nothing that
+a rejected call tried to create.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import psycopg2
+import pytest
+from google.protobuf import message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from approval_svc.migrate import upgrade
+from payments.approval.v1 import approval_service_pb2 as pb
+from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
+from payments.type.v1 import money_pb2
+from payments_common.errors import bad_request, error_info
+from stack.servers import PostgresServer, free_port
+from tests.faults_support import ServiceProcess, approval_process
+
+MAX_MESSAGE_BYTES = 65536
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+C = grpc.StatusCode
+# The codes each RPC may answer (see approval_service.proto and docs/approval.md).
+ALLOWED: dict[str, set[grpc.StatusCode]] = {
+    "CreateAccount": {C.OK, C.INVALID_ARGUMENT, C.ALREADY_EXISTS},
+    "SubmitPayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS},
+    "ApprovePayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS},
+    "DeclinePayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS},
+    "FreezeAccount": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS},
+    "UnfreezeAccount": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS},
+    "GetPayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND},
+}
+REASONS = {
+    "INVALID_ARGUMENT",
+    "ACCOUNT_NOT_FOUND",
+    "PAYMENT_NOT_FOUND",
+    "PAYMENT_NOT_UNDER_REVIEW",
+    "REQUEST_ID_REUSED",
+}
+
+
+@dataclass
+class Target:
+    """The running server, the ids that exist, and what every call did."""
+
+    process: ServiceProcess
+    dsn: str
+    channel: grpc.Channel
+    stub: pb_grpc.ApprovalServiceStub
+    accounts: list[str]
+    held: list[str]
+    accepted: set[str] = field(default_factory=set)
+    rejected: set[str] = field(default_factory=set)
+    codes: dict[str, set[str]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    name = f"fa_{uuid.uuid4().hex[:12]}"
+    dsn = postgres_server.create_database(name)
+    upgrade(dsn)
+    log = tmp_path_factory.mktemp("fuzz-approval") / "approval.log"
+    process = approval_process(
+        dsn, free_port(), log, max_message_bytes=str(MAX_MESSAGE_BYTES), review_threshold_minor="1000"
+    )
+    process.start()
+    try:
+        process.wait_serving(60)
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.ApprovalServiceStub(channel)
+            accounts = [
+                stub.CreateAccount(
+                    pb.CreateAccountRequest(
+                        request_id=f"seed-{n}",
+                        owner_name=f"Seed {n}",
+                        currency_code=currency,
+                        opening_balance_minor=balance,
+                        per_payment_limit_minor=10**12,
+                        daily_limit_minor=10**15,
+                    ),
+                    timeout=10,
+                ).account.account_id
+                for n, (currency, balance) in enumerate(
+                    [("EUR", 10**9), ("EUR", 2**63 - 1), ("USD", 10**9), ("EUR", 0)]
+                )
+            ]
+            held = [
+                stub.SubmitPayment(
+                    pb.SubmitPaymentRequest(
+                        request_id=f"seed-held-{n}",
+                        payer_account_id=accounts[0],
+                        payee_account_id=accounts[3],
+                        amount=money_pb2.Money(currency_code="EUR", amount_minor=5000),
+                    ),
+                    timeout=10,
+                ).payment.payment_id
+                for n in range(3)
+            ]
+            yield Target(process, dsn, channel, stub, accounts, held)
+    finally:
+        process.stop(5)
+        postgres_server.drop_database(name)
+
+
+def call(target: Target, method: str, request: message.Message) -> grpc.StatusCode:
+    """Calls one RPC and checks the outcome against the contract; returns the code."""
+    rpc: Callable[..., Any] = getattr(target.stub, method)
+    try:
+        rpc(request, timeout=10)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        code = error.code()
+        details = error.details() or ""
+        assert "Traceback" not in details
+        assert code in ALLOWED[method], f"{method}: {code.name} {details}"
+        info = error_info(error)
+        assert info is not None, f"{method}: {code.name} without ErrorInfo"
+        assert info.reason in REASONS
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            violations = bad_request(error)
+            assert violations is not None
+            assert violations.field_violations
+    target.codes.setdefault(method, set()).add(code.name)
+    request_id = getattr(request, "request_id", None)
+    if request_id is not None:
+        (target.accepted if code == grpc.StatusCode.OK else target.rejected).add(request_id)
+    return code
+
+
+# -- strategies ---------------------------------------------------------------------------
+
+METACHARACTERS = [
+    "'; DROP TABLE payments; --",
+    '" OR 1=1 --',
+    "\\",
+    "%s %(x)s {0}",
+    "*1\r\n$8\r\nFLUSHALL\r\n",
+    "rm:v1:{slot}*",
+    "\u202e\u200b\ufeff",
+    "名前 🚀 é",
+]
+INT64 = st.one_of(
+    st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), 2**62, 2**31, -(2**31) - 1]),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+CURRENCIES = st.one_of(
+    st.sampled_from(["EUR", "USD", "eur", "XXX", "EU", "EURO", "", " EUR", "€", "JPY"]),
+    st.text(max_size=5),
+)
+
+
+def texts(maximum: int) -> st.SearchStrategy[str]:
+    """Empty, short, at and beyond the limit, huge, unicode, control characters and metacharacters."""
+    return st.one_of(
+        st.just(""),
+        st.just(" "),
+        st.sampled_from(METACHARACTERS),
+        st.text(max_size=20),
+        st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=10),
+        st.just("a\x00b"),
+        st.just("x" * maximum),
+        st.just("x" * (maximum + 1)),
+        st.just("é" * maximum),
+        st.just("y" * 8_000),  # several such fields stay below the message limit
+    )
+
+
+def request_ids() -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.uuids().map(str),
+        st.builds(lambda t: f"r-{uuid.uuid4().hex[:8]}-{t}", st.text(max_size=10)),
+        texts(64),
+    )
+
+
+def ids(known: Callable[[Target], list[str]]) -> Callable[[Target], st.SearchStrategy[str]]:
+    def strategy(target: Target) -> st.SearchStrategy[str]:
+        return st.one_of(
+            st.sampled_from(known(target)),
+            st.sampled_from(known(target)).map(str.upper),
+            st.sampled_from(known(target)).map(lambda v: "{" + v + "}"),
+            st.uuids().map(str),
+            st.sampled_from(["", "not-a-uuid", "00000000-0000-0000-0000-000000000000", "x" * 5000]),
+            st.text(max_size=40),
+        )
+
+    return strategy
+
+
+account_ids = ids(lambda t: t.accounts)
+payment_ids = ids(lambda t: t.held)
+
+
+def money() -> st.SearchStrategy[money_pb2.Money]:
+    return st.builds(lambda c, a: money_pb2.Money(currency_code=c, amount_minor=a), CURRENCIES, INT64)
+
+
+# -- the properties ---------------------------------------------------------------------
+
+
+def fields(
+    data: st.DataObject, valid: dict[str, Any], fuzzed: dict[str, st.SearchStrategy[Any]]
+) -> dict[str, Any]:
+    """A valid request's fields with a few of them (none, one or more) replaced by fuzzed values.
+
+    Corrupting a few fields at a time reaches every validation rule and the paths past
+    validation too, which fuzzing every field at once would almost never do.
+    """
+    corrupt = data.draw(st.sets(st.sampled_from(sorted(fuzzed)), max_size=3))
+    return {name: data.draw(fuzzed[name]) if name in corrupt else value for name, value in valid.items()}
+
+
+def fresh_id() -> str:
+    return str(uuid.uuid4())
+
+
+@FUZZ
+@given(data=st.data())
+def test_create_account(target: Target, data: st.DataObject) -> None:
+    values = fields(
+        data,
+        {
+            "request_id": fresh_id(),
+            "owner_name": "Ada",
+            "currency_code": "EUR",
+            "opening_balance_minor": 100,
+            "per_payment_limit_minor": 100,
+            "daily_limit_minor": 100,
+        },
+        {
+            "request_id": request_ids(),
+            "owner_name": texts(200),
+            "currency_code": CURRENCIES,
+            "opening_balance_minor": INT64,
+            "per_payment_limit_minor": INT64,
+            "daily_limit_minor": INT64,
+        },
+    )
+    call(target, "CreateAccount", pb.CreateAccountRequest(**values))
+
+
+@FUZZ
+@given(data=st.data())
+def test_submit_payment(target: Target, data: st.DataObject) -> None:
+    values = fields(
+        data,
+        {
+            "request_id": fresh_id(),
+            "payer_account_id": target.accounts[1],
+            "payee_account_id": target.accounts[0],
+            "amount": money_pb2.Money(currency_code="EUR", amount_minor=1),
+            "reference": "ref",
+        },
+        {
+            "request_id": request_ids(),
+            "payer_account_id": account_ids(target),
+            "payee_account_id": account_ids(target),
+            "amount": st.one_of(st.none(), money()),
+            "reference": texts(140),
+        },
+    )
+    call(target, "SubmitPayment", pb.SubmitPaymentRequest(**values))
+
+
+@FUZZ
+@given(data=st.data(), method=st.sampled_from(["ApprovePayment", "DeclinePayment"]))
+def test_review_payment(target: Target, data: st.DataObject, method: str) -> None:
+    kind = pb.ApprovePaymentRequest if method == "ApprovePayment" else pb.DeclinePaymentRequest
+    values = fields(
+        data,
+        {"request_id": fresh_id(), "payment_id": target.held[-1], "reviewer": "jane", "note": ""},
+        {
+            "request_id": request_ids(),
+            "payment_id": payment_ids(target),
+            "reviewer": texts(200),
+            "note": texts(500),
+        },
+    )
+    call(target, method, kind(**values))
+
+
+@FUZZ
+@given(data=st.data(), method=st.sampled_from(["FreezeAccount", "UnfreezeAccount"]))
+def test_freeze_and_unfreeze(target: Target, data: st.DataObject, method: str) -> None:
+    kind = pb.FreezeAccountRequest if method == "FreezeAccount" else pb.UnfreezeAccountRequest
+    values = fields(
+        data,
+        {"request_id": fresh_id(), "account_id": target.accounts[2], "reason": "check"},
+        {"request_id": request_ids(), "account_id": account_ids(target), "reason": texts(500)},
+    )
+    call(target, method, kind(**values))
+
+
+@FUZZ
+@given(data=st.data())
+def test_get_payment(target: Target, data: st.DataObject) -> None:
+    call(target, "GetPayment", pb.GetPaymentRequest(payment_id=data.draw(payment_ids(target))))
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(sorted(ALLOWED)),
+    raw=st.one_of(
+        st.binary(max_size=200),
+        st.sampled_from([b"\xff\xff\xff", b"\x0a\xff\x01", b"\x08" + b"\xff" * 10, b"\x12\x05ab"]),
+    ),
+)
+def test_bytes_that_are_not_a_request(target: Target, method: str, raw: bytes) -> None:
+    """Bytes that do not parse as the request: INVALID_ARGUMENT (or a valid answer, when they do parse)."""
+    rpc = target.channel.unary_unary(
+        f"/payments.approval.v1.ApprovalService/{method}",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    code, details = grpc.StatusCode.OK, ""
+    try:
+        rpc(raw, timeout=10)
+    except grpc.RpcError as error:
+        code, details = error.code(), error.details() or ""
+    assert code in ALLOWED[method] | {grpc.StatusCode.INVALID_ARGUMENT}, f"{method}: {code.name} {details}"
+    assert "Traceback" not in details
+    assert "DecodeError" not in details
+
+
+def test_an_oversized_request_is_resource_exhausted_and_the_server_keeps_serving(target: Target) -> None:
+    request = pb.CreateAccountRequest(
+        request_id="too-big", owner_name="x" * (MAX_MESSAGE_BYTES + 1), currency_code="EUR"
+    )
+    with pytest.raises(grpc.RpcError) as exhausted:
+        target.stub.CreateAccount(request, timeout=10)
+    assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Nothing was stored, and the next call is served as usual.
+    assert target.stub.GetPayment(pb.GetPaymentRequest(payment_id=target.held[0]), timeout=10).payment
+    assert _stored(target.dsn, {"too-big"}) == (set(), set())
+
+
+def test_metacharacters_are_stored_and_returned_verbatim(target: Target) -> None:
+    for n, text in enumerate(METACHARACTERS):
+        account = target.stub.CreateAccount(
+            pb.CreateAccountRequest(
+                request_id=f"meta-{n}",
+                owner_name=text,
+                currency_code="EUR",
+                opening_balance_minor=100,
+                per_payment_limit_minor=100,
+                daily_limit_minor=100,
+            ),
+            timeout=10,
+        ).account
+        assert account.owner_name == text
+        paid = target.stub.SubmitPayment(
+            pb.SubmitPaymentRequest(
+                request_id=f"meta-pay-{n}",
+                payer_account_id=account.account_id,
+                payee_account_id=target.accounts[0],
+                amount=money_pb2.Money(currency_code="EUR", amount_minor=1),
+                reference=text,
+            ),
+            timeout=10,
+        ).payment
+        assert paid.reference == text
+        read = target.stub.GetPayment(pb.GetPaymentRequest(payment_id=paid.payment_id), timeout=10)
+        assert read.payment.reference == text
+        assert (
+            _column(target.dsn, "SELECT reference FROM payments WHERE payment_id = %s", paid.payment_id)
+            == text
+        )
+        assert (
+            _column(target.dsn, "SELECT owner_name FROM accounts WHERE account_id = %s", account.account_id)
+            == text
+        )
+
+
+def test_rejected_calls_left_nothing_and_the_server_still_serves(target: Target) -> None:
+    """Runs after the properties above (pytest keeps the order of the file) and checks what they did."""
+    assert target.process.alive
+    target.process.wait_serving(10)
+    never_accepted = target.rejected - target.accepted
+    assert len(never_accepted) > 50
+    assert _stored(target.dsn, never_accepted) == (set(), set())
+    # The properties reached the interesting answers, not only INVALID_ARGUMENT.
+    assert {"OK", "INVALID_ARGUMENT"} <= target.codes["CreateAccount"]
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= target.codes["SubmitPayment"]
+    assert "INTERNAL" not in target.process.log_text()
+
+
+def _stored(dsn: str, request_ids: set[str]) -> tuple[set[str], set[str]]:
+    """The request_ids among these that have an idempotency key, and those that have a payment."""
+    request_ids = {r for r in request_ids if "\x00" not in r}  # PostgreSQL text cannot hold them anyway
+    connection = psycopg2.connect(dsn)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT request_id FROM idempotency_keys WHERE request_id = ANY(%s)", (list(request_ids),)
+            )
+            keys = {row[0] for row in cursor.fetchall()}
+            cursor.execute("SELECT request_id FROM payments WHERE request_id = ANY(%s)", (list(request_ids),))
+            payments = {row[0] for row in cursor.fetchall()}
+    finally:
+        connection.close()
+    return keys, payments
+
+
+def _column(dsn: str, query: str, key: str) -> str:
+    connection = psycopg2.connect(dsn)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(query, (key,))
+            row = cursor.fetchone()
+    finally:
+        connection.close()
+    assert row is not None
+    return str(row[0])
