@@ -1,10 +1,11 @@
 """Applies batches of read-model writes to Redis atomically with the slot's checkpoint.
 
-One batch is one MULTI/EXEC: an EVALSHA per entity (each script touches the keys of one
-entity only, which share a hash tag, so the same calls work on Redis Cluster), then the
-checkpoint, then the change notification. Every script compares WAL positions and skips a
-write older than the one stored, so a replay never moves a key backwards. The
-transaction WATCHes the slot's lock, so an instance that lost the lock cannot apply.
+One batch is one call of a Lua script: it checks that this instance still owns the slot's
+lock, applies every entity write (each guarded by the entity's stored WAL position, so a
+replay never moves a key backwards), moves the checkpoint and appends the change
+notification. A script runs atomically, so a batch is all or nothing and a fenced-off
+instance writes nothing. Every write touches the keys of one entity, which share a hash
+tag, so nothing relies on a transaction across entities.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from tests.replicator_fixtures import (
     SourceLoad,
     SourceWriter,
     StartReplicator,
+    checkpoint_lsn,
     replicator,
     slot_for,
 )
@@ -177,3 +178,32 @@ def test_redis_restarted_empty_is_rebuilt(
     process.wait_caught_up()
     _assert_reconciled(migrated_dsn, redis_url)
     assert "REBUILD" in process.log_path.read_text()
+
+
+def test_bootstrap_killed_midway_starts_again_cleanly(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    accounts = _accounts(migrated_dsn, 2)
+    with SourceWriter(migrated_dsn) as source:
+        source.execute(
+            "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id, payer_name, "
+            "payee_name, currency_code, amount_minor, status) "
+            "SELECT gen_random_uuid(), 'r' || n, %s, %s, 'A', 'B', 'EUR', n, 'APPROVED' "
+            "FROM generate_series(1, 20000) AS n",
+            (accounts[0], accounts[1]),
+        )
+    first = replicator(migrated_dsn, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 60
+    while client.dbsize() < 1000:  # part of the copy is in Redis
+        assert time.monotonic() < deadline, first.log_tail()
+        time.sleep(0.01)
+    first.kill()
+    assert checkpoint_lsn(redis_url, first.slot) == 0
+    with SourceLoad(migrated_dsn, accounts) as load:
+        second = replicator(migrated_dsn, redis_url)
+        second.wait_for_log("bootstrap of slot")
+        load.wait_for(100)
+    second.wait_caught_up()
+    _assert_reconciled(migrated_dsn, redis_url)
+    assert "REBUILD" in second.log_path.read_text()
