@@ -32,6 +32,8 @@ IDLE_ADVANCE_INTERVAL_S = 0.02
 LAG_QUERY_INTERVAL_S = 2.0
 # Under a steady stream the socket rarely drains; apply at least this often anyway.
 BATCH_MAX_AGE_S = 0.2
+# How long an idle loop waits for data before it renews the lock and pings again.
+IDLE_WAIT_S = 0.05
 MAX_BACKOFF_S = 10.0
 
 
@@ -299,8 +301,7 @@ class _Stream:
             # The socket is drained: the moment to apply what has arrived.
             if self.pending_checkpoint is not None:
                 self.flush(drained=True)
-            self.periodic()
-            select.select([fileno], [], [], 0.05)
+            select.select([fileno], [], [], self.periodic())
 
     def handle(self, payload: bytes) -> None:
         message = self.decoder.decode(payload)
@@ -374,11 +375,13 @@ class _Stream:
                 raise LockLost(f"lost the lock {self.lock.key}")
             self.last_renew = now
 
-    def periodic(self) -> None:
+    def periodic(self) -> float:
+        """Renews the lock, moves an idle checkpoint, pings; returns how long to wait for data."""
         now = time.monotonic()
         self.renew_lock_if_due(now)
+        wait = IDLE_WAIT_S
         if self.transaction is not None or self.pending_checkpoint is not None:
-            return
+            return wait
         cursor = self.source.cursor
         # Idle: the walsender's position covers every change it has sent, so the
         # checkpoint can move there even when no published table changed.
@@ -391,9 +394,13 @@ class _Stream:
             metrics.LAG_SECONDS.set(0)
             cursor.send_feedback(flush_lsn=server_position, force=True)  # type: ignore[no-untyped-call]
             self.last_advance = now
+        elif server_position > self.checkpoint.lsn:
+            # Rate-limited: come back as soon as the interval is over, not at the next idle wake-up.
+            wait = IDLE_ADVANCE_INTERVAL_S - (now - self.last_advance)
         elif now - self.last_ping >= PING_INTERVAL_S:
             cursor.send_feedback(reply=True, force=True)  # type: ignore[no-untyped-call]
             self.last_ping = now
         if now - self.last_lag_query >= LAG_QUERY_INTERVAL_S:
             metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - self.checkpoint.lsn))
             self.last_lag_query = now
+        return max(wait, 0.0)
