@@ -1,0 +1,464 @@
+"""Property-based tests of every HistoryService RPC with random and malformed fields.
+
+The whole path runs as real subprocesses (approval, replicator, history) so that the
+history service answers from read models built from real payments. Whatever a request
+holds, the answer is one of the codes the contract documents for that RPC (never
+INTERNAL or UNKNOWN, never a traceback), tampered page and consistency tokens are refused,
+the server keeps serving, and the read models hold no key they did not hold before.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from google.protobuf import message, timestamp_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from approval_svc.migrate import upgrade
+from payments.approval.v1 import approval_service_pb2 as approval_pb
+from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
+from payments.history.v1 import history_service_pb2 as pb
+from payments.history.v1 import history_service_pb2_grpc as pb_grpc
+from payments.type.v1 import money_pb2
+from payments_common.errors import bad_request, error_info
+from payments_common.tokens import encode_consistency_token
+from stack.servers import PostgresServer, RedisServer, free_port
+from tests.faults_support import Replicator, ServiceProcess, approval_process, history_process
+
+SLOT = "fuzz_history"
+MAX_MESSAGE_BYTES = 65536
+FUZZ = settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+C = grpc.StatusCode
+READ_CODES = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.UNAVAILABLE}
+ALLOWED: dict[str, set[grpc.StatusCode]] = {
+    "GetPayment": READ_CODES,
+    "GetAccount": READ_CODES,
+    "ListPayments": READ_CODES,
+    "WatchPayments": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND},
+}
+REASONS = {
+    "INVALID_ARGUMENT",
+    "INVALID_PAGE_TOKEN",
+    "INVALID_CONSISTENCY_TOKEN",
+    "PAYMENT_NOT_FOUND",
+    "ACCOUNT_NOT_FOUND",
+    "CONSISTENCY_NOT_REACHED",
+}
+METACHARACTERS = [
+    "'; DROP TABLE payments; --",
+    "*1\r\n$8\r\nFLUSHALL\r\n",
+    "rm:v1:{slot}* \\ %s",
+    "\u202e\u200b\ufeff 名前 🚀",
+]
+
+
+@dataclass
+class Target:
+    history: ServiceProcess
+    redis_url: str
+    channel: grpc.Channel
+    stub: pb_grpc.HistoryServiceStub
+    accounts: list[str]
+    payments: list[str]
+    token: str
+    page_token: str
+    references: dict[str, str]
+    keys_before: set[Any]
+    codes: dict[str, set[str]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    work = tmp_path_factory.mktemp("fuzz-history")
+    name = f"fh_{uuid.uuid4().hex[:12]}"
+    dsn = postgres_server.create_database(name)
+    redis_server = RedisServer(base_dir=work / "redis")
+    approval = approval_process(dsn, free_port(), work / "approval.log")
+    history: ServiceProcess | None = None
+    replicator: Replicator | None = None
+    try:
+        upgrade(dsn)
+        redis_server.start()
+        replicator = Replicator(dsn, redis_server.url(0), work / "replicator.log", slot=SLOT).start()
+        history = history_process(
+            redis_server.url(0),
+            free_port(),
+            work / "history.log",
+            SLOT,
+            consistency_wait_max_seconds="0.2",
+            max_message_bytes=str(MAX_MESSAGE_BYTES),
+        ).start()
+        approval.start()
+        approval.wait_serving(60)
+        history.wait_serving(60)
+        accounts, payments, references, token = _seed(approval.address)
+        with grpc.insecure_channel(history.address) as channel:
+            stub = pb_grpc.HistoryServiceStub(channel)
+            # Waits for the seed to be replicated, and takes a real page token.
+            stub.GetAccount(
+                pb.GetAccountRequest(account_id=accounts[0], min_consistency_token=token), timeout=30
+            )
+            first = stub.ListPayments(
+                pb.ListPaymentsRequest(
+                    account_id=accounts[0],
+                    direction=pb.PAYMENT_DIRECTION_ALL,
+                    page_size=3,
+                    min_consistency_token=token,
+                ),
+                timeout=30,
+            )
+            assert first.next_page_token
+            client = redis.Redis.from_url(redis_server.url(0))
+            keys_before = set(client.keys("*"))
+            client.close()
+            yield Target(
+                history,
+                redis_server.url(0),
+                channel,
+                stub,
+                accounts,
+                payments,
+                token,
+                first.next_page_token,
+                references,
+                keys_before,
+            )
+    finally:
+        approval.stop(5)
+        if history is not None:
+            history.stop(5)
+        if replicator is not None:
+            replicator.stop()
+        redis_server.remove()
+        postgres_server.drop_database(name)
+
+
+def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str]:
+    """Three accounts and a dozen payments through the approval service, some with metacharacters."""
+    with grpc.insecure_channel(address) as channel:
+        stub = approval_grpc.ApprovalServiceStub(channel)
+        accounts = [
+            stub.CreateAccount(
+                approval_pb.CreateAccountRequest(
+                    request_id=f"seed-{n}",
+                    owner_name=METACHARACTERS[n],
+                    currency_code="EUR",
+                    opening_balance_minor=10**6,
+                    per_payment_limit_minor=10**6,
+                    daily_limit_minor=10**9,
+                ),
+                timeout=10,
+            ).account.account_id
+            for n in range(3)
+        ]
+        payments, references, token = [], {}, ""
+        for n in range(12):
+            reference = METACHARACTERS[n % len(METACHARACTERS)] + f" #{n}"
+            reply = stub.SubmitPayment(
+                approval_pb.SubmitPaymentRequest(
+                    request_id=f"seed-pay-{n}",
+                    payer_account_id=accounts[n % 3],
+                    payee_account_id=accounts[(n + 1) % 3],
+                    amount=money_pb2.Money(currency_code="EUR", amount_minor=n + 1),
+                    reference=reference,
+                ),
+                timeout=10,
+            )
+            payments.append(reply.payment.payment_id)
+            references[reply.payment.payment_id] = reference
+            token = reply.consistency_token
+    return accounts, payments, references, token
+
+
+def call(target: Target, method: str, request: message.Message) -> tuple[grpc.StatusCode, str, Any]:
+    """Calls one unary RPC and checks the outcome against the contract; returns code, reason and reply."""
+    rpc: Callable[..., Any] = getattr(target.stub, method)
+    reply, reason = None, ""
+    try:
+        reply = rpc(request, timeout=5)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        code = error.code()
+        details = error.details() or ""
+        assert "Traceback" not in details
+        assert code in ALLOWED[method], f"{method}: {code.name} {details}"
+        info = error_info(error)
+        assert info is not None, f"{method}: {code.name} without ErrorInfo"
+        assert info.reason in REASONS
+        reason = info.reason
+        if reason == "INVALID_ARGUMENT":
+            violations = bad_request(error)
+            assert violations is not None
+            assert violations.field_violations
+    target.codes.setdefault(method, set()).add(code.name)
+    return code, reason, reply
+
+
+# -- strategies ---------------------------------------------------------------------------
+
+
+def ids(known: Callable[[Target], list[str]], target: Target) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.sampled_from(known(target)),
+        st.sampled_from(known(target)).map(str.upper),
+        st.sampled_from(known(target)).map(lambda v: "urn:uuid:" + v),
+        st.uuids().map(str),
+        st.sampled_from(["", " ", "not-a-uuid", "x" * 5000, "'; FLUSHALL", "*\r\n"]),
+        st.text(max_size=40),
+    )
+
+
+def tampered(token: str) -> st.SearchStrategy[str]:
+    """A token altered in one of the ways a client or an attacker might."""
+    return st.one_of(
+        st.integers(0, max(0, len(token) - 1)).flatmap(
+            lambda i: st.sampled_from("AZaz09-_=.+/").map(lambda c: token[:i] + c + token[i + 1 :])
+        ),
+        st.integers(0, len(token)).map(lambda i: token[:i]),
+        st.text(max_size=20).map(lambda extra: token + extra),
+        st.just(token[::-1]),
+    )
+
+
+def consistency_tokens(target: Target) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.just(""),
+        st.just(target.token),
+        tampered(target.token),
+        st.sampled_from([encode_consistency_token(0), encode_consistency_token(2**64 - 1)]),
+        st.integers(0, 2**64 - 1).map(encode_consistency_token),
+        st.text(max_size=80),
+        st.just("c1." + "A" * 2000),
+    )
+
+
+def page_tokens(target: Target) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.just(""),
+        st.just(target.page_token),
+        tampered(target.page_token),
+        st.text(max_size=60),
+        st.binary(max_size=80).map(lambda raw: base64.urlsafe_b64encode(raw).decode().rstrip("=")),
+        st.just("A" * 5000),
+    )
+
+
+def timestamps() -> st.SearchStrategy[timestamp_pb2.Timestamp | None]:
+    return st.one_of(
+        st.none(),
+        st.builds(
+            lambda s, n: timestamp_pb2.Timestamp(seconds=s, nanos=n),
+            st.one_of(
+                st.sampled_from([0, -1, 253402300799, 253402300800, -62135596801]),
+                st.integers(-(2**63), 2**63 - 1),
+            ),
+            st.one_of(st.sampled_from([0, 999_999_999, 1_000_000_000, -1]), st.integers(-(2**31), 2**31 - 1)),
+        ),
+    )
+
+
+INT32 = st.one_of(
+    st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31), 499, 500, 501]), st.integers(-(2**31), 2**31 - 1)
+)
+
+
+def fields(
+    data: st.DataObject, valid: dict[str, Any], fuzzed: dict[str, st.SearchStrategy[Any]]
+) -> dict[str, Any]:
+    """A valid request's fields with a few of them replaced by fuzzed values."""
+    corrupt = data.draw(st.sets(st.sampled_from(sorted(fuzzed)), max_size=3))
+    return {name: data.draw(fuzzed[name]) if name in corrupt else value for name, value in valid.items()}
+
+
+# -- the properties ---------------------------------------------------------------------
+
+
+@FUZZ
+@given(data=st.data())
+def test_get_payment(target: Target, data: st.DataObject) -> None:
+    values = fields(
+        data,
+        {"payment_id": target.payments[0], "min_consistency_token": target.token},
+        {
+            "payment_id": ids(lambda t: t.payments, target),
+            "min_consistency_token": consistency_tokens(target),
+        },
+    )
+    code, _, reply = call(target, "GetPayment", pb.GetPaymentRequest(**values))
+    if code == grpc.StatusCode.OK:
+        view = reply.payment
+        assert view.payment_id in target.references
+        assert view.reference == target.references[view.payment_id]
+
+
+@FUZZ
+@given(data=st.data())
+def test_get_account(target: Target, data: st.DataObject) -> None:
+    values = fields(
+        data,
+        {"account_id": target.accounts[0], "min_consistency_token": target.token},
+        {
+            "account_id": ids(lambda t: t.accounts, target),
+            "min_consistency_token": consistency_tokens(target),
+        },
+    )
+    code, _, reply = call(target, "GetAccount", pb.GetAccountRequest(**values))
+    if code == grpc.StatusCode.OK:
+        assert reply.account.account_id in target.accounts
+
+
+@FUZZ
+@given(data=st.data())
+def test_list_payments(target: Target, data: st.DataObject) -> None:
+    values = fields(
+        data,
+        {
+            "account_id": target.accounts[0],
+            "direction": pb.PAYMENT_DIRECTION_ALL,
+            "status": 0,
+            "start_time": None,
+            "end_time": None,
+            "page_size": 3,
+            "page_token": "",
+            "min_consistency_token": "",
+        },
+        {
+            "account_id": ids(lambda t: t.accounts, target),
+            "direction": st.one_of(st.sampled_from([0, 1, 2, 3, 4, -1, 99]), INT32),
+            "status": st.one_of(st.sampled_from([0, 1, 2, 3, 4, -1, 99]), INT32),
+            "start_time": timestamps(),
+            "end_time": timestamps(),
+            "page_size": INT32,
+            "page_token": page_tokens(target),
+            "min_consistency_token": consistency_tokens(target),
+        },
+    )
+    code, _, reply = call(target, "ListPayments", pb.ListPaymentsRequest(**values))
+    if code == grpc.StatusCode.OK:
+        assert all(view.payment_id in target.references for view in reply.payments)
+        assert len(reply.payments) <= 500
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_tampered_page_token_is_refused(target: Target, data: st.DataObject) -> None:
+    # An empty token asks for the first page: not a tampered one.
+    token = data.draw(tampered(target.page_token).filter(lambda t: t not in ("", target.page_token)))
+    request = pb.ListPaymentsRequest(
+        account_id=target.accounts[0], direction=pb.PAYMENT_DIRECTION_ALL, page_size=3, page_token=token
+    )
+    code, reason, reply = call(target, "ListPayments", request)
+    if code == grpc.StatusCode.OK:
+        # Only a spelling of the same bytes (base64 ignores unused trailing bits) may pass.
+        original = pb.ListPaymentsRequest(
+            account_id=target.accounts[0],
+            direction=pb.PAYMENT_DIRECTION_ALL,
+            page_size=3,
+            page_token=target.page_token,
+        )
+        assert reply == target.stub.ListPayments(original, timeout=5)
+    else:
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_page_token_of_another_query_is_refused(target: Target, data: st.DataObject) -> None:
+    request = pb.ListPaymentsRequest(
+        account_id=data.draw(st.sampled_from(target.accounts[1:])),
+        direction=data.draw(st.sampled_from([1, 2, 3])),  # type: ignore[arg-type]
+        status=data.draw(st.sampled_from([0, 1, 2, 3])),  # type: ignore[arg-type]
+        page_token=target.page_token,
+    )
+    if request.account_id == target.accounts[0] and request.direction == 3 and request.status == 0:
+        return
+    code, reason, _ = call(target, "ListPayments", request)
+    assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_watch_payments(target: Target, data: st.DataObject) -> None:
+    account_id = data.draw(ids(lambda t: t.accounts, target))
+    call_: Any = target.stub.WatchPayments(pb.WatchPaymentsRequest(account_id=account_id), timeout=5)
+    try:
+        call_.initial_metadata()  # returns once the stream is established, or the call has failed
+        if not call_.done():  # established: code() would block until the stream ends
+            target.codes.setdefault("WatchPayments", set()).add("OK")
+            return
+        code = call_.code()
+        assert code in ALLOWED["WatchPayments"], f"WatchPayments: {code.name} {call_.details()}"
+        assert "Traceback" not in (call_.details() or "")
+        target.codes.setdefault("WatchPayments", set()).add(code.name)
+    finally:
+        call_.cancel()
+
+
+def test_an_oversized_request_is_resource_exhausted_and_the_server_keeps_serving(target: Target) -> None:
+    with pytest.raises(grpc.RpcError) as exhausted:
+        target.stub.GetPayment(pb.GetPaymentRequest(payment_id="x" * (MAX_MESSAGE_BYTES + 1)), timeout=10)
+    assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    reply = target.stub.GetPayment(pb.GetPaymentRequest(payment_id=target.payments[0]), timeout=10)
+    assert reply.payment.payment_id == target.payments[0]
+
+
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+def test_bytes_that_are_not_a_request_are_invalid_argument(target: Target, method: str) -> None:
+    path = f"/payments.history.v1.HistoryService/{method}"
+    corrupt = b"\x0a\xff\x01"  # field 1, length 255, one byte of it
+    outcome: Any
+    if method == "WatchPayments":
+        outcome = target.channel.unary_stream(path, None, None)(corrupt, timeout=5)
+    else:
+        outcome = target.channel.unary_unary(path, None, None).future(corrupt, timeout=5)
+    with pytest.raises(grpc.RpcError) as failed:
+        list(outcome) if method == "WatchPayments" else outcome.result()
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(failed.value)
+    assert info is not None
+    assert info.reason == "INVALID_ARGUMENT"
+
+
+def test_metacharacters_come_back_verbatim(target: Target) -> None:
+    for payment_id, reference in target.references.items():
+        reply = target.stub.GetPayment(pb.GetPaymentRequest(payment_id=payment_id), timeout=10)
+        assert reply.payment.reference == reference
+    names = {
+        target.stub.GetAccount(pb.GetAccountRequest(account_id=a), timeout=10).account.owner_name
+        for a in target.accounts
+    }
+    assert names == set(METACHARACTERS[:3])
+
+
+def test_the_server_kept_serving_and_wrote_nothing(target: Target, tmp_path: Path) -> None:
+    """Runs after the properties above (pytest keeps the order of the file) and checks what they did."""
+    assert target.history.alive
+    target.history.wait_serving(10)
+    client = redis.Redis.from_url(target.redis_url)
+    try:
+        assert set(client.keys("*")) == target.keys_before
+    finally:
+        client.close()
+    # The properties reached every documented answer, not only INVALID_ARGUMENT.
+    reads = target.codes["GetPayment"] | target.codes["GetAccount"] | target.codes["ListPayments"]
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE"} <= reads
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= target.codes["ListPayments"]
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= target.codes["WatchPayments"]
+    log = target.history.log_text()
+    assert "INTERNAL" not in log
+    assert "Traceback" not in log
