@@ -43,8 +43,10 @@ def summarize(
             continue
         frames_text, _, count_text = line.rpartition(" ")
         count = int(count_text)
-        # The first frame names the thread; the rest go from the outermost call inwards.
-        frames = [_LINE.sub(")", frame) for frame in frames_text.split(";")[1:]]
+        # Frames go from the outermost call inwards (no thread names: py-spy runs without
+        # --threads). A coroutine that gRPC's Cython layer resumes has a stack that starts
+        # at the coroutine, not at the module's main.
+        frames = [_LINE.sub(")", frame) for frame in frames_text.split(";")]
         total += count
         for frame in set(frames):
             inclusive[frame] += count
@@ -100,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=12.0, help="length of each sampled load")
     parser.add_argument("--drain-payments", type=int, default=50_000)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench/results")
+    parser.add_argument("--summarize", type=Path, nargs="*", help="only summarize these recorded files")
     args = parser.parse_args(argv)
+    if args.summarize:
+        for path in args.summarize:
+            _report(str(path), path)
+        return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
     bench = Bench(QUICK, Path(tempfile.mkdtemp(prefix="payments-profile-")))
     seconds = args.seconds
