@@ -38,6 +38,7 @@ from stack.servers import PostgresServer, RedisServer, free_port
 from tests.faults_support import (
     FAST_RECONNECT,
     PaymentLoad,
+    PostgresProcess,
     Readers,
     Replicator,
     ServiceProcess,
@@ -59,7 +60,7 @@ class Platform:
     """Private servers and every service, with the means to kill and restart each."""
 
     work: Path
-    postgres: PostgresServer
+    postgres: PostgresProcess
     redis_server: RedisServer
     dsn: str
     approval: ServiceProcess
@@ -92,8 +93,9 @@ class Platform:
 
 @contextlib.contextmanager
 def platform(work: Path) -> Iterator[Platform]:
-    postgres = PostgresServer()  # its own folder: as root it runs as a user that may not enter `work`
-    redis_server = RedisServer(base_dir=work / "redis")
+    postgres = PostgresProcess()
+    # DEBUG SLEEP makes Redis slow on demand.
+    redis_server = RedisServer(base_dir=work / "redis", extra_args=["--enable-debug-command", "yes"])
     processes: list[ServiceProcess] = []
     replicators: list[Replicator] = []
     state: Platform | None = None
@@ -178,15 +180,15 @@ def source_payments(dsn: str) -> dict[str, str]:
     return paid
 
 
-async def history_probes_while_redis_is_stuck(target: str, account: str, count: int = 3) -> list[str]:
-    """Calls the history service while Redis does not answer: each must fail cleanly within its deadline."""
+async def history_probes(target: str, account: str, count: int = 3) -> list[str]:
+    """Calls the history service while Redis is stuck or slow; returns each call's outcome."""
     outcomes = []
     async with grpc.aio.insecure_channel(target, options=FAST_RECONNECT) as channel:
         stub: history_grpc.HistoryServiceAsyncStub = history_grpc.HistoryServiceStub(channel)
         for _ in range(count):
             try:
-                await stub.GetAccount(history_pb.GetAccountRequest(account_id=account), timeout=3)
-                outcomes.append("OK")
+                reply = await stub.GetAccount(history_pb.GetAccountRequest(account_id=account), timeout=3)
+                outcomes.append("OK" if reply.account.account_id == account else "WRONG")
             except grpc.aio.AioRpcError as error:
                 info = error_info(error)
                 outcomes.append(f"{error.code().name}/{info.reason if info else ''}")
@@ -214,7 +216,7 @@ async def test_the_platform_keeps_working_and_loses_nothing_under_faults(tmp_pat
             # Redis is stuck (a paused process): history fails cleanly, the replicator waits.
             p.redis_server.pause()
             try:
-                stuck = await history_probes_while_redis_is_stuck(p.history_target, p.accounts[0])
+                stuck = await history_probes(p.history_target, p.accounts[0])
             finally:
                 p.redis_server.resume()
             assert all(
@@ -222,6 +224,15 @@ async def test_the_platform_keeps_working_and_loses_nothing_under_faults(tmp_pat
             ), stuck
             await load.wait_acks(len(load.acks) + 60)
             await asyncio.to_thread(p.replicator.wait_caught_up, 90)
+
+            # Redis is slow (one command blocks it for 2 s): history waits or fails within deadlines.
+            slow_redis = asyncio.create_task(asyncio.to_thread(debug_sleep, p.redis_server.port, 2.0))
+            slow = await history_probes(p.history_target, p.accounts[0], count=2)
+            await slow_redis
+            assert all(
+                o in ("OK", "UNAVAILABLE/READ_MODEL_UNAVAILABLE", "DEADLINE_EXCEEDED/") for o in slow
+            ), slow
+            await load.wait_acks(len(load.acks) + 60)
 
             # PostgreSQL restarts: approval answers UNAVAILABLE meanwhile, the load retries.
             await asyncio.to_thread(p.postgres.restart)
@@ -290,6 +301,9 @@ async def test_the_platform_keeps_working_and_loses_nothing_under_faults(tmp_pat
         assert readers.answered > 50
         assert readers.backwards == []
         assert readers.wrong == [], readers.wrong[:10]
+        # Only losing Redis's data led to a rebuild; a stuck or slow Redis only delayed the replicator.
+        rebuilds = sum(log.read_text().count("REBUILD:") for log in p.work.glob("replicator-*.log"))
+        assert rebuilds == 1
         # The history service answered every read itself: no process needed a restart but the killed one.
         assert [h.starts for h in p.histories] == [2, 1]
         assert p.approval.starts == 3
@@ -355,6 +369,14 @@ async def test_a_retry_across_an_approval_crash_never_pays_twice(
     finally:
         approval.stop(5)
         postgres_server.drop_database(name)
+
+
+def debug_sleep(port: int, seconds: float) -> None:
+    client = redis.Redis(port=port, socket_timeout=seconds + 10)
+    try:
+        client.execute_command("DEBUG", "SLEEP", str(seconds))  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
 
 
 def _waiting_on_lock(dsn: str) -> bool:
