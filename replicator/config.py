@@ -23,7 +23,7 @@ class Settings:
     metrics_port: int = 9103
     stream_maxlen: int = 10_000
     lock_ttl_seconds: float = 10.0
-    batch_max_changes: int = 5000
+    batch_max_changes: int = 2000
     log_level: str = "INFO"
 
     @classmethod

@@ -335,6 +335,9 @@ class Projector:
             roles[payee] = ("received",)
         for account_id, directions in roles.items():
             add, remove = self._index_keys(account_id, (*directions, "all"), status)
+            if change.kind == "insert":
+                # A new row is in no index yet (a deleted one was removed from all of them).
+                remove = ()
             ops.append(
                 SetIndexes(
                     self.schema.account_index_versions(account_id),

@@ -34,6 +34,7 @@ LAG_QUERY_INTERVAL_S = 2.0
 BATCH_MAX_AGE_S = 0.2
 # How long an idle loop waits for data before it renews the lock and pings again.
 IDLE_WAIT_S = 0.05
+COPY_BATCH_ROWS = 1000
 MAX_BACKOFF_S = 10.0
 
 
@@ -215,9 +216,21 @@ class Replicator:
         metrics.BOOTSTRAP_ROWS.set(0)
         copied = 0
         last_report = last_renew = time.monotonic()
-        for table, rows in source.copy(snapshot, tables):
+        renew_every = self.settings.lock_ttl_seconds / 3
+
+        def keep_lock() -> None:
+            nonlocal last_renew
+            now = time.monotonic()
+            if now - last_renew > renew_every:
+                if not lock.renew():
+                    raise LockLost("lost the lock during the bootstrap copy")
+                last_renew = now
+
+        # Small batches, so that the lock is renewed often even on a slow, busy machine.
+        for table, rows in source.copy(snapshot, tables, batch_rows=COPY_BATCH_ROWS):
             if self.stopping:
                 raise Stopped
+            keep_lock()
             ops: list[Op] = []
             for row in rows:
                 ops.extend(
@@ -226,11 +239,8 @@ class Replicator:
             sink.apply(ops, None, notify=False)
             copied += len(rows)
             metrics.BOOTSTRAP_ROWS.set(copied)
+            keep_lock()
             now = time.monotonic()
-            if now - last_renew > self.settings.lock_ttl_seconds / 3:
-                if not lock.renew():
-                    raise LockLost("lost the lock during the bootstrap copy")
-                last_renew = now
             if now - last_report >= 5:
                 log.info(
                     "bootstrap copied %d rows of about %d (%s)",
@@ -349,6 +359,7 @@ class _Stream:
         checkpoint = self.pending_checkpoint
         if checkpoint is None:
             return
+        self.renew_lock_if_due(time.monotonic())
         started = time.perf_counter()
         self.sink.apply(self.pending.project(self.projector), checkpoint)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
