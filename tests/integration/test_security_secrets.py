@@ -269,3 +269,36 @@ def test_the_history_service_has_no_route_to_postgres() -> None:
         timeout=60,
     )
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_an_unreachable_database_reveals_no_credential(tmp_path: Path) -> None:
+    """Nothing listens at the URL: calls are UNAVAILABLE, and neither they nor the logs carry the password."""
+    password = "Pg-" + uuid.uuid4().hex
+    dsn = f"postgresql://app:{password}@127.0.0.1:{free_port()}/payments"
+    approval = approval_process(dsn, free_port(), tmp_path / "approval.log", log_level="DEBUG")
+    approval.start()
+    try:
+        approval.wait_serving(30, service="liveness")
+        with grpc.insecure_channel(approval.address) as channel:
+            stub = approval_grpc.ApprovalServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as down:
+                stub.CreateAccount(
+                    approval_pb.CreateAccountRequest(
+                        request_id="down-1",
+                        owner_name="Ada",
+                        currency_code="EUR",
+                        opening_balance_minor=1,
+                        per_payment_limit_minor=1,
+                        daily_limit_minor=1,
+                    ),
+                    timeout=30,
+                )
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+        info = error_info(down.value)
+        assert info is not None
+        assert info.reason == "DATABASE_UNAVAILABLE"
+        assert secret_free([down.value.details() or "", str(info)], [password]) == []
+    finally:
+        approval.stop(5)
+    assert "readiness probe failed" in approval.log_text()
+    assert secret_free([approval.log_text()], [password]) == []
