@@ -25,6 +25,7 @@ class Settings:
     metrics_port: int = 9101
     review_threshold_minor: int = 1_000_000
     db_pool_size: int = 10
+    db_pool_timeout_seconds: float = 5.0
     grace_seconds: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
@@ -67,6 +68,7 @@ class Settings:
             metrics_port=metrics_port,
             review_threshold_minor=env.integer("REVIEW_THRESHOLD_MINOR", 1_000_000, minimum=1),
             db_pool_size=env.integer("DB_POOL_SIZE", 10, minimum=1),
+            db_pool_timeout_seconds=env.number("DB_POOL_TIMEOUT_SECONDS", 5.0),
             grace_seconds=env.number("GRACE_SECONDS", 10.0),
             max_message_bytes=env.integer("MAX_MESSAGE_BYTES", 4 * 1024 * 1024, minimum=1024),
             log_level=log_level,

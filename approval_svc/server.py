@@ -78,7 +78,9 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[ApprovalServe
 
 async def serve(settings: Settings) -> None:
     """Runs the service until SIGTERM or SIGINT, then shuts down gracefully."""
-    engine = create_engine(settings.async_database_url, settings.db_pool_size)
+    engine = create_engine(
+        settings.async_database_url, settings.db_pool_size, settings.db_pool_timeout_seconds
+    )
     try:
         server, port = create_server(settings, Dependencies.from_engine(engine))
         if settings.metrics_port:

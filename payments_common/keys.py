@@ -7,8 +7,10 @@ single Redis Cluster slot; nothing relies on a transaction across two entities.
 
 Layout (for payment P, account A, replication slot S):
 
-    rm:v1:payment:{P}                  HASH  lsn -> WAL position of the last write
-                                             view -> PaymentView bytes (timeline empty)
+    rm:v1:payment:{P}                  HASH  lsn -> WAL position of the last write (decimal)
+                                             view -> PaymentView bytes (timeline empty);
+                                             absent after a delete (a tombstone: "not found")
+                                             tl:<sequence> -> WAL position of that timeline entry's last write
     rm:v1:payment:{P}:timeline         HASH  <sequence> -> TimelineEntry bytes
     rm:v1:account:{A}                  HASH  lsn, view -> AccountView bytes
     rm:v1:account:{A}:idx:<dir>:<st>   ZSET  all scores 0; member "<create µs, 16 digits>:<P>",

@@ -6,6 +6,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from payments_common.grpcserver import LIVENESS, READINESS
 
@@ -20,6 +21,10 @@ class HealthServer:
         self.servicer = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
+        # Reflection, so that grpcurl and buf curl can probe it like the other services.
+        reflection.enable_server_reflection(
+            [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self.server
+        )
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.set_ready(False)
         self.servicer.set(LIVENESS, SERVING)

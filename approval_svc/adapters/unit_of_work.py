@@ -79,13 +79,17 @@ def database_error(error: BaseException) -> DomainError | None:
     return None
 
 
-def create_engine(database_url: str, pool_size: int) -> AsyncEngine:
-    """The connection pool; no connection is opened until the first unit of work."""
+def create_engine(database_url: str, pool_size: int, pool_timeout: float = 5.0) -> AsyncEngine:
+    """The connection pool; no connection is opened until the first unit of work.
+
+    A call that waits longer than `pool_timeout` for a connection fails with
+    UNAVAILABLE rather than queue without bound behind a hot account.
+    """
     return create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=0,
-        pool_timeout=5,
+        pool_timeout=pool_timeout,
         # A connection broken by a database restart is replaced before use, so the
         # service recovers by itself once PostgreSQL is back.
         pool_pre_ping=True,

@@ -25,7 +25,9 @@ def async_url(dsn: str) -> str:
 
 @contextlib.asynccontextmanager
 async def engine_for(dsn: str, pool_size: int = 20) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(async_url(dsn), pool_size)
+    # Hundreds of calls queue behind one account's row lock; on a busy machine
+    # that can take longer than the service's default wait for a connection.
+    engine = create_engine(async_url(dsn), pool_size, pool_timeout=300)
     try:
         yield engine
     finally:
