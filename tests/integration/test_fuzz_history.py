@@ -40,6 +40,7 @@ FUZZ = settings(
     max_examples=80,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -391,7 +392,13 @@ def test_a_page_token_of_another_query_is_refused(target: Target, data: st.DataO
     assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_watch_payments(target: Target, data: st.DataObject) -> None:
     account_id = data.draw(ids(lambda t: t.accounts, target))
