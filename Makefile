@@ -6,13 +6,14 @@ STAMP := $(VENV)/.installed-stamp
 K8S_STAMP := .venv-k8s/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv k8s-tools gen check-gen lint typecheck protos test demo up down clean
+.PHONY: help venv k8s-tools gen check-gen lint typecheck protos test demo up down bench bench-quick clean
 
 help:
 	@echo "make demo   bring the local stack up, run the scenario, bring it down"
 	@echo "make test   set up, lint, type-check, check the contracts, run every test"
 	@echo "make up     start the local stack in the background (make down stops it)"
 	@echo "make gen    regenerate the Python code of protos/"
+	@echo "make bench  the benchmark (about 12 min); make bench-quick is the 2-minute smoke size"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +58,12 @@ down: venv
 
 demo: venv
 	$(BIN)/python -m stack demo
+
+bench: venv
+	$(BIN)/python -m bench
+
+bench-quick: venv
+	$(BIN)/python -m bench --quick
 
 clean: down
 	rm -rf $(VENV) .venv-k8s .stack .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""`python -m bench --quick` as a smoke test: it runs, within its time budget, and reports every figure.
+"""`python -m bench --quick` as a smoke test: it runs and reports every figure.
 
 The values are not asserted: they depend on the machine and its load. Only that each
 figure is there, as finite numbers, and that the chart was drawn.
@@ -10,7 +10,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(240)
 def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
     out, chart = tmp_path / "r.json", tmp_path / "c.png"
-    started = time.monotonic()
     run = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--chart", str(chart)],
         cwd=ROOT,
@@ -32,7 +30,6 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         text=True,
         timeout=230,
     )
-    elapsed = time.monotonic() - started
     assert run.returncode == 0, f"bench --quick failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
 
     results = json.loads(out.read_text())
@@ -49,5 +46,3 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         assert all(isinstance(p["p99_ms"], float) for p in points)
     assert chart.stat().st_size > 10_000
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The budget of `make bench-quick` is two minutes; this process adds a little start-up.
-    assert elapsed < 120, f"bench --quick took {elapsed:.0f}s"
