@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 from uuid import UUID, uuid4
 
 from approval_svc import metrics
-from approval_svc.adapters.repository import RequestLookup
+from approval_svc.adapters.repository import RequestLookup, SavedRequest
 from approval_svc.adapters.unit_of_work import UnitOfWork
 from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
@@ -186,10 +186,9 @@ class Handlers:
                 "",
                 now,
             )
-            await repo.add_payment(payment, event)
             entries = rules.transfer_entries(payment) if payment.status is PaymentStatus.APPROVED else []
-            await repo.apply_changes(rules.submission_changes(payment), entries, now)
-            await repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(payment))
+            request = SavedRequest(key.request_id, key.method, key.fingerprint, key.encode(payment))
+            await repo.add_decision(payment, event, rules.submission_changes(payment), entries, request)
             return Outcome(payment, None, await uow.commit())
 
         outcome = await self._run(work)

@@ -1,4 +1,8 @@
-"""The repository: every SQL statement of the command side, with few round trips per decision."""
+"""The repository: every SQL statement of the command side, with few round trips per decision.
+
+Statements run on asyncpg directly, with positional parameters: asyncpg prepares each
+once per connection, and no SQL layer sits between the handlers and the protocol.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from sqlalchemy import RowMapping, text
-from sqlalchemy.ext.asyncio import AsyncConnection
+import asyncpg
 
 from approval_svc.domain.errors import TransactionConflict
 from approval_svc.domain.model import (
@@ -28,6 +31,16 @@ from approval_svc.domain.model import (
 class StoredRequest:
     """The record of a request already carried out (AIP-155)."""
 
+    method: str
+    fingerprint: bytes
+    response: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SavedRequest:
+    """A request's response to record with its effect (AIP-155)."""
+
+    request_id: str
     method: str
     fingerprint: bytes
     response: bytes
@@ -59,6 +72,16 @@ class Repository(Protocol):
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
 
+    async def add_decision(
+        self,
+        payment: Payment,
+        event: PaymentEvent,
+        changes: Sequence[AccountChange],
+        entries: Sequence[LedgerEntry],
+        request: SavedRequest,
+    ) -> None:
+        """`add_payment`, `apply_changes` and `save_request` at once (one round trip)."""
+
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
 
     async def apply_changes(
@@ -88,91 +111,80 @@ _PAYMENT_COLUMNS = """
     currency_code, amount_minor, reference, status, decline_reason, created_at, updated_at
 """
 
-_BEGIN_REQUEST = text(
-    """
+_BEGIN_REQUEST = """
     SELECT now() AS now, k.method, k.request_fingerprint, k.response
-    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = :request_id
-    """
-)
+    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = $1
+"""
 
 # DO NOTHING waits for a concurrent insert of the same key to finish, so the loser
 # learns of the winner here and retries its whole unit of work as a replay.
-_SAVE_REQUEST = text(
-    """
+_SAVE_REQUEST = """
     INSERT INTO idempotency_keys (request_id, method, request_fingerprint, response)
-    VALUES (:request_id, :method, :fingerprint, :response)
+    VALUES ($1, $2, $3, $4)
     ON CONFLICT (request_id) DO NOTHING
     RETURNING 1
-    """
-)
+"""
 
-_ADD_ACCOUNT = text(
-    """
+_ADD_ACCOUNT = """
     WITH account AS (
         INSERT INTO accounts (account_id, owner_name, currency_code, status, ledger_balance_minor,
                               per_payment_limit_minor, daily_limit_minor, created_at, updated_at)
-        VALUES (:account_id, :owner_name, :currency_code, :status, :ledger,
-                :per_payment_limit, :daily_limit, :at, :at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
         RETURNING account_id
     )
     INSERT INTO ledger_entries (account_id, payment_id, kind, amount_minor, created_at)
-    SELECT account.account_id, NULL, e.kind, e.amount, :at
-    FROM account, unnest(CAST(:kinds AS text[]), CAST(:amounts AS bigint[])) AS e(kind, amount)
-    """
-)
+    SELECT account.account_id, NULL, e.kind, e.amount, $8
+    FROM account, unnest($9::text[], $10::bigint[]) AS e(kind, amount)
+"""
 
 # ORDER BY makes every transaction lock accounts in the same order, so two payments
 # between the same accounts in opposite directions cannot deadlock. NO KEY UPDATE
 # does not block the key-share locks that foreign keys of new payments take.
-_LOCK_ACCOUNTS = text(
-    f"""
+_LOCK_ACCOUNTS = f"""
     SELECT {_ACCOUNT_COLUMNS} FROM accounts
-    WHERE account_id = ANY(CAST(:account_ids AS uuid[]))
+    WHERE account_id = ANY($1::uuid[])
     ORDER BY account_id
     FOR NO KEY UPDATE
-    """
-)
+"""
 
 # A separate statement after the locks: in READ COMMITTED it takes a new snapshot, so
 # it sees every payment committed by the transactions it waited for.
-_DAILY_USAGE = text(
-    """
+_DAILY_USAGE = """
     SELECT coalesce(sum(amount_minor), 0) FROM payments
-    WHERE payer_account_id = :payer AND created_at >= :since
+    WHERE payer_account_id = $1 AND created_at >= $2
       AND status IN ('APPROVED', 'PENDING_REVIEW')
-    """
-)
+"""
 
-_ADD_PAYMENT = text(
-    f"""
-    WITH payment AS (
+_INSERT_PAYMENT = f"""
+    payment AS (
         INSERT INTO payments ({_PAYMENT_COLUMNS})
-        VALUES (:payment_id, :request_id, :payer, :payee, :payer_name, :payee_name, :currency_code,
-                :amount, :reference, :status, :decline_reason, :created_at, :updated_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
         RETURNING payment_id
+    ),
+    event AS (
+        INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, note, created_at)
+        SELECT payment_id, $14, $15, $16, $17, $18, $19 FROM payment
     )
-    INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, note, created_at)
-    SELECT payment_id, :sequence, :event_status, :event_reason, :actor, :note, :event_at FROM payment
-    """
-)
+"""
 
-_UPDATE_PAYMENT = text(
-    """
+_ADD_PAYMENT = f"WITH {_INSERT_PAYMENT} SELECT 1"
+
+_UPDATE_PAYMENT = """
     WITH payment AS (
-        UPDATE payments SET status = :status, decline_reason = :decline_reason, updated_at = :updated_at
-        WHERE payment_id = :payment_id
+        UPDATE payments SET status = $2, decline_reason = $3, updated_at = $4
+        WHERE payment_id = $1
         RETURNING payment_id
     )
     INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, note, created_at)
-    SELECT payment_id, :sequence, :event_status, :event_reason, :actor, :note, :event_at FROM payment
-    """
-)
+    SELECT payment_id, $5, $6, $7, $8, $9, $10 FROM payment
+"""
 
-# One statement for both accounts and the ledger rows: a data-modifying WITH runs to
-# completion even though the outer statement does not read it.
-_APPLY_CHANGES = text(
-    """
-    WITH changed AS (
+
+def _changes_sql(n: int) -> str:
+    """The accounts' update and the ledger rows, with parameters numbered from `n`."""
+    p = [f"${n + i}" for i in range(16)]
+    return f"""
+    changed AS (
         UPDATE accounts AS a SET
             ledger_balance_minor = a.ledger_balance_minor + d.ledger,
             held_minor = a.held_minor + d.held,
@@ -184,48 +196,60 @@ _APPLY_CHANGES = text(
             received_approved = a.received_approved + d.received_approved,
             received_declined = a.received_declined + d.received_declined,
             received_pending_review = a.received_pending_review + d.received_pending_review,
-            updated_at = :at
+            updated_at = {p[0]}
         FROM unnest(
-            CAST(:ids AS uuid[]), CAST(:ledger AS bigint[]), CAST(:held AS bigint[]),
-            CAST(:total_sent AS bigint[]), CAST(:total_received AS bigint[]),
-            CAST(:sent_approved AS bigint[]), CAST(:sent_declined AS bigint[]),
-            CAST(:sent_pending_review AS bigint[]), CAST(:received_approved AS bigint[]),
-            CAST(:received_declined AS bigint[]), CAST(:received_pending_review AS bigint[])
+            {p[1]}::uuid[], {p[2]}::bigint[], {p[3]}::bigint[], {p[4]}::bigint[], {p[5]}::bigint[],
+            {p[6]}::bigint[], {p[7]}::bigint[], {p[8]}::bigint[], {p[9]}::bigint[], {p[10]}::bigint[],
+            {p[11]}::bigint[]
         ) AS d(account_id, ledger, held, total_sent, total_received, sent_approved, sent_declined,
                sent_pending_review, received_approved, received_declined, received_pending_review)
         WHERE a.account_id = d.account_id
+    ),
+    ledger AS (
+        INSERT INTO ledger_entries (account_id, payment_id, kind, amount_minor, created_at)
+        SELECT e.account_id, e.payment_id, e.kind, e.amount, {p[0]}
+        FROM unnest({p[12]}::uuid[], {p[13]}::uuid[], {p[14]}::text[], {p[15]}::bigint[])
+             AS e(account_id, payment_id, kind, amount)
     )
-    INSERT INTO ledger_entries (account_id, payment_id, kind, amount_minor, created_at)
-    SELECT e.account_id, e.payment_id, e.kind, e.amount, :at
-    FROM unnest(CAST(:entry_accounts AS uuid[]), CAST(:entry_payments AS uuid[]),
-                CAST(:entry_kinds AS text[]), CAST(:entry_amounts AS bigint[]))
-         AS e(account_id, payment_id, kind, amount)
-    """
-)
+"""
 
-_LOCK_PAYMENT = text(
-    f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = :payment_id FOR NO KEY UPDATE"
-)
-_GET_PAYMENT = text(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = :payment_id")
+
+# Data-modifying WITH clauses run to completion even though the outer statement does
+# not read them.
+_APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
+
+# A submission in one statement: the payment, its event, both accounts, the ledger rows
+# and the request's record. The foreign keys are checked at the end of the statement,
+# when the payment row exists. An empty result means that a concurrent request with
+# the same request_id committed first (see _SAVE_REQUEST).
+_ADD_DECISION = f"""
+    WITH {_INSERT_PAYMENT}, {_changes_sql(20)},
+    request AS (
+        INSERT INTO idempotency_keys (request_id, method, request_fingerprint, response)
+        VALUES ($36, $37, $38, $39)
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT 1 FROM request
+"""
+
+_LOCK_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1 FOR NO KEY UPDATE"
+_GET_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1"
 # One statement, so the payment and its timeline come from one snapshot.
-_PAYMENT_WITH_EVENTS = text(
-    """
+_PAYMENT_WITH_EVENTS = """
     SELECT p.payment_id, p.request_id, p.payer_account_id, p.payee_account_id, p.payer_name,
            p.payee_name, p.currency_code, p.amount_minor, p.reference, p.status, p.decline_reason,
-           p.created_at, p.updated_at, e.sequence, e.status AS event_status, e.decline_reason AS event_reason, e.actor, e.note,
-           e.created_at AS event_at
+           p.created_at, p.updated_at, e.sequence, e.status AS event_status,
+           e.decline_reason AS event_reason, e.actor, e.note, e.created_at AS event_at
     FROM payments AS p LEFT JOIN payment_events AS e ON e.payment_id = p.payment_id
-    WHERE p.payment_id = :payment_id
+    WHERE p.payment_id = $1
     ORDER BY e.sequence
-    """
-)
-_SET_ACCOUNT_STATUS = text(
-    "UPDATE accounts SET status = :status, updated_at = :at WHERE account_id = :account_id"
-)
-_NOW = text("SELECT now()")
+"""
+_SET_ACCOUNT_STATUS = "UPDATE accounts SET status = $2, updated_at = $3 WHERE account_id = $1"
+_NOW = "SELECT now()"
 
 
-def _account(row: RowMapping) -> Account:
+def _account(row: asyncpg.Record) -> Account:
     return Account(
         account_id=row["account_id"],
         owner_name=row["owner_name"],
@@ -248,7 +272,7 @@ def _account(row: RowMapping) -> Account:
     )
 
 
-def _payment(row: RowMapping) -> Payment:
+def _payment(row: asyncpg.Record) -> Payment:
     reason = row["decline_reason"]
     return Payment(
         payment_id=row["payment_id"],
@@ -267,142 +291,151 @@ def _payment(row: RowMapping) -> Payment:
     )
 
 
-def _event_params(event: PaymentEvent) -> dict[str, Any]:
-    return {
-        "sequence": event.sequence,
-        "event_status": event.status.value,
-        "event_reason": event.decline_reason.value if event.decline_reason else None,
-        "actor": event.actor,
-        "note": event.note,
-        "event_at": event.created_at,
-    }
+def _payment_args(payment: Payment, event: PaymentEvent) -> list[Any]:
+    return [
+        payment.payment_id,
+        payment.request_id,
+        payment.payer_account_id,
+        payment.payee_account_id,
+        payment.payer_name,
+        payment.payee_name,
+        payment.currency,
+        payment.amount,
+        payment.reference,
+        payment.status.value,
+        payment.decline_reason.value if payment.decline_reason else None,
+        payment.created_at,
+        payment.updated_at,
+        *_event_args(event),
+    ]
+
+
+def _event_args(event: PaymentEvent) -> list[Any]:
+    return [
+        event.sequence,
+        event.status.value,
+        event.decline_reason.value if event.decline_reason else None,
+        event.actor,
+        event.note,
+        event.created_at,
+    ]
+
+
+def _changes_args(
+    changes: Sequence[AccountChange], entries: Sequence[LedgerEntry], at: datetime
+) -> list[Any]:
+    return [
+        at,
+        [c.account_id for c in changes],
+        [c.ledger for c in changes],
+        [c.held for c in changes],
+        [c.total_sent for c in changes],
+        [c.total_received for c in changes],
+        [c.sent_approved for c in changes],
+        [c.sent_declined for c in changes],
+        [c.sent_pending_review for c in changes],
+        [c.received_approved for c in changes],
+        [c.received_declined for c in changes],
+        [c.received_pending_review for c in changes],
+        [e.account_id for e in entries],
+        [e.payment_id for e in entries],
+        [e.kind.value for e in entries],
+        [e.amount for e in entries],
+    ]
 
 
 class SqlRepository:
-    """The Repository on one connection inside the unit of work's transaction."""
+    """The Repository on one asyncpg connection inside the unit of work's transaction."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: asyncpg.Connection) -> None:
         self._connection = connection
 
     async def begin_request(self, request_id: str) -> RequestLookup:
-        row = (await self._connection.execute(_BEGIN_REQUEST, {"request_id": request_id})).one()
+        row = await self._connection.fetchrow(_BEGIN_REQUEST, request_id)
         stored = None
-        if row.method is not None:
-            stored = StoredRequest(row.method, bytes(row.request_fingerprint), bytes(row.response))
-        return RequestLookup(row.now, stored)
+        if row["method"] is not None:
+            stored = StoredRequest(row["method"], bytes(row["request_fingerprint"]), bytes(row["response"]))
+        return RequestLookup(row["now"], stored)
 
     async def save_request(self, request_id: str, method: str, fingerprint: bytes, response: bytes) -> None:
-        params = {
-            "request_id": request_id,
-            "method": method,
-            "fingerprint": fingerprint,
-            "response": response,
-        }
-        inserted = (await self._connection.execute(_SAVE_REQUEST, params)).first()
+        inserted = await self._connection.fetchrow(_SAVE_REQUEST, request_id, method, fingerprint, response)
         if inserted is None:
             raise TransactionConflict("a concurrent request with the same request_id committed first")
 
     async def now(self) -> datetime:
-        value: datetime = (await self._connection.execute(_NOW)).scalar_one()
+        value: datetime = await self._connection.fetchval(_NOW)
         return value
 
     async def add_account(self, account: Account, entries: Sequence[LedgerEntry]) -> None:
         await self._connection.execute(
             _ADD_ACCOUNT,
-            {
-                "account_id": account.account_id,
-                "owner_name": account.owner_name,
-                "currency_code": account.currency,
-                "status": account.status.value,
-                "ledger": account.ledger_balance,
-                "per_payment_limit": account.per_payment_limit,
-                "daily_limit": account.daily_limit,
-                "at": account.created_at,
-                "kinds": [e.kind.value for e in entries],
-                "amounts": [e.amount for e in entries],
-            },
+            account.account_id,
+            account.owner_name,
+            account.currency,
+            account.status.value,
+            account.ledger_balance,
+            account.per_payment_limit,
+            account.daily_limit,
+            account.created_at,
+            [e.kind.value for e in entries],
+            [e.amount for e in entries],
         )
 
     async def lock_accounts(self, account_ids: Sequence[UUID]) -> dict[UUID, Account]:
-        result = await self._connection.execute(_LOCK_ACCOUNTS, {"account_ids": list(account_ids)})
-        return {row["account_id"]: _account(row) for row in result.mappings()}
+        rows = await self._connection.fetch(_LOCK_ACCOUNTS, list(account_ids))
+        return {row["account_id"]: _account(row) for row in rows}
 
     async def daily_usage(self, payer_account_id: UUID, since: datetime) -> int:
-        result = await self._connection.execute(_DAILY_USAGE, {"payer": payer_account_id, "since": since})
-        return int(result.scalar_one())
+        return int(await self._connection.fetchval(_DAILY_USAGE, payer_account_id, since))
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
-        await self._connection.execute(
-            _ADD_PAYMENT,
-            {
-                "payment_id": payment.payment_id,
-                "request_id": payment.request_id,
-                "payer": payment.payer_account_id,
-                "payee": payment.payee_account_id,
-                "payer_name": payment.payer_name,
-                "payee_name": payment.payee_name,
-                "currency_code": payment.currency,
-                "amount": payment.amount,
-                "reference": payment.reference,
-                "status": payment.status.value,
-                "decline_reason": payment.decline_reason.value if payment.decline_reason else None,
-                "created_at": payment.created_at,
-                "updated_at": payment.updated_at,
-                **_event_params(event),
-            },
+        await self._connection.execute(_ADD_PAYMENT, *_payment_args(payment, event))
+
+    async def add_decision(
+        self,
+        payment: Payment,
+        event: PaymentEvent,
+        changes: Sequence[AccountChange],
+        entries: Sequence[LedgerEntry],
+        request: SavedRequest,
+    ) -> None:
+        inserted = await self._connection.fetchrow(
+            _ADD_DECISION,
+            *_payment_args(payment, event),
+            *_changes_args(changes, entries, payment.created_at),
+            request.request_id,
+            request.method,
+            request.fingerprint,
+            request.response,
         )
+        if inserted is None:
+            raise TransactionConflict("a concurrent request with the same request_id committed first")
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None:
         await self._connection.execute(
             _UPDATE_PAYMENT,
-            {
-                "payment_id": payment.payment_id,
-                "status": payment.status.value,
-                "decline_reason": payment.decline_reason.value if payment.decline_reason else None,
-                "updated_at": payment.updated_at,
-                **_event_params(event),
-            },
+            payment.payment_id,
+            payment.status.value,
+            payment.decline_reason.value if payment.decline_reason else None,
+            payment.updated_at,
+            *_event_args(event),
         )
 
     async def apply_changes(
         self, changes: Sequence[AccountChange], entries: Sequence[LedgerEntry], at: datetime
     ) -> None:
-        await self._connection.execute(
-            _APPLY_CHANGES,
-            {
-                "at": at,
-                "ids": [c.account_id for c in changes],
-                "ledger": [c.ledger for c in changes],
-                "held": [c.held for c in changes],
-                "total_sent": [c.total_sent for c in changes],
-                "total_received": [c.total_received for c in changes],
-                "sent_approved": [c.sent_approved for c in changes],
-                "sent_declined": [c.sent_declined for c in changes],
-                "sent_pending_review": [c.sent_pending_review for c in changes],
-                "received_approved": [c.received_approved for c in changes],
-                "received_declined": [c.received_declined for c in changes],
-                "received_pending_review": [c.received_pending_review for c in changes],
-                "entry_accounts": [e.account_id for e in entries],
-                "entry_payments": [e.payment_id for e in entries],
-                "entry_kinds": [e.kind.value for e in entries],
-                "entry_amounts": [e.amount for e in entries],
-            },
-        )
+        await self._connection.execute(_APPLY_CHANGES, *_changes_args(changes, entries, at))
 
     async def lock_payment(self, payment_id: UUID) -> Payment | None:
-        row = (await self._connection.execute(_LOCK_PAYMENT, {"payment_id": payment_id})).mappings().first()
+        row = await self._connection.fetchrow(_LOCK_PAYMENT, payment_id)
         return _payment(row) if row is not None else None
 
     async def get_payment(self, payment_id: UUID) -> Payment | None:
-        row = (await self._connection.execute(_GET_PAYMENT, {"payment_id": payment_id})).mappings().first()
+        row = await self._connection.fetchrow(_GET_PAYMENT, payment_id)
         return _payment(row) if row is not None else None
 
     async def get_payment_with_events(self, payment_id: UUID) -> tuple[Payment, list[PaymentEvent]] | None:
-        rows = (
-            (await self._connection.execute(_PAYMENT_WITH_EVENTS, {"payment_id": payment_id}))
-            .mappings()
-            .all()
-        )
+        rows = await self._connection.fetch(_PAYMENT_WITH_EVENTS, payment_id)
         if not rows:
             return None
         events = [
@@ -421,6 +454,4 @@ class SqlRepository:
         return _payment(rows[0]), events
 
     async def set_account_status(self, account_id: UUID, status: AccountStatus, at: datetime) -> None:
-        await self._connection.execute(
-            _SET_ACCOUNT_STATUS, {"account_id": account_id, "status": status.value, "at": at}
-        )
+        await self._connection.execute(_SET_ACCOUNT_STATUS, account_id, status.value, at)

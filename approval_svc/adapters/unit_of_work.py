@@ -17,7 +17,7 @@ from payments_common.lsn import parse_lsn
 
 log = logging.getLogger(__name__)
 
-_WAL_POSITION = text("SELECT pg_current_wal_lsn()::text")
+_WAL_POSITION = "SELECT pg_current_wal_lsn()::text"
 _PROBE = text("SELECT 1")
 
 # Serialization failure and deadlock: the transaction did nothing and can run again.
@@ -55,7 +55,11 @@ class UnitOfWork(Protocol):
 
 
 def database_error(error: BaseException) -> DomainError | None:
-    """The domain error for a failure of the database driver, or None when it is not one."""
+    """The domain error for a failure of the database driver, or None when it is not one.
+
+    Knows both SQLAlchemy's wrapped errors (the engine, the readiness probe) and
+    asyncpg's own (the hot path runs on the raw driver connection).
+    """
     if isinstance(error, DomainError):
         return None
     if isinstance(error, sa_exc.TimeoutError):
@@ -74,6 +78,13 @@ def database_error(error: BaseException) -> DomainError | None:
         ):
             return DatabaseUnavailable("the database is unavailable")
         return None
+    if isinstance(error, asyncpg.PostgresError):
+        sqlstate = getattr(error, "sqlstate", None) or ""
+        if sqlstate in _RETRYABLE_SQLSTATES:
+            return TransactionConflict("the transaction conflicted with another one")
+        if sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES:
+            return DatabaseUnavailable("the database is unavailable")
+        return None
     if isinstance(error, _UNAVAILABLE_ERRORS):
         return DatabaseUnavailable("the database is unavailable")
     return None
@@ -85,14 +96,14 @@ def create_engine(database_url: str, pool_size: int, pool_timeout: float = 5.0) 
     A call that waits longer than `pool_timeout` for a connection fails with
     UNAVAILABLE rather than queue without bound behind a hot account.
     """
+    # No pool_pre_ping: it cost a round trip per checkout. A connection broken by a
+    # database restart fails its BEGIN instead; the unit of work then discards it and
+    # tries once more on a fresh one, so the service still recovers by itself.
     return create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=0,
         pool_timeout=pool_timeout,
-        # A connection broken by a database restart is replaced before use, so the
-        # service recovers by itself once PostgreSQL is back.
-        pool_pre_ping=True,
         connect_args={
             "timeout": 5,
             "command_timeout": 30,
@@ -102,58 +113,100 @@ def create_engine(database_url: str, pool_size: int, pool_timeout: float = 5.0) 
 
 
 class SqlUnitOfWork:
-    """A UnitOfWork on one pooled connection of `engine`."""
+    """A UnitOfWork on one pooled connection of `engine`.
+
+    SQLAlchemy owns the pool; the transaction and every statement run on the pooled
+    connection's asyncpg driver connection, whose statement cache prepares each
+    statement once per connection. SQLAlchemy does not know of this transaction, so
+    this class ends it itself: COMMIT on `commit`, ROLLBACK on leaving otherwise.
+    """
 
     repo: Repository
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._connection: AsyncConnection | None = None
+        self._driver: asyncpg.Connection | None = None
 
     async def __aenter__(self) -> Self:
-        try:
-            self._connection = await self._engine.connect()
-            await self._connection.begin()
-        except Exception as error:
-            mapped = database_error(error)
-            if mapped is not None:
-                raise mapped from error
-            raise
-        self.repo = SqlRepository(self._connection)
-        return self
+        # A pooled connection may have died with a database restart; its BEGIN fails
+        # before anything ran, so one more try on a fresh connection is safe.
+        for attempt in (1, 2):
+            try:
+                connection = await self._engine.connect()
+            except Exception as error:
+                mapped = database_error(error)
+                if mapped is not None:
+                    raise mapped from error
+                raise
+            try:
+                raw = await connection.get_raw_connection()
+                driver: asyncpg.Connection = raw.driver_connection
+                await driver.execute("BEGIN")
+            except Exception as error:
+                mapped = database_error(error)
+                await self._discard(connection, invalidate=mapped is not None)
+                if isinstance(mapped, DatabaseUnavailable) and attempt == 1:
+                    continue
+                if mapped is not None:
+                    raise mapped from error
+                raise
+            self._connection, self._driver = connection, driver
+            self.repo = SqlRepository(driver)
+            return self
+        raise AssertionError("unreachable")
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                # Closing returns the connection to the pool, which rolls back whatever
-                # was not committed.
-                await connection.close()
-            except Exception as error:
-                if exc is None and database_error(error) is None:
-                    raise
-                log.warning("could not release a database connection: %s", error)
+        driver, self._driver = self._driver, None
+        if connection is not None and driver is not None:
+            broken = isinstance(exc, DatabaseUnavailable) or (
+                exc is not None and isinstance(database_error(exc), DatabaseUnavailable)
+            )
+            if not broken and driver.is_in_transaction():
+                try:
+                    await driver.execute("ROLLBACK")
+                except Exception as error:
+                    if exc is None and database_error(error) is None:
+                        raise
+                    log.warning("could not roll back: %s", error)
+                    broken = True
+            await self._discard(connection, invalidate=broken or driver.is_closed())
         if exc is not None:
             mapped = database_error(exc)
             if mapped is not None:
                 raise mapped from exc
 
-    def _require(self) -> AsyncConnection:
-        if self._connection is None:
+    @staticmethod
+    async def _discard(connection: AsyncConnection, invalidate: bool) -> None:
+        """Returns the connection to the pool, or drops it when it can no longer be trusted."""
+        try:
+            if invalidate:
+                await connection.invalidate()
+            await connection.close()
+        except Exception as error:
+            if database_error(error) is None:
+                raise
+            log.warning("could not release a database connection: %s", error)
+
+    def _require(self) -> asyncpg.Connection:
+        if self._driver is None:
             raise RuntimeError("the unit of work is not open")
-        return self._connection
+        return self._driver
 
     async def commit(self) -> int:
-        connection = self._require()
-        await connection.commit()
+        driver = self._require()
+        await driver.execute("COMMIT")
         # synchronous_commit is on, so the commit record is flushed before COMMIT returns
-        # and the current insert position is past it.
-        return await self.position()
+        # and the current insert position is past it. Read outside any transaction:
+        # one round trip.
+        text_lsn: str = await driver.fetchval(_WAL_POSITION)
+        return parse_lsn(text_lsn)
 
     async def position(self) -> int:
-        text_lsn: str = (await self._require().execute(_WAL_POSITION)).scalar_one()
+        text_lsn: str = await self._require().fetchval(_WAL_POSITION)
         return parse_lsn(text_lsn)
 
 

@@ -14,7 +14,7 @@ from uuid import UUID
 
 import pytest
 
-from approval_svc.adapters.repository import RequestLookup, StoredRequest
+from approval_svc.adapters.repository import RequestLookup, SavedRequest, StoredRequest
 from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
@@ -90,6 +90,18 @@ class FakeRepository:
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
         self.state.payments[payment.payment_id] = payment
         self.state.events.append(event)
+
+    async def add_decision(
+        self,
+        payment: Payment,
+        event: PaymentEvent,
+        changes: Sequence[AccountChange],
+        entries: Sequence[LedgerEntry],
+        request: SavedRequest,
+    ) -> None:
+        await self.add_payment(payment, event)
+        await self.apply_changes(changes, entries, payment.created_at)
+        await self.save_request(request.request_id, request.method, request.fingerprint, request.response)
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None:
         self.state.payments[payment.payment_id] = payment
