@@ -39,14 +39,14 @@ class DecodeError(ValueError):
     """A message that is not valid pgoutput, or refers to an unknown relation."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Begin:
     final_lsn: int
     commit_time_us: int
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Commit:
     flags: int
     commit_lsn: int
@@ -81,13 +81,13 @@ class Relation:
         return cls(oid, namespace, name, replica_identity, columns, names, f"{namespace}.{name}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Insert:
     relation: Relation
     new: tuple[Value, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Update:
     relation: Relation
     # The old key ('K') or the whole old row ('O'), when the server sent one.
@@ -95,7 +95,7 @@ class Update:
     new: tuple[Value, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delete:
     relation: Relation
     # The old key ('K') or the whole old row ('O').
@@ -130,6 +130,9 @@ class LogicalMessage:
     content: bytes
 
 
+# The per-change messages above are plain (not frozen) dataclasses: a frozen dataclass's
+# __init__ sets every field through object.__setattr__, which costs measurably at one
+# message per row change. Nothing mutates or hashes them.
 Message = Begin | Commit | Relation | Insert | Update | Delete | Truncate | Origin | TypeInfo | LogicalMessage
 
 _U8 = struct.Struct(">B")
@@ -151,7 +154,7 @@ class Decoder:
         self.relations: dict[int, Relation] = {}
 
     def decode(self, payload: bytes | memoryview) -> Message:
-        data = bytes(payload)
+        data = payload if type(payload) is bytes else bytes(payload)
         if not data:
             raise DecodeError("empty message")
         kind = data[0]
@@ -252,23 +255,27 @@ def _tuple(data: bytes, offset: int) -> tuple[tuple[Value, ...], int]:
     offset += 2
     values: list[Value] = []
     append = values.append
+    unpack = _U32.unpack_from
     for _ in range(count):
         kind = data[offset]
-        offset += 1
         if kind == 0x74:  # 't'
-            (length,) = _U32.unpack_from(data, offset)
-            offset += 4
-            append(data[offset : offset + length].decode())
-            offset += length
+            (length,) = unpack(data, offset + 1)
+            offset += 5
+            end = offset + length
+            append(data[offset:end].decode())
+            offset = end
         elif kind == 0x6E:  # 'n'
             append(None)
+            offset += 1
         elif kind == 0x75:  # 'u'
             append(UNCHANGED)
+            offset += 1
         elif kind == 0x62:  # 'b'
-            (length,) = _U32.unpack_from(data, offset)
-            offset += 4
-            append(data[offset : offset + length])
-            offset += length
+            (length,) = unpack(data, offset + 1)
+            offset += 5
+            end = offset + length
+            append(data[offset:end])
+            offset = end
         else:
             raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
     return tuple(values), offset

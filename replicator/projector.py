@@ -31,7 +31,10 @@ class ProjectionError(ValueError):
     """A row that cannot be projected (a required column missing or unchanged)."""
 
 
-@dataclass(frozen=True, slots=True)
+# RowChange and the ops made per change are plain dataclasses rather than frozen ones:
+# a frozen dataclass's __init__ sets each field through object.__setattr__, a measurable
+# cost at several objects per row change. Nothing mutates or hashes them.
+@dataclass(slots=True)
 class RowChange:
     """One row change of a published table, at the end position of its transaction."""
 
@@ -42,7 +45,7 @@ class RowChange:
     lsn: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpsertView:
     """Store `view` in the entity hash `key` unless the hash holds a newer position.
 
@@ -56,7 +59,7 @@ class UpsertView:
     keep: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteView:
     """Remove the view of `key`, keeping its position as a tombstone."""
 
@@ -64,7 +67,7 @@ class DeleteView:
     lsn: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SetIndexes:
     """Set the index membership of one payment in one account's indexes."""
 
@@ -84,7 +87,7 @@ class UnindexPayment:
     lsn: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpsertTimeline:
     """Store one timeline entry of a payment unless a newer write of that entry exists."""
 
@@ -97,7 +100,7 @@ class UpsertTimeline:
     keep: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeleteTimeline:
     payment_key: str
     timeline_key: str
@@ -275,11 +278,19 @@ class RowBatch:
         return ops
 
 
+INDEX_CACHE_ENTRIES: Final = 65_536
+
+
 class Projector:
     """Maps row changes of the published tables to read-model writes under one key schema."""
 
     def __init__(self, schema: KeySchema) -> None:
         self.schema = schema
+        # (account, directions, status) -> (add, remove): the same few keys for every payment
+        # of an account, so they are formatted once. Cleared when large, to bound memory.
+        self._index_cache: dict[
+            tuple[str, tuple[str, ...], int], tuple[tuple[str, ...], tuple[str, ...]]
+        ] = {}
 
     def project(self, change: RowChange) -> list[Op]:
         if change.table == PAYMENTS:
@@ -353,6 +364,12 @@ class Projector:
     def _index_keys(
         self, account_id: str, directions: tuple[str, ...], status: int
     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        cache_key = (account_id, directions, status)
+        cached = self._index_cache.get(cache_key)
+        if cached is not None:
+            return cached
+        if len(self._index_cache) >= INDEX_CACHE_ENTRIES:
+            self._index_cache.clear()
         add: list[str] = []
         remove: list[str] = []
         for direction in directions:
@@ -362,7 +379,9 @@ class Projector:
             for candidate in _STATUSES:
                 key = self.schema.account_index(account_id, direction, candidate)
                 (add if candidate == status else remove).append(key)
-        return tuple(add), tuple(remove)
+        result = (tuple(add), tuple(remove))
+        self._index_cache[cache_key] = result
+        return result
 
     def all_index_keys(self, account_id: str) -> tuple[str, ...]:
         """Every index key of an account, for removing a payment from all of them."""

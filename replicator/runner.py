@@ -18,7 +18,18 @@ from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn
 from replicator import metrics
 from replicator.config import Settings
-from replicator.decoder import Begin, Commit, Decoder, Delete, Insert, Relation, Truncate, Update, as_row
+from replicator.decoder import (
+    Begin,
+    Commit,
+    Decoder,
+    Delete,
+    Insert,
+    Relation,
+    Truncate,
+    Update,
+    Value,
+    as_row,
+)
 from replicator.projector import TABLES, Op, Projector, RowBatch, RowChange
 from replicator.sink import Checkpoint, LockLost, Sink, SlotLock, instance_token
 from replicator.source import Source
@@ -315,23 +326,16 @@ class _Stream:
 
     def handle(self, payload: bytes) -> None:
         message = self.decoder.decode(payload)
-        if isinstance(message, Begin):
+        # Dispatch on the exact type: one row change per message makes isinstance chains show.
+        if type(message) is Update:
+            self._change(message.relation, "update", message.new)
+        elif type(message) is Insert:
+            self._change(message.relation, "insert", message.new)
+        elif type(message) is Delete:
+            self._change(message.relation, "delete", message.old)
+        elif isinstance(message, Begin):
             # A commit that starts below the checkpoint ends at or below it: already applied.
             self.transaction = _Transaction(message, skip=message.final_lsn < self.checkpoint.lsn)
-        elif isinstance(message, Insert | Update | Delete):
-            transaction = self.transaction
-            if transaction is None or transaction.skip:
-                return
-            relation = message.relation
-            table = relation.qualified_name
-            if table not in TABLES:
-                return
-            if isinstance(message, Insert):
-                transaction.changes.append((table, "insert", as_row(relation, message.new)))
-            elif isinstance(message, Update):
-                transaction.changes.append((table, "update", as_row(relation, message.new)))
-            else:
-                transaction.changes.append((table, "delete", as_row(relation, message.old)))
         elif isinstance(message, Truncate):
             if self.transaction is not None and not self.transaction.skip:
                 tables = tuple(r.qualified_name for r in message.relations)
@@ -340,13 +344,13 @@ class _Stream:
             transaction, self.transaction = self.transaction, None
             if transaction is None or transaction.skip or message.end_lsn <= self.checkpoint.lsn:
                 return
-            for table, kind, data in transaction.changes:
-                if kind is None:
+            for table, change_kind, data in transaction.changes:
+                if change_kind is None:
                     assert isinstance(data, tuple)
                     self.pending.truncate(data, message.end_lsn)
                 else:
                     assert isinstance(data, dict)
-                    self.pending.add(RowChange(table, kind, data, message.end_lsn))
+                    self.pending.add(RowChange(table, change_kind, data, message.end_lsn))
             self.pending_changes += len(transaction.changes)
             self.pending_transactions += 1
             if self.pending_checkpoint is None:
@@ -354,6 +358,16 @@ class _Stream:
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
         elif isinstance(message, Relation):
             log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
+
+    def _change(
+        self, relation: Relation, kind: Literal["insert", "update", "delete"], values: tuple[Value, ...]
+    ) -> None:
+        transaction = self.transaction
+        if transaction is None or transaction.skip:
+            return
+        table = relation.qualified_name
+        if table in TABLES:
+            transaction.changes.append((table, kind, as_row(relation, values)))
 
     def flush(self, drained: bool) -> None:
         checkpoint = self.pending_checkpoint

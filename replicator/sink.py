@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import hiredis
 import redis
 
 from payments.readmodel.v1 import read_model_pb2
@@ -314,9 +315,7 @@ class Sink:
     def _execute(self, keys_: list[str], args: list[Any]) -> None:
         for attempt in (1, 2):
             try:
-                self.client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", self._sha["apply_batch"], len(keys_), *keys_, *args
-                )
+                self._call(pack_evalsha(self._sha["apply_batch"], keys_, args))
                 return
             except redis.exceptions.NoScriptError:
                 # Redis restarted or flushed its scripts; nothing ran, so load and retry.
@@ -327,6 +326,26 @@ class Sink:
                 if str(error).startswith("LOCKLOST"):
                     raise LockLost(f"the lock {self.lock.key} is not held by this instance") from error
                 raise
+
+    def _call(self, command: bytes) -> Any:
+        """Sends one packed command and reads its reply on a connection of the client's pool.
+
+        Bypasses redis-py's generic per-argument packing, which cost more than a third of
+        the apply's CPU for a batch of a few thousand arguments. No retry: an error
+        restarts the session, which resumes from the checkpoint.
+        """
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([command])  # type: ignore[no-untyped-call]
+            return connection.read_response()
+        except redis.ResponseError:
+            raise  # a whole reply was read: the connection is in a clean state
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may be half read
+            raise
+        finally:
+            pool.release(connection)
 
     def _coalesce(self, ops: Sequence[Op]) -> list[Op]:
         """Keeps the last write of each key (each is a full state), merging unchanged TOAST fields.
@@ -457,6 +476,12 @@ class Sink:
 
     def clear_checkpoint(self) -> None:
         self.client.delete(self.checkpoint_key)
+
+
+def pack_evalsha(sha: str, keys_: Sequence[str | bytes], args: Sequence[str | bytes | int]) -> bytes:
+    """The RESP bytes of `EVALSHA sha len(keys) *keys *args`, as redis-py would send them."""
+    packed: bytes = hiredis.pack_command(("EVALSHA", sha, len(keys_), *keys_, *args))  # type: ignore[arg-type]
+    return packed
 
 
 def _merge_view(op: UpsertView, stored: Any) -> UpsertView:
