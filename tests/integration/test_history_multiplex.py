@@ -1,0 +1,82 @@
+"""The shared pipelined Redis connection: replies in order under concurrency, errors, reconnection, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from history_svc.multiplex import Multiplexer
+from stack.servers import RedisServer
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url())
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_concurrent_calls_get_their_own_replies(redis: Redis) -> None:
+    prefix = uuid.uuid4().hex
+    await redis.mset({f"{prefix}:{n}": str(n) for n in range(300)})
+    multiplexer = Multiplexer(redis, timeout_s=5)
+    try:
+        replies = await asyncio.gather(*(multiplexer.execute("GET", f"{prefix}:{n}") for n in range(300)))
+        assert replies == [str(n).encode() for n in range(300)]
+        assert await multiplexer.execute("GET", f"{prefix}:absent") is None
+    finally:
+        await multiplexer.close()
+
+
+async def test_error_replies_raise_and_leave_the_connection_usable(redis: Redis) -> None:
+    multiplexer = Multiplexer(redis, timeout_s=5)
+    try:
+        with pytest.raises(NoScriptError):
+            await multiplexer.execute("EVALSHA", "0" * 40, 0)
+        with pytest.raises(ResponseError):
+            await multiplexer.execute("NOT-A-COMMAND")
+        assert await multiplexer.execute("EVAL", "return 7", 0) == 7
+    finally:
+        await multiplexer.close()
+
+
+async def test_a_killed_connection_is_replaced_without_failing_the_call(redis: Redis) -> None:
+    multiplexer = Multiplexer(redis, timeout_s=5)
+    try:
+        name = f"mux-{uuid.uuid4().hex[:8]}"
+        await multiplexer.execute("CLIENT", "SETNAME", name)
+        await redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal")
+        await asyncio.sleep(0.1)
+        assert await multiplexer.execute("PING") == b"PONG"
+    finally:
+        await multiplexer.close()
+
+
+async def test_a_reply_that_does_not_come_times_out_and_the_next_call_reconnects(redis: Redis) -> None:
+    multiplexer = Multiplexer(redis, timeout_s=0.3)
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await multiplexer.execute("BLPOP", f"never-{uuid.uuid4().hex}", 3)
+        assert await multiplexer.execute("PING") == b"PONG"
+    finally:
+        await multiplexer.close()
+
+
+async def test_calls_fail_with_a_connection_error_when_redis_is_unreachable() -> None:
+    client = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    multiplexer = Multiplexer(client, timeout_s=1)
+    try:
+        with pytest.raises(RedisConnectionError):
+            await multiplexer.execute("PING")
+    finally:
+        await multiplexer.close()
+        await client.aclose()
