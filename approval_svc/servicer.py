@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import message, timestamp_pb2
 
+from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
@@ -29,7 +31,8 @@ from payments.type.v1 import money_pb2
 from payments_common import errors
 from payments_common.tokens import encode_consistency_token
 
-P = ParamSpec("P")
+S = TypeVar("S")
+Q = TypeVar("Q")
 R = TypeVar("R")
 M = TypeVar("M", bound=message.Message)
 T = TypeVar("T")
@@ -60,11 +63,15 @@ def to_service_error(error: DomainError) -> errors.ServiceError:
     return status(error.reason, error.message, error.metadata)
 
 
-def _translated(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _translated(method: Callable[[S, Q, Any], Awaitable[R]]) -> Callable[[S, Q, Any], Awaitable[R]]:
     @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(servicer: S, request: Q, context: Any) -> R:
+        # Each RPC runs in a task of its own, so the deadline stays with this call.
+        remaining = context.time_remaining()
+        if remaining is not None:
+            CALL_DEADLINE.set(asyncio.get_running_loop().time() + remaining)
         try:
-            return await method(*args, **kwargs)
+            return await method(servicer, request, context)
         except DomainError as error:
             raise to_service_error(error) from error
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Final, Protocol, Self
 
@@ -31,7 +33,15 @@ _UNAVAILABLE_ERRORS: Final = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
+    # The protocol state of a connection whose server went away under it.
+    asyncpg.InternalClientError,
 )
+
+
+# The event loop time by which the current RPC's client stops waiting, when it set a
+# deadline: a unit of work waits for a pooled connection no longer than that, so an
+# overloaded service sheds calls whose clients have given up instead of doing them late.
+CALL_DEADLINE: ContextVar[float | None] = ContextVar("approval_call_deadline", default=None)
 
 
 class UnitOfWork(Protocol):
@@ -133,7 +143,7 @@ class SqlUnitOfWork:
         # before anything ran, so one more try on a fresh connection is safe.
         for attempt in (1, 2):
             try:
-                connection = await self._engine.connect()
+                connection = await self._checkout()
             except Exception as error:
                 mapped = database_error(error)
                 if mapped is not None:
@@ -178,6 +188,21 @@ class SqlUnitOfWork:
             mapped = database_error(exc)
             if mapped is not None:
                 raise mapped from exc
+
+    async def _checkout(self) -> AsyncConnection:
+        deadline = CALL_DEADLINE.get()
+        if deadline is None:
+            return await self._engine.connect()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise DatabaseUnavailable("the call's deadline passed before a database connection was free")
+        try:
+            async with asyncio.timeout(remaining):
+                return await self._engine.connect()
+        except TimeoutError:
+            raise DatabaseUnavailable(
+                "the call's deadline passed before a database connection was free"
+            ) from None
 
     @staticmethod
     async def _discard(connection: AsyncConnection, invalidate: bool) -> None:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
-from approval_svc.domain.errors import AccountNotFound, InvalidRequest, PaymentNotUnderReview, RequestIdReused
+from approval_svc.domain.errors import (
+    AccountNotFound,
+    DatabaseUnavailable,
+    InvalidRequest,
+    PaymentNotUnderReview,
+    RequestIdReused,
+)
 from approval_svc.domain.model import (
     MAX_AMOUNT,
     Account,
@@ -218,3 +226,36 @@ async def test_the_publication_covers_the_read_model_tables(engine: AsyncEngine)
         ).all()
     assert set(tables) == {"accounts", "payments", "payment_events"}
     assert {tuple(r) for r in identities} == {("accounts", "d"), ("payments", "d"), ("payment_events", "d")}
+
+
+async def test_a_connection_killed_under_the_pool_is_replaced(migrated_dsn: str) -> None:
+    async with engine_for(migrated_dsn, pool_size=1) as engine:
+        handlers = handlers_for(engine)
+        payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+        async with engine.connect() as connection:
+            pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with engine_for(migrated_dsn, pool_size=1) as other, other.connect() as connection:
+            await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        # The pool's only connection is dead: the unit of work notices at BEGIN and
+        # starts again on a fresh one, with nothing done twice.
+        assert (await pay(handlers, payer, payee, 10)).status is PaymentStatus.APPROVED
+        assert (await balances(engine))[payer.account_id] == (990, 0, 990)
+
+
+async def test_the_wait_for_a_connection_ends_with_the_call_deadline(migrated_dsn: str) -> None:
+    async with engine_for(migrated_dsn, pool_size=1) as engine:
+        handlers = handlers_for(engine)
+        payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+        loop = asyncio.get_running_loop()
+        async with engine.connect():
+            token = CALL_DEADLINE.set(loop.time() + 0.2)
+            try:
+                started = loop.time()
+                with pytest.raises(DatabaseUnavailable):
+                    await pay(handlers, payer, payee, 10)
+                assert loop.time() - started < 5  # the engine's own wait is 300 s
+                with pytest.raises(DatabaseUnavailable):
+                    await pay(handlers, payer, payee, 10)  # past the deadline: not even tried
+            finally:
+                CALL_DEADLINE.reset(token)
+        assert (await balances(engine))[payer.account_id] == (1_000, 0, 1_000)
