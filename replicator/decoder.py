@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 # Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 PG_EPOCH_OFFSET_US: Final = 946_684_800_000_000
@@ -33,6 +33,9 @@ UNCHANGED: Final = _Unchanged()
 
 # A column value: None for NULL, text, bytes (binary format), or UNCHANGED.
 Value = str | bytes | None | _Unchanged
+
+
+RowKind = Literal["insert", "update", "delete"]
 
 
 class DecodeError(ValueError):
@@ -166,18 +169,12 @@ class Decoder:
                 flags, commit_lsn, end_lsn, time_us = _COMMIT.unpack_from(data, 1)
                 return Commit(flags, commit_lsn, end_lsn, time_us + PG_EPOCH_OFFSET_US)
             if kind == 0x49:  # 'I'
-                relation = self._relation(data, 1)
-                if data[5] != 0x4E:  # 'N'
-                    raise DecodeError(f"insert without a new tuple: {data[5:6]!r}")
-                new, _ = _tuple(data, 6)
+                relation, new = self._insert(data)
                 return Insert(relation, new)
             if kind == 0x55:  # 'U'
                 return self._update(data)
             if kind == 0x44:  # 'D'
-                relation = self._relation(data, 1)
-                if data[5] not in (0x4B, 0x4F):  # 'K', 'O'
-                    raise DecodeError(f"delete without an old tuple: {data[5:6]!r}")
-                old, _ = _tuple(data, 6)
+                relation, old = self._delete(data)
                 return Delete(relation, old)
             if kind == 0x52:  # 'R'
                 relation = _parse_relation(data)
@@ -215,7 +212,45 @@ class Decoder:
         except KeyError:
             raise DecodeError(f"change for relation {oid} before its Relation message") from None
 
+    def row_change(self, payload: bytes) -> tuple[RowKind, Relation, tuple[Value, ...]] | None:
+        """An insert, update or delete as ("insert" | "update" | "delete", relation, values), else None.
+
+        The values are the new row, or the old key (or row) of a delete. The same parsing
+        as `decode` without building a message object, for the per-change hot path.
+        """
+        kind = payload[0] if payload else 0
+        try:
+            if kind == 0x55:  # 'U'
+                relation, _, new = self._update_values(payload)
+                return "update", relation, new
+            if kind == 0x49:  # 'I'
+                relation, new = self._insert(payload)
+                return "insert", relation, new
+            if kind == 0x44:  # 'D'
+                relation, old = self._delete(payload)
+                return "delete", relation, old
+        except (struct.error, IndexError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"truncated or malformed {chr(kind)!r} message: {exc}") from exc
+        return None
+
+    def _insert(self, data: bytes) -> tuple[Relation, tuple[Value, ...]]:
+        relation = self._relation(data, 1)
+        if data[5] != 0x4E:  # 'N'
+            raise DecodeError(f"insert without a new tuple: {data[5:6]!r}")
+        new, _ = _tuple(data, 6)
+        return relation, new
+
+    def _delete(self, data: bytes) -> tuple[Relation, tuple[Value, ...]]:
+        relation = self._relation(data, 1)
+        if data[5] not in (0x4B, 0x4F):  # 'K', 'O'
+            raise DecodeError(f"delete without an old tuple: {data[5:6]!r}")
+        old, _ = _tuple(data, 6)
+        return relation, old
+
     def _update(self, data: bytes) -> Update:
+        return Update(*self._update_values(data))
+
+    def _update_values(self, data: bytes) -> tuple[Relation, tuple[Value, ...] | None, tuple[Value, ...]]:
         relation = self._relation(data, 1)
         offset = 5
         old: tuple[Value, ...] | None = None
@@ -224,7 +259,7 @@ class Decoder:
         if data[offset] != 0x4E:  # 'N'
             raise DecodeError(f"update without a new tuple: {data[offset : offset + 1]!r}")
         new, _ = _tuple(data, offset + 1)
-        return Update(relation, old, new)
+        return relation, old, new
 
 
 def _cstring(data: bytes, offset: int) -> tuple[str, int]:

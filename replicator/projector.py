@@ -243,13 +243,18 @@ class RowBatch:
         columns = KEY_COLUMNS.get(change.table)
         if columns is None:
             return
-        key = (change.table, *(str(change.row.get(c)) for c in columns))
+        row = change.row
+        if len(columns) == 1:
+            key: tuple[str, ...] = (change.table, str(row.get(columns[0])))
+        else:
+            key = (change.table, *[str(row.get(c)) for c in columns])
         previous = self._latest.get(key)
         if previous is not None:
             if previous.kind == "delete":
                 if change.kind != "delete":
                     self._early.append(previous)
-            elif change.kind != "delete" and any(v is UNCHANGED for v in change.row.values()):
+            # `in` compares by identity first; no text or bytes value equals UNCHANGED.
+            elif change.kind != "delete" and UNCHANGED in row.values():
                 merged = {
                     name: previous.row.get(name, value) if value is UNCHANGED else value
                     for name, value in change.row.items()

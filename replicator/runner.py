@@ -22,12 +22,8 @@ from replicator.decoder import (
     Begin,
     Commit,
     Decoder,
-    Delete,
-    Insert,
     Relation,
     Truncate,
-    Update,
-    Value,
     as_row,
 )
 from replicator.projector import TABLES, Op, Projector, RowBatch, RowChange
@@ -325,15 +321,19 @@ class _Stream:
             select.select([fileno], [], [], self.periodic())
 
     def handle(self, payload: bytes) -> None:
+        # Row changes, one message each, skip the message objects.
+        change = self.decoder.row_change(payload)
+        if change is not None:
+            transaction = self.transaction
+            if transaction is None or transaction.skip:
+                return
+            kind, relation, values = change
+            table = relation.qualified_name
+            if table in TABLES:
+                transaction.changes.append((table, kind, as_row(relation, values)))
+            return
         message = self.decoder.decode(payload)
-        # Dispatch on the exact type: one row change per message makes isinstance chains show.
-        if type(message) is Update:
-            self._change(message.relation, "update", message.new)
-        elif type(message) is Insert:
-            self._change(message.relation, "insert", message.new)
-        elif type(message) is Delete:
-            self._change(message.relation, "delete", message.old)
-        elif isinstance(message, Begin):
+        if isinstance(message, Begin):
             # A commit that starts below the checkpoint ends at or below it: already applied.
             self.transaction = _Transaction(message, skip=message.final_lsn < self.checkpoint.lsn)
         elif isinstance(message, Truncate):
@@ -358,16 +358,6 @@ class _Stream:
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
         elif isinstance(message, Relation):
             log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
-
-    def _change(
-        self, relation: Relation, kind: Literal["insert", "update", "delete"], values: tuple[Value, ...]
-    ) -> None:
-        transaction = self.transaction
-        if transaction is None or transaction.skip:
-            return
-        table = relation.qualified_name
-        if table in TABLES:
-            transaction.changes.append((table, kind, as_row(relation, values)))
 
     def flush(self, drained: bool) -> None:
         checkpoint = self.pending_checkpoint

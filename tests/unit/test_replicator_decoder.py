@@ -140,3 +140,29 @@ def test_change_before_its_relation_is_an_error() -> None:
 def test_malformed_messages_raise_decode_error(payload: bytes) -> None:
     with pytest.raises(DecodeError):
         Decoder().decode(payload)
+
+
+def test_row_change_matches_the_decoded_message() -> None:
+    decoder = Decoder()
+    seen = 0
+    for line in CAPTURE.read_text().splitlines():
+        payload = bytes.fromhex(json.loads(line)["hex"])
+        message = decoder.decode(payload)
+        change = decoder.row_change(payload)
+        if isinstance(message, Insert):
+            assert change == ("insert", message.relation, message.new)
+        elif isinstance(message, Update):
+            assert change == ("update", message.relation, message.new)
+        elif isinstance(message, Delete):
+            assert change == ("delete", message.relation, message.old)
+        else:
+            assert change is None
+            continue
+        seen += 1
+    assert seen > 0
+
+
+def test_row_change_of_a_malformed_message_raises_decode_error() -> None:
+    decoder = Decoder()
+    with pytest.raises(DecodeError):
+        decoder.row_change(struct.pack(">cI", b"I", 99))
