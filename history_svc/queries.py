@@ -1,8 +1,14 @@
 """Reads of the Redis read models, and the pure rules that turn a list query into index bounds.
 
-Every query costs a fixed number of round trips, whatever the page size: a payment is one
-pipeline (view + timeline), an account one command, a page of a list two pipelines (the
-index range with the account's existence, then the page's views).
+Every query is one round trip, whatever the page size: a payment and a page of a list are
+each one server-side script (EVALSHA), an account one command. The scripts answer with the
+response's protobuf wire format, built from the stored view bytes without parsing them
+(the replicator stores every PaymentView with an empty timeline, payments_common/keys.py),
+so the servicer sends the bytes as they are.
+
+The scripts assume a single Redis node, as the rest of this module does: a payment's keys
+share one hash tag, but a consistency token adds the checkpoint key (another slot), and a
+page reads the views of payments whose keys are only known inside the script.
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from hashlib import sha1
 from typing import Any, Final
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from history_svc.multiplex import Multiplexer
+from payments.history.v1 import history_service_pb2
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import Unavailable
 from payments_common.keys import (
@@ -22,7 +31,6 @@ from payments_common.keys import (
     TIME_DIGITS,
     VIEW_FIELD,
     KeySchema,
-    parse_index_member,
 )
 
 DEFAULT_PAGE_SIZE: Final = 50
@@ -117,60 +125,172 @@ def lex_range(query: ListQuery, cursor: str | None) -> tuple[str, str] | None:
     return upper, lower
 
 
+# Lua helpers shared by the scripts: a protobuf varint, and a length-delimited field
+# (`tag` is the key byte: field number << 3 | 2, below 128 for the fields used here).
+_LUA_WIRE = """
+local function varint(n)
+  local out = {}
+  while n >= 128 do
+    out[#out + 1] = string.char(n % 128 + 128)
+    n = math.floor(n / 128)
+  end
+  out[#out + 1] = string.char(n)
+  return table.concat(out)
+end
+local function field(tag, bytes)
+  return tag .. varint(#bytes) .. bytes
+end
+"""
+
+# KEYS: payment hash, timeline hash[, checkpoint hash]. Returns {checkpoint lsn or nil,
+# GetPaymentResponse bytes or nil}. The view is stored with an empty timeline, so the
+# entries, sorted by sequence, are appended as PaymentView field 12 (key byte 0x62); the
+# checkpoint is read first, so the data read after it includes everything it covers.
+_PAYMENT_SCRIPT = (
+    (
+        _LUA_WIRE
+        + """
+local checkpoint = false
+if #KEYS == 3 then checkpoint = redis.call('HGET', KEYS[3], '@LSN@') end
+local view = redis.call('HGET', KEYS[1], '@VIEW@')
+if not view then return {checkpoint, false} end
+local raw = redis.call('HGETALL', KEYS[2])
+local entries = {}
+for i = 1, #raw, 2 do entries[#entries + 1] = {tonumber(raw[i]), raw[i + 1]} end
+table.sort(entries, function(a, b) return a[1] < b[1] end)
+local parts = {view}
+for _, entry in ipairs(entries) do parts[#parts + 1] = field('\\98', entry[2]) end
+return {checkpoint, field('\\10', table.concat(parts))}
+"""
+    )
+    .replace("@LSN@", CHECKPOINT_LSN_FIELD)
+    .replace("@VIEW@", VIEW_FIELD)
+)
+
+# KEYS: account hash, index zset[, checkpoint hash]. ARGV: upper bound, lower bound, the
+# number of members to range (page size + 1; 0 when the bounds match nothing), and the
+# prefix and suffix that make a payment id into its hash key. Returns {checkpoint lsn or
+# nil, 0} when the account does not exist, else {checkpoint, 1, the page's payments as
+# ListPaymentsResponse field 1 entries (key byte 0x0a), the next cursor or nil}. A member
+# whose view is missing (deleted since it was indexed) is skipped; the cursor moves past it.
+_PAGE_SCRIPT = (
+    (
+        _LUA_WIRE
+        + """
+local checkpoint = false
+if #KEYS == 3 then checkpoint = redis.call('HGET', KEYS[3], '@LSN@') end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {checkpoint, 0} end
+local limit = tonumber(ARGV[3])
+if limit == 0 then return {checkpoint, 1, '', false} end
+local members = redis.call('ZRANGE', KEYS[2], ARGV[1], ARGV[2], 'BYLEX', 'REV', 'LIMIT', 0, limit)
+local size = limit - 1
+local parts = {}
+for i = 1, math.min(#members, size) do
+  local member = members[i]
+  local id = string.sub(member, string.find(member, ':', 1, true) + 1)
+  local view = redis.call('HGET', ARGV[4] .. id .. ARGV[5], '@VIEW@')
+  if view then parts[#parts + 1] = field('\\10', view) end
+end
+local cursor = false
+if #members > size then cursor = members[size] end
+return {checkpoint, 1, table.concat(parts), cursor}
+"""
+    )
+    .replace("@LSN@", CHECKPOINT_LSN_FIELD)
+    .replace("@VIEW@", VIEW_FIELD)
+)
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script run by EVALSHA, sent in full (which caches it) when Redis does not know it."""
+
+    source: str
+
+    @property
+    def sha(self) -> str:
+        return sha1(self.source.encode()).hexdigest()
+
+
+PAYMENT_SCRIPT: Final = Script(_PAYMENT_SCRIPT)
+PAGE_SCRIPT: Final = Script(_PAGE_SCRIPT)
+
+
 @dataclass(frozen=True)
 class Page:
-    """One page of a list: the views found, and the cursor of the next page (None on the last)."""
+    """One page of a list, newest first, and the cursor of the next page (None on the last).
 
-    views: list[read_model_pb2.PaymentView]
+    `payments` is the page in the wire format of ListPaymentsResponse's `payments` field,
+    ready to be sent; `views` parses it.
+    """
+
+    payments: bytes
     next_cursor: str | None
+
+    @property
+    def views(self) -> list[read_model_pb2.PaymentView]:
+        return list(history_service_pb2.ListPaymentsResponse.FromString(self.payments).payments)
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _reached(checkpoint: bytes | None, min_lsn: int) -> None:
+    """Raises CheckpointBehind when a token's read found Redis's checkpoint below `min_lsn`."""
+    if min_lsn:
+        position = int(checkpoint) if checkpoint is not None else 0
+        if position < min_lsn:
+            raise CheckpointBehind(position)
+
+
 class ReadModel:
     """Reads the views that the replicator writes; raises ReadModelUnavailable when Redis fails."""
 
-    def __init__(self, redis: Redis, keys: KeySchema, slot: str = "payments_read_model") -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: KeySchema,
+        slot: str = "payments_read_model",
+        multiplexer: Multiplexer | None = None,
+    ) -> None:
         self._redis = redis
+        # The scripts go through the shared pipelined connection when there is one.
+        self._execute = redis.execute_command if multiplexer is None else multiplexer.execute
         self._keys = keys
         self._checkpoint_key = keys.checkpoint(slot)
+        self._shas = {script: script.sha for script in (PAYMENT_SCRIPT, PAGE_SCRIPT)}
+        # A payment's hash key is this prefix, its id, and this suffix.
+        self._payment_affixes = tuple(keys.payment("\0").split("\0"))
 
-    def _guard(self, pipe: Any, min_lsn: int) -> None:
-        """Queues the checkpoint read first, so that the data read after it includes `min_lsn`."""
-        if min_lsn:
-            pipe.hget(self._checkpoint_key, CHECKPOINT_LSN_FIELD)
-
-    @staticmethod
-    def _checked(replies: list[Any], min_lsn: int) -> list[Any]:
-        """The replies after the guard's; raises CheckpointBehind when the checkpoint is below `min_lsn`."""
-        if not min_lsn:
-            return replies
-        checkpoint = int(replies[0]) if replies[0] is not None else 0
-        if checkpoint < min_lsn:
-            raise CheckpointBehind(checkpoint)
-        return replies[1:]
+    async def _run(self, script: Script, keys: list[str], args: tuple[object, ...] = ()) -> Any:
+        """One EVALSHA; when Redis lost its script cache (a restart), one EVAL that refills it."""
+        try:
+            return await self._execute("EVALSHA", self._shas[script], len(keys), *keys, *args)
+        except NoScriptError:
+            return await self._execute("EVAL", script.source, len(keys), *keys, *args)
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
 
-    async def payment(self, payment_id: str, min_lsn: int = 0) -> read_model_pb2.PaymentView | None:
-        """The payment's view with its timeline (oldest first), or None when absent."""
+    async def payment_response(self, payment_id: str, min_lsn: int = 0) -> bytes | None:
+        """The GetPaymentResponse bytes of the payment, timeline oldest first; None when absent."""
+        keys = [self._keys.payment(payment_id), self._keys.payment_timeline(payment_id)]
+        if min_lsn:
+            keys.append(self._checkpoint_key)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                self._guard(pipe, min_lsn)
-                pipe.hget(self._keys.payment(payment_id), VIEW_FIELD)
-                pipe.hgetall(self._keys.payment_timeline(payment_id))
-                raw_view, raw_timeline = self._checked(await pipe.execute(), min_lsn)
+            checkpoint, response = await self._run(PAYMENT_SCRIPT, keys)
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
-        if raw_view is None:
+        _reached(checkpoint, min_lsn)
+        return response  # type: ignore[no-any-return]
+
+    async def payment(self, payment_id: str, min_lsn: int = 0) -> read_model_pb2.PaymentView | None:
+        """The payment's view with its timeline (oldest first), or None when absent."""
+        response = await self.payment_response(payment_id, min_lsn)
+        if response is None:
             return None
-        view = read_model_pb2.PaymentView.FromString(raw_view)
-        del view.timeline[:]
-        view.timeline.extend(_timeline(raw_timeline))
-        return view
+        return history_service_pb2.GetPaymentResponse.FromString(response).payment
 
     async def timelines(self, payment_ids: Iterable[str]) -> dict[str, list[read_model_pb2.TimelineEntry]]:
         """The timelines of several payments in one round trip."""
@@ -190,11 +310,12 @@ class ReadModel:
         try:
             if min_lsn:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    self._guard(pipe, min_lsn)
+                    pipe.hget(self._checkpoint_key, CHECKPOINT_LSN_FIELD)
                     pipe.hget(self._keys.account(account_id), VIEW_FIELD)
-                    (raw,) = self._checked(await pipe.execute(), min_lsn)
+                    checkpoint, raw = await pipe.execute()
+                _reached(checkpoint, min_lsn)
             else:
-                raw = await self._redis.hget(self._keys.account(account_id), VIEW_FIELD)
+                raw = await self._redis.execute_command("HGET", self._keys.account(account_id), VIEW_FIELD)  # type: ignore[no-untyped-call]
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
         return None if raw is None else read_model_pb2.AccountView.FromString(raw)
@@ -206,37 +327,25 @@ class ReadModel:
             raise ReadModelUnavailable() from error
 
     async def page(self, query: ListQuery, cursor: str | None, size: int, min_lsn: int = 0) -> Page | None:
-        """One page of the query, newest first; None when the account does not exist.
-
-        A member whose view is missing (the replicator removed the payment between the
-        two round trips) is skipped; the cursor still moves past it.
-        """
+        """One page of the query, newest first; None when the account does not exist."""
         bounds = lex_range(query, cursor)
-        index = self._keys.account_index(query.account_id, query.direction, query.status)
+        keys = [
+            self._keys.account(query.account_id),
+            self._keys.account_index(query.account_id, query.direction, query.status),
+        ]
+        if min_lsn:
+            keys.append(self._checkpoint_key)
+        upper, lower = bounds if bounds is not None else ("-", "-")
+        # One extra member says whether another page follows.
+        limit = size + 1 if bounds is not None else 0
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                self._guard(pipe, min_lsn)
-                pipe.exists(self._keys.account(query.account_id))
-                if bounds is not None:
-                    # One extra member says whether another page follows.
-                    pipe.zrange(index, bounds[0], bounds[1], desc=True, bylex=True, offset=0, num=size + 1)
-                replies: list[Any] = self._checked(await pipe.execute(), min_lsn)
-            if not replies[0]:
-                return None
-            members = [_text(member) for member in replies[1]] if bounds is not None else []
-            shown = members[:size]
-            raw_views: list[Any] = []
-            if shown:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for member in shown:
-                        pipe.hget(self._keys.payment(parse_index_member(member)[1]), VIEW_FIELD)
-                    raw_views = await pipe.execute()
+            reply = await self._run(PAGE_SCRIPT, keys, (upper, lower, limit, *self._payment_affixes))
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
-        views = [read_model_pb2.PaymentView.FromString(raw) for raw in raw_views if raw is not None]
-        for view in views:
-            del view.timeline[:]
-        return Page(views=views, next_cursor=shown[-1] if len(members) > size else None)
+        _reached(reply[0], min_lsn)
+        if not reply[1]:
+            return None
+        return Page(payments=reply[2], next_cursor=None if reply[3] is None else _text(reply[3]))
 
     async def checkpoint(self, slot: str) -> int:
         """The replicator's applied position (0 before its first checkpoint)."""

@@ -14,10 +14,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from history_svc.config import Settings
+from history_svc.multiplex import Multiplexer
 from history_svc.queries import ReadModel
-from history_svc.servicer import HistoryServicer
+from history_svc.servicer import HistoryServicer, serialize
 from history_svc.watcher import ChangeWatcher
-from payments.history.v1 import history_service_pb2, history_service_pb2_grpc
+from payments.history.v1 import history_service_pb2
+from payments.history.v1 import history_service_pb2 as pb
 from payments_common.grpcserver import Readiness, ServerOptions, build_server, wait_for_signal
 from payments_common.keys import KeySchema
 from payments_common.tokens import PageTokenCodec
@@ -41,10 +43,15 @@ def _reconnect_once() -> Retry:
 
 @dataclass
 class Dependencies:
-    """The connections a server uses: a bounded pool for queries, one connection for the watcher."""
+    """The connections a server uses: a bounded pool for queries, one connection for the watcher.
+
+    `multiplexer` shares one pipelined connection of the query pool's settings among all
+    GetPayment and ListPayments calls (see history_svc/multiplex.py).
+    """
 
     redis: Redis
     watch_redis: Redis
+    multiplexer: Multiplexer
 
     @classmethod
     def connect(cls, settings: Settings) -> Dependencies:
@@ -66,9 +73,15 @@ class Dependencies:
             socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
             retry=_reconnect_once(),
         )
-        return cls(redis=Redis(connection_pool=pool), watch_redis=Redis(connection_pool=watch_pool))
+        redis = Redis(connection_pool=pool)
+        return cls(
+            redis=redis,
+            watch_redis=Redis(connection_pool=watch_pool),
+            multiplexer=Multiplexer(redis, settings.redis_timeout_s),
+        )
 
     async def close(self) -> None:
+        await self.multiplexer.close()
         await self.redis.aclose(close_connection_pool=True)
         await self.watch_redis.aclose(close_connection_pool=True)
 
@@ -101,10 +114,40 @@ class HistoryServer:
         await self.grpc.wait_for_termination()
 
 
+def method_handlers(servicer: HistoryServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The service's methods, as the generated registration has them but with `serialize`.
+
+    `serialize` passes the bytes that GetPayment and ListPayments build through unchanged,
+    so a response is never parsed nor serialized again; the wire contract is the same.
+    """
+    return {
+        "GetPayment": grpc.unary_unary_rpc_method_handler(
+            servicer.GetPayment,
+            request_deserializer=pb.GetPaymentRequest.FromString,
+            response_serializer=serialize,
+        ),
+        "ListPayments": grpc.unary_unary_rpc_method_handler(
+            servicer.ListPayments,
+            request_deserializer=pb.ListPaymentsRequest.FromString,
+            response_serializer=serialize,
+        ),
+        "GetAccount": grpc.unary_unary_rpc_method_handler(
+            servicer.GetAccount,
+            request_deserializer=pb.GetAccountRequest.FromString,
+            response_serializer=pb.GetAccountResponse.SerializeToString,
+        ),
+        "WatchPayments": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchPayments,
+            request_deserializer=pb.WatchPaymentsRequest.FromString,
+            response_serializer=pb.WatchPaymentsResponse.SerializeToString,
+        ),
+    }
+
+
 def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer, int]:
     """Creates (not starts) the server and binds its port; port 0 picks a free one."""
     keys = KeySchema(settings.key_namespace)
-    read_model = ReadModel(deps.redis, keys, settings.slot_name)
+    read_model = ReadModel(deps.redis, keys, settings.slot_name, deps.multiplexer)
     watcher = ChangeWatcher(
         deps.watch_redis, keys, settings.slot_name, timelines=read_model.timelines, block_ms=WATCH_BLOCK_MS
     )
@@ -124,7 +167,9 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
     )
 
     def register(server: grpc.aio.Server) -> None:
-        history_service_pb2_grpc.add_HistoryServiceServicer_to_server(servicer, server)
+        handlers = method_handlers(servicer)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
     server, port, health = build_server(
         options, register, [SERVICE_NAME], credentials=settings.tls.server_credentials()

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 from prometheus_client import Counter
 
 from history_svc.queries import (
@@ -78,8 +79,31 @@ def _micros(field: str, stamp: timestamp_pb2.Timestamp, violations: list[FieldVi
     return stamp.seconds * 1_000_000 + (stamp.nanos + 999) // 1000
 
 
+def serialize(response: bytes | Message) -> bytes:
+    """The response serializer: GetPayment and ListPayments answer with bytes built from Redis."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def _length_delimited(key: bytes, value: bytes) -> bytes:
+    """A protobuf length-delimited field whose varint length is written here."""
+    size = len(value)
+    prefix = bytearray(key)
+    while size >= 0x80:
+        prefix.append(size & 0x7F | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + value
+
+
+# ListPaymentsResponse.next_page_token is field 2, length-delimited.
+_NEXT_PAGE_TOKEN_KEY = b"\x12"
+
+
 class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
-    """Answers every query from Redis; each error is a ServiceError that the interceptor maps."""
+    """Answers every query from Redis; each error is a ServiceError that the interceptor maps.
+
+    GetPayment and ListPayments return their responses already serialized (see `serialize`).
+    """
 
     def __init__(
         self,
@@ -95,16 +119,16 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         self._consistency_wait_max_s = consistency_wait_max_s
         self._watch_queue_size = watch_queue_size
 
-    async def GetPayment(self, request: pb.GetPaymentRequest, context: Context) -> pb.GetPaymentResponse:
+    async def GetPayment(self, request: pb.GetPaymentRequest, context: Context) -> bytes:  # type: ignore[override]
         violations: list[FieldViolation] = []
         payment_id = _uuid("payment_id", request.payment_id, violations)
         if violations:
             raise InvalidArgument(violations)
         min_lsn = await self._await_consistency(request.min_consistency_token, context)
-        view = await self._read(self._read_model.payment(payment_id, min_lsn), min_lsn)
-        if view is None:
+        response = await self._read(self._read_model.payment_response(payment_id, min_lsn), min_lsn)
+        if response is None:
             raise NotFound("PAYMENT_NOT_FOUND", "no such payment", {"payment_id": payment_id})
-        return pb.GetPaymentResponse(payment=view)
+        return response
 
     async def GetAccount(self, request: pb.GetAccountRequest, context: Context) -> pb.GetAccountResponse:
         violations: list[FieldViolation] = []
@@ -117,9 +141,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
         return pb.GetAccountResponse(account=view)
 
-    async def ListPayments(
-        self, request: pb.ListPaymentsRequest, context: Context
-    ) -> pb.ListPaymentsResponse:
+    async def ListPayments(self, request: pb.ListPaymentsRequest, context: Context) -> bytes:  # type: ignore[override]
         violations: list[FieldViolation] = []
         account_id = _uuid("account_id", request.account_id, violations)
         direction = _DIRECTIONS.get(request.direction)
@@ -156,10 +178,10 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         page = await self._read(self._read_model.page(query, cursor, size, min_lsn), min_lsn)
         if page is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
-        next_token = (
-            "" if page.next_cursor is None else self._page_tokens.encode(query.binding(), page.next_cursor)
-        )
-        return pb.ListPaymentsResponse(payments=page.views, next_page_token=next_token)
+        if page.next_cursor is None:
+            return page.payments
+        token = self._page_tokens.encode(query.binding(), page.next_cursor)
+        return page.payments + _length_delimited(_NEXT_PAGE_TOKEN_KEY, token.encode())
 
     async def WatchPayments(
         self, request: pb.WatchPaymentsRequest, context: Context
