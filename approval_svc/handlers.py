@@ -144,11 +144,12 @@ class Handlers:
     ) -> Outcome[Payment]:
         async def work(uow: UnitOfWork) -> Outcome[Payment]:
             repo = uow.repo
-            lookup = await repo.begin_request(key.request_id)
+            lookup, accounts = await repo.begin_submission(
+                key.request_id, [command.payer_account_id, command.payee_account_id]
+            )
             replay = _stored_response(lookup, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
-            accounts = await repo.lock_accounts([command.payer_account_id, command.payee_account_id])
             payer = accounts.get(command.payer_account_id)
             if payer is None:
                 raise AccountNotFound(str(command.payer_account_id), "payer_account_id")

@@ -68,6 +68,11 @@ class Repository(Protocol):
 
     async def lock_accounts(self, account_ids: Sequence[UUID]) -> dict[UUID, Account]: ...
 
+    async def begin_submission(
+        self, request_id: str, account_ids: Sequence[UUID]
+    ) -> tuple[RequestLookup, dict[UUID, Account]]:
+        """`begin_request` and `lock_accounts` at once (one round trip)."""
+
     async def daily_usage(self, payer_account_id: UUID, since: datetime) -> int: ...
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
@@ -145,6 +150,19 @@ _LOCK_ACCOUNTS = f"""
     WHERE account_id = ANY($1::uuid[])
     ORDER BY account_id
     FOR NO KEY UPDATE
+"""
+
+# The request's lookup and the accounts' locks in one round trip; a replay locks the
+# accounts it will not touch, which only makes it wait like the first request did.
+_BEGIN_SUBMISSION = f"""
+    SELECT l.now, l.method, l.request_fingerprint, l.response, a.*
+    FROM ({_BEGIN_REQUEST}) AS l
+    LEFT JOIN (
+        SELECT {_ACCOUNT_COLUMNS} FROM accounts
+        WHERE account_id = ANY($2::uuid[])
+        ORDER BY account_id
+        FOR NO KEY UPDATE
+    ) AS a ON true
 """
 
 # A separate statement after the locks: in READ COMMITTED it takes a new snapshot, so
@@ -249,6 +267,13 @@ _SET_ACCOUNT_STATUS = "UPDATE accounts SET status = $2, updated_at = $3 WHERE ac
 _NOW = "SELECT now()"
 
 
+def _lookup(row: asyncpg.Record) -> RequestLookup:
+    stored = None
+    if row["method"] is not None:
+        stored = StoredRequest(row["method"], bytes(row["request_fingerprint"]), bytes(row["response"]))
+    return RequestLookup(row["now"], stored)
+
+
 def _account(row: asyncpg.Record) -> Account:
     return Account(
         account_id=row["account_id"],
@@ -351,11 +376,13 @@ class SqlRepository:
         self._connection = connection
 
     async def begin_request(self, request_id: str) -> RequestLookup:
-        row = await self._connection.fetchrow(_BEGIN_REQUEST, request_id)
-        stored = None
-        if row["method"] is not None:
-            stored = StoredRequest(row["method"], bytes(row["request_fingerprint"]), bytes(row["response"]))
-        return RequestLookup(row["now"], stored)
+        return _lookup(await self._connection.fetchrow(_BEGIN_REQUEST, request_id))
+
+    async def begin_submission(
+        self, request_id: str, account_ids: Sequence[UUID]
+    ) -> tuple[RequestLookup, dict[UUID, Account]]:
+        rows = await self._connection.fetch(_BEGIN_SUBMISSION, request_id, list(account_ids))
+        return _lookup(rows[0]), {row["account_id"]: _account(row) for row in rows if row["account_id"]}
 
     async def save_request(self, request_id: str, method: str, fingerprint: bytes, response: bytes) -> None:
         inserted = await self._connection.fetchrow(_SAVE_REQUEST, request_id, method, fingerprint, response)

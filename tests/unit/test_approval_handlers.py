@@ -78,6 +78,11 @@ class FakeRepository:
     async def lock_accounts(self, account_ids: Sequence[UUID]) -> dict[UUID, Account]:
         return {i: self.state.accounts[i] for i in account_ids if i in self.state.accounts}
 
+    async def begin_submission(
+        self, request_id: str, account_ids: Sequence[UUID]
+    ) -> tuple[RequestLookup, dict[UUID, Account]]:
+        return await self.begin_request(request_id), await self.lock_accounts(account_ids)
+
     async def daily_usage(self, payer_account_id: UUID, since: datetime) -> int:
         return sum(
             p.amount
