@@ -264,11 +264,15 @@ class ReadModel:
         self._payment_affixes = tuple(keys.payment("\0").split("\0"))
 
     async def _run(self, script: Script, keys: list[str], args: tuple[object, ...] = ()) -> Any:
-        """One EVALSHA; when Redis lost its script cache (a restart), one EVAL that refills it."""
+        """One EVALSHA_RO; when Redis lost its script cache (a restart), one EVAL_RO that refills it.
+
+        The read-only variants (Redis 7) refuse any write inside the script, so the service's
+        Redis user needs no right to write: `+evalsha_ro +eval_ro`, not `+@scripting`.
+        """
         try:
-            return await self._execute("EVALSHA", self._shas[script], len(keys), *keys, *args)
+            return await self._execute("EVALSHA_RO", self._shas[script], len(keys), *keys, *args)
         except NoScriptError:
-            return await self._execute("EVAL", script.source, len(keys), *keys, *args)
+            return await self._execute("EVAL_RO", script.source, len(keys), *keys, *args)
 
     async def ping(self) -> bool:
         return bool(await self._redis.ping())
