@@ -178,34 +178,40 @@ class _Row:
         except KeyError:
             raise ProjectionError(f"{self.table}: column {column!r} missing") from None
 
+    # The accessors read the mapping directly and check the common case first: they run
+    # for every column of every projected row.
     def text(self, column: str) -> str:
-        value = self._value(column)
+        value = self.row.get(column, _MISSING)
+        if type(value) is str:
+            return value
         if value is UNCHANGED:
             self.unchanged.append(column)
             return ""
-        if not isinstance(value, str):
-            raise ProjectionError(f"{self.table}.{column}: expected text, got {value!r}")
-        return value
+        self._value(column)
+        raise ProjectionError(f"{self.table}.{column}: expected text, got {value!r}")
 
     def required(self, column: str) -> str:
-        value = self._value(column)
-        if not isinstance(value, str):
-            raise ProjectionError(f"{self.table}.{column}: expected a value, got {value!r}")
-        return value
+        value = self.row.get(column, _MISSING)
+        if type(value) is str:
+            return value
+        self._value(column)
+        raise ProjectionError(f"{self.table}.{column}: expected a value, got {value!r}")
 
     def optional(self, column: str) -> str | None:
-        value = self._value(column)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ProjectionError(f"{self.table}.{column}: expected text or NULL, got {value!r}")
-        return value
+        value = self.row.get(column, _MISSING)
+        if value is None or type(value) is str:
+            return value
+        self._value(column)
+        raise ProjectionError(f"{self.table}.{column}: expected text or NULL, got {value!r}")
 
     def integer(self, column: str) -> int:
         return int(self.required(column))
 
     def time_us(self, column: str) -> int:
         return parse_timestamp_us(self.required(column))
+
+
+_MISSING: Final = object()
 
 
 # The primary key of each published table (taken from the schema, not from the replica

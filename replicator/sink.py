@@ -297,10 +297,10 @@ class Sink:
             for view in payments:
                 entries = timelines.get(view.payment_id)
                 # Only a complete timeline is worth sending; otherwise readers fetch it.
+                item = batch.payments.add()
+                item.CopyFrom(view)
                 if entries and sorted(entries) == list(range(1, len(entries) + 1)):
-                    view = read_model_pb2.PaymentView.FromString(view.SerializeToString())
-                    view.timeline.extend(entries[s] for s in sorted(entries))
-                batch.payments.append(view)
+                    item.timeline.extend(entries[s] for s in sorted(entries))
             batch_bytes = batch.SerializeToString()
         head = [
             self.lock.token,
