@@ -35,17 +35,22 @@ def history_target(addresses: list[str]) -> str:
     return "ipv4:" + ",".join(addresses)
 
 
-def history_channel(target: str) -> grpc.aio.Channel:
-    """An asyncio channel that spreads calls over every history process and retries UNAVAILABLE."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.service_config", json.dumps(HISTORY_SERVICE_CONFIG)),
-            ("grpc.enable_retries", 1),
-        ],
-    )
+def history_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """An asyncio channel that spreads calls over every history process and retries UNAVAILABLE.
+
+    With `credentials` (payments_common.tls.channel_credentials) the channel speaks TLS.
+    """
+    options = [
+        ("grpc.service_config", json.dumps(HISTORY_SERVICE_CONFIG)),
+        ("grpc.enable_retries", 1),
+    ]
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
-def approval_channel(address: str) -> grpc.aio.Channel:
+def approval_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
     """An asyncio channel to the approval service. Mutations are retried by the caller, with the same request_id."""
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials)
     return grpc.aio.insecure_channel(address)

@@ -151,6 +151,19 @@ class PostgresServer:
         preexec: Callable[[], None] | None = None
         if not self.detached:
             args, preexec = dying_with_parent(args)
+        setpriv = shutil.which("setpriv")
+        switch_in_child = user is not None and setpriv is None
+        if user is not None and setpriv is not None:
+            # setpriv changes the user after exec: Popen's user= needs a real fork, and a
+            # fork of a process whose gRPC threads are busy can crash the child.
+            args = [
+                setpriv,
+                f"--reuid={user.pw_uid}",
+                f"--regid={user.pw_gid}",
+                "--clear-groups",
+                "--",
+                *args,
+            ]
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
         try:
             return subprocess.Popen(
@@ -158,9 +171,9 @@ class PostgresServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                user=user.pw_uid if user else None,
-                group=user.pw_gid if user else None,
-                extra_groups=[] if user else None,
+                user=user.pw_uid if user and switch_in_child else None,
+                group=user.pw_gid if user and switch_in_child else None,
+                extra_groups=[] if user and switch_in_child else None,
                 cwd=self.base_dir,
                 preexec_fn=preexec,
                 start_new_session=self.detached,

@@ -28,7 +28,7 @@ import redis
 
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn, parse_lsn
-from stack.servers import _die_with_parent
+from stack.servers import dying_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,15 +115,17 @@ class ReplicatorProcess:
         return env
 
     def start(self) -> ReplicatorProcess:
+        # No Python in the forked child: with gRPC threads busy in the test process it can crash there.
+        args, preexec = dying_with_parent([sys.executable, "-m", "replicator", "run"])
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "replicator", "run"],
+                args,
                 env=self.env(),
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                preexec_fn=preexec,
             )
         return self
 
