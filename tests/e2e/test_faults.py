@@ -363,7 +363,9 @@ async def test_a_retry_across_an_approval_crash_never_pays_twice(
             assert down.value.code() == grpc.StatusCode.UNAVAILABLE
             approval.start()
             approval.wait_serving(60)
-            again = await stub.SubmitPayment(request, timeout=10)
+            # The channel may still be backing off from the refused connection:
+            # a retrying client waits for it to reconnect rather than fail at once.
+            again = await stub.SubmitPayment(request, timeout=30, wait_for_ready=True)
         assert again.payment == first.payment
         assert _payments(dsn, "pay-once") == [first.payment.payment_id]
     finally:
