@@ -22,7 +22,11 @@ def _run(settings: Settings) -> int:
     from replicator.health import HealthServer
     from replicator.runner import Replicator
 
-    health = HealthServer(settings.health_port) if settings.health_port else None
+    health = (
+        HealthServer(settings.health_port, credentials=settings.tls.server_credentials())
+        if settings.health_port
+        else None
+    )
     replicator = Replicator(settings, on_ready=health.set_ready if health else None)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from payments_common.settings import EnvReader, SettingsError
+from payments_common.tls import TlsSettings
 
 PREFIX = "REPLICATOR_"
 
@@ -25,6 +26,7 @@ class Settings:
     lock_ttl_seconds: float = 10.0
     batch_max_changes: int = 2000
     log_level: str = "INFO"
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -52,4 +54,5 @@ class Settings:
             lock_ttl_seconds=lock_ttl,
             batch_max_changes=env.integer("BATCH_MAX_CHANGES", cls.batch_max_changes, minimum=1),
             log_level=env.text("LOG_LEVEL", cls.log_level),
+            tls=TlsSettings.from_env(env),
         )

@@ -17,7 +17,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class HealthServer:
     """`liveness` says the loop runs; `readiness` and "" say this instance streams the slot."""
 
-    def __init__(self, port: int, host: str = "[::]") -> None:
+    def __init__(
+        self, port: int, host: str = "[::]", credentials: grpc.ServerCredentials | None = None
+    ) -> None:
         self.servicer = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
@@ -25,7 +27,11 @@ class HealthServer:
         reflection.enable_server_reflection(
             [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         self.set_ready(False)
         self.servicer.set(LIVENESS, SERVING)
 

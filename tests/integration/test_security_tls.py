@@ -154,3 +154,22 @@ def test_incomplete_tls_settings_stop_start_up(env: dict[str, str], variable: st
     }
     with pytest.raises(SettingsError, match=f"HISTORY_{variable}"):
         HistorySettings.from_env(history_env)
+
+
+def test_replicator_health_port_serves_only_over_tls(pki: Pki, stranger: Pki, mode: str) -> None:
+    from payments_common.tls import TlsSettings
+    from replicator.health import HealthServer
+
+    settings = TlsSettings(
+        cert_file=str(pki.server_cert),
+        key_file=str(pki.server_key),
+        client_ca_file=str(pki.ca_cert) if mode == "mutual" else "",
+    )
+    health = HealthServer(0, host="127.0.0.1", credentials=settings.server_credentials())
+    health.start()
+    try:
+        address = f"127.0.0.1:{health.port}"
+        assert check(address, client_credentials(pki, mode)) == grpc.StatusCode.OK
+        assert_refusals(address, pki, stranger, mode)
+    finally:
+        health.stop()
