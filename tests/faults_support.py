@@ -13,12 +13,9 @@ import datetime
 import ipaddress
 import os
 import random
-import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -26,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import psycopg2
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -38,8 +34,7 @@ from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
-from stack.servers import dying_with_parent, free_port
-from tests.replicator_fixtures import ReplicatorProcess
+from stack.servers import dying_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,112 +155,6 @@ def approval_process(dsn: str, port: int, log_path: Path, **env: str) -> Service
         },
         log_path,
     )
-
-
-class Replicator(ReplicatorProcess):
-    """A replicator subprocess started without Python code in the forked child.
-
-    A pre-exec hook runs Python between fork and exec; with gRPC threads running in the
-    test process (the async clients of these suites) the child can crash there.
-    """
-
-    def start(self) -> Replicator:
-        args, preexec = dying_with_parent([sys.executable, "-m", "replicator", "run"])
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                args,
-                env=self.env(),
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=preexec,
-            )
-        return self
-
-
-# Runs in a helper process: starts PostgreSQL, says "ready", and stops it when stdin closes.
-_POSTGRES_HELPER = """
-import sys
-from pathlib import Path
-from stack.servers import PostgresServer
-server = PostgresServer(base_dir=Path(sys.argv[1]), port=int(sys.argv[2]))
-server.start()
-print("ready", flush=True)
-sys.stdin.read()
-server.stop()
-"""
-
-
-@dataclass
-class PostgresProcess:
-    """A private PostgreSQL run by a small helper process in which no gRPC thread runs.
-
-    As root, starting PostgreSQL as its own user needs a real fork (not vfork), and a fork
-    of a process whose gRPC threads are busy can crash the child before it runs
-    PostgreSQL. The test process, full of gRPC clients under load, only starts the helper.
-    """
-
-    base_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="payments-faults-pg-")))
-    port: int = field(default_factory=free_port)
-    helper: subprocess.Popen[str] | None = field(default=None, init=False, repr=False)
-
-    def dsn(self, dbname: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
-
-    def start(self, timeout: float = 120.0) -> PostgresProcess:
-        args, preexec = dying_with_parent(
-            [sys.executable, "-c", _POSTGRES_HELPER, str(self.base_dir), str(self.port)]
-        )
-        self.helper = subprocess.Popen(
-            args,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=preexec,
-        )
-        assert self.helper.stdout is not None
-        ready, _, _ = select.select([self.helper.stdout], [], [], timeout)
-        line = self.helper.stdout.readline() if ready else ""
-        if line.strip() != "ready":
-            self.helper.kill()
-            _, errors = self.helper.communicate(timeout=10)
-            raise AssertionError(f"PostgreSQL did not start:\n{errors[-3000:]}")
-        return self
-
-    def stop(self) -> None:
-        """A clean shutdown (the helper stops PostgreSQL when its stdin closes)."""
-        if self.helper is None:
-            return
-        assert self.helper.stdin is not None
-        self.helper.stdin.close()
-        try:
-            self.helper.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.helper.kill()
-            self.helper.wait(timeout=10)
-        self.helper = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def create_database(self, name: str) -> str:
-        connection = psycopg2.connect(self.dsn())
-        connection.autocommit = True
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
-        return self.dsn(name)
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
 HISTORY_PAGE_SECRET = "faults-page-token-secret-0123456789"

@@ -38,15 +38,14 @@ from stack.servers import PostgresServer, RedisServer, free_port
 from tests.faults_support import (
     FAST_RECONNECT,
     PaymentLoad,
-    PostgresProcess,
     Readers,
-    Replicator,
     ServiceProcess,
     approval_process,
     history_process,
     poll,
     reconcile,
 )
+from tests.replicator_fixtures import ReplicatorProcess
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +59,12 @@ class Platform:
     """Private servers and every service, with the means to kill and restart each."""
 
     work: Path
-    postgres: PostgresProcess
+    postgres: PostgresServer
     redis_server: RedisServer
     dsn: str
     approval: ServiceProcess
     histories: list[ServiceProcess]
-    replicator: Replicator
+    replicator: ReplicatorProcess
     replicator_starts: int = 1
     accounts: list[str] = field(default_factory=list)
 
@@ -81,7 +80,7 @@ class Platform:
         """kill -9, then a new process, as Kubernetes restarts a crashed container."""
         self.replicator.kill()
         self.replicator_starts += 1
-        self.replicator = Replicator(
+        self.replicator = ReplicatorProcess(
             self.dsn, self.redis_url, self.work / f"replicator-{self.replicator_starts}.log", slot=SLOT
         ).start()
 
@@ -93,11 +92,11 @@ class Platform:
 
 @contextlib.contextmanager
 def platform(work: Path) -> Iterator[Platform]:
-    postgres = PostgresProcess()
+    postgres = PostgresServer()
     # DEBUG SLEEP makes Redis slow on demand.
     redis_server = RedisServer(base_dir=work / "redis", extra_args=["--enable-debug-command", "yes"])
     processes: list[ServiceProcess] = []
-    replicators: list[Replicator] = []
+    replicators: list[ReplicatorProcess] = []
     state: Platform | None = None
     try:
         postgres.start()
@@ -110,7 +109,7 @@ def platform(work: Path) -> Iterator[Platform]:
             for n in range(2)
         ]
         processes += [approval, *histories]
-        replicator = Replicator(dsn, redis_server.url(0), work / "replicator-1.log", slot=SLOT).start()
+        replicator = ReplicatorProcess(dsn, redis_server.url(0), work / "replicator-1.log", slot=SLOT).start()
         replicators.append(replicator)
         for process in processes:
             process.wait_serving(60)
@@ -415,12 +414,14 @@ async def test_reads_with_a_token_never_answer_from_a_read_model_that_lost_its_d
     dsn = postgres_server.create_database(name)
     redis_server = RedisServer(base_dir=tmp_path / "redis")
     history: ServiceProcess | None = None
-    replicator: Replicator | None = None
+    replicator: ReplicatorProcess | None = None
     writer = SourceWriter(dsn)
     try:
         upgrade(dsn)
         redis_server.start()
-        replicator = Replicator(dsn, redis_server.url(0), tmp_path / "replicator.log", slot=SLOT).start()
+        replicator = ReplicatorProcess(
+            dsn, redis_server.url(0), tmp_path / "replicator.log", slot=SLOT
+        ).start()
         history = history_process(redis_server.url(0), free_port(), tmp_path / "history.log", SLOT).start()
         history.wait_serving(60)
         payer, payee = writer.open_account("Ada"), writer.open_account("Grace")
@@ -447,7 +448,7 @@ async def test_reads_with_a_token_never_answer_from_a_read_model_that_lost_its_d
             ), outcomes
 
             # The replicator comes back, rebuilds, and the same read succeeds.
-            replicator = Replicator(
+            replicator = ReplicatorProcess(
                 dsn, redis_server.url(0), tmp_path / "replicator-2.log", slot=SLOT
             ).start()
 
