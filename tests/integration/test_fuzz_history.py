@@ -32,7 +32,8 @@ from payments.type.v1 import money_pb2
 from payments_common.errors import bad_request, error_info
 from payments_common.tokens import encode_consistency_token
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.faults_support import Replicator, ServiceProcess, approval_process, history_process
+from tests.faults_support import ServiceProcess, approval_process, history_process
+from tests.replicator_fixtures import ReplicatorProcess
 
 SLOT = "fuzz_history"
 MAX_MESSAGE_BYTES = 65536
@@ -91,11 +92,11 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
     redis_server = RedisServer(base_dir=work / "redis")
     approval = approval_process(dsn, free_port(), work / "approval.log")
     history: ServiceProcess | None = None
-    replicator: Replicator | None = None
+    replicator: ReplicatorProcess | None = None
     try:
         upgrade(dsn)
         redis_server.start()
-        replicator = Replicator(dsn, redis_server.url(0), work / "replicator.log", slot=SLOT).start()
+        replicator = ReplicatorProcess(dsn, redis_server.url(0), work / "replicator.log", slot=SLOT).start()
         history = history_process(
             redis_server.url(0),
             free_port(),

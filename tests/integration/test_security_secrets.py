@@ -29,7 +29,8 @@ from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
 from payments_common.errors import error_info
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.faults_support import ROOT, Replicator, approval_process, history_process, poll, secret_free
+from tests.faults_support import ROOT, approval_process, history_process, poll, secret_free
+from tests.replicator_fixtures import ReplicatorProcess
 
 SLOT = "acl_read_model"
 REPLICATOR_PASSWORD = "R3pl-" + uuid.uuid4().hex
@@ -111,7 +112,7 @@ async def test_services_run_on_least_privilege_redis_users_and_never_reveal_cred
     history_url_file.write_text(url(acl_redis, "history", HISTORY_PASSWORD))
 
     approval = approval_process(dsn, free_port(), tmp_path / "approval.log", log_level="DEBUG")
-    replicator = Replicator(
+    replicator = ReplicatorProcess(
         dsn,
         "redis://placeholder",
         tmp_path / "replicator.log",
