@@ -38,7 +38,7 @@ from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SCHEMA
 from payments_common.lsn import parse_lsn
 from stack import local
 from stack.clients import history_target
-from stack.servers import free_port
+from stack.servers import free_port, process_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOT = "payments_read_model"
@@ -709,9 +709,9 @@ class Bench:
             process = next(p for p in self.state.processes if p.name == "replicator")
             os.kill(process.pid, signal.SIGTERM)
             deadline = time.monotonic() + 30
-            while _alive(process.pid) and time.monotonic() < deadline:
+            while process_alive(process.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(process.pid):
+            if process_alive(process.pid):
                 os.kill(process.pid, signal.SIGKILL)
             made = backlog.generate(self.endpoints["POSTGRES_DSN"], self.payers, plan.drain_payments)
             client = redis.Redis.from_url(self.endpoints["REDIS_URL"])
@@ -851,16 +851,6 @@ def _excess_per_read(window: Window, baseline: Window, resource: str) -> float:
         window.cpu_s[resource], window.duration_s, baseline.cpu_s[resource], baseline.duration_s
     )
     return stats.per_op(extra * 1e6, window.completed)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    return False
 
 
 def machine_info() -> dict[str, Any]:

@@ -24,8 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bench import backlog
-from bench.__main__ import QUICK, ROOT, Bench, _alive
+from bench.__main__ import QUICK, ROOT, Bench
 from stack.clients import history_target
+from stack.servers import process_alive
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         assert bench.state is not None
         process = next(p for p in bench.state.processes if p.name == "replicator")
         os.kill(process.pid, signal.SIGTERM)
-        while _alive(process.pid):
+        while process_alive(process.pid):
             time.sleep(0.05)
         made = backlog.generate(bench.endpoints["POSTGRES_DSN"], bench.payers, args.drain_payments)
         new = bench._spawn_replicator(process)

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stack.servers import PostgresServer, RedisServer, free_port
+from stack.servers import PostgresServer, RedisServer, free_port, process_alive
 
 STATE_FILE = "state.json"
 ENDPOINTS_FILE = "endpoints.env"
@@ -61,41 +62,40 @@ class StackState:
         return cls(**raw)
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    return False
-
-
 def _port(name: str) -> int:
     """A configured port (STACK_<NAME>_PORT) or a free one."""
     configured = os.environ.get(f"STACK_{name.upper()}_PORT", "")
     return int(configured) if configured else free_port()
 
 
-def wait_serving(address: str, timeout: float, service: str = "readiness") -> None:
-    """Returns once the health service at `address` answers SERVING for `service`."""
+def wait_serving(
+    address: str,
+    timeout: float,
+    service: str = "readiness",
+    credentials: grpc.ChannelCredentials | None = None,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Returns once the health service at `address` answers SERVING for `service`.
+
+    Raises TimeoutError when it does not in time, and ChildProcessError as soon as
+    `alive` (the server's process, when the caller has one) says it has exited.
+    """
     deadline = time.monotonic() + timeout
     last = "no answer"
-    with grpc.insecure_channel(address) as channel:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise ChildProcessError(f"the server of {address} exited")
             try:
-                response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
                 if response.status == health_pb2.HealthCheckResponse.SERVING:
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             except grpc.RpcError as error:
                 last = error.code().name
-            time.sleep(0.1)
+            time.sleep(0.05)
     raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s (last: {last})")
 
 
@@ -116,7 +116,7 @@ def _spawn(root: Path, name: str, args: list[str], env: dict[str, str]) -> Proce
 def up(root: Path, history_count: int = 2, fsync: bool = False, timeout: float = 90.0) -> StackState:
     """Starts everything in the background and waits until every health check is SERVING."""
     existing = StackState.load(root)
-    if existing is not None and _alive(existing.postgres_pid):
+    if existing is not None and process_alive(existing.postgres_pid):
         print(f"the stack is already up (see {root / ENDPOINTS_FILE}); `make down` stops it")
         return existing
     if existing is not None:
@@ -244,7 +244,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
 
 
 def _terminate(pid: int, sig: int, timeout: float) -> None:
-    if not _alive(pid):
+    if not process_alive(pid):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
@@ -252,13 +252,13 @@ def _terminate(pid: int, sig: int, timeout: float) -> None:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not _alive(pid):
+        if not process_alive(pid):
             return
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

@@ -58,6 +58,21 @@ def dying_with_parent(args: list[str]) -> tuple[list[str], Callable[[], None] | 
     return args, _die_with_parent
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process runs: a zombie (exited, not yet reaped) counts as gone."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return False
+
+
 def find_postgres_bin(name: str) -> Path:
     """The path of a PostgreSQL server program, on PATH or under /usr/lib/postgresql/*/bin."""
     on_path = shutil.which(name)

@@ -27,13 +27,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from payments.approval.v1 import approval_service_pb2 as approval_pb
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
+from stack.local import wait_serving
 from stack.servers import dying_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,27 +115,10 @@ class ServiceProcess:
         service: str = "readiness",
     ) -> None:
         """Polls the health service until `service` is SERVING; fails early if the process exited."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        channel = (
-            grpc.secure_channel(self.address, credentials)
-            if credentials is not None
-            else grpc.insecure_channel(self.address)
-        )
-        with channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if not self.alive:
-                    raise AssertionError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                    last = str(reply.status)
-                except grpc.RpcError as error:
-                    last = error.code().name
-                time.sleep(0.05)
-        raise AssertionError(f"{self.name} not SERVING in {timeout}s ({last}):\n{self.log_text()[-3000:]}")
+        try:
+            wait_serving(self.address, timeout, service, credentials, alive=lambda: self.alive)
+        except (TimeoutError, ChildProcessError) as error:
+            raise AssertionError(f"{self.name}: {error}:\n{self.log_text()[-3000:]}") from None
 
 
 def approval_process(dsn: str, port: int, log_path: Path, **env: str) -> ServiceProcess:

@@ -30,6 +30,7 @@ from history_svc.server import Dependencies, HistoryServer, create_server
 from payments.history.v1 import history_service_pb2_grpc
 from payments_common.lsn import parse_lsn
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
+from stack.local import wait_serving
 from stack.servers import PostgresServer, RedisServer
 from tests.replicator_fixtures import ReplicatorProcess, checkpoint_lsn
 
@@ -284,20 +285,12 @@ class HistoryProcess:
         return self
 
     def wait_serving(self, timeout: float = 30.0) -> None:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.process is not None
-                assert self.process.poll() is None, self.log_path.read_text()
-                with contextlib.suppress(grpc.RpcError):
-                    reply = health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                time.sleep(0.05)
-        raise AssertionError(f"history on {self.address} not serving:\n{self.log_path.read_text()}")
+        try:
+            wait_serving(
+                self.address, timeout, alive=lambda: self.process is not None and self.process.poll() is None
+            )
+        except (TimeoutError, ChildProcessError) as error:
+            raise AssertionError(f"history: {error}:\n{self.log_path.read_text()}") from None
 
     def kill(self) -> None:
         if self.process is not None:

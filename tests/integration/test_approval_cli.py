@@ -7,15 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-import grpc
 import psycopg2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from approval_svc.migrate import upgrade
+from stack.local import wait_serving
 from stack.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,19 +77,10 @@ def test_serve_answers_health_and_metrics_and_stops_on_sigterm(database_dsn: str
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                try:
-                    response = stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=1)
-                    if response.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "the server did not become ready"
-                time.sleep(0.1)
+        try:
+            wait_serving(f"127.0.0.1:{port}", 60, alive=lambda: process.poll() is None)
+        except ChildProcessError:
+            raise AssertionError(process.stderr.read() if process.stderr else "") from None
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
             assert b"grpc_server_handling_seconds" in page.read()
         process.send_signal(signal.SIGTERM)

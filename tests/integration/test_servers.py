@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,26 +12,13 @@ import psycopg2
 import psycopg2.extras
 import redis
 
-from stack.servers import PostgresServer, RedisServer, running_postgres, running_redis
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); read its state.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
+from stack.servers import PostgresServer, RedisServer, process_alive, running_postgres, running_redis
 
 
 def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not process_alive(pid):
             return True
         time.sleep(0.05)
     return False
@@ -114,7 +100,7 @@ def test_servers_die_with_a_killed_owner() -> None:
     assert owner.stdout is not None
     pids = [int(p) for p in owner.stdout.readline().split()]
     assert len(pids) == 2
-    assert all(_alive(pid) for pid in pids)
+    assert all(process_alive(pid) for pid in pids)
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     assert all(_wait_gone(pid) for pid in pids)
