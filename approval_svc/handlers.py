@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 from uuid import UUID, uuid4
 
 from approval_svc import metrics
-from approval_svc.adapters.repository import RequestLookup, SavedRequest
+from approval_svc.adapters.repository import SavedRequest, StoredRequest
 from approval_svc.adapters.unit_of_work import UnitOfWork
 from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
@@ -71,8 +71,7 @@ class Outcome(Generic[T]):
 UnitOfWorkFactory = Callable[[], UnitOfWork]
 
 
-def _stored_response(lookup: RequestLookup, key: RequestKey[T]) -> bytes | None:
-    stored = lookup.stored
+def _stored_response(stored: StoredRequest | None, key: RequestKey[T]) -> bytes | None:
     if stored is None:
         return None
     if stored.method != key.method or stored.fingerprint != key.fingerprint:
@@ -114,8 +113,8 @@ class Handlers:
         self, command: commands.CreateAccount, key: RequestKey[Account]
     ) -> Outcome[Account]:
         async def work(uow: UnitOfWork) -> Outcome[Account]:
-            lookup = await uow.repo.begin_request(key.request_id)
-            replay = _stored_response(lookup, key)
+            lookup = await uow.repo.claim_request(key.request_id, key.method, key.fingerprint)
+            replay = _stored_response(lookup.stored, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
             account = Account(
@@ -131,7 +130,7 @@ class Handlers:
                 updated_at=lookup.now,
             )
             await uow.repo.add_account(account, rules.opening_entries(account))
-            await uow.repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(account))
+            await uow.repo.save_response(key.request_id, key.encode(account))
             return Outcome(account, None, await uow.commit())
 
         outcome = await self._run(work)
@@ -147,7 +146,14 @@ class Handlers:
             lookup, accounts = await repo.begin_submission(
                 key.request_id, [command.payer_account_id, command.payee_account_id]
             )
-            replay = _stored_response(lookup, key)
+            replay = _stored_response(lookup.stored, key)
+            if replay is not None:
+                return Outcome(None, replay, await uow.position())
+            now = lookup.now
+            # The lookup above ran before the locks were granted; a duplicate that held them
+            # has committed by now, and this statement's fresh snapshot sees its record.
+            usage = await repo.daily_usage(command.payer_account_id, rules.day_start(now), key.request_id)
+            replay = _stored_response(usage.stored, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
             payer = accounts.get(command.payer_account_id)
@@ -156,10 +162,8 @@ class Handlers:
             payee = accounts.get(command.payee_account_id)
             if payee is None:
                 raise AccountNotFound(str(command.payee_account_id), "payee_account_id")
-            now = lookup.now
-            daily_used = await repo.daily_usage(payer.account_id, rules.day_start(now))
             decision = rules.decide(
-                payer, payee, command.currency, command.amount, daily_used, self._review_threshold
+                payer, payee, command.currency, command.amount, usage.used, self._review_threshold
             )
             if decision.status is not PaymentStatus.DECLINED:
                 rules.check_credit_fits(payee, command.amount)
@@ -202,10 +206,11 @@ class Handlers:
     ) -> Outcome[Payment]:
         async def work(uow: UnitOfWork) -> Outcome[Payment]:
             repo = uow.repo
-            lookup = await repo.begin_request(key.request_id)
-            replay = _stored_response(lookup, key)
+            lookup = await repo.claim_request(key.request_id, key.method, key.fingerprint)
+            replay = _stored_response(lookup.stored, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
+            # The key is claimed: a duplicate of this request waits for this transaction.
             # The payment first, then its accounts in the usual order: SubmitPayment
             # never waits for a payment lock, so this order cannot deadlock with it.
             held = await repo.lock_payment(command.payment_id)
@@ -235,7 +240,7 @@ class Handlers:
             await repo.update_payment(payment, event)
             entries = rules.transfer_entries(payment) if command.approve else []
             await repo.apply_changes(rules.review_changes(payment, command.approve), entries, now)
-            await repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(payment))
+            await repo.save_response(key.request_id, key.encode(payment))
             return Outcome(payment, None, await uow.commit())
 
         outcome = await self._run(work)
@@ -255,8 +260,8 @@ class Handlers:
         self, command: commands.SetAccountStatus, key: RequestKey[Account]
     ) -> Outcome[Account]:
         async def work(uow: UnitOfWork) -> Outcome[Account]:
-            lookup = await uow.repo.begin_request(key.request_id)
-            replay = _stored_response(lookup, key)
+            lookup = await uow.repo.claim_request(key.request_id, key.method, key.fingerprint)
+            replay = _stored_response(lookup.stored, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
             account = (await uow.repo.lock_accounts([command.account_id])).get(command.account_id)
@@ -265,7 +270,7 @@ class Handlers:
             if account.status is not command.status:
                 await uow.repo.set_account_status(account.account_id, command.status, lookup.now)
                 account = dataclasses.replace(account, status=command.status, updated_at=lookup.now)
-            await uow.repo.save_request(key.request_id, key.method, key.fingerprint, key.encode(account))
+            await uow.repo.save_response(key.request_id, key.encode(account))
             return Outcome(account, None, await uow.commit())
 
         outcome = await self._run(work)

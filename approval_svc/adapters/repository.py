@@ -54,13 +54,27 @@ class RequestLookup:
     stored: StoredRequest | None
 
 
+@dataclass(frozen=True, slots=True)
+class DailyUsage:
+    """What a payer's approved and held payments of the day add up to, read after the locks,
+    and the request with the submission's request_id if one committed while they were awaited."""
+
+    used: int
+    stored: StoredRequest | None
+
+
 class Repository(Protocol):
     """What the handlers need from the store; SqlRepository and the tests' fake implement it."""
 
-    async def begin_request(self, request_id: str) -> RequestLookup: ...
+    async def claim_request(self, request_id: str, method: str, fingerprint: bytes) -> RequestLookup:
+        """Takes the request_id for this transaction before anything else, or finds its record.
 
-    async def save_request(self, request_id: str, method: str, fingerprint: bytes, response: bytes) -> None:
-        """Records a request's response; raises TransactionConflict when a concurrent one won."""
+        A concurrent transaction with the same request_id waits here until this one ends,
+        then finds the record it committed (or, if it rolled back, claims the key itself).
+        """
+
+    async def save_response(self, request_id: str, response: bytes) -> None:
+        """Records the response of a request claimed by this transaction."""
 
     async def now(self) -> datetime: ...
 
@@ -71,9 +85,13 @@ class Repository(Protocol):
     async def begin_submission(
         self, request_id: str, account_ids: Sequence[UUID]
     ) -> tuple[RequestLookup, dict[UUID, Account]]:
-        """`begin_request` and `lock_accounts` at once (one round trip)."""
+        """The request's earlier record (a plain retry's fast path) and `lock_accounts`, in one round trip.
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime) -> int: ...
+        The lookup runs before the locks are granted: `daily_usage` checks the key again after them.
+        """
+
+    async def daily_usage(self, payer_account_id: UUID, since: datetime, request_id: str) -> DailyUsage:
+        """The payer's usage of the day and the request's record, in a snapshot taken after the locks."""
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
 
@@ -85,7 +103,10 @@ class Repository(Protocol):
         entries: Sequence[LedgerEntry],
         request: SavedRequest,
     ) -> None:
-        """`add_payment`, `apply_changes` and `save_request` at once (one round trip)."""
+        """`add_payment`, `apply_changes` and the request's record at once (one round trip).
+
+        Raises TransactionConflict when a concurrent request with the same request_id won.
+        """
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
 
@@ -121,14 +142,24 @@ _BEGIN_REQUEST = """
     FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = $1
 """
 
-# DO NOTHING waits for a concurrent insert of the same key to finish, so the loser
-# learns of the winner here and retries its whole unit of work as a replay.
-_SAVE_REQUEST = """
-    INSERT INTO idempotency_keys (request_id, method, request_fingerprint, response)
-    VALUES ($1, $2, $3, $4)
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING 1
+# The claim comes before any lock: a second transaction with the same request_id waits
+# on the first one's uncommitted key row, not behind its locks with a stale lookup. The
+# statement's snapshot cannot see a key committed while it waited (nor the row this
+# statement inserts): claimed false with no record means "look again" (_BEGIN_REQUEST).
+# The response is filled in by _SAVE_RESPONSE before the commit.
+_CLAIM_REQUEST = """
+    WITH claim AS (
+        INSERT INTO idempotency_keys (request_id, method, request_fingerprint, response)
+        VALUES ($1, $2, $3, ''::bytea)
+        ON CONFLICT (request_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT now() AS now, EXISTS (SELECT FROM claim) AS claimed,
+           k.method, k.request_fingerprint, k.response
+    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = $1
 """
+
+_SAVE_RESPONSE = "UPDATE idempotency_keys SET response = $2 WHERE request_id = $1"
 
 _ADD_ACCOUNT = """
     WITH account AS (
@@ -166,11 +197,16 @@ _BEGIN_SUBMISSION = f"""
 """
 
 # A separate statement after the locks: in READ COMMITTED it takes a new snapshot, so
-# it sees every payment committed by the transactions it waited for.
+# it sees every payment committed by the transactions it waited for, and the request_id
+# of a concurrent duplicate that held the same locks and committed first (the lookup in
+# _BEGIN_SUBMISSION ran before the wait). Checking the key again here costs no round trip.
 _DAILY_USAGE = """
-    SELECT coalesce(sum(amount_minor), 0) FROM payments
-    WHERE payer_account_id = $1 AND created_at >= $2
-      AND status IN ('APPROVED', 'PENDING_REVIEW')
+    SELECT (
+        SELECT coalesce(sum(amount_minor), 0) FROM payments
+        WHERE payer_account_id = $1 AND created_at >= $2
+          AND status IN ('APPROVED', 'PENDING_REVIEW')
+    ) AS used, k.method, k.request_fingerprint, k.response
+    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = $3
 """
 
 _INSERT_PAYMENT = f"""
@@ -239,7 +275,8 @@ _APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
 # A submission in one statement: the payment, its event, both accounts, the ledger rows
 # and the request's record. The foreign keys are checked at the end of the statement,
 # when the payment row exists. An empty result means that a concurrent request with
-# the same request_id committed first (see _SAVE_REQUEST).
+# the same request_id committed first: ON CONFLICT DO NOTHING waited for it (a reuse of
+# the request_id with other accounts, which the locks did not serialise).
 _ADD_DECISION = f"""
     WITH {_INSERT_PAYMENT}, {_changes_sql(20)},
     request AS (
@@ -267,11 +304,14 @@ _SET_ACCOUNT_STATUS = "UPDATE accounts SET status = $2, updated_at = $3 WHERE ac
 _NOW = "SELECT now()"
 
 
+def _stored(row: asyncpg.Record) -> StoredRequest | None:
+    if row["method"] is None:
+        return None
+    return StoredRequest(row["method"], bytes(row["request_fingerprint"]), bytes(row["response"]))
+
+
 def _lookup(row: asyncpg.Record) -> RequestLookup:
-    stored = None
-    if row["method"] is not None:
-        stored = StoredRequest(row["method"], bytes(row["request_fingerprint"]), bytes(row["response"]))
-    return RequestLookup(row["now"], stored)
+    return RequestLookup(row["now"], _stored(row))
 
 
 def _account(row: asyncpg.Record) -> Account:
@@ -375,8 +415,15 @@ class SqlRepository:
     def __init__(self, connection: asyncpg.Connection) -> None:
         self._connection = connection
 
-    async def begin_request(self, request_id: str) -> RequestLookup:
-        return _lookup(await self._connection.fetchrow(_BEGIN_REQUEST, request_id))
+    async def claim_request(self, request_id: str, method: str, fingerprint: bytes) -> RequestLookup:
+        row = await self._connection.fetchrow(_CLAIM_REQUEST, request_id, method, fingerprint)
+        if row["claimed"] or row["method"] is not None:
+            return _lookup(row)
+        # Another transaction committed the key while this statement waited for it.
+        lookup = _lookup(await self._connection.fetchrow(_BEGIN_REQUEST, request_id))
+        if lookup.stored is None:
+            raise TransactionConflict("the request_id was taken and released while this request waited")
+        return lookup
 
     async def begin_submission(
         self, request_id: str, account_ids: Sequence[UUID]
@@ -384,10 +431,10 @@ class SqlRepository:
         rows = await self._connection.fetch(_BEGIN_SUBMISSION, request_id, list(account_ids))
         return _lookup(rows[0]), {row["account_id"]: _account(row) for row in rows if row["account_id"]}
 
-    async def save_request(self, request_id: str, method: str, fingerprint: bytes, response: bytes) -> None:
-        inserted = await self._connection.fetchrow(_SAVE_REQUEST, request_id, method, fingerprint, response)
-        if inserted is None:
-            raise TransactionConflict("a concurrent request with the same request_id committed first")
+    async def save_response(self, request_id: str, response: bytes) -> None:
+        status = await self._connection.execute(_SAVE_RESPONSE, request_id, response)
+        if status != "UPDATE 1":
+            raise RuntimeError(f"the request_id {request_id!r} was not claimed by this transaction")
 
     async def now(self) -> datetime:
         value: datetime = await self._connection.fetchval(_NOW)
@@ -412,8 +459,9 @@ class SqlRepository:
         rows = await self._connection.fetch(_LOCK_ACCOUNTS, list(account_ids))
         return {row["account_id"]: _account(row) for row in rows}
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime) -> int:
-        return int(await self._connection.fetchval(_DAILY_USAGE, payer_account_id, since))
+    async def daily_usage(self, payer_account_id: UUID, since: datetime, request_id: str) -> DailyUsage:
+        row = await self._connection.fetchrow(_DAILY_USAGE, payer_account_id, since, request_id)
+        return DailyUsage(int(row["used"]), _stored(row))
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
         await self._connection.execute(_ADD_PAYMENT, *_payment_args(payment, event))

@@ -14,7 +14,7 @@ from uuid import UUID
 
 import pytest
 
-from approval_svc.adapters.repository import RequestLookup, SavedRequest, StoredRequest
+from approval_svc.adapters.repository import DailyUsage, RequestLookup, SavedRequest, StoredRequest
 from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
@@ -51,6 +51,9 @@ class Store:
     now: datetime = START
     position: int = 100
     conflicts_to_raise: int = 0
+    # Requests a duplicate commits while a submission waits for its locks: the lookup
+    # before the locks misses them, the statement after the locks sees them.
+    committed_elsewhere: dict[str, StoredRequest] = field(default_factory=dict)
 
 
 class FakeRepository:
@@ -59,14 +62,21 @@ class FakeRepository:
         # Simulated conflicts are counted on the committed state: a conflict rolls back.
         self.shared = shared or state
 
-    async def begin_request(self, request_id: str) -> RequestLookup:
-        return RequestLookup(self.state.now, self.state.requests.get(request_id))
+    async def claim_request(self, request_id: str, method: str, fingerprint: bytes) -> RequestLookup:
+        stored = self.state.requests.get(request_id)
+        if stored is None:
+            self.state.requests[request_id] = StoredRequest(method, fingerprint, b"")
+        return RequestLookup(self.state.now, stored)
 
-    async def save_request(self, request_id: str, method: str, fingerprint: bytes, response: bytes) -> None:
+    async def save_response(self, request_id: str, response: bytes) -> None:
+        self._maybe_conflict()
+        claimed = self.state.requests[request_id]
+        self.state.requests[request_id] = dataclasses.replace(claimed, response=response)
+
+    def _maybe_conflict(self) -> None:
         if self.shared.conflicts_to_raise:
             self.shared.conflicts_to_raise -= 1
             raise TransactionConflict("simulated")
-        self.state.requests[request_id] = StoredRequest(method, fingerprint, response)
 
     async def now(self) -> datetime:
         return self.state.now
@@ -81,15 +91,20 @@ class FakeRepository:
     async def begin_submission(
         self, request_id: str, account_ids: Sequence[UUID]
     ) -> tuple[RequestLookup, dict[UUID, Account]]:
-        return await self.begin_request(request_id), await self.lock_accounts(account_ids)
+        lookup = RequestLookup(self.state.now, self.state.requests.get(request_id))
+        return lookup, await self.lock_accounts(account_ids)
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime) -> int:
-        return sum(
+    async def daily_usage(self, payer_account_id: UUID, since: datetime, request_id: str) -> DailyUsage:
+        used = sum(
             p.amount
             for p in self.state.payments.values()
             if p.payer_account_id == payer_account_id
             and p.created_at >= since
             and p.status in (PaymentStatus.APPROVED, PaymentStatus.PENDING_REVIEW)
+        )
+        # What a duplicate committed while this transaction waited for the locks.
+        return DailyUsage(
+            used, self.state.requests.get(request_id) or self.shared.committed_elsewhere.get(request_id)
         )
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
@@ -104,9 +119,14 @@ class FakeRepository:
         entries: Sequence[LedgerEntry],
         request: SavedRequest,
     ) -> None:
+        self._maybe_conflict()
+        if request.request_id in self.state.requests:
+            raise TransactionConflict("a concurrent request with the same request_id committed first")
         await self.add_payment(payment, event)
         await self.apply_changes(changes, entries, payment.created_at)
-        await self.save_request(request.request_id, request.method, request.fingerprint, request.response)
+        self.state.requests[request.request_id] = StoredRequest(
+            request.method, request.fingerprint, request.response
+        )
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None:
         self.state.payments[payment.payment_id] = payment
@@ -335,3 +355,18 @@ async def test_conflicts_are_retried_with_a_bound(store: Store) -> None:
     with pytest.raises(DatabaseUnavailable):
         await pay(handlers, payer, payee, 1)
     assert len(store.payments) == 1
+
+
+async def test_a_duplicate_committed_while_a_submission_waited_for_its_locks_is_replayed(
+    handlers: Handlers, store: Store
+) -> None:
+    payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+    store.committed_elsewhere["dup"] = StoredRequest("SubmitPayment", b"f", b"the first response")
+    command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 100, "")
+    outcome = await handlers.submit_payment(command, key("SubmitPayment", "dup"))  # type: ignore[arg-type]
+    assert outcome.value is None
+    assert outcome.replay == b"the first response"
+    assert store.payments == {}
+    assert store.accounts[payer.account_id].ledger_balance == 1_000
+    with pytest.raises(RequestIdReused):
+        await handlers.submit_payment(command, key("SubmitPayment", "dup", b"other"))  # type: ignore[arg-type]
