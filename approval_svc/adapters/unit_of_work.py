@@ -19,7 +19,10 @@ from payments_common.lsn import parse_lsn
 
 log = logging.getLogger(__name__)
 
-_WAL_POSITION = "SELECT pg_current_wal_lsn()::text"
+# The insert position, not pg_current_wal_lsn() (the write position): with
+# synchronous_commit off, COMMIT returns before its record is written, so only the
+# insert position is sure to be at or past the end of the commit record.
+_WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text"
 _PROBE = text("SELECT 1")
 
 # Serialization failure and deadlock: the transaction did nothing and can run again.
@@ -224,9 +227,10 @@ class SqlUnitOfWork:
     async def commit(self) -> int:
         driver = self._require()
         await driver.execute("COMMIT")
-        # synchronous_commit is on, so the commit record is flushed before COMMIT returns
-        # and the current insert position is past it. Read outside any transaction:
-        # one round trip.
+        # COMMIT returns after its commit record was inserted into the WAL, whatever
+        # synchronous_commit says (which only decides whether it waits for the flush), so
+        # the insert position read now is at or past the record's end. Read outside any
+        # transaction: one round trip.
         text_lsn: str = await driver.fetchval(_WAL_POSITION)
         return parse_lsn(text_lsn)
 
