@@ -1,21 +1,45 @@
 """Compares every source row with its read model in Redis and lists the differences.
 
-It copes with writes still arriving: it reads the source in one REPEATABLE READ
-transaction, notes the WAL position just before (`low`) and at (`high`) the snapshot,
-waits until the replicator's checkpoint reaches `high`, and ignores keys last written
-above `low`, whose state may be newer than the snapshot.
+What the two sides cover, exactly, while writes go on:
+
+- PostgreSQL: a snapshot exported by a temporary logical replication slot. Its consistent
+  point `P` (the end of a running-transactions record) splits the WAL exactly: a
+  transaction is visible in the snapshot if and only if its commit record starts before
+  `P` (so ends at or before it). A snapshot taken with `pg_current_wal_lsn()` beside it
+  has no such bound: a commit record can be flushed, and streamed to the replicator,
+  while the transaction is not yet visible (it waits for a synchronous standby, or has
+  not left the process array), and a visible one can end after a position read earlier.
+- Redis: once the checkpoint is at or past `P`, every transaction that commits before
+  `P` is applied. An entity (a view, a timeline entry, an index membership) whose
+  position is below `P` was last written by a transaction visible in the snapshot (its
+  position is the start or the end of its commit record), so it must equal the snapshot
+  exactly; one at or above `P` was written by a later transaction, and the snapshot says
+  nothing about it (it is counted as in flight, not compared).
+- Something the snapshot has and Redis lacks without any position left behind (no hash,
+  no timeline position, no index version) may have been removed by a later TRUNCATE or a
+  rebuild; it is checked again against a newer snapshot, and reported only if it is
+  still missing after the last round.
+
+Each item is read from Redis in one command, or its entries before their positions, so
+a write between two reads can only make an item look newer (skipped), never older.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
 import redis
+from psycopg2 import sql
 
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import KeySchema
@@ -35,6 +59,9 @@ from replicator.source import SESSION_OPTIONS
 
 _ENTITY = re.compile(r"\{([^}]*)\}")
 
+# One compared item: (key, "") for a view, (timeline key, sequence), (index key, member).
+Item = tuple[str, str]
+
 
 class ReconcileError(RuntimeError):
     """The comparison could not be made (e.g. the checkpoint never reached the snapshot)."""
@@ -47,6 +74,7 @@ class Report:
     in_flight: int = 0
     snapshot_lsn: int = 0
     checkpoint_lsn: int = 0
+    rounds: int = 0
     max_printed: int = 100
 
     @property
@@ -58,10 +86,18 @@ class Report:
         if len(self.differences) > self.max_printed:
             yield f"... and {len(self.differences) - self.max_printed} more"
         yield (
-            f"{len(self.differences)} differences; {self.checked} keys checked, {self.in_flight} skipped as newer "
-            f"than the snapshot; snapshot at {format_lsn(self.snapshot_lsn)}, "
-            f"checkpoint at {format_lsn(self.checkpoint_lsn)}"
+            f"{len(self.differences)} differences; {self.checked} items checked, {self.in_flight} skipped as "
+            f"written at or after the snapshot; snapshot at {format_lsn(self.snapshot_lsn)}, "
+            f"checkpoint at {format_lsn(self.checkpoint_lsn)}, {self.rounds} round(s)"
         )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every source row as of `position`: visible iff its commit record starts before it."""
+
+    position: int
+    rows: list[RowChange]
 
 
 def _entity(key: str) -> str:
@@ -69,40 +105,73 @@ def _entity(key: str) -> str:
     return found.group(1) if found else ""
 
 
-def _read_source(dsn: str, projector: Projector) -> tuple[int, int, list[RowChange]]:
-    connection = psycopg2.connect(dsn, application_name="replicator-reconcile", options=SESSION_OPTIONS)
+def _take_snapshot(replication: psycopg2.extensions.connection, deadline: float) -> tuple[int, str]:
+    """Creates a temporary slot and exports its snapshot: (consistent point, snapshot name).
+
+    The slot waits for the transactions running when it starts to end; the wait is
+    cancelled at `deadline`. The slot goes when the connection closes.
+    """
+    slot = f"reconcile_{uuid.uuid4().hex[:20]}"
+    if replication.server_version >= 150000:
+        command = "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
+    else:
+        command = "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+    timer = threading.Timer(max(deadline - time.monotonic(), 0.0), replication.cancel)
+    timer.start()
     try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            low = parse_lsn(cursor.fetchone()[0])  # type: ignore[index]
-        connection.autocommit = False
-        connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
-        rows: list[RowChange] = []
-        with connection.cursor() as cursor:
-            # The first statement takes the snapshot; every commit in it ends at or below `high`.
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            high = parse_lsn(cursor.fetchone()[0])  # type: ignore[index]
-            for table in (ACCOUNTS, PAYMENTS, PAYMENT_EVENTS):
-                schema, name = table.split(".")
-                cursor.execute(
-                    "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute "
-                    "WHERE attrelid = format('%%I.%%I', %s, %s)::regclass AND attnum > 0 AND NOT attisdropped",
-                    (schema, name),
-                )
-                columns: list[str] = cursor.fetchone()[0]  # type: ignore[index]
-                select = ", ".join(f'"{c}"::text' for c in columns)
-                cursor.execute(f'SELECT {select} FROM "{schema}"."{name}"')
-                for values in cursor.fetchall():
-                    rows.append(RowChange(table, "insert", dict(zip(columns, values, strict=True)), 0))
-        connection.rollback()
-        return low, high, rows
+        with replication.cursor() as cursor:
+            cursor.execute(sql.SQL(command).format(sql.Identifier(slot)))
+            row = cursor.fetchone()
+    except psycopg2.errors.QueryCanceled:
+        raise ReconcileError(
+            "no snapshot in time: a transaction that was running when reconcile started did not end"
+        ) from None
     finally:
-        connection.close()
+        timer.cancel()
+    assert row is not None
+    _, consistent_point, snapshot_name, _ = row
+    return parse_lsn(consistent_point), str(snapshot_name)
 
 
-def _wait_for_checkpoint(client: redis.Redis, key: str, target: int, wait_seconds: float) -> int:
-    deadline = time.monotonic() + wait_seconds
+def read_source(dsn: str, deadline: float) -> Snapshot:
+    replication = psycopg2.connect(
+        dsn,
+        connection_factory=psycopg2.extras.LogicalReplicationConnection,
+        application_name="replicator-reconcile",
+    )
+    try:
+        position, snapshot_name = _take_snapshot(replication, deadline)
+        connection = psycopg2.connect(dsn, application_name="replicator-reconcile", options=SESSION_OPTIONS)
+        try:
+            connection.set_session(isolation_level="REPEATABLE READ", readonly=True)
+            rows: list[RowChange] = []
+            with connection.cursor() as cursor:
+                # Must be the transaction's first statement; the exported snapshot lives
+                # until the replication connection runs its next command.
+                cursor.execute("SET TRANSACTION SNAPSHOT %s", (snapshot_name,))
+                for table in (ACCOUNTS, PAYMENTS, PAYMENT_EVENTS):
+                    schema, name = table.split(".")
+                    cursor.execute(
+                        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute "
+                        "WHERE attrelid = format('%%I.%%I', %s, %s)::regclass AND attnum > 0 AND NOT attisdropped",
+                        (schema, name),
+                    )
+                    columns: list[str] = cursor.fetchone()[0]  # type: ignore[index]
+                    select = ", ".join(f'"{c}"::text' for c in columns)
+                    cursor.execute(f'SELECT {select} FROM "{schema}"."{name}"')
+                    for values in cursor.fetchall():
+                        rows.append(RowChange(table, "insert", dict(zip(columns, values, strict=True)), 0))
+            connection.rollback()
+        finally:
+            connection.close()
+        return Snapshot(position, rows)
+    finally:
+        replication.close()
+
+
+def _wait_for_checkpoint(
+    client: redis.Redis, key: str, target: int, deadline: float, wait_seconds: float
+) -> int:
     while True:
         raw = client.hget(key, "lsn")
         current = int(raw) if raw is not None else 0
@@ -138,13 +207,21 @@ def _scan_hashes(client: redis.Redis, pattern: str, fields: list[str]) -> dict[s
     return found
 
 
-def compare(client: redis.Redis, schema: KeySchema, rows: list[RowChange], low: int, report: Report) -> None:
-    """Adds to `report` every difference between the read models implied by `rows` and Redis."""
+def compare(
+    client: redis.Redis, schema: KeySchema, snapshot: Snapshot, report: Report, only: set[Item] | None = None
+) -> dict[Item, str]:
+    """Adds to `report` every difference between the read models implied by `snapshot` and Redis.
+
+    Compares only the items in `only` when given. Returns the items Redis lacks without
+    leaving a position behind, with their difference: a later truncate or rebuild may
+    have removed them, so only a later snapshot can tell.
+    """
+    position = snapshot.position
     projector = Projector(schema)
     expected_views: dict[str, UpsertView] = {}
     expected_timeline: dict[str, dict[str, bytes]] = defaultdict(dict)
     expected_index: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
+    for row in snapshot.rows:
         for op in projector.project(row):
             if isinstance(op, UpsertView):
                 expected_views[op.key] = op
@@ -153,86 +230,139 @@ def compare(client: redis.Redis, schema: KeySchema, rows: list[RowChange], low: 
             elif isinstance(op, SetIndexes):
                 for key in op.add:
                     expected_index[key].add(op.member)
+    unresolved: dict[Item, str] = {}
+    only_keys = None if only is None else {key for key, _ in only}
+
+    def wanted(item: Item) -> bool:
+        return only is None or item in only
+
+    # Views: `lsn` and `view` come from one HMGET, so they belong to the same write.
     ns = schema.namespace
     stored = _scan_hashes(client, f"{ns}:payment:{{*}}", ["lsn", "view"])
     stored.update(_scan_hashes(client, f"{ns}:account:{{*}}", ["lsn", "view"]))
     for key in sorted(set(expected_views) | set(stored)):
+        if not wanted((key, "")):
+            continue
         lsn_raw, view_raw = stored.get(key, [None, None])
+        expected = expected_views.get(key)
         report.checked += 1
-        if lsn_raw is not None and int(lsn_raw) > low:
+        if lsn_raw is None:
+            if expected is not None:
+                unresolved[(key, "")] = f"{key}: missing in Redis"
+            continue
+        if int(lsn_raw) >= position:
             report.in_flight += 1
             continue
-        expected = expected_views.get(key)
         if expected is None:
             if view_raw is not None:
                 report.differences.append(f"{key}: in Redis but not in the source")
             continue
         if view_raw is None:
-            report.differences.append(f"{key}: missing in Redis")
+            report.differences.append(f"{key}: missing in Redis (deleted at {format_lsn(int(lsn_raw))})")
             continue
         actual = type(expected.view).FromString(view_raw)
-        wanted = type(expected.view).FromString(expected.view.SerializeToString())
-        actual.source_lsn = wanted.source_lsn = 0
-        if actual != wanted:
-            report.differences.append(f"{key}: differs: expected {_short(wanted)} got {_short(actual)}")
+        wanted_view = type(expected.view).FromString(expected.view.SerializeToString())
+        actual.source_lsn = wanted_view.source_lsn = 0
+        if actual != wanted_view:
+            report.differences.append(f"{key}: differs: expected {_short(wanted_view)} got {_short(actual)}")
 
-    # Timelines: each entry carries its position in the payment hash (field tl:<sequence>).
+    # Timelines: the entries first, then their positions (field tl:<sequence> of the
+    # payment hash, written in the same script): a position below the snapshot read after
+    # an entry means no write at or above it came before the entry was read.
     timeline_keys = {_text(raw) for raw in client.scan_iter(match=f"{ns}:payment:*:timeline", count=1000)}
     for key in sorted(timeline_keys | set(expected_timeline)):
+        if only_keys is not None and key not in only_keys:
+            continue
         actual_entries = {_text(f): v for f, v in client.hgetall(key).items()}
         wanted_entries = expected_timeline.get(key, {})
-        payment_key = schema.payment(_entity(key))
-        for sequence in sorted(set(actual_entries) | set(wanted_entries), key=int):
+        sequences = [
+            s for s in sorted(set(actual_entries) | set(wanted_entries), key=int) if wanted((key, s))
+        ]
+        if not sequences:
+            continue
+        positions = client.hmget(schema.payment(_entity(key)), [f"tl:{s}" for s in sequences])
+        for sequence, position_raw in zip(sequences, positions, strict=True):
             report.checked += 1
-            position = client.hget(payment_key, f"tl:{sequence}")
-            if position is not None and int(position) > low:
+            actual_entry, wanted_entry = actual_entries.get(sequence), wanted_entries.get(sequence)
+            if position_raw is not None and int(position_raw) >= position:
                 report.in_flight += 1
                 continue
-            if actual_entries.get(sequence) != wanted_entries.get(sequence):
-                state = (
-                    "missing in Redis"
-                    if sequence not in actual_entries
-                    else "in Redis but not in the source"
-                    if sequence not in wanted_entries
-                    else "differs"
-                )
-                report.differences.append(f"{key} entry {sequence}: {state}")
+            if actual_entry == wanted_entry:
+                continue
+            state = (
+                "missing in Redis"
+                if actual_entry is None
+                else "in Redis but not in the source"
+                if wanted_entry is None
+                else "differs"
+            )
+            difference = f"{key} entry {sequence}: {state}"
+            if position_raw is None:
+                unresolved[(key, sequence)] = difference
+            else:
+                report.differences.append(difference)
 
-    # Indexes: membership must match exactly, except for payments written above `low`.
+    # Indexes: the members first, then the versions (the position of each payment's last
+    # index write in the account), for the same reason.
     index_keys = {_text(raw) for raw in client.scan_iter(match=f"{ns}:account:*:idx:*", count=1000)}
-    versions: dict[str, dict[str, int]] = {}
     for key in sorted(index_keys | set(expected_index)):
-        account_id = _entity(key)
-        if account_id not in versions:
-            raw_versions = client.hgetall(schema.account_index_versions(account_id))
-            versions[account_id] = {_text(f): int(v) for f, v in raw_versions.items()}
+        if only_keys is not None and key not in only_keys:
+            continue
         actual_members = {_text(m) for m in client.zrange(key, 0, -1)}
         wanted_members = expected_index.get(key, set())
-        report.checked += 1
-        for member in sorted(actual_members ^ wanted_members):
-            payment_id = member.partition(":")[2]
-            if versions[account_id].get(payment_id, 0) > low:
+        if only is None:
+            report.checked += 1
+        differing = [m for m in sorted(actual_members ^ wanted_members) if wanted((key, m))]
+        if not differing:
+            continue
+        payment_ids = [member.partition(":")[2] for member in differing]
+        versions = client.hmget(schema.account_index_versions(_entity(key)), payment_ids)
+        for member, payment_id, version in zip(differing, payment_ids, versions, strict=True):
+            if only is not None:
+                report.checked += 1
+            if version is not None and int(version) >= position:
                 report.in_flight += 1
                 continue
             state = "missing from" if member in wanted_members else "extra in"
-            report.differences.append(f"{key}: payment {payment_id} {state} the index")
+            difference = f"{key}: payment {payment_id} {state} the index"
+            if version is None:
+                unresolved[(key, member)] = difference
+            else:
+                report.differences.append(difference)
+    return unresolved
 
 
 def _short(view: read_model_pb2.PaymentView | read_model_pb2.AccountView) -> str:
     return str(view).replace("\n", " ")[:300]
 
 
-def reconcile(settings: Settings, wait_seconds: float = 30.0, max_printed: int = 100) -> Report:
+def reconcile(
+    settings: Settings, wait_seconds: float = 30.0, max_printed: int = 100, rounds: int = 3
+) -> Report:
+    """Compares PostgreSQL with Redis; each round waits at most `wait_seconds` for its snapshot and checkpoint.
+
+    The first round compares everything; a further round, with a newer snapshot, looks
+    again only at what Redis lacked without a trace.
+    """
     schema = KeySchema(settings.namespace)
-    projector = Projector(schema)
-    low, high, rows = _read_source(settings.database_url, projector)
     client = redis.Redis.from_url(settings.redis_url)
+    report = Report(max_printed=max_printed)
+    only: set[Item] | None = None
     try:
-        report = Report(snapshot_lsn=high, max_printed=max_printed)
-        report.checkpoint_lsn = _wait_for_checkpoint(
-            client, schema.checkpoint(settings.slot_name), high, wait_seconds
-        )
-        compare(client, schema, rows, low, report)
+        for round_ in range(1, rounds + 1):
+            deadline = time.monotonic() + wait_seconds
+            snapshot = read_source(settings.database_url, deadline)
+            report.snapshot_lsn = snapshot.position
+            report.checkpoint_lsn = _wait_for_checkpoint(
+                client, schema.checkpoint(settings.slot_name), snapshot.position, deadline, wait_seconds
+            )
+            report.rounds = round_
+            unresolved = compare(client, schema, snapshot, report, only)
+            if not unresolved:
+                break
+            if round_ == rounds:
+                report.differences.extend(unresolved[item] for item in sorted(unresolved))
+            only = set(unresolved)
         return report
     finally:
         client.close()

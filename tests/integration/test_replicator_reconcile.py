@@ -1,0 +1,240 @@
+"""`replicator reconcile`, the suites' oracle, while the source is being written: no false drift, no missed drift."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import psycopg2
+import redis
+
+from payments.readmodel.v1 import read_model_pb2
+from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from replicator.config import Settings
+from replicator.reconcile import Report, compare, read_source, reconcile
+from tests.replicator_fixtures import SourceLoad, SourceWriter, StartReplicator, replicator, slot_for
+
+__all__ = ["replicator"]
+
+# No standby has this name, so a commit that asks for synchronous replication waits for ever.
+NO_STANDBY = "reconcile_test_no_such_standby"
+
+
+def _settings(database_url: str, redis_url: str) -> Settings:
+    return Settings(database_url=database_url, redis_url=redis_url, slot_name=slot_for(database_url))
+
+
+def _until(check: Callable[[], object], what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {within}s"
+        time.sleep(0.02)
+
+
+def _query(database_url: str, query: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    connection = psycopg2.connect(database_url)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(query, args)
+            return list(cursor.fetchall()) if cursor.description else []
+    finally:
+        connection.close()
+
+
+@contextlib.contextmanager
+def _synchronous_standby_required(database_url: str) -> Iterator[None]:
+    """Makes commits that ask for synchronous replication wait (cluster-wide) until the block ends.
+
+    Such a commit has written and flushed its commit record, so logical decoding streams it
+    to the replicator, but it stays invisible to every snapshot until it is released.
+    """
+    _query(database_url, "ALTER SYSTEM SET synchronous_standby_names = %s", (NO_STANDBY,))
+    _query(database_url, "SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        _query(database_url, "ALTER SYSTEM RESET synchronous_standby_names")
+        _query(database_url, "SELECT pg_reload_conf()")
+
+
+def _waiting_backends(database_url: str, wait_event: str) -> list[tuple[object, ...]]:
+    return _query(
+        database_url,
+        "SELECT pid, application_name FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event = %s AND pid <> pg_backend_pid()",
+        (wait_event,),
+    )
+
+
+class _HeldCommit:
+    """One payment submitted in a thread whose commit waits for a synchronous standby."""
+
+    def __init__(self, database_url: str, payer: str, payee: str) -> None:
+        self.writer = SourceWriter(database_url)
+        with self.writer.connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit = on")
+        self.writer.connection.commit()
+        self.payment_id = ""
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(payer, payee), daemon=True)
+        self.thread.start()
+
+    def _run(self, payer: str, payee: str) -> None:
+        try:
+            self.payment_id = self.writer.submit(payer, payee, 42)
+        except BaseException as error:  # reported by the test
+            self.error = error
+
+    def join(self) -> None:
+        self.thread.join(timeout=60)
+        self.writer.close()
+        assert self.error is None, self.error
+
+
+def test_a_commit_streamed_before_it_is_visible_is_not_drift(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    """A transaction whose commit record is flushed (and applied to Redis) before it becomes
+    visible in PostgreSQL: a snapshot taken in between does not see it, Redis has it."""
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        source.submit(alice, bob, 10)
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    client = redis.Redis.from_url(redis_url)
+    payments_before = set(client.scan_iter(match=KEYS.payment("*")))
+    result: list[Report | BaseException] = []
+    held: list[_HeldCommit] = []
+    with _synchronous_standby_required(migrated_dsn):
+        # The reload reaches every backend a little later: until a commit waits, submit another.
+        def a_commit_is_held() -> bool:
+            if not held or not held[-1].thread.is_alive():
+                held.append(_HeldCommit(migrated_dsn, alice, bob))
+                return False
+            return bool(_waiting_backends(migrated_dsn, "SyncRep"))
+
+        _until(a_commit_is_held, "a commit waiting for the synchronous standby")
+        # The replicator applies the held transaction: its payment is in Redis, not in any snapshot.
+        _until(
+            lambda: len(set(client.scan_iter(match=KEYS.payment("*"))) - payments_before) == len(held),
+            "the held commit applied to Redis",
+        )
+        assert _query(migrated_dsn, "SELECT count(*) FROM payments")[0][0] == 1  # only the first
+
+        def run() -> None:
+            try:
+                result.append(reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30))
+            except BaseException as error:  # reported by the test
+                result.append(error)
+
+        checker = threading.Thread(target=run, daemon=True)
+        checker.start()
+        # Reconcile either finishes or waits for the held transaction to end (then the
+        # transaction is released, and it must be visible in reconcile's snapshot).
+        _until(
+            lambda: not checker.is_alive() or _waiting_backends(migrated_dsn, "transactionid"),
+            "reconcile finished or waiting",
+        )
+    for commit in held:
+        commit.join()
+    checker.join(timeout=60)
+    client.close()
+    assert len(result) == 1
+    report = result[0]
+    assert isinstance(report, Report), report
+    assert report.clean, "\n".join(report.lines())
+    assert report.in_flight == 0
+    assert report.checked > 0
+
+
+def test_reconcile_under_concurrent_writes_reports_no_false_drift(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    with SourceWriter(migrated_dsn) as source:
+        accounts = [source.open_account(f"Owner {i}") for i in range(4)]
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    reports: list[Report] = []
+    with SourceLoad(migrated_dsn, accounts) as load:
+        load.wait_for(50)
+        for _ in range(8):
+            reports.append(reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30))
+            load.wait_for(load.written + 20)
+    dirty = ["\n".join(r.lines()) for r in reports if not r.clean]
+    assert dirty == []
+    process.wait_caught_up()
+    final = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30)
+    assert final.clean, "\n".join(final.lines())
+    assert final.in_flight == 0
+
+
+def test_reconcile_under_concurrent_writes_finds_drift(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        quiet = source.submit(alice, bob, 10)
+        busy = [source.open_account(f"Busy {i}") for i in range(3)]
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    client = redis.Redis.from_url(redis_url)
+    view = read_model_pb2.PaymentView.FromString(client.hget(KEYS.payment(quiet), "view"))
+    view.amount.amount_minor += 1
+    client.hset(KEYS.payment(quiet), "view", view.SerializeToString())
+    client.delete(KEYS.account(bob))
+    client.close()
+    with SourceLoad(migrated_dsn, busy) as load:
+        load.wait_for(30)
+        report = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30)
+    text = "\n".join(report.lines())
+    assert f"{KEYS.payment(quiet)}: differs" in text
+    assert f"{KEYS.account(bob)}: missing in Redis" in text
+    assert len(report.differences) == 2, text
+
+
+def test_rows_truncated_after_the_snapshot_are_checked_again(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    """A truncate leaves no position behind: what Redis lacks for that reason is not drift."""
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        paid = source.submit(alice, bob, 10)
+        process = replicator(migrated_dsn, redis_url)
+        process.wait_caught_up()
+        snapshot = read_source(migrated_dsn, time.monotonic() + 30)
+        source.execute("TRUNCATE payment_events, payments CASCADE")
+    process.wait_caught_up()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.exists(KEYS.payment(paid)) == 0
+        report = Report(snapshot_lsn=snapshot.position)
+        unresolved = compare(client, KEYS, snapshot, report)
+    finally:
+        client.close()
+    assert report.clean, "\n".join(report.lines())
+    assert (KEYS.payment(paid), "") in unresolved
+    final = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30)
+    assert final.clean, "\n".join(final.lines())
+    assert final.rounds == 1
+
+
+def test_drift_that_leaves_no_trace_is_reported_after_the_last_round(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        paid = source.submit(alice, bob, 10)
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    client = redis.Redis.from_url(redis_url)
+    client.delete(KEYS.payment(paid), KEYS.payment_timeline(paid))
+    client.close()
+    report = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30, rounds=2)
+    text = "\n".join(report.lines())
+    assert report.rounds == 2
+    assert f"{KEYS.payment(paid)}: missing in Redis" in text
+    assert f"{KEYS.payment_timeline(paid)} entry 1: missing in Redis" in text
+    assert len(report.differences) == 2, text
