@@ -29,6 +29,7 @@ def _assert_reconciled(database_url: str, redis_url: str) -> None:
     report = reconcile(settings, wait_seconds=60)
     assert report.clean, "\n".join(report.lines())
     assert report.in_flight == 0
+    assert report.checked > 0
 
 
 def _accounts(database_url: str, count: int = 6) -> list[str]:
@@ -40,8 +41,14 @@ def _watched(redis_url: str, accounts: list[str], database_url: str) -> list[str
     return [KEYS.checkpoint(slot_for(database_url)), *(KEYS.account(a) for a in accounts)]
 
 
-def _bootstraps(process: ReplicatorProcess) -> int:
-    return process.log_path.read_text().count("bootstrap of slot") // 2
+def _bootstraps(*processes: ReplicatorProcess) -> int:
+    """Bootstraps completed (each logs a start and an end), summed over the processes' logs."""
+    return sum(process.log_path.read_text().count("bootstrap of slot") // 2 for process in processes)
+
+
+def _rebuilds(*processes: ReplicatorProcess) -> int:
+    """Rebuilds announced, summed over the processes' logs."""
+    return sum(process.log_path.read_text().count("REBUILD:") for process in processes)
 
 
 def test_kill_9_under_load_loses_nothing_and_never_goes_backwards(
@@ -49,6 +56,7 @@ def test_kill_9_under_load_loses_nothing_and_never_goes_backwards(
 ) -> None:
     accounts = _accounts(migrated_dsn)
     process = replicator(migrated_dsn, redis_url)
+    processes = [process]
     process.wait_caught_up()
     with Monotonic(redis_url, _watched(redis_url, accounts, migrated_dsn)) as monotonic:
         with SourceLoad(migrated_dsn, accounts) as load:
@@ -56,13 +64,16 @@ def test_kill_9_under_load_loses_nothing_and_never_goes_backwards(
                 load.wait_for(round_ * 500)
                 process.kill()
                 process = replicator(migrated_dsn, redis_url)
+                processes.append(process)
             load.wait_for(2000)
         process.wait_caught_up()
     assert monotonic.samples > 10
     assert monotonic.backwards == []
     _assert_reconciled(migrated_dsn, redis_url)
     # Restarts resume from the checkpoint; only the first start copied the tables.
-    assert _bootstraps(process) == 0
+    assert _rebuilds(*processes) == 0
+    assert _bootstraps(processes[0]) == 1
+    assert _bootstraps(*processes) == 1
 
 
 def test_redis_flushed_while_running_is_rebuilt(
@@ -114,7 +125,9 @@ def test_second_instance_waits_then_takes_over(
         second.wait_caught_up()
     assert monotonic.backwards == []
     _assert_reconciled(migrated_dsn, redis_url)
-    assert _bootstraps(second) == 0
+    # The second instance resumed from the first's checkpoint.
+    assert _rebuilds(first, second) == 0
+    assert _bootstraps(first, second) == 1
 
 
 def test_paused_owner_is_fenced_after_a_takeover(
@@ -140,6 +153,9 @@ def test_paused_owner_is_fenced_after_a_takeover(
     assert monotonic.backwards == []
     assert first.alive
     _assert_reconciled(migrated_dsn, redis_url)
+    # Neither the takeover nor the fenced owner's return led to a rebuild.
+    assert _rebuilds(first, second) == 0
+    assert _bootstraps(first, second) == 1
 
 
 def test_redis_paused_then_resumed_carries_on(
@@ -206,4 +222,7 @@ def test_bootstrap_killed_midway_starts_again_cleanly(
         load.wait_for(100)
     second.wait_caught_up()
     _assert_reconciled(migrated_dsn, redis_url)
-    assert "REBUILD" in second.log_path.read_text()
+    # The first start was a plain bootstrap; the second found the slot without a checkpoint.
+    assert _rebuilds(first) == 0
+    assert _rebuilds(second) == 1
+    assert _bootstraps(first, second) == 1
