@@ -80,10 +80,12 @@ class GetAccountResponse(_message.Message):
     def __init__(self, account: _Optional[_Union[_read_model_pb2.AccountView, _Mapping]] = ...) -> None: ...
 
 class WatchPaymentsRequest(_message.Message):
-    __slots__ = ("account_id",)
+    __slots__ = ("account_id", "start_after_consistency_token")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    START_AFTER_CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     account_id: str
-    def __init__(self, account_id: _Optional[str] = ...) -> None: ...
+    start_after_consistency_token: str
+    def __init__(self, account_id: _Optional[str] = ..., start_after_consistency_token: _Optional[str] = ...) -> None: ...
 
 class WatchPaymentsResponse(_message.Message):
     __slots__ = ("payment", "consistency_token")

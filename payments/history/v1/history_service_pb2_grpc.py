@@ -41,6 +41,7 @@ class HistoryServiceStub:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
     """
 
@@ -88,6 +89,7 @@ class HistoryServiceServicer:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
     """
 
@@ -101,7 +103,9 @@ class HistoryServiceServicer:
 
     def ListPayments(self, request, context):
         """Lists one account's payments, newest first, filtered by direction,
-        status and time range, one page at a time (AIP-158).
+        status and time range, one page at a time (AIP-158). NOT_FOUND
+        (ACCOUNT_NOT_FOUND) when the read models hold no such account, or hold
+        it as deleted, as GetAccount answers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,9 +121,24 @@ class HistoryServiceServicer:
 
     def WatchPayments(self, request, context):
         """Streams the changes of one account's payments as the replicator applies
-        them, until the client cancels or the server shuts down. A client that
-        reads too slowly to keep up is disconnected with RESOURCE_EXHAUSTED
-        (reason WATCH_TOO_SLOW) rather than buffered without bound.
+        them, until the client cancels or the server shuts down (status OK).
+        NOT_FOUND (ACCOUNT_NOT_FOUND) when the read models hold no such account,
+        or hold it as deleted, as GetAccount answers.
+
+        The stream never skips a change silently. When the server cannot prove
+        that it saw every change in order (the read models were rebuilt or lost
+        data, entries of the change stream were trimmed before it read them, a
+        batch changed payments without listing them, such as a truncate or a
+        very large source transaction), the stream ends with ABORTED (reason
+        WATCH_CONTINUITY_LOST): read the account's payments again with
+        ListPayments, then watch again. A client that reads too slowly to keep
+        up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
+        rather than buffered without bound.
+
+        With `start_after_consistency_token`, the stream first sends the changes
+        the client missed since that position, then the live ones, each once;
+        when they can no longer be proven complete, it fails with OUT_OF_RANGE
+        (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +191,7 @@ class HistoryService:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
     """
 

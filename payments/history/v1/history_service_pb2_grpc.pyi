@@ -42,6 +42,7 @@ class HistoryServiceStub:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
     """
 
@@ -55,7 +56,9 @@ class HistoryServiceStub:
     """
     ListPayments: _grpc.UnaryUnaryMultiCallable[_history_service_pb2.ListPaymentsRequest, _history_service_pb2.ListPaymentsResponse]
     """Lists one account's payments, newest first, filtered by direction,
-    status and time range, one page at a time (AIP-158).
+    status and time range, one page at a time (AIP-158). NOT_FOUND
+    (ACCOUNT_NOT_FOUND) when the read models hold no such account, or hold
+    it as deleted, as GetAccount answers.
     """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_history_service_pb2.GetAccountRequest, _history_service_pb2.GetAccountResponse]
     """Reads one account's balances, totals and counts. NOT_FOUND
@@ -63,9 +66,24 @@ class HistoryServiceStub:
     """
     WatchPayments: _grpc.UnaryStreamMultiCallable[_history_service_pb2.WatchPaymentsRequest, _history_service_pb2.WatchPaymentsResponse]
     """Streams the changes of one account's payments as the replicator applies
-    them, until the client cancels or the server shuts down. A client that
-    reads too slowly to keep up is disconnected with RESOURCE_EXHAUSTED
-    (reason WATCH_TOO_SLOW) rather than buffered without bound.
+    them, until the client cancels or the server shuts down (status OK).
+    NOT_FOUND (ACCOUNT_NOT_FOUND) when the read models hold no such account,
+    or hold it as deleted, as GetAccount answers.
+
+    The stream never skips a change silently. When the server cannot prove
+    that it saw every change in order (the read models were rebuilt or lost
+    data, entries of the change stream were trimmed before it read them, a
+    batch changed payments without listing them, such as a truncate or a
+    very large source transaction), the stream ends with ABORTED (reason
+    WATCH_CONTINUITY_LOST): read the account's payments again with
+    ListPayments, then watch again. A client that reads too slowly to keep
+    up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
+    rather than buffered without bound.
+
+    With `start_after_consistency_token`, the stream first sends the changes
+    the client missed since that position, then the live ones, each once;
+    when they can no longer be proven complete, it fails with OUT_OF_RANGE
+    (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
     """
 
 @_typing.type_check_only
@@ -85,6 +103,7 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
     """
 
@@ -95,7 +114,9 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     """
     ListPayments: _aio.UnaryUnaryMultiCallable[_history_service_pb2.ListPaymentsRequest, _history_service_pb2.ListPaymentsResponse]  # type: ignore[assignment]
     """Lists one account's payments, newest first, filtered by direction,
-    status and time range, one page at a time (AIP-158).
+    status and time range, one page at a time (AIP-158). NOT_FOUND
+    (ACCOUNT_NOT_FOUND) when the read models hold no such account, or hold
+    it as deleted, as GetAccount answers.
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_history_service_pb2.GetAccountRequest, _history_service_pb2.GetAccountResponse]  # type: ignore[assignment]
     """Reads one account's balances, totals and counts. NOT_FOUND
@@ -103,9 +124,24 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     """
     WatchPayments: _aio.UnaryStreamMultiCallable[_history_service_pb2.WatchPaymentsRequest, _history_service_pb2.WatchPaymentsResponse]  # type: ignore[assignment]
     """Streams the changes of one account's payments as the replicator applies
-    them, until the client cancels or the server shuts down. A client that
-    reads too slowly to keep up is disconnected with RESOURCE_EXHAUSTED
-    (reason WATCH_TOO_SLOW) rather than buffered without bound.
+    them, until the client cancels or the server shuts down (status OK).
+    NOT_FOUND (ACCOUNT_NOT_FOUND) when the read models hold no such account,
+    or hold it as deleted, as GetAccount answers.
+
+    The stream never skips a change silently. When the server cannot prove
+    that it saw every change in order (the read models were rebuilt or lost
+    data, entries of the change stream were trimmed before it read them, a
+    batch changed payments without listing them, such as a truncate or a
+    very large source transaction), the stream ends with ABORTED (reason
+    WATCH_CONTINUITY_LOST): read the account's payments again with
+    ListPayments, then watch again. A client that reads too slowly to keep
+    up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
+    rather than buffered without bound.
+
+    With `start_after_consistency_token`, the stream first sends the changes
+    the client missed since that position, then the live ones, each once;
+    when they can no longer be proven complete, it fails with OUT_OF_RANGE
+    (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
     """
 
 class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -124,6 +160,7 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
     """
 
@@ -144,7 +181,9 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_history_service_pb2.ListPaymentsResponse, _abc.Awaitable[_history_service_pb2.ListPaymentsResponse]]:
         """Lists one account's payments, newest first, filtered by direction,
-        status and time range, one page at a time (AIP-158).
+        status and time range, one page at a time (AIP-158). NOT_FOUND
+        (ACCOUNT_NOT_FOUND) when the read models hold no such account, or hold
+        it as deleted, as GetAccount answers.
         """
 
     @_abc_1.abstractmethod
@@ -164,9 +203,24 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_history_service_pb2.WatchPaymentsResponse], _abc.AsyncIterator[_history_service_pb2.WatchPaymentsResponse]]:
         """Streams the changes of one account's payments as the replicator applies
-        them, until the client cancels or the server shuts down. A client that
-        reads too slowly to keep up is disconnected with RESOURCE_EXHAUSTED
-        (reason WATCH_TOO_SLOW) rather than buffered without bound.
+        them, until the client cancels or the server shuts down (status OK).
+        NOT_FOUND (ACCOUNT_NOT_FOUND) when the read models hold no such account,
+        or hold it as deleted, as GetAccount answers.
+
+        The stream never skips a change silently. When the server cannot prove
+        that it saw every change in order (the read models were rebuilt or lost
+        data, entries of the change stream were trimmed before it read them, a
+        batch changed payments without listing them, such as a truncate or a
+        very large source transaction), the stream ends with ABORTED (reason
+        WATCH_CONTINUITY_LOST): read the account's payments again with
+        ListPayments, then watch again. A client that reads too slowly to keep
+        up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
+        rather than buffered without bound.
+
+        With `start_after_consistency_token`, the stream first sends the changes
+        the client missed since that position, then the live ones, each once;
+        when they can no longer be proven complete, it fails with OUT_OF_RANGE
+        (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
         """
 
 def add_HistoryServiceServicer_to_server(servicer: HistoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
