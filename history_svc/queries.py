@@ -170,7 +170,8 @@ return {checkpoint, field('\\10', table.concat(parts))}
 # KEYS: account hash, index zset[, checkpoint hash]. ARGV: upper bound, lower bound, the
 # number of members to range (page size + 1; 0 when the bounds match nothing), and the
 # prefix and suffix that make a payment id into its hash key. Returns {checkpoint lsn or
-# nil, 0} when the account does not exist, else {checkpoint, 1, the page's payments as
+# nil, 0} when the account does not exist or was deleted (a tombstone: its hash holds a
+# position but no view, as GetAccount reads it), else {checkpoint, 1, the page's payments as
 # ListPaymentsResponse field 1 entries (key byte 0x0a), the next cursor or nil}. A member
 # whose view is missing (deleted since it was indexed) is skipped; the cursor moves past it.
 _PAGE_SCRIPT = (
@@ -179,7 +180,7 @@ _PAGE_SCRIPT = (
         + """
 local checkpoint = false
 if #KEYS == 3 then checkpoint = redis.call('HGET', KEYS[3], '@LSN@') end
-if redis.call('EXISTS', KEYS[1]) == 0 then return {checkpoint, 0} end
+if redis.call('HEXISTS', KEYS[1], '@VIEW@') == 0 then return {checkpoint, 0} end
 local limit = tonumber(ARGV[3])
 if limit == 0 then return {checkpoint, 1, '', false} end
 local members = redis.call('ZRANGE', KEYS[2], ARGV[1], ARGV[2], 'BYLEX', 'REV', 'LIMIT', 0, limit)
@@ -325,8 +326,9 @@ class ReadModel:
         return None if raw is None else read_model_pb2.AccountView.FromString(raw)
 
     async def account_exists(self, account_id: str) -> bool:
+        """Whether the account has a view: a deleted one leaves a tombstone (a position, no view)."""
         try:
-            return bool(await self._redis.exists(self._keys.account(account_id)))
+            return bool(await self._redis.hexists(self._keys.account(account_id), VIEW_FIELD))
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
 

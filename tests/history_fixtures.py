@@ -24,10 +24,21 @@ from typing import Any
 
 import grpc
 import psycopg2
+from redis.asyncio import Redis
 
 from history_svc.config import Settings
 from history_svc.server import Dependencies, HistoryServer, create_server
 from payments.history.v1 import history_service_pb2_grpc
+from payments.readmodel.v1 import read_model_pb2
+from payments.type.v1 import payment_pb2
+from payments_common.keys import (
+    CHECKPOINT_LSN_FIELD,
+    DEFAULT_SCHEMA,
+    LSN_FIELD,
+    STREAM_BATCH_FIELD,
+    VIEW_FIELD,
+    KeySchema,
+)
 from payments_common.lsn import parse_lsn
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.local import wait_serving
@@ -168,6 +179,13 @@ class SourceWriter:
                 {"amount": amount_minor, "id": account},
             )
         return payment_id
+
+    def delete_account(self, account_id: str) -> str:
+        """Deletes an account that has no payments; returns a consistency token."""
+        connection = self._conn()
+        with connection, connection.cursor() as cursor:
+            cursor.execute("DELETE FROM accounts WHERE account_id = %s", (account_id,))
+        return self.position()
 
     def approve_held(self, payment_id: str, actor: str = "operator.jane") -> str:
         """An operator approves a held payment; returns a consistency token."""
@@ -378,3 +396,90 @@ def replicated_source(postgres: PostgresServer, work_dir: Path) -> Iterator[Repl
             replicator.stop()
         redis_server.remove()
         postgres.drop_database(name)
+
+
+def payment_view(number: int, payer: str, payee: str) -> read_model_pb2.PaymentView:
+    """A payment view as the replicator stores it (no timeline), numbered for readable tests."""
+    return read_model_pb2.PaymentView(
+        payment_id=f"00000000-0000-4000-8000-{number:012d}",
+        payer_account_id=payer,
+        payee_account_id=payee,
+        status=payment_pb2.PAYMENT_STATUS_APPROVED,
+        source_lsn=number,
+    )
+
+
+class HandWrittenReadModel:
+    """Writes accounts, the checkpoint and the change stream into Redis by hand, as the replicator would.
+
+    Each `publish` moves the checkpoint and appends its ChangeBatch in one MULTI, chained to
+    the entry before it, unless told otherwise: that is how the tests stage the replicator's
+    faults (a rebuild, trimmed entries, a batch that omits payments, a broken chain).
+    """
+
+    def __init__(
+        self, client: Redis, slot: str = "payments_read_model", keys: KeySchema = DEFAULT_SCHEMA
+    ) -> None:
+        self.client = client
+        self.slot = slot
+        self.keys = keys
+        self.checkpoint = 0
+        self._next_lsn = 1_000
+
+    def next_lsn(self) -> int:
+        self._next_lsn += 100
+        return self._next_lsn
+
+    async def open_account(self, account_id: str, name: str = "someone") -> None:
+        view = read_model_pb2.AccountView(account_id=account_id, owner_name=name)
+        await self.client.hset(
+            self.keys.account(account_id),
+            mapping={LSN_FIELD: self.next_lsn(), VIEW_FIELD: view.SerializeToString()},
+        )
+
+    async def delete_account(self, account_id: str) -> None:
+        """What the replicator leaves for a deleted account: a tombstone, the position without the view."""
+        key = self.keys.account(account_id)
+        await self.client.hset(key, LSN_FIELD, self.next_lsn())
+        await self.client.hdel(key, VIEW_FIELD)
+
+    def batch(
+        self,
+        *views: read_model_pb2.PaymentView,
+        previous: int | None = None,
+        omits_payments: bool = False,
+    ) -> read_model_pb2.ChangeBatch:
+        """The next ChangeBatch, chained to the last one unless `previous` says otherwise."""
+        return read_model_pb2.ChangeBatch(
+            checkpoint_lsn=self.next_lsn(),
+            previous_checkpoint_lsn=self.checkpoint if previous is None else previous,
+            payments=views,
+            omits_payments=omits_payments,
+        )
+
+    async def publish(
+        self,
+        *views: read_model_pb2.PaymentView,
+        previous: int | None = None,
+        omits_payments: bool = False,
+        trim_to: int | None = None,
+    ) -> int:
+        """Moves the checkpoint and appends one entry atomically; returns the new checkpoint."""
+        batch = self.batch(*views, previous=previous, omits_payments=omits_payments)
+        async with self.client.pipeline(transaction=True) as pipe:
+            self.stage(pipe, batch)
+            if trim_to is not None:
+                pipe.xtrim(self.keys.changes(), maxlen=trim_to, approximate=False)
+            await pipe.execute()
+        return batch.checkpoint_lsn
+
+    def stage(self, pipe: Any, batch: read_model_pb2.ChangeBatch) -> None:
+        """Adds one entry's writes to a MULTI, so that several entries can land at once."""
+        pipe.hset(self.keys.checkpoint(self.slot), CHECKPOINT_LSN_FIELD, batch.checkpoint_lsn)
+        pipe.xadd(self.keys.changes(), {STREAM_BATCH_FIELD: batch.SerializeToString()})
+        self.checkpoint = batch.checkpoint_lsn
+
+    async def set_checkpoint(self, lsn: int) -> None:
+        """Moves the checkpoint without an entry, as a write applied without notification does."""
+        await self.client.hset(self.keys.checkpoint(self.slot), CHECKPOINT_LSN_FIELD, lsn)
+        self.checkpoint = lsn

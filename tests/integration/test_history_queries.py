@@ -292,6 +292,32 @@ async def test_get_account_needs_a_uuid(history: RunningHistory) -> None:
     await _fails(call, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
 
 
+async def test_a_deleted_account_is_not_found_by_every_account_read(
+    dataset: Dataset, history: RunningHistory
+) -> None:
+    writer = dataset.source.writer
+    gone = writer.open_account("Gone")
+    dataset.source.wait_replicated()
+    token = await asyncio.to_thread(writer.delete_account, gone)
+    # The replicator keeps a tombstone: the account's hash with its position and no view.
+    calls = [
+        history.stub.GetAccount(pb.GetAccountRequest(account_id=gone, min_consistency_token=token)),
+        history.stub.ListPayments(
+            pb.ListPaymentsRequest(account_id=gone, direction=ALL, min_consistency_token=token)
+        ),
+    ]
+    for call in calls:
+        await _fails(call, grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+    client = Redis.from_url(dataset.source.redis_url)
+    try:
+        assert await client.hexists(KeySchema().account(gone), "lsn")
+    finally:
+        await client.aclose()
+    stream = history.stub.WatchPayments(pb.WatchPaymentsRequest(account_id=gone))
+    await _fails(stream.read(), grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+    assert history.server.watcher.subscriptions == 0
+
+
 # -- ListPayments ---------------------------------------------------------------------------
 
 
