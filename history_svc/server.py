@@ -157,6 +157,8 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
         PageTokenCodec(settings.page_token_secret),
         consistency_wait_max_s=settings.consistency_wait_max_s,
         watch_queue_size=settings.watch_queue_size,
+        stream_redis=deps.redis,
+        keys=keys,
     )
     options = ServerOptions(
         host=settings.host,

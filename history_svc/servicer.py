@@ -10,6 +10,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 from prometheus_client import Counter
+from redis.asyncio import Redis
 
 from history_svc.queries import (
     CheckpointBehind,
@@ -19,11 +20,12 @@ from history_svc.queries import (
     is_cursor,
     page_size,
 )
-from history_svc.watcher import ChangeWatcher
+from history_svc.resume import missed_changes
+from history_svc.watcher import Change, ChangeWatcher
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
-from payments_common.keys import STATUS_NAMES
+from payments_common.keys import STATUS_NAMES, KeySchema
 from payments_common.lsn import format_lsn
 from payments_common.tokens import (
     PageTokenCodec,
@@ -112,7 +114,11 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         page_tokens: PageTokenCodec,
         consistency_wait_max_s: float,
         watch_queue_size: int,
+        stream_redis: Redis,
+        keys: KeySchema,
     ) -> None:
+        self._watch_redis = stream_redis
+        self._keys = keys
         self._read_model = read_model
         self._watcher = watcher
         self._page_tokens = page_tokens
@@ -188,21 +194,60 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
     ) -> AsyncIterator[pb.WatchPaymentsResponse]:
         violations: list[FieldViolation] = []
         account_id = _uuid("account_id", request.account_id, violations)
+        after: int | None = None
+        if request.start_after_consistency_token:
+            try:
+                after = decode_consistency_token(request.start_after_consistency_token)
+            except TokenError:
+                raise InvalidArgument(
+                    [FieldViolation("start_after_consistency_token", "not a consistency token")],
+                    reason="INVALID_CONSISTENCY_TOKEN",
+                ) from None
         if violations:
             raise InvalidArgument(violations)
-        # Subscribed before the existence check, so that no change falls between the two.
+        budget = consistency_budget(context.time_remaining(), self._consistency_wait_max_s)
+        if not await self._watcher.wait_synced(budget):
+            raise ReadModelUnavailable()
+        if after is not None and self._watcher.head < after:
+            await self._await_consistency(request.start_after_consistency_token, context)
+            if self._watcher.head < after:
+                raise _not_reached(after, self._watcher.head)
+        # Subscribed before the existence check and the backlog, so that no change falls
+        # between them: the backlog ends at the entry where the subscription begins.
         subscription = self._watcher.subscribe(account_id, self._watch_queue_size)
         try:
             if not await self._read_model.account_exists(account_id):
                 raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
+            backlog: list[list[Change]] = []
+            if after is not None:
+                backlog = await missed_changes(
+                    self._watch_redis,
+                    self._keys,
+                    account_id,
+                    after,
+                    subscription.after_id,
+                    subscription.after_lsn,
+                )
+                await self._fill_timelines([change for group in backlog for change in group])
             # Tells the client that the stream is established: every change applied from now on follows.
             await context.send_initial_metadata(())
+            for group in backlog:
+                for change in group:
+                    yield _watch_response(change)
             async for change in subscription:
-                yield pb.WatchPaymentsResponse(
-                    payment=change.view, consistency_token=encode_consistency_token(change.lsn)
-                )
+                yield _watch_response(change)
         finally:
             self._watcher.unsubscribe(subscription)
+
+    async def _fill_timelines(self, changes: list[Change]) -> None:
+        """Adds their timelines to the views read back from the stream that carry none."""
+        missing = [change.view.payment_id for change in changes if not change.view.timeline]
+        if not missing:
+            return
+        found = await self._read_model.timelines(missing)
+        for change in changes:
+            if not change.view.timeline and change.view.payment_id in found:
+                change.view.timeline.extend(found[change.view.payment_id])
 
     @staticmethod
     async def _read(read: Awaitable[T], min_lsn: int) -> T:
@@ -235,6 +280,12 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if not self._watcher.connected:
             raise ReadModelUnavailable()
         raise _not_reached(lsn, self._watcher.checkpoint)
+
+
+def _watch_response(change: Change) -> pb.WatchPaymentsResponse:
+    return pb.WatchPaymentsResponse(
+        payment=change.view, consistency_token=encode_consistency_token(change.lsn)
+    )
 
 
 def _not_reached(lsn: int, checkpoint: int) -> Unavailable:

@@ -13,6 +13,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -23,7 +24,7 @@ from redis.asyncio import Redis
 
 from history_svc.queries import REDIS_ERRORS
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.errors import ResourceExhausted
+from payments_common.errors import Aborted, ResourceExhausted, ServiceError
 from payments_common.keys import CHECKPOINT_LSN_FIELD, STREAM_BATCH_FIELD, KeySchema
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ WATCHER_ERRORS = Counter("history_watcher_errors_total", "Failed reads of the ch
 WATCH_STREAMS = Gauge("history_watch_streams", "Open WatchPayments streams.")
 WATCH_TOO_SLOW = Counter(
     "history_watch_too_slow_total", "WatchPayments streams ended because the client lagged."
+)
+CONTINUITY_LOST = Counter(
+    "history_watch_continuity_lost_total",
+    "Times the change stream could not be shown continuous; the open WatchPayments streams ended.",
 )
 
 # Fetches the timelines of payments whose views in a batch have none.
@@ -55,59 +60,102 @@ class WatchTooSlow(ResourceExhausted):
         super().__init__("WATCH_TOO_SLOW", "the client read the stream too slowly; watch again")
 
 
+class ContinuityLost(Aborted):
+    """The watcher cannot prove that it saw every change in order: a stream must not go on silently."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "WATCH_CONTINUITY_LOST",
+            "changes may have been missed; list the account's payments, then watch again",
+        )
+
+
 _SHUTDOWN: Final = object()
-_TOO_SLOW: Final = object()
 
 
 class Subscription:
-    """One WatchPayments stream's bounded buffer of changes.
+    """One WatchPayments stream's bounded buffer of changes, one group per change batch.
 
-    When the buffer is full the stream is ended with WATCH_TOO_SLOW instead of growing:
-    the buffer is cleared and an end marker takes its place, so memory stays bounded.
+    A batch's changes are offered, and taken, together: an end (shutdown, WATCH_TOO_SLOW,
+    WATCH_CONTINUITY_LOST) comes between two batches, never inside one, so the last token a
+    client saw before an end covers every change it received with that token. When the buffer
+    would overflow, the stream ends with WATCH_TOO_SLOW instead of growing: the buffered
+    batches are dropped, so memory stays bounded.
+
+    `after_id` and `after_lsn` are the change stream entry (and its checkpoint) that the
+    watcher had taken in when the subscription began: every later entry is offered to it.
     """
 
-    def __init__(self, account_id: str, maxsize: int) -> None:
+    def __init__(self, account_id: str, maxsize: int, after_id: bytes | None, after_lsn: int) -> None:
         self.account_id = account_id
-        self._queue: asyncio.Queue[Change | object] = asyncio.Queue(maxsize=maxsize + 1)
+        self.after_id = after_id
+        self.after_lsn = after_lsn
         self._limit = maxsize
+        self._groups: deque[list[Change]] = deque()
+        self._size = 0
+        self._current: deque[Change] = deque()
+        self._end: object | ServiceError | None = None
+        self._wakeup = asyncio.Event()
         self.ended = False
 
-    def offer(self, change: Change) -> None:
-        if self.ended:
+    def offer(self, changes: list[Change]) -> None:
+        if self.ended or not changes:
             return
-        if self._queue.qsize() >= self._limit:
+        if self._size + len(changes) > self._limit:
             WATCH_TOO_SLOW.inc()
-            self._end(_TOO_SLOW)
+            self._groups.clear()
+            self._size = 0
+            self._finish(WatchTooSlow())
             return
-        self._queue.put_nowait(change)
+        self._groups.append(changes)
+        self._size += len(changes)
+        self._wakeup.set()
 
     def shutdown(self) -> None:
         """Ends the stream cleanly after the changes already buffered."""
+        self._finish(_SHUTDOWN)
+
+    def lose_continuity(self) -> None:
+        """Ends the stream with WATCH_CONTINUITY_LOST after the changes already buffered."""
+        self._finish(ContinuityLost())
+
+    def _finish(self, end: object) -> None:
         if not self.ended:
             self.ended = True
-            self._queue.put_nowait(_SHUTDOWN)  # the extra slot is kept for this marker
-
-    def _end(self, marker: object) -> None:
-        self.ended = True
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(marker)
+            self._end = end
+            self._wakeup.set()
 
     def __aiter__(self) -> AsyncIterator[Change]:
         return self
 
     async def __anext__(self) -> Change:
-        item = await self._queue.get()
-        if item is _SHUTDOWN:
-            raise StopAsyncIteration
-        if item is _TOO_SLOW:
-            raise WatchTooSlow()
-        assert isinstance(item, Change)
-        return item
+        while True:
+            if self._current:
+                return self._current.popleft()
+            if self._groups:
+                group = self._groups.popleft()
+                self._size -= len(group)
+                self._current.extend(group)
+                continue
+            if self._end is _SHUTDOWN:
+                raise StopAsyncIteration
+            if isinstance(self._end, ServiceError):
+                raise self._end
+            self._wakeup.clear()
+            await self._wakeup.wait()
 
 
 class ChangeWatcher:
-    """Follows the change stream; keeps the checkpoint, wakes waiters and feeds subscriptions."""
+    """Follows the change stream; keeps the checkpoint, wakes waiters and feeds subscriptions.
+
+    It also proves that it saw every entry in order: each ChangeBatch names the checkpoint it
+    moved from (`previous_checkpoint_lsn`), which must be the checkpoint of the entry taken in
+    before it (`head`). When that chain breaks (entries trimmed before they were read, Redis
+    lost data or was rebuilt, a batch applied without notification), when a batch omits
+    payments, or when Redis's checkpoint moves without an entry to show for it, every open
+    WatchPayments stream ends with WATCH_CONTINUITY_LOST. The checkpoint, and so the
+    consistency waits, keep following Redis through all of it.
+    """
 
     def __init__(
         self,
@@ -128,6 +176,10 @@ class ChangeWatcher:
         self._retry_s = retry_s
         self.checkpoint = 0
         self.connected = False
+        # The entry taken in last and its checkpoint: the position that the next entry must name.
+        self.last_id: bytes | None = None
+        self.head = 0
+        self.synced = asyncio.Event()
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
         self._subscriptions: dict[str, set[Subscription]] = {}
@@ -169,6 +221,16 @@ class ChangeWatcher:
                     self._waiters.remove(entry)
                     heapq.heapify(self._waiters)
 
+    async def wait_synced(self, within_s: float) -> bool:
+        """Whether the watcher has found its place in the change stream within `within_s` seconds."""
+        if self.synced.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.synced.wait(), within_s)
+        except TimeoutError:
+            return False
+        return True
+
     @property
     def waiting(self) -> int:
         return len(self._waiters)
@@ -176,7 +238,8 @@ class ChangeWatcher:
     # -- subscriptions -----------------------------------------------------
 
     def subscribe(self, account_id: str, maxsize: int) -> Subscription:
-        subscription = Subscription(account_id, maxsize)
+        """A subscription to every entry after the one taken in last (`head`, `last_id`)."""
+        subscription = Subscription(account_id, maxsize, self.last_id, self.head)
         if self._closing:
             subscription.shutdown()
             return subscription
@@ -204,18 +267,58 @@ class ChangeWatcher:
             for subscription in subscribers:
                 subscription.shutdown()
 
-    async def apply(self, batch: read_model_pb2.ChangeBatch) -> None:
-        """Fans a batch's payments out to their accounts' subscribers, then moves the checkpoint."""
+    def lose_continuity(self, why: str, *args: object) -> None:
+        """Ends every open WatchPayments stream with WATCH_CONTINUITY_LOST; later ones start afresh."""
+        streams = 0
+        for subscribers in self._subscriptions.values():
+            for subscription in subscribers:
+                if not subscription.ended:
+                    subscription.lose_continuity()
+                    streams += 1
+        CONTINUITY_LOST.inc()
+        log.warning("change stream continuity lost (%s); %d watch streams ended", why % args, streams)
+
+    def _check_chain(self, batch: read_model_pb2.ChangeBatch) -> None:
+        """Ends the open streams unless `batch` provably follows the entry taken in before it."""
+        previous = batch.previous_checkpoint_lsn
+        if batch.omits_payments:
+            self.lose_continuity("batch at %s omits payments", batch.checkpoint_lsn)
+        elif previous == 0:
+            self.lose_continuity("batch at %s follows no checkpoint (a rebuild)", batch.checkpoint_lsn)
+        elif previous != self.head:
+            self.lose_continuity(
+                "batch at %s moved from %s, the entry before it ended at %s",
+                batch.checkpoint_lsn,
+                previous,
+                self.head,
+            )
+        elif batch.checkpoint_lsn < previous:
+            self.lose_continuity("batch at %s moved back from %s", batch.checkpoint_lsn, previous)
+
+    async def apply(self, batch: read_model_pb2.ChangeBatch, entry_id: bytes | None = None) -> None:
+        """Takes in one entry: checks the chain, fans its payments out, then moves the checkpoint.
+
+        Everything up to the fan-out target list happens before the first await, so that a
+        subscription begun at any moment gets exactly the entries after `last_id`.
+        """
         BATCHES.inc()
+        self._check_chain(batch)
+        self.head = batch.checkpoint_lsn
+        if entry_id is not None:
+            self.last_id = entry_id
         targets: list[tuple[read_model_pb2.PaymentView, list[Subscription]]] = []
         for view in batch.payments:
             subscribers = [
-                *self._subscriptions.get(view.payer_account_id, ()),
-                *(
-                    self._subscriptions.get(view.payee_account_id, ())
-                    if view.payee_account_id != view.payer_account_id
-                    else ()
-                ),
+                subscription
+                for subscription in (
+                    *self._subscriptions.get(view.payer_account_id, ()),
+                    *(
+                        self._subscriptions.get(view.payee_account_id, ())
+                        if view.payee_account_id != view.payer_account_id
+                        else ()
+                    ),
+                )
+                if not subscription.ended
             ]
             if subscribers:
                 targets.append((view, subscribers))
@@ -229,10 +332,13 @@ class ChangeWatcher:
             for view, _ in targets:
                 if not view.timeline and view.payment_id in found:
                     view.timeline.extend(found[view.payment_id])
+        groups: dict[Subscription, list[Change]] = {}
         for view, subscribers in targets:
             change = Change(view=view, lsn=batch.checkpoint_lsn)
             for subscription in subscribers:
-                subscription.offer(change)
+                groups.setdefault(subscription, []).append(change)
+        for subscription, changes in groups.items():
+            subscription.offer(changes)
         if batch.checkpoint_lsn > self.checkpoint:
             self.advance(batch.checkpoint_lsn)
 
@@ -249,46 +355,76 @@ class ChangeWatcher:
                 await self._task
             self._task = None
 
-    async def _sync(self) -> bytes:
-        """Reads the stream's last entry id, then the checkpoint, to follow the stream after that entry.
+    async def _sync(self) -> None:
+        """Reads the stream's last entry, then the checkpoint, to follow the stream after that entry.
 
         In this order a batch published in between is read again from the stream rather
-        than missed. No MULTI: the service's Redis user may only read.
+        than missed. No MULTI: the service's Redis user may only read. Streams open before a
+        sync cannot be shown to have missed nothing, so they end.
         """
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xrevrange(self._keys.changes(), count=1)
             pipe.hget(self._keys.checkpoint(self._slot), CHECKPOINT_LSN_FIELD)
             last, raw_lsn = await pipe.execute()
-        self.advance(int(raw_lsn) if raw_lsn is not None else 0)
-        return bytes(last[0][0]) if last else b"0-0"
+        checkpoint = int(raw_lsn) if raw_lsn is not None else 0
+        if self.subscriptions:
+            self.lose_continuity("the watcher started over")
+        if last:
+            self.last_id = bytes(last[0][0])
+            batch = parse_entry(last[0][1])
+            self.head = batch.checkpoint_lsn if batch is not None else checkpoint
+        else:
+            self.last_id = b"0-0"
+            self.head = checkpoint
+        self.advance(checkpoint)
+        self.synced.set()
 
-    async def _refresh_checkpoint(self) -> None:
-        raw = await self._redis.hget(self._keys.checkpoint(self._slot), CHECKPOINT_LSN_FIELD)
-        self.advance(int(raw) if raw is not None else 0)
+    async def _check_idle(self) -> None:
+        """After an idle wait: follows Redis's checkpoint, and checks that no entry went missing.
+
+        The checkpoint is read before the stream's last entry. A batch moves both at once, so
+        a checkpoint other than `head` with no unread entry after it means that the checkpoint
+        moved without an entry that this watcher can read: Redis lost data or was restored
+        (backwards), or entries were trimmed or never written (forwards).
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self._keys.checkpoint(self._slot), CHECKPOINT_LSN_FIELD)
+            pipe.xrevrange(self._keys.changes(), count=1)
+            raw_lsn, last = await pipe.execute()
+        checkpoint = int(raw_lsn) if raw_lsn is not None else 0
+        self.advance(checkpoint)
+        last_id = bytes(last[0][0]) if last else b"0-0"
+        assert self.last_id is not None
+        if stream_id(last_id) > stream_id(self.last_id):
+            return  # entries to read: the next XREAD takes them
+        if checkpoint != self.head:
+            self.lose_continuity(
+                "Redis's checkpoint is %s with no entry after the one at %s", checkpoint, self.head
+            )
+            self.head = checkpoint
+            self.last_id = last_id
 
     async def _run(self) -> None:
         stream = self._keys.changes()
-        last_id: bytes | None = None
         while True:
             try:
-                if last_id is None:
-                    last_id = await self._sync()
+                if self.last_id is None:
+                    await self._sync()
                 elif not self.connected:
-                    await self._refresh_checkpoint()
+                    await self._check_idle()
+                assert self.last_id is not None
                 if not self.connected:
-                    log.info("following the change stream %s from %s", stream, last_id.decode())
+                    log.info("following the change stream %s from %s", stream, self.last_id.decode())
                     self.connected = True
                 reply: Any = await self._redis.xread(
-                    {stream: last_id}, count=self._batch_count, block=self._block_ms
+                    {stream: self.last_id}, count=self._batch_count, block=self._block_ms
                 )
                 if not reply:
-                    # Idle: the checkpoint may still have moved (a trimmed stream, a missed entry).
-                    await self._refresh_checkpoint()
+                    await self._check_idle()
                     continue
                 for _, entries in reply:
                     for entry_id, fields in entries:
-                        last_id = bytes(entry_id)
-                        await self._apply_entry(fields)
+                        await self._apply_entry(bytes(entry_id), fields)
             except asyncio.CancelledError:
                 raise
             except REDIS_ERRORS as error:
@@ -302,17 +438,33 @@ class ChangeWatcher:
                 WATCHER_ERRORS.inc()
                 log.exception("change watcher failed; resynchronizing")
                 self.connected = False
-                last_id = None
+                self.last_id = None
                 await asyncio.sleep(self._retry_s)
 
-    async def _apply_entry(self, fields: dict[bytes, bytes]) -> None:
-        raw = fields.get(STREAM_BATCH_FIELD.encode())
-        if raw is None:
-            log.warning("change stream entry without a %s field", STREAM_BATCH_FIELD)
+    async def _apply_entry(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        batch = parse_entry(fields)
+        if batch is None:
+            # Unreadable: what it changed is unknown, so no stream can go on past it.
+            self.last_id = entry_id
+            self.lose_continuity("entry %s is not a ChangeBatch", entry_id.decode())
             return
-        try:
-            batch = read_model_pb2.ChangeBatch.FromString(raw)
-        except DecodeError:
-            log.error("change stream entry is not a ChangeBatch; skipped")
-            return
-        await self.apply(batch)
+        await self.apply(batch, entry_id)
+
+
+def parse_entry(fields: dict[bytes, bytes]) -> read_model_pb2.ChangeBatch | None:
+    """The ChangeBatch of a stream entry, or None when the entry holds none."""
+    raw = fields.get(STREAM_BATCH_FIELD.encode())
+    if raw is None:
+        log.warning("change stream entry without a %s field", STREAM_BATCH_FIELD)
+        return None
+    try:
+        return read_model_pb2.ChangeBatch.FromString(raw)
+    except DecodeError:
+        log.error("change stream entry is not a ChangeBatch")
+        return None
+
+
+def stream_id(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id as a pair that compares in stream order."""
+    milliseconds, _, sequence = entry_id.partition(b"-")
+    return int(milliseconds), int(sequence or 0)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from history_svc.watcher import Change, ChangeWatcher, Subscription, WatchTooSlow
+from history_svc.watcher import Change, ChangeWatcher, ContinuityLost, Subscription, WatchTooSlow
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import KeySchema
@@ -18,8 +18,10 @@ CAROL = "00000000-0000-4000-8000-00000000000c"
 
 
 def _watcher() -> ChangeWatcher:
-    # The reader task is never started: these tests feed batches by hand.
-    return ChangeWatcher(redis=None, keys=KeySchema(), slot="s")  # type: ignore[arg-type]
+    # The reader task is never started: these tests feed batches by hand, from position 1.
+    watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s")  # type: ignore[arg-type]
+    watcher.head, watcher.last_id = 1, b"1-0"
+    return watcher
 
 
 def _view(payment: int, payer: str, payee: str) -> read_model_pb2.PaymentView:
@@ -31,8 +33,12 @@ def _view(payment: int, payer: str, payee: str) -> read_model_pb2.PaymentView:
     )
 
 
-def _batch(lsn: int, *views: read_model_pb2.PaymentView) -> read_model_pb2.ChangeBatch:
-    return read_model_pb2.ChangeBatch(checkpoint_lsn=lsn, payments=views)
+async def _feed(watcher: ChangeWatcher, lsn: int, *views: read_model_pb2.PaymentView) -> None:
+    """Applies the next entry of an unbroken stream: it moved from the entry before it."""
+    batch = read_model_pb2.ChangeBatch(
+        checkpoint_lsn=lsn, previous_checkpoint_lsn=watcher.head, payments=views
+    )
+    await watcher.apply(batch, f"{lsn}-0".encode())
 
 
 async def _drain(subscription: Subscription, count: int) -> list[Change]:
@@ -54,7 +60,7 @@ async def test_a_reached_position_answers_at_once_and_a_later_one_waits() -> Non
     waiters = [asyncio.create_task(watcher.wait_for(lsn, 30)) for lsn in (150, 200, 300)]
     await asyncio.sleep(0)  # lets each task run up to its wait
     assert watcher.waiting == 3
-    await watcher.apply(_batch(200))
+    await _feed(watcher, 200)
     assert await waiters[0]
     assert await waiters[1]
     assert not waiters[2].done()
@@ -83,7 +89,8 @@ async def test_the_checkpoint_read_from_redis_is_authoritative_even_when_lower()
     watcher.advance(20)  # the read models were rebuilt from scratch
     assert watcher.checkpoint == 20
     assert not await watcher.wait_for(500, 0)
-    await watcher.apply(_batch(10))  # an older batch never moves it back
+    watcher.head = 5
+    await _feed(watcher, 10)  # an older batch never moves it back
     assert watcher.checkpoint == 20
 
 
@@ -92,8 +99,8 @@ async def test_changes_reach_the_payer_and_the_payee_only() -> None:
     alice = watcher.subscribe(ALICE, 10)
     bob = watcher.subscribe(BOB, 10)
     carol = watcher.subscribe(CAROL, 10)
-    await watcher.apply(_batch(7, _view(1, ALICE, BOB)))
-    await watcher.apply(_batch(8, _view(2, BOB, BOB)))
+    await _feed(watcher, 7, _view(1, ALICE, BOB))
+    await _feed(watcher, 8, _view(2, BOB, BOB))
     watcher.close_streams()
 
     alice_changes = [change async for change in alice]
@@ -110,7 +117,7 @@ async def test_a_slow_subscriber_is_ended_without_growing_and_others_continue() 
     slow = watcher.subscribe(ALICE, 3)
     fast = watcher.subscribe(ALICE, 3)
     for lsn in range(1, 6):
-        await watcher.apply(_batch(lsn, _view(lsn, ALICE, BOB)))
+        await _feed(watcher, lsn, _view(lsn, ALICE, BOB))
         if lsn <= 3:
             assert (await fast.__anext__()).lsn == lsn
     assert slow.ended
@@ -126,8 +133,8 @@ async def test_a_slow_subscriber_is_ended_without_growing_and_others_continue() 
 async def test_shutdown_ends_open_streams_after_their_buffer_and_new_ones_at_once() -> None:
     watcher = _watcher()
     open_stream = watcher.subscribe(ALICE, 2)
-    await watcher.apply(_batch(1, _view(1, ALICE, BOB)))
-    await watcher.apply(_batch(2, _view(2, ALICE, BOB)))
+    await _feed(watcher, 1, _view(1, ALICE, BOB))
+    await _feed(watcher, 2, _view(2, ALICE, BOB))
     watcher.close_streams()
     assert [c.lsn async for c in open_stream] == [1, 2]
     late = watcher.subscribe(ALICE, 2)
@@ -143,9 +150,87 @@ async def test_missing_timelines_are_read_once_per_batch_for_watched_payments() 
         return {payment_id: [entry] for payment_id in calls[-1]}
 
     watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s", timelines=timelines)  # type: ignore[arg-type]
+    watcher.head = 1
     subscription = watcher.subscribe(ALICE, 10)
-    await watcher.apply(_batch(3, _view(1, ALICE, BOB), _view(2, CAROL, BOB), _view(3, CAROL, ALICE)))
-    await watcher.apply(_batch(4, _view(4, CAROL, BOB)))
+    await _feed(watcher, 3, _view(1, ALICE, BOB), _view(2, CAROL, BOB), _view(3, CAROL, ALICE))
+    await _feed(watcher, 4, _view(4, CAROL, BOB))
     changes = await _drain(subscription, 2)
     assert calls == [[changes[0].view.payment_id, changes[1].view.payment_id]]
     assert all(list(c.view.timeline) == [entry] for c in changes)
+
+
+def _broken(kind: str, head: int) -> read_model_pb2.ChangeBatch:
+    """An entry that does not provably follow the entry at `head`."""
+    view = _view(9, ALICE, BOB)
+    if kind == "previous_differs":  # entries trimmed, or a segment applied without notification
+        return read_model_pb2.ChangeBatch(
+            checkpoint_lsn=head + 20, previous_checkpoint_lsn=head + 10, payments=[view]
+        )
+    if kind == "after_a_rebuild":
+        return read_model_pb2.ChangeBatch(
+            checkpoint_lsn=head + 20, previous_checkpoint_lsn=0, payments=[view]
+        )
+    if kind == "omits_payments":
+        return read_model_pb2.ChangeBatch(
+            checkpoint_lsn=head + 20, previous_checkpoint_lsn=head, omits_payments=True
+        )
+    assert kind == "moves_backwards"
+    return read_model_pb2.ChangeBatch(checkpoint_lsn=head - 1, previous_checkpoint_lsn=head, payments=[view])
+
+
+@pytest.mark.parametrize("kind", ["previous_differs", "after_a_rebuild", "omits_payments", "moves_backwards"])
+async def test_an_entry_that_breaks_the_chain_ends_every_open_stream_after_what_it_buffered(
+    kind: str,
+) -> None:
+    watcher = _watcher()
+    alice, carol = watcher.subscribe(ALICE, 10), watcher.subscribe(CAROL, 10)
+    await _feed(watcher, 5, _view(1, ALICE, BOB))
+    waiting = asyncio.create_task(watcher.wait_for(30, 30))
+    await asyncio.sleep(0)
+    broken = _broken(kind, watcher.head)
+    await watcher.apply(broken, b"6-0")
+
+    assert (await alice.__anext__()).lsn == 5
+    for subscription in (alice, carol):
+        with pytest.raises(ContinuityLost) as raised:
+            await subscription.__anext__()
+        assert raised.value.reason == "WATCH_CONTINUITY_LOST"
+    # The chain starts again at the entry that broke it; the checkpoint follows it on.
+    assert (watcher.head, watcher.last_id) == (broken.checkpoint_lsn, b"6-0")
+    later = watcher.subscribe(ALICE, 10)
+    await _feed(watcher, 40, _view(2, ALICE, BOB))
+    assert [c.lsn for c in await _drain(later, 1)] == [40]
+    assert await waiting
+    assert watcher.checkpoint == 40
+
+
+async def test_an_unbroken_chain_ends_nothing() -> None:
+    watcher = _watcher()
+    alice = watcher.subscribe(ALICE, 10)
+    await _feed(watcher, 5)
+    await _feed(watcher, 5)  # an entry that did not move the checkpoint
+    await _feed(watcher, 9, _view(1, ALICE, BOB))
+    assert not alice.ended
+    assert [c.lsn for c in await _drain(alice, 1)] == [9]
+
+
+async def test_a_subscription_begins_after_the_entry_taken_in_last() -> None:
+    watcher = _watcher()
+    await _feed(watcher, 7)
+    subscription = watcher.subscribe(ALICE, 10)
+    assert (subscription.after_id, subscription.after_lsn) == (b"7-0", 7)
+
+
+async def test_the_end_of_a_stream_never_splits_a_batch() -> None:
+    watcher = _watcher()
+    subscription = watcher.subscribe(ALICE, 2)
+    await _feed(watcher, 2, _view(1, ALICE, BOB), _view(2, ALICE, BOB))
+    first = await subscription.__anext__()
+    await _feed(watcher, 3, _view(3, ALICE, BOB), _view(4, ALICE, BOB))
+    await _feed(watcher, 4, _view(5, ALICE, BOB))  # overflows: the stream ends
+    assert subscription.ended
+    # The batch already begun is finished; the batches not begun are dropped.
+    second = await subscription.__anext__()
+    assert (first.lsn, second.lsn) == (2, 2)
+    with pytest.raises(WatchTooSlow):
+        await subscription.__anext__()

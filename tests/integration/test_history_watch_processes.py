@@ -1,0 +1,182 @@
+"""A watch resumed through another `python -m history_svc serve` process after the first was killed."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from payments.history.v1 import history_service_pb2 as pb
+from payments.history.v1 import history_service_pb2_grpc
+from payments_common.errors import error_info
+from payments_common.tokens import decode_consistency_token, encode_consistency_token
+from stack.servers import PostgresServer, free_port
+from tests.history_fixtures import (
+    HandWrittenReadModel,
+    HistoryProcess,
+    history_processes,
+    payment_view,
+    replicated_source,
+)
+
+ALICE = "00000000-0000-4000-8000-00000000000a"
+BOB = "00000000-0000-4000-8000-00000000000b"
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _process(redis_url: str, work_dir: Path, slot: str = "payments_read_model") -> HistoryProcess:
+    return HistoryProcess(
+        redis_url,
+        free_port(),
+        work_dir / f"history-{uuid.uuid4().hex[:8]}.log",
+        extra_env={"HISTORY_SLOT_NAME": slot},
+    )
+
+
+async def _take(stream: Any, count: int) -> list[pb.WatchPaymentsResponse]:
+    taken = []
+    async with asyncio.timeout(30):
+        for _ in range(count):
+            message = await stream.read()
+            assert isinstance(message, pb.WatchPaymentsResponse), message
+            taken.append(message)
+    return taken
+
+
+async def test_a_watch_resumed_through_another_process_gets_exactly_what_it_missed(
+    redis_url: str, client: Redis, tmp_path: Path
+) -> None:
+    model = HandWrittenReadModel(client)
+    for account in (ALICE, BOB):
+        await model.open_account(account)
+    await model.publish()
+    with history_processes(lambda _: _process(redis_url, tmp_path), 2) as (first, second):
+        async with (
+            grpc.aio.insecure_channel(first.address) as first_channel,
+            grpc.aio.insecure_channel(second.address) as second_channel,
+        ):
+            stream = history_service_pb2_grpc.HistoryServiceStub(first_channel).WatchPayments(
+                pb.WatchPaymentsRequest(account_id=ALICE)
+            )
+            await stream.initial_metadata()
+            for number in (1, 2):
+                await model.publish(payment_view(number, ALICE, BOB))
+            seen = await _take(stream, 2)
+            last = seen[-1].consistency_token
+
+            first.kill()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _take(stream, 1)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            missed = [
+                await model.publish(payment_view(3, BOB, ALICE)),
+                await model.publish(payment_view(4, ALICE, BOB), payment_view(5, BOB, ALICE)),
+            ]
+
+            resumed = history_service_pb2_grpc.HistoryServiceStub(second_channel).WatchPayments(
+                pb.WatchPaymentsRequest(account_id=ALICE, start_after_consistency_token=last)
+            )
+            await resumed.initial_metadata()
+            live = await model.publish(payment_view(6, ALICE, BOB))
+            got = await _take(resumed, 4)
+            assert [(m.payment.payment_id, decode_consistency_token(m.consistency_token)) for m in got] == [
+                (payment_view(3, ALICE, BOB).payment_id, missed[0]),
+                (payment_view(4, ALICE, BOB).payment_id, missed[1]),
+                (payment_view(5, ALICE, BOB).payment_id, missed[1]),
+                (payment_view(6, ALICE, BOB).payment_id, live),
+            ]
+            resumed.cancel()
+
+
+async def test_a_resume_after_the_entries_were_trimmed_fails_with_resume_unavailable(
+    redis_url: str, client: Redis, tmp_path: Path
+) -> None:
+    model = HandWrittenReadModel(client)
+    for account in (ALICE, BOB):
+        await model.open_account(account)
+    seen = await model.publish(payment_view(1, ALICE, BOB))
+    for number in range(2, 10):
+        await model.publish(payment_view(number, ALICE, BOB))
+    await model.publish(payment_view(10, ALICE, BOB), trim_to=3)
+    with history_processes(lambda _: _process(redis_url, tmp_path), 1) as (process,):
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            resumed = history_service_pb2_grpc.HistoryServiceStub(channel).WatchPayments(
+                pb.WatchPaymentsRequest(
+                    account_id=ALICE, start_after_consistency_token=encode_consistency_token(seen)
+                )
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _take(resumed, 1)
+    assert raised.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    info = error_info(raised.value)
+    assert info is not None
+    assert info.reason == "WATCH_RESUME_UNAVAILABLE"
+
+
+async def test_a_watch_resumed_with_the_real_replicator_gets_exactly_what_it_missed(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """End to end: needs the replicator that fills ChangeBatch.previous_checkpoint_lsn."""
+    with replicated_source(postgres_server, tmp_path) as source:
+        writer = source.writer
+        payer, payee, other = (
+            writer.open_account("Una"),
+            writer.open_account("Vic"),
+            writer.open_account("Wes"),
+        )
+        source.wait_replicated()
+
+        def make(_: int) -> HistoryProcess:
+            return _process(source.redis_url, tmp_path, source.slot_name)
+
+        with history_processes(make, 2) as (first, second):
+            async with (
+                grpc.aio.insecure_channel(first.address) as first_channel,
+                grpc.aio.insecure_channel(second.address) as second_channel,
+            ):
+                stream = history_service_pb2_grpc.HistoryServiceStub(first_channel).WatchPayments(
+                    pb.WatchPaymentsRequest(account_id=payer)
+                )
+                await stream.initial_metadata()
+                before = []
+                for amount in (1, 2):
+                    payment_id, token = await asyncio.to_thread(writer.pay, payer, payee, amount)
+                    await asyncio.to_thread(source.wait_replicated, token)
+                    before.append(payment_id)
+                seen = await _take(stream, 2)
+                assert [m.payment.payment_id for m in seen] == before
+
+                first.kill()
+                missed = []
+                for amount in (3, 4, 5):
+                    payment_id, token = await asyncio.to_thread(writer.pay, payer, payee, amount)
+                    missed.append(payment_id)
+                    await asyncio.to_thread(writer.pay, other, payee, amount)  # not the payer's
+                await asyncio.to_thread(source.wait_replicated)
+
+                resumed = history_service_pb2_grpc.HistoryServiceStub(second_channel).WatchPayments(
+                    pb.WatchPaymentsRequest(
+                        account_id=payer, start_after_consistency_token=seen[-1].consistency_token
+                    )
+                )
+                await resumed.initial_metadata()
+                live, _ = await asyncio.to_thread(writer.pay, payee, payer, 6)
+                got = await _take(resumed, 4)
+                assert [m.payment.payment_id for m in got] == [*missed, live]
+                positions = [decode_consistency_token(m.consistency_token) for m in got]
+                assert positions == sorted(positions)
+                resumed.cancel()

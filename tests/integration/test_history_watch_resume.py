@@ -1,0 +1,216 @@
+"""WatchPayments resumed after a position: exactly the missed changes, then the live ones, or a clear error.
+
+The change stream is written by hand (tests/history_fixtures.py HandWrittenReadModel), as
+the replicator writes it, so that each case is staged exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from payments.history.v1 import history_service_pb2 as pb
+from payments_common.errors import bad_request, error_info
+from payments_common.tokens import decode_consistency_token, encode_consistency_token
+from tests.history_fixtures import (
+    HandWrittenReadModel,
+    RunningHistory,
+    payment_view,
+    running_history,
+    settings_for,
+)
+
+ALICE = "00000000-0000-4000-8000-00000000000a"
+BOB = "00000000-0000-4000-8000-00000000000b"
+CAROL = "00000000-0000-4000-8000-00000000000c"
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def model(client: Redis) -> HandWrittenReadModel:
+    model = HandWrittenReadModel(client)
+    for account in (ALICE, BOB, CAROL):
+        await model.open_account(account)
+    await model.publish()
+    return model
+
+
+@pytest.fixture
+async def history(redis_url: str, model: HandWrittenReadModel) -> AsyncIterator[RunningHistory]:
+    async with running_history(settings_for(redis_url, consistency_wait_max_s=1.0)) as running:
+        yield running
+
+
+def watch(history: RunningHistory, account: str, after: str = "") -> Any:
+    return history.stub.WatchPayments(
+        pb.WatchPaymentsRequest(account_id=account, start_after_consistency_token=after)
+    )
+
+
+async def take(stream: Any, count: int) -> list[tuple[str, int]]:
+    """The next `count` messages, as (payment id, position)."""
+    taken = []
+    async with asyncio.timeout(15):
+        for _ in range(count):
+            message = await stream.read()
+            assert isinstance(message, pb.WatchPaymentsResponse), message
+            taken.append((message.payment.payment_id, decode_consistency_token(message.consistency_token)))
+    return taken
+
+
+async def fails(stream: Any, code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async with asyncio.timeout(15):
+            await stream.read()
+    assert raised.value.code() == code
+    info = error_info(raised.value)
+    assert info is not None
+    assert info.reason == reason
+    return raised.value
+
+
+def pid(number: int) -> str:
+    return payment_view(number, ALICE, BOB).payment_id
+
+
+async def test_a_resumed_watch_gets_exactly_the_missed_changes_then_the_live_ones(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    first = watch(history, ALICE)
+    await first.initial_metadata()
+    one = await model.publish(payment_view(1, ALICE, BOB))
+    assert await take(first, 1) == [(pid(1), one)]
+    first.cancel()
+
+    two = await model.publish(payment_view(2, BOB, ALICE))
+    await model.publish(payment_view(3, BOB, CAROL))  # not Alice's
+    await model.publish()  # the checkpoint moved, nothing changed
+    four = await model.publish(payment_view(4, ALICE, CAROL), payment_view(5, CAROL, ALICE))
+
+    resumed = watch(history, ALICE, after=encode_consistency_token(one))
+    await resumed.initial_metadata()
+    six = await model.publish(payment_view(6, ALICE, BOB))
+    assert await take(resumed, 4) == [
+        (payment_view(2, BOB, ALICE).payment_id, two),
+        (payment_view(4, ALICE, CAROL).payment_id, four),
+        (payment_view(5, CAROL, ALICE).payment_id, four),
+        (pid(6), six),
+    ]
+    # Nothing else, twice or otherwise: the next message is the next change.
+    seven = await model.publish(payment_view(7, ALICE, BOB))
+    assert await take(resumed, 1) == [(pid(7), seven)]
+    resumed.cancel()
+
+
+async def test_resuming_at_the_latest_position_misses_nothing_and_repeats_nothing(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    latest = await model.publish(payment_view(1, ALICE, BOB))
+    resumed = watch(history, ALICE, after=encode_consistency_token(latest))
+    await resumed.initial_metadata()
+    two = await model.publish(payment_view(2, ALICE, BOB))
+    assert await take(resumed, 1) == [(pid(2), two)]
+    resumed.cancel()
+
+
+async def test_changes_applied_while_a_resume_reads_the_backlog_come_once(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    start = model.checkpoint
+    backlog = [await model.publish(payment_view(n, ALICE, BOB)) for n in range(1, 41)]
+    resumed = watch(history, ALICE, after=encode_consistency_token(start))
+    # Batches keep arriving while the server reads the backlog and subscribes.
+    live = [await model.publish(payment_view(n, ALICE, BOB)) for n in range(41, 61)]
+    got = await take(resumed, 60)
+    assert got == [(pid(n), lsn) for n, lsn in zip(range(1, 61), backlog + live, strict=True)]
+    resumed.cancel()
+
+
+async def test_a_position_whose_changes_were_trimmed_is_resume_unavailable(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    one = await model.publish(payment_view(1, ALICE, BOB))
+    for number in range(2, 6):
+        await model.publish(payment_view(number, ALICE, BOB))
+    await model.publish(payment_view(6, ALICE, BOB), trim_to=2)
+    await fails(
+        watch(history, ALICE, after=encode_consistency_token(one)),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "WATCH_RESUME_UNAVAILABLE",
+    )
+    assert history.server.watcher.subscriptions == 0
+
+
+@pytest.mark.parametrize("fault", ["rebuild", "omits_payments", "silent_segment"])
+async def test_a_position_before_a_discontinuity_is_resume_unavailable(
+    history: RunningHistory, model: HandWrittenReadModel, fault: str
+) -> None:
+    one = await model.publish(payment_view(1, ALICE, BOB))
+    if fault == "rebuild":
+        await model.publish(previous=0)
+    elif fault == "omits_payments":
+        await model.publish(omits_payments=True)
+    else:
+        await model.set_checkpoint(model.next_lsn())
+        await model.publish(payment_view(2, ALICE, BOB))
+    await model.publish(payment_view(3, ALICE, BOB))
+    await fails(
+        watch(history, ALICE, after=encode_consistency_token(one)),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "WATCH_RESUME_UNAVAILABLE",
+    )
+
+
+async def test_a_position_that_no_batch_ended_at_is_resume_unavailable(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    one = await model.publish(payment_view(1, ALICE, BOB))
+    await model.publish(payment_view(2, ALICE, BOB))
+    await fails(
+        watch(history, ALICE, after=encode_consistency_token(one + 1)),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "WATCH_RESUME_UNAVAILABLE",
+    )
+
+
+async def test_a_position_not_reached_yet_is_waited_for(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    ahead = model.checkpoint + 1_000_000
+    await fails(
+        watch(history, ALICE, after=encode_consistency_token(ahead)),
+        grpc.StatusCode.UNAVAILABLE,
+        "CONSISTENCY_NOT_REACHED",
+    )
+    # A position that arrives while the call waits is resumed from.
+    coming = model.checkpoint + 100
+    # Either order works: the call waits for the position, or finds it reached.
+    resumed = watch(history, ALICE, after=encode_consistency_token(coming))
+    assert await model.publish(payment_view(1, ALICE, BOB)) == coming
+    two = await model.publish(payment_view(2, ALICE, BOB))
+    assert await take(resumed, 1) == [(pid(2), two)]
+    resumed.cancel()
+
+
+async def test_a_malformed_resume_position_is_refused(history: RunningHistory) -> None:
+    error = await fails(
+        watch(history, ALICE, after="c1.not-a-token"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_CONSISTENCY_TOKEN",
+    )
+    violations = bad_request(error)
+    assert violations is not None
+    assert [v.field for v in violations.field_violations] == ["start_after_consistency_token"]
