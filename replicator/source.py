@@ -1,4 +1,4 @@
-"""The PostgreSQL side: the replication connection, the slot, the snapshot copy, feedback."""
+"""The PostgreSQL side: the slot, the snapshot copy, and the replication stream (replicator.walstream)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extensions
-import psycopg2.extras
 from psycopg2 import sql
 
 from payments_common.lsn import parse_lsn
+from replicator.walstream import DEFAULT_STATUS_INTERVAL_S, WalStream
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,20 @@ class CopyTable:
 class Source:
     """One replication connection and one ordinary connection to the source database."""
 
-    def __init__(self, dsn: str, slot: str, publication: str, connect_timeout: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        slot: str,
+        publication: str,
+        connect_timeout: int = 10,
+        status_interval: float = DEFAULT_STATUS_INTERVAL_S,
+    ) -> None:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
         self.connect_timeout = connect_timeout
-        self._replication: psycopg2.extras.LogicalReplicationConnection | None = None
-        self._cursor: psycopg2.extras.ReplicationCursor | None = None
+        self.status_interval = status_interval
+        self._stream: WalStream | None = None
         self._sql: psycopg2.extensions.connection | None = None
         self.wal_segment_bytes = 16 * 1024 * 1024
         self.wal_page_bytes = WAL_PAGE_BYTES
@@ -78,26 +85,27 @@ class Source:
         )
         self.wal_segment_bytes = int(sizes.get("wal_segment_size", self.wal_segment_bytes))
         self.wal_page_bytes = int(sizes.get("wal_block_size", self.wal_page_bytes))
-        self._replication = psycopg2.connect(
+        self._stream = WalStream.connect(
             self.dsn,
-            connection_factory=psycopg2.extras.LogicalReplicationConnection,
+            status_interval=self.status_interval,
             connect_timeout=self.connect_timeout,
             application_name="replicator",
             **keepalive,
         )
-        self._cursor = self._replication.cursor()
 
     def close(self) -> None:
-        for connection in (self._replication, self._sql):
-            if connection is not None:
-                with contextlib.suppress(psycopg2.Error):
-                    connection.close()
-        self._replication = self._cursor = self._sql = None
+        if self._stream is not None:
+            self._stream.close()
+        if self._sql is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self._sql.close()
+        self._stream = self._sql = None
 
     @property
-    def cursor(self) -> psycopg2.extras.ReplicationCursor:
-        assert self._cursor is not None, "not connected"
-        return self._cursor
+    def stream(self) -> WalStream:
+        """The replication connection: slot creation, then the stream and its feedback."""
+        assert self._stream is not None, "not connected"
+        return self._stream
 
     def _query(self, query: str | sql.Composable, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         assert self._sql is not None, "not connected"
@@ -138,7 +146,7 @@ class Source:
         state = self.slot_state()
         if state is None or state.active_pid is None:
             return
-        if self._replication is not None and state.active_pid == self._replication.get_backend_pid():
+        if self._stream is not None and state.active_pid == self._stream.backend_pid:
             return
         log.warning("ending walsender %s that still holds slot %s", state.active_pid, self.slot)
         self._query("SELECT pg_terminate_backend(%s)", (state.active_pid,))
@@ -158,25 +166,12 @@ class Source:
 
         The snapshot lives until the replication connection runs its next command.
         """
-        assert self._replication is not None
-        if self._replication.server_version >= 150000:
-            command = "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')"
-        else:
-            command = "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT"
-        self.cursor.execute(sql.SQL(command).format(sql.Identifier(self.slot)))
-        row = self.cursor.fetchone()
-        assert row is not None
-        _, consistent_point, snapshot_name, _ = row
-        return parse_lsn(consistent_point), str(snapshot_name)
+        return self.stream.create_logical_slot(self.slot, "pgoutput")
 
-    def start_replication(self, status_interval: int = 1) -> None:
+    def start_replication(self) -> None:
+        """Streams the slot from its confirmed position; the runner then confirms its checkpoint."""
         self.end_other_consumer()
-        self.cursor.start_replication(
-            slot_name=self.slot,
-            decode=False,
-            status_interval=status_interval,
-            options={"proto_version": "1", "publication_names": self.publication},
-        )
+        self.stream.start_logical(self.slot, {"proto_version": "1", "publication_names": self.publication})
 
     # -- the copy ---------------------------------------------------------------------------
 
