@@ -15,10 +15,11 @@ What the two sides cover, exactly, while writes go on:
   position is the start or the end of its commit record), so it must equal the snapshot
   exactly; one at or above `P` was written by a later transaction, and the snapshot says
   nothing about it (it is counted as in flight, not compared).
-- Something the snapshot has and Redis lacks without any position left behind (no hash,
-  no timeline position, no index version) may have been removed by a later TRUNCATE or a
-  rebuild; it is checked again against a newer snapshot, and reported only if it is
-  still missing after the last round.
+- Something the snapshot has and Redis lacks, or that Redis holds without a position,
+  may have been removed by a TRUNCATE or a rebuild after the snapshot (they remove keys
+  and leave no position, except a truncate of the events, which leaves the timeline
+  positions); it is checked again against a newer snapshot, and reported only if it
+  still differs after the last round.
 
 Each item is read from Redis in one command, or its entries before their positions, so
 a write between two reads can only make an item look newer (skipped), never older.
@@ -126,6 +127,9 @@ def _take_snapshot(replication: psycopg2.extensions.connection, deadline: float)
         raise ReconcileError(
             "no snapshot in time: a transaction that was running when reconcile started did not end"
         ) from None
+    except psycopg2.Error as error:
+        # E.g. every replication slot or WAL sender in use, or no REPLICATION attribute.
+        raise ReconcileError(f"could not create a temporary replication slot: {error}") from None
     finally:
         timer.cancel()
     assert row is not None
@@ -212,9 +216,10 @@ def compare(
 ) -> dict[Item, str]:
     """Adds to `report` every difference between the read models implied by `snapshot` and Redis.
 
-    Compares only the items in `only` when given. Returns the items Redis lacks without
-    leaving a position behind, with their difference: a later truncate or rebuild may
-    have removed them, so only a later snapshot can tell.
+    Compares only the items in `only` when given. Returns, with their difference, the
+    items that Redis lacks, or holds without a position: a truncate or a rebuild after
+    the snapshot removes keys that way (a truncate of the events leaves the timeline
+    positions behind), so only a later snapshot can tell them from drift.
     """
     position = snapshot.position
     projector = Projector(schema)
@@ -258,7 +263,7 @@ def compare(
                 report.differences.append(f"{key}: in Redis but not in the source")
             continue
         if view_raw is None:
-            report.differences.append(f"{key}: missing in Redis (deleted at {format_lsn(int(lsn_raw))})")
+            unresolved[(key, "")] = f"{key}: missing in Redis (deleted at {format_lsn(int(lsn_raw))})"
             continue
         actual = type(expected.view).FromString(view_raw)
         wanted_view = type(expected.view).FromString(expected.view.SerializeToString())
@@ -297,7 +302,7 @@ def compare(
                 else "differs"
             )
             difference = f"{key} entry {sequence}: {state}"
-            if position_raw is None:
+            if position_raw is None or actual_entry is None:
                 unresolved[(key, sequence)] = difference
             else:
                 report.differences.append(difference)
@@ -325,7 +330,7 @@ def compare(
                 continue
             state = "missing from" if member in wanted_members else "extra in"
             difference = f"{key}: payment {payment_id} {state} the index"
-            if version is None:
+            if version is None or member in wanted_members:
                 unresolved[(key, member)] = difference
             else:
                 report.differences.append(difference)
