@@ -1,0 +1,151 @@
+"""The slot's lock: one writer per slot, kept alive by time from a thread of its own.
+
+The lock is a Redis key holding the owner's token with a TTL. Every write of the
+replicator is fenced by it: the apply script, the removal of keys and of the checkpoint
+check the token in the same atomic call. A `LockKeeper` renews the TTL every third of it,
+whatever the main loop is doing (a long projection, a slow script call, a large
+transaction), so that an instance that works never loses its lock. It stops renewing when
+the main loop has made no progress for `stall_seconds`, so that a wedged instance lets
+another take over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import redis
+
+log = logging.getLogger(__name__)
+
+RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LockLost(RuntimeError):
+    """This instance no longer owns the slot's lock; it must stop writing."""
+
+
+def instance_token() -> str:
+    """Names one replicator instance in the lock: host, process and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class SlotLock:
+    """The Redis lock that makes one instance the only writer for a slot."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_ms: int, token: str | None = None) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_ms = ttl_ms
+        self.token = token or instance_token()
+
+    def try_acquire(self) -> bool:
+        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+            return True
+        return self.renew()
+
+    def renew(self) -> bool:
+        return bool(self.client.eval(RENEW_LOCK, 1, self.key, self.token, self.ttl_ms))
+
+    def fence(self) -> None:
+        """Raises LockLost unless this instance holds the lock now (and extends it)."""
+        if not self.renew():
+            raise LockLost(f"the lock {self.key} is not held by this instance")
+
+    def release(self) -> None:
+        self.client.eval(RELEASE_LOCK, 1, self.key, self.token)
+
+    def owner(self) -> str | None:
+        value = self.client.get(self.key)
+        return value.decode() if isinstance(value, bytes) else None
+
+
+class LockKeeper:
+    """Renews a held lock every third of its TTL from a daemon thread, on a connection of its own.
+
+    The main loop calls `check()` as it works: that proves progress and raises LockLost
+    once the keeper has seen the lock taken by another instance, or could not renew it
+    within its TTL (Redis unreachable: the lock may have expired).
+    """
+
+    def __init__(self, redis_url: str, key: str, ttl_ms: int, token: str, stall_seconds: float) -> None:
+        self.key = key
+        self.ttl_s = ttl_ms / 1000
+        self.stall_seconds = stall_seconds
+        self._client = redis.Redis.from_url(
+            redis_url,
+            socket_timeout=max(0.5, self.ttl_s / 3),
+            socket_connect_timeout=max(0.5, self.ttl_s / 3),
+        )
+        self._lock = SlotLock(self._client, key, ttl_ms, token)
+        self._stop = threading.Event()
+        self._lost: str | None = None
+        now = time.monotonic()
+        self._renewed_at = now
+        self._progress_at = now
+        self._thread = threading.Thread(target=self._run, name="lock-keeper", daemon=True)
+
+    def start(self) -> LockKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.ttl_s)
+        self._client.close()
+
+    def check(self) -> None:
+        """Records the main loop's progress; raises LockLost if the lock is no longer ours."""
+        self._progress_at = time.monotonic()
+        if self._lost is not None:
+            raise LockLost(self._lost)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    def _run(self) -> None:
+        interval = self.ttl_s / 3
+        while not self._stop.wait(interval):
+            now = time.monotonic()
+            stalled = now - self._progress_at
+            if stalled > self.stall_seconds:
+                self._lost = (
+                    f"the main loop made no progress for {stalled:.0f}s; the lock {self.key} is let go"
+                )
+                log.error("%s", self._lost)
+                return
+            try:
+                held = self._lock.renew()
+            except redis.RedisError as error:
+                if now - self._renewed_at >= self.ttl_s:
+                    self._lost = f"could not renew the lock {self.key} within its TTL: {error}"
+                    log.warning("%s", self._lost)
+                    return
+                continue
+            if not held:
+                self._lost = f"the lock {self.key} was taken by {self._owner()}"
+                log.warning("%s", self._lost)
+                return
+            self._renewed_at = now
+
+    def _owner(self) -> str:
+        try:
+            return self._lock.owner() or "nobody (it expired)"
+        except redis.RedisError:
+            return "an unknown owner"
