@@ -25,6 +25,15 @@ class Settings:
     stream_maxlen: int = 10_000
     lock_ttl_seconds: float = 10.0
     batch_max_changes: int = 2000
+    # A transaction with more row changes than this is applied in chunks of this size
+    # (memory stays bounded); the checkpoint moves only with its last chunk.
+    transaction_chunk_changes: int = 20_000
+    # Positions are confirmed to PostgreSQL only after Redis has held them this long, so
+    # that Redis's fsync (`appendfsync everysec`) has written them before the slot forgets.
+    ack_delay_seconds: float = 2.0
+    # How long one Redis command may take before the session restarts (not the lock's TTL:
+    # the lock is renewed from a thread of its own).
+    redis_timeout_seconds: float = 30.0
     log_level: str = "INFO"
     tls: TlsSettings = field(default_factory=TlsSettings)
 
@@ -53,6 +62,18 @@ class Settings:
             stream_maxlen=env.integer("STREAM_MAXLEN", cls.stream_maxlen, minimum=1),
             lock_ttl_seconds=lock_ttl,
             batch_max_changes=env.integer("BATCH_MAX_CHANGES", cls.batch_max_changes, minimum=1),
+            transaction_chunk_changes=env.integer(
+                "TRANSACTION_CHUNK_CHANGES", cls.transaction_chunk_changes, minimum=1
+            ),
+            ack_delay_seconds=env.number("ACK_DELAY_SECONDS", cls.ack_delay_seconds),
+            redis_timeout_seconds=_positive(env, "REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds),
             log_level=env.text("LOG_LEVEL", cls.log_level),
             tls=TlsSettings.from_env(env),
         )
+
+
+def _positive(env: EnvReader, name: str, default: float) -> float:
+    value = env.number(name, default)
+    if value <= 0:
+        raise SettingsError(f"{PREFIX}{name} must be positive, got {value}")
+    return value

@@ -31,3 +31,7 @@ BOOTSTRAP_ESTIMATE = Gauge(
 BOOTSTRAPS = Counter("replicator_bootstraps_total", "Bootstraps started, by reason.", ["reason"])
 RECONNECTS = Counter("replicator_reconnects_total", "Restarts of the replication loop after an error.")
 STREAMING = Gauge("replicator_streaming", "1 while this instance owns the slot and streams.")
+CONFIRMED_LSN = Gauge(
+    "replicator_confirmed_lsn",
+    "The last position confirmed to PostgreSQL (the slot may forget the WAL before it).",
+)

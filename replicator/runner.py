@@ -17,6 +17,7 @@ import redis
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn
 from replicator import metrics
+from replicator.ack import Acknowledgements
 from replicator.config import Settings
 from replicator.decoder import (
     Begin,
@@ -26,8 +27,9 @@ from replicator.decoder import (
     Truncate,
     as_row,
 )
+from replicator.lock import LockKeeper, LockLost, SlotLock, instance_token
 from replicator.projector import TABLES, Op, Projector, RowBatch, RowChange
-from replicator.sink import Checkpoint, LockLost, Sink, SlotLock, instance_token
+from replicator.sink import Checkpoint, CheckpointMoved, Sink
 from replicator.source import Source
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,11 @@ BATCH_MAX_AGE_S = 0.2
 IDLE_WAIT_S = 0.05
 COPY_BATCH_ROWS = 1000
 MAX_BACKOFF_S = 10.0
+# A transaction applied in chunks logs its progress this often.
+PROGRESS_INTERVAL_S = 5.0
+# The lock keeper lets the lock go when the main loop made no progress for this long (a
+# wedged instance must not block a standby forever); every step is far shorter.
+STALL_LIMIT_S = 120.0
 
 
 class Stopped(Exception):
@@ -56,6 +63,27 @@ class _Transaction:
     changes: list[tuple[str, Literal["insert", "update", "delete"] | None, object]] = field(
         default_factory=list
     )
+    # Row changes already applied in chunks (a large transaction), and when it started.
+    chunked: int = 0
+    chunks: int = 0
+    started: float = field(default_factory=time.monotonic)
+    reported: float = field(default_factory=time.monotonic)
+
+    def collect(self, batch: RowBatch) -> None:
+        """Adds the changes held so far to `batch`, each at the position of the transaction's commit.
+
+        An entity's position is the start of the commit record (the same for every chunk
+        of a transaction, so a replay rewrites them), which comes after every earlier
+        commit and before every later one.
+        """
+        lsn = self.begin.final_lsn
+        for table, kind, data in self.changes:
+            if kind is None:
+                assert isinstance(data, tuple)
+                batch.truncate(data, lsn)
+            else:
+                assert isinstance(data, dict)
+                batch.add(RowChange(table, kind, data, lsn))
 
 
 class Replicator:
@@ -87,7 +115,7 @@ class Replicator:
                 self.run_once()
             except Stopped:
                 break
-            except (psycopg2.Error, redis.RedisError, LockLost, OSError) as error:
+            except (psycopg2.Error, redis.RedisError, LockLost, CheckpointMoved, OSError) as error:
                 metrics.RECONNECTS.inc()
                 if time.monotonic() - started > 30:
                     backoff = 0.5
@@ -111,14 +139,19 @@ class Replicator:
     def run_once(self) -> None:
         client = redis.Redis.from_url(
             self.settings.redis_url,
-            socket_timeout=max(5.0, self.settings.lock_ttl_seconds),
+            socket_timeout=self.settings.redis_timeout_seconds,
             socket_connect_timeout=5.0,
             socket_keepalive=True,
         )
-        lock = SlotLock(client, self.schema.lock(self.settings.slot_name), self.lock_ttl_ms, self.token)
+        lock_key = self.schema.lock(self.settings.slot_name)
+        lock = SlotLock(client, lock_key, self.lock_ttl_ms, self.token)
         source = Source(self.settings.database_url, self.settings.slot_name, self.settings.publication)
+        keeper: LockKeeper | None = None
         try:
             self._acquire(lock)
+            keeper = LockKeeper(
+                self.settings.redis_url, lock_key, self.lock_ttl_ms, self.token, STALL_LIMIT_S
+            ).start()
             sink = Sink(
                 client,
                 self.schema,
@@ -126,24 +159,28 @@ class Replicator:
                 lock,
                 self.projector,
                 self.settings.stream_maxlen,
+                on_progress=keeper.check,
             )
             sink.load_scripts()
             source.connect()
             checkpoint = sink.read_checkpoint()
             reason = self._bootstrap_reason(source, checkpoint)
             if reason is not None:
-                checkpoint = self.bootstrap(source, sink, lock, reason)
+                checkpoint = self.bootstrap(source, sink, lock, keeper, reason)
             assert checkpoint is not None
+            # Ending another instance's walsender is a side effect too: only while the lock is ours.
+            keeper.check()
+            lock.fence()
             source.start_replication()
-            # Everything up to the checkpoint is in Redis: the slot need not send it again.
-            source.cursor.send_feedback(flush_lsn=checkpoint.lsn, force=True)  # type: ignore[no-untyped-call]
             log.info(
                 "streaming slot %s from checkpoint %s", self.settings.slot_name, format_lsn(checkpoint.lsn)
             )
             metrics.STREAMING.set(1)
             self._on_ready(True)
-            _Stream(self, source, sink, lock, checkpoint).run()
+            _Stream(self, source, sink, keeper, checkpoint).run()
         finally:
+            if keeper is not None:
+                keeper.stop()
             source.close()
             if self.stopping:
                 with contextlib.suppress(redis.RedisError):
@@ -198,7 +235,9 @@ class Replicator:
             return "redis_behind_slot"
         return None
 
-    def bootstrap(self, source: Source, sink: Sink, lock: SlotLock, reason: str) -> Checkpoint:
+    def bootstrap(
+        self, source: Source, sink: Sink, lock: SlotLock, keeper: LockKeeper, reason: str
+    ) -> Checkpoint:
         """Copies every published row under the new slot's snapshot; the checkpoint is written last.
 
         Interrupted at any point, it leaves no checkpoint, so the next start bootstraps again.
@@ -209,6 +248,8 @@ class Replicator:
         sink.clear_checkpoint()
         removed = sink.wipe()
         log.info("bootstrap removed %d existing read-model keys", removed)
+        keeper.check()
+        lock.fence()
         source.drop_slot()
         consistent_point, snapshot = source.create_slot_with_snapshot()
         log.info(
@@ -222,22 +263,11 @@ class Replicator:
         metrics.BOOTSTRAP_ESTIMATE.set(estimate)
         metrics.BOOTSTRAP_ROWS.set(0)
         copied = 0
-        last_report = last_renew = time.monotonic()
-        renew_every = self.settings.lock_ttl_seconds / 3
-
-        def keep_lock() -> None:
-            nonlocal last_renew
-            now = time.monotonic()
-            if now - last_renew > renew_every:
-                if not lock.renew():
-                    raise LockLost("lost the lock during the bootstrap copy")
-                last_renew = now
-
-        # Small batches, so that the lock is renewed often even on a slow, busy machine.
+        last_report = time.monotonic()
         for table, rows in source.copy(snapshot, tables, batch_rows=COPY_BATCH_ROWS):
             if self.stopping:
                 raise Stopped
-            keep_lock()
+            keeper.check()
             ops: list[Op] = []
             for row in rows:
                 ops.extend(
@@ -246,7 +276,6 @@ class Replicator:
             sink.apply(ops, None, notify=False)
             copied += len(rows)
             metrics.BOOTSTRAP_ROWS.set(copied)
-            keep_lock()
             now = time.monotonic()
             if now - last_report >= 5:
                 log.info(
@@ -271,53 +300,62 @@ class Replicator:
 
 
 class _Stream:
-    """One streaming session: reads messages without blocking, applies whole transactions in batches."""
+    """One streaming session: reads messages without blocking, applies whole transactions in batches.
+
+    A transaction larger than `transaction_chunk_changes` is applied in chunks as it
+    arrives, without the checkpoint; its last chunk moves the checkpoint. Positions are
+    confirmed to PostgreSQL through `Acknowledgements`, never by the driver.
+    """
 
     def __init__(
-        self, owner: Replicator, source: Source, sink: Sink, lock: SlotLock, checkpoint: Checkpoint
+        self, owner: Replicator, source: Source, sink: Sink, keeper: LockKeeper, checkpoint: Checkpoint
     ) -> None:
         self.owner = owner
         self.source = source
+        self.stream = source.stream
         self.sink = sink
-        self.lock = lock
+        self.keeper = keeper
         self.checkpoint = checkpoint
         self.decoder = Decoder()
         self.projector = owner.projector
         self.batch_max = owner.settings.batch_max_changes
+        self.chunk_max = owner.settings.transaction_chunk_changes
         self.transaction: _Transaction | None = None
         self.pending = RowBatch()
         self.pending_checkpoint: Checkpoint | None = None
         self.pending_changes = 0
         self.pending_transactions = 0
+        self.pending_omits = False
+        # Redis has the checkpoint, but perhaps not on disk yet: confirm it after the delay too.
+        self.acks = Acknowledgements(owner.settings.ack_delay_seconds)
+        self.acks.applied(checkpoint.lsn)
         now = time.monotonic()
         self.last_ping = self.last_advance = self.last_lag_query = now
-        self.last_renew = self.batch_started = now
-        self.renew_interval = owner.settings.lock_ttl_seconds / 3
+        self.batch_started = now
 
     def run(self) -> None:
-        cursor = self.source.cursor
-        fileno = cursor.fileno()  # type: ignore[no-untyped-call]
+        fileno = self.stream.fileno()
         received = 0
         while True:
             if self.owner.stopping:
-                self.flush(drained=True)
+                self.flush()
                 raise Stopped
-            message = cursor.read_message()
+            message = self.stream.read_message()
             if message is not None:
                 self.handle(message.payload)
                 received += 1
                 if self.transaction is None and self.pending_changes >= self.batch_max:
-                    self.flush(drained=False)
+                    self.flush()
                 if received % 256 == 0:
-                    # A long backlog never drains the socket: keep the lock and bound a batch's age.
-                    now = time.monotonic()
-                    self.renew_lock_if_due(now)
-                    if self.transaction is None and now - self.batch_started >= BATCH_MAX_AGE_S:
-                        self.flush(drained=False)
+                    # A long backlog never drains the socket: bound a batch's age, confirm what is due.
+                    self.keeper.check()
+                    if self.transaction is None and time.monotonic() - self.batch_started >= BATCH_MAX_AGE_S:
+                        self.flush()
+                    self.confirm_due()
                 continue
             # The socket is drained: the moment to apply what has arrived.
             if self.pending_checkpoint is not None:
-                self.flush(drained=True)
+                self.flush()
             select.select([fileno], [], [], self.periodic())
 
     def handle(self, payload: bytes) -> None:
@@ -331,6 +369,8 @@ class _Stream:
             table = relation.qualified_name
             if table in TABLES:
                 transaction.changes.append((table, kind, as_row(relation, values)))
+                if len(transaction.changes) >= self.chunk_max:
+                    self.apply_chunk(transaction)
             return
         message = self.decoder.decode(payload)
         if isinstance(message, Begin):
@@ -344,28 +384,69 @@ class _Stream:
             transaction, self.transaction = self.transaction, None
             if transaction is None or transaction.skip or message.end_lsn <= self.checkpoint.lsn:
                 return
-            for table, change_kind, data in transaction.changes:
-                if change_kind is None:
-                    assert isinstance(data, tuple)
-                    self.pending.truncate(data, message.end_lsn)
-                else:
-                    assert isinstance(data, dict)
-                    self.pending.add(RowChange(table, change_kind, data, message.end_lsn))
+            transaction.collect(self.pending)
             self.pending_changes += len(transaction.changes)
             self.pending_transactions += 1
             if self.pending_checkpoint is None:
                 self.batch_started = time.monotonic()
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
+            if transaction.chunks:
+                # Its earlier chunks were not listed in the change stream.
+                self.pending_omits = True
+                self.flush()
+                log.info(
+                    "applied transaction %s of %d row changes in %d chunks in %.1fs; checkpoint %s",
+                    transaction.begin.xid,
+                    transaction.chunked + len(transaction.changes),
+                    transaction.chunks + 1,
+                    time.monotonic() - transaction.started,
+                    format_lsn(message.end_lsn),
+                )
         elif isinstance(message, Relation):
             log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
 
-    def flush(self, drained: bool) -> None:
+    def apply_chunk(self, transaction: _Transaction) -> None:
+        """Applies what a large transaction has sent so far, without moving the checkpoint.
+
+        A replay after a crash applies the same chunks again at the same positions; the
+        checkpoint moves only with the last chunk, so the transaction is whole in Redis
+        for every reader that waits for a position at or past its commit.
+        """
+        self.flush()  # the whole transactions that came before it, with their checkpoint
+        batch = RowBatch()
+        transaction.collect(batch)
+        self.keeper.check()
+        started = time.perf_counter()
+        self.sink.apply(batch.project(self.projector), None, notify=False)
+        self.acks.alive()
+        metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+        metrics.CHANGES.inc(len(transaction.changes))
+        metrics.BATCH_CHANGES.observe(len(transaction.changes))
+        transaction.chunked += len(transaction.changes)
+        transaction.chunks += 1
+        transaction.changes = []
+        self.keeper.check()
+        now = time.monotonic()
+        if now - transaction.reported >= PROGRESS_INTERVAL_S:
+            log.info(
+                "applying transaction %s (commit at %s): %d row changes so far in %d chunks, %.0fs",
+                transaction.begin.xid,
+                format_lsn(transaction.begin.final_lsn),
+                transaction.chunked,
+                transaction.chunks,
+                now - transaction.started,
+                extra={"changes_applied": transaction.chunked},
+            )
+            transaction.reported = now
+        self.confirm_due()
+
+    def flush(self) -> None:
         checkpoint = self.pending_checkpoint
         if checkpoint is None:
             return
-        self.renew_lock_if_due(time.monotonic())
+        self.keeper.check()
         started = time.perf_counter()
-        self.sink.apply(self.pending.project(self.projector), checkpoint)
+        self.sink.apply(self.pending.project(self.projector), checkpoint, omits_payments=self.pending_omits)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         metrics.CHANGES.inc(self.pending_changes)
         metrics.TRANSACTIONS.inc(self.pending_transactions)
@@ -377,45 +458,52 @@ class _Stream:
         self.pending = RowBatch()
         self.pending_checkpoint = None
         self.pending_changes = self.pending_transactions = 0
+        self.pending_omits = False
         now = time.monotonic()
         if now - self.last_lag_query >= LAG_QUERY_INTERVAL_S:
             metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - checkpoint.lsn))
             self.last_lag_query = now
-        # Redis has acknowledged: the slot may forget everything up to here.
-        self.source.cursor.send_feedback(flush_lsn=checkpoint.lsn, force=drained)  # type: ignore[no-untyped-call]
+        # Redis has acknowledged: the slot may forget everything up to here once it is durable.
+        self.acks.applied(checkpoint.lsn)
+        self.confirm_due()
 
-    def renew_lock_if_due(self, now: float) -> None:
-        if now - self.last_renew >= self.renew_interval:
-            if not self.lock.renew():
-                raise LockLost(f"lost the lock {self.lock.key}")
-            self.last_renew = now
+    def confirm_due(self) -> None:
+        if self.acks.waiting and self.pending_checkpoint is None and self.transaction is None:
+            # Idle, with a position held long enough: is Redis still alive to have fsynced it?
+            self.sink.ping()
+            self.acks.alive()
+        lsn = self.acks.due()
+        if lsn is not None:
+            self.stream.confirm(lsn)
+            metrics.CONFIRMED_LSN.set(lsn)
 
     def periodic(self) -> float:
-        """Renews the lock, moves an idle checkpoint, pings; returns how long to wait for data."""
+        """Checks the lock, moves an idle checkpoint, confirms, pings; returns how long to wait for data."""
         now = time.monotonic()
-        self.renew_lock_if_due(now)
+        self.keeper.check()
+        self.confirm_due()
         wait = IDLE_WAIT_S
         if self.transaction is not None or self.pending_checkpoint is not None:
             return wait
-        cursor = self.source.cursor
         # Idle: the walsender's position covers every change it has sent, so the
         # checkpoint can move there even when no published table changed.
-        server_position = self.source.past_page_header(cursor.wal_end)
+        server_position = self.source.past_page_header(self.stream.wal_end)
         if server_position > self.checkpoint.lsn and now - self.last_advance >= IDLE_ADVANCE_INTERVAL_S:
-            checkpoint = Checkpoint(server_position, None)
-            self.sink.apply([], checkpoint)
+            self.sink.apply([], Checkpoint(server_position, None))
             self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us)
             metrics.CHECKPOINT_LSN.set(server_position)
             metrics.LAG_SECONDS.set(0)
-            cursor.send_feedback(flush_lsn=server_position, force=True)  # type: ignore[no-untyped-call]
+            self.acks.applied(server_position)
             self.last_advance = now
         elif server_position > self.checkpoint.lsn:
             # Rate-limited: come back as soon as the interval is over, not at the next idle wake-up.
             wait = IDLE_ADVANCE_INTERVAL_S - (now - self.last_advance)
         elif now - self.last_ping >= PING_INTERVAL_S:
-            cursor.send_feedback(reply=True, force=True)  # type: ignore[no-untyped-call]
+            self.stream.ping()
             self.last_ping = now
         if now - self.last_lag_query >= LAG_QUERY_INTERVAL_S:
             metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - self.checkpoint.lsn))
             self.last_lag_query = now
+        if self.acks.next_due_in() > 0:
+            wait = min(wait, self.acks.next_due_in())
         return max(wait, 0.0)

@@ -11,10 +11,7 @@ tag, so nothing relies on a transaction across entities.
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -24,6 +21,7 @@ import redis
 from payments.readmodel.v1 import read_model_pb2
 from payments_common import keys
 from payments_common.keys import KeySchema
+from replicator.lock import LockLost, SlotLock
 from replicator.projector import (
     ACCOUNTS,
     PAYMENT_EVENTS,
@@ -49,7 +47,8 @@ log = logging.getLogger(__name__)
 #
 # KEYS: lock, checkpoint, change stream, then each op's keys in order.
 # ARGV: owner token, checkpoint position ('' = none), commit time in us ('' = unchanged),
-#       stream MAXLEN, ChangeBatch bytes ('' = none), then each op: a code and its arguments.
+#       stream MAXLEN, ChangeBatch bytes ('' = none), the checkpoint the batch moves from
+#       ('0' = none; checked when a checkpoint is given), then each op: a code and its arguments.
 #   V key(hash)                        position, view   upsert a view
 #   D key(hash)                        position         delete a view, keep a tombstone
 #   I keys(idxver, add..., remove...)  position, payment id, member, #add, #remove
@@ -65,7 +64,13 @@ end
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
 end
-local k, a, applied, skipped = 4, 6, 0, 0
+-- The change stream is a chain: each entry names the checkpoint it moved from. A stored
+-- checkpoint other than the one this instance last wrote means Redis lost or gained
+-- writes behind its back: nothing is written, and the session restarts from Redis.
+if ARGV[2] ~= '' and (redis.call('HGET', KEYS[2], 'lsn') or '0') ~= ARGV[6] then
+  return redis.error_reply('CHECKPOINTMOVED the stored checkpoint is not the one this instance wrote')
+end
+local k, a, applied, skipped = 4, 7, 0, 0
 while a <= #ARGV do
   local code, lsn = ARGV[a], ARGV[a + 1]
   if code == 'V' or code == 'D' then
@@ -133,23 +138,22 @@ end
 return {applied, skipped}
 """
 
-RENEW_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# Removes keys (the checkpoint, read-model keys of a truncate or a rebuild) only while the
+# caller owns the slot's lock. KEYS: lock, then the keys to remove. ARGV: owner token.
+FENCED_UNLINK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
 end
-return 0
+local removed = 0
+for i = 2, #KEYS do removed = removed + redis.call('UNLINK', KEYS[i]) end
+return removed
 """
 
-RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_SCRIPTS: Final = {"apply_batch": APPLY_BATCH}
+_SCRIPTS: Final = {"apply_batch": APPLY_BATCH, "fenced_unlink": FENCED_UNLINK}
 
 
-class LockLost(RuntimeError):
-    """This instance no longer owns the slot's lock; it must stop writing."""
+class CheckpointMoved(RuntimeError):
+    """Redis's checkpoint is not the one this instance last wrote: Redis lost or gained writes."""
 
 
 @dataclass(frozen=True)
@@ -166,36 +170,6 @@ class BatchResult:
     payments: int
 
 
-def instance_token() -> str:
-    """Names one replicator instance in the lock: host, process and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-class SlotLock:
-    """The Redis lock that makes one instance the only writer for a slot."""
-
-    def __init__(self, client: redis.Redis, key: str, ttl_ms: int, token: str | None = None) -> None:
-        self.client = client
-        self.key = key
-        self.ttl_ms = ttl_ms
-        self.token = token or instance_token()
-
-    def try_acquire(self) -> bool:
-        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
-            return True
-        return self.renew()
-
-    def renew(self) -> bool:
-        return bool(self.client.eval(RENEW_LOCK, 1, self.key, self.token, self.ttl_ms))
-
-    def release(self) -> None:
-        self.client.eval(RELEASE_LOCK, 1, self.key, self.token)
-
-    def owner(self) -> str | None:
-        value = self.client.get(self.key)
-        return value.decode() if isinstance(value, bytes) else None
-
-
 class Sink:
     """Writes batches of ops to one Redis database, fenced by the slot's lock."""
 
@@ -207,6 +181,7 @@ class Sink:
         lock: SlotLock,
         projector: Projector,
         stream_maxlen: int = 10_000,
+        on_progress: Callable[[], None] = lambda: None,
     ) -> None:
         self.client = client
         self.schema = schema
@@ -214,11 +189,20 @@ class Sink:
         self.lock = lock
         self.projector = projector
         self.stream_maxlen = stream_maxlen
+        # Called between the steps of long work (removing many keys), so that the lock
+        # keeper sees progress and the owner can stop it when the lock is lost.
+        self.on_progress = on_progress
         self.checkpoint_key = schema.checkpoint(slot)
+        # The checkpoint as this instance last read or wrote it (0: none); every batch that
+        # moves the checkpoint names it, and the script checks that Redis still has it.
+        self.position = 0
         self._sha: dict[str, str] = {}
 
     def load_scripts(self) -> None:
         self._sha = {name: str(self.client.script_load(body)) for name, body in _SCRIPTS.items()}
+
+    def ping(self) -> None:
+        self.client.ping()
 
     def read_checkpoint(self) -> Checkpoint | None:
         values = self.client.hmget(
@@ -226,7 +210,9 @@ class Sink:
         )
         lsn, commit_time = values
         if lsn is None:
+            self.position = 0
             return None
+        self.position = int(lsn)
         return Checkpoint(int(lsn), int(commit_time) if commit_time else None)
 
     # -- applying ---------------------------------------------------------------------------
@@ -236,11 +222,13 @@ class Sink:
         ops: Sequence[Op],
         checkpoint: Checkpoint | None,
         notify: bool = True,
+        omits_payments: bool = False,
     ) -> BatchResult:
         """Applies `ops` and, if given, moves the checkpoint, in one fenced transaction.
 
         A truncate splits the batch: what comes before it is applied first (without the
-        checkpoint; a replay is harmless), then the truncated keys are removed.
+        checkpoint; a replay is harmless), then the truncated keys are removed, and the
+        change notification says that it omits payments.
         """
         segment: list[Op] = []
         total = BatchResult(0, 0)
@@ -250,9 +238,10 @@ class Sink:
                     self._add(total, self._apply_segment(segment, None, notify=False))
                     segment = []
                 self._truncate(op.tables)
+                omits_payments = True
             else:
                 segment.append(op)
-        self._add(total, self._apply_segment(segment, checkpoint, notify))
+        self._add(total, self._apply_segment(segment, checkpoint, notify, omits_payments))
         return total
 
     @staticmethod
@@ -260,7 +249,9 @@ class Sink:
         total.ops += part.ops
         total.payments += part.payments
 
-    def _apply_segment(self, ops: Sequence[Op], checkpoint: Checkpoint | None, notify: bool) -> BatchResult:
+    def _apply_segment(
+        self, ops: Sequence[Op], checkpoint: Checkpoint | None, notify: bool, omits_payments: bool = False
+    ) -> BatchResult:
         if not ops and checkpoint is None:
             return BatchResult(0, 0)
         final = self._coalesce(ops)
@@ -291,7 +282,11 @@ class Sink:
                 args += ("X", op.lsn, op.sequence)
         batch_bytes = b""
         if checkpoint is not None and notify:
-            batch = read_model_pb2.ChangeBatch(checkpoint_lsn=checkpoint.lsn)
+            batch = read_model_pb2.ChangeBatch(
+                checkpoint_lsn=checkpoint.lsn,
+                previous_checkpoint_lsn=self.position,
+                omits_payments=omits_payments,
+            )
             if checkpoint.commit_time_us is not None:
                 batch.commit_time.CopyFrom(timestamp(checkpoint.commit_time_us))
             for view in payments:
@@ -308,15 +303,17 @@ class Sink:
             "" if checkpoint is None or checkpoint.commit_time_us is None else checkpoint.commit_time_us,
             self.stream_maxlen,
             batch_bytes,
+            self.position,
         ]
-        self._execute(keys_, head + args)
+        self._execute("apply_batch", keys_, head + args)
+        if checkpoint is not None:
+            self.position = max(self.position, checkpoint.lsn)
         return BatchResult(len(final), len(payments))
 
-    def _execute(self, keys_: list[str], args: list[Any]) -> None:
+    def _execute(self, script: str, keys_: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         for attempt in (1, 2):
             try:
-                self._call(pack_evalsha(self._sha["apply_batch"], keys_, args))
-                return
+                return self._call(pack_evalsha(self._sha[script], keys_, args))
             except redis.exceptions.NoScriptError:
                 # Redis restarted or flushed its scripts; nothing ran, so load and retry.
                 if attempt == 2:
@@ -325,7 +322,12 @@ class Sink:
             except redis.ResponseError as error:
                 if str(error).startswith("LOCKLOST"):
                     raise LockLost(f"the lock {self.lock.key} is not held by this instance") from error
+                if str(error).startswith("CHECKPOINTMOVED"):
+                    raise CheckpointMoved(
+                        f"the checkpoint {self.checkpoint_key} is not at {self.position} as this instance wrote it"
+                    ) from error
                 raise
+        raise AssertionError("unreachable")
 
     def _call(self, command: bytes) -> Any:
         """Sends one packed command and reads its reply on a connection of the client's pool.
@@ -469,13 +471,13 @@ class Sink:
                 removed += self._unlink(chunk)
         return removed
 
-    def _unlink(self, chunk: list[bytes]) -> int:
-        if not self.lock.renew():
-            raise LockLost(f"lost the lock {self.lock.key} while removing keys")
-        return int(self.client.unlink(*chunk))
+    def _unlink(self, chunk: Sequence[str | bytes]) -> int:
+        self.on_progress()
+        return int(self._execute("fenced_unlink", [self.lock.key, *chunk], [self.lock.token]))
 
     def clear_checkpoint(self) -> None:
-        self.client.delete(self.checkpoint_key)
+        self._unlink([self.checkpoint_key])
+        self.position = 0
 
 
 def pack_evalsha(sha: str, keys_: Sequence[str | bytes], args: Sequence[str | bytes | int]) -> bytes:

@@ -11,8 +11,9 @@ from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.decoder import UNCHANGED, Value
-from replicator.projector import PAYMENT_EVENTS, PAYMENTS, Projector, RowChange
-from replicator.sink import Checkpoint, LockLost, Sink, SlotLock
+from replicator.lock import LockLost, SlotLock
+from replicator.projector import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Projector, RowChange, TruncateTables
+from replicator.sink import Checkpoint, CheckpointMoved, Sink
 
 P = "00000000-0000-4000-8000-000000000001"
 A = "00000000-0000-4000-8000-00000000000a"
@@ -170,3 +171,51 @@ def test_wipe_keeps_locks_and_the_change_stream(sink: Sink, client: redis.Redis)
     assert client.exists(KEYS.changes())
     assert not client.exists(KEYS.payment(P))
     assert sink.read_checkpoint() is None
+
+
+def test_each_batch_names_the_checkpoint_it_moved_from(sink: Sink, client: redis.Redis) -> None:
+    sink.apply(PROJECTOR.project(_payment(110)), Checkpoint(110, 5))
+    sink.apply([], Checkpoint(120, None))
+    sink.apply(PROJECTOR.project(_payment(130)), Checkpoint(130, 5))
+    batches = [
+        read_model_pb2.ChangeBatch.FromString(fields[b"batch"]) for _, fields in client.xrange(KEYS.changes())
+    ]
+    assert [(b.previous_checkpoint_lsn, b.checkpoint_lsn) for b in batches] == [
+        (0, 110),
+        (110, 120),
+        (120, 130),
+    ]
+    assert not any(b.omits_payments for b in batches)
+
+
+def test_a_batch_is_refused_when_redis_holds_another_checkpoint(sink: Sink, client: redis.Redis) -> None:
+    sink.apply([], Checkpoint(140, None))
+    # Redis lost its last writes (restored from an older file), behind the instance's back.
+    client.hset(KEYS.checkpoint("s"), "lsn", "100")
+    with pytest.raises(CheckpointMoved):
+        sink.apply(PROJECTOR.project(_payment(150)), Checkpoint(150, 5))
+    assert not client.exists(KEYS.payment(P))
+    assert client.hget(KEYS.checkpoint("s"), "lsn") == b"100"
+
+
+def test_a_truncate_is_announced_as_omitting_payments(sink: Sink, client: redis.Redis) -> None:
+    sink.apply(PROJECTOR.project(_payment(160)), Checkpoint(160, 5))
+    sink.apply([TruncateTables((PAYMENTS,), 170)], Checkpoint(170, 5))
+    last = read_model_pb2.ChangeBatch.FromString(client.xrevrange(KEYS.changes(), count=1)[0][1][b"batch"])
+    assert last.omits_payments
+    assert last.checkpoint_lsn == 170
+    assert not client.exists(KEYS.payment(P))
+
+
+def test_an_instance_without_the_lock_removes_nothing(sink: Sink, client: redis.Redis) -> None:
+    sink.apply(PROJECTOR.project(_payment(180)), Checkpoint(180, 5))
+    before = _snapshot(client)
+    client.set(KEYS.lock("s"), "someone else")
+    with pytest.raises(LockLost):
+        sink.clear_checkpoint()
+    with pytest.raises(LockLost):
+        sink.wipe()
+    with pytest.raises(LockLost):
+        sink.apply([TruncateTables((PAYMENTS, ACCOUNTS), 190)], Checkpoint(190, 5))
+    assert _snapshot(client) == before
+    assert sink.read_checkpoint() == Checkpoint(180, 5)
