@@ -85,6 +85,20 @@ def _parse(raw: Any, deserializer: Callable[[bytes], Any] | None) -> Any:
         raise InvalidArgument([FieldViolation("request", "not a valid request message")]) from None
 
 
+# Codes of a call that ended because its client stopped waiting: no status can reach it.
+_ENDED_BY_CLIENT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def _ended(context: grpc.aio.ServicerContext[Any, Any], method: str, code: grpc.StatusCode | None) -> None:
+    """Counts and logs (one line, no traceback) a call that ended before its answer."""
+    if code is None:
+        remaining = context.time_remaining()
+        passed = remaining is not None and remaining <= 0
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED
+    RPC_TOTAL.labels(method, code.name).inc()
+    log.info("call ended before its answer: %s", code.name, extra={"grpc_code": code.name})
+
+
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
     if isinstance(error, ServiceError):
         service_error = error
@@ -110,7 +124,16 @@ def _wrap_unary(
             response = await inner(request, context)
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            # gRPC cancels the handler when the deadline passes or the client cancels.
+            _ended(context, method, None)
+            raise
         except Exception as error:  # every other failure becomes a status, never a traceback
+            if isinstance(error, ServiceError) and error.code in _ENDED_BY_CLIENT:
+                # The handler saw the deadline pass first. Sending a status now would fail
+                # in gRPC's core once the call has expired there; end it as gRPC would.
+                _ended(context, method, error.code)
+                raise asyncio.CancelledError from None
             await _fail(context, error, method)
             raise  # unreachable: abort raises
         finally:
