@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 DECISIONS = Counter(
     "approval_payment_decisions_total",
@@ -17,4 +17,8 @@ REPLAYS = Counter(
 RETRIES = Counter(
     "approval_transaction_retries_total",
     "Units of work run again after a serialization failure, deadlock or concurrent request_id.",
+)
+POOL_CHECKED_OUT = Gauge(
+    "approval_db_pool_checked_out",
+    "Database connections out of the pool: in use by a call, or on their way back.",
 )

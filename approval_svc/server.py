@@ -10,7 +10,9 @@ from uuid import UUID, uuid4
 import grpc
 from prometheus_client import start_http_server
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
+from approval_svc import metrics
 from approval_svc.adapters.unit_of_work import SqlUnitOfWork, create_engine, probe
 from approval_svc.config import Settings
 from approval_svc.handlers import Handlers, UnitOfWorkFactory
@@ -81,6 +83,9 @@ async def serve(settings: Settings) -> None:
     engine = create_engine(
         settings.async_database_url, settings.db_pool_size, settings.db_pool_timeout_seconds
     )
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        metrics.POOL_CHECKED_OUT.set_function(pool.checkedout)
     try:
         server, port = create_server(settings, Dependencies.from_engine(engine))
         if settings.metrics_port:

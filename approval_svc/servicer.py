@@ -16,6 +16,7 @@ from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
     DatabaseUnavailable,
+    DeadlineExceeded,
     DomainError,
     InvalidRequest,
     PaymentNotFound,
@@ -48,6 +49,7 @@ _STATUS_OF: dict[type[DomainError], type[errors.ServiceError]] = {
     RequestIdReused: errors.AlreadyExists,
     DatabaseUnavailable: errors.Unavailable,
     TransactionConflict: errors.Unavailable,
+    DeadlineExceeded: errors.DeadlineExceeded,
 }
 
 

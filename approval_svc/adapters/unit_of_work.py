@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Final, Protocol, Self
+from typing import Any, Final, Protocol, Self
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
@@ -14,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from approval_svc.adapters.repository import Repository, SqlRepository
-from approval_svc.domain.errors import DatabaseUnavailable, DomainError, TransactionConflict
+from approval_svc.domain.errors import DatabaseUnavailable, DeadlineExceeded, DomainError, TransactionConflict
 from payments_common.lsn import parse_lsn
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,29 @@ _UNAVAILABLE_ERRORS: Final = (
     # The protocol state of a connection whose server went away under it.
     asyncpg.InternalClientError,
 )
+
+
+# Bounds the ROLLBACK of a release (after a cancel, it first waits for the cancel's
+# acknowledgement); past it the connection is dropped instead.
+_RELEASE_TIMEOUT_S: Final = 5.0
+
+# Releases that go on after the task that started them was cancelled; held here so that
+# they are not garbage-collected before they end.
+_RELEASES: set[asyncio.Task[None]] = set()
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Runs `work` to its end even if the calling task is cancelled meanwhile.
+
+    gRPC cancels a handler when its call ends; a connection's release that such a
+    cancellation interrupted would leave the connection checked out until the garbage
+    collector finds it. Shielded, the release goes on by itself and the caller sees its
+    CancelledError at once.
+    """
+    task = asyncio.ensure_future(work)
+    _RELEASES.add(task)
+    task.add_done_callback(_RELEASES.discard)
+    await asyncio.shield(task)
 
 
 # The event loop time by which the current RPC's client stops waiting, when it set a
@@ -152,10 +176,12 @@ class SqlUnitOfWork:
                 if mapped is not None:
                     raise mapped from error
                 raise
+            driver: asyncpg.Connection | None = None
             try:
                 raw = await connection.get_raw_connection()
-                driver: asyncpg.Connection = raw.driver_connection
-                await driver.execute("BEGIN")
+                begun: asyncpg.Connection = raw.driver_connection
+                driver = begun
+                await begun.execute("BEGIN")
             except Exception as error:
                 mapped = database_error(error)
                 await self._discard(connection, invalidate=mapped is not None)
@@ -164,8 +190,15 @@ class SqlUnitOfWork:
                 if mapped is not None:
                     raise mapped from error
                 raise
-            self._connection, self._driver = connection, driver
-            self.repo = SqlRepository(driver)
+            except BaseException:
+                # Cancelled during BEGIN: the connection goes back all the same.
+                if driver is None:
+                    await _to_the_end(self._discard(connection, invalidate=True))
+                else:
+                    await _to_the_end(self._release(connection, driver, cancelled=True))
+                raise
+            self._connection, self._driver = connection, begun
+            self.repo = SqlRepository(begun)
             return self
         raise AssertionError("unreachable")
 
@@ -175,22 +208,40 @@ class SqlUnitOfWork:
         connection, self._connection = self._connection, None
         driver, self._driver = self._driver, None
         if connection is not None and driver is not None:
-            broken = isinstance(exc, DatabaseUnavailable) or (
-                exc is not None and isinstance(database_error(exc), DatabaseUnavailable)
-            )
-            if not broken and driver.is_in_transaction():
-                try:
-                    await driver.execute("ROLLBACK")
-                except Exception as error:
-                    if exc is None and database_error(error) is None:
-                        raise
-                    log.warning("could not roll back: %s", error)
-                    broken = True
-            await self._discard(connection, invalidate=broken or driver.is_closed())
-        if exc is not None:
+            if exc is None and not driver.is_in_transaction():
+                # Committed: back to the pool without any await (nothing to interrupt).
+                await self._discard(connection, invalidate=driver.is_closed())
+            else:
+                cancelled = exc is not None and not isinstance(exc, Exception)
+                broken = isinstance(exc, DatabaseUnavailable) or (
+                    isinstance(exc, Exception) and isinstance(database_error(exc), DatabaseUnavailable)
+                )
+                await _to_the_end(self._release(connection, driver, cancelled=cancelled, broken=broken))
+        if isinstance(exc, Exception):
             mapped = database_error(exc)
             if mapped is not None:
                 raise mapped from exc
+
+    async def _release(
+        self, connection: AsyncConnection, driver: asyncpg.Connection, cancelled: bool, broken: bool = False
+    ) -> None:
+        """Ends the transaction and gives the connection back to the pool (or drops it if broken).
+
+        After a cancelled statement asyncpg first waits for PostgreSQL to acknowledge the
+        cancel request it sent, then runs the ROLLBACK: the connection returns clean,
+        without a reconnect. A cancellation can land before the transaction status is
+        known (in BEGIN), so then ROLLBACK is sent whatever the status says.
+        """
+        if not broken and not driver.is_closed() and (cancelled or driver.is_in_transaction()):
+            try:
+                await driver.execute("ROLLBACK", timeout=_RELEASE_TIMEOUT_S)
+            except Exception as error:
+                if database_error(error) is None and not isinstance(error, asyncpg.PostgresError):
+                    log.error("could not roll back", exc_info=error)
+                else:
+                    log.warning("could not roll back: %s", error)
+                broken = True
+        await self._discard(connection, invalidate=broken or driver.is_closed())
 
     async def _checkout(self) -> AsyncConnection:
         deadline = CALL_DEADLINE.get()
@@ -198,12 +249,12 @@ class SqlUnitOfWork:
             return await self._engine.connect()
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
-            raise DatabaseUnavailable("the call's deadline passed before a database connection was free")
+            raise DeadlineExceeded("the call's deadline passed before a database connection was free")
         try:
             async with asyncio.timeout(remaining):
                 return await self._engine.connect()
         except TimeoutError:
-            raise DatabaseUnavailable(
+            raise DeadlineExceeded(
                 "the call's deadline passed before a database connection was free"
             ) from None
 
@@ -216,8 +267,9 @@ class SqlUnitOfWork:
             await connection.close()
         except Exception as error:
             if database_error(error) is None:
-                raise
-            log.warning("could not release a database connection: %s", error)
+                log.error("could not release a database connection", exc_info=error)
+            else:
+                log.warning("could not release a database connection: %s", error)
 
     def _require(self) -> asyncpg.Connection:
         if self._driver is None:

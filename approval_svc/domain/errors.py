@@ -76,6 +76,12 @@ class DatabaseUnavailable(DomainError):
     reason = "DATABASE_UNAVAILABLE"
 
 
+class DeadlineExceeded(DomainError):
+    """The call's deadline passed before the work could start: its client has stopped waiting."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
 class TransactionConflict(DomainError):
     """A transaction lost a race (serialization failure, deadlock, concurrent request_id); retry it."""
 

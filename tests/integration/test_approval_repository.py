@@ -13,7 +13,7 @@ from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
-    DatabaseUnavailable,
+    DeadlineExceeded,
     InvalidRequest,
     PaymentNotUnderReview,
     RequestIdReused,
@@ -251,10 +251,10 @@ async def test_the_wait_for_a_connection_ends_with_the_call_deadline(migrated_ds
             token = CALL_DEADLINE.set(loop.time() + 0.2)
             try:
                 started = loop.time()
-                with pytest.raises(DatabaseUnavailable):
+                with pytest.raises(DeadlineExceeded):
                     await pay(handlers, payer, payee, 10)
                 assert loop.time() - started < 5  # the engine's own wait is 300 s
-                with pytest.raises(DatabaseUnavailable):
+                with pytest.raises(DeadlineExceeded):
                     await pay(handlers, payer, payee, 10)  # past the deadline: not even tried
             finally:
                 CALL_DEADLINE.reset(token)
