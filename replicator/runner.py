@@ -170,8 +170,7 @@ class Replicator:
             assert checkpoint is not None
             # Ending another instance's walsender is a side effect too: only while the lock is ours.
             keeper.check()
-            lock.fence()
-            source.start_replication()
+            source.start_replication(fence=lock.fence)
             log.info(
                 "streaming slot %s from checkpoint %s", self.settings.slot_name, format_lsn(checkpoint.lsn)
             )
@@ -249,8 +248,7 @@ class Replicator:
         removed = sink.wipe()
         log.info("bootstrap removed %d existing read-model keys", removed)
         keeper.check()
-        lock.fence()
-        source.drop_slot()
+        source.drop_slot(fence=lock.fence)
         consistent_point, snapshot = source.create_slot_with_snapshot()
         log.info(
             "created slot %s at consistent point %s with snapshot %s",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,18 +141,25 @@ class Source:
     def server_wal_lsn(self) -> int:
         return parse_lsn(self._query("SELECT pg_current_wal_lsn()::text")[0][0])
 
-    def end_other_consumer(self) -> None:
-        """Ends a walsender that still uses the slot: this instance holds the lock, so it is a zombie."""
+    def end_other_consumer(self, fence: Callable[[], None]) -> None:
+        """Ends a walsender that still uses the slot: this instance holds the lock, so it is a zombie.
+
+        `fence` raises unless this instance holds the slot's lock; it runs right before the
+        walsender is ended, so that an instance that lost the lock ends nobody's.
+        """
         state = self.slot_state()
         if state is None or state.active_pid is None:
             return
         if self._stream is not None and state.active_pid == self._stream.backend_pid:
             return
+        fence()
         log.warning("ending walsender %s that still holds slot %s", state.active_pid, self.slot)
         self._query("SELECT pg_terminate_backend(%s)", (state.active_pid,))
 
-    def drop_slot(self) -> None:
-        self.end_other_consumer()
+    def drop_slot(self, fence: Callable[[], None]) -> None:
+        """Drops the slot (ending a walsender that holds it); `fence` runs right before each step."""
+        self.end_other_consumer(fence)
+        fence()
         rows = self._query(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
             "WHERE slot_name = %s AND database = current_database()",
@@ -168,9 +175,9 @@ class Source:
         """
         return self.stream.create_logical_slot(self.slot, "pgoutput")
 
-    def start_replication(self) -> None:
+    def start_replication(self, fence: Callable[[], None]) -> None:
         """Streams the slot from its confirmed position; the runner then confirms its checkpoint."""
-        self.end_other_consumer()
+        self.end_other_consumer(fence)
         self.stream.start_logical(self.slot, {"proto_version": "1", "publication_names": self.publication})
 
     # -- the copy ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import redis
 
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.lock import LockKeeper, LockLost, SlotLock
+from replicator.source import Source
 
 TTL_MS = 1000
 KEY = KEYS.lock("s")
@@ -74,3 +75,46 @@ def test_an_owner_that_makes_no_progress_lets_the_lock_expire(
     _poll(lambda: client.get(KEY) is None, "the lock expired")
     with pytest.raises(LockLost):
         held.check()
+
+
+def _refuse() -> None:
+    raise LockLost("not ours")
+
+
+def _slot_holder(dsn: str, slot: str) -> Source:
+    """A source streaming `slot`, as the instance that owns it would."""
+    holder = Source(dsn, slot, "payments_read_model")
+    holder.connect()
+    holder.create_slot_with_snapshot()
+    holder.start_replication(fence=lambda: None)
+    return holder
+
+
+def test_an_instance_without_the_lock_neither_ends_the_owners_walsender_nor_drops_the_slot(
+    migrated_dsn: str,
+) -> None:
+    slot = "fenced_" + migrated_dsn.rsplit("/", 1)[-1].lower()
+    holder = _slot_holder(migrated_dsn, slot)
+    stale = Source(migrated_dsn, slot, "payments_read_model")
+    try:
+        stale.connect()
+        before = stale.slot_state()
+        assert before is not None
+        assert before.active_pid == holder.stream.backend_pid
+        with pytest.raises(LockLost):
+            stale.start_replication(fence=_refuse)
+        with pytest.raises(LockLost):
+            stale.drop_slot(fence=_refuse)
+        after = stale.slot_state()
+        assert after is not None
+        assert after.active_pid == holder.stream.backend_pid
+    finally:
+        stale.close()
+        holder.close()
+        cleanup = Source(migrated_dsn, slot, "payments_read_model")
+        cleanup.connect()
+        _poll(
+            lambda: getattr(cleanup.slot_state(), "active_pid", None) is None, "the holder's walsender ended"
+        )
+        cleanup.drop_slot(fence=lambda: None)
+        cleanup.close()
