@@ -240,8 +240,8 @@ class PostgresServer:
             "max_wal_senders": "20",
             "max_connections": "200",
             "fsync": "on" if self.fsync else "off",
-            # Always on: consistency tokens read the WAL position after COMMIT, which
-            # must then include the commit record.
+            # On: an acknowledged payment survives a crash of PostgreSQL. (Consistency
+            # tokens cover the commit whatever this setting.)
             "synchronous_commit": "on",
             "full_page_writes": "on" if self.fsync else "off",
             "shared_buffers": "128MB",
