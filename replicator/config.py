@@ -27,7 +27,7 @@ class Settings:
     batch_max_changes: int = 2000
     # A transaction with more row changes than this is applied in chunks of this size
     # (memory stays bounded); the checkpoint moves only with its last chunk.
-    transaction_chunk_changes: int = 20_000
+    transaction_chunk_changes: int = 10_000
     # Positions are confirmed to PostgreSQL only after Redis has held them this long, so
     # that Redis's fsync (`appendfsync everysec`) has written them before the slot forgets.
     ack_delay_seconds: float = 2.0

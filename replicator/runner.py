@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import select
 import threading
@@ -69,15 +70,15 @@ class _Transaction:
     started: float = field(default_factory=time.monotonic)
     reported: float = field(default_factory=time.monotonic)
 
-    def collect(self, batch: RowBatch) -> None:
-        """Adds the changes held so far to `batch`, each at the position of the transaction's commit.
+    def collect(self, batch: RowBatch, start: int = 0, stop: int | None = None) -> None:
+        """Adds the changes held (or a slice of them) to `batch`, at the position of the transaction's commit.
 
         An entity's position is the start of the commit record (the same for every chunk
         of a transaction, so a replay rewrites them), which comes after every earlier
         commit and before every later one.
         """
         lsn = self.begin.final_lsn
-        for table, kind, data in self.changes:
+        for table, kind, data in itertools.islice(self.changes, start, stop):
             if kind is None:
                 assert isinstance(data, tuple)
                 batch.truncate(data, lsn)
@@ -382,24 +383,15 @@ class _Stream:
             transaction, self.transaction = self.transaction, None
             if transaction is None or transaction.skip or message.end_lsn <= self.checkpoint.lsn:
                 return
+            if transaction.chunks:
+                self.finish_chunked(transaction, Checkpoint(message.end_lsn, message.commit_time_us))
+                return
             transaction.collect(self.pending)
             self.pending_changes += len(transaction.changes)
             self.pending_transactions += 1
             if self.pending_checkpoint is None:
                 self.batch_started = time.monotonic()
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
-            if transaction.chunks:
-                # Its earlier chunks were not listed in the change stream.
-                self.pending_omits = True
-                self.flush()
-                log.info(
-                    "applied transaction %s of %d row changes in %d chunks in %.1fs; checkpoint %s",
-                    transaction.begin.xid,
-                    transaction.chunked + len(transaction.changes),
-                    transaction.chunks + 1,
-                    time.monotonic() - transaction.started,
-                    format_lsn(message.end_lsn),
-                )
         elif isinstance(message, Relation):
             log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
 
@@ -411,15 +403,17 @@ class _Stream:
         for every reader that waits for a position at or past its commit.
         """
         self.flush()  # the whole transactions that came before it, with their checkpoint
-        batch = RowBatch()
-        transaction.collect(batch)
-        self.keeper.check()
-        started = time.perf_counter()
-        self.sink.apply(batch.project(self.projector), None, notify=False)
-        self.acks.alive()
-        metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+        # One script call per `batch_max` changes: Redis is never blocked for long.
+        for start in range(0, len(transaction.changes), self.batch_max):
+            batch = RowBatch()
+            transaction.collect(batch, start, start + self.batch_max)
+            self.keeper.check()
+            started = time.perf_counter()
+            self.sink.apply(batch.project(self.projector), None, notify=False)
+            self.acks.alive()
+            metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+            metrics.BATCH_CHANGES.observe(batch.changes)
         metrics.CHANGES.inc(len(transaction.changes))
-        metrics.BATCH_CHANGES.observe(len(transaction.changes))
         transaction.chunked += len(transaction.changes)
         transaction.chunks += 1
         transaction.changes = []
@@ -437,6 +431,23 @@ class _Stream:
             )
             transaction.reported = now
         self.confirm_due()
+
+    def finish_chunked(self, transaction: _Transaction, checkpoint: Checkpoint) -> None:
+        """Applies the rest of a transaction applied in chunks, then moves the checkpoint past it."""
+        self.apply_chunk(transaction)
+        self.pending_checkpoint = checkpoint
+        self.pending_transactions = 1
+        # The change stream did not list its payments.
+        self.pending_omits = True
+        self.flush()
+        log.info(
+            "applied transaction %s of %d row changes in %d chunks in %.1fs; checkpoint %s",
+            transaction.begin.xid,
+            transaction.chunked,
+            transaction.chunks,
+            time.monotonic() - transaction.started,
+            format_lsn(checkpoint.lsn),
+        )
 
     def flush(self) -> None:
         checkpoint = self.pending_checkpoint
