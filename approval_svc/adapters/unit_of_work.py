@@ -74,7 +74,8 @@ CALL_DEADLINE: ContextVar[float | None] = ContextVar("approval_call_deadline", d
 class UnitOfWork(Protocol):
     """One atomic piece of work on the store; leaving it without `commit` rolls back."""
 
-    repo: Repository
+    @property
+    def repo(self) -> Repository: ...
 
     async def __aenter__(self) -> Self: ...
 
