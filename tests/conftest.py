@@ -42,7 +42,7 @@ def database_dsn(postgres_server: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """An empty Redis database of its own for one test (one of 63, reused round-robin)."""
     db = next(_redis_dbs) % 63 + 1
     url = redis_server.url(db)

@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = ROOT / "deploy" / "k8s"
@@ -21,8 +21,15 @@ VENV_BIN = VENV / "bin"
 
 OVERLAYS = {"dev": "payments-dev", "prod": "payments"}
 
+
+class ServiceContract(TypedDict):
+    command: list[str]
+    prefix: str
+    port_env: str
+
+
 # The services of the runtime contract: command, env prefix, and which port setting is gRPC.
-SERVICES = {
+SERVICES: dict[str, ServiceContract] = {
     "approval": {"command": ["approval-svc", "serve"], "prefix": "APPROVAL", "port_env": "APPROVAL_PORT"},
     "history": {"command": ["history-svc", "serve"], "prefix": "HISTORY", "port_env": "HISTORY_PORT"},
     "replicator": {
@@ -106,9 +113,12 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", "R
 def pod_template(workload: Obj) -> Obj:
     if workload["kind"] == "Pod":
         return workload
+    template: Obj
     if workload["kind"] == "CronJob":
-        return workload["spec"]["jobTemplate"]["spec"]["template"]
-    return workload["spec"]["template"]
+        template = workload["spec"]["jobTemplate"]["spec"]["template"]
+    else:
+        template = workload["spec"]["template"]
+    return template
 
 
 def workloads(objs: Iterable[Obj]) -> list[Obj]:
@@ -224,7 +234,7 @@ def _port_matches(rule_ports: list[Obj] | None, target: Endpoint, port: int, pro
         if "port" not in rule_port:
             return True
         value = rule_port["port"]
-        number = names.get(value) if isinstance(value, str) else value
+        number: int | None = names.get(value) if isinstance(value, str) else value
         if number is None:
             continue
         end = rule_port.get("endPort", number)

@@ -7,10 +7,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from google.protobuf import descriptor_pb2, json_format, message_factory, unknown_fields
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
 from google.protobuf.descriptor_pool import DescriptorPool
 from google.protobuf.message import Message
 
@@ -28,11 +29,11 @@ SERVICES = [
 
 
 @pytest.mark.parametrize(("module", "base", "implementation"), SERVICES)
-def test_every_rpc_is_implemented(module: object, base: type, implementation: str) -> None:
+def test_every_rpc_is_implemented(module: ModuleType, base: type[object], implementation: str) -> None:
     importlib.import_module(implementation)
     subclasses = [c for c in base.__subclasses__() if c.__module__ == implementation]
     assert subclasses, f"no servicer in {implementation}"
-    service = next(iter(module.DESCRIPTOR.services_by_name.values()))  # type: ignore[attr-defined]
+    service: ServiceDescriptor = next(iter(module.DESCRIPTOR.services_by_name.values()))
     for servicer in subclasses:
         missing = [m.name for m in service.methods if getattr(servicer, m.name) is getattr(base, m.name)]
         assert not missing, f"{servicer.__name__} does not implement {missing}"
@@ -79,6 +80,7 @@ def _fill(message: Message, depth: int = 0) -> None:
                 _fill(getattr(message, field.name), depth + 1)
             continue
         if field.type == FieldDescriptor.TYPE_ENUM:
+            assert field.enum_type is not None
             value: object = field.enum_type.values[-1].number
         elif field.type == FieldDescriptor.TYPE_STRING:
             value = f"{field.name} ✓ 'quoted' \r\n"

@@ -62,7 +62,7 @@ class RunningServer:
     server: ApprovalServer
     port: int
     channel: grpc.aio.Channel
-    stub: pb_grpc.ApprovalServiceStub
+    stub: pb_grpc.ApprovalServiceAsyncStub
 
 
 @contextlib.asynccontextmanager

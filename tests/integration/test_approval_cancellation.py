@@ -183,7 +183,9 @@ def test_a_call_ended_mid_statement_gives_its_connection_back_at_once(
                     row = cursor.fetchone()
                 return row is not None and row[0] == 1
 
-            call = stub.SubmitPayment.future(payment(payer, payee), timeout=3 if ending == "deadline" else 60)
+            call: grpc.Future[pb.SubmitPaymentResponse] = stub.SubmitPayment.future(
+                payment(payer, payee), timeout=3 if ending == "deadline" else 60
+            )
             try:
                 wait_until(statement_waits, "the payment's statement waits for the row lock")
                 if ending == "cancel":

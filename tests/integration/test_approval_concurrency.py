@@ -6,6 +6,7 @@ import asyncio
 import random
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
@@ -19,9 +20,9 @@ from tests.integration.approval_fixtures import engine_for, handlers_for, key, o
 
 
 @pytest.fixture
-async def engine(migrated_dsn: str) -> AsyncEngine:
+async def engine(migrated_dsn: str) -> AsyncIterator[AsyncEngine]:
     async with engine_for(migrated_dsn, pool_size=20) as engine:
-        yield engine  # type: ignore[misc]
+        yield engine
 
 
 async def check_books(engine: AsyncEngine, expected_total: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -377,10 +377,10 @@ async def _wait_for_health(channel: grpc.aio.Channel, status: int, within_s: flo
 
 
 @pytest.fixture
-def own_postgres() -> AsyncIterator[PostgresServer]:
+def own_postgres() -> Iterator[PostgresServer]:
     server = PostgresServer()
     try:
-        yield server.start()  # type: ignore[misc]
+        yield server.start()
     finally:
         server.remove()
 

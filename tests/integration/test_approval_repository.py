@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
@@ -32,9 +33,9 @@ from tests.integration.approval_fixtures import engine_for, handlers_for, key, o
 
 
 @pytest.fixture
-async def engine(migrated_dsn: str) -> AsyncEngine:
+async def engine(migrated_dsn: str) -> AsyncIterator[AsyncEngine]:
     async with engine_for(migrated_dsn) as engine:
-        yield engine  # type: ignore[misc]
+        yield engine
 
 
 async def pay(

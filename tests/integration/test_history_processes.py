@@ -150,8 +150,10 @@ async def test_three_processes_keep_answering_while_one_is_killed_and_restarted(
 
     with history_processes(make, 3) as processes:
         async with client["history_channel"]([p.address for p in processes]) as channel:
-            stub = history_service_pb2_grpc.HistoryServiceStub(channel)
-            readers = [asyncio.create_task(reader(stub, index)) for index in range(4)]  # type: ignore[arg-type]
+            stub: history_service_pb2_grpc.HistoryServiceAsyncStub = (
+                history_service_pb2_grpc.HistoryServiceStub(channel)
+            )
+            readers = [asyncio.create_task(reader(stub, index)) for index in range(4)]
             try:
                 await eventually(lambda: successes >= 40, within_s=60)
                 assert all(await asyncio.to_thread(lambda: [_handled(port) > 0 for port in metrics_ports]))

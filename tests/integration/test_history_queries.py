@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -680,7 +680,8 @@ class RoundTrips:
     def __init__(self, client: Redis) -> None:
         self.client = client
         self.count = 0
-        command, pipeline = client.execute_command, client.pipeline
+        command: Callable[..., Awaitable[Any]] = client.execute_command
+        pipeline = client.pipeline
 
         async def counted_command(*args: Any, **options: Any) -> Any:
             self.count += 1

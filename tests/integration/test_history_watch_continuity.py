@@ -72,7 +72,7 @@ async def outcome(stream: Any, within_s: float = 15) -> pb.WatchPaymentsResponse
     except grpc.aio.AioRpcError as error:
         info = error_info(error)
         return error.code().name, info.reason if info else ""
-    if message is grpc.aio.EOF:
+    if message is grpc.aio.EOF:  # type: ignore[attr-defined]  # missing from grpc-stubs
         return "OK", ""
     assert isinstance(message, pb.WatchPaymentsResponse)
     return message

@@ -12,6 +12,7 @@ import grpc
 import psycopg2
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
@@ -65,6 +66,18 @@ def _confirmed_flush(database_url: str) -> int:
         connection.close()
 
 
+def _batches(entries: StreamRangeResponse | None) -> list[read_model_pb2.ChangeBatch]:
+    """The batches that entries of the change stream announce."""
+    assert entries is not None
+    batches = []
+    for _, fields in entries:
+        assert fields is not None
+        raw = fields[b"batch"]
+        assert isinstance(raw, bytes)
+        batches.append(read_model_pb2.ChangeBatch.FromString(raw))
+    return batches
+
+
 def test_idle_checkpoint_follows_writes_to_unpublished_tables(
     migrated_dsn: str, redis_url: str, replicator: StartReplicator
 ) -> None:
@@ -82,8 +95,7 @@ def test_idle_checkpoint_follows_writes_to_unpublished_tables(
         assert time.monotonic() < deadline, "the slot's confirmed position did not advance"
         time.sleep(0.05)
     client = redis.Redis.from_url(redis_url)
-    (_, fields), *_ = client.xrevrange(KEYS.changes(), count=1)
-    batch = read_model_pb2.ChangeBatch.FromString(fields[b"batch"])
+    batch, *_ = _batches(client.xrevrange(KEYS.changes(), count=1))
     assert batch.checkpoint_lsn >= target
     assert not batch.payments
 
@@ -94,15 +106,17 @@ def test_change_stream_announces_every_payment(
     process = replicator(migrated_dsn, redis_url)
     process.wait_caught_up()
     client = redis.Redis.from_url(redis_url)
-    start = client.xrevrange(KEYS.changes(), count=1)[0][0]
+    last = client.xrevrange(KEYS.changes(), count=1)
+    assert last is not None
+    start = last[0][0]
+    assert isinstance(start, bytes)
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         payments = {source.submit(alice, bob, 1 + i) for i in range(20)}
         process.wait_caught_up()
     seen: set[str] = set()
     checkpoints = []
-    for _, fields in client.xrange(KEYS.changes(), min=f"({start.decode()}"):
-        batch = read_model_pb2.ChangeBatch.FromString(fields[b"batch"])
+    for batch in _batches(client.xrange(KEYS.changes(), min=f"({start.decode()}")):
         checkpoints.append(batch.checkpoint_lsn)
         for view in batch.payments:
             assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
@@ -146,7 +160,9 @@ def test_reconcile_reports_drift(migrated_dsn: str, redis_url: str, replicator: 
     assert clean.returncode == 0, clean.stdout + clean.stderr
     # Tamper while the replicator runs (it must keep the checkpoint moving); it leaves unchanged rows alone.
     client = redis.Redis.from_url(redis_url)
-    view = read_model_pb2.AccountView.FromString(client.hget(KEYS.account(bob), "view"))
+    raw = client.hget(KEYS.account(bob), "view")
+    assert isinstance(raw, bytes)
+    view = read_model_pb2.AccountView.FromString(raw)
     view.owner_name = "Mallory"
     client.hset(KEYS.account(bob), "view", view.SerializeToString())
     client.hdel(KEYS.payment(paid), "view")

@@ -182,7 +182,9 @@ def test_reconcile_under_concurrent_writes_finds_drift(
     process = replicator(migrated_dsn, redis_url)
     process.wait_caught_up()
     client = redis.Redis.from_url(redis_url)
-    view = read_model_pb2.PaymentView.FromString(client.hget(KEYS.payment(quiet), "view"))
+    raw = client.hget(KEYS.payment(quiet), "view")
+    assert isinstance(raw, bytes)
+    view = read_model_pb2.PaymentView.FromString(raw)
     view.amount.amount_minor += 1
     client.hset(KEYS.payment(quiet), "view", view.SerializeToString())
     client.delete(KEYS.account(bob))

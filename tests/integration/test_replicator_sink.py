@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
@@ -71,8 +72,20 @@ def _event(lsn: int, sequence: int, status: str) -> RowChange:
 
 def _view(client: redis.Redis) -> read_model_pb2.PaymentView:
     raw = client.hget(KEYS.payment(P), "view")
-    assert raw is not None
+    assert isinstance(raw, bytes)
     return read_model_pb2.PaymentView.FromString(raw)
+
+
+def _batches(entries: StreamRangeResponse | None) -> list[read_model_pb2.ChangeBatch]:
+    """The batches that entries of the change stream announce."""
+    assert entries is not None
+    batches = []
+    for _, fields in entries:
+        assert fields is not None
+        raw = fields[b"batch"]
+        assert isinstance(raw, bytes)
+        batches.append(read_model_pb2.ChangeBatch.FromString(raw))
+    return batches
 
 
 def _snapshot(client: redis.Redis) -> dict[bytes, object]:
@@ -155,7 +168,7 @@ def test_each_batch_is_announced_on_the_change_stream(sink: Sink, client: redis.
     sink.apply(ops, Checkpoint(90, 1_700_000_000_000_000))
     sink.apply([], Checkpoint(95, None))
     entries = client.xrange(KEYS.changes())
-    batches = [read_model_pb2.ChangeBatch.FromString(fields[b"batch"]) for _, fields in entries]
+    batches = _batches(entries)
     assert [b.checkpoint_lsn for b in batches] == [90, 95]
     assert batches[0].commit_time.ToMicroseconds() == 1_700_000_000_000_000
     (view,) = batches[0].payments
@@ -177,9 +190,7 @@ def test_each_batch_names_the_checkpoint_it_moved_from(sink: Sink, client: redis
     sink.apply(PROJECTOR.project(_payment(110)), Checkpoint(110, 5))
     sink.apply([], Checkpoint(120, None))
     sink.apply(PROJECTOR.project(_payment(130)), Checkpoint(130, 5))
-    batches = [
-        read_model_pb2.ChangeBatch.FromString(fields[b"batch"]) for _, fields in client.xrange(KEYS.changes())
-    ]
+    batches = _batches(client.xrange(KEYS.changes()))
     assert [(b.previous_checkpoint_lsn, b.checkpoint_lsn) for b in batches] == [
         (0, 110),
         (110, 120),
@@ -201,7 +212,7 @@ def test_a_batch_is_refused_when_redis_holds_another_checkpoint(sink: Sink, clie
 def test_a_truncate_is_announced_as_omitting_payments(sink: Sink, client: redis.Redis) -> None:
     sink.apply(PROJECTOR.project(_payment(160)), Checkpoint(160, 5))
     sink.apply([TruncateTables((PAYMENTS,), 170)], Checkpoint(170, 5))
-    last = read_model_pb2.ChangeBatch.FromString(client.xrevrange(KEYS.changes(), count=1)[0][1][b"batch"])
+    last = _batches(client.xrevrange(KEYS.changes(), count=1))[0]
     assert last.omits_payments
     assert last.checkpoint_lsn == 170
     assert not client.exists(KEYS.payment(P))

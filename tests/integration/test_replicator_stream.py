@@ -31,7 +31,7 @@ def _assert_reconciled(database_url: str, redis_url: str) -> None:
 
 def _payment(client: redis.Redis, payment_id: str) -> read_model_pb2.PaymentView:
     raw = client.hget(KEYS.payment(payment_id), "view")
-    assert raw is not None
+    assert isinstance(raw, bytes)
     return read_model_pb2.PaymentView.FromString(raw)
 
 
@@ -180,7 +180,9 @@ def test_server_date_style_and_time_zone_do_not_matter(
         source.connection.autocommit = True
         with source.connection.cursor() as cursor:
             cursor.execute("SELECT current_database()")
-            (name,) = cursor.fetchone()
+            row = cursor.fetchone()
+            assert row is not None
+            (name,) = row
             cursor.execute(f"ALTER DATABASE \"{name}\" SET DateStyle = 'SQL, DMY'")
             cursor.execute(f"ALTER DATABASE \"{name}\" SET TimeZone = 'Asia/Kolkata'")
         source.connection.autocommit = False

@@ -65,7 +65,9 @@ def test_two_servers_run_side_by_side(postgres_server: PostgresServer, redis_ser
             connection = psycopg2.connect(server.dsn())
             with connection.cursor() as cursor:
                 cursor.execute("SHOW port")
-                assert int(cursor.fetchone()[0]) == server.port
+                row = cursor.fetchone()
+                assert row is not None
+                assert int(row[0]) == server.port
             connection.close()
         first, second = redis.Redis.from_url(redis_server.url(0)), redis.Redis.from_url(second_redis.url(0))
         first.set("side-by-side", "first")

@@ -13,6 +13,7 @@ from replicator.projector import (
     PAYMENTS,
     DeleteTimeline,
     DeleteView,
+    Op,
     Projector,
     RowBatch,
     RowChange,
@@ -122,7 +123,10 @@ def test_payment_insert_writes_the_view_and_both_accounts_indexes() -> None:
 def test_status_change_moves_the_payment_between_status_indexes() -> None:
     row = _payment_row(status="DECLINED", decline_reason="DECLINED_BY_REVIEWER")
     ops = PROJECTOR.project(RowChange(PAYMENTS, "update", row, 1000))
-    view = ops[0].view  # type: ignore[union-attr]
+    upsert = ops[0]
+    assert isinstance(upsert, UpsertView)
+    assert isinstance(upsert.view, read_model_pb2.PaymentView)
+    view = upsert.view
     assert view.decline_reason == payment_pb2.DECLINE_REASON_DECLINED_BY_REVIEWER
     payer = next(op for op in ops if isinstance(op, SetIndexes))
     declined = payment_pb2.PAYMENT_STATUS_DECLINED
@@ -200,7 +204,7 @@ def test_truncate_keeps_only_published_tables() -> None:
     assert PROJECTOR.truncate(("public.ledger_entries",), 16) == []
 
 
-def _views(ops: list[object]) -> list[tuple[str, int]]:
+def _views(ops: list[Op]) -> list[tuple[str, int]]:
     return [(op.key, op.lsn) for op in ops if isinstance(op, UpsertView | DeleteView)]
 
 
