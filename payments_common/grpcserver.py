@@ -87,14 +87,18 @@ def _parse(raw: Any, deserializer: Callable[[bytes], Any] | None) -> Any:
 
 # Codes of a call that ended because its client stopped waiting: no status can reach it.
 _ENDED_BY_CLIENT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# A client gives up at its own deadline and cancels the stream, which the server may see a
+# little before its copy of the deadline passes (the request took time to arrive). A call
+# cancelled this close to its deadline is counted as DEADLINE_EXCEEDED.
+DEADLINE_SKEW_S = 1.0
 
 
 def _ended(context: grpc.aio.ServicerContext[Any, Any], method: str, code: grpc.StatusCode | None) -> None:
     """Counts and logs (one line, no traceback) a call that ended before its answer."""
     if code is None:
         remaining = context.time_remaining()
-        passed = remaining is not None and remaining <= 0
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if passed else grpc.StatusCode.CANCELLED
+        due = remaining is not None and remaining <= DEADLINE_SKEW_S
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if due else grpc.StatusCode.CANCELLED
     RPC_TOTAL.labels(method, code.name).inc()
     log.info("call ended before its answer: %s", code.name, extra={"grpc_code": code.name})
 
@@ -138,6 +142,11 @@ def _wrap_unary(
             raise  # unreachable: abort raises
         finally:
             RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # Done, but too late: gRPC's core would refuse to send the answer (and log a traceback).
+            _ended(context, method, grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise asyncio.CancelledError
         RPC_TOTAL.labels(method, "OK").inc()
         return response
 
@@ -238,6 +247,31 @@ class Readiness:
         await self.health.enter_graceful_shutdown()
 
 
+class _LateAnswerFilter(logging.Filter):
+    """Turns gRPC's report of an answer it refused to send into one line without a traceback.
+
+    An answer that is ready just as the call's deadline passes is refused by gRPC's core,
+    which logs `ExecuteBatchError` with a traceback: a client that stopped waiting, not a
+    failure of the server. The handler wrapper ends such calls itself when it sees the
+    deadline passed; this covers the instant between its check and the send.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ == "ExecuteBatchError":
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "call ended before its answer could be sent", ()
+            method = getattr(record, "method", "") or method_var.get()
+            if method:
+                RPC_TOTAL.labels(method, grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
+        return True
+
+
+_LATE_ANSWERS = _LateAnswerFilter()
+
+
 def build_server(
     options: ServerOptions,
     register: Callable[[grpc.aio.Server], None],
@@ -245,6 +279,7 @@ def build_server(
     credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int, Any]:
     """Creates (not starts) a server with health and reflection; returns it, its bound port and health."""
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_LATE_ANSWERS)  # once: filters are a set
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options.channel_args())
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
