@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,15 +64,30 @@ class AofSizes:
                 self.samples.append((at, path, path.stat().st_size))
             self._stop.wait(0.02)
 
+    def covers(self, since: float) -> bool:
+        """Whether the samples of the running Redis go back to `since`."""
+        return bool(self.samples) and self.samples[0][0] <= since
+
     def cut_back(self, killed_at: float) -> int:
-        """Truncates the file to its size at `LOST_SECONDS` before the kill; returns the bytes cut."""
+        """Truncates the file to its size at `LOST_SECONDS` before the kill; returns the bytes cut.
+
+        Forgets the samples: the restarted Redis rewrites the end of the file.
+        """
         path = max(self.samples, key=lambda sample: sample[0])[1]
         sizes = [size for at, p, size in self.samples if p == path and at >= killed_at - LOST_SECONDS]
         assert sizes, "no sample of the append-only file in its last second"
-        keep = sizes[0]
-        cut = path.stat().st_size - keep
+        size = path.stat().st_size
+        keep = min(sizes[0], size)
         os.truncate(path, keep)
-        return cut
+        self.samples = []
+        return size - keep
+
+
+def _poll(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
 
 
 def _assert_reconciled(database_url: str, redis_url: str) -> None:
@@ -97,6 +113,7 @@ def test_redis_host_lost_under_load_resumes_from_its_append_only_file_without_a_
             for round_ in range(1, 4):
                 # Long enough under load for positions to be confirmed, then lose the last second.
                 load.wait_for(round_ * 600)
+                _poll(lambda: sizes.covers(time.monotonic() - 2 * LOST_SECONDS), "a second of samples")
                 killed_at = time.monotonic()
                 server.kill()
                 cut += sizes.cut_back(killed_at)
