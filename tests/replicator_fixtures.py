@@ -25,7 +25,9 @@ from urllib.parse import urlparse
 import psycopg2
 import pytest
 import redis
+from redis.typing import StreamRangeResponse
 
+from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn, parse_lsn
 from stack.servers import dying_with_parent
@@ -180,6 +182,18 @@ class ReplicatorProcess:
 
     def wait_caught_up(self, timeout: float = 60.0) -> int:
         return wait_caught_up(self.database_url, self.redis_url, self.slot, timeout, process=self)
+
+
+def change_batches(entries: StreamRangeResponse | None) -> list[read_model_pb2.ChangeBatch]:
+    """The batches that entries of the change stream (XRANGE, XREVRANGE) announce."""
+    assert entries is not None
+    batches = []
+    for _, fields in entries:
+        assert fields is not None
+        raw = fields[b"batch"]
+        assert isinstance(raw, bytes)
+        batches.append(read_model_pb2.ChangeBatch.FromString(raw))
+    return batches
 
 
 StartReplicator = Callable[..., ReplicatorProcess]

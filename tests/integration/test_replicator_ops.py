@@ -12,7 +12,6 @@ import grpc
 import psycopg2
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
@@ -23,6 +22,7 @@ from tests.replicator_fixtures import (
     ROOT,
     SourceWriter,
     StartReplicator,
+    change_batches,
     checkpoint_lsn,
     current_wal_lsn,
     replicator,
@@ -66,18 +66,6 @@ def _confirmed_flush(database_url: str) -> int:
         connection.close()
 
 
-def _batches(entries: StreamRangeResponse | None) -> list[read_model_pb2.ChangeBatch]:
-    """The batches that entries of the change stream announce."""
-    assert entries is not None
-    batches = []
-    for _, fields in entries:
-        assert fields is not None
-        raw = fields[b"batch"]
-        assert isinstance(raw, bytes)
-        batches.append(read_model_pb2.ChangeBatch.FromString(raw))
-    return batches
-
-
 def test_idle_checkpoint_follows_writes_to_unpublished_tables(
     migrated_dsn: str, redis_url: str, replicator: StartReplicator
 ) -> None:
@@ -95,7 +83,7 @@ def test_idle_checkpoint_follows_writes_to_unpublished_tables(
         assert time.monotonic() < deadline, "the slot's confirmed position did not advance"
         time.sleep(0.05)
     client = redis.Redis.from_url(redis_url)
-    batch, *_ = _batches(client.xrevrange(KEYS.changes(), count=1))
+    batch, *_ = change_batches(client.xrevrange(KEYS.changes(), count=1))
     assert batch.checkpoint_lsn >= target
     assert not batch.payments
 
@@ -116,7 +104,7 @@ def test_change_stream_announces_every_payment(
         process.wait_caught_up()
     seen: set[str] = set()
     checkpoints = []
-    for batch in _batches(client.xrange(KEYS.changes(), min=f"({start.decode()}")):
+    for batch in change_batches(client.xrange(KEYS.changes(), min=f"({start.decode()}")):
         checkpoints.append(batch.checkpoint_lsn)
         for view in batch.payments:
             assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
@@ -15,6 +14,7 @@ from replicator.decoder import UNCHANGED, Value
 from replicator.lock import LockLost, SlotLock
 from replicator.projector import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Projector, RowChange, TruncateTables
 from replicator.sink import Checkpoint, CheckpointMoved, Sink
+from tests.replicator_fixtures import change_batches
 
 P = "00000000-0000-4000-8000-000000000001"
 A = "00000000-0000-4000-8000-00000000000a"
@@ -74,18 +74,6 @@ def _view(client: redis.Redis) -> read_model_pb2.PaymentView:
     raw = client.hget(KEYS.payment(P), "view")
     assert isinstance(raw, bytes)
     return read_model_pb2.PaymentView.FromString(raw)
-
-
-def _batches(entries: StreamRangeResponse | None) -> list[read_model_pb2.ChangeBatch]:
-    """The batches that entries of the change stream announce."""
-    assert entries is not None
-    batches = []
-    for _, fields in entries:
-        assert fields is not None
-        raw = fields[b"batch"]
-        assert isinstance(raw, bytes)
-        batches.append(read_model_pb2.ChangeBatch.FromString(raw))
-    return batches
 
 
 def _snapshot(client: redis.Redis) -> dict[bytes, object]:
@@ -168,7 +156,7 @@ def test_each_batch_is_announced_on_the_change_stream(sink: Sink, client: redis.
     sink.apply(ops, Checkpoint(90, 1_700_000_000_000_000))
     sink.apply([], Checkpoint(95, None))
     entries = client.xrange(KEYS.changes())
-    batches = _batches(entries)
+    batches = change_batches(entries)
     assert [b.checkpoint_lsn for b in batches] == [90, 95]
     assert batches[0].commit_time.ToMicroseconds() == 1_700_000_000_000_000
     (view,) = batches[0].payments
@@ -190,7 +178,7 @@ def test_each_batch_names_the_checkpoint_it_moved_from(sink: Sink, client: redis
     sink.apply(PROJECTOR.project(_payment(110)), Checkpoint(110, 5))
     sink.apply([], Checkpoint(120, None))
     sink.apply(PROJECTOR.project(_payment(130)), Checkpoint(130, 5))
-    batches = _batches(client.xrange(KEYS.changes()))
+    batches = change_batches(client.xrange(KEYS.changes()))
     assert [(b.previous_checkpoint_lsn, b.checkpoint_lsn) for b in batches] == [
         (0, 110),
         (110, 120),
@@ -212,7 +200,7 @@ def test_a_batch_is_refused_when_redis_holds_another_checkpoint(sink: Sink, clie
 def test_a_truncate_is_announced_as_omitting_payments(sink: Sink, client: redis.Redis) -> None:
     sink.apply(PROJECTOR.project(_payment(160)), Checkpoint(160, 5))
     sink.apply([TruncateTables((PAYMENTS,), 170)], Checkpoint(170, 5))
-    last = _batches(client.xrevrange(KEYS.changes(), count=1))[0]
+    last = change_batches(client.xrevrange(KEYS.changes(), count=1))[0]
     assert last.omits_payments
     assert last.checkpoint_lsn == 170
     assert not client.exists(KEYS.payment(P))
