@@ -27,15 +27,15 @@ from payments.readmodel.v1 import read_model_pb2 as payments_dot_readmodel_dot_v
 from payments.type.v1 import payment_pb2 as payments_dot_type_dot_v1_dot_payment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)payments/history/v1/history_service.proto\x12\x13payments.history.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&payments/readmodel/v1/read_model.proto\x1a\x1epayments/type/v1/payment.proto\"F\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x1d\n\x15min_consistency_token\x18\x02 \x01(\t\"I\n\x12GetPaymentResponse\x12\x33\n\x07payment\x18\x01 \x01(\x0b\x32\".payments.readmodel.v1.PaymentView\"\xb8\x02\n\x13ListPaymentsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x38\n\tdirection\x18\x02 \x01(\x0e\x32%.payments.history.v1.PaymentDirection\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.payments.type.v1.PaymentStatus\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x1d\n\x15min_consistency_token\x18\x08 \x01(\t\"e\n\x14ListPaymentsResponse\x12\x34\n\x08payments\x18\x01 \x03(\x0b\x32\".payments.readmodel.v1.PaymentView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1d\n\x15min_consistency_token\x18\x02 \x01(\t\"I\n\x12GetAccountResponse\x12\x33\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\".payments.readmodel.v1.AccountView\"Q\n\x14WatchPaymentsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12%\n\x1dstart_after_consistency_token\x18\x02 \x01(\t\"g\n\x15WatchPaymentsResponse\x12\x33\n\x07payment\x18\x01 \x01(\x0b\x32\".payments.readmodel.v1.PaymentView\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t*\x8c\x01\n\x10PaymentDirection\x12!\n\x1dPAYMENT_DIRECTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_DIRECTION_SENT\x10\x01\x12\x1e\n\x1aPAYMENT_DIRECTION_RECEIVED\x10\x02\x12\x19\n\x15PAYMENT_DIRECTION_ALL\x10\x03\x32\x9d\x03\n\x0eHistoryService\x12]\n\nGetPayment\x12&.payments.history.v1.GetPaymentRequest\x1a\'.payments.history.v1.GetPaymentResponse\x12\x63\n\x0cListPayments\x12(.payments.history.v1.ListPaymentsRequest\x1a).payments.history.v1.ListPaymentsResponse\x12]\n\nGetAccount\x12&.payments.history.v1.GetAccountRequest\x1a\'.payments.history.v1.GetAccountResponse\x12h\n\rWatchPayments\x12).payments.history.v1.WatchPaymentsRequest\x1a*.payments.history.v1.WatchPaymentsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)payments/history/v1/history_service.proto\x12\x13payments.history.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a&payments/readmodel/v1/read_model.proto\x1a\x1epayments/type/v1/payment.proto\"F\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x1d\n\x15min_consistency_token\x18\x02 \x01(\t\"I\n\x12GetPaymentResponse\x12\x33\n\x07payment\x18\x01 \x01(\x0b\x32\".payments.readmodel.v1.PaymentView\"\xb8\x02\n\x13ListPaymentsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x38\n\tdirection\x18\x02 \x01(\x0e\x32%.payments.history.v1.PaymentDirection\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.payments.type.v1.PaymentStatus\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x1d\n\x15min_consistency_token\x18\x08 \x01(\t\"e\n\x14ListPaymentsResponse\x12\x34\n\x08payments\x18\x01 \x03(\x0b\x32\".payments.readmodel.v1.PaymentView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1d\n\x15min_consistency_token\x18\x02 \x01(\t\"I\n\x12GetAccountResponse\x12\x33\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\".payments.readmodel.v1.AccountView\"s\n\x14WatchPaymentsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12%\n\x1dstart_after_consistency_token\x18\x02 \x01(\t\x12 \n\x18start_after_resume_token\x18\x03 \x01(\t\"}\n\x15WatchPaymentsResponse\x12\x33\n\x07payment\x18\x01 \x01(\x0b\x32\".payments.readmodel.v1.PaymentView\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\x12\x14\n\x0cresume_token\x18\x03 \x01(\t*\x8c\x01\n\x10PaymentDirection\x12!\n\x1dPAYMENT_DIRECTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16PAYMENT_DIRECTION_SENT\x10\x01\x12\x1e\n\x1aPAYMENT_DIRECTION_RECEIVED\x10\x02\x12\x19\n\x15PAYMENT_DIRECTION_ALL\x10\x03\x32\x9d\x03\n\x0eHistoryService\x12]\n\nGetPayment\x12&.payments.history.v1.GetPaymentRequest\x1a\'.payments.history.v1.GetPaymentResponse\x12\x63\n\x0cListPayments\x12(.payments.history.v1.ListPaymentsRequest\x1a).payments.history.v1.ListPaymentsResponse\x12]\n\nGetAccount\x12&.payments.history.v1.GetAccountRequest\x1a\'.payments.history.v1.GetAccountResponse\x12h\n\rWatchPayments\x12).payments.history.v1.WatchPaymentsRequest\x1a*.payments.history.v1.WatchPaymentsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'payments.history.v1.history_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PAYMENTDIRECTION']._serialized_start=1072
-  _globals['_PAYMENTDIRECTION']._serialized_end=1212
+  _globals['_PAYMENTDIRECTION']._serialized_start=1128
+  _globals['_PAYMENTDIRECTION']._serialized_end=1268
   _globals['_GETPAYMENTREQUEST']._serialized_start=171
   _globals['_GETPAYMENTREQUEST']._serialized_end=241
   _globals['_GETPAYMENTRESPONSE']._serialized_start=243
@@ -49,9 +49,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETACCOUNTRESPONSE']._serialized_start=808
   _globals['_GETACCOUNTRESPONSE']._serialized_end=881
   _globals['_WATCHPAYMENTSREQUEST']._serialized_start=883
-  _globals['_WATCHPAYMENTSREQUEST']._serialized_end=964
-  _globals['_WATCHPAYMENTSRESPONSE']._serialized_start=966
-  _globals['_WATCHPAYMENTSRESPONSE']._serialized_end=1069
-  _globals['_HISTORYSERVICE']._serialized_start=1215
-  _globals['_HISTORYSERVICE']._serialized_end=1628
+  _globals['_WATCHPAYMENTSREQUEST']._serialized_end=998
+  _globals['_WATCHPAYMENTSRESPONSE']._serialized_start=1000
+  _globals['_WATCHPAYMENTSRESPONSE']._serialized_end=1125
+  _globals['_HISTORYSERVICE']._serialized_start=1271
+  _globals['_HISTORYSERVICE']._serialized_end=1684
 # @@protoc_insertion_point(module_scope)

@@ -80,17 +80,21 @@ class GetAccountResponse(_message.Message):
     def __init__(self, account: _Optional[_Union[_read_model_pb2.AccountView, _Mapping]] = ...) -> None: ...
 
 class WatchPaymentsRequest(_message.Message):
-    __slots__ = ("account_id", "start_after_consistency_token")
+    __slots__ = ("account_id", "start_after_consistency_token", "start_after_resume_token")
     ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     START_AFTER_CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    START_AFTER_RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     account_id: str
     start_after_consistency_token: str
-    def __init__(self, account_id: _Optional[str] = ..., start_after_consistency_token: _Optional[str] = ...) -> None: ...
+    start_after_resume_token: str
+    def __init__(self, account_id: _Optional[str] = ..., start_after_consistency_token: _Optional[str] = ..., start_after_resume_token: _Optional[str] = ...) -> None: ...
 
 class WatchPaymentsResponse(_message.Message):
-    __slots__ = ("payment", "consistency_token")
+    __slots__ = ("payment", "consistency_token", "resume_token")
     PAYMENT_FIELD_NUMBER: _ClassVar[int]
     CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     payment: _read_model_pb2.PaymentView
     consistency_token: str
-    def __init__(self, payment: _Optional[_Union[_read_model_pb2.PaymentView, _Mapping]] = ..., consistency_token: _Optional[str] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, payment: _Optional[_Union[_read_model_pb2.PaymentView, _Mapping]] = ..., consistency_token: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...

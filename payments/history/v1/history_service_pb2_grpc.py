@@ -39,7 +39,8 @@ class HistoryServiceStub:
 
     Errors carry a `google.rpc.ErrorInfo` whose `reason` is one of:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
-    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
+    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
+    PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
@@ -87,7 +88,8 @@ class HistoryServiceServicer:
 
     Errors carry a `google.rpc.ErrorInfo` whose `reason` is one of:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
-    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
+    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
+    PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
@@ -135,10 +137,11 @@ class HistoryServiceServicer:
         up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
         rather than buffered without bound.
 
-        With `start_after_consistency_token`, the stream first sends the changes
-        the client missed since that position, then the live ones, each once;
-        when they can no longer be proven complete, it fails with OUT_OF_RANGE
-        (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
+        With `start_after_resume_token` (or `start_after_consistency_token`),
+        the stream first sends the changes the client missed since that
+        position, then the live ones, each once; when they can no longer be
+        proven complete, it fails with OUT_OF_RANGE (reason
+        WATCH_RESUME_UNAVAILABLE) before sending any change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -189,7 +192,8 @@ class HistoryService:
 
     Errors carry a `google.rpc.ErrorInfo` whose `reason` is one of:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
-    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
+    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
+    PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.

@@ -40,7 +40,8 @@ class HistoryServiceStub:
 
     Errors carry a `google.rpc.ErrorInfo` whose `reason` is one of:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
-    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
+    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
+    PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
@@ -80,10 +81,11 @@ class HistoryServiceStub:
     up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
     rather than buffered without bound.
 
-    With `start_after_consistency_token`, the stream first sends the changes
-    the client missed since that position, then the live ones, each once;
-    when they can no longer be proven complete, it fails with OUT_OF_RANGE
-    (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
+    With `start_after_resume_token` (or `start_after_consistency_token`),
+    the stream first sends the changes the client missed since that
+    position, then the live ones, each once; when they can no longer be
+    proven complete, it fails with OUT_OF_RANGE (reason
+    WATCH_RESUME_UNAVAILABLE) before sending any change.
     """
 
 @_typing.type_check_only
@@ -101,7 +103,8 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
 
     Errors carry a `google.rpc.ErrorInfo` whose `reason` is one of:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
-    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
+    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
+    PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
@@ -138,10 +141,11 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
     rather than buffered without bound.
 
-    With `start_after_consistency_token`, the stream first sends the changes
-    the client missed since that position, then the live ones, each once;
-    when they can no longer be proven complete, it fails with OUT_OF_RANGE
-    (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
+    With `start_after_resume_token` (or `start_after_consistency_token`),
+    the stream first sends the changes the client missed since that
+    position, then the live ones, each once; when they can no longer be
+    proven complete, it fails with OUT_OF_RANGE (reason
+    WATCH_RESUME_UNAVAILABLE) before sending any change.
     """
 
 class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -158,7 +162,8 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors carry a `google.rpc.ErrorInfo` whose `reason` is one of:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
-    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, PAYMENT_NOT_FOUND,
+    INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
+    PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
@@ -217,10 +222,11 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
         up is disconnected with RESOURCE_EXHAUSTED (reason WATCH_TOO_SLOW)
         rather than buffered without bound.
 
-        With `start_after_consistency_token`, the stream first sends the changes
-        the client missed since that position, then the live ones, each once;
-        when they can no longer be proven complete, it fails with OUT_OF_RANGE
-        (reason WATCH_RESUME_UNAVAILABLE) before sending any change.
+        With `start_after_resume_token` (or `start_after_consistency_token`),
+        the stream first sends the changes the client missed since that
+        position, then the live ones, each once; when they can no longer be
+        proven complete, it fails with OUT_OF_RANGE (reason
+        WATCH_RESUME_UNAVAILABLE) before sending any change.
         """
 
 def add_HistoryServiceServicer_to_server(servicer: HistoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
