@@ -20,7 +20,7 @@ from history_svc.queries import (
     is_cursor,
     page_size,
 )
-from history_svc.resume import missed_changes
+from history_svc.resume import ChangePosition, decode_resume_token, encode_resume_token, missed_changes
 from history_svc.watcher import Change, ChangeWatcher
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
@@ -194,7 +194,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
     ) -> AsyncIterator[pb.WatchPaymentsResponse]:
         violations: list[FieldViolation] = []
         account_id = _uuid("account_id", request.account_id, violations)
-        after: int | None = None
+        after: int | ChangePosition | None = None
         if request.start_after_consistency_token:
             try:
                 after = decode_consistency_token(request.start_after_consistency_token)
@@ -203,15 +203,24 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                     [FieldViolation("start_after_consistency_token", "not a consistency token")],
                     reason="INVALID_CONSISTENCY_TOKEN",
                 ) from None
+            if request.start_after_resume_token:
+                violations.append(
+                    FieldViolation(
+                        "start_after_resume_token", "must not be set with start_after_consistency_token"
+                    )
+                )
         if violations:
             raise InvalidArgument(violations)
+        if request.start_after_resume_token:
+            after = decode_resume_token(self._page_tokens, account_id, request.start_after_resume_token)
         budget = consistency_budget(context.time_remaining(), self._consistency_wait_max_s)
         if not await self._watcher.wait_synced(budget):
             raise ReadModelUnavailable()
-        if after is not None and self._watcher.head < after:
-            await self._await_consistency(request.start_after_consistency_token, context)
-            if self._watcher.head < after:
-                raise _not_reached(after, self._watcher.head)
+        after_lsn = after.lsn if isinstance(after, ChangePosition) else after
+        if after_lsn is not None and self._watcher.head < after_lsn:
+            await self._await_lsn(after_lsn, context)
+            if self._watcher.head < after_lsn:
+                raise _not_reached(after_lsn, self._watcher.head)
         # Subscribed before the existence check and the backlog, so that no change falls
         # between them: the backlog ends at the entry where the subscription begins.
         subscription = self._watcher.subscribe(account_id, self._watch_queue_size)
@@ -233,11 +242,18 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             await context.send_initial_metadata(())
             for group in backlog:
                 for change in group:
-                    yield _watch_response(change)
+                    yield self._watch_response(account_id, change)
             async for change in subscription:
-                yield _watch_response(change)
+                yield self._watch_response(account_id, change)
         finally:
             self._watcher.unsubscribe(subscription)
+
+    def _watch_response(self, account_id: str, change: Change) -> pb.WatchPaymentsResponse:
+        return pb.WatchPaymentsResponse(
+            payment=change.view,
+            consistency_token=encode_consistency_token(change.lsn),
+            resume_token=encode_resume_token(self._page_tokens, account_id, change),
+        )
 
     async def _fill_timelines(self, changes: list[Change]) -> None:
         """Adds their timelines to the views read back from the stream that carry none."""
@@ -269,6 +285,10 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                 [FieldViolation("min_consistency_token", "not a consistency token")],
                 reason="INVALID_CONSISTENCY_TOKEN",
             ) from None
+        return await self._await_lsn(lsn, context)
+
+    async def _await_lsn(self, lsn: int, context: Context) -> int:
+        """Waits until the known checkpoint reaches `lsn`; returns it."""
         if self._watcher.checkpoint >= lsn:
             CONSISTENCY_READS.labels("immediate").inc()
             return lsn
@@ -280,12 +300,6 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if not self._watcher.connected:
             raise ReadModelUnavailable()
         raise _not_reached(lsn, self._watcher.checkpoint)
-
-
-def _watch_response(change: Change) -> pb.WatchPaymentsResponse:
-    return pb.WatchPaymentsResponse(
-        payment=change.view, consistency_token=encode_consistency_token(change.lsn)
-    )
 
 
 def _not_reached(lsn: int, checkpoint: int) -> Unavailable:

@@ -49,10 +49,18 @@ TimelineReader = Callable[[Iterable[str]], Awaitable[dict[str, list[read_model_p
 
 @dataclass(frozen=True)
 class Change:
-    """A payment's new view and the checkpoint at which it became visible."""
+    """A payment's new view, where it became visible, and its place among one account's changes.
+
+    `lsn` is the checkpoint of the change stream entry `entry_id` that carried it; `index`
+    counts the watched account's changes before it in that entry (its payments where the
+    account is payer or payee, in the entry's order). Together they name this very change,
+    even among the changes that share a checkpoint.
+    """
 
     view: read_model_pb2.PaymentView
     lsn: int
+    entry_id: bytes
+    index: int
 
 
 class WatchTooSlow(ResourceExhausted):
@@ -295,7 +303,7 @@ class ChangeWatcher:
         elif batch.checkpoint_lsn < previous:
             self.lose_continuity("batch at %s moved back from %s", batch.checkpoint_lsn, previous)
 
-    async def apply(self, batch: read_model_pb2.ChangeBatch, entry_id: bytes | None = None) -> None:
+    async def apply(self, batch: read_model_pb2.ChangeBatch, entry_id: bytes) -> None:
         """Takes in one entry: checks the chain, fans its payments out, then moves the checkpoint.
 
         Everything up to the fan-out target list happens before the first await, so that a
@@ -304,8 +312,7 @@ class ChangeWatcher:
         BATCHES.inc()
         self._check_chain(batch)
         self.head = batch.checkpoint_lsn
-        if entry_id is not None:
-            self.last_id = entry_id
+        self.last_id = entry_id
         targets: list[tuple[read_model_pb2.PaymentView, list[Subscription]]] = []
         for view in batch.payments:
             subscribers = [
@@ -332,11 +339,12 @@ class ChangeWatcher:
             for view, _ in targets:
                 if not view.timeline and view.payment_id in found:
                     view.timeline.extend(found[view.payment_id])
+        # One subscription watches one account, so a group's order is the account's order.
         groups: dict[Subscription, list[Change]] = {}
         for view, subscribers in targets:
-            change = Change(view=view, lsn=batch.checkpoint_lsn)
             for subscription in subscribers:
-                groups.setdefault(subscription, []).append(change)
+                group = groups.setdefault(subscription, [])
+                group.append(Change(view, batch.checkpoint_lsn, entry_id, len(group)))
         for subscription, changes in groups.items():
             subscription.offer(changes)
         if batch.checkpoint_lsn > self.checkpoint:

@@ -102,6 +102,47 @@ async def test_a_watch_resumed_through_another_process_gets_exactly_what_it_miss
             resumed.cancel()
 
 
+async def test_a_watch_cut_inside_a_batch_resumed_through_another_process_gets_the_rest_of_it(
+    redis_url: str, client: Redis, tmp_path: Path
+) -> None:
+    model = HandWrittenReadModel(client)
+    for account in (ALICE, BOB):
+        await model.open_account(account)
+    await model.publish()
+    with history_processes(lambda _: _process(redis_url, tmp_path), 2) as (first, second):
+        async with (
+            grpc.aio.insecure_channel(first.address) as first_channel,
+            grpc.aio.insecure_channel(second.address) as second_channel,
+        ):
+            stream = history_service_pb2_grpc.HistoryServiceStub(first_channel).WatchPayments(
+                pb.WatchPaymentsRequest(account_id=ALICE)
+            )
+            await stream.initial_metadata()
+            cut = await model.publish(*(payment_view(number, ALICE, BOB) for number in (1, 2, 3)))
+            (seen,) = await _take(stream, 1)
+            assert seen.payment.payment_id == payment_view(1, ALICE, BOB).payment_id
+
+            first.kill()  # SIGKILL after the first of the batch's three changes
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _take(stream, 3)  # what was already sent may still be read, then the cut
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            missed = await model.publish(payment_view(4, BOB, ALICE))
+
+            resumed = history_service_pb2_grpc.HistoryServiceStub(second_channel).WatchPayments(
+                pb.WatchPaymentsRequest(account_id=ALICE, start_after_resume_token=seen.resume_token)
+            )
+            await resumed.initial_metadata()
+            live = await model.publish(payment_view(5, ALICE, BOB))
+            got = await _take(resumed, 4)
+            assert [(m.payment.payment_id, decode_consistency_token(m.consistency_token)) for m in got] == [
+                (payment_view(2, ALICE, BOB).payment_id, cut),
+                (payment_view(3, ALICE, BOB).payment_id, cut),
+                (payment_view(4, ALICE, BOB).payment_id, missed),
+                (payment_view(5, ALICE, BOB).payment_id, live),
+            ]
+            resumed.cancel()
+
+
 async def test_a_resume_after_the_entries_were_trimmed_fails_with_resume_unavailable(
     redis_url: str, client: Redis, tmp_path: Path
 ) -> None:

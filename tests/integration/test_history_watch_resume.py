@@ -214,3 +214,164 @@ async def test_a_malformed_resume_position_is_refused(history: RunningHistory) -
     violations = bad_request(error)
     assert violations is not None
     assert [v.field for v in violations.field_violations] == ["start_after_consistency_token"]
+
+
+def resume(history: RunningHistory, account: str, resume_token: str, after: str = "") -> Any:
+    return history.stub.WatchPayments(
+        pb.WatchPaymentsRequest(
+            account_id=account, start_after_resume_token=resume_token, start_after_consistency_token=after
+        )
+    )
+
+
+async def test_a_watch_cut_inside_a_batch_resumes_with_exactly_the_rest_of_it(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    first = watch(history, ALICE)
+    await first.initial_metadata()
+    # One batch, three changes of Alice's (and one that is not hers).
+    batch = await model.publish(
+        payment_view(1, ALICE, BOB),
+        payment_view(2, BOB, CAROL),
+        payment_view(3, BOB, ALICE),
+        payment_view(4, ALICE, CAROL),
+    )
+    message = await first.read()
+    assert message.payment.payment_id == pid(1)
+    first.cancel()  # the connection drops after the first of the batch's changes
+
+    resumed = resume(history, ALICE, message.resume_token)
+    await resumed.initial_metadata()
+    live = await model.publish(payment_view(5, CAROL, ALICE))
+    assert await take(resumed, 3) == [(pid(3), batch), (pid(4), batch), (pid(5), live)]
+    # Nothing else, twice or otherwise: the next message is the next change.
+    six = await model.publish(payment_view(6, ALICE, BOB))
+    assert await take(resumed, 1) == [(pid(6), six)]
+    resumed.cancel()
+
+
+async def test_a_resume_token_resumes_across_later_batches_and_is_per_account(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    alice, bob = watch(history, ALICE), watch(history, BOB)
+    await alice.initial_metadata()
+    await bob.initial_metadata()
+    # Bob's first change is the batch's second: its position counts Bob's changes only.
+    cut = await model.publish(
+        payment_view(1, ALICE, CAROL), payment_view(2, ALICE, BOB), payment_view(3, BOB, ALICE)
+    )
+    seen_by_alice = [await alice.read() for _ in range(2)]
+    seen_by_bob = await bob.read()
+    assert [m.payment.payment_id for m in seen_by_alice] == [pid(1), pid(2)]
+    assert seen_by_bob.payment.payment_id == pid(2)
+    alice.cancel()
+    bob.cancel()
+
+    await model.publish(payment_view(4, BOB, CAROL))  # Bob's only
+    later = await model.publish(payment_view(5, CAROL, ALICE), payment_view(6, ALICE, BOB))
+
+    resumed_alice = resume(history, ALICE, seen_by_alice[-1].resume_token)
+    resumed_bob = resume(history, BOB, seen_by_bob.resume_token)
+    await resumed_alice.initial_metadata()
+    await resumed_bob.initial_metadata()
+    assert await take(resumed_alice, 3) == [(pid(3), cut), (pid(5), later), (pid(6), later)]
+    assert [m for m, _ in await take(resumed_bob, 3)] == [pid(3), pid(4), pid(6)]
+    resumed_alice.cancel()
+    resumed_bob.cancel()
+
+
+async def test_resuming_after_the_last_change_of_a_batch_starts_with_the_next_batch(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    first = watch(history, ALICE)
+    await first.initial_metadata()
+    await model.publish(payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB))
+    last = [await first.read() for _ in range(2)][-1]
+    first.cancel()
+    # Resumed at the head (the subscription begins at the very entry of the token) ...
+    resumed = resume(history, ALICE, last.resume_token)
+    await resumed.initial_metadata()
+    three = await model.publish(payment_view(3, ALICE, BOB))
+    assert await take(resumed, 1) == [(pid(3), three)]
+    resumed.cancel()
+    # ... and with entries after it.
+    four = await model.publish(payment_view(4, ALICE, BOB))
+    again = resume(history, ALICE, last.resume_token)
+    assert await take(again, 2) == [(pid(3), three), (pid(4), four)]
+    again.cancel()
+
+
+async def test_a_resume_token_whose_changes_were_trimmed_is_resume_unavailable(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    first = watch(history, ALICE)
+    await first.initial_metadata()
+    await model.publish(payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB))
+    message = await first.read()
+    first.cancel()
+    for number in range(3, 6):
+        await model.publish(payment_view(number, ALICE, BOB))
+    await model.publish(payment_view(6, ALICE, BOB), trim_to=2)
+    await fails(
+        resume(history, ALICE, message.resume_token), grpc.StatusCode.OUT_OF_RANGE, "WATCH_RESUME_UNAVAILABLE"
+    )
+    assert history.server.watcher.subscriptions == 0
+
+
+async def test_a_resume_token_after_a_discontinuity_is_resume_unavailable(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    first = watch(history, ALICE)
+    await first.initial_metadata()
+    await model.publish(payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB))
+    message = await first.read()
+    first.cancel()
+    await model.publish(omits_payments=True)
+    await model.publish(payment_view(3, ALICE, BOB))
+    await fails(
+        resume(history, ALICE, message.resume_token), grpc.StatusCode.OUT_OF_RANGE, "WATCH_RESUME_UNAVAILABLE"
+    )
+
+
+async def _a_resume_token(history: RunningHistory, model: HandWrittenReadModel, account: str) -> str:
+    stream = watch(history, account)
+    await stream.initial_metadata()
+    await model.publish(payment_view(1, ALICE, BOB))
+    message = await stream.read()
+    stream.cancel()
+    assert message.resume_token
+    return str(message.resume_token)
+
+
+async def test_a_resume_token_with_a_consistency_token_is_refused(
+    history: RunningHistory, model: HandWrittenReadModel
+) -> None:
+    token = await _a_resume_token(history, model, ALICE)
+    error = await fails(
+        resume(history, ALICE, token, after=encode_consistency_token(model.checkpoint)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+    violations = bad_request(error)
+    assert violations is not None
+    assert [v.field for v in violations.field_violations] == ["start_after_resume_token"]
+
+
+@pytest.mark.parametrize("fault", ["malformed", "altered", "a consistency token", "another account's"])
+async def test_a_resume_token_that_is_not_one_of_this_account_is_refused(
+    history: RunningHistory, model: HandWrittenReadModel, fault: str
+) -> None:
+    token = await _a_resume_token(history, model, BOB)
+    if fault == "malformed":
+        token = "not-a-token"
+    elif fault == "altered":
+        token = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
+    elif fault == "a consistency token":
+        token = encode_consistency_token(model.checkpoint)
+    # "another account's": Bob's token, sent to resume Alice's stream.
+    error = await fails(
+        resume(history, ALICE, token), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_RESUME_TOKEN"
+    )
+    violations = bad_request(error)
+    assert violations is not None
+    assert [v.field for v in violations.field_violations] == ["start_after_resume_token"]
