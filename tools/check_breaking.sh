@@ -7,7 +7,8 @@ if ! git rev-parse --quiet --verify HEAD~1 >/dev/null; then
     echo "buf breaking: no previous commit to compare with; skipped"
     exit 0
 fi
-if ! git ls-tree -r --name-only HEAD~1 | grep -q '^protos/.*\.proto$'; then
+# grep reads all of its input (no -q), so that git never dies of SIGPIPE under pipefail.
+if ! git ls-tree -r --name-only HEAD~1 -- protos | grep '\.proto$' >/dev/null; then
     echo "buf breaking: the previous commit has no protos; skipped"
     exit 0
 fi

@@ -17,7 +17,9 @@ def _record(error: BaseException) -> logging.LogRecord:
         raise error
     except BaseException:
         exc_info = sys.exc_info()
-    return logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, "raised in core", (), exc_info)
+    return logging.LogRecord(
+        "grpc._cython.cygrpc", logging.ERROR, __file__, 1, "raised in core", (), exc_info
+    )
 
 
 def test_a_refused_late_answer_is_logged_as_one_line() -> None:
