@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 import psycopg2
+import pytest
 from redis.asyncio import Redis
 
 from history_svc.config import Settings
@@ -483,3 +484,29 @@ class HandWrittenReadModel:
         """Moves the checkpoint without an entry, as a write applied without notification does."""
         await self.client.hset(self.keys.checkpoint(self.slot), CHECKPOINT_LSN_FIELD, lsn)
         self.checkpoint = lsn
+
+
+# Accounts of the hand-written read model, opened by the `model` fixture.
+ALICE = "00000000-0000-4000-8000-00000000000a"
+BOB = "00000000-0000-4000-8000-00000000000b"
+CAROL = "00000000-0000-4000-8000-00000000000c"
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[Redis]:
+    """An asyncio Redis client on the test's Redis database."""
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def model(client: Redis) -> HandWrittenReadModel:
+    """A hand-written read model with ALICE, BOB and CAROL opened and published."""
+    model = HandWrittenReadModel(client)
+    for account in (ALICE, BOB, CAROL):
+        await model.open_account(account)
+    await model.publish()
+    return model

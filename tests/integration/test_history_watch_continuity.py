@@ -21,41 +21,27 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments_common.errors import error_info
 from payments_common.tokens import encode_consistency_token
 from tests.history_fixtures import (
+    ALICE,
+    BOB,
+    CAROL,
     HandWrittenReadModel,
     RunningHistory,
+    client,
     eventually,
+    model,
     payment_view,
     running_history,
     settings_for,
 )
-
-ALICE = "00000000-0000-4000-8000-00000000000a"
-BOB = "00000000-0000-4000-8000-00000000000b"
-CAROL = "00000000-0000-4000-8000-00000000000c"
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def model(client: Redis) -> HandWrittenReadModel:
-    model = HandWrittenReadModel(client)
-    for account in (ALICE, BOB, CAROL):
-        await model.open_account(account)
-    await model.publish()
-    return model
 
 
 @pytest.fixture
 async def history(redis_url: str, model: HandWrittenReadModel) -> AsyncIterator[RunningHistory]:
     async with running_history(settings_for(redis_url)) as running:
         yield running
+
+
+__all__ = ["client", "model"]
 
 
 async def watch(history: RunningHistory, account: str) -> Any:

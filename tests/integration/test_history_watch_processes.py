@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +17,15 @@ from payments_common.errors import error_info
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer, free_port
 from tests.history_fixtures import (
+    ALICE,
+    BOB,
     HandWrittenReadModel,
     HistoryProcess,
+    client,
     history_processes,
     payment_view,
     replicated_source,
 )
-
-ALICE = "00000000-0000-4000-8000-00000000000a"
-BOB = "00000000-0000-4000-8000-00000000000b"
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _process(redis_url: str, work_dir: Path, slot: str = "payments_read_model") -> HistoryProcess:
@@ -45,6 +35,9 @@ def _process(redis_url: str, work_dir: Path, slot: str = "payments_read_model") 
         work_dir / f"history-{uuid.uuid4().hex[:8]}.log",
         extra_env={"HISTORY_SLOT_NAME": slot},
     )
+
+
+__all__ = ["client"]
 
 
 async def _take(stream: Any, count: int) -> list[pb.WatchPaymentsResponse]:

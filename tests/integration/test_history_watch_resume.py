@@ -12,46 +12,31 @@ from typing import Any
 
 import grpc
 import pytest
-from redis.asyncio import Redis
 
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common.errors import bad_request, error_info
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from tests.history_fixtures import (
+    ALICE,
+    BOB,
+    CAROL,
     HandWrittenReadModel,
     RunningHistory,
+    client,
+    model,
     payment_view,
     running_history,
     settings_for,
 )
-
-ALICE = "00000000-0000-4000-8000-00000000000a"
-BOB = "00000000-0000-4000-8000-00000000000b"
-CAROL = "00000000-0000-4000-8000-00000000000c"
-
-
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def model(client: Redis) -> HandWrittenReadModel:
-    model = HandWrittenReadModel(client)
-    for account in (ALICE, BOB, CAROL):
-        await model.open_account(account)
-    await model.publish()
-    return model
 
 
 @pytest.fixture
 async def history(redis_url: str, model: HandWrittenReadModel) -> AsyncIterator[RunningHistory]:
     async with running_history(settings_for(redis_url, consistency_wait_max_s=1.0)) as running:
         yield running
+
+
+__all__ = ["client", "model"]
 
 
 def watch(history: RunningHistory, account: str, after: str = "") -> Any:
