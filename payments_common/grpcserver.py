@@ -158,14 +158,24 @@ def _wrap_stream(
 ) -> Callable[..., Any]:
     async def stream(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         method_var.set(method)
+        started = time.perf_counter()
         try:
             async for response in inner(_parse(raw, deserializer), context):
                 yield response
         except grpc.aio.AbortError:
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client cancelled, or the deadline passed: the usual end of a watch.
+            _ended(context, method, None)
+            raise
         except Exception as error:
+            if isinstance(error, ServiceError) and error.code in _ENDED_BY_CLIENT:
+                _ended(context, method, error.code)
+                raise asyncio.CancelledError from None
             await _fail(context, error, method)
             raise
+        finally:
+            RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
         RPC_TOTAL.labels(method, "OK").inc()
 
     return stream

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,6 +11,7 @@ import grpc
 import pytest
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from payments_common.errors import (
     INTERNAL_MESSAGE,
@@ -39,8 +42,20 @@ async def _count(request: wrappers_pb2.StringValue, context: Any) -> AsyncIterat
     raise NotFound("THING_NOT_FOUND", "stream ended badly")
 
 
+async def _forever(
+    request: wrappers_pb2.StringValue, context: Any
+) -> AsyncIterator[wrappers_pb2.StringValue]:
+    yield wrappers_pb2.StringValue(value="first")
+    await asyncio.Event().wait()
+
+
 def _register(server: grpc.aio.Server) -> None:
     handlers = {
+        "Forever": grpc.unary_stream_rpc_method_handler(
+            _forever,
+            request_deserializer=wrappers_pb2.StringValue.FromString,
+            response_serializer=wrappers_pb2.StringValue.SerializeToString,
+        ),
         "Echo": grpc.unary_unary_rpc_method_handler(
             _echo,
             request_deserializer=wrappers_pb2.StringValue.FromString,
@@ -164,3 +179,37 @@ async def test_readiness_follows_the_probe_and_liveness_does_not(
     ready["value"] = True
     await readiness.check_once()
     assert await status(READINESS) == serving
+
+
+def _handled(code: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "grpc_server_handled_total", {"grpc_method": f"/{SERVICE}/Forever", "grpc_code": code}
+    )
+    return value or 0.0
+
+
+@pytest.mark.parametrize(("ending", "code"), [("cancel", "CANCELLED"), ("deadline", "DEADLINE_EXCEEDED")])
+async def test_a_stream_ended_by_its_client_is_counted_by_why(
+    channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]], ending: str, code: str
+) -> None:
+    chan, _, _ = channel
+    forever = chan.unary_stream(
+        f"/{SERVICE}/Forever",
+        request_serializer=wrappers_pb2.StringValue.SerializeToString,
+        response_deserializer=wrappers_pb2.StringValue.FromString,
+    )
+    before = _handled(code)
+    call = forever(wrappers_pb2.StringValue(), timeout=0.5 if ending == "deadline" else 60)
+    first = await call.read()
+    assert isinstance(first, wrappers_pb2.StringValue)
+    assert first.value == "first"
+    if ending == "cancel":
+        call.cancel()
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as expired:
+            await call.read()
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while _handled(code) < before + 1:
+        assert time.monotonic() < deadline, f"the server did not count {code}"
+        await asyncio.sleep(0.01)
