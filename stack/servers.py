@@ -303,11 +303,25 @@ class PostgresServer:
         connection.autocommit = True
         try:
             with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                    "WHERE database = %s AND NOT active",
-                    (name,),
-                )
+                # A walsender that a client just left may still hold its slot for a moment;
+                # end any that remain, and drop the slots once they are free.
+                deadline = time.monotonic() + 30
+                while True:
+                    cursor.execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                        "WHERE database = %s AND active_pid IS NOT NULL",
+                        (name,),
+                    )
+                    cursor.execute(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                        "WHERE database = %s AND NOT active",
+                        (name,),
+                    )
+                    cursor.execute("SELECT count(*) FROM pg_replication_slots WHERE database = %s", (name,))
+                    row = cursor.fetchone()
+                    if row is None or row[0] == 0 or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.02)
                 cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             connection.close()
