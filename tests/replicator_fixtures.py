@@ -239,7 +239,8 @@ class SourceWriter:
 
     def execute(self, query: str, args: tuple[object, ...] = ()) -> None:
         with self.connection, self.connection.cursor() as cursor:
-            cursor.execute(query, args)
+            # Without arguments, a literal % (the modulo operator) is no placeholder.
+            cursor.execute(query, args or None)
 
     def open_account(
         self,

@@ -6,8 +6,12 @@ by message count, or not during a long apply, is lost many times over at this si
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -53,21 +57,12 @@ def assert_clean_log(process: ReplicatorProcess) -> None:
     assert text.count("bootstrap of slot") == 2, "one bootstrap (started, done) and no other"
 
 
-def sql(database_url: str, statement: str) -> None:
-    connection = psycopg2.connect(database_url)
-    try:
-        with connection, connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
-
-
 def test_an_insert_of_a_million_accounts_is_applied_in_chunks_within_bounded_memory(
     migrated_dsn: str, redis_url: str, replicator: StartReplicator
 ) -> None:
     process = replicator(migrated_dsn, redis_url)
     process.wait_caught_up()
-    sql(
+    _execute(
         migrated_dsn,
         "INSERT INTO accounts (account_id, owner_name, currency_code, status, ledger_balance_minor, "
         "per_payment_limit_minor, daily_limit_minor) "
@@ -96,7 +91,7 @@ def test_an_update_of_every_payment_of_a_million_is_applied_within_bounded_memor
 ) -> None:
     with SourceWriter(migrated_dsn) as writer:
         accounts = [writer.open_account(f"owner {i}") for i in range(100)]
-    sql(
+    _execute(
         migrated_dsn,
         "WITH a AS (SELECT array_agg(account_id ORDER BY account_id) AS ids, "
         "array_agg(owner_name ORDER BY account_id) AS names FROM accounts) "
@@ -110,7 +105,7 @@ def test_an_update_of_every_payment_of_a_million_is_applied_within_bounded_memor
     # The million payments come by the bootstrap's copy; the update by the stream.
     process = replicator(migrated_dsn, redis_url)
     process.wait_caught_up(timeout=1200)
-    sql(migrated_dsn, "UPDATE payments SET reference = 'batch ' || request_id, updated_at = now()")
+    _execute(migrated_dsn, "UPDATE payments SET reference = 'batch ' || request_id, updated_at = now()")
     process.wait_caught_up(timeout=1200)
 
     assert peak_rss(process) < RSS_LIMIT_BYTES
@@ -131,7 +126,7 @@ def test_a_kill_in_the_middle_of_a_large_transaction_resumes_from_the_checkpoint
     first = replicator(migrated_dsn, redis_url, transaction_chunk_changes="5000")
     first.wait_caught_up()
     before = checkpoint_lsn(redis_url, first.slot)
-    sql(
+    _execute(
         migrated_dsn,
         "INSERT INTO accounts (account_id, owner_name, currency_code, status, ledger_balance_minor, "
         "per_payment_limit_minor, daily_limit_minor) "
@@ -176,17 +171,16 @@ def _assert_slot_behind_checkpoint(database_url: str, slot: str, redis_url: str)
         connection.close()
 
 
-def _md5_uuid(i: int) -> object:
-    import hashlib
-    import uuid
+def _execute(database_url: str, statement: str) -> None:
+    with SourceWriter(database_url) as writer:
+        writer.execute(statement)
 
+
+def _md5_uuid(i: int) -> uuid.UUID:
     return uuid.UUID(hashlib.md5(str(i).encode()).hexdigest())
 
 
-def _poll(check: object, what: str, process: ReplicatorProcess, timeout: float = 600.0) -> None:
-    import time
-
-    assert callable(check)
+def _poll(check: Callable[[], object], what: str, process: ReplicatorProcess, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() >= deadline:

@@ -90,6 +90,15 @@ def _poll(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def _sessions(log: Path) -> int:
+    return log.read_text().count("streaming slot")
+
+
+def _streams_again(log: Path, sessions: int) -> Callable[[], bool]:
+    """Whether the replicator has started streaming again since it had `sessions` sessions."""
+    return lambda: _sessions(log) > sessions
+
+
 def _assert_reconciled(database_url: str, redis_url: str) -> None:
     settings = Settings(database_url=database_url, redis_url=redis_url, slot_name=slot_for(database_url))
     report = reconcile(settings, wait_seconds=60)
@@ -114,11 +123,13 @@ def test_redis_host_lost_under_load_resumes_from_its_append_only_file_without_a_
                 # Long enough under load for positions to be confirmed, then lose the last second.
                 load.wait_for(round_ * 600)
                 _poll(lambda: sizes.covers(time.monotonic() - 2 * LOST_SECONDS), "a second of samples")
+                sessions = _sessions(process.log_path)
                 killed_at = time.monotonic()
                 server.kill()
                 cut += sizes.cut_back(killed_at)
                 server.start()
-                process.wait_for_log("streaming slot", timeout=60)
+                # The replicator noticed, and streams again from what the restarted Redis has.
+                _poll(_streams_again(process.log_path, sessions), "the replicator streams again")
             load.wait_for(4 * 600)
         assert cut > 0, "the simulated power loss took writes away"
         process.wait_caught_up(timeout=120)
