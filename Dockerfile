@@ -19,7 +19,6 @@ COPY payments_common ./payments_common
 COPY approval_svc ./approval_svc
 COPY history_svc ./history_svc
 COPY replicator ./replicator
-COPY stack ./stack
 RUN pip install --no-deps --no-build-isolation . \
     && pip uninstall --yes setuptools wheel \
     && pip check \

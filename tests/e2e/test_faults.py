@@ -35,7 +35,7 @@ from payments.type.v1 import money_pb2
 from payments_common.errors import error_info
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.faults_support import (
+from tests.support.faults import (
     FAST_RECONNECT,
     PaymentLoad,
     Readers,
@@ -45,7 +45,7 @@ from tests.faults_support import (
     poll,
     reconcile,
 )
-from tests.replicator_fixtures import ReplicatorProcess
+from tests.support.replicator import ReplicatorProcess
 
 pytestmark = pytest.mark.slow
 
@@ -408,7 +408,7 @@ async def test_reads_with_a_token_never_answer_from_a_read_model_that_lost_its_d
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
     """Redis comes back empty and nothing rebuilds it yet: a read with a token must wait, not say NOT_FOUND."""
-    from tests.history_fixtures import SourceWriter
+    from tests.support.history import SourceWriter
 
     name = f"f_{uuid.uuid4().hex[:12]}"
     dsn = postgres_server.create_database(name)

@@ -16,7 +16,7 @@ from approval_svc.domain import commands
 from approval_svc.domain.errors import PaymentNotUnderReview, RequestIdReused
 from approval_svc.domain.model import DeclineReason, PaymentStatus
 from approval_svc.handlers import Handlers, Outcome, RequestKey
-from tests.integration.approval_fixtures import engine_for, handlers_for, key, open_account
+from tests.support.approval import engine_for, handlers_for, key, open_account
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.errors import bad_request, error_info
 from payments_common.tokens import decode_consistency_token
 from stack.servers import PostgresServer
-from tests.integration.approval_fixtures import RunningServer, running_server
+from tests.support.approval import RunningServer, running_server
 
 THRESHOLD = 5_000
 

@@ -16,7 +16,7 @@ from approval_svc import metrics
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.errors import error_info
-from tests.integration.approval_fixtures import RunningServer, running_server
+from tests.support.approval import RunningServer, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ from approval_svc.domain.model import (
 )
 from approval_svc.handlers import Handlers
 from payments_common.lsn import parse_lsn
-from tests.integration.approval_fixtures import engine_for, handlers_for, key, open_account
+from tests.support.approval import engine_for, handlers_for, key, open_account
 
 
 @pytest.fixture

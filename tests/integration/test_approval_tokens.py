@@ -21,8 +21,8 @@ from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.lsn import format_lsn, parse_lsn
 from payments_common.tokens import decode_consistency_token
 from stack.servers import PostgresServer
-from tests.integration.approval_fixtures import RunningServer, running_server
-from tests.replicator_fixtures import StartReplicator, replicator  # noqa: F401 - a fixture
+from tests.support.approval import RunningServer, running_server
+from tests.support.replicator import StartReplicator, replicator  # noqa: F401 - a fixture
 
 THRESHOLD = 1_000
 
@@ -183,7 +183,7 @@ async def test_every_mutation_token_is_at_or_past_the_end_of_its_commit_record(
 
 @pytest.fixture
 async def history_on(redis_url: str) -> AsyncIterator[Callable[[str], Any]]:
-    from tests.history_fixtures import running_history, settings_for
+    from tests.support.history import running_history, settings_for
 
     running: list[Any] = []
 

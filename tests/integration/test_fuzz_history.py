@@ -32,8 +32,8 @@ from payments.type.v1 import money_pb2
 from payments_common.errors import bad_request, error_info
 from payments_common.tokens import encode_consistency_token
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.faults_support import ServiceProcess, approval_process, history_process
-from tests.replicator_fixtures import ReplicatorProcess
+from tests.support.faults import ServiceProcess, approval_process, history_process
+from tests.support.replicator import ReplicatorProcess
 
 SLOT = "fuzz_history"
 MAX_MESSAGE_BYTES = 65536

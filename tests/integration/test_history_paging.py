@@ -10,7 +10,7 @@ import pytest
 
 from payments.history.v1 import history_service_pb2 as pb
 from stack.servers import PostgresServer
-from tests.history_fixtures import replicated_source, running_history, settings_for
+from tests.support.history import replicated_source, running_history, settings_for
 
 
 @pytest.mark.parametrize("direction", [pb.PAYMENT_DIRECTION_ALL, pb.PAYMENT_DIRECTION_SENT])

@@ -22,7 +22,7 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments_common.errors import error_info
 from stack.servers import PostgresServer, free_port
-from tests.history_fixtures import (
+from tests.support.history import (
     ROOT,
     HistoryProcess,
     ReplicatedSource,

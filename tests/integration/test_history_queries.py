@@ -22,7 +22,7 @@ from payments_common.errors import bad_request, error_info
 from payments_common.keys import KeySchema
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer
-from tests.history_fixtures import (
+from tests.support.history import (
     ReplicatedSource,
     RunningHistory,
     at,

@@ -1,6 +1,6 @@
 """WatchPayments never skips silently: each way the change stream can lose continuity ends the stream.
 
-The change stream and the checkpoint are written by hand (tests/history_fixtures.py
+The change stream and the checkpoint are written by hand (tests/support/history.py
 HandWrittenReadModel), as the replicator writes them, so that each fault is staged exactly:
 a FLUSHALL and the rebuild after it, entries trimmed while the watcher was disconnected, a
 batch that omits payments (a truncate), a segment applied without notification, a
@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common.errors import error_info
 from payments_common.tokens import encode_consistency_token
-from tests.history_fixtures import (
+from tests.support.history import (
     ALICE,
     BOB,
     CAROL,

@@ -1,6 +1,6 @@
 """WatchPayments resumed after a position: exactly the missed changes, then the live ones, or a clear error.
 
-The change stream is written by hand (tests/history_fixtures.py HandWrittenReadModel), as
+The change stream is written by hand (tests/support/history.py HandWrittenReadModel), as
 the replicator writes it, so that each case is staged exactly.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common.errors import bad_request, error_info
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
-from tests.history_fixtures import (
+from tests.support.history import (
     ALICE,
     BOB,
     CAROL,

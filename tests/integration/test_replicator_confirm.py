@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
-from tests.replicator_fixtures import SourceWriter, StartReplicator, replicator
+from tests.support.replicator import SourceWriter, StartReplicator, replicator
 
 __all__ = ["replicator"]
 

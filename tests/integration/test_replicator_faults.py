@@ -10,7 +10,7 @@ from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.config import Settings
 from replicator.reconcile import reconcile
 from stack.servers import PostgresServer, RedisServer
-from tests.replicator_fixtures import (
+from tests.support.replicator import (
     Monotonic,
     ReplicatorProcess,
     SourceLoad,

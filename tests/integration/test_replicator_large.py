@@ -20,8 +20,8 @@ import redis
 
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import KeySchema
-from tests.faults_support import reconcile
-from tests.replicator_fixtures import (
+from tests.support.faults import reconcile
+from tests.support.replicator import (
     ReplicatorProcess,
     SourceWriter,
     StartReplicator,

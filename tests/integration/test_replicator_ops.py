@@ -18,7 +18,7 @@ from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from payments_common.lsn import parse_lsn
 from stack.servers import free_port
-from tests.replicator_fixtures import (
+from tests.support.replicator import (
     ROOT,
     SourceWriter,
     StartReplicator,

@@ -15,7 +15,7 @@ from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.config import Settings
 from replicator.reconcile import Report, compare, read_source, reconcile
-from tests.replicator_fixtures import SourceLoad, SourceWriter, StartReplicator, replicator, slot_for
+from tests.support.replicator import SourceLoad, SourceWriter, StartReplicator, replicator, slot_for
 
 __all__ = ["replicator"]
 

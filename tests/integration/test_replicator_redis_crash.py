@@ -22,7 +22,7 @@ import pytest
 from replicator.config import Settings
 from replicator.reconcile import reconcile
 from stack.servers import running_redis
-from tests.replicator_fixtures import (
+from tests.support.replicator import (
     SourceLoad,
     SourceWriter,
     StartReplicator,

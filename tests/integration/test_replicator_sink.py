@@ -14,7 +14,7 @@ from replicator.decoder import UNCHANGED, Value
 from replicator.lock import LockLost, SlotLock
 from replicator.projector import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Projector, RowChange, TruncateTables
 from replicator.sink import Checkpoint, CheckpointMoved, Sink
-from tests.replicator_fixtures import change_batches
+from tests.support.replicator import change_batches
 
 P = "00000000-0000-4000-8000-000000000001"
 A = "00000000-0000-4000-8000-00000000000a"

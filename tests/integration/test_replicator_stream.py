@@ -14,7 +14,7 @@ from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.config import Settings
 from replicator.reconcile import reconcile
-from tests.replicator_fixtures import SourceWriter, StartReplicator, replicator, slot_for
+from tests.support.replicator import SourceWriter, StartReplicator, replicator, slot_for
 
 __all__ = ["replicator"]
 

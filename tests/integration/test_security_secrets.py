@@ -29,8 +29,8 @@ from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
 from payments_common.errors import error_info
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.faults_support import ROOT, approval_process, history_process, poll, secret_free
-from tests.replicator_fixtures import ReplicatorProcess
+from tests.support.faults import ROOT, approval_process, history_process, poll, secret_free
+from tests.support.replicator import ReplicatorProcess
 
 SLOT = "acl_read_model"
 REPLICATOR_PASSWORD = "R3pl-" + uuid.uuid4().hex

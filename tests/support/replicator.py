@@ -32,7 +32,7 @@ from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn, parse_lsn
 from stack.servers import dying_with_parent
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def slot_for(database_url: str) -> str:

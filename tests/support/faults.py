@@ -36,7 +36,7 @@ from payments.type.v1 import money_pb2
 from stack.local import wait_serving
 from stack.servers import dying_with_parent
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Channels reconnect quickly after a process comes back (gRPC's default backoff grows to minutes).
 FAST_RECONNECT = [

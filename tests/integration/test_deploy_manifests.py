@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -13,8 +14,8 @@ from typing import Any, NoReturn
 import pytest
 from packaging.requirements import Requirement
 
-from tests.contract import k8s_support as k8s
-from tests.contract.k8s_support import OVERLAYS, SERVICES, Endpoint, Obj
+from tests.support import k8s
+from tests.support.k8s import OVERLAYS, SERVICES, Endpoint, Obj
 
 # Schemas of the oldest Kubernetes the manifests support (native sleep in preStop needs 1.30,
 # on by default) and of the newest that kubernetes-validate ships.
@@ -633,6 +634,40 @@ def test_dockerfile_builds_a_slim_non_root_multi_stage_image() -> None:
             assert f"!{path}" in patterns or f"!{path}/" in patterns, (
                 f"{path} is excluded from the build context"
             )
+
+
+def _first_party_imports(package: Path) -> set[str]:
+    """The top-level names of this repository's modules that a package imports."""
+    local = {path.name for path in k8s.ROOT.iterdir() if (path / "__init__.py").exists()}
+    names: set[str] = set()
+    for source in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names & local
+
+
+def test_the_image_holds_the_services_and_nothing_of_the_dev_tooling() -> None:
+    """The packages the image installs are exactly those the services import: no stack, bench, tests."""
+    project = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())
+    packaged = {
+        pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    copied = {
+        path.split("/")[0]
+        for source in re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE.read_text(), re.MULTILINE)
+        for path in source.split()
+        if (k8s.ROOT / path / "__init__.py").exists()
+    }
+    assert copied == packaged
+    entry_points = {value.split(".")[0] for value in project["project"]["scripts"].values()}
+    needed = set(entry_points)
+    for package in sorted(entry_points | packaged):
+        needed |= _first_party_imports(k8s.ROOT / package)
+    assert needed <= packaged, f"the services import {sorted(needed - packaged)}, which the image lacks"
+    assert not packaged & {"stack", "bench", "tests", "tools"}
 
 
 def test_manifest_commands_are_console_scripts_of_the_image(objs: tuple[Obj, ...]) -> None:

@@ -44,10 +44,10 @@ from payments_common.lsn import parse_lsn
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.local import wait_serving
 from stack.servers import PostgresServer, RedisServer
-from tests.replicator_fixtures import ReplicatorProcess, checkpoint_lsn
+from tests.support.replicator import ReplicatorProcess, checkpoint_lsn
 
 PAGE_SECRET = "history-tests-page-token-secret"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 _COUNTER = {"APPROVED": "approved", "DECLINED": "declined", "PENDING_REVIEW": "pending_review"}
 
