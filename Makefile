@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   bring the local stack up, run the scenario, bring it down"
 	@echo "make test   set up, lint, type-check, check the contracts, run every test"
-	@echo "make test-fast  lint, type-check and the unit tests, for the edit-run loop"
+	@echo "make test-fast  lint, type-check, the unit and contract tests: the edit-run loop"
 	@echo "make up     start the local stack in the background (make down stops it)"
 	@echo "make gen    regenerate the Python code of protos/"
 	@echo "make bench  the benchmark (about 12 min); make bench-quick is the 2-minute smoke size"
@@ -51,9 +51,10 @@ typecheck: venv
 test: venv k8s-tools check-gen protos lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# The edit-run loop: no servers, no manifests tools; `make test` stays the full suite.
+# The edit-run loop: unit and contract tests (one private PostgreSQL at most, no manifest tools);
+# `make test` stays the full suite.
 test-fast: venv lint typecheck
-	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+	$(BIN)/pytest -q tests/unit tests/contract $(PYTEST_ARGS)
 
 up: venv
 	$(BIN)/python -m stack up
