@@ -17,7 +17,7 @@ from payments.history.v1 import history_service_pb2 as history
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2, payment_pb2
 from stack import local
-from stack.clients import approval_channel, history_channel, history_target
+from stack.clients import Payments, approval_channel, history_channel, history_target
 
 CURRENCY = "EUR"
 
@@ -47,56 +47,35 @@ def outcome(payment: approval.Payment) -> str:
     return text
 
 
-class Scenario:
-    """Runs the story step by step and remembers what it needs to check later."""
+class Scenario(Payments):
+    """The scenario's calls, each told as it happens."""
 
     def __init__(
         self,
         approval_stub: approval_grpc.ApprovalServiceAsyncStub,
         history_stub: history_grpc.HistoryServiceAsyncStub,
     ) -> None:
-        self.approval = approval_stub
-        self.history = history_stub
+        super().__init__(approval_stub, history_stub, CURRENCY)
         self.names: dict[str, str] = {}
-        self.last_token = ""
 
-    async def open(self, owner: str, opening: int, per_payment: int, daily: int) -> str:
-        response = await self.approval.CreateAccount(
-            approval.CreateAccountRequest(
-                request_id=str(uuid.uuid4()),
-                owner_name=owner,
-                currency_code=CURRENCY,
-                opening_balance_minor=opening,
-                per_payment_limit_minor=per_payment,
-                daily_limit_minor=daily,
-            )
-        )
-        self.names[response.account.account_id] = owner
-        self.last_token = response.consistency_token
+    async def open(self, owner: str, opening: int, per_payment: int, daily: int) -> approval.Account:
+        account = await super().open(owner, opening, per_payment, daily)
+        self.names[account.account_id] = owner
         print(
-            f"  opened {owner:<6} {response.account.account_id}  balance {show(response.account.ledger_balance)}, "
-            f"per-payment limit {show(response.account.per_payment_limit)}"
+            f"  opened {owner:<6} {account.account_id}  balance {show(account.ledger_balance)}, "
+            f"per-payment limit {show(account.per_payment_limit)}"
         )
-        return response.account.account_id
+        return account
 
     async def pay(
-        self, payer: str, payee: str, minor: int, reference: str, request_id: str | None = None
-    ) -> approval.SubmitPaymentResponse:
-        response = await self.approval.SubmitPayment(
-            approval.SubmitPaymentRequest(
-                request_id=request_id or str(uuid.uuid4()),
-                payer_account_id=payer,
-                payee_account_id=payee,
-                amount=money(minor),
-                reference=reference,
-            )
-        )
-        self.last_token = response.consistency_token
+        self, payer: str, payee: str, minor: int, reference: str = "", request_id: str | None = None
+    ) -> approval.Payment:
+        payment = await super().pay(payer, payee, minor, reference, request_id)
         print(
             f"  {self.names[payer]:>6} -> {self.names[payee]:<6} {show(money(minor)):>14}  "
-            f"{reference!r:<24} => {outcome(response.payment)}"
+            f"{reference!r:<24} => {outcome(payment)}"
         )
-        return response
+        return payment
 
 
 async def _watch(
@@ -135,10 +114,10 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
         story = Scenario(approval_grpc.ApprovalServiceStub(a_chan), history_grpc.HistoryServiceStub(h_chan))
 
         print("\n1. Open accounts")
-        alice = await story.open("Alice", 500_000, 200_000, 1_000_000)
-        bob = await story.open("Bob", 10_000, 50_000, 100_000)
-        carol = await story.open("Carol", 0, 50_000, 100_000)
-        erin = await story.open("Erin", 0, 50_000, 100_000)
+        alice = (await story.open("Alice", 500_000, 200_000, 1_000_000)).account_id
+        bob = (await story.open("Bob", 10_000, 50_000, 100_000)).account_id
+        carol = (await story.open("Carol", 0, 50_000, 100_000)).account_id
+        erin = (await story.open("Erin", 0, 50_000, 100_000)).account_id
 
         print("\n2. Payments decided at once")
         first = await story.pay(alice, bob, 12_500, "dinner")
@@ -157,7 +136,7 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
         decided = await story.approval.ApprovePayment(
             approval.ApprovePaymentRequest(
                 request_id=str(uuid.uuid4()),
-                payment_id=held.payment.payment_id,
+                payment_id=held.payment_id,
                 reviewer="operator.jane",
                 note="verified by phone",
             )
@@ -169,8 +148,8 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
         request_id = str(uuid.uuid4())
         original = await story.pay(alice, bob, 2_000, "coffee beans", request_id)
         retried = await story.pay(alice, bob, 2_000, "coffee beans", request_id)
-        same = retried.payment.payment_id == original.payment.payment_id
-        print(f"  same payment id on retry: {same} ({original.payment.payment_id})")
+        same = retried.payment_id == original.payment_id
+        print(f"  same payment id on retry: {same} ({original.payment_id})")
         if not same:
             raise AssertionError("a retry created a second payment")
 
@@ -209,7 +188,7 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
             )
         timeline = (
             await story.history.GetPayment(
-                history.GetPaymentRequest(payment_id=held.payment.payment_id, min_consistency_token=token)
+                history.GetPaymentRequest(payment_id=held.payment_id, min_consistency_token=token)
             )
         ).payment
         print(

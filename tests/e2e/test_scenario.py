@@ -15,63 +15,29 @@ from payments.approval.v1 import approval_service_pb2 as approval
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
-from payments.type.v1 import money_pb2
 from payments.type.v1 import payment_pb2 as types
-from payments_common.errors import error_info
-from stack.clients import approval_channel, history_channel, history_target
-
-EUR = "EUR"
+from payments_common.grpcstatus import error_info
+from stack.clients import Payments, approval_channel, history_channel, history_target
 
 
-class Client:
-    def __init__(
-        self, a: approval_grpc.ApprovalServiceAsyncStub, h: history_grpc.HistoryServiceAsyncStub
-    ) -> None:
-        self.approval, self.history = a, h
-        self.token = ""
-
-    async def open(self, owner: str, opening: int, per_payment: int = 200_000, daily: int = 1_000_000) -> str:
-        response = await self.approval.CreateAccount(
-            approval.CreateAccountRequest(
-                request_id=str(uuid.uuid4()),
-                owner_name=owner,
-                currency_code=EUR,
-                opening_balance_minor=opening,
-                per_payment_limit_minor=per_payment,
-                daily_limit_minor=daily,
-            )
-        )
-        self.token = response.consistency_token
-        return response.account.account_id
-
-    async def pay(
-        self, payer: str, payee: str, minor: int, request_id: str = "", reference: str = ""
-    ) -> approval.Payment:
-        response = await self.approval.SubmitPayment(
-            approval.SubmitPaymentRequest(
-                request_id=request_id or str(uuid.uuid4()),
-                payer_account_id=payer,
-                payee_account_id=payee,
-                amount=money_pb2.Money(currency_code=EUR, amount_minor=minor),
-                reference=reference,
-            )
-        )
-        self.token = response.consistency_token
-        return response.payment
+async def open_account(
+    client: Payments, owner: str, opening: int, per_payment: int = 200_000, daily: int = 1_000_000
+) -> str:
+    return (await client.open(owner, opening, per_payment, daily)).account_id
 
 
 @pytest.fixture
-async def client(endpoints: dict[str, str]) -> AsyncIterator[Client]:
+async def client(endpoints: dict[str, str]) -> AsyncIterator[Payments]:
     target = history_target(endpoints["HISTORY_ADDRS"].split(","))
     async with approval_channel(endpoints["APPROVAL_ADDR"]) as a, history_channel(target) as h:
-        yield Client(approval_grpc.ApprovalServiceStub(a), history_grpc.HistoryServiceStub(h))
+        yield Payments(approval_grpc.ApprovalServiceStub(a), history_grpc.HistoryServiceStub(h))
 
 
-async def test_the_scenario(client: Client, endpoints: dict[str, str]) -> None:
-    alice = await client.open("Alice", 500_000, per_payment=200_000, daily=300_000)
-    bob = await client.open("Bob", 10_000)
-    carol = await client.open("Carol", 0)
-    erin = await client.open("Erin", 0)
+async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None:
+    alice = await open_account(client, "Alice", 500_000, per_payment=200_000, daily=300_000)
+    bob = await open_account(client, "Bob", 10_000)
+    carol = await open_account(client, "Carol", 0)
+    erin = await open_account(client, "Erin", 0)
 
     approved = await client.pay(alice, bob, 12_500, reference="dinner")
     assert approved.status == types.PAYMENT_STATUS_APPROVED
@@ -124,7 +90,7 @@ async def test_the_scenario(client: Client, endpoints: dict[str, str]) -> None:
     assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
     # The query side, read with the latest token, already includes every write.
-    token = client.token
+    token = client.last_token
     expected = {
         p.payment_id: p for p in (approved, poor, too_big, frozen, decided.payment, over_daily, daily, first)
     }
