@@ -1,0 +1,458 @@
+"""One behaviour for every approval store: the same cases against the unit tests' fake and SqlRepository.
+
+`RepositoryContract` holds the cases; each backend subclasses it and provides a
+`backend` fixture (units of work, and a look at the ledger, which the protocol never
+reads back). The SQL backend runs on a migrated database of a private PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Protocol
+from uuid import UUID
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from approval_svc.adapters.repository import SavedRequest, StoredRequest
+from approval_svc.adapters.unit_of_work import SqlUnitOfWork, UnitOfWork
+from approval_svc.domain import rules
+from approval_svc.domain.errors import TransactionConflict
+from approval_svc.domain.model import (
+    SYSTEM_ACTOR,
+    Account,
+    AccountChange,
+    AccountStatus,
+    DeclineReason,
+    LedgerKind,
+    Payment,
+    PaymentEvent,
+    PaymentStatus,
+)
+from tests.support.approval import engine_for
+from tests.support.fakes import FakeUnitOfWork, Store
+
+LedgerRow = tuple[LedgerKind, int, UUID | None]
+
+
+class Backend(Protocol):
+    def unit_of_work(self) -> UnitOfWork: ...
+
+    async def ledger(self, account_id: UUID) -> list[LedgerRow]:
+        """The account's ledger entries in the order they were written."""
+        ...
+
+
+def new_account(now: datetime, opening: int = 1_000, owner: str = "Ada") -> Account:
+    return Account(
+        account_id=uuid.uuid4(),
+        owner_name=owner,
+        currency="EUR",
+        status=AccountStatus.ACTIVE,
+        ledger_balance=opening,
+        held=0,
+        per_payment_limit=5_000,
+        daily_limit=10_000,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def new_payment(
+    payer: Account,
+    payee: Account,
+    amount: int,
+    at: datetime,
+    status: PaymentStatus = PaymentStatus.APPROVED,
+    request_id: str | None = None,
+) -> Payment:
+    return Payment(
+        payment_id=uuid.uuid4(),
+        request_id=request_id or uuid.uuid4().hex,
+        payer_account_id=payer.account_id,
+        payee_account_id=payee.account_id,
+        payer_name=payer.owner_name,
+        payee_name=payee.owner_name,
+        currency="EUR",
+        amount=amount,
+        reference="ref",
+        status=status,
+        decline_reason=DeclineReason.INSUFFICIENT_FUNDS if status is PaymentStatus.DECLINED else None,
+        created_at=at,
+        updated_at=at,
+    )
+
+
+def first_event(payment: Payment) -> PaymentEvent:
+    return PaymentEvent(
+        payment.payment_id, 1, payment.status, payment.decline_reason, SYSTEM_ACTOR, "", payment.created_at
+    )
+
+
+class RepositoryContract:
+    """The cases every backend passes; subclasses provide the `backend` fixture."""
+
+    @pytest.fixture
+    def backend(self) -> Backend:
+        raise NotImplementedError
+
+    async def open_accounts(self, backend: Backend, *openings: int) -> list[Account]:
+        """Accounts opened and committed, as the store read them back."""
+        async with backend.unit_of_work() as uow:
+            now = await uow.repo.now()
+            accounts = [new_account(now, opening, f"owner {n}") for n, opening in enumerate(openings)]
+            for account in accounts:
+                await uow.repo.add_account(account, rules.opening_entries(account))
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            found = await uow.repo.lock_accounts([a.account_id for a in accounts])
+        return [found[a.account_id] for a in accounts]
+
+    # -- time and positions
+
+    async def test_the_clock_stands_still_within_a_unit_of_work(self, backend: Backend) -> None:
+        async with backend.unit_of_work() as uow:
+            lookup = await uow.repo.claim_request(uuid.uuid4().hex, "M", b"f")
+            begun, _ = await uow.repo.begin_submission(uuid.uuid4().hex, [])
+            assert begun.now == lookup.now == await uow.repo.now()
+            assert lookup.now.utcoffset() == timedelta(0)
+
+    async def test_a_commit_returns_a_position_that_later_units_of_work_have_reached(
+        self, backend: Backend
+    ) -> None:
+        async with backend.unit_of_work() as uow:
+            await uow.repo.claim_request(uuid.uuid4().hex, "M", b"f")
+            first = await uow.commit()
+        async with backend.unit_of_work() as uow:
+            assert await uow.position() >= first
+            await uow.repo.claim_request(uuid.uuid4().hex, "M", b"f")
+            second = await uow.commit()
+        assert second > first
+
+    # -- accounts
+
+    async def test_an_account_is_stored_as_opened_with_its_opening_entry(self, backend: Backend) -> None:
+        async with backend.unit_of_work() as uow:
+            now = await uow.repo.now()
+            account = new_account(now, opening=1_234)
+            await uow.repo.add_account(account, rules.opening_entries(account))
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.lock_accounts([account.account_id]) == {account.account_id: account}
+        assert await backend.ledger(account.account_id) == [(LedgerKind.OPENING, 1_234, None)]
+
+    async def test_an_account_opened_empty_has_no_ledger_entries(self, backend: Backend) -> None:
+        (account,) = await self.open_accounts(backend, 0)
+        assert account.ledger_balance == 0
+        assert await backend.ledger(account.account_id) == []
+
+    async def test_an_account_id_is_taken_once(self, backend: Backend) -> None:
+        (account,) = await self.open_accounts(backend, 10)
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with backend.unit_of_work() as uow:
+                await uow.repo.add_account(account, [])
+
+    async def test_locking_returns_the_known_accounts_only(self, backend: Backend) -> None:
+        first, second = await self.open_accounts(backend, 10, 20)
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.lock_accounts([]) == {}
+            assert await uow.repo.lock_accounts([uuid.uuid4()]) == {}
+            found = await uow.repo.lock_accounts([second.account_id, uuid.uuid4(), first.account_id])
+            assert found == {first.account_id: first, second.account_id: second}
+            _, locked = await uow.repo.begin_submission("r", [first.account_id, uuid.uuid4()])
+            assert locked == {first.account_id: first}
+
+    async def test_an_account_is_frozen_and_unfrozen(self, backend: Backend) -> None:
+        (account,) = await self.open_accounts(backend, 10)
+        later = account.created_at + timedelta(minutes=1)
+        async with backend.unit_of_work() as uow:
+            await uow.repo.set_account_status(account.account_id, AccountStatus.FROZEN, later)
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            frozen = (await uow.repo.lock_accounts([account.account_id]))[account.account_id]
+        assert (frozen.status, frozen.updated_at) == (AccountStatus.FROZEN, later)
+        assert frozen.ledger_balance == account.ledger_balance
+
+    async def test_setting_the_status_of_an_unknown_account_changes_nothing(self, backend: Backend) -> None:
+        unknown = uuid.uuid4()
+        async with backend.unit_of_work() as uow:
+            await uow.repo.set_account_status(unknown, AccountStatus.FROZEN, await uow.repo.now())
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.lock_accounts([unknown]) == {}
+
+    # -- idempotency records
+
+    async def test_a_first_claim_finds_no_record(self, backend: Backend) -> None:
+        async with backend.unit_of_work() as uow:
+            lookup = await uow.repo.claim_request("first", "SubmitPayment", b"f")
+        assert lookup.stored is None
+
+    async def test_a_claim_is_released_unless_committed(self, backend: Backend) -> None:
+        async with backend.unit_of_work() as uow:
+            await uow.repo.claim_request("released", "M", b"f")
+            await uow.repo.save_response("released", b"never committed")
+        async with backend.unit_of_work() as uow:
+            assert (await uow.repo.claim_request("released", "M", b"f")).stored is None
+
+    async def test_a_committed_response_is_read_back_by_every_lookup(self, backend: Backend) -> None:
+        async with backend.unit_of_work() as uow:
+            assert (await uow.repo.claim_request("kept", "FreezeAccount", b"fp")).stored is None
+            await uow.repo.save_response("kept", b"the response")
+            await uow.commit()
+        record = StoredRequest("FreezeAccount", b"fp", b"the response")
+        async with backend.unit_of_work() as uow:
+            # Another method and fingerprint do not overwrite the record: the caller compares them.
+            assert (await uow.repo.claim_request("kept", "Other", b"other")).stored == record
+            lookup, _ = await uow.repo.begin_submission("kept", [])
+            assert lookup.stored == record
+            usage = await uow.repo.daily_usage(uuid.uuid4(), lookup.now, "kept")
+            assert usage.stored == record
+
+    async def test_a_request_claimed_in_this_unit_of_work_has_an_empty_response(
+        self, backend: Backend
+    ) -> None:
+        async with backend.unit_of_work() as uow:
+            await uow.repo.claim_request("mine", "M", b"f")
+            assert (await uow.repo.claim_request("mine", "M", b"f")).stored == StoredRequest("M", b"f", b"")
+
+    async def test_a_response_is_saved_only_for_a_claimed_request(self, backend: Backend) -> None:
+        with pytest.raises(RuntimeError):
+            async with backend.unit_of_work() as uow:
+                await uow.repo.save_response("unclaimed", b"response")
+
+    async def test_a_lookup_misses_an_unknown_request(self, backend: Backend) -> None:
+        async with backend.unit_of_work() as uow:
+            lookup, _ = await uow.repo.begin_submission("unknown", [])
+            assert lookup.stored is None
+            assert (await uow.repo.daily_usage(uuid.uuid4(), lookup.now, "unknown")).stored is None
+
+    # -- payments
+
+    async def test_a_decision_stores_the_payment_its_event_its_effects_and_its_response(
+        self, backend: Backend
+    ) -> None:
+        payer, payee = await self.open_accounts(backend, 1_000, 0)
+        async with backend.unit_of_work() as uow:
+            now = await uow.repo.now()
+            payment = new_payment(payer, payee, 400, now, request_id="decided")
+            request = SavedRequest("decided", "SubmitPayment", b"fp", b"the response")
+            changes = rules.submission_changes(payment)
+            await uow.repo.add_decision(
+                payment, first_event(payment), changes, rules.transfer_entries(payment), request
+            )
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.get_payment(payment.payment_id) == payment
+            assert await uow.repo.get_payment_with_events(payment.payment_id) == (
+                payment,
+                [first_event(payment)],
+            )
+            accounts = await uow.repo.lock_accounts([payer.account_id, payee.account_id])
+            lookup = await uow.repo.claim_request("decided", "SubmitPayment", b"fp")
+        assert accounts[payer.account_id] == payer.applied(changes[0], now)
+        assert accounts[payee.account_id] == payee.applied(changes[1], now)
+        assert (accounts[payer.account_id].ledger_balance, accounts[payee.account_id].ledger_balance) == (
+            600,
+            400,
+        )
+        assert (accounts[payer.account_id].sent_approved, accounts[payee.account_id].received_approved) == (
+            1,
+            1,
+        )
+        assert lookup.stored == StoredRequest("SubmitPayment", b"fp", b"the response")
+        assert await backend.ledger(payer.account_id) == [
+            (LedgerKind.OPENING, 1_000, None),
+            (LedgerKind.DEBIT, -400, payment.payment_id),
+        ]
+        assert await backend.ledger(payee.account_id) == [(LedgerKind.CREDIT, 400, payment.payment_id)]
+
+    async def test_a_decision_whose_request_id_was_taken_conflicts(self, backend: Backend) -> None:
+        payer, payee = await self.open_accounts(backend, 1_000, 0)
+        async with backend.unit_of_work() as uow:
+            await uow.repo.claim_request("taken", "SubmitPayment", b"fp")
+            await uow.repo.save_response("taken", b"first")
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            payment = new_payment(payer, payee, 10, await uow.repo.now(), request_id="taken")
+            request = SavedRequest("taken", "SubmitPayment", b"fp", b"second")
+            with pytest.raises(TransactionConflict):
+                await uow.repo.add_decision(
+                    payment, first_event(payment), rules.submission_changes(payment), [], request
+                )
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.get_payment(payment.payment_id) is None
+            assert (await uow.repo.claim_request("taken", "SubmitPayment", b"fp")).stored == StoredRequest(
+                "SubmitPayment", b"fp", b"first"
+            )
+
+    async def test_unknown_payments_are_not_found(self, backend: Backend) -> None:
+        unknown = uuid.uuid4()
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.get_payment(unknown) is None
+            assert await uow.repo.lock_payment(unknown) is None
+            assert await uow.repo.get_payment_with_events(unknown) is None
+
+    async def test_a_held_payment_is_reviewed_and_its_timeline_grows_in_order(self, backend: Backend) -> None:
+        payer, payee = await self.open_accounts(backend, 5_000, 0)
+        async with backend.unit_of_work() as uow:
+            held = new_payment(payer, payee, 1_500, await uow.repo.now(), PaymentStatus.PENDING_REVIEW)
+            await uow.repo.add_payment(held, first_event(held))
+            await uow.repo.apply_changes(rules.submission_changes(held), [], held.created_at)
+            await uow.commit()
+        later = held.created_at + timedelta(minutes=5)
+        async with backend.unit_of_work() as uow:
+            locked = await uow.repo.lock_payment(held.payment_id)
+            assert locked == held
+            assert (await uow.repo.lock_accounts([payer.account_id]))[payer.account_id].held == 1_500
+            # Only the status, the reason and the time change: the rest of the row stays as submitted.
+            approved = dataclasses.replace(
+                held, status=PaymentStatus.APPROVED, updated_at=later, reference="not stored"
+            )
+            event = PaymentEvent(held.payment_id, 2, PaymentStatus.APPROVED, None, "bob", "checked", later)
+            await uow.repo.update_payment(approved, event)
+            await uow.repo.apply_changes(
+                rules.review_changes(approved, approve=True), rules.transfer_entries(approved), later
+            )
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            found = await uow.repo.get_payment_with_events(held.payment_id)
+            accounts = await uow.repo.lock_accounts([payer.account_id, payee.account_id])
+        assert found is not None
+        payment, timeline = found
+        assert (payment.status, payment.updated_at, payment.reference) == (
+            PaymentStatus.APPROVED,
+            later,
+            "ref",
+        )
+        assert payment.created_at == held.created_at
+        assert [(e.sequence, e.status, e.actor, e.note) for e in timeline] == [
+            (1, PaymentStatus.PENDING_REVIEW, SYSTEM_ACTOR, ""),
+            (2, PaymentStatus.APPROVED, "bob", "checked"),
+        ]
+        payer_after, payee_after = accounts[payer.account_id], accounts[payee.account_id]
+        assert (payer_after.ledger_balance, payer_after.held, payer_after.updated_at) == (3_500, 0, later)
+        assert (payer_after.sent_pending_review, payer_after.sent_approved) == (0, 1)
+        assert (payee_after.ledger_balance, payee_after.received_approved) == (1_500, 1)
+
+    async def test_updating_an_unknown_payment_changes_nothing(self, backend: Backend) -> None:
+        payer, payee = await self.open_accounts(backend, 10, 0)
+        async with backend.unit_of_work() as uow:
+            ghost = new_payment(payer, payee, 1, await uow.repo.now())
+            await uow.repo.update_payment(ghost, first_event(ghost))
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.get_payment_with_events(ghost.payment_id) is None
+
+    async def test_a_payment_is_rolled_back_unless_committed(self, backend: Backend) -> None:
+        payer, payee = await self.open_accounts(backend, 10, 0)
+        async with backend.unit_of_work() as uow:
+            payment = new_payment(payer, payee, 1, await uow.repo.now())
+            await uow.repo.add_payment(payment, first_event(payment))
+            assert await uow.repo.get_payment(payment.payment_id) == payment
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.get_payment(payment.payment_id) is None
+
+    # -- balances and limits
+
+    async def test_daily_usage_adds_the_payers_approved_and_held_payments_since_a_time(
+        self, backend: Backend
+    ) -> None:
+        payer, payee = await self.open_accounts(backend, 10_000, 10_000)
+        since = rules.day_start(payer.created_at)
+        payments = [
+            new_payment(payer, payee, 100, since),  # counted: at the boundary
+            new_payment(payer, payee, 20, since + timedelta(hours=1), PaymentStatus.PENDING_REVIEW),
+            new_payment(payer, payee, 3, since + timedelta(hours=2), PaymentStatus.DECLINED),
+            new_payment(payer, payee, 4_000, since - timedelta(microseconds=1)),  # the day before
+            new_payment(payee, payer, 500, since + timedelta(hours=3)),  # another payer
+        ]
+        async with backend.unit_of_work() as uow:
+            for payment in payments:
+                await uow.repo.add_payment(payment, first_event(payment))
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            assert (await uow.repo.daily_usage(payer.account_id, since, "r")).used == 120
+            assert (await uow.repo.daily_usage(payee.account_id, since, "r")).used == 500
+            assert (await uow.repo.daily_usage(uuid.uuid4(), since, "r")).used == 0
+
+    async def test_changes_move_balances_and_counters_and_stamp_the_time(self, backend: Backend) -> None:
+        (account,) = await self.open_accounts(backend, 100)
+        change = AccountChange(account.account_id, ledger=50, held=30, total_received=50, received_declined=2)
+        at = account.created_at + timedelta(seconds=1)
+        async with backend.unit_of_work() as uow:
+            await uow.repo.apply_changes([change], [], at)
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            after = (await uow.repo.lock_accounts([account.account_id]))[account.account_id]
+        assert after == account.applied(change, at)
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            pytest.param({"held": 101}, id="held-above-balance"),
+            pytest.param({"held": -1}, id="negative-held"),
+            pytest.param({"ledger": -101}, id="negative-balance"),
+            pytest.param({"total_sent": -1}, id="negative-total-sent"),
+            pytest.param({"total_received": -1}, id="negative-total-received"),
+        ],
+    )
+    async def test_changes_that_break_a_balance_invariant_are_refused(
+        self, backend: Backend, change: dict[str, int]
+    ) -> None:
+        (account,) = await self.open_accounts(backend, 100)
+        with pytest.raises(asyncpg.CheckViolationError):
+            async with backend.unit_of_work() as uow:
+                await uow.repo.apply_changes(
+                    [AccountChange(account.account_id, **change)], [], await uow.repo.now()
+                )
+        async with backend.unit_of_work() as uow:
+            assert await uow.repo.lock_accounts([account.account_id]) == {account.account_id: account}
+
+
+class FakeBackend:
+    def __init__(self) -> None:
+        self.store = Store()
+
+    def unit_of_work(self) -> UnitOfWork:
+        return FakeUnitOfWork(self.store)
+
+    async def ledger(self, account_id: UUID) -> list[LedgerRow]:
+        return [(e.kind, e.amount, e.payment_id) for e in self.store.ledger if e.account_id == account_id]
+
+
+class SqlBackend:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    def unit_of_work(self) -> UnitOfWork:
+        return SqlUnitOfWork(self.engine)
+
+    async def ledger(self, account_id: UUID) -> list[LedgerRow]:
+        async with self.engine.connect() as connection:
+            rows = await connection.execute(
+                text(
+                    "SELECT kind, amount_minor, payment_id FROM ledger_entries"
+                    " WHERE account_id = :account ORDER BY entry_id"
+                ),
+                {"account": account_id},
+            )
+            return [(LedgerKind(r.kind), r.amount_minor, r.payment_id) for r in rows]
+
+
+class TestFakeRepository(RepositoryContract):
+    @pytest.fixture
+    def backend(self) -> Backend:
+        return FakeBackend()
+
+
+class TestSqlRepository(RepositoryContract):
+    @pytest.fixture
+    async def backend(self, migrated_dsn: str) -> AsyncIterator[Backend]:
+        async with engine_for(migrated_dsn, pool_size=2) as engine:
+            yield SqlBackend(engine)
