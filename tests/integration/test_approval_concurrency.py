@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from approval_svc.domain import commands
 from approval_svc.domain.errors import PaymentNotUnderReview, RequestIdReused
-from approval_svc.domain.model import DeclineReason, PaymentStatus
+from approval_svc.domain.model import DeclineReason, Payment, PaymentStatus
 from approval_svc.handlers import Handlers, Outcome, RequestKey
 from tests.support.approval import engine_for, handlers_for, key, open_account
 
@@ -61,7 +61,7 @@ async def test_many_payments_from_one_account_never_overdraw(engine: AsyncEngine
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 1, "")
 
     async def submit() -> Outcome[object]:
-        return await handlers.submit_payment(command, key("SubmitPayment"))  # type: ignore[arg-type,return-value]
+        return await handlers.submit_payment(command, key("SubmitPayment"))  # type: ignore[return-value]
 
     outcomes = await asyncio.gather(*(submit() for _ in range(200)))
     decisions = Counter(
@@ -93,7 +93,7 @@ async def test_random_transfers_keep_the_books_balanced(engine: AsyncEngine) -> 
         seen: Counter[PaymentStatus] = Counter()
         for (payer, payee), amount in plan:
             command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", amount, "")  # type: ignore[attr-defined]
-            outcome = await handlers.submit_payment(command, key("SubmitPayment"))  # type: ignore[arg-type]
+            outcome = await handlers.submit_payment(command, key("SubmitPayment"))
             assert outcome.value is not None
             seen[outcome.value.status] += 1
         return seen
@@ -133,9 +133,9 @@ async def test_racing_reuses_of_one_request_id_are_rejected(engine: AsyncEngine)
 
     async def submit(amount: int) -> object:
         command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", amount, "")
-        request = key("SubmitPayment", "race-2", fingerprint=str(amount).encode())
+        request: RequestKey[Payment] = key("SubmitPayment", "race-2", fingerprint=str(amount).encode())
         try:
-            return await handlers.submit_payment(command, request)  # type: ignore[arg-type]
+            return await handlers.submit_payment(command, request)
         except RequestIdReused as error:
             return error
 
@@ -148,13 +148,13 @@ async def test_racing_reviews_decide_a_payment_once(engine: AsyncEngine) -> None
     handlers: Handlers = handlers_for(engine, review_threshold=100)
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 500, "")
-    held = (await handlers.submit_payment(command, key("SubmitPayment"))).value  # type: ignore[arg-type]
+    held = (await handlers.submit_payment(command, key("SubmitPayment"))).value
     assert held is not None
 
     async def decide(approve: bool) -> object:
         review = commands.ReviewPayment(held.payment_id, f"reviewer-{uuid.uuid4().hex[:6]}", "", approve)
         try:
-            return await handlers.review_payment(review, key("Review"))  # type: ignore[arg-type]
+            return await handlers.review_payment(review, key("Review"))
         except PaymentNotUnderReview as error:
             return error
 

@@ -42,14 +42,14 @@ async def pay(
     handlers: Handlers, payer: Account, payee: Account, amount: int, request_id: str | None = None
 ) -> Payment:
     command = commands.SubmitPayment(payer.account_id, payee.account_id, payer.currency, amount, "ref")
-    outcome = await handlers.submit_payment(command, key("SubmitPayment", request_id))  # type: ignore[arg-type]
+    outcome = await handlers.submit_payment(command, key("SubmitPayment", request_id))
     assert outcome.value is not None
     return outcome.value
 
 
 async def review(handlers: Handlers, payment: Payment, approve: bool) -> Payment:
     command = commands.ReviewPayment(payment.payment_id, "bob", "looked at it", approve)
-    outcome = await handlers.review_payment(command, key("Review"))  # type: ignore[arg-type]
+    outcome = await handlers.review_payment(command, key("Review"))
     assert outcome.value is not None
     return outcome.value
 
@@ -158,17 +158,17 @@ async def test_idempotency_is_recorded_with_the_effect(engine: AsyncEngine) -> N
     handlers = handlers_for(engine)
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 10, "")
-    first = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))  # type: ignore[arg-type]
-    again = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))  # type: ignore[arg-type]
+    first = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))
+    again = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))
     assert again.replay == b"stored"
     assert again.position >= first.position
     with pytest.raises(RequestIdReused):
-        await handlers.submit_payment(command, key("SubmitPayment", "r-1", b"other"))  # type: ignore[arg-type]
+        await handlers.submit_payment(command, key("SubmitPayment", "r-1", b"other"))
     # A request that failed leaves no record, so the same request_id may be used again.
     unknown = commands.SubmitPayment(uuid.uuid4(), payee.account_id, "EUR", 10, "")
     with pytest.raises(AccountNotFound):
-        await handlers.submit_payment(unknown, key("SubmitPayment", "r-2"))  # type: ignore[arg-type]
-    await handlers.submit_payment(command, key("SubmitPayment", "r-2"))  # type: ignore[arg-type]
+        await handlers.submit_payment(unknown, key("SubmitPayment", "r-2"))
+    await handlers.submit_payment(command, key("SubmitPayment", "r-2"))
     async with engine.connect() as connection:
         count = (await connection.execute(text("SELECT count(*) FROM payments"))).scalar_one()
         keys = (await connection.execute(text("SELECT count(*) FROM idempotency_keys"))).scalar_one()
@@ -180,8 +180,8 @@ async def test_the_position_is_at_or_after_the_commit(engine: AsyncEngine) -> No
     handlers = handlers_for(engine)
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 10, "")
-    first = await handlers.submit_payment(command, key("SubmitPayment"))  # type: ignore[arg-type]
-    second = await handlers.submit_payment(command, key("SubmitPayment"))  # type: ignore[arg-type]
+    first = await handlers.submit_payment(command, key("SubmitPayment"))
+    second = await handlers.submit_payment(command, key("SubmitPayment"))
     assert second.position > first.position
     async with engine.connect() as connection:
         now = (await connection.execute(text("SELECT pg_current_wal_lsn()::text"))).scalar_one()
@@ -192,12 +192,12 @@ async def test_freeze_and_unfreeze(engine: AsyncEngine) -> None:
     handlers = handlers_for(engine)
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     freeze = commands.SetAccountStatus(payer.account_id, AccountStatus.FROZEN, "")
-    frozen = await handlers.set_account_status(freeze, key("FreezeAccount"))  # type: ignore[arg-type]
+    frozen = await handlers.set_account_status(freeze, key("FreezeAccount"))
     assert frozen.value is not None
     assert frozen.value.status is AccountStatus.FROZEN
     assert (await pay(handlers, payer, payee, 10)).decline_reason is DeclineReason.ACCOUNT_FROZEN
     unfreeze = commands.SetAccountStatus(payer.account_id, AccountStatus.ACTIVE, "")
-    await handlers.set_account_status(unfreeze, key("UnfreezeAccount"))  # type: ignore[arg-type]
+    await handlers.set_account_status(unfreeze, key("UnfreezeAccount"))
     assert (await pay(handlers, payer, payee, 10)).status is PaymentStatus.APPROVED
 
 

@@ -6,6 +6,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -38,7 +39,10 @@ def handlers_for(engine: AsyncEngine, review_threshold: int = 1_000_000) -> Hand
     return Handlers(lambda: SqlUnitOfWork(engine), review_threshold)
 
 
-def key(method: str, request_id: str | None = None, fingerprint: bytes = b"f") -> RequestKey[object]:
+T = TypeVar("T")
+
+
+def key(method: str, request_id: str | None = None, fingerprint: bytes = b"f") -> RequestKey[T]:
     """A request key whose stored response is a placeholder: these tests check effects, not replies."""
     return RequestKey(request_id or uuid.uuid4().hex, method, fingerprint, lambda value: b"stored")
 
@@ -52,7 +56,7 @@ async def open_account(
     owner: str = "Ada",
 ) -> Account:
     command = commands.CreateAccount(owner, currency, opening, per_payment_limit, daily_limit)
-    outcome = await handlers.create_account(command, key("CreateAccount"))  # type: ignore[arg-type]
+    outcome = await handlers.create_account(command, key("CreateAccount"))
     assert outcome.value is not None
     return outcome.value
 
