@@ -1,4 +1,4 @@
-"""The gRPC servicer: translates between protobuf and the domain, and domain errors to statuses."""
+"""The gRPC servicer: translates between protobuf and the domain; domain errors pass through to the edge."""
 
 from __future__ import annotations
 
@@ -13,23 +13,11 @@ from google.protobuf import message, timestamp_pb2
 
 from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
-from approval_svc.domain.errors import (
-    AccountNotFound,
-    DatabaseUnavailable,
-    DeadlineExceeded,
-    DomainError,
-    InvalidRequest,
-    PaymentNotFound,
-    PaymentNotUnderReview,
-    RequestIdReused,
-    TransactionConflict,
-)
 from approval_svc.domain.model import Account, AccountStatus, Payment, PaymentEvent
 from approval_svc.handlers import Handlers, Outcome, RequestKey
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
-from payments_common import errors
 from payments_common.tokens import encode_consistency_token
 
 S = TypeVar("S")
@@ -40,42 +28,21 @@ T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ApprovalService"].full_name
 
-# The one table from domain errors to gRPC statuses; InvalidRequest is special-cased
-# because it carries field violations.
-_STATUS_OF: dict[type[DomainError], type[errors.ServiceError]] = {
-    AccountNotFound: errors.NotFound,
-    PaymentNotFound: errors.NotFound,
-    PaymentNotUnderReview: errors.FailedPrecondition,
-    RequestIdReused: errors.AlreadyExists,
-    DatabaseUnavailable: errors.Unavailable,
-    TransactionConflict: errors.Unavailable,
-    DeadlineExceeded: errors.DeadlineExceeded,
-}
 
+def _deadline_bound(method: Callable[[S, Q, Any], Awaitable[R]]) -> Callable[[S, Q, Any], Awaitable[R]]:
+    """Hands the call's deadline to the unit of work, which waits for the database no longer.
 
-def to_service_error(error: DomainError) -> errors.ServiceError:
-    """The error a client sees for a domain error."""
-    if isinstance(error, InvalidRequest):
-        return errors.InvalidArgument(
-            [errors.FieldViolation(v.field, v.description) for v in error.violations]
-        )
-    status = _STATUS_OF.get(type(error))
-    if status is None:
-        return errors.internal_error()
-    return status(error.reason, error.message, error.metadata)
+    Domain errors are ServiceErrors: they pass through, and the server's error
+    interceptor turns them into statuses.
+    """
 
-
-def _translated(method: Callable[[S, Q, Any], Awaitable[R]]) -> Callable[[S, Q, Any], Awaitable[R]]:
     @functools.wraps(method)
     async def wrapper(servicer: S, request: Q, context: Any) -> R:
         # Each RPC runs in a task of its own, so the deadline stays with this call.
         remaining = context.time_remaining()
         if remaining is not None:
             CALL_DEADLINE.set(asyncio.get_running_loop().time() + remaining)
-        try:
-            return await method(servicer, request, context)
-        except DomainError as error:
-            raise to_service_error(error) from error
+        return await method(servicer, request, context)
 
     return wrapper
 
@@ -193,7 +160,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
     def __init__(self, handlers: Handlers) -> None:
         self._handlers = handlers
 
-    @_translated
+    @_deadline_bound
     async def CreateAccount(self, request: pb.CreateAccountRequest, context: Any) -> pb.CreateAccountResponse:
         command = commands.create_account(
             request.request_id,
@@ -207,7 +174,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         outcome = await self._handlers.create_account(command, key)
         return _response(outcome, pb.CreateAccountResponse, _create_account_response)
 
-    @_translated
+    @_deadline_bound
     async def SubmitPayment(self, request: pb.SubmitPaymentRequest, context: Any) -> pb.SubmitPaymentResponse:
         command = commands.submit_payment(
             request.request_id,
@@ -222,7 +189,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         outcome = await self._handlers.submit_payment(command, key)
         return _response(outcome, pb.SubmitPaymentResponse, _submit_payment_response)
 
-    @_translated
+    @_deadline_bound
     async def ApprovePayment(
         self, request: pb.ApprovePaymentRequest, context: Any
     ) -> pb.ApprovePaymentResponse:
@@ -233,7 +200,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         outcome = await self._handlers.review_payment(command, key)
         return _response(outcome, pb.ApprovePaymentResponse, _approve_payment_response)
 
-    @_translated
+    @_deadline_bound
     async def DeclinePayment(
         self, request: pb.DeclinePaymentRequest, context: Any
     ) -> pb.DeclinePaymentResponse:
@@ -244,7 +211,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         outcome = await self._handlers.review_payment(command, key)
         return _response(outcome, pb.DeclinePaymentResponse, _decline_payment_response)
 
-    @_translated
+    @_deadline_bound
     async def FreezeAccount(self, request: pb.FreezeAccountRequest, context: Any) -> pb.FreezeAccountResponse:
         command = commands.set_account_status(
             request.request_id, request.account_id, request.reason, AccountStatus.FROZEN
@@ -253,7 +220,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         outcome = await self._handlers.set_account_status(command, key)
         return _response(outcome, pb.FreezeAccountResponse, _freeze_account_response)
 
-    @_translated
+    @_deadline_bound
     async def UnfreezeAccount(
         self, request: pb.UnfreezeAccountRequest, context: Any
     ) -> pb.UnfreezeAccountResponse:
@@ -264,7 +231,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         outcome = await self._handlers.set_account_status(command, key)
         return _response(outcome, pb.UnfreezeAccountResponse, _unfreeze_account_response)
 
-    @_translated
+    @_deadline_bound
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Any) -> pb.GetPaymentResponse:
         payment, events = await self._handlers.get_payment(commands.payment_id(request.payment_id))
         return pb.GetPaymentResponse(

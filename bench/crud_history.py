@@ -29,7 +29,7 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2, payment_pb2
-from payments_common.errors import FieldViolation, InvalidArgument, NotFound, ServiceError
+from payments_common.errors import FieldViolation, InvalidArgument, NotFound, Unimplemented
 from payments_common.grpcserver import Readiness, ServerOptions, build_server, wait_for_signal
 from payments_common.logs import configure_logging
 from payments_common.tokens import PageTokenCodec, TokenError
@@ -184,10 +184,6 @@ def _uuid(field: str, value: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise InvalidArgument([FieldViolation(field, "must be a UUID")]) from None
-
-
-class Unimplemented(ServiceError):
-    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class CrudHistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):

@@ -7,13 +7,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-import grpc
 from redis.asyncio import Redis
 
 from history_svc.queries import REDIS_ERRORS, ReadModelUnavailable
 from history_svc.watcher import Change, parse_entry, stream_id
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.errors import FieldViolation, InvalidArgument, ServiceError
+from payments_common.errors import FieldViolation, InvalidArgument, OutOfRange
 from payments_common.keys import KeySchema
 from payments_common.tokens import PageTokenCodec, TokenError
 
@@ -23,10 +22,8 @@ log = logging.getLogger(__name__)
 CHUNK: Final = 256
 
 
-class ResumeUnavailable(ServiceError):
+class ResumeUnavailable(OutOfRange):
     """The changes after the client's position are no longer held, or cannot be shown complete."""
-
-    code = grpc.StatusCode.OUT_OF_RANGE
 
     def __init__(self, why: str) -> None:
         super().__init__(

@@ -1,17 +1,16 @@
-"""Typed errors with a `reason`, and the one table that maps them to gRPC statuses."""
+"""Typed errors with a `reason`, in families that say what went wrong, whatever the transport.
+
+Every error a client should see is a `ServiceError` of one family (`NotFound`,
+`InvalidArgument`, ...); a service subclasses a family for each reason it raises.
+The families carry no status codes: the gRPC edge (payments_common/grpcstatus.py)
+holds the one table from family to status.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
-
-# The `domain` of every ErrorInfo this platform sends.
-ERROR_DOMAIN = "payments.example.com"
+from typing import Final
 
 
 @dataclass(frozen=True)
@@ -23,13 +22,12 @@ class FieldViolation:
 
 
 class ServiceError(Exception):
-    """An error that a client should see, with its gRPC code and ErrorInfo reason.
+    """An error that a client should see: a reason, a message safe to show it, and metadata.
 
-    Subclasses fix the code; instances carry the reason, a message safe to show a
-    client, and optional metadata for the ErrorInfo.
+    Subclasses fix the family; instances carry the reason (UPPER_SNAKE, the ErrorInfo
+    reason on the wire), the message, and optional metadata for the ErrorInfo. An error
+    of no family is sent as an internal error, with its own reason and message.
     """
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
     def __init__(self, reason: str, message: str, metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -37,17 +35,9 @@ class ServiceError(Exception):
         self.message = message
         self.metadata = dict(metadata or {})
 
-    def details(self) -> list[any_pb2.Any]:
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)
-        packed = any_pb2.Any()
-        packed.Pack(info)
-        return [packed]
-
 
 class InvalidArgument(ServiceError):
     """The request is malformed; `violations` list the fields at fault."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(
         self,
@@ -59,89 +49,50 @@ class InvalidArgument(ServiceError):
         super().__init__(reason, text or "invalid request")
         self.violations = list(violations)
 
-    def details(self) -> list[any_pb2.Any]:
-        request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in self.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(request)
-        return [*super().details(), packed]
-
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    """What the request names does not exist."""
 
 
 class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    """The request is well formed, but the state of what it names does not allow it."""
 
 
 class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    """What the request would create, or the key it claims, is already taken."""
 
 
 class Aborted(ServiceError):
-    code = grpc.StatusCode.ABORTED
+    """The operation lost a race, or could not go on; the client may retry from the start."""
+
+
+class OutOfRange(ServiceError):
+    """The request asks for a position outside what is held."""
 
 
 class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+    """A store the service depends on cannot answer now; the client may retry."""
 
 
 class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    """The call's deadline passed before the work was done."""
 
 
 class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """A limit was reached (a buffer, a quota); the client should slow down."""
+
+
+class Unimplemented(ServiceError):
+    """The operation is not offered by this server."""
 
 
 class Internal(ServiceError):
-    code = grpc.StatusCode.INTERNAL
+    """A failure of the server itself; its details stay in the log."""
 
 
-INTERNAL_MESSAGE = "internal error; the server logged the details"
-
-
-def to_grpc_status(error: ServiceError) -> grpc.Status:
-    """The `grpc.Status` (code, message, google.rpc.Status trailer) for an error."""
-    status = status_pb2.Status(
-        code=getattr(code_pb2, error.code.name),
-        message=error.message,
-        details=error.details(),
-    )
-    return rpc_status.to_status(status)
+INTERNAL_MESSAGE: Final = "internal error; the server logged the details"
 
 
 def internal_error() -> Internal:
     """The error sent for an unexpected exception: a generic message, no traceback."""
     return Internal("INTERNAL", INTERNAL_MESSAGE)
-
-
-def error_info(call_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo in a failed call's status trailer, for clients and tests."""
-    status = rpc_status.from_call(call_error)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
-
-
-def bad_request(call_error: grpc.RpcError) -> error_details_pb2.BadRequest | None:
-    """The BadRequest in a failed call's status trailer, for clients and tests."""
-    status = rpc_status.from_call(call_error)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            request = error_details_pb2.BadRequest()
-            detail.Unpack(request)
-            return request
-    return None

@@ -17,13 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
-from payments_common.errors import (
-    FieldViolation,
-    InvalidArgument,
-    ServiceError,
-    internal_error,
-    to_grpc_status,
-)
+from payments_common.errors import FieldViolation, InvalidArgument, ServiceError, internal_error
+from payments_common.grpcstatus import status_code, to_grpc_status
 from payments_common.logs import method_var, request_id_var
 
 log = logging.getLogger(__name__)
@@ -103,15 +98,24 @@ def _ended(context: grpc.aio.ServicerContext[Any, Any], method: str, code: grpc.
     log.info("call ended before its answer: %s", code.name, extra={"grpc_code": code.name})
 
 
+def _ended_by_client(error: Exception) -> grpc.StatusCode | None:
+    """The code of a ServiceError that says the client stopped waiting, else None."""
+    if isinstance(error, ServiceError):
+        code = status_code(error)
+        if code in _ENDED_BY_CLIENT:
+            return code
+    return None
+
+
 async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
     if isinstance(error, ServiceError):
         service_error = error
-        if error.code == grpc.StatusCode.INTERNAL:
+        if status_code(error) == grpc.StatusCode.INTERNAL:
             log.error("internal error in %s: %s", method, error.message)
     else:
         log.error("unexpected error in %s", method, exc_info=error)
         service_error = internal_error()
-    RPC_TOTAL.labels(method, service_error.code.name).inc()
+    RPC_TOTAL.labels(method, status_code(service_error).name).inc()
     await context.abort_with_status(to_grpc_status(service_error))  # type: ignore[attr-defined]
 
 
@@ -133,10 +137,11 @@ def _wrap_unary(
             _ended(context, method, None)
             raise
         except Exception as error:  # every other failure becomes a status, never a traceback
-            if isinstance(error, ServiceError) and error.code in _ENDED_BY_CLIENT:
+            ended = _ended_by_client(error)
+            if ended is not None:
                 # The handler saw the deadline pass first. Sending a status now would fail
                 # in gRPC's core once the call has expired there; end it as gRPC would.
-                _ended(context, method, error.code)
+                _ended(context, method, ended)
                 raise asyncio.CancelledError from None
             await _fail(context, error, method)
             raise  # unreachable: abort raises
@@ -169,8 +174,9 @@ def _wrap_stream(
             _ended(context, method, None)
             raise
         except Exception as error:
-            if isinstance(error, ServiceError) and error.code in _ENDED_BY_CLIENT:
-                _ended(context, method, error.code)
+            ended = _ended_by_client(error)
+            if ended is not None:
+                _ended(context, method, ended)
                 raise asyncio.CancelledError from None
             await _fail(context, error, method)
             raise

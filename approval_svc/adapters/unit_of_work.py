@@ -15,7 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from approval_svc.adapters.repository import Repository, SqlRepository
-from approval_svc.domain.errors import DatabaseUnavailable, DeadlineExceeded, DomainError, TransactionConflict
+from approval_svc.domain.errors import DatabaseUnavailable, DeadlineExceeded, TransactionConflict
+from payments_common.errors import ServiceError
 from payments_common.lsn import parse_lsn
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,13 @@ class UnitOfWork(Protocol):
         ...
 
 
-def database_error(error: BaseException) -> DomainError | None:
+def database_error(error: BaseException) -> ServiceError | None:
     """The domain error for a failure of the database driver, or None when it is not one.
 
     Knows both SQLAlchemy's wrapped errors (the engine, the readiness probe) and
     asyncpg's own (the hot path runs on the raw driver connection).
     """
-    if isinstance(error, DomainError):
+    if isinstance(error, ServiceError):
         return None
     if isinstance(error, sa_exc.TimeoutError):
         return DatabaseUnavailable("no database connection became free in time")

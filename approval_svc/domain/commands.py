@@ -8,8 +8,9 @@ from typing import Final
 from uuid import UUID
 
 from approval_svc.domain.currencies import is_currency
-from approval_svc.domain.errors import InvalidRequest, Violation
+from approval_svc.domain.errors import InvalidRequest
 from approval_svc.domain.model import MAX_AMOUNT, AccountStatus
+from payments_common.errors import FieldViolation
 
 MAX_REQUEST_ID: Final = 64
 MAX_NAME: Final = 200
@@ -56,10 +57,10 @@ class _Checker:
     """Collects every violation of one request, so a client learns all of them at once."""
 
     def __init__(self) -> None:
-        self.violations: list[Violation] = []
+        self.violations: list[FieldViolation] = []
 
     def fail(self, field: str, description: str) -> None:
-        self.violations.append(Violation(field, description))
+        self.violations.append(FieldViolation(field, description))
 
     def text(self, field: str, value: str, *, maximum: int, required: bool) -> str:
         if required and not value.strip():

@@ -1,88 +1,73 @@
-"""Typed errors of the command side, each with the `reason` that clients see in ErrorInfo."""
+"""Typed errors of the command side, each with the `reason` that clients see in ErrorInfo.
+
+Each is a member of a shared error family (payments_common/errors.py), which decides
+its status at the gRPC edge; the domain never names a status code.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from payments_common import errors
 
 
-@dataclass(frozen=True)
-class Violation:
-    """One invalid field of a request, named by its path in the API request."""
-
-    field: str
-    description: str
+class InvalidRequest(errors.InvalidArgument):
+    """The command is malformed; `violations` name the fields at fault."""
 
 
-class DomainError(Exception):
-    """Base of every error the command side raises on purpose."""
-
-    reason: str = "INTERNAL"
-
-    def __init__(self, message: str, metadata: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.metadata = dict(metadata or {})
-
-
-class InvalidRequest(DomainError):
-    """The request is malformed; `violations` name the fields at fault."""
-
-    reason = "INVALID_ARGUMENT"
-
-    def __init__(self, violations: Sequence[Violation]) -> None:
-        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations) or "invalid request")
-        self.violations = list(violations)
-
-
-class AccountNotFound(DomainError):
-    reason = "ACCOUNT_NOT_FOUND"
-
+class AccountNotFound(errors.NotFound):
     def __init__(self, account_id: str, field: str) -> None:
-        super().__init__(f"account {account_id} does not exist", {"account_id": account_id, "field": field})
+        super().__init__(
+            "ACCOUNT_NOT_FOUND",
+            f"account {account_id} does not exist",
+            {"account_id": account_id, "field": field},
+        )
 
 
-class PaymentNotFound(DomainError):
-    reason = "PAYMENT_NOT_FOUND"
-
+class PaymentNotFound(errors.NotFound):
     def __init__(self, payment_id: str) -> None:
-        super().__init__(f"payment {payment_id} does not exist", {"payment_id": payment_id})
+        super().__init__(
+            "PAYMENT_NOT_FOUND", f"payment {payment_id} does not exist", {"payment_id": payment_id}
+        )
 
 
-class PaymentNotUnderReview(DomainError):
-    reason = "PAYMENT_NOT_UNDER_REVIEW"
-
+class PaymentNotUnderReview(errors.FailedPrecondition):
     def __init__(self, payment_id: str, status: str) -> None:
         super().__init__(
+            "PAYMENT_NOT_UNDER_REVIEW",
             f"payment {payment_id} is {status}, not under review",
             {"payment_id": payment_id, "status": status},
         )
 
 
-class RequestIdReused(DomainError):
+class RequestIdReused(errors.AlreadyExists):
     """The request_id was already used for a different request (AIP-155)."""
-
-    reason = "REQUEST_ID_REUSED"
 
     def __init__(self, request_id: str) -> None:
         super().__init__(
-            "this request_id was already used for a different request", {"request_id": request_id}
+            "REQUEST_ID_REUSED",
+            "this request_id was already used for a different request",
+            {"request_id": request_id},
         )
 
 
-class DatabaseUnavailable(DomainError):
+class DatabaseUnavailable(errors.Unavailable):
     """The system of record cannot be reached, or stayed too busy to commit; the client may retry."""
 
-    reason = "DATABASE_UNAVAILABLE"
+    def __init__(self, message: str) -> None:
+        super().__init__("DATABASE_UNAVAILABLE", message)
 
 
-class DeadlineExceeded(DomainError):
+class DeadlineExceeded(errors.DeadlineExceeded):
     """The call's deadline passed before the work could start: its client has stopped waiting."""
 
-    reason = "DEADLINE_EXCEEDED"
+    def __init__(self, message: str) -> None:
+        super().__init__("DEADLINE_EXCEEDED", message)
 
 
-class TransactionConflict(DomainError):
-    """A transaction lost a race (serialization failure, deadlock, concurrent request_id); retry it."""
+class TransactionConflict(errors.Unavailable):
+    """A transaction lost a race (serialization failure, deadlock, concurrent request_id); retry it.
 
-    reason = "DATABASE_UNAVAILABLE"
+    A client that sees it sees a busy database: the same reason as DatabaseUnavailable.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__("DATABASE_UNAVAILABLE", message)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from approval_svc.domain.errors import InvalidRequest, Violation
+from approval_svc.domain.errors import InvalidRequest
 from approval_svc.domain.model import (
     MAX_AMOUNT,
     Account,
@@ -17,6 +17,7 @@ from approval_svc.domain.model import (
     Payment,
     PaymentStatus,
 )
+from payments_common.errors import FieldViolation
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ def check_credit_fits(payee: Account, amount: int) -> None:
     """
     if payee.ledger_balance > MAX_AMOUNT - amount or payee.total_received > MAX_AMOUNT - amount:
         raise InvalidRequest(
-            [Violation("amount.amount_minor", "the payee's balance cannot hold this amount")]
+            [FieldViolation("amount.amount_minor", "the payee's balance cannot hold this amount")]
         )
 
 

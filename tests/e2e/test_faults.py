@@ -32,7 +32,7 @@ from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2
-from payments_common.errors import error_info
+from payments_common.grpcstatus import error_info
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from stack.servers import PostgresServer, RedisServer, free_port
 from tests.support.faults import (

@@ -17,7 +17,7 @@ from approval_svc.migrate import upgrade
 from approval_svc.servicer import SERVICE_NAME
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.type.v1 import money_pb2, payment_pb2
-from payments_common.errors import bad_request, error_info
+from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import decode_consistency_token
 from stack.servers import PostgresServer
 from tests.support.approval import RunningServer, running_server

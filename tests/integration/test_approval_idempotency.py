@@ -15,7 +15,7 @@ from google.protobuf import message
 from approval_svc import metrics
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.type.v1 import money_pb2, payment_pb2
-from payments_common.errors import error_info
+from payments_common.grpcstatus import error_info
 from tests.support.approval import RunningServer, running_server
 
 pytestmark = pytest.mark.slow

@@ -24,7 +24,7 @@ from approval_svc.migrate import upgrade
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
-from payments_common.errors import bad_request, error_info
+from payments_common.grpcstatus import bad_request, error_info
 from stack.servers import PostgresServer, free_port
 from tests.support.faults import ServiceProcess, approval_process
 

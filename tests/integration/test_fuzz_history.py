@@ -29,7 +29,7 @@ from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
-from payments_common.errors import bad_request, error_info
+from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import encode_consistency_token
 from stack.servers import PostgresServer, RedisServer, free_port
 from tests.support.faults import ServiceProcess, approval_process, history_process

@@ -13,15 +13,9 @@ from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from payments_common.errors import (
-    INTERNAL_MESSAGE,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-    bad_request,
-    error_info,
-)
+from payments_common.errors import INTERNAL_MESSAGE, FieldViolation, InvalidArgument, NotFound
 from payments_common.grpcserver import LIVENESS, READINESS, Readiness, ServerOptions, build_server
+from payments_common.grpcstatus import bad_request, error_info
 
 SERVICE = "test.Echo"
 

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from history_svc.server import SERVICE_NAME
 from payments.history.v1 import history_service_pb2 as pb
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.errors import error_info
+from payments_common.grpcstatus import error_info
 from payments_common.keys import CHECKPOINT_LSN_FIELD, STREAM_BATCH_FIELD, KeySchema
 from payments_common.tokens import encode_consistency_token
 from stack.servers import RedisServer

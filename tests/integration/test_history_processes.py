@@ -20,7 +20,7 @@ import pytest
 
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
-from payments_common.errors import error_info
+from payments_common.grpcstatus import error_info
 from stack.servers import PostgresServer, free_port
 from tests.support.history import (
     ROOT,

@@ -18,7 +18,7 @@ from history_svc.queries import ListQuery, ReadModel
 from payments.history.v1 import history_service_pb2 as pb
 from payments.readmodel.v1 import read_model_pb2 as read_model
 from payments.type.v1 import payment_pb2 as types
-from payments_common.errors import bad_request, error_info
+from payments_common.grpcstatus import bad_request, error_info
 from payments_common.keys import KeySchema
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer

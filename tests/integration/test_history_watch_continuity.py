@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from payments.history.v1 import history_service_pb2 as pb
-from payments_common.errors import error_info
+from payments_common.grpcstatus import error_info
 from payments_common.tokens import encode_consistency_token
 from tests.support.history import (
     ALICE,

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
-from payments_common.errors import error_info
+from payments_common.grpcstatus import error_info
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer, free_port
 from tests.support.history import (

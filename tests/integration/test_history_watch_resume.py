@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from payments.history.v1 import history_service_pb2 as pb
-from payments_common.errors import bad_request, error_info
+from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from tests.support.history import (
     ALICE,
