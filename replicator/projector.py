@@ -1,122 +1,32 @@
-"""The projection: a pure function from one source row change to the Redis writes of the read models.
-
-Every write is a full upsert of an entity's state at a WAL position, never an increment,
-so applying a change twice gives the same result and an older write never replaces a newer
-one (the sink's scripts compare positions).
-"""
+"""The projection, a pure function: row changes of the published tables in, read-model writes out."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.keys import DIRECTIONS, STATUS_NAMES, KeySchema, index_member
+from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, RowBatch, RowChange
 from replicator.decoder import UNCHANGED, Value
-
-PAYMENTS: Final = "public.payments"
-PAYMENT_EVENTS: Final = "public.payment_events"
-ACCOUNTS: Final = "public.accounts"
-TABLES: Final = (ACCOUNTS, PAYMENTS, PAYMENT_EVENTS)
-
-View = read_model_pb2.PaymentView | read_model_pb2.AccountView
+from replicator.ops import (
+    DeleteTimeline,
+    DeleteView,
+    Op,
+    SetIndexes,
+    UnindexPayment,
+    UpsertTimeline,
+    UpsertView,
+)
 
 
 class ProjectionError(ValueError):
     """A row that cannot be projected (a required column missing or unchanged)."""
 
-
-# RowChange and the ops made per change are plain dataclasses rather than frozen ones:
-# a frozen dataclass's __init__ sets each field through object.__setattr__, a measurable
-# cost at several objects per row change. Nothing mutates or hashes them.
-@dataclass(slots=True)
-class RowChange:
-    """One row change of a published table, at the end position of its transaction."""
-
-    table: str  # "schema.name"
-    kind: Literal["insert", "update", "delete"]
-    # The new row for insert and update; the old key (or old row) for delete.
-    row: Mapping[str, Value]
-    lsn: int
-
-
-@dataclass(slots=True)
-class UpsertView:
-    """Store `view` in the entity hash `key` unless the hash holds a newer position.
-
-    `keep` names view fields whose source column was not sent (unchanged TOAST): the sink
-    copies them from the stored view.
-    """
-
-    key: str
-    lsn: int
-    view: View
-    keep: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class DeleteView:
-    """Remove the view of `key`, keeping its position as a tombstone."""
-
-    key: str
-    lsn: int
-
-
-@dataclass(slots=True)
-class SetIndexes:
-    """Set the index membership of one payment in one account's indexes."""
-
-    versions_key: str
-    payment_id: str
-    lsn: int
-    member: str
-    add: tuple[str, ...]
-    remove: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class UnindexPayment:
-    """Remove a deleted payment from its accounts' indexes; the sink finds them in the stored view."""
-
-    payment_id: str
-    lsn: int
-
-
-@dataclass(slots=True)
-class UpsertTimeline:
-    """Store one timeline entry of a payment unless a newer write of that entry exists."""
-
-    payment_key: str
-    timeline_key: str
-    payment_id: str
-    sequence: int
-    lsn: int
-    entry: read_model_pb2.TimelineEntry
-    keep: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class DeleteTimeline:
-    payment_key: str
-    timeline_key: str
-    sequence: int
-    lsn: int
-
-
-@dataclass(frozen=True, slots=True)
-class TruncateTables:
-    """Every row of these tables was removed."""
-
-    tables: tuple[str, ...]
-    lsn: int
-
-
-Op = UpsertView | DeleteView | SetIndexes | UnindexPayment | UpsertTimeline | DeleteTimeline | TruncateTables
 
 _STATUSES: Final = (
     payment_pb2.PAYMENT_STATUS_APPROVED,
@@ -214,81 +124,6 @@ class _Row:
 _MISSING: Final = object()
 
 
-# The primary key of each published table (taken from the schema, not from the replica
-# identity flags, which mark every column under REPLICA IDENTITY FULL).
-KEY_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
-    ACCOUNTS: ("account_id",),
-    PAYMENTS: ("payment_id",),
-    PAYMENT_EVENTS: ("payment_id", "sequence"),
-}
-
-
-class RowBatch:
-    """The row changes of whole transactions, keeping only the last change of each row.
-
-    Every view is a function of its row, so only a row's last state in a batch needs
-    projecting. A delete followed by an insert of the same key keeps both, in order. An
-    unchanged (TOAST) column takes its value from the row's earlier change in the batch.
-    A truncate is a barrier: what came before it is projected before it.
-    """
-
-    def __init__(self) -> None:
-        self._segments: list[
-            tuple[list[RowChange], dict[tuple[str, ...], RowChange], TruncateTables | None]
-        ] = []
-        self._new_segment()
-        self.changes = 0
-
-    def _new_segment(self) -> None:
-        self._early: list[RowChange] = []
-        self._latest: dict[tuple[str, ...], RowChange] = {}
-        self._segments.append((self._early, self._latest, None))
-
-    def add(self, change: RowChange) -> None:
-        self.changes += 1
-        columns = KEY_COLUMNS.get(change.table)
-        if columns is None:
-            return
-        row = change.row
-        if len(columns) == 1:
-            key: tuple[str, ...] = (change.table, str(row.get(columns[0])))
-        else:
-            key = (change.table, *[str(row.get(c)) for c in columns])
-        previous = self._latest.get(key)
-        if previous is not None:
-            if previous.kind == "delete":
-                if change.kind != "delete":
-                    self._early.append(previous)
-            # `in` compares by identity first; no text or bytes value equals UNCHANGED.
-            elif change.kind != "delete" and UNCHANGED in row.values():
-                merged = {
-                    name: previous.row.get(name, value) if value is UNCHANGED else value
-                    for name, value in change.row.items()
-                }
-                change = RowChange(change.table, change.kind, merged, change.lsn)
-            del self._latest[key]
-        self._latest[key] = change
-
-    def truncate(self, tables: tuple[str, ...], lsn: int) -> None:
-        published = tuple(table for table in tables if table in TABLES)
-        if not published:
-            return
-        early, latest, _ = self._segments[-1]
-        self._segments[-1] = (early, latest, TruncateTables(published, lsn))
-        self._new_segment()
-
-    def project(self, projector: Projector) -> list[Op]:
-        ops: list[Op] = []
-        for early, latest, truncate in self._segments:
-            for change in early:
-                ops.extend(projector.project(change))
-            for change in latest.values():
-                ops.extend(projector.project(change))
-            if truncate is not None:
-                ops.append(truncate)
-        return ops
-
-
 INDEX_CACHE_ENTRIES: Final = 65_536
 
 
@@ -307,7 +142,7 @@ class Projector:
         if change.table == PAYMENTS:
             if change.kind == "delete":
                 payment_id = _Row(change.table, change.row).required("payment_id")
-                # Unindex first: the sink finds the accounts in the view that the delete removes.
+                # Unindex first: resolution finds the accounts in the view that the delete removes.
                 return [
                     UnindexPayment(payment_id, change.lsn),
                     DeleteView(self.schema.payment(payment_id), change.lsn),
@@ -322,9 +157,31 @@ class Projector:
             return [self._account(change)]
         return []
 
-    def truncate(self, tables: tuple[str, ...], lsn: int) -> list[Op]:
-        published = tuple(table for table in tables if table in TABLES)
-        return [TruncateTables(published, lsn)] if published else []
+    def project_batch(self, batch: RowBatch) -> list[Op]:
+        """The writes of a batch's rows, in order, with each truncate after what came before it."""
+        ops: list[Op] = []
+        for segment in batch.segments:
+            for change in segment.rows():
+                ops.extend(self.project(change))
+            if segment.truncate is not None:
+                ops.append(segment.truncate)
+        return ops
+
+    def unindex(self, op: UnindexPayment, view: read_model_pb2.PaymentView) -> list[SetIndexes]:
+        """Removes a deleted payment from every index of the accounts in `view`, its last view."""
+        created_us = view.create_time.seconds * 1_000_000 + view.create_time.nanos // 1000
+        member = index_member(created_us, op.payment_id)
+        return [
+            SetIndexes(
+                self.schema.account_index_versions(account_id),
+                op.payment_id,
+                op.lsn,
+                member,
+                (),
+                self._all_index_keys(account_id),
+            )
+            for account_id in dict.fromkeys((view.payer_account_id, view.payee_account_id))
+        ]
 
     def _payment(self, change: RowChange) -> list[Op]:
         row = _Row(change.table, change.row)
@@ -394,7 +251,7 @@ class Projector:
         self._index_cache[cache_key] = result
         return result
 
-    def all_index_keys(self, account_id: str) -> tuple[str, ...]:
+    def _all_index_keys(self, account_id: str) -> tuple[str, ...]:
         """Every index key of an account, for removing a payment from all of them."""
         return tuple(
             self.schema.account_index(account_id, direction, status)

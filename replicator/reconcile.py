@@ -45,17 +45,10 @@ from psycopg2 import sql
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn, parse_lsn
+from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, RowChange
 from replicator.config import Settings
-from replicator.projector import (
-    ACCOUNTS,
-    PAYMENT_EVENTS,
-    PAYMENTS,
-    Projector,
-    RowChange,
-    SetIndexes,
-    UpsertTimeline,
-    UpsertView,
-)
+from replicator.ops import SetIndexes, UpsertTimeline, UpsertView
+from replicator.projector import Projector
 from replicator.source import SESSION_OPTIONS
 
 _ENTITY = re.compile(r"\{([^}]*)\}")

@@ -1,16 +1,13 @@
-"""The replication loop: lock, bootstrap when needed, stream, apply in batches, reconnect with backoff."""
+"""The replication loop: the stages wired into one line, with the lock, bootstrap, batching and restarts."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import select
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable, Iterable
 
 import psycopg2
 import redis
@@ -19,18 +16,16 @@ from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn
 from replicator import metrics
 from replicator.ack import Acknowledgements
+from replicator.changes import TABLES, Checkpoint, RowBatch, RowChange, Transaction, TruncateTables
+from replicator.coalesce import coalesce
 from replicator.config import Settings
-from replicator.decoder import (
-    Begin,
-    Commit,
-    Decoder,
-    Relation,
-    Truncate,
-    as_row,
-)
+from replicator.decoder import Begin, Commit, Decoder, Relation, Truncate, as_row
+from replicator.encode import encode
 from replicator.lock import LockKeeper, LockLost, SlotLock, instance_token
-from replicator.projector import TABLES, Op, Projector, RowBatch, RowChange
-from replicator.sink import Checkpoint, CheckpointMoved, Sink
+from replicator.ops import Op, SegmentOp
+from replicator.projector import Projector
+from replicator.resolve import resolve, stored_fields
+from replicator.sink import CheckpointMoved, Sink
 from replicator.source import Source
 
 log = logging.getLogger(__name__)
@@ -57,34 +52,40 @@ class Stopped(Exception):
     """The replicator was asked to stop."""
 
 
-@dataclass
-class _Transaction:
-    begin: Begin
-    skip: bool
-    changes: list[tuple[str, Literal["insert", "update", "delete"] | None, object]] = field(
-        default_factory=list
-    )
-    # Row changes already applied in chunks (a large transaction), and when it started.
-    chunked: int = 0
-    chunks: int = 0
-    started: float = field(default_factory=time.monotonic)
-    reported: float = field(default_factory=time.monotonic)
+class Writer:
+    """The line from projected ops to Redis: coalesce, resolve against stored state, encode, apply.
 
-    def collect(self, batch: RowBatch, start: int = 0, stop: int | None = None) -> None:
-        """Adds the changes held (or a slice of them) to `batch`, at the position of the transaction's commit.
+    A truncate splits the ops: what comes before it is applied first (without the
+    checkpoint; a replay is harmless), then the truncated keys are removed, and the change
+    notification says that it omits payments.
+    """
 
-        An entity's position is the start of the commit record (the same for every chunk
-        of a transaction, so a replay rewrites them), which comes after every earlier
-        commit and before every later one.
-        """
-        lsn = self.begin.final_lsn
-        for table, kind, data in itertools.islice(self.changes, start, stop):
-            if kind is None:
-                assert isinstance(data, tuple)
-                batch.truncate(data, lsn)
+    def __init__(self, projector: Projector, sink: Sink) -> None:
+        self.projector = projector
+        self.sink = sink
+
+    def write(self, ops: Iterable[Op], checkpoint: Checkpoint | None, omits_payments: bool = False) -> None:
+        """Applies `ops` and, if given, moves the checkpoint, in one fenced script call per segment."""
+        segment: list[SegmentOp] = []
+        for op in ops:
+            if isinstance(op, TruncateTables):
+                self._write_segment(segment, None)
+                segment = []
+                self.sink.truncate(op.tables)
+                omits_payments = True
             else:
-                assert isinstance(data, dict)
-                batch.add(RowChange(table, kind, data, lsn))
+                segment.append(op)
+        self._write_segment(segment, checkpoint, omits_payments)
+
+    def _write_segment(
+        self, ops: list[SegmentOp], checkpoint: Checkpoint | None, omits_payments: bool = False
+    ) -> None:
+        if not ops and checkpoint is None:
+            return
+        coalesced = coalesce(ops, self.projector)
+        stored = self.sink.read_fields(stored_fields(coalesced, self.projector.schema))
+        writes = resolve(coalesced, stored, self.projector)
+        self.sink.apply(encode(writes, checkpoint, omits_payments))
 
 
 class Replicator:
@@ -158,16 +159,16 @@ class Replicator:
                 self.schema,
                 self.settings.slot_name,
                 lock,
-                self.projector,
                 self.settings.stream_maxlen,
                 on_progress=keeper.check,
             )
             sink.load_scripts()
+            writer = Writer(self.projector, sink)
             source.connect()
             checkpoint = sink.read_checkpoint()
             reason = self._bootstrap_reason(source, checkpoint)
             if reason is not None:
-                checkpoint = self.bootstrap(source, sink, lock, keeper, reason)
+                checkpoint = self.bootstrap(source, writer, lock, keeper, reason)
             assert checkpoint is not None
             # Ending another instance's walsender is a side effect too: only while the lock is ours.
             keeper.check()
@@ -177,7 +178,7 @@ class Replicator:
             )
             metrics.STREAMING.set(1)
             self._on_ready(True)
-            _Stream(self, source, sink, keeper, checkpoint).run()
+            _Stream(self, source, writer, keeper, checkpoint).run()
         finally:
             if keeper is not None:
                 keeper.stop()
@@ -236,7 +237,7 @@ class Replicator:
         return None
 
     def bootstrap(
-        self, source: Source, sink: Sink, lock: SlotLock, keeper: LockKeeper, reason: str
+        self, source: Source, writer: Writer, lock: SlotLock, keeper: LockKeeper, reason: str
     ) -> Checkpoint:
         """Copies every published row under the new slot's snapshot; the checkpoint is written last.
 
@@ -245,6 +246,7 @@ class Replicator:
         metrics.BOOTSTRAPS.labels(reason).inc()
         log.warning("bootstrap of slot %s started (reason: %s)", self.settings.slot_name, reason)
         started = time.monotonic()
+        sink = writer.sink
         sink.clear_checkpoint()
         removed = sink.wipe()
         log.info("bootstrap removed %d existing read-model keys", removed)
@@ -272,7 +274,7 @@ class Replicator:
                 ops.extend(
                     self.projector.project(RowChange(table.qualified, "insert", row, consistent_point))
                 )
-            sink.apply(ops, None, notify=False)
+            writer.write(ops, None)
             copied += len(rows)
             metrics.BOOTSTRAP_ROWS.set(copied)
             now = time.monotonic()
@@ -286,7 +288,7 @@ class Replicator:
                 )
                 last_report = now
         checkpoint = Checkpoint(consistent_point, None)
-        sink.apply([], checkpoint)
+        writer.write([], checkpoint)
         log.warning(
             "bootstrap of slot %s done: %d rows in %.1fs, checkpoint %s",
             self.settings.slot_name,
@@ -301,25 +303,29 @@ class Replicator:
 class _Stream:
     """One streaming session: reads messages without blocking, applies whole transactions in batches.
 
+    The line: messages are decoded into `Transaction`s, whose changes gather in a
+    `RowBatch` until it is due; the batch is projected and handed to the `Writer`, and
+    once Redis holds its checkpoint, `Acknowledgements` decides when `Source.acknowledge`
+    may tell PostgreSQL (never the driver on its own).
+
     A transaction larger than `transaction_chunk_changes` is applied in chunks as it
-    arrives, without the checkpoint; its last chunk moves the checkpoint. Positions are
-    confirmed to PostgreSQL through `Acknowledgements`, never by the driver.
+    arrives, without the checkpoint; its last chunk moves the checkpoint.
     """
 
     def __init__(
-        self, owner: Replicator, source: Source, sink: Sink, keeper: LockKeeper, checkpoint: Checkpoint
+        self, owner: Replicator, source: Source, writer: Writer, keeper: LockKeeper, checkpoint: Checkpoint
     ) -> None:
         self.owner = owner
         self.source = source
         self.stream = source.stream
-        self.sink = sink
+        self.writer = writer
         self.keeper = keeper
         self.checkpoint = checkpoint
         self.decoder = Decoder()
         self.projector = owner.projector
         self.batch_max = owner.settings.batch_max_changes
         self.chunk_max = owner.settings.transaction_chunk_changes
-        self.transaction: _Transaction | None = None
+        self.transaction: Transaction | None = None
         self.pending = RowBatch()
         self.pending_checkpoint: Checkpoint | None = None
         self.pending_changes = 0
@@ -374,11 +380,11 @@ class _Stream:
         message = self.decoder.decode(payload)
         if isinstance(message, Begin):
             # A commit that starts below the checkpoint ends at or below it: already applied.
-            self.transaction = _Transaction(message, skip=message.final_lsn < self.checkpoint.lsn)
+            self.transaction = Transaction(message, skip=message.final_lsn < self.checkpoint.lsn)
         elif isinstance(message, Truncate):
             if self.transaction is not None and not self.transaction.skip:
                 tables = tuple(r.qualified_name for r in message.relations)
-                self.transaction.changes.append(("", None, tables))
+                self.transaction.changes.append((tables, None, None))
         elif isinstance(message, Commit):
             transaction, self.transaction = self.transaction, None
             if transaction is None or transaction.skip or message.end_lsn <= self.checkpoint.lsn:
@@ -395,7 +401,7 @@ class _Stream:
         elif isinstance(message, Relation):
             log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
 
-    def apply_chunk(self, transaction: _Transaction) -> None:
+    def apply_chunk(self, transaction: Transaction) -> None:
         """Applies what a large transaction has sent so far, without moving the checkpoint.
 
         A replay after a crash applies the same chunks again at the same positions; the
@@ -409,7 +415,7 @@ class _Stream:
             transaction.collect(batch, start, start + self.batch_max)
             self.keeper.check()
             started = time.perf_counter()
-            self.sink.apply(batch.project(self.projector), None, notify=False)
+            self.writer.write(self.projector.project_batch(batch), None)
             self.acks.alive()
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_CHANGES.observe(batch.changes)
@@ -432,7 +438,7 @@ class _Stream:
             transaction.reported = now
         self.confirm_due()
 
-    def finish_chunked(self, transaction: _Transaction, checkpoint: Checkpoint) -> None:
+    def finish_chunked(self, transaction: Transaction, checkpoint: Checkpoint) -> None:
         """Applies the rest of a transaction applied in chunks, then moves the checkpoint past it."""
         self.apply_chunk(transaction)
         self.pending_checkpoint = checkpoint
@@ -455,7 +461,7 @@ class _Stream:
             return
         self.keeper.check()
         started = time.perf_counter()
-        self.sink.apply(self.pending.project(self.projector), checkpoint, omits_payments=self.pending_omits)
+        self.writer.write(self.projector.project_batch(self.pending), checkpoint, self.pending_omits)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         metrics.CHANGES.inc(self.pending_changes)
         metrics.TRANSACTIONS.inc(self.pending_transactions)
@@ -479,11 +485,11 @@ class _Stream:
     def confirm_due(self) -> None:
         if self.acks.waiting and self.pending_checkpoint is None and self.transaction is None:
             # Idle, with a position held long enough: is Redis still alive to have fsynced it?
-            self.sink.ping()
+            self.writer.sink.ping()
             self.acks.alive()
         lsn = self.acks.due()
         if lsn is not None:
-            self.stream.confirm(lsn)
+            self.source.acknowledge(lsn)
             metrics.CONFIRMED_LSN.set(lsn)
 
     def periodic(self) -> float:
@@ -498,7 +504,7 @@ class _Stream:
         # checkpoint can move there even when no published table changed.
         server_position = self.source.past_page_header(self.stream.wal_end)
         if server_position > self.checkpoint.lsn and now - self.last_advance >= IDLE_ADVANCE_INTERVAL_S:
-            self.sink.apply([], Checkpoint(server_position, None))
+            self.writer.write([], Checkpoint(server_position, None))
             self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us)
             metrics.CHECKPOINT_LSN.set(server_position)
             metrics.LAG_SECONDS.set(0)

@@ -1,42 +1,20 @@
-"""Applies batches of read-model writes to Redis atomically with the slot's checkpoint.
-
-One batch is one call of a Lua script: it checks that this instance still owns the slot's
-lock, applies every entity write (each guarded by the entity's stored WAL position, so a
-replay never moves a key backwards), moves the checkpoint and appends the change
-notification. A script runs atomically, so a batch is all or nothing and a fenced-off
-instance writes nothing. Every write touches the keys of one entity, which share a hash
-tag, so nothing relies on a transaction across entities.
-"""
+"""The apply stage: the one place that speaks to Redis for the read models, in fenced Lua scripts."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import hiredis
 import redis
 
-from payments.readmodel.v1 import read_model_pb2
 from payments_common import keys
 from payments_common.keys import KeySchema
+from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Checkpoint
+from replicator.encode import EncodedBatch, EncodedEntry, EncodedView, EncodedWrite
 from replicator.lock import LockLost, SlotLock
-from replicator.projector import (
-    ACCOUNTS,
-    PAYMENT_EVENTS,
-    PAYMENTS,
-    DeleteTimeline,
-    DeleteView,
-    Op,
-    Projector,
-    SetIndexes,
-    TruncateTables,
-    UnindexPayment,
-    UpsertTimeline,
-    UpsertView,
-    timestamp,
-)
+from replicator.ops import DeleteTimeline, DeleteView, SetIndexes
 
 log = logging.getLogger(__name__)
 
@@ -156,22 +134,13 @@ class CheckpointMoved(RuntimeError):
     """Redis's checkpoint is not the one this instance last wrote: Redis lost or gained writes."""
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    lsn: int
-    commit_time_us: int | None
-
-
-@dataclass
-class BatchResult:
-    """What one apply wrote, for metrics and logs."""
-
-    ops: int
-    payments: int
+Arg = str | bytes | int
+# A field of a hash to read: (key, field).
+HashField = TypeVar("HashField", bound=tuple[str, str])
 
 
 class Sink:
-    """Writes batches of ops to one Redis database, fenced by the slot's lock."""
+    """Applies encoded batches to one Redis database, fenced by the slot's lock, and reads what resolution needs."""
 
     def __init__(
         self,
@@ -179,7 +148,6 @@ class Sink:
         schema: KeySchema,
         slot: str,
         lock: SlotLock,
-        projector: Projector,
         stream_maxlen: int = 10_000,
         on_progress: Callable[[], None] = lambda: None,
     ) -> None:
@@ -187,7 +155,6 @@ class Sink:
         self.schema = schema
         self.slot = slot
         self.lock = lock
-        self.projector = projector
         self.stream_maxlen = stream_maxlen
         # Called between the steps of long work (removing many keys), so that the lock
         # keeper sees progress and the owner can stop it when the lock is lost.
@@ -215,100 +182,40 @@ class Sink:
         self.position = int(lsn)
         return Checkpoint(int(lsn), int(commit_time) if commit_time else None)
 
+    def read_fields(self, fields: Sequence[HashField]) -> dict[HashField, bytes | None]:
+        """The stored value of each hash field (None: absent), in one round trip."""
+        if not fields:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for key, field in fields:
+                pipe.hget(key, field)
+            return dict(zip(fields, pipe.execute(), strict=True))
+
     # -- applying ---------------------------------------------------------------------------
 
-    def apply(
-        self,
-        ops: Sequence[Op],
-        checkpoint: Checkpoint | None,
-        notify: bool = True,
-        omits_payments: bool = False,
-    ) -> BatchResult:
-        """Applies `ops` and, if given, moves the checkpoint, in one fenced transaction.
-
-        A truncate splits the batch: what comes before it is applied first (without the
-        checkpoint; a replay is harmless), then the truncated keys are removed, and the
-        change notification says that it omits payments.
-        """
-        segment: list[Op] = []
-        total = BatchResult(0, 0)
-        for op in ops:
-            if isinstance(op, TruncateTables):
-                if segment:
-                    self._add(total, self._apply_segment(segment, None, notify=False))
-                    segment = []
-                self._truncate(op.tables)
-                omits_payments = True
-            else:
-                segment.append(op)
-        self._add(total, self._apply_segment(segment, checkpoint, notify, omits_payments))
-        return total
-
-    @staticmethod
-    def _add(total: BatchResult, part: BatchResult) -> None:
-        total.ops += part.ops
-        total.payments += part.payments
-
-    def _apply_segment(
-        self, ops: Sequence[Op], checkpoint: Checkpoint | None, notify: bool, omits_payments: bool = False
-    ) -> BatchResult:
-        if not ops and checkpoint is None:
-            return BatchResult(0, 0)
-        final = self._coalesce(ops)
-        payments: list[read_model_pb2.PaymentView] = []
-        timelines: dict[str, dict[int, read_model_pb2.TimelineEntry]] = {}
+    def apply(self, batch: EncodedBatch) -> None:
+        """Applies the batch's writes and, if it has one, moves the checkpoint, in one fenced script call."""
+        checkpoint = batch.checkpoint
+        if not batch.writes and checkpoint is None:
+            return
+        notification = b""
+        if batch.notification is not None:
+            batch.notification.previous_checkpoint_lsn = self.position
+            notification = batch.notification.SerializeToString()
         keys_: list[str] = [self.lock.key, self.checkpoint_key, self.schema.changes()]
-        args: list[Any] = []
-        for op in final:
-            if isinstance(op, UpsertView):
-                keys_.append(op.key)
-                args += ("V", op.lsn, op.view.SerializeToString())
-                if isinstance(op.view, read_model_pb2.PaymentView):
-                    payments.append(op.view)
-            elif isinstance(op, DeleteView):
-                keys_.append(op.key)
-                args += ("D", op.lsn)
-            elif isinstance(op, SetIndexes):
-                keys_.append(op.versions_key)
-                keys_ += op.add
-                keys_ += op.remove
-                args += ("I", op.lsn, op.payment_id, op.member, len(op.add), len(op.remove))
-            elif isinstance(op, UpsertTimeline):
-                keys_ += (op.payment_key, op.timeline_key)
-                args += ("T", op.lsn, op.sequence, op.entry.SerializeToString())
-                timelines.setdefault(op.payment_id, {})[op.sequence] = op.entry
-            elif isinstance(op, DeleteTimeline):
-                keys_ += (op.payment_key, op.timeline_key)
-                args += ("X", op.lsn, op.sequence)
-        batch_bytes = b""
-        if checkpoint is not None and notify:
-            batch = read_model_pb2.ChangeBatch(
-                checkpoint_lsn=checkpoint.lsn,
-                previous_checkpoint_lsn=self.position,
-                omits_payments=omits_payments,
-            )
-            if checkpoint.commit_time_us is not None:
-                batch.commit_time.CopyFrom(timestamp(checkpoint.commit_time_us))
-            for view in payments:
-                entries = timelines.get(view.payment_id)
-                # Only a complete timeline is worth sending; otherwise readers fetch it.
-                item = batch.payments.add()
-                item.CopyFrom(view)
-                if entries and sorted(entries) == list(range(1, len(entries) + 1)):
-                    item.timeline.extend(entries[s] for s in sorted(entries))
-            batch_bytes = batch.SerializeToString()
-        head = [
+        args: list[Arg] = [
             self.lock.token,
             "" if checkpoint is None else checkpoint.lsn,
             "" if checkpoint is None or checkpoint.commit_time_us is None else checkpoint.commit_time_us,
             self.stream_maxlen,
-            batch_bytes,
+            notification,
             self.position,
         ]
-        self._execute("apply_batch", keys_, head + args)
+        for write in batch.writes:
+            _PACKERS[type(write)](write, keys_, args)
+        self._execute("apply_batch", keys_, args)
         if checkpoint is not None:
             self.position = max(self.position, checkpoint.lsn)
-        return BatchResult(len(final), len(payments))
 
     def _execute(self, script: str, keys_: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         for attempt in (1, 2):
@@ -349,95 +256,10 @@ class Sink:
         finally:
             pool.release(connection)
 
-    def _coalesce(self, ops: Sequence[Op]) -> list[Op]:
-        """Keeps the last write of each key (each is a full state), merging unchanged TOAST fields.
-
-        Fields that the source did not send come from an earlier write in the batch, else
-        from the stored view, which one read fetches for the whole batch.
-        """
-        latest: dict[tuple[str, ...], Op] = {}
-        for op in ops:
-            if isinstance(op, UpsertView | DeleteView):
-                identity: tuple[str, ...] = ("view", op.key)
-                previous = latest.get(identity)
-                if isinstance(op, UpsertView) and op.keep and isinstance(previous, UpsertView):
-                    op = _merge_view(op, previous.view)
-            elif isinstance(op, SetIndexes):
-                identity = ("idx", op.versions_key, op.payment_id)
-            elif isinstance(op, UnindexPayment):
-                identity = ("unindex", op.payment_id)
-                previous = latest.get(("view", self.schema.payment(op.payment_id)))
-                if isinstance(previous, UpsertView) and isinstance(previous.view, read_model_pb2.PaymentView):
-                    for resolved in self._unindex(op, previous.view):
-                        latest.pop(("idx", resolved.versions_key, resolved.payment_id), None)
-                        latest[("idx", resolved.versions_key, resolved.payment_id)] = resolved
-                    continue
-            elif isinstance(op, UpsertTimeline | DeleteTimeline):
-                identity = ("tl", op.timeline_key, str(op.sequence))
-                previous = latest.get(identity)
-                if isinstance(op, UpsertTimeline) and op.keep and isinstance(previous, UpsertTimeline):
-                    op = _merge_timeline(op, previous.entry)
-            else:
-                continue
-            # Re-insert so that the order of the batch is the order of the last writes.
-            latest.pop(identity, None)
-            latest[identity] = op
-        return self._resolve_stored(list(latest.values()))
-
-    def _unindex(self, op: UnindexPayment, view: read_model_pb2.PaymentView) -> list[SetIndexes]:
-        created_us = view.create_time.seconds * 1_000_000 + view.create_time.nanos // 1000
-        member = keys.index_member(created_us, op.payment_id)
-        return [
-            SetIndexes(
-                self.schema.account_index_versions(account_id),
-                op.payment_id,
-                op.lsn,
-                member,
-                (),
-                self.projector.all_index_keys(account_id),
-            )
-            for account_id in dict.fromkeys((view.payer_account_id, view.payee_account_id))
-        ]
-
-    def _resolve_stored(self, ops: list[Op]) -> list[Op]:
-        wanted: dict[str, str] = {}  # key -> field to read
-        for op in ops:
-            if isinstance(op, UpsertView) and op.keep:
-                wanted[op.key] = keys.VIEW_FIELD
-            elif isinstance(op, UnindexPayment):
-                wanted[self.schema.payment(op.payment_id)] = keys.VIEW_FIELD
-            elif isinstance(op, UpsertTimeline) and op.keep:
-                wanted[op.timeline_key + "\0" + str(op.sequence)] = str(op.sequence)
-        if not wanted:
-            return ops
-        with self.client.pipeline(transaction=False) as pipe:
-            for key, field in wanted.items():
-                pipe.hget(key.split("\0", 1)[0], field)
-            stored = dict(zip(wanted, pipe.execute(), strict=True))
-        resolved: list[Op] = []
-        for op in ops:
-            if isinstance(op, UpsertView) and op.keep:
-                raw = stored[op.key]
-                if raw is not None:
-                    op = _merge_view(op, type(op.view).FromString(raw))
-                else:
-                    log.warning("unchanged column of %s with no stored view to take it from", op.key)
-            elif isinstance(op, UnindexPayment):
-                raw = stored[self.schema.payment(op.payment_id)]
-                if raw is None:
-                    continue  # never indexed, or already removed
-                resolved.extend(self._unindex(op, read_model_pb2.PaymentView.FromString(raw)))
-                continue
-            elif isinstance(op, UpsertTimeline) and op.keep:
-                raw = stored[op.timeline_key + "\0" + str(op.sequence)]
-                if raw is not None:
-                    op = _merge_timeline(op, read_model_pb2.TimelineEntry.FromString(raw))
-            resolved.append(op)
-        return resolved
-
     # -- whole-namespace operations ---------------------------------------------------------
 
-    def _truncate(self, tables: Iterable[str]) -> None:
+    def truncate(self, tables: Iterable[str]) -> None:
+        """Removes the keys of every entity of these tables."""
         patterns: list[str] = []
         ns = self.schema.namespace
         for table in tables:
@@ -486,18 +308,41 @@ def pack_evalsha(sha: str, keys_: Sequence[str | bytes], args: Sequence[str | by
     return packed
 
 
-def _merge_view(op: UpsertView, stored: Any) -> UpsertView:
-    view = type(op.view).FromString(op.view.SerializeToString())
-    for field in op.keep:
-        setattr(view, field, getattr(stored, field))
-    return UpsertView(op.key, op.lsn, view, ())
+# How each write is passed to APPLY_BATCH: its keys, then its op code and arguments.
+def _pack_view(write: EncodedView, keys_: list[str], args: list[Arg]) -> None:
+    keys_.append(write.key)
+    args += ("V", write.lsn, write.view)
 
 
-def _merge_timeline(op: UpsertTimeline, stored: read_model_pb2.TimelineEntry) -> UpsertTimeline:
-    entry = read_model_pb2.TimelineEntry.FromString(op.entry.SerializeToString())
-    for field in op.keep:
-        setattr(entry, field, getattr(stored, field))
-    return UpsertTimeline(op.payment_key, op.timeline_key, op.payment_id, op.sequence, op.lsn, entry, ())
+def _pack_tombstone(write: DeleteView, keys_: list[str], args: list[Arg]) -> None:
+    keys_.append(write.key)
+    args += ("D", write.lsn)
+
+
+def _pack_indexes(write: SetIndexes, keys_: list[str], args: list[Arg]) -> None:
+    keys_.append(write.versions_key)
+    keys_ += write.add
+    keys_ += write.remove
+    args += ("I", write.lsn, write.payment_id, write.member, len(write.add), len(write.remove))
+
+
+def _pack_entry(write: EncodedEntry, keys_: list[str], args: list[Arg]) -> None:
+    keys_ += (write.payment_key, write.timeline_key)
+    args += ("T", write.lsn, write.sequence, write.entry)
+
+
+def _pack_entry_removal(write: DeleteTimeline, keys_: list[str], args: list[Arg]) -> None:
+    keys_ += (write.payment_key, write.timeline_key)
+    args += ("X", write.lsn, write.sequence)
+
+
+_PACKERS: Final[dict[type[EncodedWrite], Callable[[Any, list[str], list[Arg]], None]]] = {
+    EncodedView: _pack_view,
+    DeleteView: _pack_tombstone,
+    SetIndexes: _pack_indexes,
+    EncodedEntry: _pack_entry,
+    DeleteTimeline: _pack_entry_removal,
+}
 
 
 def _text(value: object) -> str:

@@ -176,9 +176,13 @@ class Source:
         return self.stream.create_logical_slot(self.slot, "pgoutput")
 
     def start_replication(self, fence: Callable[[], None]) -> None:
-        """Streams the slot from its confirmed position; the runner then confirms its checkpoint."""
+        """Streams the slot from its confirmed position; the runner then acknowledges its checkpoint."""
         self.end_other_consumer(fence)
         self.stream.start_logical(self.slot, {"proto_version": "1", "publication_names": self.publication})
+
+    def acknowledge(self, lsn: int) -> None:
+        """Tells PostgreSQL that everything up to `lsn` is applied and durable: the slot may forget it."""
+        self.stream.confirm(lsn)
 
     # -- the copy ---------------------------------------------------------------------------
 

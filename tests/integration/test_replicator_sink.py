@@ -1,4 +1,4 @@
-"""The sink against a private Redis: position guards, idempotent replays, fencing, notifications."""
+"""The line from projected ops to a private Redis: position guards, idempotent replays, fencing, notifications."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import redis
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Checkpoint, RowChange, TruncateTables
 from replicator.decoder import UNCHANGED, Value
 from replicator.lock import LockLost, SlotLock
-from replicator.projector import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Projector, RowChange, TruncateTables
-from replicator.sink import Checkpoint, CheckpointMoved, Sink
+from replicator.projector import Projector
+from replicator.runner import Writer
+from replicator.sink import CheckpointMoved, Sink
 from tests.support.replicator import change_batches
 
 P = "00000000-0000-4000-8000-000000000001"
@@ -33,9 +35,14 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 def sink(client: redis.Redis) -> Sink:
     lock = SlotLock(client, KEYS.lock("s"), 10_000)
     assert lock.try_acquire()
-    sink = Sink(client, KEYS, "s", lock, PROJECTOR, stream_maxlen=100)
+    sink = Sink(client, KEYS, "s", lock, stream_maxlen=100)
     sink.load_scripts()
     return sink
+
+
+@pytest.fixture
+def writer(sink: Sink) -> Writer:
+    return Writer(PROJECTOR, sink)
 
 
 def _payment(lsn: int, status: str = "APPROVED", **changes: Value) -> RowChange:
@@ -87,9 +94,9 @@ def _snapshot(client: redis.Redis) -> dict[bytes, object]:
     return state
 
 
-def test_an_older_write_never_replaces_a_newer_one(sink: Sink, client: redis.Redis) -> None:
-    sink.apply(PROJECTOR.project(_payment(200, "DECLINED")), Checkpoint(200, 1))
-    sink.apply(PROJECTOR.project(_payment(100, "APPROVED")), Checkpoint(100, 1))
+def test_an_older_write_never_replaces_a_newer_one(writer: Writer, sink: Sink, client: redis.Redis) -> None:
+    writer.write(PROJECTOR.project(_payment(200, "DECLINED")), Checkpoint(200, 1))
+    writer.write(PROJECTOR.project(_payment(100, "APPROVED")), Checkpoint(100, 1))
     view = _view(client)
     assert view.status == payment_pb2.PAYMENT_STATUS_DECLINED
     assert view.source_lsn == 200
@@ -98,63 +105,73 @@ def test_an_older_write_never_replaces_a_newer_one(sink: Sink, client: redis.Red
     assert sink.read_checkpoint() == Checkpoint(200, 1)
 
 
-def test_replaying_batches_gives_the_same_state(sink: Sink, client: redis.Redis) -> None:
+def test_replaying_batches_gives_the_same_state(writer: Writer, sink: Sink, client: redis.Redis) -> None:
     batches = [
         [_payment(10, "PENDING_REVIEW"), _event(10, 1, "PENDING_REVIEW")],
         [_payment(20, "APPROVED"), _event(20, 2, "APPROVED")],
     ]
     for batch in batches:
-        sink.apply([op for change in batch for op in PROJECTOR.project(change)], Checkpoint(batch[0].lsn, 5))
+        writer.write(
+            [op for change in batch for op in PROJECTOR.project(change)], Checkpoint(batch[0].lsn, 5)
+        )
     first = _snapshot(client)
     for batch in batches:
-        sink.apply([op for change in batch for op in PROJECTOR.project(change)], Checkpoint(batch[0].lsn, 5))
+        writer.write(
+            [op for change in batch for op in PROJECTOR.project(change)], Checkpoint(batch[0].lsn, 5)
+        )
     assert _snapshot(client) == first
     assert client.hlen(KEYS.payment_timeline(P)) == 2
 
 
-def test_writes_in_one_transaction_apply_in_order(sink: Sink, client: redis.Redis) -> None:
+def test_writes_in_one_transaction_apply_in_order(writer: Writer, sink: Sink, client: redis.Redis) -> None:
     ops = PROJECTOR.project(_payment(30, "PENDING_REVIEW")) + PROJECTOR.project(_payment(30, "APPROVED"))
-    sink.apply(ops, Checkpoint(30, 5))
+    writer.write(ops, Checkpoint(30, 5))
     assert _view(client).status == payment_pb2.PAYMENT_STATUS_APPROVED
     assert client.zcard(KEYS.account_index(B, "received", payment_pb2.PAYMENT_STATUS_PENDING_REVIEW)) == 0
 
 
-def test_unchanged_column_is_taken_from_the_stored_view(sink: Sink, client: redis.Redis) -> None:
-    sink.apply(PROJECTOR.project(_payment(40, "PENDING_REVIEW")), Checkpoint(40, 5))
-    sink.apply(PROJECTOR.project(_payment(50, "APPROVED", reference=UNCHANGED)), Checkpoint(50, 5))
+def test_unchanged_column_is_taken_from_the_stored_view(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    writer.write(PROJECTOR.project(_payment(40, "PENDING_REVIEW")), Checkpoint(40, 5))
+    writer.write(PROJECTOR.project(_payment(50, "APPROVED", reference=UNCHANGED)), Checkpoint(50, 5))
     view = _view(client)
     assert view.reference == "at 40"
     assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
 
 
-def test_delete_leaves_a_tombstone_and_empties_the_indexes(sink: Sink, client: redis.Redis) -> None:
-    sink.apply(PROJECTOR.project(_payment(60)), Checkpoint(60, 5))
+def test_delete_leaves_a_tombstone_and_empties_the_indexes(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    writer.write(PROJECTOR.project(_payment(60)), Checkpoint(60, 5))
     delete = RowChange(PAYMENTS, "delete", {"payment_id": P}, 70)
-    sink.apply(PROJECTOR.project(delete), Checkpoint(70, 5))
+    writer.write(PROJECTOR.project(delete), Checkpoint(70, 5))
     assert client.hget(KEYS.payment(P), "view") is None
     assert client.hget(KEYS.payment(P), "lsn") == b"70"
     for account in (A, B):
         assert client.zcard(KEYS.account_index(account, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) == 0
     # A replayed older insert cannot bring it back.
-    sink.apply(PROJECTOR.project(_payment(60)), Checkpoint(60, 5))
+    writer.write(PROJECTOR.project(_payment(60)), Checkpoint(60, 5))
     assert client.hget(KEYS.payment(P), "view") is None
     assert client.zcard(KEYS.account_index(A, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) == 0
 
 
-def test_an_instance_without_the_lock_cannot_apply(sink: Sink, client: redis.Redis) -> None:
+def test_an_instance_without_the_lock_cannot_apply(writer: Writer, sink: Sink, client: redis.Redis) -> None:
     client.set(KEYS.lock("s"), "someone else")
     with pytest.raises(LockLost):
-        sink.apply(PROJECTOR.project(_payment(80)), Checkpoint(80, 5))
+        writer.write(PROJECTOR.project(_payment(80)), Checkpoint(80, 5))
     assert not client.exists(KEYS.payment(P))
     assert sink.read_checkpoint() is None
 
 
-def test_each_batch_is_announced_on_the_change_stream(sink: Sink, client: redis.Redis) -> None:
+def test_each_batch_is_announced_on_the_change_stream(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
     ops = PROJECTOR.project(_payment(90, "PENDING_REVIEW")) + PROJECTOR.project(
         _event(90, 1, "PENDING_REVIEW")
     )
-    sink.apply(ops, Checkpoint(90, 1_700_000_000_000_000))
-    sink.apply([], Checkpoint(95, None))
+    writer.write(ops, Checkpoint(90, 1_700_000_000_000_000))
+    writer.write([], Checkpoint(95, None))
     entries = client.xrange(KEYS.changes())
     batches = change_batches(entries)
     assert [b.checkpoint_lsn for b in batches] == [90, 95]
@@ -165,8 +182,8 @@ def test_each_batch_is_announced_on_the_change_stream(sink: Sink, client: redis.
     assert not batches[1].payments
 
 
-def test_wipe_keeps_locks_and_the_change_stream(sink: Sink, client: redis.Redis) -> None:
-    sink.apply(PROJECTOR.project(_payment(100)), Checkpoint(100, 5))
+def test_wipe_keeps_locks_and_the_change_stream(writer: Writer, sink: Sink, client: redis.Redis) -> None:
+    writer.write(PROJECTOR.project(_payment(100)), Checkpoint(100, 5))
     assert sink.wipe() > 0
     assert client.exists(KEYS.lock("s"))
     assert client.exists(KEYS.changes())
@@ -174,10 +191,12 @@ def test_wipe_keeps_locks_and_the_change_stream(sink: Sink, client: redis.Redis)
     assert sink.read_checkpoint() is None
 
 
-def test_each_batch_names_the_checkpoint_it_moved_from(sink: Sink, client: redis.Redis) -> None:
-    sink.apply(PROJECTOR.project(_payment(110)), Checkpoint(110, 5))
-    sink.apply([], Checkpoint(120, None))
-    sink.apply(PROJECTOR.project(_payment(130)), Checkpoint(130, 5))
+def test_each_batch_names_the_checkpoint_it_moved_from(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    writer.write(PROJECTOR.project(_payment(110)), Checkpoint(110, 5))
+    writer.write([], Checkpoint(120, None))
+    writer.write(PROJECTOR.project(_payment(130)), Checkpoint(130, 5))
     batches = change_batches(client.xrange(KEYS.changes()))
     assert [(b.previous_checkpoint_lsn, b.checkpoint_lsn) for b in batches] == [
         (0, 110),
@@ -187,27 +206,33 @@ def test_each_batch_names_the_checkpoint_it_moved_from(sink: Sink, client: redis
     assert not any(b.omits_payments for b in batches)
 
 
-def test_a_batch_is_refused_when_redis_holds_another_checkpoint(sink: Sink, client: redis.Redis) -> None:
-    sink.apply([], Checkpoint(140, None))
+def test_a_batch_is_refused_when_redis_holds_another_checkpoint(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    writer.write([], Checkpoint(140, None))
     # Redis lost its last writes (restored from an older file), behind the instance's back.
     client.hset(KEYS.checkpoint("s"), "lsn", "100")
     with pytest.raises(CheckpointMoved):
-        sink.apply(PROJECTOR.project(_payment(150)), Checkpoint(150, 5))
+        writer.write(PROJECTOR.project(_payment(150)), Checkpoint(150, 5))
     assert not client.exists(KEYS.payment(P))
     assert client.hget(KEYS.checkpoint("s"), "lsn") == b"100"
 
 
-def test_a_truncate_is_announced_as_omitting_payments(sink: Sink, client: redis.Redis) -> None:
-    sink.apply(PROJECTOR.project(_payment(160)), Checkpoint(160, 5))
-    sink.apply([TruncateTables((PAYMENTS,), 170)], Checkpoint(170, 5))
+def test_a_truncate_is_announced_as_omitting_payments(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    writer.write(PROJECTOR.project(_payment(160)), Checkpoint(160, 5))
+    writer.write([TruncateTables((PAYMENTS,), 170)], Checkpoint(170, 5))
     last = change_batches(client.xrevrange(KEYS.changes(), count=1))[0]
     assert last.omits_payments
     assert last.checkpoint_lsn == 170
     assert not client.exists(KEYS.payment(P))
 
 
-def test_an_instance_without_the_lock_removes_nothing(sink: Sink, client: redis.Redis) -> None:
-    sink.apply(PROJECTOR.project(_payment(180)), Checkpoint(180, 5))
+def test_an_instance_without_the_lock_removes_nothing(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    writer.write(PROJECTOR.project(_payment(180)), Checkpoint(180, 5))
     before = _snapshot(client)
     client.set(KEYS.lock("s"), "someone else")
     with pytest.raises(LockLost):
@@ -215,6 +240,6 @@ def test_an_instance_without_the_lock_removes_nothing(sink: Sink, client: redis.
     with pytest.raises(LockLost):
         sink.wipe()
     with pytest.raises(LockLost):
-        sink.apply([TruncateTables((PAYMENTS, ACCOUNTS), 190)], Checkpoint(190, 5))
+        writer.write([TruncateTables((PAYMENTS, ACCOUNTS), 190)], Checkpoint(190, 5))
     assert _snapshot(client) == before
     assert sink.read_checkpoint() == Checkpoint(180, 5)

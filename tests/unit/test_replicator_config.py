@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from payments_common.keys import DEFAULT_PUBLICATION
 from payments_common.settings import SettingsError
+from replicator.changes import Checkpoint
 from replicator.config import Settings
 from replicator.runner import Replicator
-from replicator.sink import Checkpoint
 from replicator.source import SlotState
 
 REQUIRED = {"REPLICATOR_DATABASE_URL": "postgresql://db/x", "REPLICATOR_REDIS_URL": "redis://r:6379/0"}
@@ -19,9 +22,21 @@ def test_defaults() -> None:
     settings = Settings.from_env(REQUIRED)
     assert settings.slot_name == "payments_read_model"
     assert settings.publication == "payments_read_model"
+    assert settings.namespace == "rm:v1"
     assert (settings.health_port, settings.metrics_port) == (50053, 9103)
     assert settings.stream_maxlen == 10_000
     assert settings.lock_ttl_seconds == 10.0
+
+
+def test_the_first_migration_creates_the_default_publication() -> None:
+    """The migration writes the name out (a migration is a snapshot); it must be the replicator's default."""
+    path = Path(__file__).parents[2] / "approval_svc/migrations/versions/0001_initial.py"
+    spec = importlib.util.spec_from_file_location("migration_0001", path)
+    assert spec is not None
+    assert spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert migration.PUBLICATION == DEFAULT_PUBLICATION
 
 
 @pytest.mark.parametrize("missing", sorted(REQUIRED))

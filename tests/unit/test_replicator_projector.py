@@ -6,24 +6,18 @@ from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from payments_common.keys import index_member
+from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, RowBatch, RowChange, TruncateTables
 from replicator.decoder import UNCHANGED, Value
-from replicator.projector import (
-    ACCOUNTS,
-    PAYMENT_EVENTS,
-    PAYMENTS,
+from replicator.ops import (
     DeleteTimeline,
     DeleteView,
     Op,
-    Projector,
-    RowBatch,
-    RowChange,
     SetIndexes,
-    TruncateTables,
     UnindexPayment,
     UpsertTimeline,
     UpsertView,
-    parse_timestamp_us,
 )
+from replicator.projector import Projector, parse_timestamp_us
 
 PROJECTOR = Projector(KEYS)
 P = "00000000-0000-4000-8000-000000000001"
@@ -200,8 +194,12 @@ def test_new_columns_are_ignored_and_other_tables_produce_nothing() -> None:
 
 
 def test_truncate_keeps_only_published_tables() -> None:
-    assert PROJECTOR.truncate((PAYMENTS, "public.ledger_entries"), 16) == [TruncateTables((PAYMENTS,), 16)]
-    assert PROJECTOR.truncate(("public.ledger_entries",), 16) == []
+    batch = RowBatch()
+    batch.truncate((PAYMENTS, "public.ledger_entries"), 16)
+    assert PROJECTOR.project_batch(batch) == [TruncateTables((PAYMENTS,), 16)]
+    batch = RowBatch()
+    batch.truncate(("public.ledger_entries",), 16)
+    assert PROJECTOR.project_batch(batch) == []
 
 
 def _views(ops: list[Op]) -> list[tuple[str, int]]:
@@ -215,7 +213,7 @@ def test_row_batch_projects_only_the_last_state_of_each_row() -> None:
     batch.add(RowChange(ACCOUNTS, "update", _account_row(ledger_balance_minor="2"), 20))
     batch.add(RowChange(PAYMENTS, "update", _payment_row(), 20))
     assert batch.changes == 4
-    ops = batch.project(PROJECTOR)
+    ops = PROJECTOR.project_batch(batch)
     assert _views(ops) == [(KEYS.account(A), 20), (KEYS.payment(P), 20)]
     account = next(op for op in ops if isinstance(op, UpsertView) and op.key == KEYS.account(A))
     assert account.view.ledger_balance.amount_minor == 2  # type: ignore[union-attr]
@@ -225,7 +223,7 @@ def test_row_batch_fills_unchanged_columns_from_the_earlier_change() -> None:
     batch = RowBatch()
     batch.add(RowChange(PAYMENTS, "insert", _payment_row(reference="long"), 10))
     batch.add(RowChange(PAYMENTS, "update", _payment_row(reference=UNCHANGED, status="DECLINED"), 10))
-    (view, *_) = batch.project(PROJECTOR)
+    (view, *_) = PROJECTOR.project_batch(batch)
     assert isinstance(view, UpsertView)
     assert not view.keep
     assert view.view.reference == "long"  # type: ignore[union-attr]
@@ -235,8 +233,8 @@ def test_row_batch_keeps_a_delete_before_a_new_insert_of_the_same_key() -> None:
     batch = RowBatch()
     batch.add(RowChange(ACCOUNTS, "delete", {"account_id": A}, 10))
     batch.add(RowChange(ACCOUNTS, "insert", _account_row(), 20))
-    assert _views(batch.project(PROJECTOR)) == [(KEYS.account(A), 10), (KEYS.account(A), 20)]
-    assert isinstance(batch.project(PROJECTOR)[0], DeleteView)
+    assert _views(PROJECTOR.project_batch(batch)) == [(KEYS.account(A), 10), (KEYS.account(A), 20)]
+    assert isinstance(PROJECTOR.project_batch(batch)[0], DeleteView)
 
 
 def test_row_batch_truncate_is_a_barrier() -> None:
@@ -244,6 +242,6 @@ def test_row_batch_truncate_is_a_barrier() -> None:
     batch.add(RowChange(ACCOUNTS, "update", _account_row(), 10))
     batch.truncate((ACCOUNTS, PAYMENTS), 20)
     batch.add(RowChange(ACCOUNTS, "insert", _account_row(), 30))
-    ops = batch.project(PROJECTOR)
+    ops = PROJECTOR.project_batch(batch)
     kinds = [type(op).__name__ for op in ops]
     assert kinds == ["UpsertView", "TruncateTables", "UpsertView"]
