@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME
 from payments_common.settings import EnvReader, SettingsError
 from payments_common.tls import TlsSettings
 
@@ -27,8 +28,8 @@ class Settings:
     grace_s: float = 10.0
     max_message_bytes: int = 4 * 1024 * 1024
     log_level: str = "INFO"
-    key_namespace: str = "rm:v1"
-    slot_name: str = "payments_read_model"
+    key_namespace: str = DEFAULT_NAMESPACE
+    slot_name: str = DEFAULT_SLOT_NAME
     redis_max_connections: int = 64
     redis_timeout_s: float = 5.0
     tls: TlsSettings = field(default_factory=TlsSettings)

@@ -28,6 +28,7 @@ from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import Unavailable
 from payments_common.keys import (
     CHECKPOINT_LSN_FIELD,
+    DEFAULT_SLOT_NAME,
     TIME_DIGITS,
     VIEW_FIELD,
     KeySchema,
@@ -252,7 +253,7 @@ class ReadModel:
         self,
         redis: Redis,
         keys: KeySchema,
-        slot: str = "payments_read_model",
+        slot: str = DEFAULT_SLOT_NAME,
         multiplexer: Multiplexer | None = None,
     ) -> None:
         self._redis = redis

@@ -30,6 +30,13 @@ from typing import Final
 
 from payments.type.v1 import payment_pb2
 
+# The defaults of every process that reads or writes the read models (the replicator, the
+# history service, the tools): the replication slot, the publication it streams, and the
+# key namespace of the read-model version. A deployment may name others.
+DEFAULT_SLOT_NAME: Final = "payments_read_model"
+DEFAULT_PUBLICATION: Final = "payments_read_model"
+DEFAULT_NAMESPACE: Final = "rm:v1"
+
 DIRECTIONS: Final = ("sent", "received", "all")
 
 # The index suffix of each status; "any" holds every status.
@@ -66,7 +73,7 @@ def parse_index_member(member: str) -> tuple[int, str]:
 class KeySchema:
     """Builds the keys of one read-model version; `namespace` is e.g. "rm:v1"."""
 
-    namespace: str = "rm:v1"
+    namespace: str = DEFAULT_NAMESPACE
 
     def payment(self, payment_id: str) -> str:
         return f"{self.namespace}:payment:{{{payment_id}}}"

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_PUBLICATION, DEFAULT_SLOT_NAME
 from payments_common.settings import EnvReader, SettingsError
 from payments_common.tls import TlsSettings
 
@@ -17,9 +18,9 @@ PREFIX = "REPLICATOR_"
 class Settings:
     database_url: str
     redis_url: str
-    slot_name: str = "payments_read_model"
-    publication: str = "payments_read_model"
-    namespace: str = "rm:v1"
+    slot_name: str = DEFAULT_SLOT_NAME
+    publication: str = DEFAULT_PUBLICATION
+    namespace: str = DEFAULT_NAMESPACE
     health_port: int = 50053
     metrics_port: int = 9103
     stream_maxlen: int = 10_000

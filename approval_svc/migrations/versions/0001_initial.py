@@ -14,6 +14,10 @@ depends_on = None
 # The read side is fed from these tables by logical replication. Their default
 # replica identity (the primary key) is enough: the replicator upserts views from
 # the new row and deletes by key, and never needs the old row.
+# A migration is a snapshot, so the name is written out rather than imported: were the
+# default to change, this revision must still create (and drop) what it created.
+# tests/unit/test_replicator_config.py holds it equal to the replicator's default,
+# payments_common.keys.DEFAULT_PUBLICATION.
 PUBLICATION = "payments_read_model"
 
 
