@@ -1,0 +1,74 @@
+"""Decoded transactions gathered into row batches: positions, chunks, truncates."""
+
+from __future__ import annotations
+
+from replicator.changes import ACCOUNTS, PAYMENTS, RowBatch, RowChange, Transaction, TruncateTables
+from replicator.decoder import Begin, Value
+
+A = "00000000-0000-4000-8000-00000000000a"
+B = "00000000-0000-4000-8000-00000000000b"
+
+
+def _account(account_id: str, owner: str = "Alice") -> dict[str, Value]:
+    return {"account_id": account_id, "owner_name": owner}
+
+
+def _transaction(final_lsn: int) -> Transaction:
+    return Transaction(Begin(final_lsn=final_lsn, commit_time_us=0, xid=7), skip=False)
+
+
+def _rows(batch: RowBatch) -> list[RowChange]:
+    return [change for segment in batch.segments for change in segment.rows()]
+
+
+def test_every_change_takes_the_position_of_the_commit() -> None:
+    transaction = _transaction(500)
+    transaction.changes += [(ACCOUNTS, "insert", _account(A)), (ACCOUNTS, "update", _account(B))]
+    batch = RowBatch()
+    transaction.collect(batch)
+    assert [(change.row["account_id"], change.lsn) for change in _rows(batch)] == [(A, 500), (B, 500)]
+    assert batch.changes == 2
+
+
+def test_a_chunk_collects_only_its_slice() -> None:
+    transaction = _transaction(600)
+    transaction.changes += [(ACCOUNTS, "insert", _account(str(i))) for i in range(5)]
+    first, second = RowBatch(), RowBatch()
+    transaction.collect(first, 0, 3)
+    transaction.collect(second, 3, 6)
+    assert [change.row["account_id"] for change in _rows(first)] == ["0", "1", "2"]
+    assert [change.row["account_id"] for change in _rows(second)] == ["3", "4"]
+
+
+def test_a_truncate_ends_a_segment_and_keeps_only_published_tables() -> None:
+    transaction = _transaction(700)
+    transaction.changes += [
+        (ACCOUNTS, "update", _account(A)),
+        ((ACCOUNTS, "public.ledger_entries"), None, None),
+        (ACCOUNTS, "insert", _account(A, "Bob")),
+        (("public.ledger_entries",), None, None),
+    ]
+    batch = RowBatch()
+    transaction.collect(batch)
+    assert [segment.truncate for segment in batch.segments] == [TruncateTables((ACCOUNTS,), 700), None]
+    # The same row on both sides of the truncate: each side keeps its own change.
+    assert [[change.row["owner_name"] for change in segment.rows()] for segment in batch.segments] == [
+        ["Alice"],
+        ["Bob"],
+    ]
+
+
+def test_rows_of_unpublished_tables_are_counted_but_not_kept() -> None:
+    batch = RowBatch()
+    batch.add(RowChange("public.ledger_entries", "insert", {"entry_id": "1"}, 10))
+    batch.add(RowChange(PAYMENTS, "delete", {"payment_id": "p"}, 10))
+    assert batch.changes == 2
+    assert [change.table for change in _rows(batch)] == [PAYMENTS]
+
+
+def test_a_deleted_row_inserted_again_keeps_the_delete_first() -> None:
+    batch = RowBatch()
+    batch.add(RowChange(ACCOUNTS, "delete", {"account_id": A}, 10))
+    batch.add(RowChange(ACCOUNTS, "insert", _account(A), 20))
+    batch.add(RowChange(ACCOUNTS, "update", _account(A, "Carol"), 30))
+    assert [(change.kind, change.lsn) for change in _rows(batch)] == [("delete", 10), ("update", 30)]
