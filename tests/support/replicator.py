@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,9 +27,10 @@ import redis
 from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.keys import KeySchema
-from payments_common.lsn import format_lsn, parse_lsn
-from stack.servers import dying_with_parent
+from payments_common.lsn import format_lsn
+from stack.replication import checkpoint_lsn as checkpoint_lsn
+from stack.replication import current_wal_lsn as current_wal_lsn
+from stack.replication import replicator_env, start_replicator
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,28 +38,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def slot_for(database_url: str) -> str:
     """A replication slot name unique to a test database (slot names are cluster-wide)."""
     return "rm_" + (urlparse(database_url).path.lstrip("/") or "postgres").lower()
-
-
-def current_wal_lsn(database_url: str) -> int:
-    connection = psycopg2.connect(database_url)
-    try:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            row = cursor.fetchone()
-            assert row is not None
-            return parse_lsn(row[0])
-    finally:
-        connection.close()
-
-
-def checkpoint_lsn(redis_url: str, slot: str, namespace: str = "rm:v1") -> int:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        raw = client.hget(KeySchema(namespace).checkpoint(slot), "lsn")
-        return int(raw) if raw is not None else 0
-    finally:
-        client.close()
 
 
 def wait_caught_up(
@@ -102,33 +80,15 @@ class ReplicatorProcess:
         self.slot = self.slot or slot_for(self.database_url)
 
     def env(self) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "REPLICATOR_DATABASE_URL": self.database_url,
-            "REPLICATOR_REDIS_URL": self.redis_url,
-            "REPLICATOR_SLOT_NAME": self.slot,
-            "REPLICATOR_HEALTH_PORT": "0",
-            "REPLICATOR_METRICS_PORT": "0",
-            "REPLICATOR_LOCK_TTL_SECONDS": "2",
-            "REPLICATOR_LOG_LEVEL": "INFO",
-        }
-        env.update(self.extra_env)
-        return env
+        return replicator_env(
+            self.database_url,
+            self.redis_url,
+            slot=self.slot,
+            extra={"REPLICATOR_LOCK_TTL_SECONDS": "2", "REPLICATOR_LOG_LEVEL": "INFO", **self.extra_env},
+        )
 
     def start(self) -> ReplicatorProcess:
-        # No Python in the forked child: with gRPC threads busy in the test process it can crash there.
-        args, preexec = dying_with_parent([sys.executable, "-m", "replicator", "run"])
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                args,
-                env=self.env(),
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=preexec,
-            )
+        self.process = start_replicator(self.env(), self.log_path)
         return self
 
     @property
