@@ -1,13 +1,4 @@
-"""One Redis connection shared by every request: commands are pipelined, written once per loop turn.
-
-The hot reads (GetPayment, ListPayments) are one script call each. Through redis-py's pool
-each call checks a connection out, arms a timeout, writes, waits for its reply and checks
-the connection back in: more CPU than the call's own work. Here every call appends its
-packed command to a buffer that is written once per event-loop iteration, and one reader
-task hands out the replies in order (Redis answers a connection's commands in order), so
-concurrent calls share their writes and reads. redis-py still opens the connection (TLS,
-AUTH, SELECT, unix sockets all as configured), and still serves everything else.
-"""
+"""One Redis connection shared by every request: commands are pipelined, written once per loop turn."""
 
 from __future__ import annotations
 
@@ -27,6 +18,14 @@ _READ_CHUNK = 65536
 
 class Multiplexer:
     """Sends commands on one long-lived connection; a reply is awaited without any per-call timer.
+
+    The hot reads (GetPayment, ListPayments) are one script call each. Through redis-py's pool
+    each call checks a connection out, arms a timeout, writes, waits for its reply and checks
+    the connection back in: more CPU than the call's own work. Here every call appends its
+    packed command to a buffer that is written once per event-loop iteration, and one reader
+    task hands out the replies in order (Redis answers a connection's commands in order), so
+    concurrent calls share their writes and reads. redis-py still opens the connection (TLS,
+    AUTH, SELECT, unix sockets all as configured), and still serves everything else.
 
     A call fails with a redis-py ConnectionError when the connection breaks, and with a
     TimeoutError when Redis leaves the oldest pending command unanswered for `timeout_s`

@@ -1,19 +1,7 @@
-"""Reads of the Redis read models, and the pure rules that turn a list query into index bounds.
-
-Every query is one round trip, whatever the page size: a payment and a page of a list are
-each one server-side script (EVALSHA), an account one command. The scripts answer with the
-response's protobuf wire format, built from the stored view bytes without parsing them
-(the replicator stores every PaymentView with an empty timeline, payments_common/keys.py),
-so the servicer sends the bytes as they are.
-
-The scripts assume a single Redis node, as the rest of this module does: a payment's keys
-share one hash tag, but a consistency token adds the checkpoint key (another slot), and a
-page reads the views of payments whose keys are only known inside the script.
-"""
+"""The Redis adapter of the query side: the Lua scripts and redis-py reads of the read models."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import sha1
@@ -22,28 +10,13 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
+from history_svc import wire
 from history_svc.multiplex import Multiplexer
+from history_svc.paging import ListQuery, index_range
 from payments.history.v1 import history_service_pb2
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import Unavailable
-from payments_common.keys import (
-    CHECKPOINT_LSN_FIELD,
-    DEFAULT_SLOT_NAME,
-    TIME_DIGITS,
-    VIEW_FIELD,
-    KeySchema,
-)
-
-DEFAULT_PAGE_SIZE: Final = 50
-MAX_PAGE_SIZE: Final = 500
-
-# Index members carry the creation time in TIME_DIGITS decimal digits, so times at or
-# beyond this bound (the year 2286) cannot be stored and need no bound of their own.
-TIME_LIMIT_US: Final = 10**TIME_DIGITS
-
-_CURSOR = re.compile(
-    rf"\d{{{TIME_DIGITS}}}:[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{12}}"
-)
+from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, VIEW_FIELD, KeySchema
 
 # Errors that mean "Redis cannot answer now"; everything else is a bug.
 REDIS_ERRORS: Final = (RedisError, OSError)
@@ -69,65 +42,8 @@ class CheckpointBehind(Exception):
         self.checkpoint = checkpoint
 
 
-def page_size(requested: int) -> int:
-    """The number of payments a page holds: 0 means the default, large values are capped."""
-    if requested < 0:
-        raise ValueError("page_size must not be negative")
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(requested, MAX_PAGE_SIZE)
-
-
-@dataclass(frozen=True)
-class ListQuery:
-    """The fields of a ListPayments request that select payments; a page token is bound to them.
-
-    `start_us` is inclusive and `end_us` exclusive, both microseconds since the epoch.
-    """
-
-    account_id: str
-    direction: str
-    status: int
-    start_us: int | None = None
-    end_us: int | None = None
-
-    def binding(self) -> tuple[object, ...]:
-        """What a page token is bound to: a token issued for another query does not decode."""
-        return ("ListPayments", self.account_id, self.direction, self.status, self.start_us, self.end_us)
-
-
-def is_cursor(cursor: str) -> bool:
-    """Whether `cursor` has the form of an index member, as a page token must carry."""
-    return _CURSOR.fullmatch(cursor) is not None
-
-
-def lex_range(query: ListQuery, cursor: str | None) -> tuple[str, str] | None:
-    """The (max, min) lexicographic bounds of the query's next page, or None when nothing can match.
-
-    Pages go newest first, so the cursor (the last member already returned) is an exclusive
-    upper bound: members added while a client walks the pages sort above it (they are newer)
-    and never shift the pages still to come.
-    """
-    start, end = query.start_us, query.end_us
-    if start is not None and start >= TIME_LIMIT_US:
-        return None
-    if end is not None and end <= 0:
-        return None
-    if start is not None and end is not None and start >= end:
-        return None
-    if cursor is not None:
-        upper = "(" + cursor
-    elif end is not None and end < TIME_LIMIT_US:
-        # "(<end>" excludes every member "<end>:<id>", since those sort after the bare prefix.
-        upper = "(" + f"{end:0{TIME_DIGITS}d}"
-    else:
-        upper = "+"
-    lower = "[" + f"{start:0{TIME_DIGITS}d}" if start is not None and start > 0 else "-"
-    return upper, lower
-
-
 # Lua helpers shared by the scripts: a protobuf varint, and a length-delimited field
-# (`tag` is the key byte: field number << 3 | 2, below 128 for the fields used here).
+# (`tag` is the field's tag bytes, passed in ARGV from history_svc/wire.py).
 _LUA_WIRE = """
 local function varint(n)
   local out = {}
@@ -143,10 +59,11 @@ local function field(tag, bytes)
 end
 """
 
-# KEYS: payment hash, timeline hash[, checkpoint hash]. Returns {checkpoint lsn or nil,
-# GetPaymentResponse bytes or nil}. The view is stored with an empty timeline, so the
-# entries, sorted by sequence, are appended as PaymentView field 12 (key byte 0x62); the
-# checkpoint is read first, so the data read after it includes everything it covers.
+# KEYS: payment hash, timeline hash[, checkpoint hash]. ARGV: the tags of PaymentView.timeline
+# and of GetPaymentResponse.payment. Returns {checkpoint lsn or nil, GetPaymentResponse bytes
+# or nil}. The view is stored with an empty timeline, so the entries, sorted by sequence, are
+# appended to it as timeline fields; the checkpoint is read first, so the data read after it
+# includes everything it covers.
 _PAYMENT_SCRIPT = (
     (
         _LUA_WIRE
@@ -160,8 +77,8 @@ local entries = {}
 for i = 1, #raw, 2 do entries[#entries + 1] = {tonumber(raw[i]), raw[i + 1]} end
 table.sort(entries, function(a, b) return a[1] < b[1] end)
 local parts = {view}
-for _, entry in ipairs(entries) do parts[#parts + 1] = field('\\98', entry[2]) end
-return {checkpoint, field('\\10', table.concat(parts))}
+for _, entry in ipairs(entries) do parts[#parts + 1] = field(ARGV[1], entry[2]) end
+return {checkpoint, field(ARGV[2], table.concat(parts))}
 """
     )
     .replace("@LSN@", CHECKPOINT_LSN_FIELD)
@@ -169,12 +86,13 @@ return {checkpoint, field('\\10', table.concat(parts))}
 )
 
 # KEYS: account hash, index zset[, checkpoint hash]. ARGV: upper bound, lower bound, the
-# number of members to range (page size + 1; 0 when the bounds match nothing), and the
-# prefix and suffix that make a payment id into its hash key. Returns {checkpoint lsn or
-# nil, 0} when the account does not exist or was deleted (a tombstone: its hash holds a
-# position but no view, as GetAccount reads it), else {checkpoint, 1, the page's payments as
-# ListPaymentsResponse field 1 entries (key byte 0x0a), the next cursor or nil}. A member
-# whose view is missing (deleted since it was indexed) is skipped; the cursor moves past it.
+# number of members to range (page size + 1; 0 when the bounds match nothing), the prefix
+# and suffix that make a payment id into its hash key, and the tag of
+# ListPaymentsResponse.payments. Returns {checkpoint lsn or nil, 0} when the account does
+# not exist or was deleted (a tombstone: its hash holds a position but no view, as
+# GetAccount reads it), else {checkpoint, 1, the page's payments as ListPaymentsResponse
+# payments fields, the next cursor or nil}. A member whose view is missing (deleted since it
+# was indexed) is skipped; the cursor moves past it.
 _PAGE_SCRIPT = (
     (
         _LUA_WIRE
@@ -191,7 +109,7 @@ for i = 1, math.min(#members, size) do
   local member = members[i]
   local id = string.sub(member, string.find(member, ':', 1, true) + 1)
   local view = redis.call('HGET', ARGV[4] .. id .. ARGV[5], '@VIEW@')
-  if view then parts[#parts + 1] = field('\\10', view) end
+  if view then parts[#parts + 1] = field(ARGV[6], view) end
 end
 local cursor = false
 if #members > size then cursor = members[size] end
@@ -201,6 +119,9 @@ return {checkpoint, 1, table.concat(parts), cursor}
     .replace("@LSN@", CHECKPOINT_LSN_FIELD)
     .replace("@VIEW@", VIEW_FIELD)
 )
+
+# The scripts' constant arguments, built once: per read they are only appended to the command.
+_PAYMENT_ARGS: Final = (wire.PAYMENT_VIEW_TIMELINE, wire.GET_PAYMENT_RESPONSE_PAYMENT)
 
 
 @dataclass(frozen=True)
@@ -247,7 +168,19 @@ def _reached(checkpoint: bytes | None, min_lsn: int) -> None:
 
 
 class ReadModel:
-    """Reads the views that the replicator writes; raises ReadModelUnavailable when Redis fails."""
+    """Reads the views that the replicator writes; raises ReadModelUnavailable when Redis fails.
+
+    Every query is one round trip, whatever the page size: a payment and a page of a list are
+    each one server-side script (EVALSHA), an account one command. The scripts answer with the
+    response's protobuf wire format, built from the stored view bytes without parsing them
+    (the replicator stores every PaymentView with an empty timeline, payments_common/keys.py),
+    so the servicer sends the bytes as they are. The tags of the fields they write come from
+    the generated descriptors (history_svc/wire.py), passed as script arguments.
+
+    The scripts assume a single Redis node: a payment's keys share one hash tag, but a
+    consistency token adds the checkpoint key (another slot), and a page reads the views of
+    payments whose keys are only known inside the script.
+    """
 
     def __init__(
         self,
@@ -262,8 +195,10 @@ class ReadModel:
         self._keys = keys
         self._checkpoint_key = keys.checkpoint(slot)
         self._shas = {script: script.sha for script in (PAYMENT_SCRIPT, PAGE_SCRIPT)}
-        # A payment's hash key is this prefix, its id, and this suffix.
-        self._payment_affixes = tuple(keys.payment("\0").split("\0"))
+        # The page script's arguments after the bounds and count: a payment's hash key is the
+        # prefix, its id and the suffix; then the tag of each payment in the page.
+        prefix, suffix = keys.payment("\0").split("\0")
+        self._page_args = (prefix, suffix, wire.LIST_PAYMENTS_RESPONSE_PAYMENTS)
 
     async def _run(self, script: Script, keys: list[str], args: tuple[object, ...] = ()) -> Any:
         """One EVALSHA_RO; when Redis lost its script cache (a restart), one EVAL_RO that refills it.
@@ -285,7 +220,7 @@ class ReadModel:
         if min_lsn:
             keys.append(self._checkpoint_key)
         try:
-            checkpoint, response = await self._run(PAYMENT_SCRIPT, keys)
+            checkpoint, response = await self._run(PAYMENT_SCRIPT, keys, _PAYMENT_ARGS)
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
         _reached(checkpoint, min_lsn)
@@ -335,18 +270,15 @@ class ReadModel:
 
     async def page(self, query: ListQuery, cursor: str | None, size: int, min_lsn: int = 0) -> Page | None:
         """One page of the query, newest first; None when the account does not exist."""
-        bounds = lex_range(query, cursor)
+        upper, lower, count = index_range(query, cursor, size)
         keys = [
             self._keys.account(query.account_id),
             self._keys.account_index(query.account_id, query.direction, query.status),
         ]
         if min_lsn:
             keys.append(self._checkpoint_key)
-        upper, lower = bounds if bounds is not None else ("-", "-")
-        # One extra member says whether another page follows.
-        limit = size + 1 if bounds is not None else 0
         try:
-            reply = await self._run(PAGE_SCRIPT, keys, (upper, lower, limit, *self._payment_affixes))
+            reply = await self._run(PAGE_SCRIPT, keys, (upper, lower, count, *self._page_args))
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
         _reached(reply[0], min_lsn)

@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
-from prometheus_client import Counter
 from redis.asyncio import Redis
 
-from history_svc.queries import (
-    CheckpointBehind,
-    ListQuery,
-    ReadModel,
-    ReadModelUnavailable,
-    is_cursor,
-    page_size,
-)
+from history_svc.consistency import Consistency
+from history_svc.paging import ListQuery, decode_page_token, encode_page_token, page_size
+from history_svc.queries import ReadModel
 from history_svc.resume import ChangePosition, decode_resume_token, encode_resume_token, missed_changes
 from history_svc.watcher import Change, ChangeWatcher
+from history_svc.wire import LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, length_delimited
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
-from payments_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from payments_common.errors import FieldViolation, InvalidArgument, NotFound
 from payments_common.keys import STATUS_NAMES, KeySchema
-from payments_common.lsn import format_lsn
 from payments_common.tokens import (
     PageTokenCodec,
     TokenError,
@@ -35,31 +29,12 @@ from payments_common.tokens import (
 )
 
 Context = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
-
-CONSISTENCY_READS = Counter(
-    "history_consistency_reads_total",
-    "Reads with a consistency token, by outcome: at once, after waiting, or not reached.",
-    ["outcome"],
-)
 
 _DIRECTIONS = {
     pb.PAYMENT_DIRECTION_SENT: "sent",
     pb.PAYMENT_DIRECTION_RECEIVED: "received",
     pb.PAYMENT_DIRECTION_ALL: "all",
 }
-
-
-def consistency_budget(time_remaining: float | None, cap: float) -> float:
-    """How long a read may wait for its token: the cap, or less when the deadline is nearer.
-
-    A margin before the deadline leaves time for the failure to reach the client as
-    CONSISTENCY_NOT_REACHED rather than as the client's own DEADLINE_EXCEEDED.
-    """
-    if time_remaining is None:
-        return cap
-    margin = min(0.25, max(0.05, time_remaining * 0.1))
-    return max(0.0, min(cap, time_remaining - margin))
 
 
 def _uuid(field: str, value: str, violations: list[FieldViolation]) -> str:
@@ -86,21 +61,6 @@ def serialize(response: bytes | Message) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def _length_delimited(key: bytes, value: bytes) -> bytes:
-    """A protobuf length-delimited field whose varint length is written here."""
-    size = len(value)
-    prefix = bytearray(key)
-    while size >= 0x80:
-        prefix.append(size & 0x7F | 0x80)
-        size >>= 7
-    prefix.append(size)
-    return bytes(prefix) + value
-
-
-# ListPaymentsResponse.next_page_token is field 2, length-delimited.
-_NEXT_PAGE_TOKEN_KEY = b"\x12"
-
-
 class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
     """Answers every query from Redis; each error is a ServiceError that the interceptor maps.
 
@@ -122,7 +82,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         self._read_model = read_model
         self._watcher = watcher
         self._page_tokens = page_tokens
-        self._consistency_wait_max_s = consistency_wait_max_s
+        self._consistency = Consistency(watcher, consistency_wait_max_s)
         self._watch_queue_size = watch_queue_size
 
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Context) -> bytes:  # type: ignore[override]
@@ -131,7 +91,9 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         min_lsn = await self._await_consistency(request.min_consistency_token, context)
-        response = await self._read(self._read_model.payment_response(payment_id, min_lsn), min_lsn)
+        response = await self._consistency.read(
+            self._read_model.payment_response(payment_id, min_lsn), min_lsn
+        )
         if response is None:
             raise NotFound("PAYMENT_NOT_FOUND", "no such payment", {"payment_id": payment_id})
         return response
@@ -142,7 +104,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         min_lsn = await self._await_consistency(request.min_consistency_token, context)
-        view = await self._read(self._read_model.account(account_id, min_lsn), min_lsn)
+        view = await self._consistency.read(self._read_model.account(account_id, min_lsn), min_lsn)
         if view is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
         return pb.GetAccountResponse(account=view)
@@ -169,25 +131,17 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if violations or direction is None:
             raise InvalidArgument(violations)
         query = ListQuery(account_id, direction, request.status, start_us, end_us)
-        cursor = None
-        if request.page_token:
-            try:
-                cursor = self._page_tokens.decode(query.binding(), request.page_token)
-            except TokenError:
-                cursor = None
-            if cursor is None or not is_cursor(cursor):
-                raise InvalidArgument(
-                    [FieldViolation("page_token", "not a page token of this query")],
-                    reason="INVALID_PAGE_TOKEN",
-                )
+        cursor = (
+            decode_page_token(self._page_tokens, query, request.page_token) if request.page_token else None
+        )
         min_lsn = await self._await_consistency(request.min_consistency_token, context)
-        page = await self._read(self._read_model.page(query, cursor, size, min_lsn), min_lsn)
+        page = await self._consistency.read(self._read_model.page(query, cursor, size, min_lsn), min_lsn)
         if page is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
         if page.next_cursor is None:
             return page.payments
-        token = self._page_tokens.encode(query.binding(), page.next_cursor)
-        return page.payments + _length_delimited(_NEXT_PAGE_TOKEN_KEY, token.encode())
+        token = encode_page_token(self._page_tokens, query, page.next_cursor)
+        return page.payments + length_delimited(LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, token.encode())
 
     async def WatchPayments(
         self, request: pb.WatchPaymentsRequest, context: Context
@@ -213,14 +167,11 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             raise InvalidArgument(violations)
         if request.start_after_resume_token:
             after = decode_resume_token(self._page_tokens, account_id, request.start_after_resume_token)
-        budget = consistency_budget(context.time_remaining(), self._consistency_wait_max_s)
-        if not await self._watcher.wait_synced(budget):
-            raise ReadModelUnavailable()
-        after_lsn = after.lsn if isinstance(after, ChangePosition) else after
-        if after_lsn is not None and self._watcher.head < after_lsn:
-            await self._await_lsn(after_lsn, context)
-            if self._watcher.head < after_lsn:
-                raise _not_reached(after_lsn, self._watcher.head)
+        await self._consistency.synced(context)
+        if after is not None:
+            await self._consistency.reach_head(
+                after.lsn if isinstance(after, ChangePosition) else after, context
+            )
         # Subscribed before the existence check and the backlog, so that no change falls
         # between them: the backlog ends at the entry where the subscription begins.
         subscription = self._watcher.subscribe(account_id, self._watch_queue_size)
@@ -265,15 +216,6 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             if not change.view.timeline and change.view.payment_id in found:
                 change.view.timeline.extend(found[change.view.payment_id])
 
-    @staticmethod
-    async def _read(read: Awaitable[T], min_lsn: int) -> T:
-        """Runs a read that checked Redis's checkpoint; below the token it is CONSISTENCY_NOT_REACHED."""
-        try:
-            return await read
-        except CheckpointBehind as behind:
-            CONSISTENCY_READS.labels("behind_in_redis").inc()
-            raise _not_reached(min_lsn, behind.checkpoint) from None
-
     async def _await_consistency(self, token: str, context: Context) -> int:
         """Waits until the known checkpoint reaches the token; returns its position (0: no token)."""
         if not token:
@@ -285,26 +227,4 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                 [FieldViolation("min_consistency_token", "not a consistency token")],
                 reason="INVALID_CONSISTENCY_TOKEN",
             ) from None
-        return await self._await_lsn(lsn, context)
-
-    async def _await_lsn(self, lsn: int, context: Context) -> int:
-        """Waits until the known checkpoint reaches `lsn`; returns it."""
-        if self._watcher.checkpoint >= lsn:
-            CONSISTENCY_READS.labels("immediate").inc()
-            return lsn
-        budget = consistency_budget(context.time_remaining(), self._consistency_wait_max_s)
-        if await self._watcher.wait_for(lsn, budget):
-            CONSISTENCY_READS.labels("waited").inc()
-            return lsn
-        CONSISTENCY_READS.labels("not_reached").inc()
-        if not self._watcher.connected:
-            raise ReadModelUnavailable()
-        raise _not_reached(lsn, self._watcher.checkpoint)
-
-
-def _not_reached(lsn: int, checkpoint: int) -> Unavailable:
-    return Unavailable(
-        "CONSISTENCY_NOT_REACHED",
-        "the read models do not include the requested write yet; retry later",
-        {"min_lsn": format_lsn(lsn), "checkpoint_lsn": format_lsn(checkpoint)},
-    )
+        return await self._consistency.reach(lsn, context)

@@ -1,10 +1,4 @@
-"""The one change watcher per process: follows the replicator's change stream for every request.
-
-A single task blocks on the stream (XREAD BLOCK). Each entry moves the in-process
-checkpoint, which wakes the requests waiting for a consistency token, and is fanned out
-to the WatchPayments streams of the payer and the payee. Requests never poll Redis
-themselves, so the waiting costs Redis nothing per request.
-"""
+"""The one change watcher per process: follows the replicator's change stream for every request."""
 
 from __future__ import annotations
 
@@ -155,6 +149,11 @@ class Subscription:
 
 class ChangeWatcher:
     """Follows the change stream; keeps the checkpoint, wakes waiters and feeds subscriptions.
+
+    A single task blocks on the stream (XREAD BLOCK). Each entry moves the in-process
+    checkpoint, which wakes the requests waiting for a consistency token, and is fanned out
+    to the WatchPayments streams of the payer and the payee. Requests never poll Redis
+    themselves, so the waiting costs Redis nothing per request.
 
     It also proves that it saw every entry in order: each ChangeBatch names the checkpoint it
     moved from (`previous_checkpoint_lsn`), which must be the checkpoint of the entry taken in

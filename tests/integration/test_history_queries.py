@@ -14,7 +14,8 @@ import pytest
 from google.protobuf import timestamp_pb2
 from redis.asyncio import Redis
 
-from history_svc.queries import ListQuery, ReadModel
+from history_svc.paging import ListQuery
+from history_svc.queries import ReadModel
 from payments.history.v1 import history_service_pb2 as pb
 from payments.readmodel.v1 import read_model_pb2 as read_model
 from payments.type.v1 import payment_pb2 as types

@@ -8,16 +8,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from history_svc.queries import (
+from history_svc.consistency import consistency_budget
+from history_svc.paging import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     TIME_LIMIT_US,
+    InvalidPageToken,
     ListQuery,
+    decode_page_token,
+    encode_page_token,
+    index_range,
     is_cursor,
     lex_range,
     page_size,
 )
-from history_svc.servicer import consistency_budget
 from payments_common.keys import index_member
 from payments_common.tokens import PageTokenCodec, TokenError
 
@@ -144,6 +148,35 @@ def test_page_token_is_bound_to_every_selecting_field() -> None:
             codec.decode(other.binding(), token)
     with pytest.raises(TokenError):
         PageTokenCodec(b"another-secret-of-enough-bytes").decode(query.binding(), token)
+
+
+def test_a_page_reads_one_member_more_than_it_holds_and_nothing_when_the_range_is_empty() -> None:
+    query = ListQuery(ACCOUNT, "sent", 0, 10, 20)
+    cursor = index_member(15, str(uuid.UUID(int=1)))
+    assert index_range(query, None, 5) == ("(" + f"{20:016d}", "[" + f"{10:016d}", 6)
+    assert index_range(query, cursor, 1) == ("(" + cursor, "[" + f"{10:016d}", 2)
+    assert index_range(ListQuery(ACCOUNT, "sent", 0, 20, 10), None, 5) == ("-", "-", 0)
+
+
+def test_a_page_token_gives_back_its_cursor_for_the_same_query_only() -> None:
+    codec = PageTokenCodec(SECRET)
+    query = ListQuery(ACCOUNT, "all", 0)
+    cursor = index_member(1_700_000_000_000_000, str(uuid.uuid4()))
+    token = encode_page_token(codec, query, cursor)
+    assert decode_page_token(codec, query, token) == cursor
+    refused = [
+        (codec, ListQuery(ACCOUNT, "sent", 0), token),
+        (PageTokenCodec(b"another-secret-of-enough-bytes"), query, token),
+        (codec, query, token[:-2]),
+        (codec, query, "not a token"),
+        # Signed for this query, but what it carries is not an index member.
+        (codec, query, encode_page_token(codec, query, "+")),
+    ]
+    for other_codec, other_query, other_token in refused:
+        with pytest.raises(InvalidPageToken) as refusal:
+            decode_page_token(other_codec, other_query, other_token)
+        assert refusal.value.reason == "INVALID_PAGE_TOKEN"
+        assert [v.field for v in refusal.value.violations] == ["page_token"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,98 @@
+"""Read-your-writes: a read waits, within its deadline, until the read models include its position."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
+
+from prometheus_client import Counter
+
+from history_svc.queries import CheckpointBehind, ReadModelUnavailable
+from history_svc.watcher import ChangeWatcher
+from payments_common.errors import Unavailable
+from payments_common.lsn import format_lsn
+
+T = TypeVar("T")
+
+CONSISTENCY_READS = Counter(
+    "history_consistency_reads_total",
+    "Reads with a consistency token, by outcome: at once, after waiting, or not reached.",
+    ["outcome"],
+)
+
+
+class Deadline(Protocol):
+    """What a wait needs of its call: the seconds left before the deadline (None: no deadline)."""
+
+    def time_remaining(self) -> float | None: ...
+
+
+class ConsistencyNotReached(Unavailable):
+    """The read models do not include the position within the wait; the call can be retried."""
+
+    def __init__(self, lsn: int, checkpoint: int) -> None:
+        super().__init__(
+            "CONSISTENCY_NOT_REACHED",
+            "the read models do not include the requested write yet; retry later",
+            {"min_lsn": format_lsn(lsn), "checkpoint_lsn": format_lsn(checkpoint)},
+        )
+
+
+def consistency_budget(time_remaining: float | None, cap: float) -> float:
+    """How long a read may wait for its token: the cap, or less when the deadline is nearer.
+
+    A margin before the deadline leaves time for the failure to reach the client as
+    CONSISTENCY_NOT_REACHED rather than as the client's own DEADLINE_EXCEEDED.
+    """
+    if time_remaining is None:
+        return cap
+    margin = min(0.25, max(0.05, time_remaining * 0.1))
+    return max(0.0, min(cap, time_remaining - margin))
+
+
+class Consistency:
+    """Waits on the process's one change watcher, so that a waiting read costs Redis nothing."""
+
+    def __init__(self, watcher: ChangeWatcher, wait_max_s: float) -> None:
+        self._watcher = watcher
+        self._wait_max_s = wait_max_s
+
+    def budget(self, call: Deadline) -> float:
+        return consistency_budget(call.time_remaining(), self._wait_max_s)
+
+    async def reach(self, lsn: int, call: Deadline) -> int:
+        """Waits until the known checkpoint reaches `lsn`; returns it.
+
+        ReadModelUnavailable when the watcher has lost Redis, else ConsistencyNotReached.
+        """
+        if self._watcher.checkpoint >= lsn:
+            CONSISTENCY_READS.labels("immediate").inc()
+            return lsn
+        if await self._watcher.wait_for(lsn, self.budget(call)):
+            CONSISTENCY_READS.labels("waited").inc()
+            return lsn
+        CONSISTENCY_READS.labels("not_reached").inc()
+        if not self._watcher.connected:
+            raise ReadModelUnavailable()
+        raise ConsistencyNotReached(lsn, self._watcher.checkpoint)
+
+    @staticmethod
+    async def read(read: Awaitable[T], min_lsn: int) -> T:
+        """Runs a read that checked Redis's checkpoint; below `min_lsn` it is CONSISTENCY_NOT_REACHED."""
+        try:
+            return await read
+        except CheckpointBehind as behind:
+            CONSISTENCY_READS.labels("behind_in_redis").inc()
+            raise ConsistencyNotReached(min_lsn, behind.checkpoint) from None
+
+    async def synced(self, call: Deadline) -> None:
+        """Waits until the watcher has found its place in the change stream; ReadModelUnavailable if it does not."""
+        if not await self._watcher.wait_synced(self.budget(call)):
+            raise ReadModelUnavailable()
+
+    async def reach_head(self, lsn: int, call: Deadline) -> None:
+        """Waits until the watcher has taken in the change-stream entry at `lsn` (a watch's start)."""
+        if self._watcher.head < lsn:
+            await self.reach(lsn, call)
+            if self._watcher.head < lsn:
+                raise ConsistencyNotReached(lsn, self._watcher.head)
