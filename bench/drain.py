@@ -1,40 +1,47 @@
-"""The replicator's drain alone: a backlog committed while it is stopped, then timed until applied.
+"""The replicator's drain alone: the benchmark's drain phase on a stack of PostgreSQL, Redis and the replicator only.
 
 ```sh
-python -m bench.drain [--payments 50000] [--reps 3] [--profile /tmp/drain.svg]
+python -m bench.drain [--payments 50000] [--reps 3] [--profile /tmp/drain.svg] [--env NAME=value]
 ```
 
 Starts a private PostgreSQL (fsync off) and Redis, migrates, opens accounts, lets the
-replicator bootstrap, stops it, commits the backlog (`bench.backlog`, 4 row changes per
-payment), starts `python -m replicator run` again and polls the checkpoint until it
-reaches the backlog's last position. Prints changes/s (wall clock, from the restart) and
-the replicator process's CPU µs per change (user + system, from /proc), the stable
-figure on a shared machine; the last line is the median of the repetitions.
+replicator bootstrap, then repeats `bench.phases.drain.once`, the code of the figure
+in `python -m bench`: stop the replicator, commit the backlog (`bench.backlog`, 4 row
+changes per payment), start `python -m replicator run` again and poll the checkpoint
+until it reaches the backlog's last position. Prints changes/s (wall clock, from the
+restart) and the replicator process's CPU µs per change (user + system, from /proc),
+the stable figure on a shared machine; the last line is the median of the repetitions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import psycopg2
 import redis
 
 from approval_svc import migrate
-from bench import backlog, cpu
-from payments_common.keys import KeySchema
+from bench import cpu
+from bench.phases import drain
+from bench.runner import settle
+from payments_common.keys import DEFAULT_SLOT_NAME
+from stack.replication import (
+    current_wal_lsn,
+    replicator_env,
+    start_replicator,
+    wait_for_checkpoint,
+)
 from stack.servers import running_postgres, running_redis
-
-ROOT = Path(__file__).resolve().parent.parent
-SLOT = "rm_drain"
 
 
 def _open_accounts(dsn: str, count: int) -> list[str]:
@@ -54,63 +61,82 @@ def _open_accounts(dsn: str, count: int) -> list[str]:
     return ids
 
 
-def _checkpoint(client: redis.Redis) -> int:
-    raw = client.hget(KeySchema("rm:v1").checkpoint(SLOT), "lsn")
-    return int(raw) if raw is not None else 0
+class ReplicationOnly:
+    """PostgreSQL, Redis and one replicator process: the `drain.Replication` of this command."""
 
-
-def _wal_lsn(dsn: str) -> int:
-    connection = psycopg2.connect(dsn)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
-            row = cursor.fetchone()
-            assert row is not None
-            return int(row[0])
-    finally:
-        connection.close()
-
-
-def _start(dsn: str, redis_url: str, log: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "REPLICATOR_DATABASE_URL": dsn,
-        "REPLICATOR_REDIS_URL": redis_url,
-        "REPLICATOR_SLOT_NAME": SLOT,
-        "REPLICATOR_HEALTH_PORT": "0",
-        "REPLICATOR_METRICS_PORT": "0",
-        "REPLICATOR_LOG_LEVEL": "WARNING",
-        **extra_env,
-    }
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "replicator", "run"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+    def __init__(
+        self,
+        dsn: str,
+        redis_url: str,
+        postgres_pid: int,
+        redis_pid: int,
+        accounts: list[str],
+        log: Path,
+        extra_env: Mapping[str, str],
+    ) -> None:
+        self.dsn = dsn
+        self.redis_url = redis_url
+        self.slot = DEFAULT_SLOT_NAME
+        self.accounts = accounts
+        self.log = log
+        self.env = replicator_env(
+            dsn, redis_url, slot=self.slot, extra={"REPLICATOR_LOG_LEVEL": "WARNING", **extra_env}
         )
+        self.postgres_pid = postgres_pid
+        self.redis_pid = redis_pid
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def settle(self) -> None:
+        settle(self.dsn, self.redis_url, self.accounts[0], self.slot, alive=self.replicator_alive)
+
+    def stop_replicator(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def start_replicator(self) -> int:
+        self.process = start_replicator(self.env, self.log)
+        return self.process.pid
+
+    def replicator_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def replicator_ready(self) -> None:
+        """Nothing to wait for: this replicator's health port is not watched."""
+
+    def redis_cpu(self) -> cpu.Snapshot:
+        return cpu.snapshot([self.redis_pid])
+
+    def pg_cpu(self) -> cpu.Snapshot:
+        return cpu.tree_snapshot(self.postgres_pid)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
+@contextlib.contextmanager
+def _profiled(pid: int, out: Path) -> Iterator[None]:
+    """Records `pid` with py-spy into `out` (raw stacks for a .txt, else a flame graph) until the block ends."""
+    profiler = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "-o",
+            str(out),
+            *(["--format", "raw"] if out.suffix == ".txt" else []),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def _wait(client: redis.Redis, target: int, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while _checkpoint(client) < target:
-        if process.poll() is not None:
-            raise RuntimeError(f"the replicator exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the replicator did not reach {target} in {timeout:.0f}s")
-        time.sleep(0.005)
+        yield
+    finally:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,56 +148,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], help="extra NAME=value for the replicator")
     args = parser.parse_args(argv)
     extra_env = dict(item.split("=", 1) for item in args.env)
-    rates: list[float] = []
-    cpus: list[float] = []
+    drains: list[drain.Drain] = []
     with tempfile.TemporaryDirectory(prefix="drain-") as tmp, running_postgres() as pg, running_redis() as rd:
-        log = Path(tmp) / "replicator.log"
+        assert pg.process is not None
+        assert rd.process is not None
         dsn = pg.create_database("drain")
         migrate.upgrade(dsn)
-        accounts = _open_accounts(dsn, args.accounts)
-        redis_url = rd.url()
-        client = redis.Redis.from_url(redis_url)
-        process = _start(dsn, redis_url, log, extra_env)
+        stack = ReplicationOnly(
+            dsn,
+            rd.url(),
+            pg.process.pid,
+            rd.process.pid,
+            _open_accounts(dsn, args.accounts),
+            Path(tmp) / "replicator.log",
+            extra_env,
+        )
+        stack.start_replicator()
         try:
-            _wait(client, _wal_lsn(dsn), process, 120)
+            # The bootstrap: the slot is created and the read model built from the accounts.
+            client = redis.Redis.from_url(stack.redis_url)
+            try:
+                wait_for_checkpoint(
+                    client, current_wal_lsn(dsn), 120, stack.slot, alive=stack.replicator_alive
+                )
+            finally:
+                client.close()
             for rep in range(args.reps):
-                _stop(process)
-                made = backlog.generate(dsn, accounts, args.payments)
-                started = time.monotonic()
-                process = _start(dsn, redis_url, log, extra_env)
-                profiler = None
-                if args.profile is not None and rep == args.reps - 1:
-                    profiler = subprocess.Popen(
-                        [
-                            str(Path(sys.executable).parent / "py-spy"),
-                            "record",
-                            "--pid",
-                            str(process.pid),
-                            "-o",
-                            str(args.profile),
-                            *(["--format", "raw"] if args.profile.suffix == ".txt" else []),
-                        ],
-                        stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )
-                _wait(client, made.target_lsn, process, 600)
-                elapsed = time.monotonic() - started
-                spent = cpu.process_cpu_s(process.pid)
-                if profiler is not None:
-                    profiler.send_signal(signal.SIGINT)
-                    profiler.wait(timeout=60)
-                rates.append(made.changes / elapsed)
-                cpus.append(spent * 1e6 / made.changes)
+                last = args.profile is not None and rep == args.reps - 1
+                observe = (lambda pid: _profiled(pid, args.profile)) if last else None
+                d = drain.once(stack, stack.accounts, args.payments, observe)
+                drains.append(d)
                 print(
-                    f"rep {rep + 1}: {made.changes:,} changes in {elapsed:.2f}s = {rates[-1]:,.0f} changes/s, "
-                    f"replicator CPU {spent:.2f}s = {cpus[-1]:.1f} µs/change",
+                    f"rep {rep + 1}: {d.changes:,} changes in {d.elapsed_s:.2f}s = {d.changes_per_s:,.0f} changes/s, "
+                    f"replicator CPU {d.cpu_s:.2f}s = {d.cpu_us_per_change:.1f} µs/change",
                     flush=True,
                 )
         finally:
-            _stop(process)
-            client.close()
-            if process.returncode not in (0, None):
-                print(log.read_text()[-4000:], file=sys.stderr)
+            failed = stack.process is not None and stack.process.poll() not in (0, None)
+            stack.stop_replicator()
+            if failed:
+                print(stack.log.read_text()[-4000:], file=sys.stderr)
+    rates = [d.changes_per_s for d in drains]
+    cpus = [d.cpu_us_per_change for d in drains]
     print(
         f"median of {len(rates)}: {statistics.median(rates):,.0f} changes/s, "
         f"{statistics.median(cpus):.1f} µs CPU/change (min {min(cpus):.1f}, max {max(cpus):.1f}); "

@@ -11,22 +11,21 @@ py-spy is not a dependency of the project: `.venv/bin/pip install py-spy` first.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bench import backlog
-from bench.__main__ import QUICK, ROOT, Bench
+from bench.phases import drain, seed
+from bench.plan import QUICK
+from bench.runner import ROOT, Runner
 from stack.clients import history_target
-from stack.servers import process_alive
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -85,6 +84,17 @@ def _record(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
     )
 
 
+@contextlib.contextmanager
+def _sampled(pid: int, out: Path, seconds: float = 120) -> Iterator[None]:
+    """Samples `pid` into `out` until the block ends (or for `seconds` at most)."""
+    spy = _record(pid, out, seconds)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def _report(title: str, out: Path) -> None:
     if not out.exists():
         print(f"\n### {title}: no samples ({out} missing)")
@@ -110,28 +120,28 @@ def main(argv: list[str] | None = None) -> int:
             _report(str(path), path)
         return 0
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    bench = Bench(QUICK, Path(tempfile.mkdtemp(prefix="payments-profile-")))
+    runner = Runner(QUICK, Path(tempfile.mkdtemp(prefix="payments-profile-")))
     seconds = args.seconds
     try:
-        bench.start()
-        bench.seed()
-        history = history_target(bench.endpoints["HISTORY_ADDRS"].split(",")[:1])
+        runner.start()
+        seed.run(runner)
+        history = history_target(runner.endpoints["HISTORY_ADDRS"].split(",")[:1])
         loads = (
-            ("approval", "approval_submit", bench.endpoints["APPROVAL_ADDR"], False),
+            ("approval", "approval_submit", runner.endpoints["APPROVAL_ADDR"], False),
             ("history-1", "history_get", history, True),
             ("history-1", "history_list", history, True),
-            ("echo", "echo", bench.endpoints["BENCH_ECHO_ADDR"], False),
+            ("echo", "echo", runner.endpoints["BENCH_ECHO_ADDR"], False),
         )
         for server, call, target, history_channel in loads:
             out = args.out_dir / f"profile-{call}.txt"
             print(f"== sampling {server} under closed-loop {call} for {seconds:.0f}s", flush=True)
-            spy = _record(bench.pid(server), out, seconds + 1)
-            bench.measure(
-                bench.jobs(
+            spy = _record(runner.pid(server), out, seconds + 1)
+            runner.measure(
+                runner.jobs(
                     "closed",
                     call,
                     target,
-                    bench.plan.concurrency,
+                    runner.plan.concurrency,
                     duration_s=seconds,
                     history_channel=history_channel,
                 ),
@@ -140,26 +150,16 @@ def main(argv: list[str] | None = None) -> int:
                 0.5,
             )
             spy.wait(timeout=60)
-            bench.settle()
+            runner.settle()
             _report(f"{server} under {call}", out)
 
-        # The replicator, catching up on a backlog.
-        assert bench.state is not None
-        process = next(p for p in bench.state.processes if p.name == "replicator")
-        os.kill(process.pid, signal.SIGTERM)
-        while process_alive(process.pid):
-            time.sleep(0.05)
-        made = backlog.generate(bench.endpoints["POSTGRES_DSN"], bench.payers, args.drain_payments)
-        new = bench._spawn_replicator(process)
+        # The replicator, catching up on a backlog: the benchmark's drain, sampled.
         out = args.out_dir / "profile-replicator-drain.txt"
-        print(f"== sampling the replicator draining {made.changes:,} changes", flush=True)
-        spy = _record(new.pid, out, 120)
-        bench._wait_checkpoint(made.target_lsn, timeout=300)
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
+        print(f"== sampling the replicator draining {args.drain_payments:,} payments", flush=True)
+        drain.once(runner, runner.payers, args.drain_payments, observe=lambda pid: _sampled(pid, out))
         _report("replicator draining a backlog", out)
     finally:
-        bench.stop()
+        runner.stop()
     return 0
 
 

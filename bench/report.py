@@ -1,10 +1,10 @@
-"""The benchmark's outputs: the JSON file, a Markdown table of the figures, and a PNG latency chart."""
+"""The benchmark's outputs: the required figures and the targets, the JSON file, a Markdown table and a PNG latency chart."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -53,6 +53,68 @@ def lookup(results: Mapping[str, Any], path: str) -> Any:
     for part in path.split("."):
         node = node[part]
     return node
+
+
+# The goals: (name, goal as text, figure path, check of the median).
+_TARGETS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
+    ("Replicator drain", "≥ 30,000 row changes/s", "replication.drain.changes_per_s", lambda v: v >= 30_000),
+    (
+        "Commit-to-visible p99 at 500 payments/s",
+        "≤ 15 ms",
+        "replication.commit_to_visible.p99_ms",
+        lambda v: v <= 15,
+    ),
+    (
+        "History GetPayment CPU per RPC ÷ floor",
+        "≤ 1.5x",
+        "history.get_payment_1.cpu_ratio_to_floor",
+        lambda v: v <= 1.5,
+    ),
+    (
+        "History ListPayments CPU per RPC ÷ floor",
+        "≤ 2.5x",
+        "history.list_payments_1.cpu_ratio_to_floor",
+        lambda v: v <= 2.5,
+    ),
+    (
+        "GetPayment p99: CRUD ÷ history, under writes",
+        "≥ 3x",
+        "crud_baseline.get_payment.p99_ratio",
+        lambda v: v >= 3,
+    ),
+    (
+        "ListPayments p99: CRUD ÷ history, under writes",
+        "≥ 3x",
+        "crud_baseline.list_payments.p99_ratio",
+        lambda v: v >= 3,
+    ),
+    (
+        "Approval SubmitPayment throughput",
+        "≥ 1,000 payments/s",
+        "approval_submit.throughput_rps",
+        lambda v: v >= 1000,
+    ),
+)
+
+
+def targets(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with the median it is judged on and whether it is met (None when the figure is missing)."""
+    found = []
+    for name, goal, path, check in _TARGETS:
+        try:
+            value = float(lookup({"figures": figures}, path)["median"])
+        except (KeyError, TypeError):
+            value = math.nan
+        found.append(
+            {
+                "name": name,
+                "goal": goal,
+                "figure": path,
+                "value": value,
+                "met": None if math.isnan(value) else check(value),
+            }
+        )
+    return found
 
 
 def _finite(value: Any) -> bool:

@@ -1,0 +1,88 @@
+"""Figure 5a, commit-to-visible: payments submitted at a steady rate, timed until they arrive on WatchPayments streams.
+
+Measured at the target rate and at a rate that approval sustains on this machine, so
+that replication's own delay shows apart from an overloaded approval service.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from bench import stats
+from bench.figures import latency_of
+from bench.load import Job, JobResult, split
+from bench.runner import Runner
+from stack.clients import history_target
+
+
+def run(runner: Runner) -> None:
+    plan = runner.plan
+    for rep in range(plan.reps):
+        # The sustained rate first: an overloaded approval keeps working off abandoned
+        # requests for a while after its clients have given up.
+        for figure, rate in (
+            ("commit_to_visible_sustained", plan.visibility_low_rate),
+            ("commit_to_visible", plan.visibility_rate),
+        ):
+            print(f"== {figure} at {rate:.0f} payments/s, repetition {rep + 1}/{plan.reps}", flush=True)
+            measure(runner, f"replication.{figure}", rate)
+            runner.settle()
+            runner.wait_idle("approval")
+
+
+def measure(runner: Runner, figure: str, total_rate: float) -> None:
+    """One window at `total_rate` payments/s, split over the generators, each watching its own payees."""
+    plan = runner.plan
+    history = history_target(runner.endpoints["HISTORY_ADDRS"].split(","))
+    workers = plan.workers
+    watched = [runner.watched[i::workers] for i in range(workers)]
+
+    def build(start_at: float) -> list[Job]:
+        return [
+            Job(
+                mode="visibility",
+                call="approval_submit",
+                target=runner.endpoints["APPROVAL_ADDR"],
+                start_at=start_at,
+                duration_s=plan.visibility_window_s,
+                warmup_s=plan.warmup_s,
+                history_channel=True,
+                rate=rate,
+                payer_ids=runner.payers,
+                payee_ids=tuple(watched[index]),
+                watch_target=history,
+                seed=int(start_at * 1000) + index,
+            )
+            for index, rate in enumerate(split(total_rate, workers))
+        ]
+
+    assert runner.pool is not None
+    start_at = time.monotonic() + 1.0 + plan.warmup_s  # streams open before the window
+    results = runner.pool.collect(runner.pool.submit(build(start_at)), timeout=120)
+    runner.collector.add(figure, **metrics(results, total_rate, plan.visibility_window_s))
+    errors: Counter[str] = Counter()
+    for r in results:
+        errors.update(r.errors)
+    runner.collector.add_errors(figure, dict(errors), sum(r.dropped for r in results))
+
+
+def metrics(results: Sequence[JobResult], offered_rate: float, window_s: float) -> dict[str, float]:
+    """The delays from acknowledgement (and from submission) to arrival, over every generator of the window."""
+    lat = latency_of(stats.merge(r.delays for r in results))
+    from_submit = latency_of(stats.merge(r.submit_delays for r in results))
+    acked = sum(r.completed for r in results)
+    return {
+        "offered_rate": offered_rate,
+        "p50_ms": lat.p50_ms,
+        "p90_ms": lat.p90_ms,
+        "p99_ms": lat.p99_ms,
+        "max_ms": lat.max_ms,
+        "submit_to_visible_p50_ms": from_submit.p50_ms,
+        "submit_to_visible_p99_ms": from_submit.p99_ms,
+        "achieved_rate": acked / window_s,
+        "acknowledged": acked,
+        "missing": sum(r.missing for r in results),
+        "seen_before_ack": sum(r.seen_before_ack for r in results),
+    }

@@ -1,0 +1,121 @@
+"""The phases' own arithmetic: the CRUD comparison, commit-to-visible, a sweep point, the drain; their order; the targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import report
+from bench.figures import Window
+from bench.load import JobResult
+from bench.phases import PHASES, crud, drain, sweeps, visibility
+from bench.report import REQUIRED_FIGURES
+
+
+def _window(latency_s: float, completed: int, cpu_s: dict[str, float], duration_s: float = 2.0) -> Window:
+    return Window(duration_s, [latency_s] * completed, completed, {}, 0, cpu_s)
+
+
+def test_phases_run_in_the_order_of_the_results_phase_seconds() -> None:
+    assert [name for name, _ in PHASES] == [
+        "start",
+        "seed",
+        "floor_approval_history",
+        "crud_baseline",
+        "commit_to_visible",
+        "sweeps",
+        "drain",
+    ]
+
+
+def test_crud_comparison_takes_the_writes_baseline_off_each_side() -> None:
+    base = _window(0.0, 0, {"pg": 0.2, "redis": 0.02, "crud": 0.0, "history": 0.01})
+    crud_w = _window(0.004, 500, {"pg": 0.45, "redis": 0.02, "crud": 0.2, "history": 0.01})
+    hist_w = _window(0.002, 500, {"pg": 0.2, "redis": 0.07, "crud": 0.0, "history": 0.11})
+    figures = crud.compare(crud_w, hist_w, base)
+    assert {f"crud_baseline.get_payment.{name}" for name in figures} >= {
+        path for path in REQUIRED_FIGURES if path.startswith("crud_baseline.get_payment.")
+    }
+    assert figures["p50_ratio"] == pytest.approx(2.0)
+    assert figures["p99_ratio"] == pytest.approx(2.0)
+    assert figures["crud_throughput_rps"] == pytest.approx(250)
+    assert figures["crud_server_cpu_us_per_rpc"] == pytest.approx(400)
+    assert figures["pg_cpu_us_per_read_crud"] == pytest.approx(500)  # (0.45 - 0.2) s over 500 reads
+    assert figures["pg_cpu_us_per_read_history"] == 0
+    assert figures["redis_cpu_us_per_read_history"] == pytest.approx(100)
+    assert figures["history_server_cpu_us_per_rpc"] == pytest.approx(220)
+    assert figures["history_server_cpu_us_per_rpc_baseline_excluded"] == pytest.approx(200)
+    assert figures["pg_cpu_share_baseline"] == pytest.approx(0.1)
+
+
+def test_visibility_counts_every_generator_and_what_it_missed() -> None:
+    results = [
+        JobResult(completed=3, delays=[0.001, 0.002, 0.0], submit_delays=[0.005] * 3, missing=1),
+        JobResult(completed=2, delays=[0.004, 0.003], submit_delays=[0.006] * 2, seen_before_ack=1),
+    ]
+    figures = visibility.metrics(results, offered_rate=500.0, window_s=2.0)
+    assert figures["offered_rate"] == 500
+    assert figures["achieved_rate"] == pytest.approx(2.5)
+    assert figures["acknowledged"] == 5
+    assert figures["missing"] == 1
+    assert figures["seen_before_ack"] == 1
+    assert figures["p50_ms"] == pytest.approx(2.0)
+    assert figures["max_ms"] == pytest.approx(4.0)
+    assert figures["submit_to_visible_p99_ms"] == pytest.approx(6.0, rel=0.01)
+
+
+def test_visibility_with_nothing_seen_is_nan_not_an_error() -> None:
+    figures = visibility.metrics([JobResult()], offered_rate=100.0, window_s=1.0)
+    assert math.isnan(figures["p99_ms"])
+    assert figures["acknowledged"] == 0
+
+
+def test_a_sweep_point_is_what_the_chart_draws() -> None:
+    window = Window(1.0, [0.001] * 90, 90, {"UNAVAILABLE": 2, "INTERNAL": 1}, 4, {})
+    point = sweeps.point(100.0, window)
+    assert point == {
+        "offered_rps": 100.0,
+        "achieved_rps": 90.0,
+        "p50_ms": pytest.approx(1.0),
+        "p90_ms": pytest.approx(1.0),
+        "p99_ms": pytest.approx(1.0),
+        "errors": 3,
+        "dropped": 4,
+    }
+
+
+def test_drain_figures_from_restart_and_from_the_first_apply() -> None:
+    drained = drain.Drain(
+        changes=20_000,
+        elapsed_s=2.0,
+        startup_s=0.4,
+        cpu_s=0.6,
+        redis_cpu_s=0.2,
+        pg_cpu_s=0.1,
+        generation_s=3.0,
+    )
+    figures = drained.metrics()
+    assert {f"replication.drain.{name}" for name in figures} >= {
+        path for path in REQUIRED_FIGURES if path.startswith("replication.drain.")
+    }
+    assert figures["changes_per_s"] == pytest.approx(10_000)
+    assert figures["changes_per_s_steady"] == pytest.approx(12_500)
+    assert figures["cpu_us_per_change"] == pytest.approx(30)
+    assert figures["redis_cpu_us_per_change"] == pytest.approx(10)
+    assert figures["postgres_cpu_us_per_change"] == pytest.approx(5)
+    assert figures["generation_s"] == 3.0
+
+
+def test_targets_judge_the_median_and_leave_missing_figures_undecided() -> None:
+    figures = {
+        "replication": {"drain": {"changes_per_s": {"median": 31_000.0}}},
+        "approval_submit": {"throughput_rps": {"median": 480.0}},
+    }
+    found = {t["figure"]: t for t in report.targets(figures)}
+    assert found["replication.drain.changes_per_s"]["met"] is True
+    assert found["approval_submit.throughput_rps"]["met"] is False
+    assert found["approval_submit.throughput_rps"]["value"] == 480.0
+    missing = found["history.get_payment_1.cpu_ratio_to_floor"]
+    assert missing["met"] is None
+    assert math.isnan(missing["value"])
