@@ -8,7 +8,6 @@ import sys
 from collections.abc import Sequence
 
 from payments_common.logs import configure_logging
-from payments_common.settings import SettingsError
 
 log = logging.getLogger("approval_svc")
 
@@ -29,11 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here so that `--help` works without the service's dependencies loaded.
     from approval_svc.config import Settings
 
-    try:
-        settings = Settings.from_env()
-    except SettingsError as error:
-        print(f"approval-svc: {error}", file=sys.stderr)
-        return 2
+    settings = Settings.from_env_or_exit("approval-svc")
     configure_logging("approval-svc", settings.log_level)
 
     if args.command == "migrate":

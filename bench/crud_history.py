@@ -30,8 +30,9 @@ from payments.history.v1 import history_service_pb2_grpc
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.errors import FieldViolation, InvalidArgument, NotFound, Unimplemented
-from payments_common.grpcserver import Readiness, ServerOptions, build_server, wait_for_signal
+from payments_common.grpcserver import Readiness, build_server, wait_for_signal
 from payments_common.logs import configure_logging
+from payments_common.settings import ServerSettings
 from payments_common.tokens import PageTokenCodec, TokenError
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -284,7 +285,7 @@ async def serve(dsn: str, host: str, port: int, pool_size: int) -> None:
     try:
         servicer = CrudHistoryServicer(pool, PageTokenCodec(secrets.token_bytes(32)))
         server, _, health = build_server(
-            ServerOptions(host=host, port=port),
+            ServerSettings(host=host, port=port),
             lambda s: history_service_pb2_grpc.add_HistoryServiceServicer_to_server(servicer, s),
             [SERVICE_NAME],
         )

@@ -18,8 +18,9 @@ import uvloop
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2
 
-from payments_common.grpcserver import READINESS, ServerOptions, build_server, wait_for_signal
+from payments_common.grpcserver import READINESS, build_server, wait_for_signal
 from payments_common.logs import configure_logging
+from payments_common.settings import ServerSettings
 
 SERVICE = "bench.Echo"
 METHOD = f"/{SERVICE}/Echo"
@@ -45,7 +46,7 @@ def register(server: grpc.aio.Server) -> None:
 
 async def serve(host: str, port: int) -> None:
     # No service name for reflection: the echo has no descriptor to describe.
-    server, _, health = build_server(ServerOptions(host=host, port=port), register, [])
+    server, _, health = build_server(ServerSettings(host=host, port=port), register, [])
     await server.start()
     for name in ("", READINESS):  # the echo depends on nothing: ready at once
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import uvloop
@@ -11,7 +10,6 @@ import uvloop
 from history_svc.config import Settings
 from history_svc.server import serve
 from payments_common.logs import configure_logging
-from payments_common.settings import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,11 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the gRPC server until SIGTERM")
     parser.parse_args(argv)
-    try:
-        settings = Settings.from_env(os.environ)
-    except SettingsError as error:
-        print(f"history-svc: {error}", file=sys.stderr)
-        return 2
+    settings = Settings.from_env_or_exit("history-svc")
     configure_logging("history_svc", settings.log_level)
     uvloop.run(serve(settings))
     return 0

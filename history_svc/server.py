@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import prometheus_client
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -20,11 +20,10 @@ from history_svc.servicer import HistoryServicer, serialize
 from history_svc.watcher import ChangeWatcher
 from payments.history.v1 import history_service_pb2
 from payments.history.v1 import history_service_pb2 as pb
-from payments_common.grpcserver import Readiness, ServerOptions, build_server, wait_for_signal
+from payments_common import grpcserver
+from payments_common.grpcserver import GrpcService, Readiness, build_server
 from payments_common.keys import KeySchema
 from payments_common.tokens import PageTokenCodec
-
-log = logging.getLogger(__name__)
 
 SERVICE_NAME = history_service_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name
 
@@ -59,25 +58,25 @@ class Dependencies:
         pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=settings.redis_max_connections,
-            timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
+            timeout=settings.redis_timeout_seconds,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=min(settings.redis_timeout_seconds, 2.0),
             health_check_interval=30,
             retry=_reconnect_once(),
         )
         watch_pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=2,
-            timeout=settings.redis_timeout_s,
-            socket_timeout=settings.redis_timeout_s + WATCH_BLOCK_MS / 1000,
-            socket_connect_timeout=min(settings.redis_timeout_s, 2.0),
+            timeout=settings.redis_timeout_seconds,
+            socket_timeout=settings.redis_timeout_seconds + WATCH_BLOCK_MS / 1000,
+            socket_connect_timeout=min(settings.redis_timeout_seconds, 2.0),
             retry=_reconnect_once(),
         )
         redis = Redis(connection_pool=pool)
         return cls(
             redis=redis,
             watch_redis=Redis(connection_pool=watch_pool),
-            multiplexer=Multiplexer(redis, settings.redis_timeout_s),
+            multiplexer=Multiplexer(redis, settings.redis_timeout_seconds),
         )
 
     async def close(self) -> None:
@@ -86,32 +85,26 @@ class Dependencies:
         await self.watch_redis.aclose(close_connection_pool=True)
 
 
-class HistoryServer:
-    """The gRPC server with the tasks it needs: the change watcher and the readiness probe."""
+class HistoryServer(GrpcService):
+    """The gRPC server with the task it needs besides readiness: the change watcher.
 
-    def __init__(
-        self, server: grpc.aio.Server, watcher: ChangeWatcher, readiness: Readiness, grace_s: float
-    ) -> None:
-        self.grpc = server
+    On stop, watch streams end once the service reports NOT_SERVING; the watcher keeps
+    running until the last call has ended, since reads in flight may be waiting for a
+    checkpoint.
+    """
+
+    def __init__(self, server: grpc.aio.Server, watcher: ChangeWatcher, readiness: Readiness) -> None:
+        super().__init__(server, readiness)
         self.watcher = watcher
-        self.readiness = readiness
-        self.grace_s = grace_s
 
-    async def start(self) -> None:
+    async def starting(self) -> None:
         await self.watcher.start()
-        await self.readiness.start()
-        await self.grpc.start()
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop: NOT_SERVING, watch streams ended, in-flight calls finished within `grace`."""
-        await self.readiness.stop()
+    async def draining(self) -> None:
         self.watcher.close_streams()
-        # The watcher keeps running meanwhile: in-flight reads may be waiting for a checkpoint.
-        await self.grpc.stop(self.grace_s if grace is None else grace)
-        await self.watcher.stop()
 
-    async def wait_for_termination(self) -> None:
-        await self.grpc.wait_for_termination()
+    async def stopped(self) -> None:
+        await self.watcher.stop()
 
 
 def method_handlers(servicer: HistoryServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
@@ -146,7 +139,7 @@ def method_handlers(servicer: HistoryServicer) -> dict[str, grpc.RpcMethodHandle
 
 def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer, int]:
     """Creates (not starts) the server and binds its port; port 0 picks a free one."""
-    keys = KeySchema(settings.key_namespace)
+    keys = KeySchema(settings.namespace)
     read_model = ReadModel(deps.redis, keys, settings.slot_name, deps.multiplexer)
     watcher = ChangeWatcher(
         deps.watch_redis, keys, settings.slot_name, timelines=read_model.timelines, block_ms=WATCH_BLOCK_MS
@@ -155,17 +148,10 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
         read_model,
         watcher,
         PageTokenCodec(settings.page_token_secret),
-        consistency_wait_max_s=settings.consistency_wait_max_s,
+        consistency_wait_max_s=settings.consistency_wait_max_seconds,
         watch_queue_size=settings.watch_queue_size,
         stream_redis=deps.redis,
         keys=keys,
-    )
-    options = ServerOptions(
-        host=settings.host,
-        port=settings.port,
-        max_message_bytes=settings.max_message_bytes,
-        max_connection_age_s=settings.max_connection_age_s,
-        grace_s=settings.grace_s,
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -173,31 +159,23 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
-    server, port, health = build_server(
-        options, register, [SERVICE_NAME], credentials=settings.tls.server_credentials()
-    )
+    server, port, health = build_server(settings, register, [SERVICE_NAME])
     readiness = Readiness(health=health, service_names=[SERVICE_NAME], probe=read_model.ping)
-    return HistoryServer(server, watcher, readiness, settings.grace_s), port
+    return HistoryServer(server, watcher, readiness), port
+
+
+@contextlib.asynccontextmanager
+async def _opened(settings: Settings) -> AsyncIterator[tuple[GrpcService, int]]:
+    """The server on its Redis clients, which are closed after the server stops."""
+    deps = Dependencies.connect(settings)
+    try:
+        yield create_server(settings, deps)
+    finally:
+        await deps.close()
 
 
 async def serve(settings: Settings) -> None:
     """Runs the server until SIGTERM or SIGINT, then stops it gracefully."""
-    metrics: Any = None
-    if settings.metrics_port:
-        metrics = prometheus_client.start_http_server(settings.metrics_port)
-    deps = Dependencies.connect(settings)
-    try:
-        server, port = create_server(settings, deps)
-        await server.start()
-        log.info(
-            "history service listening",
-            extra={"port": port, "metrics_port": settings.metrics_port, "namespace": settings.key_namespace},
-        )
-        await wait_for_signal()
-        log.info("stopping", extra={"grace_seconds": settings.grace_s})
-        await server.stop()
-    finally:
-        await deps.close()
-        if isinstance(metrics, tuple):
-            metrics[0].shutdown()
-    log.info("stopped")
+    await grpcserver.serve(
+        "history service", settings, lambda: _opened(settings), namespace=settings.namespace
+    )

@@ -1,4 +1,4 @@
-"""The gRPC server skeleton every service uses: interceptors, health, reflection, shutdown."""
+"""The gRPC server skeleton every service uses: interceptors, health, reflection, serve and shutdown."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +16,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, start_http_server
 
 from payments_common.errors import FieldViolation, InvalidArgument, ServiceError, internal_error
 from payments_common.grpcstatus import status_code, to_grpc_status
 from payments_common.logs import method_var, request_id_var
+from payments_common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -187,29 +189,20 @@ def _wrap_stream(
     return stream
 
 
-@dataclass
-class ServerOptions:
-    """Transport settings shared by every server."""
-
-    host: str = "[::]"
-    port: int = 0
-    max_message_bytes: int = 4 * 1024 * 1024
-    max_connection_age_s: float = 0.0  # 0 keeps connections for ever
-    grace_s: float = 10.0
-
-    def channel_args(self) -> list[tuple[str, int]]:
-        args = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.http2.max_pings_without_data", 0),
+def channel_args(settings: ServerSettings) -> list[tuple[str, int]]:
+    """The gRPC server options for the shared settings: message limits, keepalive, connection age."""
+    args = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if settings.max_connection_age_seconds > 0:
+        args += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000)),
         ]
-        if self.max_connection_age_s > 0:
-            args += [
-                ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
-                ("grpc.max_connection_age_grace_ms", int(self.grace_s * 1000)),
-            ]
-        return args
+    return args
 
 
 @dataclass
@@ -289,14 +282,16 @@ _LATE_ANSWERS = _LateAnswerFilter()
 
 
 def build_server(
-    options: ServerOptions,
+    settings: ServerSettings,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
-    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int, Any]:
-    """Creates (not starts) a server with health and reflection; returns it, its bound port and health."""
+    """Creates (not starts) a server with health and reflection; returns it, its bound port and health.
+
+    The port speaks TLS when the settings name a certificate.
+    """
     logging.getLogger("grpc._cython.cygrpc").addFilter(_LATE_ANSWERS)  # once: filters are a set
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options.channel_args())
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=channel_args(settings))
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -304,12 +299,50 @@ def build_server(
         [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
         server,
     )
-    address = f"{options.host}:{options.port}"
+    address = f"{settings.host}:{settings.port}"
+    credentials = settings.tls.server_credentials()
     if credentials is None:
         port = server.add_insecure_port(address)
     else:
         port = server.add_secure_port(address, credentials)
     return server, port, health_servicer
+
+
+class GrpcService:
+    """A built server and its readiness, started and stopped in the order that health checks need.
+
+    A service with tasks of its own (history's change watcher) extends the hooks:
+    `starting` runs before the first call can arrive, `draining` once the service
+    reports NOT_SERVING, `stopped` after the last call has ended.
+    """
+
+    def __init__(self, server: grpc.aio.Server, readiness: Readiness) -> None:
+        self.grpc = server
+        self.readiness = readiness
+
+    async def starting(self) -> None:
+        """Starts what calls need; nothing by default."""
+
+    async def draining(self) -> None:
+        """Ends what would hold calls open past the grace (streams); nothing by default."""
+
+    async def stopped(self) -> None:
+        """Stops what the calls needed; nothing by default."""
+
+    async def start(self) -> None:
+        await self.starting()
+        await self.readiness.start()
+        await self.grpc.start()
+
+    async def stop(self, grace: float | None) -> None:
+        """Reports NOT_SERVING first, so balancers drain, then lets calls in flight finish within `grace`.
+
+        `grace` None ends the calls in flight at once, as `grpc.aio.Server.stop` does.
+        """
+        await self.readiness.stop()
+        await self.draining()
+        await self.grpc.stop(grace)
+        await self.stopped()
 
 
 async def wait_for_signal() -> None:
@@ -320,3 +353,38 @@ async def wait_for_signal() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutdown signal received")
+
+
+async def serve(
+    name: str,
+    settings: ServerSettings,
+    opened: Callable[[], AbstractAsyncContextManager[tuple[GrpcService, int]]],
+    **details: object,
+) -> None:
+    """Runs a service until SIGTERM or SIGINT, then stops it gracefully.
+
+    `opened` builds the service on its dependencies and closes them after it stops.
+    Metrics are served on their own port from the start; `details` go in the
+    start-up log line.
+    """
+    metrics = start_http_server(settings.metrics_port) if settings.metrics_port else None
+    try:
+        async with opened() as (service, port):
+            await service.start()
+            log.info(
+                "%s started",
+                name,
+                extra={
+                    "port": port,
+                    "metrics_port": settings.metrics_port,
+                    "tls": settings.tls.mode,
+                    **details,
+                },
+            )
+            await wait_for_signal()
+            log.info("%s stopping", name, extra={"grace_seconds": settings.grace_seconds})
+            await service.stop(settings.grace_seconds)
+    finally:
+        if metrics is not None:
+            metrics[0].shutdown()
+    log.info("%s stopped", name)

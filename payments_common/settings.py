@@ -1,9 +1,21 @@
-"""Reading a service's settings from the environment, with clear errors for missing values."""
+"""Settings from the environment: the reader, and the base that every service's settings extend.
+
+A service declares its settings as a frozen dataclass that extends `ServiceSettings`
+(a process: log level, metrics port, TLS) or `ServerSettings` (a gRPC server besides:
+host, port, limits, shutdown grace), names its variable prefix, and reads only its own
+fields in `read`; `from_env` reads the shared ones, under the same names everywhere.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar, Final, Self
+
+from payments_common.tls import TlsSettings
 
 
 class SettingsError(Exception):
@@ -16,6 +28,10 @@ class _Required:
 
 
 REQUIRED = _Required()
+
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Below this, a page of ListPayments or a payment with a long timeline might not fit.
+MIN_MESSAGE_BYTES: Final = 64 * 1024
 
 
 class EnvReader:
@@ -47,6 +63,14 @@ class EnvReader:
             return default
         return value
 
+    def url(self, name: str, schemes: tuple[str, ...]) -> str:
+        """A required URL that starts with one of `schemes` ("redis://", ...)."""
+        value = self.text(name)
+        if not value.startswith(schemes):
+            allowed = ", ".join(schemes[:-1]) + f" or {schemes[-1]}" if len(schemes) > 1 else schemes[0]
+            raise SettingsError(f"{self.prefix}{name} must start with {allowed}")
+        return value
+
     def integer(self, name: str, default: int | _Required = REQUIRED, minimum: int | None = None) -> int:
         raw = self._raw(name)
         if raw is None or raw == "":
@@ -59,6 +83,13 @@ class EnvReader:
             raise SettingsError(f"{self.prefix}{name} must be an integer, got {raw!r}") from None
         if minimum is not None and value < minimum:
             raise SettingsError(f"{self.prefix}{name} must be at least {minimum}, got {value}")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        """A TCP port; 0 means any free port (or, for an optional port, none)."""
+        value = self.integer(name, default, minimum=0)
+        if value > 65535:
+            raise SettingsError(f"{self.prefix}{name} must be at most 65535, got {value}")
         return value
 
     def number(self, name: str, default: float | _Required = REQUIRED) -> float:
@@ -75,6 +106,13 @@ class EnvReader:
             raise SettingsError(f"{self.prefix}{name} must not be negative, got {value}")
         return value
 
+    def positive(self, name: str, default: float) -> float:
+        """A number above zero (a timeout, say, where 0 would mean "fail at once")."""
+        value = self.number(name, default)
+        if value <= 0:
+            raise SettingsError(f"{self.prefix}{name} must be positive, got {value}")
+        return value
+
     def flag(self, name: str, default: bool) -> bool:
         raw = self._raw(name)
         if raw is None or raw == "":
@@ -85,3 +123,93 @@ class EnvReader:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise SettingsError(f"{self.prefix}{name} must be true or false, got {raw!r}")
+
+    def log_level(self, default: str) -> str:
+        level = self.text("LOG_LEVEL", default).upper()
+        if level not in LOG_LEVELS:
+            raise SettingsError(f"{self.prefix}LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
+
+    def tls(self) -> TlsSettings:
+        """The PEM files of the port the process serves: both or neither of certificate and key."""
+        tls = TlsSettings(
+            cert_file=self.text("TLS_CERT_FILE", ""),
+            key_file=self.text("TLS_KEY_FILE", ""),
+            client_ca_file=self.text("TLS_CLIENT_CA_FILE", ""),
+        )
+        if bool(tls.cert_file) != bool(tls.key_file):
+            raise SettingsError(
+                f"{self.prefix}TLS_CERT_FILE and {self.prefix}TLS_KEY_FILE must be set together"
+            )
+        if tls.client_ca_file and not tls.cert_file:
+            raise SettingsError(
+                f"{self.prefix}TLS_CLIENT_CA_FILE needs {self.prefix}TLS_CERT_FILE and _KEY_FILE"
+            )
+        return tls
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """What every process of the platform reads: its log level, its metrics port and its TLS files.
+
+    A subclass sets `PREFIX`, declares its own fields (and may give a shared one its own
+    default, such as the metrics port) and extends `read` with its own fields.
+    """
+
+    PREFIX: ClassVar[str] = ""
+
+    metrics_port: int = 0  # 0 serves no metrics
+    log_level: str = "INFO"
+    tls: TlsSettings = field(default_factory=TlsSettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Reads the settings (from os.environ by default); raises SettingsError naming the variable at fault."""
+        env = EnvReader(cls.PREFIX, os.environ if environ is None else environ)
+        return cls(**cls.read(env))
+
+    @classmethod
+    def read(cls, env: EnvReader) -> dict[str, Any]:
+        """The value of each field, by field name; a subclass adds its own to those of its base."""
+        return {
+            "metrics_port": env.port("METRICS_PORT", cls.metrics_port),
+            "log_level": env.log_level(cls.log_level),
+            "tls": env.tls(),
+        }
+
+    @classmethod
+    def from_env_or_exit(cls, program: str, environ: Mapping[str, str] | None = None) -> Self:
+        """The settings, or exit status 2 with one line on stderr naming the variable at fault."""
+        try:
+            return cls.from_env(environ)
+        except SettingsError as error:
+            print(f"{program}: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings(ServiceSettings):
+    """What every gRPC server reads besides: where it listens, its limits, and its shutdown grace."""
+
+    host: str = "[::]"
+    port: int = 0  # 0 picks a free port
+    max_message_bytes: int = 4 * 1024 * 1024
+    # Older connections are closed (GOAWAY), so that clients rebalance onto new pods; 0 keeps them.
+    max_connection_age_seconds: float = 0.0
+    # On SIGTERM, how long calls in flight may finish; also the grace of an aged connection.
+    grace_seconds: float = 10.0
+
+    @classmethod
+    def read(cls, env: EnvReader) -> dict[str, Any]:
+        return {
+            **super().read(env),
+            "host": env.text("HOST", cls.host),
+            "port": env.port("PORT", cls.port),
+            "max_message_bytes": env.integer(
+                "MAX_MESSAGE_BYTES", cls.max_message_bytes, minimum=MIN_MESSAGE_BYTES
+            ),
+            "max_connection_age_seconds": env.number(
+                "MAX_CONNECTION_AGE_SECONDS", cls.max_connection_age_seconds
+            ),
+            "grace_seconds": env.number("GRACE_SECONDS", cls.grace_seconds),
+        }

@@ -1,4 +1,4 @@
-"""Optional TLS and mutual TLS for gRPC servers and clients, configured by file paths from the environment."""
+"""Optional TLS and mutual TLS for gRPC servers and clients, configured by file paths (see settings.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
-from payments_common.settings import EnvReader, SettingsError
 
 
 @dataclass(frozen=True)
@@ -21,26 +19,14 @@ class TlsSettings:
     key_file: str = ""
     client_ca_file: str = ""
 
-    @classmethod
-    def from_env(cls, env: EnvReader) -> TlsSettings:
-        settings = cls(
-            cert_file=env.text("TLS_CERT_FILE", ""),
-            key_file=env.text("TLS_KEY_FILE", ""),
-            client_ca_file=env.text("TLS_CLIENT_CA_FILE", ""),
-        )
-        if bool(settings.cert_file) != bool(settings.key_file):
-            raise SettingsError(
-                f"{env.prefix}TLS_CERT_FILE and {env.prefix}TLS_KEY_FILE must be set together"
-            )
-        if settings.client_ca_file and not settings.cert_file:
-            raise SettingsError(
-                f"{env.prefix}TLS_CLIENT_CA_FILE needs {env.prefix}TLS_CERT_FILE and _KEY_FILE"
-            )
-        return settings
-
     @property
     def enabled(self) -> bool:
         return bool(self.cert_file)
+
+    @property
+    def mode(self) -> str:
+        """ "off", "on" or "mutual", for the start-up log line."""
+        return "mutual" if self.client_ca_file else "on" if self.enabled else "off"
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """Credentials for `add_secure_port`, or None for plaintext."""

@@ -12,7 +12,6 @@ from types import FrameType
 from prometheus_client import start_http_server
 
 from payments_common.logs import configure_logging
-from payments_common.settings import SettingsError
 from replicator.config import Settings
 
 log = logging.getLogger("replicator")
@@ -79,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--wait-seconds", type=float, default=30.0, help="how long to wait for the checkpoint")
     check.add_argument("--max-printed", type=int, default=100, help="print at most this many differences")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as error:
-        print(f"replicator: {error}", file=sys.stderr)
-        return 2
+    settings = Settings.from_env_or_exit("replicator")
     configure_logging("replicator", settings.log_level)
     if args.command == "run":
         return _run(settings)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_PUBLICATION, DEFAULT_SLOT_NAME
-from payments_common.settings import EnvReader, SettingsError
-from payments_common.tls import TlsSettings
-
-PREFIX = "REPLICATOR_"
+from payments_common.settings import EnvReader, ServiceSettings, SettingsError
 
 
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, kw_only=True)
+class Settings(ServiceSettings):
+    """Everything the replicator reads from its environment; see docs/replicator.md.
+
+    It serves no API, only grpc.health.v1 on `health_port` (with the shared TLS settings).
+    """
+
+    PREFIX: ClassVar[str] = "REPLICATOR_"
+
     database_url: str
     redis_url: str
     slot_name: str = DEFAULT_SLOT_NAME
     publication: str = DEFAULT_PUBLICATION
+    # Not read from the environment: the replicator writes the default read-model version.
     namespace: str = DEFAULT_NAMESPACE
     health_port: int = 50053
     metrics_port: int = 9103
@@ -35,46 +39,28 @@ class Settings:
     # How long one Redis command may take before the session restarts (not the lock's TTL:
     # the lock is renewed from a thread of its own).
     redis_timeout_seconds: float = 30.0
-    log_level: str = "INFO"
-    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = EnvReader(PREFIX, os.environ if environ is None else environ)
-        database_url = env.text("DATABASE_URL")
-        if not database_url.startswith(("postgresql://", "postgres://")):
-            raise SettingsError(f"{PREFIX}DATABASE_URL must start with postgresql://")
-        redis_url = env.text("REDIS_URL")
-        if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError(f"{PREFIX}REDIS_URL must start with redis://, rediss:// or unix://")
+    def read(cls, env: EnvReader) -> dict[str, Any]:
         slot_name = env.text("SLOT_NAME", cls.slot_name)
         if not re.fullmatch(r"[a-z0-9_]{1,63}", slot_name):
-            raise SettingsError(f"{PREFIX}SLOT_NAME must be 1-63 of a-z, 0-9 and _, got {slot_name!r}")
+            raise SettingsError(f"{cls.PREFIX}SLOT_NAME must be 1-63 of a-z, 0-9 and _, got {slot_name!r}")
         lock_ttl = env.number("LOCK_TTL_SECONDS", cls.lock_ttl_seconds)
         if lock_ttl < 1:
-            raise SettingsError(f"{PREFIX}LOCK_TTL_SECONDS must be at least 1, got {lock_ttl}")
-        return cls(
-            database_url=database_url,
-            redis_url=redis_url,
-            slot_name=slot_name,
-            publication=env.text("PUBLICATION", cls.publication),
-            health_port=env.integer("HEALTH_PORT", cls.health_port, minimum=0),
-            metrics_port=env.integer("METRICS_PORT", cls.metrics_port, minimum=0),
-            stream_maxlen=env.integer("STREAM_MAXLEN", cls.stream_maxlen, minimum=1),
-            lock_ttl_seconds=lock_ttl,
-            batch_max_changes=env.integer("BATCH_MAX_CHANGES", cls.batch_max_changes, minimum=1),
-            transaction_chunk_changes=env.integer(
+            raise SettingsError(f"{cls.PREFIX}LOCK_TTL_SECONDS must be at least 1, got {lock_ttl}")
+        return {
+            **super().read(env),
+            "database_url": env.url("DATABASE_URL", ("postgresql://", "postgres://")),
+            "redis_url": env.url("REDIS_URL", ("redis://", "rediss://", "unix://")),
+            "slot_name": slot_name,
+            "publication": env.text("PUBLICATION", cls.publication),
+            "health_port": env.port("HEALTH_PORT", cls.health_port),
+            "stream_maxlen": env.integer("STREAM_MAXLEN", cls.stream_maxlen, minimum=1),
+            "lock_ttl_seconds": lock_ttl,
+            "batch_max_changes": env.integer("BATCH_MAX_CHANGES", cls.batch_max_changes, minimum=1),
+            "transaction_chunk_changes": env.integer(
                 "TRANSACTION_CHUNK_CHANGES", cls.transaction_chunk_changes, minimum=1
             ),
-            ack_delay_seconds=env.number("ACK_DELAY_SECONDS", cls.ack_delay_seconds),
-            redis_timeout_seconds=_positive(env, "REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds),
-            log_level=env.text("LOG_LEVEL", cls.log_level),
-            tls=TlsSettings.from_env(env),
-        )
-
-
-def _positive(env: EnvReader, name: str, default: float) -> float:
-    value = env.number(name, default)
-    if value <= 0:
-        raise SettingsError(f"{PREFIX}{name} must be positive, got {value}")
-    return value
+            "ack_delay_seconds": env.number("ACK_DELAY_SECONDS", cls.ack_delay_seconds),
+            "redis_timeout_seconds": env.positive("REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds),
+        }

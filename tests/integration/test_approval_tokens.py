@@ -188,7 +188,7 @@ async def history_on(redis_url: str) -> AsyncIterator[Callable[[str], Any]]:
     running: list[Any] = []
 
     async def start(slot: str) -> Any:
-        context = running_history(settings_for(redis_url, slot_name=slot, consistency_wait_max_s=20.0))
+        context = running_history(settings_for(redis_url, slot_name=slot, consistency_wait_max_seconds=20.0))
         history = await context.__aenter__()
         running.append(context)
         return history

@@ -14,8 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from payments_common.errors import INTERNAL_MESSAGE, FieldViolation, InvalidArgument, NotFound
-from payments_common.grpcserver import LIVENESS, READINESS, Readiness, ServerOptions, build_server
+from payments_common.grpcserver import LIVENESS, READINESS, Readiness, build_server
 from payments_common.grpcstatus import bad_request, error_info
+from payments_common.settings import ServerSettings
 
 SERVICE = "test.Echo"
 
@@ -66,7 +67,7 @@ def _register(server: grpc.aio.Server) -> None:
 
 @pytest.fixture
 async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Readiness, dict[str, bool]]]:
-    server, port, health = build_server(ServerOptions(host="127.0.0.1"), _register, [SERVICE])
+    server, port, health = build_server(ServerSettings(host="127.0.0.1"), _register, [SERVICE])
     ready = {"value": True}
 
     async def probe() -> bool:

@@ -89,7 +89,7 @@ async def test_a_redis_outage_is_unavailable_and_not_serving_until_redis_returns
     redis_server_of_its_own: RedisServer,
 ) -> None:
     redis_server = redis_server_of_its_own
-    settings = settings_for(redis_server.url(), redis_timeout_s=1.0)
+    settings = settings_for(redis_server.url(), redis_timeout_seconds=1.0)
     async with running_history(settings) as history:
         assert [await _reason(call) for call in _calls(history)] == [
             (grpc.StatusCode.NOT_FOUND, "PAYMENT_NOT_FOUND"),
@@ -123,7 +123,7 @@ async def test_a_hung_redis_times_out_as_unavailable_and_recovers(
     redis_server_of_its_own: RedisServer,
 ) -> None:
     redis_server = redis_server_of_its_own
-    async with running_history(settings_for(redis_server.url(), redis_timeout_s=0.5)) as history:
+    async with running_history(settings_for(redis_server.url(), redis_timeout_seconds=0.5)) as history:
         await eventually(lambda: _serving(history))
         redis_server.pause()
         try:

@@ -535,7 +535,7 @@ async def test_a_token_far_ahead_fails_clearly_within_the_deadline(
 async def test_without_a_deadline_the_server_caps_the_wait(dataset: Dataset) -> None:
     ahead = encode_consistency_token(decode_consistency_token(dataset.source.writer.position()) + 10**12)
     settings = settings_for(
-        dataset.source.redis_url, slot_name=dataset.source.slot_name, consistency_wait_max_s=0.3
+        dataset.source.redis_url, slot_name=dataset.source.slot_name, consistency_wait_max_seconds=0.3
     )
     async with running_history(settings) as capped:
         call = capped.stub.GetAccount(
@@ -649,7 +649,7 @@ async def test_shutdown_ends_watch_streams_and_finishes_calls_in_flight(dataset:
     lee, mo = writer.open_account("Lee"), writer.open_account("Mo")
     dataset.source.wait_replicated()
     settings = settings_for(
-        dataset.source.redis_url, slot_name=dataset.source.slot_name, consistency_wait_max_s=30
+        dataset.source.redis_url, slot_name=dataset.source.slot_name, consistency_wait_max_seconds=30
     )
     async with running_history(settings) as doomed:
         stream = doomed.stub.WatchPayments(pb.WatchPaymentsRequest(account_id=lee))

@@ -32,7 +32,7 @@ from tests.support.history import (
 
 @pytest.fixture
 async def history(redis_url: str, model: HandWrittenReadModel) -> AsyncIterator[RunningHistory]:
-    async with running_history(settings_for(redis_url, consistency_wait_max_s=1.0)) as running:
+    async with running_history(settings_for(redis_url, consistency_wait_max_seconds=1.0)) as running:
         yield running
 
 

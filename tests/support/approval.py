@@ -16,8 +16,9 @@ from approval_svc.config import Settings
 from approval_svc.domain import commands
 from approval_svc.domain.model import Account
 from approval_svc.handlers import Handlers, RequestKey
-from approval_svc.server import ApprovalServer, Dependencies, create_server
+from approval_svc.server import Dependencies, create_server
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
+from payments_common.grpcserver import GrpcService
 
 
 def async_url(dsn: str) -> str:
@@ -63,7 +64,7 @@ async def open_account(
 
 @dataclass
 class RunningServer:
-    server: ApprovalServer
+    server: GrpcService
     port: int
     channel: grpc.aio.Channel
     stub: pb_grpc.ApprovalServiceAsyncStub

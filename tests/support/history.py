@@ -231,8 +231,8 @@ def settings_for(redis_url: str, **overrides: Any) -> Settings:
         "host": "127.0.0.1",
         "port": 0,
         "metrics_port": 0,
-        "grace_s": 2.0,
-        "redis_timeout_s": 1.0,
+        "grace_seconds": 2.0,
+        "redis_timeout_seconds": 1.0,
         **overrides,
     }
     return Settings(**values)

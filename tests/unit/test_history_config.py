@@ -15,10 +15,10 @@ def test_defaults() -> None:
     assert settings.port == 50052
     assert settings.host == "[::]"
     assert settings.metrics_port == 9102
-    assert settings.max_connection_age_s == 300
-    assert settings.consistency_wait_max_s == 5
-    assert settings.grace_s == 10
-    assert settings.key_namespace == "rm:v1"
+    assert settings.max_connection_age_seconds == 300
+    assert settings.consistency_wait_max_seconds == 5
+    assert settings.grace_seconds == 10
+    assert settings.namespace == "rm:v1"
     assert settings.slot_name == "payments_read_model"
     assert settings.page_token_secret == b"s" * 16
 
@@ -43,14 +43,14 @@ def test_every_setting_is_read() -> None:
         }
     )
     assert (settings.host, settings.port, settings.metrics_port) == ("127.0.0.1", 0, 0)
-    assert settings.max_connection_age_s == 30
-    assert settings.consistency_wait_max_s == 1.5
+    assert settings.max_connection_age_seconds == 30
+    assert settings.consistency_wait_max_seconds == 1.5
     assert settings.watch_queue_size == 8
-    assert settings.grace_s == 2
+    assert settings.grace_seconds == 2
     assert settings.max_message_bytes == 1048576
     assert settings.log_level == "DEBUG"
-    assert (settings.key_namespace, settings.slot_name) == ("rm:v2", "other")
-    assert (settings.redis_max_connections, settings.redis_timeout_s) == (8, 0.5)
+    assert (settings.namespace, settings.slot_name) == ("rm:v2", "other")
+    assert (settings.redis_max_connections, settings.redis_timeout_seconds) == (8, 0.5)
 
 
 @pytest.mark.parametrize(
