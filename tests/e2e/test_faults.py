@@ -39,13 +39,13 @@ from tests.support.faults import (
     FAST_RECONNECT,
     PaymentLoad,
     Readers,
-    ServiceProcess,
     approval_process,
     history_process,
-    poll,
     reconcile,
 )
+from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -336,7 +336,7 @@ async def test_a_retry_across_an_approval_crash_never_pays_twice(
             async with grpc.aio.insecure_channel(approval.address) as channel:
                 stub: approval_grpc.ApprovalServiceAsyncStub = approval_grpc.ApprovalServiceStub(channel)
                 call = stub.SubmitPayment(request, timeout=30)
-                await poll(lambda: _waiting_on_lock(dsn), 20, "the payment waits on the row lock")
+                await eventually(lambda: _waiting_on_lock(dsn), 20, "the payment waits on the row lock")
                 approval.kill()
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
                     await call
@@ -461,7 +461,7 @@ async def test_reads_with_a_token_never_answer_from_a_read_model_that_lost_its_d
                     codes.append(error.code())
                     return False
 
-            await poll(found, 60, "the payment is read again once the read models are rebuilt")
+            await eventually(found, 60, "the payment is read again once the read models are rebuilt")
             assert set(codes) <= {grpc.StatusCode.UNAVAILABLE}
     finally:
         writer.close()

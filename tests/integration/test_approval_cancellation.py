@@ -25,7 +25,8 @@ from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2, payment_pb2
 from stack.servers import free_port
-from tests.support.faults import ServiceProcess, approval_process
+from tests.support.faults import approval_process
+from tests.support.processes import ServiceProcess
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,8 @@ from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import bad_request, error_info
 from stack.servers import PostgresServer, free_port
-from tests.support.faults import ServiceProcess, approval_process
+from tests.support.faults import approval_process
+from tests.support.processes import ServiceProcess
 
 MAX_MESSAGE_BYTES = 65536
 FUZZ = settings(

@@ -32,7 +32,8 @@ from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import encode_consistency_token
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.support.faults import ServiceProcess, approval_process, history_process
+from tests.support.faults import approval_process, history_process
+from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
 
 SLOT = "fuzz_history"

@@ -22,7 +22,8 @@ from payments_common.grpcstatus import error_info
 from payments_common.keys import CHECKPOINT_LSN_FIELD, STREAM_BATCH_FIELD, KeySchema
 from payments_common.tokens import encode_consistency_token
 from stack.servers import RedisServer
-from tests.support.history import RunningHistory, eventually, running_history, settings_for
+from tests.support.history import RunningHistory, running_history, settings_for
+from tests.support.waiting import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -26,10 +26,10 @@ from tests.support.history import (
     ROOT,
     HistoryProcess,
     ReplicatedSource,
-    eventually,
     history_processes,
     replicated_source,
 )
+from tests.support.waiting import eventually
 
 ALL = pb.PAYMENT_DIRECTION_ALL
 

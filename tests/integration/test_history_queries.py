@@ -27,11 +27,11 @@ from tests.support.history import (
     ReplicatedSource,
     RunningHistory,
     at,
-    eventually,
     replicated_source,
     running_history,
     settings_for,
 )
+from tests.support.waiting import eventually
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SENT, RECEIVED, ALL = pb.PAYMENT_DIRECTION_SENT, pb.PAYMENT_DIRECTION_RECEIVED, pb.PAYMENT_DIRECTION_ALL

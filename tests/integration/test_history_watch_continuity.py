@@ -27,12 +27,12 @@ from tests.support.history import (
     HandWrittenReadModel,
     RunningHistory,
     client,
-    eventually,
     model,
     payment_view,
     running_history,
     settings_for,
 )
+from tests.support.waiting import eventually
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg2
@@ -29,6 +27,7 @@ from tests.support.replicator import (
     current_wal_lsn,
     replicator,
 )
+from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]
 
@@ -137,7 +136,13 @@ def test_a_kill_in_the_middle_of_a_large_transaction_resumes_from_the_checkpoint
     client = redis.Redis.from_url(redis_url)
     try:
         # Kill it once some chunks are in Redis, before the last: the checkpoint has not moved.
-        _poll(lambda: client.dbsize() > 20_000 or not first.alive, "chunks applied", first)
+        wait_until(
+            lambda: client.dbsize() > 20_000 or not first.alive,
+            600,
+            "chunks applied",
+            interval=0.01,
+            detail=first.log_tail,
+        )
         first.kill()
         assert checkpoint_lsn(redis_url, first.slot) < commit_end
         assert checkpoint_lsn(redis_url, first.slot) >= before
@@ -178,11 +183,3 @@ def _execute(database_url: str, statement: str) -> None:
 
 def _md5_uuid(i: int) -> uuid.UUID:
     return uuid.UUID(hashlib.md5(str(i).encode()).hexdigest())
-
-
-def _poll(check: Callable[[], object], what: str, process: ReplicatorProcess, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout}s\n{process.log_tail()}")
-        time.sleep(0.01)

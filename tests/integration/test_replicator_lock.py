@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -12,6 +11,7 @@ import redis
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.lock import LockKeeper, LockLost, SlotLock
 from replicator.source import Source
+from tests.support.waiting import wait_until
 
 TTL_MS = 1000
 KEY = KEYS.lock("s")
@@ -39,13 +39,6 @@ def keeper(redis_url: str, client: redis.Redis) -> Iterator[Callable[[float], Lo
         one.stop()
 
 
-def _poll(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
-
-
 def test_the_lock_outlives_a_step_many_times_longer_than_its_ttl(
     keeper: Callable[[float], LockKeeper], client: redis.Redis
 ) -> None:
@@ -62,7 +55,7 @@ def test_a_lock_taken_by_another_instance_is_reported_as_lost(
 ) -> None:
     held = keeper(60)
     client.set(KEY, "another instance", px=TTL_MS)
-    _poll(lambda: held.lost, "the keeper saw the lock taken")
+    wait_until(lambda: held.lost, 30, "the keeper saw the lock taken", interval=0.01)
     with pytest.raises(LockLost):
         held.check()
     assert client.get(KEY) == b"another instance"
@@ -72,7 +65,7 @@ def test_an_owner_that_makes_no_progress_lets_the_lock_expire(
     keeper: Callable[[float], LockKeeper], client: redis.Redis
 ) -> None:
     held = keeper(2 * TTL_MS / 1000)
-    _poll(lambda: client.get(KEY) is None, "the lock expired")
+    wait_until(lambda: client.get(KEY) is None, 30, "the lock expired", interval=0.01)
     with pytest.raises(LockLost):
         held.check()
 
@@ -113,8 +106,11 @@ def test_an_instance_without_the_lock_neither_ends_the_owners_walsender_nor_drop
         holder.close()
         cleanup = Source(migrated_dsn, slot, "payments_read_model")
         cleanup.connect()
-        _poll(
-            lambda: getattr(cleanup.slot_state(), "active_pid", None) is None, "the holder's walsender ended"
+        wait_until(
+            lambda: getattr(cleanup.slot_state(), "active_pid", None) is None,
+            30,
+            "the holder's walsender ended",
+            interval=0.01,
         )
         cleanup.drop_slot(fence=lambda: None)
         cleanup.close()

@@ -30,6 +30,7 @@ from tests.support.replicator import (
     replicator,
     slot_for,
 )
+from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]
 
@@ -83,13 +84,6 @@ class AofSizes:
         return size - keep
 
 
-def _poll(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def _sessions(log: Path) -> int:
     return log.read_text().count("streaming slot")
 
@@ -122,14 +116,16 @@ def test_redis_host_lost_under_load_resumes_from_its_append_only_file_without_a_
             for round_ in range(1, 4):
                 # Long enough under load for positions to be confirmed, then lose the last second.
                 load.wait_for(round_ * 600)
-                _poll(lambda: sizes.covers(time.monotonic() - 2 * LOST_SECONDS), "a second of samples")
+                wait_until(
+                    lambda: sizes.covers(time.monotonic() - 2 * LOST_SECONDS), 60, "a second of samples"
+                )
                 sessions = _sessions(process.log_path)
                 killed_at = time.monotonic()
                 server.kill()
                 cut += sizes.cut_back(killed_at)
                 server.start()
                 # The replicator noticed, and streams again from what the restarted Redis has.
-                _poll(_streams_again(process.log_path, sessions), "the replicator streams again")
+                wait_until(_streams_again(process.log_path, sessions), 60, "the replicator streams again")
             load.wait_for(4 * 600)
         assert cut > 0, "the simulated power loss took writes away"
         process.wait_caught_up(timeout=120)

@@ -30,8 +30,9 @@ from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import error_info
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.support.faults import ROOT, approval_process, history_process, poll, secret_free
+from tests.support.faults import ROOT, approval_process, history_process, secret_free
 from tests.support.replicator import ReplicatorProcess
+from tests.support.waiting import eventually
 
 SLOT = "acl_read_model"
 REPLICATOR_PASSWORD = "R3pl-" + uuid.uuid4().hex
@@ -175,7 +176,7 @@ async def test_services_run_on_least_privilege_redis_users_and_never_reveal_cred
                     found.append(error.code().name)
                 return found[-1] == paid.payment.payment_id
 
-            await poll(replicated, 30, "the payment is read back")
+            await eventually(replicated, 30, "the payment is read back")
 
             # Redis goes away: the history service's errors carry no credential.
             acl_redis.kill()
@@ -188,7 +189,9 @@ async def test_services_run_on_least_privilege_redis_users_and_never_reveal_cred
             exposed = [down.value.details() or "", str(down.value.trailing_metadata()), str(info)]
             assert secret_free(exposed, SECRETS) == []
             # Errors are logged too (the readiness probe's, the watcher's): checked below.
-            await poll(lambda: "readiness probe failed" in history.log_text(), 30, "history logs the outage")
+            await eventually(
+                lambda: "readiness probe failed" in history.log_text(), 30, "history logs the outage"
+            )
             acl_redis.start()
 
         # The history user may read but not write.

@@ -15,7 +15,8 @@ from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments_common.tls import channel_credentials
 from stack.servers import free_port
-from tests.support.faults import Pki, ServiceProcess, approval_process, history_process, make_pki
+from tests.support.faults import Pki, approval_process, history_process, make_pki
+from tests.support.processes import ServiceProcess
 
 
 @pytest.fixture(scope="module")

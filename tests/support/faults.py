@@ -1,8 +1,9 @@
-"""Support for the fault, fuzz and security suites: service subprocesses, test certificates, load and readers.
+"""Support for the fault, fuzz and security suites: the services' settings, test certificates, load and readers.
 
 Services run as real subprocesses (`python -m approval_svc serve`, `python -m history_svc
-serve`) on fixed free ports, so that a test can kill one with SIGKILL and start it again
-on the same address, the way Kubernetes restarts a container behind a stable Service.
+serve`, tests/support/processes.py) on fixed free ports, so that a test can kill one with
+SIGKILL and start it again on the same address, the way Kubernetes restarts a container
+behind a stable Service.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import datetime
 import ipaddress
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -33,8 +33,8 @@ from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
-from stack.local import wait_serving
-from stack.servers import dying_with_parent
+from tests.support.processes import ServiceProcess
+from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,75 +50,6 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 
 # -- service subprocesses ---------------------------------------------------------------
-
-
-@dataclass
-class ServiceProcess:
-    """One service subprocess on a fixed port; it dies with the test process."""
-
-    name: str
-    module: str
-    port: int
-    env: dict[str, str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-    starts: int = field(default=0, init=False)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ServiceProcess:
-        args, preexec = dying_with_parent([sys.executable, "-m", self.module, "serve"])
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                args,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=preexec,
-            )
-        self.starts += 1
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        """kill -9: no graceful shutdown, calls in flight are cut."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_serving(
-        self,
-        timeout: float = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        service: str = "readiness",
-    ) -> None:
-        """Polls the health service until `service` is SERVING; fails early if the process exited."""
-        try:
-            wait_serving(self.address, timeout, service, credentials, alive=lambda: self.alive)
-        except (TimeoutError, ChildProcessError) as error:
-            raise AssertionError(f"{self.name}: {error}:\n{self.log_text()[-3000:]}") from None
 
 
 def approval_process(dsn: str, port: int, log_path: Path, **env: str) -> ServiceProcess:
@@ -364,13 +295,13 @@ class PaymentLoad:
 
     async def wait_acks(self, count: int, within_s: float = 60.0) -> None:
         """Polls until at least `count` payments are acknowledged."""
-        deadline = time.monotonic() + within_s
-        while len(self.acks) < count:
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{len(self.acks)} payments acknowledged, not {count}, in {within_s}s")
+
+        def acknowledged() -> bool:
             if self.unexpected:
                 raise AssertionError(f"unexpected errors: {self.unexpected[:5]}")
-            await asyncio.sleep(0.05)
+            return len(self.acks) >= count
+
+        await eventually(acknowledged, within_s, f"{count} payments acknowledged")
 
 
 @dataclass
@@ -439,20 +370,6 @@ class Readers:
                     # token an acknowledged payment must be found.
                     self.wrong.append(f"{error.code().name} (token read: {by_token}): {error.details()}")
             await asyncio.sleep(0.01)
-
-
-async def poll(check: object, within_s: float, what: str, interval: float = 0.05) -> None:
-    """Polls a callable (sync or async) until it returns a truthy value; fails after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while True:
-        result = check() if callable(check) else check
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not reached within {within_s}s")
-        await asyncio.sleep(interval)
 
 
 def secret_free(texts: Iterable[str], secrets: Iterable[str]) -> list[str]:

@@ -7,14 +7,7 @@ read models that the history service then answers from.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,9 +35,10 @@ from payments_common.keys import (
 )
 from payments_common.lsn import parse_lsn
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
-from stack.local import wait_serving
 from stack.servers import PostgresServer, RedisServer
+from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess, checkpoint_lsn
+from tests.support.waiting import wait_until
 
 PAGE_SECRET = "history-tests-page-token-secret"
 ROOT = Path(__file__).resolve().parents[2]
@@ -266,60 +260,22 @@ async def running_history(settings: Settings) -> AsyncIterator[RunningHistory]:
         await deps.close()
 
 
-@dataclass
-class HistoryProcess:
-    """A `python -m history_svc serve` subprocess on a fixed port."""
+class HistoryProcess(ServiceProcess):
+    """A `python -m history_svc serve` subprocess on a fixed port, set up as the history tests' server."""
 
-    redis_url: str
-    port: int
-    log_path: Path
-    extra_env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> HistoryProcess:
+    def __init__(
+        self, redis_url: str, port: int, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "HISTORY_REDIS_URL": self.redis_url,
+            "HISTORY_REDIS_URL": redis_url,
             "HISTORY_PAGE_TOKEN_SECRET": PAGE_SECRET,
             "HISTORY_HOST": "127.0.0.1",
-            "HISTORY_PORT": str(self.port),
+            "HISTORY_PORT": str(port),
             "HISTORY_METRICS_PORT": "0",
             "HISTORY_GRACE_SECONDS": "2",
-            **self.extra_env,
+            **(extra_env or {}),
         }
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "history_svc", "serve"],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        return self
-
-    def wait_serving(self, timeout: float = 30.0) -> None:
-        try:
-            wait_serving(
-                self.address, timeout, alive=lambda: self.process is not None and self.process.poll() is None
-            )
-        except (TimeoutError, ChildProcessError) as error:
-            raise AssertionError(f"history: {error}:\n{self.log_path.read_text()}") from None
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
+        super().__init__("history", "history_svc", port, env, log_path)
 
 
 @contextlib.contextmanager
@@ -334,20 +290,6 @@ def history_processes(make: Callable[[int], HistoryProcess], count: int) -> Iter
     finally:
         for process in processes:
             process.kill()
-
-
-async def eventually(check: Callable[[], Any], within_s: float = 30.0, interval: float = 0.05) -> Any:
-    """Polls `check` (plain or async) until it returns a truthy value; fails after `within_s` seconds."""
-    deadline = time.monotonic() + within_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if inspect.isawaitable(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {within_s}s (last: {last!r})")
 
 
 @dataclass
@@ -366,13 +308,12 @@ class ReplicatedSource:
             self.replicator.wait_caught_up(timeout)
             return
         target = decode_consistency_token(token)
-        deadline = time.monotonic() + timeout
-        while checkpoint_lsn(self.redis_url, self.slot_name) < target:
+
+        def reached() -> bool:
             assert self.replicator.alive, self.replicator.log_tail()
-            assert time.monotonic() < deadline, (
-                f"the checkpoint did not reach {target}:\n{self.replicator.log_tail()}"
-            )
-            time.sleep(0.02)
+            return checkpoint_lsn(self.redis_url, self.slot_name) >= target
+
+        wait_until(reached, timeout, f"the checkpoint at {target}", detail=self.replicator.log_tail)
 
 
 @contextlib.contextmanager
