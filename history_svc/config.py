@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME
@@ -17,8 +17,9 @@ class Settings(ServerSettings):
 
     PREFIX: ClassVar[str] = "HISTORY_"
 
-    redis_url: str
-    page_token_secret: bytes
+    # Credentials stay out of the repr (and so out of any log line that shows the settings).
+    redis_url: str = field(repr=False)
+    page_token_secret: bytes = field(repr=False)
     port: int = 50052
     metrics_port: int = 9102
     max_connection_age_seconds: float = 300.0

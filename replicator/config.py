@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_PUBLICATION, DEFAULT_SLOT_NAME
@@ -19,8 +19,9 @@ class Settings(ServiceSettings):
 
     PREFIX: ClassVar[str] = "REPLICATOR_"
 
-    database_url: str
-    redis_url: str
+    # Credentials stay out of the repr (and so out of any log line that shows the settings).
+    database_url: str = field(repr=False)
+    redis_url: str = field(repr=False)
     slot_name: str = DEFAULT_SLOT_NAME
     publication: str = DEFAULT_PUBLICATION
     # Not read from the environment: the replicator writes the default read-model version.

@@ -103,6 +103,19 @@ def test_every_server_refuses_the_same_bad_values(
 
 
 @pytest.mark.parametrize("cls", SERVICES)
+def test_no_credential_is_in_the_repr(cls: type[ServiceSettings]) -> None:
+    environ = {
+        name: value.replace("://", "://user:hunter2-password@")
+        if value.startswith(("postgres", "redis"))
+        else value
+        for name, value in REQUIRED[cls].items()
+    }
+    shown = repr(cls.from_env(environ))
+    assert "hunter2" not in shown
+    assert "s" * 16 not in shown
+
+
+@pytest.mark.parametrize("cls", SERVICES)
 def test_a_bad_setting_exits_with_status_2_and_one_line(
     cls: type[ServiceSettings], capsys: pytest.CaptureFixture[str]
 ) -> None:
