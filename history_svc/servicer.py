@@ -1,4 +1,4 @@
-"""The HistoryService servicer: translates between protobuf requests and the read models."""
+"""The HistoryService servicer: translates protobuf requests into the query side's calls, and their results into responses."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from history_svc.consistency import Consistency
 from history_svc.paging import ListQuery, decode_page_token, encode_page_token, page_size
 from history_svc.queries import ReadModel
-from history_svc.resume import ChangePosition, decode_resume_token, encode_resume_token, missed_changes
+from history_svc.resume import ChangePosition, decode_resume_token, encode_resume_token
+from history_svc.watch import Watches
 from history_svc.watcher import Change, ChangeWatcher
 from history_svc.wire import LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, length_delimited
 from payments.history.v1 import history_service_pb2 as pb
@@ -77,13 +78,10 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         stream_redis: Redis,
         keys: KeySchema,
     ) -> None:
-        self._watch_redis = stream_redis
-        self._keys = keys
         self._read_model = read_model
-        self._watcher = watcher
         self._page_tokens = page_tokens
         self._consistency = Consistency(watcher, consistency_wait_max_s)
-        self._watch_queue_size = watch_queue_size
+        self._watches = Watches(watcher, read_model, stream_redis, keys, watch_queue_size)
 
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Context) -> bytes:  # type: ignore[override]
         violations: list[FieldViolation] = []
@@ -172,32 +170,17 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             await self._consistency.reach_head(
                 after.lsn if isinstance(after, ChangePosition) else after, context
             )
-        # Subscribed before the existence check and the backlog, so that no change falls
-        # between them: the backlog ends at the entry where the subscription begins.
-        subscription = self._watcher.subscribe(account_id, self._watch_queue_size)
+        watch = await self._watches.open(account_id, after)
         try:
-            if not await self._read_model.account_exists(account_id):
-                raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
-            backlog: list[list[Change]] = []
-            if after is not None:
-                backlog = await missed_changes(
-                    self._watch_redis,
-                    self._keys,
-                    account_id,
-                    after,
-                    subscription.after_id,
-                    subscription.after_lsn,
-                )
-                await self._fill_timelines([change for group in backlog for change in group])
             # Tells the client that the stream is established: every change applied from now on follows.
             await context.send_initial_metadata(())
-            for group in backlog:
+            for group in watch.backlog:
                 for change in group:
                     yield self._watch_response(account_id, change)
-            async for change in subscription:
+            async for change in watch.subscription:
                 yield self._watch_response(account_id, change)
         finally:
-            self._watcher.unsubscribe(subscription)
+            watch.close()
 
     def _watch_response(self, account_id: str, change: Change) -> pb.WatchPaymentsResponse:
         return pb.WatchPaymentsResponse(
@@ -205,16 +188,6 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             consistency_token=encode_consistency_token(change.lsn),
             resume_token=encode_resume_token(self._page_tokens, account_id, change),
         )
-
-    async def _fill_timelines(self, changes: list[Change]) -> None:
-        """Adds their timelines to the views read back from the stream that carry none."""
-        missing = [change.view.payment_id for change in changes if not change.view.timeline]
-        if not missing:
-            return
-        found = await self._read_model.timelines(missing)
-        for change in changes:
-            if not change.view.timeline and change.view.payment_id in found:
-                change.view.timeline.extend(found[change.view.payment_id])
 
     async def _await_consistency(self, token: str, context: Context) -> int:
         """Waits until the known checkpoint reaches the token; returns its position (0: no token)."""

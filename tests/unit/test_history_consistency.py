@@ -1,0 +1,73 @@
+"""Read-your-writes without Redis: a read waits for its position on the watcher, within its deadline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from history_svc.consistency import Consistency, ConsistencyNotReached
+from history_svc.queries import CheckpointBehind, ReadModelUnavailable
+from history_svc.watcher import ChangeWatcher
+from payments_common.keys import KeySchema
+
+
+class Call:
+    """A call with `remaining` seconds before its deadline (None: no deadline)."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def _consistency(checkpoint: int, wait_max_s: float = 5.0) -> tuple[Consistency, ChangeWatcher]:
+    # The reader task is never started: the tests move the checkpoint by hand.
+    watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s")  # type: ignore[arg-type]
+    watcher.advance(checkpoint)
+    watcher.connected = True
+    return Consistency(watcher, wait_max_s), watcher
+
+
+async def test_a_reached_position_answers_at_once_and_a_later_one_when_the_watcher_gets_there() -> None:
+    consistency, watcher = _consistency(100)
+    assert await consistency.reach(100, Call(None)) == 100
+    waiting = asyncio.create_task(consistency.reach(150, Call(10.0)))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    watcher.advance(150)
+    assert await waiting == 150
+
+
+async def test_a_position_not_reached_within_the_budget_is_consistency_not_reached() -> None:
+    consistency, _ = _consistency(100, wait_max_s=0.05)
+    with pytest.raises(ConsistencyNotReached) as refusal:
+        await consistency.reach(101, Call(None))
+    assert refusal.value.reason == "CONSISTENCY_NOT_REACHED"
+    assert set(refusal.value.metadata) == {"min_lsn", "checkpoint_lsn"}
+    # Within 10% of the deadline there is no time left to wait at all.
+    with pytest.raises(ConsistencyNotReached):
+        await consistency.reach(101, Call(0.01))
+
+
+async def test_without_redis_a_wait_that_fails_is_read_model_unavailable() -> None:
+    consistency, watcher = _consistency(100, wait_max_s=0.01)
+    watcher.connected = False
+    with pytest.raises(ReadModelUnavailable):
+        await consistency.reach(101, Call(None))
+
+
+async def test_a_read_that_found_redis_behind_its_position_is_consistency_not_reached() -> None:
+    consistency, _ = _consistency(100)
+
+    async def behind() -> bytes:
+        raise CheckpointBehind(40)
+
+    async def answered() -> bytes:
+        return b"view"
+
+    assert await consistency.read(answered(), 100) == b"view"
+    with pytest.raises(ConsistencyNotReached) as refusal:
+        await consistency.read(behind(), 100)
+    assert refusal.value.reason == "CONSISTENCY_NOT_REACHED"
