@@ -345,13 +345,18 @@ class GrpcService:
         await self.stopped()
 
 
-async def wait_for_signal() -> None:
-    """Returns when the process gets SIGTERM or SIGINT."""
+def shutdown_requested() -> asyncio.Event:
+    """An event that the process's SIGTERM or SIGINT sets, from now on (not the default: to die at once)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def wait_for_signal() -> None:
+    """Returns when the process gets SIGTERM or SIGINT."""
+    await shutdown_requested().wait()
     log.info("shutdown signal received")
 
 
@@ -365,8 +370,10 @@ async def serve(
 
     `opened` builds the service on its dependencies and closes them after it stops.
     Metrics are served on their own port from the start; `details` go in the
-    start-up log line.
+    start-up log line. A signal that arrives while the service starts stops it
+    gracefully once it has started.
     """
+    stop = shutdown_requested()
     metrics = start_http_server(settings.metrics_port) if settings.metrics_port else None
     try:
         async with opened() as (service, port):
@@ -381,10 +388,12 @@ async def serve(
                     **details,
                 },
             )
-            await wait_for_signal()
+            await stop.wait()
             log.info("%s stopping", name, extra={"grace_seconds": settings.grace_seconds})
             await service.stop(settings.grace_seconds)
     finally:
         if metrics is not None:
             metrics[0].shutdown()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().remove_signal_handler(sig)
     log.info("%s stopped", name)

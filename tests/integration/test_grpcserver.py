@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
+from types import FrameType
 from typing import Any
 
 import grpc
@@ -14,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from payments_common.errors import INTERNAL_MESSAGE, FieldViolation, InvalidArgument, NotFound
-from payments_common.grpcserver import LIVENESS, READINESS, Readiness, build_server
+from payments_common.grpcserver import LIVENESS, READINESS, GrpcService, Readiness, build_server, serve
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.settings import ServerSettings
 
@@ -208,3 +212,40 @@ async def test_a_stream_ended_by_its_client_is_counted_by_why(
     while _handled(code) < before + 1:
         assert time.monotonic() < deadline, f"the server did not count {code}"
         await asyncio.sleep(0.01)
+
+
+async def test_serve_stops_gracefully_after_a_signal_that_came_during_start_up() -> None:
+    """A SIGTERM while the service starts is not lost: the service starts, then stops in order."""
+    events: list[str] = []
+
+    async def probe() -> bool:
+        return True
+
+    class SlowToStart(GrpcService):
+        async def starting(self) -> None:
+            events.append("starting")
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.2)
+
+        async def draining(self) -> None:
+            events.append("draining")
+
+        async def stopped(self) -> None:
+            events.append("stopped")
+
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[tuple[GrpcService, int]]:
+        server, port, health = build_server(ServerSettings(host="127.0.0.1"), _register, [SERVICE])
+        yield SlowToStart(server, Readiness(health, [SERVICE], probe)), port
+        events.append("closed")
+
+    def unhandled(signum: int, frame: FrameType | None) -> None:
+        events.append("unhandled")  # serve() did not take the signal over: it waits for ever
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        settings = ServerSettings(host="127.0.0.1", grace_seconds=0.1)
+        await asyncio.wait_for(serve("test service", settings, opened), 10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert events == ["starting", "draining", "stopped", "closed"]
