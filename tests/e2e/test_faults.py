@@ -408,14 +408,14 @@ async def test_reads_with_a_token_never_answer_from_a_read_model_that_lost_its_d
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
     """Redis comes back empty and nothing rebuilds it yet: a read with a token must wait, not say NOT_FOUND."""
-    from tests.support.history import SourceWriter
+    from tests.support.history import source_writer
 
     name = f"f_{uuid.uuid4().hex[:12]}"
     dsn = postgres_server.create_database(name)
     redis_server = RedisServer(base_dir=tmp_path / "redis")
     history: ServiceProcess | None = None
     replicator: ReplicatorProcess | None = None
-    writer = SourceWriter(dsn)
+    writer = source_writer(dsn)
     try:
         upgrade(dsn)
         redis_server.start()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -27,6 +26,7 @@ from payments.type.v1 import money_pb2, payment_pb2
 from stack.servers import free_port
 from tests.support.faults import approval_process
 from tests.support.processes import ServiceProcess
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -68,13 +68,6 @@ def handled(port: int, code: str) -> float:
 
 def checked_out(port: int) -> float:
     return metrics(port)[("approval_db_pool_checked_out", ())]
-
-
-def wait_until(check: object, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.02)
 
 
 def open_accounts(stub: pb_grpc.ApprovalServiceStub, count: int) -> list[pb.Account]:
@@ -142,7 +135,7 @@ def test_short_deadlines_leak_no_connection_and_are_counted_as_deadline_exceeded
         assert set(seen) <= {"OK", "DEADLINE_EXCEEDED"}, seen
 
         # Once every cancelled call has let go of its connection, the server's count says why they ended.
-        wait_until(lambda: checked_out(metrics_port) == 0, "every connection is back in the pool")
+        wait_until(lambda: checked_out(metrics_port) == 0, 30, "every connection is back in the pool")
         assert handled(metrics_port, "DEADLINE_EXCEEDED") > 0
         assert handled(metrics_port, "UNAVAILABLE") == 0
         assert handled(metrics_port, "INTERNAL") == 0
@@ -152,7 +145,7 @@ def test_short_deadlines_leak_no_connection_and_are_counted_as_deadline_exceeded
             stub.SubmitPayment.future(payment(accounts[0], accounts[1]), timeout=30) for _ in range(20)
         ]
         assert all(f.result().payment.status == payment_pb2.PAYMENT_STATUS_APPROVED for f in futures)
-        wait_until(lambda: checked_out(metrics_port) == 0, "every connection is back in the pool")
+        wait_until(lambda: checked_out(metrics_port) == 0, 30, "every connection is back in the pool")
     process.stop()
     check_output(process)
 
@@ -189,16 +182,18 @@ def test_a_call_ended_mid_statement_gives_its_connection_back_at_once(
                 payment(payer, payee), timeout=3 if ending == "deadline" else 60
             )
             try:
-                wait_until(statement_waits, "the payment's statement waits for the row lock")
+                wait_until(statement_waits, 30, "the payment's statement waits for the row lock")
                 if ending == "cancel":
                     call.cancel()
                 with pytest.raises(grpc.FutureCancelledError if ending == "cancel" else grpc.RpcError):
                     call.result()
                 # The server ended the statement and gave the connection back while the row
                 # is still locked: nothing waits for the lock any more.
-                wait_until(lambda: handled(metrics_port, code) == before + 1, f"the server counted {code}")
-                wait_until(lambda: checked_out(metrics_port) == 0, "the connection is back in the pool")
-                wait_until(lambda: not statement_waits(), "the statement was cancelled")
+                wait_until(
+                    lambda: handled(metrics_port, code) == before + 1, 30, f"the server counted {code}"
+                )
+                wait_until(lambda: checked_out(metrics_port) == 0, 30, "the connection is back in the pool")
+                wait_until(lambda: not statement_waits(), 30, "the statement was cancelled")
             finally:
                 observer.close()
         finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import decode_consistency_token
 from stack.servers import PostgresServer
 from tests.support.approval import RunningServer, running_server
+from tests.support.waiting import eventually
 
 THRESHOLD = 5_000
 
@@ -368,12 +368,10 @@ async def test_health_and_reflection(svc: RunningServer) -> None:
 
 
 async def _wait_for_health(channel: grpc.aio.Channel, status: int, within_s: float = 30.0) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        if await _health(channel, "readiness") == status:
-            return
-        assert time.monotonic() < deadline, "readiness did not change in time"
-        await asyncio.sleep(0.05)
+    async def reached() -> bool:
+        return await _health(channel, "readiness") == status
+
+    await eventually(reached, within_s, "readiness changes")
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import pytest
 import redis
 
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
-from tests.support.replicator import SourceWriter, StartReplicator, replicator
+from tests.support.replicator import StartReplicator, replicator
+from tests.support.source import SourceWriter
 
 __all__ = ["replicator"]
 

@@ -13,13 +13,12 @@ from stack.servers import PostgresServer, RedisServer
 from tests.support.replicator import (
     Monotonic,
     ReplicatorProcess,
-    SourceLoad,
-    SourceWriter,
     StartReplicator,
     checkpoint_lsn,
     replicator,
     slot_for,
 )
+from tests.support.source import SourceLoad, SourceWriter
 
 __all__ = ["replicator"]
 

@@ -21,12 +21,12 @@ from payments_common.keys import KeySchema
 from tests.support.faults import reconcile
 from tests.support.replicator import (
     ReplicatorProcess,
-    SourceWriter,
     StartReplicator,
     checkpoint_lsn,
     current_wal_lsn,
     replicator,
 )
+from tests.support.source import SourceWriter
 from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]

@@ -20,7 +20,6 @@ from payments_common.lsn import parse_lsn
 from stack.servers import free_port
 from tests.support.replicator import (
     ROOT,
-    SourceWriter,
     StartReplicator,
     change_batches,
     checkpoint_lsn,
@@ -28,6 +27,7 @@ from tests.support.replicator import (
     replicator,
     slot_for,
 )
+from tests.support.source import SourceWriter
 
 __all__ = ["replicator"]
 

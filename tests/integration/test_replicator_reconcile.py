@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg2
 import pytest
@@ -15,7 +15,9 @@ from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.config import Settings
 from replicator.reconcile import Report, compare, read_source, reconcile
-from tests.support.replicator import SourceLoad, SourceWriter, StartReplicator, replicator, slot_for
+from tests.support.replicator import StartReplicator, replicator, slot_for
+from tests.support.source import SourceLoad, SourceWriter
+from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]
 
@@ -25,13 +27,6 @@ NO_STANDBY = "reconcile_test_no_such_standby"
 
 def _settings(database_url: str, redis_url: str) -> Settings:
     return Settings(database_url=database_url, redis_url=redis_url, slot_name=slot_for(database_url))
-
-
-def _until(check: Callable[[], object], what: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"{what}: not within {within}s"
-        time.sleep(0.02)
 
 
 def _query(database_url: str, query: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -117,10 +112,11 @@ def test_a_commit_streamed_before_it_is_visible_is_not_drift(
                 return False
             return bool(_waiting_backends(migrated_dsn, "SyncRep"))
 
-        _until(a_commit_is_held, "a commit waiting for the synchronous standby")
+        wait_until(a_commit_is_held, 30, "a commit waiting for the synchronous standby")
         # The replicator applies the held transaction: its payment is in Redis, not in any snapshot.
-        _until(
+        wait_until(
             lambda: len(set(client.scan_iter(match=KEYS.payment("*"))) - payments_before) == len(held),
+            30,
             "the held commit applied to Redis",
         )
         assert _query(migrated_dsn, "SELECT count(*) FROM payments")[0][0] == 1  # only the first
@@ -135,8 +131,9 @@ def test_a_commit_streamed_before_it_is_visible_is_not_drift(
         checker.start()
         # Reconcile either finishes or waits for the held transaction to end (then the
         # transaction is released, and it must be visible in reconcile's snapshot).
-        _until(
+        wait_until(
             lambda: not checker.is_alive() or _waiting_backends(migrated_dsn, "transactionid"),
+            30,
             "reconcile finished or waiting",
         )
     for commit in held:

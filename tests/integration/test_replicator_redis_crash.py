@@ -23,13 +23,12 @@ from replicator.config import Settings
 from replicator.reconcile import reconcile
 from stack.servers import running_redis
 from tests.support.replicator import (
-    SourceLoad,
-    SourceWriter,
     StartReplicator,
     checkpoint_lsn,
     replicator,
     slot_for,
 )
+from tests.support.source import SourceLoad, SourceWriter
 from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]

@@ -14,7 +14,8 @@ from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.config import Settings
 from replicator.reconcile import reconcile
-from tests.support.replicator import SourceWriter, StartReplicator, replicator, slot_for
+from tests.support.replicator import StartReplicator, replicator, slot_for
+from tests.support.source import SourceWriter
 
 __all__ = ["replicator"]
 

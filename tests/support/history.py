@@ -1,8 +1,7 @@
-"""Test support for the history service: source rows written with plain SQL, and running servers.
+"""Test support for the history service: a replicated source, running servers, hand-written read models.
 
-The source data goes into the system of record's 0001 schema, one transaction per
-payment with consistent balances and counters, so that the real replicator builds the
-read models that the history service then answers from.
+The source data goes into the system of record (tests/support/source.py), so that the
+real replicator builds the read models that the history service then answers from.
 """
 
 from __future__ import annotations
@@ -10,13 +9,12 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
-import psycopg2
 import pytest
 from redis.asyncio import Redis
 
@@ -33,185 +31,22 @@ from payments_common.keys import (
     VIEW_FIELD,
     KeySchema,
 )
-from payments_common.lsn import parse_lsn
-from payments_common.tokens import decode_consistency_token, encode_consistency_token
+from payments_common.tokens import decode_consistency_token
 from stack.servers import PostgresServer, RedisServer
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess, checkpoint_lsn
+from tests.support.source import SourceWriter
 from tests.support.waiting import wait_until
 
 PAGE_SECRET = "history-tests-page-token-secret"
 ROOT = Path(__file__).resolve().parents[2]
 
-_COUNTER = {"APPROVED": "approved", "DECLINED": "declined", "PENDING_REVIEW": "pending_review"}
 
-
-@dataclass
-class SourceWriter:
-    """Writes accounts and payments into the system of record as the approval service would."""
-
-    dsn: str
-    _connection: Any = field(default=None, init=False, repr=False)
-
-    def _conn(self) -> Any:
-        if self._connection is None:
-            self._connection = psycopg2.connect(self.dsn)
-        return self._connection
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    def position(self) -> str:
-        """A consistency token for everything committed so far."""
-        connection = self._conn()
-        with connection, connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
-            (lsn,) = cursor.fetchone()
-        return encode_consistency_token(parse_lsn(lsn))
-
-    def open_account(
-        self,
-        owner: str,
-        balance_minor: int = 1_000_000,
-        currency: str = "EUR",
-        status: str = "ACTIVE",
-    ) -> str:
-        account_id = str(uuid.uuid4())
-        connection = self._conn()
-        with connection, connection.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO accounts (account_id, owner_name, currency_code, status, ledger_balance_minor,"
-                " per_payment_limit_minor, daily_limit_minor) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (account_id, owner, currency, status, balance_minor, 10**12, 10**13),
-            )
-        return account_id
-
-    def pay(
-        self,
-        payer: str,
-        payee: str,
-        amount_minor: int,
-        status: str = "APPROVED",
-        created_at: datetime | None = None,
-        reference: str = "",
-    ) -> tuple[str, str]:
-        """Records one payment in one transaction; returns its id and a consistency token."""
-        connection = self._conn()
-        with connection, connection.cursor() as cursor:
-            payment_id = self._insert(cursor, payer, payee, amount_minor, status, created_at, reference)
-        return payment_id, self.position()
-
-    def pay_many(self, payer: str, payee: str, count: int, amount_minor: int = 1) -> list[str]:
-        """Records `count` approved payments in one source transaction (so in one replicated batch)."""
-        connection = self._conn()
-        with connection, connection.cursor() as cursor:
-            return [
-                self._insert(cursor, payer, payee, amount_minor, "APPROVED", None, f"bulk {n}")
-                for n in range(count)
-            ]
-
-    @staticmethod
-    def _insert(
-        cursor: Any,
-        payer: str,
-        payee: str,
-        amount_minor: int,
-        status: str,
-        created_at: datetime | None,
-        reference: str,
-    ) -> str:
-        payment_id = str(uuid.uuid4())
-        created = created_at or datetime.now(UTC)
-        decline = "INSUFFICIENT_FUNDS" if status == "DECLINED" else None
-        cursor.execute(
-            "SELECT account_id::text, owner_name FROM accounts WHERE account_id IN (%s, %s) FOR UPDATE",
-            (payer, payee),
-        )
-        names = dict(cursor.fetchall())
-        cursor.execute(
-            "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id,"
-            " payer_name, payee_name, currency_code, amount_minor, reference, status, decline_reason,"
-            " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'EUR', %s, %s, %s, %s, %s, %s)",
-            (
-                payment_id,
-                f"req-{payment_id}",
-                payer,
-                payee,
-                names[payer],
-                names[payee],
-                amount_minor,
-                reference,
-                status,
-                decline,
-                created,
-                created,
-            ),
-        )
-        cursor.execute(
-            "INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, created_at)"
-            " VALUES (%s, 1, %s, %s, 'system', %s)",
-            (payment_id, status, decline, created),
-        )
-        counter = _COUNTER[status]
-        payer_sets = [f"sent_{counter} = sent_{counter} + 1"]
-        payee_sets = [f"received_{counter} = received_{counter} + 1"]
-        if status == "APPROVED":
-            payer_sets += [
-                "ledger_balance_minor = ledger_balance_minor - %(amount)s",
-                "total_sent_minor = total_sent_minor + %(amount)s",
-            ]
-            payee_sets += [
-                "ledger_balance_minor = ledger_balance_minor + %(amount)s",
-                "total_received_minor = total_received_minor + %(amount)s",
-            ]
-        elif status == "PENDING_REVIEW":
-            payer_sets.append("held_minor = held_minor + %(amount)s")
-        for account, sets in ((payer, payer_sets), (payee, payee_sets)):
-            cursor.execute(
-                f"UPDATE accounts SET {', '.join(sets)}, updated_at = now() WHERE account_id = %(id)s",
-                {"amount": amount_minor, "id": account},
-            )
-        return payment_id
-
-    def delete_account(self, account_id: str) -> str:
-        """Deletes an account that has no payments; returns a consistency token."""
-        connection = self._conn()
-        with connection, connection.cursor() as cursor:
-            cursor.execute("DELETE FROM accounts WHERE account_id = %s", (account_id,))
-        return self.position()
-
-    def approve_held(self, payment_id: str, actor: str = "operator.jane") -> str:
-        """An operator approves a held payment; returns a consistency token."""
-        connection = self._conn()
-        with connection, connection.cursor() as cursor:
-            cursor.execute(
-                "UPDATE payments SET status = 'APPROVED', updated_at = now() WHERE payment_id = %s"
-                " AND status = 'PENDING_REVIEW' RETURNING payer_account_id, payee_account_id, amount_minor",
-                (payment_id,),
-            )
-            payer, payee, amount = cursor.fetchone()
-            cursor.execute(
-                "INSERT INTO payment_events (payment_id, sequence, status, actor, note)"
-                " VALUES (%s, 2, 'APPROVED', %s, 'checked')",
-                (payment_id, actor),
-            )
-            cursor.execute(
-                "UPDATE accounts SET held_minor = held_minor - %(a)s, ledger_balance_minor ="
-                " ledger_balance_minor - %(a)s, total_sent_minor = total_sent_minor + %(a)s,"
-                " sent_pending_review = sent_pending_review - 1, sent_approved = sent_approved + 1"
-                " WHERE account_id = %(id)s",
-                {"a": amount, "id": payer},
-            )
-            cursor.execute(
-                "UPDATE accounts SET ledger_balance_minor = ledger_balance_minor + %(a)s,"
-                " total_received_minor = total_received_minor + %(a)s,"
-                " received_pending_review = received_pending_review - 1,"
-                " received_approved = received_approved + 1 WHERE account_id = %(id)s",
-                {"a": amount, "id": payee},
-            )
-        return self.position()
+def source_writer(dsn: str) -> SourceWriter:
+    """A SourceWriter whose accounts open as these tests expect: 1,000,000 minor units, limits out of reach."""
+    return SourceWriter(
+        dsn, balance_minor=1_000_000, per_payment_limit_minor=10**12, daily_limit_minor=10**13
+    )
 
 
 def at(base: datetime, seconds: float) -> datetime:
@@ -324,7 +159,7 @@ def replicated_source(postgres: PostgresServer, work_dir: Path) -> Iterator[Repl
     dsn = postgres.create_database(name)
     # Detached: started without a pre-exec hook (see test_history_health).
     redis_server = RedisServer(base_dir=work_dir / f"redis-{name}", detached=True)
-    writer = SourceWriter(dsn)
+    writer = source_writer(dsn)
     replicator: ReplicatorProcess | None = None
     try:
         upgrade(dsn)
