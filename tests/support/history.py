@@ -32,9 +32,10 @@ from payments_common.keys import (
     KeySchema,
 )
 from payments_common.tokens import decode_consistency_token
+from stack.replication import checkpoint_lsn
 from stack.servers import PostgresServer, RedisServer
 from tests.support.processes import ServiceProcess
-from tests.support.replicator import ReplicatorProcess, checkpoint_lsn
+from tests.support.replicator import ReplicatorProcess
 from tests.support.source import SourceWriter
 from tests.support.waiting import wait_until
 
