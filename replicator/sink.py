@@ -153,7 +153,6 @@ class Sink:
     ) -> None:
         self.client = client
         self.schema = schema
-        self.slot = slot
         self.lock = lock
         self.stream_maxlen = stream_maxlen
         # Called between the steps of long work (removing many keys), so that the lock
