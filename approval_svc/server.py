@@ -27,14 +27,14 @@ class Dependencies:
     uow_factory: UnitOfWorkFactory
     probe: Callable[[], Awaitable[bool]]
     new_id: Callable[[], UUID] = uuid4
-    readiness_interval_s: float = 1.0
+    readiness_interval_seconds: float = 1.0
 
     @classmethod
-    def from_engine(cls, engine: AsyncEngine, readiness_interval_s: float = 1.0) -> Dependencies:
+    def from_engine(cls, engine: AsyncEngine, readiness_interval_seconds: float = 1.0) -> Dependencies:
         return cls(
             uow_factory=lambda: SqlUnitOfWork(engine),
             probe=lambda: probe(engine),
-            readiness_interval_s=readiness_interval_s,
+            readiness_interval_seconds=readiness_interval_seconds,
         )
 
 
@@ -45,7 +45,9 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[GrpcService, 
     server, port, health = build_server(
         settings, lambda s: pb_grpc.add_ApprovalServiceServicer_to_server(servicer, s), [SERVICE_NAME]
     )
-    readiness = Readiness(health, [SERVICE_NAME], deps.probe, interval_s=deps.readiness_interval_s)
+    readiness = Readiness(
+        health, [SERVICE_NAME], deps.probe, interval_seconds=deps.readiness_interval_seconds
+    )
     return GrpcService(server, readiness), port
 
 

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("serve", help="run the gRPC server until SIGTERM")
     parser.parse_args(argv)
     settings = Settings.from_env_or_exit("history-svc")
-    configure_logging("history_svc", settings.log_level)
+    configure_logging("history-svc", settings.log_level)
     uvloop.run(serve(settings))
     return 0
 

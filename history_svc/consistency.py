@@ -53,12 +53,12 @@ def consistency_budget(time_remaining: float | None, cap: float) -> float:
 class Consistency:
     """Waits on the process's one change watcher, so that a waiting read costs Redis nothing."""
 
-    def __init__(self, watcher: ChangeWatcher, wait_max_s: float) -> None:
+    def __init__(self, watcher: ChangeWatcher, wait_max_seconds: float) -> None:
         self._watcher = watcher
-        self._wait_max_s = wait_max_s
+        self._wait_max_seconds = wait_max_seconds
 
     def budget(self, call: Deadline) -> float:
-        return consistency_budget(call.time_remaining(), self._wait_max_s)
+        return consistency_budget(call.time_remaining(), self._wait_max_seconds)
 
     async def reach(self, lsn: int, call: Deadline) -> int:
         """Waits until the known checkpoint reaches `lsn`; returns it.

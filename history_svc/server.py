@@ -148,7 +148,7 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
         read_model,
         watcher,
         PageTokenCodec(settings.page_token_secret),
-        consistency_wait_max_s=settings.consistency_wait_max_seconds,
+        consistency_wait_max_seconds=settings.consistency_wait_max_seconds,
         watch_queue_size=settings.watch_queue_size,
         stream_redis=deps.redis,
         keys=keys,

@@ -73,14 +73,14 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         read_model: ReadModel,
         watcher: ChangeWatcher,
         page_tokens: PageTokenCodec,
-        consistency_wait_max_s: float,
+        consistency_wait_max_seconds: float,
         watch_queue_size: int,
         stream_redis: Redis,
         keys: KeySchema,
     ) -> None:
         self._read_model = read_model
         self._page_tokens = page_tokens
-        self._consistency = Consistency(watcher, consistency_wait_max_s)
+        self._consistency = Consistency(watcher, consistency_wait_max_seconds)
         self._watches = Watches(watcher, read_model, stream_redis, keys, watch_queue_size)
 
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Context) -> bytes:  # type: ignore[override]

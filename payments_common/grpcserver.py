@@ -212,7 +212,7 @@ class Readiness:
     health: Any
     service_names: Sequence[str]
     probe: Callable[[], Awaitable[bool]]
-    interval_s: float = 1.0
+    interval_seconds: float = 1.0
     ready: bool = False
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -227,7 +227,7 @@ class Readiness:
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
             # cancellation that lands as the probe completes, and stop() would hang.
-            async with asyncio.timeout(max(self.interval_s, 1.0) * 2):
+            async with asyncio.timeout(max(self.interval_seconds, 1.0) * 2):
                 ok = await self.probe()
         except Exception as error:  # a probe that raises means "not ready"
             log.warning("readiness probe failed: %s", error)
@@ -241,7 +241,7 @@ class Readiness:
     async def _loop(self) -> None:
         while True:
             await self.check_once()
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(self.interval_seconds)
 
     async def start(self) -> None:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)

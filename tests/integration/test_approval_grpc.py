@@ -386,7 +386,7 @@ def own_postgres() -> Iterator[PostgresServer]:
 async def test_database_down_is_unavailable_and_the_service_recovers(own_postgres: PostgresServer) -> None:
     dsn = own_postgres.create_database("approval")
     upgrade(dsn)
-    async with running_server(dsn, review_threshold=THRESHOLD, readiness_interval_s=0.1) as svc:
+    async with running_server(dsn, review_threshold=THRESHOLD, readiness_interval_seconds=0.1) as svc:
         payer, payee = await open_account(svc), await open_account(svc)
         await submit(svc, payer, payee, 1)
 

@@ -77,7 +77,7 @@ async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Readiness, dict[str
     async def probe() -> bool:
         return ready["value"]
 
-    readiness = Readiness(health, [SERVICE], probe, interval_s=0.05)
+    readiness = Readiness(health, [SERVICE], probe, interval_seconds=0.05)
     await server.start()
     await readiness.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:

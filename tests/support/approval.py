@@ -72,7 +72,7 @@ class RunningServer:
 
 @contextlib.asynccontextmanager
 async def running_server(
-    dsn: str, review_threshold: int = 1_000_000, readiness_interval_s: float = 0.1
+    dsn: str, review_threshold: int = 1_000_000, readiness_interval_seconds: float = 0.1
 ) -> AsyncIterator[RunningServer]:
     """The real server on a free port of 127.0.0.1, with a client channel to it."""
     settings = Settings(
@@ -85,7 +85,7 @@ async def running_server(
         grace_seconds=1,
     )
     async with engine_for(dsn, settings.db_pool_size) as engine:
-        deps = Dependencies.from_engine(engine, readiness_interval_s=readiness_interval_s)
+        deps = Dependencies.from_engine(engine, readiness_interval_seconds=readiness_interval_seconds)
         server, port = create_server(settings, deps)
         await server.start()
         try:

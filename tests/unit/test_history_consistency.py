@@ -22,12 +22,12 @@ class Call:
         return self.remaining
 
 
-def _consistency(checkpoint: int, wait_max_s: float = 5.0) -> tuple[Consistency, ChangeWatcher]:
+def _consistency(checkpoint: int, wait_max_seconds: float = 5.0) -> tuple[Consistency, ChangeWatcher]:
     # The reader task is never started: the tests move the checkpoint by hand.
     watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s")  # type: ignore[arg-type]
     watcher.advance(checkpoint)
     watcher.connected = True
-    return Consistency(watcher, wait_max_s), watcher
+    return Consistency(watcher, wait_max_seconds), watcher
 
 
 async def test_a_reached_position_answers_at_once_and_a_later_one_when_the_watcher_gets_there() -> None:
@@ -41,7 +41,7 @@ async def test_a_reached_position_answers_at_once_and_a_later_one_when_the_watch
 
 
 async def test_a_position_not_reached_within_the_budget_is_consistency_not_reached() -> None:
-    consistency, _ = _consistency(100, wait_max_s=0.05)
+    consistency, _ = _consistency(100, wait_max_seconds=0.05)
     with pytest.raises(ConsistencyNotReached) as refusal:
         await consistency.reach(101, Call(None))
     assert refusal.value.reason == "CONSISTENCY_NOT_REACHED"
@@ -52,7 +52,7 @@ async def test_a_position_not_reached_within_the_budget_is_consistency_not_reach
 
 
 async def test_without_redis_a_wait_that_fails_is_read_model_unavailable() -> None:
-    consistency, watcher = _consistency(100, wait_max_s=0.01)
+    consistency, watcher = _consistency(100, wait_max_seconds=0.01)
     watcher.connected = False
     with pytest.raises(ReadModelUnavailable):
         await consistency.reach(101, Call(None))
