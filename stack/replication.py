@@ -129,3 +129,18 @@ def start_replicator(env: Mapping[str, str], log: Path, *, detached: bool = Fals
             preexec_fn=preexec,
             start_new_session=detached,
         )
+
+
+def run_reconcile(
+    database_url: str, redis_url: str, slot: str | None = None, wait_seconds: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m replicator reconcile`, the oracle: exit 0 means no difference between PostgreSQL and Redis."""
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", "reconcile", "--wait-seconds", str(wait_seconds)],
+        env=replicator_env(database_url, redis_url, slot=slot, extra={"REPLICATOR_LOG_LEVEL": "WARNING"}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=wait_seconds + 60,
+        check=False,
+    )

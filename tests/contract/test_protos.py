@@ -18,8 +18,8 @@ from google.protobuf.message import Message
 from payments.approval.v1 import approval_service_pb2, approval_service_pb2_grpc
 from payments.history.v1 import history_service_pb2, history_service_pb2_grpc
 from payments.readmodel.v1 import read_model_pb2
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 BUF = str(Path(sys.executable).parent / "buf")
 
 SERVICES = [

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench.report import REQUIRED_FIGURES, missing_figures
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import error_info
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from stack.replication import run_reconcile
 from stack.servers import PostgresServer, RedisServer, free_port
 from tests.support.faults import (
     FAST_RECONNECT,
@@ -41,7 +42,6 @@ from tests.support.faults import (
     Readers,
     approval_process,
     history_process,
-    reconcile,
 )
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
@@ -293,7 +293,7 @@ async def test_the_platform_keeps_working_and_loses_nothing_under_faults(tmp_pat
         assert sum(balances) == ACCOUNTS * OPENING_BALANCE
 
         # The oracle: every row of the source against the read models.
-        result = await asyncio.to_thread(reconcile, p.dsn, p.redis_url, SLOT)
+        result = await asyncio.to_thread(run_reconcile, p.dsn, p.redis_url, SLOT)
         assert result.returncode == 0, result.stdout + result.stderr
 
         # Readers saw data all along, never older than before, never wrong.

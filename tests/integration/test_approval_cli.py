@@ -8,15 +8,13 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import psycopg2
 
 from approval_svc.migrate import upgrade
 from stack.local import wait_serving
 from stack.servers import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def _env(**settings: str) -> dict[str, str]:

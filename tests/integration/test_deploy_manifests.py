@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import pytest
 from packaging.requirements import Requirement
 
-from tests.support import k8s
+from tests.support import ROOT, k8s
 from tests.support.k8s import OVERLAYS, SERVICES, Endpoint, Obj
 
 # Schemas of the oldest Kubernetes the manifests support (native sleep in preStop needs 1.30,
@@ -597,7 +597,7 @@ def test_scrape_annotations_name_the_metrics_port(
 
 # ----- image ------------------------------------------------------------------------------------
 
-DOCKERFILE = k8s.ROOT / "Dockerfile"
+DOCKERFILE = ROOT / "Dockerfile"
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -625,7 +625,7 @@ def test_dockerfile_builds_a_slim_non_root_multi_stage_image() -> None:
     assert int(uid) >= 10000
     patterns = [
         line
-        for line in (k8s.ROOT / ".dockerignore").read_text().splitlines()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line and not line.startswith("#")
     ]
     assert patterns[0] == "**", "the build context starts from nothing and adds what the image needs"
@@ -638,7 +638,7 @@ def test_dockerfile_builds_a_slim_non_root_multi_stage_image() -> None:
 
 def _first_party_imports(package: Path) -> set[str]:
     """The top-level names of this repository's modules that a package imports."""
-    local = {path.name for path in k8s.ROOT.iterdir() if (path / "__init__.py").exists()}
+    local = {path.name for path in ROOT.iterdir() if (path / "__init__.py").exists()}
     names: set[str] = set()
     for source in package.rglob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
@@ -651,7 +651,7 @@ def _first_party_imports(package: Path) -> set[str]:
 
 def test_the_image_holds_the_services_and_nothing_of_the_dev_tooling() -> None:
     """The packages the image installs are exactly those the services import: no stack, bench, tests."""
-    project = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packaged = {
         pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]
     }
@@ -659,19 +659,19 @@ def test_the_image_holds_the_services_and_nothing_of_the_dev_tooling() -> None:
         path.split("/")[0]
         for source in re.findall(r"^COPY (?!--from)(.+) \S+$", DOCKERFILE.read_text(), re.MULTILINE)
         for path in source.split()
-        if (k8s.ROOT / path / "__init__.py").exists()
+        if (ROOT / path / "__init__.py").exists()
     }
     assert copied == packaged
     entry_points = {value.split(".")[0] for value in project["project"]["scripts"].values()}
     needed = set(entry_points)
     for package in sorted(entry_points | packaged):
-        needed |= _first_party_imports(k8s.ROOT / package)
+        needed |= _first_party_imports(ROOT / package)
     assert needed <= packaged, f"the services import {sorted(needed - packaged)}, which the image lacks"
     assert not packaged & {"stack", "bench", "tests", "tools"}
 
 
 def test_manifest_commands_are_console_scripts_of_the_image(objs: tuple[Obj, ...]) -> None:
-    scripts = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for workload in k8s.workloads(objs):
         for container in k8s.containers(k8s.pod_template(workload)):
             if "payments-cqrs" in container["image"]:
@@ -690,12 +690,12 @@ def _pins(path: Path) -> dict[str, str]:
 
 
 def test_image_dependencies_are_pinned_and_satisfy_pyproject() -> None:
-    pins = _pins(k8s.ROOT / "deploy" / "docker" / "requirements.lock")
-    project = tomllib.loads((k8s.ROOT / "pyproject.toml").read_text())
+    pins = _pins(ROOT / "deploy" / "docker" / "requirements.lock")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     for requirement in map(Requirement, project["project"]["dependencies"]):
         name = requirement.name.lower().replace("_", "-")
         assert name in pins, f"{name} is missing from deploy/docker/requirements.lock"
         assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
-    build = _pins(k8s.ROOT / "deploy" / "docker" / "build-requirements.lock")
+    build = _pins(ROOT / "deploy" / "docker" / "build-requirements.lock")
     for requirement in map(Requirement, project["build-system"]["requires"]):
         assert requirement.specifier.contains(build[requirement.name.lower()], prereleases=True), requirement

@@ -22,8 +22,8 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments_common.grpcstatus import error_info
 from stack.servers import PostgresServer, free_port
+from tests.support import ROOT
 from tests.support.history import (
-    ROOT,
     HistoryProcess,
     ReplicatedSource,
     history_processes,

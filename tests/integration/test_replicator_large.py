@@ -18,7 +18,7 @@ import redis
 
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import KeySchema
-from tests.support.faults import reconcile
+from stack.replication import run_reconcile
 from tests.support.replicator import (
     ReplicatorProcess,
     StartReplicator,
@@ -157,7 +157,7 @@ def test_a_kill_in_the_middle_of_a_large_transaction_resumes_from_the_checkpoint
         assert client.exists(KEYS.account(str(_md5_uuid(200000))))
     finally:
         client.close()
-    report = reconcile(migrated_dsn, redis_url, first.slot)
+    report = run_reconcile(migrated_dsn, redis_url, first.slot)
     assert report.returncode == 0, report.stdout
 
 

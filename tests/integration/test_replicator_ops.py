@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -17,9 +14,9 @@ from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from payments_common.lsn import parse_lsn
+from stack.replication import run_reconcile
 from stack.servers import free_port
 from tests.support.replicator import (
-    ROOT,
     StartReplicator,
     change_batches,
     checkpoint_lsn,
@@ -30,25 +27,6 @@ from tests.support.replicator import (
 from tests.support.source import SourceWriter
 
 __all__ = ["replicator"]
-
-
-def _reconcile_cli(database_url: str, redis_url: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "REPLICATOR_DATABASE_URL": database_url,
-        "REPLICATOR_REDIS_URL": redis_url,
-        "REPLICATOR_SLOT_NAME": slot_for(database_url),
-        "REPLICATOR_LOG_LEVEL": "WARNING",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "replicator", "reconcile", "--wait-seconds", "30"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _confirmed_flush(database_url: str) -> int:
@@ -134,7 +112,7 @@ def test_dropped_slot_leads_to_a_fresh_bootstrap(
     restarted = replicator(migrated_dsn, redis_url)
     restarted.wait_caught_up()
     assert "REBUILD" in restarted.log_path.read_text()
-    result = _reconcile_cli(migrated_dsn, redis_url)
+    result = run_reconcile(migrated_dsn, redis_url, slot_for(migrated_dsn), wait_seconds=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -144,7 +122,7 @@ def test_reconcile_reports_drift(migrated_dsn: str, redis_url: str, replicator: 
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         paid = source.submit(alice, bob, 10)
         process.wait_caught_up()
-    clean = _reconcile_cli(migrated_dsn, redis_url)
+    clean = run_reconcile(migrated_dsn, redis_url, slot_for(migrated_dsn), wait_seconds=30)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     # Tamper while the replicator runs (it must keep the checkpoint moving); it leaves unchanged rows alone.
     client = redis.Redis.from_url(redis_url)
@@ -157,7 +135,7 @@ def test_reconcile_reports_drift(migrated_dsn: str, redis_url: str, replicator: 
     client.zadd(
         KEYS.account_index(alice, "sent", payment_pb2.PAYMENT_STATUS_DECLINED), {"0000000000000001:x": 0}
     )
-    drift = _reconcile_cli(migrated_dsn, redis_url)
+    drift = run_reconcile(migrated_dsn, redis_url, slot_for(migrated_dsn), wait_seconds=30)
     assert drift.returncode == 1, drift.stdout + drift.stderr
     assert KEYS.account(bob) in drift.stdout
     assert KEYS.payment(paid) in drift.stdout

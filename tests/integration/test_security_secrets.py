@@ -30,7 +30,8 @@ from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import error_info
 from stack.servers import PostgresServer, RedisServer, free_port
-from tests.support.faults import ROOT, approval_process, history_process, secret_free
+from tests.support import ROOT
+from tests.support.faults import approval_process, history_process, secret_free
 from tests.support.replicator import ReplicatorProcess
 from tests.support.waiting import eventually
 

@@ -2,3 +2,8 @@
 
 One module per subject; a helper lives in exactly one of them.
 """
+
+from pathlib import Path
+
+# The repository's root: where the services are imported from, and the working folder of their processes.
+ROOT = Path(__file__).resolve().parents[2]

@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
-import os
 import random
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -35,8 +32,6 @@ from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
 from tests.support.processes import ServiceProcess
 from tests.support.waiting import eventually
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Channels reconnect quickly after a process comes back (gRPC's default backoff grows to minutes).
 FAST_RECONNECT = [
@@ -92,28 +87,6 @@ def history_process(redis_url: str, port: int, log_path: Path, slot: str, **env:
             **{f"HISTORY_{k.upper()}": v for k, v in env.items()},
         },
         log_path,
-    )
-
-
-def reconcile(
-    dsn: str, redis_url: str, slot: str, wait_seconds: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """`python -m replicator reconcile`, the oracle: exit 0 means no difference between PostgreSQL and Redis."""
-    return subprocess.run(
-        [sys.executable, "-m", "replicator", "reconcile", "--wait-seconds", str(wait_seconds)],
-        env={
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "REPLICATOR_DATABASE_URL": dsn,
-            "REPLICATOR_REDIS_URL": redis_url,
-            "REPLICATOR_SLOT_NAME": slot,
-            "REPLICATOR_LOG_LEVEL": "WARNING",
-        },
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=wait_seconds + 60,
-        check=False,
     )
 
 

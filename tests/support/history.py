@@ -40,7 +40,6 @@ from tests.support.source import SourceWriter
 from tests.support.waiting import wait_until
 
 PAGE_SECRET = "history-tests-page-token-secret"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def source_writer(dsn: str) -> SourceWriter:

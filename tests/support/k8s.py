@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
+
 K8S_DIR = ROOT / "deploy" / "k8s"
 TOOLS_DIR = K8S_DIR / "tools"
 VENV = Path(os.environ.get("K8S_VENV", ROOT / ".venv-k8s"))

@@ -20,9 +20,8 @@ import grpc
 
 from stack.local import wait_serving
 from stack.servers import dying_with_parent
+from tests.support import ROOT
 from tests.support.waiting import wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class ChildProcess:

@@ -27,8 +27,6 @@ from stack.replication import replicator_env, start_replicator
 from tests.support.processes import ChildProcess
 from tests.support.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def slot_for(database_url: str) -> str:
     """A replication slot name unique to a test database (slot names are cluster-wide)."""
