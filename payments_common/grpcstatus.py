@@ -7,7 +7,7 @@ reason and metadata) and, for invalid arguments, a `BadRequest` naming the field
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -28,6 +28,8 @@ from payments_common.errors import (
     Unavailable,
     Unimplemented,
 )
+
+D = TypeVar("D", error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
 
 # The `domain` of every ErrorInfo this platform sends.
 ERROR_DOMAIN: Final = "payments.example.com"
@@ -91,27 +93,24 @@ def to_grpc_status(error: ServiceError) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-def error_info(call_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo in a failed call's status trailer, for clients and tests."""
+def _detail(call_error: grpc.RpcError, detail_type: type[D]) -> D | None:
+    """The first detail of `detail_type` in a failed call's status trailer."""
     status = rpc_status.from_call(call_error)  # type: ignore[arg-type]
     if status is None:
         return None
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
+        if detail.Is(detail_type.DESCRIPTOR):
+            found = detail_type()
+            detail.Unpack(found)
+            return found
     return None
+
+
+def error_info(call_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo in a failed call's status trailer, for clients and tests."""
+    return _detail(call_error, error_details_pb2.ErrorInfo)
 
 
 def bad_request(call_error: grpc.RpcError) -> error_details_pb2.BadRequest | None:
     """The BadRequest in a failed call's status trailer, for clients and tests."""
-    status = rpc_status.from_call(call_error)  # type: ignore[arg-type]
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            request = error_details_pb2.BadRequest()
-            detail.Unpack(request)
-            return request
-    return None
+    return _detail(call_error, error_details_pb2.BadRequest)
