@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 from payments_common.tls import TlsSettings
 
@@ -29,9 +29,21 @@ class _Required:
 
 REQUIRED = _Required()
 
+V = TypeVar("V")
+
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Below this, a page of ListPayments or a payment with a long timeline might not fit.
 MIN_MESSAGE_BYTES: Final = 64 * 1024
+
+
+def _boolean(raw: str) -> bool:
+    """A flag's value, in any case: 1, true, yes or on; 0, false, no or off."""
+    lowered = raw.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 class EnvReader:
@@ -55,13 +67,23 @@ class EnvReader:
                 raise SettingsError(f"{key}_FILE: cannot read {path}: {exc.strerror}") from exc
         return self.environ.get(key)
 
-    def text(self, name: str, default: str | _Required = REQUIRED) -> str:
-        value = self._raw(name)
-        if value is None or value == "":
+    def _parsed(self, name: str, default: V | _Required, parse: Callable[[str], V], expected: str) -> V:
+        """The variable through `parse`, or `default` when unset or empty (an error if REQUIRED).
+
+        A ValueError from `parse` becomes "<VARIABLE> must be <expected>, got <raw>".
+        """
+        raw = self._raw(name)
+        if raw is None or raw == "":
             if isinstance(default, _Required):
                 raise SettingsError(f"{self.prefix}{name} is required but not set")
             return default
-        return value
+        try:
+            return parse(raw)
+        except ValueError:
+            raise SettingsError(f"{self.prefix}{name} must be {expected}, got {raw!r}") from None
+
+    def text(self, name: str, default: str | _Required = REQUIRED) -> str:
+        return self._parsed(name, default, str, "text")
 
     def url(self, name: str, schemes: tuple[str, ...]) -> str:
         """A required URL that starts with one of `schemes` ("redis://", ...)."""
@@ -72,15 +94,7 @@ class EnvReader:
         return value
 
     def integer(self, name: str, default: int | _Required = REQUIRED, minimum: int | None = None) -> int:
-        raw = self._raw(name)
-        if raw is None or raw == "":
-            if isinstance(default, _Required):
-                raise SettingsError(f"{self.prefix}{name} is required but not set")
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise SettingsError(f"{self.prefix}{name} must be an integer, got {raw!r}") from None
+        value = self._parsed(name, default, int, "an integer")
         if minimum is not None and value < minimum:
             raise SettingsError(f"{self.prefix}{name} must be at least {minimum}, got {value}")
         return value
@@ -93,15 +107,7 @@ class EnvReader:
         return value
 
     def number(self, name: str, default: float | _Required = REQUIRED) -> float:
-        raw = self._raw(name)
-        if raw is None or raw == "":
-            if isinstance(default, _Required):
-                raise SettingsError(f"{self.prefix}{name} is required but not set")
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise SettingsError(f"{self.prefix}{name} must be a number, got {raw!r}") from None
+        value = self._parsed(name, default, float, "a number")
         if value < 0:
             raise SettingsError(f"{self.prefix}{name} must not be negative, got {value}")
         return value
@@ -114,15 +120,7 @@ class EnvReader:
         return value
 
     def flag(self, name: str, default: bool) -> bool:
-        raw = self._raw(name)
-        if raw is None or raw == "":
-            return default
-        lowered = raw.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise SettingsError(f"{self.prefix}{name} must be true or false, got {raw!r}")
+        return self._parsed(name, default, _boolean, "true or false")
 
     def log_level(self, default: str) -> str:
         level = self.text("LOG_LEVEL", default).upper()
