@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from tests.support.history import (
     HistoryProcess,
     client,
     history_processes,
+    model,
     payment_view,
     replicated_source,
 )
@@ -37,7 +41,7 @@ def _process(redis_url: str, work_dir: Path, slot: str = "payments_read_model") 
     )
 
 
-__all__ = ["client"]
+__all__ = ["client", "model"]
 
 
 async def _take(stream: Any, count: int) -> list[pb.WatchPaymentsResponse]:
@@ -50,90 +54,91 @@ async def _take(stream: Any, count: int) -> list[pb.WatchPaymentsResponse]:
     return taken
 
 
-async def test_a_watch_resumed_through_another_process_gets_exactly_what_it_missed(
-    redis_url: str, client: Redis, tmp_path: Path
-) -> None:
-    model = HandWrittenReadModel(client)
-    for account in (ALICE, BOB):
-        await model.open_account(account)
-    await model.publish()
-    with history_processes(lambda _: _process(redis_url, tmp_path), 2) as (first, second):
+@dataclass
+class Failover:
+    """Two history processes and a watch open on the first: kill it, then resume through the second."""
+
+    first: HistoryProcess
+    stream: Any
+    second: history_service_pb2_grpc.HistoryServiceStub
+
+
+@contextlib.asynccontextmanager
+async def watching_through_the_first_of_two(
+    make: Callable[[int], HistoryProcess], account: str
+) -> AsyncIterator[Failover]:
+    with history_processes(make, 2) as (first, second):
         async with (
             grpc.aio.insecure_channel(first.address) as first_channel,
             grpc.aio.insecure_channel(second.address) as second_channel,
         ):
             stream = history_service_pb2_grpc.HistoryServiceStub(first_channel).WatchPayments(
-                pb.WatchPaymentsRequest(account_id=ALICE)
+                pb.WatchPaymentsRequest(account_id=account)
             )
             await stream.initial_metadata()
-            for number in (1, 2):
-                await model.publish(payment_view(number, ALICE, BOB))
-            seen = await _take(stream, 2)
-            last = seen[-1].consistency_token
+            yield Failover(first, stream, history_service_pb2_grpc.HistoryServiceStub(second_channel))
 
-            first.kill()
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await _take(stream, 1)
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            missed = [
-                await model.publish(payment_view(3, BOB, ALICE)),
-                await model.publish(payment_view(4, ALICE, BOB), payment_view(5, BOB, ALICE)),
-            ]
 
-            resumed = history_service_pb2_grpc.HistoryServiceStub(second_channel).WatchPayments(
-                pb.WatchPaymentsRequest(account_id=ALICE, start_after_consistency_token=last)
-            )
-            await resumed.initial_metadata()
-            live = await model.publish(payment_view(6, ALICE, BOB))
-            got = await _take(resumed, 4)
-            assert [(m.payment.payment_id, decode_consistency_token(m.consistency_token)) for m in got] == [
-                (payment_view(3, ALICE, BOB).payment_id, missed[0]),
-                (payment_view(4, ALICE, BOB).payment_id, missed[1]),
-                (payment_view(5, ALICE, BOB).payment_id, missed[1]),
-                (payment_view(6, ALICE, BOB).payment_id, live),
-            ]
-            resumed.cancel()
+async def test_a_watch_resumed_through_another_process_gets_exactly_what_it_missed(
+    redis_url: str, model: HandWrittenReadModel, tmp_path: Path
+) -> None:
+    async with watching_through_the_first_of_two(lambda _: _process(redis_url, tmp_path), ALICE) as failover:
+        for number in (1, 2):
+            await model.publish(payment_view(number, ALICE, BOB))
+        seen = await _take(failover.stream, 2)
+        last = seen[-1].consistency_token
+
+        failover.first.kill()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _take(failover.stream, 1)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        missed = [
+            await model.publish(payment_view(3, BOB, ALICE)),
+            await model.publish(payment_view(4, ALICE, BOB), payment_view(5, BOB, ALICE)),
+        ]
+
+        resumed = failover.second.WatchPayments(
+            pb.WatchPaymentsRequest(account_id=ALICE, start_after_consistency_token=last)
+        )
+        await resumed.initial_metadata()
+        live = await model.publish(payment_view(6, ALICE, BOB))
+        got = await _take(resumed, 4)
+        assert [(m.payment.payment_id, decode_consistency_token(m.consistency_token)) for m in got] == [
+            (payment_view(3, ALICE, BOB).payment_id, missed[0]),
+            (payment_view(4, ALICE, BOB).payment_id, missed[1]),
+            (payment_view(5, ALICE, BOB).payment_id, missed[1]),
+            (payment_view(6, ALICE, BOB).payment_id, live),
+        ]
+        resumed.cancel()
 
 
 async def test_a_watch_cut_inside_a_batch_resumed_through_another_process_gets_the_rest_of_it(
-    redis_url: str, client: Redis, tmp_path: Path
+    redis_url: str, model: HandWrittenReadModel, tmp_path: Path
 ) -> None:
-    model = HandWrittenReadModel(client)
-    for account in (ALICE, BOB):
-        await model.open_account(account)
-    await model.publish()
-    with history_processes(lambda _: _process(redis_url, tmp_path), 2) as (first, second):
-        async with (
-            grpc.aio.insecure_channel(first.address) as first_channel,
-            grpc.aio.insecure_channel(second.address) as second_channel,
-        ):
-            stream = history_service_pb2_grpc.HistoryServiceStub(first_channel).WatchPayments(
-                pb.WatchPaymentsRequest(account_id=ALICE)
-            )
-            await stream.initial_metadata()
-            cut = await model.publish(*(payment_view(number, ALICE, BOB) for number in (1, 2, 3)))
-            (seen,) = await _take(stream, 1)
-            assert seen.payment.payment_id == payment_view(1, ALICE, BOB).payment_id
+    async with watching_through_the_first_of_two(lambda _: _process(redis_url, tmp_path), ALICE) as failover:
+        cut = await model.publish(*(payment_view(number, ALICE, BOB) for number in (1, 2, 3)))
+        (seen,) = await _take(failover.stream, 1)
+        assert seen.payment.payment_id == payment_view(1, ALICE, BOB).payment_id
 
-            first.kill()  # SIGKILL after the first of the batch's three changes
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await _take(stream, 3)  # what was already sent may still be read, then the cut
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            missed = await model.publish(payment_view(4, BOB, ALICE))
+        failover.first.kill()  # SIGKILL after the first of the batch's three changes
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _take(failover.stream, 3)  # what was already sent may still be read, then the cut
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        missed = await model.publish(payment_view(4, BOB, ALICE))
 
-            resumed = history_service_pb2_grpc.HistoryServiceStub(second_channel).WatchPayments(
-                pb.WatchPaymentsRequest(account_id=ALICE, start_after_resume_token=seen.resume_token)
-            )
-            await resumed.initial_metadata()
-            live = await model.publish(payment_view(5, ALICE, BOB))
-            got = await _take(resumed, 4)
-            assert [(m.payment.payment_id, decode_consistency_token(m.consistency_token)) for m in got] == [
-                (payment_view(2, ALICE, BOB).payment_id, cut),
-                (payment_view(3, ALICE, BOB).payment_id, cut),
-                (payment_view(4, ALICE, BOB).payment_id, missed),
-                (payment_view(5, ALICE, BOB).payment_id, live),
-            ]
-            resumed.cancel()
+        resumed = failover.second.WatchPayments(
+            pb.WatchPaymentsRequest(account_id=ALICE, start_after_resume_token=seen.resume_token)
+        )
+        await resumed.initial_metadata()
+        live = await model.publish(payment_view(5, ALICE, BOB))
+        got = await _take(resumed, 4)
+        assert [(m.payment.payment_id, decode_consistency_token(m.consistency_token)) for m in got] == [
+            (payment_view(2, ALICE, BOB).payment_id, cut),
+            (payment_view(3, ALICE, BOB).payment_id, cut),
+            (payment_view(4, ALICE, BOB).payment_id, missed),
+            (payment_view(5, ALICE, BOB).payment_id, live),
+        ]
+        resumed.cancel()
 
 
 async def test_a_resume_after_the_entries_were_trimmed_fails_with_resume_unavailable(
@@ -177,40 +182,32 @@ async def test_a_watch_resumed_with_the_real_replicator_gets_exactly_what_it_mis
         def make(_: int) -> HistoryProcess:
             return _process(source.redis_url, tmp_path, source.slot_name)
 
-        with history_processes(make, 2) as (first, second):
-            async with (
-                grpc.aio.insecure_channel(first.address) as first_channel,
-                grpc.aio.insecure_channel(second.address) as second_channel,
-            ):
-                stream = history_service_pb2_grpc.HistoryServiceStub(first_channel).WatchPayments(
-                    pb.WatchPaymentsRequest(account_id=payer)
-                )
-                await stream.initial_metadata()
-                before = []
-                for amount in (1, 2):
-                    payment_id, token = await asyncio.to_thread(writer.pay, payer, payee, amount)
-                    await asyncio.to_thread(source.wait_replicated, token)
-                    before.append(payment_id)
-                seen = await _take(stream, 2)
-                assert [m.payment.payment_id for m in seen] == before
+        async with watching_through_the_first_of_two(make, payer) as failover:
+            before = []
+            for amount in (1, 2):
+                payment_id, token = await asyncio.to_thread(writer.pay, payer, payee, amount)
+                await asyncio.to_thread(source.wait_replicated, token)
+                before.append(payment_id)
+            seen = await _take(failover.stream, 2)
+            assert [m.payment.payment_id for m in seen] == before
 
-                first.kill()
-                missed = []
-                for amount in (3, 4, 5):
-                    payment_id, token = await asyncio.to_thread(writer.pay, payer, payee, amount)
-                    missed.append(payment_id)
-                    await asyncio.to_thread(writer.pay, other, payee, amount)  # not the payer's
-                await asyncio.to_thread(source.wait_replicated)
+            failover.first.kill()
+            missed = []
+            for amount in (3, 4, 5):
+                payment_id, token = await asyncio.to_thread(writer.pay, payer, payee, amount)
+                missed.append(payment_id)
+                await asyncio.to_thread(writer.pay, other, payee, amount)  # not the payer's
+            await asyncio.to_thread(source.wait_replicated)
 
-                resumed = history_service_pb2_grpc.HistoryServiceStub(second_channel).WatchPayments(
-                    pb.WatchPaymentsRequest(
-                        account_id=payer, start_after_consistency_token=seen[-1].consistency_token
-                    )
+            resumed = failover.second.WatchPayments(
+                pb.WatchPaymentsRequest(
+                    account_id=payer, start_after_consistency_token=seen[-1].consistency_token
                 )
-                await resumed.initial_metadata()
-                live, _ = await asyncio.to_thread(writer.pay, payee, payer, 6)
-                got = await _take(resumed, 4)
-                assert [m.payment.payment_id for m in got] == [*missed, live]
-                positions = [decode_consistency_token(m.consistency_token) for m in got]
-                assert positions == sorted(positions)
-                resumed.cancel()
+            )
+            await resumed.initial_metadata()
+            live, _ = await asyncio.to_thread(writer.pay, payee, payer, 6)
+            got = await _take(resumed, 4)
+            assert [m.payment.payment_id for m in got] == [*missed, live]
+            positions = [decode_consistency_token(m.consistency_token) for m in got]
+            assert positions == sorted(positions)
+            resumed.cancel()
