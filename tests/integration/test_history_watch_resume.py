@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from payments.history.v1 import history_service_pb2 as pb
+from payments.readmodel.v1 import read_model_pb2
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from tests.support.history import (
@@ -209,6 +210,23 @@ def resume(history: RunningHistory, account: str, resume_token: str, after: str 
     )
 
 
+async def a_resume_token(
+    history: RunningHistory,
+    model: HandWrittenReadModel,
+    account: str,
+    *batch: read_model_pb2.PaymentView,
+    reading: int = 1,
+) -> str:
+    """The resume token of the `reading`-th change a watch of `account` gets from `batch`, published as it watches."""
+    stream = watch(history, account)
+    await stream.initial_metadata()
+    await model.publish(*batch)
+    message = [await stream.read() for _ in range(reading)][-1]
+    stream.cancel()
+    assert message.resume_token
+    return str(message.resume_token)
+
+
 async def test_a_watch_cut_inside_a_batch_resumes_with_exactly_the_rest_of_it(
     history: RunningHistory, model: HandWrittenReadModel
 ) -> None:
@@ -268,20 +286,18 @@ async def test_a_resume_token_resumes_across_later_batches_and_is_per_account(
 async def test_resuming_after_the_last_change_of_a_batch_starts_with_the_next_batch(
     history: RunningHistory, model: HandWrittenReadModel
 ) -> None:
-    first = watch(history, ALICE)
-    await first.initial_metadata()
-    await model.publish(payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB))
-    last = [await first.read() for _ in range(2)][-1]
-    first.cancel()
+    last = await a_resume_token(
+        history, model, ALICE, payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB), reading=2
+    )
     # Resumed at the head (the subscription begins at the very entry of the token) ...
-    resumed = resume(history, ALICE, last.resume_token)
+    resumed = resume(history, ALICE, last)
     await resumed.initial_metadata()
     three = await model.publish(payment_view(3, ALICE, BOB))
     assert await take(resumed, 1) == [(pid(3), three)]
     resumed.cancel()
     # ... and with entries after it.
     four = await model.publish(payment_view(4, ALICE, BOB))
-    again = resume(history, ALICE, last.resume_token)
+    again = resume(history, ALICE, last)
     assert await take(again, 2) == [(pid(3), three), (pid(4), four)]
     again.cancel()
 
@@ -289,49 +305,31 @@ async def test_resuming_after_the_last_change_of_a_batch_starts_with_the_next_ba
 async def test_a_resume_token_whose_changes_were_trimmed_is_resume_unavailable(
     history: RunningHistory, model: HandWrittenReadModel
 ) -> None:
-    first = watch(history, ALICE)
-    await first.initial_metadata()
-    await model.publish(payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB))
-    message = await first.read()
-    first.cancel()
+    token = await a_resume_token(
+        history, model, ALICE, payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB)
+    )
     for number in range(3, 6):
         await model.publish(payment_view(number, ALICE, BOB))
     await model.publish(payment_view(6, ALICE, BOB), trim_to=2)
-    await fails(
-        resume(history, ALICE, message.resume_token), grpc.StatusCode.OUT_OF_RANGE, "WATCH_RESUME_UNAVAILABLE"
-    )
+    await fails(resume(history, ALICE, token), grpc.StatusCode.OUT_OF_RANGE, "WATCH_RESUME_UNAVAILABLE")
     assert history.server.watcher.subscriptions == 0
 
 
 async def test_a_resume_token_after_a_discontinuity_is_resume_unavailable(
     history: RunningHistory, model: HandWrittenReadModel
 ) -> None:
-    first = watch(history, ALICE)
-    await first.initial_metadata()
-    await model.publish(payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB))
-    message = await first.read()
-    first.cancel()
+    token = await a_resume_token(
+        history, model, ALICE, payment_view(1, ALICE, BOB), payment_view(2, ALICE, BOB)
+    )
     await model.publish(omits_payments=True)
     await model.publish(payment_view(3, ALICE, BOB))
-    await fails(
-        resume(history, ALICE, message.resume_token), grpc.StatusCode.OUT_OF_RANGE, "WATCH_RESUME_UNAVAILABLE"
-    )
-
-
-async def _a_resume_token(history: RunningHistory, model: HandWrittenReadModel, account: str) -> str:
-    stream = watch(history, account)
-    await stream.initial_metadata()
-    await model.publish(payment_view(1, ALICE, BOB))
-    message = await stream.read()
-    stream.cancel()
-    assert message.resume_token
-    return str(message.resume_token)
+    await fails(resume(history, ALICE, token), grpc.StatusCode.OUT_OF_RANGE, "WATCH_RESUME_UNAVAILABLE")
 
 
 async def test_a_resume_token_with_a_consistency_token_is_refused(
     history: RunningHistory, model: HandWrittenReadModel
 ) -> None:
-    token = await _a_resume_token(history, model, ALICE)
+    token = await a_resume_token(history, model, ALICE, payment_view(1, ALICE, BOB))
     error = await fails(
         resume(history, ALICE, token, after=encode_consistency_token(model.checkpoint)),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -346,7 +344,7 @@ async def test_a_resume_token_with_a_consistency_token_is_refused(
 async def test_a_resume_token_that_is_not_one_of_this_account_is_refused(
     history: RunningHistory, model: HandWrittenReadModel, fault: str
 ) -> None:
-    token = await _a_resume_token(history, model, BOB)
+    token = await a_resume_token(history, model, BOB, payment_view(1, ALICE, BOB))
     if fault == "malformed":
         token = "not-a-token"
     elif fault == "altered":
