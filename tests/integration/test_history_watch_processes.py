@@ -60,7 +60,7 @@ class Failover:
 
     first: HistoryProcess
     stream: Any
-    second: history_service_pb2_grpc.HistoryServiceStub
+    second: history_service_pb2_grpc.HistoryServiceAsyncStub
 
 
 @contextlib.asynccontextmanager
