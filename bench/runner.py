@@ -236,6 +236,31 @@ class Runner:
         results = self.pool.collect(handles)
         return Window.of(results, duration_s, {name: cpu.spent(before[name], after[name]) for name in cpu_of})
 
+    def closed_loop_figure(
+        self,
+        figure: str,
+        call: str,
+        target: str,
+        *,
+        server: str,
+        floor_us: float | None,
+        processes: Sequence[str] = (),
+        history_channel: bool = False,
+    ) -> Window:
+        """Measures `call` on `target`, closed loop at the plan's concurrency, and adds the window to `figure`.
+
+        `server` names the CPU of `processes` (by default the process of that name) in the
+        window; its CPU per RPC is divided by `floor_us` when one is given.
+        """
+        window = self.measure(
+            self.jobs("closed", call, target, self.plan.concurrency, history_channel=history_channel),
+            {server: self.cpu_reader(*(processes or [server]))},
+            self.plan.window_s,
+            self.plan.warmup_s,
+        )
+        self.collector.add_window(figure, window, server, floor_us)
+        return window
+
     def jobs(
         self,
         mode: str,

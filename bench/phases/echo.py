@@ -7,12 +7,7 @@ from bench.runner import Runner
 
 def measure(runner: Runner) -> float:
     """One repetition; returns the echo server's CPU µs per RPC, the floor of this repetition's ratios."""
-    plan = runner.plan
-    window = runner.measure(
-        runner.jobs("closed", "echo", runner.endpoints["BENCH_ECHO_ADDR"], plan.concurrency),
-        {"echo": runner.cpu_reader("echo")},
-        plan.window_s,
-        plan.warmup_s,
+    window = runner.closed_loop_figure(
+        "echo_floor", "echo", runner.endpoints["BENCH_ECHO_ADDR"], server="echo", floor_us=None
     )
-    runner.collector.add_window("echo_floor", window, "echo", None)
     return window.cpu_us_per_op("echo")

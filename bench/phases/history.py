@@ -10,16 +10,17 @@ CALLS = (("history_get", "get_payment"), ("history_list", "list_payments"))
 
 def measure(runner: Runner, floor_us: float) -> None:
     """One repetition: `history.<call>_<processes>` for each call on 1 and 2 processes."""
-    plan = runner.plan
     addrs = runner.endpoints["HISTORY_ADDRS"].split(",")
     for processes in (1, 2):
         target = history_target(addrs[:processes])
         names = [f"history-{i}" for i in range(1, processes + 1)]
         for call, figure in CALLS:
-            window = runner.measure(
-                runner.jobs("closed", call, target, plan.concurrency, history_channel=True),
-                {"history": runner.cpu_reader(*names)},
-                plan.window_s,
-                plan.warmup_s,
+            runner.closed_loop_figure(
+                f"history.{figure}_{processes}",
+                call,
+                target,
+                server="history",
+                floor_us=floor_us,
+                processes=names,
+                history_channel=True,
             )
-            runner.collector.add_window(f"history.{figure}_{processes}", window, "history", floor_us)
