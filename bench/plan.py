@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -59,21 +60,16 @@ FULL = Plan(
     },
 )
 
-QUICK = Plan(
+# The full plan at smoke-test sizes: the same load shapes and rates, shorter and smaller.
+QUICK = dataclasses.replace(
+    FULL,
     mode="quick",
     reps=1,
     window_s=1.5,
     warmup_s=0.5,
-    workers=2,
-    concurrency=32,
     accounts=200,
     list_accounts=20,
     list_payments=1000,
-    page_size=20,
-    write_rate=100.0,
-    read_rate=250.0,
-    visibility_rate=500.0,
-    visibility_low_rate=100.0,
     visibility_window_s=2.0,
     watched_accounts=8,
     drain_payments=5_000,
