@@ -94,6 +94,15 @@ def _unary(chan: grpc.aio.Channel) -> Any:
     )
 
 
+def _stream(chan: grpc.aio.Channel, method: str) -> Any:
+    """A server-streaming method of the test service, of StringValues both ways."""
+    return chan.unary_stream(
+        f"/{SERVICE}/{method}",
+        request_serializer=wrappers_pb2.StringValue.SerializeToString,
+        response_deserializer=wrappers_pb2.StringValue.FromString,
+    )
+
+
 async def test_ok_and_service_errors_map_to_status(
     channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]],
 ) -> None:
@@ -137,11 +146,7 @@ async def test_stream_errors_map_to_status(
     channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]],
 ) -> None:
     chan, _, _ = channel
-    count = chan.unary_stream(
-        f"/{SERVICE}/Count",
-        request_serializer=wrappers_pb2.StringValue.SerializeToString,
-        response_deserializer=wrappers_pb2.StringValue.FromString,
-    )
+    count = _stream(chan, "Count")
     seen: list[str] = []
 
     async def drain() -> None:
@@ -192,11 +197,7 @@ async def test_a_stream_ended_by_its_client_is_counted_by_why(
     channel: tuple[grpc.aio.Channel, Readiness, dict[str, bool]], ending: str, code: str
 ) -> None:
     chan, _, _ = channel
-    forever = chan.unary_stream(
-        f"/{SERVICE}/Forever",
-        request_serializer=wrappers_pb2.StringValue.SerializeToString,
-        response_deserializer=wrappers_pb2.StringValue.FromString,
-    )
+    forever = _stream(chan, "Forever")
     before = _handled(code)
     call = forever(wrappers_pb2.StringValue(), timeout=0.5 if ending == "deadline" else 60)
     first = await call.read()
