@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,17 +56,24 @@ def mode(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture
-def approval(migrated_dsn: str, tmp_path: Path, pki: Pki, mode: str) -> Iterator[ServiceProcess]:
-    process = approval_process(
-        migrated_dsn, free_port(), tmp_path / "approval.log", **tls_env(pki, mode == "mutual")
-    )
+@contextlib.contextmanager
+def serving_over_tls(process: ServiceProcess, pki: Pki, mode: str) -> Iterator[ServiceProcess]:
+    """Starts the process and waits until it serves a client with `mode`'s credentials; stops it after."""
     process.start()
     try:
         process.wait_serving(60, credentials=client_credentials(pki, mode))
         yield process
     finally:
         process.stop(5)
+
+
+@pytest.fixture
+def approval(migrated_dsn: str, tmp_path: Path, pki: Pki, mode: str) -> Iterator[ServiceProcess]:
+    process = approval_process(
+        migrated_dsn, free_port(), tmp_path / "approval.log", **tls_env(pki, mode == "mutual")
+    )
+    with serving_over_tls(process, pki, mode):
+        yield process
 
 
 @pytest.fixture
@@ -73,12 +81,8 @@ def history(redis_url: str, tmp_path: Path, pki: Pki, mode: str) -> Iterator[Ser
     process = history_process(
         redis_url, free_port(), tmp_path / "history.log", "tls_slot", **tls_env(pki, mode == "mutual")
     )
-    process.start()
-    try:
-        process.wait_serving(60, credentials=client_credentials(pki, mode))
+    with serving_over_tls(process, pki, mode):
         yield process
-    finally:
-        process.stop(5)
 
 
 def client_credentials(pki: Pki, mode: str) -> grpc.ChannelCredentials:
