@@ -8,6 +8,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Generic, TypeVar
 from uuid import UUID, uuid4
 
@@ -109,14 +110,31 @@ class Handlers:
             await asyncio.sleep(random.uniform(0, 0.001 * 2**attempt))
             attempt += 1
 
-    async def create_account(
-        self, command: commands.CreateAccount, key: RequestKey[Account]
-    ) -> Outcome[Account]:
-        async def work(uow: UnitOfWork) -> Outcome[Account]:
+    async def _run_idempotent(
+        self, key: RequestKey[T], act: Callable[[UnitOfWork, datetime], Awaitable[T]]
+    ) -> Outcome[T]:
+        """Runs `act` once per request_id (AIP-155), in `_run`'s unit of work.
+
+        The key is claimed before `act` takes any lock; a retry gets the stored response
+        back. `act` is given the transaction's timestamp; its result is recorded as the
+        response and committed with its effect.
+        """
+
+        async def work(uow: UnitOfWork) -> Outcome[T]:
             lookup = await uow.repo.claim_request(key.request_id, key.method, key.fingerprint)
             replay = _stored_response(lookup.stored, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
+            value = await act(uow, lookup.now)
+            await uow.repo.save_response(key.request_id, key.encode(value))
+            return Outcome(value, None, await uow.commit())
+
+        return await self._run(work)
+
+    async def create_account(
+        self, command: commands.CreateAccount, key: RequestKey[Account]
+    ) -> Outcome[Account]:
+        async def open_account(uow: UnitOfWork, now: datetime) -> Account:
             account = Account(
                 account_id=self._new_id(),
                 owner_name=command.owner_name,
@@ -126,14 +144,13 @@ class Handlers:
                 held=0,
                 per_payment_limit=command.per_payment_limit,
                 daily_limit=command.daily_limit,
-                created_at=lookup.now,
-                updated_at=lookup.now,
+                created_at=now,
+                updated_at=now,
             )
             await uow.repo.add_account(account, rules.opening_entries(account))
-            await uow.repo.save_response(key.request_id, key.encode(account))
-            return Outcome(account, None, await uow.commit())
+            return account
 
-        outcome = await self._run(work)
+        outcome = await self._run_idempotent(key, open_account)
         if outcome.value is not None:
             log.info("account opened", extra={"account_id": str(outcome.value.account_id)})
         return outcome
@@ -204,12 +221,8 @@ class Handlers:
     async def review_payment(
         self, command: commands.ReviewPayment, key: RequestKey[Payment]
     ) -> Outcome[Payment]:
-        async def work(uow: UnitOfWork) -> Outcome[Payment]:
+        async def review(uow: UnitOfWork, now: datetime) -> Payment:
             repo = uow.repo
-            lookup = await repo.claim_request(key.request_id, key.method, key.fingerprint)
-            replay = _stored_response(lookup.stored, key)
-            if replay is not None:
-                return Outcome(None, replay, await uow.position())
             # The key is claimed: a duplicate of this request waits for this transaction.
             # The payment first, then its accounts in the usual order: SubmitPayment
             # never waits for a payment lock, so this order cannot deadlock with it.
@@ -221,7 +234,6 @@ class Handlers:
             accounts = await repo.lock_accounts([held.payer_account_id, held.payee_account_id])
             if command.approve:
                 rules.check_credit_fits(accounts[held.payee_account_id], held.amount)
-            now = lookup.now
             payment = dataclasses.replace(
                 held,
                 status=PaymentStatus.APPROVED if command.approve else PaymentStatus.DECLINED,
@@ -240,10 +252,9 @@ class Handlers:
             await repo.update_payment(payment, event)
             entries = rules.transfer_entries(payment) if command.approve else []
             await repo.apply_changes(rules.review_changes(payment, command.approve), entries, now)
-            await repo.save_response(key.request_id, key.encode(payment))
-            return Outcome(payment, None, await uow.commit())
+            return payment
 
-        outcome = await self._run(work)
+        outcome = await self._run_idempotent(key, review)
         if outcome.value is not None:
             _count_decision(outcome.value, "reviewer")
             log.info(
@@ -259,21 +270,16 @@ class Handlers:
     async def set_account_status(
         self, command: commands.SetAccountStatus, key: RequestKey[Account]
     ) -> Outcome[Account]:
-        async def work(uow: UnitOfWork) -> Outcome[Account]:
-            lookup = await uow.repo.claim_request(key.request_id, key.method, key.fingerprint)
-            replay = _stored_response(lookup.stored, key)
-            if replay is not None:
-                return Outcome(None, replay, await uow.position())
+        async def set_status(uow: UnitOfWork, now: datetime) -> Account:
             account = (await uow.repo.lock_accounts([command.account_id])).get(command.account_id)
             if account is None:
                 raise AccountNotFound(str(command.account_id), "account_id")
             if account.status is not command.status:
-                await uow.repo.set_account_status(account.account_id, command.status, lookup.now)
-                account = dataclasses.replace(account, status=command.status, updated_at=lookup.now)
-            await uow.repo.save_response(key.request_id, key.encode(account))
-            return Outcome(account, None, await uow.commit())
+                await uow.repo.set_account_status(account.account_id, command.status, now)
+                account = dataclasses.replace(account, status=command.status, updated_at=now)
+            return account
 
-        outcome = await self._run(work)
+        outcome = await self._run_idempotent(key, set_status)
         if outcome.value is not None:
             # The reason has no column of its own; the log is its record.
             log.info(
