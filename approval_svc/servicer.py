@@ -110,7 +110,12 @@ def fingerprint(method: str, request: message.Message) -> bytes:
     return hashlib.sha256(method.encode() + b"\0" + body.SerializeToString(deterministic=True)).digest()
 
 
-def _key(method: str, request: Any, encode: Callable[[T], bytes]) -> RequestKey[T]:
+def _key(method: str, request: Any, build: Callable[[T], message.Message]) -> RequestKey[T]:
+    """The request's idempotency key; its first response, stored for retries, is what `build` makes."""
+
+    def encode(value: T) -> bytes:
+        return build(value).SerializeToString(deterministic=True)
+
     return RequestKey(request.request_id, method, fingerprint(method, request), encode)
 
 
@@ -124,10 +129,6 @@ def _response(outcome: Outcome[T], response_type: type[M], build: Callable[[T], 
     # commit, and any position read now is at or after that commit.
     response.consistency_token = encode_consistency_token(outcome.position)  # type: ignore[attr-defined]
     return response
-
-
-def _encoder(build: Callable[[T], message.Message]) -> Callable[[T], bytes]:
-    return lambda value: build(value).SerializeToString(deterministic=True)
 
 
 def _create_account_response(account: Account) -> pb.CreateAccountResponse:
@@ -170,7 +171,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
             request.per_payment_limit_minor,
             request.daily_limit_minor,
         )
-        key = _key("CreateAccount", request, _encoder(_create_account_response))
+        key = _key("CreateAccount", request, _create_account_response)
         outcome = await self._handlers.create_account(command, key)
         return _response(outcome, pb.CreateAccountResponse, _create_account_response)
 
@@ -185,7 +186,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
             request.amount.amount_minor,
             request.reference,
         )
-        key = _key("SubmitPayment", request, _encoder(_submit_payment_response))
+        key = _key("SubmitPayment", request, _submit_payment_response)
         outcome = await self._handlers.submit_payment(command, key)
         return _response(outcome, pb.SubmitPaymentResponse, _submit_payment_response)
 
@@ -196,7 +197,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         command = commands.review_payment(
             request.request_id, request.payment_id, request.reviewer, request.note, approve=True
         )
-        key = _key("ApprovePayment", request, _encoder(_approve_payment_response))
+        key = _key("ApprovePayment", request, _approve_payment_response)
         outcome = await self._handlers.review_payment(command, key)
         return _response(outcome, pb.ApprovePaymentResponse, _approve_payment_response)
 
@@ -207,7 +208,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         command = commands.review_payment(
             request.request_id, request.payment_id, request.reviewer, request.note, approve=False
         )
-        key = _key("DeclinePayment", request, _encoder(_decline_payment_response))
+        key = _key("DeclinePayment", request, _decline_payment_response)
         outcome = await self._handlers.review_payment(command, key)
         return _response(outcome, pb.DeclinePaymentResponse, _decline_payment_response)
 
@@ -216,7 +217,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         command = commands.set_account_status(
             request.request_id, request.account_id, request.reason, AccountStatus.FROZEN
         )
-        key = _key("FreezeAccount", request, _encoder(_freeze_account_response))
+        key = _key("FreezeAccount", request, _freeze_account_response)
         outcome = await self._handlers.set_account_status(command, key)
         return _response(outcome, pb.FreezeAccountResponse, _freeze_account_response)
 
@@ -227,7 +228,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         command = commands.set_account_status(
             request.request_id, request.account_id, request.reason, AccountStatus.ACTIVE
         )
-        key = _key("UnfreezeAccount", request, _encoder(_unfreeze_account_response))
+        key = _key("UnfreezeAccount", request, _unfreeze_account_response)
         outcome = await self._handlers.set_account_status(command, key)
         return _response(outcome, pb.UnfreezeAccountResponse, _unfreeze_account_response)
 
