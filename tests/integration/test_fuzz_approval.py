@@ -17,26 +17,21 @@ import grpc
 import psycopg2
 import pytest
 from google.protobuf import message
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from approval_svc.migrate import upgrade
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
-from payments_common.grpcstatus import bad_request, error_info
+from payments_common.grpcstatus import bad_request
 from stack.servers import PostgresServer, free_port
 from tests.support.faults import approval_process
+from tests.support.fuzzing import documented_refusal, fields, fuzz_settings
 from tests.support.processes import ServiceProcess
 
 MAX_MESSAGE_BYTES = 65536
-FUZZ = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(max_examples=100)
 
 C = grpc.StatusCode
 # The codes each RPC may answer (see approval_service.proto and docs/approval.md).
@@ -129,12 +124,7 @@ def call(target: Target, method: str, request: message.Message) -> grpc.StatusCo
         code = grpc.StatusCode.OK
     except grpc.RpcError as error:
         code = error.code()
-        details = error.details() or ""
-        assert "Traceback" not in details
-        assert code in ALLOWED[method], f"{method}: {code.name} {details}"
-        info = error_info(error)
-        assert info is not None, f"{method}: {code.name} without ErrorInfo"
-        assert info.reason in REASONS
+        documented_refusal(method, error, ALLOWED, REASONS)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             violations = bad_request(error)
             assert violations is not None
@@ -215,18 +205,6 @@ def money() -> st.SearchStrategy[money_pb2.Money]:
 
 
 # -- the properties ---------------------------------------------------------------------
-
-
-def fields(
-    data: st.DataObject, valid: dict[str, Any], fuzzed: dict[str, st.SearchStrategy[Any]]
-) -> dict[str, Any]:
-    """A valid request's fields with a few of them (none, one or more) replaced by fuzzed values.
-
-    Corrupting a few fields at a time reaches every validation rule and the paths past
-    validation too, which fuzzing every field at once would almost never do.
-    """
-    corrupt = data.draw(st.sets(st.sampled_from(sorted(fuzzed)), max_size=3))
-    return {name: data.draw(fuzzed[name]) if name in corrupt else value for name, value in valid.items()}
 
 
 def fresh_id() -> str:

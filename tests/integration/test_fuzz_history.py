@@ -33,18 +33,13 @@ from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import encode_consistency_token
 from stack.servers import PostgresServer, RedisServer, free_port
 from tests.support.faults import approval_process, history_process
+from tests.support.fuzzing import documented_refusal, fields, fuzz_settings
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
 
 SLOT = "fuzz_history"
 MAX_MESSAGE_BYTES = 65536
-FUZZ = settings(
-    max_examples=80,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = fuzz_settings(max_examples=80)
 
 C = grpc.StatusCode
 READ_CODES = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.UNAVAILABLE}
@@ -197,13 +192,7 @@ def call(target: Target, method: str, request: message.Message) -> tuple[grpc.St
         code = grpc.StatusCode.OK
     except grpc.RpcError as error:
         code = error.code()
-        details = error.details() or ""
-        assert "Traceback" not in details
-        assert code in ALLOWED[method], f"{method}: {code.name} {details}"
-        info = error_info(error)
-        assert info is not None, f"{method}: {code.name} without ErrorInfo"
-        assert info.reason in REASONS
-        reason = info.reason
+        reason = documented_refusal(method, error, ALLOWED, REASONS)
         if reason == "INVALID_ARGUMENT":
             violations = bad_request(error)
             assert violations is not None
@@ -278,14 +267,6 @@ def timestamps() -> st.SearchStrategy[timestamp_pb2.Timestamp | None]:
 INT32 = st.one_of(
     st.sampled_from([0, 1, -1, 2**31 - 1, -(2**31), 499, 500, 501]), st.integers(-(2**31), 2**31 - 1)
 )
-
-
-def fields(
-    data: st.DataObject, valid: dict[str, Any], fuzzed: dict[str, st.SearchStrategy[Any]]
-) -> dict[str, Any]:
-    """A valid request's fields with a few of them replaced by fuzzed values."""
-    corrupt = data.draw(st.sets(st.sampled_from(sorted(fuzzed)), max_size=3))
-    return {name: data.draw(fuzzed[name]) if name in corrupt else value for name, value in valid.items()}
 
 
 # -- the properties ---------------------------------------------------------------------
