@@ -67,6 +67,15 @@ async def outcome(stream: Any, within_s: float = 15) -> pb.WatchPaymentsResponse
 LOST = ("ABORTED", "WATCH_CONTINUITY_LOST")
 
 
+async def assert_alice_is_read_at(history: RunningHistory, position: int) -> None:
+    """A read that waits for `position` answers: consistency waits outlive the watch that ended."""
+    reply = await history.stub.GetAccount(
+        pb.GetAccountRequest(account_id=ALICE, min_consistency_token=encode_consistency_token(position)),
+        timeout=10,
+    )
+    assert reply.account.account_id == ALICE
+
+
 def paid(number: int) -> str:
     return payment_view(number, ALICE, BOB).payment_id
 
@@ -90,11 +99,7 @@ async def test_a_watch_open_across_a_flushall_and_the_rebuild_ends_with_continui
 
     assert await outcome(stream) == LOST
     # Consistency waits go on across the rebuild.
-    reply = await history.stub.GetAccount(
-        pb.GetAccountRequest(account_id=ALICE, min_consistency_token=encode_consistency_token(after)),
-        timeout=10,
-    )
-    assert reply.account.account_id == ALICE
+    await assert_alice_is_read_at(history, after)
     assert history.server.watcher.checkpoint == after
     # A watch opened after the rebuild follows the new stream.
     again = await watch(history, ALICE)
@@ -129,13 +134,7 @@ async def test_entries_trimmed_while_the_watcher_was_disconnected_end_the_watch(
         pipe.xtrim(model.keys.changes(), maxlen=1, approximate=False)
         await pipe.execute()
     assert await outcome(stream) == LOST
-    reply = await history.stub.GetAccount(
-        pb.GetAccountRequest(
-            account_id=ALICE, min_consistency_token=encode_consistency_token(model.checkpoint)
-        ),
-        timeout=10,
-    )
-    assert reply.account.account_id == ALICE
+    await assert_alice_is_read_at(history, model.checkpoint)
 
 
 async def test_a_segment_applied_without_notification_breaks_the_chain_and_ends_the_watch(
@@ -160,11 +159,7 @@ async def test_a_checkpoint_that_moves_backwards_ends_the_watch(
     await model.set_checkpoint(earlier - 50)
     assert await outcome(stream) == LOST
     await eventually(lambda: history.server.watcher.checkpoint == earlier - 50)
-    reply = await history.stub.GetAccount(
-        pb.GetAccountRequest(account_id=ALICE, min_consistency_token=encode_consistency_token(earlier - 50)),
-        timeout=10,
-    )
-    assert reply.account.account_id == ALICE
+    await assert_alice_is_read_at(history, earlier - 50)
 
 
 async def test_an_entry_below_the_one_before_it_ends_the_watch(
