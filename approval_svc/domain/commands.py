@@ -72,6 +72,10 @@ class _Checker:
             self.fail(field, "must not contain NUL characters")
         return value
 
+    def request_id(self, value: str) -> None:
+        """A mutation's request_id: required, at most 64 characters (AIP-155)."""
+        self.text("request_id", value, maximum=MAX_REQUEST_ID, required=True)
+
     def uuid(self, field: str, value: str) -> UUID | None:
         if not value:
             self.fail(field, "is required")
@@ -106,7 +110,7 @@ class _Checker:
 def check_request_id(request_id: str) -> None:
     """A mutation's request_id: required, at most 64 characters (AIP-155)."""
     checker = _Checker()
-    checker.text("request_id", request_id, maximum=MAX_REQUEST_ID, required=True)
+    checker.request_id(request_id)
     checker.done()
 
 
@@ -119,7 +123,7 @@ def create_account(
     daily_limit_minor: int,
 ) -> CreateAccount:
     checker = _Checker()
-    checker.text("request_id", request_id, maximum=MAX_REQUEST_ID, required=True)
+    checker.request_id(request_id)
     checker.text("owner_name", owner_name, maximum=MAX_NAME, required=True)
     checker.currency("currency_code", currency_code)
     checker.amount("opening_balance_minor", opening_balance_minor, minimum=0)
@@ -141,7 +145,7 @@ def submit_payment(
     reference: str,
 ) -> SubmitPayment:
     checker = _Checker()
-    checker.text("request_id", request_id, maximum=MAX_REQUEST_ID, required=True)
+    checker.request_id(request_id)
     payer = checker.uuid("payer_account_id", payer_account_id)
     payee = checker.uuid("payee_account_id", payee_account_id)
     if payer is not None and payer == payee:
@@ -162,7 +166,7 @@ def review_payment(
     request_id: str, payment_id: str, reviewer: str, note: str, approve: bool
 ) -> ReviewPayment:
     checker = _Checker()
-    checker.text("request_id", request_id, maximum=MAX_REQUEST_ID, required=True)
+    checker.request_id(request_id)
     payment = checker.uuid("payment_id", payment_id)
     checker.text("reviewer", reviewer, maximum=MAX_NAME, required=True)
     checker.text("note", note, maximum=MAX_NOTE, required=False)
@@ -175,7 +179,7 @@ def set_account_status(
     request_id: str, account_id: str, reason: str, status: AccountStatus
 ) -> SetAccountStatus:
     checker = _Checker()
-    checker.text("request_id", request_id, maximum=MAX_REQUEST_ID, required=True)
+    checker.request_id(request_id)
     account = checker.uuid("account_id", account_id)
     checker.text("reason", reason, maximum=MAX_NOTE, required=False)
     checker.done()
