@@ -13,7 +13,7 @@ from google.protobuf import message, timestamp_pb2
 
 from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
-from approval_svc.domain.model import Account, AccountStatus, Payment, PaymentEvent
+from approval_svc.domain.model import Account, AccountStatus, DeclineReason, Payment, PaymentEvent
 from approval_svc.handlers import Handlers, Outcome, RequestKey
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
@@ -60,6 +60,11 @@ def _money(currency: str, amount: int) -> money_pb2.Money:
 # Enum fields are set by name: the stored names are the proto names without their prefix.
 
 
+def _decline_reason(reason: DeclineReason | None) -> str:
+    """The enum name of a decline reason; a payment not declined has DECLINE_REASON_UNSPECIFIED."""
+    return f"DECLINE_REASON_{reason.value if reason else 'UNSPECIFIED'}"
+
+
 def account_message(account: Account) -> pb.Account:
     return pb.Account(
         account_id=str(account.account_id),
@@ -76,7 +81,6 @@ def account_message(account: Account) -> pb.Account:
 
 
 def payment_message(payment: Payment) -> pb.Payment:
-    reason = payment.decline_reason
     return pb.Payment(
         payment_id=str(payment.payment_id),
         payer_account_id=str(payment.payer_account_id),
@@ -84,18 +88,17 @@ def payment_message(payment: Payment) -> pb.Payment:
         amount=_money(payment.currency, payment.amount),
         reference=payment.reference,
         status=f"PAYMENT_STATUS_{payment.status.value}",
-        decline_reason=f"DECLINE_REASON_{reason.value if reason else 'UNSPECIFIED'}",
+        decline_reason=_decline_reason(payment.decline_reason),
         create_time=_timestamp(payment.created_at),
         update_time=_timestamp(payment.updated_at),
     )
 
 
 def event_message(event: PaymentEvent) -> pb.PaymentEvent:
-    reason = event.decline_reason
     return pb.PaymentEvent(
         sequence=event.sequence,
         status=f"PAYMENT_STATUS_{event.status.value}",
-        decline_reason=f"DECLINE_REASON_{reason.value if reason else 'UNSPECIFIED'}",
+        decline_reason=_decline_reason(event.decline_reason),
         actor=event.actor,
         note=event.note,
         event_time=_timestamp(event.created_at),
