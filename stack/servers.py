@@ -287,44 +287,45 @@ class PostgresServer:
         if self._owns_dir and self.base_dir is not None:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def create_database(self, name: str) -> str:
-        """Creates an empty database and returns its DSN."""
+    @contextlib.contextmanager
+    def admin_cursor(self) -> Iterator[psycopg2.extensions.cursor]:
+        """A cursor on the `postgres` database in autocommit, for statements that no transaction may hold."""
         connection = psycopg2.connect(self.dsn())
         connection.autocommit = True
         try:
             with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
+                yield cursor
         finally:
             connection.close()
+
+    def create_database(self, name: str) -> str:
+        """Creates an empty database and returns its DSN."""
+        with self.admin_cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
 
     def drop_database(self, name: str) -> None:
-        connection = psycopg2.connect(self.dsn())
-        connection.autocommit = True
-        try:
-            with connection.cursor() as cursor:
-                # A walsender that a client just left may still hold its slot for a moment;
-                # end any that remain, and drop the slots once they are free.
-                deadline = time.monotonic() + 30
-                while True:
-                    cursor.execute(
-                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                        "WHERE database = %s AND active_pid IS NOT NULL",
-                        (name,),
-                    )
-                    cursor.execute(
-                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-                        "WHERE database = %s AND NOT active",
-                        (name,),
-                    )
-                    cursor.execute("SELECT count(*) FROM pg_replication_slots WHERE database = %s", (name,))
-                    row = cursor.fetchone()
-                    if row is None or row[0] == 0 or time.monotonic() >= deadline:
-                        break
-                    time.sleep(0.02)
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            connection.close()
+        with self.admin_cursor() as cursor:
+            # A walsender that a client just left may still hold its slot for a moment;
+            # end any that remain, and drop the slots once they are free.
+            deadline = time.monotonic() + 30
+            while True:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                    "WHERE database = %s AND active_pid IS NOT NULL",
+                    (name,),
+                )
+                cursor.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE database = %s AND NOT active",
+                    (name,),
+                )
+                cursor.execute("SELECT count(*) FROM pg_replication_slots WHERE database = %s", (name,))
+                row = cursor.fetchone()
+                if row is None or row[0] == 0 or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.02)
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
