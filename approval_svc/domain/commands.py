@@ -107,13 +107,6 @@ class _Checker:
             raise InvalidRequest(self.violations)
 
 
-def check_request_id(request_id: str) -> None:
-    """A mutation's request_id: required, at most 64 characters (AIP-155)."""
-    checker = _Checker()
-    checker.request_id(request_id)
-    checker.done()
-
-
 def create_account(
     request_id: str,
     owner_name: str,
