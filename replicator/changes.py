@@ -1,4 +1,4 @@
-"""Decoded transactions as row changes of the published tables, gathered into batches that keep each row's last state."""
+"""Decoded transactions as row changes, gathered into batches that keep each row's last state."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ KEY_COLUMNS: Final[dict[str, tuple[str, ...]]] = {
 # Nothing mutates or hashes it.
 @dataclass(slots=True)
 class RowChange:
-    """One row change of a published table, at the position of its transaction's commit."""
+    """One row change of a published table, at its transaction's commit (a copied row: the snapshot's)."""
 
     table: str  # "schema.name"
     kind: RowKind

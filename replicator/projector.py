@@ -168,7 +168,7 @@ class Projector:
         return ops
 
     def unindex(self, op: UnindexPayment, view: read_model_pb2.PaymentView) -> list[SetIndexes]:
-        """Removes a deleted payment from every index of the accounts in `view`, its last view."""
+        """The writes that remove a deleted payment from every index of the accounts in `view`, its last view."""
         created_us = view.create_time.seconds * 1_000_000 + view.create_time.nanos // 1000
         member = index_member(created_us, op.payment_id)
         return [
