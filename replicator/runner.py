@@ -7,7 +7,7 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import psycopg2
 import redis
@@ -16,17 +16,15 @@ from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn
 from replicator import metrics
 from replicator.ack import Acknowledgements
-from replicator.changes import TABLES, Checkpoint, RowBatch, RowChange, Transaction, TruncateTables
-from replicator.coalesce import coalesce
+from replicator.bootstrap import Stopped, bootstrap, rebuild_needed
+from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, Relation, Truncate, as_row
-from replicator.encode import encode
 from replicator.lock import LockKeeper, LockLost, SlotLock, instance_token
-from replicator.ops import Op, SegmentOp
 from replicator.projector import Projector
-from replicator.resolve import resolve, stored_fields
 from replicator.sink import CheckpointMoved, Sink
 from replicator.source import Source
+from replicator.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -39,53 +37,12 @@ LAG_QUERY_INTERVAL_S = 2.0
 BATCH_MAX_AGE_S = 0.2
 # How long an idle loop waits for data before it renews the lock and pings again.
 IDLE_WAIT_S = 0.05
-COPY_BATCH_ROWS = 1000
 MAX_BACKOFF_S = 10.0
 # A transaction applied in chunks logs its progress this often.
 PROGRESS_INTERVAL_S = 5.0
 # The lock keeper lets the lock go when the main loop made no progress for this long (a
 # wedged instance must not block a standby forever); every step is far shorter.
 STALL_LIMIT_S = 120.0
-
-
-class Stopped(Exception):
-    """The replicator was asked to stop."""
-
-
-class Writer:
-    """The line from projected ops to Redis: coalesce, resolve against stored state, encode, apply.
-
-    A truncate splits the ops: what comes before it is applied first (without the
-    checkpoint; a replay is harmless), then the truncated keys are removed, and the change
-    notification says that it omits payments.
-    """
-
-    def __init__(self, projector: Projector, sink: Sink) -> None:
-        self.projector = projector
-        self.sink = sink
-
-    def write(self, ops: Iterable[Op], checkpoint: Checkpoint | None, omits_payments: bool = False) -> None:
-        """Applies `ops` and, if given, moves the checkpoint, in one fenced script call per segment."""
-        segment: list[SegmentOp] = []
-        for op in ops:
-            if isinstance(op, TruncateTables):
-                self._write_segment(segment, None)
-                segment = []
-                self.sink.truncate(op.tables)
-                omits_payments = True
-            else:
-                segment.append(op)
-        self._write_segment(segment, checkpoint, omits_payments)
-
-    def _write_segment(
-        self, ops: list[SegmentOp], checkpoint: Checkpoint | None, omits_payments: bool = False
-    ) -> None:
-        if not ops and checkpoint is None:
-            return
-        coalesced = coalesce(ops, self.projector)
-        stored = self.sink.read_fields(stored_fields(coalesced, self.projector.schema))
-        writes = resolve(coalesced, stored, self.projector)
-        self.sink.apply(encode(writes, checkpoint, omits_payments))
 
 
 class Replicator:
@@ -166,9 +123,18 @@ class Replicator:
             writer = Writer(self.projector, sink)
             source.connect()
             checkpoint = sink.read_checkpoint()
-            reason = self._bootstrap_reason(source, checkpoint)
-            if reason is not None:
-                checkpoint = self.bootstrap(source, writer, lock, keeper, reason)
+            rebuild = rebuild_needed(self.settings.slot_name, source.slot_state(), checkpoint)
+            if rebuild is not None:
+                checkpoint = bootstrap(
+                    self.settings.slot_name,
+                    source,
+                    writer,
+                    self.projector,
+                    lock,
+                    keeper,
+                    rebuild,
+                    lambda: self.stopping,
+                )
             assert checkpoint is not None
             # Ending another instance's walsender is a side effect too: only while the lock is ours.
             keeper.check()
@@ -199,105 +165,6 @@ class Replicator:
             if self._stop.wait(max(0.2, self.settings.lock_ttl_seconds / 5)):
                 raise Stopped
         log.info("acquired the lock of slot %s as %s", self.settings.slot_name, lock.token)
-
-    def _bootstrap_reason(self, source: Source, checkpoint: Checkpoint | None) -> str | None:
-        state = source.slot_state()
-        if checkpoint is None and state is not None:
-            log.error(
-                "REBUILD: Redis has no checkpoint for slot %s although the slot exists (Redis lost its data, "
-                "or an earlier bootstrap was interrupted); the read models are rebuilt from a fresh snapshot",
-                self.settings.slot_name,
-            )
-            return "redis_empty"
-        if checkpoint is None:
-            return "new_deployment"
-        if state is None:
-            log.error(
-                "REBUILD: replication slot %s does not exist although Redis has checkpoint %s; "
-                "the read models are rebuilt from a fresh snapshot",
-                self.settings.slot_name,
-                format_lsn(checkpoint.lsn),
-            )
-            return "slot_missing"
-        if state.wal_status == "lost":
-            log.error(
-                "REBUILD: replication slot %s lost WAL it needed (wal_status=lost); "
-                "the read models are rebuilt from a fresh snapshot",
-                self.settings.slot_name,
-            )
-            return "slot_lost"
-        if state.confirmed_flush_lsn is not None and state.confirmed_flush_lsn > checkpoint.lsn:
-            log.error(
-                "REBUILD: Redis checkpoint %s is behind the slot's confirmed position %s (Redis lost writes); "
-                "the read models are rebuilt from a fresh snapshot",
-                format_lsn(checkpoint.lsn),
-                format_lsn(state.confirmed_flush_lsn),
-            )
-            return "redis_behind_slot"
-        return None
-
-    def bootstrap(
-        self, source: Source, writer: Writer, lock: SlotLock, keeper: LockKeeper, reason: str
-    ) -> Checkpoint:
-        """Copies every published row under the new slot's snapshot; the checkpoint is written last.
-
-        Interrupted at any point, it leaves no checkpoint, so the next start bootstraps again.
-        """
-        metrics.BOOTSTRAPS.labels(reason).inc()
-        log.warning("bootstrap of slot %s started (reason: %s)", self.settings.slot_name, reason)
-        started = time.monotonic()
-        sink = writer.sink
-        sink.clear_checkpoint()
-        removed = sink.wipe()
-        log.info("bootstrap removed %d existing read-model keys", removed)
-        keeper.check()
-        source.drop_slot(fence=lock.fence)
-        consistent_point, snapshot = source.create_slot_with_snapshot()
-        log.info(
-            "created slot %s at consistent point %s with snapshot %s",
-            self.settings.slot_name,
-            format_lsn(consistent_point),
-            snapshot,
-        )
-        tables = [table for table in source.published_tables() if table.qualified in TABLES]
-        estimate = sum(table.estimated_rows for table in tables)
-        metrics.BOOTSTRAP_ESTIMATE.set(estimate)
-        metrics.BOOTSTRAP_ROWS.set(0)
-        copied = 0
-        last_report = time.monotonic()
-        for table, rows in source.copy(snapshot, tables, batch_rows=COPY_BATCH_ROWS):
-            if self.stopping:
-                raise Stopped
-            keeper.check()
-            ops: list[Op] = []
-            for row in rows:
-                ops.extend(
-                    self.projector.project(RowChange(table.qualified, "insert", row, consistent_point))
-                )
-            writer.write(ops, None)
-            copied += len(rows)
-            metrics.BOOTSTRAP_ROWS.set(copied)
-            now = time.monotonic()
-            if now - last_report >= 5:
-                log.info(
-                    "bootstrap copied %d rows of about %d (%s)",
-                    copied,
-                    estimate,
-                    table.qualified,
-                    extra={"rows_copied": copied, "rows_estimated": estimate},
-                )
-                last_report = now
-        checkpoint = Checkpoint(consistent_point, None)
-        writer.write([], checkpoint)
-        log.warning(
-            "bootstrap of slot %s done: %d rows in %.1fs, checkpoint %s",
-            self.settings.slot_name,
-            copied,
-            time.monotonic() - started,
-            format_lsn(consistent_point),
-            extra={"rows_copied": copied},
-        )
-        return checkpoint
 
 
 class _Stream:

@@ -14,8 +14,8 @@ from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Checkpoint, R
 from replicator.decoder import UNCHANGED, Value
 from replicator.lock import LockLost, SlotLock
 from replicator.projector import Projector
-from replicator.runner import Writer
 from replicator.sink import CheckpointMoved, Sink
+from replicator.writer import Writer
 from tests.support.replicator import change_batches
 
 P = "00000000-0000-4000-8000-000000000001"

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from payments_common.keys import DEFAULT_PUBLICATION
 from payments_common.settings import SettingsError
+from replicator.bootstrap import rebuild_needed
 from replicator.changes import Checkpoint
 from replicator.config import Settings
-from replicator.runner import Replicator
 from replicator.source import SlotState
 
 REQUIRED = {"REPLICATOR_DATABASE_URL": "postgresql://db/x", "REPLICATOR_REDIS_URL": "redis://r:6379/0"}
@@ -57,14 +56,6 @@ def test_rejects_malformed_values() -> None:
         Settings.from_env({**REQUIRED, "REPLICATOR_SLOT_NAME": "Bad-Name"})
 
 
-class _FakeSource:
-    def __init__(self, state: SlotState | None) -> None:
-        self.state = state
-
-    def slot_state(self) -> SlotState | None:
-        return self.state
-
-
 @pytest.mark.parametrize(
     ("checkpoint", "state", "reason"),
     [
@@ -77,7 +68,8 @@ class _FakeSource:
         (Checkpoint(100, None), SlotState(7, "extended", 40), None),
     ],
 )
-def test_bootstrap_reason(checkpoint: Checkpoint | None, state: SlotState | None, reason: str | None) -> None:
-    replicator = Replicator(Settings.from_env(REQUIRED))
-    source: Any = _FakeSource(state)
-    assert replicator._bootstrap_reason(source, checkpoint) == reason
+def test_rebuild_needed(checkpoint: Checkpoint | None, state: SlotState | None, reason: str | None) -> None:
+    rebuild = rebuild_needed("slot", state, checkpoint)
+    assert (rebuild.reason if rebuild else None) == reason
+    if rebuild is not None and reason != "new_deployment":
+        assert rebuild.message.startswith("REBUILD: ")

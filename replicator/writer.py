@@ -1,0 +1,49 @@
+"""The line from projected ops to Redis: coalesce, resolve against stored state, encode, apply."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from replicator.changes import Checkpoint, TruncateTables
+from replicator.coalesce import coalesce
+from replicator.encode import encode
+from replicator.ops import Op, SegmentOp
+from replicator.projector import Projector
+from replicator.resolve import resolve, stored_fields
+from replicator.sink import Sink
+
+
+class Writer:
+    """The line from projected ops to Redis: coalesce, resolve against stored state, encode, apply.
+
+    A truncate splits the ops: what comes before it is applied first (without the
+    checkpoint; a replay is harmless), then the truncated keys are removed, and the change
+    notification says that it omits payments.
+    """
+
+    def __init__(self, projector: Projector, sink: Sink) -> None:
+        self.projector = projector
+        self.sink = sink
+
+    def write(self, ops: Iterable[Op], checkpoint: Checkpoint | None, omits_payments: bool = False) -> None:
+        """Applies `ops` and, if given, moves the checkpoint, in one fenced script call per segment."""
+        segment: list[SegmentOp] = []
+        for op in ops:
+            if isinstance(op, TruncateTables):
+                self._write_segment(segment, None)
+                segment = []
+                self.sink.truncate(op.tables)
+                omits_payments = True
+            else:
+                segment.append(op)
+        self._write_segment(segment, checkpoint, omits_payments)
+
+    def _write_segment(
+        self, ops: list[SegmentOp], checkpoint: Checkpoint | None, omits_payments: bool = False
+    ) -> None:
+        if not ops and checkpoint is None:
+            return
+        coalesced = coalesce(ops, self.projector)
+        stored = self.sink.read_fields(stored_fields(coalesced, self.projector.schema))
+        writes = resolve(coalesced, stored, self.projector)
+        self.sink.apply(encode(writes, checkpoint, omits_payments))
