@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 
 class Acknowledgements:
-    """Positions applied to Redis, each released once Redis has answered `delay_s` after it."""
+    """Positions applied to Redis, each released once Redis has answered `delay_seconds` after it."""
 
-    def __init__(self, delay_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.delay_s = delay_s
+    def __init__(self, delay_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.delay_seconds = delay_seconds
         self._clock = clock
         self._applied: deque[tuple[float, int]] = deque()
         self._last_applied = 0
@@ -42,17 +42,17 @@ class Acknowledgements:
     @property
     def waiting(self) -> bool:
         """Some position waits for Redis to answer again after its delay."""
-        return bool(self._applied) and self._clock() - self._applied[0][0] >= self.delay_s
+        return bool(self._applied) and self._clock() - self._applied[0][0] >= self.delay_seconds
 
     def next_due_in(self) -> float:
-        """Seconds until the oldest unconfirmed position has been held for `delay_s` (0: now or none)."""
+        """Seconds until the oldest unconfirmed position has been held for `delay_seconds` (0: now or none)."""
         if not self._applied:
             return 0.0
-        return max(0.0, self._applied[0][0] + self.delay_s - self._clock())
+        return max(0.0, self._applied[0][0] + self.delay_seconds - self._clock())
 
     def due(self) -> int | None:
-        """The newest position that Redis has held alive for `delay_s`, if not confirmed yet."""
-        horizon = self._alive_at - self.delay_s
+        """The newest position that Redis has held alive for `delay_seconds`, if not confirmed yet."""
+        horizon = self._alive_at - self.delay_seconds
         released: int | None = None
         while self._applied and self._applied[0][0] <= horizon:
             released = self._applied.popleft()[1]

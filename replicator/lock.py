@@ -84,12 +84,12 @@ class LockKeeper:
 
     def __init__(self, redis_url: str, key: str, ttl_ms: int, token: str, stall_seconds: float) -> None:
         self.key = key
-        self.ttl_s = ttl_ms / 1000
+        self.ttl_seconds = ttl_ms / 1000
         self.stall_seconds = stall_seconds
         self._client = redis.Redis.from_url(
             redis_url,
-            socket_timeout=max(0.5, self.ttl_s / 3),
-            socket_connect_timeout=max(0.5, self.ttl_s / 3),
+            socket_timeout=max(0.5, self.ttl_seconds / 3),
+            socket_connect_timeout=max(0.5, self.ttl_seconds / 3),
         )
         self._lock = SlotLock(self._client, key, ttl_ms, token)
         self._stop = threading.Event()
@@ -106,7 +106,7 @@ class LockKeeper:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self.ttl_s)
+            self._thread.join(timeout=self.ttl_seconds)
         self._client.close()
 
     def check(self) -> None:
@@ -120,7 +120,7 @@ class LockKeeper:
         return self._lost is not None
 
     def _run(self) -> None:
-        interval = self.ttl_s / 3
+        interval = self.ttl_seconds / 3
         while not self._stop.wait(interval):
             now = time.monotonic()
             stalled = now - self._progress_at
@@ -133,7 +133,7 @@ class LockKeeper:
             try:
                 held = self._lock.renew()
             except redis.RedisError as error:
-                if now - self._renewed_at >= self.ttl_s:
+                if now - self._renewed_at >= self.ttl_seconds:
                     self._lost = f"could not renew the lock {self.key} within its TTL: {error}"
                     log.warning("%s", self._lost)
                     return
