@@ -64,7 +64,7 @@ class Job:
     payee_ids: tuple[str, ...] = ()
     page_size: int = 20
     watch_target: str = ""  # visibility: the history target to watch
-    grace_s: float = 3.0  # visibility: how long to wait for the last payments to show
+    grace_seconds: float = 3.0  # visibility: how long to wait for the last payments to show
     seed: int = 0
 
 
@@ -291,7 +291,7 @@ async def visibility(job: Job, channels: dict[tuple[str, bool], grpc.aio.Channel
 
     inner = await open_loop(approval_job, submit_and_note)
     result.errors, result.dropped = inner.errors, inner.dropped
-    deadline = time.monotonic() + job.grace_s
+    deadline = time.monotonic() + job.grace_seconds
     while time.monotonic() < deadline and any(pid not in arrivals for pid in acks):  # noqa: ASYNC110
         await asyncio.sleep(0.02)  # a poll keeps the stream readers free of bookkeeping
     for stream in watches:
