@@ -14,7 +14,7 @@ help:
 	@echo "make test-fast  lint, type-check, the unit and contract tests: the edit-run loop"
 	@echo "make up     start the local stack in the background (make down stops it)"
 	@echo "make gen    regenerate the Python code of protos/"
-	@echo "make bench  the benchmark (about 12 min); make bench-quick is the 2-minute smoke size"
+	@echo "make bench  the benchmark (about 10 min); make bench-quick is the smoke size (about 90 s)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -48,5 +48,5 @@ class Settings(ServerSettings):
                 "REVIEW_THRESHOLD_MINOR", cls.review_threshold_minor, minimum=1
             ),
             "db_pool_size": env.integer("DB_POOL_SIZE", cls.db_pool_size, minimum=1),
-            "db_pool_timeout_seconds": env.number("DB_POOL_TIMEOUT_SECONDS", cls.db_pool_timeout_seconds),
+            "db_pool_timeout_seconds": env.positive("DB_POOL_TIMEOUT_SECONDS", cls.db_pool_timeout_seconds),
         }

@@ -39,20 +39,6 @@ def children(parent: int) -> list[int]:
     return found
 
 
-def tree_cpu_s(root: int) -> float:
-    """CPU seconds of `root` and its direct children (PostgreSQL's backends and workers).
-
-    A backend that exits during a window takes its CPU with it; the benchmark's
-    clients keep their connections open, so that loss is limited to short-lived workers.
-    """
-    return process_cpu_s(root) + sum(process_cpu_s(pid) for pid in children(root))
-
-
-def total_cpu_s(pids: Iterable[int]) -> float:
-    """CPU seconds of several processes together."""
-    return sum(process_cpu_s(pid) for pid in pids)
-
-
 Snapshot = dict[int, float]
 
 

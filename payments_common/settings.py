@@ -36,16 +36,6 @@ LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MIN_MESSAGE_BYTES: Final = 64 * 1024
 
 
-def _boolean(raw: str) -> bool:
-    """A flag's value, in any case: 1, true, yes or on; 0, false, no or off."""
-    lowered = raw.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(raw)
-
-
 class EnvReader:
     """Reads `<PREFIX><NAME>` variables from one environment mapping.
 
@@ -118,9 +108,6 @@ class EnvReader:
         if value <= 0:
             raise SettingsError(f"{self.prefix}{name} must be positive, got {value}")
         return value
-
-    def flag(self, name: str, default: bool) -> bool:
-        return self._parsed(name, default, _boolean, "true or false")
 
     def log_level(self, default: str) -> str:
         level = self.text("LOG_LEVEL", default).upper()

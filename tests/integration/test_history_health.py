@@ -19,7 +19,7 @@ from history_svc.server import SERVICE_NAME
 from payments.history.v1 import history_service_pb2 as pb
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.grpcstatus import error_info
-from payments_common.keys import CHECKPOINT_LSN_FIELD, STREAM_BATCH_FIELD, KeySchema
+from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, STREAM_BATCH_FIELD, KeySchema
 from payments_common.tokens import encode_consistency_token
 from stack.servers import RedisServer
 from tests.support.history import RunningHistory, running_history, settings_for
@@ -195,7 +195,7 @@ async def test_the_watcher_survives_bad_stream_entries_and_catches_up_without_th
             )
             assert await watcher.wait_for(42, 30)
             # A checkpoint that moved without a stream entry (trimmed or missed) is found while idle.
-            await client.hset(keys.checkpoint("payments_read_model"), CHECKPOINT_LSN_FIELD, "77")
+            await client.hset(keys.checkpoint(DEFAULT_SLOT_NAME), CHECKPOINT_LSN_FIELD, "77")
             assert await watcher.wait_for(77, 30)
             # The token's position is reached: the read is answered (the account just does not exist).
             call = history.stub.GetAccount(

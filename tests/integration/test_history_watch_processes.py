@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments_common.grpcstatus import error_info
+from payments_common.keys import DEFAULT_SLOT_NAME
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer, free_port
 from tests.support.history import (
@@ -32,7 +33,7 @@ from tests.support.history import (
 )
 
 
-def _process(redis_url: str, work_dir: Path, slot: str = "payments_read_model") -> HistoryProcess:
+def _process(redis_url: str, work_dir: Path, slot: str = DEFAULT_SLOT_NAME) -> HistoryProcess:
     return HistoryProcess(
         redis_url,
         free_port(),

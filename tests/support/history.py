@@ -26,6 +26,7 @@ from payments.type.v1 import payment_pb2
 from payments_common.keys import (
     CHECKPOINT_LSN_FIELD,
     DEFAULT_SCHEMA,
+    DEFAULT_SLOT_NAME,
     LSN_FIELD,
     STREAM_BATCH_FIELD,
     VIEW_FIELD,
@@ -195,7 +196,7 @@ class HandWrittenReadModel:
     """
 
     def __init__(
-        self, client: Redis, slot: str = "payments_read_model", keys: KeySchema = DEFAULT_SCHEMA
+        self, client: Redis, slot: str = DEFAULT_SLOT_NAME, keys: KeySchema = DEFAULT_SCHEMA
     ) -> None:
         self.client = client
         self.slot = slot
