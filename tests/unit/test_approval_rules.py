@@ -252,6 +252,10 @@ def test_settings_read_the_environment() -> None:
         ({"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_PORT": "70000"}, "APPROVAL_PORT"),
         ({"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_DB_POOL_SIZE": "0"}, "APPROVAL_DB_POOL_SIZE"),
         ({"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_LOG_LEVEL": "loud"}, "APPROVAL_LOG_LEVEL"),
+        (
+            {"APPROVAL_DATABASE_URL": "postgresql://x", "APPROVAL_DB_POOL_TIMEOUT_SECONDS": "0"},
+            "APPROVAL_DB_POOL_TIMEOUT_SECONDS",
+        ),
     ],
 )
 def test_bad_settings_name_the_variable(environ: dict[str, str], variable: str) -> None:
