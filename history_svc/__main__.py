@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
-import uvloop
-
-from history_svc.config import Settings
-from history_svc.server import serve
 from payments_common.logs import configure_logging
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="history-svc",
         description="The payments query side: answers payment history from the Redis read models.",
@@ -20,9 +17,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the gRPC server until SIGTERM")
-    parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _parser().parse_args(argv)
+    # Imported here so that `--help` works without the service's dependencies loaded.
+    from history_svc.config import Settings
+
     settings = Settings.from_env_or_exit("history-svc")
     configure_logging("history-svc", settings.log_level)
+
+    import uvloop
+
+    from history_svc.server import serve
+
     uvloop.run(serve(settings))
     return 0
 
