@@ -28,15 +28,15 @@ class Multiplexer:
     AUTH, SELECT, unix sockets all as configured), and still serves everything else.
 
     A call fails with a redis-py ConnectionError when the connection breaks, and with a
-    TimeoutError when Redis leaves the oldest pending command unanswered for `timeout_s`
+    TimeoutError when Redis leaves the oldest pending command unanswered for `timeout_seconds`
     (the connection is then dropped, failing every call pending on it). A call that finds
     its connection broken while being written or answered is retried once on a new one:
     every command sent here is a read, and after a Redis restart the old connection is dead.
     """
 
-    def __init__(self, redis: Redis, timeout_s: float) -> None:
+    def __init__(self, redis: Redis, timeout_seconds: float) -> None:
         self._redis = redis
-        self._timeout_s = timeout_s
+        self._timeout_seconds = timeout_seconds
         self._link: _Link | None = None
         self._connecting: asyncio.Future[_Link] | None = None
         self._closed = False
@@ -72,7 +72,7 @@ class Multiplexer:
         except Exception:
             await connection.disconnect()
             raise
-        self._link = _Link(connection, self._timeout_s)
+        self._link = _Link(connection, self._timeout_seconds)
         return self._link
 
     async def close(self) -> None:
@@ -85,14 +85,14 @@ class Multiplexer:
 class _Link:
     """One open connection with its queue of pending replies, oldest first."""
 
-    def __init__(self, connection: AbstractConnection, timeout_s: float) -> None:
+    def __init__(self, connection: AbstractConnection, timeout_seconds: float) -> None:
         self._connection = connection
         reader, writer = connection._reader, connection._writer
         if reader is None or writer is None:
             raise RedisConnectionError("the connection is not open")
         self._stream = reader
         self._writer = writer
-        self._timeout_s = timeout_s
+        self._timeout_seconds = timeout_seconds
         self._loop = asyncio.get_running_loop()
         self._parser = hiredis.Reader(notEnoughData=False)
         self._pending: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
@@ -110,7 +110,7 @@ class _Link:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         if self._watchdog is None:
-            self._watchdog = self._loop.call_later(self._timeout_s, self._check_timeout)
+            self._watchdog = self._loop.call_later(self._timeout_seconds, self._check_timeout)
         return future
 
     def _flush(self) -> None:
@@ -128,10 +128,10 @@ class _Link:
         if not self._pending or self.broken:
             return
         waited = self._loop.time() - self._pending[0][1]
-        if waited >= self._timeout_s:
+        if waited >= self._timeout_seconds:
             self._fail(RedisTimeoutError("Redis did not answer in time"))
         else:
-            self._watchdog = self._loop.call_later(self._timeout_s - waited, self._check_timeout)
+            self._watchdog = self._loop.call_later(self._timeout_seconds - waited, self._check_timeout)
 
     async def _read(self) -> None:
         parser, pending = self._parser, self._pending
