@@ -13,7 +13,6 @@ from redis.exceptions import NoScriptError, RedisError
 from history_svc import wire
 from history_svc.multiplex import Multiplexer
 from history_svc.paging import ListQuery, index_range
-from payments.history.v1 import history_service_pb2
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import Unavailable
 from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, VIEW_FIELD, KeySchema
@@ -144,15 +143,11 @@ class Page:
     """One page of a list, newest first, and the cursor of the next page (None on the last).
 
     `payments` is the page in the wire format of ListPaymentsResponse's `payments` field,
-    ready to be sent; `views` parses it.
+    ready to be sent.
     """
 
     payments: bytes
     next_cursor: str | None
-
-    @property
-    def views(self) -> list[read_model_pb2.PaymentView]:
-        return list(history_service_pb2.ListPaymentsResponse.FromString(self.payments).payments)
 
 
 def _text(value: bytes | str) -> str:
@@ -185,19 +180,19 @@ class ReadModel:
     def __init__(
         self,
         redis: Redis,
-        keys: KeySchema,
+        schema: KeySchema,
         slot: str = DEFAULT_SLOT_NAME,
         multiplexer: Multiplexer | None = None,
     ) -> None:
         self._redis = redis
         # The scripts go through the shared pipelined connection when there is one.
         self._execute = redis.execute_command if multiplexer is None else multiplexer.execute
-        self._keys = keys
-        self._checkpoint_key = keys.checkpoint(slot)
+        self._schema = schema
+        self._checkpoint_key = schema.checkpoint(slot)
         self._shas = {script: script.sha for script in (PAYMENT_SCRIPT, PAGE_SCRIPT)}
         # The page script's arguments after the bounds and count: a payment's hash key is the
         # prefix, its id and the suffix; then the tag of each payment in the page.
-        prefix, suffix = keys.payment("\0").split("\0")
+        prefix, suffix = schema.payment("\0").split("\0")
         self._page_args = (prefix, suffix, wire.LIST_PAYMENTS_RESPONSE_PAYMENTS)
 
     async def _run(self, script: Script, keys: list[str], args: tuple[object, ...] = ()) -> Any:
@@ -216,7 +211,7 @@ class ReadModel:
 
     async def payment_response(self, payment_id: str, min_lsn: int = 0) -> bytes | None:
         """The GetPaymentResponse bytes of the payment, timeline oldest first; None when absent."""
-        keys = [self._keys.payment(payment_id), self._keys.payment_timeline(payment_id)]
+        keys = [self._schema.payment(payment_id), self._schema.payment_timeline(payment_id)]
         if min_lsn:
             keys.append(self._checkpoint_key)
         try:
@@ -226,13 +221,6 @@ class ReadModel:
         _reached(checkpoint, min_lsn)
         return response  # type: ignore[no-any-return]
 
-    async def payment(self, payment_id: str, min_lsn: int = 0) -> read_model_pb2.PaymentView | None:
-        """The payment's view with its timeline (oldest first), or None when absent."""
-        response = await self.payment_response(payment_id, min_lsn)
-        if response is None:
-            return None
-        return history_service_pb2.GetPaymentResponse.FromString(response).payment
-
     async def timelines(self, payment_ids: Iterable[str]) -> dict[str, list[read_model_pb2.TimelineEntry]]:
         """The timelines of several payments in one round trip."""
         ids = list(dict.fromkeys(payment_ids))
@@ -241,7 +229,7 @@ class ReadModel:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for payment_id in ids:
-                    pipe.hgetall(self._keys.payment_timeline(payment_id))
+                    pipe.hgetall(self._schema.payment_timeline(payment_id))
                 replies = await pipe.execute()
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
@@ -252,11 +240,11 @@ class ReadModel:
             if min_lsn:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.hget(self._checkpoint_key, CHECKPOINT_LSN_FIELD)
-                    pipe.hget(self._keys.account(account_id), VIEW_FIELD)
+                    pipe.hget(self._schema.account(account_id), VIEW_FIELD)
                     checkpoint, raw = await pipe.execute()
                 _reached(checkpoint, min_lsn)
             else:
-                raw = await self._redis.execute_command("HGET", self._keys.account(account_id), VIEW_FIELD)  # type: ignore[no-untyped-call]
+                raw = await self._redis.execute_command("HGET", self._schema.account(account_id), VIEW_FIELD)  # type: ignore[no-untyped-call]
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
         return None if raw is None else read_model_pb2.AccountView.FromString(raw)
@@ -264,7 +252,7 @@ class ReadModel:
     async def account_exists(self, account_id: str) -> bool:
         """Whether the account has a view: a deleted one leaves a tombstone (a position, no view)."""
         try:
-            return bool(await self._redis.hexists(self._keys.account(account_id), VIEW_FIELD))
+            return bool(await self._redis.hexists(self._schema.account(account_id), VIEW_FIELD))
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
 
@@ -272,8 +260,8 @@ class ReadModel:
         """One page of the query, newest first; None when the account does not exist."""
         upper, lower, count = index_range(query, cursor, size)
         keys = [
-            self._keys.account(query.account_id),
-            self._keys.account_index(query.account_id, query.direction, query.status),
+            self._schema.account(query.account_id),
+            self._schema.account_index(query.account_id, query.direction, query.status),
         ]
         if min_lsn:
             keys.append(self._checkpoint_key)
@@ -285,14 +273,6 @@ class ReadModel:
         if not reply[1]:
             return None
         return Page(payments=reply[2], next_cursor=None if reply[3] is None else _text(reply[3]))
-
-    async def checkpoint(self, slot: str) -> int:
-        """The replicator's applied position (0 before its first checkpoint)."""
-        try:
-            raw = await self._redis.hget(self._keys.checkpoint(slot), CHECKPOINT_LSN_FIELD)
-        except REDIS_ERRORS as error:
-            raise ReadModelUnavailable() from error
-        return int(raw) if raw is not None else 0
 
 
 def _timeline(raw: dict[bytes, bytes]) -> list[read_model_pb2.TimelineEntry]:
