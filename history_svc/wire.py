@@ -85,3 +85,13 @@ LIST_PAYMENTS_RESPONSE_PAYMENTS: Final = _length_delimited_tag(
 LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN: Final = _length_delimited_tag(
     history_service_pb2.ListPaymentsResponse, "next_page_token"
 )
+
+
+def list_payments_response(payments: bytes, next_page_token: str) -> bytes:
+    """A ListPaymentsResponse: its `payments` fields as the page script wrote them, then the token.
+
+    An empty token (the last page) is left out, as protobuf leaves out an empty string.
+    """
+    if not next_page_token:
+        return payments
+    return payments + length_delimited(LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, next_page_token.encode())

@@ -144,12 +144,11 @@ def test_a_payment_built_from_its_stored_view_is_what_protobuf_writes(n: int, en
 @given(st.integers(min_value=0, max_value=5), st.text(max_size=300))
 def test_a_page_built_from_stored_views_is_what_protobuf_writes(count: int, token: str) -> None:
     views = [_view(n, 0) for n in range(count)]
-    built = b"".join(
+    payments = b"".join(
         wire.length_delimited(wire.LIST_PAYMENTS_RESPONSE_PAYMENTS, view.SerializeToString())
         for view in views
     )
-    if token:
-        built += wire.length_delimited(wire.LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, token.encode())
+    built = wire.list_payments_response(payments, token)
     expected = pb.ListPaymentsResponse(payments=views, next_page_token=token).SerializeToString()
     assert built == expected
 
