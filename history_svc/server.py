@@ -13,19 +13,21 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from history_svc.changestream import ChangeStream
 from history_svc.config import Settings
+from history_svc.consistency import Consistency
 from history_svc.multiplex import Multiplexer
 from history_svc.queries import ReadModel
 from history_svc.servicer import HistoryServicer, serialize
+from history_svc.watch import Watches
 from history_svc.watcher import ChangeWatcher
-from payments.history.v1 import history_service_pb2
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common import grpcserver
 from payments_common.grpcserver import GrpcService, Readiness, build_server
 from payments_common.keys import KeySchema
 from payments_common.tokens import PageTokenCodec
 
-SERVICE_NAME = history_service_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HistoryService"].full_name
 
 # The change watcher blocks this long per XREAD; its connection's timeout allows for it.
 WATCH_BLOCK_MS = 1000
@@ -139,19 +141,25 @@ def method_handlers(servicer: HistoryServicer) -> dict[str, grpc.RpcMethodHandle
 
 def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer, int]:
     """Creates (not starts) the server and binds its port; port 0 picks a free one."""
-    keys = KeySchema(settings.namespace)
-    read_model = ReadModel(deps.redis, keys, settings.slot_name, deps.multiplexer)
+    schema = KeySchema(settings.namespace)
+    read_model = ReadModel(deps.redis, schema, settings.slot_name, deps.multiplexer)
+    # The watcher follows the stream on a connection of its own (its reads block); resumes
+    # read it back through the query pool.
     watcher = ChangeWatcher(
-        deps.watch_redis, keys, settings.slot_name, timelines=read_model.timelines, block_ms=WATCH_BLOCK_MS
+        ChangeStream(deps.watch_redis, schema, settings.slot_name),
+        timelines=read_model.timelines,
+        block_ms=WATCH_BLOCK_MS,
     )
     servicer = HistoryServicer(
         read_model,
-        watcher,
+        Consistency(watcher, settings.consistency_wait_max_seconds),
+        Watches(
+            watcher,
+            read_model,
+            ChangeStream(deps.redis, schema, settings.slot_name),
+            settings.watch_queue_size,
+        ),
         PageTokenCodec(settings.page_token_secret),
-        consistency_wait_max_seconds=settings.consistency_wait_max_seconds,
-        watch_queue_size=settings.watch_queue_size,
-        stream_redis=deps.redis,
-        keys=keys,
     )
 
     def register(server: grpc.aio.Server) -> None:

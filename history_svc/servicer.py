@@ -9,19 +9,18 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
-from redis.asyncio import Redis
 
+from history_svc import wire
+from history_svc.changestream import Change
 from history_svc.consistency import Consistency
 from history_svc.paging import ListQuery, decode_page_token, encode_page_token, page_size
 from history_svc.queries import ReadModel
 from history_svc.resume import ChangePosition, decode_resume_token, encode_resume_token
 from history_svc.watch import Watches
-from history_svc.watcher import Change, ChangeWatcher
-from history_svc.wire import LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, length_delimited
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments_common.errors import FieldViolation, InvalidArgument, NotFound
-from payments_common.keys import STATUS_NAMES, KeySchema
+from payments_common.keys import DIRECTIONS, STATUS_NAMES
 from payments_common.tokens import (
     PageTokenCodec,
     TokenError,
@@ -31,11 +30,8 @@ from payments_common.tokens import (
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-_DIRECTIONS = {
-    pb.PAYMENT_DIRECTION_SENT: "sent",
-    pb.PAYMENT_DIRECTION_RECEIVED: "received",
-    pb.PAYMENT_DIRECTION_ALL: "all",
-}
+# The read models' index directions, by the PaymentDirection value of the same name.
+_DIRECTIONS = {pb.PaymentDirection.Value(f"PAYMENT_DIRECTION_{name.upper()}"): name for name in DIRECTIONS}
 
 
 def _uuid(field: str, value: str, violations: list[FieldViolation]) -> str:
@@ -69,19 +65,12 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
     """
 
     def __init__(
-        self,
-        read_model: ReadModel,
-        watcher: ChangeWatcher,
-        page_tokens: PageTokenCodec,
-        consistency_wait_max_seconds: float,
-        watch_queue_size: int,
-        stream_redis: Redis,
-        keys: KeySchema,
+        self, read_model: ReadModel, consistency: Consistency, watches: Watches, page_tokens: PageTokenCodec
     ) -> None:
         self._read_model = read_model
+        self._consistency = consistency
+        self._watches = watches
         self._page_tokens = page_tokens
-        self._consistency = Consistency(watcher, consistency_wait_max_seconds)
-        self._watches = Watches(watcher, read_model, stream_redis, keys, watch_queue_size)
 
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Context) -> bytes:  # type: ignore[override]
         violations: list[FieldViolation] = []
@@ -136,10 +125,10 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         page = await self._consistency.read(self._read_model.page(query, cursor, size, min_lsn), min_lsn)
         if page is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
-        if page.next_cursor is None:
-            return page.payments
-        token = encode_page_token(self._page_tokens, query, page.next_cursor)
-        return page.payments + length_delimited(LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, token.encode())
+        token = (
+            "" if page.next_cursor is None else encode_page_token(self._page_tokens, query, page.next_cursor)
+        )
+        return wire.list_payments_response(page.payments, token)
 
     async def WatchPayments(
         self, request: pb.WatchPaymentsRequest, context: Context

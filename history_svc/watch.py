@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
+from history_svc.changestream import Change, ChangeStream
 from history_svc.queries import ReadModel
-from history_svc.resume import ChangePosition, missed_changes
-from history_svc.watcher import Change, ChangeWatcher, Subscription
+from history_svc.resume import ChangePosition
+from history_svc.watcher import ChangeWatcher, Subscription
 from payments_common.errors import NotFound
-from payments_common.keys import KeySchema
 
 
 @dataclass(frozen=True)
@@ -33,12 +31,11 @@ class Watches:
     """Opens WatchPayments streams on the process's one change watcher."""
 
     def __init__(
-        self, watcher: ChangeWatcher, read_model: ReadModel, redis: Redis, keys: KeySchema, queue_size: int
+        self, watcher: ChangeWatcher, read_model: ReadModel, stream: ChangeStream, queue_size: int
     ) -> None:
         self._watcher = watcher
         self._read_model = read_model
-        self._redis = redis
-        self._keys = keys
+        self._stream = stream
         self._queue_size = queue_size
 
     async def open(self, account_id: str, after: int | ChangePosition | None) -> OpenWatch:
@@ -53,8 +50,8 @@ class Watches:
                 raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
             backlog: list[list[Change]] = []
             if after is not None:
-                backlog = await missed_changes(
-                    self._redis, self._keys, account_id, after, subscription.after_id, subscription.after_lsn
+                backlog = await self._stream.missed_changes(
+                    account_id, after, subscription.after_id, subscription.after_lsn
                 )
                 await self._fill_timelines([change for group in backlog for change in group])
         except BaseException:

@@ -9,17 +9,14 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge
-from redis.asyncio import Redis
 
+from history_svc.changestream import Change, ChangeStream, Entry, stream_id
 from history_svc.queries import REDIS_ERRORS
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import Aborted, ResourceExhausted, ServiceError
-from payments_common.keys import CHECKPOINT_LSN_FIELD, STREAM_BATCH_FIELD, KeySchema
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +36,6 @@ CONTINUITY_LOST = Counter(
 
 # Fetches the timelines of payments whose views in a batch have none.
 TimelineReader = Callable[[Iterable[str]], Awaitable[dict[str, list[read_model_pb2.TimelineEntry]]]]
-
-
-@dataclass(frozen=True)
-class Change:
-    """A payment's new view, where it became visible, and its place among one account's changes.
-
-    `lsn` is the checkpoint of the change stream entry `entry_id` that carried it; `index`
-    counts the watched account's changes before it in that entry (its payments where the
-    account is payer or payee, in the entry's order). Together they name this very change,
-    even among the changes that share a checkpoint.
-    """
-
-    view: read_model_pb2.PaymentView
-    lsn: int
-    entry_id: bytes
-    index: int
 
 
 class WatchTooSlow(ResourceExhausted):
@@ -150,10 +131,10 @@ class Subscription:
 class ChangeWatcher:
     """Follows the change stream; keeps the checkpoint, wakes waiters and feeds subscriptions.
 
-    A single task blocks on the stream (XREAD BLOCK). Each entry moves the in-process
-    checkpoint, which wakes the requests waiting for a consistency token, and is fanned out
-    to the WatchPayments streams of the payer and the payee. Requests never poll Redis
-    themselves, so the waiting costs Redis nothing per request.
+    A single task blocks on the stream (XREAD BLOCK, through history_svc/changestream.py).
+    Each entry moves the in-process checkpoint, which wakes the requests waiting for a
+    consistency token, and is fanned out to the WatchPayments streams of the payer and the
+    payee. Requests never poll Redis themselves, so the waiting costs Redis nothing per request.
 
     It also proves that it saw every entry in order: each ChangeBatch names the checkpoint it
     moved from (`previous_checkpoint_lsn`), which must be the checkpoint of the entry taken in
@@ -166,21 +147,17 @@ class ChangeWatcher:
 
     def __init__(
         self,
-        redis: Redis,
-        keys: KeySchema,
-        slot: str,
+        stream: ChangeStream,
         timelines: TimelineReader | None = None,
         block_ms: int = 1000,
         batch_count: int = 128,
-        retry_s: float = 0.5,
+        retry_seconds: float = 0.5,
     ) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._slot = slot
+        self._stream = stream
         self._timelines = timelines
         self._block_ms = block_ms
         self._batch_count = batch_count
-        self._retry_s = retry_s
+        self._retry_seconds = retry_seconds
         self.checkpoint = 0
         self.connected = False
         # The entry taken in last and its checkpoint: the position that the next entry must name.
@@ -208,17 +185,17 @@ class ChangeWatcher:
             if not future.done():
                 future.set_result(None)
 
-    async def wait_for(self, lsn: int, within_s: float) -> bool:
-        """Whether the checkpoint reaches `lsn` within `within_s` seconds."""
+    async def wait_for(self, lsn: int, within_seconds: float) -> bool:
+        """Whether the checkpoint reaches `lsn` within `within_seconds`."""
         if self.checkpoint >= lsn:
             return True
-        if within_s <= 0:
+        if within_seconds <= 0:
             return False
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (lsn, next(self._order), future)
         heapq.heappush(self._waiters, entry)
         try:
-            await asyncio.wait_for(future, within_s)
+            await asyncio.wait_for(future, within_seconds)
             return True
         except TimeoutError:
             return False
@@ -228,12 +205,12 @@ class ChangeWatcher:
                     self._waiters.remove(entry)
                     heapq.heapify(self._waiters)
 
-    async def wait_synced(self, within_s: float) -> bool:
-        """Whether the watcher has found its place in the change stream within `within_s` seconds."""
+    async def wait_synced(self, within_seconds: float) -> bool:
+        """Whether the watcher has found its place in the change stream within `within_seconds`."""
         if self.synced.is_set():
             return True
         try:
-            await asyncio.wait_for(self.synced.wait(), within_s)
+            await asyncio.wait_for(self.synced.wait(), within_seconds)
         except TimeoutError:
             return False
         return True
@@ -366,20 +343,15 @@ class ChangeWatcher:
         """Reads the stream's last entry, then the checkpoint, to follow the stream after that entry.
 
         In this order a batch published in between is read again from the stream rather
-        than missed. No MULTI: the service's Redis user may only read. Streams open before a
-        sync cannot be shown to have missed nothing, so they end.
+        than missed. Streams open before a sync cannot be shown to have missed nothing, so
+        they end.
         """
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(self._keys.changes(), count=1)
-            pipe.hget(self._keys.checkpoint(self._slot), CHECKPOINT_LSN_FIELD)
-            last, raw_lsn = await pipe.execute()
-        checkpoint = int(raw_lsn) if raw_lsn is not None else 0
+        last, checkpoint = await self._stream.last_entry_then_checkpoint()
         if self.subscriptions:
             self.lose_continuity("the watcher started over")
-        if last:
-            self.last_id = bytes(last[0][0])
-            batch = parse_entry(last[0][1])
-            self.head = batch.checkpoint_lsn if batch is not None else checkpoint
+        if last is not None:
+            self.last_id = last.id
+            self.head = last.batch.checkpoint_lsn if last.batch is not None else checkpoint
         else:
             self.last_id = b"0-0"
             self.head = checkpoint
@@ -394,13 +366,8 @@ class ChangeWatcher:
         moved without an entry that this watcher can read: Redis lost data or was restored
         (backwards), or entries were trimmed or never written (forwards).
         """
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self._keys.checkpoint(self._slot), CHECKPOINT_LSN_FIELD)
-            pipe.xrevrange(self._keys.changes(), count=1)
-            raw_lsn, last = await pipe.execute()
-        checkpoint = int(raw_lsn) if raw_lsn is not None else 0
+        checkpoint, last_id = await self._stream.checkpoint_then_last_id()
         self.advance(checkpoint)
-        last_id = bytes(last[0][0]) if last else b"0-0"
         assert self.last_id is not None
         if stream_id(last_id) > stream_id(self.last_id):
             return  # entries to read: the next XREAD takes them
@@ -412,7 +379,7 @@ class ChangeWatcher:
             self.last_id = last_id
 
     async def _run(self) -> None:
-        stream = self._keys.changes()
+        stream = self._stream.name
         while True:
             try:
                 if self.last_id is None:
@@ -423,15 +390,12 @@ class ChangeWatcher:
                 if not self.connected:
                     log.info("following the change stream %s from %s", stream, self.last_id.decode())
                     self.connected = True
-                reply: Any = await self._redis.xread(
-                    {stream: self.last_id}, count=self._batch_count, block=self._block_ms
-                )
-                if not reply:
+                entries = await self._stream.read(self.last_id, self._batch_count, self._block_ms)
+                if not entries:
                     await self._check_idle()
                     continue
-                for _, entries in reply:
-                    for entry_id, fields in entries:
-                        await self._apply_entry(bytes(entry_id), fields)
+                for entry in entries:
+                    await self._apply_entry(entry)
             except asyncio.CancelledError:
                 raise
             except REDIS_ERRORS as error:
@@ -439,39 +403,19 @@ class ChangeWatcher:
                 if self.connected:
                     log.warning("change stream read failed, retrying: %s", error)
                 self.connected = False
-                await asyncio.sleep(self._retry_s)
+                await asyncio.sleep(self._retry_seconds)
             except Exception:
                 # Never let the one watcher die: every consistency wait of the process depends on it.
                 WATCHER_ERRORS.inc()
                 log.exception("change watcher failed; resynchronizing")
                 self.connected = False
                 self.last_id = None
-                await asyncio.sleep(self._retry_s)
+                await asyncio.sleep(self._retry_seconds)
 
-    async def _apply_entry(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        batch = parse_entry(fields)
-        if batch is None:
+    async def _apply_entry(self, entry: Entry) -> None:
+        if entry.batch is None:
             # Unreadable: what it changed is unknown, so no stream can go on past it.
-            self.last_id = entry_id
-            self.lose_continuity("entry %s is not a ChangeBatch", entry_id.decode())
+            self.last_id = entry.id
+            self.lose_continuity("entry %s is not a ChangeBatch", entry.id.decode())
             return
-        await self.apply(batch, entry_id)
-
-
-def parse_entry(fields: dict[bytes, bytes]) -> read_model_pb2.ChangeBatch | None:
-    """The ChangeBatch of a stream entry, or None when the entry holds none."""
-    raw = fields.get(STREAM_BATCH_FIELD.encode())
-    if raw is None:
-        log.warning("change stream entry without a %s field", STREAM_BATCH_FIELD)
-        return None
-    try:
-        return read_model_pb2.ChangeBatch.FromString(raw)
-    except DecodeError:
-        log.error("change stream entry is not a ChangeBatch")
-        return None
-
-
-def stream_id(entry_id: bytes) -> tuple[int, int]:
-    """A stream entry id as a pair that compares in stream order."""
-    milliseconds, _, sequence = entry_id.partition(b"-")
-    return int(milliseconds), int(sequence or 0)
+        await self.apply(entry.batch, entry.id)

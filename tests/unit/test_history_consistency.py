@@ -9,7 +9,6 @@ import pytest
 from history_svc.consistency import Consistency, ConsistencyNotReached
 from history_svc.queries import CheckpointBehind, ReadModelUnavailable
 from history_svc.watcher import ChangeWatcher
-from payments_common.keys import KeySchema
 
 
 class Call:
@@ -24,7 +23,7 @@ class Call:
 
 def _consistency(checkpoint: int, wait_max_seconds: float = 5.0) -> tuple[Consistency, ChangeWatcher]:
     # The reader task is never started: the tests move the checkpoint by hand.
-    watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s")  # type: ignore[arg-type]
+    watcher = ChangeWatcher(stream=None)  # type: ignore[arg-type]
     watcher.advance(checkpoint)
     watcher.connected = True
     return Consistency(watcher, wait_max_seconds), watcher

@@ -7,10 +7,10 @@ from collections.abc import Iterable
 
 import pytest
 
-from history_svc.watcher import Change, ChangeWatcher, ContinuityLost, Subscription, WatchTooSlow
+from history_svc.changestream import Change
+from history_svc.watcher import ChangeWatcher, ContinuityLost, Subscription, WatchTooSlow
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
-from payments_common.keys import KeySchema
 
 ALICE = "00000000-0000-4000-8000-00000000000a"
 BOB = "00000000-0000-4000-8000-00000000000b"
@@ -19,7 +19,7 @@ CAROL = "00000000-0000-4000-8000-00000000000c"
 
 def _watcher() -> ChangeWatcher:
     # The reader task is never started: these tests feed batches by hand, from position 1.
-    watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s")  # type: ignore[arg-type]
+    watcher = ChangeWatcher(stream=None)  # type: ignore[arg-type]
     watcher.head, watcher.last_id = 1, b"1-0"
     return watcher
 
@@ -149,7 +149,7 @@ async def test_missing_timelines_are_read_once_per_batch_for_watched_payments() 
         calls.append(list(ids))
         return {payment_id: [entry] for payment_id in calls[-1]}
 
-    watcher = ChangeWatcher(redis=None, keys=KeySchema(), slot="s", timelines=timelines)  # type: ignore[arg-type]
+    watcher = ChangeWatcher(stream=None, timelines=timelines)  # type: ignore[arg-type]
     watcher.head = 1
     subscription = watcher.subscribe(ALICE, 10)
     await _feed(watcher, 3, _view(1, ALICE, BOB), _view(2, CAROL, BOB), _view(3, CAROL, ALICE))
