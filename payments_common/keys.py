@@ -53,6 +53,8 @@ VIEW_FIELD: Final = "view"
 CHECKPOINT_LSN_FIELD: Final = "lsn"
 CHECKPOINT_COMMIT_TIME_FIELD: Final = "commit_time_us"
 STREAM_BATCH_FIELD: Final = "batch"
+# A payment hash's field `tl:<sequence>` holds the position of that timeline entry's last write.
+TIMELINE_POSITION_PREFIX: Final = "tl:"
 
 # Index members start with the creation time in microseconds, zero-padded to this width.
 TIME_DIGITS: Final = 16
@@ -61,6 +63,11 @@ TIME_DIGITS: Final = 16
 def index_member(create_time_us: int, payment_id: str) -> str:
     """The index member of a payment: sorts by creation time, then by id."""
     return f"{create_time_us:0{TIME_DIGITS}d}:{payment_id}"
+
+
+def timeline_position_field(sequence: int | str) -> str:
+    """The payment hash's field that holds the position of timeline entry `sequence`."""
+    return f"{TIMELINE_POSITION_PREFIX}{sequence}"
 
 
 def parse_index_member(member: str) -> tuple[int, str]:
@@ -99,7 +106,41 @@ class KeySchema:
         return f"{self.namespace}:changes"
 
     def lock(self, slot: str) -> str:
-        return f"{self.namespace}:lock:{{{slot}}}"
+        return f"{self.lock_prefix()}{{{slot}}}"
+
+    def lock_prefix(self) -> str:
+        """What every lock key starts with."""
+        return f"{self.namespace}:lock:"
+
+    # SCAN patterns (Redis glob syntax) of each kind of key, for the whole-namespace work:
+    # a truncate, a rebuild, a reconcile.
+
+    def namespace_pattern(self) -> str:
+        """Every key of the namespace."""
+        return f"{self.namespace}:*"
+
+    def payments_pattern(self) -> str:
+        """Every key of every payment: the hashes and the timelines."""
+        return f"{self.namespace}:payment:*"
+
+    def payment_hashes_pattern(self) -> str:
+        return f"{self.namespace}:payment:{{*}}"
+
+    def payment_timelines_pattern(self) -> str:
+        return f"{self.namespace}:payment:*:timeline"
+
+    def accounts_pattern(self) -> str:
+        """Every key of every account: the hashes, the indexes and the index versions."""
+        return f"{self.namespace}:account:*"
+
+    def account_hashes_pattern(self) -> str:
+        return f"{self.namespace}:account:{{*}}"
+
+    def account_indexes_pattern(self) -> str:
+        return f"{self.namespace}:account:*:idx:*"
+
+    def account_index_versions_pattern(self) -> str:
+        return f"{self.namespace}:account:*:idxver"
 
 
 DEFAULT_SCHEMA: Final = KeySchema()

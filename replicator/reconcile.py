@@ -43,6 +43,7 @@ import redis
 from psycopg2 import sql
 
 from payments.readmodel.v1 import read_model_pb2
+from payments_common import keys
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn, parse_lsn
 from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, RowChange
@@ -170,7 +171,7 @@ def _wait_for_checkpoint(
     client: redis.Redis, key: str, target: int, deadline: float, wait_seconds: float
 ) -> int:
     while True:
-        raw = client.hget(key, "lsn")
+        raw = client.hget(key, keys.CHECKPOINT_LSN_FIELD)
         current = int(raw) if raw is not None else 0
         if current >= target:
             return current
@@ -235,9 +236,9 @@ def compare(
         return only is None or item in only
 
     # Views: `lsn` and `view` come from one HMGET, so they belong to the same write.
-    ns = schema.namespace
-    stored = _scan_hashes(client, f"{ns}:payment:{{*}}", ["lsn", "view"])
-    stored.update(_scan_hashes(client, f"{ns}:account:{{*}}", ["lsn", "view"]))
+    fields = [keys.LSN_FIELD, keys.VIEW_FIELD]
+    stored = _scan_hashes(client, schema.payment_hashes_pattern(), fields)
+    stored.update(_scan_hashes(client, schema.account_hashes_pattern(), fields))
     for key in sorted(set(expected_views) | set(stored)):
         if not wanted((key, "")):
             continue
@@ -267,7 +268,9 @@ def compare(
     # Timelines: the entries first, then their positions (field tl:<sequence> of the
     # payment hash, written in the same script): a position below the snapshot read after
     # an entry means no write at or above it came before the entry was read.
-    timeline_keys = {_text(raw) for raw in client.scan_iter(match=f"{ns}:payment:*:timeline", count=1000)}
+    timeline_keys = {
+        _text(raw) for raw in client.scan_iter(match=schema.payment_timelines_pattern(), count=1000)
+    }
     for key in sorted(timeline_keys | set(expected_timeline)):
         if only_keys is not None and key not in only_keys:
             continue
@@ -278,7 +281,9 @@ def compare(
         ]
         if not sequences:
             continue
-        positions = client.hmget(schema.payment(_entity(key)), [f"tl:{s}" for s in sequences])
+        positions = client.hmget(
+            schema.payment(_entity(key)), [keys.timeline_position_field(s) for s in sequences]
+        )
         for sequence, position_raw in zip(sequences, positions, strict=True):
             report.checked += 1
             actual_entry, wanted_entry = actual_entries.get(sequence), wanted_entries.get(sequence)
@@ -302,7 +307,7 @@ def compare(
 
     # Indexes: the members first, then the versions (the position of each payment's last
     # index write in the account), for the same reason.
-    index_keys = {_text(raw) for raw in client.scan_iter(match=f"{ns}:account:*:idx:*", count=1000)}
+    index_keys = {_text(raw) for raw in client.scan_iter(match=schema.account_indexes_pattern(), count=1000)}
     for key in sorted(index_keys | set(expected_index)):
         if only_keys is not None and key not in only_keys:
             continue

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 #   T keys(payment hash, timeline)     position, sequence, entry   ('X': delete, no entry)
 #
 # Positions are decimal strings; comparing them as Lua numbers would lose precision above
-# 2^53, so they are compared by length, then lexically.
-APPLY_BATCH = """
+# 2^53, so they are compared by length, then lexically. The field names are those of
+# payments_common.keys, filled in for their @PLACEHOLDERS@.
+APPLY_BATCH = (
+    """
 local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
@@ -45,7 +47,7 @@ end
 -- The change stream is a chain: each entry names the checkpoint it moved from. A stored
 -- checkpoint other than the one this instance last wrote means Redis lost or gained
 -- writes behind its back: nothing is written, and the session restarts from Redis.
-if ARGV[2] ~= '' and (redis.call('HGET', KEYS[2], 'lsn') or '0') ~= ARGV[6] then
+if ARGV[2] ~= '' and (redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@') or '0') ~= ARGV[6] then
   return redis.error_reply('CHECKPOINTMOVED the stored checkpoint is not the one this instance wrote')
 end
 local k, a, applied, skipped = 4, 7, 0, 0
@@ -53,15 +55,15 @@ while a <= #ARGV do
   local code, lsn = ARGV[a], ARGV[a + 1]
   if code == 'V' or code == 'D' then
     local key = KEYS[k]
-    local cur = redis.call('HGET', key, 'lsn')
+    local cur = redis.call('HGET', key, '@LSN@')
     if cur and newer(cur, lsn) then
       skipped = skipped + 1
     elseif code == 'V' then
-      redis.call('HSET', key, 'lsn', lsn, 'view', ARGV[a + 2])
+      redis.call('HSET', key, '@LSN@', lsn, '@VIEW@', ARGV[a + 2])
       applied = applied + 1
     else
-      redis.call('HSET', key, 'lsn', lsn)
-      redis.call('HDEL', key, 'view')
+      redis.call('HSET', key, '@LSN@', lsn)
+      redis.call('HDEL', key, '@VIEW@')
       applied = applied + 1
     end
     k = k + 1
@@ -84,7 +86,7 @@ while a <= #ARGV do
     k = k + 1 + adds + removes
     a = a + 6
   elseif code == 'T' or code == 'X' then
-    local field = 'tl:' .. ARGV[a + 2]
+    local field = '@TIMELINE_POSITION@' .. ARGV[a + 2]
     local cur = redis.call('HGET', KEYS[k], field)
     if cur and newer(cur, lsn) then
       skipped = skipped + 1
@@ -104,17 +106,23 @@ while a <= #ARGV do
   end
 end
 if ARGV[2] ~= '' then
-  local cur = redis.call('HGET', KEYS[2], 'lsn')
+  local cur = redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@')
   if not (cur and newer(cur, ARGV[2])) then
-    redis.call('HSET', KEYS[2], 'lsn', ARGV[2])
-    if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], 'commit_time_us', ARGV[3]) end
+    redis.call('HSET', KEYS[2], '@CHECKPOINT_LSN@', ARGV[2])
+    if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], '@COMMIT_TIME@', ARGV[3]) end
   end
   if ARGV[5] ~= '' then
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'batch', ARGV[5])
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', '@BATCH@', ARGV[5])
   end
 end
 return {applied, skipped}
-"""
+""".replace("@CHECKPOINT_LSN@", keys.CHECKPOINT_LSN_FIELD)
+    .replace("@COMMIT_TIME@", keys.CHECKPOINT_COMMIT_TIME_FIELD)
+    .replace("@BATCH@", keys.STREAM_BATCH_FIELD)
+    .replace("@LSN@", keys.LSN_FIELD)
+    .replace("@VIEW@", keys.VIEW_FIELD)
+    .replace("@TIMELINE_POSITION@", keys.TIMELINE_POSITION_PREFIX)
+)
 
 # Removes keys (the checkpoint, read-model keys of a truncate or a rebuild) only while the
 # caller owns the slot's lock. KEYS: lock, then the keys to remove. ARGV: owner token.
@@ -260,22 +268,25 @@ class Sink:
     def truncate(self, tables: Iterable[str]) -> None:
         """Removes the keys of every entity of these tables."""
         patterns: list[str] = []
-        ns = self.schema.namespace
+        schema = self.schema
         for table in tables:
             if table == PAYMENTS:
-                patterns += [f"{ns}:payment:*", f"{ns}:account:*:idx:*", f"{ns}:account:*:idxver"]
+                patterns += [
+                    schema.payments_pattern(),
+                    schema.account_indexes_pattern(),
+                    schema.account_index_versions_pattern(),
+                ]
             elif table == PAYMENT_EVENTS:
-                patterns.append(f"{ns}:payment:*:timeline")
+                patterns.append(schema.payment_timelines_pattern())
             elif table == ACCOUNTS:
-                patterns.append(f"{ns}:account:*")
+                patterns.append(schema.accounts_pattern())
         log.warning("truncate of %s: removing keys %s", list(tables), patterns)
         self._unlink_matching(patterns)
 
     def wipe(self) -> int:
         """Removes every read-model key of the namespace except the locks and the change stream."""
-        ns = self.schema.namespace
-        keep_prefixes = (f"{ns}:lock:", self.schema.changes())
-        return self._unlink_matching([f"{ns}:*"], keep_prefixes)
+        keep_prefixes = (self.schema.lock_prefix(), self.schema.changes())
+        return self._unlink_matching([self.schema.namespace_pattern()], keep_prefixes)
 
     def _unlink_matching(self, patterns: list[str], keep_prefixes: tuple[str, ...] = ()) -> int:
         removed = 0

@@ -1,0 +1,100 @@
+"""The key schema is the one place that names keys and fields: the scripts and SCAN patterns take theirs from it."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import re
+from types import ModuleType
+
+import pytest
+
+from history_svc import queries
+from payments.type.v1 import payment_pb2
+from payments_common import keys
+from payments_common.keys import KeySchema
+from replicator import lock, reconcile, sink
+
+SCHEMA = KeySchema("rm:test")
+P = "00000000-0000-4000-8000-000000000001"
+A = "00000000-0000-4000-8000-00000000000a"
+
+# Every hash field and field prefix that keys.py names.
+FIELD_NAMES = sorted(
+    {value for name, value in vars(keys).items() if name.endswith("_FIELD") and isinstance(value, str)}
+    | {keys.TIMELINE_POSITION_PREFIX}
+)
+
+
+def test_the_field_names_are_known() -> None:
+    assert FIELD_NAMES == ["batch", "commit_time_us", "lsn", "tl:", "view"]
+
+
+@pytest.mark.parametrize("module", [sink, lock, reconcile, queries], ids=lambda m: m.__name__)
+def test_no_script_or_query_spells_a_field_name_of_its_own(module: ModuleType) -> None:
+    source = inspect.getsource(module)
+    for name in FIELD_NAMES:
+        # A Lua or Python string literal that is, or starts with, the field's name.
+        literal = re.compile(r"""(['"])""" + re.escape(name) + (r"" if name.endswith(":") else r"\1"))
+        assert not literal.search(source), f"{module.__name__} spells {name!r}"
+
+
+def test_every_placeholder_of_the_scripts_is_filled() -> None:
+    scripts = [
+        sink.APPLY_BATCH,
+        sink.FENCED_UNLINK,
+        queries.PAYMENT_SCRIPT.source,
+        queries.PAGE_SCRIPT.source,
+    ]
+    for script in scripts:
+        assert not re.search(r"@[A-Z_]+@", script)
+    for field in (
+        keys.LSN_FIELD,
+        keys.VIEW_FIELD,
+        keys.CHECKPOINT_COMMIT_TIME_FIELD,
+        keys.STREAM_BATCH_FIELD,
+        keys.TIMELINE_POSITION_PREFIX,
+    ):
+        assert f"'{field}'" in sink.APPLY_BATCH
+
+
+def test_a_timeline_position_field_names_its_sequence() -> None:
+    assert keys.timeline_position_field(7) == keys.timeline_position_field("7") == "tl:7"
+
+
+def _every_kind_of_key() -> dict[str, str]:
+    return {
+        "payment": SCHEMA.payment(P),
+        "timeline": SCHEMA.payment_timeline(P),
+        "account": SCHEMA.account(A),
+        "index": SCHEMA.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_APPROVED),
+        "index versions": SCHEMA.account_index_versions(A),
+        "checkpoint": SCHEMA.checkpoint("slot"),
+        "changes": SCHEMA.changes(),
+        "lock": SCHEMA.lock("slot"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("pattern", "kinds"),
+    [
+        (SCHEMA.namespace_pattern(), set(_every_kind_of_key())),
+        (SCHEMA.payments_pattern(), {"payment", "timeline"}),
+        (SCHEMA.payment_hashes_pattern(), {"payment"}),
+        (SCHEMA.payment_timelines_pattern(), {"timeline"}),
+        (SCHEMA.accounts_pattern(), {"account", "index", "index versions"}),
+        (SCHEMA.account_hashes_pattern(), {"account"}),
+        (SCHEMA.account_indexes_pattern(), {"index"}),
+        (SCHEMA.account_index_versions_pattern(), {"index versions"}),
+    ],
+)
+def test_each_pattern_matches_exactly_its_kind_of_key(pattern: str, kinds: set[str]) -> None:
+    # Redis's glob and fnmatch agree on these patterns: `*` only, and braces are literal.
+    matched = {kind for kind, key in _every_kind_of_key().items() if fnmatch.fnmatchcase(key, pattern)}
+    assert matched == kinds
+    assert not fnmatch.fnmatchcase(KeySchema("rm:other").payment(P), pattern)
+
+
+def test_only_locks_start_with_the_lock_prefix() -> None:
+    prefixed = {kind for kind, key in _every_kind_of_key().items() if key.startswith(SCHEMA.lock_prefix())}
+    assert prefixed == {"lock"}
