@@ -16,11 +16,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 
 from payments_common.errors import FieldViolation, InvalidArgument, ServiceError, internal_error
 from payments_common.grpcstatus import status_code, to_grpc_status
 from payments_common.logs import method_var, request_id_var
+from payments_common.metrics import metrics_served
 from payments_common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,29 @@ RPC_SECONDS = Histogram(
 # and the empty name follow the service's dependencies.
 LIVENESS = "liveness"
 READINESS = "readiness"
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def add_health_and_reflection(
+    server: grpc.Server | grpc.aio.Server, health_servicer: Any, service_names: Sequence[str] = ()
+) -> None:
+    """Adds grpc.health.v1 and reflection of `service_names`, of health and of reflection itself.
+
+    `health_servicer` is a `grpc_health.v1.health` servicer of the server's kind: synchronous
+    or `health.aio`.
+    """
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+
+
+def bind(
+    server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Binds `address`, speaking TLS when `credentials` are given; returns the bound port."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -294,17 +318,8 @@ def build_server(
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=channel_args(settings))
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
-    address = f"{settings.host}:{settings.port}"
-    credentials = settings.tls.server_credentials()
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
+    add_health_and_reflection(server, health_servicer, service_names)
+    port = bind(server, f"{settings.host}:{settings.port}", settings.tls.server_credentials())
     return server, port, health_servicer
 
 
@@ -374,26 +389,24 @@ async def serve(
     gracefully once it has started.
     """
     stop = shutdown_requested()
-    metrics = start_http_server(settings.metrics_port) if settings.metrics_port else None
-    try:
-        async with opened() as (service, port):
-            await service.start()
-            log.info(
-                "%s started",
-                name,
-                extra={
-                    "port": port,
-                    "metrics_port": settings.metrics_port,
-                    "tls": settings.tls.mode,
-                    **details,
-                },
-            )
-            await stop.wait()
-            log.info("%s stopping", name, extra={"grace_seconds": settings.grace_seconds})
-            await service.stop(settings.grace_seconds)
-    finally:
-        if metrics is not None:
-            metrics[0].shutdown()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().remove_signal_handler(sig)
+    with metrics_served(settings.metrics_port):
+        try:
+            async with opened() as (service, port):
+                await service.start()
+                log.info(
+                    "%s started",
+                    name,
+                    extra={
+                        "port": port,
+                        "metrics_port": settings.metrics_port,
+                        "tls": settings.tls.mode,
+                        **details,
+                    },
+                )
+                await stop.wait()
+                log.info("%s stopping", name, extra={"grace_seconds": settings.grace_seconds})
+                await service.stop(settings.grace_seconds)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().remove_signal_handler(sig)
     log.info("%s stopped", name)

@@ -17,6 +17,9 @@ from typing import Any, ClassVar, Final, Self, TypeVar
 
 from payments_common.tls import TlsSettings
 
+# Where a server listens unless told otherwise: every interface, IPv6 and IPv4.
+ALL_INTERFACES: Final = "[::]"
+
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names the variable."""
@@ -176,7 +179,7 @@ class ServiceSettings:
 class ServerSettings(ServiceSettings):
     """What every gRPC server reads besides: where it listens, its limits, and its shutdown grace."""
 
-    host: str = "[::]"
+    host: str = ALL_INTERFACES
     port: int = 0  # 0 picks a free port
     max_message_bytes: int = 4 * 1024 * 1024
     # Older connections are closed (GOAWAY), so that clients rebalance onto new pods; 0 keeps them.

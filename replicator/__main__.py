@@ -8,16 +8,18 @@ import signal
 import sys
 import threading
 from types import FrameType
-
-from prometheus_client import start_http_server
+from typing import TYPE_CHECKING
 
 from payments_common.logs import configure_logging
-from replicator.config import Settings
+
+if TYPE_CHECKING:
+    from replicator.config import Settings
 
 log = logging.getLogger("replicator")
 
 
 def _run(settings: Settings) -> int:
+    from payments_common.metrics import metrics_served
     from replicator.health import HealthServer
     from replicator.runner import Replicator
 
@@ -34,26 +36,25 @@ def _run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port)
-    if health:
-        health.start()
-    log.info(
-        "replicator starting",
-        extra={
-            "slot": settings.slot_name,
-            "publication": settings.publication,
-            "health_port": health.port if health else 0,
-            "metrics_port": settings.metrics_port,
-        },
-    )
-    outcome: list[int] = []
-    worker = threading.Thread(target=lambda: outcome.append(replicator.run_forever()), name="replication")
-    worker.start()
-    while worker.is_alive():
-        worker.join(timeout=0.5)
-    if health:
-        health.stop()
+    with metrics_served(settings.metrics_port):
+        if health:
+            health.start()
+        log.info(
+            "replicator starting",
+            extra={
+                "slot": settings.slot_name,
+                "publication": settings.publication,
+                "health_port": health.port if health else 0,
+                "metrics_port": settings.metrics_port,
+            },
+        )
+        outcome: list[int] = []
+        worker = threading.Thread(target=lambda: outcome.append(replicator.run_forever()), name="replication")
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=0.5)
+        if health:
+            health.stop()
     return outcome[0] if outcome else 1
 
 
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--wait-seconds", type=float, default=30.0, help="how long to wait for the checkpoint")
     check.add_argument("--max-printed", type=int, default=100, help="print at most this many differences")
     args = parser.parse_args(argv)
+    # Imported here so that `--help` works without the service's dependencies loaded.
+    from replicator.config import Settings
+
     settings = Settings.from_env_or_exit("replicator")
     configure_logging("replicator", settings.log_level)
     if args.command == "run":

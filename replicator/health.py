@@ -3,35 +3,33 @@
 from __future__ import annotations
 
 from concurrent import futures
+from typing import Final
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from payments_common.grpcserver import LIVENESS, READINESS
+from payments_common.grpcserver import LIVENESS, READINESS, add_health_and_reflection, bind
+from payments_common.settings import ALL_INTERFACES
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Health checks answer at once, so the checks in flight at a stop need no more than this;
+# watches still open then are cut off.
+STOP_GRACE_SECONDS: Final = 1.0
 
 
 class HealthServer:
     """`liveness` says the loop runs; `readiness` and "" say this instance streams the slot."""
 
     def __init__(
-        self, port: int, host: str = "[::]", credentials: grpc.ServerCredentials | None = None
+        self, port: int, host: str = ALL_INTERFACES, credentials: grpc.ServerCredentials | None = None
     ) -> None:
         self.servicer = health.HealthServicer()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self.server)
-        # Reflection, so that grpcurl and buf curl can probe it like the other services.
-        reflection.enable_server_reflection(
-            [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], self.server
-        )
-        address = f"{host}:{port}"
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        # With reflection, grpcurl and buf curl probe it as they probe the other services.
+        add_health_and_reflection(self.server, self.servicer)
+        self.port = bind(self.server, f"{host}:{port}", credentials)
         self.set_ready(False)
         self.servicer.set(LIVENESS, SERVING)
 
@@ -44,4 +42,4 @@ class HealthServer:
 
     def stop(self) -> None:
         self.servicer.enter_graceful_shutdown()
-        self.server.stop(grace=1).wait()
+        self.server.stop(grace=STOP_GRACE_SECONDS).wait()
