@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 COPY_BATCH_ROWS = 1000
 # A rebuild logs its progress this often.
-PROGRESS_INTERVAL_S = 5.0
+PROGRESS_INTERVAL_SECONDS = 5.0
 
 
 class Stopped(Exception):
@@ -120,7 +120,7 @@ def bootstrap(
         copied += len(rows)
         metrics.BOOTSTRAP_ROWS.set(copied)
         now = time.monotonic()
-        if now - last_report >= PROGRESS_INTERVAL_S:
+        if now - last_report >= PROGRESS_INTERVAL_SECONDS:
             log.info(
                 "bootstrap copied %d rows of about %d (%s)",
                 copied,

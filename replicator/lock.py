@@ -47,19 +47,24 @@ def instance_token() -> str:
 class SlotLock:
     """The Redis lock that makes one instance the only writer for a slot."""
 
-    def __init__(self, client: redis.Redis, key: str, ttl_ms: int, token: str | None = None) -> None:
+    def __init__(self, client: redis.Redis, key: str, ttl_seconds: float, token: str | None = None) -> None:
         self.client = client
         self.key = key
-        self.ttl_ms = ttl_ms
+        self.ttl_seconds = ttl_seconds
         self.token = token or instance_token()
 
+    @property
+    def _ttl_ms(self) -> int:
+        # Redis takes the TTL in milliseconds (PX, PEXPIRE).
+        return int(self.ttl_seconds * 1000)
+
     def try_acquire(self) -> bool:
-        if self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+        if self.client.set(self.key, self.token, nx=True, px=self._ttl_ms):
             return True
         return self.renew()
 
     def renew(self) -> bool:
-        return bool(self.client.eval(RENEW_LOCK, 1, self.key, self.token, self.ttl_ms))
+        return bool(self.client.eval(RENEW_LOCK, 1, self.key, self.token, self._ttl_ms))
 
     def fence(self) -> None:
         """Raises LockLost unless this instance holds the lock now (and extends it)."""
@@ -82,16 +87,18 @@ class LockKeeper:
     within its TTL (Redis unreachable: the lock may have expired).
     """
 
-    def __init__(self, redis_url: str, key: str, ttl_ms: int, token: str, stall_seconds: float) -> None:
+    def __init__(
+        self, redis_url: str, key: str, ttl_seconds: float, token: str, stall_seconds: float
+    ) -> None:
         self.key = key
-        self.ttl_seconds = ttl_ms / 1000
+        self.ttl_seconds = ttl_seconds
         self.stall_seconds = stall_seconds
         self._client = redis.Redis.from_url(
             redis_url,
             socket_timeout=max(0.5, self.ttl_seconds / 3),
             socket_connect_timeout=max(0.5, self.ttl_seconds / 3),
         )
-        self._lock = SlotLock(self._client, key, ttl_ms, token)
+        self._lock = SlotLock(self._client, key, ttl_seconds, token)
         self._stop = threading.Event()
         self._lost: str | None = None
         now = time.monotonic()

@@ -30,19 +30,19 @@ log = logging.getLogger(__name__)
 
 # While idle, ask the walsender for its position this often, and move the checkpoint to it
 # at most this often, so that consistency tokens resolve without flooding Redis.
-PING_INTERVAL_S = 0.1
-IDLE_ADVANCE_INTERVAL_S = 0.02
-LAG_QUERY_INTERVAL_S = 2.0
+PING_INTERVAL_SECONDS = 0.1
+IDLE_ADVANCE_INTERVAL_SECONDS = 0.02
+LAG_QUERY_INTERVAL_SECONDS = 2.0
 # Under a steady stream the socket rarely drains; apply at least this often anyway.
-BATCH_MAX_AGE_S = 0.2
+BATCH_MAX_AGE_SECONDS = 0.2
 # How long an idle loop waits for data before it renews the lock and pings again.
-IDLE_WAIT_S = 0.05
-MAX_BACKOFF_S = 10.0
+IDLE_WAIT_SECONDS = 0.05
+MAX_BACKOFF_SECONDS = 10.0
 # A transaction applied in chunks logs its progress this often.
-PROGRESS_INTERVAL_S = 5.0
+PROGRESS_INTERVAL_SECONDS = 5.0
 # The lock keeper lets the lock go when the main loop made no progress for this long (a
 # wedged instance must not block a standby forever); every step is far shorter.
-STALL_LIMIT_S = 120.0
+STALL_LIMIT_SECONDS = 120.0
 
 
 class Replicator:
@@ -54,7 +54,6 @@ class Replicator:
         self.projector = Projector(self.schema)
         self._stop = threading.Event()
         self._on_ready = on_ready or (lambda ready: None)
-        self.lock_ttl_ms = int(settings.lock_ttl_seconds * 1000)
         # One token for the life of the process, so that a reconnect finds its own lock.
         self.token = instance_token()
 
@@ -82,7 +81,7 @@ class Replicator:
                     "replication stopped: %s: %s; restarting in %.1fs", type(error).__name__, error, backoff
                 )
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
             except Exception:
                 # Retrying cannot fix a bug or a row this version cannot read: exit so that it is seen.
                 log.exception("replication failed with an unexpected error; exiting")
@@ -103,13 +102,17 @@ class Replicator:
             socket_keepalive=True,
         )
         lock_key = self.schema.lock(self.settings.slot_name)
-        lock = SlotLock(client, lock_key, self.lock_ttl_ms, self.token)
+        lock = SlotLock(client, lock_key, self.settings.lock_ttl_seconds, self.token)
         source = Source(self.settings.database_url, self.settings.slot_name, self.settings.publication)
         keeper: LockKeeper | None = None
         try:
             self._acquire(lock)
             keeper = LockKeeper(
-                self.settings.redis_url, lock_key, self.lock_ttl_ms, self.token, STALL_LIMIT_S
+                self.settings.redis_url,
+                lock_key,
+                self.settings.lock_ttl_seconds,
+                self.token,
+                STALL_LIMIT_SECONDS,
             ).start()
             sink = Sink(
                 client,
@@ -221,7 +224,10 @@ class _Stream:
                 if received % 256 == 0:
                     # A long backlog never drains the socket: bound a batch's age, confirm what is due.
                     self.keeper.check()
-                    if self.transaction is None and time.monotonic() - self.batch_started >= BATCH_MAX_AGE_S:
+                    if (
+                        self.transaction is None
+                        and time.monotonic() - self.batch_started >= BATCH_MAX_AGE_SECONDS
+                    ):
                         self.flush()
                     self.confirm_due()
                 continue
@@ -292,7 +298,7 @@ class _Stream:
         transaction.changes = []
         self.keeper.check()
         now = time.monotonic()
-        if now - transaction.reported >= PROGRESS_INTERVAL_S:
+        if now - transaction.reported >= PROGRESS_INTERVAL_SECONDS:
             log.info(
                 "applying transaction %s (commit at %s): %d row changes so far in %d chunks, %.0fs",
                 transaction.begin.xid,
@@ -342,7 +348,7 @@ class _Stream:
         self.pending_changes = self.pending_transactions = 0
         self.pending_omits = False
         now = time.monotonic()
-        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_S:
+        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_SECONDS:
             metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - checkpoint.lsn))
             self.last_lag_query = now
         # Redis has acknowledged: the slot may forget everything up to here once it is durable.
@@ -364,13 +370,13 @@ class _Stream:
         now = time.monotonic()
         self.keeper.check()
         self.confirm_due()
-        wait = IDLE_WAIT_S
+        wait = IDLE_WAIT_SECONDS
         if self.transaction is not None or self.pending_checkpoint is not None:
             return wait
         # Idle: the walsender's position covers every change it has sent, so the
         # checkpoint can move there even when no published table changed.
         server_position = self.source.past_page_header(self.stream.wal_end)
-        if server_position > self.checkpoint.lsn and now - self.last_advance >= IDLE_ADVANCE_INTERVAL_S:
+        if server_position > self.checkpoint.lsn and now - self.last_advance >= IDLE_ADVANCE_INTERVAL_SECONDS:
             self.writer.write([], Checkpoint(server_position, None))
             self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us)
             metrics.CHECKPOINT_LSN.set(server_position)
@@ -379,11 +385,11 @@ class _Stream:
             self.last_advance = now
         elif server_position > self.checkpoint.lsn:
             # Rate-limited: come back as soon as the interval is over, not at the next idle wake-up.
-            wait = IDLE_ADVANCE_INTERVAL_S - (now - self.last_advance)
-        elif now - self.last_ping >= PING_INTERVAL_S:
+            wait = IDLE_ADVANCE_INTERVAL_SECONDS - (now - self.last_advance)
+        elif now - self.last_ping >= PING_INTERVAL_SECONDS:
             self.stream.ping()
             self.last_ping = now
-        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_S:
+        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_SECONDS:
             metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - self.checkpoint.lsn))
             self.last_lag_query = now
         if self.acks.next_due_in() > 0:

@@ -13,7 +13,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from payments_common.lsn import parse_lsn
-from replicator.walstream import DEFAULT_STATUS_INTERVAL_S, WalStream
+from replicator.walstream import DEFAULT_STATUS_INTERVAL_SECONDS, WalStream
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ class Source:
         slot: str,
         publication: str,
         connect_timeout: int = 10,
-        status_interval: float = DEFAULT_STATUS_INTERVAL_S,
+        status_interval_seconds: float = DEFAULT_STATUS_INTERVAL_SECONDS,
     ) -> None:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
         self.connect_timeout = connect_timeout
-        self.status_interval = status_interval
+        self.status_interval_seconds = status_interval_seconds
         self._stream: WalStream | None = None
         self._sql: psycopg2.extensions.connection | None = None
         self.wal_segment_bytes = 16 * 1024 * 1024
@@ -87,7 +87,7 @@ class Source:
         self.wal_page_bytes = int(sizes.get("wal_block_size", self.wal_page_bytes))
         self._stream = WalStream.connect(
             self.dsn,
-            status_interval=self.status_interval,
+            status_interval_seconds=self.status_interval_seconds,
             connect_timeout=self.connect_timeout,
             application_name="replicator",
             **keepalive,

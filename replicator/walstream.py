@@ -35,8 +35,8 @@ KEEPALIVE_MESSAGE: Final = struct.Struct(">cQqB")
 STATUS_UPDATE: Final = struct.Struct(">cQQQqB")
 _POSITIONS: Final = struct.Struct(">QQq")
 
-DEFAULT_STATUS_INTERVAL_S: Final = 10.0
-DEFAULT_SEND_TIMEOUT_S: Final = 30.0
+DEFAULT_STATUS_INTERVAL_SECONDS: Final = 10.0
+DEFAULT_SEND_TIMEOUT_SECONDS: Final = 30.0
 
 
 class ReplicationError(OSError):
@@ -114,12 +114,12 @@ class WalStream:
     def __init__(
         self,
         pgconn: pq.abc.PGconn,
-        status_interval: float = DEFAULT_STATUS_INTERVAL_S,
-        send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        status_interval_seconds: float = DEFAULT_STATUS_INTERVAL_SECONDS,
+        send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS,
     ) -> None:
         self._pgconn = pgconn
-        self.status_interval = status_interval
-        self.send_timeout = send_timeout
+        self.status_interval_seconds = status_interval_seconds
+        self.send_timeout_seconds = send_timeout_seconds
         self._streaming = False
         self._flush_lsn = 0
         self._wal_end = 0
@@ -129,8 +129,8 @@ class WalStream:
     def connect(
         cls,
         dsn: str,
-        status_interval: float = DEFAULT_STATUS_INTERVAL_S,
-        send_timeout: float = DEFAULT_SEND_TIMEOUT_S,
+        status_interval_seconds: float = DEFAULT_STATUS_INTERVAL_SECONDS,
+        send_timeout_seconds: float = DEFAULT_SEND_TIMEOUT_SECONDS,
         **params: str | int,
     ) -> WalStream:
         """Opens a logical replication connection; `params` are libpq connection parameters."""
@@ -140,7 +140,7 @@ class WalStream:
             message = pgconn.get_error_message()
             pgconn.finish()
             raise ReplicationError(f"replication connection failed: {message}")
-        return cls(pgconn, status_interval, send_timeout)
+        return cls(pgconn, status_interval_seconds, send_timeout_seconds)
 
     def close(self) -> None:
         self._streaming = False
@@ -198,7 +198,7 @@ class WalStream:
         except psycopg.Error as error:
             raise ReplicationError(str(error)) from error
         self._streaming = True
-        self._next_status = time.monotonic() + self.status_interval
+        self._next_status = time.monotonic() + self.status_interval_seconds
 
     # -- streaming ----------------------------------------------------------------------------
 
@@ -222,7 +222,7 @@ class WalStream:
         """Returns the next XLogData, or None when none is buffered; never waits for the socket.
 
         Keepalives are consumed here; a status message is sent when the server asks for one
-        and when `status_interval` has passed since the last one.
+        and when `status_interval_seconds` has passed since the last one.
         """
         if not self._streaming:
             raise ReplicationError("the connection is not streaming")
@@ -280,12 +280,12 @@ class WalStream:
         if not self._streaming:
             raise ReplicationError("the connection is not streaming")
         self._send(status_update(self._flush_lsn, pg_clock_us(time.time()), reply_requested))
-        self._next_status = time.monotonic() + self.status_interval
+        self._next_status = time.monotonic() + self.status_interval_seconds
 
     def _send(self, message: bytes) -> None:
-        """Queues `message` and flushes it, absorbing input meanwhile, within `send_timeout`."""
+        """Queues `message` and flushes it, absorbing input meanwhile, within `send_timeout_seconds`."""
         pgconn = self._pgconn
-        deadline = time.monotonic() + self.send_timeout
+        deadline = time.monotonic() + self.send_timeout_seconds
         try:
             # 0: libpq could not queue it without blocking.
             while not pgconn.put_copy_data(message):
@@ -299,7 +299,7 @@ class WalStream:
     def _wait_writable(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ReplicationError(f"could not send a status message within {self.send_timeout:.0f}s")
+            raise ReplicationError(f"could not send a status message within {self.send_timeout_seconds:.0f}s")
         socket = self.fileno()
         readable, _, _ = select.select([socket], [socket], [], remaining)
         if readable:

@@ -24,7 +24,7 @@ from replicator.walstream import ReplicationError, WalStream
 PUBLICATION = "feedback"
 OPTIONS = {"proto_version": "1", "publication_names": PUBLICATION}
 BIG_TRANSACTION_ROWS = 300_000
-DEADLINE_S = 120.0
+DEADLINE_SECONDS = 120.0
 
 
 def _connect(dsn: str) -> psycopg2.extensions.connection:
@@ -103,7 +103,7 @@ class _Reader:
         self.commits: list[int] = []
 
     def read_until(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + DEADLINE_S
+        deadline = time.monotonic() + DEADLINE_SECONDS
         while not condition():
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             message = self.stream.read_message()
@@ -117,7 +117,7 @@ class _Reader:
 
 
 def _read_for_a_while(stream: WalStream) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+    deadline = time.monotonic() + DEADLINE_SECONDS
     while time.monotonic() < deadline:
         if stream.read_message() is None:
             select.select([stream.fileno()], [], [], 0.05)
@@ -179,7 +179,7 @@ def check_slot_stays_at_the_confirmed_position(stream: Any, dsn: str, slot: str)
         thread = threading.Thread(target=insert_big, daemon=True)
         thread.start()
         reader.read_until(lambda: len(reader.commits) == 2, "the big commit")
-        thread.join(timeout=DEADLINE_S)
+        thread.join(timeout=DEADLINE_SECONDS)
         assert not failures, failures
 
         phase("small")
@@ -209,7 +209,7 @@ def check_slot_stays_at_the_confirmed_position(stream: Any, dsn: str, slot: str)
 def test_the_slot_never_passes_the_confirmed_position(source: tuple[str, str]) -> None:
     dsn, slot = source
     # Frequent status messages: each of them must carry the confirmed position, nothing more.
-    stream = WalStream.connect(dsn, status_interval=0.1, application_name="feedback-test")
+    stream = WalStream.connect(dsn, status_interval_seconds=0.1, application_name="feedback-test")
     try:
         stream.create_logical_slot(slot)
         stream.start_logical(slot, OPTIONS)
@@ -223,7 +223,10 @@ def test_reply_requested_keepalives_are_answered(source: tuple[str, str]) -> Non
     # The walsender asks for a reply after half its timeout without one, and gives up after
     # the whole; our own status messages are kept out of the way.
     stream = WalStream.connect(
-        dsn, status_interval=3600, application_name="feedback-test", options="-c wal_sender_timeout=1000"
+        dsn,
+        status_interval_seconds=3600,
+        application_name="feedback-test",
+        options="-c wal_sender_timeout=1000",
     )
     monitor = _connect(dsn)
     try:
@@ -231,7 +234,7 @@ def test_reply_requested_keepalives_are_answered(source: tuple[str, str]) -> Non
         stream.start_logical(slot, OPTIONS)
         walsender = stream.backend_pid
         replies: set[str] = set()
-        deadline = time.monotonic() + DEADLINE_S
+        deadline = time.monotonic() + DEADLINE_SECONDS
         while len(replies) < 4:
             assert time.monotonic() < deadline, f"only {len(replies)} replies seen"
             # Raises ReplicationError if the walsender timed out and ended the stream.

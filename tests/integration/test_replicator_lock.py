@@ -13,7 +13,7 @@ from replicator.lock import LockKeeper, LockLost, SlotLock
 from replicator.source import Source
 from tests.support.waiting import wait_until
 
-TTL_MS = 1000
+TTL_SECONDS = 1.0
 KEY = KEYS.lock("s")
 
 
@@ -29,9 +29,9 @@ def keeper(redis_url: str, client: redis.Redis) -> Iterator[Callable[[float], Lo
     started: list[LockKeeper] = []
 
     def start(stall_seconds: float) -> LockKeeper:
-        lock = SlotLock(client, KEY, TTL_MS)
+        lock = SlotLock(client, KEY, TTL_SECONDS)
         assert lock.try_acquire()
-        started.append(LockKeeper(redis_url, KEY, TTL_MS, lock.token, stall_seconds).start())
+        started.append(LockKeeper(redis_url, KEY, TTL_SECONDS, lock.token, stall_seconds).start())
         return started[-1]
 
     yield start
@@ -44,7 +44,7 @@ def test_the_lock_outlives_a_step_many_times_longer_than_its_ttl(
 ) -> None:
     held = keeper(60)
     # One long step of the owner (a projection, a slow script call): nothing calls check().
-    threading.Event().wait(4 * TTL_MS / 1000)
+    threading.Event().wait(4 * TTL_SECONDS)
     held.check()
     assert client.pttl(KEY) > 0
     assert client.get(KEY) is not None
@@ -54,7 +54,7 @@ def test_a_lock_taken_by_another_instance_is_reported_as_lost(
     keeper: Callable[[float], LockKeeper], client: redis.Redis
 ) -> None:
     held = keeper(60)
-    client.set(KEY, "another instance", px=TTL_MS)
+    client.set(KEY, "another instance", px=int(TTL_SECONDS * 1000))
     wait_until(lambda: held.lost, 30, "the keeper saw the lock taken", interval=0.01)
     with pytest.raises(LockLost):
         held.check()
@@ -64,7 +64,7 @@ def test_a_lock_taken_by_another_instance_is_reported_as_lost(
 def test_an_owner_that_makes_no_progress_lets_the_lock_expire(
     keeper: Callable[[float], LockKeeper], client: redis.Redis
 ) -> None:
-    held = keeper(2 * TTL_MS / 1000)
+    held = keeper(2 * TTL_SECONDS)
     wait_until(lambda: client.get(KEY) is None, 30, "the lock expired", interval=0.01)
     with pytest.raises(LockLost):
         held.check()

@@ -33,7 +33,7 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def sink(client: redis.Redis) -> Sink:
-    lock = SlotLock(client, KEYS.lock("s"), 10_000)
+    lock = SlotLock(client, KEYS.lock("s"), 10.0)
     assert lock.try_acquire()
     sink = Sink(client, KEYS, "s", lock, stream_maxlen=100)
     sink.load_scripts()

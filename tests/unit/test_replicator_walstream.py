@@ -142,10 +142,10 @@ class _FakePGconn:
         pass
 
 
-def _streaming(status_interval: float = 3600.0) -> tuple[WalStream, _FakePGconn]:
+def _streaming(status_interval_seconds: float = 3600.0) -> tuple[WalStream, _FakePGconn]:
     pgconn = _FakePGconn()
     pgconn.results.append(_Result(pq.ExecStatus.COPY_BOTH))
-    stream = WalStream(pgconn, status_interval=status_interval)  # type: ignore[arg-type]
+    stream = WalStream(pgconn, status_interval_seconds=status_interval_seconds)  # type: ignore[arg-type]
     stream.start_logical('my "slot"', {"proto_version": "1", "publication_names": "it's"})
     return stream, pgconn
 
@@ -222,7 +222,7 @@ def test_confirm_never_lowers_the_position_and_ping_asks_for_a_reply() -> None:
 
 
 def test_a_status_message_is_sent_from_read_message_when_due() -> None:
-    stream, pgconn = _streaming(status_interval=0.0)
+    stream, pgconn = _streaming(status_interval_seconds=0.0)
     stream.confirm(70)
     pgconn.sent.clear()
     assert stream.read_message() is None
