@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 from payments.readmodel.v1 import read_model_pb2
 from replicator.changes import TruncateTables
@@ -144,3 +144,10 @@ Op: TypeAlias = (
 SegmentOp: TypeAlias = UpsertView | DeleteView | SetIndexes | UnindexPayment | UpsertTimeline | DeleteTimeline
 # What resolution leaves: whole states, with no field left to fill in (`keep` is empty).
 Write: TypeAlias = UpsertView | DeleteView | SetIndexes | UpsertTimeline | DeleteTimeline
+
+
+class StoredField(NamedTuple):
+    """One field of a Redis hash whose stored value resolution needs (the sink reads it)."""
+
+    key: str
+    field: str

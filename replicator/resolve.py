@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from payments.readmodel.v1 import read_model_pb2
 from payments_common import keys
 from payments_common.keys import KeySchema
-from replicator.ops import SegmentOp, UnindexPayment, UpsertTimeline, UpsertView, Write
+from replicator.ops import SegmentOp, StoredField, UnindexPayment, UpsertTimeline, UpsertView, Write
 from replicator.projector import Projector
 
-log = logging.getLogger(__name__)
 
+class Resolution(NamedTuple):
+    """The whole writes of a segment, and the keys of the views whose unsent fields stay empty.
 
-class StoredField(NamedTuple):
-    """One field of a Redis hash whose stored value resolution needs."""
+    A view in `unfilled` had a column that was not sent (unchanged TOAST) and no stored
+    view to take it from; the caller says so in its log.
+    """
 
-    key: str
-    field: str
+    writes: list[Write]
+    unfilled: list[str]
 
 
 def stored_fields(ops: Iterable[SegmentOp], schema: KeySchema) -> list[StoredField]:
@@ -41,9 +42,10 @@ def stored_fields(ops: Iterable[SegmentOp], schema: KeySchema) -> list[StoredFie
 
 def resolve(
     ops: Sequence[SegmentOp], stored: Mapping[StoredField, bytes | None], projector: Projector
-) -> list[Write]:
+) -> Resolution:
     """`ops` completed from `stored` (the values of `stored_fields(ops)`, None where absent)."""
     writes: list[Write] = []
+    unfilled: list[str] = []
     for op in ops:
         if isinstance(op, UnindexPayment):
             raw = stored[StoredField(projector.schema.payment(op.payment_id), keys.VIEW_FIELD)]
@@ -53,7 +55,7 @@ def resolve(
         elif type(op) is UpsertView and op.keep:
             raw = stored[StoredField(op.key, keys.VIEW_FIELD)]
             if raw is None:
-                log.warning("unchanged column of %s with no stored view to take it from", op.key)
+                unfilled.append(op.key)
                 writes.append(UpsertView(op.key, op.lsn, op.view, ()))
             else:
                 writes.append(op.filled_from(type(op.view).FromString(raw)))
@@ -69,4 +71,4 @@ def resolve(
                 writes.append(op.filled_from(read_model_pb2.TimelineEntry.FromString(raw)))
         else:
             writes.append(op)
-    return writes
+    return Resolution(writes, unfilled)

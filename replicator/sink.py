@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import hiredis
 import redis
@@ -14,7 +14,7 @@ from payments_common.keys import KeySchema
 from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Checkpoint
 from replicator.encode import EncodedBatch, EncodedEntry, EncodedView, EncodedWrite
 from replicator.lock import LockLost, SlotLock
-from replicator.ops import DeleteTimeline, DeleteView, SetIndexes
+from replicator.ops import DeleteTimeline, DeleteView, SetIndexes, StoredField
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,6 @@ class CheckpointMoved(RuntimeError):
 
 
 Arg = str | bytes | int
-# A field of a hash to read: (key, field).
-HashField = TypeVar("HashField", bound=tuple[str, str])
 
 
 class Sink:
@@ -189,7 +187,7 @@ class Sink:
         self.position = int(lsn)
         return Checkpoint(int(lsn), int(commit_time) if commit_time else None)
 
-    def read_fields(self, fields: Sequence[HashField]) -> dict[HashField, bytes | None]:
+    def read_fields(self, fields: Sequence[StoredField]) -> dict[StoredField, bytes | None]:
         """The stored value of each hash field (None: absent), in one round trip."""
         if not fields:
             return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from replicator.changes import Checkpoint, TruncateTables
@@ -11,6 +12,8 @@ from replicator.ops import Op, SegmentOp
 from replicator.projector import Projector
 from replicator.resolve import resolve, stored_fields
 from replicator.sink import Sink
+
+log = logging.getLogger(__name__)
 
 
 class Writer:
@@ -45,5 +48,7 @@ class Writer:
             return
         coalesced = coalesce(ops, self.projector)
         stored = self.sink.read_fields(stored_fields(coalesced, self.projector.schema))
-        writes = resolve(coalesced, stored, self.projector)
-        self.sink.apply(encode(writes, checkpoint, omits_payments))
+        resolution = resolve(coalesced, stored, self.projector)
+        for key in resolution.unfilled:
+            log.warning("unchanged column of %s with no stored view to take it from", key)
+        self.sink.apply(encode(resolution.writes, checkpoint, omits_payments))
