@@ -19,7 +19,7 @@ from replicator.writer import Writer
 log = logging.getLogger(__name__)
 
 COPY_BATCH_ROWS = 1000
-# A rebuild logs its progress this often.
+# Long work (a rebuild, a transaction applied in chunks) logs its progress this often.
 PROGRESS_INTERVAL_SECONDS = 5.0
 
 

@@ -138,7 +138,6 @@ class LogicalMessage:
 # message per row change. Nothing mutates or hashes them.
 Message = Begin | Commit | Relation | Insert | Update | Delete | Truncate | Origin | TypeInfo | LogicalMessage
 
-_U8 = struct.Struct(">B")
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _U32 = struct.Struct(">I")

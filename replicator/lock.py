@@ -122,10 +122,6 @@ class LockKeeper:
         if self._lost is not None:
             raise LockLost(self._lost)
 
-    @property
-    def lost(self) -> bool:
-        return self._lost is not None
-
     def _run(self) -> None:
         interval = self.ttl_seconds / 3
         while not self._stop.wait(interval):

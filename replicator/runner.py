@@ -16,7 +16,7 @@ from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn
 from replicator import metrics
 from replicator.ack import Acknowledgements
-from replicator.bootstrap import Stopped, bootstrap, rebuild_needed
+from replicator.bootstrap import PROGRESS_INTERVAL_SECONDS, Stopped, bootstrap, rebuild_needed
 from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, Relation, Truncate, as_row
@@ -38,8 +38,6 @@ BATCH_MAX_AGE_SECONDS = 0.2
 # How long an idle loop waits for data before it renews the lock and pings again.
 IDLE_WAIT_SECONDS = 0.05
 MAX_BACKOFF_SECONDS = 10.0
-# A transaction applied in chunks logs its progress this often.
-PROGRESS_INTERVAL_SECONDS = 5.0
 # The lock keeper lets the lock go when the main loop made no progress for this long (a
 # wedged instance must not block a standby forever); every step is far shorter.
 STALL_LIMIT_SECONDS = 120.0
@@ -347,13 +345,16 @@ class _Stream:
         self.pending_checkpoint = None
         self.pending_changes = self.pending_transactions = 0
         self.pending_omits = False
-        now = time.monotonic()
-        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_SECONDS:
-            metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - checkpoint.lsn))
-            self.last_lag_query = now
+        self.sample_lag(time.monotonic())
         # Redis has acknowledged: the slot may forget everything up to here once it is durable.
         self.acks.applied(checkpoint.lsn)
         self.confirm_due()
+
+    def sample_lag(self, now: float) -> None:
+        """Sets the lag in bytes behind the source's WAL position, at most every LAG_QUERY_INTERVAL_SECONDS."""
+        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_SECONDS:
+            metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - self.checkpoint.lsn))
+            self.last_lag_query = now
 
     def confirm_due(self) -> None:
         if self.acks.waiting and self.pending_checkpoint is None and self.transaction is None:
@@ -389,9 +390,7 @@ class _Stream:
         elif now - self.last_ping >= PING_INTERVAL_SECONDS:
             self.stream.ping()
             self.last_ping = now
-        if now - self.last_lag_query >= LAG_QUERY_INTERVAL_SECONDS:
-            metrics.LAG_BYTES.set(max(0, self.source.server_wal_lsn() - self.checkpoint.lsn))
-            self.last_lag_query = now
+        self.sample_lag(now)
         if self.acks.next_due_in() > 0:
             wait = min(wait, self.acks.next_due_in())
         return max(wait, 0.0)

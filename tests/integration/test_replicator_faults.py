@@ -36,7 +36,7 @@ def _accounts(database_url: str, count: int = 6) -> list[str]:
         return [source.open_account(f"Owner {i}") for i in range(count)]
 
 
-def _watched(redis_url: str, accounts: list[str], database_url: str) -> list[str]:
+def _watched(accounts: list[str], database_url: str) -> list[str]:
     return [KEYS.checkpoint(slot_for(database_url)), *(KEYS.account(a) for a in accounts)]
 
 
@@ -57,7 +57,7 @@ def test_kill_9_under_load_loses_nothing_and_never_goes_backwards(
     process = replicator(migrated_dsn, redis_url)
     processes = [process]
     process.wait_caught_up()
-    with Monotonic(redis_url, _watched(redis_url, accounts, migrated_dsn)) as monotonic:
+    with Monotonic(redis_url, _watched(accounts, migrated_dsn)) as monotonic:
         with SourceLoad(migrated_dsn, accounts) as load:
             for round_ in range(1, 4):
                 load.wait_for(round_ * 500)
@@ -114,7 +114,7 @@ def test_second_instance_waits_then_takes_over(
     first = replicator(migrated_dsn, redis_url)
     first.wait_caught_up()
     second = replicator(migrated_dsn, redis_url)
-    with Monotonic(redis_url, _watched(redis_url, accounts, migrated_dsn)) as monotonic:
+    with Monotonic(redis_url, _watched(accounts, migrated_dsn)) as monotonic:
         with SourceLoad(migrated_dsn, accounts) as load:
             load.wait_for(300)
             first.wait_caught_up()
@@ -136,7 +136,7 @@ def test_paused_owner_is_fenced_after_a_takeover(
     first = replicator(migrated_dsn, redis_url)
     first.wait_caught_up()
     second = replicator(migrated_dsn, redis_url)
-    with Monotonic(redis_url, _watched(redis_url, accounts, migrated_dsn)) as monotonic:
+    with Monotonic(redis_url, _watched(accounts, migrated_dsn)) as monotonic:
         with SourceLoad(migrated_dsn, accounts) as load:
             load.wait_for(200)
             first.pause()

@@ -1,4 +1,4 @@
-"""The replicator's settings and its decision to bootstrap."""
+"""The replicator's settings."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import pytest
 
 from payments_common.keys import DEFAULT_PUBLICATION
 from payments_common.settings import SettingsError
-from replicator.bootstrap import rebuild_needed
-from replicator.changes import Checkpoint
 from replicator.config import Settings
-from replicator.source import SlotState
 
 REQUIRED = {"REPLICATOR_DATABASE_URL": "postgresql://db/x", "REPLICATOR_REDIS_URL": "redis://r:6379/0"}
 
@@ -54,22 +51,3 @@ def test_rejects_malformed_values() -> None:
         Settings.from_env({**REQUIRED, "REPLICATOR_STREAM_MAXLEN": "0"})
     with pytest.raises(SettingsError):
         Settings.from_env({**REQUIRED, "REPLICATOR_SLOT_NAME": "Bad-Name"})
-
-
-@pytest.mark.parametrize(
-    ("checkpoint", "state", "reason"),
-    [
-        (None, None, "new_deployment"),
-        (None, SlotState(None, "reserved", 100), "redis_empty"),
-        (Checkpoint(100, None), None, "slot_missing"),
-        (Checkpoint(100, None), SlotState(None, "lost", 50), "slot_lost"),
-        (Checkpoint(100, None), SlotState(None, "reserved", 150), "redis_behind_slot"),
-        (Checkpoint(100, None), SlotState(None, "reserved", 100), None),
-        (Checkpoint(100, None), SlotState(7, "extended", 40), None),
-    ],
-)
-def test_rebuild_needed(checkpoint: Checkpoint | None, state: SlotState | None, reason: str | None) -> None:
-    rebuild = rebuild_needed("slot", state, checkpoint)
-    assert (rebuild.reason if rebuild else None) == reason
-    if rebuild is not None and reason != "new_deployment":
-        assert rebuild.message.startswith("REBUILD: ")
