@@ -348,7 +348,8 @@ def reconcile(
     again only at what Redis lacked without a trace.
     """
     schema = KeySchema(settings.namespace)
-    client = redis.Redis.from_url(settings.redis_url)
+    # A Redis that stops answering ends the run instead of hanging it (it restarts a replicator's session).
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
     report = Report(max_printed=max_printed)
     only: set[Item] | None = None
     try:
