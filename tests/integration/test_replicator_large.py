@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.keys import KeySchema
+from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from stack.replication import run_reconcile
 from tests.support.replicator import (
     ReplicatorProcess,
@@ -33,7 +33,6 @@ __all__ = ["replicator"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-KEYS = KeySchema("rm:v1")
 MILLION = 1_000_000
 RSS_LIMIT_BYTES = 512 * 1024 * 1024
 # What must never appear in a replicator's log while it applies a large transaction.

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
+from payments_common.keys import DEFAULT_PUBLICATION
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.lock import LockKeeper, LockLost, SlotLock
 from replicator.source import Source
@@ -84,7 +85,7 @@ def _refuse() -> None:
 
 def _slot_holder(dsn: str, slot: str) -> Source:
     """A source streaming `slot`, as the instance that owns it would."""
-    holder = Source(dsn, slot, "payments_read_model")
+    holder = Source(dsn, slot, DEFAULT_PUBLICATION)
     holder.connect()
     holder.create_slot_with_snapshot()
     holder.start_replication(fence=lambda: None)
@@ -96,7 +97,7 @@ def test_an_instance_without_the_lock_neither_ends_the_owners_walsender_nor_drop
 ) -> None:
     slot = "fenced_" + migrated_dsn.rsplit("/", 1)[-1].lower()
     holder = _slot_holder(migrated_dsn, slot)
-    stale = Source(migrated_dsn, slot, "payments_read_model")
+    stale = Source(migrated_dsn, slot, DEFAULT_PUBLICATION)
     try:
         stale.connect()
         before = stale.slot_state()
@@ -112,7 +113,7 @@ def test_an_instance_without_the_lock_neither_ends_the_owners_walsender_nor_drop
     finally:
         stale.close()
         holder.close()
-        cleanup = Source(migrated_dsn, slot, "payments_read_model")
+        cleanup = Source(migrated_dsn, slot, DEFAULT_PUBLICATION)
         cleanup.connect()
         wait_until(
             lambda: getattr(cleanup.slot_state(), "active_pid", None) is None,
