@@ -368,6 +368,9 @@ def reconcile(
                 report.differences.extend(unresolved[item] for item in sorted(unresolved))
             only = set(unresolved)
         return report
+    except redis.RedisError as error:
+        # Exit status 1 means drift: a Redis that cannot be read is "could not compare".
+        raise ReconcileError(f"could not read Redis: {type(error).__name__}: {error}") from None
     finally:
         client.close()
 

@@ -116,6 +116,14 @@ def test_dropped_slot_leads_to_a_fresh_bootstrap(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_reconcile_without_redis_cannot_compare(migrated_dsn: str) -> None:
+    """Exit status 2 (could not compare), not 1 (drift), when Redis does not answer."""
+    result = run_reconcile(migrated_dsn, f"redis://127.0.0.1:{free_port()}/0", slot_for(migrated_dsn), 5)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "could not read Redis" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_reconcile_reports_drift(migrated_dsn: str, redis_url: str, replicator: StartReplicator) -> None:
     process = replicator(migrated_dsn, redis_url)
     with SourceWriter(migrated_dsn) as source:
