@@ -188,7 +188,10 @@ class Source:
 
     def published_tables(self) -> list[CopyTable]:
         rows = self._query(
-            "SELECT t.schemaname, t.tablename, c.reltuples::bigint, "
+            # reltuples is -1 until the table is first vacuumed or analysed, and stale after a
+            # bulk load; the statistics' live-row count follows every commit.
+            "SELECT t.schemaname, t.tablename, "
+            "  greatest(c.reltuples, coalesce(pg_stat_get_live_tuples(c.oid), 0))::bigint, "
             "  array_agg(a.attname::text ORDER BY a.attnum) "
             "FROM pg_publication_tables t "
             "JOIN pg_class c ON c.oid = format('%%I.%%I', t.schemaname, t.tablename)::regclass "

@@ -11,11 +11,14 @@ import redis
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
+from payments_common.keys import DEFAULT_PUBLICATION
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.config import Settings
 from replicator.reconcile import reconcile
+from replicator.source import Source
 from tests.support.replicator import StartReplicator, replicator, slot_for
 from tests.support.source import SourceWriter
+from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]
 
@@ -203,3 +206,22 @@ def test_server_date_style_and_time_zone_do_not_matter(
     for payment_id in (before, after):
         assert _payment(client, payment_id).create_time.ToMicroseconds() == created[payment_id]
     _assert_reconciled(migrated_dsn, redis_url)
+
+
+def test_the_bootstrap_estimates_the_rows_of_a_table_never_analysed(migrated_dsn: str) -> None:
+    """Its progress says "copied N rows of about M": M counts rows committed since the last ANALYZE."""
+    with SourceWriter(migrated_dsn) as writer:
+        for i in range(30):
+            writer.open_account(f"Owner {i}")
+    source = Source(migrated_dsn, slot_for(migrated_dsn), DEFAULT_PUBLICATION)
+    source.connect()
+    try:
+
+        def accounts_estimate() -> int:
+            # Each query is a transaction of its own, so it sees counts reported since the last.
+            tables = {table.qualified: table for table in source.published_tables()}
+            return tables["public.accounts"].estimated_rows
+
+        wait_until(lambda: accounts_estimate() == 30, 30, "an estimate of 30 accounts")
+    finally:
+        source.close()
