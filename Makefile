@@ -48,8 +48,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# The tests run on every core (pytest-xdist); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
+
 test: venv k8s-tools check-gen protos lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The edit-run loop: unit and contract tests (one private PostgreSQL at most, no manifest tools);
 # `make test` stays the full suite.

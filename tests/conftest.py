@@ -59,3 +59,17 @@ def migrated_dsn(database_dsn: str) -> str:
 
     upgrade(database_dsn)
     return database_dsn
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Orders and groups the tests for pytest-xdist (`make test` runs them on every core).
+
+    The slow tests go first, so that they overlap the many quick ones rather than run alone
+    at the end; the end-to-end tests share one worker, so that one local stack serves them.
+    A module whose tests must run in order, on one worker, says so with
+    `pytestmark = pytest.mark.xdist_group("<module>")`.
+    """
+    for item in items:
+        if item.nodeid.startswith("tests/e2e/"):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
