@@ -13,15 +13,10 @@ from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Checkpoint, RowChange, TruncateTables
 from replicator.decoder import UNCHANGED, Value
 from replicator.lock import LockLost, SlotLock
-from replicator.projector import Projector
 from replicator.sink import CheckpointMoved, Sink
 from replicator.writer import Writer
 from tests.support.replicator import change_batches
-
-P = "00000000-0000-4000-8000-000000000001"
-A = "00000000-0000-4000-8000-00000000000a"
-B = "00000000-0000-4000-8000-00000000000b"
-PROJECTOR = Projector(KEYS)
+from tests.support.rows import PROJECTOR, A, B, P, payment_event_row, payment_row
 
 
 @pytest.fixture
@@ -46,35 +41,13 @@ def writer(sink: Sink) -> Writer:
 
 
 def _payment(lsn: int, status: str = "APPROVED", **changes: Value) -> RowChange:
-    row: dict[str, Value] = {
-        "payment_id": P,
-        "payer_account_id": A,
-        "payee_account_id": B,
-        "payer_name": "Alice",
-        "payee_name": "Bob",
-        "currency_code": "EUR",
-        "amount_minor": "10",
-        "reference": f"at {lsn}",
-        "status": status,
-        "decline_reason": "INSUFFICIENT_FUNDS" if status == "DECLINED" else None,
-        "created_at": "2026-01-02 03:04:05+00",
-        "updated_at": "2026-01-02 03:04:05+00",
-    }
-    row.update(changes)
-    return RowChange(PAYMENTS, "update", row, lsn)
+    """An update of the payment at `lsn`, its reference "at <lsn>" unless given."""
+    changes.setdefault("reference", f"at {lsn}")
+    return RowChange(PAYMENTS, "update", payment_row(status=status, **changes), lsn)
 
 
 def _event(lsn: int, sequence: int, status: str) -> RowChange:
-    row: dict[str, Value] = {
-        "payment_id": P,
-        "sequence": str(sequence),
-        "status": status,
-        "decline_reason": None,
-        "actor": "system",
-        "note": "",
-        "created_at": "2026-01-02 03:04:05+00",
-    }
-    return RowChange(PAYMENT_EVENTS, "insert", row, lsn)
+    return RowChange(PAYMENT_EVENTS, "insert", payment_event_row(sequence=sequence, status=status), lsn)
 
 
 def _view(client: redis.Redis) -> read_model_pb2.PaymentView:

@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 from replicator.changes import ACCOUNTS, PAYMENTS, RowBatch, RowChange, Transaction, TruncateTables
-from replicator.decoder import Begin, Value
-
-A = "00000000-0000-4000-8000-00000000000a"
-B = "00000000-0000-4000-8000-00000000000b"
-
-
-def _account(account_id: str, owner: str = "Alice") -> dict[str, Value]:
-    return {"account_id": account_id, "owner_name": owner}
+from replicator.decoder import Begin
+from tests.support.rows import A, B, account_row
 
 
 def _transaction(final_lsn: int) -> Transaction:
@@ -23,7 +17,10 @@ def _rows(batch: RowBatch) -> list[RowChange]:
 
 def test_every_change_takes_the_position_of_the_commit() -> None:
     transaction = _transaction(500)
-    transaction.changes += [(ACCOUNTS, "insert", _account(A)), (ACCOUNTS, "update", _account(B))]
+    transaction.changes += [
+        (ACCOUNTS, "insert", account_row(account_id=A)),
+        (ACCOUNTS, "update", account_row(account_id=B)),
+    ]
     batch = RowBatch()
     transaction.collect(batch)
     assert [(change.row["account_id"], change.lsn) for change in _rows(batch)] == [(A, 500), (B, 500)]
@@ -32,7 +29,7 @@ def test_every_change_takes_the_position_of_the_commit() -> None:
 
 def test_a_chunk_collects_only_its_slice() -> None:
     transaction = _transaction(600)
-    transaction.changes += [(ACCOUNTS, "insert", _account(str(i))) for i in range(5)]
+    transaction.changes += [(ACCOUNTS, "insert", account_row(account_id=str(i))) for i in range(5)]
     first, second = RowBatch(), RowBatch()
     transaction.collect(first, 0, 3)
     transaction.collect(second, 3, 6)
@@ -43,9 +40,9 @@ def test_a_chunk_collects_only_its_slice() -> None:
 def test_a_truncate_ends_a_segment_and_keeps_only_published_tables() -> None:
     transaction = _transaction(700)
     transaction.changes += [
-        (ACCOUNTS, "update", _account(A)),
+        (ACCOUNTS, "update", account_row(owner_name="Alice")),
         ((ACCOUNTS, "public.ledger_entries"), None, None),
-        (ACCOUNTS, "insert", _account(A, "Bob")),
+        (ACCOUNTS, "insert", account_row(owner_name="Bob")),
         (("public.ledger_entries",), None, None),
     ]
     batch = RowBatch()
@@ -69,6 +66,6 @@ def test_rows_of_unpublished_tables_are_counted_but_not_kept() -> None:
 def test_a_deleted_row_inserted_again_keeps_the_delete_first() -> None:
     batch = RowBatch()
     batch.add(RowChange(ACCOUNTS, "delete", {"account_id": A}, 10))
-    batch.add(RowChange(ACCOUNTS, "insert", _account(A), 20))
-    batch.add(RowChange(ACCOUNTS, "update", _account(A, "Carol"), 30))
+    batch.add(RowChange(ACCOUNTS, "insert", account_row(), 20))
+    batch.add(RowChange(ACCOUNTS, "update", account_row(owner_name="Carol"), 30))
     assert [(change.kind, change.lsn) for change in _rows(batch)] == [("delete", 10), ("update", 30)]

@@ -17,31 +17,13 @@ from replicator.ops import (
     UpsertTimeline,
     UpsertView,
 )
-from replicator.projector import Projector
-
-PROJECTOR = Projector(KEYS)
-P = "00000000-0000-4000-8000-000000000001"
-Q = "00000000-0000-4000-8000-000000000002"
-A = "00000000-0000-4000-8000-00000000000a"
-B = "00000000-0000-4000-8000-00000000000b"
+from tests.support.rows import PROJECTOR, A, B, P, Q, payment_event_row, payment_row
 
 
 def _payment(lsn: int, payment_id: str = P, **changes: Value) -> list[SegmentOp]:
-    row: dict[str, Value] = {
-        "payment_id": payment_id,
-        "payer_account_id": A,
-        "payee_account_id": B,
-        "payer_name": "Alice",
-        "payee_name": "Bob",
-        "currency_code": "EUR",
-        "amount_minor": "10",
-        "reference": f"at {lsn}",
-        "status": "APPROVED",
-        "decline_reason": None,
-        "created_at": "2026-01-02 03:04:05+00",
-        "updated_at": "2026-01-02 03:04:05+00",
-    }
-    row.update(changes)
+    """The ops of an update of the payment at `lsn`, its reference "at <lsn>" unless given."""
+    changes.setdefault("reference", f"at {lsn}")
+    row = payment_row(payment_id=payment_id, **changes)
     return [
         op
         for op in PROJECTOR.project(RowChange(PAYMENTS, "update", row, lsn))
@@ -54,16 +36,9 @@ def _delete(lsn: int) -> list[SegmentOp]:
 
 
 def _entry(lsn: int, sequence: int, **changes: Value) -> UpsertTimeline:
-    row: dict[str, Value] = {
-        "payment_id": P,
-        "sequence": str(sequence),
-        "status": "APPROVED",
-        "decline_reason": None,
-        "actor": "system",
-        "note": f"note at {lsn}",
-        "created_at": "2026-01-02 03:04:05+00",
-    }
-    row.update(changes)
+    """The op of an update of P's timeline entry at `lsn`, its note "note at <lsn>" unless given."""
+    changes.setdefault("note", f"note at {lsn}")
+    row = payment_event_row(sequence=sequence, **changes)
     (op,) = PROJECTOR.project(RowChange(PAYMENT_EVENTS, "update", row, lsn))
     assert isinstance(op, UpsertTimeline)
     return op

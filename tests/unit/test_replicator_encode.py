@@ -7,10 +7,7 @@ from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.changes import Checkpoint
 from replicator.encode import EncodedEntry, EncodedView, encode
 from replicator.ops import DeleteTimeline, DeleteView, SetIndexes, UpsertTimeline, UpsertView, Write
-
-P = "00000000-0000-4000-8000-000000000001"
-Q = "00000000-0000-4000-8000-000000000002"
-A = "00000000-0000-4000-8000-00000000000a"
+from tests.support.rows import A, P, Q
 
 
 def _payment(payment_id: str) -> UpsertView:

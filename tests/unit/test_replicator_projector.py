@@ -7,7 +7,7 @@ from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from payments_common.keys import index_member
 from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, RowBatch, RowChange, TruncateTables
-from replicator.decoder import UNCHANGED, Value
+from replicator.decoder import UNCHANGED
 from replicator.ops import (
     DeleteTimeline,
     DeleteView,
@@ -17,57 +17,8 @@ from replicator.ops import (
     UpsertTimeline,
     UpsertView,
 )
-from replicator.projector import Projector, parse_timestamp_us
-
-PROJECTOR = Projector(KEYS)
-P = "00000000-0000-4000-8000-000000000001"
-A = "00000000-0000-4000-8000-00000000000a"
-B = "00000000-0000-4000-8000-00000000000b"
-
-
-def _payment_row(**changes: Value) -> dict[str, Value]:
-    row: dict[str, Value] = {
-        "payment_id": P,
-        "request_id": "r1",
-        "payer_account_id": A,
-        "payee_account_id": B,
-        "payer_name": "Alice",
-        "payee_name": "Bob",
-        "currency_code": "EUR",
-        "amount_minor": "1234",
-        "reference": "rent",
-        "status": "APPROVED",
-        "decline_reason": None,
-        "created_at": "2026-01-02 03:04:05.123456+00",
-        "updated_at": "2026-01-02 03:04:06+00",
-    }
-    row.update(changes)
-    return row
-
-
-def _account_row(**changes: Value) -> dict[str, Value]:
-    row: dict[str, Value] = {
-        "account_id": A,
-        "owner_name": "Alice",
-        "currency_code": "EUR",
-        "status": "FROZEN",
-        "ledger_balance_minor": "10000",
-        "held_minor": "2500",
-        "per_payment_limit_minor": "5000",
-        "daily_limit_minor": "9000",
-        "total_sent_minor": "700",
-        "total_received_minor": "300",
-        "sent_approved": "1",
-        "sent_declined": "2",
-        "sent_pending_review": "3",
-        "received_approved": "4",
-        "received_declined": "5",
-        "received_pending_review": "6",
-        "created_at": "2026-01-01 00:00:00+00",
-        "updated_at": "2026-01-02 00:00:00+00",
-    }
-    row.update(changes)
-    return row
+from replicator.projector import parse_timestamp_us
+from tests.support.rows import PROJECTOR, A, B, P, account_row, payment_event_row, payment_row
 
 
 def test_timestamps_parse_to_unix_microseconds() -> None:
@@ -77,7 +28,16 @@ def test_timestamps_parse_to_unix_microseconds() -> None:
 
 
 def test_payment_insert_writes_the_view_and_both_accounts_indexes() -> None:
-    ops = PROJECTOR.project(RowChange(PAYMENTS, "insert", _payment_row(), 900))
+    row = payment_row(
+        payer_name="Alice",
+        payee_name="Bob",
+        reference="rent",
+        currency_code="EUR",
+        amount_minor="1234",
+        status="APPROVED",
+        created_at="2026-01-02 03:04:05.123456+00",
+    )
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "insert", row, 900))
     view_op = ops[0]
     assert isinstance(view_op, UpsertView)
     assert view_op.key == KEYS.payment(P)
@@ -115,7 +75,7 @@ def test_payment_insert_writes_the_view_and_both_accounts_indexes() -> None:
 
 
 def test_status_change_moves_the_payment_between_status_indexes() -> None:
-    row = _payment_row(status="DECLINED", decline_reason="DECLINED_BY_REVIEWER")
+    row = payment_row(status="DECLINED", decline_reason="DECLINED_BY_REVIEWER")
     ops = PROJECTOR.project(RowChange(PAYMENTS, "update", row, 1000))
     upsert = ops[0]
     assert isinstance(upsert, UpsertView)
@@ -132,7 +92,7 @@ def test_status_change_moves_the_payment_between_status_indexes() -> None:
 
 
 def test_payment_to_oneself_is_sent_and_received_in_one_index_write() -> None:
-    ops = PROJECTOR.project(RowChange(PAYMENTS, "insert", _payment_row(payee_account_id=A), 5))
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "insert", payment_row(payee_account_id=A), 5))
     indexes = [op for op in ops if isinstance(op, SetIndexes)]
     assert len(indexes) == 1
     directions = {key.split(":idx:")[1].split(":")[0] for key in indexes[0].add}
@@ -140,7 +100,7 @@ def test_payment_to_oneself_is_sent_and_received_in_one_index_write() -> None:
 
 
 def test_unchanged_toast_columns_are_kept_from_the_stored_view() -> None:
-    ops = PROJECTOR.project(RowChange(PAYMENTS, "update", _payment_row(reference=UNCHANGED), 7))
+    ops = PROJECTOR.project(RowChange(PAYMENTS, "update", payment_row(reference=UNCHANGED), 7))
     assert isinstance(ops[0], UpsertView)
     assert ops[0].keep == ("reference",)
 
@@ -151,15 +111,9 @@ def test_payment_delete_unindexes_before_it_removes_the_view() -> None:
 
 
 def test_timeline_entry_and_its_delete() -> None:
-    row: dict[str, Value] = {
-        "payment_id": P,
-        "sequence": "2",
-        "status": "DECLINED",
-        "decline_reason": "DECLINED_BY_REVIEWER",
-        "actor": "carol",
-        "note": "no",
-        "created_at": "2026-01-02 04:00:00+00",
-    }
+    row = payment_event_row(
+        sequence=2, status="DECLINED", decline_reason="DECLINED_BY_REVIEWER", actor="carol"
+    )
     (op,) = PROJECTOR.project(RowChange(PAYMENT_EVENTS, "insert", row, 11))
     assert isinstance(op, UpsertTimeline)
     assert (op.payment_key, op.timeline_key, op.sequence) == (KEYS.payment(P), KEYS.payment_timeline(P), 2)
@@ -170,7 +124,22 @@ def test_timeline_entry_and_its_delete() -> None:
 
 
 def test_account_view_is_a_function_of_the_row() -> None:
-    (op,) = PROJECTOR.project(RowChange(ACCOUNTS, "update", _account_row(), 13))
+    row = account_row(
+        currency_code="EUR",
+        status="FROZEN",
+        ledger_balance_minor="10000",
+        held_minor="2500",
+        per_payment_limit_minor="5000",
+        total_sent_minor="700",
+        total_received_minor="300",
+        sent_approved="1",
+        sent_declined="2",
+        sent_pending_review="3",
+        received_approved="4",
+        received_declined="5",
+        received_pending_review="6",
+    )
+    (op,) = PROJECTOR.project(RowChange(ACCOUNTS, "update", row, 13))
     assert isinstance(op, UpsertView)
     view = op.view
     assert isinstance(view, read_model_pb2.AccountView)
@@ -184,11 +153,11 @@ def test_account_view_is_a_function_of_the_row() -> None:
     assert view.per_payment_limit.amount_minor == 5000
     assert view.daily_limit.currency_code == "EUR"
     # The same row projects to the same write: replaying a change cannot double-count.
-    assert PROJECTOR.project(RowChange(ACCOUNTS, "update", _account_row(), 13)) == [op]
+    assert PROJECTOR.project(RowChange(ACCOUNTS, "update", row, 13)) == [op]
 
 
 def test_new_columns_are_ignored_and_other_tables_produce_nothing() -> None:
-    (op,) = PROJECTOR.project(RowChange(ACCOUNTS, "update", _account_row(nickname="B"), 14))
+    (op,) = PROJECTOR.project(RowChange(ACCOUNTS, "update", account_row(nickname="B"), 14))
     assert isinstance(op, UpsertView)
     assert PROJECTOR.project(RowChange("public.ledger_entries", "insert", {"entry_id": "1"}, 15)) == []
 
@@ -208,10 +177,10 @@ def _views(ops: list[Op]) -> list[tuple[str, int]]:
 
 def test_row_batch_projects_only_the_last_state_of_each_row() -> None:
     batch = RowBatch()
-    batch.add(RowChange(ACCOUNTS, "update", _account_row(ledger_balance_minor="1"), 10))
-    batch.add(RowChange(PAYMENTS, "insert", _payment_row(status="PENDING_REVIEW"), 10))
-    batch.add(RowChange(ACCOUNTS, "update", _account_row(ledger_balance_minor="2"), 20))
-    batch.add(RowChange(PAYMENTS, "update", _payment_row(), 20))
+    batch.add(RowChange(ACCOUNTS, "update", account_row(ledger_balance_minor="1"), 10))
+    batch.add(RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 10))
+    batch.add(RowChange(ACCOUNTS, "update", account_row(ledger_balance_minor="2"), 20))
+    batch.add(RowChange(PAYMENTS, "update", payment_row(), 20))
     assert batch.changes == 4
     ops = PROJECTOR.project_batch(batch)
     assert _views(ops) == [(KEYS.account(A), 20), (KEYS.payment(P), 20)]
@@ -221,8 +190,8 @@ def test_row_batch_projects_only_the_last_state_of_each_row() -> None:
 
 def test_row_batch_fills_unchanged_columns_from_the_earlier_change() -> None:
     batch = RowBatch()
-    batch.add(RowChange(PAYMENTS, "insert", _payment_row(reference="long"), 10))
-    batch.add(RowChange(PAYMENTS, "update", _payment_row(reference=UNCHANGED, status="DECLINED"), 10))
+    batch.add(RowChange(PAYMENTS, "insert", payment_row(reference="long"), 10))
+    batch.add(RowChange(PAYMENTS, "update", payment_row(reference=UNCHANGED, status="DECLINED"), 10))
     (view, *_) = PROJECTOR.project_batch(batch)
     assert isinstance(view, UpsertView)
     assert not view.keep
@@ -232,16 +201,16 @@ def test_row_batch_fills_unchanged_columns_from_the_earlier_change() -> None:
 def test_row_batch_keeps_a_delete_before_a_new_insert_of_the_same_key() -> None:
     batch = RowBatch()
     batch.add(RowChange(ACCOUNTS, "delete", {"account_id": A}, 10))
-    batch.add(RowChange(ACCOUNTS, "insert", _account_row(), 20))
+    batch.add(RowChange(ACCOUNTS, "insert", account_row(), 20))
     assert _views(PROJECTOR.project_batch(batch)) == [(KEYS.account(A), 10), (KEYS.account(A), 20)]
     assert isinstance(PROJECTOR.project_batch(batch)[0], DeleteView)
 
 
 def test_row_batch_truncate_is_a_barrier() -> None:
     batch = RowBatch()
-    batch.add(RowChange(ACCOUNTS, "update", _account_row(), 10))
+    batch.add(RowChange(ACCOUNTS, "update", account_row(), 10))
     batch.truncate((ACCOUNTS, PAYMENTS), 20)
-    batch.add(RowChange(ACCOUNTS, "insert", _account_row(), 30))
+    batch.add(RowChange(ACCOUNTS, "insert", account_row(), 30))
     ops = PROJECTOR.project_batch(batch)
     kinds = [type(op).__name__ for op in ops]
     assert kinds == ["UpsertView", "TruncateTables", "UpsertView"]

@@ -15,13 +15,8 @@ from replicator.ops import (
     UpsertTimeline,
     UpsertView,
 )
-from replicator.projector import Projector
 from replicator.resolve import resolve, stored_fields
-
-PROJECTOR = Projector(KEYS)
-P = "00000000-0000-4000-8000-000000000001"
-A = "00000000-0000-4000-8000-00000000000a"
-B = "00000000-0000-4000-8000-00000000000b"
+from tests.support.rows import PROJECTOR, A, B, P
 
 
 def _view(reference: str, keep: tuple[str, ...] = ()) -> UpsertView:

@@ -13,12 +13,9 @@ from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from replicator.changes import Checkpoint
 from replicator.encode import EncodedBatch, EncodedView
 from replicator.ops import StoredField, UpsertView
-from replicator.projector import Projector
 from replicator.sink import Sink
 from replicator.writer import Writer
-
-PROJECTOR = Projector(KEYS)
-P = "00000000-0000-4000-8000-000000000001"
+from tests.support.rows import PROJECTOR, P
 
 
 class _Sink:
