@@ -103,22 +103,18 @@ class SourceWriter:
     ) -> str:
         """Inserts a payment with its first event and updates both accounts, in one transaction."""
         payment_id = payment_id or str(uuid.uuid4())
-        if status == "DECLINED" and decline_reason is None:
-            decline_reason = "INSUFFICIENT_FUNDS"
         with self.connection, self.connection.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id, payer_name, "
-                "payee_name, currency_code, amount_minor, reference, status, decline_reason) "
-                "SELECT %s, %s, p.account_id, q.account_id, p.owner_name, q.owner_name, p.currency_code, %s, %s, "
-                "%s, %s FROM accounts p, accounts q WHERE p.account_id = %s AND q.account_id = %s",
-                (payment_id, payment_id, amount_minor, reference, status, decline_reason, payer, payee),
+            self._insert(
+                cursor,
+                payer,
+                payee,
+                amount_minor,
+                status,
+                payment_id=payment_id,
+                request_id=payment_id,
+                decline_reason=decline_reason,
+                reference=reference,
             )
-            cursor.execute(
-                "INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor) "
-                "VALUES (%s, 1, %s, %s, 'system')",
-                (payment_id, status, decline_reason),
-            )
-            self._book(cursor, payer, payee, amount_minor, status, +1)
         return payment_id
 
     def review(self, payment_id: str, approve: bool, actor: str = "reviewer", note: str = "") -> None:
@@ -156,14 +152,14 @@ class SourceWriter:
     ) -> tuple[str, str]:
         """Records one payment in one transaction; returns its id and a consistency token."""
         with self.connection, self.connection.cursor() as cursor:
-            payment_id = self._insert(cursor, payer, payee, amount_minor, status, created_at, reference)
+            payment_id = self._pay(cursor, payer, payee, amount_minor, status, created_at, reference)
         return payment_id, self.position()
 
     def pay_many(self, payer: str, payee: str, count: int, amount_minor: int = 1) -> list[str]:
         """Records `count` approved payments in one source transaction (so in one replicated batch)."""
         with self.connection, self.connection.cursor() as cursor:
             return [
-                self._insert(cursor, payer, payee, amount_minor, "APPROVED", None, f"bulk {n}")
+                self._pay(cursor, payer, payee, amount_minor, "APPROVED", None, f"bulk {n}")
                 for n in range(count)
             ]
 
@@ -199,7 +195,7 @@ class SourceWriter:
             )
         return self.position()
 
-    def _insert(
+    def _pay(
         self,
         cursor: Any,
         payer: str,
@@ -209,40 +205,71 @@ class SourceWriter:
         created_at: datetime | None,
         reference: str,
     ) -> str:
+        """One payment as `pay` writes it: both accounts locked first, request_id req-<id>.
+
+        Its time is `created_at`, or else this process's clock (not the database's, as in `submit`).
+        """
+        cursor.execute("SELECT 1 FROM accounts WHERE account_id IN (%s, %s) FOR UPDATE", (payer, payee))
         payment_id = str(uuid.uuid4())
-        created = created_at or datetime.now(UTC)
-        decline = "INSUFFICIENT_FUNDS" if status == "DECLINED" else None
-        cursor.execute(
-            "SELECT account_id::text, owner_name FROM accounts WHERE account_id IN (%s, %s) FOR UPDATE",
-            (payer, payee),
+        self._insert(
+            cursor,
+            payer,
+            payee,
+            amount_minor,
+            status,
+            payment_id=payment_id,
+            request_id=f"req-{payment_id}",
+            reference=reference,
+            created_at=created_at or datetime.now(UTC),
         )
-        names = dict(cursor.fetchall())
+        return payment_id
+
+    def _insert(
+        self,
+        cursor: Any,
+        payer: str,
+        payee: str,
+        amount_minor: int,
+        status: str,
+        *,
+        payment_id: str,
+        request_id: str,
+        reference: str,
+        decline_reason: str | None = None,
+        created_at: datetime | None = None,
+    ) -> None:
+        """Inserts a payment in the payer's currency with its first event, and books it on both accounts.
+
+        A declined payment without a reason is INSUFFICIENT_FUNDS; without `created_at`, the
+        payment and its event take the database's clock (the columns' default).
+        """
+        if status == "DECLINED" and decline_reason is None:
+            decline_reason = "INSUFFICIENT_FUNDS"
+        values = {
+            "id": payment_id,
+            "request": request_id,
+            "payer": payer,
+            "payee": payee,
+            "amount": amount_minor,
+            "reference": reference,
+            "status": status,
+            "reason": decline_reason,
+            "at": created_at,
+        }
         cursor.execute(
-            "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id,"
-            " payer_name, payee_name, currency_code, amount_minor, reference, status, decline_reason,"
-            " created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, 'EUR', %s, %s, %s, %s, %s, %s)",
-            (
-                payment_id,
-                f"req-{payment_id}",
-                payer,
-                payee,
-                names[payer],
-                names[payee],
-                amount_minor,
-                reference,
-                status,
-                decline,
-                created,
-                created,
-            ),
+            "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id, payer_name,"
+            " payee_name, currency_code, amount_minor, reference, status, decline_reason, created_at, updated_at)"
+            " SELECT %(id)s, %(request)s, p.account_id, q.account_id, p.owner_name, q.owner_name, p.currency_code,"
+            " %(amount)s, %(reference)s, %(status)s, %(reason)s, coalesce(%(at)s, now()), coalesce(%(at)s, now())"
+            " FROM accounts p, accounts q WHERE p.account_id = %(payer)s AND q.account_id = %(payee)s",
+            values,
         )
         cursor.execute(
             "INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, created_at)"
-            " VALUES (%s, 1, %s, %s, 'system', %s)",
-            (payment_id, status, decline, created),
+            " VALUES (%(id)s, 1, %(status)s, %(reason)s, 'system', coalesce(%(at)s, now()))",
+            values,
         )
         self._book(cursor, payer, payee, amount_minor, status, +1)
-        return payment_id
 
     @staticmethod
     def _book(cursor: Any, payer: str, payee: str, amount: int, status: str, sign: int) -> None:
