@@ -49,13 +49,27 @@ def checkpoint_lsn(redis_url: str, slot: str = DEFAULT_SLOT_NAME, namespace: str
 
 def current_wal_lsn(database_url: str) -> int:
     """PostgreSQL's current WAL write position, as the integer that checkpoints are compared with."""
+    return _read_lsn(database_url, "SELECT pg_current_wal_lsn()::text")
+
+
+def slot_confirmed_lsn(database_url: str, slot: str = DEFAULT_SLOT_NAME) -> int:
+    """The position up to which `slot`'s consumer has confirmed the source (its confirmed_flush_lsn)."""
+    return _read_lsn(
+        database_url,
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+        (slot,),
+    )
+
+
+def _read_lsn(database_url: str, query: str, args: tuple[str, ...] = ()) -> int:
+    """The one WAL position that `query` returns, on a connection of its own."""
     connection = psycopg2.connect(database_url)
     try:
         connection.autocommit = True
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_current_wal_lsn()::text")
+            cursor.execute(query, args or None)
             row = cursor.fetchone()
-            assert row is not None
+            assert row is not None, query
             return parse_lsn(row[0])
     finally:
         connection.close()

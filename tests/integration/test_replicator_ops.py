@@ -6,15 +6,13 @@ import time
 import urllib.request
 
 import grpc
-import psycopg2
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
-from payments_common.lsn import parse_lsn
-from stack.replication import run_reconcile
+from stack.replication import run_reconcile, slot_confirmed_lsn
 from stack.servers import free_port
 from tests.support.replicator import (
     StartReplicator,
@@ -27,21 +25,6 @@ from tests.support.replicator import (
 from tests.support.source import SourceWriter
 
 __all__ = ["replicator"]
-
-
-def _confirmed_flush(database_url: str) -> int:
-    connection = psycopg2.connect(database_url)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-                (slot_for(database_url),),
-            )
-            row = cursor.fetchone()
-            assert row is not None
-            return parse_lsn(row[0])
-    finally:
-        connection.close()
 
 
 def test_idle_checkpoint_follows_writes_to_unpublished_tables(
@@ -57,7 +40,7 @@ def test_idle_checkpoint_follows_writes_to_unpublished_tables(
     assert checkpoint_lsn(redis_url, process.slot) >= target
     # The slot is told too, so that it does not pin WAL.
     deadline = time.monotonic() + 30
-    while _confirmed_flush(migrated_dsn) < target:
+    while slot_confirmed_lsn(migrated_dsn, process.slot) < target:
         assert time.monotonic() < deadline, "the slot's confirmed position did not advance"
         time.sleep(0.05)
     client = redis.Redis.from_url(redis_url)
