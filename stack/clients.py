@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -33,6 +35,92 @@ HISTORY_SERVICE_CONFIG = {
 }
 
 
+# A token, or a function that returns the current one (a long-lived client renews its token).
+TokenSource = str | Callable[[], str]
+
+
+def _bearer(token: TokenSource) -> tuple[str, str]:
+    return ("authorization", f"Bearer {token() if callable(token) else token}")
+
+
+def _with_bearer(details: grpc.aio.ClientCallDetails, token: TokenSource) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(*_bearer(token))
+    return details._replace(metadata=metadata)  # type: ignore[attr-defined, no-any-return]
+
+
+# Two classes, not one with both methods: a grpc.aio channel files each interceptor under
+# the first kind it is an instance of, so one object would see unary-unary calls only.
+class _AioUnaryBearer(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Adds `authorization: Bearer <token>` to every unary call of an asyncio channel."""
+
+    def __init__(self, token: TokenSource) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(_with_bearer(client_call_details, self.token), request)
+
+
+class _AioStreamBearer(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    """Adds `authorization: Bearer <token>` to every server-streaming call of an asyncio channel."""
+
+    def __init__(self, token: TokenSource) -> None:
+        self.token = token
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(_with_bearer(client_call_details, self.token), request)
+
+
+def bearer_interceptors(token: TokenSource) -> list[Any]:
+    """The asyncio client interceptors (unary-unary and unary-stream) that send `token` with every call."""
+    return [_AioUnaryBearer(token), _AioStreamBearer(token)]
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str | bytes]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _SyncBearer(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """The synchronous equivalent of the asyncio interceptors, for `grpc.intercept_channel`."""
+
+    def __init__(self, token: TokenSource) -> None:
+        self.token = token
+
+    def _details(self, details: Any) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), _bearer(self.token)],
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+
+def sync_bearer_interceptors(token: TokenSource) -> list[Any]:
+    """The synchronous client interceptors that send `token` with every call."""
+    return [_SyncBearer(token)]
+
+
+def with_bearer(channel: grpc.Channel, token: TokenSource) -> grpc.Channel:
+    """A synchronous channel that sends `token` with every call: `grpc.intercept_channel` with the interceptors."""
+    return grpc.intercept_channel(channel, *sync_bearer_interceptors(token))
+
+
 def history_target(addresses: list[str]) -> str:
     """A target that gRPC resolves to every address, e.g. "ipv4:127.0.0.1:5001,127.0.0.1:5002".
 
@@ -41,25 +129,35 @@ def history_target(addresses: list[str]) -> str:
     return "ipv4:" + ",".join(addresses)
 
 
-def history_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+def history_channel(
+    target: str, credentials: grpc.ChannelCredentials | None = None, *, token: TokenSource | None = None
+) -> grpc.aio.Channel:
     """An asyncio channel that spreads calls over every history process and retries UNAVAILABLE.
 
-    With `credentials` (payments_common.tls.channel_credentials) the channel speaks TLS.
+    With `credentials` (payments_common.tls.channel_credentials) the channel speaks TLS;
+    with `token` every call carries it as a bearer token.
     """
     options = [
         ("grpc.service_config", json.dumps(HISTORY_SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
     ]
+    interceptors = bearer_interceptors(token) if token is not None else None
     if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, options=options)
-    return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
-def approval_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
-    """An asyncio channel to the approval service. Mutations are retried by the caller, with the same request_id."""
+def approval_channel(
+    address: str, credentials: grpc.ChannelCredentials | None = None, *, token: TokenSource | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to the approval service. Mutations are retried by the caller, with the same request_id.
+
+    With `token` every call carries it as a bearer token.
+    """
+    interceptors = bearer_interceptors(token) if token is not None else None
     if credentials is not None:
-        return grpc.aio.secure_channel(address, credentials)
-    return grpc.aio.insecure_channel(address)
+        return grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)
 
 
 class Payments:
