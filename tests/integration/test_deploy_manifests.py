@@ -14,6 +14,9 @@ from typing import Any, NoReturn
 import pytest
 from packaging.requirements import Requirement
 
+from payments.approval.v1 import approval_service_pb2 as approval_pb2
+from payments.history.v1 import history_service_pb2 as history_pb2
+from stack.auth import APPROVAL_METHODS, HISTORY_METHODS, ROLES, LocalAuthority, default_policy
 from tests.support import ROOT, k8s
 from tests.support.k8s import OVERLAYS, SERVICES, Endpoint, Obj
 
@@ -395,22 +398,142 @@ def test_credentials_only_come_from_secrets(objs: tuple[Obj, ...]) -> None:
                     assert var["value"].startswith("/var/run/secrets/"), var
 
 
-def test_file_settings_point_into_mounted_secrets(objs: tuple[Obj, ...], namespace: str) -> None:
+def _mounted_file(pod: Obj, container: Obj, path: str) -> tuple[Obj, Obj, str]:
+    """The volume mount and the volume that hold the file at `path`, and the volume's key for it."""
+    directory, _, filename = path.rpartition("/")
+    (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == directory]
+    (volume,) = [v for v in pod["spec"].get("volumes", []) if v["name"] == mount["name"]]
+    source = volume.get("secret") or volume.get("configMap")
+    assert source is not None, f"{path} is mounted from neither a Secret nor a ConfigMap"
+    (item,) = [i for i in source["items"] if i["path"] == filename]
+    return mount, volume, item["key"]
+
+
+def test_file_settings_point_into_mounted_files(objs: tuple[Obj, ...], namespace: str) -> None:
+    """Every `_FILE` setting names a file that a mounted Secret or ConfigMap provides.
+
+    Credentials come from Secrets only; a ConfigMap must be rendered with the key the pod
+    reads. No mount uses subPath, which would freeze the file: the JWKS (and any rotated
+    credential) is updated in place when its Secret changes.
+    """
+    configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in k8s.of_kind(objs, "ConfigMap")}
     for workload in k8s.workloads(objs):
         pod = k8s.pod_template(workload)
-        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        name = workload["metadata"]["name"]
         for container in pod["spec"]["containers"]:
+            assert not [m for m in container.get("volumeMounts", []) if "subPath" in m], name
             env = k8s.container_env(container, objs, namespace)
-            for name, path in env.items():
-                if not name.endswith("_FILE"):
+            for variable, path in env.items():
+                if not variable.endswith("_FILE"):
                     continue
-                directory, _, filename = path.rpartition("/")
-                (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
-                secret = volumes[mount["name"]]["secret"]
-                assert filename in [item["path"] for item in secret["items"]], (
-                    workload["metadata"]["name"],
-                    name,
-                )
+                _, volume, key = _mounted_file(pod, container, path)
+                if "configMap" in volume:
+                    assert not SECRET_LOOKING.search(variable.removesuffix("_FILE")), (name, variable)
+                    assert key in configmaps.get(volume["configMap"]["name"], {}), (name, variable)
+
+
+# ----- authentication ---------------------------------------------------------------------------
+
+# The gRPC APIs: every call but health and reflection needs credentials. (The replicator's
+# gRPC port serves health only.)
+API_SERVICES = {"approval": approval_pb2, "history": history_pb2}
+
+
+def _api_env(objs: tuple[Obj, ...], namespace: str, service: str) -> dict[str, str]:
+    _, container = _service_container(objs, service)
+    return k8s.container_env(container, objs, namespace)
+
+
+def test_every_grpc_api_is_a_service_with_authentication(objs: tuple[Obj, ...]) -> None:
+    # A new workload with a `grpc` port must be added to API_SERVICES, and so to the checks below.
+    serving = {
+        k8s.pod_template(w)["metadata"]["labels"]["app.kubernetes.io/name"]
+        for w in k8s.workloads(objs)
+        for c in k8s.containers(k8s.pod_template(w))
+        if any(p.get("name") == "grpc" for p in c.get("ports", []))
+    }
+    assert serving == set(API_SERVICES)
+
+
+@pytest.mark.parametrize("service", sorted(API_SERVICES))
+def test_grpc_servers_verify_tokens_and_apply_a_policy(
+    objs: tuple[Obj, ...], namespace: str, service: str
+) -> None:
+    env = _api_env(objs, namespace, service)
+    prefix = SERVICES[service]["prefix"]
+    assert env.get(f"{prefix}_AUTH_JWKS_FILE"), f"{service} has no JWKS to verify tokens with"
+    for setting in ("AUTH_ISSUER", "AUTH_AUDIENCE", "AUTH_POLICY_FILE"):
+        assert env.get(f"{prefix}_{setting}"), (service, setting)
+    assert env[f"{prefix}_AUTH_ISSUER"].startswith("https://")
+
+
+def test_no_workload_turns_authentication_off(objs: tuple[Obj, ...], namespace: str) -> None:
+    for workload in k8s.workloads(objs):
+        for container in k8s.containers(k8s.pod_template(workload)):
+            names = set(k8s.container_env(container, objs, namespace))
+            names |= {var["name"] for var in container.get("env", [])}  # valueFrom too
+            disabled = sorted(n for n in names if n.endswith("AUTH_DISABLED"))
+            assert disabled == [], (workload["metadata"]["name"], disabled)
+    for configmap in k8s.of_kind(objs, "ConfigMap"):
+        assert not [k for k in configmap.get("data", {}) if k.endswith("AUTH_DISABLED")], configmap
+
+
+def test_both_apis_trust_the_same_issuer_audience_and_keys(
+    objs: tuple[Obj, ...], namespace: str, overlay: str
+) -> None:
+    """A token from the identity provider works on both services; the dev overlay trusts `python -m stack token`."""
+    approval, history = (_api_env(objs, namespace, s) for s in ("approval", "history"))
+    for setting in ("AUTH_ISSUER", "AUTH_AUDIENCE"):
+        assert approval[f"APPROVAL_{setting}"] == history[f"HISTORY_{setting}"], setting
+    jwks = []
+    for service in ("approval", "history"):
+        workload, container = _service_container(objs, service)
+        env = _api_env(objs, namespace, service)
+        _, volume, key = _mounted_file(
+            k8s.pod_template(workload), container, env[f"{SERVICES[service]['prefix']}_AUTH_JWKS_FILE"]
+        )
+        assert "secret" in volume, "the JWKS decides who may sign tokens: a Secret, under Secret RBAC"
+        jwks.append((volume["secret"]["secretName"], key))
+    assert jwks[0] == jwks[1]
+    if overlay == "dev":
+        assert approval["APPROVAL_AUTH_ISSUER"] == LocalAuthority.ISSUER
+        assert approval["APPROVAL_AUTH_AUDIENCE"] == LocalAuthority.AUDIENCE
+
+
+def _mounted_policy(objs: tuple[Obj, ...], namespace: str, service: str) -> tuple[str, dict[str, Any]]:
+    """The ConfigMap that the service's policy file comes from, and the policy document."""
+    workload, container = _service_container(objs, service)
+    path = _api_env(objs, namespace, service)[f"{SERVICES[service]['prefix']}_AUTH_POLICY_FILE"]
+    _, volume, key = _mounted_file(k8s.pod_template(workload), container, path)
+    assert "configMap" in volume, f"{service}'s policy is configuration: a ConfigMap"
+    configmap = k8s.named(objs, "ConfigMap", volume["configMap"]["name"])
+    return configmap["metadata"]["name"], json.loads(configmap["data"][key])
+
+
+@pytest.mark.parametrize("service", sorted(API_SERVICES))
+def test_the_policy_covers_every_method_of_the_service(
+    objs: tuple[Obj, ...], namespace: str, service: str
+) -> None:
+    """Every RPC of the contract has roles (a method the policy omits is denied to everyone), and no other."""
+    _, policy = _mounted_policy(objs, namespace, service)
+    (descriptor,) = API_SERVICES[service].DESCRIPTOR.services_by_name.values()
+    methods = {f"{descriptor.full_name}/{method.name}" for method in descriptor.methods}
+    assert set(policy["methods"]) == methods
+    for method, roles in policy["methods"].items():
+        assert roles, f"{method} allows no role"
+        assert set(roles) <= set(ROLES), (method, roles)
+    assert set(policy["customer_roles"]) <= set(ROLES)
+
+
+def test_the_policies_are_the_local_stacks_and_kept_in_one_configmap(
+    objs: tuple[Obj, ...], namespace: str
+) -> None:
+    """The deployed policies are exactly the defaults of stack/auth.py, which `make up` and the tests use."""
+    approval_source, approval_policy = _mounted_policy(objs, namespace, "approval")
+    history_source, history_policy = _mounted_policy(objs, namespace, "history")
+    assert approval_source == history_source
+    assert approval_policy == default_policy(APPROVAL_METHODS)
+    assert history_policy == default_policy(HISTORY_METHODS)
 
 
 # ----- network policies -------------------------------------------------------------------------
