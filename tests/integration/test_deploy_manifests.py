@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from packaging.requirements import Requirement
 
 from payments.approval.v1 import approval_service_pb2 as approval_pb2
 from payments.history.v1 import history_service_pb2 as history_pb2
+from payments_common.settings import SettingsError
 from stack.auth import APPROVAL_METHODS, HISTORY_METHODS, ROLES, LocalAuthority, default_policy
 from tests.support import ROOT, k8s
 from tests.support.k8s import OVERLAYS, SERVICES, Endpoint, Obj
@@ -534,6 +536,66 @@ def test_the_policies_are_the_local_stacks_and_kept_in_one_configmap(
     assert approval_source == history_source
     assert approval_policy == default_policy(APPROVAL_METHODS)
     assert history_policy == default_policy(HISTORY_METHODS)
+
+
+# What the Secrets created out of band hold, by key: values of the right form for each setting.
+SECRET_SAMPLES = {
+    "database-url": "postgresql://approval:sample@postgresql:5432/payments",
+    "redis-url": "redis://history:sample@redis:6379/0",
+    "page-token-secret": "a-page-token-secret-of-32-bytes!",
+}
+# The settings that each command of the image reads.
+COMMAND_SETTINGS = {
+    ("approval-svc", "serve"): "approval_svc.config",
+    ("approval-svc", "migrate"): "approval_svc.config",
+    ("history-svc", "serve"): "history_svc.config",
+    ("replicator", "run"): "replicator.config",
+}
+
+
+def test_every_command_accepts_the_settings_its_pod_gets(
+    objs: tuple[Obj, ...], namespace: str, tmp_path: Path
+) -> None:
+    """Each container's environment and mounted files, as rendered, pass its settings' checks.
+
+    The files are laid out as the pod would see them: ConfigMaps with their rendered data,
+    Secrets with sample values (the JWKS a local authority's), so the check covers the
+    policies too (every method a policy names must be one the server serves).
+    """
+    samples = {
+        **SECRET_SAMPLES,
+        "jwks.json": LocalAuthority.create(tmp_path / "authority").jwks_path.read_text(),
+    }
+    configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in k8s.of_kind(objs, "ConfigMap")}
+    checked = set()
+    for workload in k8s.workloads(objs):
+        pod = k8s.pod_template(workload)
+        for container in pod["spec"]["containers"]:
+            command = tuple(container.get("command") or ())
+            if "payments-cqrs" not in container["image"]:
+                continue
+            assert command in COMMAND_SETTINGS, f"no settings known for {command}"
+            env = k8s.container_env(container, objs, namespace)
+            for variable, path in list(env.items()):
+                if not variable.endswith("_FILE"):
+                    continue
+                _, volume, key = _mounted_file(pod, container, path)
+                if "configMap" in volume:
+                    text = configmaps[volume["configMap"]["name"]][key]
+                else:
+                    assert key in samples, f"add a sample of the Secret key {key!r} to SECRET_SAMPLES"
+                    text = samples[key]
+                local = tmp_path / workload["metadata"]["name"] / volume["name"] / key
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_text(text)
+                env[variable] = str(local)
+            settings = importlib.import_module(COMMAND_SETTINGS[command]).Settings
+            try:
+                settings.from_env(env)
+            except SettingsError as error:
+                pytest.fail(f"{workload['metadata']['name']} ({' '.join(command)}): {error}")
+            checked.add(command)
+    assert checked == set(COMMAND_SETTINGS)
 
 
 # ----- network policies -------------------------------------------------------------------------
