@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
@@ -13,6 +13,7 @@ from payments.approval.v1 import approval_service_pb2 as approval
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
+from stack.auth import ACCOUNTS_ADMIN, REVIEWER
 
 HISTORY_SERVICE = "payments.history.v1.HistoryService"
 
@@ -160,22 +161,49 @@ def approval_channel(
     return grpc.aio.insecure_channel(address, interceptors=interceptors)
 
 
-class Payments:
-    """The calls of a scenario (the demo, the end-to-end test), keeping the last consistency token.
+class Credentials(Protocol):
+    """Where a client's tokens come from: one per role, and a customer's for the account it acts for."""
 
-    A read that passes `last_token` as its `min_consistency_token` sees every change made so far.
+    def role(self, role: str) -> str: ...
+
+    def customer(self, account_id: str) -> str: ...
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries `token`, for one call: `stub.Method(request, metadata=...)`."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+class Payments:
+    """The calls of a scenario (the demo, the end-to-end test), each with the token of the role that may make it.
+
+    Accounts are opened and frozen by an accounts admin, a payment is submitted by the
+    customer who pays (a token acting for the payer's account only), and a held payment is
+    decided by the reviewer, whose identity the timeline records. It keeps the last
+    consistency token: a read that passes `last_token` as its `min_consistency_token` sees
+    every change made so far.
     """
 
     def __init__(
         self,
         approval_stub: approval_grpc.ApprovalServiceAsyncStub,
         history_stub: history_grpc.HistoryServiceAsyncStub,
+        credentials: Credentials,
         currency: str = "EUR",
     ) -> None:
         self.approval = approval_stub
         self.history = history_stub
+        self.credentials = credentials
         self.currency = currency
         self.last_token = ""
+
+    def as_role(self, role: str) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call made as `role` (see stack/auth.py's ROLES)."""
+        return bearer_metadata(self.credentials.role(role))
+
+    def as_customer(self, account_id: str) -> tuple[tuple[str, str], ...]:
+        """The metadata of a call made by the customer who holds `account_id`."""
+        return bearer_metadata(self.credentials.customer(account_id))
 
     def money(self, minor: int) -> money_pb2.Money:
         return money_pb2.Money(currency_code=self.currency, amount_minor=minor)
@@ -189,7 +217,8 @@ class Payments:
                 opening_balance_minor=opening,
                 per_payment_limit_minor=per_payment,
                 daily_limit_minor=daily,
-            )
+            ),
+            metadata=self.as_role(ACCOUNTS_ADMIN),
         )
         self.last_token = response.consistency_token
         return response.account
@@ -197,6 +226,7 @@ class Payments:
     async def pay(
         self, payer: str, payee: str, minor: int, reference: str = "", request_id: str | None = None
     ) -> approval.Payment:
+        """Submits a payment as the payer's customer."""
         response = await self.approval.SubmitPayment(
             approval.SubmitPaymentRequest(
                 request_id=request_id or str(uuid.uuid4()),
@@ -204,7 +234,24 @@ class Payments:
                 payee_account_id=payee,
                 amount=self.money(minor),
                 reference=reference,
-            )
+            ),
+            metadata=self.as_customer(payer),
+        )
+        self.last_token = response.consistency_token
+        return response.payment
+
+    async def freeze(self, account_id: str, reason: str = "") -> None:
+        response = await self.approval.FreezeAccount(
+            approval.FreezeAccountRequest(request_id=str(uuid.uuid4()), account_id=account_id, reason=reason),
+            metadata=self.as_role(ACCOUNTS_ADMIN),
+        )
+        self.last_token = response.consistency_token
+
+    async def approve(self, payment_id: str, note: str = "") -> approval.Payment:
+        """Approves a held payment as the reviewer: the token, not the request, names who decided."""
+        response = await self.approval.ApprovePayment(
+            approval.ApprovePaymentRequest(request_id=str(uuid.uuid4()), payment_id=payment_id, note=note),
+            metadata=self.as_role(REVIEWER),
         )
         self.last_token = response.consistency_token
         return response.payment

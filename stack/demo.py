@@ -7,6 +7,7 @@ import contextlib
 import statistics
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -16,8 +17,10 @@ from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2, payment_pb2
-from stack import local
-from stack.clients import Payments, approval_channel, history_channel, history_target
+from payments_common.grpcstatus import error_info
+from stack import local, tokens
+from stack.auth import HISTORY_READER, REVIEWER
+from stack.clients import Credentials, Payments, approval_channel, history_channel, history_target
 
 CURRENCY = "EUR"
 
@@ -54,8 +57,9 @@ class Scenario(Payments):
         self,
         approval_stub: approval_grpc.ApprovalServiceAsyncStub,
         history_stub: history_grpc.HistoryServiceAsyncStub,
+        credentials: Credentials,
     ) -> None:
-        super().__init__(approval_stub, history_stub, CURRENCY)
+        super().__init__(approval_stub, history_stub, credentials, CURRENCY)
         self.names: dict[str, str] = {}
 
     async def open(self, owner: str, opening: int, per_payment: int, daily: int) -> approval.Account:
@@ -79,7 +83,7 @@ class Scenario(Payments):
 
 
 async def _watch(
-    history_stub: history_grpc.HistoryServiceAsyncStub,
+    story: Scenario,
     account_id: str,
     name: str,
     seen: list[str],
@@ -87,7 +91,10 @@ async def _watch(
     wanted: int,
     done: asyncio.Event,
 ) -> None:
-    call = history_stub.WatchPayments(history.WatchPaymentsRequest(account_id=account_id))
+    # The account holder watches their own payments.
+    call = story.history.WatchPayments(
+        history.WatchPaymentsRequest(account_id=account_id), metadata=story.as_customer(account_id)
+    )
     await call.initial_metadata()  # sent once the subscription is in place
     ready.set()
     try:
@@ -106,43 +113,44 @@ async def _watch(
             raise
 
 
-async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
+async def refused(call: Awaitable[object]) -> str:
+    """The status code and ErrorInfo reason of a call that must fail, as "CODE (REASON)"."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        info = error_info(error)
+        return f"{error.code().name} ({info.reason if info else 'no reason'})"
+    raise AssertionError("the call was allowed")
+
+
+async def scenario(approval_addr: str, history_addrs: list[str], credentials: Credentials) -> None:
     async with (
         approval_channel(approval_addr) as a_chan,
         history_channel(history_target(history_addrs)) as h_chan,
     ):
-        story = Scenario(approval_grpc.ApprovalServiceStub(a_chan), history_grpc.HistoryServiceStub(h_chan))
+        story = Scenario(
+            approval_grpc.ApprovalServiceStub(a_chan), history_grpc.HistoryServiceStub(h_chan), credentials
+        )
 
-        print("\n1. Open accounts")
+        print("\n1. Open accounts (as an accounts admin)")
         alice = (await story.open("Alice", 500_000, 200_000, 1_000_000)).account_id
         bob = (await story.open("Bob", 10_000, 50_000, 100_000)).account_id
         carol = (await story.open("Carol", 0, 50_000, 100_000)).account_id
         erin = (await story.open("Erin", 0, 50_000, 100_000)).account_id
 
-        print("\n2. Payments decided at once")
+        print("\n2. Payments decided at once (each submitted by the payer, with a token for their account)")
         first = await story.pay(alice, bob, 12_500, "dinner")
         await story.pay(bob, alice, 40_000, "rent share")
         await story.pay(alice, carol, 250_000, "car")
-        await story.approval.FreezeAccount(
-            approval.FreezeAccountRequest(
-                request_id=str(uuid.uuid4()), account_id=erin, reason="suspected fraud"
-            )
-        )
+        await story.freeze(erin, "suspected fraud")
         print("  Erin's account is frozen")
         await story.pay(alice, erin, 1_000, "gift")
 
-        print("\n3. A large payment held for review, then approved by an operator")
+        print("\n3. A large payment held for review, then approved by a reviewer")
         held = await story.pay(alice, carol, 150_000, "deposit")
-        decided = await story.approval.ApprovePayment(
-            approval.ApprovePaymentRequest(
-                request_id=str(uuid.uuid4()),
-                payment_id=held.payment_id,
-                reviewer="operator.jane",
-                note="verified by phone",
-            )
-        )
-        story.last_token = decided.consistency_token
-        print(f"  operator.jane approved {decided.payment.payment_id} => {outcome(decided.payment)}")
+        decided = await story.approve(held.payment_id, "verified by phone")
+        reviewer = tokens.SUBJECTS[REVIEWER]
+        print(f"  {reviewer} (from the token) approved {decided.payment_id} => {outcome(decided)}")
 
         print("\n4. A retried request returns the first answer")
         request_id = str(uuid.uuid4())
@@ -153,7 +161,7 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
         if not same:
             raise AssertionError("a retry created a second payment")
 
-        print("\n5. Alice's history from the query side, read with the latest consistency token")
+        print("\n5. Alice's history from the query side, read by Alice with the latest consistency token")
         token = story.last_token
         page_token, page = "", 1
         while True:
@@ -164,7 +172,8 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
                     page_size=3,
                     page_token=page_token,
                     min_consistency_token=token,
-                )
+                ),
+                metadata=story.as_customer(alice),
             )
             print(f"  page {page}:")
             for view in listed.payments:
@@ -175,10 +184,12 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
                 break
             page_token, page = listed.next_page_token, page + 1
 
+        print("  balances, read by support (a history reader, who may read any account):")
         for account_id in (alice, bob, carol):
             account = (
                 await story.history.GetAccount(
-                    history.GetAccountRequest(account_id=account_id, min_consistency_token=token)
+                    history.GetAccountRequest(account_id=account_id, min_consistency_token=token),
+                    metadata=story.as_role(HISTORY_READER),
                 )
             ).account
             print(
@@ -188,7 +199,8 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
             )
         timeline = (
             await story.history.GetPayment(
-                history.GetPaymentRequest(payment_id=held.payment_id, min_consistency_token=token)
+                history.GetPaymentRequest(payment_id=held.payment_id, min_consistency_token=token),
+                metadata=story.as_customer(alice),
             )
         ).payment
         print(
@@ -196,10 +208,10 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
             + " -> ".join(f"{status_name(e.status)} by {e.actor}" for e in timeline.timeline)
         )
 
-        print("\n6. Watching Bob's payments live")
+        print("\n6. Bob watching his payments live")
         seen: list[str] = []
         ready, done = asyncio.Event(), asyncio.Event()
-        watcher = asyncio.create_task(_watch(story.history, bob, "Bob", seen, ready, 3, done))
+        watcher = asyncio.create_task(_watch(story, bob, "Bob", seen, ready, 3, done))
         await ready.wait()
         paid = [await story.pay(alice, bob, 500 * (i + 1), f"watch #{i + 1}") for i in range(3)]
         with contextlib.suppress(TimeoutError):
@@ -209,6 +221,7 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
 
         print("\n7. Commit-to-visible delay (approval response -> readable from history), 50 payments")
         delays = []
+        as_alice, as_support = story.as_customer(alice), story.as_role(HISTORY_READER)
         for i in range(50):
             response = await story.approval.SubmitPayment(
                 approval.SubmitPaymentRequest(
@@ -217,13 +230,14 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
                     payee_account_id=bob,
                     amount=money(1),
                     reference=f"probe {i}",
-                )
+                ),
+                metadata=as_alice,
             )
             committed = time.perf_counter()
             while True:
                 try:
                     await story.history.GetPayment(
-                        history.GetPaymentRequest(payment_id=response.payment.payment_id)
+                        history.GetPaymentRequest(payment_id=response.payment.payment_id), metadata=as_support
                     )
                     break
                 except grpc.aio.AioRpcError as error:
@@ -237,6 +251,52 @@ async def scenario(approval_addr: str, history_addrs: list[str]) -> None:
         )
         del first
 
+        print("\n8. Who may do what: calls the servers refuse")
+        expected = {
+            "no token, to approval": "UNAUTHENTICATED (CREDENTIALS_MISSING)",
+            "no token, to history": "UNAUTHENTICATED (CREDENTIALS_MISSING)",
+            "Bob paying from Alice's account": "PERMISSION_DENIED (NOT_YOUR_ACCOUNT)",
+            "Alice approving a payment": "PERMISSION_DENIED (METHOD_NOT_ALLOWED)",
+            "Bob reading Alice's account": "PERMISSION_DENIED (NOT_YOUR_ACCOUNT)",
+        }
+        second = await story.pay(alice, carol, 150_000, "second deposit")
+        seen_refusals = {
+            "no token, to approval": await refused(
+                story.approval.GetPayment(approval.GetPaymentRequest(payment_id=held.payment_id))
+            ),
+            "no token, to history": await refused(
+                story.history.GetAccount(history.GetAccountRequest(account_id=alice))
+            ),
+            "Bob paying from Alice's account": await refused(
+                story.approval.SubmitPayment(
+                    approval.SubmitPaymentRequest(
+                        request_id=str(uuid.uuid4()),
+                        payer_account_id=alice,
+                        payee_account_id=bob,
+                        amount=money(100),
+                    ),
+                    metadata=story.as_customer(bob),
+                )
+            ),
+            "Alice approving a payment": await refused(
+                story.approval.ApprovePayment(
+                    approval.ApprovePaymentRequest(
+                        request_id=str(uuid.uuid4()), payment_id=second.payment_id
+                    ),
+                    metadata=story.as_customer(alice),
+                )
+            ),
+            "Bob reading Alice's account": await refused(
+                story.history.GetAccount(
+                    history.GetAccountRequest(account_id=alice), metadata=story.as_customer(bob)
+                )
+            ),
+        }
+        for what, answer in seen_refusals.items():
+            print(f"  {what:<34} => {answer}")
+        if seen_refusals != expected:
+            raise AssertionError(f"expected {expected}")
+
 
 def run(root: Path, history_count: int = 2) -> int:
     """Brings the stack up, runs the scenario, brings the stack down."""
@@ -244,7 +304,12 @@ def run(root: Path, history_count: int = 2) -> int:
     state = local.up(root, history_count=history_count)
     try:
         print("\n== the scenario")
-        asyncio.run(scenario(state.endpoints["APPROVAL_ADDR"], state.endpoints["HISTORY_ADDRS"].split(",")))
+        credentials = tokens.LocalCredentials(tokens.authority(root))
+        asyncio.run(
+            scenario(
+                state.endpoints["APPROVAL_ADDR"], state.endpoints["HISTORY_ADDRS"].split(","), credentials
+            )
+        )
         print("\n== done")
         return 0
     finally:

@@ -20,6 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from stack import tokens
+from stack.auth import CUSTOMER, ROLES
 from stack.servers import PostgresServer, RedisServer, free_port, process_alive
 
 STATE_FILE = "state.json"
@@ -157,10 +159,14 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     dsn = postgres.create_database(DATABASE)
     redis_url = redis_server.url(0)
     python = sys.executable
+    # Authentication is on, as in Kubernetes: the servers verify tokens of the local
+    # authority (created once, kept across `make down`) and apply its policies.
+    authority = tokens.authority(root)
+    print(f"token authority: {authority.directory} (issuer {authority.ISSUER})", flush=True)
     print("running the migrations ...", flush=True)
     subprocess.run(
         [python, "-m", "approval_svc", "migrate"],
-        env={**os.environ, "APPROVAL_DATABASE_URL": dsn},
+        env={**os.environ, "APPROVAL_DATABASE_URL": dsn, **authority.server_env("APPROVAL_")},
         check=True,
         stdout=open(root / "migrate.log", "ab"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
@@ -178,6 +184,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
             "APPROVAL_METRICS_PORT": str(_port("approval_metrics")),
             # Low enough that the demo's large payment is held for review.
             "APPROVAL_REVIEW_THRESHOLD_MINOR": os.environ.get("APPROVAL_REVIEW_THRESHOLD_MINOR", "100000"),
+            **authority.server_env("APPROVAL_"),
         },
     )
     approval.health_addr = f"127.0.0.1:{approval_port}"
@@ -212,6 +219,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
                 "HISTORY_PORT": str(port),
                 "HISTORY_METRICS_PORT": "0",
                 "HISTORY_PAGE_TOKEN_SECRET": page_secret,
+                **authority.server_env("HISTORY_"),
             },
         )
         history.health_addr = f"127.0.0.1:{port}"
@@ -237,10 +245,17 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     state.save()
     lines = [f"{key}={shlex.quote(value)}" for key, value in state.endpoints.items()]
     (root / ENDPOINTS_FILE).write_text("\n".join(lines) + "\n")
+    auth_env = tokens.write_auth_env(root, authority)
     print("the stack is up:")
     for line in lines:
         print(f"  {line}")
     print(f"endpoints written to {root / ENDPOINTS_FILE}; logs in {root}/*.log; `make down` stops it")
+    print(
+        f"authentication is on: a token per role ({', '.join(tokens.token_variable(r) for r in ROLES if r != CUSTOMER)}) "
+        f"and the JWKS and policy paths are in {auth_env};\n"
+        "  call with the metadata 'authorization: Bearer <token>'; "
+        "`python -m stack token --role ROLE [--account ID]` prints another"
+    )
 
 
 def _terminate(pid: int, sig: int, timeout: float) -> None:
@@ -277,7 +292,8 @@ def down(root: Path, quiet: bool = False) -> None:
     for folder in (state.postgres_dir, state.redis_dir):
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
-    for name in (STATE_FILE, ENDPOINTS_FILE):
+    # The authority (root/auth) stays: tokens it signed remain valid for the next stack.
+    for name in (STATE_FILE, ENDPOINTS_FILE, tokens.AUTH_ENV_FILE):
         (root / name).unlink(missing_ok=True)
     if not quiet:
         print("the stack is down; logs kept in", root)
