@@ -1,4 +1,8 @@
-"""The local stack, started once for the end-to-end suites with `python -m stack up`, as a user would."""
+"""The local stack, started once for the end-to-end suites with `python -m stack up`, as a user would.
+
+Authentication is on, as `make up` runs it: the suites call with tokens of the stack's
+authority (kept under the stack's root), through `python -m stack token` or its library.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,23 @@ from pathlib import Path
 
 import pytest
 
+from stack import tokens
+from stack.tokens import LocalCredentials
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of a file that `make up` writes for `.` (shell quoting, # comments)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        values[key] = shlex.split(value)[0] if value else ""
+    return values
+
 
 def read_endpoints(root: Path) -> dict[str, str]:
-    endpoints = {}
-    for line in (root / "endpoints.env").read_text().splitlines():
-        key, _, value = line.partition("=")
-        endpoints[key] = shlex.split(value)[0] if value else ""
-    return endpoints
+    return read_env_file(root / "endpoints.env")
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +52,15 @@ def stack_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def endpoints(stack_root: Path) -> dict[str, str]:
     return read_endpoints(stack_root)
+
+
+@pytest.fixture(scope="session")
+def auth_env(stack_root: Path) -> dict[str, str]:
+    """What `make up` wrote to auth.env: the JWKS and policy paths, and a token per role."""
+    return read_env_file(stack_root / tokens.AUTH_ENV_FILE)
+
+
+@pytest.fixture(scope="session")
+def credentials(stack_root: Path) -> LocalCredentials:
+    """Tokens of each role, and of a customer for each account, signed by the stack's authority."""
+    return LocalCredentials(tokens.authority(stack_root))

@@ -1,4 +1,8 @@
-"""The running stack driven by `buf curl` over gRPC with server reflection: the contracts, not our stubs."""
+"""The running stack driven by `buf curl` over gRPC with server reflection: the contracts, not our stubs.
+
+Tokens come from `python -m stack token` and auth.env, as the README shows; reflection
+and health need none.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 from google.rpc import error_details_pb2
+
+from stack.tokens import token_variable
+from tests.support import ROOT
 
 BUF = str(Path(sys.executable).parent / "buf")
 
 
-def buf_curl(address: str, method: str, body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+def buf_curl(
+    address: str, method: str, body: dict[str, Any], token: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`buf curl` of one method, with `-H 'authorization: Bearer <token>'` when a token is given."""
+    headers = ["-H", f"authorization: Bearer {token}"] if token is not None else []
     return subprocess.run(
         [
             BUF,
@@ -23,6 +35,7 @@ def buf_curl(address: str, method: str, body: dict[str, Any]) -> subprocess.Comp
             "--protocol",
             "grpc",
             "--http2-prior-knowledge",
+            *headers,
             "--data",
             json.dumps(body),
             f"http://{address}/{method}",
@@ -33,10 +46,31 @@ def buf_curl(address: str, method: str, body: dict[str, Any]) -> subprocess.Comp
     )
 
 
+def stack_token(root: Path, *args: str) -> str:
+    """A token from `python -m stack token` (the command the README documents)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "stack", "token", "--root", str(root), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert result.returncode == 0, result.stderr
     parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
+
+
+def refusal(result: subprocess.CompletedProcess[str]) -> tuple[str, list[str]]:
+    """The code and ErrorInfo reasons of a call that buf curl reports as failed."""
+    assert result.returncode != 0, result.stdout
+    error = json.loads(result.stderr)
+    return error["code"], _reasons(error)
 
 
 def _reasons(error: dict[str, Any]) -> list[str]:
@@ -51,8 +85,11 @@ def _reasons(error: dict[str, Any]) -> list[str]:
     return found
 
 
-def test_mutation_then_consistent_query(endpoints: dict[str, str]) -> None:
+def test_mutation_then_consistent_query(
+    endpoints: dict[str, str], auth_env: dict[str, str], stack_root: Path
+) -> None:
     approval, history = endpoints["APPROVAL_ADDR"], endpoints["HISTORY_ADDRS"].split(",")[0]
+    admin = auth_env[token_variable("accounts-admin")]
     created = ok(
         buf_curl(
             approval,
@@ -65,6 +102,7 @@ def test_mutation_then_consistent_query(endpoints: dict[str, str]) -> None:
                 "perPaymentLimitMinor": "5000",
                 "dailyLimitMinor": "10000",
             },
+            admin,
         )
     )
     account = created["account"]
@@ -76,6 +114,7 @@ def test_mutation_then_consistent_query(endpoints: dict[str, str]) -> None:
             history,
             "payments.history.v1.HistoryService/GetAccount",
             {"accountId": account["accountId"], "minConsistencyToken": created["consistencyToken"]},
+            stack_token(stack_root, "--role", "customer", "--account", account["accountId"]),
         )
     )
     assert read["account"]["accountId"] == account["accountId"]
@@ -83,11 +122,12 @@ def test_mutation_then_consistent_query(endpoints: dict[str, str]) -> None:
     assert read["account"]["availableBalance"]["amountMinor"] == "12345"
 
 
-def test_error_carries_status_code_and_reason(endpoints: dict[str, str]) -> None:
+def test_error_carries_status_code_and_reason(endpoints: dict[str, str], auth_env: dict[str, str]) -> None:
     result = buf_curl(
         endpoints["APPROVAL_ADDR"],
         "payments.approval.v1.ApprovalService/CreateAccount",
         {"requestId": str(uuid.uuid4()), "ownerName": "", "currencyCode": "XXZ"},
+        auth_env[token_variable("accounts-admin")],
     )
     assert result.returncode != 0
     error = json.loads(result.stderr)
@@ -98,6 +138,7 @@ def test_error_carries_status_code_and_reason(endpoints: dict[str, str]) -> None
         endpoints["HISTORY_ADDRS"].split(",")[0],
         "payments.history.v1.HistoryService/GetPayment",
         {"paymentId": str(uuid.uuid4())},
+        auth_env[token_variable("history-reader")],
     )
     assert missing.returncode != 0
     error = json.loads(missing.stderr)
@@ -106,6 +147,7 @@ def test_error_carries_status_code_and_reason(endpoints: dict[str, str]) -> None
 
 
 def test_health_of_every_service(endpoints: dict[str, str]) -> None:
+    """Health answers without credentials (as Kubernetes probes call it), on every server."""
     addresses = [
         endpoints["APPROVAL_ADDR"],
         endpoints["REPLICATOR_HEALTH_ADDR"],
@@ -115,3 +157,58 @@ def test_health_of_every_service(endpoints: dict[str, str]) -> None:
         for service in ("liveness", "readiness"):
             answer = ok(buf_curl(address, "grpc.health.v1.Health/Check", {"service": service}))
             assert answer["status"] == "SERVING", (address, service)
+
+
+def test_a_call_without_a_valid_token_is_unauthenticated_on_both_services(
+    endpoints: dict[str, str], auth_env: dict[str, str], stack_root: Path
+) -> None:
+    """Through the running stack: no token, a malformed one or a foreign one is refused, and nothing is written."""
+    approval, history = endpoints["APPROVAL_ADDR"], endpoints["HISTORY_ADDRS"].split(",")[0]
+    request_id = str(uuid.uuid4())
+    create = (
+        approval,
+        "payments.approval.v1.ApprovalService/CreateAccount",
+        {
+            "requestId": request_id,
+            "ownerName": "Mallory",
+            "currencyCode": "EUR",
+            "openingBalanceMinor": "1000000",
+            "perPaymentLimitMinor": "1000",
+            "dailyLimitMinor": "1000",
+        },
+    )
+    calls = [
+        create,
+        (approval, "payments.approval.v1.ApprovalService/GetPayment", {"paymentId": str(uuid.uuid4())}),
+        (history, "payments.history.v1.HistoryService/GetAccount", {"accountId": str(uuid.uuid4())}),
+        (history, "payments.history.v1.HistoryService/ListPayments", {"accountId": str(uuid.uuid4())}),
+    ]
+    # A token that another authority signed: same issuer and audience, a key the stack does not know.
+    foreign = stack_token(stack_root.parent / f"{stack_root.name}-other", "--role", "accounts-admin")
+    for address, method, body in calls:
+        assert refusal(buf_curl(address, method, body)) == ("unauthenticated", ["CREDENTIALS_MISSING"]), (
+            method
+        )
+        assert refusal(buf_curl(address, method, body, "not.a.token")) == (
+            "unauthenticated",
+            ["TOKEN_MALFORMED"],
+        ), method
+        assert refusal(buf_curl(address, method, body, foreign)) == ("unauthenticated", ["UNKNOWN_KEY"]), (
+            method
+        )
+
+    # A valid token of a role the method does not allow: the caller is known, the call denied.
+    reader = auth_env[token_variable("history-reader")]
+    assert refusal(buf_curl(*create, reader)) == ("permission_denied", ["METHOD_NOT_ALLOWED"])
+    # None of the refused calls wrote anything.
+    connection = psycopg2.connect(endpoints["POSTGRES_DSN"])
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM idempotency_keys WHERE request_id = %s", (request_id,))
+            assert cursor.fetchone() == (0,)
+            cursor.execute("SELECT count(*) FROM accounts WHERE owner_name = 'Mallory'")
+            assert cursor.fetchone() == (0,)
+    finally:
+        connection.close()
+    opened = ok(buf_curl(*create, auth_env[token_variable("accounts-admin")]))
+    assert opened["account"]["ownerName"] == "Mallory"

@@ -1,4 +1,9 @@
-"""The demo scenario as assertions, through the real processes of the local stack and their contracts only."""
+"""The demo scenario as assertions, through the real processes of the local stack and their contracts only.
+
+Every call carries the token of the role that may make it (stack.clients.Payments): an
+accounts admin opens and freezes, the payer's customer pays, the reviewer approves, and
+the account holder reads their own history.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,14 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from payments.approval.v1 import approval_service_pb2 as approval
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import payment_pb2 as types
 from payments_common.grpcstatus import error_info
+from stack.auth import REVIEWER
 from stack.clients import Payments, approval_channel, history_channel, history_target
+from stack.tokens import SUBJECTS, LocalCredentials
 
 
 async def open_account(
@@ -27,10 +33,10 @@ async def open_account(
 
 
 @pytest.fixture
-async def client(endpoints: dict[str, str]) -> AsyncIterator[Payments]:
+async def client(endpoints: dict[str, str], credentials: LocalCredentials) -> AsyncIterator[Payments]:
     target = history_target(endpoints["HISTORY_ADDRS"].split(","))
     async with approval_channel(endpoints["APPROVAL_ADDR"]) as a, history_channel(target) as h:
-        yield Payments(approval_grpc.ApprovalServiceStub(a), history_grpc.HistoryServiceStub(h))
+        yield Payments(approval_grpc.ApprovalServiceStub(a), history_grpc.HistoryServiceStub(h), credentials)
 
 
 async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None:
@@ -51,26 +57,16 @@ async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None
     too_big = await client.pay(alice, carol, 250_000)
     assert too_big.decline_reason == types.DECLINE_REASON_PER_PAYMENT_LIMIT_EXCEEDED
 
-    await client.approval.FreezeAccount(
-        approval.FreezeAccountRequest(request_id=str(uuid.uuid4()), account_id=erin)
-    )
+    await client.freeze(erin)
     frozen = await client.pay(alice, erin, 1_000)
     assert frozen.decline_reason == types.DECLINE_REASON_ACCOUNT_FROZEN
 
     held = await client.pay(alice, carol, 150_000, reference="deposit")
     assert held.status == types.PAYMENT_STATUS_PENDING_REVIEW
-    decided = await client.approval.ApprovePayment(
-        approval.ApprovePaymentRequest(
-            request_id=str(uuid.uuid4()), payment_id=held.payment_id, reviewer="operator.jane"
-        )
-    )
-    assert decided.payment.status == types.PAYMENT_STATUS_APPROVED
+    decided = await client.approve(held.payment_id)
+    assert decided.status == types.PAYMENT_STATUS_APPROVED
     with pytest.raises(grpc.aio.AioRpcError) as twice:
-        await client.approval.ApprovePayment(
-            approval.ApprovePaymentRequest(
-                request_id=str(uuid.uuid4()), payment_id=held.payment_id, reviewer="operator.jane"
-            )
-        )
+        await client.approve(held.payment_id)
     assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (info := error_info(twice.value)) is not None
     assert info.reason == "PAYMENT_NOT_UNDER_REVIEW"
@@ -91,9 +87,7 @@ async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None
 
     # The query side, read with the latest token, already includes every write.
     token = client.last_token
-    expected = {
-        p.payment_id: p for p in (approved, poor, too_big, frozen, decided.payment, over_daily, daily, first)
-    }
+    expected = {p.payment_id: p for p in (approved, poor, too_big, frozen, decided, over_daily, daily, first)}
     alice_ids = {pid for pid, p in expected.items() if alice in (p.payer_account_id, p.payee_account_id)}
     listed: list[str] = []
     page_token = ""
@@ -105,7 +99,8 @@ async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None
                 page_size=3,
                 page_token=page_token,
                 min_consistency_token=token,
-            )
+            ),
+            metadata=client.as_customer(alice),
         )
         assert len(page.payments) <= 3
         for view in page.payments:
@@ -124,7 +119,8 @@ async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None
 
     account = (
         await client.history.GetAccount(
-            history.GetAccountRequest(account_id=alice, min_consistency_token=token)
+            history.GetAccountRequest(account_id=alice, min_consistency_token=token),
+            metadata=client.as_customer(alice),
         )
     ).account
     sent = 12_500 + 150_000 + 90_000 + 2_000
@@ -137,17 +133,21 @@ async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None
 
     timeline = (
         await client.history.GetPayment(
-            history.GetPaymentRequest(payment_id=held.payment_id, min_consistency_token=token)
+            history.GetPaymentRequest(payment_id=held.payment_id, min_consistency_token=token),
+            metadata=client.as_customer(alice),
         )
     ).payment.timeline
     assert [e.status for e in timeline] == [
         types.PAYMENT_STATUS_PENDING_REVIEW,
         types.PAYMENT_STATUS_APPROVED,
     ]
-    assert timeline[1].actor == "operator.jane"
+    # The reviewer recorded is the token's subject; the request named nobody.
+    assert timeline[1].actor == SUBJECTS[REVIEWER]
 
     # A live stream sees a new payment to Bob.
-    stream = client.history.WatchPayments(history.WatchPaymentsRequest(account_id=bob))
+    stream = client.history.WatchPayments(
+        history.WatchPaymentsRequest(account_id=bob), metadata=client.as_customer(bob)
+    )
     await stream.initial_metadata()  # the subscription is in place: every later change follows
     live = await client.pay(alice, bob, 700)
     async with asyncio.timeout(30):
