@@ -7,18 +7,27 @@ cluster whose Secret auth-jwks holds the same JWKS).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import os
 import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+import jwt
+from cryptography.hazmat.primitives import serialization
 
 from stack.auth import (
     ACCOUNTS_ADMIN,
+    ALGORITHM,
     CUSTOMER,
     HISTORY_READER,
     JWKS_FILE,
+    KEYS_DIR,
     PAYMENT_GATEWAY,
     REVIEWER,
     ROLES,
@@ -127,3 +136,47 @@ def write_auth_env(root: Path, issuer: LocalAuthority) -> Path:
 def token_variable(role: str) -> str:
     """The variable of auth.env that holds `role`'s token: TOKEN_REVIEWER, TOKEN_HISTORY_READER, ..."""
     return "TOKEN_" + role.upper().replace("-", "_")
+
+
+def refused_tokens(issuer: LocalAuthority, roles: Sequence[str]) -> list[tuple[str, str]]:
+    """Tokens with `roles` that a server trusting `issuer` must refuse, each with the reason it answers.
+
+    One defect each: expired, not valid yet, another issuer or audience, an unknown key, a
+    bad signature (a published kid, another key), a payload altered after signing. The
+    forgeries that the library must refuse whatever they claim (no algorithm, an HMAC keyed
+    with the public key, no expiry) have the reason "" (any UNAUTHENTICATED reason).
+    """
+    subject = SUBJECTS[roles[0]]
+    skew = 3600  # far beyond any allowed clock skew
+    valid = issuer.token(subject, roles)
+    header, payload, signature = valid.split(".")
+    claims = jwt.decode(valid, options={"verify_signature": False})
+    altered = _b64(json.dumps({**claims, "sub": "someone.else", "roles": list(ROLES)}).encode())
+    key = serialization.load_pem_private_key(
+        (issuer.directory / KEYS_DIR / f"{issuer.current_kid}.pem").read_bytes(), password=None
+    )
+    no_expiry = {k: v for k, v in claims.items() if k != "exp"}
+    public_pem = issuer.jwks_path.read_bytes()
+    return [
+        ("TOKEN_EXPIRED", issuer.token(subject, roles, lifetime_seconds=-skew)),
+        ("TOKEN_NOT_YET_VALID", issuer.token(subject, roles, not_before_offset_seconds=skew)),
+        ("WRONG_ISSUER", issuer.token(subject, roles, issuer="https://issuer.invalid")),
+        ("WRONG_AUDIENCE", issuer.token(subject, roles, audience="another-service")),
+        ("UNKNOWN_KEY", issuer.foreign_token(subject, roles)),
+        ("BAD_SIGNATURE", issuer.foreign_token(subject, roles, kid=issuer.current_kid)),
+        ("BAD_SIGNATURE", f"{header}.{altered}.{signature}"),
+        ("", f"{_b64(json.dumps({'alg': 'none', 'kid': issuer.current_kid}).encode())}.{payload}."),
+        ("", _hmac_token(public_pem, claims, issuer.current_kid)),
+        ("", jwt.encode(no_expiry, key, algorithm=ALGORITHM, headers={"kid": issuer.current_kid})),  # type: ignore[arg-type]
+    ]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _hmac_token(secret: bytes, claims: dict[str, Any], kid: str) -> str:
+    """An HS256 token keyed with what the server publishes (its JWKS): the classic algorithm confusion."""
+    signing_input = f"{_b64(json.dumps({'alg': 'HS256', 'typ': 'JWT', 'kid': kid}).encode())}.{_b64(json.dumps(claims).encode())}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"

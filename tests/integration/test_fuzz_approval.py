@@ -1,9 +1,11 @@
-"""Property-based tests of every ApprovalService RPC with random and malformed fields.
+"""Property-based tests of every ApprovalService RPC with random and malformed fields and credentials.
 
-The server runs as a real subprocess. Whatever a request holds, the answer is one of the
-codes the contract documents for that RPC (never INTERNAL, never UNKNOWN, never a
-traceback in the message), the server keeps serving, and the database holds nothing that
-a rejected call tried to create.
+The server runs as a real subprocess with authentication on. Whatever a request holds, the
+answer is one of the codes the contract documents for that RPC (never INTERNAL, never
+UNKNOWN, never a traceback in the message), the server keeps serving, and the database
+holds nothing that a rejected call tried to create. Whatever `authorization` metadata a
+call carries, the answer is UNAUTHENTICATED with a documented reason that gives nothing
+away, or, for a valid token, the normal answer.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from approval_svc.migrate import upgrade
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
-from payments_common.grpcstatus import bad_request
+from payments_common.grpcstatus import bad_request, error_info
+from stack.auth import ACCOUNTS_ADMIN, CUSTOMER, HISTORY_READER, PAYMENT_GATEWAY, REVIEWER, LocalAuthority
 from stack.servers import PostgresServer, free_port
+from stack.tokens import SUBJECTS, refused_tokens, token_for
+from tests.support.auth import authority, bearer
 from tests.support.faults import approval_process
 from tests.support.fuzzing import documented_refusal, fields, fuzz_settings
 from tests.support.processes import ServiceProcess
@@ -34,15 +39,42 @@ MAX_MESSAGE_BYTES = 65536
 FUZZ = fuzz_settings(max_examples=100)
 
 C = grpc.StatusCode
-# The codes each RPC may answer (see approval_service.proto and docs/approval.md).
+# Every RPC may be refused before it runs: no valid credentials, or a caller that may not
+# make the call; `call` checks that a refusal is one the call's credentials explain.
+AUTH_CODES = {C.UNAUTHENTICATED, C.PERMISSION_DENIED}
+# The codes each RPC may answer (see approval_service.proto, docs/approval.md, docs/security.md).
 ALLOWED: dict[str, set[grpc.StatusCode]] = {
-    "CreateAccount": {C.OK, C.INVALID_ARGUMENT, C.ALREADY_EXISTS},
-    "SubmitPayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS},
-    "ApprovePayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS},
-    "DeclinePayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.ALREADY_EXISTS},
-    "FreezeAccount": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS},
-    "UnfreezeAccount": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS},
-    "GetPayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND},
+    "CreateAccount": {C.OK, C.INVALID_ARGUMENT, C.ALREADY_EXISTS, *AUTH_CODES},
+    "SubmitPayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS, *AUTH_CODES},
+    "ApprovePayment": {
+        C.OK,
+        C.INVALID_ARGUMENT,
+        C.NOT_FOUND,
+        C.FAILED_PRECONDITION,
+        C.ALREADY_EXISTS,
+        *AUTH_CODES,
+    },
+    "DeclinePayment": {
+        C.OK,
+        C.INVALID_ARGUMENT,
+        C.NOT_FOUND,
+        C.FAILED_PRECONDITION,
+        C.ALREADY_EXISTS,
+        *AUTH_CODES,
+    },
+    "FreezeAccount": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS, *AUTH_CODES},
+    "UnfreezeAccount": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS, *AUTH_CODES},
+    "GetPayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, *AUTH_CODES},
+}
+UNAUTHENTICATED_REASONS = {
+    "CREDENTIALS_MISSING",
+    "TOKEN_MALFORMED",
+    "TOKEN_EXPIRED",
+    "TOKEN_NOT_YET_VALID",
+    "WRONG_ISSUER",
+    "WRONG_AUDIENCE",
+    "UNKNOWN_KEY",
+    "BAD_SIGNATURE",
 }
 REASONS = {
     "INVALID_ARGUMENT",
@@ -50,7 +82,22 @@ REASONS = {
     "PAYMENT_NOT_FOUND",
     "PAYMENT_NOT_UNDER_REVIEW",
     "REQUEST_ID_REUSED",
+    "METHOD_NOT_ALLOWED",
+    "NOT_YOUR_ACCOUNT",
+    "REVIEWER_MISMATCH",
+    *UNAUTHENTICATED_REASONS,
 }
+# The role each RPC is called as, unless a property draws another caller.
+CALLER = {
+    "CreateAccount": ACCOUNTS_ADMIN,
+    "SubmitPayment": PAYMENT_GATEWAY,
+    "ApprovePayment": REVIEWER,
+    "DeclinePayment": REVIEWER,
+    "FreezeAccount": ACCOUNTS_ADMIN,
+    "UnfreezeAccount": ACCOUNTS_ADMIN,
+    "GetPayment": REVIEWER,
+}
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -63,9 +110,17 @@ class Target:
     stub: pb_grpc.ApprovalServiceStub
     accounts: list[str]
     held: list[str]
+    authority: LocalAuthority
     accepted: set[str] = field(default_factory=set)
     rejected: set[str] = field(default_factory=set)
     codes: dict[str, set[str]] = field(default_factory=dict)
+    _tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def as_(self, role: str, account: str = "") -> Metadata:
+        """The metadata of a call as `role` (a customer acting for `account`)."""
+        if (role, account) not in self._tokens:
+            self._tokens[role, account] = token_for(self.authority, [role], [account] if account else [])
+        return tuple(bearer(self._tokens[role, account]))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +135,9 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
     process.start()
     try:
         process.wait_serving(60)
+        admin, gateway = (
+            tuple(bearer(token_for(authority(), [r]))) for r in (ACCOUNTS_ADMIN, PAYMENT_GATEWAY)
+        )
         with grpc.insecure_channel(process.address) as channel:
             stub = pb_grpc.ApprovalServiceStub(channel)
             accounts = [
@@ -93,6 +151,7 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
                         daily_limit_minor=10**15,
                     ),
                     timeout=10,
+                    metadata=admin,
                 ).account.account_id
                 for n, (currency, balance) in enumerate(
                     [("EUR", 10**9), ("EUR", 2**63 - 1), ("USD", 10**9), ("EUR", 0)]
@@ -107,33 +166,63 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
                         amount=money_pb2.Money(currency_code="EUR", amount_minor=5000),
                     ),
                     timeout=10,
+                    metadata=gateway,
                 ).payment.payment_id
                 for n in range(3)
             ]
-            yield Target(process, dsn, channel, stub, accounts, held)
+            yield Target(process, dsn, channel, stub, accounts, held, authority())
     finally:
         process.stop(5)
         postgres_server.drop_database(name)
 
 
-def call(target: Target, method: str, request: message.Message) -> grpc.StatusCode:
-    """Calls one RPC and checks the outcome against the contract; returns the code."""
+def call(
+    target: Target,
+    method: str,
+    request: message.Message,
+    metadata: Metadata | None = None,
+    denied: frozenset[str] = frozenset(),
+) -> tuple[grpc.StatusCode, str]:
+    """Calls one RPC and checks the outcome against the contract; returns the code and reason.
+
+    Without `metadata` the call carries a valid token of the method's CALLER: it must then
+    not be UNAUTHENTICATED, and PERMISSION_DENIED only for a reason in `denied`.
+    """
     rpc: Callable[..., Any] = getattr(target.stub, method)
+    reason = ""
     try:
-        rpc(request, timeout=10)
+        rpc(request, timeout=10, metadata=target.as_(CALLER[method]) if metadata is None else metadata)
         code = grpc.StatusCode.OK
     except grpc.RpcError as error:
         code = error.code()
-        documented_refusal(method, error, ALLOWED, REASONS)
+        reason = documented_refusal(method, error, ALLOWED, REASONS)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             violations = bad_request(error)
             assert violations is not None
             assert violations.field_violations
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            assert reason in UNAUTHENTICATED_REASONS
+            gives_nothing_away(error, target.authority)
+        if metadata is None:
+            assert code != grpc.StatusCode.UNAUTHENTICATED, f"{method}: a valid token was refused"
+            assert code != grpc.StatusCode.PERMISSION_DENIED or reason in denied, f"{method}: {reason}"
     target.codes.setdefault(method, set()).add(code.name)
+    if reason:
+        target.codes.setdefault("reasons", set()).add(reason)
     request_id = getattr(request, "request_id", None)
     if request_id is not None:
         (target.accepted if code == grpc.StatusCode.OK else target.rejected).add(request_id)
-    return code
+    return code, reason
+
+
+def gives_nothing_away(error: grpc.RpcError, issuer: LocalAuthority) -> None:
+    """A refusal names no issuer, audience or key id that would help to forge a token."""
+    info = error_info(error)
+    assert info is not None
+    said = [error.details() or "", *info.metadata.keys(), *info.metadata.values()]
+    for secret in (issuer.ISSUER, *issuer.published_kids):
+        assert not [text for text in said if secret in text], secret
+    assert issuer.AUDIENCE not in info.metadata.values()
 
 
 # -- strategies ---------------------------------------------------------------------------
@@ -256,7 +345,16 @@ def test_submit_payment(target: Target, data: st.DataObject) -> None:
             "reference": texts(140),
         },
     )
-    call(target, "SubmitPayment", pb.SubmitPaymentRequest(**values))
+    # A payment gateway may pay from any account; the payer's customer only from its own.
+    if data.draw(st.booleans(), "as the payer's customer"):
+        metadata = target.as_(CUSTOMER, target.accounts[1])
+        code, reason = call(target, "SubmitPayment", pb.SubmitPaymentRequest(**values), metadata)
+        assert code != grpc.StatusCode.UNAUTHENTICATED
+        if values["payer_account_id"] != target.accounts[1] and code == grpc.StatusCode.OK:
+            raise AssertionError("a customer paid from an account not theirs")
+        assert code != grpc.StatusCode.PERMISSION_DENIED or reason == "NOT_YOUR_ACCOUNT"
+    else:
+        call(target, "SubmitPayment", pb.SubmitPaymentRequest(**values))
 
 
 @FUZZ
@@ -265,15 +363,16 @@ def test_review_payment(target: Target, data: st.DataObject, method: str) -> Non
     kind = pb.ApprovePaymentRequest if method == "ApprovePayment" else pb.DeclinePaymentRequest
     values = fields(
         data,
-        {"request_id": fresh_id(), "payment_id": target.held[-1], "reviewer": "jane", "note": ""},
+        # The reviewer is the token's subject; the deprecated field may only repeat it.
+        {"request_id": fresh_id(), "payment_id": target.held[-1], "reviewer": "", "note": ""},
         {
             "request_id": request_ids(),
             "payment_id": payment_ids(target),
-            "reviewer": texts(200),
+            "reviewer": st.one_of(st.just(SUBJECTS[REVIEWER]), texts(200)),
             "note": texts(500),
         },
     )
-    call(target, method, kind(**values))
+    call(target, method, kind(**values), denied=frozenset({"REVIEWER_MISMATCH"}))
 
 
 @FUZZ
@@ -291,7 +390,14 @@ def test_freeze_and_unfreeze(target: Target, data: st.DataObject, method: str) -
 @FUZZ
 @given(data=st.data())
 def test_get_payment(target: Target, data: st.DataObject) -> None:
-    call(target, "GetPayment", pb.GetPaymentRequest(payment_id=data.draw(payment_ids(target))))
+    request = pb.GetPaymentRequest(payment_id=data.draw(payment_ids(target)))
+    if data.draw(st.booleans(), "as the payer's customer"):
+        # The held payments are paid from accounts[0]; any other answer is NOT_YOUR_ACCOUNT.
+        code, reason = call(target, "GetPayment", request, target.as_(CUSTOMER, target.accounts[0]))
+        assert code != grpc.StatusCode.UNAUTHENTICATED
+        assert code != grpc.StatusCode.PERMISSION_DENIED or reason == "NOT_YOUR_ACCOUNT"
+    else:
+        call(target, "GetPayment", request)
 
 
 @FUZZ
@@ -311,7 +417,7 @@ def test_bytes_that_are_not_a_request(target: Target, method: str, raw: bytes) -
     )
     code, details = grpc.StatusCode.OK, ""
     try:
-        rpc(raw, timeout=10)
+        rpc(raw, timeout=10, metadata=target.as_(CALLER[method]))
     except grpc.RpcError as error:
         code, details = error.code(), error.details() or ""
     assert code in ALLOWED[method] | {grpc.StatusCode.INVALID_ARGUMENT}, f"{method}: {code.name} {details}"
@@ -324,10 +430,12 @@ def test_an_oversized_request_is_resource_exhausted_and_the_server_keeps_serving
         request_id="too-big", owner_name="x" * (MAX_MESSAGE_BYTES + 1), currency_code="EUR"
     )
     with pytest.raises(grpc.RpcError) as exhausted:
-        target.stub.CreateAccount(request, timeout=10)
+        target.stub.CreateAccount(request, timeout=10, metadata=target.as_(ACCOUNTS_ADMIN))
     assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # Nothing was stored, and the next call is served as usual.
-    assert target.stub.GetPayment(pb.GetPaymentRequest(payment_id=target.held[0]), timeout=10).payment
+    assert target.stub.GetPayment(
+        pb.GetPaymentRequest(payment_id=target.held[0]), timeout=10, metadata=target.as_(REVIEWER)
+    ).payment
     assert _stored(target.dsn, {"too-big"}) == (set(), set())
 
 
@@ -343,6 +451,7 @@ def test_metacharacters_are_stored_and_returned_verbatim(target: Target) -> None
                 daily_limit_minor=100,
             ),
             timeout=10,
+            metadata=target.as_(ACCOUNTS_ADMIN),
         ).account
         assert account.owner_name == text
         paid = target.stub.SubmitPayment(
@@ -354,9 +463,12 @@ def test_metacharacters_are_stored_and_returned_verbatim(target: Target) -> None
                 reference=text,
             ),
             timeout=10,
+            metadata=target.as_(PAYMENT_GATEWAY),
         ).payment
         assert paid.reference == text
-        read = target.stub.GetPayment(pb.GetPaymentRequest(payment_id=paid.payment_id), timeout=10)
+        read = target.stub.GetPayment(
+            pb.GetPaymentRequest(payment_id=paid.payment_id), timeout=10, metadata=target.as_(REVIEWER)
+        )
         assert read.payment.reference == text
         assert (
             _column(target.dsn, "SELECT reference FROM payments WHERE payment_id = %s", paid.payment_id)
@@ -368,6 +480,153 @@ def test_metacharacters_are_stored_and_returned_verbatim(target: Target) -> None
         )
 
 
+# -- credentials ---------------------------------------------------------------------------
+
+VALID, EITHER, REFUSED = "valid", "either", "refused"
+# What gRPC lets a client put in a text header (it refuses control and non-ASCII characters itself).
+HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
+SEGMENT = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", max_size=120)
+
+
+def authorizations(valid: str, refused: list[tuple[str, str]]) -> st.SearchStrategy[tuple[Metadata, str]]:
+    """`authorization` metadata and what the server must answer to it.
+
+    VALID: the method's normal answer; EITHER: that or UNAUTHENTICATED (a variant of the
+    valid token that a strict server may refuse); REFUSED: UNAUTHENTICATED with any reason;
+    a reason: UNAUTHENTICATED with exactly that reason.
+    """
+
+    def header(value: str) -> Metadata:
+        return (("authorization", value),)
+
+    return st.one_of(
+        st.just(((), "CREDENTIALS_MISSING")),
+        st.sampled_from(["x-authorization", "authentication", "token"]).map(
+            lambda key: (((key, f"Bearer {valid}"),), "CREDENTIALS_MISSING")
+        ),
+        HEADER_TEXT.map(lambda text: (header(text), REFUSED)),
+        HEADER_TEXT.map(lambda text: (header(f"Bearer {text}"), REFUSED)),
+        st.sampled_from(
+            [
+                "",
+                "Bearer",
+                "Bearer ",
+                "Bearer null",
+                "Basic dXNlcjpwYXNzd29yZA==",
+                "Bearer ..",
+                "Bearer a.b.c",
+                "Bearer " + "A" * 4000,
+                f"Basic {valid}",
+            ]
+        ).map(lambda value: (header(value), REFUSED)),
+        st.tuples(SEGMENT, SEGMENT, SEGMENT).map(
+            lambda parts: (header("Bearer " + ".".join(parts)), REFUSED)
+        ),
+        st.sampled_from(refused).map(lambda case: (header(f"Bearer {case[1]}"), case[0] or REFUSED)),
+        st.integers(0, len(valid) - 1).flatmap(
+            lambda i: st.sampled_from("AZaz09-_.=").map(
+                lambda c: (header(f"Bearer {valid[:i]}{c}{valid[i + 1 :]}"), EITHER)
+            )
+        ),
+        st.integers(0, len(valid)).map(lambda i: (header(f"Bearer {valid[:i]}"), EITHER)),
+        st.sampled_from(["bearer ", "BEARER ", "Bearer  ", " Bearer "]).map(
+            lambda scheme: (header(scheme + valid), EITHER)
+        ),
+        st.just(((("authorization", f"Bearer {valid}"), ("authorization", "Bearer x")), EITHER)),
+        st.just(((("authorization", "Bearer x"), ("authorization", f"Bearer {valid}")), EITHER)),
+        st.just((header(f"Bearer {valid}"), VALID)),
+    )
+
+
+def request_for(target: Target, method: str) -> message.Message:
+    """A valid request of `method`, with a request_id of its own."""
+    requests: dict[str, Callable[[], message.Message]] = {
+        "CreateAccount": lambda: pb.CreateAccountRequest(
+            request_id=fresh_id(),
+            owner_name="Eve",
+            currency_code="EUR",
+            opening_balance_minor=10**6,
+            per_payment_limit_minor=10,
+            daily_limit_minor=10,
+        ),
+        "SubmitPayment": lambda: pb.SubmitPaymentRequest(
+            request_id=fresh_id(),
+            payer_account_id=target.accounts[1],
+            payee_account_id=target.accounts[0],
+            amount=money_pb2.Money(currency_code="EUR", amount_minor=1),
+        ),
+        "ApprovePayment": lambda: pb.ApprovePaymentRequest(request_id=fresh_id(), payment_id=target.held[0]),
+        "DeclinePayment": lambda: pb.DeclinePaymentRequest(request_id=fresh_id(), payment_id=target.held[1]),
+        "FreezeAccount": lambda: pb.FreezeAccountRequest(
+            request_id=fresh_id(), account_id=target.accounts[2]
+        ),
+        "UnfreezeAccount": lambda: pb.UnfreezeAccountRequest(
+            request_id=fresh_id(), account_id=target.accounts[2]
+        ),
+        "GetPayment": lambda: pb.GetPaymentRequest(payment_id=target.held[2]),
+    }
+    return requests[method]()
+
+
+def check_authorization(method: str, code: grpc.StatusCode, reason: str, expected: str) -> None:
+    outcome = f"{method}: {code.name} {reason} for {expected}"
+    if expected == VALID:
+        assert code not in AUTH_CODES, outcome
+    elif expected == EITHER:
+        assert code == grpc.StatusCode.UNAUTHENTICATED or code not in AUTH_CODES, outcome
+    elif expected == REFUSED:
+        assert code == grpc.StatusCode.UNAUTHENTICATED, outcome
+    else:
+        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, expected), outcome
+
+
+@FUZZ
+@given(method=st.sampled_from(sorted(ALLOWED)), data=st.data())
+def test_authorization_metadata(target: Target, method: str, data: st.DataObject) -> None:
+    """Random and malformed credentials: UNAUTHENTICATED with a documented reason, or the normal answer."""
+    valid = target.as_(CALLER[method])[0][1].removeprefix("Bearer ")
+    refused = refused_tokens(target.authority, [CALLER[method]])
+    metadata, expected = data.draw(authorizations(valid, refused))
+    code, reason = call(target, method, request_for(target, method), metadata)
+    check_authorization(method, code, reason, expected)
+
+
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+def test_each_defect_of_a_token_has_its_reason(target: Target, method: str) -> None:
+    for expected, token in refused_tokens(target.authority, [CALLER[method]]):
+        code, reason = call(target, method, request_for(target, method), tuple(bearer(token)))
+        check_authorization(method, code, reason, expected or REFUSED)
+
+
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+def test_a_valid_token_of_another_role_is_permission_denied(target: Target, method: str) -> None:
+    request = request_for(target, method)
+    code, reason = call(target, method, request, target.as_(HISTORY_READER))
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED")
+
+
+def test_credentials_above_the_metadata_limit_are_refused_and_the_server_keeps_serving(
+    target: Target,
+) -> None:
+    request = pb.CreateAccountRequest(
+        request_id=fresh_id(),
+        owner_name="Eve",
+        currency_code="EUR",
+        per_payment_limit_minor=1,
+        daily_limit_minor=1,
+    )
+    target.rejected.add(request.request_id)
+    with pytest.raises(grpc.RpcError) as exhausted:
+        target.stub.CreateAccount(
+            request, timeout=10, metadata=(("authorization", "Bearer " + "A" * 20_000),)
+        )
+    # gRPC refuses metadata above its hard limit (16 KiB) before the call reaches the service.
+    assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert target.stub.GetPayment(
+        pb.GetPaymentRequest(payment_id=target.held[0]), timeout=10, metadata=target.as_(REVIEWER)
+    ).payment
+
+
 def test_rejected_calls_left_nothing_and_the_server_still_serves(target: Target) -> None:
     """Runs after the properties above (pytest keeps the order of the file) and checks what they did."""
     assert target.process.alive
@@ -377,8 +636,12 @@ def test_rejected_calls_left_nothing_and_the_server_still_serves(target: Target)
     assert _stored(target.dsn, never_accepted) == (set(), set())
     # The properties reached the interesting answers, not only INVALID_ARGUMENT.
     assert {"OK", "INVALID_ARGUMENT"} <= target.codes["CreateAccount"]
-    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= target.codes["SubmitPayment"]
-    assert "INTERNAL" not in target.process.log_text()
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED"} <= target.codes["SubmitPayment"]
+    assert {"UNAUTHENTICATED", "PERMISSION_DENIED"} <= target.codes["CreateAccount"]
+    assert target.codes["reasons"] >= UNAUTHENTICATED_REASONS
+    log = target.process.log_text()
+    assert "INTERNAL" not in log
+    assert "Traceback" not in log
 
 
 def _stored(dsn: str, request_ids: set[str]) -> tuple[set[str], set[str]]:
