@@ -50,6 +50,14 @@ class InvalidArgument(ServiceError):
         self.violations = list(violations)
 
 
+class Unauthenticated(ServiceError):
+    """The call carries no credentials, or none that the server accepts; the reason says which in general terms."""
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known, but may not do what it asks."""
+
+
 class NotFound(ServiceError):
     """What the request names does not exist."""
 
