@@ -1,0 +1,226 @@
+"""Where token signing keys come from: a JWKS file (re-read when it changes) or URL (cached, re-fetched).
+
+Both follow key rotation: a token that names a key id (`kid`) not held yet makes the
+source look again (the file at once, the URL at most once per `refetch_interval`),
+so a new key is accepted as soon as it is published, and a removed one is refused
+once the source has been read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from payments_common.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+# The signature algorithms accepted: never `none`, never a shared secret (HS*).
+ALGORITHMS: Final = ("ES256", "RS256", "EdDSA")
+MIN_RSA_BITS: Final = 2048
+# A JWKS larger than this is refused: a key set is a few kilobytes.
+MAX_JWKS_BYTES: Final = 1024 * 1024
+
+
+class JwksError(ValueError):
+    """A document that is not a usable JWKS (the message says why)."""
+
+
+class KeysUnavailable(Unavailable):
+    """The key set could not be fetched yet; the call can be retried."""
+
+    def __init__(self) -> None:
+        super().__init__("KEYS_UNAVAILABLE", "the keys that verify tokens are not available; retry later")
+
+
+def parse_jwks(document: object) -> dict[str, jwt.PyJWK]:
+    """The usable signing keys of a JWKS document, by kid.
+
+    A key without a kid, meant for encryption, of an algorithm not accepted, or an RSA
+    key shorter than 2048 bits is left out (and logged); a document that is not a JWKS,
+    or holds no usable key, is a JwksError.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise JwksError('not a JWKS: expected an object with a "keys" list')
+    keys: dict[str, jwt.PyJWK] = {}
+    for entry in document["keys"]:
+        kid = entry.get("kid") if isinstance(entry, dict) else None
+        if not isinstance(kid, str) or not kid or entry.get("use", "sig") != "sig":
+            log.warning("JWKS key left out: no kid, or not a signing key")
+            continue
+        try:
+            key = jwt.PyJWK(entry)
+        except Exception as error:  # a malformed key (a member missing, say) is left out, whatever it raises
+            log.warning("JWKS key %s left out: %s", kid, type(error).__name__)
+            continue
+        if key.algorithm_name not in ALGORITHMS:
+            log.warning("JWKS key %s left out: algorithm %s is not accepted", kid, key.algorithm_name)
+            continue
+        if isinstance(key.key, rsa.RSAPublicKey) and key.key.key_size < MIN_RSA_BITS:
+            log.warning("JWKS key %s left out: RSA keys need at least %d bits", kid, MIN_RSA_BITS)
+            continue
+        keys[kid] = key
+    if not keys:
+        raise JwksError(f"no usable signing key (accepted algorithms: {', '.join(ALGORITHMS)})")
+    return keys
+
+
+class KeySource(Protocol):
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        """The published key with this kid, or None."""
+
+
+def read_jwks_file(path: Path) -> dict[str, jwt.PyJWK]:
+    """The keys of a JWKS file; JwksError (naming the file) when it cannot be read or used."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_JWKS_BYTES + 1)
+    except OSError as error:
+        raise JwksError(f"cannot read {path}: {error.strerror}") from None
+    if len(raw) > MAX_JWKS_BYTES:
+        raise JwksError(f"{path} is larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise JwksError(f"{path} is not JSON") from None
+    return parse_jwks(document)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced (Kubernetes swaps a symlink) or rewritten."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+class JwksFile:
+    """A JWKS in a file: read at start (it must be valid then), re-read when it changes.
+
+    The file is checked at most once per `check_interval` seconds, and whenever a token
+    names a kid not held. A changed file that cannot be used leaves the keys as they were
+    (logged), so a half-written secret does not lock every caller out.
+    """
+
+    def __init__(
+        self, path: Path, check_interval: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.path = path
+        self._check_interval = check_interval
+        self._clock = clock
+        self._seen = _signature(path)
+        self._keys = read_jwks_file(path)
+        self._checked = clock()
+
+    def _reload_if_changed(self) -> None:
+        self._checked = self._clock()
+        seen = _signature(self.path)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            self._keys = read_jwks_file(self.path)
+        except JwksError as error:
+            log.error("JWKS file changed but cannot be used, keeping the keys held: %s", error)
+            return
+        log.info("JWKS file reloaded", extra={"kids": sorted(self._keys)})
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        if self._clock() - self._checked >= self._check_interval:
+            self._reload_if_changed()
+        found = self._keys.get(kid)
+        if found is None:
+            self._reload_if_changed()  # a stat, and a read only when the file changed
+            found = self._keys.get(kid)
+        return found
+
+
+def fetch_jwks(url: str, timeout: float) -> dict[str, jwt.PyJWK]:
+    """The keys of the JWKS at `url` (blocking: run it off the event loop)."""
+    # The settings allow only http(s) URLs here: urllib's other schemes (file:) never reach it.
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read(MAX_JWKS_BYTES + 1)
+    if len(raw) > MAX_JWKS_BYTES:
+        raise JwksError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        document: Any = json.loads(raw)
+    except ValueError:
+        raise JwksError("the JWKS is not JSON") from None
+    return parse_jwks(document)
+
+
+class JwksUrl:
+    """A JWKS fetched over HTTP(S), off the event loop, cached for `cache_seconds`.
+
+    A token naming a kid not held makes it fetch again, at most once per `refetch_interval`
+    seconds (so tokens with made-up kids cannot make it hammer the identity provider). A
+    failed fetch keeps the keys held and is logged; until the first fetch succeeds,
+    calls with tokens fail with UNAVAILABLE (KEYS_UNAVAILABLE).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        cache_seconds: float = 300.0,
+        refetch_interval: float = 10.0,
+        timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        fetch: Callable[[str, float], dict[str, jwt.PyJWK]] = fetch_jwks,
+    ) -> None:
+        self.url = url
+        self._cache_seconds = cache_seconds
+        self._refetch_interval = refetch_interval
+        self._timeout = timeout
+        self._clock = clock
+        self._fetch = fetch
+        self._keys: dict[str, jwt.PyJWK] | None = None
+        self._fetched = 0.0  # when the keys held were fetched
+        self._attempted: float | None = None  # when the last fetch started
+        self._running: asyncio.Task[None] | None = None
+
+    def _may_fetch(self) -> bool:
+        return self._attempted is None or self._clock() - self._attempted >= self._refetch_interval
+
+    async def _refresh(self) -> None:
+        """Fetches the set once for every caller waiting now; a caller that gives up does not cancel it."""
+        if self._running is None or self._running.done():
+            self._attempted = self._clock()
+            self._running = asyncio.create_task(self._fetch_now(), name="jwks-fetch")
+        await asyncio.shield(self._running)
+
+    async def _fetch_now(self) -> None:
+        try:
+            keys = await asyncio.to_thread(self._fetch, self.url, self._timeout)
+        except Exception as error:  # the network, the server, the document: keep what is held
+            log.warning("JWKS fetch failed, keeping the keys held: %s", error)
+            return
+        if self._keys is None or keys.keys() != self._keys.keys():
+            log.info("JWKS fetched", extra={"kids": sorted(keys)})
+        self._keys = keys
+        self._fetched = self._clock()
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        if self._running is not None and not self._running.done():
+            await asyncio.shield(self._running)  # a fetch in flight: its keys are the freshest
+        stale = self._keys is None or self._clock() - self._fetched >= self._cache_seconds
+        if stale and self._may_fetch():
+            await self._refresh()
+        if self._keys is None:
+            raise KeysUnavailable()
+        found = self._keys.get(kid)
+        if found is None and self._may_fetch():
+            await self._refresh()
+            found = self._keys.get(kid)
+        return found

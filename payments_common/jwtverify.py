@@ -1,0 +1,108 @@
+"""Bearer token (JWT) verification with PyJWT: signature by a published key, then issuer, audience and times.
+
+Every failure is an Unauthenticated error whose reason says what is wrong in general
+terms; the message never names the expected issuer, audience or key ids. The claims
+are only looked at once the signature has been verified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+import jwt
+
+from payments_common.errors import Unauthenticated
+from payments_common.jwks import ALGORITHMS, KeySource
+
+# The reasons of UNAUTHENTICATED, and the message sent with each.
+CREDENTIALS_MISSING: Final = "CREDENTIALS_MISSING"
+TOKEN_MALFORMED: Final = "TOKEN_MALFORMED"
+TOKEN_EXPIRED: Final = "TOKEN_EXPIRED"
+TOKEN_NOT_YET_VALID: Final = "TOKEN_NOT_YET_VALID"
+WRONG_ISSUER: Final = "WRONG_ISSUER"
+WRONG_AUDIENCE: Final = "WRONG_AUDIENCE"
+UNKNOWN_KEY: Final = "UNKNOWN_KEY"
+BAD_SIGNATURE: Final = "BAD_SIGNATURE"
+
+MESSAGES: Final = {
+    CREDENTIALS_MISSING: "the call carries no credentials: send 'authorization: Bearer <token>'",
+    TOKEN_MALFORMED: "the bearer token is malformed or lacks a required claim",
+    TOKEN_EXPIRED: "the bearer token has expired",
+    TOKEN_NOT_YET_VALID: "the bearer token is not valid yet",
+    WRONG_ISSUER: "the bearer token was issued by an issuer this service does not trust",
+    WRONG_AUDIENCE: "the bearer token is not meant for this service",
+    UNKNOWN_KEY: "the bearer token is signed by a key this service does not know",
+    BAD_SIGNATURE: "the bearer token's signature does not verify",
+}
+
+# Claims every token must carry.
+REQUIRED_CLAIMS: Final = ("exp", "iss", "aud", "sub")
+
+
+def unauthenticated(reason: str) -> Unauthenticated:
+    return Unauthenticated(reason, MESSAGES[reason])
+
+
+# PyJWT's errors, most specific first, and the reason each is answered with.
+_REASONS: Final[Sequence[tuple[type[Exception], str]]] = (
+    (jwt.ExpiredSignatureError, TOKEN_EXPIRED),
+    (jwt.ImmatureSignatureError, TOKEN_NOT_YET_VALID),
+    (jwt.InvalidIssuerError, WRONG_ISSUER),
+    (jwt.InvalidAudienceError, WRONG_AUDIENCE),
+    (jwt.InvalidSignatureError, BAD_SIGNATURE),
+    (jwt.InvalidAlgorithmError, BAD_SIGNATURE),  # the header's alg is not the key's
+    (jwt.InvalidKeyError, BAD_SIGNATURE),
+    (jwt.PyJWTError, TOKEN_MALFORMED),
+)
+
+
+def _reason(error: Exception) -> str:
+    return next(reason for kind, reason in _REASONS if isinstance(error, kind))
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against the keys of its sources, the issuer, the audience and the clock."""
+
+    def __init__(
+        self, sources: Sequence[KeySource], issuer: str, audience: str, clock_skew_seconds: float = 30.0
+    ) -> None:
+        self._sources = sources
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = clock_skew_seconds
+
+    async def _key(self, kid: str) -> jwt.PyJWK | None:
+        for source in self._sources:
+            found = await source.key(kid)
+            if found is not None:
+                return found
+        return None
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims; Unauthenticated with the reason when it is not acceptable."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise unauthenticated(TOKEN_MALFORMED) from None
+        if header.get("alg") not in ALGORITHMS:
+            raise unauthenticated(BAD_SIGNATURE)  # `none`, or a shared secret: never accepted
+        kid = header.get("kid")
+        key = await self._key(kid) if isinstance(kid, str) and kid else None
+        if key is None:
+            raise unauthenticated(UNKNOWN_KEY)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[key.algorithm_name],
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": list(REQUIRED_CLAIMS), "enforce_minimum_key_length": True},
+            )
+        except jwt.PyJWTError as error:
+            raise unauthenticated(_reason(error)) from None
+        if not isinstance(claims["sub"], str) or not claims["sub"]:
+            raise unauthenticated(TOKEN_MALFORMED)
+        return claims

@@ -1,0 +1,185 @@
+"""Bearer token verification (payments_common/jwtverify.py): each way a token can be wrong has its reason."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from payments_common.errors import Unauthenticated
+from payments_common.jwks import JwksFile
+from payments_common.jwtverify import MESSAGES, TokenVerifier
+from stack.auth import LocalAuthority
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> LocalAuthority:
+    return LocalAuthority.create(tmp_path)
+
+
+def _verifier(authority: LocalAuthority, skew: float = 30.0) -> TokenVerifier:
+    return TokenVerifier([JwksFile(authority.jwks_path)], authority.ISSUER, authority.AUDIENCE, skew)
+
+
+async def _reason(authority: LocalAuthority, token: str) -> str:
+    with pytest.raises(Unauthenticated) as raised:
+        await _verifier(authority).verify(token)
+    assert raised.value.message == MESSAGES[raised.value.reason]
+    return raised.value.reason
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
+    return ".".join([_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), _b64(signature)])
+
+
+def _claims(authority: LocalAuthority, **changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {"iss": authority.ISSUER, "aud": authority.AUDIENCE, "sub": "alice", "exp": now + 600}
+    claims.update(changes)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+async def test_a_good_token_gives_its_claims(authority: LocalAuthority) -> None:
+    claims = await _verifier(authority).verify(authority.token("alice", ["customer"], ["a-1"]))
+    assert (claims["sub"], claims["roles"], claims["accounts"]) == ("alice", ["customer"], ["a-1"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"lifetime_seconds": -120}, "TOKEN_EXPIRED"),
+        ({"not_before_offset_seconds": 120}, "TOKEN_NOT_YET_VALID"),
+        ({"issuer": "https://evil.example"}, "WRONG_ISSUER"),
+        ({"audience": "someone-else"}, "WRONG_AUDIENCE"),
+    ],
+)
+async def test_claims_out_of_bounds_have_their_reason(
+    authority: LocalAuthority, changes: dict[str, Any], reason: str
+) -> None:
+    assert await _reason(authority, authority.token("alice", [], **changes)) == reason
+
+
+async def test_the_clock_skew_is_allowed(authority: LocalAuthority) -> None:
+    just_expired = authority.token("alice", [], lifetime_seconds=-5)
+    not_quite_valid = authority.token("alice", [], not_before_offset_seconds=5)
+    assert (await _verifier(authority, skew=30).verify(just_expired))["sub"] == "alice"
+    assert (await _verifier(authority, skew=30).verify(not_quite_valid))["sub"] == "alice"
+    with pytest.raises(Unauthenticated):
+        await _verifier(authority, skew=0).verify(just_expired)
+
+
+async def test_keys_not_published_are_unknown_or_bad(authority: LocalAuthority) -> None:
+    assert await _reason(authority, authority.foreign_token("mallory", ["reviewer"])) == "UNKNOWN_KEY"
+    # A key of its own, under the kid of a published key: the signature does not verify.
+    forged = authority.foreign_token("mallory", ["reviewer"], kid=authority.current_kid)
+    assert await _reason(authority, forged) == "BAD_SIGNATURE"
+
+
+async def test_a_tampered_payload_does_not_verify(authority: LocalAuthority) -> None:
+    header, _, signature = authority.token("alice", ["customer"]).split(".")
+    payload = _b64(json.dumps(_claims(authority, sub="alice", roles=["reviewer"])).encode())
+    assert await _reason(authority, f"{header}.{payload}.{signature}") == "BAD_SIGNATURE"
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "x", "a.b", "a.b.c", "a.b.c.d.e", "Bearer", "eyJhbGciOiJFUzI1NiJ9.%%%.sig", "\u00e9.\u00e9.\u00e9"],
+)
+async def test_garbage_is_malformed(authority: LocalAuthority, token: str) -> None:
+    assert await _reason(authority, token) == "TOKEN_MALFORMED"
+
+
+async def test_unsigned_and_shared_secret_tokens_are_never_accepted(authority: LocalAuthority) -> None:
+    kid = authority.current_kid
+    claims = _claims(authority)
+    assert await _reason(authority, _unsigned({"alg": "none", "kid": kid}, claims)) == "BAD_SIGNATURE"
+    # HS256 keyed with the published key: the classic algorithm confusion.
+    header, body = _unsigned({"alg": "HS256", "kid": kid}, claims).split(".")[:2]
+    secret = json.dumps(authority.jwks()["keys"][0]).encode()
+    mac = hmac.new(secret, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    assert await _reason(authority, f"{header}.{body}.{_b64(mac)}") == "BAD_SIGNATURE"
+
+
+async def test_a_header_alg_other_than_the_keys_is_a_bad_signature(authority: LocalAuthority) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode(_claims(authority), rsa_key, algorithm="RS256", headers={"kid": authority.current_kid})
+    assert await _reason(authority, token) == "BAD_SIGNATURE"
+
+
+async def test_a_token_without_a_usable_kid_names_an_unknown_key(authority: LocalAuthority) -> None:
+    key = serialization.load_pem_private_key(
+        (authority.directory / "keys" / f"{authority.current_kid}.pem").read_bytes(), password=None
+    )
+    for headers in ({}, {"kid": ""}):
+        token = jwt.encode(_claims(authority), key, algorithm="ES256", headers=headers)  # type: ignore[arg-type]
+        assert await _reason(authority, token) == "UNKNOWN_KEY"
+    # A kid that is not text makes the header itself malformed.
+    odd = _unsigned({"alg": "ES256", "kid": 7}, _claims(authority), b"sig")
+    assert await _reason(authority, odd) == "TOKEN_MALFORMED"
+
+
+@pytest.mark.parametrize("missing", ["exp", "iss", "aud", "sub"])
+async def test_a_required_claim_missing_is_malformed_or_wrong(
+    authority: LocalAuthority, missing: str
+) -> None:
+    key = serialization.load_pem_private_key(
+        (authority.directory / "keys" / f"{authority.current_kid}.pem").read_bytes(), password=None
+    )
+    claims = _claims(authority, **{missing: None})
+    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": authority.current_kid})  # type: ignore[arg-type]
+    assert await _reason(authority, token) == "TOKEN_MALFORMED"
+
+
+async def test_a_subject_that_is_not_text_is_malformed(authority: LocalAuthority) -> None:
+    key = serialization.load_pem_private_key(
+        (authority.directory / "keys" / f"{authority.current_kid}.pem").read_bytes(), password=None
+    )
+    for subject in (42, ""):
+        claims = _claims(authority, sub=subject)
+        token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": authority.current_kid})  # type: ignore[arg-type]
+        assert await _reason(authority, token) == "TOKEN_MALFORMED"
+
+
+async def test_eddsa_and_rsa_keys_verify_too(tmp_path: Path) -> None:
+    ed_key = ed25519.Ed25519PrivateKey.generate()
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = {
+        "keys": [
+            {**json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(ed_key.public_key())), "kid": "ed"},
+            {**json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key())), "kid": "rsa"},
+        ]
+    }
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(jwks))
+    verifier = TokenVerifier([JwksFile(path)], "https://issuer", "aud")
+    claims = {"iss": "https://issuer", "aud": "aud", "sub": "svc", "exp": int(time.time()) + 60}
+    for key, alg, kid in ((ed_key, "EdDSA", "ed"), (rsa_key, "RS256", "rsa")):
+        token = jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
+        assert (await verifier.verify(token))["sub"] == "svc"
+
+
+async def test_no_message_names_what_the_server_expects(authority: LocalAuthority) -> None:
+    wrong = [
+        authority.token("alice", [], issuer="https://evil.example"),
+        authority.token("alice", [], audience="other"),
+        authority.foreign_token("alice", []),
+    ]
+    for token in wrong:
+        with pytest.raises(Unauthenticated) as raised:
+            await _verifier(authority).verify(token)
+        text = raised.value.message + str(raised.value.metadata)
+        for secret in (authority.ISSUER, authority.AUDIENCE, authority.current_kid):
+            assert secret not in text
