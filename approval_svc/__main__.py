@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here so that `--help` works without the service's dependencies loaded.
     from approval_svc.config import Settings
 
-    settings = Settings.from_env_or_exit("approval-svc")
+    # A migration serves no calls: it reads no authentication settings.
+    settings = Settings.from_env_or_exit("approval-svc", serving=args.command == "serve")
     configure_logging("approval-svc", settings.log_level)
 
     if args.command == "migrate":

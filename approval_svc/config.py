@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
+from payments.approval.v1 import approval_service_pb2 as pb
+from payments_common.policy import method_names
 from payments_common.settings import EnvReader, ServerSettings
 
 _URL_SCHEMES = ("postgresql://", "postgres://", "postgresql+asyncpg://")
@@ -16,6 +18,9 @@ class Settings(ServerSettings):
     """Everything the service reads from its environment; see docs/approval.md."""
 
     PREFIX: ClassVar[str] = "APPROVAL_"
+    SERVED_METHODS: ClassVar[tuple[str, ...]] = tuple(
+        method_names(pb.DESCRIPTOR.services_by_name["ApprovalService"])
+    )
 
     database_url: str = field(repr=False)
     port: int = 50051

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from payments.history.v1 import history_service_pb2 as pb
 from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME
+from payments_common.policy import method_names
 from payments_common.settings import EnvReader, ServerSettings, SettingsError
 
 MIN_SECRET_BYTES = 16
@@ -16,6 +18,9 @@ class Settings(ServerSettings):
     """Everything the service reads from its environment; see docs/history.md."""
 
     PREFIX: ClassVar[str] = "HISTORY_"
+    SERVED_METHODS: ClassVar[tuple[str, ...]] = tuple(
+        method_names(pb.DESCRIPTOR.services_by_name["HistoryService"])
+    )
 
     # Credentials stay out of the repr (and so out of any log line that shows the settings).
     redis_url: str = field(repr=False)

@@ -2,19 +2,23 @@
 
 A service declares its settings as a frozen dataclass that extends `ServiceSettings`
 (a process: log level, metrics port, TLS) or `ServerSettings` (a gRPC server besides:
-host, port, limits, shutdown grace), names its variable prefix, and reads only its own
-fields in `read`; `from_env` reads the shared ones, under the same names everywhere.
+host, port, limits, shutdown grace, authentication), names its variable prefix, and
+reads only its own fields in `read`; `from_env` reads the shared ones, under the same
+names everywhere.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final, Self, TypeVar
 
+from payments_common.authsettings import AuthSettings
+from payments_common.jwks import JwksError, read_jwks_file
+from payments_common.policy import Policy, PolicyError
 from payments_common.tls import TlsSettings
 
 # Where a server listens unless told otherwise: every interface, IPv6 and IPv4.
@@ -46,9 +50,11 @@ class EnvReader:
     instead, so that Kubernetes can mount credentials as files.
     """
 
-    def __init__(self, prefix: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, prefix: str, environ: Mapping[str, str], serving: bool = True) -> None:
         self.prefix = prefix
         self.environ = environ
+        # False for a command that serves no calls (a migration): it needs no authentication settings.
+        self.serving = serving
 
     def _raw(self, name: str) -> str | None:
         key = self.prefix + name
@@ -85,6 +91,17 @@ class EnvReader:
             allowed = ", ".join(schemes[:-1]) + f" or {schemes[-1]}" if len(schemes) > 1 else schemes[0]
             raise SettingsError(f"{self.prefix}{name} must start with {allowed}")
         return value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """A boolean: true or false (also 1/0, yes/no), any case."""
+        raw = self.text(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("true", "1", "yes"):
+            return True
+        if raw in ("false", "0", "no"):
+            return False
+        raise SettingsError(f"{self.prefix}{name} must be true or false, got {raw!r}")
 
     def integer(self, name: str, default: int | _Required = REQUIRED, minimum: int | None = None) -> int:
         value = self._parsed(name, default, int, "an integer")
@@ -135,6 +152,49 @@ class EnvReader:
             )
         return tls
 
+    def auth(self, served: Collection[str], client_certificates: bool) -> AuthSettings:
+        """Authentication: a JWKS (file, URL) and/or client certificates, and the policy; or disabled.
+
+        The policy is checked against `served`, the methods the server serves. Nothing set
+        and not disabled is an error: authentication is on unless turned off explicitly.
+        """
+        p = self.prefix
+        if self.flag("AUTH_DISABLED"):
+            return AuthSettings(disabled=True)
+        jwks_file = self.text("AUTH_JWKS_FILE", "")
+        jwks_url = self.text("AUTH_JWKS_URL", "")
+        if not (jwks_file or jwks_url or client_certificates):
+            raise SettingsError(
+                f"authentication needs {p}AUTH_JWKS_FILE or {p}AUTH_JWKS_URL (bearer tokens) or "
+                f"{p}TLS_CLIENT_CA_FILE (client certificates); {p}AUTH_DISABLED=true turns it off"
+            )
+        if jwks_url and not jwks_url.startswith(("https://", "http://")):
+            raise SettingsError(f"{p}AUTH_JWKS_URL must start with https:// or http://")
+        if jwks_file:
+            try:
+                read_jwks_file(Path(jwks_file))
+            except JwksError as error:
+                raise SettingsError(f"{p}AUTH_JWKS_FILE: {error}") from None
+        tokens = bool(jwks_file or jwks_url)
+        policy_file = self.text("AUTH_POLICY_FILE", "")
+        if not policy_file:
+            raise SettingsError(f"{p}AUTH_POLICY_FILE is required unless {p}AUTH_DISABLED=true")
+        try:
+            policy = Policy.load(Path(policy_file), served)
+        except PolicyError as error:
+            raise SettingsError(f"{p}AUTH_POLICY_FILE: {error}") from None
+        return AuthSettings(
+            jwks_file=jwks_file,
+            jwks_url=jwks_url,
+            jwks_cache_seconds=self.positive("AUTH_JWKS_CACHE_SECONDS", AuthSettings.jwks_cache_seconds),
+            # Required with a JWKS: a token is only accepted from one issuer, for one audience.
+            issuer=self.text("AUTH_ISSUER") if tokens else "",
+            audience=self.text("AUTH_AUDIENCE") if tokens else "",
+            clock_skew_seconds=self.number("AUTH_CLOCK_SKEW_SECONDS", AuthSettings.clock_skew_seconds),
+            policy_file=policy_file,
+            policy=policy,
+        )
+
 
 @dataclass(frozen=True, kw_only=True)
 class ServiceSettings:
@@ -151,9 +211,12 @@ class ServiceSettings:
     tls: TlsSettings = field(default_factory=TlsSettings)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
-        """Reads the settings (from os.environ by default); raises SettingsError naming the variable at fault."""
-        env = EnvReader(cls.PREFIX, os.environ if environ is None else environ)
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, serving: bool = True) -> Self:
+        """Reads the settings (from os.environ by default); raises SettingsError naming the variable at fault.
+
+        `serving` False reads what a command that serves no calls needs (no authentication).
+        """
+        env = EnvReader(cls.PREFIX, os.environ if environ is None else environ, serving)
         return cls(**cls.read(env))
 
     @classmethod
@@ -166,10 +229,12 @@ class ServiceSettings:
         }
 
     @classmethod
-    def from_env_or_exit(cls, program: str, environ: Mapping[str, str] | None = None) -> Self:
+    def from_env_or_exit(
+        cls, program: str, environ: Mapping[str, str] | None = None, *, serving: bool = True
+    ) -> Self:
         """The settings, or exit status 2 with one line on stderr naming the variable at fault."""
         try:
-            return cls.from_env(environ)
+            return cls.from_env(environ, serving=serving)
         except SettingsError as error:
             print(f"{program}: {error}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -177,7 +242,13 @@ class ServiceSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings(ServiceSettings):
-    """What every gRPC server reads besides: where it listens, its limits, and its shutdown grace."""
+    """What every gRPC server reads besides: where it listens, its limits, its shutdown grace, who may call.
+
+    A subclass names in `SERVED_METHODS` the methods it serves ("package.Service/Method"),
+    against which the authorization policy is checked.
+    """
+
+    SERVED_METHODS: ClassVar[tuple[str, ...]] = ()
 
     host: str = ALL_INTERFACES
     port: int = 0  # 0 picks a free port
@@ -186,11 +257,19 @@ class ServerSettings(ServiceSettings):
     max_connection_age_seconds: float = 0.0
     # On SIGTERM, how long calls in flight may finish; also the grace of an aged connection.
     grace_seconds: float = 10.0
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
     def read(cls, env: EnvReader) -> dict[str, Any]:
+        shared = super().read(env)
         return {
-            **super().read(env),
+            **shared,
+            # Unread for a command that serves nothing: a server built with it refuses to start.
+            "auth": (
+                env.auth(cls.SERVED_METHODS, bool(shared["tls"].client_ca_file))
+                if env.serving
+                else AuthSettings()
+            ),
             "host": env.text("HOST", cls.host),
             "port": env.port("PORT", cls.port),
             "max_message_bytes": env.integer(

@@ -20,6 +20,7 @@ from approval_svc.domain.model import (
     PaymentStatus,
 )
 from payments_common.settings import SettingsError
+from tests.support.auth import server_env
 
 NOW = datetime(2026, 3, 4, 15, 30, tzinfo=UTC)
 THRESHOLD = 1_000
@@ -226,6 +227,7 @@ def test_review_and_status_commands_validate_ids_and_lengths() -> None:
 def test_settings_read_the_environment() -> None:
     settings = Settings.from_env(
         {
+            **server_env("APPROVAL_"),
             "APPROVAL_DATABASE_URL": "postgresql://u:secret@db:5432/payments",
             "APPROVAL_PORT": "6000",
             "APPROVAL_METRICS_PORT": "0",
@@ -260,4 +262,4 @@ def test_settings_read_the_environment() -> None:
 )
 def test_bad_settings_name_the_variable(environ: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
-        Settings.from_env(environ)
+        Settings.from_env({**server_env("APPROVAL_"), **environ})

@@ -6,8 +6,13 @@ import pytest
 
 from history_svc.config import Settings
 from payments_common.settings import SettingsError
+from tests.support.auth import server_env
 
-REQUIRED = {"HISTORY_REDIS_URL": "redis://127.0.0.1:6379/0", "HISTORY_PAGE_TOKEN_SECRET": "s" * 16}
+REQUIRED = {
+    "HISTORY_REDIS_URL": "redis://127.0.0.1:6379/0",
+    "HISTORY_PAGE_TOKEN_SECRET": "s" * 16,
+    **server_env("HISTORY_"),
+}
 
 
 def test_defaults() -> None:

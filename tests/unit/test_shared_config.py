@@ -9,10 +9,16 @@ from history_svc.config import Settings as HistorySettings
 from payments_common.grpcserver import channel_args
 from payments_common.settings import ServerSettings, ServiceSettings, SettingsError
 from replicator.config import Settings as ReplicatorSettings
+from tests.support.auth import server_env
 
+# What each service needs to start; a server trusts the tests' token authority besides.
 REQUIRED: dict[type[ServiceSettings], dict[str, str]] = {
-    ApprovalSettings: {"APPROVAL_DATABASE_URL": "postgresql://u@db/payments"},
-    HistorySettings: {"HISTORY_REDIS_URL": "redis://r:6379/0", "HISTORY_PAGE_TOKEN_SECRET": "s" * 16},
+    ApprovalSettings: {"APPROVAL_DATABASE_URL": "postgresql://u@db/payments", **server_env("APPROVAL_")},
+    HistorySettings: {
+        "HISTORY_REDIS_URL": "redis://r:6379/0",
+        "HISTORY_PAGE_TOKEN_SECRET": "s" * 16,
+        **server_env("HISTORY_"),
+    },
     ReplicatorSettings: {
         "REPLICATOR_DATABASE_URL": "postgresql://db/x",
         "REPLICATOR_REDIS_URL": "redis://r:6379/0",

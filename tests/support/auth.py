@@ -1,0 +1,89 @@
+"""Authentication for the tests: one token authority per test session, its service token, and channels that carry it.
+
+Every server the tests start runs with authentication on, trusting this authority's
+JWKS, with its default policies; clients call as a service identity that holds every
+role. A test about authentication itself makes its own authority (stack.auth) in its
+tmp_path, so that it can rotate keys without disturbing the others.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import shutil
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import grpc
+
+from payments_common.authsettings import AuthSettings
+from payments_common.policy import Policy
+from payments_common.settings import EnvReader, ServerSettings
+from stack.auth import ROLES, LocalAuthority
+from stack.clients import bearer_interceptors, with_bearer
+
+# The identity the tests' clients call as, and how long its token lasts (longer than any run).
+SERVICE_SUBJECT: Final = "spiffe://payments.local/ns/tests/sa/operator"
+TOKEN_LIFETIME_S: Final = 7 * 24 * 3600
+
+
+@functools.cache
+def authority() -> LocalAuthority:
+    """The session's authority, in a folder of its own that is removed when the tests end."""
+    folder = Path(tempfile.mkdtemp(prefix="payments-auth-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return LocalAuthority.create(folder)
+
+
+@functools.cache
+def service_token() -> str:
+    """A token of the tests' service identity, with every role of the default policies."""
+    return authority().token(SERVICE_SUBJECT, ROLES, lifetime_seconds=TOKEN_LIFETIME_S)
+
+
+def server_env(prefix: str) -> dict[str, str]:
+    """The `<prefix>AUTH_*` variables of a server process that trusts the session's authority."""
+    return authority().server_env(prefix)
+
+
+def auth_settings(settings: type[ServerSettings], env: Mapping[str, str] | None = None) -> AuthSettings:
+    """A server's authentication settings, read as the process would read them from `env`.
+
+    By default, those that trust the session's authority with the service's default policy.
+    """
+    environ = server_env(settings.PREFIX) if env is None else env
+    return EnvReader(settings.PREFIX, environ).auth(settings.SERVED_METHODS, client_certificates=False)
+
+
+def trusting(authority: LocalAuthority, methods: Mapping[str, Sequence[str]]) -> AuthSettings:
+    """Settings that trust `authority`'s JWKS with a policy of `methods` (for a test service of its own)."""
+    return AuthSettings(
+        jwks_file=str(authority.jwks_path),
+        issuer=authority.ISSUER,
+        audience=authority.AUDIENCE,
+        policy=Policy.parse({"methods": dict(methods)}, served=list(methods)),
+    )
+
+
+def policy_for(methods: Collection[str], roles: Sequence[str] = ROLES) -> dict[str, list[str]]:
+    """A policy's `methods` that lets every one of `roles` call every one of `methods`."""
+    return {method: list(roles) for method in methods}
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    """The call metadata that carries `token`."""
+    return [("authorization", f"Bearer {token}")]
+
+
+def aio_channel(address: str, token: str | None = None, **options: Any) -> grpc.aio.Channel:
+    """An asyncio plaintext channel whose calls carry `token` (the service token by default)."""
+    return grpc.aio.insecure_channel(
+        address, interceptors=bearer_interceptors(token or service_token()), **options
+    )
+
+
+def sync_channel(address: str, token: str | None = None, **options: Any) -> grpc.Channel:
+    """A blocking plaintext channel whose calls carry `token` (the service token by default)."""
+    return with_bearer(grpc.insecure_channel(address, **options), token or service_token())
