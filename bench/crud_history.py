@@ -29,6 +29,7 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2, payment_pb2
+from payments_common.authsettings import AuthSettings
 from payments_common.errors import FieldViolation, InvalidArgument, NotFound, Unimplemented
 from payments_common.grpcserver import Readiness, build_server, wait_for_signal
 from payments_common.logs import configure_logging
@@ -285,7 +286,8 @@ async def serve(dsn: str, host: str, port: int, pool_size: int) -> None:
     try:
         servicer = CrudHistoryServicer(pool, PageTokenCodec(secrets.token_bytes(32)))
         server, _, health = build_server(
-            ServerSettings(host=host, port=port),
+            # A baseline of the storage alone: no authentication (turned off explicitly).
+            ServerSettings(host=host, port=port, auth=AuthSettings(disabled=True)),
             lambda s: history_service_pb2_grpc.add_HistoryServiceServicer_to_server(servicer, s),
             [SERVICE_NAME],
         )

@@ -18,6 +18,7 @@ import uvloop
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2
 
+from payments_common.authsettings import AuthSettings
 from payments_common.grpcserver import READINESS, build_server, wait_for_signal
 from payments_common.logs import configure_logging
 from payments_common.settings import ServerSettings
@@ -46,7 +47,9 @@ def register(server: grpc.aio.Server) -> None:
 
 async def serve(host: str, port: int) -> None:
     # No service name for reflection: the echo has no descriptor to describe.
-    server, _, health = build_server(ServerSettings(host=host, port=port), register, [])
+    # A baseline of gRPC alone: no authentication (turned off explicitly, as it must be).
+    settings = ServerSettings(host=host, port=port, auth=AuthSettings(disabled=True))
+    server, _, health = build_server(settings, register, [])
     await server.start()
     for name in ("", READINESS):  # the echo depends on nothing: ready at once
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram
 
+from payments_common import audit
+from payments_common.access import Gate, gate_for
+from payments_common.audit import TargetOf
 from payments_common.errors import FieldViolation, InvalidArgument, ServiceError, internal_error
 from payments_common.grpcstatus import status_code, to_grpc_status
+from payments_common.identity import Caller, set_caller
 from payments_common.logs import method_var, request_id_var
 from payments_common.metrics import metrics_served
 from payments_common.settings import ServerSettings
@@ -66,7 +70,16 @@ def bind(
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps ServiceError to its status, hides unexpected errors, and records metrics and log context."""
+    """Decides access, maps ServiceError to its status, hides unexpected errors, audits, and records metrics and log context.
+
+    Every method but health and reflection (`/grpc.*`) passes the gate before its request
+    is parsed; the caller it admits is what `payments_common.identity.current_caller()`
+    returns in the handler. Methods in `audited` get an audit line whatever their outcome.
+    """
+
+    def __init__(self, gate: Gate, audited: Mapping[str, TargetOf] | None = None) -> None:
+        self._gate = gate
+        self._audited = dict(audited or {})
 
     async def intercept_service(
         self,
@@ -78,22 +91,59 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             return handler
         method: str = handler_call_details.method
         if method.startswith("/grpc."):
-            return handler  # health and reflection need no wrapping
+            return handler  # health and reflection need no credentials and no wrapping
+        call = _Call(method, self._gate, handler.request_deserializer, self._audited.get(method))
         # The request is parsed inside the wrapper: when gRPC parses it, bytes that are not
         # the request message fail with UNKNOWN and the parser's exception in the message.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary, handler.request_deserializer),
+                _wrap_unary(call, handler.unary_unary),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream, handler.request_deserializer),
+                _wrap_stream(call, handler.unary_stream),
                 request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        # A client-streaming method would reach its handler unchecked: refused instead.
+        log.error("%s is client-streaming, which the server skeleton does not serve", method)
+        return grpc.unary_unary_rpc_method_handler(_unimplemented)
+
+
+async def _unimplemented(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not served")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What the wrappers need to know of a method: its name, the gate, its request parser, its audit."""
+
+    method: str
+    gate: Gate
+    deserializer: Callable[[bytes], Any] | None
+    target_of: TargetOf | None
+
+    async def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """Decides the call (raising Unauthenticated or PermissionDenied) and records its caller for the handler."""
+        caller = await self.gate.caller(self.method, context)
+        set_caller(caller)
+        return caller
+
+    def audit(self, caller: Caller | None, raw: Any, request: Any, response: Any, outcome: str) -> None:
+        if self.target_of is None:
+            return
+        if request is None:
+            # Denied before its request was parsed: the target is read from it all the same.
+            with contextlib.suppress(ServiceError):
+                request = _parse(raw, self.deserializer)
+                request_id_var.set(getattr(request, "request_id", ""))
+        try:
+            target = self.target_of(request, response)
+        except Exception:  # the audit line is written whatever the request holds
+            target = {}
+        audit.record(self.method, caller, target, outcome)
 
 
 def _parse(raw: Any, deserializer: Callable[[bytes], Any] | None) -> Any:
@@ -114,14 +164,15 @@ _ENDED_BY_CLIENT = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED
 DEADLINE_SKEW_S = 1.0
 
 
-def _ended(context: grpc.aio.ServicerContext[Any, Any], method: str, code: grpc.StatusCode | None) -> None:
-    """Counts and logs (one line, no traceback) a call that ended before its answer."""
+def _ended(context: grpc.aio.ServicerContext[Any, Any], method: str, code: grpc.StatusCode | None) -> str:
+    """Counts and logs (one line, no traceback) a call that ended before its answer; returns the code's name."""
     if code is None:
         remaining = context.time_remaining()
         due = remaining is not None and remaining <= DEADLINE_SKEW_S
         code = grpc.StatusCode.DEADLINE_EXCEEDED if due else grpc.StatusCode.CANCELLED
     RPC_TOTAL.labels(method, code.name).inc()
     log.info("call ended before its answer: %s", code.name, extra={"grpc_code": code.name})
+    return code.name
 
 
 def _ended_by_client(error: Exception) -> grpc.StatusCode | None:
@@ -133,65 +184,77 @@ def _ended_by_client(error: Exception) -> grpc.StatusCode | None:
     return None
 
 
-async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: Exception, method: str) -> None:
+def _as_service_error(error: Exception, method: str) -> ServiceError:
+    """The error the client is sent: a ServiceError as it is, anything else as a generic INTERNAL (logged)."""
     if isinstance(error, ServiceError):
-        service_error = error
         if status_code(error) == grpc.StatusCode.INTERNAL:
             log.error("internal error in %s: %s", method, error.message)
-    else:
-        log.error("unexpected error in %s", method, exc_info=error)
-        service_error = internal_error()
-    RPC_TOTAL.labels(method, status_code(service_error).name).inc()
-    await context.abort_with_status(to_grpc_status(service_error))  # type: ignore[attr-defined]
+        return error
+    log.error("unexpected error in %s", method, exc_info=error)
+    return internal_error()
 
 
-def _wrap_unary(
-    method: str, inner: Callable[..., Any], deserializer: Callable[[bytes], Any] | None = None
-) -> Callable[..., Any]:
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError, method: str) -> None:
+    RPC_TOTAL.labels(method, status_code(error).name).inc()
+    await context.abort_with_status(to_grpc_status(error))  # type: ignore[attr-defined]
+
+
+def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
+    method = call.method
+
     async def unary(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         method_var.set(method)
         request_id_var.set("")
         started = time.perf_counter()
+        caller = request = response = None
+        outcome = "UNKNOWN"  # a handler that aborted the call itself
         try:
-            request = _parse(raw, deserializer)
+            caller = await call.admit(context)
+            request = _parse(raw, call.deserializer)
             request_id_var.set(getattr(request, "request_id", ""))
             response = await inner(request, context)
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
             # gRPC cancels the handler when the deadline passes or the client cancels.
-            _ended(context, method, None)
+            outcome = _ended(context, method, None)
             raise
         except Exception as error:  # every other failure becomes a status, never a traceback
             ended = _ended_by_client(error)
             if ended is not None:
                 # The handler saw the deadline pass first. Sending a status now would fail
                 # in gRPC's core once the call has expired there; end it as gRPC would.
-                _ended(context, method, ended)
+                outcome = _ended(context, method, ended)
                 raise asyncio.CancelledError from None
-            await _fail(context, error, method)
+            service_error = _as_service_error(error, method)
+            outcome = status_code(service_error).name
+            await _fail(context, service_error, method)
             raise  # unreachable: abort raises
+        else:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                # Done, but too late: gRPC's core would refuse to send the answer (and log a traceback).
+                outcome = _ended(context, method, grpc.StatusCode.DEADLINE_EXCEEDED)
+                raise asyncio.CancelledError from None
+            outcome = "OK"
+            RPC_TOTAL.labels(method, outcome).inc()
+            return response
         finally:
             RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            # Done, but too late: gRPC's core would refuse to send the answer (and log a traceback).
-            _ended(context, method, grpc.StatusCode.DEADLINE_EXCEEDED)
-            raise asyncio.CancelledError
-        RPC_TOTAL.labels(method, "OK").inc()
-        return response
+            call.audit(caller, raw, request, response, outcome)
 
     return unary
 
 
-def _wrap_stream(
-    method: str, inner: Callable[..., Any], deserializer: Callable[[bytes], Any] | None = None
-) -> Callable[..., Any]:
+def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
+    method = call.method
+
     async def stream(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         method_var.set(method)
         started = time.perf_counter()
         try:
-            async for response in inner(_parse(raw, deserializer), context):
+            await call.admit(context)
+            async for response in inner(_parse(raw, call.deserializer), context):
                 yield response
         except grpc.aio.AbortError:
             raise
@@ -204,7 +267,7 @@ def _wrap_stream(
             if ended is not None:
                 _ended(context, method, ended)
                 raise asyncio.CancelledError from None
-            await _fail(context, error, method)
+            await _fail(context, _as_service_error(error, method), method)
             raise
         finally:
             RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
@@ -309,13 +372,18 @@ def build_server(
     settings: ServerSettings,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
+    audited: Mapping[str, TargetOf] | None = None,
 ) -> tuple[grpc.aio.Server, int, Any]:
     """Creates (not starts) a server with health and reflection; returns it, its bound port and health.
 
-    The port speaks TLS when the settings name a certificate.
+    The port speaks TLS when the settings name a certificate. Every call but health and
+    reflection is authenticated and authorized as `settings.auth` says (SettingsError when
+    it names no way to); the methods of `audited` ("/package.Service/Method") are audited,
+    each with the function that reads its target from its request and response.
     """
     logging.getLogger("grpc._cython.cygrpc").addFilter(_LATE_ANSWERS)  # once: filters are a set
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=channel_args(settings))
+    interceptor = ErrorInterceptor(gate_for(settings), audited)
+    server = grpc.aio.server(interceptors=[interceptor], options=channel_args(settings))
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     add_health_and_reflection(server, health_servicer, service_names)
@@ -400,6 +468,7 @@ async def serve(
                         "port": port,
                         "metrics_port": settings.metrics_port,
                         "tls": settings.tls.mode,
+                        "auth": settings.auth.mode(bool(settings.tls.client_ca_file)),
                         **details,
                     },
                 )

@@ -21,8 +21,15 @@ from payments_common.errors import INTERNAL_MESSAGE, FieldViolation, InvalidArgu
 from payments_common.grpcserver import LIVENESS, READINESS, GrpcService, Readiness, build_server, serve
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.settings import ServerSettings
+from tests.support.auth import aio_channel, authority, policy_for, trusting
 
 SERVICE = "test.Echo"
+
+
+def _settings(**values: Any) -> ServerSettings:
+    """The test service's settings: tokens of the tests' authority, every role allowed every method."""
+    auth = trusting(authority(), policy_for([f"{SERVICE}/{name}" for name in ("Echo", "Count", "Forever")]))
+    return ServerSettings(host="127.0.0.1", auth=auth, **values)
 
 
 async def _echo(request: wrappers_pb2.StringValue, context: Any) -> wrappers_pb2.StringValue:
@@ -71,7 +78,7 @@ def _register(server: grpc.aio.Server) -> None:
 
 @pytest.fixture
 async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Readiness, dict[str, bool]]]:
-    server, port, health = build_server(ServerSettings(host="127.0.0.1"), _register, [SERVICE])
+    server, port, health = build_server(_settings(), _register, [SERVICE])
     ready = {"value": True}
 
     async def probe() -> bool:
@@ -80,7 +87,7 @@ async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Readiness, dict[str
     readiness = Readiness(health, [SERVICE], probe, interval_seconds=0.05)
     await server.start()
     await readiness.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+    async with aio_channel(f"127.0.0.1:{port}") as chan:
         yield chan, readiness, ready
     await readiness.stop()
     await server.stop(None)
@@ -236,7 +243,7 @@ async def test_serve_stops_gracefully_after_a_signal_that_came_during_start_up()
 
     @contextlib.asynccontextmanager
     async def opened() -> AsyncIterator[tuple[GrpcService, int]]:
-        server, port, health = build_server(ServerSettings(host="127.0.0.1"), _register, [SERVICE])
+        server, port, health = build_server(_settings(), _register, [SERVICE])
         yield SlowToStart(server, Readiness(health, [SERVICE], probe)), port
         events.append("closed")
 
@@ -245,7 +252,7 @@ async def test_serve_stops_gracefully_after_a_signal_that_came_during_start_up()
 
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:
-        settings = ServerSettings(host="127.0.0.1", grace_seconds=0.1)
+        settings = _settings(grace_seconds=0.1)
         await asyncio.wait_for(serve("test service", settings, opened), 10)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,35 @@
+"""The audit trail of privileged actions: one JSON line per call, allowed or not, on the `payments.audit` logger.
+
+A line holds who called (`identity`, and how it was proven: `identity_source`), the
+method, what it acted on (`target`, the ids the request or response names) and the
+outcome (the gRPC status code name); the request id comes from the log context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from payments_common.identity import Caller
+
+AUDIT_LOGGER: Final = "payments.audit"
+log = logging.getLogger(AUDIT_LOGGER)
+
+# The ids an audited call acts on, from its request (None when it could not be parsed)
+# and its response (None when it failed).
+TargetOf = Callable[[Any, Any], dict[str, str]]
+
+
+def record(method: str, caller: Caller | None, target: Mapping[str, str], outcome: str) -> None:
+    """Writes the audit line of one call; `caller` None when the call was not authenticated."""
+    log.info(
+        "audit",
+        extra={
+            "audit_method": method,
+            "identity": caller.subject if caller is not None else "",
+            "identity_source": caller.identity.source.value if caller is not None else "",
+            "target": dict(target),
+            "outcome": outcome,
+        },
+    )
