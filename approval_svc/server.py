@@ -14,7 +14,7 @@ from approval_svc import metrics
 from approval_svc.adapters.unit_of_work import SqlUnitOfWork, create_engine, probe
 from approval_svc.config import Settings
 from approval_svc.handlers import Handlers, UnitOfWorkFactory
-from approval_svc.servicer import SERVICE_NAME, ApprovalServicer
+from approval_svc.servicer import AUDITED, SERVICE_NAME, ApprovalServicer
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments_common import grpcserver
 from payments_common.grpcserver import GrpcService, Readiness, build_server
@@ -43,7 +43,10 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[GrpcService, 
     handlers = Handlers(deps.uow_factory, settings.review_threshold_minor, new_id=deps.new_id)
     servicer = ApprovalServicer(handlers)
     server, port, health = build_server(
-        settings, lambda s: pb_grpc.add_ApprovalServiceServicer_to_server(servicer, s), [SERVICE_NAME]
+        settings,
+        lambda s: pb_grpc.add_ApprovalServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+        audited=AUDITED,
     )
     readiness = Readiness(
         health, [SERVICE_NAME], deps.probe, interval_seconds=deps.readiness_interval_seconds

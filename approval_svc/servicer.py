@@ -13,11 +13,14 @@ from google.protobuf import message, timestamp_pb2
 
 from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
+from approval_svc.domain.errors import PaymentNotFound, ReviewerMismatch
 from approval_svc.domain.model import Account, AccountStatus, DeclineReason, Payment, PaymentEvent
 from approval_svc.handlers import Handlers, Outcome, RequestKey
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
+from payments_common.audit import TargetOf
+from payments_common.identity import NotYourAccount, current_caller
 from payments_common.tokens import encode_consistency_token
 
 S = TypeVar("S")
@@ -134,6 +137,31 @@ def _response(outcome: Outcome[T], response_type: type[M], build: Callable[[T], 
     return response
 
 
+def _reviewer(requested: str) -> str:
+    """The reviewer of a decision: the authenticated caller (the request's, if set, must match).
+
+    With authentication disabled the caller is anonymous, and the request names the
+    reviewer, as it did before authentication existed.
+    """
+    caller = current_caller()
+    if not caller.authenticated:
+        return requested
+    if requested and requested != caller.subject:
+        raise ReviewerMismatch()
+    return caller.subject
+
+
+Review = TypeVar("Review", pb.ApprovePaymentRequest, pb.DeclinePaymentRequest)
+
+
+def _as_reviewed_by(request: Review, reviewer: str) -> Review:
+    """The request as the reviewer it runs as: so a retry matches whether it names the reviewer or not."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    copy.reviewer = reviewer
+    return copy
+
+
 def _create_account_response(account: Account) -> pb.CreateAccountResponse:
     return pb.CreateAccountResponse(account=account_message(account))
 
@@ -189,6 +217,8 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
             request.amount.amount_minor,
             request.reference,
         )
+        # A customer pays from its own accounts only (to anyone's).
+        current_caller().require_account(str(command.payer_account_id))
         key = _key("SubmitPayment", request, _submit_payment_response)
         outcome = await self._handlers.submit_payment(command, key)
         return _response(outcome, pb.SubmitPaymentResponse, _submit_payment_response)
@@ -197,10 +227,11 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
     async def ApprovePayment(
         self, request: pb.ApprovePaymentRequest, context: Any
     ) -> pb.ApprovePaymentResponse:
+        reviewer = _reviewer(request.reviewer)
         command = commands.review_payment(
-            request.request_id, request.payment_id, request.reviewer, request.note, approve=True
+            request.request_id, request.payment_id, reviewer, request.note, approve=True
         )
-        key = _key("ApprovePayment", request, _approve_payment_response)
+        key = _key("ApprovePayment", _as_reviewed_by(request, reviewer), _approve_payment_response)
         outcome = await self._handlers.review_payment(command, key)
         return _response(outcome, pb.ApprovePaymentResponse, _approve_payment_response)
 
@@ -208,10 +239,11 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
     async def DeclinePayment(
         self, request: pb.DeclinePaymentRequest, context: Any
     ) -> pb.DeclinePaymentResponse:
+        reviewer = _reviewer(request.reviewer)
         command = commands.review_payment(
-            request.request_id, request.payment_id, request.reviewer, request.note, approve=False
+            request.request_id, request.payment_id, reviewer, request.note, approve=False
         )
-        key = _key("DeclinePayment", request, _decline_payment_response)
+        key = _key("DeclinePayment", _as_reviewed_by(request, reviewer), _decline_payment_response)
         outcome = await self._handlers.review_payment(command, key)
         return _response(outcome, pb.DeclinePaymentResponse, _decline_payment_response)
 
@@ -237,7 +269,36 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
 
     @_deadline_bound
     async def GetPayment(self, request: pb.GetPaymentRequest, context: Any) -> pb.GetPaymentResponse:
-        payment, events = await self._handlers.get_payment(commands.payment_id(request.payment_id))
+        caller = current_caller()
+        try:
+            payment, events = await self._handlers.get_payment(commands.payment_id(request.payment_id))
+        except PaymentNotFound:
+            if caller.scoped:
+                raise NotYourAccount() from None  # a customer does not learn which payments exist
+            raise
+        caller.require_party(str(payment.payer_account_id), str(payment.payee_account_id))
         return pb.GetPaymentResponse(
             payment=payment_message(payment), events=[event_message(e) for e in events]
         )
+
+
+def _payment_target(request: Any, response: Any) -> dict[str, str]:
+    return {"payment_id": request.payment_id} if request is not None else {}
+
+
+def _account_target(request: Any, response: Any) -> dict[str, str]:
+    return {"account_id": request.account_id} if request is not None else {}
+
+
+def _new_account_target(request: Any, response: Any) -> dict[str, str]:
+    return {"account_id": response.account.account_id} if response is not None else {}
+
+
+# The privileged methods, audited whatever their outcome, and what each acts on.
+AUDITED: dict[str, TargetOf] = {
+    f"/{SERVICE_NAME}/CreateAccount": _new_account_target,
+    f"/{SERVICE_NAME}/ApprovePayment": _payment_target,
+    f"/{SERVICE_NAME}/DeclinePayment": _payment_target,
+    f"/{SERVICE_NAME}/FreezeAccount": _account_target,
+    f"/{SERVICE_NAME}/UnfreezeAccount": _account_target,
+}

@@ -38,6 +38,13 @@ class PaymentNotUnderReview(errors.FailedPrecondition):
         )
 
 
+class ReviewerMismatch(errors.PermissionDenied):
+    """A review names a reviewer other than the authenticated caller, who is the reviewer."""
+
+    def __init__(self) -> None:
+        super().__init__("REVIEWER_MISMATCH", "reviewer must be empty or the authenticated caller's identity")
+
+
 class RequestIdReused(errors.AlreadyExists):
     """The request_id was already used for a different request (AIP-155)."""
 

@@ -42,6 +42,17 @@ class ApprovalServiceStub:
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     ACCOUNT_NOT_FOUND, PAYMENT_NOT_FOUND, PAYMENT_NOT_UNDER_REVIEW,
     REQUEST_ID_REUSED, DATABASE_UNAVAILABLE, INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
+    an account or a payment that is not the customer's, or a payment that
+    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
     """
 
     @_typing.overload
@@ -95,6 +106,17 @@ class ApprovalServiceAsyncStub(ApprovalServiceStub):
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     ACCOUNT_NOT_FOUND, PAYMENT_NOT_FOUND, PAYMENT_NOT_UNDER_REVIEW,
     REQUEST_ID_REUSED, DATABASE_UNAVAILABLE, INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
+    an account or a payment that is not the customer's, or a payment that
+    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -144,6 +166,17 @@ class ApprovalServiceServicer(metaclass=_abc_1.ABCMeta):
     INVALID_ARGUMENT (with a `google.rpc.BadRequest` listing the fields),
     ACCOUNT_NOT_FOUND, PAYMENT_NOT_FOUND, PAYMENT_NOT_UNDER_REVIEW,
     REQUEST_ID_REUSED, DATABASE_UNAVAILABLE, INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
+    an account or a payment that is not the customer's, or a payment that
+    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
     """
 
     @_abc_1.abstractmethod
