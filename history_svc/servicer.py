@@ -20,6 +20,7 @@ from history_svc.watch import Watches
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
 from payments_common.errors import FieldViolation, InvalidArgument, NotFound
+from payments_common.identity import NotYourAccount, current_caller
 from payments_common.keys import DIRECTIONS, STATUS_NAMES
 from payments_common.tokens import (
     PageTokenCodec,
@@ -77,12 +78,19 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         payment_id = _uuid("payment_id", request.payment_id, violations)
         if violations:
             raise InvalidArgument(violations)
+        caller = current_caller()
         min_lsn = await self._await_consistency(request.min_consistency_token, context)
         response = await self._consistency.read(
             self._read_model.payment_response(payment_id, min_lsn), min_lsn
         )
         if response is None:
+            if caller.scoped:
+                raise NotYourAccount()  # a customer does not learn which payments exist
             raise NotFound("PAYMENT_NOT_FOUND", "no such payment", {"payment_id": payment_id})
+        if caller.scoped:
+            # Parsed only for a customer: everyone else gets the bytes as Redis built them.
+            view = pb.GetPaymentResponse.FromString(response).payment
+            caller.require_party(view.payer_account_id, view.payee_account_id)
         return response
 
     async def GetAccount(self, request: pb.GetAccountRequest, context: Context) -> pb.GetAccountResponse:
@@ -90,6 +98,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         account_id = _uuid("account_id", request.account_id, violations)
         if violations:
             raise InvalidArgument(violations)
+        current_caller().require_account(account_id)
         min_lsn = await self._await_consistency(request.min_consistency_token, context)
         view = await self._consistency.read(self._read_model.account(account_id, min_lsn), min_lsn)
         if view is None:
@@ -117,6 +126,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             violations.append(FieldViolation("page_size", "must not be negative"))
         if violations or direction is None:
             raise InvalidArgument(violations)
+        current_caller().require_account(account_id)
         query = ListQuery(account_id, direction, request.status, start_us, end_us)
         cursor = (
             decode_page_token(self._page_tokens, query, request.page_token) if request.page_token else None
@@ -152,6 +162,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                 )
         if violations:
             raise InvalidArgument(violations)
+        current_caller().require_account(account_id)
         if request.start_after_resume_token:
             after = decode_resume_token(self._page_tokens, account_id, request.start_after_resume_token)
         await self._consistency.synced(context)

@@ -44,6 +44,18 @@ class HistoryServiceStub:
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method) or NOT_YOUR_ACCOUNT: a caller acting for a customer
+    reads only the customer's accounts, and the payments where one of them
+    is payer or payee; any other payment id, existing or not, is answered
+    with NOT_YOUR_ACCOUNT.
     """
 
     def __init__(self, channel):
@@ -93,6 +105,18 @@ class HistoryServiceServicer:
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method) or NOT_YOUR_ACCOUNT: a caller acting for a customer
+    reads only the customer's accounts, and the payments where one of them
+    is payer or payee; any other payment id, existing or not, is answered
+    with NOT_YOUR_ACCOUNT.
     """
 
     def GetPayment(self, request, context):
@@ -197,6 +221,18 @@ class HistoryService:
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method) or NOT_YOUR_ACCOUNT: a caller acting for a customer
+    reads only the customer's accounts, and the payments where one of them
+    is payer or payee; any other payment id, existing or not, is answered
+    with NOT_YOUR_ACCOUNT.
     """
 
     @staticmethod

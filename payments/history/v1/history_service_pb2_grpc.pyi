@@ -45,6 +45,18 @@ class HistoryServiceStub:
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method) or NOT_YOUR_ACCOUNT: a caller acting for a customer
+    reads only the customer's accounts, and the payments where one of them
+    is payer or payee; any other payment id, existing or not, is answered
+    with NOT_YOUR_ACCOUNT.
     """
 
     @_typing.overload
@@ -108,6 +120,18 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method) or NOT_YOUR_ACCOUNT: a caller acting for a customer
+    reads only the customer's accounts, and the payments where one of them
+    is payer or payee; any other payment id, existing or not, is answered
+    with NOT_YOUR_ACCOUNT.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -167,6 +191,18 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
+
+    Every call is authenticated (a bearer token in the `authorization`
+    metadata, or a client certificate) and authorized by the server's policy
+    before it runs. UNAUTHENTICATED carries the reason CREDENTIALS_MISSING,
+    TOKEN_MALFORMED, TOKEN_EXPIRED, TOKEN_NOT_YET_VALID, WRONG_ISSUER,
+    WRONG_AUDIENCE, UNKNOWN_KEY or BAD_SIGNATURE (UNAVAILABLE with
+    KEYS_UNAVAILABLE while the signing keys cannot be fetched);
+    PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
+    call the method) or NOT_YOUR_ACCOUNT: a caller acting for a customer
+    reads only the customer's accounts, and the payments where one of them
+    is payer or payee; any other payment id, existing or not, is answered
+    with NOT_YOUR_ACCOUNT.
     """
 
     @_abc_1.abstractmethod
