@@ -24,6 +24,7 @@ from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2, payment_pb2
 from stack.servers import free_port
+from tests.support.auth import sync_channel
 from tests.support.faults import approval_process
 from tests.support.processes import ServiceProcess
 from tests.support.waiting import wait_until
@@ -108,7 +109,7 @@ def test_short_deadlines_leak_no_connection_and_are_counted_as_deadline_exceeded
     server: tuple[ServiceProcess, int],
 ) -> None:
     process, metrics_port = server
-    with grpc.insecure_channel(process.address) as channel:
+    with sync_channel(process.address) as channel:
         stub = pb_grpc.ApprovalServiceStub(channel)
         accounts = open_accounts(stub, 4)
         seen: Counter[str] = Counter()
@@ -156,7 +157,7 @@ def test_a_call_ended_mid_statement_gives_its_connection_back_at_once(
 ) -> None:
     process, metrics_port = server
     code = "DEADLINE_EXCEEDED" if ending == "deadline" else "CANCELLED"
-    with grpc.insecure_channel(process.address) as channel:
+    with sync_channel(process.address) as channel:
         stub = pb_grpc.ApprovalServiceStub(channel)
         payer, payee = open_accounts(stub, 2)
         before = handled(metrics_port, code)

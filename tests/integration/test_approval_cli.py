@@ -15,12 +15,18 @@ from approval_svc.migrate import upgrade
 from stack.local import wait_serving
 from stack.servers import free_port
 from tests.support import ROOT
+from tests.support.auth import server_env
 
 
 def _env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPROVAL_")}
     env.update({f"APPROVAL_{k}": v for k, v in settings.items()})
     return env
+
+
+def _serving_env(**settings: str) -> dict[str, str]:
+    """What `serve` needs besides: authentication by the tests' token authority."""
+    return {**_env(**settings), **server_env("APPROVAL_")}
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -36,7 +42,7 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_a_missing_setting_stops_start_up_with_one_line() -> None:
-    result = _run("serve", env=_env())
+    result = _run("serve", env=_serving_env())
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -62,7 +68,7 @@ def test_serve_answers_health_and_metrics_and_stops_on_sigterm(database_dsn: str
     port, metrics_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "approval_svc", "serve"],
-        env=_env(
+        env=_serving_env(
             DATABASE_URL=database_dsn,
             HOST="127.0.0.1",
             PORT=str(port),

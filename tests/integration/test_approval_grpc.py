@@ -20,6 +20,7 @@ from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import decode_consistency_token
 from stack.servers import PostgresServer
 from tests.support.approval import RunningServer, running_server
+from tests.support.auth import SERVICE_SUBJECT
 from tests.support.waiting import eventually
 
 THRESHOLD = 5_000
@@ -102,9 +103,7 @@ async def test_a_payment_life_cycle(svc: RunningServer) -> None:
     assert declined.payment.decline_reason == payment_pb2.DECLINE_REASON_INSUFFICIENT_FUNDS
 
     reviewed = await svc.stub.ApprovePayment(
-        pb.ApprovePaymentRequest(
-            request_id=rid(), payment_id=held.payment.payment_id, reviewer="bob", note="ok"
-        )
+        pb.ApprovePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id, note="ok")
     )
     assert reviewed.payment.status == payment_pb2.PAYMENT_STATUS_APPROVED
 
@@ -115,7 +114,8 @@ async def test_a_payment_life_cycle(svc: RunningServer) -> None:
     assert got.payment == reviewed.payment
     assert [(e.sequence, e.status, e.actor, e.note) for e in got.events] == [
         (1, payment_pb2.PAYMENT_STATUS_PENDING_REVIEW, "system", ""),
-        (2, payment_pb2.PAYMENT_STATUS_APPROVED, "bob", "ok"),
+        # The reviewer, and the actor of the decision, is the authenticated caller.
+        (2, payment_pb2.PAYMENT_STATUS_APPROVED, SERVICE_SUBJECT, "ok"),
     ]
 
     rest = await submit(svc, payer, payee, 4_000)
@@ -128,19 +128,19 @@ async def test_decline_by_reviewer_and_freeze(svc: RunningServer) -> None:
     payer, payee = await open_account(svc), await open_account(svc)
     held = await submit(svc, payer, payee, 6_000)
     declined = await svc.stub.DeclinePayment(
-        pb.DeclinePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id, reviewer="eve")
+        pb.DeclinePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id)
     )
     assert declined.payment.decline_reason == payment_pb2.DECLINE_REASON_DECLINED_BY_REVIEWER
     await fails(
         svc.stub.DeclinePayment(
-            pb.DeclinePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id, reviewer="eve")
+            pb.DeclinePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id)
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PAYMENT_NOT_UNDER_REVIEW",
     )
     await fails(
         svc.stub.ApprovePayment(
-            pb.ApprovePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id, reviewer="eve")
+            pb.ApprovePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id)
         ),
         grpc.StatusCode.FAILED_PRECONDITION,
         "PAYMENT_NOT_UNDER_REVIEW",
@@ -259,23 +259,17 @@ INVALID: list[tuple[str, str, Any, str]] = [
     ),
     ("SubmitPayment", "reference", _valid_submit(reference="r" * 141), "reference"),
     ("SubmitPayment", "nul", _valid_submit(reference="a\x00b"), "reference"),
-    ("ApprovePayment", "no id", pb.ApprovePaymentRequest(request_id="r", reviewer="bob"), "payment_id"),
-    (
-        "ApprovePayment",
-        "no reviewer",
-        pb.ApprovePaymentRequest(request_id="r", payment_id=SAME),
-        "reviewer",
-    ),
+    ("ApprovePayment", "no id", pb.ApprovePaymentRequest(request_id="r"), "payment_id"),
     (
         "DeclinePayment",
         "long note",
-        pb.DeclinePaymentRequest(request_id="r", payment_id=SAME, reviewer="b", note="n" * 501),
+        pb.DeclinePaymentRequest(request_id="r", payment_id=SAME, note="n" * 501),
         "note",
     ),
     (
         "DeclinePayment",
         "no request id",
-        pb.DeclinePaymentRequest(payment_id=SAME, reviewer="b"),
+        pb.DeclinePaymentRequest(payment_id=SAME),
         "request_id",
     ),
     ("FreezeAccount", "bad id", pb.FreezeAccountRequest(request_id="r", account_id="x"), "account_id"),
@@ -334,12 +328,12 @@ async def test_unknown_accounts_and_payments_are_not_found(svc: RunningServer) -
         "ACCOUNT_NOT_FOUND",
     )
     await fails(
-        stub.ApprovePayment(pb.ApprovePaymentRequest(request_id=rid(), payment_id=unknown, reviewer="b")),
+        stub.ApprovePayment(pb.ApprovePaymentRequest(request_id=rid(), payment_id=unknown)),
         grpc.StatusCode.NOT_FOUND,
         "PAYMENT_NOT_FOUND",
     )
     await fails(
-        stub.DeclinePayment(pb.DeclinePaymentRequest(request_id=rid(), payment_id=unknown, reviewer="b")),
+        stub.DeclinePayment(pb.DeclinePaymentRequest(request_id=rid(), payment_id=unknown)),
         grpc.StatusCode.NOT_FOUND,
         "PAYMENT_NOT_FOUND",
     )

@@ -177,11 +177,9 @@ async def test_racing_reviews_decide_once(svc: RunningServer, db: asyncpg.Connec
         payment_id = held[index].payment_id
         if approve:
             return svc.stub.ApprovePayment(
-                pb.ApprovePaymentRequest(request_id=request_id, payment_id=payment_id, reviewer="jane")
+                pb.ApprovePaymentRequest(request_id=request_id, payment_id=payment_id)
             )
-        return svc.stub.DeclinePayment(
-            pb.DeclinePaymentRequest(request_id=request_id, payment_id=payment_id, reviewer="jane")
-        )
+        return svc.stub.DeclinePayment(pb.DeclinePaymentRequest(request_id=request_id, payment_id=payment_id))
 
     method = "ApprovePayment" if approve else "DeclinePayment"
     replayed, retried = replays(method), retries()
@@ -256,9 +254,7 @@ async def test_racing_review_of_a_payment_not_held_agrees_on_the_error(svc: Runn
 
     def call(index: int, request_id: str) -> Awaitable[message.Message]:
         return svc.stub.ApprovePayment(
-            pb.ApprovePaymentRequest(
-                request_id=request_id, payment_id=done.payment.payment_id, reviewer="jane"
-            )
+            pb.ApprovePaymentRequest(request_id=request_id, payment_id=done.payment.payment_id)
         )
 
     answers = await race_pairs(call)

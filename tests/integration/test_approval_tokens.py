@@ -106,13 +106,13 @@ def mutations(
     yield Mutation(
         "ApprovePayment",
         lambda: svc.stub.ApprovePayment(
-            pb.ApprovePaymentRequest(request_id=rid(), payment_id=held[0].payment_id, reviewer="jane")
+            pb.ApprovePaymentRequest(request_id=rid(), payment_id=held[0].payment_id)
         ),
     )
     yield Mutation(
         "DeclinePayment",
         lambda: svc.stub.DeclinePayment(
-            pb.DeclinePaymentRequest(request_id=rid(), payment_id=held[1].payment_id, reviewer="jane")
+            pb.DeclinePaymentRequest(request_id=rid(), payment_id=held[1].payment_id)
         ),
     )
     yield Mutation(

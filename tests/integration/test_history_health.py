@@ -22,6 +22,7 @@ from payments_common.grpcstatus import error_info
 from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, STREAM_BATCH_FIELD, KeySchema
 from payments_common.tokens import encode_consistency_token
 from stack.servers import RedisServer
+from tests.support.auth import service_token
 from tests.support.history import RunningHistory, running_history, settings_for
 from tests.support.waiting import eventually
 
@@ -160,6 +161,7 @@ async def test_buf_curl_calls_the_service_over_reflection(redis_server_of_its_ow
             text=True,
             timeout=60,
         )
+        # Health needs no credentials (Kubernetes probes have none); the service does.
         assert health.returncode == 0, health.stderr
         assert json.loads(health.stdout) == {"status": "SERVING"}
         missing = await asyncio.to_thread(
@@ -167,6 +169,8 @@ async def test_buf_curl_calls_the_service_over_reflection(redis_server_of_its_ow
             [
                 *command,
                 json.dumps({"account_id": SOMEONE}),
+                "--header",
+                f"authorization: Bearer {service_token()}",
                 f"http://{history.address}/payments.history.v1.HistoryService/GetAccount",
             ],
             capture_output=True,

@@ -23,6 +23,7 @@ from payments.history.v1 import history_service_pb2_grpc
 from payments_common.grpcstatus import error_info
 from stack.servers import PostgresServer, free_port
 from tests.support import ROOT
+from tests.support.auth import aio_channel
 from tests.support.history import (
     HistoryProcess,
     ReplicatedSource,
@@ -178,7 +179,7 @@ async def test_three_processes_keep_answering_while_one_is_killed_and_restarted(
 async def test_sigterm_ends_watch_streams_and_exits_cleanly(dataset: Dataset, tmp_path: Path) -> None:
     process = _process(dataset, tmp_path)
     with history_processes(lambda _: process, 1):
-        async with grpc.aio.insecure_channel(process.address) as channel:
+        async with aio_channel(process.address) as channel:
             stub = history_service_pb2_grpc.HistoryServiceStub(channel)
             stream = stub.WatchPayments(pb.WatchPaymentsRequest(account_id=dataset.payee))
             await stream.initial_metadata()

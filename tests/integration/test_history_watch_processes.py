@@ -20,6 +20,7 @@ from payments_common.grpcstatus import error_info
 from payments_common.keys import DEFAULT_SLOT_NAME
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer, free_port
+from tests.support.auth import aio_channel
 from tests.support.history import (
     ALICE,
     BOB,
@@ -70,8 +71,8 @@ async def watching_through_the_first_of_two(
 ) -> AsyncIterator[Failover]:
     with history_processes(make, 2) as (first, second):
         async with (
-            grpc.aio.insecure_channel(first.address) as first_channel,
-            grpc.aio.insecure_channel(second.address) as second_channel,
+            aio_channel(first.address) as first_channel,
+            aio_channel(second.address) as second_channel,
         ):
             stream = history_service_pb2_grpc.HistoryServiceStub(first_channel).WatchPayments(
                 pb.WatchPaymentsRequest(account_id=account)
@@ -153,7 +154,7 @@ async def test_a_resume_after_the_entries_were_trimmed_fails_with_resume_unavail
         await model.publish(payment_view(number, ALICE, BOB))
     await model.publish(payment_view(10, ALICE, BOB), trim_to=3)
     with history_processes(lambda _: _process(redis_url, tmp_path), 1) as (process,):
-        async with grpc.aio.insecure_channel(process.address) as channel:
+        async with aio_channel(process.address) as channel:
             resumed = history_service_pb2_grpc.HistoryServiceStub(channel).WatchPayments(
                 pb.WatchPaymentsRequest(
                     account_id=ALICE, start_after_consistency_token=encode_consistency_token(seen)

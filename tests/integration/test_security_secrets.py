@@ -31,6 +31,7 @@ from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import error_info
 from stack.servers import PostgresServer, RedisServer, free_port
 from tests.support import ROOT
+from tests.support.auth import aio_channel, sync_channel
 from tests.support.faults import approval_process, history_process, secret_free
 from tests.support.replicator import ReplicatorProcess
 from tests.support.waiting import eventually
@@ -133,8 +134,8 @@ async def test_services_run_on_least_privilege_redis_users_and_never_reveal_cred
         history.wait_serving(60)
 
         async with (
-            grpc.aio.insecure_channel(approval.address) as approval_channel,
-            grpc.aio.insecure_channel(history.address) as history_channel,
+            aio_channel(approval.address) as approval_channel,
+            aio_channel(history.address) as history_channel,
         ):
             approve: approval_grpc.ApprovalServiceAsyncStub = approval_grpc.ApprovalServiceStub(
                 approval_channel
@@ -303,7 +304,7 @@ def test_an_unreachable_database_reveals_no_credential(tmp_path: Path) -> None:
     approval.start()
     try:
         approval.wait_serving(30, service="liveness")
-        with grpc.insecure_channel(approval.address) as channel:
+        with sync_channel(approval.address) as channel:
             stub = approval_grpc.ApprovalServiceStub(channel)
             with pytest.raises(grpc.RpcError) as down:
                 stub.CreateAccount(

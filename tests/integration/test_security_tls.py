@@ -15,7 +15,9 @@ from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments_common.tls import channel_credentials
+from stack.clients import with_bearer
 from stack.servers import free_port
+from tests.support.auth import service_token
 from tests.support.faults import Pki, approval_process, history_process, make_pki
 from tests.support.processes import ServiceProcess
 
@@ -103,7 +105,8 @@ def assert_refusals(address: str, pki: Pki, stranger: Pki, mode: str) -> None:
 
 
 def test_approval_serves_only_over_tls(approval: ServiceProcess, pki: Pki, stranger: Pki, mode: str) -> None:
-    with grpc.secure_channel(approval.address, client_credentials(pki, mode)) as channel:
+    secure = grpc.secure_channel(approval.address, client_credentials(pki, mode))
+    with with_bearer(secure, service_token()) as channel:
         stub = approval_grpc.ApprovalServiceStub(channel)
         reply = stub.CreateAccount(
             approval_pb.CreateAccountRequest(
@@ -122,7 +125,8 @@ def test_approval_serves_only_over_tls(approval: ServiceProcess, pki: Pki, stran
 
 
 def test_history_serves_only_over_tls(history: ServiceProcess, pki: Pki, stranger: Pki, mode: str) -> None:
-    with grpc.secure_channel(history.address, client_credentials(pki, mode)) as channel:
+    secure = grpc.secure_channel(history.address, client_credentials(pki, mode))
+    with with_bearer(secure, service_token()) as channel:
         stub = history_grpc.HistoryServiceStub(channel)
         with pytest.raises(grpc.RpcError) as missing:
             stub.GetAccount(

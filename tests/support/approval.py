@@ -18,7 +18,9 @@ from approval_svc.domain.model import Account
 from approval_svc.handlers import Handlers, RequestKey
 from approval_svc.server import Dependencies, create_server
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
+from payments_common.authsettings import AuthSettings
 from payments_common.grpcserver import GrpcService
+from tests.support.auth import aio_channel, auth_settings
 
 
 def async_url(dsn: str) -> str:
@@ -69,12 +71,25 @@ class RunningServer:
     channel: grpc.aio.Channel
     stub: pb_grpc.ApprovalServiceAsyncStub
 
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
 
 @contextlib.asynccontextmanager
 async def running_server(
-    dsn: str, review_threshold: int = 1_000_000, readiness_interval_seconds: float = 0.1
+    dsn: str,
+    review_threshold: int = 1_000_000,
+    readiness_interval_seconds: float = 0.1,
+    auth: AuthSettings | None = None,
+    token: str | None = None,
 ) -> AsyncIterator[RunningServer]:
-    """The real server on a free port of 127.0.0.1, with a client channel to it."""
+    """The real server on a free port of 127.0.0.1, with a client channel to it.
+
+    The server authenticates as `auth` says (by default: the session's token authority
+    and the default policy); the channel's calls carry `token` (by default the service
+    token, which holds every role).
+    """
     settings = Settings(
         database_url=dsn,
         host="127.0.0.1",
@@ -83,13 +98,14 @@ async def running_server(
         review_threshold_minor=review_threshold,
         db_pool_size=10,
         grace_seconds=1,
+        auth=auth_settings(Settings) if auth is None else auth,
     )
     async with engine_for(dsn, settings.db_pool_size) as engine:
         deps = Dependencies.from_engine(engine, readiness_interval_seconds=readiness_interval_seconds)
         server, port = create_server(settings, deps)
         await server.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            async with aio_channel(f"127.0.0.1:{port}", token) as channel:
                 yield RunningServer(server, port, channel, pb_grpc.ApprovalServiceStub(channel))
         finally:
             await server.stop(None)

@@ -30,6 +30,7 @@ from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
+from tests.support.auth import aio_channel, server_env
 from tests.support.processes import ServiceProcess
 from tests.support.waiting import eventually
 
@@ -48,6 +49,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 
 def approval_process(dsn: str, port: int, log_path: Path, **env: str) -> ServiceProcess:
+    """The approval service as a subprocess; it trusts the session's token authority unless `env` says otherwise."""
     return ServiceProcess(
         "approval",
         "approval_svc",
@@ -60,6 +62,7 @@ def approval_process(dsn: str, port: int, log_path: Path, **env: str) -> Service
             "APPROVAL_GRACE_SECONDS": "1",
             "APPROVAL_REVIEW_THRESHOLD_MINOR": "100000000",
             "APPROVAL_DB_POOL_SIZE": "5",
+            **server_env("APPROVAL_"),
             **{f"APPROVAL_{k.upper()}": v for k, v in env.items()},
         },
         log_path,
@@ -70,6 +73,7 @@ HISTORY_PAGE_SECRET = "faults-page-token-secret-0123456789"
 
 
 def history_process(redis_url: str, port: int, log_path: Path, slot: str, **env: str) -> ServiceProcess:
+    """The history service as a subprocess; it trusts the session's token authority unless `env` says otherwise."""
     return ServiceProcess(
         f"history-{port}",
         "history_svc",
@@ -84,6 +88,7 @@ def history_process(redis_url: str, port: int, log_path: Path, slot: str, **env:
             "HISTORY_SLOT_NAME": slot,
             "HISTORY_REDIS_TIMEOUT_SECONDS": "1",
             "HISTORY_CONSISTENCY_WAIT_MAX_SECONDS": "2",
+            **server_env("HISTORY_"),
             **{f"HISTORY_{k.upper()}": v for k, v in env.items()},
         },
         log_path,
@@ -218,7 +223,7 @@ class PaymentLoad:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        async with grpc.aio.insecure_channel(self.approval_address, options=FAST_RECONNECT) as channel:
+        async with aio_channel(self.approval_address, options=FAST_RECONNECT) as channel:
             stub = approval_grpc.ApprovalServiceStub(channel)
             await asyncio.gather(*(self._worker(stub, n) for n in range(self.workers)))
 
@@ -301,7 +306,7 @@ class Readers:
 
     async def run(self) -> None:
         options = [*FAST_RECONNECT, ("grpc.lb_policy_name", "round_robin")]
-        async with grpc.aio.insecure_channel(self.history_target, options=options) as channel:
+        async with aio_channel(self.history_target, options=options) as channel:
             stub = history_grpc.HistoryServiceStub(channel)
             await asyncio.gather(*(self._reader(stub, n) for n in range(self.readers)))
 

@@ -35,6 +35,7 @@ from payments_common.keys import (
 from payments_common.tokens import decode_consistency_token
 from stack.replication import checkpoint_lsn
 from stack.servers import PostgresServer, RedisServer
+from tests.support.auth import aio_channel, auth_settings, server_env
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
 from tests.support.source import SourceWriter
@@ -55,6 +56,7 @@ def at(base: datetime, seconds: float) -> datetime:
 
 
 def settings_for(redis_url: str, **overrides: Any) -> Settings:
+    """A test server's settings; it trusts the session's token authority unless `auth` says otherwise."""
     values: dict[str, Any] = {
         "redis_url": redis_url,
         "page_token_secret": PAGE_SECRET.encode(),
@@ -65,6 +67,7 @@ def settings_for(redis_url: str, **overrides: Any) -> Settings:
         "redis_timeout_seconds": 1.0,
         **overrides,
     }
+    values.setdefault("auth", auth_settings(Settings))
     return Settings(**values)
 
 
@@ -83,11 +86,12 @@ class RunningHistory:
 
 
 @contextlib.asynccontextmanager
-async def running_history(settings: Settings) -> AsyncIterator[RunningHistory]:
+async def running_history(settings: Settings, token: str | None = None) -> AsyncIterator[RunningHistory]:
+    """The server, and a channel whose calls carry `token` (by default the tests' service token)."""
     deps = Dependencies.connect(settings)
     server, port = create_server(settings, deps)
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = aio_channel(f"127.0.0.1:{port}", token)
     try:
         yield RunningHistory(server, port, channel, history_service_pb2_grpc.HistoryServiceStub(channel))
     finally:
@@ -97,7 +101,10 @@ async def running_history(settings: Settings) -> AsyncIterator[RunningHistory]:
 
 
 class HistoryProcess(ServiceProcess):
-    """A `python -m history_svc serve` subprocess on a fixed port, set up as the history tests' server."""
+    """A `python -m history_svc serve` subprocess on a fixed port, set up as the history tests' server.
+
+    It trusts the session's token authority, unless `extra_env` says otherwise.
+    """
 
     def __init__(
         self, redis_url: str, port: int, log_path: Path, extra_env: dict[str, str] | None = None
@@ -109,6 +116,7 @@ class HistoryProcess(ServiceProcess):
             "HISTORY_PORT": str(port),
             "HISTORY_METRICS_PORT": "0",
             "HISTORY_GRACE_SECONDS": "2",
+            **server_env("HISTORY_"),
             **(extra_env or {}),
         }
         super().__init__("history", "history_svc", port, env, log_path)
