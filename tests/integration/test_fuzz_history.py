@@ -1,10 +1,13 @@
-"""Property-based tests of every HistoryService RPC with random and malformed fields.
+"""Property-based tests of every HistoryService RPC with random and malformed fields and credentials.
 
-The whole path runs as real subprocesses (approval, replicator, history) so that the
-history service answers from read models built from real payments. Whatever a request
-holds, the answer is one of the codes the contract documents for that RPC (never
-INTERNAL or UNKNOWN, never a traceback), tampered page and consistency tokens are refused,
-the server keeps serving, and the read models hold no key they did not hold before.
+The whole path runs as real subprocesses (approval, replicator, history), with
+authentication on, so that the history service answers from read models built from real
+payments. Whatever a request holds, the answer is one of the codes the contract documents
+for that RPC (never INTERNAL or UNKNOWN, never a traceback), tampered page and consistency
+tokens are refused, a customer reads only its own accounts, the server keeps serving, and
+the read models hold no key they did not hold before. Whatever `authorization` metadata a
+call carries, the answer is UNAUTHENTICATED with a documented reason that gives nothing
+away, or, for a valid token, the normal answer.
 """
 
 from __future__ import annotations
@@ -31,7 +34,19 @@ from payments.history.v1 import history_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import encode_consistency_token
+from stack.auth import ACCOUNTS_ADMIN, CUSTOMER, HISTORY_READER, PAYMENT_GATEWAY, LocalAuthority
 from stack.servers import PostgresServer, RedisServer, free_port
+from stack.tokens import refused_tokens, token_for
+from tests.integration.test_fuzz_approval import (
+    AUTH_CODES,
+    REFUSED,
+    UNAUTHENTICATED_REASONS,
+    Metadata,
+    authorizations,
+    check_authorization,
+    gives_nothing_away,
+)
+from tests.support.auth import authority, bearer
 from tests.support.faults import approval_process, history_process
 from tests.support.fuzzing import documented_refusal, fields, fuzz_settings
 from tests.support.processes import ServiceProcess
@@ -42,12 +57,13 @@ MAX_MESSAGE_BYTES = 65536
 FUZZ = fuzz_settings(max_examples=80)
 
 C = grpc.StatusCode
-READ_CODES = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.UNAVAILABLE}
+# Every RPC may also be refused before it runs (AUTH_CODES); `call` checks when.
+READ_CODES = {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.UNAVAILABLE, *AUTH_CODES}
 ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "GetPayment": READ_CODES,
     "GetAccount": READ_CODES,
     "ListPayments": READ_CODES,
-    "WatchPayments": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND},
+    "WatchPayments": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, *AUTH_CODES},
 }
 REASONS = {
     "INVALID_ARGUMENT",
@@ -56,6 +72,9 @@ REASONS = {
     "PAYMENT_NOT_FOUND",
     "ACCOUNT_NOT_FOUND",
     "CONSISTENCY_NOT_REACHED",
+    "METHOD_NOT_ALLOWED",
+    "NOT_YOUR_ACCOUNT",
+    *UNAUTHENTICATED_REASONS,
 }
 METACHARACTERS = [
     "'; DROP TABLE payments; --",
@@ -77,7 +96,19 @@ class Target:
     page_token: str
     references: dict[str, str]
     keys_before: set[Any]
+    authority: LocalAuthority
     codes: dict[str, set[str]] = field(default_factory=dict)
+    _tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def as_(self, role: str, account: str = "") -> Metadata:
+        """The metadata of a call as `role` (a customer acting for `account`)."""
+        if (role, account) not in self._tokens:
+            self._tokens[role, account] = token_for(self.authority, [role], [account] if account else [])
+        return tuple(bearer(self._tokens[role, account]))
+
+    @property
+    def reader(self) -> Metadata:
+        return self.as_(HISTORY_READER)
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +136,14 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
         approval.wait_serving(60)
         history.wait_serving(60)
         accounts, payments, references, token = _seed(approval.address)
+        reader = tuple(bearer(token_for(authority(), [HISTORY_READER])))
         with grpc.insecure_channel(history.address) as channel:
             stub = pb_grpc.HistoryServiceStub(channel)
             # Waits for the seed to be replicated, and takes a real page token.
             stub.GetAccount(
-                pb.GetAccountRequest(account_id=accounts[0], min_consistency_token=token), timeout=30
+                pb.GetAccountRequest(account_id=accounts[0], min_consistency_token=token),
+                timeout=30,
+                metadata=reader,
             )
             first = stub.ListPayments(
                 pb.ListPaymentsRequest(
@@ -119,6 +153,7 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
                     min_consistency_token=token,
                 ),
                 timeout=30,
+                metadata=reader,
             )
             assert first.next_page_token
             client = redis.Redis.from_url(redis_server.url(0))
@@ -135,6 +170,7 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
                 first.next_page_token,
                 references,
                 keys_before,
+                authority(),
             )
     finally:
         approval.stop(5)
@@ -148,6 +184,7 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
 
 def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str]:
     """Three accounts and a dozen payments through the approval service, some with metacharacters."""
+    admin, gateway = (tuple(bearer(token_for(authority(), [r]))) for r in (ACCOUNTS_ADMIN, PAYMENT_GATEWAY))
     with grpc.insecure_channel(address) as channel:
         stub = approval_grpc.ApprovalServiceStub(channel)
         accounts = [
@@ -161,6 +198,7 @@ def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str]:
                     daily_limit_minor=10**9,
                 ),
                 timeout=10,
+                metadata=admin,
             ).account.account_id
             for n in range(3)
         ]
@@ -176,6 +214,7 @@ def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str]:
                     reference=reference,
                 ),
                 timeout=10,
+                metadata=gateway,
             )
             payments.append(reply.payment.payment_id)
             references[reply.payment.payment_id] = reference
@@ -183,12 +222,22 @@ def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str]:
     return accounts, payments, references, token
 
 
-def call(target: Target, method: str, request: message.Message) -> tuple[grpc.StatusCode, str, Any]:
-    """Calls one unary RPC and checks the outcome against the contract; returns code, reason and reply."""
+def call(
+    target: Target,
+    method: str,
+    request: message.Message,
+    metadata: Metadata | None = None,
+    denied: frozenset[str] = frozenset(),
+) -> tuple[grpc.StatusCode, str, Any]:
+    """Calls one unary RPC and checks the outcome against the contract; returns code, reason and reply.
+
+    Without `metadata` the call carries a history reader's valid token: it must then be
+    neither UNAUTHENTICATED nor PERMISSION_DENIED (but for a reason in `denied`).
+    """
     rpc: Callable[..., Any] = getattr(target.stub, method)
     reply, reason = None, ""
     try:
-        reply = rpc(request, timeout=5)
+        reply = rpc(request, timeout=5, metadata=target.reader if metadata is None else metadata)
         code = grpc.StatusCode.OK
     except grpc.RpcError as error:
         code = error.code()
@@ -197,8 +246,38 @@ def call(target: Target, method: str, request: message.Message) -> tuple[grpc.St
             violations = bad_request(error)
             assert violations is not None
             assert violations.field_violations
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            assert reason in UNAUTHENTICATED_REASONS
+            gives_nothing_away(error, target.authority)
+        if metadata is None:
+            assert code != grpc.StatusCode.UNAUTHENTICATED, f"{method}: a valid token was refused"
+            assert code != grpc.StatusCode.PERMISSION_DENIED or reason in denied, f"{method}: {reason}"
     target.codes.setdefault(method, set()).add(code.name)
+    if reason:
+        target.codes.setdefault("reasons", set()).add(reason)
     return code, reason, reply
+
+
+def as_reader_or_customer(target: Target, data: st.DataObject) -> tuple[Metadata | None, bool]:
+    """A history reader (None: `call`'s default), or the customer of accounts[0]; and which."""
+    # One call in four: most calls should reach the paths past authorization.
+    customer = data.draw(st.sampled_from([False, False, False, True]), "as the customer of accounts[0]")
+    return (target.as_(CUSTOMER, target.accounts[0]) if customer else None), customer
+
+
+def scoped(target: Target, code: grpc.StatusCode, reason: str, reply: Any, method: str) -> None:
+    """What a customer of accounts[0] may see: only what involves that account, else NOT_YOUR_ACCOUNT."""
+    assert code != grpc.StatusCode.UNAUTHENTICATED
+    assert code != grpc.StatusCode.PERMISSION_DENIED or reason == "NOT_YOUR_ACCOUNT", reason
+    if code != grpc.StatusCode.OK:
+        return
+    own = target.accounts[0]
+    if method == "GetPayment":
+        assert own in (reply.payment.payer_account_id, reply.payment.payee_account_id)
+    elif method == "GetAccount":
+        assert reply.account.account_id == own
+    else:
+        assert all(own in (v.payer_account_id, v.payee_account_id) for v in reply.payments)
 
 
 # -- strategies ---------------------------------------------------------------------------
@@ -283,7 +362,10 @@ def test_get_payment(target: Target, data: st.DataObject) -> None:
             "min_consistency_token": consistency_tokens(target),
         },
     )
-    code, _, reply = call(target, "GetPayment", pb.GetPaymentRequest(**values))
+    metadata, customer = as_reader_or_customer(target, data)
+    code, reason, reply = call(target, "GetPayment", pb.GetPaymentRequest(**values), metadata)
+    if customer:
+        scoped(target, code, reason, reply, "GetPayment")
     if code == grpc.StatusCode.OK:
         view = reply.payment
         assert view.payment_id in target.references
@@ -301,7 +383,10 @@ def test_get_account(target: Target, data: st.DataObject) -> None:
             "min_consistency_token": consistency_tokens(target),
         },
     )
-    code, _, reply = call(target, "GetAccount", pb.GetAccountRequest(**values))
+    metadata, customer = as_reader_or_customer(target, data)
+    code, reason, reply = call(target, "GetAccount", pb.GetAccountRequest(**values), metadata)
+    if customer:
+        scoped(target, code, reason, reply, "GetAccount")
     if code == grpc.StatusCode.OK:
         assert reply.account.account_id in target.accounts
 
@@ -338,6 +423,18 @@ def test_list_payments(target: Target, data: st.DataObject) -> None:
         assert len(reply.payments) <= 500
 
 
+@fuzz_settings(max_examples=40)
+@given(data=st.data())
+def test_a_customer_lists_only_its_own_account(target: Target, data: st.DataObject) -> None:
+    request = pb.ListPaymentsRequest(
+        account_id=data.draw(ids(lambda t: t.accounts, target)),
+        direction=data.draw(st.sampled_from([1, 2, 3])),  # type: ignore[arg-type]
+        page_size=data.draw(st.sampled_from([0, 3, 500])),
+    )
+    code, reason, reply = call(target, "ListPayments", request, target.as_(CUSTOMER, target.accounts[0]))
+    scoped(target, code, reason, reply, "ListPayments")
+
+
 @FUZZ
 @given(data=st.data())
 def test_a_tampered_page_token_is_refused(target: Target, data: st.DataObject) -> None:
@@ -355,7 +452,7 @@ def test_a_tampered_page_token_is_refused(target: Target, data: st.DataObject) -
             page_size=3,
             page_token=target.page_token,
         )
-        assert reply == target.stub.ListPayments(original, timeout=5)
+        assert reply == target.stub.ListPayments(original, timeout=5, metadata=target.reader)
     else:
         assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
 
@@ -385,25 +482,19 @@ def test_a_page_token_of_another_query_is_refused(target: Target, data: st.DataO
 @given(data=st.data())
 def test_watch_payments(target: Target, data: st.DataObject) -> None:
     account_id = data.draw(ids(lambda t: t.accounts, target))
-    call_: Any = target.stub.WatchPayments(pb.WatchPaymentsRequest(account_id=account_id), timeout=5)
-    try:
-        call_.initial_metadata()  # returns once the stream is established, or the call has failed
-        if not call_.done():  # established: code() would block until the stream ends
-            target.codes.setdefault("WatchPayments", set()).add("OK")
-            return
-        code = call_.code()
-        assert code in ALLOWED["WatchPayments"], f"WatchPayments: {code.name} {call_.details()}"
-        assert "Traceback" not in (call_.details() or "")
-        target.codes.setdefault("WatchPayments", set()).add(code.name)
-    finally:
-        call_.cancel()
+    code, _ = open_watch(target, pb.WatchPaymentsRequest(account_id=account_id), target.reader)
+    assert code not in AUTH_CODES
 
 
 def test_an_oversized_request_is_resource_exhausted_and_the_server_keeps_serving(target: Target) -> None:
     with pytest.raises(grpc.RpcError) as exhausted:
-        target.stub.GetPayment(pb.GetPaymentRequest(payment_id="x" * (MAX_MESSAGE_BYTES + 1)), timeout=10)
+        target.stub.GetPayment(
+            pb.GetPaymentRequest(payment_id="x" * (MAX_MESSAGE_BYTES + 1)), timeout=10, metadata=target.reader
+        )
     assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    reply = target.stub.GetPayment(pb.GetPaymentRequest(payment_id=target.payments[0]), timeout=10)
+    reply = target.stub.GetPayment(
+        pb.GetPaymentRequest(payment_id=target.payments[0]), timeout=10, metadata=target.reader
+    )
     assert reply.payment.payment_id == target.payments[0]
 
 
@@ -413,9 +504,11 @@ def test_bytes_that_are_not_a_request_are_invalid_argument(target: Target, metho
     corrupt = b"\x0a\xff\x01"  # field 1, length 255, one byte of it
     outcome: Any
     if method == "WatchPayments":
-        outcome = target.channel.unary_stream(path, None, None)(corrupt, timeout=5)
+        outcome = target.channel.unary_stream(path, None, None)(corrupt, timeout=5, metadata=target.reader)
     else:
-        outcome = target.channel.unary_unary(path, None, None).future(corrupt, timeout=5)
+        outcome = target.channel.unary_unary(path, None, None).future(
+            corrupt, timeout=5, metadata=target.reader
+        )
     with pytest.raises(grpc.RpcError) as failed:
         list(outcome) if method == "WatchPayments" else outcome.result()
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -426,13 +519,105 @@ def test_bytes_that_are_not_a_request_are_invalid_argument(target: Target, metho
 
 def test_metacharacters_come_back_verbatim(target: Target) -> None:
     for payment_id, reference in target.references.items():
-        reply = target.stub.GetPayment(pb.GetPaymentRequest(payment_id=payment_id), timeout=10)
+        reply = target.stub.GetPayment(
+            pb.GetPaymentRequest(payment_id=payment_id), timeout=10, metadata=target.reader
+        )
         assert reply.payment.reference == reference
     names = {
-        target.stub.GetAccount(pb.GetAccountRequest(account_id=a), timeout=10).account.owner_name
+        target.stub.GetAccount(
+            pb.GetAccountRequest(account_id=a), timeout=10, metadata=target.reader
+        ).account.owner_name
         for a in target.accounts
     }
     assert names == set(METACHARACTERS[:3])
+
+
+# -- credentials ---------------------------------------------------------------------------
+
+
+def request_for(target: Target, method: str) -> message.Message:
+    """A valid request of `method`."""
+    if method == "GetPayment":
+        return pb.GetPaymentRequest(payment_id=target.payments[0])
+    if method == "GetAccount":
+        return pb.GetAccountRequest(account_id=target.accounts[0])
+    if method == "ListPayments":
+        return pb.ListPaymentsRequest(account_id=target.accounts[0], direction=pb.PAYMENT_DIRECTION_ALL)
+    return pb.WatchPaymentsRequest(account_id=target.accounts[0])
+
+
+def open_watch(
+    target: Target, request: pb.WatchPaymentsRequest, metadata: Metadata
+) -> tuple[grpc.StatusCode, str]:
+    """Opens a WatchPayments stream: OK once it is established, else its code and reason, checked as `call` does."""
+    call_: Any = target.stub.WatchPayments(request, timeout=5, metadata=metadata)
+    try:
+        call_.initial_metadata()  # returns once the stream is established, or the call has failed
+        if not call_.done():  # established: code() would block until the stream ends
+            target.codes.setdefault("WatchPayments", set()).add("OK")
+            return grpc.StatusCode.OK, ""
+        code: grpc.StatusCode = call_.code()
+        assert code in ALLOWED["WatchPayments"], f"WatchPayments: {code.name} {call_.details()}"
+        assert "Traceback" not in (call_.details() or "")
+        info = error_info(call_)
+        reason = info.reason if info is not None else ""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            assert reason in UNAUTHENTICATED_REASONS
+            gives_nothing_away(call_, target.authority)
+        target.codes.setdefault("WatchPayments", set()).add(code.name)
+        target.codes.setdefault("reasons", set()).add(reason)
+        return code, reason
+    finally:
+        call_.cancel()
+
+
+def call_with(target: Target, method: str, metadata: Metadata) -> tuple[grpc.StatusCode, str]:
+    """Calls `method` with a valid request and `metadata`; returns the code and reason."""
+    request = request_for(target, method)
+    if isinstance(request, pb.WatchPaymentsRequest):
+        return open_watch(target, request, metadata)
+    code, reason, _ = call(target, method, request, metadata)
+    return code, reason
+
+
+@FUZZ
+@given(method=st.sampled_from(sorted(ALLOWED)), data=st.data())
+def test_authorization_metadata(target: Target, method: str, data: st.DataObject) -> None:
+    """Random and malformed credentials: UNAUTHENTICATED with a documented reason, or the normal answer."""
+    valid = target.reader[0][1].removeprefix("Bearer ")
+    metadata, expected = data.draw(authorizations(valid, refused_tokens(target.authority, [HISTORY_READER])))
+    code, reason = call_with(target, method, metadata)
+    check_authorization(method, code, reason, expected)
+
+
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+def test_each_defect_of_a_token_has_its_reason(target: Target, method: str) -> None:
+    for expected, token in refused_tokens(target.authority, [HISTORY_READER]):
+        code, reason = call_with(target, method, tuple(bearer(token)))
+        check_authorization(method, code, reason, expected or REFUSED)
+
+
+@pytest.mark.parametrize("method", sorted(ALLOWED))
+def test_a_valid_token_of_another_role_is_permission_denied(target: Target, method: str) -> None:
+    code, reason = call_with(target, method, target.as_(ACCOUNTS_ADMIN))
+    assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED")
+
+
+def test_credentials_above_the_metadata_limit_are_refused_and_the_server_keeps_serving(
+    target: Target,
+) -> None:
+    with pytest.raises(grpc.RpcError) as exhausted:
+        target.stub.GetAccount(
+            pb.GetAccountRequest(account_id=target.accounts[0]),
+            timeout=10,
+            metadata=(("authorization", "Bearer " + "A" * 20_000),),
+        )
+    # gRPC refuses metadata above its hard limit (16 KiB) before the call reaches the service.
+    assert exhausted.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    reply = target.stub.GetAccount(
+        pb.GetAccountRequest(account_id=target.accounts[0]), timeout=10, metadata=target.reader
+    )
+    assert reply.account.account_id == target.accounts[0]
 
 
 def test_the_server_kept_serving_and_wrote_nothing(target: Target, tmp_path: Path) -> None:
@@ -448,7 +633,9 @@ def test_the_server_kept_serving_and_wrote_nothing(target: Target, tmp_path: Pat
     reads = target.codes["GetPayment"] | target.codes["GetAccount"] | target.codes["ListPayments"]
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE"} <= reads
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= target.codes["ListPayments"]
-    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= target.codes["WatchPayments"]
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED"} <= target.codes["WatchPayments"]
+    assert "PERMISSION_DENIED" in target.codes["GetPayment"] | target.codes["GetAccount"]
+    assert target.codes["reasons"] >= UNAUTHENTICATED_REASONS | {"NOT_YOUR_ACCOUNT", "METHOD_NOT_ALLOWED"}
     log = target.history.log_text()
     assert "INTERNAL" not in log
     assert "Traceback" not in log
