@@ -9,6 +9,9 @@ the test starts the process again itself, on the same address.
 At the end: every acknowledged payment is in PostgreSQL exactly once and in the read
 models, `replicator reconcile` finds no difference, the sum of balances is unchanged, and
 no reader saw a view move backwards or an acknowledged payment missing.
+
+Authentication is on, as in production: the services trust the test session's token
+authority and every client calls with its service token (tests/support/auth.py).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from payments_common.grpcstatus import error_info
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
 from stack.replication import run_reconcile
 from stack.servers import PostgresServer, RedisServer, free_port
+from tests.support.auth import aio_channel
 from tests.support.faults import (
     FAST_RECONNECT,
     PaymentLoad,
@@ -129,7 +133,7 @@ def platform(work: Path) -> Iterator[Platform]:
 
 
 async def open_accounts(address: str, count: int) -> list[str]:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_channel(address) as channel:
         stub: approval_grpc.ApprovalServiceAsyncStub = approval_grpc.ApprovalServiceStub(channel)
         accounts = []
         for n in range(count):
@@ -182,7 +186,7 @@ def source_payments(dsn: str) -> dict[str, str]:
 async def history_probes(target: str, account: str, count: int = 3) -> list[str]:
     """Calls the history service while Redis is stuck or slow; returns each call's outcome."""
     outcomes = []
-    async with grpc.aio.insecure_channel(target, options=FAST_RECONNECT) as channel:
+    async with aio_channel(target, options=FAST_RECONNECT) as channel:
         stub: history_grpc.HistoryServiceAsyncStub = history_grpc.HistoryServiceStub(channel)
         for _ in range(count):
             try:
@@ -333,7 +337,7 @@ async def test_a_retry_across_an_approval_crash_never_pays_twice(
         try:
             with blocker.cursor() as cursor:
                 cursor.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR UPDATE", (payer,))
-            async with grpc.aio.insecure_channel(approval.address) as channel:
+            async with aio_channel(approval.address) as channel:
                 stub: approval_grpc.ApprovalServiceAsyncStub = approval_grpc.ApprovalServiceStub(channel)
                 call = stub.SubmitPayment(request, timeout=30)
                 await eventually(lambda: _waiting_on_lock(dsn), 20, "the payment waits on the row lock")
@@ -349,13 +353,13 @@ async def test_a_retry_across_an_approval_crash_never_pays_twice(
         # The client retries with the same request_id once the service is back.
         approval.start()
         approval.wait_serving(60)
-        async with grpc.aio.insecure_channel(approval.address) as channel:
+        async with aio_channel(approval.address) as channel:
             stub = approval_grpc.ApprovalServiceStub(channel)
             first = await stub.SubmitPayment(request, timeout=10)
 
         # 2. After the commit: the service dies, the client did not trust the reply and retries.
         approval.kill()
-        async with grpc.aio.insecure_channel(approval.address, options=FAST_RECONNECT) as channel:
+        async with aio_channel(approval.address, options=FAST_RECONNECT) as channel:
             stub = approval_grpc.ApprovalServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as down:
                 await stub.SubmitPayment(request, timeout=5)
@@ -427,7 +431,7 @@ async def test_reads_with_a_token_never_answer_from_a_read_model_that_lost_its_d
         payer, payee = writer.open_account("Ada"), writer.open_account("Grace")
         payment_id, token = writer.pay(payer, payee, 100)
         request = history_pb.GetPaymentRequest(payment_id=payment_id, min_consistency_token=token)
-        async with grpc.aio.insecure_channel(history.address, options=FAST_RECONNECT) as channel:
+        async with aio_channel(history.address, options=FAST_RECONNECT) as channel:
             stub: history_grpc.HistoryServiceAsyncStub = history_grpc.HistoryServiceStub(channel)
             assert (await stub.GetPayment(request, timeout=30)).payment.payment_id == payment_id
 
