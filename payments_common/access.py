@@ -36,15 +36,23 @@ class MethodNotAllowed(PermissionDenied):
 
 
 class Gate(Protocol):
-    async def caller(self, method: str, context: Any) -> Caller:
-        """The caller of a call to `method`, allowed to make it; raises Unauthenticated or PermissionDenied."""
+    """Decides a call in two steps, so that a refused call's audit line can still name who made it."""
+
+    async def identify(self, context: Any) -> Identity:
+        """Who makes the call; raises Unauthenticated."""
+
+    def authorize(self, method: str, identity: Identity) -> Caller:
+        """The caller, if `identity` may call `method`; raises PermissionDenied."""
 
 
 class OpenGate:
     """Authentication disabled: every call runs as the anonymous identity, allowed everything."""
 
-    async def caller(self, method: str, context: Any) -> Caller:
-        return Caller(ANONYMOUS)
+    async def identify(self, context: Any) -> Identity:
+        return ANONYMOUS
+
+    def authorize(self, method: str, identity: Identity) -> Caller:
+        return Caller(identity)
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
@@ -113,8 +121,7 @@ class PolicyGate:
                 return Identity(subject_name, Source.CERTIFICATE, self._policy.roles_of(subject_name))
         raise unauthenticated(jwtverify.CREDENTIALS_MISSING)
 
-    async def caller(self, method: str, context: Any) -> Caller:
-        identity = await self.identify(context)
+    def authorize(self, method: str, identity: Identity) -> Caller:
         decision = self._policy.decide(method, identity.roles)
         if not decision.allowed:
             raise MethodNotAllowed()

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from payments_common.identity import Caller
+from payments_common.identity import Identity
 
 AUDIT_LOGGER: Final = "payments.audit"
 log = logging.getLogger(AUDIT_LOGGER)
@@ -21,14 +21,14 @@ log = logging.getLogger(AUDIT_LOGGER)
 TargetOf = Callable[[Any, Any], dict[str, str]]
 
 
-def record(method: str, caller: Caller | None, target: Mapping[str, str], outcome: str) -> None:
-    """Writes the audit line of one call; `caller` None when the call was not authenticated."""
+def record(method: str, identity: Identity | None, target: Mapping[str, str], outcome: str) -> None:
+    """Writes the audit line of one call; `identity` None when the call was not authenticated."""
     log.info(
         "audit",
         extra={
-            "audit_method": method,
-            "identity": caller.subject if caller is not None else "",
-            "identity_source": caller.identity.source.value if caller is not None else "",
+            "method": method,
+            "identity": identity.subject if identity is not None else "",
+            "identity_source": identity.source.value if identity is not None else "",
             "target": dict(target),
             "outcome": outcome,
         },

@@ -23,7 +23,7 @@ from payments_common.access import Gate, gate_for
 from payments_common.audit import TargetOf
 from payments_common.errors import FieldViolation, InvalidArgument, ServiceError, internal_error
 from payments_common.grpcstatus import status_code, to_grpc_status
-from payments_common.identity import Caller, set_caller
+from payments_common.identity import Identity, set_caller
 from payments_common.logs import method_var, request_id_var
 from payments_common.metrics import metrics_served
 from payments_common.settings import ServerSettings
@@ -125,13 +125,16 @@ class _Call:
     deserializer: Callable[[bytes], Any] | None
     target_of: TargetOf | None
 
-    async def admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
-        """Decides the call (raising Unauthenticated or PermissionDenied) and records its caller for the handler."""
-        caller = await self.gate.caller(self.method, context)
-        set_caller(caller)
-        return caller
+    async def admit(self, context: grpc.aio.ServicerContext[Any, Any], seen: list[Identity]) -> None:
+        """Decides the call (raising Unauthenticated or PermissionDenied) and records its caller for the handler.
 
-    def audit(self, caller: Caller | None, raw: Any, request: Any, response: Any, outcome: str) -> None:
+        The identity, once known, is appended to `seen`: the audit line of a refused call names it.
+        """
+        identity = await self.gate.identify(context)
+        seen.append(identity)
+        set_caller(self.gate.authorize(self.method, identity))
+
+    def audit(self, identity: Identity | None, raw: Any, request: Any, response: Any, outcome: str) -> None:
         if self.target_of is None:
             return
         if request is None:
@@ -143,7 +146,7 @@ class _Call:
             target = self.target_of(request, response)
         except Exception:  # the audit line is written whatever the request holds
             target = {}
-        audit.record(self.method, caller, target, outcome)
+        audit.record(self.method, identity, target, outcome)
 
 
 def _parse(raw: Any, deserializer: Callable[[bytes], Any] | None) -> Any:
@@ -206,10 +209,11 @@ def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
         method_var.set(method)
         request_id_var.set("")
         started = time.perf_counter()
-        caller = request = response = None
+        seen: list[Identity] = []
+        request = response = None
         outcome = "UNKNOWN"  # a handler that aborted the call itself
         try:
-            caller = await call.admit(context)
+            await call.admit(context, seen)
             request = _parse(raw, call.deserializer)
             request_id_var.set(getattr(request, "request_id", ""))
             response = await inner(request, context)
@@ -241,7 +245,7 @@ def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
             return response
         finally:
             RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
-            call.audit(caller, raw, request, response, outcome)
+            call.audit(seen[0] if seen else None, raw, request, response, outcome)
 
     return unary
 
@@ -253,7 +257,7 @@ def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
         method_var.set(method)
         started = time.perf_counter()
         try:
-            await call.admit(context)
+            await call.admit(context, [])
             async for response in inner(_parse(raw, call.deserializer), context):
                 yield response
         except grpc.aio.AbortError:

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from approval_svc.config import Settings as ApprovalSettings
 from history_svc.config import Settings as HistorySettings
-from payments_common.access import MethodNotAllowed, OpenGate, PolicyGate, bearer_token, claim_values
+from payments_common.access import Gate, MethodNotAllowed, OpenGate, PolicyGate, bearer_token, claim_values
 from payments_common.errors import PermissionDenied, Unauthenticated
 from payments_common.identity import ANONYMOUS, Caller, Identity, NotYourAccount, Source, account_ids
 from payments_common.jwks import JwksFile
@@ -175,9 +175,13 @@ def _bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
+async def _caller(gate: Gate, method: str, context: Context) -> Caller:
+    return gate.authorize(method, await gate.identify(context))
+
+
 async def _refused(gate: PolicyGate, method: str, context: Context) -> tuple[type[Exception], str]:
     with pytest.raises((Unauthenticated, PermissionDenied)) as raised:
-        await gate.caller(method, context)
+        gate.authorize(method, await gate.identify(context))
     error = raised.value
     assert isinstance(error, Unauthenticated | PermissionDenied)
     return type(error), error.reason
@@ -185,7 +189,7 @@ async def _refused(gate: PolicyGate, method: str, context: Context) -> tuple[typ
 
 async def test_a_customer_token_is_scoped_to_its_accounts(authority: LocalAuthority) -> None:
     token = authority.token("alice", ["customer"], [ACCOUNT.upper()])
-    caller = await _gate(authority).caller(METHOD, Context(_bearer(token)))
+    caller = await _caller(_gate(authority), METHOD, Context(_bearer(token)))
     assert caller.subject == "alice"
     assert caller.identity.source is Source.TOKEN
     assert caller.scope == frozenset({ACCOUNT})
@@ -193,10 +197,10 @@ async def test_a_customer_token_is_scoped_to_its_accounts(authority: LocalAuthor
 
 async def test_a_role_beyond_customer_lifts_the_scope(authority: LocalAuthority) -> None:
     token = authority.token("svc", ["customer", "support"], [ACCOUNT])
-    assert (await _gate(authority).caller(METHOD, Context(_bearer(token)))).scope is None
+    assert (await _caller(_gate(authority), METHOD, Context(_bearer(token)))).scope is None
     # ... and so does a role the policy gives the subject.
     token = authority.token("carol", ["customer"], [ACCOUNT])
-    assert (await _gate(authority).caller(METHOD, Context(_bearer(token)))).scope is None
+    assert (await _caller(_gate(authority), METHOD, Context(_bearer(token)))).scope is None
 
 
 async def test_no_role_for_the_method_is_method_not_allowed(authority: LocalAuthority) -> None:
@@ -223,7 +227,7 @@ async def test_no_credentials_are_missing(authority: LocalAuthority) -> None:
 async def test_a_certificate_identity_takes_its_roles_from_the_policy(authority: LocalAuthority) -> None:
     pem = _certificate("console", ["spiffe://payments.local/sa/console"])
     context = Context(auth={"x509_pem_cert": [pem]})
-    caller = await _gate(authority, certificates=True).caller("/pkg.Svc/Admin", context)
+    caller = await _caller(_gate(authority, certificates=True), "/pkg.Svc/Admin", context)
     assert (caller.subject, caller.identity.source, caller.scope) == (
         "spiffe://payments.local/sa/console",
         Source.CERTIFICATE,
@@ -240,7 +244,7 @@ async def test_a_token_speaks_for_the_call_even_beside_a_certificate(authority: 
     pem = _certificate("console", ["spiffe://payments.local/sa/console"])
     token = authority.token("alice", ["customer"], [ACCOUNT])
     context = Context(_bearer(token), {"x509_pem_cert": [pem]})
-    caller = await _gate(authority, certificates=True).caller(METHOD, context)
+    caller = await _caller(_gate(authority, certificates=True), METHOD, context)
     assert caller.subject == "alice"
     # A bad token is refused, not replaced by the certificate.
     bad = Context(_bearer("garbage"), {"x509_pem_cert": [pem]})
@@ -272,7 +276,7 @@ async def test_a_malformed_roles_claim_is_a_malformed_token(
 
 
 async def test_with_authentication_disabled_everyone_is_anonymous_and_unscoped() -> None:
-    caller = await OpenGate().caller(METHOD, Context())
+    caller = await _caller(OpenGate(), METHOD, Context())
     assert caller == Caller(ANONYMOUS)
     assert not caller.authenticated
     assert not caller.scoped
