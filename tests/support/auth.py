@@ -87,3 +87,38 @@ def aio_channel(address: str, token: str | None = None, **options: Any) -> grpc.
 def sync_channel(address: str, token: str | None = None, **options: Any) -> grpc.Channel:
     """A blocking plaintext channel whose calls carry `token` (the service token by default)."""
     return with_bearer(grpc.insecure_channel(address, **options), token or service_token())
+
+
+# Each way a call's credentials can be wrong, and the reason the servers answer it with.
+BAD_CREDENTIALS: Final = {
+    "no token": "CREDENTIALS_MISSING",
+    "expired": "TOKEN_EXPIRED",
+    "not yet valid": "TOKEN_NOT_YET_VALID",
+    "wrong audience": "WRONG_AUDIENCE",
+    "wrong issuer": "WRONG_ISSUER",
+    "unknown key": "UNKNOWN_KEY",
+    "bad signature": "BAD_SIGNATURE",
+    "malformed token": "TOKEN_MALFORMED",
+    "not a bearer token": "TOKEN_MALFORMED",
+}
+
+
+def bad_credentials(authority: LocalAuthority, case: str) -> list[tuple[str, str]]:
+    """The metadata of a call whose credentials are wrong as `case` says, though its roles would allow anything."""
+    subject = "spiffe://payments.local/ns/tests/sa/everything"
+    if case == "no token":
+        return []
+    if case == "not a bearer token":
+        return [("authorization", "Basic dXNlcjpwYXNzd29yZA==")]
+    if case == "malformed token":
+        return bearer("not-a-token")
+    if case in ("unknown key", "bad signature"):
+        kid = authority.current_kid if case == "bad signature" else None
+        return bearer(authority.foreign_token(subject, ROLES, kid=kid))
+    claims: dict[str, dict[str, Any]] = {
+        "expired": {"lifetime_seconds": -300},
+        "not yet valid": {"not_before_offset_seconds": 300},
+        "wrong audience": {"audience": "someone-else"},
+        "wrong issuer": {"issuer": "https://auth.example.org"},
+    }
+    return bearer(authority.token(subject, ROLES, **claims[case]))

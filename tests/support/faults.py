@@ -121,8 +121,12 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     )
 
 
-def make_pki(folder: Path, label: str = "test") -> Pki:
-    """Generates a CA and two leaf certificates signed by it, valid for one day."""
+def make_pki(folder: Path, label: str = "test", client_uri: str = "") -> Pki:
+    """Generates a CA and two leaf certificates signed by it, valid for one day.
+
+    The client certificate's subject is CN "<label> client"; with `client_uri` it also
+    names that URI (a SPIFFE ID, say) as its subject alternative name.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -178,7 +182,11 @@ def make_pki(folder: Path, label: str = "test") -> Pki:
         ExtendedKeyUsageOID.SERVER_AUTH,
         [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
     )
-    leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    leaf(
+        "client",
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        [x509.UniformResourceIdentifier(client_uri)] if client_uri else [],
+    )
     return Pki(
         ca_cert=folder / "ca.pem",
         server_cert=folder / "server.pem",
