@@ -544,12 +544,13 @@ SECRET_SAMPLES = {
     "redis-url": "redis://history:sample@redis:6379/0",
     "page-token-secret": "a-page-token-secret-of-32-bytes!",
 }
-# The settings that each command of the image reads.
+# The settings that each command of the image reads, and whether it serves calls (and so
+# reads the authentication settings), as its __main__ does.
 COMMAND_SETTINGS = {
-    ("approval-svc", "serve"): "approval_svc.config",
-    ("approval-svc", "migrate"): "approval_svc.config",
-    ("history-svc", "serve"): "history_svc.config",
-    ("replicator", "run"): "replicator.config",
+    ("approval-svc", "serve"): ("approval_svc.config", True),
+    ("approval-svc", "migrate"): ("approval_svc.config", False),
+    ("history-svc", "serve"): ("history_svc.config", True),
+    ("replicator", "run"): ("replicator.config", True),
 }
 
 
@@ -589,9 +590,10 @@ def test_every_command_accepts_the_settings_its_pod_gets(
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_text(text)
                 env[variable] = str(local)
-            settings = importlib.import_module(COMMAND_SETTINGS[command]).Settings
+            module, serving = COMMAND_SETTINGS[command]
+            settings = importlib.import_module(module).Settings
             try:
-                settings.from_env(env)
+                settings.from_env(env, serving=serving)
             except SettingsError as error:
                 pytest.fail(f"{workload['metadata']['name']} ({' '.join(command)}): {error}")
             checked.add(command)
