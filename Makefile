@@ -6,13 +6,14 @@ STAMP := $(VENV)/.installed-stamp
 K8S_STAMP := .venv-k8s/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv k8s-tools gen check-gen lint typecheck protos test test-fast demo up down bench bench-quick clean
+.PHONY: help venv k8s-tools gen check-gen lint typecheck protos test test-fast demo up down token bench bench-quick clean
 
 help:
 	@echo "make demo   bring the local stack up, run the scenario, bring it down"
 	@echo "make test   set up, lint, type-check, check the contracts, run every test"
 	@echo "make test-fast  lint, type-check, the unit and contract tests: the edit-run loop"
 	@echo "make up     start the local stack in the background (make down stops it)"
+	@echo "make token ROLE=reviewer [ACCOUNT=id]  print a bearer token the local stack accepts"
 	@echo "make gen    regenerate the Python code of protos/"
 	@echo "make bench  the benchmark (about 10 min); make bench-quick is the smoke size (about 90 s)"
 
@@ -67,6 +68,11 @@ down: venv
 
 demo: venv
 	$(BIN)/python -m stack demo
+
+# A bearer token of the local stack's authority, e.g. make token ROLE=customer ACCOUNT=<account id>.
+ROLE ?= history-reader
+token: venv
+	@$(BIN)/python -m stack token --role $(ROLE) $(if $(ACCOUNT),--account $(ACCOUNT))
 
 bench: venv
 	$(BIN)/python -m bench

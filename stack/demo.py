@@ -259,6 +259,7 @@ async def scenario(approval_addr: str, history_addrs: list[str], credentials: Cr
             "Alice approving a payment": "PERMISSION_DENIED (METHOD_NOT_ALLOWED)",
             "Bob reading Alice's account": "PERMISSION_DENIED (NOT_YOUR_ACCOUNT)",
         }
+        print("  (first a second payment held for review, for Alice to try to approve)")
         second = await story.pay(alice, carol, 150_000, "second deposit")
         seen_refusals = {
             "no token, to approval": await refused(
