@@ -166,7 +166,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     print("running the migrations ...", flush=True)
     subprocess.run(
         [python, "-m", "approval_svc", "migrate"],
-        env={**os.environ, "APPROVAL_DATABASE_URL": dsn, **authority.server_env("APPROVAL_")},
+        env={**os.environ, "APPROVAL_DATABASE_URL": dsn},
         check=True,
         stdout=open(root / "migrate.log", "ab"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
