@@ -23,6 +23,8 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from approval_svc.config import Settings
 from approval_svc.migrate import upgrade
@@ -237,6 +239,21 @@ async def test_the_refusal_names_nothing_the_server_expects(
         assert info is not None
         text = f"{raised.value.details()} {dict(info.metadata)}"
         assert [value for value in expected if value in text] == []
+
+
+async def test_health_and_reflection_need_no_credentials(
+    raw: pb_grpc.ApprovalServiceAsyncStub, setup: Setup
+) -> None:
+    async with grpc.aio.insecure_channel(setup.server.address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="readiness"), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        assert SERVICE_NAME in {service.name for service in reply.list_services_response.service}
 
 
 # Which roles may call which method, by the default policy: everything else is METHOD_NOT_ALLOWED.
