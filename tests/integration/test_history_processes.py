@@ -89,9 +89,14 @@ def _handled(metrics_port: int) -> int:
     )
 
 
+# The documented client (docs/history.md) sends no token: the servers it calls run with
+# authentication turned off, explicitly.
+WITHOUT_AUTHENTICATION = {"HISTORY_AUTH_DISABLED": "true"}
+
+
 async def test_the_docs_client_reads_every_page(dataset: Dataset, tmp_path: Path) -> None:
     client = docs_client()
-    with history_processes(lambda _: _process(dataset, tmp_path), 3) as processes:
+    with history_processes(lambda _: _process(dataset, tmp_path, **WITHOUT_AUTHENTICATION), 3) as processes:
         pages = await client["sent_payments"]([p.address for p in processes], dataset.payer)
     assert [view.payment_id for page in pages for view in page.payments] == dataset.sent
 
@@ -108,6 +113,7 @@ async def test_three_processes_keep_answering_while_one_is_killed_and_restarted(
             HISTORY_METRICS_PORT=str(metrics_ports[index]),
             HISTORY_MAX_CONNECTION_AGE_SECONDS="3",
             HISTORY_GRACE_SECONDS="1",
+            **WITHOUT_AUTHENTICATION,
         )
 
     client = docs_client()
