@@ -7,7 +7,10 @@ are only looked at once the signature has been verified.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import jwt
@@ -61,16 +64,50 @@ def _reason(error: Exception) -> str:
     return next(reason for kind, reason in _REASONS if isinstance(error, kind))
 
 
+# Tokens verified recently, kept so that a client's next calls skip the signature check.
+VERIFIED_CACHE_SIZE: Final = 1024
+
+
+@dataclass(frozen=True)
+class _Verified:
+    claims: dict[str, Any]
+    key: jwt.PyJWK  # the key object that verified it: a reloaded or removed key misses the cache
+
+
 class TokenVerifier:
-    """Verifies bearer tokens against the keys of its sources, the issuer, the audience and the clock."""
+    """Verifies bearer tokens against the keys of its sources, the issuer, the audience and the clock.
+
+    A verified token is remembered (a bounded LRU): its next use checks only that the key
+    that verified it is still the one published under its kid, and the token's times.
+    """
 
     def __init__(
-        self, sources: Sequence[KeySource], issuer: str, audience: str, clock_skew_seconds: float = 30.0
+        self,
+        sources: Sequence[KeySource],
+        issuer: str,
+        audience: str,
+        clock_skew_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._sources = sources
         self._issuer = issuer
         self._audience = audience
         self._leeway = clock_skew_seconds
+        self._clock = clock
+        self._verified: OrderedDict[str, _Verified] = OrderedDict()
+
+    def _still_valid(self, claims: dict[str, Any]) -> None:
+        """The time checks of a token verified before (its claims are known to be numbers)."""
+        now = self._clock()
+        if claims["exp"] <= now - self._leeway:
+            raise unauthenticated(TOKEN_EXPIRED)
+        if max(claims.get("nbf", 0), claims.get("iat", 0)) > now + self._leeway:
+            raise unauthenticated(TOKEN_NOT_YET_VALID)
+
+    def _remember(self, token: str, verified: _Verified) -> None:
+        self._verified[token] = verified
+        if len(self._verified) > VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
 
     async def _key(self, kid: str) -> jwt.PyJWK | None:
         for source in self._sources:
@@ -81,6 +118,14 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims; Unauthenticated with the reason when it is not acceptable."""
+        known = self._verified.get(token)
+        if known is not None:
+            kid = known.key.key_id
+            if kid is not None and await self._key(kid) is known.key:
+                self._still_valid(known.claims)
+                self._verified.move_to_end(token)
+                return known.claims
+            del self._verified[token]
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -105,4 +150,5 @@ class TokenVerifier:
             raise unauthenticated(_reason(error)) from None
         if not isinstance(claims["sub"], str) or not claims["sub"]:
             raise unauthenticated(TOKEN_MALFORMED)
+        self._remember(token, _Verified(claims, key))
         return claims

@@ -183,3 +183,28 @@ async def test_no_message_names_what_the_server_expects(authority: LocalAuthorit
         text = raised.value.message + str(raised.value.metadata)
         for secret in (authority.ISSUER, authority.AUDIENCE, authority.current_kid):
             assert secret not in text
+
+
+async def test_a_remembered_token_is_checked_again_for_its_key_and_its_times(tmp_path: Path) -> None:
+    authority = LocalAuthority.create(tmp_path)
+    now = [time.time()]
+    source = JwksFile(authority.jwks_path, check_interval=0)
+    verifier = TokenVerifier([source], authority.ISSUER, authority.AUDIENCE, 30, clock=lambda: now[0])
+    old_kid = authority.current_kid
+    token = authority.token("alice", ["customer"], lifetime_seconds=600)
+    assert (await verifier.verify(token))["sub"] == "alice"
+    assert (await verifier.verify(token))["sub"] == "alice"  # remembered
+    # Past its expiry (and the skew), a remembered token is refused all the same.
+    now[0] += 600 + 31
+    with pytest.raises(Unauthenticated) as expired:
+        await verifier.verify(token)
+    assert expired.value.reason == "TOKEN_EXPIRED"
+    # Its key removed from the JWKS, a remembered token is refused.
+    now[0] = time.time()
+    fresh = authority.token("alice", ["customer"])
+    await verifier.verify(fresh)
+    authority.rotate()
+    authority.retire(old_kid)
+    with pytest.raises(Unauthenticated) as removed:
+        await verifier.verify(fresh)
+    assert removed.value.reason == "UNKNOWN_KEY"
