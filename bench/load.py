@@ -66,6 +66,7 @@ class Job:
     watch_target: str = ""  # visibility: the history target to watch
     grace_seconds: float = 3.0  # visibility: how long to wait for the last payments to show
     seed: int = 0
+    token: str = ""  # the bearer token every call carries (none for the echo server)
 
 
 @dataclass
@@ -86,12 +87,13 @@ class JobResult:
 def _channel(job: Job, target: str, channels: dict[tuple[str, bool], grpc.aio.Channel]) -> grpc.aio.Channel:
     key = (target, job.history_channel)
     if key not in channels:
-        if job.history_channel:
-            from stack.clients import history_channel
+        from stack.clients import bearer_interceptors, history_channel
 
-            channels[key] = history_channel(target)
+        if job.history_channel:
+            channels[key] = history_channel(target, token=job.token or None)
         else:
-            channels[key] = grpc.aio.insecure_channel(target)
+            interceptors = bearer_interceptors(job.token) if job.token else None
+            channels[key] = grpc.aio.insecure_channel(target, interceptors=interceptors)
     return channels[key]
 
 
@@ -279,6 +281,7 @@ async def visibility(job: Job, channels: dict[tuple[str, bool], grpc.aio.Channel
         payer_ids=job.payer_ids,
         payee_ids=job.payee_ids,
         seed=job.seed,
+        token=job.token,
     )
     submit = _submitter(approval_job, _channel(approval_job, job.target, channels), random.Random(job.seed))
     start, end = job.start_at, job.start_at + job.duration_s

@@ -30,8 +30,10 @@ from bench.plan import Plan
 from payments_common.keys import DEFAULT_SLOT_NAME
 from payments_common.lsn import parse_lsn
 from stack import local
+from stack.auth import ACCOUNTS_ADMIN, HISTORY_READER, PAYMENT_GATEWAY
 from stack.replication import replicator_env, start_replicator, wait_for_checkpoint
 from stack.servers import free_port, process_alive
+from stack.tokens import authority, token_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,6 +90,8 @@ class Runner:
         self.watched: tuple[str, ...] = ()
         self.list_accounts: tuple[str, ...] = ()
         self.payment_ids: tuple[str, ...] = ()
+        # The stack authenticates every call: the load carries a service's token with the roles it needs.
+        self.token = ""
 
     # -- the stack --------------------------------------------------------------------------
 
@@ -124,6 +128,12 @@ class Runner:
     def start(self) -> None:
         print(f"== starting the stack under {self.root} (fsync on, 2 history processes)", flush=True)
         self.state = local.up(self.root, history_count=2, fsync=True)
+        self.token = token_for(
+            authority(self.root),
+            [ACCOUNTS_ADMIN, PAYMENT_GATEWAY, HISTORY_READER],
+            subject="spiffe://payments.local/ns/payments/sa/benchmark",
+            lifetime_seconds=24 * 3600,
+        )
         for name, module, extra in (
             ("echo", "bench.echo_server", []),
             ("crud", "bench.crud_history", ["--dsn", self.dsn]),
@@ -294,6 +304,7 @@ class Runner:
                     payer_ids=self.payers,
                     page_size=self.plan.page_size,
                     seed=int(start_at * 1000) + index,
+                    token="" if call == "echo" else self.token,
                 )
                 for index, share in enumerate(split(total, count))
             ]

@@ -18,6 +18,7 @@ from bench import backlog
 from bench.runner import Runner
 from payments.approval.v1 import approval_service_pb2 as approval
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
+from stack.clients import with_bearer
 
 # The payments that the history reads pick from.
 READ_PAYMENTS = 2000
@@ -27,7 +28,7 @@ def run(runner: Runner) -> None:
     plan = runner.plan
     started = time.monotonic()
     total = plan.accounts + plan.watched_accounts + plan.list_accounts
-    ids = create_accounts(runner.endpoints["APPROVAL_ADDR"], total)
+    ids = create_accounts(runner.endpoints["APPROVAL_ADDR"], total, runner.token)
     runner.payers = tuple(ids[: plan.accounts])
     runner.watched = tuple(ids[plan.accounts : plan.accounts + plan.watched_accounts])
     runner.list_accounts = tuple(ids[plan.accounts + plan.watched_accounts :])
@@ -45,11 +46,11 @@ def run(runner: Runner) -> None:
     )
 
 
-def create_accounts(approval_addr: str, count: int) -> list[str]:
-    """Opens `count` accounts through approval, 64 calls at a time, with balances and limits far above any payment."""
+def create_accounts(approval_addr: str, count: int, token: str) -> list[str]:
+    """Opens `count` accounts through approval (as `token`, an accounts admin's), 64 calls at a time, with balances and limits far above any payment."""
     ids: list[str] = []
-    with grpc.insecure_channel(approval_addr) as channel:
-        stub = approval_grpc.ApprovalServiceStub(channel)
+    with grpc.insecure_channel(approval_addr) as plain:
+        stub = approval_grpc.ApprovalServiceStub(with_bearer(plain, token))
         for first in range(0, count, 64):
             futures = [
                 stub.CreateAccount.future(

@@ -54,6 +54,7 @@ def measure(runner: Runner, figure: str, total_rate: float) -> None:
                 payee_ids=tuple(watched[index]),
                 watch_target=history,
                 seed=int(start_at * 1000) + index,
+                token=runner.token,
             )
             for index, rate in enumerate(split(total_rate, workers))
         ]
