@@ -363,8 +363,15 @@ async def test_the_reviewer_is_the_caller_and_may_not_decide_under_another_name(
     before = await snapshot(setup.dsn)
     approve = pb.ApprovePaymentRequest(request_id=rid(), payment_id=first, reviewer="operator.bob")
     decline = pb.DeclinePaymentRequest(request_id=rid(), payment_id=first, reviewer="operator.bob")
-    for call in (raw.ApprovePayment(approve, metadata=jane), raw.DeclinePayment(decline, metadata=jane)):
-        assert await refused(call) == (grpc.StatusCode.PERMISSION_DENIED, "REVIEWER_MISMATCH")
+    # One after the other: a grpc.aio call starts when it is made.
+    assert await refused(raw.ApprovePayment(approve, metadata=jane)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REVIEWER_MISMATCH",
+    )
+    assert await refused(raw.DeclinePayment(decline, metadata=jane)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "REVIEWER_MISMATCH",
+    )
     assert await snapshot(setup.dsn) == before
 
     # Naming herself, or no one: the decision is hers, and so is the timeline's event.
