@@ -69,7 +69,7 @@ def bind(
     return server.add_secure_port(address, credentials)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Decides access, maps ServiceError to its status, hides unexpected errors, audits, and records metrics and log context.
 
     Every method but health and reflection (`/grpc.*`) passes the gate before its request
@@ -386,7 +386,7 @@ def build_server(
     each with the function that reads its target from its request and response.
     """
     logging.getLogger("grpc._cython.cygrpc").addFilter(_LATE_ANSWERS)  # once: filters are a set
-    interceptor = ErrorInterceptor(gate_for(settings), audited)
+    interceptor = CallInterceptor(gate_for(settings), audited)
     server = grpc.aio.server(interceptors=[interceptor], options=channel_args(settings))
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
