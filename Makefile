@@ -53,7 +53,7 @@ typecheck: venv
 TEST_WORKERS ?= auto
 
 test: venv k8s-tools check-gen protos lint typecheck
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The edit-run loop: unit and contract tests (one private PostgreSQL at most, no manifest tools);
 # `make test` stays the full suite.

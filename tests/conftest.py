@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -61,15 +62,29 @@ def migrated_dsn(database_dsn: str) -> str:
     return database_dsn
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Orders and groups the tests for pytest-xdist (`make test` runs them on every core).
+# Modules whose tests run in order, on one worker: their last tests check what the ones before left.
+IN_ORDER = frozenset({"tests/integration/test_fuzz_approval.py", "tests/integration/test_fuzz_history.py"})
 
-    The slow tests go first, so that they overlap the many quick ones rather than run alone
-    at the end; the end-to-end tests share one worker, so that one local stack serves them.
-    A module whose tests must run in order, on one worker, says so with
-    `pytestmark = pytest.mark.xdist_group("<module>")`.
-    """
-    for item in items:
-        if item.nodeid.startswith("tests/e2e/"):
-            item.add_marker(pytest.mark.xdist_group("e2e"))
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests go first, so that they overlap the many quick ones rather than run alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """How pytest-xdist shares the tests out (`make test` runs them on every core).
+
+    Each test is a unit of its own, but for the end-to-end tests, which share one worker so that
+    one local stack serves them, and the modules of IN_ORDER.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no type hints
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/e2e/"):
+                return "tests/e2e"
+            module = nodeid.split("::", 1)[0]
+            return module if module in IN_ORDER else nodeid
+
+    return Scheduling(config, log)
