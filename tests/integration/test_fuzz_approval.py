@@ -26,22 +26,30 @@ from approval_svc.migrate import upgrade
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
-from payments_common.grpcstatus import bad_request, error_info
+from payments_common.grpcstatus import bad_request
 from stack.auth import ACCOUNTS_ADMIN, CUSTOMER, HISTORY_READER, PAYMENT_GATEWAY, REVIEWER, LocalAuthority
 from stack.servers import PostgresServer, free_port
 from stack.tokens import SUBJECTS, refused_tokens, token_for
 from tests.support.auth import authority, bearer
 from tests.support.faults import approval_process
-from tests.support.fuzzing import documented_refusal, fields, fuzz_settings
+from tests.support.fuzzing import (
+    AUTH_CODES,
+    REFUSED,
+    UNAUTHENTICATED_REASONS,
+    Metadata,
+    authorizations,
+    check_authorization,
+    documented_refusal,
+    fields,
+    fuzz_settings,
+    gives_nothing_away,
+)
 from tests.support.processes import ServiceProcess
 
 MAX_MESSAGE_BYTES = 65536
 FUZZ = fuzz_settings(max_examples=100)
 
 C = grpc.StatusCode
-# Every RPC may be refused before it runs: no valid credentials, or a caller that may not
-# make the call; `call` checks that a refusal is one the call's credentials explain.
-AUTH_CODES = {C.UNAUTHENTICATED, C.PERMISSION_DENIED}
 # The codes each RPC may answer (see approval_service.proto, docs/approval.md, docs/security.md).
 ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "CreateAccount": {C.OK, C.INVALID_ARGUMENT, C.ALREADY_EXISTS, *AUTH_CODES},
@@ -66,16 +74,6 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "UnfreezeAccount": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.ALREADY_EXISTS, *AUTH_CODES},
     "GetPayment": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, *AUTH_CODES},
 }
-UNAUTHENTICATED_REASONS = {
-    "CREDENTIALS_MISSING",
-    "TOKEN_MALFORMED",
-    "TOKEN_EXPIRED",
-    "TOKEN_NOT_YET_VALID",
-    "WRONG_ISSUER",
-    "WRONG_AUDIENCE",
-    "UNKNOWN_KEY",
-    "BAD_SIGNATURE",
-}
 REASONS = {
     "INVALID_ARGUMENT",
     "ACCOUNT_NOT_FOUND",
@@ -97,7 +95,6 @@ CALLER = {
     "UnfreezeAccount": ACCOUNTS_ADMIN,
     "GetPayment": REVIEWER,
 }
-Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -213,16 +210,6 @@ def call(
     if request_id is not None:
         (target.accepted if code == grpc.StatusCode.OK else target.rejected).add(request_id)
     return code, reason
-
-
-def gives_nothing_away(error: grpc.RpcError, issuer: LocalAuthority) -> None:
-    """A refusal names no issuer, audience or key id that would help to forge a token."""
-    info = error_info(error)
-    assert info is not None
-    said = [error.details() or "", *info.metadata.keys(), *info.metadata.values()]
-    for secret in (issuer.ISSUER, *issuer.published_kids):
-        assert not [text for text in said if secret in text], secret
-    assert issuer.AUDIENCE not in info.metadata.values()
 
 
 # -- strategies ---------------------------------------------------------------------------
@@ -482,61 +469,6 @@ def test_metacharacters_are_stored_and_returned_verbatim(target: Target) -> None
 
 # -- credentials ---------------------------------------------------------------------------
 
-VALID, EITHER, REFUSED = "valid", "either", "refused"
-# What gRPC lets a client put in a text header (it refuses control and non-ASCII characters itself).
-HEADER_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
-SEGMENT = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", max_size=120)
-
-
-def authorizations(valid: str, refused: list[tuple[str, str]]) -> st.SearchStrategy[tuple[Metadata, str]]:
-    """`authorization` metadata and what the server must answer to it.
-
-    VALID: the method's normal answer; EITHER: that or UNAUTHENTICATED (a variant of the
-    valid token that a strict server may refuse); REFUSED: UNAUTHENTICATED with any reason;
-    a reason: UNAUTHENTICATED with exactly that reason.
-    """
-
-    def header(value: str) -> Metadata:
-        return (("authorization", value),)
-
-    return st.one_of(
-        st.just(((), "CREDENTIALS_MISSING")),
-        st.sampled_from(["x-authorization", "authentication", "token"]).map(
-            lambda key: (((key, f"Bearer {valid}"),), "CREDENTIALS_MISSING")
-        ),
-        HEADER_TEXT.map(lambda text: (header(text), REFUSED)),
-        HEADER_TEXT.map(lambda text: (header(f"Bearer {text}"), REFUSED)),
-        st.sampled_from(
-            [
-                "",
-                "Bearer",
-                "Bearer ",
-                "Bearer null",
-                "Basic dXNlcjpwYXNzd29yZA==",
-                "Bearer ..",
-                "Bearer a.b.c",
-                "Bearer " + "A" * 4000,
-                f"Basic {valid}",
-            ]
-        ).map(lambda value: (header(value), REFUSED)),
-        st.tuples(SEGMENT, SEGMENT, SEGMENT).map(
-            lambda parts: (header("Bearer " + ".".join(parts)), REFUSED)
-        ),
-        st.sampled_from(refused).map(lambda case: (header(f"Bearer {case[1]}"), case[0] or REFUSED)),
-        st.integers(0, len(valid) - 1).flatmap(
-            lambda i: st.sampled_from("AZaz09-_.=").map(
-                lambda c: (header(f"Bearer {valid[:i]}{c}{valid[i + 1 :]}"), EITHER)
-            )
-        ),
-        st.integers(0, len(valid)).map(lambda i: (header(f"Bearer {valid[:i]}"), EITHER)),
-        st.sampled_from(["bearer ", "BEARER ", "Bearer  ", " Bearer "]).map(
-            lambda scheme: (header(scheme + valid), EITHER)
-        ),
-        st.just(((("authorization", f"Bearer {valid}"), ("authorization", "Bearer x")), EITHER)),
-        st.just(((("authorization", "Bearer x"), ("authorization", f"Bearer {valid}")), EITHER)),
-        st.just((header(f"Bearer {valid}"), VALID)),
-    )
-
 
 def request_for(target: Target, method: str) -> message.Message:
     """A valid request of `method`, with a request_id of its own."""
@@ -566,18 +498,6 @@ def request_for(target: Target, method: str) -> message.Message:
         "GetPayment": lambda: pb.GetPaymentRequest(payment_id=target.held[2]),
     }
     return requests[method]()
-
-
-def check_authorization(method: str, code: grpc.StatusCode, reason: str, expected: str) -> None:
-    outcome = f"{method}: {code.name} {reason} for {expected}"
-    if expected == VALID:
-        assert code not in AUTH_CODES, outcome
-    elif expected == EITHER:
-        assert code == grpc.StatusCode.UNAUTHENTICATED or code not in AUTH_CODES, outcome
-    elif expected == REFUSED:
-        assert code == grpc.StatusCode.UNAUTHENTICATED, outcome
-    else:
-        assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, expected), outcome
 
 
 @FUZZ

@@ -37,18 +37,20 @@ from payments_common.tokens import encode_consistency_token
 from stack.auth import ACCOUNTS_ADMIN, CUSTOMER, HISTORY_READER, PAYMENT_GATEWAY, LocalAuthority
 from stack.servers import PostgresServer, RedisServer, free_port
 from stack.tokens import refused_tokens, token_for
-from tests.integration.test_fuzz_approval import (
+from tests.support.auth import authority, bearer
+from tests.support.faults import approval_process, history_process
+from tests.support.fuzzing import (
     AUTH_CODES,
     REFUSED,
     UNAUTHENTICATED_REASONS,
     Metadata,
     authorizations,
     check_authorization,
+    documented_refusal,
+    fields,
+    fuzz_settings,
     gives_nothing_away,
 )
-from tests.support.auth import authority, bearer
-from tests.support.faults import approval_process, history_process
-from tests.support.fuzzing import documented_refusal, fields, fuzz_settings
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
 
