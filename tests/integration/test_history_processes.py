@@ -23,7 +23,7 @@ from payments.history.v1 import history_service_pb2_grpc
 from payments_common.grpcstatus import error_info
 from stack.servers import PostgresServer, free_port
 from tests.support import ROOT
-from tests.support.auth import aio_channel
+from tests.support.auth import aio_channel, service_token
 from tests.support.history import (
     HistoryProcess,
     ReplicatedSource,
@@ -89,15 +89,10 @@ def _handled(metrics_port: int) -> int:
     )
 
 
-# The documented client (docs/history.md) sends no token: the servers it calls run with
-# authentication turned off, explicitly.
-WITHOUT_AUTHENTICATION = {"HISTORY_AUTH_DISABLED": "true"}
-
-
 async def test_the_docs_client_reads_every_page(dataset: Dataset, tmp_path: Path) -> None:
     client = docs_client()
-    with history_processes(lambda _: _process(dataset, tmp_path, **WITHOUT_AUTHENTICATION), 3) as processes:
-        pages = await client["sent_payments"]([p.address for p in processes], dataset.payer)
+    with history_processes(lambda _: _process(dataset, tmp_path), 3) as processes:
+        pages = await client["sent_payments"]([p.address for p in processes], dataset.payer, service_token())
     assert [view.payment_id for page in pages for view in page.payments] == dataset.sent
 
 
@@ -113,10 +108,10 @@ async def test_three_processes_keep_answering_while_one_is_killed_and_restarted(
             HISTORY_METRICS_PORT=str(metrics_ports[index]),
             HISTORY_MAX_CONNECTION_AGE_SECONDS="3",
             HISTORY_GRACE_SECONDS="1",
-            **WITHOUT_AUTHENTICATION,
         )
 
     client = docs_client()
+    credentials = client["bearer"](service_token())
     successes = 0
     failures: list[str] = []
     stop = asyncio.Event()
@@ -129,11 +124,13 @@ async def test_three_processes_keep_answering_while_one_is_killed_and_restarted(
             try:
                 if turn % 3 == 0:
                     payment_id = dataset.sent[turn % len(dataset.sent)]
-                    reply = await stub.GetPayment(pb.GetPaymentRequest(payment_id=payment_id), timeout=10)
+                    reply = await stub.GetPayment(
+                        pb.GetPaymentRequest(payment_id=payment_id), timeout=10, metadata=credentials
+                    )
                     assert reply.payment.payment_id == payment_id
                 elif turn % 3 == 1:
                     account = await stub.GetAccount(
-                        pb.GetAccountRequest(account_id=dataset.payer), timeout=10
+                        pb.GetAccountRequest(account_id=dataset.payer), timeout=10, metadata=credentials
                     )
                     assert account.account.counts.sent_approved == len(dataset.sent)
                 else:
@@ -141,7 +138,7 @@ async def test_three_processes_keep_answering_while_one_is_killed_and_restarted(
                     request = pb.ListPaymentsRequest(account_id=dataset.payer, direction=ALL, page_size=5)
                     ids: list[str] = []
                     while True:
-                        page = await stub.ListPayments(request, timeout=10)
+                        page = await stub.ListPayments(request, timeout=10, metadata=credentials)
                         ids += [view.payment_id for view in page.payments]
                         if not page.next_page_token:
                             break
