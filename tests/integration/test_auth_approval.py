@@ -530,11 +530,11 @@ class _JwksHandler(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def jwks_server(path: Path) -> Iterator[tuple[str, list[str]]]:
-    """A real HTTP server on a free port of 127.0.0.1 serving the JWKS at `path`; yields its URL and its requests."""
+def jwks_server(path: Path, port: int = 0) -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on 127.0.0.1 (a free port by default) serving the JWKS at `path`; yields its URL and its requests."""
     served: list[str] = []
     handler = type("Handler", (_JwksHandler,), {"path_to_serve": path, "served": served})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, name="jwks-http", daemon=True)
     thread.start()
     try:
@@ -573,6 +573,43 @@ async def test_a_jwks_served_over_http_is_fetched_cached_and_follows_rotation(
             assert 1 <= len(served) <= 2
             await _rotation(authority, stub, authority.rotate, authority.retire)
         assert set(served) == {"/.well-known/jwks.json"}
+
+
+async def test_until_the_jwks_url_answers_a_token_is_unavailable_then_it_is_accepted(
+    migrated_dsn: str, tmp_path: Path
+) -> None:
+    """A server whose key source is down answers UNAVAILABLE KEYS_UNAVAILABLE (retry), not a refusal."""
+    authority = LocalAuthority.create(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
+    env = {**authority.server_env("APPROVAL_"), "APPROVAL_AUTH_JWKS_URL": url}
+    del env["APPROVAL_AUTH_JWKS_FILE"]
+    async with (
+        running_server(
+            migrated_dsn, auth=auth_settings(Settings, env), token=authority.service_token()
+        ) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.ApprovalServiceStub(channel)
+        request = pb.GetPaymentRequest(payment_id=str(uuid.uuid4()))
+        credentials = bearer(authority.token("operator.ann", [REVIEWER]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetPayment(request, metadata=credentials)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        info = error_info(refused.value)
+        assert info is not None
+        assert info.reason == "KEYS_UNAVAILABLE"
+
+        async def answer() -> str:
+            try:
+                await stub.GetPayment(request, metadata=credentials)
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                return info.reason if info else error.code().name
+            return "OK"
+
+        with jwks_server(authority.jwks_path, port):
+            await eventually(lambda: _is(answer(), "PAYMENT_NOT_FOUND"), 60, "the token accepted")
 
 
 # -- client certificates ---------------------------------------------------------------------
