@@ -7,6 +7,7 @@ are only looked at once the signature has been verified.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -74,6 +75,13 @@ class _Verified:
     key: jwt.PyJWK  # the key object that verified it: a reloaded or removed key misses the cache
 
 
+TIME_CLAIMS: Final = ("exp", "nbf", "iat")
+
+
+def _numeric_date(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class TokenVerifier:
     """Verifies bearer tokens against the keys of its sources, the issuer, the audience and the clock.
 
@@ -125,7 +133,7 @@ class TokenVerifier:
                 self._still_valid(known.claims)
                 self._verified.move_to_end(token)
                 return known.claims
-            del self._verified[token]
+            self._verified.pop(token, None)  # another call with this token may have dropped it already
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -149,6 +157,9 @@ class TokenVerifier:
         except jwt.PyJWTError as error:
             raise unauthenticated(_reason(error)) from None
         if not isinstance(claims["sub"], str) or not claims["sub"]:
+            raise unauthenticated(TOKEN_MALFORMED)
+        # NumericDate (RFC 7519): PyJWT reads "1893456000" as a number, but it is text.
+        if any(not _numeric_date(claims[name]) for name in TIME_CLAIMS if name in claims):
             raise unauthenticated(TOKEN_MALFORMED)
         self._remember(token, _Verified(claims, key))
         return claims

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -208,3 +209,43 @@ async def test_a_remembered_token_is_checked_again_for_its_key_and_its_times(tmp
     with pytest.raises(Unauthenticated) as removed:
         await verifier.verify(fresh)
     assert removed.value.reason == "UNKNOWN_KEY"
+
+
+@pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
+async def test_a_time_claim_that_is_not_a_number_is_malformed_every_time(
+    authority: LocalAuthority, name: str
+) -> None:
+    """RFC 7519's NumericDate: "1893456000" is text; refused on first use and on every use after."""
+    key = serialization.load_pem_private_key(
+        (authority.directory / "keys" / f"{authority.current_kid}.pem").read_bytes(), password=None
+    )
+    value = int(time.time()) + (600 if name == "exp" else -60)
+    claims = _claims(authority, **{name: str(value)})
+    token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": authority.current_kid})  # type: ignore[arg-type]
+    verifier = _verifier(authority)
+    for _ in range(2):
+        with pytest.raises(Unauthenticated) as raised:
+            await verifier.verify(token)
+        assert raised.value.reason == "TOKEN_MALFORMED"
+
+
+async def test_callers_of_one_remembered_token_all_see_its_removed_key(tmp_path: Path) -> None:
+    """Calls with the same remembered token, checked at once after its key is withdrawn: UNKNOWN_KEY each."""
+    authority = LocalAuthority.create(tmp_path)
+
+    class Slow(JwksFile):
+        async def key(self, kid: str) -> Any:
+            await asyncio.sleep(0)  # every lookup yields, as a fetch over the network does
+            return await super().key(kid)
+
+    verifier = TokenVerifier(
+        [Slow(authority.jwks_path, check_interval=0)], authority.ISSUER, authority.AUDIENCE
+    )
+    old_kid = authority.current_kid
+    token = authority.token("alice", ["customer"])
+    await verifier.verify(token)
+    authority.rotate()
+    authority.retire(old_kid)
+    outcomes = await asyncio.gather(*(verifier.verify(token) for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(outcome, Unauthenticated) for outcome in outcomes), outcomes
+    assert {outcome.reason for outcome in outcomes if isinstance(outcome, Unauthenticated)} == {"UNKNOWN_KEY"}
