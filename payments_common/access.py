@@ -145,6 +145,12 @@ def gate_for(settings: ServerSettings) -> Gate:
         if auth.jwks_file:
             sources.append(JwksFile(Path(auth.jwks_file)))
         if auth.jwks_url:
+            if auth.jwks_url.startswith("http://"):
+                log.warning(
+                    "the JWKS URL %s is plain http: anyone on the network path can substitute the "
+                    "signing keys; use https outside a test",
+                    auth.jwks_url,
+                )
             sources.append(JwksUrl(auth.jwks_url, auth.jwks_cache_seconds))
         verifier = TokenVerifier(sources, auth.issuer, auth.audience, auth.clock_skew_seconds)
     unlisted = auth.policy.unlisted(settings.SERVED_METHODS)

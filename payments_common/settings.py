@@ -9,6 +9,7 @@ names everywhere.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Collection, Mapping
@@ -38,6 +39,8 @@ REQUIRED = _Required()
 
 V = TypeVar("V")
 
+# A larger skew would keep expired tokens alive for longer than a clock is ever wrong.
+MAX_CLOCK_SKEW_SECONDS: Final = 300.0
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Below this, a page of ListPayments or a payment with a long timeline might not fit.
 MIN_MESSAGE_BYTES: Final = 64 * 1024
@@ -116,10 +119,15 @@ class EnvReader:
             raise SettingsError(f"{self.prefix}{name} must be at most 65535, got {value}")
         return value
 
-    def number(self, name: str, default: float | _Required = REQUIRED) -> float:
+    def number(self, name: str, default: float | _Required = REQUIRED, maximum: float | None = None) -> float:
+        """A finite number, not negative (nan and inf are refused), at most `maximum` if given."""
         value = self._parsed(name, default, float, "a number")
+        if not math.isfinite(value):
+            raise SettingsError(f"{self.prefix}{name} must be a finite number, got {value}")
         if value < 0:
             raise SettingsError(f"{self.prefix}{name} must not be negative, got {value}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{self.prefix}{name} must be at most {maximum:g}, got {value:g}")
         return value
 
     def positive(self, name: str, default: float) -> float:
@@ -190,7 +198,9 @@ class EnvReader:
             # Required with a JWKS: a token is only accepted from one issuer, for one audience.
             issuer=self.text("AUTH_ISSUER") if tokens else "",
             audience=self.text("AUTH_AUDIENCE") if tokens else "",
-            clock_skew_seconds=self.number("AUTH_CLOCK_SKEW_SECONDS", AuthSettings.clock_skew_seconds),
+            clock_skew_seconds=self.number(
+                "AUTH_CLOCK_SKEW_SECONDS", AuthSettings.clock_skew_seconds, maximum=MAX_CLOCK_SKEW_SECONDS
+            ),
             policy_file=policy_file,
             policy=policy,
         )

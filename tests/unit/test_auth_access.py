@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from cryptography.x509.oid import NameOID
 
 from approval_svc.config import Settings as ApprovalSettings
 from history_svc.config import Settings as HistorySettings
-from payments_common.access import Gate, MethodNotAllowed, OpenGate, PolicyGate, bearer_token, claim_values
+from payments_common.access import (
+    Gate,
+    MethodNotAllowed,
+    OpenGate,
+    PolicyGate,
+    bearer_token,
+    claim_values,
+    gate_for,
+)
 from payments_common.errors import PermissionDenied, Unauthenticated
 from payments_common.identity import ANONYMOUS, Caller, Identity, NotYourAccount, Source, account_ids
 from payments_common.jwks import JwksFile
@@ -373,3 +382,31 @@ def test_a_command_that_serves_nothing_reads_no_authentication() -> None:
     settings = ApprovalSettings.from_env({"APPROVAL_DATABASE_URL": "postgresql://db/x"}, serving=False)
     assert not settings.auth.disabled
     assert settings.auth.policy is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "complaint"),
+    [
+        ("AUTH_CLOCK_SKEW_SECONDS", "nan", "finite"),
+        ("AUTH_CLOCK_SKEW_SECONDS", "inf", "finite"),
+        ("AUTH_CLOCK_SKEW_SECONDS", "1e12", "at most 300"),
+        ("AUTH_JWKS_CACHE_SECONDS", "nan", "finite"),
+    ],
+)
+def test_a_skew_or_cache_time_that_would_switch_checks_off_is_refused(
+    authority: LocalAuthority, variable: str, value: str, complaint: str
+) -> None:
+    """A skew of nan, inf or years would accept tokens that expired long ago."""
+    env = {**authority.server_env("APPROVAL_"), f"APPROVAL_{variable}": value}
+    with pytest.raises(SettingsError, match=f"APPROVAL_{variable} must be .*{complaint}"):
+        _auth(env)
+
+
+def test_a_jwks_url_over_plain_http_is_warned_about(
+    authority: LocalAuthority, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = {**authority.server_env("APPROVAL_"), "APPROVAL_AUTH_JWKS_URL": "http://idp.example/jwks.json"}
+    settings = ApprovalSettings.from_env({**env, "APPROVAL_DATABASE_URL": "postgresql://h/db"})
+    with caplog.at_level(logging.WARNING, logger="payments_common.access"):
+        gate_for(settings)
+    assert any("plain http" in record.getMessage() for record in caplog.records)
