@@ -21,6 +21,11 @@ class Settings(ServerSettings):
     SERVED_METHODS: ClassVar[tuple[str, ...]] = tuple(
         method_names(pb.DESCRIPTOR.services_by_name["ApprovalService"])
     )
+    # A customer pays from, and reads the payments of, its own accounts (approval_svc/servicer.py);
+    # no other method confines a caller to accounts.
+    SCOPED_METHODS: ClassVar[tuple[str, ...]] = tuple(
+        name for name in SERVED_METHODS if name.endswith(("/SubmitPayment", "/GetPayment"))
+    )
 
     database_url: str = field(repr=False)
     port: int = 50051

@@ -21,6 +21,8 @@ class Settings(ServerSettings):
     SERVED_METHODS: ClassVar[tuple[str, ...]] = tuple(
         method_names(pb.DESCRIPTOR.services_by_name["HistoryService"])
     )
+    # Every read confines a customer to its accounts (history_svc/servicer.py).
+    SCOPED_METHODS: ClassVar[tuple[str, ...]] = SERVED_METHODS
 
     # Credentials stay out of the repr (and so out of any log line that shows the settings).
     redis_url: str = field(repr=False)

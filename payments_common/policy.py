@@ -77,8 +77,15 @@ class Policy:
     accounts_claim: str = "accounts"
 
     @classmethod
-    def parse(cls, document: object, served: Collection[str]) -> Policy:
-        """The policy of a decoded JSON document; PolicyError says what is wrong with it."""
+    def parse(
+        cls, document: object, served: Collection[str], scoped: Collection[str] | None = None
+    ) -> Policy:
+        """The policy of a decoded JSON document; PolicyError says what is wrong with it.
+
+        `scoped` names the served methods whose handlers confine a customer to its accounts;
+        a customer role on any other method is refused (it would act for every account).
+        None: every served method does (for policies checked outside a server).
+        """
         top = _object(document, "the policy")
         unknown = sorted(set(top) - _KEYS)
         if unknown:
@@ -98,16 +105,26 @@ class Policy:
             subject: _strings(roles, f"identities[{subject!r}]")
             for subject, roles in _object(top.get("identities", {}), "identities").items()
         }
+        customer_roles = _strings(top.get("customer_roles", []), "customer_roles")
+        if scoped is not None:
+            confining = {policy_method(name) for name in scoped}
+            for method, roles in methods.items():
+                customers = sorted(roles & customer_roles)
+                if customers and method not in confining:
+                    raise PolicyError(
+                        f"methods[{method!r}] gives {customers[0]!r}, a customer role, but {method} "
+                        "does not confine a customer to its accounts: it would act for every account"
+                    )
         return cls(
             methods=methods,
             identities=identities,
-            customer_roles=_strings(top.get("customer_roles", []), "customer_roles"),
+            customer_roles=customer_roles,
             roles_claim=_claim_name(top, "roles_claim", "roles"),
             accounts_claim=_claim_name(top, "accounts_claim", "accounts"),
         )
 
     @classmethod
-    def load(cls, path: Path, served: Collection[str]) -> Policy:
+    def load(cls, path: Path, served: Collection[str], scoped: Collection[str] | None = None) -> Policy:
         """The policy in a JSON file; PolicyError when it cannot be read or is not valid."""
         try:
             document = json.loads(path.read_text())
@@ -115,7 +132,7 @@ class Policy:
             raise PolicyError(f"cannot read {path}: {error.strerror}") from None
         except ValueError as error:
             raise PolicyError(f"{path} is not JSON: {error}") from None
-        return cls.parse(document, served)
+        return cls.parse(document, served, scoped)
 
     def roles_of(self, subject: str, claimed: Iterable[str] = ()) -> frozenset[str]:
         """The roles of an identity: those its credentials claim and those the policy gives its subject."""

@@ -160,7 +160,9 @@ class EnvReader:
             )
         return tls
 
-    def auth(self, served: Collection[str], client_certificates: bool) -> AuthSettings:
+    def auth(
+        self, served: Collection[str], client_certificates: bool, scoped: Collection[str] | None = None
+    ) -> AuthSettings:
         """Authentication: a JWKS (file, URL) and/or client certificates, and the policy; or disabled.
 
         The policy is checked against `served`, the methods the server serves. Nothing set
@@ -188,7 +190,7 @@ class EnvReader:
         if not policy_file:
             raise SettingsError(f"{p}AUTH_POLICY_FILE is required unless {p}AUTH_DISABLED=true")
         try:
-            policy = Policy.load(Path(policy_file), served)
+            policy = Policy.load(Path(policy_file), served, scoped)
         except PolicyError as error:
             raise SettingsError(f"{p}AUTH_POLICY_FILE: {error}") from None
         return AuthSettings(
@@ -255,10 +257,14 @@ class ServerSettings(ServiceSettings):
     """What every gRPC server reads besides: where it listens, its limits, its shutdown grace, who may call.
 
     A subclass names in `SERVED_METHODS` the methods it serves ("package.Service/Method"),
-    against which the authorization policy is checked.
+    against which the authorization policy is checked, and in `SCOPED_METHODS` those that
+    confine a customer to its accounts.
     """
 
     SERVED_METHODS: ClassVar[tuple[str, ...]] = ()
+    # The served methods whose handlers confine a customer to its accounts: only these may
+    # give a customer role.
+    SCOPED_METHODS: ClassVar[tuple[str, ...]] = ()
 
     host: str = ALL_INTERFACES
     port: int = 0  # 0 picks a free port
@@ -276,7 +282,7 @@ class ServerSettings(ServiceSettings):
             **shared,
             # Unread for a command that serves nothing: a server built with it refuses to start.
             "auth": (
-                env.auth(cls.SERVED_METHODS, bool(shared["tls"].client_ca_file))
+                env.auth(cls.SERVED_METHODS, bool(shared["tls"].client_ca_file), cls.SCOPED_METHODS)
                 if env.serving
                 else AuthSettings()
             ),

@@ -54,7 +54,9 @@ def auth_settings(settings: type[ServerSettings], env: Mapping[str, str] | None 
     By default, those that trust the session's authority with the service's default policy.
     """
     environ = server_env(settings.PREFIX) if env is None else env
-    return EnvReader(settings.PREFIX, environ).auth(settings.SERVED_METHODS, client_certificates=False)
+    return EnvReader(settings.PREFIX, environ).auth(
+        settings.SERVED_METHODS, client_certificates=False, scoped=settings.SCOPED_METHODS
+    )
 
 
 def trusting(authority: LocalAuthority, methods: Mapping[str, Sequence[str]]) -> AuthSettings:

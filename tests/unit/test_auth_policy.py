@@ -21,8 +21,12 @@ def _policy(**document: Any) -> Policy:
 
 
 def test_the_default_policies_load_against_what_each_server_serves() -> None:
-    approval = Policy.parse(default_policy(APPROVAL_METHODS), ApprovalSettings.SERVED_METHODS)
-    history = Policy.parse(default_policy(HISTORY_METHODS), HistorySettings.SERVED_METHODS)
+    approval = Policy.parse(
+        default_policy(APPROVAL_METHODS), ApprovalSettings.SERVED_METHODS, ApprovalSettings.SCOPED_METHODS
+    )
+    history = Policy.parse(
+        default_policy(HISTORY_METHODS), HistorySettings.SERVED_METHODS, HistorySettings.SCOPED_METHODS
+    )
     assert approval.unlisted(ApprovalSettings.SERVED_METHODS) == []
     assert history.unlisted(HistorySettings.SERVED_METHODS) == []
     # One service's policy names methods the other does not serve.
@@ -115,3 +119,11 @@ def test_load_reads_a_file_and_names_it_when_it_cannot(tmp_path: Path) -> None:
         Policy.load(path, SERVED)
     with pytest.raises(PolicyError, match="cannot read"):
         Policy.load(tmp_path / "missing.json", SERVED)
+
+
+def test_a_customer_role_on_a_method_that_does_not_confine_it_is_refused() -> None:
+    """Freezing takes no account scope: a customer role there would freeze anyone's account."""
+    document = default_policy(APPROVAL_METHODS)
+    document["methods"]["payments.approval.v1.ApprovalService/FreezeAccount"] = ["accounts-admin", "customer"]
+    with pytest.raises(PolicyError, match=r"FreezeAccount.*does not confine a customer"):
+        Policy.parse(document, ApprovalSettings.SERVED_METHODS, ApprovalSettings.SCOPED_METHODS)
