@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from payments_common.identity import Identity
+from payments_common.logs import bounded
 
 AUDIT_LOGGER: Final = "payments.audit"
 log = logging.getLogger(AUDIT_LOGGER)
@@ -27,9 +28,10 @@ def record(method: str, identity: Identity | None, target: Mapping[str, str], ou
         "audit",
         extra={
             "method": method,
-            "identity": identity.subject if identity is not None else "",
+            "identity": bounded(identity.subject) if identity is not None else "",
             "identity_source": identity.source.value if identity is not None else "",
-            "target": dict(target),
+            # Ids from the request as sent: a refused call's may be anything, of any length.
+            "target": {name: bounded(str(value)) for name, value in target.items()},
             "outcome": outcome,
         },
     )

@@ -13,6 +13,17 @@ method_var: ContextVar[str] = ContextVar("method", default="")
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
+# The longest text a caller's field puts in a log line: a valid id is far shorter, and a
+# request of megabytes must not become a log line of megabytes.
+MAX_LOGGED_CHARS = 128
+
+
+def bounded(text: str) -> str:
+    """`text`, or its first MAX_LOGGED_CHARS characters and how long it was."""
+    if len(text) <= MAX_LOGGED_CHARS:
+        return text
+    return f"{text[:MAX_LOGGED_CHARS]}... ({len(text)} characters)"
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the request context and any `extra` fields."""
@@ -34,7 +45,7 @@ class JsonFormatter(logging.Formatter):
             entry["method"] = method
         request_id = request_id_var.get()
         if request_id:
-            entry["request_id"] = request_id
+            entry["request_id"] = bounded(request_id)
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
