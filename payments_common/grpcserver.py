@@ -280,6 +280,10 @@ def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
     return stream
 
 
+# The largest metadata of a call (a token with many accounts, say); larger is RESOURCE_EXHAUSTED.
+MAX_METADATA_BYTES = 16 * 1024
+
+
 def channel_args(settings: ServerSettings) -> list[tuple[str, int]]:
     """The gRPC server options for the shared settings: message limits, keepalive, connection age."""
     args = [
@@ -287,6 +291,10 @@ def channel_args(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC refuses at random the calls whose metadata lies between a soft limit (8 KiB by
+        # default) and a hard one: one limit, so that a large token is accepted every time.
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     ]
     if settings.max_connection_age_seconds > 0:
         args += [

@@ -319,6 +319,22 @@ async def test_a_customer_pays_only_from_its_own_accounts(
     assert for_bob.payment.payer_account_id == setup.bob
 
 
+async def test_a_token_of_more_than_ten_kilobytes_is_accepted_every_time(
+    setup: Setup, raw: pb_grpc.ApprovalServiceAsyncStub
+) -> None:
+    """A customer with hundreds of accounts: its token is larger than gRPC's default soft limit (8 KiB)."""
+    many = [setup.alice, *(str(uuid.uuid4()) for _ in range(200))]
+    credentials = setup.customer(*many)
+    assert 10 * 1024 < len(credentials[0][1]) < 14 * 1024
+    request = pb.GetPaymentRequest(payment_id=str(uuid.uuid4()))
+    for _ in range(40):
+        # Scoped to its accounts, the customer learns nothing of a payment that is not theirs.
+        assert await refused(raw.GetPayment(request, metadata=credentials)) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "NOT_YOUR_ACCOUNT",
+        )
+
+
 async def test_a_customer_reads_only_payments_of_its_accounts(
     setup: Setup, raw: pb_grpc.ApprovalServiceAsyncStub
 ) -> None:
