@@ -9,9 +9,11 @@ once the source has been read again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -30,6 +32,9 @@ ALGORITHMS: Final = ("ES256", "RS256", "EdDSA")
 MIN_RSA_BITS: Final = 2048
 # A JWKS larger than this is refused: a key set is a few kilobytes.
 MAX_JWKS_BYTES: Final = 1024 * 1024
+# A fetch of a JWKS URL that has not ended within this many seconds counts as failed.
+FETCH_DEADLINE_SECONDS: Final = 10.0
+_READ_CHUNK: Final = 64 * 1024
 
 
 class JwksError(ValueError):
@@ -146,14 +151,28 @@ class JwksFile:
         return found
 
 
-def fetch_jwks(url: str, timeout: float) -> dict[str, jwt.PyJWK]:
-    """The keys of the JWKS at `url` (blocking: run it off the event loop)."""
+def fetch_jwks(url: str, timeout: float, time_limit: float = FETCH_DEADLINE_SECONDS) -> dict[str, jwt.PyJWK]:
+    """The keys of the JWKS at `url` (blocking: run it off the event loop).
+
+    `timeout` bounds each socket operation; the body is read in pieces and the fetch gives
+    up (JwksError) once `time_limit` seconds have passed since it began, or once the body
+    is larger than MAX_JWKS_BYTES. (A server dripping its headers is bounded only by
+    `timeout` per read: JwksUrl stops waiting at its deadline whatever the thread does.)
+    """
+    deadline = time.monotonic() + time_limit
     # The settings allow only http(s) URLs here: urllib's other schemes (file:) never reach it.
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        raw = response.read(MAX_JWKS_BYTES + 1)
-    if len(raw) > MAX_JWKS_BYTES:
-        raise JwksError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
+        raw = bytearray()
+        while True:
+            if time.monotonic() >= deadline:
+                raise JwksError(f"the JWKS took longer than {time_limit:g} s to fetch")
+            chunk = response.read1(_READ_CHUNK)
+            if not chunk:
+                break
+            raw += chunk
+            if len(raw) > MAX_JWKS_BYTES:
+                raise JwksError(f"the JWKS is larger than {MAX_JWKS_BYTES} bytes")
     try:
         document: Any = json.loads(raw)
     except ValueError:
@@ -161,13 +180,30 @@ def fetch_jwks(url: str, timeout: float) -> dict[str, jwt.PyJWK]:
     return parse_jwks(document)
 
 
+Fetch = Callable[[str, float, float], dict[str, jwt.PyJWK]]
+"""A blocking fetch of a JWKS: (url, timeout of each read, overall time limit) -> keys by kid."""
+
+
 class JwksUrl:
     """A JWKS fetched over HTTP(S), off the event loop, cached for `cache_seconds`.
 
-    A token naming a kid not held makes it fetch again, at most once per `refetch_interval`
-    seconds (so tokens with made-up kids cannot make it hammer the identity provider). A
-    failed fetch keeps the keys held and is logged; until the first fetch succeeds,
-    calls with tokens fail with UNAVAILABLE (KEYS_UNAVAILABLE).
+    The first fetch starts when the source is created in a running event loop, else at the
+    first call; `ready` is True once a fetch has succeeded (keys are held).
+
+    A kid held is answered at once from the keys held, even while a fetch is in flight:
+    when the keys are stale (older than `cache_seconds`) the call starts a fetch in the
+    background and is answered from the stale keys meanwhile, so a slow identity provider
+    never delays tokens whose key is known (a key removed from the set is refused once the
+    fetch has succeeded). Only a kid not held waits: for the fetch in flight if there is
+    one, else for a new one, at most once per `refetch_interval` seconds (so tokens with
+    made-up kids cannot make it hammer the identity provider). A fetch is shared by every
+    caller waiting for it; one caller giving up does not cancel it.
+
+    A fetch runs in a daemon thread and has an overall `deadline` (seconds): past it, the
+    callers stop waiting and the fetch counts as failed, the thread being left to finish on
+    its own (no other fetch starts until it has). A failed fetch keeps the keys held and is
+    logged; until the first fetch succeeds, calls with tokens fail with UNAVAILABLE
+    (KEYS_UNAVAILABLE).
     """
 
     def __init__(
@@ -177,32 +213,85 @@ class JwksUrl:
         refetch_interval: float = 10.0,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
-        fetch: Callable[[str, float], dict[str, jwt.PyJWK]] = fetch_jwks,
+        fetch: Fetch = fetch_jwks,
+        deadline: float = FETCH_DEADLINE_SECONDS,
     ) -> None:
         self.url = url
         self._cache_seconds = cache_seconds
         self._refetch_interval = refetch_interval
         self._timeout = timeout
+        self._deadline = deadline
         self._clock = clock
         self._fetch = fetch
         self._keys: dict[str, jwt.PyJWK] | None = None
         self._fetched = 0.0  # when the keys held were fetched
         self._attempted: float | None = None  # when the last fetch started
-        self._running: asyncio.Task[None] | None = None
+        self._running: asyncio.Task[None] | None = None  # the fetch the callers wait for
+        self._thread_ended: threading.Event | None = None  # set when the last fetch's thread is done fetching
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: the first call fetches
+        self._start()
+
+    @property
+    def ready(self) -> bool:
+        """True once a fetch has succeeded: keys are held (stale or not)."""
+        return self._keys is not None
+
+    def _in_flight(self) -> bool:
+        return self._running is not None and not self._running.done()
 
     def _may_fetch(self) -> bool:
         return self._attempted is None or self._clock() - self._attempted >= self._refetch_interval
 
-    async def _refresh(self) -> None:
-        """Fetches the set once for every caller waiting now; a caller that gives up does not cancel it."""
-        if self._running is None or self._running.done():
-            self._attempted = self._clock()
-            self._running = asyncio.create_task(self._fetch_now(), name="jwks-fetch")
-        await asyncio.shield(self._running)
+    def _start(self) -> None:
+        """Starts a fetch (the caller has checked that none is in flight and that one may start)."""
+        self._attempted = self._clock()
+        self._running = asyncio.get_running_loop().create_task(self._fetch_now(), name="jwks-fetch")
+
+    def _stale(self) -> bool:
+        return self._keys is None or self._clock() - self._fetched >= self._cache_seconds
+
+    def _in_thread(self) -> asyncio.Future[dict[str, jwt.PyJWK]]:
+        """Runs the blocking fetch in a daemon thread; its outcome, as a future of this loop."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[dict[str, jwt.PyJWK]] = loop.create_future()
+        # Nobody may be waiting any more when it ends (past the deadline): the error is not "never retrieved".
+        outcome.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+        def settle(keys: dict[str, jwt.PyJWK] | None, error: Exception | None) -> None:
+            if outcome.done():
+                return
+            if error is not None:
+                outcome.set_exception(error)
+            else:
+                outcome.set_result(keys or {})
+
+        def run() -> None:
+            keys: dict[str, jwt.PyJWK] | None = None
+            error: Exception | None = None
+            try:
+                keys = self._fetch(self.url, self._timeout, self._deadline)
+            except Exception as failure:  # handed to the loop, which logs it
+                error = failure
+            ended.set()  # before the loop hears of it: the next fetch may start then
+            with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile: nobody is waiting
+                loop.call_soon_threadsafe(settle, keys, error)
+
+        ended = self._thread_ended = threading.Event()
+        threading.Thread(target=run, name="jwks-fetch", daemon=True).start()
+        return outcome
 
     async def _fetch_now(self) -> None:
+        if self._thread_ended is not None and not self._thread_ended.is_set():
+            log.warning("JWKS fetch not started: the previous one, past its deadline, has not ended yet")
+            return
         try:
-            keys = await asyncio.to_thread(self._fetch, self.url, self._timeout)
+            keys = await asyncio.wait_for(self._in_thread(), self._deadline)
+        except TimeoutError:
+            log.warning("JWKS fetch failed, keeping the keys held: no answer within %g s", self._deadline)
+            return
         except Exception as error:  # the network, the server, the document: keep what is held
             log.warning("JWKS fetch failed, keeping the keys held: %s", error)
             return
@@ -212,15 +301,16 @@ class JwksUrl:
         self._fetched = self._clock()
 
     async def key(self, kid: str) -> jwt.PyJWK | None:
+        if self._stale() and not self._in_flight() and self._may_fetch():
+            self._start()  # in the background: a kid held is answered from the keys held meanwhile
+        found = self._keys.get(kid) if self._keys is not None else None
+        if found is not None:
+            return found
+        # A kid not held: wait for the fetch in flight, else start one (at most once per interval).
+        if not self._in_flight() and self._may_fetch():
+            self._start()
         if self._running is not None and not self._running.done():
-            await asyncio.shield(self._running)  # a fetch in flight: its keys are the freshest
-        stale = self._keys is None or self._clock() - self._fetched >= self._cache_seconds
-        if stale and self._may_fetch():
-            await self._refresh()
+            await asyncio.shield(self._running)  # a caller that gives up does not cancel it
         if self._keys is None:
             raise KeysUnavailable()
-        found = self._keys.get(kid)
-        if found is None and self._may_fetch():
-            await self._refresh()
-            found = self._keys.get(kid)
-        return found
+        return self._keys.get(kid)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,15 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from payments_common.jwks import JwksError, JwksFile, JwksUrl, KeysUnavailable, parse_jwks
+from payments_common.jwks import (
+    MAX_JWKS_BYTES,
+    JwksError,
+    JwksFile,
+    JwksUrl,
+    KeysUnavailable,
+    fetch_jwks,
+    parse_jwks,
+)
 from stack.auth import LocalAuthority
 
 
@@ -95,6 +107,19 @@ def test_a_file_that_cannot_be_used_at_start_is_an_error(tmp_path: Path) -> None
         JwksFile(tmp_path / "bad.json")
 
 
+async def until(condition: Callable[[], bool | Awaitable[bool]], what: str, within: float = 10.0) -> None:
+    """Polls `condition` until it holds; fails, saying `what` did not happen, after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.01)
+
+
 class Fetches:
     """A stand-in for the HTTP fetch: serves the authority's current JWKS and counts the calls."""
 
@@ -104,7 +129,7 @@ class Fetches:
         self.failing = False
         self.release: threading.Event | None = None
 
-    def __call__(self, url: str, timeout: float) -> dict[str, jwt.PyJWK]:
+    def __call__(self, url: str, timeout: float, time_limit: float) -> dict[str, jwt.PyJWK]:
         self.calls += 1
         if self.release is not None:
             self.release.wait(10)
@@ -126,8 +151,9 @@ async def test_the_url_is_cached_then_fetched_again_when_stale(authority: LocalA
     assert await source.key(kid) is not None
     assert fetches.calls == 1
     clock.now += 300
+    # Stale: answered from the keys held while they are fetched again in the background.
     assert await source.key(kid) is not None
-    assert fetches.calls == 2
+    await until(lambda: fetches.calls == 2, "the stale keys fetched again")
 
 
 async def test_an_unknown_kid_refetches_at_most_once_per_interval(authority: LocalAuthority) -> None:
@@ -153,7 +179,10 @@ async def test_a_failed_fetch_keeps_the_keys_held(authority: LocalAuthority) -> 
     fetches.failing = True
     clock.now += 60
     assert await source.key(authority.current_kid) is not None
-    assert fetches.calls == 2
+    await until(lambda: fetches.calls == 2, "the stale keys fetched again")
+    await source.key("made-up")  # waits for the fetch in flight, which fails
+    assert await source.key(authority.current_kid) is not None
+    assert source.ready
 
 
 async def test_no_keys_yet_is_unavailable_not_unauthenticated(authority: LocalAuthority) -> None:
@@ -194,3 +223,209 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_fetch(authority: Local
     fetches.release.set()
     assert await second is not None
     assert fetches.calls == 1
+
+
+# -- against a real HTTP server --------------------------------------------------------------
+
+
+class IdentityProvider:
+    """A real HTTP server on a free port of 127.0.0.1 serving the authority's JWKS.
+
+    `hold()` makes requests wait, before any byte of the answer, until `release()`;
+    `drip` (seconds) sends the answer one byte at a time; `body` replaces the JWKS.
+    """
+
+    def __init__(self, authority: LocalAuthority) -> None:
+        self.authority = authority
+        self.requests = 0
+        self.open = threading.Event()
+        self.open.set()
+        self.stopping = threading.Event()
+        self.drip: float | None = None
+        self.body: bytes | None = None
+        self.url = ""
+
+    def hold(self) -> None:
+        self.open.clear()
+
+    def release(self) -> None:
+        self.open.set()
+
+    def answer(self, handler: BaseHTTPRequestHandler) -> None:
+        self.requests += 1
+        self.open.wait()
+        body = self.body if self.body is not None else json.dumps(self.authority.jwks()).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if self.drip is None:
+            handler.wfile.write(body)
+            return
+        for offset in range(len(body)):
+            if self.stopping.wait(self.drip):
+                return  # the test is over: the connection closes short
+            handler.wfile.write(body[offset : offset + 1])
+            handler.wfile.flush()
+
+
+@pytest.fixture
+def idp(authority: LocalAuthority) -> Iterator[IdentityProvider]:
+    provider = IdentityProvider(authority)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with contextlib.suppress(OSError):  # the client gave up
+                provider.answer(self)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    provider.url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+    thread = threading.Thread(target=server.serve_forever, name="idp-http", daemon=True)
+    thread.start()
+    try:
+        yield provider
+    finally:
+        provider.stopping.set()
+        provider.release()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_a_held_kid_is_answered_while_a_fetch_for_an_unknown_kid_is_in_flight(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    clock = Clock()
+    source = JwksUrl(idp.url, clock=clock)
+    held = authority.current_kid
+    assert await source.key(held) is not None
+    idp.hold()
+    clock.now += 10
+    new = authority.rotate()
+    unknown = asyncio.create_task(source.key(new))
+    await until(lambda: idp.requests == 2, "the fetch for the unknown kid reached the server")
+    lookup = asyncio.create_task(source.key(held))
+    # The server is still held: the held kid's lookup does not wait for the fetch.
+    await until(lookup.done, "the held kid answered while the fetch is in flight")
+    assert lookup.result() is not None
+    assert not unknown.done()
+    idp.release()
+    assert await unknown is not None  # the kid not held waited for the fetch, and found the new key
+    assert idp.requests == 2
+
+
+async def test_a_held_kid_is_answered_from_stale_keys_while_they_are_fetched_again(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    clock = Clock()
+    source = JwksUrl(idp.url, cache_seconds=60, clock=clock)
+    old = authority.current_kid
+    assert await source.key(old) is not None
+    idp.hold()
+    new = authority.rotate()
+    authority.retire(old)
+    clock.now += 60
+    lookup = asyncio.create_task(source.key(old))
+    await until(lookup.done, "the held kid answered from the stale keys")
+    assert lookup.result() is not None
+    await until(lambda: idp.requests == 2, "the stale keys being fetched again")
+    waiting = [asyncio.create_task(source.key(new)) for _ in range(3)]
+    idp.release()
+    # The kid not held waited for the fetch in flight (no other fetch: the interval has not passed).
+    assert all(key is not None for key in await asyncio.gather(*waiting))
+    assert await source.key(old) is None  # the removed key is refused once fetched again
+    assert idp.requests == 2
+
+
+async def test_a_dripping_fetch_fails_at_its_deadline_and_the_keys_held_are_kept(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    clock = Clock()
+    source = JwksUrl(idp.url, clock=clock, deadline=0.5)
+    held = authority.current_kid
+    assert await source.key(held) is not None
+    idp.drip = 0.05  # a JWKS of two keys would take tens of seconds
+    new = authority.rotate()
+    clock.now += 10
+    assert await source.key(new) is None  # UNKNOWN_KEY: the fetch failed at its deadline
+    assert await source.key(held) is not None
+    assert idp.requests == 2
+
+
+async def test_until_a_fetch_ends_within_its_deadline_a_token_is_unavailable(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    idp.drip = 0.05
+    source = JwksUrl(idp.url, clock=Clock(), deadline=0.5)
+    with pytest.raises(KeysUnavailable):
+        await source.key(authority.current_kid)
+    assert not source.ready
+
+
+async def test_past_its_deadline_a_stalled_fetch_is_not_waited_for_nor_started_again_until_it_ends(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    clock = Clock()
+    idp.hold()  # not a byte of the answer: the thread stays blocked past the deadline
+    source = JwksUrl(idp.url, clock=clock, timeout=60, deadline=0.5)
+    kid = authority.current_kid
+    with pytest.raises(KeysUnavailable):
+        await source.key(kid)
+    clock.now += 10
+    with pytest.raises(KeysUnavailable):
+        await source.key(kid)
+    assert idp.requests == 1  # one thread at a time, however long the server stalls
+    idp.release()
+
+    async def accepted() -> bool:
+        clock.now += 10
+        try:
+            return await source.key(kid) is not None
+        except KeysUnavailable:
+            return False
+
+    await until(accepted, "the token accepted once the stalled fetch has ended")
+
+
+async def test_fetch_jwks_gives_up_past_its_time_limit_or_size(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    assert authority.current_kid in await asyncio.to_thread(fetch_jwks, idp.url, 5.0)
+    idp.drip = 0.05
+    with pytest.raises(JwksError, match=r"longer than 0\.3 s"):
+        await asyncio.to_thread(fetch_jwks, idp.url, 5.0, 0.3)
+    idp.drip = None
+    idp.body = b" " * (MAX_JWKS_BYTES + 1)
+    with pytest.raises(JwksError, match="larger than"):
+        await asyncio.to_thread(fetch_jwks, idp.url, 5.0)
+    source = JwksUrl(idp.url, clock=Clock())
+    with pytest.raises(KeysUnavailable):
+        await source.key(authority.current_kid)
+
+
+async def test_created_in_a_running_loop_it_fetches_at_once_and_is_ready_once_keys_are_held(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    idp.hold()
+    source = JwksUrl(idp.url, clock=Clock())
+    assert not source.ready
+    await until(lambda: idp.requests == 1, "the first fetch started without a call")
+    assert not source.ready
+    idp.release()
+    await until(lambda: source.ready, "ready once the keys are fetched")
+    assert await source.key(authority.current_kid) is not None
+    assert idp.requests == 1
+
+
+async def test_created_outside_a_running_loop_it_fetches_at_the_first_call(
+    authority: LocalAuthority, idp: IdentityProvider
+) -> None:
+    source = await asyncio.to_thread(JwksUrl, idp.url, clock=Clock())
+    assert not source.ready
+    assert idp.requests == 0
+    assert await source.key(authority.current_kid) is not None
+    assert source.ready
+    assert idp.requests == 1
