@@ -87,13 +87,11 @@ class JobResult:
 def _channel(job: Job, target: str, channels: dict[tuple[str, bool], grpc.aio.Channel]) -> grpc.aio.Channel:
     key = (target, job.history_channel)
     if key not in channels:
-        from stack.clients import bearer_interceptors, history_channel
+        from stack.clients import approval_channel, history_channel
 
-        if job.history_channel:
-            channels[key] = history_channel(target, token=job.token or None)
-        else:
-            interceptors = bearer_interceptors(job.token) if job.token else None
-            channels[key] = grpc.aio.insecure_channel(target, interceptors=interceptors)
+        # Approval, or the echo floor (which gets no token).
+        open_channel = history_channel if job.history_channel else approval_channel
+        channels[key] = open_channel(target, token=job.token or None)
     return channels[key]
 
 

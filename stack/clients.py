@@ -169,9 +169,9 @@ class Credentials(Protocol):
     def customer(self, account_id: str) -> str: ...
 
 
-def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+def bearer_metadata(token: TokenSource) -> tuple[tuple[str, str], ...]:
     """The call metadata that carries `token`, for one call: `stub.Method(request, metadata=...)`."""
-    return (("authorization", f"Bearer {token}"),)
+    return (_bearer(token),)
 
 
 class Payments:

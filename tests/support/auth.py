@@ -22,7 +22,7 @@ from payments_common.authsettings import AuthSettings
 from payments_common.policy import Policy
 from payments_common.settings import EnvReader, ServerSettings
 from stack.auth import ROLES, LocalAuthority
-from stack.clients import bearer_interceptors, with_bearer
+from stack.clients import bearer_interceptors, bearer_metadata, with_bearer
 
 # The identity the tests' clients call as, and how long its token lasts (longer than any run).
 SERVICE_SUBJECT: Final = "spiffe://payments.local/ns/tests/sa/operator"
@@ -75,8 +75,8 @@ def policy_for(methods: Collection[str], roles: Sequence[str] = ROLES) -> dict[s
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
-    """The call metadata that carries `token`."""
-    return [("authorization", f"Bearer {token}")]
+    """The call metadata that carries `token`, as a list that a test can extend."""
+    return list(bearer_metadata(token))
 
 
 def aio_channel(address: str, token: str | None = None, **options: Any) -> grpc.aio.Channel:

@@ -34,6 +34,7 @@ from payments_common.peercert import peer_subject, subject_of
 from payments_common.policy import Policy
 from payments_common.settings import EnvReader, SettingsError
 from stack.auth import LocalAuthority
+from tests.support.auth import bearer
 
 METHOD = "/pkg.Svc/Read"
 ACCOUNT = "00000000-0000-4000-8000-00000000000a"
@@ -180,10 +181,6 @@ def _gate(authority: LocalAuthority, certificates: bool = False, tokens: bool = 
     return PolicyGate(policy, verifier if tokens else None, certificates)
 
 
-def _bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
-
-
 async def _caller(gate: Gate, method: str, context: Context) -> Caller:
     return gate.authorize(method, await gate.identify(context))
 
@@ -198,7 +195,7 @@ async def _refused(gate: PolicyGate, method: str, context: Context) -> tuple[typ
 
 async def test_a_customer_token_is_scoped_to_its_accounts(authority: LocalAuthority) -> None:
     token = authority.token("alice", ["customer"], [ACCOUNT.upper()])
-    caller = await _caller(_gate(authority), METHOD, Context(_bearer(token)))
+    caller = await _caller(_gate(authority), METHOD, Context(bearer(token)))
     assert caller.subject == "alice"
     assert caller.identity.source is Source.TOKEN
     assert caller.scope == frozenset({ACCOUNT})
@@ -206,21 +203,21 @@ async def test_a_customer_token_is_scoped_to_its_accounts(authority: LocalAuthor
 
 async def test_a_role_beyond_customer_lifts_the_scope(authority: LocalAuthority) -> None:
     token = authority.token("svc", ["customer", "support"], [ACCOUNT])
-    assert (await _caller(_gate(authority), METHOD, Context(_bearer(token)))).scope is None
+    assert (await _caller(_gate(authority), METHOD, Context(bearer(token)))).scope is None
     # ... and so does a role the policy gives the subject.
     token = authority.token("carol", ["customer"], [ACCOUNT])
-    assert (await _caller(_gate(authority), METHOD, Context(_bearer(token)))).scope is None
+    assert (await _caller(_gate(authority), METHOD, Context(bearer(token)))).scope is None
 
 
 async def test_no_role_for_the_method_is_method_not_allowed(authority: LocalAuthority) -> None:
     token = authority.token("alice", ["customer"])
-    assert await _refused(_gate(authority), "/pkg.Svc/Admin", Context(_bearer(token))) == (
+    assert await _refused(_gate(authority), "/pkg.Svc/Admin", Context(bearer(token))) == (
         MethodNotAllowed,
         "METHOD_NOT_ALLOWED",
     )
     # A method the policy does not list: the same answer, whatever the roles.
     token = authority.token("root", ["customer", "support", "admin"])
-    assert (await _refused(_gate(authority), "/pkg.Svc/Other", Context(_bearer(token))))[
+    assert (await _refused(_gate(authority), "/pkg.Svc/Other", Context(bearer(token))))[
         1
     ] == "METHOD_NOT_ALLOWED"
 
@@ -252,11 +249,11 @@ async def test_a_certificate_identity_takes_its_roles_from_the_policy(authority:
 async def test_a_token_speaks_for_the_call_even_beside_a_certificate(authority: LocalAuthority) -> None:
     pem = _certificate("console", ["spiffe://payments.local/sa/console"])
     token = authority.token("alice", ["customer"], [ACCOUNT])
-    context = Context(_bearer(token), {"x509_pem_cert": [pem]})
+    context = Context(bearer(token), {"x509_pem_cert": [pem]})
     caller = await _caller(_gate(authority, certificates=True), METHOD, context)
     assert caller.subject == "alice"
     # A bad token is refused, not replaced by the certificate.
-    bad = Context(_bearer("garbage"), {"x509_pem_cert": [pem]})
+    bad = Context(bearer("garbage"), {"x509_pem_cert": [pem]})
     assert (await _refused(_gate(authority, certificates=True), "/pkg.Svc/Admin", bad))[
         1
     ] == "TOKEN_MALFORMED"
@@ -265,7 +262,7 @@ async def test_a_token_speaks_for_the_call_even_beside_a_certificate(authority: 
 async def test_a_token_sent_to_a_server_that_takes_none_is_unknown_key(authority: LocalAuthority) -> None:
     token = authority.token("alice", ["customer"], [ACCOUNT])
     gate = _gate(authority, certificates=True, tokens=False)
-    assert (await _refused(gate, METHOD, Context(_bearer(token))))[1] == "UNKNOWN_KEY"
+    assert (await _refused(gate, METHOD, Context(bearer(token))))[1] == "UNKNOWN_KEY"
 
 
 async def test_a_malformed_roles_claim_is_a_malformed_token(
@@ -281,7 +278,7 @@ async def test_a_malformed_roles_claim_is_a_malformed_token(
         algorithm="ES256",
         headers={"kid": authority.current_kid},
     )
-    assert (await _refused(_gate(authority), METHOD, Context(_bearer(odd))))[1] == "TOKEN_MALFORMED"
+    assert (await _refused(_gate(authority), METHOD, Context(bearer(odd))))[1] == "TOKEN_MALFORMED"
 
 
 async def test_with_authentication_disabled_everyone_is_anonymous_and_unscoped() -> None:
