@@ -23,8 +23,6 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from approval_svc.config import Settings
 from approval_svc.migrate import upgrade
@@ -48,7 +46,14 @@ from stack.clients import with_bearer
 from stack.servers import PostgresServer, free_port
 from tests.support import ROOT
 from tests.support.approval import RunningServer, running_server
-from tests.support.auth import BAD_CREDENTIALS, auth_settings, bad_credentials, bearer, service_token
+from tests.support.auth import (
+    BAD_CREDENTIALS,
+    assert_open_without_credentials,
+    auth_settings,
+    bad_credentials,
+    bearer,
+    service_token,
+)
 from tests.support.faults import approval_process, make_pki
 from tests.support.processes import ServiceProcess
 from tests.support.waiting import eventually
@@ -118,16 +123,7 @@ async def setup(
             stub = server.stub
 
             async def account(owner: str) -> str:
-                response = await stub.CreateAccount(
-                    pb.CreateAccountRequest(
-                        request_id=rid(),
-                        owner_name=owner,
-                        currency_code="EUR",
-                        opening_balance_minor=100_000,
-                        per_payment_limit_minor=50_000,
-                        daily_limit_minor=100_000,
-                    )
-                )
+                response = await stub.CreateAccount(create_request(owner, 100_000, 50_000, 100_000))
                 return response.account.account_id
 
             alice, savings, bob, carol = [await account(n) for n in ("Alice", "Alice", "Bob", "Carol")]
@@ -164,15 +160,26 @@ async def raw(setup: Setup) -> AsyncIterator[pb_grpc.ApprovalServiceAsyncStub]:
         yield pb_grpc.ApprovalServiceStub(channel)
 
 
-def create_request() -> pb.CreateAccountRequest:
+def create_request(
+    owner: str = "Mallory", opening: int = 10**9, per_payment: int = 10**9, daily: int = 10**9
+) -> pb.CreateAccountRequest:
     return pb.CreateAccountRequest(
         request_id=rid(),
-        owner_name="Mallory",
+        owner_name=owner,
         currency_code="EUR",
-        opening_balance_minor=10**9,
-        per_payment_limit_minor=10**9,
-        daily_limit_minor=10**9,
+        opening_balance_minor=opening,
+        per_payment_limit_minor=per_payment,
+        daily_limit_minor=daily,
     )
+
+
+def open_payer_and_payee(stub: pb_grpc.ApprovalServiceStub) -> tuple[str, str]:
+    """Two accounts of 10.00 EUR each (limits 10.00), through a blocking stub; their ids."""
+    payer, payee = (
+        stub.CreateAccount(create_request(name, 1000, 1000, 1000), timeout=10).account.account_id
+        for name in ("Payer", "Payee")
+    )
+    return payer, payee
 
 
 def requests(setup: Setup) -> dict[str, message.Message]:
@@ -244,16 +251,7 @@ async def test_the_refusal_names_nothing_the_server_expects(
 async def test_health_and_reflection_need_no_credentials(
     raw: pb_grpc.ApprovalServiceAsyncStub, setup: Setup
 ) -> None:
-    async with grpc.aio.insecure_channel(setup.server.address) as channel:
-        health = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="readiness"), timeout=10
-        )
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
-        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
-        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-        reply = await call.read()
-        await call.done_writing()
-        assert SERVICE_NAME in {service.name for service in reply.list_services_response.service}
+    await assert_open_without_credentials(setup.server.address, SERVICE_NAME)
 
 
 # Which roles may call which method, by the default policy: everything else is METHOD_NOT_ALLOWED.
@@ -665,21 +663,7 @@ def test_a_client_certificate_is_an_identity(migrated_dsn: str, tmp_path: Path) 
             with with_bearer(
                 grpc.secure_channel(process.address, credentials(gateway_pki)), service_token()
             ) as admin:
-                admin_stub = pb_grpc.ApprovalServiceStub(admin)
-                payer, payee = (
-                    admin_stub.CreateAccount(
-                        pb.CreateAccountRequest(
-                            request_id=rid(),
-                            owner_name=name,
-                            currency_code="EUR",
-                            opening_balance_minor=1000,
-                            per_payment_limit_minor=1000,
-                            daily_limit_minor=1000,
-                        ),
-                        timeout=10,
-                    ).account.account_id
-                    for name in ("Payer", "Payee")
-                )
+                payer, payee = open_payer_and_payee(pb_grpc.ApprovalServiceStub(admin))
             stub = pb_grpc.ApprovalServiceStub(gateway)
             paid = stub.SubmitPayment(
                 pb.SubmitPaymentRequest(
@@ -790,20 +774,7 @@ def test_with_authentication_disabled_it_warns_and_the_request_names_the_reviewe
         process.wait_serving(60)
         with grpc.insecure_channel(process.address) as channel:
             stub = pb_grpc.ApprovalServiceStub(channel)
-            payer, payee = (
-                stub.CreateAccount(
-                    pb.CreateAccountRequest(
-                        request_id=rid(),
-                        owner_name=name,
-                        currency_code="EUR",
-                        opening_balance_minor=1000,
-                        per_payment_limit_minor=1000,
-                        daily_limit_minor=1000,
-                    ),
-                    timeout=10,
-                ).account.account_id
-                for name in ("Payer", "Payee")
-            )
+            payer, payee = open_payer_and_payee(stub)
             held = stub.SubmitPayment(
                 pb.SubmitPaymentRequest(
                     request_id=rid(), payer_account_id=payer, payee_account_id=payee, amount=eur(100)

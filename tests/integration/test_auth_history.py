@@ -14,8 +14,6 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from history_svc.config import Settings
 from history_svc.server import SERVICE_NAME
@@ -24,7 +22,13 @@ from payments.history.v1 import history_service_pb2_grpc as pb_grpc
 from payments_common.grpcstatus import error_info
 from stack.auth import ACCOUNTS_ADMIN, CUSTOMER, HISTORY_READER, PAYMENT_GATEWAY, REVIEWER, LocalAuthority
 from stack.servers import PostgresServer
-from tests.support.auth import BAD_CREDENTIALS, auth_settings, bad_credentials, bearer
+from tests.support.auth import (
+    BAD_CREDENTIALS,
+    assert_open_without_credentials,
+    auth_settings,
+    bad_credentials,
+    bearer,
+)
 from tests.support.history import (
     ReplicatedSource,
     RunningHistory,
@@ -215,13 +219,4 @@ async def test_a_malformed_request_is_invalid_before_it_is_scoped(setup: Setup) 
 
 
 async def test_health_and_reflection_need_no_credentials(setup: Setup) -> None:
-    async with grpc.aio.insecure_channel(setup.history.address) as channel:
-        health = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="readiness"), timeout=10
-        )
-        assert health.status == health_pb2.HealthCheckResponse.SERVING
-        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
-        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-        reply = await call.read()
-        await call.done_writing()
-        assert SERVICE_NAME in {service.name for service in reply.list_services_response.service}
+    await assert_open_without_credentials(setup.history.address, SERVICE_NAME)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from payments_common.authsettings import AuthSettings
 from payments_common.policy import Policy
@@ -124,3 +126,17 @@ def bad_credentials(authority: LocalAuthority, case: str) -> list[tuple[str, str
         "wrong issuer": {"issuer": "https://auth.example.org"},
     }
     return bearer(authority.token(subject, ROLES, **claims[case]))
+
+
+async def assert_open_without_credentials(address: str, service_name: str) -> None:
+    """Health says SERVING and reflection lists `service_name` to a call that carries no credentials."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="readiness"), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        reply = await call.read()
+        await call.done_writing()
+        assert service_name in {service.name for service in reply.list_services_response.service}
