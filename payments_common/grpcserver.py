@@ -125,15 +125,6 @@ class _Call:
     deserializer: Callable[[bytes], Any] | None
     target_of: TargetOf | None
 
-    async def admit(self, context: grpc.aio.ServicerContext[Any, Any], seen: list[Identity]) -> None:
-        """Decides the call (raising Unauthenticated or PermissionDenied) and records its caller for the handler.
-
-        The identity, once known, is appended to `seen`: the audit line of a refused call names it.
-        """
-        identity = await self.gate.identify(context)
-        seen.append(identity)
-        set_caller(self.gate.authorize(self.method, identity))
-
     def audit(self, identity: Identity | None, raw: Any, request: Any, response: Any, outcome: str) -> None:
         if self.target_of is None:
             return
@@ -209,11 +200,12 @@ def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
         method_var.set(method)
         request_id_var.set("")
         started = time.perf_counter()
-        seen: list[Identity] = []
+        identity: Identity | None = None  # known once the credentials are: a refused call's audit names it
         request = response = None
         outcome = "UNKNOWN"  # a handler that aborted the call itself
         try:
-            await call.admit(context, seen)
+            identity = await call.gate.identify(context)
+            set_caller(call.gate.authorize(method, identity))
             request = _parse(raw, call.deserializer)
             request_id_var.set(getattr(request, "request_id", ""))
             response = await inner(request, context)
@@ -245,7 +237,7 @@ def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
             return response
         finally:
             RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
-            call.audit(seen[0] if seen else None, raw, request, response, outcome)
+            call.audit(identity, raw, request, response, outcome)
 
     return unary
 
@@ -257,7 +249,7 @@ def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
         method_var.set(method)
         started = time.perf_counter()
         try:
-            await call.admit(context, [])
+            set_caller(call.gate.authorize(method, await call.gate.identify(context)))
             async for response in inner(_parse(raw, call.deserializer), context):
                 yield response
         except grpc.aio.AbortError:
