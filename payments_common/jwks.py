@@ -309,7 +309,7 @@ class JwksUrl:
         # A kid not held: wait for the fetch in flight, else start one (at most once per interval).
         if not self._in_flight() and self._may_fetch():
             self._start()
-        if self._running is not None and not self._running.done():
+        if self._running is not None and self._in_flight():
             await asyncio.shield(self._running)  # a caller that gives up does not cancel it
         if self._keys is None:
             raise KeysUnavailable()
