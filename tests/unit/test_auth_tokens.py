@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from payments_common.errors import Unauthenticated
 from payments_common.jwks import JwksFile
-from payments_common.jwtverify import MESSAGES, TokenVerifier
+from payments_common.jwtverify import MESSAGES, VERIFIED_CACHE_SIZE, TokenVerifier
 from stack.auth import LocalAuthority
 
 
@@ -249,3 +249,16 @@ async def test_callers_of_one_remembered_token_all_see_its_removed_key(tmp_path:
     outcomes = await asyncio.gather(*(verifier.verify(token) for _ in range(10)), return_exceptions=True)
     assert all(isinstance(outcome, Unauthenticated) for outcome in outcomes), outcomes
     assert {outcome.reason for outcome in outcomes if isinstance(outcome, Unauthenticated)} == {"UNKNOWN_KEY"}
+
+
+async def test_at_most_a_bounded_number_of_verified_tokens_is_remembered(authority: LocalAuthority) -> None:
+    """Every client's token may be remembered, but not without limit: the oldest are forgotten."""
+    verifier = _verifier(authority)
+    tokens = [authority.token(f"client-{i}", ["customer"]) for i in range(VERIFIED_CACHE_SIZE + 20)]
+    for token in tokens:
+        await verifier.verify(token)
+    assert len(verifier._verified) == VERIFIED_CACHE_SIZE
+    assert tokens[0] not in verifier._verified
+    assert tokens[-1] in verifier._verified
+    # A forgotten token is verified again, in full.
+    assert (await verifier.verify(tokens[0]))["sub"] == "client-0"
