@@ -17,7 +17,7 @@ from approval_svc.handlers import Handlers, UnitOfWorkFactory
 from approval_svc.servicer import AUDITED, SERVICE_NAME, ApprovalServicer
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments_common import grpcserver
-from payments_common.grpcserver import GrpcService, Readiness, build_server
+from payments_common.grpcserver import GrpcService, build_server
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,13 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[GrpcService, 
     """Builds (does not start) the server; returns it and its bound port (tests bind port 0)."""
     handlers = Handlers(deps.uow_factory, settings.review_threshold_minor, new_id=deps.new_id)
     servicer = ApprovalServicer(handlers)
-    server, port, health = build_server(
+    server, port, readiness = build_server(
         settings,
         lambda s: pb_grpc.add_ApprovalServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
+        deps.probe,
         audited=AUDITED,
-    )
-    readiness = Readiness(
-        health, [SERVICE_NAME], deps.probe, interval_seconds=deps.readiness_interval_seconds
+        readiness_interval_seconds=deps.readiness_interval_seconds,
     )
     return GrpcService(server, readiness), port
 

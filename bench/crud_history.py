@@ -31,7 +31,7 @@ from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.authsettings import AuthSettings
 from payments_common.errors import FieldViolation, InvalidArgument, NotFound, Unimplemented
-from payments_common.grpcserver import Readiness, build_server, wait_for_signal
+from payments_common.grpcserver import build_server, wait_for_signal
 from payments_common.logs import configure_logging
 from payments_common.settings import ServerSettings
 from payments_common.tokens import PageTokenCodec, TokenError
@@ -285,17 +285,17 @@ async def serve(dsn: str, host: str, port: int, pool_size: int) -> None:
     pool = await asyncpg.create_pool(dsn, min_size=pool_size, max_size=pool_size)
     try:
         servicer = CrudHistoryServicer(pool, PageTokenCodec(secrets.token_bytes(32)))
-        server, _, health = build_server(
-            # A baseline of the storage alone: no authentication (turned off explicitly).
-            ServerSettings(host=host, port=port, auth=AuthSettings(disabled=True)),
-            lambda s: history_service_pb2_grpc.add_HistoryServiceServicer_to_server(servicer, s),
-            [SERVICE_NAME],
-        )
 
         async def probe() -> bool:
             return bool(await pool.fetchval("SELECT 1"))
 
-        readiness = Readiness(health, [SERVICE_NAME], probe)
+        server, _, readiness = build_server(
+            # A baseline of the storage alone: no authentication (turned off explicitly).
+            ServerSettings(host=host, port=port, auth=AuthSettings(disabled=True)),
+            lambda s: history_service_pb2_grpc.add_HistoryServiceServicer_to_server(servicer, s),
+            [SERVICE_NAME],
+            probe,
+        )
         await server.start()
         await readiness.start()
         await wait_for_signal()

@@ -49,10 +49,10 @@ async def serve(host: str, port: int) -> None:
     # No service name for reflection: the echo has no descriptor to describe.
     # A baseline of gRPC alone: no authentication (turned off explicitly, as it must be).
     settings = ServerSettings(host=host, port=port, auth=AuthSettings(disabled=True))
-    server, _, health = build_server(settings, register, [])
+    server, _, readiness = build_server(settings, register, [])
     await server.start()
-    for name in ("", READINESS):  # the echo depends on nothing: ready at once
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", READINESS):  # the echo depends on nothing: ready at once, without a probe loop
+        await readiness.health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await wait_for_signal()
     await server.stop(1.0)
 

@@ -167,8 +167,7 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
 
-    server, port, health = build_server(settings, register, [SERVICE_NAME])
-    readiness = Readiness(health=health, service_names=[SERVICE_NAME], probe=read_model.ping)
+    server, port, readiness = build_server(settings, register, [SERVICE_NAME], read_model.ping)
     return HistoryServer(server, watcher, readiness), port
 
 

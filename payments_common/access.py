@@ -44,6 +44,9 @@ class Gate(Protocol):
     def authorize(self, method: str, identity: Identity) -> Caller:
         """The caller, if `identity` may call `method`; raises PermissionDenied."""
 
+    async def ready(self) -> bool:
+        """Whether calls can be decided: the keys that verify tokens are held."""
+
 
 class OpenGate:
     """Authentication disabled: every call runs as the anonymous identity, allowed everything."""
@@ -53,6 +56,9 @@ class OpenGate:
 
     def authorize(self, method: str, identity: Identity) -> Caller:
         return Caller(identity)
+
+    async def ready(self) -> bool:
+        return True
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
@@ -120,6 +126,9 @@ class PolicyGate:
             if subject_name is not None:
                 return Identity(subject_name, Source.CERTIFICATE, self._policy.roles_of(subject_name))
         raise unauthenticated(jwtverify.CREDENTIALS_MISSING)
+
+    async def ready(self) -> bool:
+        return self._verifier is None or await self._verifier.available()
 
     def authorize(self, method: str, identity: Identity) -> Caller:
         decision = self._policy.decide(method, identity.roles)

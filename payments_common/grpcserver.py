@@ -376,23 +376,33 @@ def build_server(
     settings: ServerSettings,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
+    probe: Callable[[], Awaitable[bool]] | None = None,
+    *,
     audited: Mapping[str, TargetOf] | None = None,
-) -> tuple[grpc.aio.Server, int, Any]:
-    """Creates (not starts) a server with health and reflection; returns it, its bound port and health.
+    readiness_interval_seconds: float = 1.0,
+) -> tuple[grpc.aio.Server, int, Readiness]:
+    """Creates (not starts) a server with health and reflection; returns it, its bound port and its readiness.
 
     The port speaks TLS when the settings name a certificate. Every call but health and
     reflection is authenticated and authorized as `settings.auth` says (SettingsError when
     it names no way to); the methods of `audited` ("/package.Service/Method") are audited,
     each with the function that reads its target from its request and response.
+    Readiness follows `probe` (the service's dependencies) and the keys that verify tokens:
+    NOT_SERVING until they are held.
     """
     logging.getLogger("grpc._cython.cygrpc").addFilter(_LATE_ANSWERS)  # once: filters are a set
-    interceptor = CallInterceptor(gate_for(settings), audited)
+    gate = gate_for(settings)
+    interceptor = CallInterceptor(gate, audited)
     server = grpc.aio.server(interceptors=[interceptor], options=channel_args(settings))
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     add_health_and_reflection(server, health_servicer, service_names)
     port = bind(server, f"{settings.host}:{settings.port}", settings.tls.server_credentials())
-    return server, port, health_servicer
+
+    async def ready() -> bool:
+        return await gate.ready() and (probe is None or await probe())
+
+    return server, port, Readiness(health_servicer, service_names, ready, readiness_interval_seconds)
 
 
 class GrpcService:

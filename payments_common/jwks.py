@@ -84,6 +84,9 @@ class KeySource(Protocol):
     async def key(self, kid: str) -> jwt.PyJWK | None:
         """The published key with this kid, or None."""
 
+    async def available(self) -> bool:
+        """Whether keys are held; a source that holds none starts getting them (as its limits allow)."""
+
 
 def read_jwks_file(path: Path) -> dict[str, jwt.PyJWK]:
     """The keys of a JWKS file; JwksError (naming the file) when it cannot be read or used."""
@@ -140,6 +143,9 @@ class JwksFile:
             log.error("JWKS file changed but cannot be used, keeping the keys held: %s", error)
             return
         log.info("JWKS file reloaded", extra={"kids": sorted(self._keys)})
+
+    async def available(self) -> bool:
+        return True  # read at start, and a file that cannot be used then stops the start
 
     async def key(self, kid: str) -> jwt.PyJWK | None:
         if self._clock() - self._checked >= self._check_interval:
@@ -299,6 +305,14 @@ class JwksUrl:
             log.info("JWKS fetched", extra={"kids": sorted(keys)})
         self._keys = keys
         self._fetched = self._clock()
+
+    async def available(self) -> bool:
+        """`ready`; until then each call starts a fetch, at most once per `refetch_interval` (a
+        readiness check calls it, so that a source whose first fetch failed keeps trying without
+        waiting for tokens, which a server that is not ready does not get)."""
+        if not self.ready and not self._in_flight() and self._may_fetch():
+            self._start()
+        return self.ready
 
     async def key(self, kid: str) -> jwt.PyJWK | None:
         if self._stale() and not self._in_flight() and self._may_fetch():

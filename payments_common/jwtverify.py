@@ -124,6 +124,11 @@ class TokenVerifier:
                 return found
         return None
 
+    async def available(self) -> bool:
+        """Whether every source holds keys (each that holds none starts getting them)."""
+        held = [await source.available() for source in self._sources]
+        return all(held)
+
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims; Unauthenticated with the reason when it is not acceptable."""
         known = self._verified.get(token)

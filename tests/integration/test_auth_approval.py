@@ -17,12 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
 import pytest
 from google.protobuf import message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from approval_svc.config import Settings
 from approval_svc.migrate import upgrade
@@ -520,7 +521,10 @@ async def _rotation(
     assert await outcome(new) == "PAYMENT_NOT_FOUND"
 
 
-async def _is(outcome: Awaitable[str], expected: str) -> bool:
+T = TypeVar("T")
+
+
+async def _is(outcome: Awaitable[T], expected: T) -> bool:
     return await outcome == expected
 
 
@@ -592,7 +596,11 @@ async def test_a_jwks_served_over_http_is_fetched_cached_and_follows_rotation(
 async def test_until_the_jwks_url_answers_a_token_is_unavailable_then_it_is_accepted(
     migrated_dsn: str, tmp_path: Path
 ) -> None:
-    """A server whose key source is down answers UNAVAILABLE KEYS_UNAVAILABLE (retry), not a refusal."""
+    """A server whose key source is down is not ready and answers UNAVAILABLE KEYS_UNAVAILABLE (retry).
+
+    Once the source answers, readiness fetches the keys by itself (a server that is not
+    ready gets no calls to fetch them for), and the token is accepted.
+    """
     authority = LocalAuthority.create(tmp_path)
     port = free_port()
     url = f"http://127.0.0.1:{port}/.well-known/jwks.json"
@@ -605,6 +613,17 @@ async def test_until_the_jwks_url_answers_a_token_is_unavailable_then_it_is_acce
         grpc.aio.insecure_channel(server.address) as channel,
     ):
         stub = pb_grpc.ApprovalServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        async def readiness() -> int:
+            reply = await health.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=10)
+            return int(reply.status)
+
+        NOT_SERVING, SERVING = (
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+            health_pb2.HealthCheckResponse.SERVING,
+        )
+        await eventually(lambda: _is(readiness(), NOT_SERVING), 30, "readiness NOT_SERVING")
         request = pb.GetPaymentRequest(payment_id=str(uuid.uuid4()))
         credentials = bearer(authority.token("operator.ann", [REVIEWER]))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -623,7 +642,9 @@ async def test_until_the_jwks_url_answers_a_token_is_unavailable_then_it_is_acce
             return "OK"
 
         with jwks_server(authority.jwks_path, port):
-            await eventually(lambda: _is(answer(), "PAYMENT_NOT_FOUND"), 60, "the token accepted")
+            # No call comes meanwhile: readiness fetches the keys by itself.
+            await eventually(lambda: _is(readiness(), SERVING), 60, "readiness SERVING")
+            assert await answer() == "PAYMENT_NOT_FOUND"
 
 
 # -- client certificates ---------------------------------------------------------------------

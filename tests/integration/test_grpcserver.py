@@ -78,13 +78,14 @@ def _register(server: grpc.aio.Server) -> None:
 
 @pytest.fixture
 async def channel() -> AsyncIterator[tuple[grpc.aio.Channel, Readiness, dict[str, bool]]]:
-    server, port, health = build_server(_settings(), _register, [SERVICE])
     ready = {"value": True}
 
     async def probe() -> bool:
         return ready["value"]
 
-    readiness = Readiness(health, [SERVICE], probe, interval_seconds=0.05)
+    server, port, readiness = build_server(
+        _settings(), _register, [SERVICE], probe, readiness_interval_seconds=0.05
+    )
     await server.start()
     await readiness.start()
     async with aio_channel(f"127.0.0.1:{port}") as chan:
@@ -243,8 +244,8 @@ async def test_serve_stops_gracefully_after_a_signal_that_came_during_start_up()
 
     @contextlib.asynccontextmanager
     async def opened() -> AsyncIterator[tuple[GrpcService, int]]:
-        server, port, health = build_server(_settings(), _register, [SERVICE])
-        yield SlowToStart(server, Readiness(health, [SERVICE], probe)), port
+        server, port, readiness = build_server(_settings(), _register, [SERVICE], probe)
+        yield SlowToStart(server, readiness), port
         events.append("closed")
 
     def unhandled(signum: int, frame: FrameType | None) -> None:

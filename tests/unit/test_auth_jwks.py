@@ -429,3 +429,23 @@ async def test_created_outside_a_running_loop_it_fetches_at_the_first_call(
     assert await source.key(authority.current_kid) is not None
     assert source.ready
     assert idp.requests == 1
+
+
+async def test_available_keeps_fetching_until_keys_are_held_without_any_token(
+    authority: LocalAuthority,
+) -> None:
+    """What readiness asks: a first fetch that failed is tried again (once per interval) with no call coming."""
+    clock, fetches = Clock(), Fetches(authority)
+    fetches.failing = True
+    source = JwksUrl("https://idp/jwks", clock=clock, fetch=fetches)  # in a loop: fetches at once
+    await until(lambda: fetches.calls == 1 and not source._in_flight(), "the first fetch failed")
+    assert not await source.available()
+    assert fetches.calls == 1  # within the interval: no new fetch
+    fetches.failing = False
+    clock.now += 10
+    assert not await source.available()  # started a fetch, not done yet
+    await until(lambda: source.ready, "the keys fetched")
+    assert await source.available()
+    assert fetches.calls == 2
+    # A file is held from the start.
+    assert await JwksFile(authority.jwks_path).available()
