@@ -53,10 +53,15 @@ def parse_jwks(document: object) -> dict[str, jwt.PyJWK]:
 
     A key without a kid, meant for encryption, of an algorithm not accepted, or an RSA
     key shorter than 2048 bits is left out (and logged); a document that is not a JWKS,
-    or holds no usable key, is a JwksError.
+    or whose keys are all left out, is a JwksError. An empty "keys" list is what it says:
+    no key is trusted, and every token is refused (how a compromised key is withdrawn
+    before its replacement exists).
     """
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise JwksError('not a JWKS: expected an object with a "keys" list')
+    if not document["keys"]:
+        log.warning("the JWKS holds no key: every token is refused until keys are published")
+        return {}
     keys: dict[str, jwt.PyJWK] = {}
     for entry in document["keys"]:
         kid = entry.get("kid") if isinstance(entry, dict) else None
@@ -118,7 +123,8 @@ class JwksFile:
 
     The file is checked at most once per `check_interval` seconds, and whenever a token
     names a kid not held. A changed file that cannot be used leaves the keys as they were
-    (logged), so a half-written secret does not lock every caller out.
+    (logged), so a half-written secret does not lock every caller out; a file that lists
+    no key (`{"keys": []}`) withdraws them all.
     """
 
     def __init__(

@@ -62,11 +62,29 @@ def test_only_signing_keys_of_accepted_algorithms_with_a_kid_are_kept(tmp_path: 
 
 
 @pytest.mark.parametrize(
-    "document", [[], {}, {"keys": {}}, {"keys": []}, {"keys": [{"kty": "oct", "kid": "x"}]}]
+    "document", [[], {}, {"keys": {}}, {"keys": [{"kty": "oct", "kid": "x"}]}, {"keys": ["not a key"]}]
 )
 def test_a_document_with_no_usable_key_is_refused(document: Any) -> None:
     with pytest.raises(JwksError):
         parse_jwks(document)
+
+
+def test_an_empty_key_list_trusts_no_key() -> None:
+    assert parse_jwks({"keys": []}) == {}
+
+
+async def test_a_file_that_lists_no_key_withdraws_every_key(tmp_path: Path) -> None:
+    """How a compromised key is withdrawn before its replacement exists: `{"keys": []}`."""
+    authority = LocalAuthority.create(tmp_path)
+    clock = Clock()
+    source = JwksFile(authority.jwks_path, clock=clock)
+    assert await source.key(authority.current_kid) is not None
+    authority.jwks_path.write_text('{"keys": []}')
+    clock.now += 1.0
+    assert await source.key(authority.current_kid) is None
+    # Published again, the key is trusted again.
+    authority.rotate()
+    assert await source.key(authority.current_kid) is not None
 
 
 async def test_the_file_is_reread_when_it_changes_at_most_once_a_second(tmp_path: Path) -> None:
@@ -170,6 +188,23 @@ async def test_an_unknown_kid_refetches_at_most_once_per_interval(authority: Loc
     clock.now += 10
     assert await source.key("made-up") is None
     assert fetches.calls == 3
+
+
+async def test_a_fetched_set_that_lists_no_key_withdraws_every_key(authority: LocalAuthority) -> None:
+    clock, fetches = Clock(), Fetches(authority)
+    source = JwksUrl("https://idp/jwks", cache_seconds=60, clock=clock, fetch=fetches)
+    kid = authority.current_kid
+    assert await source.key(kid) is not None
+    authority.jwks_path.write_text('{"keys": []}')
+    clock.now += 60
+    await source.key(kid)  # stale: fetched again in the background
+    await until(lambda: fetches.calls == 2, "the stale keys fetched again")
+    await until(lambda: _withdrawn(source, kid), "the key withdrawn")
+    assert source.ready  # a set with no key is an answer, not a failure
+
+
+async def _withdrawn(source: JwksUrl, kid: str) -> bool:
+    return await source.key(kid) is None
 
 
 async def test_a_failed_fetch_keeps_the_keys_held(authority: LocalAuthority) -> None:

@@ -209,6 +209,13 @@ async def test_a_remembered_token_is_checked_again_for_its_key_and_its_times(tmp
     with pytest.raises(Unauthenticated) as removed:
         await verifier.verify(fresh)
     assert removed.value.reason == "UNKNOWN_KEY"
+    # Every key withdrawn at once (an empty JWKS), a remembered token is refused too.
+    newest = authority.token("alice", ["customer"])
+    await verifier.verify(newest)
+    authority.jwks_path.write_text('{"keys": []}')
+    with pytest.raises(Unauthenticated) as withdrawn:
+        await verifier.verify(newest)
+    assert withdrawn.value.reason == "UNKNOWN_KEY"
 
 
 @pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
