@@ -120,6 +120,7 @@ class PolicyGate:
                 Source.TOKEN,
                 self._policy.roles_of(subject, claim_values(claims, self._policy.roles_claim)),
                 account_ids(claim_values(claims, self._policy.accounts_claim)),
+                self._verifier.expires_at(claims),
             )
         if self._certificates:
             subject_name = peer_subject(context.auth_context())

@@ -69,6 +69,12 @@ def bind(
     return server.add_secure_port(address, credentials)
 
 
+# How often a stream's credentials are checked again while it lasts (a key withdrawn from the
+# JWKS ends the streams of the tokens it signed within this time); a token's expiry is checked
+# when it comes.
+STREAM_RECHECK_SECONDS = 30.0
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Decides access, maps ServiceError to its status, hides unexpected errors, audits, and records metrics and log context.
 
@@ -77,9 +83,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     returns in the handler. Methods in `audited` get an audit line whatever their outcome.
     """
 
-    def __init__(self, gate: Gate, audited: Mapping[str, TargetOf] | None = None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        audited: Mapping[str, TargetOf] | None = None,
+        recheck_seconds: float = STREAM_RECHECK_SECONDS,
+    ) -> None:
         self._gate = gate
         self._audited = dict(audited or {})
+        self._recheck_seconds = recheck_seconds
 
     async def intercept_service(
         self,
@@ -92,7 +104,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method: str = handler_call_details.method
         if method.startswith("/grpc."):
             return handler  # health and reflection need no credentials and no wrapping
-        call = _Call(method, self._gate, handler.request_deserializer, self._audited.get(method))
+        call = _Call(
+            method, self._gate, handler.request_deserializer, self._audited.get(method), self._recheck_seconds
+        )
         # The request is parsed inside the wrapper: when gRPC parses it, bytes that are not
         # the request message fail with UNKNOWN and the parser's exception in the message.
         if handler.unary_unary is not None:
@@ -124,6 +138,7 @@ class _Call:
     gate: Gate
     deserializer: Callable[[bytes], Any] | None
     target_of: TargetOf | None
+    recheck_seconds: float = STREAM_RECHECK_SECONDS
 
     def audit(self, identity: Identity | None, raw: Any, request: Any, response: Any, outcome: str) -> None:
         if self.target_of is None:
@@ -249,8 +264,12 @@ def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
         method_var.set(method)
         started = time.perf_counter()
         try:
-            set_caller(call.gate.authorize(method, await call.gate.identify(context)))
-            async for response in inner(_parse(raw, call.deserializer), context):
+            identity = await call.gate.identify(context)
+            set_caller(call.gate.authorize(method, identity))
+            responses = inner(_parse(raw, call.deserializer), context)
+            if identity.expires_at is not None:
+                responses = _while_admitted(call, context, identity, responses)
+            async for response in responses:
                 yield response
         except grpc.aio.AbortError:
             raise
@@ -270,6 +289,57 @@ def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
         RPC_TOTAL.labels(method, "OK").inc()
 
     return stream
+
+
+async def _while_admitted(
+    call: _Call,
+    context: grpc.aio.ServicerContext[Any, Any],
+    identity: Identity,
+    responses: AsyncIterator[Any],
+) -> AsyncIterator[Any]:
+    """A stream's responses while its caller's credentials are still accepted.
+
+    A stream outlives the moment its credentials were checked: they are checked again when
+    the token expires and every `call.recheck_seconds` (its key may have been withdrawn),
+    whether or not a response is due; once refused, the stream ends with the refusal
+    (UNAUTHENTICATED `TOKEN_EXPIRED`, say). The handler's next response is awaited in a
+    task of its own, so that a check can come while it waits.
+    """
+    pending: asyncio.Future[Any] | None = None
+    check_at = _next_check(identity, call.recheck_seconds)
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(responses))
+            done, _ = await asyncio.wait({pending}, timeout=max(check_at - time.time(), 0.0))
+            if done:
+                finished, pending = pending, None
+                try:
+                    response = finished.result()
+                except StopAsyncIteration:
+                    return
+                yield response
+            if time.time() >= check_at:
+                identity = await call.gate.identify(context)
+                call.gate.authorize(call.method, identity)
+                check_at = _next_check(identity, call.recheck_seconds)
+    finally:
+        # The handler's own clean-up runs now (a watch unsubscribes), not when it is collected.
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        close = getattr(responses, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+def _next_check(identity: Identity, recheck_seconds: float) -> float:
+    check_at = time.time() + recheck_seconds
+    if identity.expires_at is not None:
+        check_at = min(check_at, identity.expires_at)
+    return check_at
 
 
 # The largest metadata of a call (a token with many accounts, say); larger is RESOURCE_EXHAUSTED.
@@ -380,19 +450,21 @@ def build_server(
     *,
     audited: Mapping[str, TargetOf] | None = None,
     readiness_interval_seconds: float = 1.0,
+    recheck_seconds: float = STREAM_RECHECK_SECONDS,
 ) -> tuple[grpc.aio.Server, int, Readiness]:
     """Creates (not starts) a server with health and reflection; returns it, its bound port and its readiness.
 
     The port speaks TLS when the settings name a certificate. Every call but health and
     reflection is authenticated and authorized as `settings.auth` says (SettingsError when
     it names no way to); the methods of `audited` ("/package.Service/Method") are audited,
-    each with the function that reads its target from its request and response.
+    each with the function that reads its target from its request and response. A stream's
+    credentials are checked again at the token's expiry and every `recheck_seconds`.
     Readiness follows `probe` (the service's dependencies) and the keys that verify tokens:
     NOT_SERVING until they are held.
     """
     logging.getLogger("grpc._cython.cygrpc").addFilter(_LATE_ANSWERS)  # once: filters are a set
     gate = gate_for(settings)
-    interceptor = CallInterceptor(gate, audited)
+    interceptor = CallInterceptor(gate, audited, recheck_seconds)
     server = grpc.aio.server(interceptors=[interceptor], options=channel_args(settings))
     register(server)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]

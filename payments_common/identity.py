@@ -32,6 +32,10 @@ class Identity:
     source: Source
     roles: frozenset[str] = frozenset()
     accounts: frozenset[str] = frozenset()
+    # When its credentials stop being accepted (seconds since the epoch): a token's expiry
+    # plus the clock skew allowed. None: they do not expire while the call lasts (a client
+    # certificate is checked by TLS when the connection is made).
+    expires_at: float | None = None
 
 
 # The identity of every call while authentication is disabled.

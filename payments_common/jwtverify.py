@@ -104,6 +104,10 @@ class TokenVerifier:
         self._clock = clock
         self._verified: OrderedDict[str, _Verified] = OrderedDict()
 
+    def expires_at(self, claims: dict[str, Any]) -> float:
+        """When a verified token stops being accepted: its expiry plus the clock skew allowed."""
+        return float(claims["exp"]) + self._leeway
+
     def _still_valid(self, claims: dict[str, Any]) -> None:
         """The time checks of a token verified before (its claims are known to be numbers)."""
         now = self._clock()

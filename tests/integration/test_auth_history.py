@@ -6,9 +6,11 @@ accounts and the payments they pay or receive; health and reflection need no cre
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -220,3 +222,39 @@ async def test_a_malformed_request_is_invalid_before_it_is_scoped(setup: Setup) 
 
 async def test_health_and_reflection_need_no_credentials(setup: Setup) -> None:
     await assert_open_without_credentials(setup.history.address, SERVICE_NAME)
+
+
+async def test_a_watch_ends_when_its_token_expires(dataset: Dataset, tmp_path: Path) -> None:
+    """A watch delivers while its token is valid, then ends with UNAUTHENTICATED `TOKEN_EXPIRED` at its expiry."""
+    authority = LocalAuthority.create(tmp_path)
+    auth = auth_settings(Settings, authority.server_env("HISTORY_"))
+    settings = settings_for(
+        dataset.source.redis_url,
+        slot_name=dataset.source.slot_name,
+        auth=dataclasses.replace(auth, clock_skew_seconds=0),
+    )
+    token = authority.token("alice", [CUSTOMER], [dataset.alice], lifetime_seconds=3)
+    async with (
+        running_history(settings, token=authority.service_token()) as history,
+        grpc.aio.insecure_channel(history.address) as channel,
+    ):
+        stub = pb_grpc.HistoryServiceStub(channel)
+        call = stub.WatchPayments(
+            pb.WatchPaymentsRequest(account_id=dataset.alice), metadata=bearer(token), timeout=60
+        )
+        await call.initial_metadata()
+        paid, _ = dataset.source.writer.pay(dataset.alice, dataset.bob, 7)
+        delivered = await call.read()
+        assert isinstance(delivered, pb.WatchPaymentsResponse)
+        assert delivered.payment.payment_id == paid
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await _read_to_the_end(call)
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    info = error_info(ended.value)
+    assert info is not None
+    assert info.reason == "TOKEN_EXPIRED"
+
+
+async def _read_to_the_end(call: Any) -> None:
+    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        pass

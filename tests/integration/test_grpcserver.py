@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -21,7 +23,8 @@ from payments_common.errors import INTERNAL_MESSAGE, FieldViolation, InvalidArgu
 from payments_common.grpcserver import LIVENESS, READINESS, GrpcService, Readiness, build_server, serve
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.settings import ServerSettings
-from tests.support.auth import aio_channel, authority, policy_for, trusting
+from stack.auth import ROLES, LocalAuthority
+from tests.support.auth import aio_channel, authority, bearer, policy_for, trusting
 
 SERVICE = "test.Echo"
 
@@ -48,11 +51,18 @@ async def _count(request: wrappers_pb2.StringValue, context: Any) -> AsyncIterat
     raise NotFound("THING_NOT_FOUND", "stream ended badly")
 
 
+# The requests ("value") of the Forever streams whose handler has run its clean-up.
+FOREVER_ENDED: set[str] = set()
+
+
 async def _forever(
     request: wrappers_pb2.StringValue, context: Any
 ) -> AsyncIterator[wrappers_pb2.StringValue]:
-    yield wrappers_pb2.StringValue(value="first")
-    await asyncio.Event().wait()
+    try:
+        yield wrappers_pb2.StringValue(value="first")
+        await asyncio.Event().wait()
+    finally:
+        FOREVER_ENDED.add(request.value)
 
 
 def _register(server: grpc.aio.Server) -> None:
@@ -221,6 +231,63 @@ async def test_a_stream_ended_by_its_client_is_counted_by_why(
     while _handled(code) < before + 1:
         assert time.monotonic() < deadline, f"the server did not count {code}"
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def _server_of(authority: LocalAuthority, **build: Any) -> AsyncIterator[str]:
+    """The test service trusting `authority` (no clock skew allowed), on a port of its own; yields its address."""
+    auth = trusting(authority, policy_for([f"{SERVICE}/Forever"]))
+    settings = ServerSettings(host="127.0.0.1", auth=dataclasses.replace(auth, clock_skew_seconds=0))
+    server, port, _ = build_server(settings, _register, [SERVICE], **build)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def _refusal_ending(
+    address: str, token: str, name: str, after_first: Callable[[], object] = lambda: None
+) -> str:
+    """Opens a Forever stream as `token`, reads its first response, calls `after_first`, then
+    returns the reason the stream ended with."""
+    async with grpc.aio.insecure_channel(address) as chan:
+        call = _stream(chan, "Forever")(
+            wrappers_pb2.StringValue(value=name), metadata=bearer(token), timeout=60
+        )
+        first = await call.read()
+        assert isinstance(first, wrappers_pb2.StringValue)
+        assert first.value == "first"
+        after_first()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED, ended.value
+    info = error_info(ended.value)
+    assert info is not None
+    return str(info.reason)
+
+
+async def test_a_stream_ends_when_its_token_expires(tmp_path: Path) -> None:
+    """A stream does not outlive its token: it ends with UNAUTHENTICATED at the token's expiry, and the handler cleans up."""
+    authority = LocalAuthority.create(tmp_path)
+    async with _server_of(authority) as address:
+        token = authority.token("watcher", [ROLES[0]], lifetime_seconds=2)
+        assert await _refusal_ending(address, token, "expiring") == "TOKEN_EXPIRED"
+    assert "expiring" in FOREVER_ENDED
+
+
+async def test_a_stream_ends_when_the_key_of_its_token_is_withdrawn(tmp_path: Path) -> None:
+    authority = LocalAuthority.create(tmp_path)
+    async with _server_of(authority, recheck_seconds=0.2) as address:
+        token = authority.token("watcher", [ROLES[0]])
+        old = authority.current_kid
+
+        def withdraw() -> None:
+            authority.rotate()
+            authority.retire(old)
+
+        assert await _refusal_ending(address, token, "withdrawn", withdraw) == "UNKNOWN_KEY"
+    assert "withdrawn" in FOREVER_ENDED
 
 
 async def test_serve_stops_gracefully_after_a_signal_that_came_during_start_up() -> None:

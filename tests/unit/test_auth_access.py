@@ -369,10 +369,20 @@ def test_a_policy_of_the_other_service_is_refused(authority: LocalAuthority) -> 
 
 
 def test_a_jwks_file_with_no_usable_key_is_refused(authority: LocalAuthority, tmp_path: Path) -> None:
+    unusable = tmp_path / "unusable.json"
+    unusable.write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"}]}')
+    with pytest.raises(SettingsError, match=r"APPROVAL_AUTH_JWKS_FILE: .*no usable signing key"):
+        _auth({**authority.server_env("APPROVAL_"), "APPROVAL_AUTH_JWKS_FILE": str(unusable)})
+
+
+def test_a_jwks_file_that_lists_no_key_is_taken_at_its_word(
+    authority: LocalAuthority, tmp_path: Path
+) -> None:
+    """A server may start trusting no key (every token refused): the keys were withdrawn on purpose."""
     empty = tmp_path / "empty.json"
     empty.write_text('{"keys": []}')
-    with pytest.raises(SettingsError, match=r"APPROVAL_AUTH_JWKS_FILE: .*no usable signing key"):
-        _auth({**authority.server_env("APPROVAL_"), "APPROVAL_AUTH_JWKS_FILE": str(empty)})
+    auth = _auth({**authority.server_env("APPROVAL_"), "APPROVAL_AUTH_JWKS_FILE": str(empty)})
+    assert auth.jwks_file == str(empty)
 
 
 def test_a_command_that_serves_nothing_reads_no_authentication() -> None:
