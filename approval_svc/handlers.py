@@ -19,6 +19,7 @@ from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
     AccountNotFound,
     DatabaseUnavailable,
+    OwnPaymentReview,
     PaymentNotFound,
     PaymentNotUnderReview,
     RequestIdReused,
@@ -229,6 +230,8 @@ class Handlers:
             held = await repo.lock_payment(command.payment_id)
             if held is None:
                 raise PaymentNotFound(str(command.payment_id))
+            if {held.payer_account_id, held.payee_account_id} & command.reviewer_accounts:
+                raise OwnPaymentReview()
             if held.status is not PaymentStatus.PENDING_REVIEW:
                 raise PaymentNotUnderReview(str(held.payment_id), held.status.value)
             accounts = await repo.lock_accounts([held.payer_account_id, held.payee_account_id])

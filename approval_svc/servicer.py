@@ -229,7 +229,12 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
     ) -> pb.ApprovePaymentResponse:
         reviewer = _reviewer(request.reviewer)
         command = commands.review_payment(
-            request.request_id, request.payment_id, reviewer, request.note, approve=True
+            request.request_id,
+            request.payment_id,
+            reviewer,
+            request.note,
+            approve=True,
+            reviewer_accounts=current_caller().identity.accounts,
         )
         key = _key("ApprovePayment", _as_reviewed_by(request, reviewer), _approve_payment_response)
         outcome = await self._handlers.review_payment(command, key)
@@ -241,7 +246,12 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
     ) -> pb.DeclinePaymentResponse:
         reviewer = _reviewer(request.reviewer)
         command = commands.review_payment(
-            request.request_id, request.payment_id, reviewer, request.note, approve=False
+            request.request_id,
+            request.payment_id,
+            reviewer,
+            request.note,
+            approve=False,
+            reviewer_accounts=current_caller().identity.accounts,
         )
         key = _key("DeclinePayment", _as_reviewed_by(request, reviewer), _decline_payment_response)
         outcome = await self._handlers.review_payment(command, key)

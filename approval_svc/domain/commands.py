@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 from uuid import UUID
@@ -44,6 +45,8 @@ class ReviewPayment:
     reviewer: str
     note: str
     approve: bool
+    # The accounts bound to the reviewer (by its token): their payments need another reviewer.
+    reviewer_accounts: frozenset[UUID] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +159,12 @@ def submit_payment(
 
 
 def review_payment(
-    request_id: str, payment_id: str, reviewer: str, note: str, approve: bool
+    request_id: str,
+    payment_id: str,
+    reviewer: str,
+    note: str,
+    approve: bool,
+    reviewer_accounts: Iterable[str] = (),
 ) -> ReviewPayment:
     checker = _Checker()
     checker.request_id(request_id)
@@ -165,7 +173,18 @@ def review_payment(
     checker.text("note", note, maximum=MAX_NOTE, required=False)
     checker.done()
     assert payment is not None
-    return ReviewPayment(payment, reviewer, note, approve)
+    return ReviewPayment(payment, reviewer, note, approve, _uuids(reviewer_accounts))
+
+
+def _uuids(values: Iterable[str]) -> frozenset[UUID]:
+    """The values that are UUIDs (a token may bind text that names no account: it binds nothing)."""
+    found = set()
+    for value in values:
+        try:
+            found.add(UUID(value))
+        except ValueError:
+            continue
+    return frozenset(found)
 
 
 def set_account_status(

@@ -45,6 +45,15 @@ class ReviewerMismatch(errors.PermissionDenied):
         super().__init__("REVIEWER_MISMATCH", "reviewer must be empty or the authenticated caller's identity")
 
 
+class OwnPaymentReview(errors.PermissionDenied):
+    """A reviewer decides a payment from or to an account bound to the reviewer: nobody reviews their own."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "OWN_PAYMENT_REVIEW", "a payment from or to the reviewer's own account needs another reviewer"
+        )
+
+
 class RequestIdReused(errors.AlreadyExists):
     """The request_id was already used for a different request (AIP-155)."""
 

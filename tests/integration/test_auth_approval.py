@@ -412,6 +412,34 @@ async def test_the_reviewer_is_the_caller_and_may_not_decide_under_another_name(
     ]
 
 
+async def test_nobody_reviews_a_payment_from_or_to_their_own_account(
+    setup: Setup, raw: pb_grpc.ApprovalServiceAsyncStub
+) -> None:
+    """Separation of duties: a reviewer whose token binds the payer's or the payee's account needs another reviewer."""
+    payer_side = setup.token("operator.alice", [CUSTOMER, REVIEWER], [setup.alice_savings])
+    payee_side = setup.token("operator.carol", [REVIEWER], [setup.carol.upper()])
+    payment_id = await held_payment(setup)
+    before = await snapshot(setup.dsn)
+    for reviewer in (payer_side, payee_side):
+        assert await refused(
+            raw.ApprovePayment(
+                pb.ApprovePaymentRequest(request_id=rid(), payment_id=payment_id), metadata=reviewer
+            )
+        ) == (grpc.StatusCode.PERMISSION_DENIED, "OWN_PAYMENT_REVIEW")
+        assert await refused(
+            raw.DeclinePayment(
+                pb.DeclinePaymentRequest(request_id=rid(), payment_id=payment_id), metadata=reviewer
+            )
+        ) == (grpc.StatusCode.PERMISSION_DENIED, "OWN_PAYMENT_REVIEW")
+    assert await snapshot(setup.dsn) == before
+    # A reviewer bound to other accounts decides it.
+    other = setup.token("operator.jane", [REVIEWER], [setup.bob])
+    approved = await raw.ApprovePayment(
+        pb.ApprovePaymentRequest(request_id=rid(), payment_id=payment_id), metadata=other
+    )
+    assert approved.payment.status == payment_pb2.PAYMENT_STATUS_APPROVED
+
+
 async def test_a_retry_of_a_review_matches_whether_or_not_it_names_the_reviewer(
     setup: Setup, raw: pb_grpc.ApprovalServiceAsyncStub
 ) -> None:

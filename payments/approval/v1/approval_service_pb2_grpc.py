@@ -51,7 +51,8 @@ class ApprovalServiceStub:
     PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
     call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
     an account or a payment that is not the customer's, or a payment that
-    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
+    does not exist), REVIEWER_MISMATCH (see `reviewer`) or OWN_PAYMENT_REVIEW
+    (a reviewer whose credentials bind the payer's or the payee's account).
     """
 
     def __init__(self, channel):
@@ -123,7 +124,8 @@ class ApprovalServiceServicer:
     PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
     call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
     an account or a payment that is not the customer's, or a payment that
-    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
+    does not exist), REVIEWER_MISMATCH (see `reviewer`) or OWN_PAYMENT_REVIEW
+    (a reviewer whose credentials bind the payer's or the payee's account).
     """
 
     def CreateAccount(self, request, context):
@@ -256,7 +258,8 @@ class ApprovalService:
     PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
     call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
     an account or a payment that is not the customer's, or a payment that
-    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
+    does not exist), REVIEWER_MISMATCH (see `reviewer`) or OWN_PAYMENT_REVIEW
+    (a reviewer whose credentials bind the payer's or the payee's account).
     """
 
     @staticmethod

@@ -52,7 +52,8 @@ class ApprovalServiceStub:
     PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
     call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
     an account or a payment that is not the customer's, or a payment that
-    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
+    does not exist), REVIEWER_MISMATCH (see `reviewer`) or OWN_PAYMENT_REVIEW
+    (a reviewer whose credentials bind the payer's or the payee's account).
     """
 
     @_typing.overload
@@ -116,7 +117,8 @@ class ApprovalServiceAsyncStub(ApprovalServiceStub):
     PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
     call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
     an account or a payment that is not the customer's, or a payment that
-    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
+    does not exist), REVIEWER_MISMATCH (see `reviewer`) or OWN_PAYMENT_REVIEW
+    (a reviewer whose credentials bind the payer's or the payee's account).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -176,7 +178,8 @@ class ApprovalServiceServicer(metaclass=_abc_1.ABCMeta):
     PERMISSION_DENIED carries METHOD_NOT_ALLOWED (no role of the caller may
     call the method), NOT_YOUR_ACCOUNT (a caller acting for a customer names
     an account or a payment that is not the customer's, or a payment that
-    does not exist) or REVIEWER_MISMATCH (see `reviewer`).
+    does not exist), REVIEWER_MISMATCH (see `reviewer`) or OWN_PAYMENT_REVIEW
+    (a reviewer whose credentials bind the payer's or the payee's account).
     """
 
     @_abc_1.abstractmethod
