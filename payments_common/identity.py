@@ -38,6 +38,10 @@ class Identity:
     expires_at: float | None = None
 
 
+# The longest subject OpenID Connect allows (Core 1.0, section 2): a token's `sub` is at
+# most this long, so that it fits wherever an identity is recorded (a review's actor).
+MAX_SUBJECT: Final = 255
+
 # The identity of every call while authentication is disabled.
 ANONYMOUS: Final = Identity("anonymous", Source.NONE)
 

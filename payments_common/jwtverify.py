@@ -17,6 +17,7 @@ from typing import Any, Final
 import jwt
 
 from payments_common.errors import Unauthenticated
+from payments_common.identity import MAX_SUBJECT
 from payments_common.jwks import ALGORITHMS, KeySource
 
 # The reasons of UNAUTHENTICATED, and the message sent with each.
@@ -165,7 +166,7 @@ class TokenVerifier:
             )
         except jwt.PyJWTError as error:
             raise unauthenticated(_reason(error)) from None
-        if not isinstance(claims["sub"], str) or not claims["sub"]:
+        if not isinstance(claims["sub"], str) or not 0 < len(claims["sub"]) <= MAX_SUBJECT:
             raise unauthenticated(TOKEN_MALFORMED)
         # NumericDate (RFC 7519): PyJWT reads "1893456000" as a number, but it is text.
         if any(not _numeric_date(claims[name]) for name in TIME_CLAIMS if name in claims):

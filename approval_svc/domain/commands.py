@@ -12,6 +12,7 @@ from approval_svc.domain.currencies import is_currency
 from approval_svc.domain.errors import InvalidRequest
 from approval_svc.domain.model import MAX_AMOUNT, AccountStatus
 from payments_common.errors import FieldViolation
+from payments_common.identity import MAX_SUBJECT
 
 MAX_REQUEST_ID: Final = 64
 MAX_NAME: Final = 200
@@ -169,7 +170,8 @@ def review_payment(
     checker = _Checker()
     checker.request_id(request_id)
     payment = checker.uuid("payment_id", payment_id)
-    checker.text("reviewer", reviewer, maximum=MAX_NAME, required=True)
+    # The reviewer is the caller's identity: as long as a subject may be.
+    checker.text("reviewer", reviewer, maximum=MAX_SUBJECT, required=True)
     checker.text("note", note, maximum=MAX_NOTE, required=False)
     checker.done()
     assert payment is not None

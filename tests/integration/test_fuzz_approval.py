@@ -27,6 +27,7 @@ from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import bad_request
+from payments_common.identity import MAX_SUBJECT
 from stack.auth import ACCOUNTS_ADMIN, CUSTOMER, HISTORY_READER, PAYMENT_GATEWAY, REVIEWER, LocalAuthority
 from stack.servers import PostgresServer, free_port
 from stack.tokens import SUBJECTS, refused_tokens, token_for
@@ -355,7 +356,7 @@ def test_review_payment(target: Target, data: st.DataObject, method: str) -> Non
         {
             "request_id": request_ids(),
             "payment_id": payment_ids(target),
-            "reviewer": st.one_of(st.just(SUBJECTS[REVIEWER]), texts(200)),
+            "reviewer": st.one_of(st.just(SUBJECTS[REVIEWER]), texts(MAX_SUBJECT)),
             "note": texts(500),
         },
     )

@@ -148,10 +148,12 @@ async def test_a_subject_that_is_not_text_is_malformed(authority: LocalAuthority
     key = serialization.load_pem_private_key(
         (authority.directory / "keys" / f"{authority.current_kid}.pem").read_bytes(), password=None
     )
-    for subject in (42, ""):
+    for subject in (42, "", "x" * 256):  # OpenID Connect: at most 255 characters
         claims = _claims(authority, sub=subject)
         token = jwt.encode(claims, key, algorithm="ES256", headers={"kid": authority.current_kid})  # type: ignore[arg-type]
         assert await _reason(authority, token) == "TOKEN_MALFORMED"
+    longest = authority.token("x" * 255, ["reviewer"])
+    assert (await _verifier(authority).verify(longest))["sub"] == "x" * 255
 
 
 async def test_eddsa_and_rsa_keys_verify_too(tmp_path: Path) -> None:
