@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 from uuid import UUID, uuid4
 
 from approval_svc import metrics
-from approval_svc.adapters.repository import SavedRequest, StoredRequest
+from approval_svc.adapters.repository import IdempotencyKey, SavedRequest, StoredRequest
 from approval_svc.adapters.unit_of_work import UnitOfWork
 from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
@@ -48,14 +48,21 @@ REVIEW_SEQUENCE = 2
 class RequestKey(Generic[T]):
     """How to recognise a mutation's retries, and how to store its response (AIP-155).
 
-    `fingerprint` identifies the request's content; `encode` turns the result into the
-    bytes of the response that a retry gets back.
+    A request_id is the caller's own: `caller` names who sent it, and a retry is the same
+    request from the same caller. `fingerprint` identifies the request's content;
+    `encode` turns the result into the bytes of the response that a retry gets back.
     """
 
+    caller: str
     request_id: str
     method: str
     fingerprint: bytes
     encode: Callable[[T], bytes]
+
+    @property
+    def stored_as(self) -> IdempotencyKey:
+        """The key of the request's record."""
+        return IdempotencyKey(self.caller, self.request_id)
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ class Handlers:
     async def _run_idempotent(
         self, key: RequestKey[T], act: Callable[[UnitOfWork, datetime], Awaitable[T]]
     ) -> Outcome[T]:
-        """Runs `act` once per request_id (AIP-155), in `_run`'s unit of work.
+        """Runs `act` once per caller and request_id (AIP-155), in `_run`'s unit of work.
 
         The key is claimed before `act` takes any lock; a retry gets the stored response
         back. `act` is given the transaction's timestamp; its result is recorded as the
@@ -122,12 +129,12 @@ class Handlers:
         """
 
         async def work(uow: UnitOfWork) -> Outcome[T]:
-            lookup = await uow.repo.claim_request(key.request_id, key.method, key.fingerprint)
+            lookup = await uow.repo.claim_request(key.stored_as, key.method, key.fingerprint)
             replay = _stored_response(lookup.stored, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
             value = await act(uow, lookup.now)
-            await uow.repo.save_response(key.request_id, key.encode(value))
+            await uow.repo.save_response(key.stored_as, key.encode(value))
             return Outcome(value, None, await uow.commit())
 
         return await self._run(work)
@@ -162,7 +169,7 @@ class Handlers:
         async def work(uow: UnitOfWork) -> Outcome[Payment]:
             repo = uow.repo
             lookup, accounts = await repo.begin_submission(
-                key.request_id, [command.payer_account_id, command.payee_account_id]
+                key.stored_as, [command.payer_account_id, command.payee_account_id]
             )
             replay = _stored_response(lookup.stored, key)
             if replay is not None:
@@ -170,7 +177,7 @@ class Handlers:
             now = lookup.now
             # The lookup above ran before the locks were granted; a duplicate that held them
             # has committed by now, and this statement's fresh snapshot sees its record.
-            usage = await repo.daily_usage(command.payer_account_id, rules.day_start(now), key.request_id)
+            usage = await repo.daily_usage(command.payer_account_id, rules.day_start(now), key.stored_as)
             replay = _stored_response(usage.stored, key)
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
@@ -210,7 +217,7 @@ class Handlers:
                 now,
             )
             entries = rules.transfer_entries(payment) if payment.status is PaymentStatus.APPROVED else []
-            request = SavedRequest(key.request_id, key.method, key.fingerprint, key.encode(payment))
+            request = SavedRequest(key.stored_as, key.method, key.fingerprint, key.encode(payment))
             await repo.add_decision(payment, event, rules.submission_changes(payment), entries, request)
             return Outcome(payment, None, await uow.commit())
 

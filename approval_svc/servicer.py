@@ -20,7 +20,7 @@ from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments.type.v1 import money_pb2
 from payments_common.audit import TargetOf
-from payments_common.identity import NotYourAccount, current_caller
+from payments_common.identity import Caller, NotYourAccount, current_caller
 from payments_common.tokens import encode_consistency_token
 
 S = TypeVar("S")
@@ -116,13 +116,32 @@ def fingerprint(method: str, request: message.Message) -> bytes:
     return hashlib.sha256(method.encode() + b"\0" + body.SerializeToString(deterministic=True)).digest()
 
 
+# Beyond this length a subject is stored as its digest, so that a key always fits an index entry.
+MAX_CALLER_TEXT = 256
+
+
+def caller_key(caller: Caller) -> str:
+    """Who a request_id belongs to: the caller's identity source and subject (`token:operator.jane`).
+
+    The source keeps a token's subject apart from a certificate's of the same name. A
+    long subject is stored as its SHA-256 (`token#sha256:…`, a form no plain key takes).
+    With authentication disabled every call is the anonymous caller's (`none:anonymous`).
+    """
+    source, subject = caller.identity.source.value, caller.subject
+    if len(subject) > MAX_CALLER_TEXT:
+        return f"{source}#sha256:{hashlib.sha256(subject.encode()).hexdigest()}"
+    return f"{source}:{subject}"
+
+
 def _key(method: str, request: Any, build: Callable[[T], message.Message]) -> RequestKey[T]:
-    """The request's idempotency key; its first response, stored for retries, is what `build` makes."""
+    """The request's idempotency key, the caller's own; its first response, stored for retries, is what `build` makes."""
 
     def encode(value: T) -> bytes:
         return build(value).SerializeToString(deterministic=True)
 
-    return RequestKey(request.request_id, method, fingerprint(method, request), encode)
+    return RequestKey(
+        caller_key(current_caller()), request.request_id, method, fingerprint(method, request), encode
+    )
 
 
 def _response(outcome: Outcome[T], response_type: type[M], build: Callable[[T], M]) -> M:

@@ -57,8 +57,9 @@ BEGIN
         WHERE account_id = payee;
         INSERT INTO ledger_entries (account_id, payment_id, kind, amount_minor)
         VALUES (payer, pid, 'DEBIT', -amt), (payee, pid, 'CREDIT', amt);
-        INSERT INTO idempotency_keys (request_id, method, request_fingerprint, response)
-        VALUES ('backlog-' || pid, 'SubmitPayment', sha256(pid::text::bytea), decode(repeat('5a', 240), 'hex'));
+        INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)
+        VALUES ('token:backlog', 'backlog-' || pid, 'SubmitPayment', sha256(pid::text::bytea),
+                decode(repeat('5a', 240), 'hex'));
         COMMIT;
     END LOOP;
 END

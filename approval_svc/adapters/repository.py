@@ -28,6 +28,18 @@ from approval_svc.domain.model import (
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """The key of a request's record (AIP-155): a request_id belongs to the caller that sent it.
+
+    The same request_id from two callers names two requests; `caller` is the caller's
+    identity as the servicer writes it (approval_svc.servicer.caller_key).
+    """
+
+    caller: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoredRequest:
     """The record of a request already carried out (AIP-155)."""
 
@@ -40,7 +52,7 @@ class StoredRequest:
 class SavedRequest:
     """A request's response to record with its effect (AIP-155)."""
 
-    request_id: str
+    key: IdempotencyKey
     method: str
     fingerprint: bytes
     response: bytes
@@ -48,7 +60,7 @@ class SavedRequest:
 
 @dataclass(frozen=True, slots=True)
 class RequestLookup:
-    """The transaction's timestamp, and the earlier request with the same request_id if any."""
+    """The transaction's timestamp, and the caller's earlier request with the same request_id if any."""
 
     now: datetime
     stored: StoredRequest | None
@@ -57,7 +69,7 @@ class RequestLookup:
 @dataclass(frozen=True, slots=True)
 class DailyUsage:
     """What a payer's approved and held payments of the day add up to, read after the locks,
-    and the request with the submission's request_id if one committed while they were awaited."""
+    and the request with the submission's key if one committed while they were awaited."""
 
     used: int
     stored: StoredRequest | None
@@ -66,14 +78,16 @@ class DailyUsage:
 class Repository(Protocol):
     """What the handlers need from the store; SqlRepository and the tests' fake implement it."""
 
-    async def claim_request(self, request_id: str, method: str, fingerprint: bytes) -> RequestLookup:
-        """Takes the request_id for this transaction before anything else, or finds its record.
+    async def claim_request(self, key: IdempotencyKey, method: str, fingerprint: bytes) -> RequestLookup:
+        """Takes the key for this transaction before anything else, or finds its record.
 
-        A concurrent transaction with the same request_id waits here until this one ends,
-        then finds the record it committed (or, if it rolled back, claims the key itself).
+        A concurrent transaction with the same key waits here until this one ends, then
+        finds the record it committed (or, if it rolled back, claims the key itself).
+        Another caller's key with the same request_id is another key: it neither waits
+        nor is found.
         """
 
-    async def save_response(self, request_id: str, response: bytes) -> None:
+    async def save_response(self, key: IdempotencyKey, response: bytes) -> None:
         """Records the response of a request claimed by this transaction."""
 
     async def now(self) -> datetime: ...
@@ -83,14 +97,14 @@ class Repository(Protocol):
     async def lock_accounts(self, account_ids: Sequence[UUID]) -> dict[UUID, Account]: ...
 
     async def begin_submission(
-        self, request_id: str, account_ids: Sequence[UUID]
+        self, key: IdempotencyKey, account_ids: Sequence[UUID]
     ) -> tuple[RequestLookup, dict[UUID, Account]]:
         """The request's earlier record (a plain retry's fast path) and `lock_accounts`, in one round trip.
 
         The lookup runs before the locks are granted: `daily_usage` checks the key again after them.
         """
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime, request_id: str) -> DailyUsage:
+    async def daily_usage(self, payer_account_id: UUID, since: datetime, key: IdempotencyKey) -> DailyUsage:
         """The payer's usage of the day and the request's record, in a snapshot taken after the locks."""
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
@@ -105,7 +119,7 @@ class Repository(Protocol):
     ) -> None:
         """`add_payment`, `apply_changes` and the request's record at once (one round trip).
 
-        Raises TransactionConflict when a concurrent request with the same request_id won.
+        Raises TransactionConflict when a concurrent request with the same key won.
         """
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
@@ -137,29 +151,31 @@ _PAYMENT_COLUMNS = """
     currency_code, amount_minor, reference, status, decline_reason, created_at, updated_at
 """
 
+# Every statement that reads or writes idempotency_keys names both columns of its key,
+# the caller and the request_id, so that a caller never meets another caller's requests.
 _BEGIN_REQUEST = """
     SELECT now() AS now, k.method, k.request_fingerprint, k.response
-    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = $1
+    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.caller = $1 AND k.request_id = $2
 """
 
-# The claim comes before any lock: a second transaction with the same request_id waits
+# The claim comes before any lock: a second transaction with the same key waits
 # on the first one's uncommitted key row, not behind its locks with a stale lookup. The
 # statement's snapshot cannot see a key committed while it waited (nor the row this
 # statement inserts): claimed false with no record means "look again" (_BEGIN_REQUEST).
 # The response is filled in by _SAVE_RESPONSE before the commit.
 _CLAIM_REQUEST = """
     WITH claim AS (
-        INSERT INTO idempotency_keys (request_id, method, request_fingerprint, response)
-        VALUES ($1, $2, $3, ''::bytea)
-        ON CONFLICT (request_id) DO NOTHING
+        INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)
+        VALUES ($1, $2, $3, $4, ''::bytea)
+        ON CONFLICT (caller, request_id) DO NOTHING
         RETURNING 1
     )
     SELECT now() AS now, EXISTS (SELECT FROM claim) AS claimed,
            k.method, k.request_fingerprint, k.response
-    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = $1
+    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.caller = $1 AND k.request_id = $2
 """
 
-_SAVE_RESPONSE = "UPDATE idempotency_keys SET response = $2 WHERE request_id = $1"
+_SAVE_RESPONSE = "UPDATE idempotency_keys SET response = $3 WHERE caller = $1 AND request_id = $2"
 
 _ADD_ACCOUNT = """
     WITH account AS (
@@ -190,15 +206,15 @@ _BEGIN_SUBMISSION = f"""
     FROM ({_BEGIN_REQUEST}) AS l
     LEFT JOIN (
         SELECT {_ACCOUNT_COLUMNS} FROM accounts
-        WHERE account_id = ANY($2::uuid[])
+        WHERE account_id = ANY($3::uuid[])
         ORDER BY account_id
         FOR NO KEY UPDATE
     ) AS a ON true
 """
 
 # A separate statement after the locks: in READ COMMITTED it takes a new snapshot, so
-# it sees every payment committed by the transactions it waited for, and the request_id
-# of a concurrent duplicate that held the same locks and committed first (the lookup in
+# it sees every payment committed by the transactions it waited for, and the key of a
+# concurrent duplicate that held the same locks and committed first (the lookup in
 # _BEGIN_SUBMISSION ran before the wait). Checking the key again here costs no round trip.
 _DAILY_USAGE = """
     SELECT (
@@ -206,7 +222,7 @@ _DAILY_USAGE = """
         WHERE payer_account_id = $1 AND created_at >= $2
           AND status IN ('APPROVED', 'PENDING_REVIEW')
     ) AS used, k.method, k.request_fingerprint, k.response
-    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.request_id = $3
+    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.caller = $3 AND k.request_id = $4
 """
 
 _INSERT_PAYMENT = f"""
@@ -275,14 +291,14 @@ _APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
 # A submission in one statement: the payment, its event, both accounts, the ledger rows
 # and the request's record. The foreign keys are checked at the end of the statement,
 # when the payment row exists. An empty result means that a concurrent request with
-# the same request_id committed first: ON CONFLICT DO NOTHING waited for it (a reuse of
-# the request_id with other accounts, which the locks did not serialise).
+# the same key committed first: ON CONFLICT DO NOTHING waited for it (the caller's reuse
+# of the request_id with other accounts, which the locks did not serialise).
 _ADD_DECISION = f"""
     WITH {_INSERT_PAYMENT}, {_changes_sql(20)},
     request AS (
-        INSERT INTO idempotency_keys (request_id, method, request_fingerprint, response)
-        VALUES ($36, $37, $38, $39)
-        ON CONFLICT (request_id) DO NOTHING
+        INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)
+        VALUES ($36, $37, $38, $39, $40)
+        ON CONFLICT (caller, request_id) DO NOTHING
         RETURNING 1
     )
     SELECT 1 FROM request
@@ -415,26 +431,26 @@ class SqlRepository:
     def __init__(self, connection: asyncpg.Connection) -> None:
         self._connection = connection
 
-    async def claim_request(self, request_id: str, method: str, fingerprint: bytes) -> RequestLookup:
-        row = await self._connection.fetchrow(_CLAIM_REQUEST, request_id, method, fingerprint)
+    async def claim_request(self, key: IdempotencyKey, method: str, fingerprint: bytes) -> RequestLookup:
+        row = await self._connection.fetchrow(_CLAIM_REQUEST, key.caller, key.request_id, method, fingerprint)
         if row["claimed"] or row["method"] is not None:
             return _lookup(row)
         # Another transaction committed the key while this statement waited for it.
-        lookup = _lookup(await self._connection.fetchrow(_BEGIN_REQUEST, request_id))
+        lookup = _lookup(await self._connection.fetchrow(_BEGIN_REQUEST, key.caller, key.request_id))
         if lookup.stored is None:
-            raise TransactionConflict("the request_id was taken and released while this request waited")
+            raise TransactionConflict("the key was taken and released while this request waited")
         return lookup
 
     async def begin_submission(
-        self, request_id: str, account_ids: Sequence[UUID]
+        self, key: IdempotencyKey, account_ids: Sequence[UUID]
     ) -> tuple[RequestLookup, dict[UUID, Account]]:
-        rows = await self._connection.fetch(_BEGIN_SUBMISSION, request_id, list(account_ids))
+        rows = await self._connection.fetch(_BEGIN_SUBMISSION, key.caller, key.request_id, list(account_ids))
         return _lookup(rows[0]), {row["account_id"]: _account(row) for row in rows if row["account_id"]}
 
-    async def save_response(self, request_id: str, response: bytes) -> None:
-        status = await self._connection.execute(_SAVE_RESPONSE, request_id, response)
+    async def save_response(self, key: IdempotencyKey, response: bytes) -> None:
+        status = await self._connection.execute(_SAVE_RESPONSE, key.caller, key.request_id, response)
         if status != "UPDATE 1":
-            raise RuntimeError(f"the request_id {request_id!r} was not claimed by this transaction")
+            raise RuntimeError(f"the request {key!r} was not claimed by this transaction")
 
     async def now(self) -> datetime:
         value: datetime = await self._connection.fetchval(_NOW)
@@ -459,8 +475,10 @@ class SqlRepository:
         rows = await self._connection.fetch(_LOCK_ACCOUNTS, list(account_ids))
         return {row["account_id"]: _account(row) for row in rows}
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime, request_id: str) -> DailyUsage:
-        row = await self._connection.fetchrow(_DAILY_USAGE, payer_account_id, since, request_id)
+    async def daily_usage(self, payer_account_id: UUID, since: datetime, key: IdempotencyKey) -> DailyUsage:
+        row = await self._connection.fetchrow(
+            _DAILY_USAGE, payer_account_id, since, key.caller, key.request_id
+        )
         return DailyUsage(int(row["used"]), _stored(row))
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
@@ -478,13 +496,14 @@ class SqlRepository:
             _ADD_DECISION,
             *_payment_args(payment, event),
             *_changes_args(changes, entries, payment.created_at),
-            request.request_id,
+            request.key.caller,
+            request.key.request_id,
             request.method,
             request.fingerprint,
             request.response,
         )
         if inserted is None:
-            raise TransactionConflict("a concurrent request with the same request_id committed first")
+            raise TransactionConflict("a concurrent request with the same key committed first")
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None:
         await self._connection.execute(

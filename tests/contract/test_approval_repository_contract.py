@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from approval_svc.adapters.repository import SavedRequest, StoredRequest
+from approval_svc.adapters.repository import IdempotencyKey, SavedRequest, StoredRequest
 from approval_svc.adapters.unit_of_work import SqlUnitOfWork, UnitOfWork
 from approval_svc.domain import rules
 from approval_svc.domain.errors import TransactionConflict
@@ -38,6 +38,13 @@ from tests.support.approval import engine_for
 from tests.support.fakes import FakeUnitOfWork, Store
 
 LedgerRow = tuple[LedgerKind, int, UUID | None]
+
+# Two callers, as the servicer names them: a request_id is each one's own.
+ADA, BOB = "token:ada", "certificate:bob"
+
+
+def key(request_id: str | None = None, caller: str = ADA) -> IdempotencyKey:
+    return IdempotencyKey(caller, request_id or uuid.uuid4().hex)
 
 
 class Backend(Protocol):
@@ -117,8 +124,8 @@ class RepositoryContract:
 
     async def test_the_clock_stands_still_within_a_unit_of_work(self, backend: Backend) -> None:
         async with backend.unit_of_work() as uow:
-            lookup = await uow.repo.claim_request(uuid.uuid4().hex, "M", b"f")
-            begun, _ = await uow.repo.begin_submission(uuid.uuid4().hex, [])
+            lookup = await uow.repo.claim_request(key(), "M", b"f")
+            begun, _ = await uow.repo.begin_submission(key(), [])
             assert begun.now == lookup.now == await uow.repo.now()
             assert lookup.now.utcoffset() == timedelta(0)
 
@@ -126,11 +133,11 @@ class RepositoryContract:
         self, backend: Backend
     ) -> None:
         async with backend.unit_of_work() as uow:
-            await uow.repo.claim_request(uuid.uuid4().hex, "M", b"f")
+            await uow.repo.claim_request(key(), "M", b"f")
             first = await uow.commit()
         async with backend.unit_of_work() as uow:
             assert await uow.position() >= first
-            await uow.repo.claim_request(uuid.uuid4().hex, "M", b"f")
+            await uow.repo.claim_request(key(), "M", b"f")
             second = await uow.commit()
         assert second > first
 
@@ -164,7 +171,7 @@ class RepositoryContract:
             assert await uow.repo.lock_accounts([uuid.uuid4()]) == {}
             found = await uow.repo.lock_accounts([second.account_id, uuid.uuid4(), first.account_id])
             assert found == {first.account_id: first, second.account_id: second}
-            _, locked = await uow.repo.begin_submission("r", [first.account_id, uuid.uuid4()])
+            _, locked = await uow.repo.begin_submission(key("r"), [first.account_id, uuid.uuid4()])
             assert locked == {first.account_id: first}
 
     async def test_an_account_is_frozen_and_unfrozen(self, backend: Backend) -> None:
@@ -190,47 +197,80 @@ class RepositoryContract:
 
     async def test_a_first_claim_finds_no_record(self, backend: Backend) -> None:
         async with backend.unit_of_work() as uow:
-            lookup = await uow.repo.claim_request("first", "SubmitPayment", b"f")
+            lookup = await uow.repo.claim_request(key("first"), "SubmitPayment", b"f")
         assert lookup.stored is None
 
     async def test_a_claim_is_released_unless_committed(self, backend: Backend) -> None:
         async with backend.unit_of_work() as uow:
-            await uow.repo.claim_request("released", "M", b"f")
-            await uow.repo.save_response("released", b"never committed")
+            await uow.repo.claim_request(key("released"), "M", b"f")
+            await uow.repo.save_response(key("released"), b"never committed")
         async with backend.unit_of_work() as uow:
-            assert (await uow.repo.claim_request("released", "M", b"f")).stored is None
+            assert (await uow.repo.claim_request(key("released"), "M", b"f")).stored is None
 
     async def test_a_committed_response_is_read_back_by_every_lookup(self, backend: Backend) -> None:
         async with backend.unit_of_work() as uow:
-            assert (await uow.repo.claim_request("kept", "FreezeAccount", b"fp")).stored is None
-            await uow.repo.save_response("kept", b"the response")
+            assert (await uow.repo.claim_request(key("kept"), "FreezeAccount", b"fp")).stored is None
+            await uow.repo.save_response(key("kept"), b"the response")
             await uow.commit()
         record = StoredRequest("FreezeAccount", b"fp", b"the response")
         async with backend.unit_of_work() as uow:
             # Another method and fingerprint do not overwrite the record: the caller compares them.
-            assert (await uow.repo.claim_request("kept", "Other", b"other")).stored == record
-            lookup, _ = await uow.repo.begin_submission("kept", [])
+            assert (await uow.repo.claim_request(key("kept"), "Other", b"other")).stored == record
+            lookup, _ = await uow.repo.begin_submission(key("kept"), [])
             assert lookup.stored == record
-            usage = await uow.repo.daily_usage(uuid.uuid4(), lookup.now, "kept")
+            usage = await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("kept"))
             assert usage.stored == record
 
     async def test_a_request_claimed_in_this_unit_of_work_has_an_empty_response(
         self, backend: Backend
     ) -> None:
         async with backend.unit_of_work() as uow:
-            await uow.repo.claim_request("mine", "M", b"f")
-            assert (await uow.repo.claim_request("mine", "M", b"f")).stored == StoredRequest("M", b"f", b"")
+            await uow.repo.claim_request(key("mine"), "M", b"f")
+            assert (await uow.repo.claim_request(key("mine"), "M", b"f")).stored == StoredRequest(
+                "M", b"f", b""
+            )
 
     async def test_a_response_is_saved_only_for_a_claimed_request(self, backend: Backend) -> None:
         with pytest.raises(RuntimeError):
             async with backend.unit_of_work() as uow:
-                await uow.repo.save_response("unclaimed", b"response")
+                await uow.repo.save_response(key("unclaimed"), b"response")
 
     async def test_a_lookup_misses_an_unknown_request(self, backend: Backend) -> None:
         async with backend.unit_of_work() as uow:
-            lookup, _ = await uow.repo.begin_submission("unknown", [])
+            lookup, _ = await uow.repo.begin_submission(key("unknown"), [])
             assert lookup.stored is None
-            assert (await uow.repo.daily_usage(uuid.uuid4(), lookup.now, "unknown")).stored is None
+            assert (await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("unknown"))).stored is None
+
+    async def test_one_request_id_of_two_callers_is_two_records(self, backend: Backend) -> None:
+        for caller in (ADA, BOB):
+            async with backend.unit_of_work() as uow:
+                # The other caller's record of the request_id is neither found nor in the way.
+                lookup = await uow.repo.claim_request(key("shared", caller), "SubmitPayment", b"fp")
+                assert lookup.stored is None
+                await uow.repo.save_response(key("shared", caller), caller.encode())
+                await uow.commit()
+        async with backend.unit_of_work() as uow:
+            for caller in (ADA, BOB):
+                record = StoredRequest("SubmitPayment", b"fp", caller.encode())
+                claimed = await uow.repo.claim_request(key("shared", caller), "SubmitPayment", b"fp")
+                assert claimed.stored == record
+                lookup, _ = await uow.repo.begin_submission(key("shared", caller), [])
+                assert lookup.stored == record
+                assert (
+                    await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("shared", caller))
+                ).stored == record
+            # A third caller has no record of it.
+            lookup, _ = await uow.repo.begin_submission(key("shared", "token:carol"), [])
+            assert lookup.stored is None
+            assert (
+                await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("shared", "token:carol"))
+            ).stored is None
+
+    async def test_a_response_is_saved_only_under_the_caller_that_claimed(self, backend: Backend) -> None:
+        async with backend.unit_of_work() as uow:
+            await uow.repo.claim_request(key("claimed"), "M", b"f")
+            with pytest.raises(RuntimeError):
+                await uow.repo.save_response(key("claimed", BOB), b"response")
 
     # -- payments
 
@@ -241,7 +281,7 @@ class RepositoryContract:
         async with backend.unit_of_work() as uow:
             now = await uow.repo.now()
             payment = new_payment(payer, payee, 400, now, request_id="decided")
-            request = SavedRequest("decided", "SubmitPayment", b"fp", b"the response")
+            request = SavedRequest(key("decided"), "SubmitPayment", b"fp", b"the response")
             changes = rules.submission_changes(payment)
             await uow.repo.add_decision(
                 payment, first_event(payment), changes, rules.transfer_entries(payment), request
@@ -254,7 +294,7 @@ class RepositoryContract:
                 [first_event(payment)],
             )
             accounts = await uow.repo.lock_accounts([payer.account_id, payee.account_id])
-            lookup = await uow.repo.claim_request("decided", "SubmitPayment", b"fp")
+            lookup = await uow.repo.claim_request(key("decided"), "SubmitPayment", b"fp")
         assert accounts[payer.account_id] == payer.applied(changes[0], now)
         assert accounts[payee.account_id] == payee.applied(changes[1], now)
         assert (accounts[payer.account_id].ledger_balance, accounts[payee.account_id].ledger_balance) == (
@@ -275,21 +315,41 @@ class RepositoryContract:
     async def test_a_decision_whose_request_id_was_taken_conflicts(self, backend: Backend) -> None:
         payer, payee = await self.open_accounts(backend, 1_000, 0)
         async with backend.unit_of_work() as uow:
-            await uow.repo.claim_request("taken", "SubmitPayment", b"fp")
-            await uow.repo.save_response("taken", b"first")
+            await uow.repo.claim_request(key("taken"), "SubmitPayment", b"fp")
+            await uow.repo.save_response(key("taken"), b"first")
             await uow.commit()
         async with backend.unit_of_work() as uow:
             payment = new_payment(payer, payee, 10, await uow.repo.now(), request_id="taken")
-            request = SavedRequest("taken", "SubmitPayment", b"fp", b"second")
+            request = SavedRequest(key("taken"), "SubmitPayment", b"fp", b"second")
             with pytest.raises(TransactionConflict):
                 await uow.repo.add_decision(
                     payment, first_event(payment), rules.submission_changes(payment), [], request
                 )
         async with backend.unit_of_work() as uow:
             assert await uow.repo.get_payment(payment.payment_id) is None
-            assert (await uow.repo.claim_request("taken", "SubmitPayment", b"fp")).stored == StoredRequest(
-                "SubmitPayment", b"fp", b"first"
+            assert (
+                await uow.repo.claim_request(key("taken"), "SubmitPayment", b"fp")
+            ).stored == StoredRequest("SubmitPayment", b"fp", b"first")
+
+    async def test_a_decision_under_another_callers_request_id_is_its_own(self, backend: Backend) -> None:
+        payer, payee = await self.open_accounts(backend, 1_000, 0)
+        async with backend.unit_of_work() as uow:
+            await uow.repo.claim_request(key("taken"), "SubmitPayment", b"fp")
+            await uow.repo.save_response(key("taken"), b"ada's")
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            payment = new_payment(payer, payee, 10, await uow.repo.now(), request_id="taken")
+            request = SavedRequest(key("taken", BOB), "SubmitPayment", b"fp", b"bob's")
+            await uow.repo.add_decision(
+                payment, first_event(payment), rules.submission_changes(payment), [], request
             )
+            await uow.commit()
+        async with backend.unit_of_work() as uow:
+            # The payment keeps the request_id as its caller sent it.
+            assert await uow.repo.get_payment(payment.payment_id) == payment
+            for caller, response in ((ADA, b"ada's"), (BOB, b"bob's")):
+                lookup = await uow.repo.claim_request(key("taken", caller), "SubmitPayment", b"fp")
+                assert lookup.stored == StoredRequest("SubmitPayment", b"fp", response)
 
     async def test_unknown_payments_are_not_found(self, backend: Backend) -> None:
         unknown = uuid.uuid4()
@@ -377,9 +437,9 @@ class RepositoryContract:
                 await uow.repo.add_payment(payment, first_event(payment))
             await uow.commit()
         async with backend.unit_of_work() as uow:
-            assert (await uow.repo.daily_usage(payer.account_id, since, "r")).used == 120
-            assert (await uow.repo.daily_usage(payee.account_id, since, "r")).used == 500
-            assert (await uow.repo.daily_usage(uuid.uuid4(), since, "r")).used == 0
+            assert (await uow.repo.daily_usage(payer.account_id, since, key("r"))).used == 120
+            assert (await uow.repo.daily_usage(payee.account_id, since, key("r"))).used == 500
+            assert (await uow.repo.daily_usage(uuid.uuid4(), since, key("r"))).used == 0
 
     async def test_changes_move_balances_and_counters_and_stamp_the_time(self, backend: Backend) -> None:
         (account,) = await self.open_accounts(backend, 100)

@@ -16,7 +16,7 @@ from approval_svc.domain import commands
 from approval_svc.domain.errors import PaymentNotUnderReview, RequestIdReused
 from approval_svc.domain.model import DeclineReason, Payment, PaymentStatus
 from approval_svc.handlers import Handlers, Outcome, RequestKey
-from tests.support.approval import engine_for, handlers_for, key, open_account
+from tests.support.approval import CALLER, engine_for, handlers_for, key, open_account
 
 
 @pytest.fixture
@@ -110,6 +110,7 @@ async def test_racing_retries_of_one_request_have_one_effect(engine: AsyncEngine
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 10, "")
     request: RequestKey[object] = RequestKey(
+        CALLER,
         "race-1",
         "SubmitPayment",
         b"same",

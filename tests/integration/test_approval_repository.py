@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from approval_svc.adapters.unit_of_work import CALL_DEADLINE
+from approval_svc.adapters.repository import IdempotencyKey
+from approval_svc.adapters.unit_of_work import CALL_DEADLINE, SqlUnitOfWork
 from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
@@ -174,6 +175,31 @@ async def test_idempotency_is_recorded_with_the_effect(engine: AsyncEngine) -> N
         keys = (await connection.execute(text("SELECT count(*) FROM idempotency_keys"))).scalar_one()
     assert count == 2
     assert keys == 4  # two accounts, two payments
+
+
+async def test_a_claim_waits_only_for_its_own_callers_request(engine: AsyncEngine) -> None:
+    """Another caller's claim of the same request_id, not yet committed, is not in the way."""
+    async with SqlUnitOfWork(engine) as first:
+        await first.repo.claim_request(IdempotencyKey("token:ada", "shared"), "M", b"f")
+        async with SqlUnitOfWork(engine) as second:
+            # Were it to wait for the first transaction's row, it would wait for ever: the
+            # deadline only turns that hang into a failure.
+            lookup = await asyncio.wait_for(
+                second.repo.claim_request(IdempotencyKey("token:bob", "shared"), "M", b"f"), 60
+            )
+            assert lookup.stored is None
+            await second.repo.save_response(IdempotencyKey("token:bob", "shared"), b"bob's")
+            await second.commit()
+        await first.repo.save_response(IdempotencyKey("token:ada", "shared"), b"ada's")
+        await first.commit()
+    async with engine.connect() as connection:
+        found = await connection.execute(
+            text("SELECT caller, response FROM idempotency_keys WHERE request_id = 'shared' ORDER BY caller")
+        )
+        assert [(r.caller, bytes(r.response)) for r in found] == [
+            ("token:ada", b"ada's"),
+            ("token:bob", b"bob's"),
+        ]
 
 
 async def test_the_position_is_at_or_after_the_commit(engine: AsyncEngine) -> None:

@@ -453,13 +453,14 @@ async def test_a_retry_of_a_review_matches_whether_or_not_it_names_the_reviewer(
         metadata=jane,
     )
     assert again.payment == first.payment
-    # The same request from another reviewer is not a retry: the request id was someone else's.
+    # The same request from another reviewer is not a retry, nor a reuse: a request_id is its
+    # caller's own, so Sam's is a request of his, on a payment that Jane has decided.
     sam = setup.token("operator.sam", [REVIEWER])
     assert await refused(
         raw.ApprovePayment(
             pb.ApprovePaymentRequest(request_id=request_id, payment_id=payment_id), metadata=sam
         )
-    ) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
+    ) == (grpc.StatusCode.FAILED_PRECONDITION, "PAYMENT_NOT_UNDER_REVIEW")
 
 
 async def test_privileged_calls_are_audited_whatever_their_outcome(

@@ -45,9 +45,15 @@ def handlers_for(engine: AsyncEngine, review_threshold: int = 1_000_000) -> Hand
 T = TypeVar("T")
 
 
-def key(method: str, request_id: str | None = None, fingerprint: bytes = b"f") -> RequestKey[T]:
+# The caller of the requests these helpers make, as the servicer would name it.
+CALLER = "token:tests"
+
+
+def key(
+    method: str, request_id: str | None = None, fingerprint: bytes = b"f", caller: str = CALLER
+) -> RequestKey[T]:
     """A request key whose stored response is a placeholder: these tests check effects, not replies."""
-    return RequestKey(request_id or uuid.uuid4().hex, method, fingerprint, lambda value: b"stored")
+    return RequestKey(caller, request_id or uuid.uuid4().hex, method, fingerprint, lambda value: b"stored")
 
 
 async def open_account(

@@ -21,6 +21,7 @@ import asyncpg
 
 from approval_svc.adapters.repository import (
     DailyUsage,
+    IdempotencyKey,
     Repository,
     RequestLookup,
     SavedRequest,
@@ -48,13 +49,13 @@ class Store:
     payments: dict[UUID, Payment] = field(default_factory=dict)
     events: list[PaymentEvent] = field(default_factory=list)
     ledger: list[LedgerEntry] = field(default_factory=list)
-    requests: dict[str, StoredRequest] = field(default_factory=dict)
+    requests: dict[IdempotencyKey, StoredRequest] = field(default_factory=dict)
     now: datetime = START
     position: int = 100
     conflicts_to_raise: int = 0
     # Requests a duplicate commits while a submission waits for its locks: the lookup
     # before the locks misses them, the statement after the locks sees them.
-    committed_elsewhere: dict[str, StoredRequest] = field(default_factory=dict)
+    committed_elsewhere: dict[IdempotencyKey, StoredRequest] = field(default_factory=dict)
 
 
 class FakeRepository(Repository):
@@ -65,18 +66,18 @@ class FakeRepository(Repository):
         # Simulated conflicts are counted on the committed state: a conflict rolls back.
         self.shared = shared or state
 
-    async def claim_request(self, request_id: str, method: str, fingerprint: bytes) -> RequestLookup:
-        stored = self.state.requests.get(request_id)
+    async def claim_request(self, key: IdempotencyKey, method: str, fingerprint: bytes) -> RequestLookup:
+        stored = self.state.requests.get(key)
         if stored is None:
-            self.state.requests[request_id] = StoredRequest(method, fingerprint, b"")
+            self.state.requests[key] = StoredRequest(method, fingerprint, b"")
         return RequestLookup(self.state.now, stored)
 
-    async def save_response(self, request_id: str, response: bytes) -> None:
+    async def save_response(self, key: IdempotencyKey, response: bytes) -> None:
         self._maybe_conflict()
-        claimed = self.state.requests.get(request_id)
+        claimed = self.state.requests.get(key)
         if claimed is None:
-            raise RuntimeError(f"the request_id {request_id!r} was not claimed by this transaction")
-        self.state.requests[request_id] = dataclasses.replace(claimed, response=response)
+            raise RuntimeError(f"the request {key!r} was not claimed by this transaction")
+        self.state.requests[key] = dataclasses.replace(claimed, response=response)
 
     def _maybe_conflict(self) -> None:
         if self.shared.conflicts_to_raise:
@@ -113,12 +114,12 @@ class FakeRepository(Repository):
         return {i: self.state.accounts[i] for i in account_ids if i in self.state.accounts}
 
     async def begin_submission(
-        self, request_id: str, account_ids: Sequence[UUID]
+        self, key: IdempotencyKey, account_ids: Sequence[UUID]
     ) -> tuple[RequestLookup, dict[UUID, Account]]:
-        lookup = RequestLookup(self.state.now, self.state.requests.get(request_id))
+        lookup = RequestLookup(self.state.now, self.state.requests.get(key))
         return lookup, await self.lock_accounts(account_ids)
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime, request_id: str) -> DailyUsage:
+    async def daily_usage(self, payer_account_id: UUID, since: datetime, key: IdempotencyKey) -> DailyUsage:
         used = sum(
             p.amount
             for p in self.state.payments.values()
@@ -127,9 +128,7 @@ class FakeRepository(Repository):
             and p.status in (PaymentStatus.APPROVED, PaymentStatus.PENDING_REVIEW)
         )
         # What a duplicate committed while this transaction waited for the locks.
-        return DailyUsage(
-            used, self.state.requests.get(request_id) or self.shared.committed_elsewhere.get(request_id)
-        )
+        return DailyUsage(used, self.state.requests.get(key) or self.shared.committed_elsewhere.get(key))
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
         self.state.payments[payment.payment_id] = payment
@@ -144,11 +143,11 @@ class FakeRepository(Repository):
         request: SavedRequest,
     ) -> None:
         self._maybe_conflict()
-        if request.request_id in self.state.requests:
-            raise TransactionConflict("a concurrent request with the same request_id committed first")
+        if request.key in self.state.requests:
+            raise TransactionConflict("a concurrent request with the same key committed first")
         await self.add_payment(payment, event)
         await self.apply_changes(changes, entries, payment.created_at)
-        self.state.requests[request.request_id] = StoredRequest(
+        self.state.requests[request.key] = StoredRequest(
             request.method, request.fingerprint, request.response
         )
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from approval_svc.adapters.repository import StoredRequest
+from approval_svc.adapters.repository import IdempotencyKey, StoredRequest
 from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
@@ -44,8 +44,15 @@ def handlers(store: Store) -> Handlers:
     return Handlers(lambda: FakeUnitOfWork(store), review_threshold=1_000)
 
 
-def key(method: str, request_id: str | None = None, fingerprint: bytes = b"f") -> RequestKey[T]:
-    return RequestKey(request_id or uuid.uuid4().hex, method, fingerprint, lambda value: repr(value).encode())
+CALLER = "token:ada"
+
+
+def key(
+    method: str, request_id: str | None = None, fingerprint: bytes = b"f", caller: str = CALLER
+) -> RequestKey[T]:
+    return RequestKey(
+        caller, request_id or uuid.uuid4().hex, method, fingerprint, lambda value: repr(value).encode()
+    )
 
 
 async def open_account(
@@ -176,6 +183,30 @@ async def test_a_retry_replays_and_a_reuse_is_rejected(handlers: Handlers, store
         await handlers.set_account_status(freeze, key("FreezeAccount", "same"))
 
 
+async def test_a_request_id_is_its_callers_own(handlers: Handlers, store: Store) -> None:
+    payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+    command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 100, "")
+    ada = await handlers.submit_payment(command, key("SubmitPayment", "same"))
+    # The same request from another caller is another request: carried out, with its own response.
+    bob = await handlers.submit_payment(command, key("SubmitPayment", "same", caller="token:bob"))
+    assert ada.value is not None
+    assert bob.value is not None
+    assert bob.value.payment_id != ada.value.payment_id
+    assert bob.value.request_id == ada.value.request_id == "same"
+    assert store.accounts[payer.account_id].ledger_balance == 800
+    again = await handlers.submit_payment(command, key("SubmitPayment", "same", caller="token:bob"))
+    assert again.replay == repr(bob.value).encode()
+    # Each caller's reuse is refused, and a freeze under the same request_id by a third caller runs.
+    with pytest.raises(RequestIdReused):
+        await handlers.submit_payment(command, key("SubmitPayment", "same", b"other", caller="token:bob"))
+    freeze = commands.SetAccountStatus(payee.account_id, AccountStatus.FROZEN, "")
+    frozen = await handlers.set_account_status(freeze, key("FreezeAccount", "same", caller="token:carol"))
+    assert frozen.value is not None
+    assert {k for k in store.requests if k.request_id == "same"} == {
+        IdempotencyKey(caller, "same") for caller in (CALLER, "token:bob", "token:carol")
+    }
+
+
 async def test_freezing_is_idempotent_and_declines_payments(handlers: Handlers, store: Store) -> None:
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     freeze = commands.SetAccountStatus(payee.account_id, AccountStatus.FROZEN, "fraud check")
@@ -207,7 +238,9 @@ async def test_a_duplicate_committed_while_a_submission_waited_for_its_locks_is_
     handlers: Handlers, store: Store
 ) -> None:
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
-    store.committed_elsewhere["dup"] = StoredRequest("SubmitPayment", b"f", b"the first response")
+    store.committed_elsewhere[IdempotencyKey(CALLER, "dup")] = StoredRequest(
+        "SubmitPayment", b"f", b"the first response"
+    )
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 100, "")
     outcome = await handlers.submit_payment(command, key("SubmitPayment", "dup"))
     assert outcome.value is None
