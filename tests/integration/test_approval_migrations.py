@@ -146,6 +146,9 @@ def test_a_downgrade_is_refused_while_a_request_id_has_two_callers(database_dsn:
     before = keys(db)
     with pytest.raises(RuntimeError, match="1 request_ids are recorded for more than one caller"):
         downgrade(database_dsn, "0001")
+    refused = _cli("downgrade", "--revision", "0001", dsn=database_dsn)
+    assert refused.returncode == 1
+    assert "1 request_ids are recorded for more than one caller" in refused.stdout
     assert current(database_dsn) == "0002"
     assert primary_key(db) == ["caller", "request_id"]
     assert keys(db) == before
