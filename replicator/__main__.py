@@ -71,6 +71,26 @@ def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def _retire(settings: Settings, args: argparse.Namespace) -> int:
+    from replicator.retire import Unreachable, VersionInUse, retire
+
+    def progress(line: str) -> None:
+        print(f"replicator retire: {line}", file=sys.stderr, flush=True)
+
+    try:
+        done = retire(
+            settings, args.namespace, args.slot, batch=args.batch, dry_run=args.dry_run, progress=progress
+        )
+    except VersionInUse as error:
+        print(f"replicator retire: {error}", file=sys.stderr)
+        return 3
+    except Unreachable as error:
+        print(f"replicator retire: cannot reach {error}", file=sys.stderr)
+        return 4
+    print(done.summary())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="replicator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("reconcile", help="compare every source row with its read model")
     check.add_argument("--wait-seconds", type=float, default=30.0, help="how long to wait for the checkpoint")
     check.add_argument("--max-printed", type=int, default=100, help="print at most this many differences")
+    retiring = commands.add_parser(
+        "retire",
+        help="remove a read-model version: drop its slot, then delete its keys in batches",
+        description="Takes the version's lock, drops its replication slot, then deletes every key of "
+        "its namespace, at most --batch keys per Redis call, reporting progress on stderr. Run again "
+        "to finish an interrupted retirement. Exit status: 0 done, 2 bad settings, 3 the version is "
+        "in use (a replicator holds its lock or a walsender its slot), 4 PostgreSQL or Redis not reached.",
+    )
+    retiring.add_argument("--namespace", required=True, help="the key namespace of the version, e.g. rm:v1")
+    retiring.add_argument("--slot", required=True, help="the replication slot that feeds it")
+    retiring.add_argument("--batch", type=int, default=500, help="keys deleted per Redis call (default 500)")
+    retiring.add_argument(
+        "--dry-run", action="store_true", help="count what would be removed; change nothing"
+    )
     args = parser.parse_args(argv)
     # Imported here so that `--help` works without the service's dependencies loaded.
     from replicator.config import Settings
@@ -86,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("replicator", settings.log_level)
     if args.command == "run":
         return _run(settings)
+    if args.command == "retire":
+        return _retire(settings, args)
     return _reconcile(settings, args)
 
 

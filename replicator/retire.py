@@ -1,0 +1,181 @@
+"""`replicator retire`: removes a read-model version that nothing serves any more, its slot first, then its keys.
+
+A version is a key namespace (`rm:v1`) and the replication slot that feeds it. Retiring
+it takes the version's lock, so that no replicator can start writing it meanwhile (and a
+running one makes the command refuse), drops the slot (the WAL it retained is freed at
+once), then deletes the namespace's keys in batches: one SCAN step and one UNLINK of at
+most `batch` keys per call, so Redis never runs a long command. It can be run again after
+an interruption: it goes on from what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+import psycopg2
+import redis
+
+from payments_common.keys import KeySchema
+from replicator.config import Settings
+from replicator.lock import LockKeeper, SlotLock, instance_token
+from replicator.sink import FENCED_UNLINK
+
+DEFAULT_BATCH: Final = 500
+# How often progress is reported while keys are deleted.
+PROGRESS_SECONDS: Final = 2.0
+# A retirement that makes no progress for this long lets the version's lock go.
+STALL_SECONDS: Final = 60.0
+
+
+class VersionInUse(RuntimeError):
+    """A replicator holds the version's lock, or a walsender its slot: it is not retired."""
+
+
+class Unreachable(RuntimeError):
+    """PostgreSQL or Redis could not be reached."""
+
+
+@dataclass(frozen=True)
+class Retirement:
+    """What a retirement did (or, dry, would do)."""
+
+    namespace: str
+    slot_name: str
+    slot_found: bool
+    retained_wal_bytes: int | None  # what the slot kept when it was found
+    keys: int  # deleted (counted, when dry)
+    dry_run: bool
+
+    def summary(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        if not self.slot_found:
+            slot = f"slot {self.slot_name} not found"
+        else:
+            retained = (
+                f" (it retained {self.retained_wal_bytes:,} bytes of WAL)" if self.retained_wal_bytes else ""
+            )
+            slot = f"slot {self.slot_name} {'would be dropped' if self.dry_run else 'dropped'}{retained}"
+        return f"{self.namespace}: {slot}; {verb} {self.keys:,} keys"
+
+
+def _slot(dsn: str, slot: str) -> tuple[bool, int | None, int | None]:
+    """Whether the slot exists in the source's database, the walsender that uses it, the WAL it retains."""
+    with (
+        contextlib.closing(psycopg2.connect(dsn, connect_timeout=10)) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(
+            "SELECT active_pid, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()",
+            (slot,),
+        )
+        row = cursor.fetchone()
+    if row is None:
+        return False, None, None
+    return True, row[0], row[1]
+
+
+def _drop_slot(dsn: str, slot: str) -> None:
+    with contextlib.closing(psycopg2.connect(dsn, connect_timeout=10)) as connection:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND database = current_database() AND NOT active",
+                (slot,),
+            )
+            if cursor.rowcount == 0:
+                # Taken meanwhile by a walsender (or dropped by someone else): look again.
+                found, pid, _ = _slot(dsn, slot)
+                if found:
+                    raise VersionInUse(
+                        f"slot {slot} is in use by walsender pid {pid}; stop its replicator first"
+                    )
+
+
+def _batches(client: redis.Redis, pattern: str, skip: str, size: int) -> Iterator[list[bytes]]:
+    """The keys matching `pattern` but `skip`, in lists of at most `size`, one SCAN step at a time."""
+    chunk: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=size):
+        if key == skip.encode():
+            continue
+        chunk.append(key)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def retire(
+    settings: Settings,
+    namespace: str,
+    slot: str,
+    *,
+    batch: int = DEFAULT_BATCH,
+    dry_run: bool = False,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Retirement:
+    """Retires the version (`namespace`, `slot`): VersionInUse while anything runs it, Unreachable without a server."""
+    schema = KeySchema(namespace)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
+    try:
+        return _retire(settings, client, schema, slot, batch, dry_run, progress)
+    except (redis.ConnectionError, redis.TimeoutError) as error:
+        raise Unreachable(f"Redis: {error}") from None
+    except psycopg2.OperationalError as error:
+        raise Unreachable(f"PostgreSQL: {str(error).strip()}") from None
+    finally:
+        client.close()
+
+
+def _retire(
+    settings: Settings,
+    client: redis.Redis,
+    schema: KeySchema,
+    slot: str,
+    batch: int,
+    dry_run: bool,
+    progress: Callable[[str], None],
+) -> Retirement:
+    lock = SlotLock(client, schema.lock(slot), settings.lock_ttl_seconds, f"retire:{instance_token()}")
+    found, pid, retained = _slot(settings.database_url, slot)
+    if dry_run:
+        owner = lock.owner()
+        if owner is not None:
+            progress(
+                f"{schema.namespace}: a replicator holds the lock ({owner}); retiring it would be refused"
+            )
+        keys = sum(len(chunk) for chunk in _batches(client, schema.namespace_pattern(), lock.key, batch))
+        return Retirement(schema.namespace, slot, found, retained, keys, dry_run=True)
+    if not lock.try_acquire():
+        raise VersionInUse(
+            f"a replicator holds the lock of {schema.namespace} ({lock.owner()}); stop it before retiring the version"
+        )
+    keeper = LockKeeper(
+        settings.redis_url, lock.key, settings.lock_ttl_seconds, lock.token, STALL_SECONDS
+    ).start()
+    try:
+        if found:
+            if pid is not None:
+                raise VersionInUse(f"slot {slot} is in use by walsender pid {pid}; stop its replicator first")
+            keeper.check()
+            _drop_slot(settings.database_url, slot)
+            progress(f"{schema.namespace}: dropped slot {slot}")
+        unlink = client.register_script(FENCED_UNLINK)
+        deleted, reported = 0, time.monotonic()
+        for chunk in _batches(client, schema.namespace_pattern(), lock.key, batch):
+            keeper.check()
+            deleted += int(unlink(keys=[lock.key, *chunk], args=[lock.token]))
+            if time.monotonic() - reported >= PROGRESS_SECONDS:
+                progress(f"{schema.namespace}: {deleted:,} keys deleted")
+                reported = time.monotonic()
+        return Retirement(schema.namespace, slot, found, retained, deleted, dry_run=False)
+    finally:
+        keeper.stop()
+        with contextlib.suppress(redis.RedisError):
+            lock.release()
