@@ -378,8 +378,10 @@ class _Stream:
         # checkpoint can move there even when no published table changed.
         server_position = self.source.past_page_header(self.stream.wal_end)
         if server_position > self.checkpoint.lsn and now - self.last_advance >= IDLE_ADVANCE_INTERVAL_SECONDS:
-            self.writer.write([], Checkpoint(server_position, None))
-            self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us)
+            # The walsender's send time of that position: lag in seconds is measured from it.
+            sent_at = self.stream.wal_end_time_us or None
+            self.writer.write([], Checkpoint(server_position, None, sent_at))
+            self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us, sent_at)
             metrics.CHECKPOINT_LSN.set(server_position)
             metrics.LAG_SECONDS.set(0)
             self.acks.applied(server_position)
