@@ -1,4 +1,4 @@
-"""The replicator's command line: `replicator run` streams; `replicator reconcile` checks for drift."""
+"""The replicator's command line: `replicator run` streams; `reconcile` checks for drift; `status` shows the slot."""
 
 from __future__ import annotations
 
@@ -71,6 +71,19 @@ def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from replicator.status import as_json, read_status, table
+
+    status = read_status(settings, timeout_seconds=args.timeout)
+    if args.json:
+        print(json.dumps(as_json(status), indent=2))
+    else:
+        print(table(status))
+    return status.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="replicator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -78,11 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("reconcile", help="compare every source row with its read model")
     check.add_argument("--wait-seconds", type=float, default=30.0, help="how long to wait for the checkpoint")
     check.add_argument("--max-printed", type=int, default=100, help="print at most this many differences")
+    status = commands.add_parser(
+        "status",
+        help="the slot, the WAL it keeps, the checkpoint, the lag and the lock's owner",
+        description="Exit status: 0 ok, 2 bad settings, 3 the slot is missing, 4 PostgreSQL or Redis "
+        "not reached, 5 the slot was invalidated (wal_status lost). See docs/operations.md.",
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON document of docs/operations.md")
+    status.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for each of PostgreSQL and Redis"
+    )
     args = parser.parse_args(argv)
     # Imported here so that `--help` works without the service's dependencies loaded.
     from replicator.config import Settings
 
     settings = Settings.from_env_or_exit("replicator")
+    if args.command == "status":
+        # Its standard output is the report (JSON with --json): no log lines there.
+        return _status(settings, args)
     configure_logging("replicator", settings.log_level)
     if args.command == "run":
         return _run(settings)

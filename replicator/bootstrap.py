@@ -96,6 +96,9 @@ def bootstrap(
     log.info("bootstrap removed %d existing read-model keys", removed)
     keeper.check()
     source.drop_slot(fence=lock.fence)
+    # Every transaction that committed before this moment ends before the consistent point:
+    # one still writing its commit record now is running, and the new slot waits for it.
+    started_at_us = source.server_time_us()
     consistent_point, snapshot = source.create_slot_with_snapshot()
     log.info(
         "created slot %s at consistent point %s with snapshot %s",
@@ -129,7 +132,7 @@ def bootstrap(
                 extra={"rows_copied": copied, "rows_estimated": estimate},
             )
             last_report = now
-    checkpoint = Checkpoint(consistent_point, None)
+    checkpoint = Checkpoint(consistent_point, None, started_at_us)
     writer.write([], checkpoint)
     log.warning(
         "bootstrap of slot %s done: %d rows in %.1fs, checkpoint %s",

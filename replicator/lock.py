@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import redis
 
@@ -33,6 +34,26 @@ RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a slot's lock, as Redis has it: the owner's token and the milliseconds it has left."""
+
+    token: str | None
+    ttl_ms: int | None
+
+
+def read_owner(client: redis.Redis, key: str) -> LockOwner:
+    """The lock's owner and remaining TTL, read in one round trip (None, None: nobody holds it)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.get(key)
+        pipe.pttl(key)
+        value, ttl = pipe.execute()
+    if not isinstance(value, bytes):
+        return LockOwner(None, None)
+    # PTTL is -1 for a key without a TTL (not ours) and -2 once it is gone.
+    return LockOwner(value.decode(), int(ttl) if int(ttl) >= 0 else None)
 
 
 class LockLost(RuntimeError):
@@ -75,8 +96,7 @@ class SlotLock:
         self.client.eval(RELEASE_LOCK, 1, self.key, self.token)
 
     def owner(self) -> str | None:
-        value = self.client.get(self.key)
-        return value.decode() if isinstance(value, bytes) else None
+        return read_owner(self.client, self.key).token
 
 
 class LockKeeper:
