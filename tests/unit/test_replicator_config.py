@@ -58,7 +58,9 @@ def test_the_key_namespace_is_a_setting_with_the_shared_default() -> None:
     assert Settings.from_env({**REQUIRED, "REPLICATOR_KEY_NAMESPACE": "rm:v2"}).namespace == "rm:v2"
 
 
-@pytest.mark.parametrize("namespace", ["rm:*", "rm:", ":v1", "rm::v1", "rm v1", "rm:{v1}", "rm:v[12]", "rm?v1"])
+@pytest.mark.parametrize(
+    "namespace", ["rm:*", "rm:", ":v1", "rm::v1", "rm v1", "rm:{v1}", "rm:v[12]", "rm?v1"]
+)
 def test_a_namespace_that_would_widen_a_key_pattern_is_refused(namespace: str) -> None:
     """A rebuild removes `<namespace>:*`: a glob character or an empty part would reach other keys."""
     with pytest.raises(SettingsError, match="REPLICATOR_KEY_NAMESPACE"):
