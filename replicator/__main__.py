@@ -22,6 +22,7 @@ def _run(settings: Settings) -> int:
     from payments_common.metrics import metrics_served
     from replicator.health import HealthServer
     from replicator.runner import Replicator
+    from replicator.slotwatch import SlotWatch
 
     health = (
         HealthServer(settings.health_port, credentials=settings.tls.server_credentials())
@@ -36,7 +37,15 @@ def _run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The slot's gauges, read whatever the replication loop is doing; only worth it when served.
+    watch = (
+        SlotWatch(settings.database_url, settings.slot_name, settings.slot_sample_seconds)
+        if settings.metrics_port
+        else None
+    )
     with metrics_served(settings.metrics_port):
+        if watch:
+            watch.start()
         if health:
             health.start()
         log.info(
@@ -55,6 +64,8 @@ def _run(settings: Settings) -> int:
             worker.join(timeout=0.5)
         if health:
             health.stop()
+        if watch:
+            watch.stop()
     return outcome[0] if outcome else 1
 
 

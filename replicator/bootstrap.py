@@ -23,6 +23,14 @@ COPY_BATCH_ROWS = 1000
 PROGRESS_INTERVAL_SECONDS = 5.0
 
 
+# Why a bootstrap runs: a first start, or data gone (rebuild_needed). Each labels a series of
+# the metrics from the start, so that an alert sees its first increase.
+REBUILD_REASONS = ("new_deployment", "redis_empty", "slot_missing", "slot_lost", "redis_behind_slot")
+for _reason in REBUILD_REASONS:
+    metrics.BOOTSTRAPS.labels(_reason)
+    metrics.BOOTSTRAP_IN_PROGRESS.labels(_reason)
+
+
 class Stopped(Exception):
     """The replicator was asked to stop."""
 
@@ -88,6 +96,25 @@ def bootstrap(
     if rebuild.message:
         log.error("%s", rebuild.message)
     metrics.BOOTSTRAPS.labels(rebuild.reason).inc()
+    in_progress = metrics.BOOTSTRAP_IN_PROGRESS.labels(rebuild.reason)
+    in_progress.set(1)
+    try:
+        return _bootstrap(slot, source, writer, projector, lock, keeper, rebuild, stopping)
+    finally:
+        in_progress.set(0)
+
+
+def _bootstrap(
+    slot: str,
+    source: Source,
+    writer: Writer,
+    projector: Projector,
+    lock: SlotLock,
+    keeper: LockKeeper,
+    rebuild: Rebuild,
+    stopping: Callable[[], bool],
+) -> Checkpoint:
+    """The rebuild itself: keys removed, a new slot, the copy, the checkpoint."""
     log.warning("bootstrap of slot %s started (reason: %s)", slot, rebuild.reason)
     started = time.monotonic()
     sink = writer.sink

@@ -43,6 +43,8 @@ class Settings(ServiceSettings):
     # How long one Redis command may take before the session restarts (not the lock's TTL:
     # the lock is renewed from a thread of its own).
     redis_timeout_seconds: float = 30.0
+    # How often the slot's gauges are read from pg_replication_slots (with metrics served).
+    slot_sample_seconds: float = 10.0
 
     @classmethod
     def read(cls, env: EnvReader) -> dict[str, Any]:
@@ -75,4 +77,5 @@ class Settings(ServiceSettings):
             ),
             "ack_delay_seconds": env.number("ACK_DELAY_SECONDS", cls.ack_delay_seconds),
             "redis_timeout_seconds": env.positive("REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds),
+            "slot_sample_seconds": env.positive("SLOT_SAMPLE_SECONDS", cls.slot_sample_seconds),
         }

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import redis
 
+from replicator import metrics
+
 log = logging.getLogger(__name__)
 
 RENEW_LOCK = """
@@ -152,6 +154,7 @@ class LockKeeper:
                     f"the main loop made no progress for {stalled:.0f}s; the lock {self.key} is let go"
                 )
                 log.error("%s", self._lost)
+                metrics.LOCK_HELD.set(0)
                 return
             try:
                 held = self._lock.renew()
@@ -159,11 +162,13 @@ class LockKeeper:
                 if now - self._renewed_at >= self.ttl_seconds:
                     self._lost = f"could not renew the lock {self.key} within its TTL: {error}"
                     log.warning("%s", self._lost)
+                    metrics.LOCK_HELD.set(0)
                     return
                 continue
             if not held:
                 self._lost = f"the lock {self.key} was taken by {self._owner()}"
                 log.warning("%s", self._lost)
+                metrics.LOCK_HELD.set(0)
                 return
             self._renewed_at = now
 

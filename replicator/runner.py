@@ -105,6 +105,7 @@ class Replicator:
         keeper: LockKeeper | None = None
         try:
             self._acquire(lock)
+            metrics.LOCK_HELD.set(1)
             keeper = LockKeeper(
                 self.settings.redis_url,
                 lock_key,
@@ -147,6 +148,8 @@ class Replicator:
             self._on_ready(True)
             _Stream(self, source, writer, keeper, checkpoint).run()
         finally:
+            # Whatever ended the session, this instance writes nothing until it acquires the lock again.
+            metrics.LOCK_HELD.set(0)
             if keeper is not None:
                 keeper.stop()
             source.close()

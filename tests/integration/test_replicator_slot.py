@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
+from functools import partial
 
+import psycopg2
 import pytest
 import redis
 
@@ -269,3 +272,70 @@ def test_an_invalidated_slot_is_reported_and_rebuilt(
     code, document = status_json(dsn, redis_url)
     assert code == EXIT_OK
     assert document["slot"]["wal_status"] in ("reserved", "extended")
+
+
+def _metrics(port: int) -> dict[str, float]:
+    """The replicator's samples by name with labels, e.g. 'replicator_slot_wal_status{wal_status="lost"}'."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("replicator_"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_the_slot_and_lock_gauges(migrated_dsn: str, redis_url: str, replicator: StartReplicator) -> None:
+    """The owner and a standby both export the slot; only the owner holds the lock; the WAL a slot keeps shows."""
+    owner_port, standby_port = free_port(), free_port()
+    owner = replicator(migrated_dsn, redis_url, metrics_port=str(owner_port), slot_sample_seconds="0.2")
+    owner.wait_caught_up()
+    wait_until(
+        lambda: _metrics(owner_port).get("replicator_slot_active") == 1, 30, "the owner sees its slot active"
+    )
+    seen = _metrics(owner_port)
+    assert seen["replicator_lock_held"] == 1
+    assert seen["replicator_slot_exists"] == 1
+    assert seen["replicator_slot_safe_wal_size_bytes"] > 0
+    assert seen['replicator_slot_wal_status{wal_status="reserved"}'] == 1
+    assert seen['replicator_slot_wal_status{wal_status="lost"}'] == 0
+    assert seen['replicator_bootstrap_in_progress{reason="new_deployment"}'] == 0
+    assert seen['replicator_bootstraps_total{reason="new_deployment"}'] == 1
+    assert seen['replicator_bootstraps_total{reason="slot_lost"}'] == 0
+
+    standby = replicator(migrated_dsn, redis_url, metrics_port=str(standby_port), slot_sample_seconds="0.2")
+    standby.wait_for_log("waiting for the lock")
+    wait_until(
+        lambda: _metrics(standby_port).get("replicator_slot_exists") == 1, 30, "the standby reads the slot"
+    )
+    assert _metrics(standby_port)["replicator_lock_held"] == 0
+
+    # A transaction left open holds the slot's restart_lsn back (logical decoding needs its
+    # start), so the slot keeps the WAL written meanwhile even though the owner confirms it.
+    holder = psycopg2.connect(migrated_dsn)
+    try:
+        with holder.cursor() as cursor:
+            cursor.execute("SELECT txid_current()")
+        kept = _metrics(owner_port)["replicator_slot_wal_retained_bytes"]
+        with SourceWriter(migrated_dsn) as source:
+            alice, bob = source.open_account("Alice"), source.open_account("Bob")
+            for n in range(300):
+                source.submit(alice, bob, 1 + n)
+        owner.wait_caught_up()
+
+        def grown(port: int) -> bool:
+            return _metrics(port)["replicator_slot_wal_retained_bytes"] > kept + 100_000
+
+        for port in (owner_port, standby_port):
+            wait_until(partial(grown, port), 30, "the WAL kept by the slot grows")
+        code, document = status_json(migrated_dsn, redis_url)
+        assert code == EXIT_OK
+        assert document["slot"]["retained_wal_bytes"] > kept + 100_000
+    finally:
+        holder.rollback()
+        holder.close()
+
+    assert owner.stop() == 0
+    wait_until(lambda: _metrics(standby_port)["replicator_lock_held"] == 1, 30, "the standby holds the lock")
+    standby.wait_caught_up()
