@@ -780,6 +780,30 @@ def test_prod_runs_no_database_and_is_bigger_than_dev() -> None:
         ), service
 
 
+ALERT_RULES = ROOT / "deploy" / "k8s" / "components" / "alerts" / "replicator.rules.yml"
+
+
+def test_the_alerts_ship_as_a_prometheus_rule_equal_to_the_rules_file(
+    objs: tuple[Obj, ...], overlay: str
+) -> None:
+    """The PrometheusRule holds exactly what promtool checked (tests/integration/test_alert_rules.py).
+
+    Only prod has it: it needs the Prometheus Operator's CRDs, which a dev cluster (kind,
+    minikube) lacks; a Prometheus without the operator loads the rules file itself.
+    """
+    rules = k8s.of_kind(objs, "PrometheusRule")
+    if overlay == "dev":
+        assert rules == []
+        return
+    rule = k8s.named(objs, "PrometheusRule", "replicator-alerts")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    try:
+        (source,) = k8s.yaml_documents(ALERT_RULES.read_text())
+    except k8s.ToolMissing as missing:
+        _missing(str(missing))
+    assert rule["spec"] == source
+
+
 @pytest.mark.parametrize("service", sorted(SERVICES))
 def test_scrape_annotations_name_the_metrics_port(
     objs: tuple[Obj, ...], namespace: str, service: str
