@@ -14,7 +14,7 @@ help:
 	@echo "make test-fast  lint, type-check, the unit and contract tests: the edit-run loop"
 	@echo "make up     start the local stack in the background (make down stops it)"
 	@echo "make token ROLE=reviewer [ACCOUNT=id]  print a bearer token the local stack accepts"
-	@echo "make gen    regenerate the Python code of protos/"
+	@echo "make gen    regenerate the Python code of protos/ and the PrometheusRule of the alerts"
 	@echo "make bench  the benchmark (about 10 min); make bench-quick is the smoke size (about 90 s)"
 
 $(STAMP): pyproject.toml
@@ -33,9 +33,11 @@ k8s-tools: $(K8S_STAMP)
 
 gen: venv
 	$(BIN)/python tools/genproto.py
+	$(BIN)/python tools/gen_alerts.py
 
 check-gen: venv
 	$(BIN)/python tools/genproto.py --check
+	$(BIN)/python tools/gen_alerts.py --check
 
 protos: venv
 	$(BIN)/buf lint

@@ -19,6 +19,8 @@ Layout (for payment P, account A, replication slot S):
     rm:v1:account:{A}:idxver           HASH  <P> -> WAL position of the last index write of P
     rm:v1:checkpoint:{S}               HASH  lsn -> end position of the last applied transaction
                                              commit_time_us -> its commit time
+                                             source_time_us -> the source's clock when it was
+                                             at lsn (a commit's time, or a keepalive's)
     rm:v1:changes                      STREAM  batch -> ChangeBatch bytes, one entry per applied batch
     rm:v1:lock:{S}                     STRING  the replicator instance that owns slot S (with a TTL)
 """
@@ -52,6 +54,9 @@ LSN_FIELD: Final = "lsn"
 VIEW_FIELD: Final = "view"
 CHECKPOINT_LSN_FIELD: Final = "lsn"
 CHECKPOINT_COMMIT_TIME_FIELD: Final = "commit_time_us"
+# The source's clock at the checkpoint: every transaction that committed earlier is applied
+# (up to the moment a commit takes to be flushed). Lag in seconds is measured from it.
+CHECKPOINT_SOURCE_TIME_FIELD: Final = "source_time_us"
 STREAM_BATCH_FIELD: Final = "batch"
 # A payment hash's field `tl:<sequence>` holds the position of that timeline entry's last write.
 TIMELINE_POSITION_PREFIX: Final = "tl:"

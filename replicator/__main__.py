@@ -1,4 +1,4 @@
-"""The replicator's command line: `replicator run` streams; `replicator reconcile` checks for drift."""
+"""The replicator's command line: `run` streams; `reconcile` checks for drift; `status` shows the slot; `retire` removes a version."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def _run(settings: Settings) -> int:
     from payments_common.metrics import metrics_served
     from replicator.health import HealthServer
     from replicator.runner import Replicator
+    from replicator.slotwatch import SlotWatch
 
     health = (
         HealthServer(settings.health_port, credentials=settings.tls.server_credentials())
@@ -36,7 +37,15 @@ def _run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The slot's gauges, read whatever the replication loop is doing; only worth it when served.
+    watch = (
+        SlotWatch(settings.database_url, settings.slot_name, settings.slot_sample_seconds)
+        if settings.metrics_port
+        else None
+    )
     with metrics_served(settings.metrics_port):
+        if watch:
+            watch.start()
         if health:
             health.start()
         log.info(
@@ -55,6 +64,8 @@ def _run(settings: Settings) -> int:
             worker.join(timeout=0.5)
         if health:
             health.stop()
+        if watch:
+            watch.stop()
     return outcome[0] if outcome else 1
 
 
@@ -69,6 +80,30 @@ def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
     for line in report.lines():
         print(line)
     return 0 if report.clean else 1
+
+
+def _namespace(value: str) -> str:
+    """A key namespace that matches only its own keys: a glob character would reach others'."""
+    from replicator.config import NAMESPACE
+
+    if not NAMESPACE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"parts of A-Z, a-z, 0-9, _ and - joined by ':', got {value!r}")
+    return value
+
+
+def _slot(value: str) -> str:
+    from replicator.config import SLOT_NAME
+
+    if not SLOT_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"1-63 of a-z, 0-9 and _, got {value!r}")
+    return value
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"at least 1, got {number}")
+    return number
 
 
 def _retire(settings: Settings, args: argparse.Namespace) -> int:
@@ -91,6 +126,19 @@ def _retire(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from replicator.status import as_json, read_status, table
+
+    status = read_status(settings, timeout_seconds=args.timeout)
+    if args.json:
+        print(json.dumps(as_json(status), indent=2))
+    else:
+        print(table(status))
+    return status.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="replicator", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,17 +154,34 @@ def main(argv: list[str] | None = None) -> int:
         "to finish an interrupted retirement. Exit status: 0 done, 2 bad settings, 3 the version is "
         "in use (a replicator holds its lock or a walsender its slot), 4 PostgreSQL or Redis not reached.",
     )
-    retiring.add_argument("--namespace", required=True, help="the key namespace of the version, e.g. rm:v1")
-    retiring.add_argument("--slot", required=True, help="the replication slot that feeds it")
-    retiring.add_argument("--batch", type=int, default=500, help="keys deleted per Redis call (default 500)")
+    retiring.add_argument(
+        "--namespace", required=True, type=_namespace, help="the key namespace of the version, e.g. rm:v1"
+    )
+    retiring.add_argument("--slot", required=True, type=_slot, help="the replication slot that feeds it")
+    retiring.add_argument(
+        "--batch", type=_positive, default=500, help="keys deleted per Redis call (default 500)"
+    )
     retiring.add_argument(
         "--dry-run", action="store_true", help="count what would be removed; change nothing"
+    )
+    status = commands.add_parser(
+        "status",
+        help="the slot, the WAL it keeps, the checkpoint, the lag and the lock's owner",
+        description="Exit status: 0 ok, 2 bad settings, 3 the slot is missing, 4 PostgreSQL or Redis "
+        "not reached, 5 the slot was invalidated (wal_status lost). See docs/operations.md.",
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON document of docs/operations.md")
+    status.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for each of PostgreSQL and Redis"
     )
     args = parser.parse_args(argv)
     # Imported here so that `--help` works without the service's dependencies loaded.
     from replicator.config import Settings
 
     settings = Settings.from_env_or_exit("replicator")
+    if args.command == "status":
+        # Its standard output is the report (JSON with --json): no log lines there.
+        return _status(settings, args)
     configure_logging("replicator", settings.log_level)
     if args.command == "run":
         return _run(settings)

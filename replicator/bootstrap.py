@@ -23,6 +23,14 @@ COPY_BATCH_ROWS = 1000
 PROGRESS_INTERVAL_SECONDS = 5.0
 
 
+# Why a bootstrap runs: a first start, or data gone (rebuild_needed). Each labels a series of
+# the metrics from the start, so that an alert sees its first increase.
+REBUILD_REASONS = ("new_deployment", "redis_empty", "slot_missing", "slot_lost", "redis_behind_slot")
+for _reason in REBUILD_REASONS:
+    metrics.BOOTSTRAPS.labels(_reason)
+    metrics.BOOTSTRAP_IN_PROGRESS.labels(_reason)
+
+
 class Stopped(Exception):
     """The replicator was asked to stop."""
 
@@ -88,6 +96,25 @@ def bootstrap(
     if rebuild.message:
         log.error("%s", rebuild.message)
     metrics.BOOTSTRAPS.labels(rebuild.reason).inc()
+    in_progress = metrics.BOOTSTRAP_IN_PROGRESS.labels(rebuild.reason)
+    in_progress.set(1)
+    try:
+        return _bootstrap(slot, source, writer, projector, lock, keeper, rebuild, stopping)
+    finally:
+        in_progress.set(0)
+
+
+def _bootstrap(
+    slot: str,
+    source: Source,
+    writer: Writer,
+    projector: Projector,
+    lock: SlotLock,
+    keeper: LockKeeper,
+    rebuild: Rebuild,
+    stopping: Callable[[], bool],
+) -> Checkpoint:
+    """The rebuild itself: keys removed, a new slot, the copy, the checkpoint."""
     log.warning("bootstrap of slot %s started (reason: %s)", slot, rebuild.reason)
     started = time.monotonic()
     sink = writer.sink
@@ -96,6 +123,9 @@ def bootstrap(
     log.info("bootstrap removed %d existing read-model keys", removed)
     keeper.check()
     source.drop_slot(fence=lock.fence)
+    # Every transaction that committed before this moment ends before the consistent point:
+    # one still writing its commit record now is running, and the new slot waits for it.
+    started_at_us = source.server_time_us()
     consistent_point, snapshot = source.create_slot_with_snapshot()
     log.info(
         "created slot %s at consistent point %s with snapshot %s",
@@ -129,7 +159,7 @@ def bootstrap(
                 extra={"rows_copied": copied, "rows_estimated": estimate},
             )
             last_report = now
-    checkpoint = Checkpoint(consistent_point, None)
+    checkpoint = Checkpoint(consistent_point, None, started_at_us)
     writer.write([], checkpoint)
     log.warning(
         "bootstrap of slot %s done: %d rows in %.1fs, checkpoint %s",

@@ -48,10 +48,20 @@ class TruncateTables:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Every source change at or below `lsn` is applied; `commit_time_us` is the last applied commit's time."""
+    """Every source change at or below `lsn` is applied; `commit_time_us` is the last applied commit's time.
+
+    `source_time_us` is the source's clock when its WAL ended at `lsn` (the walsender's
+    send time of an idle position); without it, the commit time stands for it.
+    """
 
     lsn: int
     commit_time_us: int | None
+    source_time_us: int | None = None
+
+    @property
+    def covered_until_us(self) -> int | None:
+        """Every transaction that committed before this source time is applied (None: unknown)."""
+        return self.source_time_us if self.source_time_us is not None else self.commit_time_us
 
 
 @dataclass

@@ -9,6 +9,9 @@ from typing import Any, ClassVar
 from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_PUBLICATION, DEFAULT_SLOT_NAME
 from payments_common.settings import EnvReader, ServiceSettings, SettingsError
 
+NAMESPACE = re.compile(r"[A-Za-z0-9_-]+(:[A-Za-z0-9_-]+)*")
+SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings(ServiceSettings):
@@ -24,7 +27,8 @@ class Settings(ServiceSettings):
     redis_url: str = field(repr=False)
     slot_name: str = DEFAULT_SLOT_NAME
     publication: str = DEFAULT_PUBLICATION
-    # Not read from the environment: the replicator writes the default read-model version.
+    # The read-model version this replicator writes (`rm:v1`): every key, the checkpoint and
+    # the lock start with it. REPLICATOR_KEY_NAMESPACE, as history's HISTORY_KEY_NAMESPACE.
     namespace: str = DEFAULT_NAMESPACE
     health_port: int = 50053
     metrics_port: int = 9103
@@ -40,12 +44,21 @@ class Settings(ServiceSettings):
     # How long one Redis command may take before the session restarts (not the lock's TTL:
     # the lock is renewed from a thread of its own).
     redis_timeout_seconds: float = 30.0
+    # How often the slot's gauges are read from pg_replication_slots (with metrics served).
+    slot_sample_seconds: float = 10.0
 
     @classmethod
     def read(cls, env: EnvReader) -> dict[str, Any]:
         slot_name = env.text("SLOT_NAME", cls.slot_name)
-        if not re.fullmatch(r"[a-z0-9_]{1,63}", slot_name):
+        if not SLOT_NAME.fullmatch(slot_name):
             raise SettingsError(f"{cls.PREFIX}SLOT_NAME must be 1-63 of a-z, 0-9 and _, got {slot_name!r}")
+        namespace = env.text("KEY_NAMESPACE", cls.namespace)
+        # A rebuild removes the keys matching `<namespace>:*`: no glob characters, no empty part.
+        if not NAMESPACE.fullmatch(namespace):
+            raise SettingsError(
+                f"{cls.PREFIX}KEY_NAMESPACE must be parts of A-Z, a-z, 0-9, _ and - joined by ':', "
+                f"got {namespace!r}"
+            )
         lock_ttl = env.number("LOCK_TTL_SECONDS", cls.lock_ttl_seconds)
         if lock_ttl < 1:
             raise SettingsError(f"{cls.PREFIX}LOCK_TTL_SECONDS must be at least 1, got {lock_ttl}")
@@ -54,6 +67,7 @@ class Settings(ServiceSettings):
             "database_url": env.url("DATABASE_URL", ("postgresql://", "postgres://")),
             "redis_url": env.url("REDIS_URL", ("redis://", "rediss://", "unix://")),
             "slot_name": slot_name,
+            "namespace": namespace,
             "publication": env.text("PUBLICATION", cls.publication),
             "health_port": env.port("HEALTH_PORT", cls.health_port),
             "stream_maxlen": env.integer("STREAM_MAXLEN", cls.stream_maxlen, minimum=1),
@@ -64,4 +78,5 @@ class Settings(ServiceSettings):
             ),
             "ack_delay_seconds": env.number("ACK_DELAY_SECONDS", cls.ack_delay_seconds),
             "redis_timeout_seconds": env.positive("REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds),
+            "slot_sample_seconds": env.positive("SLOT_SAMPLE_SECONDS", cls.slot_sample_seconds),
         }

@@ -17,8 +17,11 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import redis
+
+from replicator import metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,26 @@ RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a slot's lock, as Redis has it: the owner's token and the milliseconds it has left."""
+
+    token: str | None
+    ttl_ms: int | None
+
+
+def read_owner(client: redis.Redis, key: str) -> LockOwner:
+    """The lock's owner and remaining TTL, read in one round trip (None, None: nobody holds it)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.get(key)
+        pipe.pttl(key)
+        value, ttl = pipe.execute()
+    if not isinstance(value, bytes):
+        return LockOwner(None, None)
+    # PTTL is -1 for a key without a TTL (not ours) and -2 once it is gone.
+    return LockOwner(value.decode(), int(ttl) if int(ttl) >= 0 else None)
 
 
 class LockLost(RuntimeError):
@@ -75,8 +98,7 @@ class SlotLock:
         self.client.eval(RELEASE_LOCK, 1, self.key, self.token)
 
     def owner(self) -> str | None:
-        value = self.client.get(self.key)
-        return value.decode() if isinstance(value, bytes) else None
+        return read_owner(self.client, self.key).token
 
 
 class LockKeeper:
@@ -132,6 +154,7 @@ class LockKeeper:
                     f"the main loop made no progress for {stalled:.0f}s; the lock {self.key} is let go"
                 )
                 log.error("%s", self._lost)
+                metrics.LOCK_HELD.set(0)
                 return
             try:
                 held = self._lock.renew()
@@ -139,11 +162,13 @@ class LockKeeper:
                 if now - self._renewed_at >= self.ttl_seconds:
                     self._lost = f"could not renew the lock {self.key} within its TTL: {error}"
                     log.warning("%s", self._lost)
+                    metrics.LOCK_HELD.set(0)
                     return
                 continue
             if not held:
                 self._lost = f"the lock {self.key} was taken by {self._owner()}"
                 log.warning("%s", self._lost)
+                metrics.LOCK_HELD.set(0)
                 return
             self._renewed_at = now
 

@@ -35,3 +35,35 @@ CONFIRMED_LSN = Gauge(
     "replicator_confirmed_lsn",
     "The last position confirmed to PostgreSQL (the slot may forget the WAL before it).",
 )
+LOCK_HELD = Gauge(
+    "replicator_lock_held",
+    "1 while this instance holds the slot's lock (bootstrap included), 0 while it waits or restarts.",
+)
+BOOTSTRAP_IN_PROGRESS = Gauge(
+    "replicator_bootstrap_in_progress",
+    "1 while this instance rebuilds the read models from a new slot's snapshot, by the reason of the rebuild.",
+    ["reason"],
+)
+# The slot as pg_replication_slots shows it, read by a thread of its own every
+# REPLICATOR_SLOT_SAMPLE_SECONDS, whether this instance streams, waits for the lock or
+# restarts; NaN after a sample that failed (PostgreSQL not reached).
+SLOT_EXISTS = Gauge("replicator_slot_exists", "1 when the replication slot exists in the source database.")
+SLOT_ACTIVE = Gauge(
+    "replicator_slot_active", "1 while a walsender streams the slot (this instance or another)."
+)
+SLOT_RETAINED_BYTES = Gauge(
+    "replicator_slot_wal_retained_bytes",
+    "WAL the slot keeps on the source: pg_current_wal_lsn() minus the slot's restart_lsn (0 without a slot).",
+)
+SLOT_SAFE_WAL_BYTES = Gauge(
+    "replicator_slot_safe_wal_size_bytes",
+    "WAL that can still be written before max_slot_wal_keep_size invalidates the slot; NaN without a cap.",
+)
+SLOT_WAL_STATUS = Gauge(
+    "replicator_slot_wal_status",
+    "1 for the slot's wal_status (reserved, extended, unreserved, lost), 0 for the others.",
+    ["wal_status"],
+)
+SLOT_SAMPLED_AT = Gauge(
+    "replicator_slot_sampled_timestamp_seconds", "When the slot was last read successfully (Unix time)."
+)

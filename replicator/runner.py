@@ -105,6 +105,7 @@ class Replicator:
         keeper: LockKeeper | None = None
         try:
             self._acquire(lock)
+            metrics.LOCK_HELD.set(1)
             keeper = LockKeeper(
                 self.settings.redis_url,
                 lock_key,
@@ -147,6 +148,8 @@ class Replicator:
             self._on_ready(True)
             _Stream(self, source, writer, keeper, checkpoint).run()
         finally:
+            # Whatever ended the session, this instance writes nothing until it acquires the lock again.
+            metrics.LOCK_HELD.set(0)
             if keeper is not None:
                 keeper.stop()
             source.close()
@@ -378,8 +381,10 @@ class _Stream:
         # checkpoint can move there even when no published table changed.
         server_position = self.source.past_page_header(self.stream.wal_end)
         if server_position > self.checkpoint.lsn and now - self.last_advance >= IDLE_ADVANCE_INTERVAL_SECONDS:
-            self.writer.write([], Checkpoint(server_position, None))
-            self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us)
+            # The walsender's send time of that position: lag in seconds is measured from it.
+            sent_at = self.stream.wal_end_time_us or None
+            self.writer.write([], Checkpoint(server_position, None, sent_at))
+            self.checkpoint = Checkpoint(server_position, self.checkpoint.commit_time_us, sent_at)
             metrics.CHECKPOINT_LSN.set(server_position)
             metrics.LAG_SECONDS.set(0)
             self.acks.applied(server_position)

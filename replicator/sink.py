@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 # KEYS: lock, checkpoint, change stream, then each op's keys in order.
 # ARGV: owner token, checkpoint position ('' = none), commit time in us ('' = unchanged),
 #       stream MAXLEN, ChangeBatch bytes ('' = none), the checkpoint the batch moves from
-#       ('0' = none; checked when a checkpoint is given), then each op: a code and its arguments.
+#       ('0' = none; checked when a checkpoint is given), the source time the checkpoint
+#       covers in us ('' = unchanged), then each op: a code and its arguments.
 #   V key(hash)                        position, view   upsert a view
 #   D key(hash)                        position         delete a view, keep a tombstone
 #   I keys(idxver, add..., remove...)  position, payment id, member, #add, #remove
@@ -50,7 +51,7 @@ end
 if ARGV[2] ~= '' and (redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@') or '0') ~= ARGV[6] then
   return redis.error_reply('CHECKPOINTMOVED the stored checkpoint is not the one this instance wrote')
 end
-local k, a, applied, skipped = 4, 7, 0, 0
+local k, a, applied, skipped = 4, 8, 0, 0
 while a <= #ARGV do
   local code, lsn = ARGV[a], ARGV[a + 1]
   if code == 'V' or code == 'D' then
@@ -110,6 +111,7 @@ if ARGV[2] ~= '' then
   if not (cur and newer(cur, ARGV[2])) then
     redis.call('HSET', KEYS[2], '@CHECKPOINT_LSN@', ARGV[2])
     if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], '@COMMIT_TIME@', ARGV[3]) end
+    if ARGV[7] ~= '' then redis.call('HSET', KEYS[2], '@SOURCE_TIME@', ARGV[7]) end
   end
   if ARGV[5] ~= '' then
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', '@BATCH@', ARGV[5])
@@ -118,6 +120,7 @@ end
 return {applied, skipped}
 """.replace("@CHECKPOINT_LSN@", keys.CHECKPOINT_LSN_FIELD)
     .replace("@COMMIT_TIME@", keys.CHECKPOINT_COMMIT_TIME_FIELD)
+    .replace("@SOURCE_TIME@", keys.CHECKPOINT_SOURCE_TIME_FIELD)
     .replace("@BATCH@", keys.STREAM_BATCH_FIELD)
     .replace("@LSN@", keys.LSN_FIELD)
     .replace("@VIEW@", keys.VIEW_FIELD)
@@ -177,15 +180,9 @@ class Sink:
         self.client.ping()
 
     def read_checkpoint(self) -> Checkpoint | None:
-        values = self.client.hmget(
-            self.checkpoint_key, [keys.CHECKPOINT_LSN_FIELD, keys.CHECKPOINT_COMMIT_TIME_FIELD]
-        )
-        lsn, commit_time = values
-        if lsn is None:
-            self.position = 0
-            return None
-        self.position = int(lsn)
-        return Checkpoint(int(lsn), int(commit_time) if commit_time else None)
+        checkpoint = read_checkpoint(self.client, self.checkpoint_key)
+        self.position = 0 if checkpoint is None else checkpoint.lsn
+        return checkpoint
 
     def read_fields(self, fields: Sequence[StoredField]) -> dict[StoredField, bytes | None]:
         """The stored value of each hash field (None: absent), in one round trip."""
@@ -215,6 +212,7 @@ class Sink:
             self.stream_maxlen,
             notification,
             self.position,
+            "" if checkpoint is None or checkpoint.covered_until_us is None else checkpoint.covered_until_us,
         ]
         for write in batch.writes:
             _PACKERS[type(write)](write, keys_, args)
@@ -308,6 +306,19 @@ class Sink:
     def clear_checkpoint(self) -> None:
         self._unlink([self.checkpoint_key])
         self.position = 0
+
+
+def read_checkpoint(client: redis.Redis, key: str) -> Checkpoint | None:
+    """The checkpoint as the apply script stores it in the hash `key`; None when there is none."""
+    lsn, commit_time, source_time = client.hmget(
+        key,
+        [keys.CHECKPOINT_LSN_FIELD, keys.CHECKPOINT_COMMIT_TIME_FIELD, keys.CHECKPOINT_SOURCE_TIME_FIELD],
+    )
+    if lsn is None:
+        return None
+    return Checkpoint(
+        int(lsn), int(commit_time) if commit_time else None, int(source_time) if source_time else None
+    )
 
 
 def pack_evalsha(sha: str, keys_: Sequence[str | bytes], args: Sequence[str | bytes | int]) -> bytes:

@@ -31,6 +31,77 @@ class SlotState:
 
 
 @dataclass(frozen=True)
+class SlotDetails:
+    """One row of pg_replication_slots, positions as integers."""
+
+    plugin: str
+    active: bool
+    active_pid: int | None
+    # The oldest WAL the slot keeps (None once it is lost), and what its consumer confirmed.
+    restart_lsn: int | None
+    confirmed_flush_lsn: int | None
+    # reserved, extended, unreserved or lost (PostgreSQL manual, pg_replication_slots).
+    wal_status: str | None
+    # Bytes of WAL that can still be written before the slot is lost; None without a cap.
+    safe_wal_size: int | None
+
+
+@dataclass(frozen=True)
+class SlotUsage:
+    """The slot and the source's WAL position, read in one statement."""
+
+    current_wal_lsn: int
+    # max_slot_wal_keep_size in bytes; None when unlimited (-1, PostgreSQL's default).
+    max_slot_wal_keep_size: int | None
+    slot: SlotDetails | None
+
+    @property
+    def retained_bytes(self) -> int | None:
+        """The WAL that the slot keeps on the source's disk: current position minus restart_lsn."""
+        if self.slot is None:
+            return 0
+        if self.slot.restart_lsn is None:
+            return None
+        return max(0, self.current_wal_lsn - self.slot.restart_lsn)
+
+
+# pg_current_wal_lsn() once, so that retained bytes compare positions of one moment. A
+# slot's name is cluster-wide; like the runner, only a slot of this database is ours.
+SLOT_USAGE_QUERY = """
+SELECT pg_current_wal_lsn()::text,
+       (SELECT CASE WHEN setting::bigint < 0 THEN NULL ELSE setting::bigint * 1024 * 1024 END
+          FROM pg_settings WHERE name = 'max_slot_wal_keep_size'),
+       s.slot_name IS NOT NULL, s.plugin, s.active, s.active_pid, s.restart_lsn::text,
+       s.confirmed_flush_lsn::text, s.wal_status, s.safe_wal_size
+FROM (SELECT 1) AS one
+LEFT JOIN pg_replication_slots AS s ON s.slot_name = %s AND s.database = current_database()
+"""
+
+
+def read_slot_usage(connection: psycopg2.extensions.connection, slot: str) -> SlotUsage:
+    """The slot's row of pg_replication_slots (None: no such slot) and the source's WAL position."""
+    with connection.cursor() as cursor:
+        cursor.execute(SLOT_USAGE_QUERY, (slot,))
+        row = cursor.fetchone()
+    assert row is not None
+    current, keep, exists, plugin, active, pid, restart, confirmed, wal_status, safe = row
+    details = (
+        SlotDetails(
+            plugin=plugin,
+            active=bool(active),
+            active_pid=pid,
+            restart_lsn=parse_lsn(restart) if restart else None,
+            confirmed_flush_lsn=parse_lsn(confirmed) if confirmed else None,
+            wal_status=wal_status,
+            safe_wal_size=int(safe) if safe is not None else None,
+        )
+        if exists
+        else None
+    )
+    return SlotUsage(parse_lsn(current), int(keep) if keep is not None else None, details)
+
+
+@dataclass(frozen=True)
 class CopyTable:
     schema: str
     name: str
@@ -140,6 +211,10 @@ class Source:
 
     def server_wal_lsn(self) -> int:
         return parse_lsn(self._query("SELECT pg_current_wal_lsn()::text")[0][0])
+
+    def server_time_us(self) -> int:
+        """The source's clock, in Unix microseconds."""
+        return int(self._query("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")[0][0])
 
     def end_other_consumer(self, fence: Callable[[], None]) -> None:
         """Ends a walsender that still uses the slot: this instance holds the lock, so it is a zombie.

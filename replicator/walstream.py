@@ -123,6 +123,7 @@ class WalStream:
         self._streaming = False
         self._flush_lsn = 0
         self._wal_end = 0
+        self._wal_end_time_us = 0
         self._next_status = 0.0
 
     @classmethod
@@ -214,6 +215,11 @@ class WalStream:
         return self._wal_end
 
     @property
+    def wal_end_time_us(self) -> int:
+        """The server's clock (Unix microseconds) when it sent `wal_end`; 0 before any message."""
+        return self._wal_end_time_us
+
+    @property
     def flush_lsn(self) -> int:
         """The flush position reported to the server: the highest one given to `confirm`."""
         return self._flush_lsn
@@ -238,6 +244,7 @@ class WalStream:
             if size > 0:
                 message = parse_message(data)
                 self._wal_end = message.wal_end
+                self._wal_end_time_us = message.send_time_us + PG_EPOCH_OFFSET_US
                 if isinstance(message, XLogData):
                     return message
                 if message.reply_requested:

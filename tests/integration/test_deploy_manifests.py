@@ -17,6 +17,7 @@ from packaging.requirements import Requirement
 
 from payments.approval.v1 import approval_service_pb2 as approval_pb2
 from payments.history.v1 import history_service_pb2 as history_pb2
+from payments_common.keys import DEFAULT_NAMESPACE
 from payments_common.settings import SettingsError
 from stack.auth import APPROVAL_METHODS, HISTORY_METHODS, ROLES, LocalAuthority, default_policy
 from tests.support import ROOT, k8s
@@ -246,6 +247,17 @@ def test_history_and_replicator_agree_on_the_slot(objs: tuple[Obj, ...], namespa
     _, replicator = _service_container(objs, "replicator")
     history_slot = k8s.container_env(history, objs, namespace)["HISTORY_SLOT_NAME"]
     assert history_slot == k8s.container_env(replicator, objs, namespace)["REPLICATOR_SLOT_NAME"]
+
+
+def test_history_reads_the_key_namespace_the_replicator_writes(objs: tuple[Obj, ...], namespace: str) -> None:
+    # Unset on both sides, each takes DEFAULT_NAMESPACE; set on one, it must be set alike on the other.
+    _, history = _service_container(objs, "history")
+    _, replicator = _service_container(objs, "replicator")
+    history_env = k8s.container_env(history, objs, namespace)
+    replicator_env = k8s.container_env(replicator, objs, namespace)
+    assert history_env.get("HISTORY_KEY_NAMESPACE", DEFAULT_NAMESPACE) == replicator_env.get(
+        "REPLICATOR_KEY_NAMESPACE", DEFAULT_NAMESPACE
+    )
 
 
 # ----- replicas, scaling, disruption ------------------------------------------------------------
@@ -766,6 +778,30 @@ def test_prod_runs_no_database_and_is_bigger_than_dev() -> None:
         assert millicores(prod_container["resources"]["requests"]["cpu"]) > millicores(
             dev_container["resources"]["requests"]["cpu"]
         ), service
+
+
+ALERT_RULES = ROOT / "deploy" / "k8s" / "components" / "alerts" / "replicator.rules.yml"
+
+
+def test_the_alerts_ship_as_a_prometheus_rule_equal_to_the_rules_file(
+    objs: tuple[Obj, ...], overlay: str
+) -> None:
+    """The PrometheusRule holds exactly what promtool checked (tests/integration/test_alert_rules.py).
+
+    Only prod has it: it needs the Prometheus Operator's CRDs, which a dev cluster (kind,
+    minikube) lacks; a Prometheus without the operator loads the rules file itself.
+    """
+    rules = k8s.of_kind(objs, "PrometheusRule")
+    if overlay == "dev":
+        assert rules == []
+        return
+    rule = k8s.named(objs, "PrometheusRule", "replicator-alerts")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    try:
+        (source,) = k8s.yaml_documents(ALERT_RULES.read_text())
+    except k8s.ToolMissing as missing:
+        _missing(str(missing))
+    assert rule["spec"] == source
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))

@@ -7,9 +7,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from payments_common.keys import DEFAULT_PUBLICATION
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from replicator import metrics
 from replicator.lock import LockKeeper, LockLost, SlotLock
 from replicator.source import Source
 from tests.support.waiting import wait_until
@@ -63,20 +65,26 @@ def test_a_lock_taken_by_another_instance_is_reported_as_lost(
     keeper: Callable[[float], LockKeeper], client: redis.Redis
 ) -> None:
     held = keeper(60)
+    metrics.LOCK_HELD.set(1)  # as the runner sets it once it has the lock
     client.set(KEY, "another instance", px=int(TTL_SECONDS * 1000))
     wait_until(lambda: _reports_lost(held), 30, "the keeper saw the lock taken", interval=0.01)
     with pytest.raises(LockLost):
         held.check()
     assert client.get(KEY) == b"another instance"
+    # The gauge falls with the lock, before the main loop notices.
+    assert REGISTRY.get_sample_value("replicator_lock_held") == 0
 
 
 def test_an_owner_that_makes_no_progress_lets_the_lock_expire(
     keeper: Callable[[float], LockKeeper], client: redis.Redis
 ) -> None:
     held = keeper(2 * TTL_SECONDS)
+    metrics.LOCK_HELD.set(1)
     wait_until(lambda: client.get(KEY) is None, 30, "the lock expired", interval=0.01)
     with pytest.raises(LockLost):
         held.check()
+    # A wedged owner reports that it holds no lock, though its main loop never gets to say so.
+    assert REGISTRY.get_sample_value("replicator_lock_held") == 0
 
 
 def _refuse() -> None:

@@ -75,7 +75,7 @@ def test_an_older_write_never_replaces_a_newer_one(writer: Writer, sink: Sink, c
     assert view.source_lsn == 200
     assert client.zcard(KEYS.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_DECLINED)) == 1
     assert client.zcard(KEYS.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_APPROVED)) == 0
-    assert sink.read_checkpoint() == Checkpoint(200, 1)
+    assert sink.read_checkpoint() == Checkpoint(200, 1, 1)
 
 
 def test_replaying_batches_gives_the_same_state(writer: Writer, sink: Sink, client: redis.Redis) -> None:
@@ -215,4 +215,18 @@ def test_an_instance_without_the_lock_removes_nothing(
     with pytest.raises(LockLost):
         writer.write([TruncateTables((PAYMENTS, ACCOUNTS), 190)], Checkpoint(190, 5))
     assert _snapshot(client) == before
-    assert sink.read_checkpoint() == Checkpoint(180, 5)
+    assert sink.read_checkpoint() == Checkpoint(180, 5, 5)
+
+
+def test_the_checkpoint_records_the_source_time_it_covers(writer: Writer, sink: Sink) -> None:
+    """A transaction's commit time, or the walsender's clock of an idle advance: what lag in seconds is measured from."""
+    writer.write(PROJECTOR.project(_payment(100)), Checkpoint(100, 1_000))
+    assert sink.read_checkpoint() == Checkpoint(100, 1_000, 1_000)
+    # An idle advance keeps the last commit's time and moves the source time.
+    writer.write([], Checkpoint(150, None, 2_000))
+    assert sink.read_checkpoint() == Checkpoint(150, 1_000, 2_000)
+    writer.write(PROJECTOR.project(_payment(200)), Checkpoint(200, 3_000))
+    assert sink.read_checkpoint() == Checkpoint(200, 3_000, 3_000)
+    # A batch without a checkpoint moves neither.
+    writer.write(PROJECTOR.project(_payment(250)), None)
+    assert sink.read_checkpoint() == Checkpoint(200, 3_000, 3_000)

@@ -90,12 +90,18 @@ def render(overlay: str) -> str:
 @functools.cache
 def objects(overlay: str) -> tuple[Obj, ...]:
     """The rendered objects, parsed by the YAML library of .venv-k8s (the project has none)."""
+    return tuple(yaml_documents(render(overlay)))
+
+
+def yaml_documents(text: str) -> list[Any]:
+    """The documents of a YAML text, parsed by the YAML library of .venv-k8s; empty ones left out."""
     python = venv_tool("python")
     script = "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)"
     result = subprocess.run(
-        [str(python), "-c", script], input=render(overlay), capture_output=True, text=True, check=True
+        [str(python), "-c", script], input=text, capture_output=True, text=True, check=True
     )
-    return tuple(json.loads(result.stdout))
+    documents: list[Any] = json.loads(result.stdout)
+    return documents
 
 
 def of_kind(objs: Iterable[Obj], *kinds: str) -> list[Obj]:

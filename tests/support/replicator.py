@@ -8,11 +8,14 @@ source's current WAL position.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -21,9 +24,11 @@ from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.lsn import format_lsn
+from replicator.config import Settings
+from replicator.status import Status, read_status
+from stack.replication import ROOT, replicator_env, start_replicator
 from stack.replication import checkpoint_lsn as checkpoint_lsn
 from stack.replication import current_wal_lsn as current_wal_lsn
-from stack.replication import replicator_env, start_replicator
 from tests.support.processes import ChildProcess
 from tests.support.waiting import wait_until
 
@@ -90,6 +95,40 @@ class ReplicatorProcess(ChildProcess):
 
     def wait_caught_up(self, timeout: float = 60.0) -> int:
         return wait_caught_up(self.database_url, self.redis_url, self.slot, timeout, process=self)
+
+
+def run_status(
+    database_url: str, redis_url: str, *args: str, slot: str | None = None, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m replicator status ARGS` with the settings `replicator run` would get (`extra_env` as in the fixture)."""
+    extra = {f"REPLICATOR_{k.upper()}": v for k, v in extra_env.items()}
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", "status", *args],
+        env=replicator_env(database_url, redis_url, slot=slot or slot_for(database_url), extra=extra),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def status_json(
+    database_url: str, redis_url: str, *args: str, slot: str | None = None, **extra_env: str
+) -> tuple[int, dict[str, Any]]:
+    """The exit status and the document of `replicator status --json ARGS`; fails on anything on stderr."""
+    done = run_status(database_url, redis_url, "--json", *args, slot=slot, **extra_env)
+    assert done.stderr == "", done.stderr
+    document = json.loads(done.stdout)
+    assert isinstance(document, dict)
+    return done.returncode, document
+
+
+def status_now(database_url: str, redis_url: str, slot: str | None = None, **extra_env: str) -> Status:
+    """What `replicator status` reads, read in this process: for polling, where a process per look is too slow."""
+    env = replicator_env(database_url, redis_url, slot=slot or slot_for(database_url))
+    env.update({f"REPLICATOR_{k.upper()}": v for k, v in extra_env.items()})
+    return read_status(Settings.from_env(env))
 
 
 def change_batches(entries: StreamRangeResponse | None) -> list[read_model_pb2.ChangeBatch]:

@@ -27,7 +27,7 @@ FIELD_NAMES = sorted(
 
 
 def test_the_field_names_are_known() -> None:
-    assert FIELD_NAMES == ["batch", "commit_time_us", "lsn", "tl:", "view"]
+    assert FIELD_NAMES == ["batch", "commit_time_us", "lsn", "source_time_us", "tl:", "view"]
 
 
 @pytest.mark.parametrize("module", [sink, lock, reconcile, queries], ids=lambda m: m.__name__)
@@ -52,6 +52,7 @@ def test_every_placeholder_of_the_scripts_is_filled() -> None:
         keys.LSN_FIELD,
         keys.VIEW_FIELD,
         keys.CHECKPOINT_COMMIT_TIME_FIELD,
+        keys.CHECKPOINT_SOURCE_TIME_FIELD,
         keys.STREAM_BATCH_FIELD,
         keys.TIMELINE_POSITION_PREFIX,
     ):

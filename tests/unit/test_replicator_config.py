@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from payments_common.keys import DEFAULT_PUBLICATION
+from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_PUBLICATION
 from payments_common.settings import SettingsError
 from replicator.config import Settings
 
@@ -51,3 +51,17 @@ def test_rejects_malformed_values() -> None:
         Settings.from_env({**REQUIRED, "REPLICATOR_STREAM_MAXLEN": "0"})
     with pytest.raises(SettingsError):
         Settings.from_env({**REQUIRED, "REPLICATOR_SLOT_NAME": "Bad-Name"})
+
+
+def test_the_key_namespace_is_a_setting_with_the_shared_default() -> None:
+    assert Settings.from_env(REQUIRED).namespace == DEFAULT_NAMESPACE
+    assert Settings.from_env({**REQUIRED, "REPLICATOR_KEY_NAMESPACE": "rm:v2"}).namespace == "rm:v2"
+
+
+@pytest.mark.parametrize(
+    "namespace", ["rm:*", "rm:", ":v1", "rm::v1", "rm v1", "rm:{v1}", "rm:v[12]", "rm?v1"]
+)
+def test_a_namespace_that_would_widen_a_key_pattern_is_refused(namespace: str) -> None:
+    """A rebuild removes `<namespace>:*`: a glob character or an empty part would reach other keys."""
+    with pytest.raises(SettingsError, match="REPLICATOR_KEY_NAMESPACE"):
+        Settings.from_env({**REQUIRED, "REPLICATOR_KEY_NAMESPACE": namespace})

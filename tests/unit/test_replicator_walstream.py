@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from psycopg import pq
 
+from replicator.decoder import PG_EPOCH_OFFSET_US
 from replicator.walstream import (
     Keepalive,
     ProtocolError,
@@ -191,6 +192,17 @@ def test_messages_are_read_without_waiting_and_keepalives_move_wal_end() -> None
     assert stream.read_message() is None
     assert stream.wal_end == 60
     assert pgconn.sent == []
+
+
+def test_wal_end_comes_with_the_servers_clock_when_it_sent_it() -> None:
+    """The time an idle checkpoint covers: the server's send time, in Unix microseconds."""
+    stream, pgconn = _streaming()
+    assert stream.wal_end_time_us == 0
+    pgconn.arriving.extend([xlog_data(10, 10, b"B", sent=1_000), keepalive(60, False, sent=2_000)])
+    stream.read_message()
+    assert stream.wal_end_time_us == 1_000 + PG_EPOCH_OFFSET_US
+    stream.read_message()
+    assert (stream.wal_end, stream.wal_end_time_us) == (60, 2_000 + PG_EPOCH_OFFSET_US)
 
 
 def test_a_requested_reply_carries_only_the_confirmed_position() -> None:

@@ -1,0 +1,245 @@
+"""The replicator's alert rules, checked and unit-tested by promtool with synthetic series.
+
+promtool comes with Debian's `prometheus` package (.ci/run installs it). It is never skipped:
+without it the alerts are untested, so the tests fail and say how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+from replicator import metrics
+from tests.support import ROOT
+
+RULES = ROOT / "deploy" / "k8s" / "components" / "alerts" / "replicator.rules.yml"
+RUNBOOK = ROOT / "docs" / "operations.md"
+GIB = 1024**3
+
+# Series of one replicator pod, and of a second one (a standby), in the Kubernetes namespace "payments".
+A = 'namespace="payments",pod="replicator-a"'
+B = 'namespace="payments",pod="replicator-b"'
+
+
+def _alert(name: str, labels: dict[str, str], summary: str) -> dict[str, Any]:
+    """One firing alert as promtool expects it: every label and every annotation."""
+    return {
+        "exp_labels": labels,
+        "exp_annotations": {"summary": summary, "runbook": f"docs/operations.md#{name.lower()}"},
+    }
+
+
+Checks = list[tuple[str, list[dict[str, Any]]]]
+
+# For each alert, promtool tests of the series that must fire it and of those that must not.
+CASES: dict[str, list[dict[str, Any]]] = {}
+
+
+def _cases(alertname: str, *cases: tuple[dict[str, str], Checks]) -> None:
+    """Each case: input series (one sample a minute) and, at each time, the alerts expected."""
+    CASES[alertname] = [
+        {
+            "interval": "1m",
+            "input_series": [{"series": name, "values": values} for name, values in series.items()],
+            "alert_rule_test": [
+                {"eval_time": at, "alertname": alertname, "exp_alerts": expected} for at, expected in checks
+            ],
+        }
+        for series, checks in cases
+    ]
+
+
+LAGGING = _alert(
+    "ReplicatorLagging",
+    {"severity": "warning", "namespace": "payments"},
+    "The read models in payments are 40s behind PostgreSQL.",
+)
+_cases(
+    "ReplicatorLagging",
+    # 40 s behind from the first minute: pending for 5 minutes, then firing.
+    ({f"replicator_lag_seconds{{{A}}}": "0 40x10"}, [("5m", []), ("7m", [LAGGING])]),
+    # A spike shorter than 5 minutes, and a steady lag under the threshold.
+    ({f"replicator_lag_seconds{{{A}}}": "0 40 40 40 0x10"}, [("4m", []), ("8m", [])]),
+    ({f"replicator_lag_seconds{{{A}}}": "25x15"}, [("10m", [])]),
+)
+
+RETAINS = _alert(
+    "ReplicatorSlotRetainsWal",
+    {"severity": "warning", "namespace": "payments"},
+    "The replication slot of payments keeps 2GiB of WAL on PostgreSQL.",
+)
+_cases(
+    "ReplicatorSlotRetainsWal",
+    # The owner and a standby both export the slot: one alert, not two.
+    (
+        {
+            f"replicator_slot_wal_retained_bytes{{{A}}}": f"0 {2 * GIB}x15",
+            f"replicator_slot_wal_retained_bytes{{{B}}}": f"0 {2 * GIB}x15",
+        },
+        [("10m", []), ("12m", [RETAINS])],
+    ),
+    ({f"replicator_slot_wal_retained_bytes{{{A}}}": f"{GIB // 2}x20"}, [("15m", [])]),
+    # NaN (the slot could not be read) never fires.
+    ({f"replicator_slot_wal_retained_bytes{{{A}}}": " ".join(["NaN"] * 20)}, [("15m", [])]),
+)
+
+
+def _at_risk(status: str) -> dict[str, Any]:
+    return _alert(
+        "ReplicatorSlotAtRisk",
+        {"severity": "critical", "namespace": "payments", "wal_status": status},
+        f"The replication slot of payments is {status}: max_slot_wal_keep_size removes, or has removed, "
+        "WAL it needs.",
+    )
+
+
+_cases(
+    "ReplicatorSlotAtRisk",
+    (
+        {
+            f'replicator_slot_wal_status{{{A},wal_status="reserved"}}': "1 0 0",
+            f'replicator_slot_wal_status{{{A},wal_status="unreserved"}}': "0 1 0",
+            f'replicator_slot_wal_status{{{A},wal_status="lost"}}': "0 0 1",
+        },
+        [("0m", []), ("1m", [_at_risk("unreserved")]), ("2m", [_at_risk("lost")])],
+    ),
+    ({f'replicator_slot_wal_status{{{A},wal_status="extended"}}': "1x5"}, [("3m", [])]),
+)
+
+NO_LOCK = _alert(
+    "ReplicatorNoLockHolder",
+    {"severity": "critical", "namespace": "payments"},
+    "No replicator in payments holds the slot's lock: nothing is replicated.",
+)
+NOTHING_SCRAPED = _alert(
+    "ReplicatorNoLockHolder",
+    {"severity": "critical"},
+    "No replicator holds the slot's lock: nothing is replicated.",
+)
+_cases(
+    "ReplicatorNoLockHolder",
+    # An owner and a standby: one holds it.
+    ({f"replicator_lock_held{{{A}}}": "1x10", f"replicator_lock_held{{{B}}}": "0x10"}, [("5m", [])]),
+    # The owner lost it and nobody took over for 2 minutes.
+    (
+        {f"replicator_lock_held{{{A}}}": "1 0x10", f"replicator_lock_held{{{B}}}": "0x10"},
+        [("2m", []), ("4m", [NO_LOCK])],
+    ),
+    # A takeover within a minute does not fire.
+    ({f"replicator_lock_held{{{A}}}": "1 0 0x10", f"replicator_lock_held{{{B}}}": "0 0 1x10"}, [("5m", [])]),
+    # No replicator scraped at all.
+    ({f"replicator_streaming{{{A}}}": "stale"}, [("1m", []), ("3m", [NOTHING_SCRAPED])]),
+)
+
+BOOTSTRAP = _alert(
+    "ReplicatorBootstrapInProgress",
+    {"severity": "warning", "namespace": "payments", "reason": "slot_lost"},
+    "The read models in payments are being rebuilt from a snapshot (reason slot_lost).",
+)
+_cases(
+    "ReplicatorBootstrapInProgress",
+    (
+        {
+            f'replicator_bootstrap_in_progress{{{A},reason="slot_lost"}}': "0 1 1 0",
+            f'replicator_bootstrap_in_progress{{{A},reason="new_deployment"}}': "0 0 0 0",
+        },
+        [("0m", []), ("1m", [BOOTSTRAP]), ("2m", [BOOTSTRAP]), ("3m", [])],
+    ),
+)
+
+REBUILT = _alert(
+    "ReplicatorRebuilt",
+    {"severity": "warning", "namespace": "payments", "reason": "redis_empty"},
+    "The read models in payments were rebuilt because data was gone (reason redis_empty).",
+)
+_cases(
+    "ReplicatorRebuilt",
+    # Every reason is a series at 0 from the start, so the first rebuild is an increase.
+    (
+        {
+            f'replicator_bootstraps_total{{{A},reason="redis_empty"}}': "0 0 1x40",
+            f'replicator_bootstraps_total{{{A},reason="new_deployment"}}': "0 1x40",
+        },
+        [("1m", []), ("3m", [REBUILT]), ("40m", [])],
+    ),
+    # A first start is no rebuild.
+    ({f'replicator_bootstraps_total{{{A},reason="new_deployment"}}': "0 1x10"}, [("3m", [])]),
+)
+
+
+def _promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        pytest.fail("promtool is not installed: `apt-get install prometheus` (Debian 12; .ci/run does)")
+    return found
+
+
+def _alert_names() -> list[str]:
+    return re.findall(r"^\s*- alert: (\w+)$", RULES.read_text(), flags=re.MULTILINE)
+
+
+def test_the_rules_file_passes_promtool_check() -> None:
+    done = subprocess.run(
+        [_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(_alert_names())} rules found" in done.stdout
+
+
+def test_every_alert_has_cases_and_a_runbook_section() -> None:
+    names = _alert_names()
+    assert sorted(CASES) == sorted(names)
+    headings = set(re.findall(r"^### (\w+)$", RUNBOOK.read_text(), flags=re.MULTILINE))
+    assert set(names) <= headings, "docs/operations.md needs a section `### <alert>` for each alert"
+
+
+@pytest.mark.parametrize("alertname", sorted(CASES))
+def test_the_alert_fires_when_it_should_and_only_then(alertname: str, tmp_path: Path) -> None:
+    # JSON is YAML: promtool reads the test file as written here.
+    tests = tmp_path / f"{alertname}.test.json"
+    tests.write_text(
+        json.dumps({"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": CASES[alertname]})
+    )
+    done = subprocess.run(
+        [_promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _exported() -> set[str]:
+    """The names of the series that replicator/metrics.py exports."""
+    names: set[str] = set()
+    for value in vars(metrics).values():
+        if not isinstance(value, MetricWrapperBase):
+            continue
+        for family in value.describe():
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(
+                family.type, [""]
+            )
+            names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_the_rules_use_only_metrics_the_replicator_exports() -> None:
+    used = set(re.findall(r"\breplicator_[a-z_]+", RULES.read_text()))
+    assert used, "no metric found in the rules"
+    assert used <= _exported(), used - _exported()
+
+
+def test_the_prometheus_rule_is_generated_from_the_rules_file() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "gen_alerts.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
