@@ -167,10 +167,11 @@ def _retire(
             _drop_slot(settings.database_url, slot)
             progress(f"{schema.namespace}: dropped slot {slot}")
         unlink = client.register_script(FENCED_UNLINK)
-        deleted, reported = 0, time.monotonic()
+        deleted, reported = 0, 0.0
         for chunk in _batches(client, schema.namespace_pattern(), lock.key, batch):
             keeper.check()
             deleted += int(unlink(keys=[lock.key, *chunk], args=[lock.token]))
+            # After the first batch (it has started), then every PROGRESS_SECONDS.
             if time.monotonic() - reported >= PROGRESS_SECONDS:
                 progress(f"{schema.namespace}: {deleted:,} keys deleted")
                 reported = time.monotonic()

@@ -146,12 +146,17 @@ def start_replicator(env: Mapping[str, str], log: Path, *, detached: bool = Fals
 
 
 def run_reconcile(
-    database_url: str, redis_url: str, slot: str | None = None, wait_seconds: float = 60
+    database_url: str,
+    redis_url: str,
+    slot: str | None = None,
+    wait_seconds: float = 60,
+    namespace: str = DEFAULT_NAMESPACE,
 ) -> subprocess.CompletedProcess[str]:
     """`python -m replicator reconcile`, the oracle: exit 0 means no difference between PostgreSQL and Redis."""
+    extra = {"REPLICATOR_LOG_LEVEL": "WARNING", "REPLICATOR_KEY_NAMESPACE": namespace}
     return subprocess.run(
         [sys.executable, "-m", "replicator", "reconcile", "--wait-seconds", str(wait_seconds)],
-        env=replicator_env(database_url, redis_url, slot=slot, extra={"REPLICATOR_LOG_LEVEL": "WARNING"}),
+        env=replicator_env(database_url, redis_url, slot=slot, extra=extra),
         cwd=ROOT,
         capture_output=True,
         text=True,

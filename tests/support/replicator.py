@@ -23,6 +23,7 @@ import redis
 from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
+from payments_common.keys import DEFAULT_NAMESPACE
 from payments_common.lsn import format_lsn
 from replicator.config import Settings
 from replicator.status import Status, read_status
@@ -44,15 +45,16 @@ def wait_caught_up(
     slot: str | None = None,
     timeout: float = 60.0,
     process: ReplicatorProcess | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
 ) -> int:
-    """Waits until the checkpoint in Redis reaches the source's WAL position of now; returns it."""
+    """Waits until the checkpoint in Redis (of `namespace`) reaches the source's WAL position of now; returns it."""
     name = slot or slot_for(database_url)
     target = current_wal_lsn(database_url)
     reached = 0
 
     def caught_up() -> bool:
         nonlocal reached
-        reached = checkpoint_lsn(redis_url, name)
+        reached = checkpoint_lsn(redis_url, name, namespace)
         if reached >= target:
             return True
         if process is not None and not process.alive:
@@ -93,8 +95,14 @@ class ReplicatorProcess(ChildProcess):
         self.process = start_replicator(self.env(), self.log_path)
         return self
 
+    @property
+    def namespace(self) -> str:
+        return self.extra_env.get("REPLICATOR_KEY_NAMESPACE", DEFAULT_NAMESPACE)
+
     def wait_caught_up(self, timeout: float = 60.0) -> int:
-        return wait_caught_up(self.database_url, self.redis_url, self.slot, timeout, process=self)
+        return wait_caught_up(
+            self.database_url, self.redis_url, self.slot, timeout, process=self, namespace=self.namespace
+        )
 
 
 def run_status(
