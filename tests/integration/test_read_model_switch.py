@@ -1,0 +1,242 @@
+"""A new read-model version built beside the live one, the history processes switched one by one, the old one retired.
+
+All of it under a steady payment load, with readers that must never see a failed read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psycopg2
+
+from payments.approval.v1 import approval_service_pb2 as approval_pb
+from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
+from payments.history.v1 import history_service_pb2 as history_pb
+from payments.history.v1 import history_service_pb2_grpc as history_grpc
+from payments.type.v1 import payment_pb2
+from stack.replication import run_reconcile
+from stack.servers import free_port
+from tests.integration.test_replicator_retire import keys_of, retire, slot_exists
+from tests.support.auth import aio_channel
+from tests.support.faults import FAST_RECONNECT, PaymentLoad, approval_process, history_process
+from tests.support.processes import ServiceProcess
+from tests.support.replicator import ReplicatorProcess, slot_for
+
+ACCOUNTS = 6
+# Generous: the machine is shared, and a read must not fail for being slow.
+READ_TIMEOUT_S = 20.0
+
+
+@dataclass
+class CheckedReaders:
+    """Readers through a round-robin channel over every history process; each answer is checked.
+
+    A payment read with its acknowledgement's consistency token must hold what approval
+    answered; a page of the payer's history read with that token must list it; an account
+    read again must never show an older version. Any error is a failed read.
+    """
+
+    target: str
+    load: PaymentLoad
+    accounts: list[str]
+    reads: int = 0
+    failed: list[str] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, readers: int = 2) -> None:
+        options = [*FAST_RECONNECT, ("grpc.lb_policy_name", "round_robin")]
+        async with aio_channel(self.target, options=options) as channel:
+            stub = history_grpc.HistoryServiceStub(channel)
+            await asyncio.gather(*(self._reader(stub, n) for n in range(readers)))
+
+    async def _reader(self, stub: history_grpc.HistoryServiceAsyncStub, number: int) -> None:
+        rng = random.Random(number)
+        seen: dict[str, int] = {}
+        while not self.stopping.is_set():
+            try:
+                await self._read_once(stub, rng, seen)
+                self.reads += 1
+            except grpc.aio.AioRpcError as error:
+                self.failed.append(f"{error.code().name}: {error.details()}")
+            await asyncio.sleep(0.005)  # a reader's pace, not synchronisation
+
+    async def _read_once(
+        self, stub: history_grpc.HistoryServiceAsyncStub, rng: random.Random, seen: dict[str, int]
+    ) -> None:
+        kind = rng.randrange(3)
+        if kind == 0 or not self.load.acks:
+            account = rng.choice(self.accounts)
+            reply = await stub.GetAccount(
+                history_pb.GetAccountRequest(account_id=account), timeout=READ_TIMEOUT_S, wait_for_ready=True
+            )
+            if reply.account.source_lsn < seen.get(account, 0):
+                self.failed.append(f"account {account} went back to {reply.account.source_lsn}")
+            seen[account] = max(seen.get(account, 0), reply.account.source_lsn)
+            return
+        ack = rng.choice(self.load.acks[-50:])
+        if kind == 1:
+            payment = await stub.GetPayment(
+                history_pb.GetPaymentRequest(payment_id=ack.payment_id, min_consistency_token=ack.token),
+                timeout=READ_TIMEOUT_S,
+                wait_for_ready=True,
+            )
+            if payment.payment.payment_id != ack.payment_id or payment.payment.status != ack.status:
+                self.failed.append(f"payment {ack.payment_id} read as {payment.payment}")
+            return
+        got = await stub.GetPayment(
+            history_pb.GetPaymentRequest(payment_id=ack.payment_id, min_consistency_token=ack.token),
+            timeout=READ_TIMEOUT_S,
+            wait_for_ready=True,
+        )
+        page = await stub.ListPayments(
+            history_pb.ListPaymentsRequest(
+                account_id=got.payment.payer_account_id,
+                direction=history_pb.PAYMENT_DIRECTION_SENT,
+                page_size=500,
+                min_consistency_token=ack.token,
+            ),
+            timeout=READ_TIMEOUT_S,
+            wait_for_ready=True,
+        )
+        if ack.payment_id not in {view.payment_id for view in page.payments} and not page.next_page_token:
+            self.failed.append(f"payment {ack.payment_id} missing from its payer's history")
+
+
+async def _open_accounts(address: str) -> list[str]:
+    async with aio_channel(address) as channel:
+        stub = approval_grpc.ApprovalServiceStub(channel)
+        accounts = []
+        for n in range(ACCOUNTS):
+            reply = await stub.CreateAccount(
+                approval_pb.CreateAccountRequest(
+                    request_id=f"open-{n}",
+                    owner_name=f"Owner {n}",
+                    currency_code="EUR",
+                    opening_balance_minor=10**9,
+                    per_payment_limit_minor=10**9,
+                    daily_limit_minor=10**12,
+                ),
+                timeout=30,
+            )
+            accounts.append(reply.account.account_id)
+        return accounts
+
+
+def _source_payments(dsn: str) -> int:
+    with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM payments")
+        row = cursor.fetchone()
+    connection.close()
+    assert row is not None
+    return int(row[0])
+
+
+async def _switch(process: ServiceProcess, namespace: str, slot: str, log: Path) -> ServiceProcess:
+    """A rolling restart of one history process onto another version: stop it, start it with the new settings."""
+    process.stop(15)
+    restarted = history_process(
+        process.env["HISTORY_REDIS_URL"],
+        process.port,
+        log,
+        slot,
+        key_namespace=namespace,
+        consistency_wait_max_seconds="10",
+    ).start()
+    await asyncio.to_thread(restarted.wait_serving, 60)
+    return restarted
+
+
+async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_read(
+    migrated_dsn: str, redis_url: str, tmp_path: Path
+) -> None:
+    base = slot_for(migrated_dsn)
+    old_slot, new_slot = f"{base}_v1", f"{base}_v2"
+    approval = approval_process(migrated_dsn, free_port(), tmp_path / "approval.log").start()
+    old = ReplicatorProcess(
+        migrated_dsn,
+        redis_url,
+        tmp_path / "replicator-v1.log",
+        slot=old_slot,
+        extra_env={"REPLICATOR_KEY_NAMESPACE": "rm:v1", "REPLICATOR_LOCK_TTL_SECONDS": "2"},
+    ).start()
+    histories = [
+        history_process(
+            redis_url,
+            free_port(),
+            tmp_path / f"history-{n}-v1.log",
+            old_slot,
+            key_namespace="rm:v1",
+            consistency_wait_max_seconds="10",
+        ).start()
+        for n in range(2)
+    ]
+    new: ReplicatorProcess | None = None
+    try:
+        approval.wait_serving(60)
+        for history in histories:
+            history.wait_serving(60)
+        accounts = await _open_accounts(approval.address)
+        load = PaymentLoad(approval.address, accounts, workers=2)
+        readers = CheckedReaders("ipv4:" + ",".join(h.address for h in histories), load, accounts)
+        tasks = [asyncio.create_task(load.run()), asyncio.create_task(readers.run())]
+        try:
+            await load.wait_acks(50)
+            # v2 is built beside v1 from a snapshot, while v1 keeps serving.
+            new = ReplicatorProcess(
+                migrated_dsn,
+                redis_url,
+                tmp_path / "replicator-v2.log",
+                slot=new_slot,
+                extra_env={"REPLICATOR_KEY_NAMESPACE": "rm:v2", "REPLICATOR_LOCK_TTL_SECONDS": "2"},
+            ).start()
+            await asyncio.to_thread(new.wait_caught_up, 120)
+            # The history processes switch one at a time, as a rolling restart does.
+            for n, history in enumerate(list(histories)):
+                reads_before = readers.reads
+                histories[n] = await _switch(history, "rm:v2", new_slot, tmp_path / f"history-{n}-v2.log")
+                await load.wait_acks(len(load.acks) + 20)
+                await _more_reads(readers, reads_before + 50)
+            # v1 serves nobody now: its replicator stops and the version is retired.
+            old.stop()
+            done = await asyncio.to_thread(
+                retire, migrated_dsn, redis_url, "--namespace", "rm:v1", "--slot", old_slot
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            reads_before = readers.reads
+            await load.wait_acks(len(load.acks) + 20)
+            await _more_reads(readers, reads_before + 50)
+        finally:
+            load.stopping.set()
+            readers.stopping.set()
+            await asyncio.gather(*tasks)
+
+        assert readers.failed == [], readers.failed[:10]
+        assert load.unexpected == [], load.unexpected[:10]
+        assert readers.reads > 150
+        assert not slot_exists(migrated_dsn, old_slot)
+        assert keys_of(redis_url, "rm:v1") == 0
+        # v2 holds every payment, exactly as PostgreSQL does.
+        assert _source_payments(migrated_dsn) >= len(load.acks)
+        checked = await asyncio.to_thread(run_reconcile, migrated_dsn, redis_url, new_slot, 60, "rm:v2")
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert payment_pb2.PAYMENT_STATUS_APPROVED in {ack.status for ack in load.acks}
+    finally:
+        for process in (approval, *histories):
+            process.stop(15)
+        for replicator in (old, new):
+            if replicator is not None:
+                replicator.stop()
+
+
+async def _more_reads(readers: CheckedReaders, count: int, within_s: float = 120.0) -> None:
+    """Polls until the readers have made `count` reads in all."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while readers.reads < count:
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"only {readers.reads} reads, {readers.failed[:5]}"
+        )
+        await asyncio.sleep(0.05)
