@@ -91,6 +91,7 @@ class ChangeStream:
 
     def __init__(self, redis: Redis, schema: KeySchema, slot: str) -> None:
         self._redis = redis
+        self.namespace = schema.namespace
         self.name = schema.changes()
         self._checkpoint_key = schema.checkpoint(slot)
 
@@ -146,6 +147,9 @@ class ChangeStream:
         out (trimmed), the position cannot be resumed from (ResumeUnavailable).
         """
         position = after if isinstance(after, ChangePosition) else None
+        if position is not None and position.namespace != self.namespace:
+            # A position in another read-model version's stream (this process switched versions).
+            raise ResumeUnavailable("read_model_switched")
         after_lsn = after if isinstance(after, int) else after.lsn
         if position is None and after_lsn == until_lsn:
             return []

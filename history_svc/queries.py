@@ -188,6 +188,7 @@ class ReadModel:
         # The scripts go through the shared pipelined connection when there is one.
         self._execute = redis.execute_command if multiplexer is None else multiplexer.execute
         self._schema = schema
+        self.namespace = schema.namespace
         self._checkpoint_key = schema.checkpoint(slot)
         self._shas = {script: script.sha for script in (PAYMENT_SCRIPT, PAGE_SCRIPT)}
         # The page script's arguments after the bounds and count: a payment's hash key is the

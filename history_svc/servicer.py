@@ -186,7 +186,9 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         return pb.WatchPaymentsResponse(
             payment=change.view,
             consistency_token=encode_consistency_token(change.lsn),
-            resume_token=encode_resume_token(self._page_tokens, account_id, change),
+            resume_token=encode_resume_token(
+                self._page_tokens, account_id, change, self._read_model.namespace
+            ),
         )
 
     async def _await_consistency(self, token: str, context: Context) -> int:
