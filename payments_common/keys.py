@@ -121,8 +121,21 @@ class KeySchema:
     # a truncate, a rebuild, a reconcile.
 
     def namespace_pattern(self) -> str:
-        """Every key of the namespace."""
+        """Every key under the namespace: this version's, and any of a namespace nested in it
+        (`rm` holds `rm:v1`'s keys too). To find only this version's, use `version_patterns`."""
         return f"{self.namespace}:*"
+
+    def version_patterns(self) -> tuple[str, ...]:
+        """The patterns that together match every key of this version and no key of a
+        namespace nested in it: one per kind of key (below the namespace, the kind comes first)."""
+        ns = self.namespace
+        return (
+            f"{ns}:payment:*",
+            f"{ns}:account:*",
+            f"{ns}:checkpoint:*",
+            f"{ns}:lock:*",
+            self.changes(),
+        )
 
     def payments_pattern(self) -> str:
         """Every key of every payment: the hashes and the timelines."""

@@ -97,16 +97,20 @@ def _drop_slot(dsn: str, slot: str) -> None:
                     )
 
 
-def _batches(client: redis.Redis, pattern: str, skip: str, size: int) -> Iterator[list[bytes]]:
-    """The keys matching `pattern` but `skip`, in lists of at most `size`, one SCAN step at a time."""
+def _batches(client: redis.Redis, schema: KeySchema, skip: str, size: int) -> Iterator[list[bytes]]:
+    """The version's keys but `skip`, in lists of at most `size`, one SCAN step at a time.
+
+    Only this version's kinds of key: a namespace nested in it (`rm:v1` under `rm`) is left alone.
+    """
     chunk: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=size):
-        if key == skip.encode():
-            continue
-        chunk.append(key)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
+    for pattern in schema.version_patterns():
+        for key in client.scan_iter(match=pattern, count=size):
+            if key == skip.encode():
+                continue
+            chunk.append(key)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
     if chunk:
         yield chunk
 
@@ -150,7 +154,7 @@ def _retire(
             progress(
                 f"{schema.namespace}: a replicator holds the lock ({owner}); retiring it would be refused"
             )
-        keys = sum(len(chunk) for chunk in _batches(client, schema.namespace_pattern(), lock.key, batch))
+        keys = sum(len(chunk) for chunk in _batches(client, schema, lock.key, batch))
         return Retirement(schema.namespace, slot, found, retained, keys, dry_run=True)
     if not lock.try_acquire():
         raise VersionInUse(
@@ -168,7 +172,7 @@ def _retire(
             progress(f"{schema.namespace}: dropped slot {slot}")
         unlink = client.register_script(FENCED_UNLINK)
         deleted, reported = 0, 0.0
-        for chunk in _batches(client, schema.namespace_pattern(), lock.key, batch):
+        for chunk in _batches(client, schema, lock.key, batch):
             keeper.check()
             deleted += int(unlink(keys=[lock.key, *chunk], args=[lock.token]))
             # After the first batch (it has started), then every PROGRESS_SECONDS.

@@ -282,7 +282,7 @@ class Sink:
     def wipe(self) -> int:
         """Removes every read-model key of the namespace except the locks and the change stream."""
         keep_prefixes = (self.schema.lock_prefix(), self.schema.changes())
-        return self._unlink_matching([self.schema.namespace_pattern()], keep_prefixes)
+        return self._unlink_matching(list(self.schema.version_patterns()), keep_prefixes)
 
     def _unlink_matching(self, patterns: list[str], keep_prefixes: tuple[str, ...] = ()) -> int:
         removed = 0

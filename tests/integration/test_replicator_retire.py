@@ -85,6 +85,11 @@ def test_a_version_is_retired_beside_the_one_that_replaces_it(
     assert slot_exists(migrated_dsn, old_slot)
     assert keys_of(redis_url, "rm:v1") == old_keys
 
+    # A namespace that holds both in its keys' names is another version: it has none of them.
+    outer = retire(migrated_dsn, redis_url, "--namespace", "rm", "--slot", f"{base}_none", "--dry-run")
+    assert outer.returncode == 0, outer
+    assert "would delete 0 keys" in outer.stdout
+
     calls_before = unlink_calls(redis_url)
     done = retire(migrated_dsn, redis_url, "--namespace", "rm:v1", "--slot", old_slot, "--batch", "7")
     assert done.returncode == 0, done

@@ -99,3 +99,28 @@ def test_each_pattern_matches_exactly_its_kind_of_key(pattern: str, kinds: set[s
 def test_only_locks_start_with_the_lock_prefix() -> None:
     prefixed = {kind for kind, key in _every_kind_of_key().items() if key.startswith(SCHEMA.lock_prefix())}
     assert prefixed == {"lock"}
+
+
+def _keys_built_by_every_method(schema: KeySchema) -> dict[str, str]:
+    """The key of every key-building method of the schema (so a kind of key added later is covered)."""
+    built = {}
+    for name, method in inspect.getmembers(schema, inspect.ismethod):
+        if name.startswith("_") or name.endswith(("pattern", "patterns", "prefix")):
+            continue
+        arguments = {
+            parameter: "sent" if parameter == "direction" else 0 if parameter == "status" else P
+            for parameter in inspect.signature(method).parameters
+        }
+        built[name] = method(**arguments)
+    return built
+
+
+def test_the_version_patterns_match_every_key_of_the_version_and_none_of_a_nested_one() -> None:
+    """A rebuild and `replicator retire` delete by these patterns: `rm` must not take `rm:v1` with it."""
+    outer = KeySchema("rm")
+    nested = KeySchema("rm:v1")
+    for name, key in _keys_built_by_every_method(outer).items():
+        assert any(fnmatch.fnmatchcase(key, p) for p in outer.version_patterns()), name
+    for name, key in _keys_built_by_every_method(nested).items():
+        assert not any(fnmatch.fnmatchcase(key, p) for p in outer.version_patterns()), name
+    assert set(_keys_built_by_every_method(outer)) >= {"payment", "account", "checkpoint", "changes", "lock"}
