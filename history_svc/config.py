@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from payments.history.v1 import history_service_pb2 as pb
-from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME
+from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME, namespace_problem, slot_problem
 from payments_common.policy import method_names
 from payments_common.settings import EnvReader, ServerSettings, SettingsError
 
@@ -52,10 +53,19 @@ class Settings(ServerSettings):
             ),
             "watch_queue_size": env.integer("WATCH_QUEUE_SIZE", cls.watch_queue_size, minimum=1),
             # KEY_NAMESPACE, not NAMESPACE: the variable's name predates the field's.
-            "namespace": env.text("KEY_NAMESPACE", cls.namespace),
-            "slot_name": env.text("SLOT_NAME", cls.slot_name),
+            "namespace": _checked(
+                env.text("KEY_NAMESPACE", cls.namespace), namespace_problem, "KEY_NAMESPACE"
+            ),
+            "slot_name": _checked(env.text("SLOT_NAME", cls.slot_name), slot_problem, "SLOT_NAME"),
             "redis_max_connections": env.integer(
                 "REDIS_MAX_CONNECTIONS", cls.redis_max_connections, minimum=2
             ),
             "redis_timeout_seconds": env.positive("REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds),
         }
+
+
+def _checked(value: str, problem_of: Callable[[str], str | None], name: str) -> str:
+    problem = problem_of(value)
+    if problem:
+        raise SettingsError(f"{Settings.PREFIX}{name} {problem}")
+    return value

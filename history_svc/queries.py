@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import sha1
@@ -19,6 +20,9 @@ from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, VIEW_F
 
 # Errors that mean "Redis cannot answer now"; everything else is a bug.
 REDIS_ERRORS: Final = (RedisError, OSError)
+
+
+log = logging.getLogger(__name__)
 
 
 class ReadModelUnavailable(Unavailable):
@@ -189,6 +193,8 @@ class ReadModel:
         self._execute = redis.execute_command if multiplexer is None else multiplexer.execute
         self._schema = schema
         self.namespace = schema.namespace
+        self._slot = slot
+        self._mismatch_logged = False
         self._checkpoint_key = schema.checkpoint(slot)
         self._shas = {script: script.sha for script in (PAYMENT_SCRIPT, PAGE_SCRIPT)}
         # The page script's arguments after the bounds and count: a payment's hash key is the
@@ -208,7 +214,28 @@ class ReadModel:
             return await self._execute("EVAL_RO", script.source, len(keys), *keys, *args)
 
     async def ping(self) -> bool:
-        return bool(await self._redis.ping())
+        """Whether Redis answers, and this process's slot is the one that feeds its version.
+
+        A version is fed by one slot (its `owner` key); a process whose settings pair the
+        version with another slot would answer consistency tokens from a checkpoint nobody
+        moves: it stays NOT_SERVING, saying why, so that a rolling update with that mistake
+        stops at its first pod.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.ping()
+            pipe.get(self._schema.owner())
+            answered, owner = await pipe.execute()
+        if owner is not None and owner.decode() != self._slot:
+            if not self._mismatch_logged:
+                log.error(
+                    "HISTORY_SLOT_NAME %s does not feed %s (its slot is %s): not serving",
+                    self._slot,
+                    self.namespace,
+                    owner.decode(),
+                )
+                self._mismatch_logged = True
+            return False
+        return bool(answered)
 
     async def payment_response(self, payment_id: str, min_lsn: int = 0) -> bytes | None:
         """The GetPaymentResponse bytes of the payment, timeline oldest first; None when absent."""

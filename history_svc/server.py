@@ -24,7 +24,7 @@ from history_svc.watcher import ChangeWatcher
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common import grpcserver
 from payments_common.grpcserver import GrpcService, Readiness, build_server
-from payments_common.keys import KeySchema
+from payments_common.keys import KeySchema, reader_name
 from payments_common.tokens import PageTokenCodec
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HistoryService"].full_name
@@ -65,6 +65,7 @@ class Dependencies:
             socket_connect_timeout=min(settings.redis_timeout_seconds, 2.0),
             health_check_interval=30,
             retry=_reconnect_once(),
+            client_name=reader_name(settings.namespace),
         )
         watch_pool = BlockingConnectionPool.from_url(
             settings.redis_url,
@@ -73,6 +74,7 @@ class Dependencies:
             socket_timeout=settings.redis_timeout_seconds + WATCH_BLOCK_MS / 1000,
             socket_connect_timeout=min(settings.redis_timeout_seconds, 2.0),
             retry=_reconnect_once(),
+            client_name=reader_name(settings.namespace),
         )
         redis = Redis(connection_pool=pool)
         return cls(

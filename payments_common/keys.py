@@ -23,10 +23,13 @@ Layout (for payment P, account A, replication slot S):
                                              at lsn (a commit's time, or a keepalive's)
     rm:v1:changes                      STREAM  batch -> ChangeBatch bytes, one entry per applied batch
     rm:v1:lock:{S}                     STRING  the replicator instance that owns slot S (with a TTL)
+    rm:v1:owner                        STRING  S: the one slot that feeds this version
+    slot-owner:{S}                     STRING  rm:v1: the one version that slot S feeds (outside any version)
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -38,6 +41,41 @@ from payments.type.v1 import payment_pb2
 DEFAULT_SLOT_NAME: Final = "payments_read_model"
 DEFAULT_PUBLICATION: Final = "payments_read_model"
 DEFAULT_NAMESPACE: Final = "rm:v1"
+
+# A namespace: parts of these characters joined by ':' (no glob character: a version's keys
+# are found by SCAN patterns). No part may be a kind of key, so that no namespace's keys
+# look like another's (`rm:account` under `rm` would).
+_NAMESPACE: Final = re.compile(r"[A-Za-z0-9_-]+(:[A-Za-z0-9_-]+)*")
+KEY_KINDS: Final = frozenset({"payment", "account", "checkpoint", "lock", "changes", "owner"})
+
+
+def namespace_problem(namespace: str) -> str | None:
+    """Why `namespace` cannot name a read-model version, or None when it can."""
+    if not _NAMESPACE.fullmatch(namespace):
+        return f"must be parts of A-Z, a-z, 0-9, _ and - joined by ':', got {namespace!r}"
+    reserved = sorted(set(namespace.split(":")) & KEY_KINDS)
+    if reserved:
+        return f"must not have a part named like a kind of key ({', '.join(reserved)}), got {namespace!r}"
+    return None
+
+
+def slot_problem(slot: str) -> str | None:
+    """Why `slot` cannot name a replication slot (PostgreSQL's rule: 1-63 of a-z, 0-9, _), or None."""
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", slot):
+        return f"must be 1-63 of a-z, 0-9 and _, got {slot!r}"
+    return None
+
+
+def reader_name(namespace: str) -> str:
+    """The Redis client name of the history service's connections to version `namespace`
+    (`CLIENT LIST` shows who still reads a version)."""
+    return f"history:{namespace}"
+
+
+def slot_owner(slot: str) -> str:
+    """The key that names the one version slot `slot` feeds (it belongs to no version)."""
+    return f"slot-owner:{{{slot}}}"
+
 
 DIRECTIONS: Final = ("sent", "received", "all")
 
@@ -110,6 +148,10 @@ class KeySchema:
     def changes(self) -> str:
         return f"{self.namespace}:changes"
 
+    def owner(self) -> str:
+        """The version's record of the one slot that feeds it."""
+        return f"{self.namespace}:owner"
+
     def lock(self, slot: str) -> str:
         return f"{self.lock_prefix()}{{{slot}}}"
 
@@ -135,6 +177,7 @@ class KeySchema:
             f"{ns}:checkpoint:*",
             f"{ns}:lock:*",
             self.changes(),
+            self.owner(),
         )
 
     def payments_pattern(self) -> str:

@@ -84,30 +84,34 @@ def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
 def _namespace(value: str) -> str:
     """A key namespace that matches only its own keys: a glob character would reach others'."""
-    from replicator.config import NAMESPACE
+    from payments_common.keys import namespace_problem
 
-    if not NAMESPACE.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"parts of A-Z, a-z, 0-9, _ and - joined by ':', got {value!r}")
+    problem = namespace_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
 def _slot(value: str) -> str:
-    from replicator.config import SLOT_NAME
+    from payments_common.keys import slot_problem
 
-    if not SLOT_NAME.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"1-63 of a-z, 0-9 and _, got {value!r}")
+    problem = slot_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
-def _positive(value: str) -> int:
+def _batch(value: str) -> int:
+    from replicator.retire import MAX_BATCH
+
     number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"at least 1, got {number}")
+    if not 1 <= number <= MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"from 1 to {MAX_BATCH}, got {number}")
     return number
 
 
 def _retire(settings: Settings, args: argparse.Namespace) -> int:
-    from replicator.retire import Unreachable, VersionInUse, retire
+    from replicator.retire import RetireFailed, Unreachable, VersionInUse, retire
 
     def progress(line: str) -> None:
         print(f"replicator retire: {line}", file=sys.stderr, flush=True)
@@ -122,6 +126,9 @@ def _retire(settings: Settings, args: argparse.Namespace) -> int:
     except Unreachable as error:
         print(f"replicator retire: cannot reach {error}", file=sys.stderr)
         return 4
+    except RetireFailed as error:
+        print(f"replicator retire: failed, run it again once fixed: {error}", file=sys.stderr)
+        return 1
     print(done.summary())
     return 0
 
@@ -151,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         help="remove a read-model version: drop its slot, then delete its keys in batches",
         description="Takes the version's lock, drops its replication slot, then deletes every key of "
         "its namespace, at most --batch keys per Redis call, reporting progress on stderr. Run again "
-        "to finish an interrupted retirement. Exit status: 0 done, 2 bad settings, 3 the version is "
-        "in use (a replicator holds its lock or a walsender its slot), 4 PostgreSQL or Redis not reached.",
+        "to finish an interrupted retirement. Exit status: 0 done, 1 a step refused (run it again once "
+        "fixed), 2 bad settings or arguments, 3 the version is in use (a replicator holds its lock or a "
+        "walsender its slot) or the slot and namespace are not one version's, 4 PostgreSQL or Redis "
+        "not reached.",
     )
     retiring.add_argument(
         "--namespace", required=True, type=_namespace, help="the key namespace of the version, e.g. rm:v1"
     )
     retiring.add_argument("--slot", required=True, type=_slot, help="the replication slot that feeds it")
     retiring.add_argument(
-        "--batch", type=_positive, default=500, help="keys deleted per Redis call (default 500)"
+        "--batch", type=_batch, default=500, help="keys deleted per Redis call (default 500, at most 5000)"
     )
     retiring.add_argument(
         "--dry-run", action="store_true", help="count what would be removed; change nothing"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_PUBLICATION, DEFAULT_SLOT_NAME
+from payments_common.keys import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_PUBLICATION,
+    DEFAULT_SLOT_NAME,
+    namespace_problem,
+    slot_problem,
+)
 from payments_common.settings import EnvReader, ServiceSettings, SettingsError
-
-NAMESPACE = re.compile(r"[A-Za-z0-9_-]+(:[A-Za-z0-9_-]+)*")
-SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,15 +52,14 @@ class Settings(ServiceSettings):
     @classmethod
     def read(cls, env: EnvReader) -> dict[str, Any]:
         slot_name = env.text("SLOT_NAME", cls.slot_name)
-        if not SLOT_NAME.fullmatch(slot_name):
-            raise SettingsError(f"{cls.PREFIX}SLOT_NAME must be 1-63 of a-z, 0-9 and _, got {slot_name!r}")
+        problem = slot_problem(slot_name)
+        if problem:
+            raise SettingsError(f"{cls.PREFIX}SLOT_NAME {problem}")
         namespace = env.text("KEY_NAMESPACE", cls.namespace)
-        # A rebuild removes the keys matching `<namespace>:*`: no glob characters, no empty part.
-        if not NAMESPACE.fullmatch(namespace):
-            raise SettingsError(
-                f"{cls.PREFIX}KEY_NAMESPACE must be parts of A-Z, a-z, 0-9, _ and - joined by ':', "
-                f"got {namespace!r}"
-            )
+        # A rebuild removes the version's keys, found by pattern.
+        problem = namespace_problem(namespace)
+        if problem:
+            raise SettingsError(f"{cls.PREFIX}KEY_NAMESPACE {problem}")
         lock_ttl = env.number("LOCK_TTL_SECONDS", cls.lock_ttl_seconds)
         if lock_ttl < 1:
             raise SettingsError(f"{cls.PREFIX}LOCK_TTL_SECONDS must be at least 1, got {lock_ttl}")

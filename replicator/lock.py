@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import redis
 
+from payments_common.keys import KeySchema, slot_owner
 from replicator import metrics
 
 log = logging.getLogger(__name__)
@@ -177,3 +178,36 @@ class LockKeeper:
             return self._lock.owner() or "nobody (it expired)"
         except redis.RedisError:
             return "an unknown owner"
+
+
+class VersionConflict(RuntimeError):
+    """The slot feeds another version, or the version is fed by another slot: a setting is wrong."""
+
+
+def claim_version(client: redis.Redis, schema: KeySchema, slot: str) -> None:
+    """Records that `slot` feeds the version of `schema`, and that it is the version's only slot.
+
+    A version fed by two slots, or a slot feeding two versions, would make their replicators
+    rebuild each other without end: whichever claim is there first stands, and the other
+    replicator is refused (VersionConflict) before it writes anything. `replicator retire`
+    removes both claims.
+    """
+    claims = (
+        (schema.owner(), slot, "version {ns} is fed by slot {other}, not by this replicator's slot {slot}"),
+        (slot_owner(slot), schema.namespace, "slot {slot} feeds version {other}, not this replicator's {ns}"),
+    )
+
+    def check() -> None:
+        for key, value, conflict in claims:
+            stored = client.get(key)
+            other = stored.decode() if isinstance(stored, bytes) else None
+            if other is not None and other != value:
+                raise VersionConflict(
+                    conflict.format(ns=schema.namespace, slot=slot, other=other)
+                    + ": give each version its own namespace and slot (docs/operations.md)"
+                )
+
+    check()  # refused before anything is written
+    for key, value, _ in claims:
+        client.set(key, value, nx=True)
+    check()  # another replicator's claim came in between

@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from typing import Final
 
 import psycopg2
+import psycopg2.errors
 import redis
 
-from payments_common.keys import KeySchema
+from payments_common.keys import KeySchema, reader_name, slot_owner
 from replicator.config import Settings
-from replicator.lock import LockKeeper, SlotLock, instance_token
+from replicator.lock import LockKeeper, LockLost, SlotLock, instance_token
 from replicator.sink import FENCED_UNLINK
 
 DEFAULT_BATCH: Final = 500
+# Keys per Redis call at most, so that no call of a retirement runs long.
+MAX_BATCH: Final = 5000
 # How often progress is reported while keys are deleted.
 PROGRESS_SECONDS: Final = 2.0
 # A retirement that makes no progress for this long lets the version's lock go.
@@ -37,6 +40,10 @@ class VersionInUse(RuntimeError):
 
 class Unreachable(RuntimeError):
     """PostgreSQL or Redis could not be reached."""
+
+
+class RetireFailed(RuntimeError):
+    """PostgreSQL or Redis refused a step (a permission, the lock lost meanwhile)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,47 @@ def _batches(client: redis.Redis, schema: KeySchema, skip: str, size: int) -> It
         yield chunk
 
 
+_DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def _text(value: object) -> str | None:
+    return value.decode() if isinstance(value, bytes) else None
+
+
+def _check_the_pair(client: redis.Redis, schema: KeySchema, slot: str) -> None:
+    """Refuses a slot that feeds another version, or a version fed by another slot: a typo would
+    retire the wrong one (its keys, or a live slot)."""
+    fed_by = _text(client.get(schema.owner()))
+    if fed_by is not None and fed_by != slot:
+        raise VersionInUse(f"{schema.namespace} is fed by slot {fed_by}, not {slot}; nothing was removed")
+    feeds = _text(client.get(slot_owner(slot)))
+    if feeds is not None and feeds != schema.namespace:
+        raise VersionInUse(f"slot {slot} feeds {feeds}, not {schema.namespace}; nothing was removed")
+
+
+def _check_unread(client: redis.Redis, schema: KeySchema) -> None:
+    """Refuses while a history process reads the version (its connections carry the version's name)."""
+    name = reader_name(schema.namespace)
+    readers = [entry for entry in client.client_list() if entry.get("name") == name]
+    if readers:
+        addresses = sorted({str(entry.get("addr", "?")).rsplit(":", 1)[0] for entry in readers})
+        raise VersionInUse(
+            f"{len(readers)} connections of history processes read {schema.namespace} "
+            f"(from {', '.join(addresses)}); switch them to the new version first"
+        )
+
+
+def _check_unlocked(client: redis.Redis, schema: KeySchema, own: str | None) -> None:
+    """Refuses while any replicator holds a lock of the version (of any slot: one started with a wrong slot too)."""
+    for key in client.scan_iter(match=f"{schema.lock_prefix()}*", count=1000):
+        name = key.decode()
+        if name != own:
+            raise VersionInUse(
+                f"a replicator holds the lock {name} of {schema.namespace} ({_text(client.get(key))}); "
+                "stop it before retiring the version"
+            )
+
+
 def retire(
     settings: Settings,
     namespace: str,
@@ -131,8 +179,16 @@ def retire(
         return _retire(settings, client, schema, slot, batch, dry_run, progress)
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise Unreachable(f"Redis: {error}") from None
+    except psycopg2.errors.ObjectInUse:
+        raise VersionInUse(
+            f"slot {slot} was taken by a walsender meanwhile; stop its replicator first"
+        ) from None
     except psycopg2.OperationalError as error:
         raise Unreachable(f"PostgreSQL: {str(error).strip()}") from None
+    except (redis.RedisError, psycopg2.Error, LockLost) as error:
+        # Refused (permissions, a lock lost while Redis stalled): what was removed stays removed;
+        # run it again once the cause is fixed.
+        raise RetireFailed(f"{type(error).__name__}: {str(error).strip()}") from None
     finally:
         client.close()
 
@@ -147,13 +203,14 @@ def _retire(
     progress: Callable[[str], None],
 ) -> Retirement:
     lock = SlotLock(client, schema.lock(slot), settings.lock_ttl_seconds, f"retire:{instance_token()}")
+    _check_the_pair(client, schema, slot)
     found, pid, retained = _slot(settings.database_url, slot)
     if dry_run:
-        owner = lock.owner()
-        if owner is not None:
-            progress(
-                f"{schema.namespace}: a replicator holds the lock ({owner}); retiring it would be refused"
-            )
+        # What the real run would refuse, the dry run refuses too.
+        _check_unread(client, schema)
+        _check_unlocked(client, schema, own=None)
+        if pid is not None:
+            raise VersionInUse(f"slot {slot} is in use by walsender pid {pid}; stop its replicator first")
         keys = sum(len(chunk) for chunk in _batches(client, schema, lock.key, batch))
         return Retirement(schema.namespace, slot, found, retained, keys, dry_run=True)
     if not lock.try_acquire():
@@ -164,6 +221,8 @@ def _retire(
         settings.redis_url, lock.key, settings.lock_ttl_seconds, lock.token, STALL_SECONDS
     ).start()
     try:
+        _check_unread(client, schema)
+        _check_unlocked(client, schema, own=lock.key)
         if found:
             if pid is not None:
                 raise VersionInUse(f"slot {slot} is in use by walsender pid {pid}; stop its replicator first")
@@ -179,6 +238,8 @@ def _retire(
             if time.monotonic() - reported >= PROGRESS_SECONDS:
                 progress(f"{schema.namespace}: {deleted:,} keys deleted")
                 reported = time.monotonic()
+        # The slot is free to feed another version now.
+        client.eval(_DELETE_IF, 1, slot_owner(slot), schema.namespace)
         return Retirement(schema.namespace, slot, found, retained, deleted, dry_run=False)
     finally:
         keeper.stop()

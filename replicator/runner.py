@@ -20,7 +20,7 @@ from replicator.bootstrap import PROGRESS_INTERVAL_SECONDS, Stopped, bootstrap, 
 from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, Relation, Truncate, as_row
-from replicator.lock import LockKeeper, LockLost, SlotLock, instance_token
+from replicator.lock import LockKeeper, LockLost, SlotLock, VersionConflict, claim_version, instance_token
 from replicator.projector import Projector
 from replicator.sink import CheckpointMoved, Sink
 from replicator.source import Source
@@ -71,6 +71,10 @@ class Replicator:
                 self.run_once()
             except Stopped:
                 break
+            except VersionConflict as error:
+                # Restarting cannot fix a setting: exit so that it is seen (and fixed).
+                log.error("%s", error)
+                return 2
             except (psycopg2.Error, redis.RedisError, LockLost, CheckpointMoved, OSError) as error:
                 metrics.RECONNECTS.inc()
                 if time.monotonic() - started > 30:
@@ -104,6 +108,8 @@ class Replicator:
         source = Source(self.settings.database_url, self.settings.slot_name, self.settings.publication)
         keeper: LockKeeper | None = None
         try:
+            # Before the lock: a replicator refused here writes nothing at all.
+            claim_version(client, self.schema, self.settings.slot_name)
             self._acquire(lock)
             metrics.LOCK_HELD.set(1)
             keeper = LockKeeper(

@@ -280,8 +280,8 @@ class Sink:
         self._unlink_matching(patterns)
 
     def wipe(self) -> int:
-        """Removes every read-model key of the namespace except the locks and the change stream."""
-        keep_prefixes = (self.schema.lock_prefix(), self.schema.changes())
+        """Removes every read-model key of the namespace except the locks, the change stream and its owner."""
+        keep_prefixes = (self.schema.lock_prefix(), self.schema.changes(), self.schema.owner())
         return self._unlink_matching(list(self.schema.version_patterns()), keep_prefixes)
 
     def _unlink_matching(self, patterns: list[str], keep_prefixes: tuple[str, ...] = ()) -> int:
