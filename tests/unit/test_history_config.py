@@ -75,3 +75,18 @@ def test_every_setting_is_read() -> None:
 def test_missing_or_bad_values_stop_start_up(environ: dict[str, str]) -> None:
     with pytest.raises(SettingsError):
         Settings.from_env(environ)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HISTORY_KEY_NAMESPACE", "rm:*"),
+        ("HISTORY_KEY_NAMESPACE", "rm:v1 "),
+        ("HISTORY_KEY_NAMESPACE", "rm:account"),
+        ("HISTORY_SLOT_NAME", "Payments"),
+    ],
+)
+def test_a_version_that_no_replicator_could_write_is_refused(variable: str, value: str) -> None:
+    """The same rules as the replicator's: a typo stops the start instead of serving an empty version."""
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env({**REQUIRED, variable: value})

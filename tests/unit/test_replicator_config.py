@@ -59,9 +59,23 @@ def test_the_key_namespace_is_a_setting_with_the_shared_default() -> None:
 
 
 @pytest.mark.parametrize(
-    "namespace", ["rm:*", "rm:", ":v1", "rm::v1", "rm v1", "rm:{v1}", "rm:v[12]", "rm?v1"]
+    "namespace",
+    [
+        "rm:*",
+        "rm:",
+        ":v1",
+        "rm::v1",
+        "rm v1",
+        "rm:{v1}",
+        "rm:v[12]",
+        "rm?v1",
+        "rm:account",
+        "payment:v1",
+        "rm:owner",
+    ],
 )
 def test_a_namespace_that_would_widen_a_key_pattern_is_refused(namespace: str) -> None:
-    """A rebuild removes `<namespace>:*`: a glob character or an empty part would reach other keys."""
+    """A rebuild removes the version's keys by pattern: a glob character, an empty part or a part named
+    like a kind of key (`rm:account` would look like `rm`'s accounts) would reach other keys."""
     with pytest.raises(SettingsError, match="REPLICATOR_KEY_NAMESPACE"):
         Settings.from_env({**REQUIRED, "REPLICATOR_KEY_NAMESPACE": namespace})
