@@ -49,19 +49,16 @@ class KeysUnavailable(Unavailable):
 
 
 def parse_jwks(document: object) -> dict[str, jwt.PyJWK]:
-    """The usable signing keys of a JWKS document, by kid.
+    """The usable signing keys of a JWKS document, by kid; JwksError when it is not a JWKS.
 
     A key without a kid, meant for encryption, of an algorithm not accepted, or an RSA
-    key shorter than 2048 bits is left out (and logged); a document that is not a JWKS,
-    or whose keys are all left out, is a JwksError. An empty "keys" list is what it says:
-    no key is trusted, and every token is refused (how a compromised key is withdrawn
-    before its replacement exists).
+    key shorter than 2048 bits is left out (and logged). A JWKS whose keys are all left
+    out, or that lists none, is what it says: no key is trusted, and every token is refused.
+    So publishing a new set withdraws every key it does not hold, usable or not (how a
+    compromised key is withdrawn, before its replacement exists if need be).
     """
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise JwksError('not a JWKS: expected an object with a "keys" list')
-    if not document["keys"]:
-        log.warning("the JWKS holds no key: every token is refused until keys are published")
-        return {}
     keys: dict[str, jwt.PyJWK] = {}
     for entry in document["keys"]:
         kid = entry.get("kid") if isinstance(entry, dict) else None
@@ -81,8 +78,14 @@ def parse_jwks(document: object) -> dict[str, jwt.PyJWK]:
             continue
         keys[kid] = key
     if not keys:
-        raise JwksError(f"no usable signing key (accepted algorithms: {', '.join(ALGORITHMS)})")
+        log.warning("the JWKS holds no usable key: every token is refused until keys are published")
     return keys
+
+
+def _require_usable(keys: dict[str, jwt.PyJWK], document: dict[str, Any]) -> None:
+    """At start, a JWKS that lists keys of which none can be used is a mistake, not a withdrawal."""
+    if not keys and document["keys"]:
+        raise JwksError(f"no usable signing key (accepted algorithms: {', '.join(ALGORITHMS)})")
 
 
 class KeySource(Protocol):
@@ -93,8 +96,11 @@ class KeySource(Protocol):
         """Whether keys are held; a source that holds none starts getting them (as its limits allow)."""
 
 
-def read_jwks_file(path: Path) -> dict[str, jwt.PyJWK]:
-    """The keys of a JWKS file; JwksError (naming the file) when it cannot be read or used."""
+def read_jwks_file(path: Path, at_start: bool = False) -> dict[str, jwt.PyJWK]:
+    """The keys of a JWKS file; JwksError (naming the file) when it cannot be read or is not a JWKS.
+
+    `at_start`, a file that lists keys of which none can be used is an error too.
+    """
     try:
         with path.open("rb") as file:
             raw = file.read(MAX_JWKS_BYTES + 1)
@@ -106,7 +112,10 @@ def read_jwks_file(path: Path) -> dict[str, jwt.PyJWK]:
         document = json.loads(raw)
     except ValueError:
         raise JwksError(f"{path} is not JSON") from None
-    return parse_jwks(document)
+    keys = parse_jwks(document)
+    if at_start:
+        _require_usable(keys, document)
+    return keys
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -122,9 +131,10 @@ class JwksFile:
     """A JWKS in a file: read at start (it must be valid then), re-read when it changes.
 
     The file is checked at most once per `check_interval` seconds, and whenever a token
-    names a kid not held. A changed file that cannot be used leaves the keys as they were
-    (logged), so a half-written secret does not lock every caller out; a file that lists
-    no key (`{"keys": []}`) withdraws them all.
+    names a kid not held. A changed file that cannot be read or is not a JWKS (not JSON,
+    say) leaves the keys as they were (logged), so a half-written secret does not lock every
+    caller out; a changed JWKS replaces them all, so a key it does not hold, or holds in a
+    form that cannot be used, is withdrawn (`{"keys": []}` withdraws every key).
     """
 
     def __init__(
@@ -134,7 +144,7 @@ class JwksFile:
         self._check_interval = check_interval
         self._clock = clock
         self._seen = _signature(path)
-        self._keys = read_jwks_file(path)
+        self._keys = read_jwks_file(path, at_start=True)
         self._checked = clock()
 
     def _reload_if_changed(self) -> None:

@@ -182,7 +182,7 @@ class EnvReader:
             raise SettingsError(f"{p}AUTH_JWKS_URL must start with https:// or http://")
         if jwks_file:
             try:
-                read_jwks_file(Path(jwks_file))
+                read_jwks_file(Path(jwks_file), at_start=True)
             except JwksError as error:
                 raise SettingsError(f"{p}AUTH_JWKS_FILE: {error}") from None
         tokens = bool(jwks_file or jwks_url)

@@ -61,16 +61,17 @@ def test_only_signing_keys_of_accepted_algorithms_with_a_kid_are_kept(tmp_path: 
     assert sorted(parse_jwks(document)) == sorted([good["kid"], "rsa"])
 
 
-@pytest.mark.parametrize(
-    "document", [[], {}, {"keys": {}}, {"keys": [{"kty": "oct", "kid": "x"}]}, {"keys": ["not a key"]}]
-)
-def test_a_document_with_no_usable_key_is_refused(document: Any) -> None:
+@pytest.mark.parametrize("document", [[], {}, {"keys": {}}, "keys"])
+def test_a_document_that_is_not_a_jwks_is_refused(document: Any) -> None:
     with pytest.raises(JwksError):
         parse_jwks(document)
 
 
-def test_an_empty_key_list_trusts_no_key() -> None:
-    assert parse_jwks({"keys": []}) == {}
+@pytest.mark.parametrize(
+    "document", [{"keys": []}, {"keys": [{"kty": "oct", "kid": "x"}]}, {"keys": ["not a key"]}]
+)
+def test_a_jwks_with_no_usable_key_trusts_no_key(document: Any) -> None:
+    assert parse_jwks(document) == {}
 
 
 async def test_a_file_that_lists_no_key_withdraws_every_key(tmp_path: Path) -> None:
@@ -105,6 +106,28 @@ async def test_the_file_is_reread_when_it_changes_at_most_once_a_second(tmp_path
     assert await source.key(new) is not None
 
 
+@pytest.mark.parametrize(
+    "replacement",
+    [
+        {"keys": [{"kty": "EC", "crv": "P-384", "kid": "p384", "x": "AAAA", "y": "AAAA"}]},
+        {"keys": [_rsa_jwk(1024, "short-rsa")]},
+        {"keys": [{"kty": "oct", "k": "c2VjcmV0"}]},
+    ],
+    ids=["another-curve", "short-rsa", "no-kid"],
+)
+async def test_a_changed_jwks_withdraws_every_key_it_does_not_hold_usable(
+    tmp_path: Path, replacement: dict[str, Any]
+) -> None:
+    """A key is withdrawn by publishing a set without it, even when nothing in the new set can be used."""
+    authority = LocalAuthority.create(tmp_path)
+    clock = Clock()
+    source = JwksFile(authority.jwks_path, clock=clock)
+    assert await source.key(authority.current_kid) is not None
+    authority.jwks_path.write_text(json.dumps(replacement))
+    clock.now += 1.0
+    assert await source.key(authority.current_kid) is None
+
+
 async def test_a_changed_file_that_cannot_be_used_keeps_the_keys(tmp_path: Path) -> None:
     authority = LocalAuthority.create(tmp_path)
     clock = Clock()
@@ -123,6 +146,10 @@ def test_a_file_that_cannot_be_used_at_start_is_an_error(tmp_path: Path) -> None
     (tmp_path / "bad.json").write_text("nope")
     with pytest.raises(JwksError, match="not JSON"):
         JwksFile(tmp_path / "bad.json")
+    # At start a set that lists keys, none usable, is a mistake (an explicit empty set is not).
+    (tmp_path / "unusable.json").write_text(json.dumps({"keys": [_rsa_jwk(1024, "short-rsa")]}))
+    with pytest.raises(JwksError, match="no usable signing key"):
+        JwksFile(tmp_path / "unusable.json")
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]], what: str, within: float = 10.0) -> None:
