@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from google.protobuf import message, timestamp_pb2
 
 from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
-from approval_svc.domain.errors import PaymentNotFound, ReviewerMismatch
+from approval_svc.domain.errors import OwnPaymentReview, PaymentNotFound, ReviewerMismatch
 from approval_svc.domain.model import Account, AccountStatus, DeclineReason, Payment, PaymentEvent
 from approval_svc.handlers import Handlers, Outcome, RequestKey
 from payments.approval.v1 import approval_service_pb2 as pb
@@ -170,6 +171,21 @@ def _reviewer(requested: str) -> str:
     return caller.subject
 
 
+def _reviewer_accounts() -> frozenset[str]:
+    """The accounts the reviewer's credentials bind; OwnPaymentReview when one is not an account id.
+
+    Text that names no account cannot be compared with the payment's parties: the review
+    is refused rather than let through (the rule fails closed).
+    """
+    accounts = current_caller().identity.accounts
+    for account in accounts:
+        try:
+            uuid.UUID(account)
+        except ValueError:
+            raise OwnPaymentReview() from None
+    return accounts
+
+
 Review = TypeVar("Review", pb.ApprovePaymentRequest, pb.DeclinePaymentRequest)
 
 
@@ -253,7 +269,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
             reviewer,
             request.note,
             approve=True,
-            reviewer_accounts=current_caller().identity.accounts,
+            reviewer_accounts=_reviewer_accounts(),
         )
         key = _key("ApprovePayment", _as_reviewed_by(request, reviewer), _approve_payment_response)
         outcome = await self._handlers.review_payment(command, key)
@@ -270,7 +286,7 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
             reviewer,
             request.note,
             approve=False,
-            reviewer_accounts=current_caller().identity.accounts,
+            reviewer_accounts=_reviewer_accounts(),
         )
         key = _key("DeclinePayment", _as_reviewed_by(request, reviewer), _decline_payment_response)
         outcome = await self._handlers.review_payment(command, key)

@@ -420,7 +420,9 @@ async def test_nobody_reviews_a_payment_from_or_to_their_own_account(
     payee_side = setup.token("operator.carol", [REVIEWER], [setup.carol.upper()])
     payment_id = await held_payment(setup)
     before = await snapshot(setup.dsn)
-    for reviewer in (payer_side, payee_side):
+    # Text that names no account cannot be told apart from the parties' accounts: refused too.
+    unreadable = setup.token("operator.dan", [REVIEWER], [f" {setup.alice_savings}\n"])
+    for reviewer in (payer_side, payee_side, unreadable):
         assert await refused(
             raw.ApprovePayment(
                 pb.ApprovePaymentRequest(request_id=rid(), payment_id=payment_id), metadata=reviewer
