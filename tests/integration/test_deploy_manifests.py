@@ -1021,10 +1021,9 @@ def test_the_next_replicator_streams_its_own_slot_into_its_own_namespace(
         _next_settings()["REPLICATOR_SLOT_NAME"],
     )
     assert next_slot != live_slot, "a slot has one consumer"
-    # A rebuild or a retirement deletes `<namespace>:*`: neither namespace may hold the other's keys.
-    for one, other in ((live_namespace, next_namespace), (next_namespace, live_namespace)):
-        assert one != other
-        assert not one.startswith(f"{other}:"), (one, other)
+    # Each version's lock, checkpoint and change stream are its own. (A nested namespace is
+    # allowed: a rebuild or a retirement finds a version's keys by kind, docs/replicator.md.)
+    assert next_namespace != live_namespace
     version = ("REPLICATOR_KEY_NAMESPACE", "REPLICATOR_SLOT_NAME")
     assert {k: v for k, v in second.items() if k not in version} == {
         k: v for k, v in live.items() if k not in version
