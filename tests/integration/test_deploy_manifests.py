@@ -17,8 +17,9 @@ from packaging.requirements import Requirement
 
 from payments.approval.v1 import approval_service_pb2 as approval_pb2
 from payments.history.v1 import history_service_pb2 as history_pb2
-from payments_common.keys import DEFAULT_NAMESPACE
+from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME
 from payments_common.settings import SettingsError
+from replicator.config import NAMESPACE, SLOT_NAME
 from stack.auth import APPROVAL_METHODS, HISTORY_METHODS, ROLES, LocalAuthority, default_policy
 from tests.support import ROOT, k8s
 from tests.support.k8s import OVERLAYS, SERVICES, Endpoint, Obj
@@ -91,7 +92,10 @@ def test_overlay_renders_into_its_namespace(objs: tuple[Obj, ...], namespace: st
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_object_validates_strictly(overlay: str, rendered_dir: Path, version: str) -> None:
-    path = _rendered_file(overlay, rendered_dir)
+    _validate_strictly(_rendered_file(overlay, rendered_dir), version)
+
+
+def _validate_strictly(path: Path, version: str) -> None:
     validate = _tool("kubernetes-validate")
     result = subprocess.run(
         [str(validate), "--strict", "--quiet", "-k", version, str(path)],
@@ -106,36 +110,43 @@ def test_every_object_validates_strictly(overlay: str, rendered_dir: Path, versi
 _checkov_results: dict[str, dict[str, Any]] = {}
 
 
+def _run_checkov(path: Path, directory: Path) -> dict[str, Any]:
+    """checkov's report on one rendered file, without skips (they are applied by the tests)."""
+    checkov = _tool("checkov")
+    result = subprocess.run(
+        [str(checkov), "-f", str(path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=directory,
+    )
+    assert result.stdout.strip(), result.stderr
+    report = json.loads(result.stdout)
+    found: dict[str, Any] = report[0] if isinstance(report, list) else report
+    return found
+
+
 def _checkov(overlay: str, directory: Path) -> dict[str, Any]:
-    """One checkov run per overlay per session, without skips (they are applied by the tests)."""
+    """One checkov run per overlay per session."""
     if overlay not in _checkov_results:
-        path = _rendered_file(overlay, directory)
-        checkov = _tool("checkov")
-        result = subprocess.run(
-            [str(checkov), "-f", str(path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-            cwd=directory,
-        )
-        assert result.stdout.strip(), result.stderr
-        report = json.loads(result.stdout)
-        _checkov_results[overlay] = report[0] if isinstance(report, list) else report
+        _checkov_results[overlay] = _run_checkov(_rendered_file(overlay, directory), directory)
     return _checkov_results[overlay]
 
 
-def test_checkov_passes_but_for_documented_skips(overlay: str, rendered_dir: Path) -> None:
-    report = _checkov(overlay, rendered_dir)
+def _checkov_failures_not_skipped(report: dict[str, Any], overlay: str) -> list[str]:
     assert report["summary"]["parsing_errors"] == 0
     assert report["summary"]["passed"] > 300, "checkov ran too few checks: did it parse the objects?"
     allowed = {s.check_id for s in k8s.checkov_skips() if overlay in s.overlays}
-    failures = sorted(
+    return sorted(
         f"{f['check_id']} {f['resource']}: {f['check_name']}"
         for f in report["results"]["failed_checks"]
         if f["check_id"] not in allowed
     )
-    assert failures == []
+
+
+def test_checkov_passes_but_for_documented_skips(overlay: str, rendered_dir: Path) -> None:
+    assert _checkov_failures_not_skipped(_checkov(overlay, rendered_dir), overlay) == []
 
 
 def test_checkov_skips_have_reasons_and_are_needed(rendered_dir: Path) -> None:
@@ -550,6 +561,8 @@ def test_the_policies_are_the_local_stacks_and_kept_in_one_configmap(
     assert history_policy == default_policy(HISTORY_METHODS)
 
 
+RETIRE_COMMAND = ("replicator", "retire")
+
 # What the Secrets created out of band hold, by key: values of the right form for each setting.
 SECRET_SAMPLES = {
     "database-url": "postgresql://approval:sample@postgresql:5432/payments",
@@ -563,6 +576,8 @@ COMMAND_SETTINGS = {
     ("approval-svc", "migrate"): ("approval_svc.config", False),
     ("history-svc", "serve"): ("history_svc.config", True),
     ("replicator", "run"): ("replicator.config", True),
+    # Only with components/read-model-next: the Job that retires the old read-model version.
+    RETIRE_COMMAND: ("replicator.config", True),
 }
 
 
@@ -575,12 +590,21 @@ def test_every_command_accepts_the_settings_its_pod_gets(
     Secrets with sample values (the JWKS a local authority's), so the check covers the
     policies too (every method a policy names must be one the server serves).
     """
+    assert _commands_accept_their_settings(objs, namespace, tmp_path) == set(COMMAND_SETTINGS) - {
+        RETIRE_COMMAND
+    }
+
+
+def _commands_accept_their_settings(
+    objs: tuple[Obj, ...], namespace: str, tmp_path: Path
+) -> set[tuple[str, ...]]:
+    """The commands of the image that the workloads run, each checked with its pod's settings."""
     samples = {
         **SECRET_SAMPLES,
         "jwks.json": LocalAuthority.create(tmp_path / "authority").jwks_path.read_text(),
     }
     configmaps = {c["metadata"]["name"]: c.get("data", {}) for c in k8s.of_kind(objs, "ConfigMap")}
-    checked = set()
+    checked: set[tuple[str, ...]] = set()
     for workload in k8s.workloads(objs):
         pod = k8s.pod_template(workload)
         for container in pod["spec"]["containers"]:
@@ -609,7 +633,7 @@ def test_every_command_accepts_the_settings_its_pod_gets(
             except SettingsError as error:
                 pytest.fail(f"{workload['metadata']['name']} ({' '.join(command)}): {error}")
             checked.add(command)
-    assert checked == set(COMMAND_SETTINGS)
+    return checked
 
 
 # ----- network policies -------------------------------------------------------------------------
@@ -816,6 +840,359 @@ def test_scrape_annotations_name_the_metrics_port(
     assert annotations.get("prometheus.io/scrape") == "true"
     assert annotations.get("prometheus.io/port") == metrics_port
     assert annotations.get("prometheus.io/path") == "/metrics"
+
+
+# ----- a second read-model version beside the live one -----------------------------------------
+
+NEXT_COMPONENT = k8s.K8S_DIR / "components" / "read-model-next"
+# What the component adds, by kind and name (a generated ConfigMap's name without its hash).
+NEXT_OBJECTS = {
+    ("Deployment", "replicator-next"),
+    ("NetworkPolicy", "replicator-next"),
+    ("ConfigMap", "replicator-next-config"),
+    ("Job", "replicator-retire"),
+}
+NAME = "app.kubernetes.io/name"
+
+
+def _next_settings() -> dict[str, str]:
+    """The next version's settings, from the one file the operator edits."""
+    lines = (NEXT_COMPONENT / "next.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def _enable_next(overlay: str) -> tuple[k8s.Edit, ...]:
+    """The component added to the overlay as deploy/k8s/README.md says: first in `components:`."""
+    return (
+        (
+            f"overlays/{overlay}/kustomization.yaml",
+            "\ncomponents:\n",
+            "\ncomponents:\n  - ../../components/read-model-next\n",
+        ),
+    )
+
+
+def _switch_history(overlay: str) -> tuple[k8s.Edit, ...]:
+    """The README's switch of the readers: the overlay's history-config set to the next version."""
+    settings = _next_settings()
+    old = "  - name: history-config\n    behavior: merge\n    literals:\n"
+    new = (
+        f"{old}      - HISTORY_KEY_NAMESPACE={settings['REPLICATOR_KEY_NAMESPACE']}\n"
+        f"      - HISTORY_SLOT_NAME={settings['REPLICATOR_SLOT_NAME']}\n"
+    )
+    return ((f"overlays/{overlay}/kustomization.yaml", old, new),)
+
+
+def _edited(overlay: str, edits: tuple[k8s.Edit, ...]) -> tuple[Obj, ...]:
+    try:
+        return k8s.objects_edited(overlay, edits)
+    except k8s.ToolMissing as missing:
+        _missing(str(missing))
+
+
+@pytest.fixture(scope="session")
+def next_objs(overlay: str) -> tuple[Obj, ...]:
+    """The overlay with components/read-model-next enabled."""
+    return _edited(overlay, _enable_next(overlay))
+
+
+def _by_id(objs: tuple[Obj, ...]) -> dict[tuple[str, str], Obj]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def _unhashed(ids: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    return {(kind, name.rsplit("-", 1)[0] if kind == "ConfigMap" else name) for kind, name in ids}
+
+
+def _replicator_env(objs: tuple[Obj, ...], namespace: str, name: str) -> dict[str, str]:
+    (container,) = k8s.pod_template(k8s.named(objs, "Deployment", name))["spec"]["containers"]
+    return k8s.container_env(container, objs, namespace)
+
+
+def _version(env: dict[str, str]) -> tuple[str, str]:
+    """The (key namespace, slot) a replicator's environment names, defaults included."""
+    return (
+        env.get("REPLICATOR_KEY_NAMESPACE", DEFAULT_NAMESPACE),
+        env.get("REPLICATOR_SLOT_NAME", DEFAULT_SLOT_NAME),
+    )
+
+
+def test_the_next_version_adds_its_objects_and_changes_nothing_else(
+    objs: tuple[Obj, ...], next_objs: tuple[Obj, ...]
+) -> None:
+    """Enabling the component leaves every object of the live version as it was: the live
+    replicator (its selector cannot change in a running cluster), its policy, history, the alerts."""
+    before, after = _by_id(objs), _by_id(next_objs)
+    assert {key: obj for key, obj in after.items() if key in before} == before
+    assert _unhashed(after.keys() - before.keys()) == NEXT_OBJECTS
+
+
+def _next_rendered_file(overlay: str, directory: Path) -> Path:
+    edits = _enable_next(overlay)
+    _edited(overlay, edits)  # skips with the reason when a tool is missing
+    path = directory / f"{overlay}-read-model-next.yaml"
+    if not path.exists():
+        path.write_text(k8s.render_edited(overlay, edits))
+    return path
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_next_version_validates_strictly(overlay: str, rendered_dir: Path, version: str) -> None:
+    _validate_strictly(_next_rendered_file(overlay, rendered_dir), version)
+
+
+def test_the_next_version_passes_checkov_but_for_documented_skips(overlay: str, rendered_dir: Path) -> None:
+    report = _run_checkov(_next_rendered_file(overlay, rendered_dir), rendered_dir)
+    assert _checkov_failures_not_skipped(report, overlay) == []
+
+
+def test_the_next_version_passes_the_checks_of_every_overlay(
+    next_objs: tuple[Obj, ...], overlay: str, namespace: str, tmp_path: Path
+) -> None:
+    """The checks above that read only the rendered objects hold with the component too."""
+    test_overlay_renders_into_its_namespace(next_objs, namespace)
+    test_workload_selectors_match_their_pod_labels(next_objs)
+    test_pods_are_hardened(next_objs)
+    test_recommended_labels_come_from_kustomize_labels(next_objs, overlay)
+    test_credentials_only_come_from_secrets(next_objs)
+    test_file_settings_point_into_mounted_files(next_objs, namespace)
+    test_no_workload_turns_authentication_off(next_objs, namespace)
+    test_there_is_a_default_deny_for_every_pod(next_objs)
+    test_manifest_commands_are_console_scripts_of_the_image(next_objs)
+    assert _commands_accept_their_settings(next_objs, namespace, tmp_path) == set(COMMAND_SETTINGS)
+
+
+def test_no_workload_selects_the_pods_of_another(next_objs: tuple[Obj, ...]) -> None:
+    """The two replicators' selectors do not overlap, and the live one's is the one it always had."""
+    pods = {
+        w["metadata"]["name"]: k8s.pod_template(w)["metadata"]["labels"] for w in k8s.workloads(next_objs)
+    }
+    for workload in k8s.workloads(next_objs):
+        if workload["kind"] in ("Job", "CronJob", "Pod"):
+            continue  # a Job's selector is generated for its own pods
+        name = workload["metadata"]["name"]
+        selected = [
+            other
+            for other, labels in pods.items()
+            if k8s.selector_matches(workload["spec"]["selector"], labels)
+        ]
+        assert selected == [name], (workload["kind"], name, selected)
+    live = k8s.named(next_objs, "Deployment", "replicator")
+    assert live["spec"]["selector"] == {"matchLabels": {NAME: "replicator"}}
+
+
+def test_the_next_replicator_is_the_live_one_but_for_its_name_and_version(
+    next_objs: tuple[Obj, ...],
+) -> None:
+    """Built from the live replicator's definition: the same image, command, security context,
+    probes, resources, Secret and mounts, identity, strategy and scrape annotations. Only its
+    name, its name label (and so its selector) and a ConfigMap of its own in envFrom differ."""
+    live = k8s.named(next_objs, "Deployment", "replicator")
+    second: Obj = json.loads(json.dumps(k8s.named(next_objs, "Deployment", "replicator-next")))
+    pod = second["spec"]["template"]
+    assert second["metadata"]["labels"][NAME] == "replicator-next"
+    assert second["spec"]["selector"]["matchLabels"][NAME] == "replicator-next"
+    assert pod["metadata"]["labels"][NAME] == "replicator-next"
+    (container,) = pod["spec"]["containers"]
+    (live_container,) = k8s.pod_template(live)["spec"]["containers"]
+    *shared, own = container["envFrom"]
+    assert shared == live_container["envFrom"], "the live settings first, the next version's over them"
+    assert own["configMapRef"]["name"].startswith("replicator-next-config-")
+    # With those differences undone, it is the live replicator field for field.
+    second["metadata"]["name"] = "replicator"
+    for labels in (
+        second["metadata"]["labels"],
+        second["spec"]["selector"]["matchLabels"],
+        pod["metadata"]["labels"],
+    ):
+        labels[NAME] = "replicator"
+    container["envFrom"] = shared
+    assert second == live
+
+
+def test_the_next_replicator_streams_its_own_slot_into_its_own_namespace(
+    next_objs: tuple[Obj, ...], namespace: str
+) -> None:
+    live = _replicator_env(next_objs, namespace, "replicator")
+    second = _replicator_env(next_objs, namespace, "replicator-next")
+    (live_namespace, live_slot), (next_namespace, next_slot) = _version(live), _version(second)
+    assert (next_namespace, next_slot) == (
+        _next_settings()["REPLICATOR_KEY_NAMESPACE"],
+        _next_settings()["REPLICATOR_SLOT_NAME"],
+    )
+    assert next_slot != live_slot, "a slot has one consumer"
+    # Each version's lock, checkpoint and change stream are its own. (A nested namespace is
+    # allowed: a rebuild or a retirement finds a version's keys by kind, docs/replicator.md.)
+    assert next_namespace != live_namespace
+    version = ("REPLICATOR_KEY_NAMESPACE", "REPLICATOR_SLOT_NAME")
+    assert {k: v for k, v in second.items() if k not in version} == {
+        k: v for k, v in live.items() if k not in version
+    }
+
+
+def test_the_next_replicator_and_the_retire_job_reach_what_the_live_replicator_reaches(
+    objs: tuple[Obj, ...], next_objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    """replicator-next has the live replicator's flows (PostgreSQL, Redis, DNS, Prometheus), the
+    retire Job its outgoing ones, and no other flow changes."""
+    added = {("Deployment", "replicator-next"), ("Job", "replicator-retire")}
+    endpoints, namespaces = _world(
+        tuple(o for o in next_objs if (o["kind"], o["metadata"]["name"]) not in added), overlay, namespace
+    )
+    endpoints += [
+        k8s.workload_endpoint(name, k8s.named(next_objs, kind, name), namespace, [OTHER_PORT])
+        for kind, name in sorted(added)
+    ]
+    policies = k8s.of_kind(next_objs, "NetworkPolicy")
+    actual = set(k8s.flows(policies, endpoints, namespaces))
+
+    def involving(name: str) -> set[tuple[str, str, int, str]]:
+        return {f for f in actual if name in f[:2]}
+
+    def renamed(flows: set[tuple[str, str, int, str]], name: str) -> set[tuple[str, str, int, str]]:
+        return {
+            (name if f[0] == "replicator" else f[0], name if f[1] == "replicator" else f[1], f[2], f[3])
+            for f in flows
+        }
+
+    live = involving("replicator")
+    assert {("replicator", "postgresql", 5432, "TCP"), ("replicator", "redis", 6379, "TCP")} <= live
+    assert involving("replicator-next") == renamed(live, "replicator-next")
+    outgoing = {f for f in live if f[0] == "replicator"}
+    assert involving("replicator-retire") == renamed(outgoing, "replicator-retire")
+    plain, _ = _world(objs, overlay, namespace)
+    assert actual - involving("replicator-next") - involving("replicator-retire") == set(
+        k8s.flows(k8s.of_kind(objs, "NetworkPolicy"), plain, namespaces)
+    )
+    # And the ingress side alone (a pod whose egress is open elsewhere): the same as the live one's.
+    by_name = {e.name: e for e in endpoints}
+    for source in endpoints:
+        for port in (50053, 9103, OTHER_PORT):
+            verdicts = {
+                k8s._side_allows(
+                    policies, "ingress", by_name[target], source, by_name[target], port, "TCP", namespaces
+                )
+                for target in ("replicator", "replicator-next")
+            }
+            assert len(verdicts) == 1, (source.name, port)
+
+
+def test_dev_postgres_has_a_slot_and_a_walsender_for_every_replicator() -> None:
+    objs = _edited("dev", _enable_next("dev"))
+    replicators = [
+        w
+        for w in k8s.workloads(objs)
+        if any(
+            c.get("command") == SERVICES["replicator"]["command"] for c in k8s.containers(k8s.pod_template(w))
+        )
+    ]
+    slots = {_version(_replicator_env(objs, "payments-dev", w["metadata"]["name"]))[1] for w in replicators}
+    assert len(replicators) == len(slots) == 2
+    (container,) = k8s.pod_template(k8s.named(objs, "StatefulSet", "postgresql"))["spec"]["containers"]
+    assert int(_flag(container["args"], "max_replication_slots")) >= len(slots)
+    assert int(_flag(container["args"], "max_wal_senders")) >= len(replicators)
+
+
+def test_the_retire_job_waits_to_be_told_and_names_the_live_version(
+    next_objs: tuple[Obj, ...], namespace: str
+) -> None:
+    """Applying the component retires nothing; told to, the Job retires the version that the live
+    replicator runs (never the next one), as the live replicator would connect."""
+    job = k8s.named(next_objs, "Job", "replicator-retire")
+    assert job["spec"]["suspend"] is True
+    pod = job["spec"]["template"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    (container,) = pod["spec"]["containers"]
+    assert tuple(container["command"]) == RETIRE_COMMAND
+    args = container["args"]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    assert set(options) == {"--namespace", "--slot"}
+    assert NAMESPACE.fullmatch(options["--namespace"]), "the command refuses a namespace with glob characters"
+    assert SLOT_NAME.fullmatch(options["--slot"])
+    live = _version(_replicator_env(next_objs, namespace, "replicator"))
+    assert (options["--namespace"], options["--slot"]) == live
+    assert live != _version(_replicator_env(next_objs, namespace, "replicator-next"))
+    # Bad settings (2) and a version in use (3) need a person; only "not reached" (4) is retried.
+    assert job["spec"]["podFailurePolicy"]["rules"] == [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": container["name"], "operator": "In", "values": [2, 3]},
+        }
+    ]
+    live_pod = k8s.pod_template(k8s.named(next_objs, "Deployment", "replicator"))
+    (live_container,) = live_pod["spec"]["containers"]
+    for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext", "volumes"):
+        assert pod["spec"][key] == live_pod["spec"][key], key
+    for key in ("image", "imagePullPolicy", "envFrom", "env", "securityContext", "volumeMounts"):
+        assert container[key] == live_container[key], key
+
+
+def test_history_switched_by_its_config_reads_what_the_next_replicator_writes(
+    next_objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    """The README's switch (HISTORY_KEY_NAMESPACE and HISTORY_SLOT_NAME in the overlay's
+    history-config) changes history only, and rolls it one pod at a time without a gap."""
+    switched = _edited(overlay, _enable_next(overlay) + _switch_history(overlay))
+    _, history = _service_container(switched, "history")
+    history_env = k8s.container_env(history, switched, namespace)
+    assert (history_env["HISTORY_KEY_NAMESPACE"], history_env["HISTORY_SLOT_NAME"]) == _version(
+        _replicator_env(switched, namespace, "replicator-next")
+    )
+    before, after = _by_id(next_objs), _by_id(switched)
+    changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+    assert _unhashed(changed) == {("ConfigMap", "history-config"), ("Deployment", "history")}
+    # A new pod must be ready before an old one goes: the old pods serve the live version meanwhile.
+    strategy = k8s.named(switched, "Deployment", "history")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def _make_next_the_default() -> tuple[k8s.Edit, ...]:
+    """The README's last step, in base: the live settings become the next version's."""
+    settings = _next_settings()
+    slot, key_namespace = settings["REPLICATOR_SLOT_NAME"], settings["REPLICATOR_KEY_NAMESPACE"]
+    return (
+        (
+            "base/config/replicator.env",
+            f"REPLICATOR_SLOT_NAME={DEFAULT_SLOT_NAME}\n",
+            f"REPLICATOR_SLOT_NAME={slot}\nREPLICATOR_KEY_NAMESPACE={key_namespace}\n",
+        ),
+        (
+            "base/config/history.env",
+            f"HISTORY_SLOT_NAME={DEFAULT_SLOT_NAME}\n",
+            f"HISTORY_SLOT_NAME={slot}\nHISTORY_KEY_NAMESPACE={key_namespace}\n",
+        ),
+    )
+
+
+def test_making_the_next_version_the_default_moves_the_replicator_and_leaves_history_be(
+    overlay: str, namespace: str
+) -> None:
+    """After the switch, the README's last step (the next version's settings in base, the
+    overlay's history literals and the component removed) leaves history's pods as they are
+    (the same ConfigMap, so no rollout), puts the live replicator on the next version, and
+    what it no longer renders is exactly what the README's label selector deletes."""
+    switched = _by_id(_edited(overlay, _enable_next(overlay) + _switch_history(overlay)))
+    default = _by_id(_edited(overlay, _make_next_the_default()))
+    for key in default.keys() & switched.keys():
+        if key != ("Deployment", "replicator"):
+            assert default[key] == switched[key], key
+    # The live replicator: the same but for its settings (a new replicator-config), which roll it.
+    moved, stayed = (
+        json.loads(json.dumps(by_id[("Deployment", "replicator")])) for by_id in (default, switched)
+    )
+    configs = [k8s.pod_template(d)["spec"]["containers"][0].pop("envFrom") for d in (moved, stayed)]
+    assert configs[0] != configs[1]
+    assert moved == stayed
+    assert ("Deployment", "history") in default
+    env = _replicator_env(tuple(default.values()), namespace, "replicator")
+    assert _version(env) == _version(_replicator_env(tuple(switched.values()), namespace, "replicator-next"))
+    left = {key: switched[key] for key in switched.keys() - default.keys()}
+    assert ("ConfigMap", "history-config") not in _unhashed(set(left)), "history must not roll"
+    leftovers = {key for key, obj in left.items() if not key[1].startswith("replicator-config-")}
+    assert _unhashed(leftovers) == NEXT_OBJECTS
+    for key in leftovers:
+        assert left[key]["metadata"]["labels"][NAME] in ("replicator-next", "replicator-retire"), key
 
 
 # ----- image ------------------------------------------------------------------------------------

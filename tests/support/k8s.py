@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,42 @@ def yaml_documents(text: str) -> list[Any]:
     )
     documents: list[Any] = json.loads(result.stdout)
     return documents
+
+
+# A text edit of one file under deploy/k8s: (path relative to it, the text, its replacement).
+Edit = tuple[str, str, str]
+
+
+@functools.cache
+def render_edited(overlay: str, edits: tuple[Edit, ...]) -> str:
+    """The overlay rendered from a copy of deploy/k8s with the edits an operator would make.
+
+    Each edit's text must occur exactly once in its file, so that an edit which no longer
+    fits the manifests fails loudly instead of rendering them unchanged.
+    """
+    with tempfile.TemporaryDirectory(prefix="k8s-edited-") as scratch:
+        copy = Path(scratch) / "k8s"
+        shutil.copytree(K8S_DIR, copy)
+        for path, old, new in edits:
+            text = (copy / path).read_text()
+            assert text.count(old) == 1, f"{path}: expected {old!r} once, found it {text.count(old)} times"
+            (copy / path).write_text(text.replace(old, new))
+        result = subprocess.run(
+            [kubectl(), "kustomize", str(copy / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    if result.returncode != 0:
+        raise AssertionError(f"kubectl kustomize overlays/{overlay} with {edits} failed:\n{result.stderr}")
+    return result.stdout
+
+
+@functools.cache
+def objects_edited(overlay: str, edits: tuple[Edit, ...]) -> tuple[Obj, ...]:
+    """The objects of render_edited."""
+    return tuple(yaml_documents(render_edited(overlay, edits)))
 
 
 def of_kind(objs: Iterable[Obj], *kinds: str) -> list[Obj]:

@@ -42,7 +42,7 @@ apply postgres-secrets \
     --from-literal=replicator-password="$pg_replicator"
 apply redis-secrets --from-literal=users.acl="user default off
 user replicator on >$redis_replicator ~* &* +@all
-user history on >$redis_history ~* &* +@read +@connection +ping +info"
+user history on >$redis_history ~* &* +@read +@connection +ping +info +evalsha_ro +eval_ro"
 apply migrate-secrets --from-literal=database-url="postgresql://payments_owner:$pg_owner@$pg"
 apply approval-secrets --from-literal=database-url="postgresql://approval:$pg_approval@$pg"
 apply replicator-secrets \
