@@ -17,9 +17,8 @@ from packaging.requirements import Requirement
 
 from payments.approval.v1 import approval_service_pb2 as approval_pb2
 from payments.history.v1 import history_service_pb2 as history_pb2
-from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME
+from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME, namespace_problem, slot_problem
 from payments_common.settings import SettingsError
-from replicator.config import NAMESPACE, SLOT_NAME
 from stack.auth import APPROVAL_METHODS, HISTORY_METHODS, ROLES, LocalAuthority, default_policy
 from tests.support import ROOT, k8s
 from tests.support.k8s import OVERLAYS, SERVICES, Endpoint, Obj
@@ -1107,8 +1106,10 @@ def test_the_retire_job_waits_to_be_told_and_names_the_live_version(
     args = container["args"]
     options = dict(zip(args[::2], args[1::2], strict=True))
     assert set(options) == {"--namespace", "--slot"}
-    assert NAMESPACE.fullmatch(options["--namespace"]), "the command refuses a namespace with glob characters"
-    assert SLOT_NAME.fullmatch(options["--slot"])
+    assert namespace_problem(options["--namespace"]) is None, (
+        "the command refuses a namespace it cannot retire"
+    )
+    assert slot_problem(options["--slot"]) is None
     live = _version(_replicator_env(next_objs, namespace, "replicator"))
     assert (options["--namespace"], options["--slot"]) == live
     assert live != _version(_replicator_env(next_objs, namespace, "replicator-next"))
