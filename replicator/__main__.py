@@ -20,6 +20,7 @@ log = logging.getLogger("replicator")
 
 def _run(settings: Settings) -> int:
     from payments_common.metrics import metrics_served
+    from replicator import metrics
     from replicator.health import HealthServer
     from replicator.runner import Replicator
     from replicator.slotwatch import SlotWatch
@@ -37,6 +38,8 @@ def _run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Every series names the version this process replicates, so that two side by side differ.
+    metrics.identify(slot=settings.slot_name, key_namespace=settings.namespace)
     # The slot's gauges, read whatever the replication loop is doing; only worth it when served.
     watch = (
         SlotWatch(settings.database_url, settings.slot_name, settings.slot_sample_seconds)

@@ -24,9 +24,28 @@ RULES = ROOT / "deploy" / "k8s" / "components" / "alerts" / "replicator.rules.ym
 RUNBOOK = ROOT / "docs" / "operations.md"
 GIB = 1024**3
 
-# Series of one replicator pod, and of a second one (a standby), in the Kubernetes namespace "payments".
-A = 'namespace="payments",pod="replicator-a"'
-B = 'namespace="payments",pod="replicator-b"'
+# The labels of a read-model version, as every series of its replicator carries them
+# (replicator/metrics.py): the live one, and a second one built beside it (replicator-next).
+V1 = {"slot": "payments_read_model", "key_namespace": "rm:v1"}
+V2 = {"slot": "payments_read_model_v2", "key_namespace": "rm:v2"}
+
+
+def _pod(name: str, address: str, version: dict[str, str]) -> str:
+    """The labels of the series of one replicator pod in the Kubernetes namespace "payments", as scraped."""
+    labels = {
+        "namespace": "payments",
+        "pod": name,
+        "job": "payments/replicator",
+        "instance": address,
+        **version,
+    }
+    return ",".join(f'{key}="{value}"' for key, value in labels.items())
+
+
+# One replicator pod of the live version, a second one (a standby), and the next version's.
+A = _pod("replicator-a", "10.0.0.1:9103", V1)
+B = _pod("replicator-b", "10.0.0.2:9103", V1)
+C = _pod("replicator-next-c", "10.0.0.3:9103", V2)
 
 
 def _alert(name: str, labels: dict[str, str], summary: str) -> dict[str, Any]:
@@ -59,23 +78,38 @@ def _cases(alertname: str, *cases: tuple[dict[str, str], Checks]) -> None:
 
 LAGGING = _alert(
     "ReplicatorLagging",
-    {"severity": "warning", "namespace": "payments"},
-    "The read models in payments are 40s behind PostgreSQL.",
+    {"severity": "warning", "namespace": "payments", **V1},
+    "The read models rm:v1 in payments are 40s behind PostgreSQL.",
+)
+LAGGING_V2 = _alert(
+    "ReplicatorLagging",
+    {"severity": "warning", "namespace": "payments", **V2},
+    "The read models rm:v2 in payments are 40s behind PostgreSQL.",
 )
 _cases(
     "ReplicatorLagging",
     # 40 s behind from the first minute: pending for 5 minutes, then firing.
     ({f"replicator_lag_seconds{{{A}}}": "0 40x10"}, [("5m", []), ("7m", [LAGGING])]),
+    # Two versions side by side: the one that lags is named.
+    (
+        {f"replicator_lag_seconds{{{A}}}": "0x10", f"replicator_lag_seconds{{{C}}}": "0 40x10"},
+        [("7m", [LAGGING_V2])],
+    ),
     # A spike shorter than 5 minutes, and a steady lag under the threshold.
     ({f"replicator_lag_seconds{{{A}}}": "0 40 40 40 0x10"}, [("4m", []), ("8m", [])]),
     ({f"replicator_lag_seconds{{{A}}}": "25x15"}, [("10m", [])]),
 )
 
-RETAINS = _alert(
-    "ReplicatorSlotRetainsWal",
-    {"severity": "warning", "namespace": "payments"},
-    "The replication slot of payments keeps 2GiB of WAL on PostgreSQL.",
-)
+
+def _retains(version: dict[str, str]) -> dict[str, Any]:
+    return _alert(
+        "ReplicatorSlotRetainsWal",
+        {"severity": "warning", "namespace": "payments", **version},
+        f"The replication slot {version['slot']} of payments keeps 2GiB of WAL on PostgreSQL.",
+    )
+
+
+RETAINS = _retains(V1)
 _cases(
     "ReplicatorSlotRetainsWal",
     # The owner and a standby both export the slot: one alert, not two.
@@ -87,6 +121,14 @@ _cases(
         [("10m", []), ("12m", [RETAINS])],
     ),
     ({f"replicator_slot_wal_retained_bytes{{{A}}}": f"{GIB // 2}x20"}, [("15m", [])]),
+    # Two slots, one per version, each exported by its own replicator: one alert each.
+    (
+        {
+            f"replicator_slot_wal_retained_bytes{{{A}}}": f"0 {2 * GIB}x15",
+            f"replicator_slot_wal_retained_bytes{{{C}}}": f"0 {2 * GIB}x15",
+        },
+        [("12m", [RETAINS, _retains(V2)])],
+    ),
     # NaN (the slot could not be read) never fires.
     ({f"replicator_slot_wal_retained_bytes{{{A}}}": " ".join(["NaN"] * 20)}, [("15m", [])]),
 )
@@ -95,9 +137,9 @@ _cases(
 def _at_risk(status: str) -> dict[str, Any]:
     return _alert(
         "ReplicatorSlotAtRisk",
-        {"severity": "critical", "namespace": "payments", "wal_status": status},
-        f"The replication slot of payments is {status}: max_slot_wal_keep_size removes, or has removed, "
-        "WAL it needs.",
+        {"severity": "critical", "namespace": "payments", "wal_status": status, **V1},
+        f"The replication slot payments_read_model of payments is {status}: max_slot_wal_keep_size "
+        "removes, or has removed, WAL it needs.",
     )
 
 
@@ -114,15 +156,21 @@ _cases(
     ({f'replicator_slot_wal_status{{{A},wal_status="extended"}}': "1x5"}, [("3m", [])]),
 )
 
-NO_LOCK = _alert(
-    "ReplicatorNoLockHolder",
-    {"severity": "critical", "namespace": "payments"},
-    "No replicator in payments holds the slot's lock: nothing is replicated.",
-)
+
+def _no_lock(version: dict[str, str]) -> dict[str, Any]:
+    return _alert(
+        "ReplicatorNoLockHolder",
+        {"severity": "critical", "namespace": "payments", **version},
+        f"No replicator in payments holds the lock of slot {version['slot']} (read models "
+        f"{version['key_namespace']}): nothing is replicated to them.",
+    )
+
+
+NO_LOCK = _no_lock(V1)
 NOTHING_SCRAPED = _alert(
     "ReplicatorNoLockHolder",
     {"severity": "critical"},
-    "No replicator holds the slot's lock: nothing is replicated.",
+    "No replicator is scraped at all: nothing shows that the read models are replicated.",
 )
 _cases(
     "ReplicatorNoLockHolder",
@@ -137,12 +185,33 @@ _cases(
     ({f"replicator_lock_held{{{A}}}": "1 0 0x10", f"replicator_lock_held{{{B}}}": "0 0 1x10"}, [("5m", [])]),
     # No replicator scraped at all.
     ({f"replicator_streaming{{{A}}}": "stale"}, [("1m", []), ("3m", [NOTHING_SCRAPED])]),
+    # Two versions in one namespace, each with its lock holder.
+    ({f"replicator_lock_held{{{A}}}": "1x10", f"replicator_lock_held{{{C}}}": "1x10"}, [("5m", [])]),
+    # The next version has none, though the live one has: that version's alert.
+    (
+        {
+            f"replicator_lock_held{{{A}}}": "1x10",
+            f"replicator_lock_held{{{B}}}": "0x10",
+            f"replicator_lock_held{{{C}}}": "1 0x10",
+        },
+        [("2m", []), ("4m", [_no_lock(V2)])],
+    ),
+    # And the other way round.
+    (
+        {f"replicator_lock_held{{{A}}}": "1 0x10", f"replicator_lock_held{{{C}}}": "1x10"},
+        [("4m", [NO_LOCK])],
+    ),
 )
 
 BOOTSTRAP = _alert(
     "ReplicatorBootstrapInProgress",
-    {"severity": "warning", "namespace": "payments", "reason": "slot_lost"},
-    "The read models in payments are being rebuilt from a snapshot (reason slot_lost).",
+    {"severity": "warning", "namespace": "payments", "reason": "slot_lost", **V1},
+    "The read models rm:v1 in payments are being rebuilt from a snapshot (reason slot_lost).",
+)
+BUILDING_V2 = _alert(
+    "ReplicatorBootstrapInProgress",
+    {"severity": "warning", "namespace": "payments", "reason": "new_deployment", **V2},
+    "The read models rm:v2 in payments are being rebuilt from a snapshot (reason new_deployment).",
 )
 _cases(
     "ReplicatorBootstrapInProgress",
@@ -153,12 +222,20 @@ _cases(
         },
         [("0m", []), ("1m", [BOOTSTRAP]), ("2m", [BOOTSTRAP]), ("3m", [])],
     ),
+    # A new version built beside the live one, which streams.
+    (
+        {
+            f'replicator_bootstrap_in_progress{{{A},reason="new_deployment"}}': "0x5",
+            f'replicator_bootstrap_in_progress{{{C},reason="new_deployment"}}': "1 1 0",
+        },
+        [("1m", [BUILDING_V2]), ("2m", [])],
+    ),
 )
 
 REBUILT = _alert(
     "ReplicatorRebuilt",
-    {"severity": "warning", "namespace": "payments", "reason": "redis_empty"},
-    "The read models in payments were rebuilt because data was gone (reason redis_empty).",
+    {"severity": "warning", "namespace": "payments", "reason": "redis_empty", **V1},
+    "The read models rm:v1 in payments were rebuilt because data was gone (reason redis_empty).",
 )
 _cases(
     "ReplicatorRebuilt",

@@ -158,8 +158,9 @@ def test_health_and_metrics(migrated_dsn: str, redis_url: str, replicator: Start
                 time.sleep(0.05)
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
         text = response.read().decode()
+    # By name alone: every series also carries the version's labels (slot, key_namespace).
     values = {
-        line.split(" ")[0]: float(line.split(" ")[1])
+        line.split(" ")[0].partition("{")[0]: float(line.split(" ")[1])
         for line in text.splitlines()
         if line.startswith("replicator_") and " " in line
     }

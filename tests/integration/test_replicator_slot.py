@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from collections.abc import Iterator
 from functools import partial
@@ -10,7 +11,7 @@ import psycopg2
 import pytest
 import redis
 
-from payments_common.keys import KeySchema
+from payments_common.keys import DEFAULT_NAMESPACE, KeySchema
 from payments_common.lsn import parse_lsn
 from replicator.status import (
     CAUGHT_UP,
@@ -274,15 +275,38 @@ def test_an_invalidated_slot_is_reported_and_rebuilt(
     assert document["slot"]["wal_status"] in ("reserved", "extended")
 
 
-def _metrics(port: int) -> dict[str, float]:
-    """The replicator's samples by name with labels, e.g. 'replicator_slot_wal_status{wal_status="lost"}'."""
+def _scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """The replicator's samples: name, labels, value."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
-    samples = {}
+    samples = []
     for line in text.splitlines():
         if line.startswith("replicator_"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+            series, _, value = line.rpartition(" ")
+            name, _, labels = series.partition("{")
+            samples.append((name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value)))
+    return samples
+
+
+def _versions(port: int) -> list[dict[str, str]]:
+    """The read-model version each sample names (`slot`, `key_namespace`), once per distinct one."""
+    found: list[dict[str, str]] = []
+    for _, labels, _ in _scrape(port):
+        version = {key: labels.get(key, "") for key in ("slot", "key_namespace")}
+        if version not in found:
+            found.append(version)
+    return found
+
+
+def _metrics(port: int) -> dict[str, float]:
+    """The samples by name and their own labels, e.g. 'replicator_slot_wal_status{wal_status="lost"}'.
+
+    Every sample also carries the version's labels (`slot`, `key_namespace`); `_versions` checks them.
+    """
+    samples = {}
+    for name, labels, value in _scrape(port):
+        own = ",".join(f'{k}="{v}"' for k, v in labels.items() if k not in ("slot", "key_namespace"))
+        samples[f"{name}{{{own}}}" if own else name] = value
     return samples
 
 
@@ -295,6 +319,8 @@ def test_the_slot_and_lock_gauges(migrated_dsn: str, redis_url: str, replicator:
         lambda: _metrics(owner_port).get("replicator_slot_active") == 1, 30, "the owner sees its slot active"
     )
     seen = _metrics(owner_port)
+    # Every series names the version: two replicators of different versions in one place differ.
+    assert _versions(owner_port) == [{"slot": slot_for(migrated_dsn), "key_namespace": DEFAULT_NAMESPACE}]
     assert seen["replicator_lock_held"] == 1
     assert seen["replicator_slot_exists"] == 1
     assert seen["replicator_slot_safe_wal_size_bytes"] > 0

@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
 
-from replicator import slotwatch
+from replicator import metrics, slotwatch
 from replicator.bootstrap import REBUILD_REASONS, Rebuild, bootstrap, rebuild_needed
 from replicator.changes import Checkpoint
 from replicator.source import SlotDetails, SlotState, SlotUsage
@@ -46,6 +46,38 @@ def test_a_failed_reading_leaves_no_stale_value() -> None:
     for name in ("replicator_slot_exists", "replicator_slot_active", "replicator_slot_wal_retained_bytes"):
         assert math.isnan(_value(name) or 0.0), name
     assert math.isnan(_value("replicator_slot_wal_status", wal_status="extended") or 0.0)
+
+
+@pytest.fixture
+def next_version() -> Iterator[dict[str, str]]:
+    """This process exports as the replicator of a second version does (`replicator run` identifies)."""
+    metrics.identify(slot="payments_read_model_v2", key_namespace="rm:v2")
+    try:
+        yield metrics.version_labels()
+    finally:
+        metrics.forget_version()
+
+
+def test_every_series_names_the_version_it_replicates(next_version: dict[str, str]) -> None:
+    """Two versions side by side in one Kubernetes namespace export series that differ by slot and key namespace."""
+    assert next_version == {"slot": "payments_read_model_v2", "key_namespace": "rm:v2"}
+    slotwatch.export(SlotUsage(current_wal_lsn=5_000, max_slot_wal_keep_size=None, slot=SLOT))
+    metrics.LOCK_HELD.set(1)
+    assert _value("replicator_lock_held", **next_version) == 1
+    assert _value("replicator_lock_held") is None
+    assert _value("replicator_slot_wal_retained_bytes", **next_version) == 4_000
+    assert _value("replicator_slot_wal_status", wal_status="extended", **next_version) == 1
+    for reason in REBUILD_REASONS:
+        assert _value("replicator_bootstraps_total", reason=reason, **next_version) is not None
+    exported = [
+        line for line in generate_latest(REGISTRY).decode().splitlines() if line.startswith("replicator_")
+    ]
+    assert len(exported) > 20
+    for line in exported:
+        assert 'slot="payments_read_model_v2"' in line, line
+        assert 'key_namespace="rm:v2"' in line, line
+    metrics.forget_version()
+    assert _value("replicator_lock_held") == 1
 
 
 def test_every_reason_of_a_rebuild_is_a_series_from_the_start() -> None:
