@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
 from replicator import metrics
@@ -232,23 +233,58 @@ _cases(
     ),
 )
 
-REBUILT = _alert(
-    "ReplicatorRebuilt",
-    {"severity": "warning", "namespace": "payments", "reason": "redis_empty", **V1},
-    "The read models rm:v1 in payments were rebuilt because data was gone (reason redis_empty).",
-)
+
+def _rebuilt(reason: str) -> dict[str, Any]:
+    return _alert(
+        "ReplicatorRebuilt",
+        {"severity": "warning", "namespace": "payments", "reason": reason, **V1},
+        f"The read models rm:v1 in payments were rebuilt because data was gone (reason {reason}).",
+    )
+
+
+REBUILT = _rebuilt("redis_empty")
+# The start of each pod's process (prometheus_client's process collector, which carries no
+# version labels), in seconds of the test's clock: minute m is 60 * m; -7200 is long before.
+A_STARTED = f"process_start_time_seconds{{{_pod('replicator-a', '10.0.0.1:9103', {})}}}"
+B_STARTED = f"process_start_time_seconds{{{_pod('replicator-b', '10.0.0.2:9103', {})}}}"
+
+
+def _counts(pod: str, values: dict[str, str]) -> dict[str, str]:
+    """The pod's series of replicator_bootstraps_total, one per reason."""
+    return {f'replicator_bootstraps_total{{{pod},reason="{reason}"}}': v for reason, v in values.items()}
+
+
 _cases(
     "ReplicatorRebuilt",
-    # Every reason is a series at 0 from the start, so the first rebuild is an increase.
+    # A process that runs counts a rebuild: every reason is a series at 0 from its start, so
+    # the rebuild is an increase; 30 minutes later it no longer fires.
     (
-        {
-            f'replicator_bootstraps_total{{{A},reason="redis_empty"}}': "0 0 1x40",
-            f'replicator_bootstraps_total{{{A},reason="new_deployment"}}': "0 1x40",
-        },
+        {A_STARTED: "-7200x40", **_counts(A, {"redis_empty": "0 0 1x40", "new_deployment": "1x42"})},
         [("1m", []), ("3m", [REBUILT]), ("40m", [])],
     ),
-    # A first start is no rebuild.
-    ({f'replicator_bootstraps_total{{{A},reason="new_deployment"}}': "0 1x10"}, [("3m", [])]),
+    # A new pod rebuilds as it starts (a rollout restart after slot_lost, say): it counts the
+    # rebuild some 50 ms after its start, before its first scrape, so its series first
+    # appears at 1 and increase() sees nothing. The old pod's series were at 0, then gone.
+    (
+        {
+            A_STARTED: "-7200x10 stale",
+            **_counts(A, {"redis_empty": "0x10 stale", "new_deployment": "1x10 stale"}),
+            B_STARTED: "_x11 660x31",
+            **_counts(B, {"redis_empty": "_x11 1x31", "new_deployment": "_x11 0x31"}),
+        },
+        [("10m", []), ("11m", [REBUILT]), ("40m", [REBUILT]), ("42m", [])],
+    ),
+    # A container restarted in its pod (the same series) rebuilds again: its counter is 1 as
+    # before, but its process is new.
+    (
+        {A_STARTED: "-7200x10 600x31", **_counts(A, {"slot_lost": "1x41", "new_deployment": "0x41"})},
+        [("5m", []), ("11m", [_rebuilt("slot_lost")]), ("39m", [_rebuilt("slot_lost")]), ("41m", [])],
+    ),
+    # A steady series: a rebuild long ago does not fire forever.
+    ({A_STARTED: "-7200x40", **_counts(A, {"redis_empty": "1x40"})}, [("1m", []), ("30m", [])]),
+    # A first start is no rebuild, in a new pod as in a process that runs.
+    ({B_STARTED: "0x10", **_counts(B, {"new_deployment": "1x10", "redis_empty": "0x10"})}, [("3m", [])]),
+    ({A_STARTED: "-7200x10", **_counts(A, {"new_deployment": "0 1x10"})}, [("3m", [])]),
 )
 
 
@@ -309,6 +345,10 @@ def test_the_rules_use_only_metrics_the_replicator_exports() -> None:
     used = set(re.findall(r"\breplicator_[a-z_]+", RULES.read_text()))
     assert used, "no metric found in the rules"
     assert used <= _exported(), used - _exported()
+    # Besides its own, ReplicatorRebuilt joins the start of the process, which prometheus_client's
+    # process collector puts in the default registry that /metrics serves (Linux only, as the image).
+    assert set(re.findall(r"\bprocess_[a-z_]+", RULES.read_text())) == {"process_start_time_seconds"}
+    assert REGISTRY.get_sample_value("process_start_time_seconds") is not None
 
 
 def test_the_prometheus_rule_is_generated_from_the_rules_file() -> None:

@@ -167,6 +167,8 @@ def test_health_and_metrics(migrated_dsn: str, redis_url: str, replicator: Start
     assert values["replicator_changes_applied_total"] >= 1
     assert values["replicator_transactions_applied_total"] >= 1
     assert values["replicator_streaming"] == 1
+    # The start of the process, which the alert ReplicatorRebuilt joins (deploy/k8s/components/alerts).
+    assert any(line.startswith("process_start_time_seconds ") for line in text.splitlines())
     assert "replicator_lag_bytes" in values
     assert "replicator_lag_seconds" in values
     assert "replicator_bootstrap_rows_copied" in values
