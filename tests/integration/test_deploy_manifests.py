@@ -827,6 +827,47 @@ def test_the_alerts_ship_as_a_prometheus_rule_equal_to_the_rules_file(
     assert rule["spec"] == source
 
 
+def _scraped_by_the_pod_monitor(objs: tuple[Obj, ...], namespace: str) -> set[str]:
+    """The workloads whose pods the PodMonitor `replicator` scrapes; each on its metrics port.
+
+    The PodMonitor selects pods in its own namespace (it has no namespaceSelector).
+    """
+    monitor = k8s.named(objs, "PodMonitor", "replicator")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == namespace
+    spec = monitor["spec"]
+    assert "namespaceSelector" not in spec
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    scraped = set()
+    for workload in k8s.workloads(objs):
+        pod = k8s.pod_template(workload)
+        if not k8s.selector_matches(spec["selector"], pod["metadata"]["labels"]):
+            continue
+        scraped.add(workload["metadata"]["name"])
+        (container,) = [c for c in pod["spec"]["containers"] if c.get("command") == ["replicator", "run"]]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        metrics_port = k8s.container_env(container, objs, namespace)["REPLICATOR_METRICS_PORT"]
+        assert str(ports[endpoint["port"]]) == metrics_port, workload["metadata"]["name"]
+    return scraped
+
+
+def test_where_the_alerts_ship_a_pod_monitor_scrapes_the_replicators(
+    objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    """The Prometheus Operator, which the PrometheusRule needs, ignores the prometheus.io/* annotations.
+
+    So the alerts component ships a PodMonitor: without it nothing of the replicator would be
+    scraped, absent(replicator_lock_held) would fire forever and no other alert ever. It
+    scrapes the replicator's pods on their metrics port, and no other pod; with
+    components/read-model-next, replicator-next's too (below).
+    """
+    if overlay == "dev":
+        assert k8s.of_kind(objs, "PodMonitor") == [] == k8s.of_kind(objs, "PrometheusRule")
+        return
+    assert _scraped_by_the_pod_monitor(objs, namespace) == {"replicator"}
+
+
 @pytest.mark.parametrize("service", sorted(SERVICES))
 def test_scrape_annotations_name_the_metrics_port(
     objs: tuple[Obj, ...], namespace: str, service: str
@@ -959,6 +1000,16 @@ def test_the_next_version_passes_the_checks_of_every_overlay(
     test_there_is_a_default_deny_for_every_pod(next_objs)
     test_manifest_commands_are_console_scripts_of_the_image(next_objs)
     assert _commands_accept_their_settings(next_objs, namespace, tmp_path) == set(COMMAND_SETTINGS)
+
+
+def test_the_pod_monitor_scrapes_the_next_replicator_too(
+    next_objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    """Both versions' replicators are scraped while they run side by side; the retire Job is not."""
+    if overlay == "dev":
+        assert k8s.of_kind(next_objs, "PodMonitor") == []
+        return
+    assert _scraped_by_the_pod_monitor(next_objs, namespace) == {"replicator", "replicator-next"}
 
 
 def test_no_workload_selects_the_pods_of_another(next_objs: tuple[Obj, ...]) -> None:
