@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -113,6 +114,24 @@ def _batch(value: str) -> int:
     return number
 
 
+# The longest `status --timeout`: far beyond any useful wait, and well within what
+# PostgreSQL's statement_timeout (milliseconds, a 32-bit integer) accepts.
+MAX_TIMEOUT_SECONDS = 3600
+
+
+def _timeout(value: str) -> float:
+    """Seconds to wait for a server: above 0 (0 would not wait at all) and at most MAX_TIMEOUT_SECONDS."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of seconds, got {value!r}") from None
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT_SECONDS):
+        raise argparse.ArgumentTypeError(
+            f"a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS}, got {value!r}"
+        )
+    return seconds
+
+
 def _retire(settings: Settings, args: argparse.Namespace) -> int:
     from replicator.retire import RetireFailed, Unreachable, VersionInUse, retire
 
@@ -179,12 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser(
         "status",
         help="the slot, the WAL it keeps, the checkpoint, the lag and the lock's owner",
-        description="Exit status: 0 ok, 2 bad settings, 3 the slot is missing, 4 PostgreSQL or Redis "
-        "not reached, 5 the slot was invalidated (wal_status lost). See docs/operations.md.",
+        description="Exit status: 0 ok, 2 bad settings or arguments, 3 the slot is missing, 4 PostgreSQL "
+        "or Redis not reached or refused, 5 the slot was invalidated (wal_status lost). See "
+        "docs/operations.md.",
     )
     status.add_argument("--json", action="store_true", help="print the JSON document of docs/operations.md")
     status.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for each of PostgreSQL and Redis"
+        "--timeout",
+        type=_timeout,
+        default=5.0,
+        help=f"seconds to wait for each of PostgreSQL and Redis: above 0, at most {MAX_TIMEOUT_SECONDS} "
+        "(default 5)",
     )
     args = parser.parse_args(argv)
     # Imported here so that `--help` works without the service's dependencies loaded.

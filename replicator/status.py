@@ -32,6 +32,8 @@ EXIT_SLOT_MISSING: Final = 3
 EXIT_UNREACHABLE: Final = 4
 EXIT_SLOT_LOST: Final = 5
 
+# `unreachable`: a side could not be read, whether it was not reached or it refused (the
+# report says which); the name stays that of format 1.
 OUTCOMES: Final = {
     "ok": EXIT_OK,
     "slot_missing": EXIT_SLOT_MISSING,
@@ -39,15 +41,29 @@ OUTCOMES: Final = {
     "slot_lost": EXIT_SLOT_LOST,
 }
 
+# Redis errors that are the server's answer (it was reached, and refused): a wrong password or
+# unknown user, an ACL that denies a command or a key, any other error reply, a server still
+# loading its data. Every other RedisError (nothing listening at the address, a timeout) is not reached.
+REDIS_REFUSALS: Final = (
+    redis.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    redis.ResponseError,
+    redis.BusyLoadingError,
+)
+
 # How `lag.seconds` was found.
 CAUGHT_UP: Final = "caught_up"  # no WAL after the checkpoint: 0, exactly
 SOURCE_TIME: Final = "source_time"  # the source's clock now minus the source time the checkpoint covers
-UNKNOWN: Final = "unknown"  # no checkpoint, no source time recorded yet, or a side not reached
+UNKNOWN: Final = "unknown"  # no checkpoint, no source time recorded yet, or a side not read
 
 
 @dataclass(frozen=True)
 class Status:
-    """What one look at PostgreSQL and Redis found; an `*_error` says why a side is missing."""
+    """What one look at PostgreSQL and Redis found; an `*_error` says why a side is missing.
+
+    `*_refused` tells the two kinds of error apart: the server answered and refused
+    (authentication, permissions; the error is its reason), or it was not reached.
+    """
 
     namespace: str
     slot_name: str
@@ -61,6 +77,8 @@ class Status:
     lock_key: str
     lock: LockOwner | None
     redis_error: str | None
+    postgres_refused: bool = False
+    redis_refused: bool = False
 
     @property
     def outcome(self) -> str:
@@ -113,6 +131,7 @@ def read_status(settings: Settings, timeout_seconds: float = 5.0) -> Status:
     checkpoint: Checkpoint | None = None
     lock: LockOwner | None = None
     redis_error: str | None = None
+    redis_refused = False
     client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
     )
@@ -120,23 +139,28 @@ def read_status(settings: Settings, timeout_seconds: float = 5.0) -> Status:
         checkpoint = read_checkpoint(client, schema.checkpoint(settings.slot_name))
         lock = read_owner(client, lock_key)
     except redis.RedisError as error:
-        # The message of a connection error names host and port, never the password.
+        # The message of a connection error names host and port, never the password; a
+        # refusal is the server's reason (WRONGPASS, NOPERM), which names no password either.
         redis_error = f"{type(error).__name__}: {error}"
+        redis_refused = isinstance(error, REDIS_REFUSALS)
         checkpoint = None
     finally:
         client.close()
     usage: SlotUsage | None = None
     source_now_us: int | None = None
     postgres_error: str | None = None
+    postgres_refused = False
     try:
         connection = psycopg2.connect(
             settings.database_url,
             connect_timeout=max(1, round(timeout_seconds)),
             application_name="replicator-status",
-            options=f"-c statement_timeout={int(timeout_seconds * 1000)}",
+            # At least 1 ms: 0 would mean no timeout at all.
+            options=f"-c statement_timeout={max(1, int(timeout_seconds * 1000))}",
         )
     except psycopg2.Error as error:
         postgres_error = _postgres_error(error)
+        postgres_refused = _postgres_refused(error)
     else:
         try:
             connection.autocommit = True
@@ -147,6 +171,7 @@ def read_status(settings: Settings, timeout_seconds: float = 5.0) -> Status:
             source_now_us = int(row[0]) if row else None
         except psycopg2.Error as error:
             postgres_error = _postgres_error(error)
+            postgres_refused = _postgres_refused(error)
             usage = None
         finally:
             with contextlib.suppress(psycopg2.Error):
@@ -163,6 +188,8 @@ def read_status(settings: Settings, timeout_seconds: float = 5.0) -> Status:
         lock_key=lock_key,
         lock=lock,
         redis_error=redis_error,
+        postgres_refused=postgres_refused,
+        redis_refused=redis_refused,
     )
 
 
@@ -170,6 +197,16 @@ def _postgres_error(error: psycopg2.Error) -> str:
     # libpq's messages name the host and the user, never the password; one line is enough.
     first = str(error).strip().splitlines()
     return f"{type(error).__name__}: {first[0] if first else 'no message'}"
+
+
+def _postgres_refused(error: psycopg2.Error) -> bool:
+    """The server answered: an SQL error (it has a SQLSTATE), or a connection it ended with FATAL.
+
+    libpq reports the server's refusal of a connection (a wrong password, no pg_hba.conf
+    entry, an unknown role or database) as `connection to server at … failed: FATAL:  …`,
+    and an address it could not reach without any server message.
+    """
+    return error.pgcode is not None or "FATAL:" in str(error)
 
 
 # -- the JSON document ----------------------------------------------------------------------
@@ -201,6 +238,7 @@ def as_json(status: Status) -> dict[str, Any]:
         "publication": status.publication,
         "postgres": {
             "reachable": status.postgres_error is None,
+            "refused": status.postgres_refused,
             "error": status.postgres_error,
             "current_wal_lsn": _lsn(usage.current_wal_lsn) if usage else None,
             "max_slot_wal_keep_size_bytes": usage.max_slot_wal_keep_size if usage else None,
@@ -217,7 +255,11 @@ def as_json(status: Status) -> dict[str, Any]:
             "safe_wal_size_bytes": slot.safe_wal_size,
             "retained_wal_bytes": usage.retained_bytes,
         },
-        "redis": {"reachable": status.redis_error is None, "error": status.redis_error},
+        "redis": {
+            "reachable": status.redis_error is None,
+            "refused": status.redis_refused,
+            "error": status.redis_error,
+        },
         "checkpoint": None
         if checkpoint is None
         else {
@@ -270,7 +312,8 @@ def table(status: Status) -> str:
     rows = [("namespace", status.namespace)]
     usage = status.usage
     if status.postgres_error is not None:
-        rows += [("slot", f"{status.slot_name}: PostgreSQL not reached ({status.postgres_error})")]
+        failed = "refused" if status.postgres_refused else "not reached"
+        rows += [("slot", f"{status.slot_name}: PostgreSQL {failed} ({status.postgres_error})")]
     elif usage is not None and usage.slot is None:
         rows += [
             ("slot", f"{status.slot_name}: MISSING (the replicator rebuilds the read models when it starts)")
@@ -292,7 +335,8 @@ def table(status: Status) -> str:
         rows.append(("source position", format_lsn(usage.current_wal_lsn)))
     checkpoint = status.checkpoint
     if status.redis_error is not None:
-        rows.append(("checkpoint (Redis)", f"Redis not reached ({status.redis_error})"))
+        failed = "refused" if status.redis_refused else "not reached"
+        rows.append(("checkpoint (Redis)", f"Redis {failed} ({status.redis_error})"))
     elif checkpoint is None:
         rows.append(("checkpoint (Redis)", "none (the read models are not built)"))
     else:

@@ -147,10 +147,54 @@ def test_status_when_a_side_cannot_be_reached(migrated_dsn: str, redis_url: str,
     assert document[side]["error"]
     other = "redis" if side == "postgres" else "postgres"
     assert document[other]["reachable"] is True
+    assert document[side]["refused"] is False
     table = run_status(database_url, redis_at, "--timeout", "2", slot=slot_for(migrated_dsn))
     assert table.returncode == EXIT_UNREACHABLE
     assert "not reached" in table.stdout
     assert secret not in table.stdout + table.stderr
+
+
+@pytest.mark.parametrize("refusal", ["redis-password", "redis-acl", "postgres-database"])
+def test_status_when_a_side_refuses(migrated_dsn: str, redis_url: str, refusal: str) -> None:
+    """A server that answers with a refusal was reached: exit status 4 still, but "refused", and its reason."""
+    secret = "s3cret-in-the-url"
+    database_url, redis_at = migrated_dsn, redis_url
+    admin = redis.Redis.from_url(redis_url)
+    user = f"status-{refusal}"
+    try:
+        if refusal == "redis-password":
+            redis_at = redis_url.replace("redis://", f"redis://{user}:{secret}@")
+            reason = "invalid username-password pair"
+        elif refusal == "redis-acl":
+            # It may log in and select its database, but read none of the replicator's keys.
+            admin.acl_setuser(
+                user, enabled=True, passwords=[f"+{secret}"], categories=["+@all"], keys=["elsewhere:*"]
+            )
+            redis_at = redis_url.replace("redis://", f"redis://{user}:{secret}@")
+            reason = "no permissions"
+        else:
+            database_url = migrated_dsn.rsplit("/", 1)[0] + "/no_such_database"
+            reason = 'database "no_such_database" does not exist'
+        side = "postgres" if refusal.startswith("postgres") else "redis"
+        code, document = status_json(database_url, redis_at, slot=slot_for(migrated_dsn))
+        assert code == EXIT_UNREACHABLE
+        assert document["outcome"] == "unreachable"
+        assert (document[side]["reachable"], document[side]["refused"]) == (False, True)
+        assert reason in document[side]["error"]
+        other = "redis" if side == "postgres" else "postgres"
+        assert (document[other]["reachable"], document[other]["refused"]) == (True, False)
+        done = run_status(database_url, redis_at, slot=slot_for(migrated_dsn))
+        assert done.returncode == EXIT_UNREACHABLE
+        rows = _rows(done.stdout)
+        line = rows["checkpoint (Redis)"] if side == "redis" else rows["slot"]
+        assert f"{'Redis' if side == 'redis' else 'PostgreSQL'} refused (" in line
+        assert reason in line
+        assert "not reached" not in done.stdout
+        assert secret not in done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
 
 
 def test_lag_and_retained_wal_grow_while_the_replicator_is_stopped(

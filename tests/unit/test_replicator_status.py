@@ -8,9 +8,13 @@ import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import psycopg2
 import pytest
+import redis
 
+from replicator import status as status_module
 from replicator.changes import Checkpoint
+from replicator.config import Settings
 from replicator.lock import LockOwner
 from replicator.source import SlotDetails, SlotUsage
 from replicator.status import (
@@ -24,6 +28,7 @@ from replicator.status import (
     Status,
     as_json,
     duration,
+    read_status,
     size,
     table,
 )
@@ -85,6 +90,14 @@ def _rows(status: Status) -> dict[str, str]:
             "unreachable",
             4,
         ),
+        # A side that answered but refused (a wrong password, an ACL) cannot be read either.
+        (
+            replace(
+                HEALTHY, checkpoint=None, lock=None, redis_error="NoPermissionError: no", redis_refused=True
+            ),
+            "unreachable",
+            EXIT_UNREACHABLE,
+        ),
         # Not reaching one side wins over what the other side shows: the report is incomplete.
         (
             replace(HEALTHY, usage=replace(USAGE, slot=None), redis_error="ConnectionError: refused"),
@@ -98,7 +111,16 @@ def _rows(status: Status) -> dict[str, str]:
             0,
         ),
     ],
-    ids=["ok", "slot-missing", "slot-lost", "postgres-unreachable", "redis-unreachable", "both", "no-cap"],
+    ids=[
+        "ok",
+        "slot-missing",
+        "slot-lost",
+        "postgres-unreachable",
+        "redis-unreachable",
+        "redis-refused",
+        "both",
+        "no-cap",
+    ],
 )
 def test_outcome_and_exit_status(status: Status, outcome: str, code: int) -> None:
     assert (status.outcome, status.exit_code) == (outcome, code)
@@ -162,6 +184,7 @@ def test_the_json_document_has_the_documented_fields() -> None:
     assert document["checked_at"] == "2027-01-15T08:00:00.000000Z"
     assert document["postgres"] == {
         "reachable": True,
+        "refused": False,
         "error": None,
         "current_wal_lsn": "0/2000",
         "max_slot_wal_keep_size_bytes": 2048 * MIB,
@@ -176,7 +199,7 @@ def test_the_json_document_has_the_documented_fields() -> None:
         "safe_wal_size_bytes": 2000 * MIB,
         "retained_wal_bytes": 0x1000,
     }
-    assert document["redis"] == {"reachable": True, "error": None}
+    assert document["redis"] == {"reachable": True, "refused": False, "error": None}
     assert document["checkpoint"] == {
         "lsn": "0/2000",
         "commit_time": "2027-01-15T07:59:55.000000Z",
@@ -194,6 +217,7 @@ def test_the_json_document_of_missing_parts_has_nulls_not_absent_fields() -> Non
     document = as_json(replace(HEALTHY, usage=None, postgres_error="OperationalError: refused"))
     assert document["postgres"] == {
         "reachable": False,
+        "refused": False,
         "error": "OperationalError: refused",
         "current_wal_lsn": None,
         "max_slot_wal_keep_size_bytes": None,
@@ -260,6 +284,88 @@ def test_the_table_says_what_is_wrong() -> None:
     assert _rows(replace(HEALTHY, checkpoint=None))["checkpoint (Redis)"].startswith("none")
 
 
+def test_a_side_that_answered_is_refused_not_unreached() -> None:
+    """A server that answers with an error was reached: the report says it refused, and why."""
+    reason = "AuthenticationError: invalid username-password pair or user is disabled."
+    refused = replace(HEALTHY, checkpoint=None, lock=None, redis_error=reason, redis_refused=True)
+    rows = _rows(refused)
+    assert rows["checkpoint (Redis)"] == f"Redis refused ({reason})"
+    assert "not reached" not in table(refused)
+    assert as_json(refused)["redis"] == {"reachable": False, "refused": True, "error": reason}
+    fatal = 'OperationalError: connection to server at "db" (10.0.0.9), port 5432 failed: FATAL:  no'
+    rows = _rows(replace(HEALTHY, usage=None, postgres_error=fatal, postgres_refused=True))
+    assert rows["slot"] == f"payments_read_model: PostgreSQL refused ({fatal})"
+
+
+SETTINGS = Settings(
+    database_url="postgresql://replicator@db.invalid/payments", redis_url="redis://r.invalid/0"
+)
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        (redis.AuthenticationError("invalid username-password pair or user is disabled."), True),
+        (redis.exceptions.NoPermissionError("this user has no permissions to access one of the keys"), True),
+        (redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"), True),
+        (redis.BusyLoadingError("Redis is loading the dataset in memory"), True),
+        (redis.ConnectionError("Error 111 connecting to r.invalid:6379. Connection refused."), False),
+        (redis.TimeoutError("Timeout reading from socket"), False),
+    ],
+)
+def test_which_redis_errors_are_refusals(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, refused: bool
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    monkeypatch.setattr(status_module, "read_checkpoint", fail)
+    monkeypatch.setattr(psycopg2, "connect", _unreachable_postgres)
+    found = read_status(SETTINGS, timeout_seconds=0.5)
+    assert found.redis_error == f"{type(error).__name__}: {error}"
+    assert found.redis_refused is refused
+    assert (found.outcome, found.exit_code) == ("unreachable", EXIT_UNREACHABLE)
+    assert ("Redis refused (" if refused else "Redis not reached (") in table(found)
+
+
+def _unreachable_postgres(*args: object, **kwargs: object) -> None:
+    raise psycopg2.OperationalError(
+        'connection to server at "db.invalid" (10.0.0.9), port 5432 failed: Connection refused\n'
+        "\tIs the server running on that host and accepting TCP/IP connections?\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "refused"),
+    [
+        (
+            'connection to server at "db" (10.0.0.9), port 5432 failed: FATAL:  password authentication '
+            'failed for user "replicator"\n',
+            True,
+        ),
+        (
+            'connection to server at "db" (10.0.0.9), port 5432 failed: FATAL:  database "x" does not exist\n',
+            True,
+        ),
+        ('connection to server at "db" (10.0.0.9), port 5432 failed: timeout expired\n', False),
+        ('could not translate host name "db.invalid" to address: Name or service not known\n', False),
+    ],
+)
+def test_which_postgres_connection_errors_are_refusals(
+    monkeypatch: pytest.MonkeyPatch, message: str, refused: bool
+) -> None:
+    def connect(*args: object, **kwargs: object) -> None:
+        raise psycopg2.OperationalError(message)
+
+    monkeypatch.setattr(status_module, "read_checkpoint", lambda client, key: None)
+    monkeypatch.setattr(status_module, "read_owner", lambda client, key: None)
+    monkeypatch.setattr(psycopg2, "connect", connect)
+    found = read_status(SETTINGS, timeout_seconds=0.5)
+    assert found.postgres_refused is refused
+    assert found.exit_code == EXIT_UNREACHABLE
+    assert ("PostgreSQL refused (" if refused else "PostgreSQL not reached (") in table(found)
+
+
 @pytest.mark.parametrize(
     ("value", "text"),
     [(None, "unknown"), (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (3 * 1024**3, "3.0 GiB")],
@@ -293,4 +399,27 @@ def test_status_reads_the_settings_of_run_and_stops_on_a_bad_one() -> None:
     )
     assert done.returncode == 2
     assert "REPLICATOR_DATABASE_URL" in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon", "3601"])
+def test_a_timeout_that_is_no_positive_number_of_seconds_is_a_usage_error(timeout: str) -> None:
+    """Exit status 2, as for every bad argument: not a stack reported unreachable, nor a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-m", "replicator", "status", "--timeout", timeout],
+        cwd=ROOT,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "REPLICATOR_DATABASE_URL": "postgresql://replicator@127.0.0.1:1/payments",
+            "REPLICATOR_REDIS_URL": "redis://127.0.0.1:1/0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "argument --timeout" in done.stderr
+    assert "Traceback" not in done.stderr
     assert done.stdout == ""
