@@ -46,6 +46,7 @@ from tests.support.faults import (
     Readers,
     approval_process,
     history_process,
+    open_accounts,
 )
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
@@ -132,26 +133,6 @@ def platform(work: Path) -> Iterator[Platform]:
         postgres.remove()
 
 
-async def open_accounts(address: str, count: int) -> list[str]:
-    async with aio_channel(address) as channel:
-        stub: approval_grpc.ApprovalServiceAsyncStub = approval_grpc.ApprovalServiceStub(channel)
-        accounts = []
-        for n in range(count):
-            reply = await stub.CreateAccount(
-                approval_pb.CreateAccountRequest(
-                    request_id=f"open-{n}",
-                    owner_name=f"Owner {n}",
-                    currency_code="EUR",
-                    opening_balance_minor=OPENING_BALANCE,
-                    per_payment_limit_minor=10**9,
-                    daily_limit_minor=10**12,
-                ),
-                timeout=10,
-            )
-            accounts.append(reply.account.account_id)
-        return accounts
-
-
 @contextlib.asynccontextmanager
 async def running(load: PaymentLoad, readers: Readers) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(load.run()), asyncio.create_task(readers.run())]
@@ -200,7 +181,7 @@ async def history_probes(target: str, account: str, count: int = 3) -> list[str]
 
 async def test_the_platform_keeps_working_and_loses_nothing_under_faults(tmp_path: Path) -> None:
     with platform(tmp_path) as p:
-        p.accounts = await open_accounts(p.approval.address, ACCOUNTS)
+        p.accounts = await open_accounts(p.approval.address, ACCOUNTS, OPENING_BALANCE)
         load = PaymentLoad(p.approval.address, p.accounts)
         readers = Readers(p.history_target, p.accounts, load)
         async with running(load, readers):
@@ -323,7 +304,7 @@ async def test_a_retry_across_an_approval_crash_never_pays_twice(
         upgrade(dsn)
         approval.start()
         approval.wait_serving(60)
-        payer, payee = await open_accounts(approval.address, 2)
+        payer, payee = await open_accounts(approval.address, 2, OPENING_BALANCE)
         request = approval_pb.SubmitPaymentRequest(
             request_id="pay-once",
             payer_account_id=payer,

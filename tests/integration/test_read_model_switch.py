@@ -13,8 +13,6 @@ from pathlib import Path
 import grpc
 import psycopg2
 
-from payments.approval.v1 import approval_service_pb2 as approval_pb
-from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import payment_pb2
@@ -22,7 +20,7 @@ from stack.replication import run_reconcile
 from stack.servers import free_port
 from tests.integration.test_replicator_retire import keys_of, retire, slot_exists
 from tests.support.auth import aio_channel
-from tests.support.faults import FAST_RECONNECT, PaymentLoad, approval_process, history_process
+from tests.support.faults import FAST_RECONNECT, PaymentLoad, approval_process, history_process, open_accounts
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess, slot_for
 
@@ -106,26 +104,6 @@ class CheckedReaders:
             self.failed.append(f"payment {ack.payment_id} missing from its payer's history")
 
 
-async def _open_accounts(address: str) -> list[str]:
-    async with aio_channel(address) as channel:
-        stub = approval_grpc.ApprovalServiceStub(channel)
-        accounts = []
-        for n in range(ACCOUNTS):
-            reply = await stub.CreateAccount(
-                approval_pb.CreateAccountRequest(
-                    request_id=f"open-{n}",
-                    owner_name=f"Owner {n}",
-                    currency_code="EUR",
-                    opening_balance_minor=10**9,
-                    per_payment_limit_minor=10**9,
-                    daily_limit_minor=10**12,
-                ),
-                timeout=30,
-            )
-            accounts.append(reply.account.account_id)
-        return accounts
-
-
 def _source_payments(dsn: str) -> int:
     with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM payments")
@@ -135,17 +113,17 @@ def _source_payments(dsn: str) -> int:
     return int(row[0])
 
 
+def _history(redis_url: str, port: int, log: Path, namespace: str, slot: str) -> ServiceProcess:
+    """A history process serving the version (`namespace`, `slot`); a token read may wait for it up to 10 s."""
+    return history_process(
+        redis_url, port, log, slot, key_namespace=namespace, consistency_wait_max_seconds="10"
+    )
+
+
 async def _switch(process: ServiceProcess, namespace: str, slot: str, log: Path) -> ServiceProcess:
     """A rolling restart of one history process onto another version: stop it, start it with the new settings."""
     process.stop(15)
-    restarted = history_process(
-        process.env["HISTORY_REDIS_URL"],
-        process.port,
-        log,
-        slot,
-        key_namespace=namespace,
-        consistency_wait_max_seconds="10",
-    ).start()
+    restarted = _history(process.env["HISTORY_REDIS_URL"], process.port, log, namespace, slot).start()
     await asyncio.to_thread(restarted.wait_serving, 60)
     return restarted
 
@@ -164,14 +142,7 @@ async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_r
         extra_env={"REPLICATOR_KEY_NAMESPACE": "rm:v1", "REPLICATOR_LOCK_TTL_SECONDS": "2"},
     ).start()
     histories = [
-        history_process(
-            redis_url,
-            free_port(),
-            tmp_path / f"history-{n}-v1.log",
-            old_slot,
-            key_namespace="rm:v1",
-            consistency_wait_max_seconds="10",
-        ).start()
+        _history(redis_url, free_port(), tmp_path / f"history-{n}-v1.log", "rm:v1", old_slot).start()
         for n in range(2)
     ]
     new: ReplicatorProcess | None = None
@@ -179,7 +150,7 @@ async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_r
         approval.wait_serving(60)
         for history in histories:
             history.wait_serving(60)
-        accounts = await _open_accounts(approval.address)
+        accounts = await open_accounts(approval.address, ACCOUNTS, 10**9)
         load = PaymentLoad(approval.address, accounts, workers=2)
         readers = CheckedReaders("ipv4:" + ",".join(h.address for h in histories), load, accounts)
         tasks = [asyncio.create_task(load.run()), asyncio.create_task(readers.run())]

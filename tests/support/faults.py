@@ -95,6 +95,27 @@ def history_process(redis_url: str, port: int, log_path: Path, slot: str, **env:
     )
 
 
+async def open_accounts(address: str, count: int, opening_balance_minor: int) -> list[str]:
+    """Opens `count` EUR accounts through the approval service at `address` (limits that never bind); their ids."""
+    async with aio_channel(address) as channel:
+        stub: approval_grpc.ApprovalServiceAsyncStub = approval_grpc.ApprovalServiceStub(channel)
+        accounts = []
+        for n in range(count):
+            reply = await stub.CreateAccount(
+                approval_pb.CreateAccountRequest(
+                    request_id=f"open-{n}",
+                    owner_name=f"Owner {n}",
+                    currency_code="EUR",
+                    opening_balance_minor=opening_balance_minor,
+                    per_payment_limit_minor=10**9,
+                    daily_limit_minor=10**12,
+                ),
+                timeout=30,
+            )
+            accounts.append(reply.account.account_id)
+        return accounts
+
+
 # -- certificates -----------------------------------------------------------------------
 
 
