@@ -206,6 +206,7 @@ class Handlers:
                 decline_reason=decision.decline_reason,
                 created_at=now,
                 updated_at=now,
+                hold_reason=decision.hold_reason,
             )
             event = PaymentEvent(
                 payment.payment_id,

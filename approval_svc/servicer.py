@@ -15,7 +15,14 @@ from google.protobuf import message, timestamp_pb2
 from approval_svc.adapters.unit_of_work import CALL_DEADLINE
 from approval_svc.domain import commands
 from approval_svc.domain.errors import OwnPaymentReview, PaymentNotFound, ReviewerMismatch
-from approval_svc.domain.model import Account, AccountStatus, DeclineReason, Payment, PaymentEvent
+from approval_svc.domain.model import (
+    Account,
+    AccountStatus,
+    DeclineReason,
+    HoldReason,
+    Payment,
+    PaymentEvent,
+)
 from approval_svc.handlers import Handlers, Outcome, RequestKey
 from payments.approval.v1 import approval_service_pb2 as pb
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
@@ -69,6 +76,11 @@ def _decline_reason(reason: DeclineReason | None) -> str:
     return f"DECLINE_REASON_{reason.value if reason else 'UNSPECIFIED'}"
 
 
+def _hold_reason(reason: HoldReason | None) -> str:
+    """The enum name of a hold reason; a payment never held (or held unrecorded) has HOLD_REASON_UNSPECIFIED."""
+    return f"HOLD_REASON_{reason.value if reason else 'UNSPECIFIED'}"
+
+
 def account_message(account: Account) -> pb.Account:
     return pb.Account(
         account_id=str(account.account_id),
@@ -95,6 +107,7 @@ def payment_message(payment: Payment) -> pb.Payment:
         decline_reason=_decline_reason(payment.decline_reason),
         create_time=_timestamp(payment.created_at),
         update_time=_timestamp(payment.updated_at),
+        hold_reason=_hold_reason(payment.hold_reason),
     )
 
 

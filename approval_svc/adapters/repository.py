@@ -20,6 +20,7 @@ from approval_svc.domain.model import (
     AccountChange,
     AccountStatus,
     DeclineReason,
+    HoldReason,
     LedgerEntry,
     Payment,
     PaymentEvent,
@@ -148,7 +149,8 @@ _ACCOUNT_COLUMNS = """
 
 _PAYMENT_COLUMNS = """
     payment_id, request_id, payer_account_id, payee_account_id, payer_name, payee_name,
-    currency_code, amount_minor, reference, status, decline_reason, created_at, updated_at
+    currency_code, amount_minor, reference, status, decline_reason, created_at, updated_at,
+    hold_reason
 """
 
 # Every statement that reads or writes idempotency_keys names both columns of its key,
@@ -228,12 +230,12 @@ _DAILY_USAGE = """
 _INSERT_PAYMENT = f"""
     payment AS (
         INSERT INTO payments ({_PAYMENT_COLUMNS})
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
         RETURNING payment_id
     ),
     event AS (
         INSERT INTO payment_events (payment_id, sequence, status, decline_reason, actor, note, created_at)
-        SELECT payment_id, $14, $15, $16, $17, $18, $19 FROM payment
+        SELECT payment_id, $15, $16, $17, $18, $19, $20 FROM payment
     )
 """
 
@@ -294,10 +296,10 @@ _APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
 # the same key committed first: ON CONFLICT DO NOTHING waited for it (the caller's reuse
 # of the request_id with other accounts, which the locks did not serialise).
 _ADD_DECISION = f"""
-    WITH {_INSERT_PAYMENT}, {_changes_sql(20)},
+    WITH {_INSERT_PAYMENT}, {_changes_sql(21)},
     request AS (
         INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)
-        VALUES ($36, $37, $38, $39, $40)
+        VALUES ($37, $38, $39, $40, $41)
         ON CONFLICT (caller, request_id) DO NOTHING
         RETURNING 1
     )
@@ -310,7 +312,7 @@ _GET_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1"
 _PAYMENT_WITH_EVENTS = """
     SELECT p.payment_id, p.request_id, p.payer_account_id, p.payee_account_id, p.payer_name,
            p.payee_name, p.currency_code, p.amount_minor, p.reference, p.status, p.decline_reason,
-           p.created_at, p.updated_at, e.sequence, e.status AS event_status,
+           p.created_at, p.updated_at, p.hold_reason, e.sequence, e.status AS event_status,
            e.decline_reason AS event_reason, e.actor, e.note, e.created_at AS event_at
     FROM payments AS p LEFT JOIN payment_events AS e ON e.payment_id = p.payment_id
     WHERE p.payment_id = $1
@@ -354,7 +356,7 @@ def _account(row: asyncpg.Record) -> Account:
 
 
 def _payment(row: asyncpg.Record) -> Payment:
-    reason = row["decline_reason"]
+    reason, hold = row["decline_reason"], row["hold_reason"]
     return Payment(
         payment_id=row["payment_id"],
         request_id=row["request_id"],
@@ -369,6 +371,7 @@ def _payment(row: asyncpg.Record) -> Payment:
         decline_reason=DeclineReason(reason) if reason is not None else None,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        hold_reason=HoldReason(hold) if hold is not None else None,
     )
 
 
@@ -387,6 +390,7 @@ def _payment_args(payment: Payment, event: PaymentEvent) -> list[Any]:
         payment.decline_reason.value if payment.decline_reason else None,
         payment.created_at,
         payment.updated_at,
+        payment.hold_reason.value if payment.hold_reason else None,
         *_event_args(event),
     ]
 

@@ -35,6 +35,12 @@ class DeclineReason(StrEnum):
     DECLINED_BY_REVIEWER = "DECLINED_BY_REVIEWER"
 
 
+class HoldReason(StrEnum):
+    """Why the rules held a payment for review."""
+
+    AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD = "AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD"
+
+
 class LedgerKind(StrEnum):
     OPENING = "OPENING"
     DEBIT = "DEBIT"
@@ -119,6 +125,9 @@ class Payment:
     decline_reason: DeclineReason | None
     created_at: datetime
     updated_at: datetime
+    # Set when the rules hold the payment, and kept after the review; None for a payment
+    # never held, or held before the reason was recorded.
+    hold_reason: HoldReason | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from approval_svc.domain.model import (
     AccountChange,
     AccountStatus,
     DeclineReason,
+    HoldReason,
     LedgerEntry,
     LedgerKind,
     Payment,
@@ -24,6 +25,7 @@ from payments_common.errors import FieldViolation
 class Decision:
     status: PaymentStatus
     decline_reason: DeclineReason | None = None
+    hold_reason: HoldReason | None = None
 
 
 def day_start(now: datetime) -> datetime:
@@ -58,7 +60,9 @@ def decide(
     if amount > payer.available_balance:
         return Decision(PaymentStatus.DECLINED, DeclineReason.INSUFFICIENT_FUNDS)
     if amount >= review_threshold:
-        return Decision(PaymentStatus.PENDING_REVIEW)
+        return Decision(
+            PaymentStatus.PENDING_REVIEW, hold_reason=HoldReason.AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
+        )
     return Decision(PaymentStatus.APPROVED)
 
 

@@ -29,6 +29,7 @@ from approval_svc.domain.model import (
     AccountChange,
     AccountStatus,
     DeclineReason,
+    HoldReason,
     LedgerKind,
     Payment,
     PaymentEvent,
@@ -92,6 +93,9 @@ def new_payment(
         decline_reason=DeclineReason.INSUFFICIENT_FUNDS if status is PaymentStatus.DECLINED else None,
         created_at=at,
         updated_at=at,
+        hold_reason=(
+            HoldReason.AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD if status is PaymentStatus.PENDING_REVIEW else None
+        ),
     )
 
 
@@ -385,10 +389,11 @@ class RepositoryContract:
             accounts = await uow.repo.lock_accounts([payer.account_id, payee.account_id])
         assert found is not None
         payment, timeline = found
-        assert (payment.status, payment.updated_at, payment.reference) == (
+        assert (payment.status, payment.updated_at, payment.reference, payment.hold_reason) == (
             PaymentStatus.APPROVED,
             later,
             "ref",
+            HoldReason.AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD,
         )
         assert payment.created_at == held.created_at
         assert [(e.sequence, e.status, e.actor, e.note) for e in timeline] == [

@@ -94,9 +94,11 @@ async def test_a_payment_life_cycle(svc: RunningServer) -> None:
     assert approved.payment.status == payment_pb2.PAYMENT_STATUS_APPROVED
     assert approved.payment.decline_reason == payment_pb2.DECLINE_REASON_UNSPECIFIED
     assert approved.payment.reference == "invoice 7"
+    assert approved.payment.hold_reason == payment_pb2.HOLD_REASON_UNSPECIFIED
 
     held = await submit(svc, payer, payee, THRESHOLD)
     assert held.payment.status == payment_pb2.PAYMENT_STATUS_PENDING_REVIEW
+    assert held.payment.hold_reason == payment_pb2.HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
 
     declined = await submit(svc, payer, payee, 4_001)
     assert declined.payment.status == payment_pb2.PAYMENT_STATUS_DECLINED
@@ -106,6 +108,7 @@ async def test_a_payment_life_cycle(svc: RunningServer) -> None:
         pb.ApprovePaymentRequest(request_id=rid(), payment_id=held.payment.payment_id, note="ok")
     )
     assert reviewed.payment.status == payment_pb2.PAYMENT_STATUS_APPROVED
+    assert reviewed.payment.hold_reason == payment_pb2.HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
 
     tokens = [decode_consistency_token(r.consistency_token) for r in (approved, held, declined, reviewed)]
     assert tokens == sorted(tokens)

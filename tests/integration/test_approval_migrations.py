@@ -90,7 +90,7 @@ async def test_keys_recorded_before_0002_are_the_anonymous_callers_and_the_table
     assert upgrade(database_dsn, "0001") == "0001"
     record(db, "before")
     (file_before,) = rows(db, "SELECT pg_relation_filenode('idempotency_keys')")
-    assert upgrade(database_dsn) == "0002"
+    assert upgrade(database_dsn, "0002") == "0002"
     # The column came with a constant default: the rows were not rewritten.
     assert rows(db, "SELECT pg_relation_filenode('idempotency_keys')") == [file_before]
     assert primary_key(db) == ["caller", "request_id"]
@@ -117,7 +117,7 @@ def test_an_upgrade_interrupted_after_its_first_step_runs_again(database_dsn: st
     with db.cursor() as cursor:
         cursor.execute(f"ALTER TABLE idempotency_keys ADD COLUMN caller text NOT NULL DEFAULT '{ANONYMOUS}'")
         cursor.execute("CREATE INDEX idempotency_keys_caller_request_id ON idempotency_keys (caller)")
-    assert upgrade(database_dsn) == "0002"
+    assert upgrade(database_dsn, "0002") == "0002"
     assert primary_key(db) == ["caller", "request_id"]
     assert indexes(db) == ["idempotency_keys_pkey"]
     assert keys(db) == [(ANONYMOUS, "before", "SubmitPayment", b"fp", b"before")]
@@ -135,12 +135,12 @@ def test_a_downgrade_keys_the_records_by_request_id_again(database_dsn: str, db:
         ("bob's", "SubmitPayment", b"fp", b"bob's"),
     ]
     # Up again, the callers are forgotten: the records are the anonymous caller's.
-    assert upgrade(database_dsn) == "0002"
+    assert upgrade(database_dsn, "0002") == "0002"
     assert [row[:2] for row in keys(db)] == [(ANONYMOUS, "alice's"), (ANONYMOUS, "bob's")]
 
 
 def test_a_downgrade_is_refused_while_a_request_id_has_two_callers(database_dsn: str, db: Connection) -> None:
-    upgrade(database_dsn)
+    upgrade(database_dsn, "0002")
     record(db, "shared", "token:alice")
     record(db, "shared", "token:bob")
     before = keys(db)
@@ -177,11 +177,11 @@ def test_the_command_line_says_which_revision_the_schema_reached_and_goes_back_d
     up = _cli("migrate", dsn=database_dsn)
     assert up.returncode == 0, up.stderr
     assert len(_reached(up)) == 1
-    assert '"schema is at 0002"' in _reached(up)[0]
+    assert '"schema is at 0003"' in _reached(up)[0]
     # migrate only moves up: asked for an older revision, it says where the schema is.
     older = _cli("migrate", "--revision", "0001", dsn=database_dsn)
     assert older.returncode == 0, older.stderr
-    assert '"schema is at 0002"' in _reached(older)[0]
+    assert '"schema is at 0003"' in _reached(older)[0]
     down = _cli("downgrade", "--revision", "0001", dsn=database_dsn)
     assert down.returncode == 0, down.stderr
     assert '"schema is at 0001"' in _reached(down)[0]
@@ -190,4 +190,4 @@ def test_the_command_line_says_which_revision_the_schema_reached_and_goes_back_d
     assert _cli("downgrade", "--revision", "base", dsn=database_dsn).returncode == 2
     assert current(database_dsn) == "0001"
     assert _cli("migrate", dsn=database_dsn).returncode == 0
-    assert current(database_dsn) == "0002"
+    assert current(database_dsn) == "0003"

@@ -1,6 +1,6 @@
 """The system of record written by hand with plain SQL, as the approval service would: accounts, payments, reviews.
 
-Each write is one transaction in the 0001 schema, with balances and counters kept
+Each write is one transaction in the current schema, with balances and counters kept
 consistent, so that the real replicator builds read models from it. `SourceLoad` keeps
 writing in a thread while a test does something else.
 """
@@ -240,8 +240,9 @@ class SourceWriter:
     ) -> None:
         """Inserts a payment in the payer's currency with its first event, and books it on both accounts.
 
-        A declined payment without a reason is INSUFFICIENT_FUNDS; without `created_at`, the
-        payment and its event take the database's clock (the columns' default).
+        A declined payment without a reason is INSUFFICIENT_FUNDS, a held one is held for its
+        amount (as the rules hold every payment); without `created_at`, the payment and its
+        event take the database's clock (the columns' default).
         """
         if status == "DECLINED" and decline_reason is None:
             decline_reason = "INSUFFICIENT_FUNDS"
@@ -254,13 +255,16 @@ class SourceWriter:
             "reference": reference,
             "status": status,
             "reason": decline_reason,
+            "hold": "AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD" if status == "PENDING_REVIEW" else None,
             "at": created_at,
         }
         cursor.execute(
             "INSERT INTO payments (payment_id, request_id, payer_account_id, payee_account_id, payer_name,"
-            " payee_name, currency_code, amount_minor, reference, status, decline_reason, created_at, updated_at)"
+            " payee_name, currency_code, amount_minor, reference, status, decline_reason, created_at, updated_at,"
+            " hold_reason)"
             " SELECT %(id)s, %(request)s, p.account_id, q.account_id, p.owner_name, q.owner_name, p.currency_code,"
-            " %(amount)s, %(reference)s, %(status)s, %(reason)s, coalesce(%(at)s, now()), coalesce(%(at)s, now())"
+            " %(amount)s, %(reference)s, %(status)s, %(reason)s, coalesce(%(at)s, now()), coalesce(%(at)s, now()),"
+            " %(hold)s"
             " FROM accounts p, accounts q WHERE p.account_id = %(payer)s AND q.account_id = %(payee)s",
             values,
         )

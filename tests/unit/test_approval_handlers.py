@@ -25,6 +25,7 @@ from approval_svc.domain.model import (
     Account,
     AccountStatus,
     DeclineReason,
+    HoldReason,
     Payment,
     PaymentStatus,
 )
@@ -113,6 +114,7 @@ async def test_the_daily_limit_counts_approved_and_held_payments_of_the_utc_day(
 async def test_review_approves_or_releases_held_funds(handlers: Handlers, store: Store) -> None:
     payer, payee = await open_account(handlers, 5_000), await open_account(handlers, 0)
     first, second = await pay(handlers, payer, payee, 1_500), await pay(handlers, payer, payee, 1_000)
+    assert first.hold_reason is HoldReason.AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
     assert store.accounts[payer.account_id].held == 2_500
     assert store.accounts[payer.account_id].available_balance == 2_500
     store.now = START + timedelta(minutes=5)
@@ -127,6 +129,8 @@ async def test_review_approves_or_releases_held_funds(handlers: Handlers, store:
     assert approved.status is PaymentStatus.APPROVED
     assert approved.updated_at == store.now
     assert declined.decline_reason is DeclineReason.DECLINED_BY_REVIEWER
+    # The reason it was held stays with the payment once it is decided.
+    assert approved.hold_reason is declined.hold_reason is HoldReason.AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
     after_payer, after_payee = store.accounts[payer.account_id], store.accounts[payee.account_id]
     assert (after_payer.ledger_balance, after_payer.held) == (3_500, 0)
     assert after_payee.ledger_balance == 1_500

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -15,6 +16,7 @@ from approval_svc.domain.model import (
     Account,
     AccountStatus,
     DeclineReason,
+    HoldReason,
     LedgerKind,
     Payment,
     PaymentStatus,
@@ -73,9 +75,19 @@ def test_a_payment_within_every_rule_is_approved() -> None:
     assert decision == rules.Decision(PaymentStatus.APPROVED)
 
 
-def test_a_payment_at_the_review_threshold_is_held() -> None:
+def test_a_payment_at_the_review_threshold_is_held_and_says_why() -> None:
     decision = rules.decide(account(), account(), "EUR", THRESHOLD, 0, THRESHOLD)
-    assert decision == rules.Decision(PaymentStatus.PENDING_REVIEW)
+    assert decision == rules.Decision(
+        PaymentStatus.PENDING_REVIEW, hold_reason=HoldReason.AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
+    )
+    # A payment that is not held has no hold reason.
+    assert rules.decide(account(), account(), "EUR", THRESHOLD - 1, 0, THRESHOLD).hold_reason is None
+
+
+def test_the_migration_that_adds_hold_reasons_knows_every_reason() -> None:
+    """Migration 0003 writes the reasons out (a migration is a snapshot): its CHECK must admit each one."""
+    migration = importlib.import_module("approval_svc.migrations.versions.0003_payment_hold_reason")
+    assert set(migration.HOLD_REASONS) == {reason.value for reason in HoldReason}
 
 
 @pytest.mark.parametrize(

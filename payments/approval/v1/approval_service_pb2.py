@@ -27,7 +27,7 @@ from payments.type.v1 import money_pb2 as payments_dot_type_dot_v1_dot_money__pb
 from payments.type.v1 import payment_pb2 as payments_dot_type_dot_v1_dot_payment__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+payments/approval/v1/approval_service.proto\x12\x14payments.approval.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cpayments/type/v1/money.proto\x1a\x1epayments/type/v1/payment.proto\"\xa2\x03\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nowner_name\x18\x02 \x01(\t\x12\x15\n\rcurrency_code\x18\x03 \x01(\t\x12/\n\x0eledger_balance\x18\x04 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x32\n\x11\x61vailable_balance\x18\x05 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x32\n\x11per_payment_limit\x18\x06 \x01(\x0b\x32\x17.payments.type.v1.Money\x12,\n\x0b\x64\x61ily_limit\x18\x07 \x01(\x0b\x32\x17.payments.type.v1.Money\x12/\n\x06status\x18\x08 \x01(\x0e\x32\x1f.payments.type.v1.AccountStatus\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd9\x02\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x18\n\x10payer_account_id\x18\x02 \x01(\t\x12\x18\n\x10payee_account_id\x18\x03 \x01(\t\x12\'\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x11\n\treference\x18\x05 \x01(\t\x12/\n\x06status\x18\x06 \x01(\x0e\x32\x1f.payments.type.v1.PaymentStatus\x12\x37\n\x0e\x64\x65\x63line_reason\x18\x07 \x01(\x0e\x32\x1f.payments.type.v1.DeclineReason\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd7\x01\n\x0cPaymentEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x05\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.payments.type.v1.PaymentStatus\x12\x37\n\x0e\x64\x65\x63line_reason\x18\x03 \x01(\x0e\x32\x1f.payments.type.v1.DeclineReason\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x01\n\x14\x43reateAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nowner_name\x18\x02 \x01(\t\x12\x15\n\rcurrency_code\x18\x03 \x01(\t\x12\x1d\n\x15opening_balance_minor\x18\x04 \x01(\x03\x12\x1f\n\x17per_payment_limit_minor\x18\x05 \x01(\x03\x12\x19\n\x11\x64\x61ily_limit_minor\x18\x06 \x01(\x03\"b\n\x15\x43reateAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Account\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\x9a\x01\n\x14SubmitPaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10payer_account_id\x18\x02 \x01(\t\x12\x18\n\x10payee_account_id\x18\x03 \x01(\t\x12\'\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x11\n\treference\x18\x05 \x01(\t\"b\n\x15SubmitPaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"c\n\x15\x41pprovePaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x14\n\x08reviewer\x18\x03 \x01(\tB\x02\x18\x01\x12\x0c\n\x04note\x18\x04 \x01(\t\"c\n\x16\x41pprovePaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"c\n\x15\x44\x65\x63linePaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x14\n\x08reviewer\x18\x03 \x01(\tB\x02\x18\x01\x12\x0c\n\x04note\x18\x04 \x01(\t\"c\n\x16\x44\x65\x63linePaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"N\n\x14\x46reezeAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"b\n\x15\x46reezeAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Account\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"P\n\x16UnfreezeAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"d\n\x17UnfreezeAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Account\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\"x\n\x12GetPaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x32\n\x06\x65vents\x18\x02 \x03(\x0b\x32\".payments.approval.v1.PaymentEvent2\xfa\x05\n\x0f\x41pprovalService\x12h\n\rCreateAccount\x12*.payments.approval.v1.CreateAccountRequest\x1a+.payments.approval.v1.CreateAccountResponse\x12h\n\rSubmitPayment\x12*.payments.approval.v1.SubmitPaymentRequest\x1a+.payments.approval.v1.SubmitPaymentResponse\x12k\n\x0e\x41pprovePayment\x12+.payments.approval.v1.ApprovePaymentRequest\x1a,.payments.approval.v1.ApprovePaymentResponse\x12k\n\x0e\x44\x65\x63linePayment\x12+.payments.approval.v1.DeclinePaymentRequest\x1a,.payments.approval.v1.DeclinePaymentResponse\x12h\n\rFreezeAccount\x12*.payments.approval.v1.FreezeAccountRequest\x1a+.payments.approval.v1.FreezeAccountResponse\x12n\n\x0fUnfreezeAccount\x12,.payments.approval.v1.UnfreezeAccountRequest\x1a-.payments.approval.v1.UnfreezeAccountResponse\x12_\n\nGetPayment\x12\'.payments.approval.v1.GetPaymentRequest\x1a(.payments.approval.v1.GetPaymentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+payments/approval/v1/approval_service.proto\x12\x14payments.approval.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1cpayments/type/v1/money.proto\x1a\x1epayments/type/v1/payment.proto\"\xa2\x03\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\nowner_name\x18\x02 \x01(\t\x12\x15\n\rcurrency_code\x18\x03 \x01(\t\x12/\n\x0eledger_balance\x18\x04 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x32\n\x11\x61vailable_balance\x18\x05 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x32\n\x11per_payment_limit\x18\x06 \x01(\x0b\x32\x17.payments.type.v1.Money\x12,\n\x0b\x64\x61ily_limit\x18\x07 \x01(\x0b\x32\x17.payments.type.v1.Money\x12/\n\x06status\x18\x08 \x01(\x0e\x32\x1f.payments.type.v1.AccountStatus\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8c\x03\n\x07Payment\x12\x12\n\npayment_id\x18\x01 \x01(\t\x12\x18\n\x10payer_account_id\x18\x02 \x01(\t\x12\x18\n\x10payee_account_id\x18\x03 \x01(\t\x12\'\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x11\n\treference\x18\x05 \x01(\t\x12/\n\x06status\x18\x06 \x01(\x0e\x32\x1f.payments.type.v1.PaymentStatus\x12\x37\n\x0e\x64\x65\x63line_reason\x18\x07 \x01(\x0e\x32\x1f.payments.type.v1.DeclineReason\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x0bhold_reason\x18\n \x01(\x0e\x32\x1c.payments.type.v1.HoldReason\"\xd7\x01\n\x0cPaymentEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x05\x12/\n\x06status\x18\x02 \x01(\x0e\x32\x1f.payments.type.v1.PaymentStatus\x12\x37\n\x0e\x64\x65\x63line_reason\x18\x03 \x01(\x0e\x32\x1f.payments.type.v1.DeclineReason\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x01\n\x14\x43reateAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nowner_name\x18\x02 \x01(\t\x12\x15\n\rcurrency_code\x18\x03 \x01(\t\x12\x1d\n\x15opening_balance_minor\x18\x04 \x01(\x03\x12\x1f\n\x17per_payment_limit_minor\x18\x05 \x01(\x03\x12\x19\n\x11\x64\x61ily_limit_minor\x18\x06 \x01(\x03\"b\n\x15\x43reateAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Account\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\x9a\x01\n\x14SubmitPaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10payer_account_id\x18\x02 \x01(\t\x12\x18\n\x10payee_account_id\x18\x03 \x01(\t\x12\'\n\x06\x61mount\x18\x04 \x01(\x0b\x32\x17.payments.type.v1.Money\x12\x11\n\treference\x18\x05 \x01(\t\"b\n\x15SubmitPaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"c\n\x15\x41pprovePaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x14\n\x08reviewer\x18\x03 \x01(\tB\x02\x18\x01\x12\x0c\n\x04note\x18\x04 \x01(\t\"c\n\x16\x41pprovePaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"c\n\x15\x44\x65\x63linePaymentRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\npayment_id\x18\x02 \x01(\t\x12\x14\n\x08reviewer\x18\x03 \x01(\tB\x02\x18\x01\x12\x0c\n\x04note\x18\x04 \x01(\t\"c\n\x16\x44\x65\x63linePaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"N\n\x14\x46reezeAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"b\n\x15\x46reezeAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Account\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"P\n\x16UnfreezeAccountRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"d\n\x17UnfreezeAccountResponse\x12.\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Account\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\t\"\'\n\x11GetPaymentRequest\x12\x12\n\npayment_id\x18\x01 \x01(\t\"x\n\x12GetPaymentResponse\x12.\n\x07payment\x18\x01 \x01(\x0b\x32\x1d.payments.approval.v1.Payment\x12\x32\n\x06\x65vents\x18\x02 \x03(\x0b\x32\".payments.approval.v1.PaymentEvent2\xfa\x05\n\x0f\x41pprovalService\x12h\n\rCreateAccount\x12*.payments.approval.v1.CreateAccountRequest\x1a+.payments.approval.v1.CreateAccountResponse\x12h\n\rSubmitPayment\x12*.payments.approval.v1.SubmitPaymentRequest\x1a+.payments.approval.v1.SubmitPaymentResponse\x12k\n\x0e\x41pprovePayment\x12+.payments.approval.v1.ApprovePaymentRequest\x1a,.payments.approval.v1.ApprovePaymentResponse\x12k\n\x0e\x44\x65\x63linePayment\x12+.payments.approval.v1.DeclinePaymentRequest\x1a,.payments.approval.v1.DeclinePaymentResponse\x12h\n\rFreezeAccount\x12*.payments.approval.v1.FreezeAccountRequest\x1a+.payments.approval.v1.FreezeAccountResponse\x12n\n\x0fUnfreezeAccount\x12,.payments.approval.v1.UnfreezeAccountRequest\x1a-.payments.approval.v1.UnfreezeAccountResponse\x12_\n\nGetPayment\x12\'.payments.approval.v1.GetPaymentRequest\x1a(.payments.approval.v1.GetPaymentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,37 +41,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCOUNT']._serialized_start=165
   _globals['_ACCOUNT']._serialized_end=583
   _globals['_PAYMENT']._serialized_start=586
-  _globals['_PAYMENT']._serialized_end=931
-  _globals['_PAYMENTEVENT']._serialized_start=934
-  _globals['_PAYMENTEVENT']._serialized_end=1149
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=1152
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1328
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=1330
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=1428
-  _globals['_SUBMITPAYMENTREQUEST']._serialized_start=1431
-  _globals['_SUBMITPAYMENTREQUEST']._serialized_end=1585
-  _globals['_SUBMITPAYMENTRESPONSE']._serialized_start=1587
-  _globals['_SUBMITPAYMENTRESPONSE']._serialized_end=1685
-  _globals['_APPROVEPAYMENTREQUEST']._serialized_start=1687
-  _globals['_APPROVEPAYMENTREQUEST']._serialized_end=1786
-  _globals['_APPROVEPAYMENTRESPONSE']._serialized_start=1788
-  _globals['_APPROVEPAYMENTRESPONSE']._serialized_end=1887
-  _globals['_DECLINEPAYMENTREQUEST']._serialized_start=1889
-  _globals['_DECLINEPAYMENTREQUEST']._serialized_end=1988
-  _globals['_DECLINEPAYMENTRESPONSE']._serialized_start=1990
-  _globals['_DECLINEPAYMENTRESPONSE']._serialized_end=2089
-  _globals['_FREEZEACCOUNTREQUEST']._serialized_start=2091
-  _globals['_FREEZEACCOUNTREQUEST']._serialized_end=2169
-  _globals['_FREEZEACCOUNTRESPONSE']._serialized_start=2171
-  _globals['_FREEZEACCOUNTRESPONSE']._serialized_end=2269
-  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_start=2271
-  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_end=2351
-  _globals['_UNFREEZEACCOUNTRESPONSE']._serialized_start=2353
-  _globals['_UNFREEZEACCOUNTRESPONSE']._serialized_end=2453
-  _globals['_GETPAYMENTREQUEST']._serialized_start=2455
-  _globals['_GETPAYMENTREQUEST']._serialized_end=2494
-  _globals['_GETPAYMENTRESPONSE']._serialized_start=2496
-  _globals['_GETPAYMENTRESPONSE']._serialized_end=2616
-  _globals['_APPROVALSERVICE']._serialized_start=2619
-  _globals['_APPROVALSERVICE']._serialized_end=3381
+  _globals['_PAYMENT']._serialized_end=982
+  _globals['_PAYMENTEVENT']._serialized_start=985
+  _globals['_PAYMENTEVENT']._serialized_end=1200
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=1203
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1379
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=1381
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=1479
+  _globals['_SUBMITPAYMENTREQUEST']._serialized_start=1482
+  _globals['_SUBMITPAYMENTREQUEST']._serialized_end=1636
+  _globals['_SUBMITPAYMENTRESPONSE']._serialized_start=1638
+  _globals['_SUBMITPAYMENTRESPONSE']._serialized_end=1736
+  _globals['_APPROVEPAYMENTREQUEST']._serialized_start=1738
+  _globals['_APPROVEPAYMENTREQUEST']._serialized_end=1837
+  _globals['_APPROVEPAYMENTRESPONSE']._serialized_start=1839
+  _globals['_APPROVEPAYMENTRESPONSE']._serialized_end=1938
+  _globals['_DECLINEPAYMENTREQUEST']._serialized_start=1940
+  _globals['_DECLINEPAYMENTREQUEST']._serialized_end=2039
+  _globals['_DECLINEPAYMENTRESPONSE']._serialized_start=2041
+  _globals['_DECLINEPAYMENTRESPONSE']._serialized_end=2140
+  _globals['_FREEZEACCOUNTREQUEST']._serialized_start=2142
+  _globals['_FREEZEACCOUNTREQUEST']._serialized_end=2220
+  _globals['_FREEZEACCOUNTRESPONSE']._serialized_start=2222
+  _globals['_FREEZEACCOUNTRESPONSE']._serialized_end=2320
+  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_start=2322
+  _globals['_UNFREEZEACCOUNTREQUEST']._serialized_end=2402
+  _globals['_UNFREEZEACCOUNTRESPONSE']._serialized_start=2404
+  _globals['_UNFREEZEACCOUNTRESPONSE']._serialized_end=2504
+  _globals['_GETPAYMENTREQUEST']._serialized_start=2506
+  _globals['_GETPAYMENTREQUEST']._serialized_end=2545
+  _globals['_GETPAYMENTRESPONSE']._serialized_start=2547
+  _globals['_GETPAYMENTRESPONSE']._serialized_end=2667
+  _globals['_APPROVALSERVICE']._serialized_start=2670
+  _globals['_APPROVALSERVICE']._serialized_end=3432
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class Account(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., owner_name: _Optional[str] = ..., currency_code: _Optional[str] = ..., ledger_balance: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., available_balance: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., per_payment_limit: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., daily_limit: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., status: _Optional[_Union[_payment_pb2.AccountStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Payment(_message.Message):
-    __slots__ = ("payment_id", "payer_account_id", "payee_account_id", "amount", "reference", "status", "decline_reason", "create_time", "update_time")
+    __slots__ = ("payment_id", "payer_account_id", "payee_account_id", "amount", "reference", "status", "decline_reason", "create_time", "update_time", "hold_reason")
     PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PAYER_ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     PAYEE_ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class Payment(_message.Message):
     DECLINE_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HOLD_REASON_FIELD_NUMBER: _ClassVar[int]
     payment_id: str
     payer_account_id: str
     payee_account_id: str
@@ -55,7 +56,8 @@ class Payment(_message.Message):
     decline_reason: _payment_pb2.DeclineReason
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, payment_id: _Optional[str] = ..., payer_account_id: _Optional[str] = ..., payee_account_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reference: _Optional[str] = ..., status: _Optional[_Union[_payment_pb2.PaymentStatus, str]] = ..., decline_reason: _Optional[_Union[_payment_pb2.DeclineReason, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    hold_reason: _payment_pb2.HoldReason
+    def __init__(self, payment_id: _Optional[str] = ..., payer_account_id: _Optional[str] = ..., payee_account_id: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reference: _Optional[str] = ..., status: _Optional[_Union[_payment_pb2.PaymentStatus, str]] = ..., decline_reason: _Optional[_Union[_payment_pb2.DeclineReason, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hold_reason: _Optional[_Union[_payment_pb2.HoldReason, str]] = ...) -> None: ...
 
 class PaymentEvent(_message.Message):
     __slots__ = ("sequence", "status", "decline_reason", "actor", "note", "event_time")

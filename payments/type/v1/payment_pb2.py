@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epayments/type/v1/payment.proto\x12\x10payments.type.v1*\x8c\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYMENT_STATUS_APPROVED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_DECLINED\x10\x02\x12!\n\x1dPAYMENT_STATUS_PENDING_REVIEW\x10\x03*\xa0\x02\n\rDeclineReason\x12\x1e\n\x1a\x44\x45\x43LINE_REASON_UNSPECIFIED\x10\x00\x12%\n!DECLINE_REASON_INSUFFICIENT_FUNDS\x10\x01\x12-\n)DECLINE_REASON_PER_PAYMENT_LIMIT_EXCEEDED\x10\x02\x12\'\n#DECLINE_REASON_DAILY_LIMIT_EXCEEDED\x10\x03\x12!\n\x1d\x44\x45\x43LINE_REASON_ACCOUNT_FROZEN\x10\x04\x12$\n DECLINE_REASON_CURRENCY_MISMATCH\x10\x05\x12\'\n#DECLINE_REASON_DECLINED_BY_REVIEWER\x10\x06*e\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_FROZEN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1epayments/type/v1/payment.proto\x12\x10payments.type.v1*\x8c\x01\n\rPaymentStatus\x12\x1e\n\x1aPAYMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17PAYMENT_STATUS_APPROVED\x10\x01\x12\x1b\n\x17PAYMENT_STATUS_DECLINED\x10\x02\x12!\n\x1dPAYMENT_STATUS_PENDING_REVIEW\x10\x03*\xa0\x02\n\rDeclineReason\x12\x1e\n\x1a\x44\x45\x43LINE_REASON_UNSPECIFIED\x10\x00\x12%\n!DECLINE_REASON_INSUFFICIENT_FUNDS\x10\x01\x12-\n)DECLINE_REASON_PER_PAYMENT_LIMIT_EXCEEDED\x10\x02\x12\'\n#DECLINE_REASON_DAILY_LIMIT_EXCEEDED\x10\x03\x12!\n\x1d\x44\x45\x43LINE_REASON_ACCOUNT_FROZEN\x10\x04\x12$\n DECLINE_REASON_CURRENCY_MISMATCH\x10\x05\x12\'\n#DECLINE_REASON_DECLINED_BY_REVIEWER\x10\x06*^\n\nHoldReason\x12\x1b\n\x17HOLD_REASON_UNSPECIFIED\x10\x00\x12\x33\n/HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD\x10\x01*e\n\rAccountStatus\x12\x1e\n\x1a\x41\x43\x43OUNT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_ACTIVE\x10\x01\x12\x19\n\x15\x41\x43\x43OUNT_STATUS_FROZEN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PAYMENTSTATUS']._serialized_end=193
   _globals['_DECLINEREASON']._serialized_start=196
   _globals['_DECLINEREASON']._serialized_end=484
-  _globals['_ACCOUNTSTATUS']._serialized_start=486
-  _globals['_ACCOUNTSTATUS']._serialized_end=587
+  _globals['_HOLDREASON']._serialized_start=486
+  _globals['_HOLDREASON']._serialized_end=580
+  _globals['_ACCOUNTSTATUS']._serialized_start=582
+  _globals['_ACCOUNTSTATUS']._serialized_end=683
 # @@protoc_insertion_point(module_scope)

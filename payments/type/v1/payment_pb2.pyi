@@ -21,6 +21,11 @@ class DeclineReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECLINE_REASON_CURRENCY_MISMATCH: _ClassVar[DeclineReason]
     DECLINE_REASON_DECLINED_BY_REVIEWER: _ClassVar[DeclineReason]
 
+class HoldReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HOLD_REASON_UNSPECIFIED: _ClassVar[HoldReason]
+    HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD: _ClassVar[HoldReason]
+
 class AccountStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ACCOUNT_STATUS_UNSPECIFIED: _ClassVar[AccountStatus]
@@ -37,6 +42,8 @@ DECLINE_REASON_DAILY_LIMIT_EXCEEDED: DeclineReason
 DECLINE_REASON_ACCOUNT_FROZEN: DeclineReason
 DECLINE_REASON_CURRENCY_MISMATCH: DeclineReason
 DECLINE_REASON_DECLINED_BY_REVIEWER: DeclineReason
+HOLD_REASON_UNSPECIFIED: HoldReason
+HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD: HoldReason
 ACCOUNT_STATUS_UNSPECIFIED: AccountStatus
 ACCOUNT_STATUS_ACTIVE: AccountStatus
 ACCOUNT_STATUS_FROZEN: AccountStatus
