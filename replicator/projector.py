@@ -63,11 +63,21 @@ def decline_reason(text: str | None) -> int:
     return _DECLINE_REASON.get(text, payment_pb2.DECLINE_REASON_UNSPECIFIED)
 
 
+def hold_reason(text: str | None) -> int:
+    """HOLD_REASON_<text>; UNSPECIFIED for none, or for a value this version does not know."""
+    if text is None:
+        return payment_pb2.HOLD_REASON_UNSPECIFIED
+    return _HOLD_REASON.get(text, payment_pb2.HOLD_REASON_UNSPECIFIED)
+
+
 _PAYMENT_STATUS: Final = {
     name.removeprefix("PAYMENT_STATUS_"): number for name, number in payment_pb2.PaymentStatus.items()
 }
 _DECLINE_REASON: Final = {
     name.removeprefix("DECLINE_REASON_"): number for name, number in payment_pb2.DeclineReason.items()
+}
+_HOLD_REASON: Final = {
+    name.removeprefix("HOLD_REASON_"): number for name, number in payment_pb2.HoldReason.items()
 }
 _ACCOUNT_STATUS: Final = {
     name.removeprefix("ACCOUNT_STATUS_"): number for name, number in payment_pb2.AccountStatus.items()
@@ -112,6 +122,16 @@ class _Row:
         if value is None or type(value) is str:
             return value
         self._value(column)
+        raise ProjectionError(f"{self.table}.{column}: expected text or NULL, got {value!r}")
+
+    def added(self, column: str) -> str | None:
+        """A nullable column added by a later migration: rows from before it lack it, as NULL."""
+        value = self.row.get(column)
+        if value is None or type(value) is str:
+            return value
+        if value is UNCHANGED:
+            self.unchanged.append(column)
+            return None
         raise ProjectionError(f"{self.table}.{column}: expected text or NULL, got {value!r}")
 
     def integer(self, column: str) -> int:
@@ -203,6 +223,7 @@ class Projector:
             create_time=timestamp(created_us),
             update_time=timestamp(row.time_us("updated_at")),
             source_lsn=change.lsn,
+            hold_reason=hold_reason(row.added("hold_reason")),  # type: ignore[arg-type]
         )
         ops: list[Op] = [UpsertView(self.schema.payment(payment_id), change.lsn, view, tuple(row.unchanged))]
         member = index_member(created_us, payment_id)

@@ -21,7 +21,8 @@ PROJECTOR = Projector(DEFAULT_SCHEMA)
 
 
 def payment_row(**changes: Value) -> dict[str, Value]:
-    """Payment P of 12.34 EUR from A to B, approved; a declined one has a decline reason unless one is given."""
+    """Payment P of 12.34 EUR from A to B, approved; a declined one has a decline reason, a held one a hold
+    reason, unless one is given."""
     row: dict[str, Value] = {
         "payment_id": P,
         "request_id": "r1",
@@ -36,6 +37,7 @@ def payment_row(**changes: Value) -> dict[str, Value]:
         "decline_reason": None,
         "created_at": "2026-01-02 03:04:05.123456+00",
         "updated_at": "2026-01-02 03:04:06+00",
+        "hold_reason": None,
     }
     return _declined_with_reason(row, changes)
 
@@ -81,8 +83,11 @@ def account_row(**changes: Value) -> dict[str, Value]:
 
 
 def _declined_with_reason(row: dict[str, Value], changes: dict[str, Value]) -> dict[str, Value]:
-    # As in the source, where a payment or event is DECLINED exactly when it has a decline reason.
+    # As in the source, where a payment or event is DECLINED exactly when it has a decline reason,
+    # and a payment submitted PENDING_REVIEW has a hold reason (events have none).
     row.update(changes)
     if row["status"] == "DECLINED" and "decline_reason" not in changes:
         row["decline_reason"] = "INSUFFICIENT_FUNDS"
+    if row["status"] == "PENDING_REVIEW" and "hold_reason" in row and "hold_reason" not in changes:
+        row["hold_reason"] = "AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD"
     return row

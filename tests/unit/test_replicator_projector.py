@@ -74,6 +74,23 @@ def test_payment_insert_writes_the_view_and_both_accounts_indexes() -> None:
     assert not any(":sent:" in key for key in payee.add + payee.remove)
 
 
+def test_a_held_payment_says_why_and_keeps_it_once_decided() -> None:
+    for status in ("PENDING_REVIEW", "APPROVED"):
+        row = payment_row(status=status, hold_reason="AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD")
+        view = PROJECTOR.project(RowChange(PAYMENTS, "update", row, 950))[0].view  # type: ignore[union-attr]
+        assert isinstance(view, read_model_pb2.PaymentView)
+        assert view.hold_reason == payment_pb2.HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
+
+
+def test_a_payment_without_a_hold_reason_has_none() -> None:
+    """Never held (NULL), a reason this version does not know, or a row from before the column existed."""
+    no_column = {k: v for k, v in payment_row(status="PENDING_REVIEW").items() if k != "hold_reason"}
+    for row in (payment_row(), payment_row(status="PENDING_REVIEW", hold_reason="LATER_RULE"), no_column):
+        view = PROJECTOR.project(RowChange(PAYMENTS, "insert", row, 960))[0].view  # type: ignore[union-attr]
+        assert isinstance(view, read_model_pb2.PaymentView)
+        assert view.hold_reason == payment_pb2.HOLD_REASON_UNSPECIFIED
+
+
 def test_status_change_moves_the_payment_between_status_indexes() -> None:
     row = payment_row(status="DECLINED", decline_reason="DECLINED_BY_REVIEWER")
     ops = PROJECTOR.project(RowChange(PAYMENTS, "update", row, 1000))

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PaymentView(_message.Message):
-    __slots__ = ("payment_id", "payer_account_id", "payer_name", "payee_account_id", "payee_name", "amount", "reference", "status", "decline_reason", "create_time", "update_time", "timeline", "source_lsn")
+    __slots__ = ("payment_id", "payer_account_id", "payer_name", "payee_account_id", "payee_name", "amount", "reference", "status", "decline_reason", "create_time", "update_time", "timeline", "source_lsn", "hold_reason")
     PAYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PAYER_ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
     PAYER_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class PaymentView(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_LSN_FIELD_NUMBER: _ClassVar[int]
+    HOLD_REASON_FIELD_NUMBER: _ClassVar[int]
     payment_id: str
     payer_account_id: str
     payer_name: str
@@ -39,7 +40,8 @@ class PaymentView(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineEntry]
     source_lsn: int
-    def __init__(self, payment_id: _Optional[str] = ..., payer_account_id: _Optional[str] = ..., payer_name: _Optional[str] = ..., payee_account_id: _Optional[str] = ..., payee_name: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reference: _Optional[str] = ..., status: _Optional[_Union[_payment_pb2.PaymentStatus, str]] = ..., decline_reason: _Optional[_Union[_payment_pb2.DeclineReason, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., source_lsn: _Optional[int] = ...) -> None: ...
+    hold_reason: _payment_pb2.HoldReason
+    def __init__(self, payment_id: _Optional[str] = ..., payer_account_id: _Optional[str] = ..., payer_name: _Optional[str] = ..., payee_account_id: _Optional[str] = ..., payee_name: _Optional[str] = ..., amount: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., reference: _Optional[str] = ..., status: _Optional[_Union[_payment_pb2.PaymentStatus, str]] = ..., decline_reason: _Optional[_Union[_payment_pb2.DeclineReason, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEntry, _Mapping]]] = ..., source_lsn: _Optional[int] = ..., hold_reason: _Optional[_Union[_payment_pb2.HoldReason, str]] = ...) -> None: ...
 
 class TimelineEntry(_message.Message):
     __slots__ = ("sequence", "status", "decline_reason", "actor", "note", "event_time")
