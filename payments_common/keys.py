@@ -3,7 +3,8 @@
 Keys are versioned (`rm:v1:...`) so that a new read-model version can be built beside
 the old one. Every key of one payment shares the hash tag `{<payment_id>}` and every
 key of one account shares `{<account_id>}`, so that the per-entity scripts touch a
-single Redis Cluster slot; nothing relies on a transaction across two entities.
+single Redis Cluster slot; nothing relies on a transaction across two entities. The review
+queue is one key, with its versions in the same slot (`{review_queue}`).
 
 Layout (for payment P, account A, replication slot S):
 
@@ -17,6 +18,11 @@ Layout (for payment P, account A, replication slot S):
                                              so lexicographic order is time order
                                              dir in sent|received|all, st in any|approved|...
     rm:v1:account:{A}:idxver           HASH  <P> -> WAL position of the last index write of P
+    rm:v1:{review_queue}               ZSET  the payments held for review (PENDING_REVIEW), of every
+                                             account: members as the account indexes', oldest first
+    rm:v1:{review_queue}:idxver        HASH  <P> -> WAL position of the last queue write of P
+    rm:v1:meta                         HASH  features -> what the namespace was built with, comma-
+                                             separated (e.g. "review_queue"), written at bootstrap
     rm:v1:checkpoint:{S}               HASH  lsn -> end position of the last applied transaction
                                              commit_time_us -> its commit time
                                              source_time_us -> the source's clock when it was
@@ -46,7 +52,7 @@ DEFAULT_NAMESPACE: Final = "rm:v1"
 # are found by SCAN patterns). No part may be a kind of key, so that no namespace's keys
 # look like another's (`rm:account` under `rm` would).
 _NAMESPACE: Final = re.compile(r"[A-Za-z0-9_-]+(:[A-Za-z0-9_-]+)*")
-KEY_KINDS: Final = frozenset({"payment", "account", "checkpoint", "lock", "changes", "owner"})
+KEY_KINDS: Final = frozenset({"payment", "account", "checkpoint", "lock", "changes", "owner", "meta"})
 
 
 def namespace_problem(namespace: str) -> str | None:
@@ -98,6 +104,15 @@ CHECKPOINT_SOURCE_TIME_FIELD: Final = "source_time_us"
 STREAM_BATCH_FIELD: Final = "batch"
 # A payment hash's field `tl:<sequence>` holds the position of that timeline entry's last write.
 TIMELINE_POSITION_PREFIX: Final = "tl:"
+META_FEATURES_FIELD: Final = "features"
+
+# The features of a read-model version that readers may depend on. A namespace has one when a
+# replicator that builds it bootstrapped the namespace: a feature added to the code later is
+# maintained from then on, but lacks what came before, so readers check the namespace's
+# `meta` hash rather than assume it.
+FEATURE_REVIEW_QUEUE: Final = "review_queue"
+# What a bootstrap of this version builds, and writes to `meta`.
+FEATURES: Final = (FEATURE_REVIEW_QUEUE,)
 
 # Index members start with the creation time in microseconds, zero-padded to this width.
 TIME_DIGITS: Final = 16
@@ -117,6 +132,17 @@ def parse_index_member(member: str) -> tuple[int, str]:
     """The creation time and payment id of an index member."""
     stamp, _, payment_id = member.partition(":")
     return int(stamp), payment_id
+
+
+def format_features(features: tuple[str, ...] | frozenset[str]) -> str:
+    """The `features` field of the `meta` hash: the names, sorted, comma-separated."""
+    return ",".join(sorted(features))
+
+
+def parse_features(value: bytes | str | None) -> frozenset[str]:
+    """The features that a `meta` hash's `features` field names (none when it is absent)."""
+    text = value.decode() if isinstance(value, bytes) else value or ""
+    return frozenset(name for name in text.split(",") if name)
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,15 @@ class KeySchema:
 
     def account_index_versions(self, account_id: str) -> str:
         return f"{self.namespace}:account:{{{account_id}}}:idxver"
+
+    def review_queue(self) -> str:
+        return f"{self.namespace}:{{review_queue}}"
+
+    def review_queue_versions(self) -> str:
+        return f"{self.namespace}:{{review_queue}}:idxver"
+
+    def meta(self) -> str:
+        return f"{self.namespace}:meta"
 
     def checkpoint(self, slot: str) -> str:
         return f"{self.namespace}:checkpoint:{{{slot}}}"
@@ -178,6 +213,9 @@ class KeySchema:
             f"{ns}:lock:*",
             self.changes(),
             self.owner(),
+            # The review queue and its versions: no namespace has a brace, so none nested matches.
+            f"{ns}:{{review_queue}}*",
+            self.meta(),
         )
 
     def payments_pattern(self) -> str:

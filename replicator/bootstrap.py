@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from payments_common.keys import FEATURES
 from payments_common.lsn import format_lsn
 from replicator import metrics
 from replicator.changes import TABLES, Checkpoint, RowChange
@@ -121,6 +122,9 @@ def _bootstrap(
     sink.clear_checkpoint()
     removed = sink.wipe()
     log.info("bootstrap removed %d existing read-model keys", removed)
+    # What this version builds, for readers to check: the rows below are copied into every
+    # read model of it (an interrupted bootstrap leaves no checkpoint and runs again).
+    sink.write_features(FEATURES)
     keeper.check()
     source.drop_slot(fence=lock.fence)
     # Every transaction that committed before this moment ends before the consistent point:

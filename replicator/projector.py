@@ -188,10 +188,11 @@ class Projector:
         return ops
 
     def unindex(self, op: UnindexPayment, view: read_model_pb2.PaymentView) -> list[SetIndexes]:
-        """The writes that remove a deleted payment from every index of the accounts in `view`, its last view."""
+        """The writes that remove a deleted payment from every index of the accounts in `view`, its last view,
+        and from the review queue."""
         created_us = view.create_time.seconds * 1_000_000 + view.create_time.nanos // 1000
         member = index_member(created_us, op.payment_id)
-        return [
+        removals = [
             SetIndexes(
                 self.schema.account_index_versions(account_id),
                 op.payment_id,
@@ -202,6 +203,8 @@ class Projector:
             )
             for account_id in dict.fromkeys((view.payer_account_id, view.payee_account_id))
         ]
+        removals.append(self._queue(op.payment_id, op.lsn, member, held=False))
+        return removals
 
     def _payment(self, change: RowChange) -> list[Op]:
         row = _Row(change.table, change.row)
@@ -248,7 +251,23 @@ class Projector:
                     remove,
                 )
             )
+        held = status == payment_pb2.PAYMENT_STATUS_PENDING_REVIEW
+        # A new row that is not held is in no queue: nothing to write (most payments).
+        if held or change.kind != "insert":
+            ops.append(self._queue(payment_id, change.lsn, member, held))
         return ops
+
+    def _queue(self, payment_id: str, lsn: int, member: str, held: bool) -> SetIndexes:
+        """The payment's membership of the review queue: in it while held, fenced by position as an index is."""
+        queue = (self.schema.review_queue(),)
+        return SetIndexes(
+            self.schema.review_queue_versions(),
+            payment_id,
+            lsn,
+            member,
+            queue if held else (),
+            () if held else queue,
+        )
 
     def _index_keys(
         self, account_id: str, directions: tuple[str, ...], status: int

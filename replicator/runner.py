@@ -12,7 +12,7 @@ from collections.abc import Callable
 import psycopg2
 import redis
 
-from payments_common.keys import KeySchema
+from payments_common.keys import FEATURES, KeySchema
 from payments_common.lsn import format_lsn
 from replicator import metrics
 from replicator.ack import Acknowledgements
@@ -54,6 +54,8 @@ class Replicator:
         self._on_ready = on_ready or (lambda ready: None)
         # One token for the life of the process, so that a reconnect finds its own lock.
         self.token = instance_token()
+        # Features found missing from the namespace, said once per process, not per session.
+        self._missing_told: frozenset[str] = frozenset()
 
     def stop(self) -> None:
         self._stop.set()
@@ -143,6 +145,8 @@ class Replicator:
                     rebuild,
                     lambda: self.stopping,
                 )
+            else:
+                self._tell_missing_features(sink)
             assert checkpoint is not None
             # Ending another instance's walsender is a side effect too: only while the lock is ours.
             keeper.check()
@@ -163,6 +167,25 @@ class Replicator:
                 with contextlib.suppress(redis.RedisError):
                     lock.release()
             client.close()
+
+    def _tell_missing_features(self, sink: Sink) -> None:
+        """Logs once that the namespace was built without features of this version.
+
+        Streaming goes on and maintains them from now on, but what came before them is
+        missing, so readers refuse them on this namespace (docs/replicator.md).
+        """
+        missing = frozenset(FEATURES) - sink.read_features() - self._missing_told
+        if not missing:
+            return
+        self._missing_told |= missing
+        log.warning(
+            "the read models of namespace %s were built without %s (by an earlier version): they are "
+            "maintained from now on but lack what came before, and readers refuse them on this namespace; "
+            "build a read-model version with them beside this one and switch (docs/replicator.md)",
+            self.schema.namespace,
+            ", ".join(sorted(missing)),
+            extra={"missing_features": sorted(missing)},
+        )
 
     def _acquire(self, lock: SlotLock) -> None:
         announced = False

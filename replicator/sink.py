@@ -138,7 +138,16 @@ for i = 2, #KEYS do removed = removed + redis.call('UNLINK', KEYS[i]) end
 return removed
 """
 
-_SCRIPTS: Final = {"apply_batch": APPLY_BATCH, "fenced_unlink": FENCED_UNLINK}
+# Sets one field of a hash (the namespace's `meta`) only while the caller owns the slot's
+# lock. KEYS: lock, the hash. ARGV: owner token, field, value.
+FENCED_HSET = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
+end
+return redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+"""
+
+_SCRIPTS: Final = {"apply_batch": APPLY_BATCH, "fenced_unlink": FENCED_UNLINK, "fenced_hset": FENCED_HSET}
 
 
 class CheckpointMoved(RuntimeError):
@@ -183,6 +192,18 @@ class Sink:
         checkpoint = read_checkpoint(self.client, self.checkpoint_key)
         self.position = 0 if checkpoint is None else checkpoint.lsn
         return checkpoint
+
+    def read_features(self) -> frozenset[str]:
+        """The features the namespace was built with (its `meta` hash); none for one built before it existed."""
+        return keys.parse_features(self.client.hget(self.schema.meta(), keys.META_FEATURES_FIELD))
+
+    def write_features(self, features: tuple[str, ...]) -> None:
+        """Records the features of the read models that a bootstrap builds, fenced by the slot's lock."""
+        self._execute(
+            "fenced_hset",
+            [self.lock.key, self.schema.meta()],
+            [self.lock.token, keys.META_FEATURES_FIELD, keys.format_features(features)],
+        )
 
     def read_fields(self, fields: Sequence[StoredField]) -> dict[StoredField, bytes | None]:
         """The stored value of each hash field (None: absent), in one round trip."""
@@ -264,6 +285,8 @@ class Sink:
     def truncate(self, tables: Iterable[str]) -> None:
         """Removes the keys of every entity of these tables."""
         patterns: list[str] = []
+        # Keys whose names are known need no SCAN of the keyspace.
+        known: list[str] = []
         schema = self.schema
         for table in tables:
             if table == PAYMENTS:
@@ -272,15 +295,21 @@ class Sink:
                     schema.account_indexes_pattern(),
                     schema.account_index_versions_pattern(),
                 ]
+                known += [schema.review_queue(), schema.review_queue_versions()]
             elif table == PAYMENT_EVENTS:
                 patterns.append(schema.payment_timelines_pattern())
             elif table == ACCOUNTS:
                 patterns.append(schema.accounts_pattern())
-        log.warning("truncate of %s: removing keys %s", list(tables), patterns)
+        log.warning("truncate of %s: removing keys %s and %s", list(tables), patterns, known)
         self._unlink_matching(patterns)
+        if known:
+            self._unlink(known)
 
     def wipe(self) -> int:
-        """Removes every read-model key of the namespace except the locks, the change stream and its owner."""
+        """Removes every read-model key of the namespace except the locks, the change stream and its owner.
+
+        The `meta` hash goes too: the bootstrap that wipes writes it again (`write_features`).
+        """
         keep_prefixes = (self.schema.lock_prefix(), self.schema.changes(), self.schema.owner())
         return self._unlink_matching(list(self.schema.version_patterns()), keep_prefixes)
 

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from payments_common.keys import index_member
 from stack.replication import run_reconcile, slot_confirmed_lsn
 from stack.servers import free_port
 from tests.support.replicator import (
@@ -23,6 +24,7 @@ from tests.support.replicator import (
     slot_for,
 )
 from tests.support.source import SourceWriter
+from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]
 
@@ -97,6 +99,55 @@ def test_dropped_slot_leads_to_a_fresh_bootstrap(
     assert "REBUILD" in restarted.log_path.read_text()
     result = run_reconcile(migrated_dsn, redis_url, slot_for(migrated_dsn), wait_seconds=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+MISSING_QUEUE = "were built without review_queue"
+
+
+def test_a_bootstrap_records_its_features_and_a_namespace_without_them_is_streamed_into_and_said_once(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        before = source.submit(alice, bob, 10, status="PENDING_REVIEW")
+        process = replicator(migrated_dsn, redis_url)
+        process.wait_caught_up()
+        assert client.hget(KEYS.meta(), "features") == b"review_queue"
+        assert client.zrange(KEYS.review_queue(), 0, -1) == [_member(client, before)]
+        assert process.stop() == 0
+        # As a bootstrap by a version without the queue left the namespace: no features, no queue.
+        client.delete(KEYS.meta(), KEYS.review_queue(), KEYS.review_queue_versions())
+        restarted = replicator(migrated_dsn, redis_url)
+        restarted.wait_caught_up()
+        after = source.submit(alice, bob, 20, status="PENDING_REVIEW")
+        restarted.wait_caught_up()
+        # Streaming goes on, without a rebuild, and maintains the queue from now on.
+        assert client.zrange(KEYS.review_queue(), 0, -1) == [_member(client, after)]
+        assert not client.exists(KEYS.meta())
+        assert "REBUILD" not in restarted.log_text()
+        # A new session of the same process (its walsender ended) does not say it again.
+        source.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
+            (restarted.slot,),
+        )
+        wait_until(
+            lambda: restarted.log_text().count("streaming slot") == 2,
+            30,
+            "a second streaming session",
+            detail=restarted.log_tail,
+        )
+        restarted.wait_caught_up()
+    client.close()
+    assert restarted.log_text().count(MISSING_QUEUE) == 1
+    assert MISSING_QUEUE not in process.log_text()
+
+
+def _member(client: redis.Redis, payment_id: str) -> bytes:
+    raw = client.hget(KEYS.payment(payment_id), "view")
+    assert isinstance(raw, bytes)
+    view = read_model_pb2.PaymentView.FromString(raw)
+    return index_member(view.create_time.ToMicroseconds(), payment_id).encode()
 
 
 def test_reconcile_without_redis_cannot_compare(migrated_dsn: str) -> None:

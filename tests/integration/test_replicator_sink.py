@@ -16,7 +16,7 @@ from replicator.lock import LockLost, SlotLock
 from replicator.sink import CheckpointMoved, Sink
 from replicator.writer import Writer
 from tests.support.replicator import change_batches
-from tests.support.rows import PROJECTOR, A, B, P, payment_event_row, payment_row
+from tests.support.rows import PROJECTOR, A, B, P, Q, payment_event_row, payment_row
 
 
 @pytest.fixture
@@ -127,6 +127,65 @@ def test_delete_leaves_a_tombstone_and_empties_the_indexes(
     writer.write(PROJECTOR.project(_payment(60)), Checkpoint(60, 5))
     assert client.hget(KEYS.payment(P), "view") is None
     assert client.zcard(KEYS.account_index(A, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) == 0
+
+
+def _queue(client: redis.Redis) -> list[str]:
+    members: list[bytes] = client.zrange(KEYS.review_queue(), 0, -1)  # type: ignore[assignment]
+    return [member.decode().partition(":")[2] for member in members]
+
+
+def test_a_held_payment_is_queued_until_decided_and_an_older_write_cannot_queue_it_again(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    insert = RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 10)
+    writer.write(PROJECTOR.project(insert), Checkpoint(10, 5))
+    assert _queue(client) == [P]
+    writer.write(PROJECTOR.project(_payment(20, "APPROVED")), Checkpoint(20, 5))
+    assert _queue(client) == []
+    # Replays of the held states, the insert and an update, are older than the approval: skipped.
+    writer.write(PROJECTOR.project(insert), Checkpoint(10, 5))
+    writer.write(PROJECTOR.project(_payment(15, "PENDING_REVIEW")), Checkpoint(15, 5))
+    assert _queue(client) == []
+    assert client.hget(KEYS.review_queue_versions(), P) == b"20"
+
+
+def test_a_declined_or_deleted_payment_leaves_the_queue_and_a_replay_cannot_bring_it_back(
+    writer: Writer, sink: Sink, client: redis.Redis
+) -> None:
+    held_q = RowChange(PAYMENTS, "insert", payment_row(payment_id=Q, status="PENDING_REVIEW"), 30)
+    writer.write(
+        PROJECTOR.project(held_q) + PROJECTOR.project(_payment(30, "PENDING_REVIEW")), Checkpoint(30, 5)
+    )
+    assert sorted(_queue(client)) == sorted([P, Q])
+    writer.write(PROJECTOR.project(_payment(40, "DECLINED")), Checkpoint(40, 5))
+    writer.write(PROJECTOR.project(RowChange(PAYMENTS, "delete", {"payment_id": Q}, 50)), Checkpoint(50, 5))
+    assert _queue(client) == []
+    writer.write(
+        PROJECTOR.project(held_q) + PROJECTOR.project(_payment(30, "PENDING_REVIEW")), Checkpoint(30, 5)
+    )
+    assert _queue(client) == []
+
+
+def test_a_truncate_of_payments_empties_the_queue(writer: Writer, sink: Sink, client: redis.Redis) -> None:
+    writer.write(PROJECTOR.project(_payment(60, "PENDING_REVIEW")), Checkpoint(60, 5))
+    assert _queue(client) == [P]
+    writer.write([TruncateTables((PAYMENTS,), 70)], Checkpoint(70, 5))
+    assert not client.exists(KEYS.review_queue(), KEYS.review_queue_versions())
+
+
+def test_the_features_are_written_fenced_and_wiped_with_the_namespace(
+    sink: Sink, client: redis.Redis
+) -> None:
+    assert sink.read_features() == frozenset()
+    sink.write_features(("review_queue",))
+    assert sink.read_features() == {"review_queue"}
+    assert client.hgetall(KEYS.meta()) == {b"features": b"review_queue"}
+    sink.wipe()
+    assert sink.read_features() == frozenset()
+    client.set(KEYS.lock("s"), "someone else")
+    with pytest.raises(LockLost):
+        sink.write_features(("review_queue",))
+    assert not client.exists(KEYS.meta())
 
 
 def test_an_instance_without_the_lock_cannot_apply(writer: Writer, sink: Sink, client: redis.Redis) -> None:

@@ -27,7 +27,7 @@ FIELD_NAMES = sorted(
 
 
 def test_the_field_names_are_known() -> None:
-    assert FIELD_NAMES == ["batch", "commit_time_us", "lsn", "source_time_us", "tl:", "view"]
+    assert FIELD_NAMES == ["batch", "commit_time_us", "features", "lsn", "source_time_us", "tl:", "view"]
 
 
 @pytest.mark.parametrize("module", [sink, lock, reconcile, queries], ids=lambda m: m.__name__)
@@ -43,6 +43,7 @@ def test_every_placeholder_of_the_scripts_is_filled() -> None:
     scripts = [
         sink.APPLY_BATCH,
         sink.FENCED_UNLINK,
+        sink.FENCED_HSET,
         queries.PAYMENT_SCRIPT.source,
         queries.PAGE_SCRIPT.source,
     ]
@@ -70,6 +71,9 @@ def _every_kind_of_key() -> dict[str, str]:
         "account": SCHEMA.account(A),
         "index": SCHEMA.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_APPROVED),
         "index versions": SCHEMA.account_index_versions(A),
+        "review queue": SCHEMA.review_queue(),
+        "review queue versions": SCHEMA.review_queue_versions(),
+        "meta": SCHEMA.meta(),
         "checkpoint": SCHEMA.checkpoint("slot"),
         "changes": SCHEMA.changes(),
         "lock": SCHEMA.lock("slot"),
@@ -94,6 +98,22 @@ def test_each_pattern_matches_exactly_its_kind_of_key(pattern: str, kinds: set[s
     matched = {kind for kind, key in _every_kind_of_key().items() if fnmatch.fnmatchcase(key, pattern)}
     assert matched == kinds
     assert not fnmatch.fnmatchcase(KeySchema("rm:other").payment(P), pattern)
+
+
+def test_the_review_queue_and_its_versions_share_one_cluster_slot() -> None:
+    """The apply script's queue write touches both keys: on Redis Cluster they hash to one slot."""
+    tags = {
+        re.fullmatch(r"[^{]*\{([^}]*)\}.*", key)
+        for key in (SCHEMA.review_queue(), SCHEMA.review_queue_versions())
+    }
+    assert {tag.group(1) for tag in tags if tag is not None} == {"review_queue"}
+
+
+def test_features_are_written_and_read_as_one_field() -> None:
+    assert keys.format_features(("review_queue", "another")) == "another,review_queue"
+    assert keys.parse_features(b"another,review_queue") == {"another", "review_queue"}
+    assert keys.parse_features(None) == keys.parse_features("") == frozenset()
+    assert keys.FEATURE_REVIEW_QUEUE in keys.FEATURES
 
 
 def test_only_locks_start_with_the_lock_prefix() -> None:

@@ -65,9 +65,11 @@ def test_the_last_write_of_each_entity_wins_in_the_order_of_the_last_writes() ->
         ("UpsertView", KEYS.payment(P), 10),
         ("SetIndexes", KEYS.account_index_versions(A), 10),
         ("SetIndexes", KEYS.account_index_versions(B), 10),
+        ("SetIndexes", KEYS.review_queue_versions(), 10),
         ("UpsertView", KEYS.payment(Q), 20),
         ("SetIndexes", KEYS.account_index_versions(A), 20),
         ("SetIndexes", KEYS.account_index_versions(B), 20),
+        ("SetIndexes", KEYS.review_queue_versions(), 20),
     ]
 
 
@@ -111,7 +113,9 @@ def test_a_payment_deleted_after_its_upsert_leaves_the_indexes_of_that_view() ->
     assert [(op.versions_key, op.lsn, op.add) for op in indexes] == [
         (KEYS.account_index_versions(A), 20, ()),
         (KEYS.account_index_versions(B), 20, ()),
+        (KEYS.review_queue_versions(), 20, ()),
     ]
+    assert indexes[2].remove == (KEYS.review_queue(),)
     assert KEYS.account_index(A, "sent", payment_pb2.PAYMENT_STATUS_UNSPECIFIED) in indexes[0].remove
     assert KEYS.account_index(B, "received", payment_pb2.PAYMENT_STATUS_UNSPECIFIED) in indexes[1].remove
     assert coalesced[-1] == DeleteView(KEYS.payment(P), 20)

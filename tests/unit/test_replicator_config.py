@@ -72,6 +72,7 @@ def test_the_key_namespace_is_a_setting_with_the_shared_default() -> None:
         "rm:account",
         "payment:v1",
         "rm:owner",
+        "rm:meta",
     ],
 )
 def test_a_namespace_that_would_widen_a_key_pattern_is_refused(namespace: str) -> None:

@@ -106,6 +106,9 @@ class _Sink:
     def wipe(self) -> int:
         return 0
 
+    def write_features(self, features: tuple[str, ...]) -> None:
+        pass
+
 
 class _Writer:
     sink = _Sink()

@@ -108,9 +108,59 @@ def test_status_change_moves_the_payment_between_status_indexes() -> None:
         assert KEYS.account_index(A, "sent", status) not in payer.add
 
 
+def _queue_writes(ops: list[Op]) -> list[SetIndexes]:
+    return [
+        op for op in ops if isinstance(op, SetIndexes) and op.versions_key == KEYS.review_queue_versions()
+    ]
+
+
+def test_a_held_payment_enters_the_review_queue() -> None:
+    row = payment_row(status="PENDING_REVIEW", created_at="2026-01-02 03:04:05.123456+00")
+    for kind in ("insert", "update"):
+        (queue,) = _queue_writes(PROJECTOR.project(RowChange(PAYMENTS, kind, row, 300)))
+        # Ordered by creation time, as the account indexes: oldest first when read forwards.
+        assert queue.member == index_member(parse_timestamp_us("2026-01-02 03:04:05.123456+00"), P)
+        assert (queue.payment_id, queue.lsn, queue.add, queue.remove) == (P, 300, (KEYS.review_queue(),), ())
+
+
+def test_an_approved_or_declined_payment_leaves_the_review_queue() -> None:
+    for status in ("APPROVED", "DECLINED"):
+        (queue,) = _queue_writes(
+            PROJECTOR.project(RowChange(PAYMENTS, "update", payment_row(status=status), 310))
+        )
+        assert (queue.lsn, queue.add, queue.remove) == (310, (), (KEYS.review_queue(),))
+
+
+def test_a_payment_decided_at_once_writes_nothing_to_the_review_queue() -> None:
+    for status in ("APPROVED", "DECLINED"):
+        assert (
+            _queue_writes(PROJECTOR.project(RowChange(PAYMENTS, "insert", payment_row(status=status), 320)))
+            == []
+        )
+
+
+def test_a_deleted_payment_leaves_the_review_queue() -> None:
+    held = PROJECTOR.project(RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 330))
+    view = held[0].view  # type: ignore[union-attr]
+    assert isinstance(view, read_model_pb2.PaymentView)
+    (queue,) = _queue_writes(list(PROJECTOR.unindex(UnindexPayment(P, 340), view)))
+    assert (queue.lsn, queue.add, queue.remove) == (340, (), (KEYS.review_queue(),))
+
+
+def test_the_queue_write_is_fenced_by_position_per_payment() -> None:
+    """Like an index write, the queue write is one entity per payment: the last of a batch wins, and the
+    apply script skips it when the payment's queue version is newer (tests/integration/test_replicator_sink.py)."""
+    batch = RowBatch()
+    batch.add(RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 400))
+    batch.add(RowChange(PAYMENTS, "update", payment_row(status="APPROVED"), 410))
+    (queue,) = _queue_writes(PROJECTOR.project_batch(batch))
+    assert queue.identity == ("idx", KEYS.review_queue_versions(), P)
+    assert (queue.lsn, queue.remove) == (410, (KEYS.review_queue(),))
+
+
 def test_payment_to_oneself_is_sent_and_received_in_one_index_write() -> None:
     ops = PROJECTOR.project(RowChange(PAYMENTS, "insert", payment_row(payee_account_id=A), 5))
-    indexes = [op for op in ops if isinstance(op, SetIndexes)]
+    indexes = [op for op in ops if isinstance(op, SetIndexes) and op not in _queue_writes(ops)]
     assert len(indexes) == 1
     directions = {key.split(":idx:")[1].split(":")[0] for key in indexes[0].add}
     assert directions == {"sent", "received", "all"}

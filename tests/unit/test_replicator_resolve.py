@@ -80,11 +80,19 @@ def test_an_unsent_field_without_a_stored_state_stays_empty() -> None:
     assert resolution.unfilled == [KEYS.payment(P)]
 
 
-def test_a_deleted_payment_leaves_every_index_of_the_accounts_in_its_stored_view() -> None:
+def test_a_deleted_payment_leaves_every_index_of_the_accounts_in_its_stored_view_and_the_queue() -> None:
     stored = {StoredField(KEYS.payment(P), "view"): _view("stored").view.SerializeToString()}
     writes = resolve([UnindexPayment(P, 60), DeleteView(KEYS.payment(P), 60)], stored, PROJECTOR).writes
-    payer, payee, delete = writes
+    payer, payee, queue, delete = writes
     assert delete == DeleteView(KEYS.payment(P), 60)
+    assert queue == SetIndexes(
+        KEYS.review_queue_versions(),
+        P,
+        60,
+        index_member(1_700_000_000_000_001, P),
+        (),
+        (KEYS.review_queue(),),
+    )
     for write, account in ((payer, A), (payee, B)):
         assert isinstance(write, SetIndexes)
         assert (write.versions_key, write.payment_id, write.lsn, write.add) == (
