@@ -10,7 +10,7 @@ What the two sides cover, exactly, while writes go on:
   while the transaction is not yet visible (it waits for a synchronous standby, or has
   not left the process array), and a visible one can end after a position read earlier.
 - Redis: once the checkpoint is at or past `P`, every transaction that commits before
-  `P` is applied. An entity (a view, a timeline entry, an index membership) whose
+  `P` is applied. An entity (a view, a timeline entry, an index or queue membership) whose
   position is below `P` was last written by a transaction visible in the snapshot (its
   position is the start or the end of its commit record), so it must equal the snapshot
   exactly; one at or above `P` was written by a later transaction, and the snapshot says
@@ -65,6 +65,8 @@ class ReconcileError(RuntimeError):
 @dataclass
 class Report:
     differences: list[str] = field(default_factory=list)
+    # What was not compared, and why (a read model the namespace was built without).
+    not_compared: list[str] = field(default_factory=list)
     checked: int = 0
     in_flight: int = 0
     snapshot_lsn: int = 0
@@ -80,6 +82,7 @@ class Report:
         yield from self.differences[: self.max_printed]
         if len(self.differences) > self.max_printed:
             yield f"... and {len(self.differences) - self.max_printed} more"
+        yield from self.not_compared
         yield (
             f"{len(self.differences)} differences; {self.checked} items checked, {self.in_flight} skipped as "
             f"written at or after the snapshot; snapshot at {format_lsn(self.snapshot_lsn)}, "
@@ -206,17 +209,24 @@ def _scan_hashes(client: redis.Redis, pattern: str, fields: list[str]) -> dict[s
 
 
 def compare(
-    client: redis.Redis, schema: KeySchema, snapshot: Snapshot, report: Report, only: set[Item] | None = None
+    client: redis.Redis,
+    schema: KeySchema,
+    snapshot: Snapshot,
+    report: Report,
+    only: set[Item] | None = None,
+    review_queue: bool = True,
 ) -> dict[Item, str]:
     """Adds to `report` every difference between the read models implied by `snapshot` and Redis.
 
-    Compares only the items in `only` when given. Returns, with their difference, the
+    Compares only the items in `only` when given, and the review queue (every held payment in
+    it, nothing else) unless `review_queue` is False. Returns, with their difference, the
     items that Redis lacks, or holds without a position: a truncate or a rebuild after
     the snapshot removes keys that way (a truncate of the events leaves the timeline
     positions behind), so only a later snapshot can tell them from drift.
     """
     position = snapshot.position
     projector = Projector(schema)
+    queue = schema.review_queue()
     expected_views: dict[str, UpsertView] = {}
     expected_timeline: dict[str, dict[str, bytes]] = defaultdict(dict)
     expected_index: dict[str, set[str]] = defaultdict(set)
@@ -228,7 +238,8 @@ def compare(
                 expected_timeline[op.timeline_key][str(op.sequence)] = op.entry.SerializeToString()
             elif isinstance(op, SetIndexes):
                 for key in op.add:
-                    expected_index[key].add(op.member)
+                    if review_queue or key != queue:
+                        expected_index[key].add(op.member)
     unresolved: dict[Item, str] = {}
     only_keys = None if only is None else {key for key, _ in only}
 
@@ -305,9 +316,11 @@ def compare(
             else:
                 report.differences.append(difference)
 
-    # Indexes: the members first, then the versions (the position of each payment's last
-    # index write in the account), for the same reason.
+    # Indexes and the review queue: the members first, then the versions (the position of
+    # each payment's last write of the index or queue), for the same reason.
     index_keys = {_text(raw) for raw in client.scan_iter(match=schema.account_indexes_pattern(), count=1000)}
+    if review_queue:
+        index_keys.add(queue)
     for key in sorted(index_keys | set(expected_index)):
         if only_keys is not None and key not in only_keys:
             continue
@@ -319,7 +332,10 @@ def compare(
         if not differing:
             continue
         payment_ids = [member.partition(":")[2] for member in differing]
-        versions = client.hmget(schema.account_index_versions(_entity(key)), payment_ids)
+        versions_key = (
+            schema.review_queue_versions() if key == queue else schema.account_index_versions(_entity(key))
+        )
+        versions = client.hmget(versions_key, payment_ids)
         for member, payment_id, version in zip(differing, payment_ids, versions, strict=True):
             if only is not None:
                 report.checked += 1
@@ -327,7 +343,7 @@ def compare(
                 report.in_flight += 1
                 continue
             state = "missing from" if member in wanted_members else "extra in"
-            difference = f"{key}: payment {payment_id} {state} the index"
+            difference = f"{key}: payment {payment_id} {state} the {'queue' if key == queue else 'index'}"
             if version is None or member in wanted_members:
                 unresolved[(key, member)] = difference
             else:
@@ -361,7 +377,15 @@ def reconcile(
                 client, schema.checkpoint(settings.slot_name), snapshot.position, deadline, wait_seconds
             )
             report.rounds = round_
-            unresolved = compare(client, schema, snapshot, report, only)
+            # A namespace built without the queue holds only what was held since a newer
+            # replicator streamed into it: the queue is not served from it, nor compared.
+            built = keys.parse_features(client.hget(schema.meta(), keys.META_FEATURES_FIELD))
+            review_queue = keys.FEATURE_REVIEW_QUEUE in built
+            if not review_queue and not report.not_compared:
+                report.not_compared.append(
+                    f"{schema.review_queue()}: not compared: the namespace was built without the review queue"
+                )
+            unresolved = compare(client, schema, snapshot, report, only, review_queue)
             if not unresolved:
                 break
             if round_ == rounds:

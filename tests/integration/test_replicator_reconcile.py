@@ -239,3 +239,40 @@ def test_drift_that_leaves_no_trace_is_reported_after_the_last_round(
     assert f"{KEYS.payment(paid)}: missing in Redis" in text
     assert f"{KEYS.payment_timeline(paid)} entry 1: missing in Redis" in text
     assert len(report.differences) == 2, text
+
+
+def test_reconcile_under_concurrent_writes_finds_a_review_queue_that_drifted(
+    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+) -> None:
+    """The queue holds every held payment and nothing else; the load holds and decides payments meanwhile."""
+    with SourceWriter(migrated_dsn) as source:
+        alice, bob = source.open_account("Alice"), source.open_account("Bob")
+        held = source.submit(alice, bob, 10, status="PENDING_REVIEW")
+        decided = source.submit(alice, bob, 20, status="PENDING_REVIEW")
+        source.review(decided, approve=True)
+        busy = [source.open_account(f"Busy {i}") for i in range(3)]
+    process = replicator(migrated_dsn, redis_url)
+    process.wait_caught_up()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        (member,) = client.zrange(KEYS.review_queue(), 0, -1)
+        assert isinstance(member, bytes)
+        assert member.decode().endswith(held)
+        client.zrem(KEYS.review_queue(), member)
+        client.zadd(KEYS.review_queue(), {member.decode().replace(held, decided): 0})
+        with SourceLoad(migrated_dsn, busy) as load:
+            load.wait_for(30)
+            report = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30, rounds=2)
+        text = "\n".join(report.lines())
+        assert f"{KEYS.review_queue()}: payment {held} missing from the queue" in text
+        assert f"{KEYS.review_queue()}: payment {decided} extra in the queue" in text
+        assert len(report.differences) == 2, text
+        # A namespace built without the queue is not served the queue, nor compared.
+        client.delete(KEYS.meta())
+        unchecked = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30, rounds=1)
+        assert unchecked.clean, "\n".join(unchecked.lines())
+        assert unchecked.not_compared == [
+            f"{KEYS.review_queue()}: not compared: the namespace was built without the review queue"
+        ]
+    finally:
+        client.close()
