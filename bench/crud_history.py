@@ -1,7 +1,7 @@
 """The CRUD baseline: HistoryService answered straight from PostgreSQL, as a service without CQRS would.
 
 `python -m bench.crud_history --dsn postgresql://... --port N` serves GetPayment,
-ListPayments and GetAccount of `payments.history.v1.HistoryService` with asyncpg. It
+ListPayments and GetAccount (not WatchPayments nor ListHeldPayments) of `payments.history.v1.HistoryService` with asyncpg. It
 ignores the denormalized `payer_name`/`payee_name` columns and JOINs `accounts` for
 the names and `payment_events` for the timeline, as a normalized schema needs: those
 are the joins the read model avoids. Each query is one round trip with a prepared
@@ -279,6 +279,11 @@ class CrudHistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
     ) -> AsyncIterator[pb.WatchPaymentsResponse]:
         raise Unimplemented("UNIMPLEMENTED", "the CRUD baseline does not stream changes")
         yield pb.WatchPaymentsResponse()  # unreachable: makes this an async generator
+
+    async def ListHeldPayments(
+        self, request: pb.ListHeldPaymentsRequest, context: Context
+    ) -> pb.ListHeldPaymentsResponse:
+        raise Unimplemented("UNIMPLEMENTED", "the CRUD baseline does not list the review queue")
 
 
 async def serve(dsn: str, host: str, port: int, pool_size: int) -> None:

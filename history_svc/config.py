@@ -22,8 +22,11 @@ class Settings(ServerSettings):
     SERVED_METHODS: ClassVar[tuple[str, ...]] = tuple(
         method_names(pb.DESCRIPTOR.services_by_name["HistoryService"])
     )
-    # Every read confines a customer to its accounts (history_svc/servicer.py).
-    SCOPED_METHODS: ClassVar[tuple[str, ...]] = SERVED_METHODS
+    # Every read but the review queue's confines a customer to its accounts
+    # (history_svc/servicer.py); the queue spans every account, so no customer role may have it.
+    SCOPED_METHODS: ClassVar[tuple[str, ...]] = tuple(
+        name for name in SERVED_METHODS if not name.endswith("/ListHeldPayments")
+    )
 
     # Credentials stay out of the repr (and so out of any log line that shows the settings).
     redis_url: str = field(repr=False)

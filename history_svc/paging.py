@@ -1,10 +1,15 @@
-"""The pure rules of ListPayments: page sizes, the index range of a page, and page tokens bound to their query."""
+"""The pure rules of the lists: page sizes, the index range of a page, and page tokens bound to their query.
+
+ListPayments pages one account's index newest first; ListHeldPayments pages the review
+queue oldest first. Both walk members "<creation µs>:<payment id>" with the last member
+returned as an exclusive cursor.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from payments_common.errors import FieldViolation, InvalidArgument
 from payments_common.keys import TIME_DIGITS
@@ -59,6 +64,23 @@ class ListQuery:
         return ("ListPayments", self.account_id, self.direction, self.status, self.start_us, self.end_us)
 
 
+@dataclass(frozen=True)
+class HeldQuery:
+    """A ListHeldPayments request: the review queue, which has no filter; its page tokens are bound to it."""
+
+    def binding(self) -> tuple[object, ...]:
+        return ("ListHeldPayments",)
+
+
+HELD: Final = HeldQuery()
+
+
+class Query(Protocol):
+    """A list's query, to which its page tokens are bound."""
+
+    def binding(self) -> tuple[object, ...]: ...
+
+
 def is_cursor(cursor: str) -> bool:
     """Whether `cursor` has the form of an index member, as a page token must carry."""
     return _CURSOR.fullmatch(cursor) is not None
@@ -101,12 +123,23 @@ def index_range(query: ListQuery, cursor: str | None, size: int) -> tuple[str, s
     return bounds[0], bounds[1], size + 1
 
 
-def encode_page_token(codec: PageTokenCodec, query: ListQuery, cursor: str) -> str:
+def queue_range(cursor: str | None, size: int) -> tuple[str, int]:
+    """What a page of the review queue reads, oldest first: (min, how many members).
+
+    The cursor (the last member already returned) is an exclusive lower bound: a payment
+    held later sorts above it (it is newer) and comes on a later page, and one that leaves
+    the queue meanwhile shifts no member after it. One member more than the page holds says
+    whether another page follows.
+    """
+    return ("(" + cursor if cursor is not None else "-"), size + 1
+
+
+def encode_page_token(codec: PageTokenCodec, query: Query, cursor: str) -> str:
     """The signed token of the page after `cursor`, bound to the query."""
     return codec.encode(query.binding(), cursor)
 
 
-def decode_page_token(codec: PageTokenCodec, query: ListQuery, token: str) -> str:
+def decode_page_token(codec: PageTokenCodec, query: Query, token: str) -> str:
     """The cursor in a page token; InvalidPageToken unless this deployment signed it for this query."""
     try:
         cursor = codec.decode(query.binding(), token)

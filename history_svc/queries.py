@@ -13,10 +13,17 @@ from redis.exceptions import NoScriptError, RedisError
 
 from history_svc import wire
 from history_svc.multiplex import Multiplexer
-from history_svc.paging import ListQuery, index_range
+from history_svc.paging import ListQuery, index_range, queue_range
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import Unavailable
-from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, VIEW_FIELD, KeySchema
+from payments_common.keys import (
+    CHECKPOINT_LSN_FIELD,
+    DEFAULT_SLOT_NAME,
+    FEATURE_REVIEW_QUEUE,
+    META_FEATURES_FIELD,
+    VIEW_FIELD,
+    KeySchema,
+)
 
 # Errors that mean "Redis cannot answer now"; everything else is a bug.
 REDIS_ERRORS: Final = (RedisError, OSError)
@@ -123,6 +130,44 @@ return {checkpoint, 1, table.concat(parts), cursor}
     .replace("@VIEW@", VIEW_FIELD)
 )
 
+# KEYS: meta hash, review queue zset, checkpoint hash. ARGV: lower bound, the number of
+# members to range (page size + 1), the prefix and suffix that make a payment id into its
+# hash key, and the tag of ListHeldPaymentsResponse.payments. Returns {checkpoint lsn or
+# nil, 0} when the namespace was built without the queue (its meta hash does not name it),
+# else {checkpoint, 1, the page's payments as ListHeldPaymentsResponse payments fields, the
+# next cursor or nil}. The checkpoint is always read, first: it is the page's consistency
+# token. A member whose view is missing (deleted since it was queued) is skipped; the cursor
+# moves past it.
+_HELD_SCRIPT = (
+    (
+        _LUA_WIRE
+        + """
+local checkpoint = redis.call('HGET', KEYS[3], '@LSN@')
+local features = redis.call('HGET', KEYS[1], '@FEATURES@')
+if not (features and string.find(',' .. features .. ',', ',@REVIEW_QUEUE@,', 1, true)) then
+  return {checkpoint, 0}
+end
+local limit = tonumber(ARGV[2])
+local members = redis.call('ZRANGE', KEYS[2], ARGV[1], '+', 'BYLEX', 'LIMIT', 0, limit)
+local size = limit - 1
+local parts = {}
+for i = 1, math.min(#members, size) do
+  local member = members[i]
+  local id = string.sub(member, string.find(member, ':', 1, true) + 1)
+  local view = redis.call('HGET', ARGV[3] .. id .. ARGV[4], '@VIEW@')
+  if view then parts[#parts + 1] = field(ARGV[5], view) end
+end
+local cursor = false
+if #members > size then cursor = members[size] end
+return {checkpoint, 1, table.concat(parts), cursor}
+"""
+    )
+    .replace("@LSN@", CHECKPOINT_LSN_FIELD)
+    .replace("@VIEW@", VIEW_FIELD)
+    .replace("@FEATURES@", META_FEATURES_FIELD)
+    .replace("@REVIEW_QUEUE@", FEATURE_REVIEW_QUEUE)
+)
+
 # The scripts' constant arguments, built once: per read they are only appended to the command.
 _PAYMENT_ARGS: Final = (wire.PAYMENT_VIEW_TIMELINE, wire.GET_PAYMENT_RESPONSE_PAYMENT)
 
@@ -140,6 +185,7 @@ class Script:
 
 PAYMENT_SCRIPT: Final = Script(_PAYMENT_SCRIPT)
 PAGE_SCRIPT: Final = Script(_PAGE_SCRIPT)
+HELD_SCRIPT: Final = Script(_HELD_SCRIPT)
 
 
 @dataclass(frozen=True)
@@ -152,6 +198,19 @@ class Page:
 
     payments: bytes
     next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class HeldPage:
+    """One page of the review queue, oldest first, the cursor of the next page (None on the last), and
+    the checkpoint it was read at (0: none, the read models are being built).
+
+    `payments` is the page in the wire format of ListHeldPaymentsResponse's `payments` field.
+    """
+
+    payments: bytes
+    next_cursor: str | None
+    checkpoint: int
 
 
 def _text(value: bytes | str) -> str:
@@ -177,8 +236,9 @@ class ReadModel:
     the generated descriptors (history_svc/wire.py), passed as script arguments.
 
     The scripts assume a single Redis node: a payment's keys share one hash tag, but a
-    consistency token adds the checkpoint key (another slot), and a page reads the views of
-    payments whose keys are only known inside the script.
+    consistency token adds the checkpoint key (another slot), and a page (of an account's
+    index or of the review queue) reads the views of payments whose keys are only known
+    inside the script.
     """
 
     def __init__(
@@ -196,11 +256,13 @@ class ReadModel:
         self._slot = slot
         self._mismatch_logged = False
         self._checkpoint_key = schema.checkpoint(slot)
-        self._shas = {script: script.sha for script in (PAYMENT_SCRIPT, PAGE_SCRIPT)}
+        self._shas = {script: script.sha for script in (PAYMENT_SCRIPT, PAGE_SCRIPT, HELD_SCRIPT)}
         # The page script's arguments after the bounds and count: a payment's hash key is the
         # prefix, its id and the suffix; then the tag of each payment in the page.
         prefix, suffix = schema.payment("\0").split("\0")
         self._page_args = (prefix, suffix, wire.LIST_PAYMENTS_RESPONSE_PAYMENTS)
+        self._held_keys = [schema.meta(), schema.review_queue(), self._checkpoint_key]
+        self._held_args = (prefix, suffix, wire.LIST_HELD_PAYMENTS_RESPONSE_PAYMENTS)
 
     async def _run(self, script: Script, keys: list[str], args: tuple[object, ...] = ()) -> Any:
         """One EVALSHA_RO; when Redis lost its script cache (a restart), one EVAL_RO that refills it.
@@ -301,6 +363,25 @@ class ReadModel:
         if not reply[1]:
             return None
         return Page(payments=reply[2], next_cursor=None if reply[3] is None else _text(reply[3]))
+
+    async def held_page(self, cursor: str | None, size: int, min_lsn: int = 0) -> HeldPage | None:
+        """One page of the review queue, oldest first; None when the namespace was built without it.
+
+        A namespace with neither the queue's feature nor a checkpoint is being built (or lost
+        its data): ReadModelUnavailable, to retry, rather than an answer about its features.
+        """
+        lower, count = queue_range(cursor, size)
+        try:
+            reply = await self._run(HELD_SCRIPT, self._held_keys, (lower, count, *self._held_args))
+        except REDIS_ERRORS as error:
+            raise ReadModelUnavailable() from error
+        _reached(reply[0], min_lsn)
+        checkpoint = int(reply[0]) if reply[0] is not None else 0
+        if not reply[1]:
+            if not checkpoint:
+                raise ReadModelUnavailable()
+            return None
+        return HeldPage(reply[2], None if reply[3] is None else _text(reply[3]), checkpoint)
 
 
 def _timeline(raw: dict[bytes, bytes]) -> list[read_model_pb2.TimelineEntry]:

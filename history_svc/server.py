@@ -114,8 +114,9 @@ class HistoryServer(GrpcService):
 def method_handlers(servicer: HistoryServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     """The service's methods, as the generated registration has them but with `serialize`.
 
-    `serialize` passes the bytes that GetPayment and ListPayments build through unchanged,
-    so a response is never parsed nor serialized again; the wire contract is the same.
+    `serialize` passes the bytes that GetPayment, ListPayments and ListHeldPayments build
+    through unchanged, so a response is never parsed nor serialized again; the wire contract
+    is the same.
     """
     return {
         "GetPayment": grpc.unary_unary_rpc_method_handler(
@@ -132,6 +133,11 @@ def method_handlers(servicer: HistoryServicer) -> dict[str, grpc.RpcMethodHandle
             servicer.GetAccount,
             request_deserializer=pb.GetAccountRequest.FromString,
             response_serializer=pb.GetAccountResponse.SerializeToString,
+        ),
+        "ListHeldPayments": grpc.unary_unary_rpc_method_handler(
+            servicer.ListHeldPayments,
+            request_deserializer=pb.ListHeldPaymentsRequest.FromString,
+            response_serializer=serialize,
         ),
         "WatchPayments": grpc.unary_stream_rpc_method_handler(
             servicer.WatchPayments,

@@ -13,13 +13,13 @@ from google.protobuf.message import Message
 from history_svc import wire
 from history_svc.changestream import Change
 from history_svc.consistency import Consistency
-from history_svc.paging import ListQuery, decode_page_token, encode_page_token, page_size
+from history_svc.paging import HELD, ListQuery, decode_page_token, encode_page_token, page_size
 from history_svc.queries import ReadModel
 from history_svc.resume import ChangePosition, decode_resume_token, encode_resume_token
 from history_svc.watch import Watches
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
-from payments_common.errors import FieldViolation, InvalidArgument, NotFound
+from payments_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from payments_common.identity import NotYourAccount, current_caller
 from payments_common.keys import DIRECTIONS, STATUS_NAMES
 from payments_common.tokens import (
@@ -54,15 +54,28 @@ def _micros(field: str, stamp: timestamp_pb2.Timestamp, violations: list[FieldVi
     return stamp.seconds * 1_000_000 + (stamp.nanos + 999) // 1000
 
 
+class ReadModelWithoutReviewQueue(FailedPrecondition):
+    """The read-model version served was built without the review queue, so it lacks what was held before."""
+
+    def __init__(self, namespace: str) -> None:
+        super().__init__(
+            "READ_MODEL_WITHOUT_REVIEW_QUEUE",
+            "the read models were built without the review queue: build a read-model version with it "
+            "beside this one and switch",
+            {"namespace": namespace},
+        )
+
+
 def serialize(response: bytes | Message) -> bytes:
-    """The response serializer: GetPayment and ListPayments answer with bytes built from Redis."""
+    """The response serializer: GetPayment, ListPayments and ListHeldPayments answer with bytes built from Redis."""
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
     """Answers every query from Redis; each error is a ServiceError that the interceptor maps.
 
-    GetPayment and ListPayments return their responses already serialized (see `serialize`).
+    GetPayment, ListPayments and ListHeldPayments return their responses already serialized
+    (see `serialize`).
     """
 
     def __init__(
@@ -139,6 +152,28 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             "" if page.next_cursor is None else encode_page_token(self._page_tokens, query, page.next_cursor)
         )
         return wire.list_payments_response(page.payments, token)
+
+    async def ListHeldPayments(self, request: pb.ListHeldPaymentsRequest, context: Context) -> bytes:  # type: ignore[override]
+        try:
+            size = page_size(request.page_size)
+        except ValueError:
+            raise InvalidArgument([FieldViolation("page_size", "must not be negative")]) from None
+        # The queue spans every account: a policy may not give this method to a customer role
+        # (history_svc/config.py), and a call scoped to a customer's accounts is refused anyway.
+        if current_caller().scoped:
+            raise NotYourAccount()
+        cursor = (
+            decode_page_token(self._page_tokens, HELD, request.page_token) if request.page_token else None
+        )
+        min_lsn = await self._await_consistency(request.min_consistency_token, context)
+        page = await self._consistency.read(self._read_model.held_page(cursor, size, min_lsn), min_lsn)
+        if page is None:
+            raise ReadModelWithoutReviewQueue(self._read_model.namespace)
+        token = (
+            "" if page.next_cursor is None else encode_page_token(self._page_tokens, HELD, page.next_cursor)
+        )
+        position = encode_consistency_token(page.checkpoint) if page.checkpoint else ""
+        return wire.list_held_payments_response(page.payments, token, position)
 
     async def WatchPayments(
         self, request: pb.WatchPaymentsRequest, context: Context

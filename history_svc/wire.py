@@ -76,7 +76,8 @@ def _length_delimited_tag(message: type[Message], name: str) -> bytes:
     return tag(field)
 
 
-# The fields that GetPayment and ListPayments write around the stored views, computed once here.
+# The fields that GetPayment, ListPayments and ListHeldPayments write around the stored views,
+# computed once here.
 GET_PAYMENT_RESPONSE_PAYMENT: Final = _length_delimited_tag(history_service_pb2.GetPaymentResponse, "payment")
 PAYMENT_VIEW_TIMELINE: Final = _length_delimited_tag(read_model_pb2.PaymentView, "timeline")
 LIST_PAYMENTS_RESPONSE_PAYMENTS: Final = _length_delimited_tag(
@@ -85,6 +86,31 @@ LIST_PAYMENTS_RESPONSE_PAYMENTS: Final = _length_delimited_tag(
 LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN: Final = _length_delimited_tag(
     history_service_pb2.ListPaymentsResponse, "next_page_token"
 )
+
+
+LIST_HELD_PAYMENTS_RESPONSE_PAYMENTS: Final = _length_delimited_tag(
+    history_service_pb2.ListHeldPaymentsResponse, "payments"
+)
+LIST_HELD_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN: Final = _length_delimited_tag(
+    history_service_pb2.ListHeldPaymentsResponse, "next_page_token"
+)
+LIST_HELD_PAYMENTS_RESPONSE_CONSISTENCY_TOKEN: Final = _length_delimited_tag(
+    history_service_pb2.ListHeldPaymentsResponse, "consistency_token"
+)
+
+
+def _text_field(field_tag: bytes, text: str) -> bytes:
+    """A string field, left out when empty, as protobuf leaves out an empty string."""
+    return length_delimited(field_tag, text.encode()) if text else b""
+
+
+def list_held_payments_response(payments: bytes, next_page_token: str, consistency_token: str) -> bytes:
+    """A ListHeldPaymentsResponse: its `payments` fields as the queue script wrote them, then the tokens."""
+    return (
+        payments
+        + _text_field(LIST_HELD_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, next_page_token)
+        + _text_field(LIST_HELD_PAYMENTS_RESPONSE_CONSISTENCY_TOKEN, consistency_token)
+    )
 
 
 def list_payments_response(payments: bytes, next_page_token: str) -> bytes:

@@ -43,8 +43,12 @@ APPROVAL_METHODS: Final[Mapping[str, Sequence[str]]] = {
     f"{APPROVAL_SERVICE}/GetPayment": [CUSTOMER, PAYMENT_GATEWAY, REVIEWER],
 }
 HISTORY_METHODS: Final[Mapping[str, Sequence[str]]] = {
-    f"{HISTORY_SERVICE}/{name}": [CUSTOMER, PAYMENT_GATEWAY, REVIEWER, HISTORY_READER]
-    for name in ("GetPayment", "ListPayments", "GetAccount", "WatchPayments")
+    **{
+        f"{HISTORY_SERVICE}/{name}": [CUSTOMER, PAYMENT_GATEWAY, REVIEWER, HISTORY_READER]
+        for name in ("GetPayment", "ListPayments", "GetAccount", "WatchPayments")
+    },
+    # The review queue spans every account: the reviewers who work it, and readers of any account.
+    f"{HISTORY_SERVICE}/ListHeldPayments": [REVIEWER, HISTORY_READER],
 }
 
 

@@ -159,6 +159,22 @@ def test_health_of_every_service(endpoints: dict[str, str]) -> None:
             assert answer["status"] == "SERVING", (address, service)
 
 
+def test_the_review_queue_is_read_with_a_reviewers_token_and_refused_to_a_customer(
+    endpoints: dict[str, str], auth_env: dict[str, str], stack_root: Path
+) -> None:
+    """The README's ListHeldPayments call, with auth.env's reviewer token; a customer's is refused."""
+    history = endpoints["HISTORY_ADDRS"].split(",")[0]
+    method = "payments.history.v1.HistoryService/ListHeldPayments"
+    page = ok(buf_curl(history, method, {"pageSize": 20}, auth_env[token_variable("reviewer")]))
+    assert page["consistencyToken"]
+    assert all(view["status"] == "PAYMENT_STATUS_PENDING_REVIEW" for view in page.get("payments", []))
+    customer = stack_token(stack_root, "--role", "customer", "--account", str(uuid.uuid4()))
+    assert refusal(buf_curl(history, method, {"pageSize": 20}, customer)) == (
+        "permission_denied",
+        ["METHOD_NOT_ALLOWED"],
+    )
+
+
 def test_a_call_without_a_valid_token_is_unauthenticated_on_both_services(
     endpoints: dict[str, str], auth_env: dict[str, str], stack_root: Path
 ) -> None:

@@ -1,7 +1,8 @@
 """Who may read the history service, against the real server and read models built by the real replicator.
 
 Every method refuses bad credentials with its reason; a customer reads only its own
-accounts and the payments they pay or receive; health and reflection need no credentials.
+accounts and the payments they pay or receive, and never the review queue, which spans
+every account; health and reflection need no credentials.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ from tests.support.history import (
 
 ALL = pb.PAYMENT_DIRECTION_ALL
 METHODS = list(pb.DESCRIPTOR.services_by_name["HistoryService"].methods_by_name)
+# The methods of every account, and the review queue's: who may call each.
+ACCOUNT_READS = ["GetPayment", "ListPayments", "GetAccount", "WatchPayments"]
+QUEUE_READERS = [REVIEWER, HISTORY_READER]
 Metadata = list[tuple[str, str]]
 
 
@@ -101,6 +105,7 @@ def requests(data: Dataset) -> dict[str, message.Message]:
         "ListPayments": pb.ListPaymentsRequest(account_id=data.alice, direction=ALL),
         "GetAccount": pb.GetAccountRequest(account_id=data.alice),
         "WatchPayments": pb.WatchPaymentsRequest(account_id=data.alice),
+        "ListHeldPayments": pb.ListHeldPaymentsRequest(),
     }
 
 
@@ -133,7 +138,7 @@ async def refused(
 
 
 def test_every_method_is_covered() -> None:
-    assert sorted(METHODS) == ["GetAccount", "GetPayment", "ListPayments", "WatchPayments"]
+    assert sorted(METHODS) == sorted([*ACCOUNT_READS, "ListHeldPayments"])
 
 
 @pytest.mark.parametrize("case", list(BAD_CREDENTIALS))
@@ -148,9 +153,27 @@ async def test_every_method_refuses_bad_credentials(setup: Setup, method: str, c
 
 @pytest.mark.parametrize("role", [CUSTOMER, PAYMENT_GATEWAY, REVIEWER, HISTORY_READER])
 async def test_the_reading_roles_read(setup: Setup, role: str) -> None:
-    for method in METHODS:
+    for method in ACCOUNT_READS + (["ListHeldPayments"] if role in QUEUE_READERS else []):
         metadata = setup.token(f"someone-{role}", [role], [setup.data.alice])
         await answer(setup.raw, method, requests(setup.data)[method], metadata)
+
+
+@pytest.mark.parametrize("role", QUEUE_READERS)
+async def test_reviewers_and_history_readers_read_the_review_queue(setup: Setup, role: str) -> None:
+    page = await setup.raw.ListHeldPayments(
+        pb.ListHeldPaymentsRequest(), metadata=setup.token(f"someone-{role}", [role]), timeout=30
+    )
+    assert page.consistency_token
+
+
+@pytest.mark.parametrize("role", [CUSTOMER, PAYMENT_GATEWAY])
+async def test_a_customer_or_a_gateway_may_not_read_the_review_queue(setup: Setup, role: str) -> None:
+    """The queue spans every account: not a customer's, even one whose token names accounts."""
+    metadata = setup.token(f"someone-{role}", [role], [setup.data.alice, setup.data.bob])
+    assert await refused(setup.raw, "ListHeldPayments", pb.ListHeldPaymentsRequest(), metadata) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "METHOD_NOT_ALLOWED",
+    )
 
 
 @pytest.mark.parametrize("role", [ACCOUNTS_ADMIN, "unknown-role", None])

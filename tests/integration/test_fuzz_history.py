@@ -31,7 +31,7 @@ from payments.approval.v1 import approval_service_pb2 as approval_pb
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc as pb_grpc
-from payments.type.v1 import money_pb2
+from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.tokens import encode_consistency_token
 from stack.auth import ACCOUNTS_ADMIN, CUSTOMER, HISTORY_READER, PAYMENT_GATEWAY, LocalAuthority
@@ -66,6 +66,8 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "GetAccount": READ_CODES,
     "ListPayments": READ_CODES,
     "WatchPayments": {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, *AUTH_CODES},
+    # No account to be missing; FAILED_PRECONDITION on a namespace built without the queue.
+    "ListHeldPayments": {C.OK, C.INVALID_ARGUMENT, C.UNAVAILABLE, C.FAILED_PRECONDITION, *AUTH_CODES},
 }
 REASONS = {
     "INVALID_ARGUMENT",
@@ -74,6 +76,7 @@ REASONS = {
     "PAYMENT_NOT_FOUND",
     "ACCOUNT_NOT_FOUND",
     "CONSISTENCY_NOT_REACHED",
+    "READ_MODEL_WITHOUT_REVIEW_QUEUE",
     "METHOD_NOT_ALLOWED",
     "NOT_YOUR_ACCOUNT",
     *UNAUTHENTICATED_REASONS,
@@ -96,6 +99,8 @@ class Target:
     payments: list[str]
     token: str
     page_token: str
+    held_page_token: str
+    held: list[str]
     references: dict[str, str]
     keys_before: set[Any]
     authority: LocalAuthority
@@ -119,7 +124,10 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
     name = f"fh_{uuid.uuid4().hex[:12]}"
     dsn = postgres_server.create_database(name)
     redis_server = RedisServer(base_dir=work / "redis")
-    approval = approval_process(dsn, free_port(), work / "approval.log")
+    # Low enough that some of the seed's payments are held for review.
+    approval = approval_process(
+        dsn, free_port(), work / "approval.log", review_threshold_minor=str(HELD_FROM)
+    )
     history: ServiceProcess | None = None
     replicator: ReplicatorProcess | None = None
     try:
@@ -137,7 +145,7 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
         approval.start()
         approval.wait_serving(60)
         history.wait_serving(60)
-        accounts, payments, references, token = _seed(approval.address)
+        accounts, payments, references, token, held = _seed(approval.address)
         reader = tuple(bearer(token_for(authority(), [HISTORY_READER])))
         with grpc.insecure_channel(history.address) as channel:
             stub = pb_grpc.HistoryServiceStub(channel)
@@ -158,6 +166,12 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
                 metadata=reader,
             )
             assert first.next_page_token
+            queue = stub.ListHeldPayments(
+                pb.ListHeldPaymentsRequest(page_size=1, min_consistency_token=token),
+                timeout=30,
+                metadata=reader,
+            )
+            assert queue.next_page_token
             client = redis.Redis.from_url(redis_server.url(0))
             keys_before = set(client.keys("*"))
             client.close()
@@ -170,6 +184,8 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
                 payments,
                 token,
                 first.next_page_token,
+                queue.next_page_token,
+                held,
                 references,
                 keys_before,
                 authority(),
@@ -184,8 +200,14 @@ def target(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFac
         postgres_server.drop_database(name)
 
 
-def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str]:
-    """Three accounts and a dozen payments through the approval service, some with metacharacters."""
+HELD_FROM = 10
+
+
+def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str, list[str]]:
+    """Three accounts and a dozen payments through the approval service, some with metacharacters.
+
+    Those of HELD_FROM minor units and more (three) are held for review.
+    """
     admin, gateway = (tuple(bearer(token_for(authority(), [r]))) for r in (ACCOUNTS_ADMIN, PAYMENT_GATEWAY))
     with grpc.insecure_channel(address) as channel:
         stub = approval_grpc.ApprovalServiceStub(channel)
@@ -221,7 +243,8 @@ def _seed(address: str) -> tuple[list[str], list[str], dict[str, str], str]:
             payments.append(reply.payment.payment_id)
             references[reply.payment.payment_id] = reference
             token = reply.consistency_token
-    return accounts, payments, references, token
+    held = [p for n, p in enumerate(payments) if n + 1 >= HELD_FROM]
+    return accounts, payments, references, token, held
 
 
 def call(
@@ -425,6 +448,45 @@ def test_list_payments(target: Target, data: st.DataObject) -> None:
         assert len(reply.payments) <= 500
 
 
+def held_page_tokens(target: Target) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.just(""),
+        st.just(target.held_page_token),
+        tampered(target.held_page_token),
+        # A page token of ListPayments is not one of the queue's.
+        st.just(target.page_token),
+        st.text(max_size=60),
+        st.just("A" * 5000),
+    )
+
+
+@FUZZ
+@given(data=st.data())
+def test_list_held_payments(target: Target, data: st.DataObject) -> None:
+    values = fields(
+        data,
+        {"page_size": 2, "page_token": "", "min_consistency_token": target.token},
+        {
+            "page_size": INT32,
+            "page_token": held_page_tokens(target),
+            "min_consistency_token": consistency_tokens(target),
+        },
+    )
+    metadata, customer = as_reader_or_customer(target, data)
+    code, reason, reply = call(target, "ListHeldPayments", pb.ListHeldPaymentsRequest(**values), metadata)
+    if customer:
+        # The queue spans every account: never a customer's, whatever else the request holds.
+        assert (code, reason) == (grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED")
+    assert code != grpc.StatusCode.FAILED_PRECONDITION, "the namespace was built with the queue"
+    if code == grpc.StatusCode.OK:
+        assert all(view.payment_id in target.held for view in reply.payments)
+        assert all(view.status == payment_pb2.PAYMENT_STATUS_PENDING_REVIEW for view in reply.payments)
+        assert len(reply.payments) <= 500
+        assert reply.consistency_token
+    if not customer and values["page_size"] >= 0 and values["page_token"] == target.page_token:
+        assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
+
+
 @fuzz_settings(max_examples=40)
 @given(data=st.data())
 def test_a_customer_lists_only_its_own_account(target: Target, data: st.DataObject) -> None:
@@ -545,6 +607,8 @@ def request_for(target: Target, method: str) -> message.Message:
         return pb.GetAccountRequest(account_id=target.accounts[0])
     if method == "ListPayments":
         return pb.ListPaymentsRequest(account_id=target.accounts[0], direction=pb.PAYMENT_DIRECTION_ALL)
+    if method == "ListHeldPayments":
+        return pb.ListHeldPaymentsRequest()
     return pb.WatchPaymentsRequest(account_id=target.accounts[0])
 
 
@@ -636,6 +700,7 @@ def test_the_server_kept_serving_and_wrote_nothing(target: Target, tmp_path: Pat
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE"} <= reads
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= target.codes["ListPayments"]
     assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED"} <= target.codes["WatchPayments"]
+    assert {"OK", "INVALID_ARGUMENT", "PERMISSION_DENIED"} <= target.codes["ListHeldPayments"]
     assert "PERMISSION_DENIED" in target.codes["GetPayment"] | target.codes["GetAccount"]
     assert target.codes["reasons"] >= UNAUTHENTICATED_REASONS | {"NOT_YOUR_ACCOUNT", "METHOD_NOT_ALLOWED"}
     log = target.history.log_text()

@@ -127,3 +127,11 @@ def test_a_customer_role_on_a_method_that_does_not_confine_it_is_refused() -> No
     document["methods"]["payments.approval.v1.ApprovalService/FreezeAccount"] = ["accounts-admin", "customer"]
     with pytest.raises(PolicyError, match=r"FreezeAccount.*does not confine a customer"):
         Policy.parse(document, ApprovalSettings.SERVED_METHODS, ApprovalSettings.SCOPED_METHODS)
+
+
+def test_a_customer_role_on_the_review_queue_is_refused() -> None:
+    """The queue spans every account: a policy that gave it to a customer would not load."""
+    document = default_policy(HISTORY_METHODS)
+    document["methods"]["payments.history.v1.HistoryService/ListHeldPayments"] = ["reviewer", "customer"]
+    with pytest.raises(PolicyError, match=r"ListHeldPayments.*does not confine a customer"):
+        Policy.parse(document, HistorySettings.SERVED_METHODS, HistorySettings.SCOPED_METHODS)

@@ -1,4 +1,4 @@
-"""The pure rules of ListPayments: page sizes, index bounds, and page tokens bound to their query."""
+"""The pure rules of the lists: page sizes, index bounds, and page tokens bound to their query."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from history_svc.consistency import consistency_budget
 from history_svc.paging import (
     DEFAULT_PAGE_SIZE,
+    HELD,
     MAX_PAGE_SIZE,
     TIME_LIMIT_US,
     InvalidPageToken,
@@ -21,6 +22,7 @@ from history_svc.paging import (
     is_cursor,
     lex_range,
     page_size,
+    queue_range,
 )
 from payments_common.keys import index_member
 from payments_common.tokens import PageTokenCodec, TokenError
@@ -177,6 +179,56 @@ def test_a_page_token_gives_back_its_cursor_for_the_same_query_only() -> None:
             decode_page_token(other_codec, other_query, other_token)
         assert refusal.value.reason == "INVALID_PAGE_TOKEN"
         assert [v.field for v in refusal.value.violations] == ["page_token"]
+
+
+def _walk_queue(members: list[str], size: int, between: list[str] | None = None) -> list[str]:
+    """Pages through the queue's `members` oldest first, as ReadModel.held_page does.
+
+    `between` holds members that join the queue after the first page, one per page.
+    """
+    queue, arriving = list(members), list(between or [])
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(len(members) + len(arriving) + 2):
+        lower, count = queue_range(cursor, size)
+        found = sorted(m for m in queue if lower == "-" or m > lower[1:])[:count]
+        seen += found[:size]
+        if len(found) <= size:
+            return seen
+        cursor = found[size - 1]
+        if arriving:
+            queue.append(arriving.pop(0))
+    raise AssertionError("the walk did not end")
+
+
+@given(st.sets(st.integers(0, 10**12), max_size=40), st.integers(1, 7))
+def test_walking_the_queue_yields_it_oldest_first_exactly_once(stamps: set[int], size: int) -> None:
+    members = [index_member(stamp, str(uuid.UUID(int=stamp))) for stamp in stamps]
+    assert _walk_queue(members, size) == sorted(members)
+
+
+def test_payments_held_during_a_walk_of_the_queue_come_after_the_older_ones() -> None:
+    older = [index_member(stamp, str(uuid.UUID(int=stamp))) for stamp in range(1, 11)]
+    newer = [index_member(stamp, str(uuid.UUID(int=stamp))) for stamp in range(100, 104)]
+    seen = _walk_queue(older, 3, between=newer)
+    assert seen == older + newer
+
+
+def test_a_page_of_the_queue_reads_one_member_more_than_it_holds() -> None:
+    cursor = index_member(15, str(uuid.UUID(int=1)))
+    assert queue_range(None, 5) == ("-", 6)
+    assert queue_range(cursor, 1) == ("(" + cursor, 2)
+
+
+def test_a_page_token_of_the_queue_is_not_one_of_a_list_of_payments() -> None:
+    codec = PageTokenCodec(SECRET)
+    cursor = index_member(1_700_000_000_000_000, str(uuid.uuid4()))
+    token = encode_page_token(codec, HELD, cursor)
+    assert decode_page_token(codec, HELD, token) == cursor
+    with pytest.raises(InvalidPageToken):
+        decode_page_token(codec, ListQuery(ACCOUNT, "all", 0), token)
+    with pytest.raises(InvalidPageToken):
+        decode_page_token(codec, HELD, encode_page_token(codec, ListQuery(ACCOUNT, "all", 0), cursor))
 
 
 @pytest.mark.parametrize(

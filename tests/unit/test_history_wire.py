@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from history_svc import wire
-from history_svc.queries import PAGE_SCRIPT, PAYMENT_SCRIPT
+from history_svc.queries import HELD_SCRIPT, PAGE_SCRIPT, PAYMENT_SCRIPT
 from payments.history.v1 import history_service_pb2 as pb
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
@@ -113,6 +113,17 @@ def test_the_response_tags_are_the_ones_protobuf_writes() -> None:
         ),
         (wire.LIST_PAYMENTS_RESPONSE_PAYMENTS, pb.ListPaymentsResponse(payments=[empty]), b"\0"),
         (wire.LIST_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN, pb.ListPaymentsResponse(next_page_token="t"), b"\1t"),
+        (wire.LIST_HELD_PAYMENTS_RESPONSE_PAYMENTS, pb.ListHeldPaymentsResponse(payments=[empty]), b"\0"),
+        (
+            wire.LIST_HELD_PAYMENTS_RESPONSE_NEXT_PAGE_TOKEN,
+            pb.ListHeldPaymentsResponse(next_page_token="t"),
+            b"\1t",
+        ),
+        (
+            wire.LIST_HELD_PAYMENTS_RESPONSE_CONSISTENCY_TOKEN,
+            pb.ListHeldPaymentsResponse(consistency_token="t"),
+            b"\1t",
+        ),
     ]
     for tag, message, rest in written:
         assert message.SerializeToString() == tag + rest
@@ -153,6 +164,22 @@ def test_a_page_built_from_stored_views_is_what_protobuf_writes(count: int, toke
     assert built == expected
 
 
+@given(st.integers(min_value=0, max_value=5), st.text(max_size=300), st.text(max_size=40))
+def test_a_page_of_the_queue_built_from_stored_views_is_what_protobuf_writes(
+    count: int, token: str, position: str
+) -> None:
+    views = [_view(n, 0) for n in range(count)]
+    payments = b"".join(
+        wire.length_delimited(wire.LIST_HELD_PAYMENTS_RESPONSE_PAYMENTS, view.SerializeToString())
+        for view in views
+    )
+    built = wire.list_held_payments_response(payments, token, position)
+    expected = pb.ListHeldPaymentsResponse(
+        payments=views, next_page_token=token, consistency_token=position
+    ).SerializeToString()
+    assert built == expected
+
+
 @given(st.integers(min_value=1, max_value=2**64 - 1))
 def test_varints_are_protobufs(value: int) -> None:
     field = wrappers_pb2.UInt64Value.DESCRIPTOR.fields_by_name["value"]
@@ -161,6 +188,6 @@ def test_varints_are_protobufs(value: int) -> None:
 
 
 def test_the_scripts_hold_no_field_tag_of_their_own() -> None:
-    for script in (PAYMENT_SCRIPT, PAGE_SCRIPT):
+    for script in (PAYMENT_SCRIPT, PAGE_SCRIPT, HELD_SCRIPT):
         assert not re.search(r"\\\d", script.source), "a byte escape in a script"
         assert "field(ARGV[" in script.source

@@ -89,6 +89,26 @@ class WatchPaymentsRequest(_message.Message):
     start_after_resume_token: str
     def __init__(self, account_id: _Optional[str] = ..., start_after_consistency_token: _Optional[str] = ..., start_after_resume_token: _Optional[str] = ...) -> None: ...
 
+class ListHeldPaymentsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "min_consistency_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    min_consistency_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., min_consistency_token: _Optional[str] = ...) -> None: ...
+
+class ListHeldPaymentsResponse(_message.Message):
+    __slots__ = ("payments", "next_page_token", "consistency_token")
+    PAYMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    payments: _containers.RepeatedCompositeFieldContainer[_read_model_pb2.PaymentView]
+    next_page_token: str
+    consistency_token: str
+    def __init__(self, payments: _Optional[_Iterable[_Union[_read_model_pb2.PaymentView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., consistency_token: _Optional[str] = ...) -> None: ...
+
 class WatchPaymentsResponse(_message.Message):
     __slots__ = ("payment", "consistency_token", "resume_token")
     PAYMENT_FIELD_NUMBER: _ClassVar[int]

@@ -42,6 +42,7 @@ class HistoryServiceStub:
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
     PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    READ_MODEL_WITHOUT_REVIEW_QUEUE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
 
@@ -84,6 +85,11 @@ class HistoryServiceStub:
                 request_serializer=payments_dot_history_dot_v1_dot_history__service__pb2.WatchPaymentsRequest.SerializeToString,
                 response_deserializer=payments_dot_history_dot_v1_dot_history__service__pb2.WatchPaymentsResponse.FromString,
                 _registered_method=True)
+        self.ListHeldPayments = channel.unary_unary(
+                '/payments.history.v1.HistoryService/ListHeldPayments',
+                request_serializer=payments_dot_history_dot_v1_dot_history__service__pb2.ListHeldPaymentsRequest.SerializeToString,
+                response_deserializer=payments_dot_history_dot_v1_dot_history__service__pb2.ListHeldPaymentsResponse.FromString,
+                _registered_method=True)
 
 
 class HistoryServiceServicer:
@@ -103,6 +109,7 @@ class HistoryServiceServicer:
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
     PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    READ_MODEL_WITHOUT_REVIEW_QUEUE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
 
@@ -171,6 +178,23 @@ class HistoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHeldPayments(self, request, context):
+        """Lists the payments held for review, of every account, oldest first: the
+        review queue, one page at a time (AIP-158). Each payment carries both
+        parties' names, the amount, when it was submitted (its age) and why it
+        was held (`hold_reason`). A payment leaves the queue once it is approved,
+        declined or deleted. The queue spans every account: no caller acting for
+        a customer may read it.
+
+        A read-model version has the queue only when it was built with it. On
+        one built without it, the call fails with FAILED_PRECONDITION (reason
+        READ_MODEL_WITHOUT_REVIEW_QUEUE): build a read-model version with it
+        beside this one and switch to it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HistoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +217,11 @@ def add_HistoryServiceServicer_to_server(servicer, server):
                     servicer.WatchPayments,
                     request_deserializer=payments_dot_history_dot_v1_dot_history__service__pb2.WatchPaymentsRequest.FromString,
                     response_serializer=payments_dot_history_dot_v1_dot_history__service__pb2.WatchPaymentsResponse.SerializeToString,
+            ),
+            'ListHeldPayments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHeldPayments,
+                    request_deserializer=payments_dot_history_dot_v1_dot_history__service__pb2.ListHeldPaymentsRequest.FromString,
+                    response_serializer=payments_dot_history_dot_v1_dot_history__service__pb2.ListHeldPaymentsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +248,7 @@ class HistoryService:
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
     PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    READ_MODEL_WITHOUT_REVIEW_QUEUE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
 
@@ -333,6 +363,33 @@ class HistoryService:
             '/payments.history.v1.HistoryService/WatchPayments',
             payments_dot_history_dot_v1_dot_history__service__pb2.WatchPaymentsRequest.SerializeToString,
             payments_dot_history_dot_v1_dot_history__service__pb2.WatchPaymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHeldPayments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/payments.history.v1.HistoryService/ListHeldPayments',
+            payments_dot_history_dot_v1_dot_history__service__pb2.ListHeldPaymentsRequest.SerializeToString,
+            payments_dot_history_dot_v1_dot_history__service__pb2.ListHeldPaymentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

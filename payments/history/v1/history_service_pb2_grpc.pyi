@@ -43,6 +43,7 @@ class HistoryServiceStub:
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
     PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    READ_MODEL_WITHOUT_REVIEW_QUEUE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
 
@@ -99,6 +100,19 @@ class HistoryServiceStub:
     proven complete, it fails with OUT_OF_RANGE (reason
     WATCH_RESUME_UNAVAILABLE) before sending any change.
     """
+    ListHeldPayments: _grpc.UnaryUnaryMultiCallable[_history_service_pb2.ListHeldPaymentsRequest, _history_service_pb2.ListHeldPaymentsResponse]
+    """Lists the payments held for review, of every account, oldest first: the
+    review queue, one page at a time (AIP-158). Each payment carries both
+    parties' names, the amount, when it was submitted (its age) and why it
+    was held (`hold_reason`). A payment leaves the queue once it is approved,
+    declined or deleted. The queue spans every account: no caller acting for
+    a customer may read it.
+
+    A read-model version has the queue only when it was built with it. On
+    one built without it, the call fails with FAILED_PRECONDITION (reason
+    READ_MODEL_WITHOUT_REVIEW_QUEUE): build a read-model version with it
+    beside this one and switch to it.
+    """
 
 @_typing.type_check_only
 class HistoryServiceAsyncStub(HistoryServiceStub):
@@ -118,6 +132,7 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
     PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    READ_MODEL_WITHOUT_REVIEW_QUEUE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
 
@@ -171,6 +186,19 @@ class HistoryServiceAsyncStub(HistoryServiceStub):
     proven complete, it fails with OUT_OF_RANGE (reason
     WATCH_RESUME_UNAVAILABLE) before sending any change.
     """
+    ListHeldPayments: _aio.UnaryUnaryMultiCallable[_history_service_pb2.ListHeldPaymentsRequest, _history_service_pb2.ListHeldPaymentsResponse]  # type: ignore[assignment]
+    """Lists the payments held for review, of every account, oldest first: the
+    review queue, one page at a time (AIP-158). Each payment carries both
+    parties' names, the amount, when it was submitted (its age) and why it
+    was held (`hold_reason`). A payment leaves the queue once it is approved,
+    declined or deleted. The queue spans every account: no caller acting for
+    a customer may read it.
+
+    A read-model version has the queue only when it was built with it. On
+    one built without it, the call fails with FAILED_PRECONDITION (reason
+    READ_MODEL_WITHOUT_REVIEW_QUEUE): build a read-model version with it
+    beside this one and switch to it.
+    """
 
 class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
     """HistoryService is the query side of the payments platform. It answers
@@ -189,6 +217,7 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
     INVALID_PAGE_TOKEN, INVALID_CONSISTENCY_TOKEN, INVALID_RESUME_TOKEN,
     PAYMENT_NOT_FOUND,
     ACCOUNT_NOT_FOUND, CONSISTENCY_NOT_REACHED, READ_MODEL_UNAVAILABLE,
+    READ_MODEL_WITHOUT_REVIEW_QUEUE,
     WATCH_TOO_SLOW, WATCH_CONTINUITY_LOST, WATCH_RESUME_UNAVAILABLE,
     INTERNAL.
 
@@ -263,6 +292,25 @@ class HistoryServiceServicer(metaclass=_abc_1.ABCMeta):
         position, then the live ones, each once; when they can no longer be
         proven complete, it fails with OUT_OF_RANGE (reason
         WATCH_RESUME_UNAVAILABLE) before sending any change.
+        """
+
+    @_abc_1.abstractmethod
+    def ListHeldPayments(
+        self,
+        request: _history_service_pb2.ListHeldPaymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_service_pb2.ListHeldPaymentsResponse, _abc.Awaitable[_history_service_pb2.ListHeldPaymentsResponse]]:
+        """Lists the payments held for review, of every account, oldest first: the
+        review queue, one page at a time (AIP-158). Each payment carries both
+        parties' names, the amount, when it was submitted (its age) and why it
+        was held (`hold_reason`). A payment leaves the queue once it is approved,
+        declined or deleted. The queue spans every account: no caller acting for
+        a customer may read it.
+
+        A read-model version has the queue only when it was built with it. On
+        one built without it, the call fails with FAILED_PRECONDITION (reason
+        READ_MODEL_WITHOUT_REVIEW_QUEUE): build a read-model version with it
+        beside this one and switch to it.
         """
 
 def add_HistoryServiceServicer_to_server(servicer: HistoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
