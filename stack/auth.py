@@ -118,9 +118,13 @@ class LocalAuthority:
         authority = cls(directory, {kid: _new_key()}, kid)
         authority._save_key(kid)
         authority._publish()
-        for prefix, methods in POLICIES.items():
-            authority.policy_path(prefix).write_text(json.dumps(default_policy(methods), indent=2) + "\n")
+        authority.write_policies()
         return authority
+
+    def write_policies(self) -> None:
+        """Writes the default policy of each service, as this version of the code defines it."""
+        for prefix, methods in POLICIES.items():
+            self.policy_path(prefix).write_text(json.dumps(default_policy(methods), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> LocalAuthority:

@@ -162,6 +162,9 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     # Authentication is on, as in Kubernetes: the servers verify tokens of the local
     # authority (created once, kept across `make down`) and apply its policies.
     authority = tokens.authority(root)
+    # Its keys are kept, but its policies are this version's: an authority created by an
+    # earlier version would refuse the methods added since.
+    authority.write_policies()
     print(f"token authority: {authority.directory} (issuer {authority.ISSUER})", flush=True)
     print("running the migrations ...", flush=True)
     subprocess.run(

@@ -105,6 +105,17 @@ def test_policies_cover_every_role_and_server_env_names_them(tmp_path: Path) -> 
     assert _verify(authority, authority.service_token())["roles"] == list(ROLES)
 
 
+def test_an_authority_kept_from_an_earlier_version_gets_this_versions_policies(tmp_path: Path) -> None:
+    LocalAuthority.create(tmp_path)
+    path = tmp_path / "history-policy.json"
+    older = json.loads(path.read_text())
+    del older["methods"]["payments.history.v1.HistoryService/ListHeldPayments"]
+    path.write_text(json.dumps(older))
+    kept = LocalAuthority.load(tmp_path)
+    kept.write_policies()  # as `make up` does
+    assert json.loads(path.read_text())["methods"] == {m: list(r) for m, r in HISTORY_METHODS.items()}
+
+
 # The interceptors, against a server that answers with the authorization it received.
 _SEEN = "/test.Echo/Seen"
 _SEEN_STREAM = "/test.Echo/SeenStream"
