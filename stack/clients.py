@@ -11,7 +11,9 @@ import grpc
 
 from payments.approval.v1 import approval_service_pb2 as approval
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
+from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
+from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2
 from stack.auth import ACCOUNTS_ADMIN, REVIEWER
 
@@ -255,3 +257,19 @@ class Payments:
         )
         self.last_token = response.consistency_token
         return response.payment
+
+    async def review_queue(self, page_size: int = 50) -> list[read_model_pb2.PaymentView]:
+        """The payments held for review, of every account, oldest first, as the reviewer reads them.
+
+        Every page is read with `last_token`, so the queue includes every change made so far.
+        """
+        views: list[read_model_pb2.PaymentView] = []
+        request = history_pb.ListHeldPaymentsRequest(
+            page_size=page_size, min_consistency_token=self.last_token
+        )
+        while True:
+            page = await self.history.ListHeldPayments(request, metadata=self.as_role(REVIEWER))
+            views += page.payments
+            if not page.next_page_token:
+                return views
+            request.page_token = page.next_page_token

@@ -16,6 +16,7 @@ from payments.approval.v1 import approval_service_pb2 as approval
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
+from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2, payment_pb2
 from payments_common.grpcstatus import error_info
 from stack import local, tokens
@@ -41,6 +42,16 @@ def status_name(status: int) -> str:
 
 def reason_name(reason: int) -> str:
     return payment_pb2.DeclineReason.Name(reason).removeprefix("DECLINE_REASON_")
+
+
+def hold_reason_name(reason: int) -> str:
+    return payment_pb2.HoldReason.Name(reason).removeprefix("HOLD_REASON_")
+
+
+def age(view: read_model_pb2.PaymentView) -> str:
+    """How long a payment has waited since it was submitted, as a reviewer reads it."""
+    waited = max(0.0, time.time() - view.create_time.ToMicroseconds() / 1e6)
+    return f"{waited:.1f} s" if waited < 60 else f"{waited / 60:.0f} min"
 
 
 def outcome(payment: approval.Payment) -> str:
@@ -80,6 +91,18 @@ class Scenario(Payments):
             f"{reference!r:<24} => {outcome(payment)}"
         )
         return payment
+
+    async def show_review_queue(self) -> list[read_model_pb2.PaymentView]:
+        """The review queue as the reviewer reads it (with the latest consistency token), told."""
+        queue = await self.review_queue()
+        if not queue:
+            print("    (empty)")
+        for view in queue:
+            print(
+                f"    {view.payer_name:>6} -> {view.payee_name:<6} {show(view.amount):>14}  "
+                f"{view.reference!r:<24} held {age(view)} ago: {hold_reason_name(view.hold_reason)}"
+            )
+        return queue
 
 
 async def _watch(
@@ -146,11 +169,18 @@ async def scenario(approval_addr: str, history_addrs: list[str], credentials: Cr
         print("  Erin's account is frozen")
         await story.pay(alice, erin, 1_000, "gift")
 
-        print("\n3. A large payment held for review, then approved by a reviewer")
+        print("\n3. A large payment held for review, seen in the reviewer's queue, then approved")
         held = await story.pay(alice, carol, 150_000, "deposit")
-        decided = await story.approve(held.payment_id, "verified by phone")
         reviewer = tokens.SUBJECTS[REVIEWER]
+        print(f"  the review queue, as {reviewer} reads it (every account, oldest first):")
+        queued = await story.show_review_queue()
+        if held.payment_id not in {view.payment_id for view in queued}:
+            raise AssertionError("the held payment is not in the review queue")
+        decided = await story.approve(held.payment_id, "verified by phone")
         print(f"  {reviewer} (from the token) approved {decided.payment_id} => {outcome(decided)}")
+        print("  the review queue after the decision:")
+        if held.payment_id in {view.payment_id for view in await story.show_review_queue()}:
+            raise AssertionError("an approved payment is still in the review queue")
 
         print("\n4. A retried request returns the first answer")
         request_id = str(uuid.uuid4())
@@ -258,6 +288,7 @@ async def scenario(approval_addr: str, history_addrs: list[str], credentials: Cr
             "Bob paying from Alice's account": "PERMISSION_DENIED (NOT_YOUR_ACCOUNT)",
             "Alice approving a payment": "PERMISSION_DENIED (METHOD_NOT_ALLOWED)",
             "Bob reading Alice's account": "PERMISSION_DENIED (NOT_YOUR_ACCOUNT)",
+            "Alice reading the review queue": "PERMISSION_DENIED (METHOD_NOT_ALLOWED)",
         }
         print("  (first a second payment held for review, for Alice to try to approve)")
         second = await story.pay(alice, carol, 150_000, "second deposit")
@@ -290,6 +321,11 @@ async def scenario(approval_addr: str, history_addrs: list[str], credentials: Cr
             "Bob reading Alice's account": await refused(
                 story.history.GetAccount(
                     history.GetAccountRequest(account_id=alice), metadata=story.as_customer(bob)
+                )
+            ),
+            "Alice reading the review queue": await refused(
+                story.history.ListHeldPayments(
+                    history.ListHeldPaymentsRequest(), metadata=story.as_customer(alice)
                 )
             ),
         }

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from payments.approval.v1 import approval_service_pb2 as approval
 from payments.approval.v1 import approval_service_pb2_grpc as approval_grpc
 from payments.history.v1 import history_service_pb2 as history
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
@@ -63,8 +64,31 @@ async def test_the_scenario(client: Payments, endpoints: dict[str, str]) -> None
 
     held = await client.pay(alice, carol, 150_000, reference="deposit")
     assert held.status == types.PAYMENT_STATUS_PENDING_REVIEW
+    assert held.hold_reason == types.HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
+    # The reviewer's view of the queue, read with the submission's token: who pays whom, how much, why.
+    queued = {view.payment_id: view for view in await client.review_queue()}
+    view = queued[held.payment_id]
+    assert (view.payer_name, view.payee_name, view.amount.amount_minor, view.reference) == (
+        "Alice",
+        "Carol",
+        150_000,
+        "deposit",
+    )
+    assert view.hold_reason == types.HOLD_REASON_AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD
     decided = await client.approve(held.payment_id)
     assert decided.status == types.PAYMENT_STATUS_APPROVED
+    assert held.payment_id not in {view.payment_id for view in await client.review_queue()}
+    # A declined one leaves the queue too.
+    dan = await open_account(client, "Dan", 200_000)
+    refused = await client.pay(dan, carol, 120_000, reference="too good to be true")
+    assert refused.payment_id in {view.payment_id for view in await client.review_queue()}
+    declined = await client.approval.DeclinePayment(
+        approval.DeclinePaymentRequest(request_id=str(uuid.uuid4()), payment_id=refused.payment_id),
+        metadata=client.as_role(REVIEWER),
+    )
+    assert declined.payment.decline_reason == types.DECLINE_REASON_DECLINED_BY_REVIEWER
+    client.last_token = declined.consistency_token
+    assert refused.payment_id not in {view.payment_id for view in await client.review_queue()}
     with pytest.raises(grpc.aio.AioRpcError) as twice:
         await client.approve(held.payment_id)
     assert twice.value.code() == grpc.StatusCode.FAILED_PRECONDITION
