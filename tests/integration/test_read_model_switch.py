@@ -1,6 +1,8 @@
 """A new read-model version built beside the live one, the history processes switched one by one, the old one retired.
 
-All of it under a steady payment load, with readers that must never see a failed read.
+All of it under a steady payment load, with readers that must never see a failed read. The
+live version is one built before the review queue existed (its `meta` names no feature),
+the new one is built with it: the queue answers once the readers have switched.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from pathlib import Path
 
 import grpc
 import psycopg2
+import redis
 
 from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import payment_pb2
+from payments_common.grpcstatus import error_info
+from payments_common.keys import META_FEATURES_FIELD, KeySchema
 from stack.replication import run_reconcile
 from stack.servers import free_port
 from tests.integration.test_replicator_retire import keys_of, retire, slot_exists
@@ -25,6 +30,7 @@ from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess, slot_for
 
 ACCOUNTS = 6
+REVIEW_THRESHOLD = 400
 # Generous: the machine is shared, and a read must not fail for being slow.
 READ_TIMEOUT_S = 20.0
 
@@ -104,6 +110,54 @@ class CheckedReaders:
             self.failed.append(f"payment {ack.payment_id} missing from its payer's history")
 
 
+def _as_built_before_the_review_queue(redis_url: str, namespace: str) -> None:
+    """Makes the version look built by a replicator that had no review queue: its `meta` names no feature."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.hdel(KeySchema(namespace).meta(), META_FEATURES_FIELD)
+    finally:
+        client.close()
+
+
+async def _held_payments_outcome(address: str) -> str:
+    async with aio_channel(address) as channel:
+        try:
+            await history_grpc.HistoryServiceStub(channel).ListHeldPayments(
+                history_pb.ListHeldPaymentsRequest(), timeout=READ_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as error:
+            info = error_info(error)
+            return info.reason if info else error.code().name
+    return "OK"
+
+
+async def _held_payments(address: str) -> list[str]:
+    """Every payment of the review queue, page by page."""
+    held: list[str] = []
+    async with aio_channel(address) as channel:
+        stub = history_grpc.HistoryServiceStub(channel)
+        token = ""
+        while True:
+            page = await stub.ListHeldPayments(
+                history_pb.ListHeldPaymentsRequest(page_size=100, page_token=token), timeout=READ_TIMEOUT_S
+            )
+            held += [view.payment_id for view in page.payments]
+            token = page.next_page_token
+            if not token:
+                return held
+
+
+def _source_held(dsn: str) -> list[str]:
+    """The payments PostgreSQL holds for review, oldest first."""
+    with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT payment_id::text FROM payments WHERE status = 'PENDING_REVIEW' ORDER BY created_at, payment_id"
+        )
+        rows = [row[0] for row in cursor.fetchall()]
+    connection.close()
+    return rows
+
+
 def _source_payments(dsn: str) -> int:
     with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM payments")
@@ -133,7 +187,10 @@ async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_r
 ) -> None:
     base = slot_for(migrated_dsn)
     old_slot, new_slot = f"{base}_v1", f"{base}_v2"
-    approval = approval_process(migrated_dsn, free_port(), tmp_path / "approval.log").start()
+    # Payments of 400 or more (of 1-500) are held for review.
+    approval = approval_process(
+        migrated_dsn, free_port(), tmp_path / "approval.log", review_threshold_minor=str(REVIEW_THRESHOLD)
+    ).start()
     old = ReplicatorProcess(
         migrated_dsn,
         redis_url,
@@ -151,6 +208,9 @@ async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_r
         for history in histories:
             history.wait_serving(60)
         accounts = await open_accounts(approval.address, ACCOUNTS, 10**9)
+        await asyncio.to_thread(old.wait_caught_up, 120)
+        _as_built_before_the_review_queue(redis_url, "rm:v1")
+        assert await _held_payments_outcome(histories[0].address) == "READ_MODEL_WITHOUT_REVIEW_QUEUE"
         load = PaymentLoad(approval.address, accounts, workers=2)
         readers = CheckedReaders("ipv4:" + ",".join(h.address for h in histories), load, accounts)
         tasks = [asyncio.create_task(load.run()), asyncio.create_task(readers.run())]
@@ -194,6 +254,10 @@ async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_r
         assert _source_payments(migrated_dsn) >= len(load.acks)
         checked = await asyncio.to_thread(run_reconcile, migrated_dsn, redis_url, new_slot, 60, "rm:v2")
         assert checked.returncode == 0, checked.stdout + checked.stderr
+        # The feature that needed the new version: the queue holds every held payment, oldest first.
+        held = await _held_payments(histories[0].address)
+        assert held == _source_held(migrated_dsn)
+        assert len(held) > 0
         assert payment_pb2.PAYMENT_STATUS_APPROVED in {ack.status for ack in load.acks}
     finally:
         for process in (approval, *histories):
