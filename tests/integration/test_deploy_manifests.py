@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -13,7 +14,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from packaging.markers import default_environment
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
 
 from payments.approval.v1 import approval_service_pb2 as approval_pb2
 from payments.history.v1 import history_service_pb2 as history_pb2
@@ -1330,15 +1334,24 @@ def test_manifest_commands_are_console_scripts_of_the_image(objs: tuple[Obj, ...
                 assert container["command"][0] in scripts, container["command"]
 
 
-def _pins(path: Path) -> dict[str, str]:
-    pins = {}
+def _locked(path: Path) -> dict[str, Requirement]:
+    """The lines of a lock file by package name: each pins one release, some only where a marker holds."""
+    locked: dict[str, Requirement] = {}
     for line in path.read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert re.fullmatch(r"[\w.]+", version), f"{path.name}: {line} is not pinned"
-            pins[name.lower().replace("_", "-")] = version
-    return pins
+            requirement = Requirement(line)
+            pins = list(requirement.specifier)
+            assert len(pins) == 1, f"{path.name}: {line} is not pinned"
+            assert pins[0].operator == "==", f"{path.name}: {line} is not pinned"
+            assert re.fullmatch(r"[\w.]+", pins[0].version), f"{path.name}: {line} is not pinned"
+            assert not requirement.extras, f"{path.name}: {line}: the lock names each package itself"
+            locked[canonicalize_name(requirement.name)] = requirement
+    return locked
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return {name: next(iter(line.specifier)).version for name, line in _locked(path).items()}
 
 
 def test_image_dependencies_are_pinned_and_satisfy_pyproject() -> None:
@@ -1351,3 +1364,75 @@ def test_image_dependencies_are_pinned_and_satisfy_pyproject() -> None:
     build = _pins(ROOT / "deploy" / "docker" / "build-requirements.lock")
     for requirement in map(Requirement, project["build-system"]["requires"]):
         assert requirement.specifier.contains(build[requirement.name.lower()], prereleases=True), requirement
+
+
+def _claimed_pythons() -> list[str]:
+    """Every release of Python 3.11 to 3.14 up to patch level 30 that pyproject.toml's requires-python admits."""
+    claim = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    versions = [f"3.{minor}.{patch}" for minor in range(11, 15) for patch in range(31)]
+    return [version for version in versions if claim.contains(version)]
+
+
+def _requirements_of(name: str, version: str) -> list[Requirement] | None:
+    """What the locked release of `name` requires, from its metadata here; None where another release is installed."""
+    try:
+        distribution = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if distribution.version != version:
+        return None
+    return [Requirement(line) for line in distribution.requires or []]
+
+
+def test_the_lock_installs_on_every_python_the_project_claims() -> None:
+    """On each Python that requires-python admits, the lock holds every dependency the services need, pinned
+    to a release the dependent accepts, and its markers keep exactly the lines that Python needs.
+
+    The dependencies are read from the metadata of the locked releases installed here (the
+    dev virtualenv installs the same releases, for this Python) with their markers evaluated
+    for each claimed version: so a dependency that only an older Python needs, as redis
+    needs async-timeout before 3.11.3, is found although this Python does not install it.
+    """
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    locked = _locked(ROOT / "deploy" / "docker" / "requirements.lock")
+    pins = {name: next(iter(line.specifier)).version for name, line in locked.items()}
+    walked: set[str] = set()
+    for python in _claimed_pythons():
+        environment = {key: str(value) for key, value in default_environment().items()}
+        environment |= {
+            "python_version": python.rsplit(".", 1)[0],
+            "python_full_version": python,
+            "implementation_version": python,
+        }
+        needed: set[str] = set()
+        seen: set[tuple[str, frozenset[str]]] = set()
+        pending = [(Requirement(line), frozenset({""})) for line in project["project"]["dependencies"]]
+        while pending:
+            requirement, extras = pending.pop()
+            marker = requirement.marker
+            if marker is not None and not any(marker.evaluate({**environment, "extra": e}) for e in extras):
+                continue
+            package: str = canonicalize_name(requirement.name)
+            assert package in pins, f"Python {python} needs {requirement}, which the lock lacks"
+            assert requirement.specifier.contains(pins[package], prereleases=True), (
+                f"Python {python}: {requirement} is not met by the locked {package}=={pins[package]}"
+            )
+            if (package, frozenset(requirement.extras)) in seen:
+                continue
+            seen.add((package, frozenset(requirement.extras)))
+            needed.add(package)
+            requires = _requirements_of(package, pins[package])
+            if requires is not None:
+                walked.add(package)
+                extras_here = frozenset({"", *requirement.extras})
+                pending += [(dependency, extras_here) for dependency in requires]
+        for name, line in locked.items():
+            kept = line.marker is None or line.marker.evaluate(environment)
+            if name in needed:
+                assert kept, f"Python {python} needs {name}, but its marker in the lock leaves it out"
+            elif line.marker is not None:
+                assert not kept, (
+                    f"the lock's marker installs {name} on Python {python}, which does not need it"
+                )
+    # Not a vacuous walk: the dev virtualenv holds the locked releases, so most metadata was read.
+    assert len(walked) >= len(pins) // 2, f"only {sorted(walked)} have their locked release installed here"
