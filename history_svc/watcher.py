@@ -168,6 +168,7 @@ class ChangeWatcher:
         self._order = itertools.count()
         self._subscriptions: dict[str, set[Subscription]] = {}
         self._closing = False
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     # -- consistency waits -------------------------------------------------
@@ -333,6 +334,10 @@ class ChangeWatcher:
 
     async def stop(self) -> None:
         self.close_streams()
+        # redis-py's asyncio client can swallow a cancellation that lands in a blocking read
+        # (XREAD BLOCK), and the loop would then go on for ever: the flag ends it at its next
+        # turn, one block later at most.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -380,7 +385,7 @@ class ChangeWatcher:
 
     async def _run(self) -> None:
         stream = self._stream.name
-        while True:
+        while not self._stopping:
             try:
                 if self.last_id is None:
                     await self._sync()

@@ -141,6 +141,47 @@ async def test_shutdown_ends_open_streams_after_their_buffer_and_new_ones_at_onc
     assert [c async for c in late] == []
 
 
+class _SwallowingStream:
+    """A change stream whose blocking read swallows a cancellation, as redis-py's asyncio client can."""
+
+    name = "changes"
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+        self.swallowed = 0
+
+    async def last_entry_then_checkpoint(self) -> tuple[None, int]:
+        return None, 0
+
+    async def checkpoint_then_last_id(self) -> tuple[int, bytes]:
+        return 0, b"0-0"
+
+    async def read(self, after_id: bytes, count: int, block_ms: int) -> list[object]:
+        self.reading.set()
+        try:
+            await asyncio.sleep(block_ms / 1000)
+        except asyncio.CancelledError:
+            if self.swallowed:
+                raise  # only the first: so that a failing test can still end the reader
+            self.swallowed += 1
+        return []
+
+
+async def test_stop_ends_the_reader_even_when_a_read_swallows_the_cancellation() -> None:
+    stream = _SwallowingStream()
+    watcher = ChangeWatcher(stream, block_ms=50)  # type: ignore[arg-type]
+    await watcher.start()
+    await stream.reading.wait()
+    stopping = asyncio.create_task(watcher.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=10)
+    if not done:
+        assert watcher._task is not None
+        watcher._task.cancel()
+        await stopping
+    assert done
+    assert stream.swallowed == 1
+
+
 async def test_missing_timelines_are_read_once_per_batch_for_watched_payments() -> None:
     calls: list[list[str]] = []
     entry = read_model_pb2.TimelineEntry(sequence=1, status=payment_pb2.PAYMENT_STATUS_APPROVED)
