@@ -19,9 +19,11 @@ COPY payments_common ./payments_common
 COPY approval_svc ./approval_svc
 COPY history_svc ./history_svc
 COPY replicator ./replicator
+# The services need none of the packaging tools: pip goes too, once it has checked the set.
 RUN pip install --no-deps --no-build-isolation . \
     && pip uninstall --yes setuptools wheel \
     && pip check \
+    && pip uninstall --yes pip \
     && python -m compileall -q /opt/venv/lib
 
 FROM ${PYTHON_IMAGE} AS runtime
