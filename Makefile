@@ -6,15 +6,16 @@ STAMP := $(VENV)/.installed-stamp
 K8S_STAMP := .venv-k8s/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv k8s-tools gen check-gen lint typecheck protos test test-fast demo up down token bench bench-quick clean
+.PHONY: help venv k8s-tools gen check-gen lint typecheck protos image test test-fast demo up down token bench bench-quick clean
 
 help:
 	@echo "make demo   bring the local stack up, run the scenario, bring it down"
-	@echo "make test   set up, lint, type-check, check the contracts, run every test"
+	@echo "make test   set up, lint, type-check, check the contracts, build the image, run every test"
 	@echo "make test-fast  lint, type-check, the unit and contract tests: the edit-run loop"
 	@echo "make up     start the local stack in the background (make down stops it)"
 	@echo "make token ROLE=reviewer [ACCOUNT=id]  print a bearer token the local stack accepts"
 	@echo "make gen    regenerate the Python code of protos/ and the PrometheusRule of the alerts"
+	@echo "make image  build the service image with docker or podman (IMAGE_BASE=standin: on a local stand-in base)"
 	@echo "make bench  the benchmark (about 10 min); make bench-quick is the smoke size (about 90 s)"
 
 $(STAMP): pyproject.toml
@@ -51,10 +52,19 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# The service image, with docker or podman (deploy/docker/image.sh). IMAGE_BASE: official (the
+# Dockerfile's python:3.11.x-slim-bookworm), standin (a local stand-in for it, where it cannot be
+# pulled; never pushed) or auto (official if it can be had, else standin, as .ci/run builds it).
+IMAGE_BASE ?= official
+
+image:
+	IMAGE_BASE=$(IMAGE_BASE) STANDIN_PYTHON=$(PYTHON) deploy/docker/image.sh
+
 # The tests run on every core (pytest-xdist); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= auto
 
-test: venv k8s-tools check-gen protos lint typecheck
+# The image first: tests/e2e/test_image_stack.py runs the stack from it.
+test: venv k8s-tools check-gen protos lint typecheck image
 	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The edit-run loop: unit and contract tests (one private PostgreSQL at most, no manifest tools);
@@ -83,4 +93,4 @@ bench-quick: venv
 	$(BIN)/python -m bench --quick
 
 clean: down
-	rm -rf $(VENV) .venv-k8s .stack .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-k8s .stack .image .pytest_cache .mypy_cache .ruff_cache
