@@ -6,7 +6,6 @@ authority (kept under the stack's root), through `python -m stack token` or its 
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,17 +15,7 @@ import pytest
 
 from stack import tokens
 from stack.tokens import LocalCredentials
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """The variables of a file that `make up` writes for `.` (shell quoting, # comments)."""
-    values = {}
-    for line in path.read_text().splitlines():
-        if not line or line.startswith("#"):
-            continue
-        key, _, value = line.partition("=")
-        values[key] = shlex.split(value)[0] if value else ""
-    return values
+from tests.support.envfiles import read_env_file
 
 
 def read_endpoints(root: Path) -> dict[str, str]:

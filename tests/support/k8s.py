@@ -73,18 +73,23 @@ def kubectl() -> str:
     return found
 
 
+# The kustomization of the services alone, without an overlay: what every overlay starts from.
+BASE = "base"
+
+
 @functools.cache
 def render(overlay: str) -> str:
-    """The overlay as `kubectl kustomize` renders it (once per session)."""
+    """The overlay (or BASE) as `kubectl kustomize` renders it (once per session)."""
+    folder = K8S_DIR / BASE if overlay == BASE else K8S_DIR / "overlays" / overlay
     result = subprocess.run(
-        [kubectl(), "kustomize", str(K8S_DIR / "overlays" / overlay)],
+        [kubectl(), "kustomize", str(folder)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     if result.returncode != 0:
-        raise AssertionError(f"kubectl kustomize overlays/{overlay} failed:\n{result.stderr}")
+        raise AssertionError(f"kubectl kustomize {folder} failed:\n{result.stderr}")
     return result.stdout
 
 
@@ -174,8 +179,8 @@ def containers(pod: Obj) -> list[Obj]:
     return [*spec.get("initContainers", []), *spec.get("containers", [])]
 
 
-def container_env(container: Obj, objs: Iterable[Obj], namespace: str) -> dict[str, str]:
-    """The environment a container gets from its ConfigMaps and literal values."""
+def container_env(container: Obj, objs: Iterable[Obj], namespace: str | None) -> dict[str, str]:
+    """The environment a container gets from its ConfigMaps and literal values (namespace None: BASE's)."""
     configmaps = {
         o["metadata"]["name"]: o.get("data", {})
         for o in of_kind(objs, "ConfigMap")
