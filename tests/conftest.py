@@ -64,6 +64,9 @@ def migrated_dsn(database_dsn: str) -> str:
 
 # Modules whose tests run in order, on one worker: their last tests check what the ones before left.
 IN_ORDER = frozenset({"tests/integration/test_fuzz_approval.py", "tests/integration/test_fuzz_history.py"})
+# End-to-end modules that start what they need themselves (the image's containers and their own servers),
+# so that they run beside the local stack's suites rather than after them.
+APART = frozenset({"tests/e2e/test_image_stack.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,15 +79,17 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """How pytest-xdist shares the tests out (`make test` runs them on every core).
 
     Each test is a unit of its own, but for the end-to-end tests, which share one worker so that
-    one local stack serves them, and the modules of IN_ORDER.
+    one local stack serves them, and the modules of IN_ORDER and APART.
     """
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduling(LoadScopeScheduling):  # type: ignore[misc]  # xdist has no type hints
         def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module in IN_ORDER or module in APART:
+                return module
             if nodeid.startswith("tests/e2e/"):
                 return "tests/e2e"
-            module = nodeid.split("::", 1)[0]
-            return module if module in IN_ORDER else nodeid
+            return nodeid
 
     return Scheduling(config, log)
