@@ -21,6 +21,7 @@ from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import payment_pb2
 from payments_common.grpcstatus import error_info
 from payments_common.keys import META_FEATURES_FIELD, KeySchema
+from payments_common.tokens import encode_consistency_token
 from stack.replication import run_reconcile
 from stack.servers import free_port
 from tests.integration.test_replicator_retire import keys_of, retire, slot_exists
@@ -41,7 +42,8 @@ class CheckedReaders:
 
     A payment read with its acknowledgement's consistency token must hold what approval
     answered; a page of the payer's history read with that token must list it; an account
-    read again must never show an older version. Any error is a failed read.
+    read again, with the position of the version last seen as its token, must never show an
+    older one. Any error is a failed read.
     """
 
     target: str
@@ -74,8 +76,13 @@ class CheckedReaders:
         kind = rng.randrange(3)
         if kind == 0 or not self.load.acks:
             account = rng.choice(self.accounts)
+            # As a client session would: no older than what it saw. (While the processes serve two
+            # versions, each as far as its replicator has come, a read without it may go back.)
+            token = encode_consistency_token(seen[account]) if account in seen else ""
             reply = await stub.GetAccount(
-                history_pb.GetAccountRequest(account_id=account), timeout=READ_TIMEOUT_S, wait_for_ready=True
+                history_pb.GetAccountRequest(account_id=account, min_consistency_token=token),
+                timeout=READ_TIMEOUT_S,
+                wait_for_ready=True,
             )
             if reply.account.source_lsn < seen.get(account, 0):
                 self.failed.append(f"account {account} went back to {reply.account.source_lsn}")
