@@ -22,7 +22,7 @@ import redis
 
 from payments_common.keys import KeySchema, reader_name, slot_owner
 from replicator.config import Settings
-from replicator.lock import LockKeeper, LockLost, SlotLock, instance_token
+from replicator.lock import RELEASE_LOCK, LockKeeper, LockLost, SlotLock, instance_token
 from replicator.sink import FENCED_UNLINK
 
 DEFAULT_BATCH: Final = 500
@@ -120,9 +120,6 @@ def _batches(client: redis.Redis, schema: KeySchema, skip: str, size: int) -> It
                 chunk = []
     if chunk:
         yield chunk
-
-
-_DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def _text(value: object) -> str | None:
@@ -239,7 +236,9 @@ def _retire(
                 progress(f"{schema.namespace}: {deleted:,} keys deleted")
                 reported = time.monotonic()
         # The slot is free to feed another version now.
-        client.eval(_DELETE_IF, 1, slot_owner(slot), schema.namespace)
+        client.eval(
+            RELEASE_LOCK, 1, slot_owner(slot), schema.namespace
+        )  # deleted only if it names this version
         return Retirement(schema.namespace, slot, found, retained, deleted, dry_run=False)
     finally:
         keeper.stop()

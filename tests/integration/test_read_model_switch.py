@@ -24,11 +24,10 @@ from payments_common.keys import META_FEATURES_FIELD, KeySchema
 from payments_common.tokens import encode_consistency_token
 from stack.replication import run_reconcile
 from stack.servers import free_port
-from tests.integration.test_replicator_retire import keys_of, retire, slot_exists
 from tests.support.auth import aio_channel
 from tests.support.faults import FAST_RECONNECT, PaymentLoad, approval_process, history_process, open_accounts
 from tests.support.processes import ServiceProcess
-from tests.support.replicator import ReplicatorProcess, slot_for
+from tests.support.replicator import ReplicatorProcess, keys_of, retire, slot_exists, slot_for
 
 ACCOUNTS = 6
 REVIEW_THRESHOLD = 400

@@ -9,9 +9,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stack.replication import checkpoint_lsn
 from stack.servers import free_port
-from tests.integration.test_replicator_retire import keys_of, retire, slot_exists
 from tests.support.faults import history_process
-from tests.support.replicator import StartReplicator, replicator, slot_for
+from tests.support.replicator import StartReplicator, keys_of, replicator, retire, slot_exists, slot_for
 from tests.support.source import SourceWriter
 from tests.support.waiting import wait_until
 

@@ -2,46 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-import psycopg2
 import pytest
 import redis
 
-from stack.replication import ROOT, replicator_env, run_reconcile
-from tests.support.replicator import StartReplicator, replicator, slot_for
+from stack.replication import run_reconcile
+from tests.support.replicator import StartReplicator, keys_of, replicator, retire, slot_exists, slot_for
 from tests.support.source import SourceWriter
 
 __all__ = ["replicator"]
-
-
-def retire(database_url: str, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "replicator", "retire", *args],
-        env=replicator_env(database_url, redis_url, extra={"REPLICATOR_LOG_LEVEL": "WARNING"}),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def keys_of(redis_url: str, namespace: str) -> int:
-    client = redis.Redis.from_url(redis_url)
-    try:
-        return sum(1 for _ in client.scan_iter(match=f"{namespace}:*", count=1000))
-    finally:
-        client.close()
-
-
-def slot_exists(database_url: str, slot: str) -> bool:
-    with psycopg2.connect(database_url) as connection, connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,))
-        found = cursor.fetchone() is not None
-    connection.close()
-    return found
 
 
 def unlink_calls(redis_url: str) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import psycopg2
 import pytest
 import redis
 from redis.typing import StreamRangeResponse
@@ -213,3 +214,32 @@ class Monotonic:
                 self.highest[key] = max(value, self.highest.get(key, 0))
             self.samples += 1
             self._stop.wait(0.005)
+
+
+def retire(database_url: str, redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m replicator retire ARGS` with the replicator's settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "replicator", "retire", *args],
+        env=replicator_env(database_url, redis_url, extra={"REPLICATOR_LOG_LEVEL": "WARNING"}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def keys_of(redis_url: str, namespace: str) -> int:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(1 for _ in client.scan_iter(match=f"{namespace}:*", count=1000))
+    finally:
+        client.close()
+
+
+def slot_exists(database_url: str, slot: str) -> bool:
+    with psycopg2.connect(database_url) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (slot,))
+        found = cursor.fetchone() is not None
+    connection.close()
+    return found
