@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from payments_common import tracing
 from payments_common.logs import configure_logging
 
 log = logging.getLogger("approval_svc")
@@ -59,7 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from approval_svc.server import serve
 
-    uvloop.run(serve(settings))
+    tracing.configure_or_exit("approval-svc")
+    try:
+        uvloop.run(serve(settings))
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -34,6 +34,7 @@ from approval_svc.domain.model import (
     PaymentEvent,
     PaymentStatus,
 )
+from payments_common import tracing
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,8 @@ class Handlers:
             )
             entries = rules.transfer_entries(payment) if payment.status is PaymentStatus.APPROVED else []
             request = SavedRequest(key.stored_as, key.method, key.fingerprint, key.encode(payment))
+            tracing.note_payment(str(payment.payment_id))
+            tracing.set_attributes({"payment.status": payment.status.name})
             await repo.add_decision(payment, event, rules.submission_changes(payment), entries, request)
             return Outcome(payment, None, await uow.commit())
 

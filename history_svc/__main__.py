@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from payments_common import tracing
 from payments_common.logs import configure_logging
 
 
@@ -32,7 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from history_svc.server import serve
 
-    uvloop.run(serve(settings))
+    tracing.configure_or_exit("history-svc")
+    try:
+        uvloop.run(serve(settings))
+    finally:
+        tracing.shutdown()
     return 0
 
 

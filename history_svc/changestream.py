@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import SpanContext
 from redis.asyncio import Redis
 
 from history_svc.queries import REDIS_ERRORS, ReadModelUnavailable
@@ -35,6 +36,8 @@ class Change:
     lsn: int
     entry_id: bytes
     index: int
+    # The replicator's span that applied the change, when its transaction was traced.
+    trace: SpanContext | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from prometheus_client import Counter
 
 from history_svc.queries import CheckpointBehind, ReadModelUnavailable
 from history_svc.watcher import ChangeWatcher
+from payments_common import tracing
 from payments_common.errors import Unavailable
 from payments_common.lsn import format_lsn
 
@@ -60,11 +61,25 @@ class Consistency:
     def budget(self, call: Deadline) -> float:
         return consistency_budget(call.time_remaining(), self._wait_max_seconds)
 
-    async def reach(self, lsn: int, call: Deadline) -> int:
+    async def reach(self, lsn: int, call: Deadline, payment_id: str = "") -> int:
         """Waits until the known checkpoint reaches `lsn`; returns it.
 
         ReadModelUnavailable when the watcher has lost Redis, else ConsistencyNotReached.
+        Traced, the wait is a span that links to the replicator's spans of the traced
+        transactions it waited for: those of the caller's trace, and the last that changed
+        `payment_id`.
         """
+        if not tracing.active():
+            return await self._reach(lsn, call)
+        with tracing.span("wait for consistency", {"db.consistency_lsn": format_lsn(lsn)}) as span:
+            reached = await self._reach(lsn, call)
+            if span is not None and span.is_recording():
+                trace_id = span.get_span_context().trace_id
+                for context in self._watcher.traced_up_to(lsn, trace_id, payment_id):
+                    span.add_link(context)
+            return reached
+
+    async def _reach(self, lsn: int, call: Deadline) -> int:
         if self._watcher.checkpoint >= lsn:
             CONSISTENCY_READS.labels("immediate").inc()
             return lsn

@@ -19,6 +19,7 @@ from history_svc.resume import ChangePosition, decode_resume_token, encode_resum
 from history_svc.watch import Watches
 from payments.history.v1 import history_service_pb2 as pb
 from payments.history.v1 import history_service_pb2_grpc
+from payments_common import tracing
 from payments_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from payments_common.identity import NotYourAccount, current_caller
 from payments_common.keys import DIRECTIONS, STATUS_NAMES
@@ -92,7 +93,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         caller = current_caller()
-        min_lsn = await self._await_consistency(request.min_consistency_token, context)
+        min_lsn = await self._await_consistency(request.min_consistency_token, context, payment_id)
         response = await self._consistency.read(
             self._read_model.payment_response(payment_id, min_lsn), min_lsn
         )
@@ -218,6 +219,9 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             watch.close()
 
     def _watch_response(self, account_id: str, change: Change) -> pb.WatchPaymentsResponse:
+        if change.trace is not None and tracing.active():
+            # The delivery joins the trace of the transaction that made the change.
+            tracing.delivered(change.trace, change.view.payment_id, change.lsn)
         return pb.WatchPaymentsResponse(
             payment=change.view,
             consistency_token=encode_consistency_token(change.lsn),
@@ -226,7 +230,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
             ),
         )
 
-    async def _await_consistency(self, token: str, context: Context) -> int:
+    async def _await_consistency(self, token: str, context: Context, payment_id: str = "") -> int:
         """Waits until the known checkpoint reaches the token; returns its position (0: no token)."""
         if not token:
             return 0
@@ -237,4 +241,4 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                 [FieldViolation("min_consistency_token", "not a consistency token")],
                 reason="INVALID_CONSISTENCY_TOKEN",
             ) from None
-        return await self._consistency.reach(lsn, context)
+        return await self._consistency.reach(lsn, context, payment_id)

@@ -9,13 +9,16 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Final
 
+from opentelemetry.trace import SpanContext
 from prometheus_client import Counter, Gauge
 
 from history_svc.changestream import Change, ChangeStream, Entry, stream_id
 from history_svc.queries import REDIS_ERRORS
 from payments.readmodel.v1 import read_model_pb2
+from payments_common import tracing
 from payments_common.errors import Aborted, ResourceExhausted, ServiceError
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,20 @@ CONTINUITY_LOST = Counter(
     "history_watch_continuity_lost_total",
     "Times the change stream could not be shown continuous; the open WatchPayments streams ended.",
 )
+
+# The traced transactions a process remembers (the latest), and the links one read makes at most.
+TRACED_KEPT: Final = 4096
+MAX_LINKS: Final = 16
+
+
+@dataclass(frozen=True)
+class TracedApply:
+    """A traced source transaction as the change stream announced it: the span that applied it."""
+
+    commit_lsn: int
+    context: SpanContext
+    payment_ids: tuple[str, ...]
+
 
 # Fetches the timelines of payments whose views in a batch have none.
 TimelineReader = Callable[[Iterable[str]], Awaitable[dict[str, list[read_model_pb2.TimelineEntry]]]]
@@ -170,6 +187,8 @@ class ChangeWatcher:
         self._closing = False
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        # The traced transactions seen last, oldest first: what a read that waited links to.
+        self.traced: deque[TracedApply] = deque(maxlen=TRACED_KEPT)
 
     # -- consistency waits -------------------------------------------------
 
@@ -290,6 +309,7 @@ class ChangeWatcher:
         self._check_chain(batch)
         self.head = batch.checkpoint_lsn
         self.last_id = entry_id
+        traces = self._take_traced(batch) if batch.traced else None
         targets: list[tuple[read_model_pb2.PaymentView, list[Subscription]]] = []
         for view in batch.payments:
             subscribers = [
@@ -321,11 +341,43 @@ class ChangeWatcher:
         for view, subscribers in targets:
             for subscription in subscribers:
                 group = groups.setdefault(subscription, [])
-                group.append(Change(view, batch.checkpoint_lsn, entry_id, len(group)))
+                trace = traces.get(view.payment_id) if traces else None
+                group.append(Change(view, batch.checkpoint_lsn, entry_id, len(group), trace))
         for subscription, changes in groups.items():
             subscription.offer(changes)
         if batch.checkpoint_lsn > self.checkpoint:
             self.advance(batch.checkpoint_lsn)
+
+    def _take_traced(self, batch: read_model_pb2.ChangeBatch) -> dict[str, SpanContext]:
+        """Keeps the batch's traced transactions; returns the span that applied each of their payments."""
+        traces: dict[str, SpanContext] = {}
+        for traced in batch.traced:
+            context = tracing.parse_traceparent(traced.traceparent)
+            if context is None:
+                continue
+            self.traced.append(TracedApply(traced.commit_lsn, context, tuple(traced.payment_ids)))
+            for payment_id in traced.payment_ids:
+                traces[payment_id] = context
+        return traces
+
+    def traced_up_to(self, lsn: int, trace_id: int, payment_id: str = "") -> list[SpanContext]:
+        """The spans that applied traced transactions up to `lsn` of trace `trace_id`, or that changed `payment_id`.
+
+        Of those still kept (TRACED_KEPT), newest first; the payment's latest change only.
+        """
+        found: list[SpanContext] = []
+        payment_seen = not payment_id
+        for traced in reversed(self.traced):
+            if traced.commit_lsn > lsn:
+                continue
+            if traced.context.trace_id == trace_id:
+                found.append(traced.context)
+            elif not payment_seen and payment_id in traced.payment_ids:
+                found.append(traced.context)
+                payment_seen = True
+            if len(found) >= MAX_LINKS:
+                break
+        return found
 
     # -- the stream reader -------------------------------------------------
 

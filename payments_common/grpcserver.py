@@ -16,15 +16,17 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import context as context_api
+from opentelemetry import trace as trace_api
 from prometheus_client import Counter, Histogram
 
-from payments_common import audit
+from payments_common import audit, tracing
 from payments_common.access import Gate, gate_for
 from payments_common.audit import TargetOf
 from payments_common.errors import FieldViolation, InvalidArgument, ServiceError, internal_error
 from payments_common.grpcstatus import status_code, to_grpc_status
 from payments_common.identity import Identity, set_caller
-from payments_common.logs import method_var, request_id_var
+from payments_common.logs import method_var, payment_id_var, request_id_var
 from payments_common.metrics import metrics_served
 from payments_common.settings import ServerSettings
 
@@ -208,12 +210,27 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError
     await context.abort_with_status(to_grpc_status(error))  # type: ignore[attr-defined]
 
 
+def _note_payment(request: Any) -> None:
+    """The payment a request names, in its log lines and its span."""
+    payment_id = getattr(request, "payment_id", "")
+    if payment_id and isinstance(payment_id, str):
+        tracing.note_payment(payment_id)
+
+
 def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
     method = call.method
 
     async def unary(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if not tracing.active():
+            return await handle(raw, context, None)
+        span = tracing.start_server_span(method, context.invocation_metadata())
+        with trace_api.use_span(span, end_on_exit=False):
+            return await handle(raw, context, span)
+
+    async def handle(raw: Any, context: grpc.aio.ServicerContext[Any, Any], span: tracing.Span | None) -> Any:
         method_var.set(method)
         request_id_var.set("")
+        payment_id_var.set("")
         started = time.perf_counter()
         identity: Identity | None = None  # known once the credentials are: a refused call's audit names it
         request = response = None
@@ -223,6 +240,7 @@ def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
             set_caller(call.gate.authorize(method, identity))
             request = _parse(raw, call.deserializer)
             request_id_var.set(getattr(request, "request_id", ""))
+            _note_payment(request)
             response = await inner(request, context)
         except grpc.aio.AbortError:
             raise
@@ -253,6 +271,8 @@ def _wrap_unary(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
             call.audit(identity, raw, request, response, outcome)
+            if span is not None:
+                tracing.end_server_span(span, outcome)
 
     return unary
 
@@ -262,7 +282,14 @@ def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
 
     async def stream(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         method_var.set(method)
+        payment_id_var.set("")
         started = time.perf_counter()
+        span: tracing.Span | None = None
+        if tracing.active():
+            span = tracing.start_server_span(method, context.invocation_metadata())
+            # The call runs in a task of its own, which ends with it: nothing to detach.
+            context_api.attach(trace_api.set_span_in_context(span))
+        outcome = "UNKNOWN"
         try:
             identity = await call.gate.identify(context)
             set_caller(call.gate.authorize(method, identity))
@@ -275,17 +302,23 @@ def _wrap_stream(call: _Call, inner: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except (asyncio.CancelledError, GeneratorExit):
             # The client cancelled, or the deadline passed: the usual end of a watch.
-            _ended(context, method, None)
+            outcome = _ended(context, method, None)
             raise
         except Exception as error:
             ended = _ended_by_client(error)
             if ended is not None:
-                _ended(context, method, ended)
+                outcome = _ended(context, method, ended)
                 raise asyncio.CancelledError from None
-            await _fail(context, _as_service_error(error, method), method)
+            service_error = _as_service_error(error, method)
+            outcome = status_code(service_error).name
+            await _fail(context, service_error, method)
             raise
+        else:
+            outcome = "OK"
         finally:
             RPC_SECONDS.labels(method).observe(time.perf_counter() - started)
+            if span is not None:
+                tracing.end_server_span(span, outcome)
         RPC_TOTAL.labels(method, "OK").inc()
 
     return stream

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 method_var: ContextVar[str] = ContextVar("method", default="")
+# The payment that the request concerns, once known (named by the request, or created by it).
+payment_id_var: ContextVar[str] = ContextVar("payment_id", default="")
+# The current trace and span ids as hex, or None (payments_common.tracing installs it when on).
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
 
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -46,6 +51,13 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             entry["request_id"] = bounded(request_id)
+        payment_id = payment_id_var.get()
+        if payment_id:
+            entry["payment_id"] = bounded(payment_id)
+        if trace_ids is not None:
+            ids = trace_ids()
+            if ids is not None:
+                entry["trace_id"], entry["span_id"] = ids
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

@@ -20,6 +20,7 @@ log = logging.getLogger("replicator")
 
 
 def _run(settings: Settings) -> int:
+    from payments_common import tracing
     from payments_common.metrics import metrics_served
     from replicator import metrics
     from replicator.health import HealthServer
@@ -39,6 +40,7 @@ def _run(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    tracing.configure_or_exit("replicator")
     # Every series names the version this process replicates, so that two side by side differ.
     metrics.identify(slot=settings.slot_name, key_namespace=settings.namespace)
     # The slot's gauges, read whatever the replication loop is doing; only worth it when served.
@@ -70,6 +72,7 @@ def _run(settings: Settings) -> int:
             health.stop()
         if watch:
             watch.stop()
+    tracing.shutdown()
     return outcome[0] if outcome else 1
 
 

@@ -79,6 +79,8 @@ class Transaction:
     changes: list[tuple[str | tuple[str, ...], RowKind | None, dict[str, Value] | None]] = field(
         default_factory=list
     )
+    # The trace context that the transaction carried through the WAL (a traceparent), if any.
+    trace: bytes | None = None
     chunked: int = 0
     chunks: int = 0
     started: float = field(default_factory=time.monotonic)

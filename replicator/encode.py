@@ -50,7 +50,10 @@ class EncodedBatch:
 
 
 def encode(
-    writes: Sequence[Write], checkpoint: Checkpoint | None, omits_payments: bool = False
+    writes: Sequence[Write],
+    checkpoint: Checkpoint | None,
+    omits_payments: bool = False,
+    traced: Sequence[read_model_pb2.TracedTransaction] = (),
 ) -> EncodedBatch:
     """Serializes `writes`; a batch that moves the checkpoint is announced with the payments it writes."""
     encoded: list[EncodedWrite] = []
@@ -76,7 +79,9 @@ def encode(
             encoded.append(write)
     if checkpoint is None:
         return EncodedBatch(encoded, None, None)
-    return EncodedBatch(encoded, checkpoint, _notification(checkpoint, payments, timelines, omits_payments))
+    notification = _notification(checkpoint, payments, timelines, omits_payments)
+    notification.traced.extend(traced)
+    return EncodedBatch(encoded, checkpoint, notification)
 
 
 def _notification(

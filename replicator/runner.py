@@ -14,16 +14,18 @@ import redis
 
 from payments_common.keys import FEATURES, KeySchema
 from payments_common.lsn import format_lsn
+from payments_common.tracing import WAL_MESSAGE_PREFIX
 from replicator import metrics
 from replicator.ack import Acknowledgements
 from replicator.bootstrap import PROGRESS_INTERVAL_SECONDS, Stopped, bootstrap, rebuild_needed
 from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
 from replicator.config import Settings
-from replicator.decoder import Begin, Commit, Decoder, Relation, Truncate, as_row
+from replicator.decoder import Begin, Commit, Decoder, LogicalMessage, Relation, Truncate, as_row
 from replicator.lock import LockKeeper, LockLost, SlotLock, VersionConflict, claim_version, instance_token
 from replicator.projector import Projector
 from replicator.sink import CheckpointMoved, Sink
 from replicator.source import Source
+from replicator.traces import Applying, TracedCommit, traced_commit
 from replicator.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -231,6 +233,7 @@ class _Stream:
         self.pending_changes = 0
         self.pending_transactions = 0
         self.pending_omits = False
+        self.pending_traced: list[TracedCommit] = []
         # Redis has the checkpoint, but perhaps not on disk yet: confirm it after the delay too.
         self.acks = Acknowledgements(owner.settings.ack_delay_seconds)
         self.acks.applied(checkpoint.lsn)
@@ -292,15 +295,33 @@ class _Stream:
             transaction, self.transaction = self.transaction, None
             if transaction is None or transaction.skip or message.end_lsn <= self.checkpoint.lsn:
                 return
+            traced = None
+            if transaction.trace is not None:
+                traced = traced_commit(
+                    transaction,
+                    message.end_lsn,
+                    message.commit_time_us,
+                    transaction.chunked + len(transaction.changes),
+                )
             if transaction.chunks:
-                self.finish_chunked(transaction, Checkpoint(message.end_lsn, message.commit_time_us))
+                self.finish_chunked(transaction, Checkpoint(message.end_lsn, message.commit_time_us), traced)
                 return
+            if traced is not None:
+                self.pending_traced.append(traced)
             transaction.collect(self.pending)
             self.pending_changes += len(transaction.changes)
             self.pending_transactions += 1
             if self.pending_checkpoint is None:
                 self.batch_started = time.monotonic()
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
+        elif isinstance(message, LogicalMessage):
+            # The command side's trace context, inside the transaction it traced.
+            if (
+                message.prefix == WAL_MESSAGE_PREFIX
+                and self.transaction is not None
+                and not self.transaction.skip
+            ):
+                self.transaction.trace = message.content
         elif isinstance(message, Relation):
             log.debug("relation %s.%s: %s", message.namespace, message.name, message.column_names)
 
@@ -341,10 +362,14 @@ class _Stream:
             transaction.reported = now
         self.confirm_due()
 
-    def finish_chunked(self, transaction: Transaction, checkpoint: Checkpoint) -> None:
+    def finish_chunked(
+        self, transaction: Transaction, checkpoint: Checkpoint, traced: TracedCommit | None = None
+    ) -> None:
         """Applies the rest of a transaction applied in chunks, then moves the checkpoint past it."""
         self.apply_chunk(transaction)
         self.pending_checkpoint = checkpoint
+        if traced is not None:
+            self.pending_traced.append(traced)
         self.pending_transactions = 1
         # The change stream did not list its payments.
         self.pending_omits = True
@@ -364,7 +389,11 @@ class _Stream:
             return
         self.keeper.check()
         started = time.perf_counter()
-        self.writer.write(self.projector.project_batch(self.pending), checkpoint, self.pending_omits)
+        applying = Applying(self.pending_traced)
+        self.writer.write(
+            self.projector.project_batch(self.pending), checkpoint, self.pending_omits, applying.announced()
+        )
+        applying.applied(self.pending_changes, self.pending_transactions)
         metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
         metrics.CHANGES.inc(self.pending_changes)
         metrics.TRANSACTIONS.inc(self.pending_transactions)
@@ -377,6 +406,7 @@ class _Stream:
         self.pending_checkpoint = None
         self.pending_changes = self.pending_transactions = 0
         self.pending_omits = False
+        self.pending_traced = []
         self.sample_lag(time.monotonic())
         # Redis has acknowledged: the slot may forget everything up to here once it is durable.
         self.acks.applied(checkpoint.lsn)

@@ -253,7 +253,11 @@ class Source:
     def start_replication(self, fence: Callable[[], None]) -> None:
         """Streams the slot from its confirmed position; the runner then acknowledges its checkpoint."""
         self.end_other_consumer(fence)
-        self.stream.start_logical(self.slot, {"proto_version": "1", "publication_names": self.publication})
+        # `messages`: the command side's transactional messages (the trace context of a traced
+        # transaction) arrive inside their transaction; none are written while tracing is off.
+        self.stream.start_logical(
+            self.slot, {"proto_version": "1", "publication_names": self.publication, "messages": "true"}
+        )
 
     def acknowledge(self, lsn: int) -> None:
         """Tells PostgreSQL that everything up to `lsn` is applied and durable: the slot may forget it."""

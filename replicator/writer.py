@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from payments.readmodel.v1 import read_model_pb2
 from replicator.changes import Checkpoint, TruncateTables
 from replicator.coalesce import coalesce
 from replicator.encode import encode
@@ -28,8 +29,17 @@ class Writer:
         self.projector = projector
         self.sink = sink
 
-    def write(self, ops: Iterable[Op], checkpoint: Checkpoint | None, omits_payments: bool = False) -> None:
-        """Applies `ops` and, if given, moves the checkpoint, in one fenced script call per segment."""
+    def write(
+        self,
+        ops: Iterable[Op],
+        checkpoint: Checkpoint | None,
+        omits_payments: bool = False,
+        traced: Sequence[read_model_pb2.TracedTransaction] = (),
+    ) -> None:
+        """Applies `ops` and, if given, moves the checkpoint, in one fenced script call per segment.
+
+        `traced` are the batch's traced transactions, announced with the checkpoint.
+        """
         segment: list[SegmentOp] = []
         for op in ops:
             if isinstance(op, TruncateTables):
@@ -39,10 +49,14 @@ class Writer:
                 omits_payments = True
             else:
                 segment.append(op)
-        self._write_segment(segment, checkpoint, omits_payments)
+        self._write_segment(segment, checkpoint, omits_payments, traced)
 
     def _write_segment(
-        self, ops: list[SegmentOp], checkpoint: Checkpoint | None, omits_payments: bool = False
+        self,
+        ops: list[SegmentOp],
+        checkpoint: Checkpoint | None,
+        omits_payments: bool = False,
+        traced: Sequence[read_model_pb2.TracedTransaction] = (),
     ) -> None:
         if not ops and checkpoint is None:
             return
@@ -51,4 +65,4 @@ class Writer:
         resolution = resolve(coalesced, stored, self.projector)
         for key in resolution.unfilled:
             log.warning("unchanged column of %s with no stored view to take it from", key)
-        self.sink.apply(encode(resolution.writes, checkpoint, omits_payments))
+        self.sink.apply(encode(resolution.writes, checkpoint, omits_payments, traced))

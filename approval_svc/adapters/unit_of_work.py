@@ -16,8 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from approval_svc.adapters.repository import Repository, SqlRepository
 from approval_svc.domain.errors import DatabaseUnavailable, DeadlineExceeded, TransactionConflict
+from payments_common import tracing
 from payments_common.errors import ServiceError
-from payments_common.lsn import parse_lsn
+from payments_common.lsn import format_lsn, parse_lsn
+from payments_common.tracing import WAL_MESSAGE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +282,27 @@ class SqlUnitOfWork:
 
     async def commit(self) -> int:
         driver = self._require()
-        await driver.execute("COMMIT")
+        if not tracing.active():
+            await driver.execute("COMMIT")
+            return await self._committed_at(driver)
+        with tracing.span("commit") as span:
+            parent = tracing.sampled_traceparent()
+            if parent is None:
+                await driver.execute("COMMIT")
+            else:
+                # The trace context travels with the transaction through the WAL, so that the
+                # replicator's apply joins this trace. The same round trip as the COMMIT; the
+                # traceparent is checked hex (tracing.parse_traceparent's pattern), safe inline.
+                await driver.execute(
+                    f"SELECT pg_logical_emit_message(true, '{WAL_MESSAGE_PREFIX}', '{parent}'); COMMIT"
+                )
+            lsn = await self._committed_at(driver)
+            if span is not None:
+                span.set_attribute("db.consistency_lsn", format_lsn(lsn))
+            return lsn
+
+    @staticmethod
+    async def _committed_at(driver: asyncpg.Connection) -> int:
         # COMMIT returns after its commit record was inserted into the WAL, whatever
         # synchronous_commit says (which only decides whether it waits for the flush), so
         # the insert position read now is at or past the record's end. Read outside any
