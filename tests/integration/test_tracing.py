@@ -32,7 +32,7 @@ from payments_common.tracing import WAL_MESSAGE_PREFIX
 from stack.servers import free_port
 from tests.support.auth import aio_channel
 from tests.support.faults import approval_process, history_process, open_accounts
-from tests.support.otlp import Collector, ReceivedSpan, collector
+from stack.otlp import Collector, ReceivedSpan, collector
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess, slot_for
 from tests.support.waiting import eventually, wait_until

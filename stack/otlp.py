@@ -1,4 +1,4 @@
-"""An OTLP/gRPC trace receiver: what the services export when tracing is on, kept for a test to read.
+"""An OTLP/gRPC trace receiver: what the services export when tracing is on, kept to be read (tests) or counted (the benchmark).
 
 The services export with the OpenTelemetry SDK's own OTLP exporter, configured only by the
 standard OTEL_* variables (`collector_env`), so a test sees exactly what a collector would.
