@@ -29,10 +29,10 @@ from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
 from payments_common.tracing import WAL_MESSAGE_PREFIX
+from stack.otlp import Collector, ReceivedSpan, collector
 from stack.servers import free_port
 from tests.support.auth import aio_channel
 from tests.support.faults import approval_process, history_process, open_accounts
-from stack.otlp import Collector, ReceivedSpan, collector
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess, slot_for
 from tests.support.waiting import eventually, wait_until
