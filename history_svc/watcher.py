@@ -370,10 +370,10 @@ class ChangeWatcher:
         for traced in reversed(self.traced):
             if traced.commit_lsn > lsn:
                 continue
-            if traced.context.trace_id == trace_id:
+            changed_payment = not payment_seen and payment_id in traced.payment_ids
+            if traced.context.trace_id == trace_id or changed_payment:
                 found.append(traced.context)
-            elif not payment_seen and payment_id in traced.payment_ids:
-                found.append(traced.context)
+            if changed_payment:
                 payment_seen = True
             if len(found) >= MAX_LINKS:
                 break

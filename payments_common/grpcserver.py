@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -210,10 +211,14 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError
     await context.abort_with_status(to_grpc_status(error))  # type: ignore[attr-defined]
 
 
+# A payment id as the contracts give it: a UUID in its canonical text.
+_PAYMENT_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 def _note_payment(request: Any) -> None:
-    """The payment a request names, in its log lines and its span."""
+    """The payment a request names, in its log lines and its span; not a caller's text that is no id."""
     payment_id = getattr(request, "payment_id", "")
-    if payment_id and isinstance(payment_id, str):
+    if isinstance(payment_id, str) and _PAYMENT_ID.fullmatch(payment_id):
         tracing.note_payment(payment_id)
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -41,6 +42,13 @@ WAL_MESSAGE_PREFIX: Final = "payments.trace"
 # caller sampled.
 DEFAULT_SAMPLE_RATIO: Final = "0.01"
 EXPORTERS: Final = ("otlp", "console")
+# How long a stopping process waits for its last spans to be exported.
+SHUTDOWN_SECONDS: Final = 3.0
+# The longest attribute value kept (a caller's text in a field it sent is cut there), unless
+# OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT or OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT says otherwise.
+MAX_ATTRIBUTE_LENGTH: Final = 256
+# The longest tracestate taken from a caller (W3C: 32 members, 512 characters are enough).
+MAX_TRACESTATE_LENGTH: Final = 512
 
 # A W3C traceparent of version 00: the only text written into SQL, so it is checked first.
 _TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
@@ -85,29 +93,30 @@ def enabled_by(environ: Mapping[str, str]) -> bool:
 def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     """Switches tracing on when the environment says so; returns whether it is on.
 
-    SettingsError when the OTEL_* variables name what this service cannot do.
+    SettingsError when the OTEL_* variables name what this service cannot do. `environ`
+    decides whether tracing is on and the sampler; the SDK's exporter, resource and limits
+    read the process's own environment.
     """
     env = os.environ if environ is None else environ
     if not enabled_by(env):
         return False
     # Imported only when on: an untraced process loads none of the SDK.
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
-    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio, Sampler
 
-    sampler: Sampler | None = None
-    if not env.get("OTEL_TRACES_SAMPLER", "").strip():
-        text = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or DEFAULT_SAMPLE_RATIO
-        try:
-            ratio = float(text)
-        except ValueError:
-            raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG: {text!r} is not a ratio between 0 and 1") from None
-        if not 0.0 <= ratio <= 1.0:
-            raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG: {text!r} is not a ratio between 0 and 1")
-        sampler = ParentBasedTraceIdRatio(ratio)
-    attributes = {} if env.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service}
-    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
+    sampler = _sampler(env)
+    # OTEL_SERVICE_NAME or a service.name in OTEL_RESOURCE_ATTRIBUTES wins over the default name.
+    resource = Resource.create({})
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service}))
+    # A caller's text in an attribute (a field it sent) is cut, unless the standard variables say otherwise.
+    length_set = any(
+        env.get(name)
+        for name in ("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT")
+    )
+    limits = SpanLimits() if length_set else SpanLimits(max_attribute_length=MAX_ATTRIBUTE_LENGTH)
+    provider = TracerProvider(resource=resource, sampler=sampler, span_limits=limits)
     names = {name.strip().lower() for name in env.get("OTEL_TRACES_EXPORTER", "").split(",")}
     exporters: list[SpanExporter] = []
     if "otlp" in names:
@@ -123,6 +132,40 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
         "tracing on", extra={"exporters": sorted(names - {"none", ""}), "sampler": str(provider.sampler)}
     )
     return True
+
+
+# The samplers of the OpenTelemetry specification that OTEL_TRACES_SAMPLER may name.
+_SAMPLERS: Final = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+
+
+def _sampler(env: Mapping[str, str]) -> Any:
+    """The sampler the environment names, checked: an unknown name or a ratio outside 0-1 is refused."""
+    from opentelemetry.sdk.trace import sampling
+
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if name and name not in _SAMPLERS:
+        raise SettingsError(f"OTEL_TRACES_SAMPLER: {name!r} is not one of {', '.join(_SAMPLERS)}")
+    if name in ("always_on", "always_off", "parentbased_always_on", "parentbased_always_off"):
+        root = sampling.ALWAYS_ON if name.endswith("always_on") else sampling.ALWAYS_OFF
+        return sampling.ParentBased(root) if name.startswith("parentbased_") else root
+    # Unset: ours, parent-based at DEFAULT_SAMPLE_RATIO. Named without a ratio: 1, as the specification says.
+    text = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or (DEFAULT_SAMPLE_RATIO if not name else "1")
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG: {text!r} is not a ratio between 0 and 1") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise SettingsError(f"OTEL_TRACES_SAMPLER_ARG: {text!r} is not a ratio between 0 and 1")
+    if name == "traceidratio":
+        return sampling.TraceIdRatioBased(ratio)
+    return sampling.ParentBasedTraceIdRatio(ratio)
 
 
 def configure_or_exit(service: str) -> bool:
@@ -142,16 +185,31 @@ def install(provider: Any, service: str) -> None:
     logs.trace_ids = current_ids
 
 
-def shutdown() -> None:
-    """Exports what is pending and switches tracing off; nothing when it is off."""
+def shutdown(timeout_seconds: float = SHUTDOWN_SECONDS) -> None:
+    """Exports what is pending, for `timeout_seconds` at most, and switches tracing off; nothing when off.
+
+    A collector that does not answer must not hold a stopping process past its grace: the
+    export goes on in a daemon thread, which the process's exit ends.
+    """
     global _tracer, _provider
     provider, _provider, _tracer = _provider, None, None
     logs.trace_ids = None
-    if provider is not None:
+    if provider is None:
+        return
+
+    def export_the_rest() -> None:
         try:
             provider.shutdown()
         except Exception as error:  # the process is stopping: never fail it for its spans
             log.warning("could not export the last spans: %s", error)
+
+    exporting = threading.Thread(target=export_the_rest, name="tracing-shutdown", daemon=True)
+    exporting.start()
+    exporting.join(timeout_seconds)
+    if exporting.is_alive():
+        log.warning(
+            "the last spans were not exported within %.0fs of the stop; they are lost", timeout_seconds
+        )
 
 
 def extract(carrier: Mapping[str, str]) -> Context:
@@ -262,7 +320,11 @@ def start_server_span(method: str, metadata: Iterable[tuple[str, Any]] | None) -
     carrier = {
         key: value
         for key, value in metadata or ()
-        if key in ("traceparent", "tracestate") and isinstance(value, str)
+        if isinstance(value, str)
+        and (
+            (key == "traceparent" and len(value) <= 55)
+            or (key == "tracestate" and len(value) <= MAX_TRACESTATE_LENGTH)
+        )
     }
     name = method.lstrip("/")
     service, _, short = name.rpartition("/")

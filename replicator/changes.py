@@ -81,6 +81,9 @@ class Transaction:
     )
     # The trace context that the transaction carried through the WAL (a traceparent), if any.
     trace: bytes | None = None
+    # With tracing on, the payments its changes touched (kept across chunks), the first MAX_PAYMENT_IDS.
+    payment_ids: dict[str, None] = field(default_factory=dict)
+    payment_ids_cut: bool = False
     chunked: int = 0
     chunks: int = 0
     started: float = field(default_factory=time.monotonic)

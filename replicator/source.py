@@ -12,6 +12,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from payments_common import tracing
 from payments_common.lsn import parse_lsn
 from replicator.walstream import DEFAULT_STATUS_INTERVAL_SECONDS, WalStream
 
@@ -253,11 +254,13 @@ class Source:
     def start_replication(self, fence: Callable[[], None]) -> None:
         """Streams the slot from its confirmed position; the runner then acknowledges its checkpoint."""
         self.end_other_consumer(fence)
-        # `messages`: the command side's transactional messages (the trace context of a traced
-        # transaction) arrive inside their transaction; none are written while tracing is off.
-        self.stream.start_logical(
-            self.slot, {"proto_version": "1", "publication_names": self.publication, "messages": "true"}
-        )
+        options = {"proto_version": "1", "publication_names": self.publication}
+        if tracing.active():
+            # The command side's transactional messages (the trace context of a traced
+            # transaction) arrive inside their transaction. Only while tracing: any role may
+            # emit messages, of any size, which the replicator would otherwise take in.
+            options["messages"] = "true"
+        self.stream.start_logical(self.slot, options)
 
     def acknowledge(self, lsn: int) -> None:
         """Tells PostgreSQL that everything up to `lsn` is applied and durable: the slot may forget it."""

@@ -46,7 +46,25 @@ class TracedCommit:
     received_ns: int
     changes: int
     payment_ids: tuple[str, ...]
-    payments: int
+    # More payments than MAX_PAYMENT_IDS: the list is their first ones.
+    payment_ids_cut: bool
+
+
+def gather_payment_ids(transaction: Transaction) -> None:
+    """Keeps the ids of the payments that the transaction's changes held so far touch (MAX_PAYMENT_IDS at most).
+
+    Called before a chunk's changes are let go, while tracing is on: the trace context comes
+    last, just before the commit, so every chunked transaction is gathered.
+    """
+    ids = transaction.payment_ids
+    for table, _, row in transaction.changes:
+        if table in (PAYMENTS, PAYMENT_EVENTS) and row is not None:
+            payment_id = row.get("payment_id")
+            if isinstance(payment_id, str) and payment_id not in ids:
+                if len(ids) >= MAX_PAYMENT_IDS:
+                    transaction.payment_ids_cut = True
+                    return
+                ids[payment_id] = None
 
 
 def traced_commit(
@@ -61,13 +79,7 @@ def traced_commit(
         return None
     if not parent.trace_flags.sampled:
         return None
-    ids: dict[str, None] = {}
-    for table, _, row in transaction.changes:
-        if table in (PAYMENTS, PAYMENT_EVENTS) and row is not None:
-            payment_id = row.get("payment_id")
-            if isinstance(payment_id, str):
-                ids[payment_id] = None
-    listed = tuple(ids)[:MAX_PAYMENT_IDS]
+    gather_payment_ids(transaction)
     return TracedCommit(
         parent,
         transaction.begin.xid,
@@ -75,8 +87,8 @@ def traced_commit(
         commit_time_us * 1000,
         time.time_ns(),
         changes,
-        listed,
-        len(ids),
+        tuple(transaction.payment_ids),
+        transaction.payment_ids_cut,
     )
 
 
@@ -99,7 +111,7 @@ class Applying:
                     "db.commit_lsn": format_lsn(commit.commit_lsn),
                     "replication.changes": commit.changes,
                     "payment.ids": list(commit.payment_ids),
-                    "payment.count": commit.payments,
+                    "payment.ids_cut": commit.payment_ids_cut,
                 },
             )
             self.spans.append((commit, span))
