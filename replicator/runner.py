@@ -12,6 +12,7 @@ from collections.abc import Callable
 import psycopg2
 import redis
 
+from payments_common import tracing
 from payments_common.keys import FEATURES, KeySchema
 from payments_common.lsn import format_lsn
 from payments_common.tracing import WAL_MESSAGE_PREFIX
@@ -25,7 +26,7 @@ from replicator.lock import LockKeeper, LockLost, SlotLock, VersionConflict, cla
 from replicator.projector import Projector
 from replicator.sink import CheckpointMoved, Sink
 from replicator.source import Source
-from replicator.traces import Applying, TracedCommit, traced_commit
+from replicator.traces import Applying, TracedCommit, gather_payment_ids, traced_commit
 from replicator.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ class _Stream:
         while True:
             if self.owner.stopping:
                 self.flush()
+                self.settle()
                 raise Stopped
             message = self.stream.read_message()
             if message is not None:
@@ -264,9 +266,10 @@ class _Stream:
                         self.flush()
                     self.confirm_due()
                 continue
-            # The socket is drained: the moment to apply what has arrived.
+            # The socket is drained: the moment to apply what has arrived, and to wait for it.
             if self.pending_checkpoint is not None:
                 self.flush()
+            self.settle()
             select.select([fileno], [], [], self.periodic())
 
     def handle(self, payload: bytes) -> None:
@@ -344,6 +347,8 @@ class _Stream:
             metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
             metrics.BATCH_CHANGES.observe(batch.changes)
         metrics.CHANGES.inc(len(transaction.changes))
+        if tracing.active():
+            gather_payment_ids(transaction)  # its trace context, if any, comes at its end
         transaction.chunked += len(transaction.changes)
         transaction.chunks += 1
         transaction.changes = []
@@ -384,32 +389,51 @@ class _Stream:
         )
 
     def flush(self) -> None:
+        """Sends the pending batch to Redis; what depends on Redis having it runs once it has (`applied`).
+
+        The batch's reply is read before the next batch is sent, so decoding and projecting
+        the next one overlaps Redis's run of this one's script.
+        """
         checkpoint = self.pending_checkpoint
         if checkpoint is None:
             return
         self.keeper.check()
         started = time.perf_counter()
         applying = Applying(self.pending_traced)
+        changes, transactions = self.pending_changes, self.pending_transactions
+
+        def applied() -> None:
+            applying.applied(changes, transactions)
+            metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
+            metrics.CHANGES.inc(changes)
+            metrics.TRANSACTIONS.inc(transactions)
+            metrics.BATCH_CHANGES.observe(changes)
+            if checkpoint.commit_time_us is not None:
+                metrics.LAG_SECONDS.set(max(0.0, time.time() - checkpoint.commit_time_us / 1e6))
+            metrics.CHECKPOINT_LSN.set(checkpoint.lsn)
+            # Redis has acknowledged: the slot may forget everything up to here once it is durable.
+            self.acks.applied(checkpoint.lsn)
+
         self.writer.write(
-            self.projector.project_batch(self.pending), checkpoint, self.pending_omits, applying.announced()
+            self.projector.project_batch(self.pending),
+            checkpoint,
+            self.pending_omits,
+            applying.announced(),
+            on_applied=applied,
         )
-        applying.applied(self.pending_changes, self.pending_transactions)
-        metrics.APPLY_SECONDS.observe(time.perf_counter() - started)
-        metrics.CHANGES.inc(self.pending_changes)
-        metrics.TRANSACTIONS.inc(self.pending_transactions)
-        metrics.BATCH_CHANGES.observe(self.pending_changes)
-        if checkpoint.commit_time_us is not None:
-            metrics.LAG_SECONDS.set(max(0.0, time.time() - checkpoint.commit_time_us / 1e6))
+        # What the stream sends from now on is read past up to here.
         self.checkpoint = checkpoint
-        metrics.CHECKPOINT_LSN.set(checkpoint.lsn)
         self.pending = RowBatch()
         self.pending_checkpoint = None
         self.pending_changes = self.pending_transactions = 0
         self.pending_omits = False
         self.pending_traced = []
         self.sample_lag(time.monotonic())
-        # Redis has acknowledged: the slot may forget everything up to here once it is durable.
-        self.acks.applied(checkpoint.lsn)
+        self.confirm_due()
+
+    def settle(self) -> None:
+        """Waits until Redis has applied the batch in flight, then confirms what is due."""
+        self.writer.sink.settle()
         self.confirm_due()
 
     def sample_lag(self, now: float) -> None:

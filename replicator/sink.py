@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import hiredis
@@ -150,6 +151,16 @@ return redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 _SCRIPTS: Final = {"apply_batch": APPLY_BATCH, "fenced_unlink": FENCED_UNLINK, "fenced_hset": FENCED_HSET}
 
 
+@dataclass
+class _Pending:
+    """A batch's script call sent on `connection`, its reply not read yet."""
+
+    connection: Any
+    keys: list[str]
+    args: list[Arg]
+    on_applied: Callable[[], None]
+
+
 class CheckpointMoved(RuntimeError):
     """Redis's checkpoint is not the one this instance last wrote: Redis lost or gained writes."""
 
@@ -181,20 +192,25 @@ class Sink:
         # moves the checkpoint names it, and the script checks that Redis still has it.
         self.position = 0
         self._sha: dict[str, str] = {}
+        # The batch sent and not yet waited for (apply with `on_applied`).
+        self._pending: _Pending | None = None
 
     def load_scripts(self) -> None:
         self._sha = {name: str(self.client.script_load(body)) for name, body in _SCRIPTS.items()}
 
     def ping(self) -> None:
+        self.settle()
         self.client.ping()
 
     def read_checkpoint(self) -> Checkpoint | None:
+        self.settle()
         checkpoint = read_checkpoint(self.client, self.checkpoint_key)
         self.position = 0 if checkpoint is None else checkpoint.lsn
         return checkpoint
 
     def read_features(self) -> frozenset[str]:
         """The features the namespace was built with (its `meta` hash); none for one built before it existed."""
+        self.settle()
         return keys.parse_features(self.client.hget(self.schema.meta(), keys.META_FEATURES_FIELD))
 
     def write_features(self, features: tuple[str, ...]) -> None:
@@ -209,6 +225,7 @@ class Sink:
         """The stored value of each hash field (None: absent), in one round trip."""
         if not fields:
             return {}
+        self.settle()  # what a batch in flight writes must be read
         with self.client.pipeline(transaction=False) as pipe:
             for key, field in fields:
                 pipe.hget(key, field)
@@ -216,10 +233,19 @@ class Sink:
 
     # -- applying ---------------------------------------------------------------------------
 
-    def apply(self, batch: EncodedBatch) -> None:
-        """Applies the batch's writes and, if it has one, moves the checkpoint, in one fenced script call."""
+    def apply(self, batch: EncodedBatch, on_applied: Callable[[], None] | None = None) -> None:
+        """Applies the batch's writes and, if it has one, moves the checkpoint, in one fenced script call.
+
+        With `on_applied`, the call is sent and not waited for: the work that comes next (the
+        next batch's decoding and projection) overlaps Redis's run of the script. Its reply is
+        read before anything else is sent or read (`settle`), which then calls `on_applied`;
+        an error in it (LockLost, CheckpointMoved) is raised there.
+        """
         checkpoint = batch.checkpoint
         if not batch.writes and checkpoint is None:
+            if on_applied is not None:
+                self.settle()
+                on_applied()
             return
         notification = b""
         if batch.notification is not None:
@@ -237,11 +263,55 @@ class Sink:
         ]
         for write in batch.writes:
             _PACKERS[type(write)](write, keys_, args)
-        self._execute("apply_batch", keys_, args)
+        if on_applied is None:
+            self._execute("apply_batch", keys_, args)
+        else:
+            self.settle()
+            self._send_pending(keys_, args, on_applied)
         if checkpoint is not None:
+            # The next batch names this position as the one it moves from; if this one
+            # fails, so does that one (CHECKPOINTMOVED), and the session restarts from Redis.
             self.position = max(self.position, checkpoint.lsn)
 
+    def _send_pending(self, keys_: list[str], args: list[Arg], on_applied: Callable[[], None]) -> None:
+        command = pack_evalsha(self._sha["apply_batch"], keys_, args)
+        connection = self.client.connection_pool.get_connection()
+        try:
+            connection.send_packed_command([command])  # type: ignore[no-untyped-call]
+        except BaseException:
+            connection.disconnect()  # type: ignore[no-untyped-call]
+            self.client.connection_pool.release(connection)
+            raise
+        self._pending = _Pending(connection, keys_, args, on_applied)
+
+    def settle(self) -> None:
+        """Waits for the batch in flight, if any: Redis has applied it (or its error is raised)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pool = self.client.connection_pool
+        try:
+            pending.connection.read_response()
+        except redis.exceptions.NoScriptError:
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): nothing ran; load and run it again.
+            pool.release(pending.connection)
+            self.load_scripts()
+            self._execute("apply_batch", pending.keys, pending.args)
+            pending.on_applied()
+            return
+        except redis.ResponseError as error:
+            pool.release(pending.connection)
+            self._raise_script_error(error)
+            raise
+        except BaseException:
+            pending.connection.disconnect()  # a reply may be half read
+            pool.release(pending.connection)
+            raise
+        pool.release(pending.connection)
+        pending.on_applied()
+
     def _execute(self, script: str, keys_: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        self.settle()
         for attempt in (1, 2):
             try:
                 return self._call(pack_evalsha(self._sha[script], keys_, args))
@@ -251,14 +321,18 @@ class Sink:
                     raise
                 self.load_scripts()
             except redis.ResponseError as error:
-                if str(error).startswith("LOCKLOST"):
-                    raise LockLost(f"the lock {self.lock.key} is not held by this instance") from error
-                if str(error).startswith("CHECKPOINTMOVED"):
-                    raise CheckpointMoved(
-                        f"the checkpoint {self.checkpoint_key} is not at {self.position} as this instance wrote it"
-                    ) from error
+                self._raise_script_error(error)
                 raise
         raise AssertionError("unreachable")
+
+    def _raise_script_error(self, error: redis.ResponseError) -> None:
+        """Raises what a fenced script's refusal means (LockLost, CheckpointMoved); returns for any other error."""
+        if str(error).startswith("LOCKLOST"):
+            raise LockLost(f"the lock {self.lock.key} is not held by this instance") from error
+        if str(error).startswith("CHECKPOINTMOVED"):
+            raise CheckpointMoved(
+                f"the checkpoint {self.checkpoint_key} is not at {self.position} as this instance wrote it"
+            ) from error
 
     def _call(self, command: bytes) -> Any:
         """Sends one packed command and reads its reply on a connection of the client's pool.
@@ -314,6 +388,7 @@ class Sink:
         return self._unlink_matching(list(self.schema.version_patterns()), keep_prefixes)
 
     def _unlink_matching(self, patterns: list[str], keep_prefixes: tuple[str, ...] = ()) -> int:
+        self.settle()  # a batch in flight may write keys that match
         removed = 0
         for pattern in patterns:
             chunk: list[bytes] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from payments.readmodel.v1 import read_model_pb2
 from replicator.changes import Checkpoint, TruncateTables
@@ -35,10 +35,13 @@ class Writer:
         checkpoint: Checkpoint | None,
         omits_payments: bool = False,
         traced: Sequence[read_model_pb2.TracedTransaction] = (),
+        on_applied: Callable[[], None] | None = None,
     ) -> None:
         """Applies `ops` and, if given, moves the checkpoint, in one fenced script call per segment.
 
-        `traced` are the batch's traced transactions, announced with the checkpoint.
+        `traced` are the batch's traced transactions, announced with the checkpoint. With
+        `on_applied`, the last call is not waited for: `on_applied` runs once Redis has applied
+        it (Sink.apply).
         """
         segment: list[SegmentOp] = []
         for op in ops:
@@ -49,7 +52,7 @@ class Writer:
                 omits_payments = True
             else:
                 segment.append(op)
-        self._write_segment(segment, checkpoint, omits_payments, traced)
+        self._write_segment(segment, checkpoint, omits_payments, traced, on_applied)
 
     def _write_segment(
         self,
@@ -57,12 +60,16 @@ class Writer:
         checkpoint: Checkpoint | None,
         omits_payments: bool = False,
         traced: Sequence[read_model_pb2.TracedTransaction] = (),
+        on_applied: Callable[[], None] | None = None,
     ) -> None:
         if not ops and checkpoint is None:
+            if on_applied is not None:
+                self.sink.settle()
+                on_applied()
             return
         coalesced = coalesce(ops, self.projector)
         stored = self.sink.read_fields(stored_fields(coalesced, self.projector.schema))
         resolution = resolve(coalesced, stored, self.projector)
         for key in resolution.unfilled:
             log.warning("unchanged column of %s with no stored view to take it from", key)
-        self.sink.apply(encode(resolution.writes, checkpoint, omits_payments, traced))
+        self.sink.apply(encode(resolution.writes, checkpoint, omits_payments, traced), on_applied)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import pytest
@@ -29,8 +29,13 @@ class _Sink:
         self.read += fields
         return dict.fromkeys(fields)
 
-    def apply(self, batch: EncodedBatch) -> None:
+    def apply(self, batch: EncodedBatch, on_applied: Callable[[], None] | None = None) -> None:
         self.applied.append(batch)
+        if on_applied is not None:
+            on_applied()
+
+    def settle(self) -> None:
+        pass
 
 
 def test_a_view_without_the_stored_state_for_its_unsent_fields_is_written_and_logged(
