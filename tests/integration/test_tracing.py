@@ -9,12 +9,15 @@ calls' metadata, as an instrumented client does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import psycopg2
 import pytest
 from opentelemetry import trace
@@ -89,6 +92,26 @@ def _traced_metadata() -> list[tuple[str, str]]:
     return list(carrier.items())
 
 
+async def _submit(
+    channel: grpc.aio.Channel, payer: str, payee: str, reference: str, metadata: list[tuple[str, str]]
+) -> approval_pb.SubmitPaymentResponse:
+    """A payment of 12.34 EUR, the call carrying `metadata`."""
+    response: approval_pb.SubmitPaymentResponse = await approval_grpc.ApprovalServiceStub(
+        channel
+    ).SubmitPayment(
+        approval_pb.SubmitPaymentRequest(
+            request_id=str(uuid.uuid4()),
+            payer_account_id=payer,
+            payee_account_id=payee,
+            amount=money_pb2.Money(currency_code="EUR", amount_minor=1234),
+            reference=reference,
+        ),
+        metadata=metadata,
+        timeout=30,
+    )
+    return response
+
+
 async def _pay_and_read(
     approval: str, history: str, payer: str, payee: str
 ) -> tuple[str, history_pb.GetPaymentResponse, list[str]]:
@@ -100,17 +123,7 @@ async def _pay_and_read(
             history_pb.WatchPaymentsRequest(account_id=payee), metadata=metadata, timeout=60
         )
         await watch.initial_metadata()
-        submitted = await approval_grpc.ApprovalServiceStub(approval_channel).SubmitPayment(
-            approval_pb.SubmitPaymentRequest(
-                request_id=str(uuid.uuid4()),
-                payer_account_id=payer,
-                payee_account_id=payee,
-                amount=money_pb2.Money(currency_code="EUR", amount_minor=1234),
-                reference="traced",
-            ),
-            metadata=metadata,
-            timeout=30,
-        )
+        submitted = await _submit(approval_channel, payer, payee, "traced", metadata)
         payment_id = submitted.payment.payment_id
         read = await history_stub.GetPayment(
             history_pb.GetPaymentRequest(
@@ -144,18 +157,26 @@ def _log_lines(process_log: Path) -> list[dict[str, object]]:
     return lines
 
 
-async def test_a_payment_is_one_trace_from_its_submission_to_the_read_that_waited_for_it(
-    migrated_dsn: str, redis_url: str, tmp_path: Path, receiver: Collector
-) -> None:
-    slot = slot_for(migrated_dsn)
-    approval = approval_process(migrated_dsn, free_port(), tmp_path / "approval.log")
-    approval.env.update(receiver.env())
-    replicator = ReplicatorProcess(
-        migrated_dsn, redis_url, tmp_path / "replicator.log", slot=slot, extra_env=receiver.env()
-    )
+@dataclass
+class Platform:
+    approval: ServiceProcess
+    replicator: ReplicatorProcess
+    history: ServiceProcess
+    payer: str
+    payee: str
+    # A test_decoding slot made once the accounts were replicated: what the WAL received since.
+    wal_slot: str
+
+
+@contextlib.asynccontextmanager
+async def _platform(dsn: str, redis_url: str, tmp_path: Path, env: dict[str, str]) -> AsyncIterator[Platform]:
+    """The three services, each with `env`, two accounts replicated, and a slot that watches the WAL from then on."""
+    slot = slot_for(dsn)
+    approval = approval_process(dsn, free_port(), tmp_path / "approval.log")
+    approval.env.update(env)
+    replicator = ReplicatorProcess(dsn, redis_url, tmp_path / "replicator.log", slot=slot, extra_env=env)
     history = history_process(redis_url, free_port(), tmp_path / "history.log", slot)
-    history.env.update(receiver.env())
-    wal_slot = f"wal_{slot}"[:63]
+    history.env.update(env)
     processes: list[ServiceProcess | ReplicatorProcess] = [
         approval.start(),
         replicator.start(),
@@ -166,10 +187,24 @@ async def test_a_payment_is_one_trace_from_its_submission_to_the_read_that_waite
         history.wait_serving(60)
         payer, payee = await open_accounts(approval.address, 2, 10**6)
         await asyncio.to_thread(replicator.wait_caught_up, 60)
-        _watch_slot(migrated_dsn, wal_slot)
+        wal_slot = f"wal_{slot}"[:63]
+        _watch_slot(dsn, wal_slot)
+        yield Platform(approval, replicator, history, payer, payee, wal_slot)
+    finally:
+        for process in processes:
+            process.stop(20)
+
+
+async def test_a_payment_is_one_trace_from_its_submission_to_the_read_that_waited_for_it(
+    migrated_dsn: str, redis_url: str, tmp_path: Path, receiver: Collector
+) -> None:
+    async with _platform(migrated_dsn, redis_url, tmp_path, receiver.env()) as platform:
+        approval, replicator, wal_slot = platform.approval, platform.replicator, platform.wal_slot
         tracer, client_spans = _client_tracer()
         with tracer.start_as_current_span("pay and check") as root:
-            payment_id, read, delivered = await _pay_and_read(approval.address, history.address, payer, payee)
+            payment_id, read, delivered = await _pay_and_read(
+                approval.address, platform.history.address, platform.payer, platform.payee
+            )
         trace_id = f"{root.get_span_context().trace_id:032x}"
         root_id = f"{root.get_span_context().span_id:016x}"
 
@@ -186,9 +221,6 @@ async def test_a_payment_is_one_trace_from_its_submission_to_the_read_that_waite
         }
         await eventually(lambda: names <= {s.name for s in the_trace()}, 30, "the whole trace exported")
         spans = the_trace()
-    finally:
-        for process in processes:
-            process.stop(20)
 
     assert read.payment.payment_id == payment_id
     assert payment_id in delivered
@@ -255,34 +287,15 @@ async def test_a_payment_is_one_trace_from_its_submission_to_the_read_that_waite
 async def test_with_tracing_off_nothing_is_written_to_the_wal_and_nothing_is_exported(
     migrated_dsn: str, redis_url: str, tmp_path: Path, receiver: Collector, untraced_environment: None
 ) -> None:
-    slot = slot_for(migrated_dsn)
     # Where a collector would be, but OTEL_TRACES_EXPORTER is unset: tracing stays off.
     off = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}"}
-    approval = approval_process(migrated_dsn, free_port(), tmp_path / "approval.log")
-    approval.env.update(off)
-    replicator = ReplicatorProcess(
-        migrated_dsn, redis_url, tmp_path / "replicator.log", slot=slot, extra_env=off
-    )
-    history = history_process(redis_url, free_port(), tmp_path / "history.log", slot)
-    history.env.update(off)
-    wal_slot = f"wal_{slot}"[:63]
-    processes: list[ServiceProcess | ReplicatorProcess] = [
-        approval.start(),
-        replicator.start(),
-        history.start(),
-    ]
-    try:
-        approval.wait_serving(60)
-        history.wait_serving(60)
-        payer, payee = await open_accounts(approval.address, 2, 10**6)
-        await asyncio.to_thread(replicator.wait_caught_up, 60)
-        _watch_slot(migrated_dsn, wal_slot)
+    async with _platform(migrated_dsn, redis_url, tmp_path, off) as platform:
+        approval, history, wal_slot = platform.approval, platform.history, platform.wal_slot
         tracer, _ = _client_tracer()
         with tracer.start_as_current_span("pay and check"):
-            payment_id, read, delivered = await _pay_and_read(approval.address, history.address, payer, payee)
-    finally:
-        for process in processes:
-            process.stop(20)
+            payment_id, read, delivered = await _pay_and_read(
+                approval.address, history.address, platform.payer, platform.payee
+            )
     assert read.payment.payment_id == payment_id
     assert payment_id in delivered
     assert _wal_messages(migrated_dsn, wal_slot) == []
@@ -308,3 +321,146 @@ def test_a_tracing_setting_the_service_cannot_follow_stops_it_at_start(
         approval.stop(5)
     assert approval.returncode == 2
     assert variable in approval.log_text()
+
+
+def _sampled_traceparent() -> tuple[str, str]:
+    """A caller's sampled W3C traceparent, and its trace id."""
+    trace_id = uuid.uuid4().hex
+    return f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01", trace_id
+
+
+# -- a caller's payment_id goes into the span before it is validated, unbounded -----------------
+
+
+async def test_a_callers_oversized_payment_id_does_not_cost_other_calls_their_spans(
+    redis_url: str, tmp_path: Path, receiver: Collector
+) -> None:
+    """Any caller allowed GetPayment sends a payment_id of megabytes with a sampled traceparent.
+
+    The server copies it into the span's `payment.id` before the handler refuses it as not a
+    UUID (no attribute length limit is set); the export batch it lands in is larger than a
+    collector accepts (4 MiB, gRPC's and the OpenTelemetry Collector's default), and every
+    span in that batch is lost, the well-formed call's too.
+    """
+    history = history_process(redis_url, free_port(), tmp_path / "history.log", "rm_tracing_limits")
+    history.env.update(receiver.env())
+    # One batch: everything is exported at shutdown.
+    history.env["OTEL_BSP_SCHEDULE_DELAY"] = "60000"
+    history.start()
+    try:
+        history.wait_serving(60, service="liveness")
+        async with aio_channel(history.address) as channel:
+            stub = history_grpc.HistoryServiceStub(channel)
+            for _ in range(2):
+                parent, _ = _sampled_traceparent()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.GetPayment(
+                        history_pb.GetPaymentRequest(payment_id="x" * 3_000_000),
+                        metadata=[("traceparent", parent)],
+                        timeout=30,
+                    )
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            parent, honest_trace = _sampled_traceparent()
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await stub.GetPayment(
+                    history_pb.GetPaymentRequest(payment_id=str(uuid.uuid4())),
+                    metadata=[("traceparent", parent)],
+                    timeout=30,
+                )
+            assert missing.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE)
+    finally:
+        history.stop(30)
+    export_errors = [line for line in history.log_text().splitlines() if "Failed to export" in line]
+    longest = max((len(str(s.attributes.get("payment.id", ""))) for s in receiver.spans), default=0)
+    assert [s.name for s in receiver.spans if s.trace_id == honest_trace], (
+        f"the well-formed call's span was not exported; longest payment.id received: {longest}; "
+        f"history logged: {[line[:300] for line in export_errors]}"
+    )
+
+
+# -- a traced transaction applied in chunks names none of its payments ---------------------------
+
+
+async def test_a_traced_transaction_applied_in_chunks_names_its_payments(
+    migrated_dsn: str, redis_url: str, tmp_path: Path, receiver: Collector
+) -> None:
+    slot = slot_for(migrated_dsn)
+    approval = approval_process(migrated_dsn, free_port(), tmp_path / "approval.log")
+    approval.env.update(receiver.env())
+    replicator = ReplicatorProcess(
+        migrated_dsn,
+        redis_url,
+        tmp_path / "replicator.log",
+        slot=slot,
+        extra_env={**receiver.env(), "REPLICATOR_TRANSACTION_CHUNK_CHANGES": "2"},
+    )
+    processes: list[ServiceProcess | ReplicatorProcess] = [approval.start(), replicator.start()]
+    try:
+        approval.wait_serving(60)
+        payer, payee = await open_accounts(approval.address, 2, 10**6)
+        parent, trace_id = _sampled_traceparent()
+        async with aio_channel(approval.address) as channel:
+            submitted = await _submit(channel, payer, payee, "chunked", [("traceparent", parent)])
+        payment_id = submitted.payment.payment_id
+
+        def replicate() -> list[dict[str, object]]:
+            return [s.attributes for s in receiver.spans if s.trace_id == trace_id and s.name == "replicate"]
+
+        await eventually(lambda: bool(replicate()), 30, "the replicate span exported")
+    finally:
+        for process in processes:
+            process.stop(20)
+    [attributes] = replicate()
+    assert int(str(attributes["replication.changes"])) > 2  # it was applied in chunks
+    assert (attributes["payment.ids"], attributes["payment.ids_cut"]) == ([payment_id], False), attributes
+
+
+# -- the replicator takes in every role's logical messages, tracing off ---------------------------
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+async def test_with_tracing_off_the_replicator_does_not_take_in_other_roles_messages(
+    migrated_dsn: str, redis_url: str, tmp_path: Path, untraced_environment: None
+) -> None:
+    """A role with no privilege on any table (pg_logical_emit_message is PUBLIC) emits one 64 MiB message.
+
+    Before the change pgoutput dropped it (`messages` off); now the replicator asks for every
+    message, of any prefix, whether or not it traces, and holds it (more than once) in memory.
+    """
+    size_mib = 64
+    role = f"nobody_{uuid.uuid4().hex[:8]}"
+    admin = psycopg2.connect(migrated_dsn)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE {role} LOGIN")
+    admin.close()
+    replicator = ReplicatorProcess(
+        migrated_dsn, redis_url, tmp_path / "replicator.log", slot=slot_for(migrated_dsn)
+    )
+    replicator.start()
+    try:
+        replicator.wait_for_log("streaming slot", 60)
+        assert replicator.process is not None
+        before = _peak_rss_kib(replicator.process.pid)
+        stranger = psycopg2.connect(migrated_dsn, user=role)
+        with stranger, stranger.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_logical_emit_message(true, 'someone.else', repeat('x', %s))", (size_mib * 2**20,)
+            )
+        stranger.close()
+        await asyncio.to_thread(replicator.wait_caught_up, 60)
+        grew_mib = (_peak_rss_kib(replicator.process.pid) - before) / 1024
+    finally:
+        replicator.stop(20)
+        admin = psycopg2.connect(migrated_dsn)
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP ROLE {role}")
+        admin.close()
+    assert grew_mib < size_mib / 2, f"the replicator's peak memory grew by {grew_mib:.0f} MiB"
