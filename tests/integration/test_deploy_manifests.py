@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.metadata
 import json
@@ -12,6 +13,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import urlparse
 
 import pytest
 from packaging.markers import default_environment
@@ -21,6 +23,7 @@ from packaging.utils import canonicalize_name
 
 from payments.approval.v1 import approval_service_pb2 as approval_pb2
 from payments.history.v1 import history_service_pb2 as history_pb2
+from payments_common import tracing
 from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME, namespace_problem, slot_problem
 from payments_common.settings import SettingsError
 from stack.auth import APPROVAL_METHODS, HISTORY_METHODS, ROLES, LocalAuthority, default_policy
@@ -582,6 +585,9 @@ COMMAND_SETTINGS = {
     # Only with components/read-model-next: the Job that retires the old read-model version.
     RETIRE_COMMAND: ("replicator.config", True),
 }
+# The commands that switch tracing on when their environment says so (their __main__ calls
+# tracing.configure_or_exit): the three services. The Jobs' commands export nothing.
+TRACED_COMMANDS = {tuple(contract["command"]) for contract in SERVICES.values()}
 
 
 def test_every_command_accepts_the_settings_its_pod_gets(
@@ -633,6 +639,8 @@ def _commands_accept_their_settings(
             settings = importlib.import_module(module).Settings
             try:
                 settings.from_env(env, serving=serving)
+                if command in TRACED_COMMANDS:
+                    tracing.enabled_by(env)  # start-up refuses an exporter or a protocol it lacks
             except SettingsError as error:
                 pytest.fail(f"{workload['metadata']['name']} ({' '.join(command)}): {error}")
             checked.add(command)
@@ -642,6 +650,16 @@ def _commands_accept_their_settings(
 # ----- network policies -------------------------------------------------------------------------
 
 OTHER_PORT = 8080  # a port nothing should reach: catches rules that allow every port
+# The OpenTelemetry Collector that components/tracing sends spans to, as the OpenTelemetry
+# Operator runs it: its OTLP/gRPC port, beside its OTLP/HTTP and metrics ports.
+COLLECTOR_NAMESPACE = "observability"
+COLLECTOR_PORT = 4317
+COLLECTOR = Endpoint(
+    "otel-collector",
+    COLLECTOR_NAMESPACE,
+    {"app.kubernetes.io/component": "opentelemetry-collector", "app.kubernetes.io/name": "otel-collector"},
+    ports=((COLLECTOR_PORT, "TCP", ""), (4318, "TCP", ""), (8888, "TCP", "")),
+)
 
 
 def _world(
@@ -692,10 +710,32 @@ def _world(
             "prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, ports=((9090, "TCP", ""),)
         ),
         Endpoint("internet", ip="203.0.113.7", ports=((443, "TCP", ""), (5432, "TCP", ""))),
+        COLLECTOR,
+        # Another OTLP receiver in the collector's namespace, and a collector in another one.
+        Endpoint(
+            "other-receiver",
+            COLLECTOR_NAMESPACE,
+            {"app.kubernetes.io/name": "jaeger"},
+            ports=((COLLECTOR_PORT, "TCP", ""),),
+        ),
+        Endpoint(
+            "other-collector",
+            "elsewhere",
+            {"app.kubernetes.io/component": "opentelemetry-collector"},
+            ports=((COLLECTOR_PORT, "TCP", ""),),
+        ),
     ]
     namespaces = {
         name: {"kubernetes.io/metadata.name": name}
-        for name in (namespace, "kube-system", "databases", "redis", "elsewhere", "monitoring")
+        for name in (
+            namespace,
+            "kube-system",
+            "databases",
+            "redis",
+            "elsewhere",
+            "monitoring",
+            COLLECTOR_NAMESPACE,
+        )
     }
     return endpoints, namespaces
 
@@ -720,6 +760,8 @@ def test_network_policies_allow_exactly_the_intended_flows(
         ("prometheus", "history", 9102, "TCP"),
         ("prometheus", "replicator", 9103, "TCP"),
     }
+    if _lists_tracing(overlay):
+        expected |= {(service, COLLECTOR.name, COLLECTOR_PORT, "TCP") for service in SERVICES}
     assert sorted(actual - expected) == [], "allowed but not intended"
     assert sorted(expected - actual) == [], "intended but not allowed"
 
@@ -1112,7 +1154,8 @@ def test_the_next_replicator_and_the_retire_job_reach_what_the_live_replicator_r
     live = involving("replicator")
     assert {("replicator", "postgresql", 5432, "TCP"), ("replicator", "redis", 6379, "TCP")} <= live
     assert involving("replicator-next") == renamed(live, "replicator-next")
-    outgoing = {f for f in live if f[0] == "replicator"}
+    # The Job does not trace, so it does not reach the collector (components/tracing).
+    outgoing = {f for f in live if f[0] == "replicator" and f[1] != COLLECTOR.name}
     assert involving("replicator-retire") == renamed(outgoing, "replicator-retire")
     plain, _ = _world(objs, overlay, namespace)
     assert actual - involving("replicator-next") - involving("replicator-retire") == set(
@@ -1179,8 +1222,14 @@ def test_the_retire_job_waits_to_be_told_and_names_the_live_version(
     (live_container,) = live_pod["spec"]["containers"]
     for key in ("serviceAccountName", "automountServiceAccountToken", "securityContext", "volumes"):
         assert pod["spec"][key] == live_pod["spec"][key], key
-    for key in ("image", "imagePullPolicy", "envFrom", "env", "securityContext", "volumeMounts"):
+    for key in ("image", "imagePullPolicy", "env", "securityContext", "volumeMounts"):
         assert container[key] == live_container[key], key
+    # The replicator's settings, but for components/tracing's: `replicator retire` exports nothing.
+    assert container["envFrom"] == [
+        source
+        for source in live_container["envFrom"]
+        if not source["configMapRef"]["name"].startswith("tracing-config-")
+    ]
 
 
 def test_history_switched_by_its_config_reads_what_the_next_replicator_writes(
@@ -1249,6 +1298,271 @@ def test_making_the_next_version_the_default_moves_the_replicator_and_leaves_his
     assert _unhashed(leftovers) == NEXT_OBJECTS
     for key in leftovers:
         assert left[key]["metadata"]["labels"][NAME] in ("replicator-next", "replicator-retire"), key
+
+
+# ----- tracing ----------------------------------------------------------------------------------
+
+TRACING = "../../components/tracing"
+# What the component adds, by kind and name (a generated ConfigMap's name without its hash).
+TRACING_OBJECTS = {("ConfigMap", "tracing-config"), ("NetworkPolicy", "allow-otel-collector")}
+# The files an OTLP exporter reads, each a path (and never over http, which ignores them).
+OTLP_FILES = (
+    "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+)
+
+
+@functools.cache
+def _overlay_components(overlay: str) -> tuple[str, ...]:
+    (kustomization,) = k8s.yaml_documents(
+        (k8s.K8S_DIR / "overlays" / overlay / "kustomization.yaml").read_text()
+    )
+    return tuple(kustomization.get("components", []))
+
+
+def _lists_tracing(overlay: str) -> bool:
+    """Whether the overlay lists components/tracing."""
+    try:
+        return TRACING in _overlay_components(overlay)
+    except k8s.ToolMissing as missing:
+        _missing(str(missing))
+
+
+def _enable_tracing(overlay: str) -> tuple[k8s.Edit, ...]:
+    """The component added to an overlay that lacks it, after the components it lists (README)."""
+    line = "  - ../../components/monitoring\n"
+    return ((f"overlays/{overlay}/kustomization.yaml", line, f"{line}  - {TRACING}\n"),)
+
+
+def _disable_tracing(overlay: str) -> tuple[k8s.Edit, ...]:
+    """The component removed from an overlay that lists it."""
+    return ((f"overlays/{overlay}/kustomization.yaml", f"  - {TRACING}\n", ""),)
+
+
+@pytest.fixture(scope="session")
+def traced_objs(overlay: str) -> tuple[Obj, ...]:
+    """The overlay with components/tracing: as rendered where it lists the component, else with it added."""
+    return _objects(overlay) if _lists_tracing(overlay) else _edited(overlay, _enable_tracing(overlay))
+
+
+@pytest.fixture(scope="session")
+def untraced_objs(overlay: str) -> tuple[Obj, ...]:
+    """The overlay without components/tracing."""
+    return _edited(overlay, _disable_tracing(overlay)) if _lists_tracing(overlay) else _objects(overlay)
+
+
+def _traced_workloads(objs: tuple[Obj, ...], namespace: str | None) -> set[str]:
+    """The workloads that export spans, each checked for what it needs to reach the collector.
+
+    A traced command in a Deployment gets the OTLP exporter and an endpoint at the collector
+    that the network policies let it reach (its namespace, its port); a sampling ratio, if
+    set, between 0 and 1; each file the exporter reads, over https only (http ignores them)
+    and mounted (a client key from a Secret). Every other container gets no OTEL_ variable.
+    """
+    traced: set[str] = set()
+    for workload in k8s.workloads(objs):
+        pod = k8s.pod_template(workload)
+        name = workload["metadata"]["name"]
+        for container in pod["spec"]["containers"]:
+            env = k8s.container_env(container, objs, namespace)
+            settings = {key for key in env if key.startswith("OTEL_")}
+            if tuple(container.get("command") or ()) not in TRACED_COMMANDS or not settings:
+                assert not settings, f"{name} does not trace, yet gets {sorted(settings)}"
+                continue
+            assert workload["kind"] == "Deployment", name
+            assert tracing.enabled_by(env), name
+            assert env["OTEL_TRACES_EXPORTER"] == "otlp", name
+            endpoint = urlparse(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+            assert endpoint.scheme in ("http", "https"), name
+            assert endpoint.port == COLLECTOR_PORT, name
+            # <service>.<namespace>[.svc[.cluster.local]]
+            assert (endpoint.hostname or "").split(".")[1:2] == [COLLECTOR_NAMESPACE], name
+            ratio = env.get("OTEL_TRACES_SAMPLER_ARG")
+            if ratio is not None:
+                assert 0.0 <= float(ratio) <= 1.0, (name, ratio)
+            for variable in OTLP_FILES:
+                if variable not in env:
+                    continue
+                assert endpoint.scheme == "https", f"{name}: over http the exporter ignores {variable}"
+                _, volume, _ = _mounted_file(pod, container, env[variable])
+                if variable == "OTEL_EXPORTER_OTLP_CLIENT_KEY":
+                    assert "secret" in volume, f"{name}: a private key comes from a Secret"
+            traced.add(name)
+    return traced
+
+
+def test_without_the_component_nothing_traces(untraced_objs: tuple[Obj, ...]) -> None:
+    """The base sets no OTEL_ variable, so without the component every service runs untraced."""
+    try:
+        base = k8s.render(k8s.BASE)
+        base_objs = k8s.objects(k8s.BASE)
+    except k8s.ToolMissing as missing:
+        _missing(str(missing))
+    assert "OTEL_" not in base
+    assert _traced_workloads(base_objs, None) == set()
+    assert "OTEL_" not in json.dumps(untraced_objs)
+
+
+def test_the_services_export_to_the_collector(traced_objs: tuple[Obj, ...], namespace: str) -> None:
+    """Every Deployment of the three services traces; no Job does."""
+    assert _traced_workloads(traced_objs, namespace) == {
+        k8s.service_workload(traced_objs, service)["metadata"]["name"] for service in SERVICES
+    }
+
+
+def test_tracing_adds_its_settings_and_policy_and_changes_nothing_else(
+    traced_objs: tuple[Obj, ...], untraced_objs: tuple[Obj, ...]
+) -> None:
+    """The component adds its ConfigMap and its NetworkPolicy, and puts the ConfigMap first in
+    the three Deployments' envFrom; nothing else changes, so a pod rolls only for it."""
+    before, after = _by_id(untraced_objs), _by_id(traced_objs)
+    assert before.keys() <= after.keys()
+    assert _unhashed(after.keys() - before.keys()) == TRACING_OBJECTS
+    changed = {key for key in before if before[key] != after[key]}
+    assert changed == {("Deployment", service) for service in SERVICES}
+    for key in changed:
+        undone: Obj = json.loads(json.dumps(after[key]))
+        container = k8s.pod_template(undone)["spec"]["containers"][0]
+        first = container["envFrom"].pop(0)
+        assert first["configMapRef"]["name"].startswith("tracing-config-"), key
+        assert undone == before[key], key
+
+
+def test_the_services_reach_the_collector_on_its_otlp_grpc_port_and_nothing_more(
+    traced_objs: tuple[Obj, ...], untraced_objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    """The component's only flows are the three services to the collector's OTLP/gRPC port: not
+    its other ports, not another receiver in its namespace, not a collector elsewhere."""
+    endpoints, namespaces = _world(traced_objs, overlay, namespace)
+    traced = set(k8s.flows(k8s.of_kind(traced_objs, "NetworkPolicy"), endpoints, namespaces))
+    plain, _ = _world(untraced_objs, overlay, namespace)
+    untraced = set(k8s.flows(k8s.of_kind(untraced_objs, "NetworkPolicy"), plain, namespaces))
+    assert traced - untraced == {(service, COLLECTOR.name, COLLECTOR_PORT, "TCP") for service in SERVICES}
+    assert untraced <= traced
+    policy = k8s.named(traced_objs, "NetworkPolicy", "allow-otel-collector")
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    (rule,) = policy["spec"]["egress"]
+    assert rule["ports"] == [{"port": COLLECTOR_PORT, "protocol": "TCP"}]
+
+
+def _traced_rendered_file(overlay: str, directory: Path) -> Path:
+    if _lists_tracing(overlay):
+        return _rendered_file(overlay, directory)
+    edits = _enable_tracing(overlay)
+    _edited(overlay, edits)  # skips with the reason when a tool is missing
+    path = directory / f"{overlay}-tracing.yaml"
+    if not path.exists():
+        path.write_text(k8s.render_edited(overlay, edits))
+    return path
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_overlay_with_tracing_validates_strictly(overlay: str, rendered_dir: Path, version: str) -> None:
+    _validate_strictly(_traced_rendered_file(overlay, rendered_dir), version)
+
+
+def test_the_overlay_with_tracing_passes_the_checks_of_every_overlay(
+    traced_objs: tuple[Obj, ...], overlay: str, namespace: str, tmp_path: Path
+) -> None:
+    """The checks above that read only the rendered objects hold with the component too (checkov
+    runs on prod, which lists it)."""
+    test_overlay_renders_into_its_namespace(traced_objs, namespace)
+    test_pods_are_hardened(traced_objs)
+    test_recommended_labels_come_from_kustomize_labels(traced_objs, overlay)
+    test_credentials_only_come_from_secrets(traced_objs)
+    test_file_settings_point_into_mounted_files(traced_objs, namespace)
+    test_there_is_a_default_deny_for_every_pod(traced_objs)
+    assert _commands_accept_their_settings(traced_objs, namespace, tmp_path) == set(COMMAND_SETTINGS) - {
+        RETIRE_COMMAND
+    }
+
+
+def test_with_the_next_version_both_replicators_trace_and_the_retire_job_does_not(
+    overlay: str, namespace: str
+) -> None:
+    """With components/read-model-next listed first, replicator-next traces as the live
+    replicator does and reaches the collector as it does; the retire Job does neither."""
+    edits = _enable_next(overlay) + (() if _lists_tracing(overlay) else _enable_tracing(overlay))
+    objs = _edited(overlay, edits)
+    assert _traced_workloads(objs, namespace) == {"approval", "history", "replicator", "replicator-next"}
+    otel = {
+        name: {k: v for k, v in _replicator_env(objs, namespace, name).items() if k.startswith("OTEL_")}
+        for name in ("replicator", "replicator-next")
+    }
+    assert otel["replicator"] == otel["replicator-next"]
+    added = {("Deployment", "replicator-next"), ("Job", "replicator-retire")}
+    endpoints, namespaces = _world(
+        tuple(o for o in objs if (o["kind"], o["metadata"]["name"]) not in added), overlay, namespace
+    )
+    endpoints += [
+        k8s.workload_endpoint(name, k8s.named(objs, kind, name), namespace, [OTHER_PORT])
+        for kind, name in sorted(added)
+    ]
+    ours = {e.name for e in endpoints if e.namespace == namespace}
+    observability = {COLLECTOR.name, "other-receiver", "other-collector"}
+    reached = {
+        f
+        for f in k8s.flows(k8s.of_kind(objs, "NetworkPolicy"), endpoints, namespaces)
+        if f[0] in ours and f[1] in observability
+    }
+    assert reached == {
+        (name, COLLECTOR.name, COLLECTOR_PORT, "TCP") for name in (*SERVICES, "replicator-next")
+    }
+
+
+def _tls_to_the_collector(overlay: str) -> tuple[k8s.Edit, ...]:
+    """The README's TLS to the collector, in an overlay that lists the component: https, and the
+    collector's CA from a ConfigMap mounted into the traced pods."""
+    path = f"overlays/{overlay}/kustomization.yaml"
+    settings = (
+        "  - name: tracing-config\n"
+        "    behavior: merge\n"
+        "    literals:\n"
+        "      - OTEL_EXPORTER_OTLP_ENDPOINT=https://otel-collector.observability.svc:4317\n"
+        "      - OTEL_EXPORTER_OTLP_CERTIFICATE=/var/run/secrets/otel/ca.crt\n"
+    )
+    mount = (
+        "  - target:\n"
+        "      kind: Deployment\n"
+        "      name: approval|history|replicator|replicator-next\n"
+        "    patch: |-\n"
+        "      - op: add\n"
+        "        path: /spec/template/spec/volumes/-\n"
+        "        value:\n"
+        "          name: otel-ca\n"
+        "          configMap:\n"
+        "            name: otel-collector-ca\n"
+        "            items:\n"
+        "              - key: ca.crt\n"
+        "                path: ca.crt\n"
+        "      - op: add\n"
+        "        path: /spec/template/spec/containers/0/volumeMounts/-\n"
+        "        value:\n"
+        "          name: otel-ca\n"
+        "          mountPath: /var/run/secrets/otel\n"
+        "          readOnly: true\n"
+    )
+    return (
+        (path, "\nconfigMapGenerator:\n", f"\nconfigMapGenerator:\n{settings}"),
+        (path, "\npatches:\n", f"\npatches:\n{mount}"),
+    )
+
+
+def test_tls_to_the_collector_as_the_readme_says(tmp_path: Path) -> None:
+    """https and a CA file mounted into every traced pod: the exporter verifies the collector."""
+    for overlay in sorted(o for o in OVERLAYS if _lists_tracing(o)):
+        namespace = OVERLAYS[overlay]
+        objs = _edited(overlay, _tls_to_the_collector(overlay))
+        traced = _traced_workloads(objs, namespace)
+        assert traced == {"approval", "history", "replicator"}
+        for name in traced:
+            (container,) = k8s.pod_template(k8s.named(objs, "Deployment", name))["spec"]["containers"]
+            env = k8s.container_env(container, objs, namespace)
+            assert urlparse(env["OTEL_EXPORTER_OTLP_ENDPOINT"]).scheme == "https"
+            assert "OTEL_EXPORTER_OTLP_CERTIFICATE" in env
+        test_pods_are_hardened(objs)
+        test_file_settings_point_into_mounted_files(objs, namespace)
 
 
 # ----- image ------------------------------------------------------------------------------------
