@@ -1512,45 +1512,45 @@ def test_with_the_next_version_both_replicators_trace_and_the_retire_job_does_no
 
 
 def _tls_to_the_collector(overlay: str) -> tuple[k8s.Edit, ...]:
-    """The README's TLS to the collector, in an overlay that lists the component: https, and the
-    collector's CA from a ConfigMap mounted into the traced pods."""
-    path = f"overlays/{overlay}/kustomization.yaml"
-    settings = (
-        "  - name: tracing-config\n"
-        "    behavior: merge\n"
-        "    literals:\n"
-        "      - OTEL_EXPORTER_OTLP_ENDPOINT=https://otel-collector.observability.svc:4317\n"
-        "      - OTEL_EXPORTER_OTLP_CERTIFICATE=/var/run/secrets/otel/ca.crt\n"
-    )
-    mount = (
-        "  - target:\n"
-        "      kind: Deployment\n"
-        "      name: approval|history|replicator|replicator-next\n"
-        "    patch: |-\n"
-        "      - op: add\n"
-        "        path: /spec/template/spec/volumes/-\n"
-        "        value:\n"
-        "          name: otel-ca\n"
-        "          configMap:\n"
-        "            name: otel-collector-ca\n"
-        "            items:\n"
-        "              - key: ca.crt\n"
-        "                path: ca.crt\n"
-        "      - op: add\n"
-        "        path: /spec/template/spec/containers/0/volumeMounts/-\n"
-        "        value:\n"
-        "          name: otel-ca\n"
-        "          mountPath: /var/run/secrets/otel\n"
-        "          readOnly: true\n"
-    )
-    return (
-        (path, "\nconfigMapGenerator:\n", f"\nconfigMapGenerator:\n{settings}"),
-        (path, "\npatches:\n", f"\npatches:\n{mount}"),
-    )
+    """The README's example, in an overlay that lists the component: tracing-config patched
+    (https, the collector's CA, a sampling ratio) and the CA's ConfigMap mounted into the
+    traced pods."""
+    patches = """\
+  - patch: |-
+      apiVersion: v1
+      kind: ConfigMap
+      metadata:
+        name: tracing-config
+      data:
+        OTEL_EXPORTER_OTLP_ENDPOINT: https://otel-collector.observability.svc:4317
+        OTEL_EXPORTER_OTLP_CERTIFICATE: /var/run/secrets/otel/ca.crt
+        OTEL_TRACES_SAMPLER_ARG: "0.1"
+  - target:
+      kind: Deployment
+      name: approval|history|replicator|replicator-next
+    patch: |-
+      - op: add
+        path: /spec/template/spec/volumes/-
+        value:
+          name: otel-ca
+          configMap:
+            name: otel-collector-ca
+            items:
+              - key: ca.crt
+                path: ca.crt
+      - op: add
+        path: /spec/template/spec/containers/0/volumeMounts/-
+        value:
+          name: otel-ca
+          mountPath: /var/run/secrets/otel
+          readOnly: true
+"""
+    return ((f"overlays/{overlay}/kustomization.yaml", "\npatches:\n", f"\npatches:\n{patches}"),)
 
 
-def test_tls_to_the_collector_as_the_readme_says(tmp_path: Path) -> None:
-    """https and a CA file mounted into every traced pod: the exporter verifies the collector."""
+def test_tls_to_the_collector_as_the_readme_says() -> None:
+    """The README's patches reach every traced pod: https, with the CA file mounted, so the
+    exporter verifies the collector; and the sampling ratio."""
     for overlay in sorted(o for o in OVERLAYS if _lists_tracing(o)):
         namespace = OVERLAYS[overlay]
         objs = _edited(overlay, _tls_to_the_collector(overlay))
@@ -1561,6 +1561,7 @@ def test_tls_to_the_collector_as_the_readme_says(tmp_path: Path) -> None:
             env = k8s.container_env(container, objs, namespace)
             assert urlparse(env["OTEL_EXPORTER_OTLP_ENDPOINT"]).scheme == "https"
             assert "OTEL_EXPORTER_OTLP_CERTIFICATE" in env
+            assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
         test_pods_are_hardened(objs)
         test_file_settings_point_into_mounted_files(objs, namespace)
 
