@@ -1392,6 +1392,12 @@ def _traced_workloads(objs: tuple[Obj, ...], namespace: str | None) -> set[str]:
     return traced
 
 
+def test_prod_traces_and_dev_does_not() -> None:
+    """prod lists the component, as it lists monitoring and alerts: it runs on the cluster's
+    observability stack. dev has no collector to send spans to (deploy/k8s/README.md, Tracing)."""
+    assert {overlay for overlay in OVERLAYS if _lists_tracing(overlay)} == {"prod"}
+
+
 def test_without_the_component_nothing_traces(untraced_objs: tuple[Obj, ...]) -> None:
     """The base sets no OTEL_ variable, so without the component every service runs untraced."""
     try:
