@@ -1518,40 +1518,13 @@ def test_with_the_next_version_both_replicators_trace_and_the_retire_job_does_no
 
 
 def _tls_to_the_collector(overlay: str) -> tuple[k8s.Edit, ...]:
-    """The README's example, in an overlay that lists the component: tracing-config patched
-    (https, the collector's CA, a sampling ratio) and the CA's ConfigMap mounted into the
-    traced pods."""
-    patches = """\
-  - patch: |-
-      apiVersion: v1
-      kind: ConfigMap
-      metadata:
-        name: tracing-config
-      data:
-        OTEL_EXPORTER_OTLP_ENDPOINT: https://otel-collector.observability.svc:4317
-        OTEL_EXPORTER_OTLP_CERTIFICATE: /var/run/secrets/otel/ca.crt
-        OTEL_TRACES_SAMPLER_ARG: "0.1"
-  - target:
-      kind: Deployment
-      name: approval|history|replicator|replicator-next
-    patch: |-
-      - op: add
-        path: /spec/template/spec/volumes/-
-        value:
-          name: otel-ca
-          configMap:
-            name: otel-collector-ca
-            items:
-              - key: ca.crt
-                path: ca.crt
-      - op: add
-        path: /spec/template/spec/containers/0/volumeMounts/-
-        value:
-          name: otel-ca
-          mountPath: /var/run/secrets/otel
-          readOnly: true
-"""
-    return ((f"overlays/{overlay}/kustomization.yaml", "\npatches:\n", f"\npatches:\n{patches}"),)
+    """The README's TLS example (its block that mounts otel-collector-ca) added to the patches
+    of an overlay that lists the component: tracing-config patched (https, the CA's path, a
+    sampling ratio) and the CA's ConfigMap mounted into the traced pods."""
+    blocks = re.findall(r"```yaml\n(.*?)```", (k8s.K8S_DIR / "README.md").read_text(), re.DOTALL)
+    (example,) = [block for block in blocks if "otel-collector-ca" in block]
+    assert example.startswith("patches:\n")
+    return ((f"overlays/{overlay}/kustomization.yaml", "\npatches:\n", f"\n{example}"),)
 
 
 def test_tls_to_the_collector_as_the_readme_says() -> None:
