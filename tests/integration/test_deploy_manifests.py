@@ -1411,10 +1411,18 @@ def test_without_the_component_nothing_traces(untraced_objs: tuple[Obj, ...]) ->
 
 
 def test_the_services_export_to_the_collector(traced_objs: tuple[Obj, ...], namespace: str) -> None:
-    """Every Deployment of the three services traces; no Job does."""
+    """Every Deployment of the three services traces; no Job does. A stopping service waits for
+    its last spans after its server's grace, so the pod's grace period leaves room for that too."""
     assert _traced_workloads(traced_objs, namespace) == {
         k8s.service_workload(traced_objs, service)["metadata"]["name"] for service in SERVICES
     }
+    for service in SERVICES:
+        workload, container = _service_container(traced_objs, service)
+        env = k8s.container_env(container, traced_objs, namespace)
+        grace = float(env.get(f"{SERVICES[service]['prefix']}_GRACE_SECONDS", k8s.DEFAULT_GRACE_SECONDS))
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        period = k8s.pod_template(workload)["spec"].get("terminationGracePeriodSeconds", 30)
+        assert period >= pre_stop + grace + tracing.SHUTDOWN_SECONDS, (service, period)
 
 
 def test_tracing_adds_its_settings_and_policy_and_changes_nothing_else(
