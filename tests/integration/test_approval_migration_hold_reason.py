@@ -88,7 +88,7 @@ def test_payments_held_before_0003_are_held_for_their_amount_and_others_have_no_
     declined = payment(db, payer, payee, ["DECLINED"])
     (updated_before,) = rows(db, "SELECT array_agg(updated_at ORDER BY payment_id) FROM payments")
 
-    assert upgrade(database_dsn) == "0003"
+    assert upgrade(database_dsn, "0003") == "0003"
 
     # Until 0003 the rules held a payment for its amount only: every payment ever held was.
     assert hold_reasons(db) == {
@@ -121,7 +121,7 @@ def test_0003_runs_again_after_an_interrupted_upgrade_and_goes_back_down(
         "ALTER TABLE payments ADD CONSTRAINT payments_hold_reason_check"
         f" CHECK (hold_reason IN ('{THRESHOLD_REASON}')) NOT VALID",
     )
-    assert upgrade(database_dsn) == "0003"
+    assert upgrade(database_dsn, "0003") == "0003"
     assert hold_reasons(db) == {held: THRESHOLD_REASON}
 
     assert downgrade(database_dsn, "0002") == "0002"
