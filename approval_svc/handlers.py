@@ -19,6 +19,7 @@ from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
     AccountNotFound,
     DatabaseUnavailable,
+    InvalidRequest,
     OwnPaymentReview,
     PaymentNotFound,
     PaymentNotUnderReview,
@@ -176,39 +177,16 @@ class Handlers:
             if replay is not None:
                 return Outcome(None, replay, await uow.position())
             now = lookup.now
-            # The lookup above ran before the locks were granted; a duplicate that held them
-            # has committed by now, and this statement's fresh snapshot sees its record.
-            usage = await repo.daily_usage(command.payer_account_id, rules.day_start(now), key.stored_as)
-            replay = _stored_response(usage.stored, key)
-            if replay is not None:
-                return Outcome(None, replay, await uow.position())
-            payer = accounts.get(command.payer_account_id)
-            if payer is None:
-                raise AccountNotFound(str(command.payer_account_id), "payer_account_id")
-            payee = accounts.get(command.payee_account_id)
-            if payee is None:
-                raise AccountNotFound(str(command.payee_account_id), "payee_account_id")
-            decision = rules.decide(
-                payer, payee, command.currency, command.amount, usage.used, self._review_threshold
-            )
-            if decision.status is not PaymentStatus.DECLINED:
-                rules.check_credit_fits(payee, command.amount)
-            payment = Payment(
-                payment_id=self._new_id(),
-                request_id=key.request_id,
-                payer_account_id=payer.account_id,
-                payee_account_id=payee.account_id,
-                payer_name=payer.owner_name,
-                payee_name=payee.owner_name,
-                currency=command.currency,
-                amount=command.amount,
-                reference=command.reference,
-                status=decision.status,
-                decline_reason=decision.decline_reason,
-                created_at=now,
-                updated_at=now,
-                hold_reason=decision.hold_reason,
-            )
+            try:
+                payment = self._decide(command, key.request_id, accounts, now)
+            except (AccountNotFound, InvalidRequest):
+                # The lookup above ran before the locks were granted: a duplicate that held
+                # them may have committed since (its credit may be what no longer fits). Its
+                # answer is this one's. The decision's write checks the key the same way.
+                replay = _stored_response(await repo.find_request(key.stored_as), key)
+                if replay is not None:
+                    return Outcome(None, replay, await uow.position())
+                raise
             event = PaymentEvent(
                 payment.payment_id,
                 SUBMISSION_SEQUENCE,
@@ -222,13 +200,50 @@ class Handlers:
             request = SavedRequest(key.stored_as, key.method, key.fingerprint, key.encode(payment))
             tracing.note_payment(str(payment.payment_id))
             tracing.set_attributes({"payment.status": payment.status.name})
-            await repo.add_decision(payment, event, rules.submission_changes(payment), entries, request)
+            stored = await repo.add_decision(
+                payment, event, rules.submission_changes(payment), entries, request
+            )
+            replay = _stored_response(stored, key)
+            if replay is not None:
+                # Nothing of this decision is committed: the unit of work rolls it back.
+                return Outcome(None, replay, await uow.position())
             return Outcome(payment, None, await uow.commit())
 
         outcome = await self._run(work)
         if outcome.value is not None:
             _count_decision(outcome.value, SYSTEM_ACTOR)
         return outcome
+
+    def _decide(
+        self, command: commands.SubmitPayment, request_id: str, accounts: dict[UUID, Account], now: datetime
+    ) -> Payment:
+        """The submitted payment as the rules decide it, from the locked accounts at `now`."""
+        payer = accounts.get(command.payer_account_id)
+        if payer is None:
+            raise AccountNotFound(str(command.payer_account_id), "payer_account_id")
+        payee = accounts.get(command.payee_account_id)
+        if payee is None:
+            raise AccountNotFound(str(command.payee_account_id), "payee_account_id")
+        used = rules.daily_usage(payer, rules.utc_day(now))
+        decision = rules.decide(payer, payee, command.currency, command.amount, used, self._review_threshold)
+        if decision.status is not PaymentStatus.DECLINED:
+            rules.check_credit_fits(payee, command.amount)
+        return Payment(
+            payment_id=self._new_id(),
+            request_id=request_id,
+            payer_account_id=payer.account_id,
+            payee_account_id=payee.account_id,
+            payer_name=payer.owner_name,
+            payee_name=payee.owner_name,
+            currency=command.currency,
+            amount=command.amount,
+            reference=command.reference,
+            status=decision.status,
+            decline_reason=decision.decline_reason,
+            created_at=now,
+            updated_at=now,
+            hold_reason=decision.hold_reason,
+        )
 
     async def review_payment(
         self, command: commands.ReviewPayment, key: RequestKey[Payment]

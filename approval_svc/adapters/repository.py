@@ -67,15 +67,6 @@ class RequestLookup:
     stored: StoredRequest | None
 
 
-@dataclass(frozen=True, slots=True)
-class DailyUsage:
-    """What a payer's approved and held payments of the day add up to, read after the locks,
-    and the request with the submission's key if one committed while they were awaited."""
-
-    used: int
-    stored: StoredRequest | None
-
-
 class Repository(Protocol):
     """What the handlers need from the store; SqlRepository and the tests' fake implement it."""
 
@@ -102,11 +93,13 @@ class Repository(Protocol):
     ) -> tuple[RequestLookup, dict[UUID, Account]]:
         """The request's earlier record (a plain retry's fast path) and `lock_accounts`, in one round trip.
 
-        The lookup runs before the locks are granted: `daily_usage` checks the key again after them.
+        The lookup runs before the locks are granted, so it misses the record of a duplicate
+        that held them and committed meanwhile: `add_decision` returns that record, and
+        `find_request` reads it on a path that ends before `add_decision`.
         """
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime, key: IdempotencyKey) -> DailyUsage:
-        """The payer's usage of the day and the request's record, in a snapshot taken after the locks."""
+    async def find_request(self, key: IdempotencyKey) -> StoredRequest | None:
+        """The request's record, as committed when this statement starts."""
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
 
@@ -117,10 +110,14 @@ class Repository(Protocol):
         changes: Sequence[AccountChange],
         entries: Sequence[LedgerEntry],
         request: SavedRequest,
-    ) -> None:
+    ) -> StoredRequest | None:
         """`add_payment`, `apply_changes` and the request's record at once (one round trip).
 
-        Raises TransactionConflict when a concurrent request with the same key won.
+        Returns None when the request is recorded. When a request with the same key was
+        committed before this statement started (a duplicate that held the same locks),
+        nothing is recorded and its record is returned: the caller replays it and leaves the
+        transaction to roll back. Raises TransactionConflict when the key was committed
+        while this statement waited for it (then the record is not in its snapshot).
         """
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None: ...
@@ -144,7 +141,7 @@ _ACCOUNT_COLUMNS = """
     account_id, owner_name, currency_code, status, ledger_balance_minor, held_minor,
     per_payment_limit_minor, daily_limit_minor, created_at, updated_at,
     total_sent_minor, total_received_minor, sent_approved, sent_declined, sent_pending_review,
-    received_approved, received_declined, received_pending_review
+    received_approved, received_declined, received_pending_review, daily_usage_day, daily_usage_minor
 """
 
 _PAYMENT_COLUMNS = """
@@ -202,7 +199,11 @@ _LOCK_ACCOUNTS = f"""
 """
 
 # The request's lookup and the accounts' locks in one round trip; a replay locks the
-# accounts it will not touch, which only makes it wait like the first request did.
+# accounts it will not touch, which only makes it wait like the first request did. The
+# lookup reads the statement's snapshot, taken before the wait for the locks; the locked
+# rows do not: FOR NO KEY UPDATE returns the latest committed version of each row once
+# its lock is granted, so the balances and the payer's daily counter include the
+# payments of every transaction it waited for.
 _BEGIN_SUBMISSION = f"""
     SELECT l.now, l.method, l.request_fingerprint, l.response, a.*
     FROM ({_BEGIN_REQUEST}) AS l
@@ -212,19 +213,6 @@ _BEGIN_SUBMISSION = f"""
         ORDER BY account_id
         FOR NO KEY UPDATE
     ) AS a ON true
-"""
-
-# A separate statement after the locks: in READ COMMITTED it takes a new snapshot, so
-# it sees every payment committed by the transactions it waited for, and the key of a
-# concurrent duplicate that held the same locks and committed first (the lookup in
-# _BEGIN_SUBMISSION ran before the wait). Checking the key again here costs no round trip.
-_DAILY_USAGE = """
-    SELECT (
-        SELECT coalesce(sum(amount_minor), 0) FROM payments
-        WHERE payer_account_id = $1 AND created_at >= $2
-          AND status IN ('APPROVED', 'PENDING_REVIEW')
-    ) AS used, k.method, k.request_fingerprint, k.response
-    FROM (SELECT 1) AS one LEFT JOIN idempotency_keys AS k ON k.caller = $3 AND k.request_id = $4
 """
 
 _INSERT_PAYMENT = f"""
@@ -253,8 +241,14 @@ _UPDATE_PAYMENT = """
 
 
 def _changes_sql(n: int) -> str:
-    """The accounts' update and the ledger rows, with parameters numbered from `n`."""
-    p = [f"${n + i}" for i in range(16)]
+    """The accounts' update and the ledger rows, with parameters numbered from `n`.
+
+    The daily counter follows Account.applied's rule (model.py): a change of the counter's
+    day adds to it, a payment counted on a later day starts that day's count, any other
+    change leaves it alone. Every SET reads the row as it was before the UPDATE.
+    """
+    p = [f"${n + i}" for i in range(18)]
+    restart = "d.usage > 0 AND (a.daily_usage_day IS NULL OR a.daily_usage_day < d.usage_day)"
     return f"""
     changed AS (
         UPDATE accounts AS a SET
@@ -268,19 +262,26 @@ def _changes_sql(n: int) -> str:
             received_approved = a.received_approved + d.received_approved,
             received_declined = a.received_declined + d.received_declined,
             received_pending_review = a.received_pending_review + d.received_pending_review,
+            daily_usage_minor = CASE
+                WHEN a.daily_usage_day = d.usage_day THEN a.daily_usage_minor + d.usage
+                WHEN {restart} THEN d.usage
+                ELSE a.daily_usage_minor
+            END,
+            daily_usage_day = CASE WHEN {restart} THEN d.usage_day ELSE a.daily_usage_day END,
             updated_at = {p[0]}
         FROM unnest(
             {p[1]}::uuid[], {p[2]}::bigint[], {p[3]}::bigint[], {p[4]}::bigint[], {p[5]}::bigint[],
             {p[6]}::bigint[], {p[7]}::bigint[], {p[8]}::bigint[], {p[9]}::bigint[], {p[10]}::bigint[],
-            {p[11]}::bigint[]
+            {p[11]}::bigint[], {p[12]}::bigint[], {p[13]}::date[]
         ) AS d(account_id, ledger, held, total_sent, total_received, sent_approved, sent_declined,
-               sent_pending_review, received_approved, received_declined, received_pending_review)
+               sent_pending_review, received_approved, received_declined, received_pending_review,
+               usage, usage_day)
         WHERE a.account_id = d.account_id
     ),
     ledger AS (
         INSERT INTO ledger_entries (account_id, payment_id, kind, amount_minor, created_at)
         SELECT e.account_id, e.payment_id, e.kind, e.amount, {p[0]}
-        FROM unnest({p[12]}::uuid[], {p[13]}::uuid[], {p[14]}::text[], {p[15]}::bigint[])
+        FROM unnest({p[14]}::uuid[], {p[15]}::uuid[], {p[16]}::text[], {p[17]}::bigint[])
              AS e(account_id, payment_id, kind, amount)
     )
 """
@@ -292,18 +293,27 @@ _APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
 
 # A submission in one statement: the payment, its event, both accounts, the ledger rows
 # and the request's record. The foreign keys are checked at the end of the statement,
-# when the payment row exists. An empty result means that a concurrent request with
-# the same key committed first: ON CONFLICT DO NOTHING waited for it (the caller's reuse
-# of the request_id with other accounts, which the locks did not serialise).
+# when the payment row exists.
+# When a request with the same key committed first, ON CONFLICT DO NOTHING records
+# nothing, and the statement returns that request's record if its snapshot has it: a
+# duplicate that held the same locks and committed while _BEGIN_SUBMISSION waited for
+# them (whose lookup ran before the wait) committed before this statement started. This
+# is the key's check after the locks, at no cost: the caller replays the record and the
+# transaction rolls back. No row at all: the key was committed while this statement
+# waited for it (the caller's reuse of the request_id with other accounts, which the
+# locks did not serialise); the transaction runs again and its lookup finds the record.
 _ADD_DECISION = f"""
     WITH {_INSERT_PAYMENT}, {_changes_sql(21)},
     request AS (
         INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)
-        VALUES ($37, $38, $39, $40, $41)
+        VALUES ($39, $40, $41, $42, $43)
         ON CONFLICT (caller, request_id) DO NOTHING
         RETURNING 1
     )
-    SELECT 1 FROM request
+    SELECT NULL AS method, NULL::bytea AS request_fingerprint, NULL::bytea AS response FROM request
+    UNION ALL
+    SELECT k.method, k.request_fingerprint, k.response FROM idempotency_keys AS k
+    WHERE k.caller = $39 AND k.request_id = $40 AND NOT EXISTS (SELECT FROM request)
 """
 
 _LOCK_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1 FOR NO KEY UPDATE"
@@ -352,6 +362,8 @@ def _account(row: asyncpg.Record) -> Account:
         received_approved=row["received_approved"],
         received_declined=row["received_declined"],
         received_pending_review=row["received_pending_review"],
+        daily_usage_day=row["daily_usage_day"],
+        daily_usage=row["daily_usage_minor"],
     )
 
 
@@ -422,6 +434,8 @@ def _changes_args(
         [c.received_approved for c in changes],
         [c.received_declined for c in changes],
         [c.received_pending_review for c in changes],
+        [c.daily_usage for c in changes],
+        [c.daily_usage_day for c in changes],
         [e.account_id for e in entries],
         [e.payment_id for e in entries],
         [e.kind.value for e in entries],
@@ -479,11 +493,8 @@ class SqlRepository:
         rows = await self._connection.fetch(_LOCK_ACCOUNTS, list(account_ids))
         return {row["account_id"]: _account(row) for row in rows}
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime, key: IdempotencyKey) -> DailyUsage:
-        row = await self._connection.fetchrow(
-            _DAILY_USAGE, payer_account_id, since, key.caller, key.request_id
-        )
-        return DailyUsage(int(row["used"]), _stored(row))
+    async def find_request(self, key: IdempotencyKey) -> StoredRequest | None:
+        return _stored(await self._connection.fetchrow(_BEGIN_REQUEST, key.caller, key.request_id))
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
         await self._connection.execute(_ADD_PAYMENT, *_payment_args(payment, event))
@@ -495,8 +506,8 @@ class SqlRepository:
         changes: Sequence[AccountChange],
         entries: Sequence[LedgerEntry],
         request: SavedRequest,
-    ) -> None:
-        inserted = await self._connection.fetchrow(
+    ) -> StoredRequest | None:
+        row = await self._connection.fetchrow(
             _ADD_DECISION,
             *_payment_args(payment, event),
             *_changes_args(changes, entries, payment.created_at),
@@ -506,8 +517,9 @@ class SqlRepository:
             request.fingerprint,
             request.response,
         )
-        if inserted is None:
+        if row is None:
             raise TransactionConflict("a concurrent request with the same key committed first")
+        return _stored(row)
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None:
         await self._connection.execute(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Final
 from uuid import UUID
@@ -49,7 +49,11 @@ class LedgerKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class AccountChange:
-    """What one decision adds to one account's balances and counters (negative to subtract)."""
+    """What one decision adds to one account's balances and counters (negative to subtract).
+
+    `daily_usage` is counted on the UTC day `daily_usage_day` (None when the decision
+    changes no day's usage): see `Account.applied`.
+    """
 
     account_id: UUID
     ledger: int = 0
@@ -62,6 +66,8 @@ class AccountChange:
     received_approved: int = 0
     received_declined: int = 0
     received_pending_review: int = 0
+    daily_usage: int = 0
+    daily_usage_day: date | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,11 @@ class Account:
     received_approved: int = 0
     received_declined: int = 0
     received_pending_review: int = 0
+    # The daily limit's counter: what the account's approved and held payments of the UTC
+    # day `daily_usage_day` add up to. It tells nothing of any other day (None: no payment
+    # counted yet).
+    daily_usage_day: date | None = None
+    daily_usage: int = 0
 
     @property
     def available_balance(self) -> int:
@@ -94,6 +105,7 @@ class Account:
         """This account after `change`; the store applies the same arithmetic in SQL."""
         if change.account_id != self.account_id:
             raise ValueError("change for another account")
+        day, usage = self._counted(change)
         return dataclasses.replace(
             self,
             ledger_balance=self.ledger_balance + change.ledger,
@@ -106,8 +118,27 @@ class Account:
             received_approved=self.received_approved + change.received_approved,
             received_declined=self.received_declined + change.received_declined,
             received_pending_review=self.received_pending_review + change.received_pending_review,
+            daily_usage_day=day,
+            daily_usage=usage,
             updated_at=at,
         )
+
+    def _counted(self, change: AccountChange) -> tuple[date | None, int]:
+        """The daily counter after `change` (the same rule as repository._changes_sql's CASEs).
+
+        A change of the counter's own day adds to it (a reviewer's decline subtracts). A
+        payment counted on a later day than the counter's starts that day's count: the
+        counter's day is over. Any other change leaves it alone: a payment of an earlier day
+        declined today gives nothing back, since only the counter's day matters to a decision.
+        """
+        day = change.daily_usage_day
+        if day is None or change.daily_usage == 0:
+            return self.daily_usage_day, self.daily_usage
+        if day == self.daily_usage_day:
+            return day, self.daily_usage + change.daily_usage
+        if change.daily_usage > 0 and (self.daily_usage_day is None or self.daily_usage_day < day):
+            return day, change.daily_usage
+        return self.daily_usage_day, self.daily_usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -22,7 +22,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from approval_svc.adapters.repository import IdempotencyKey, SavedRequest, StoredRequest
 from approval_svc.adapters.unit_of_work import SqlUnitOfWork, UnitOfWork
 from approval_svc.domain import rules
-from approval_svc.domain.errors import TransactionConflict
 from approval_svc.domain.model import (
     SYSTEM_ACTOR,
     Account,
@@ -222,8 +221,7 @@ class RepositoryContract:
             assert (await uow.repo.claim_request(key("kept"), "Other", b"other")).stored == record
             lookup, _ = await uow.repo.begin_submission(key("kept"), [])
             assert lookup.stored == record
-            usage = await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("kept"))
-            assert usage.stored == record
+            assert await uow.repo.find_request(key("kept")) == record
 
     async def test_a_request_claimed_in_this_unit_of_work_has_an_empty_response(
         self, backend: Backend
@@ -243,7 +241,7 @@ class RepositoryContract:
         async with backend.unit_of_work() as uow:
             lookup, _ = await uow.repo.begin_submission(key("unknown"), [])
             assert lookup.stored is None
-            assert (await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("unknown"))).stored is None
+            assert await uow.repo.find_request(key("unknown")) is None
 
     async def test_one_request_id_of_two_callers_is_two_records(self, backend: Backend) -> None:
         for caller in (ADA, BOB):
@@ -260,15 +258,11 @@ class RepositoryContract:
                 assert claimed.stored == record
                 lookup, _ = await uow.repo.begin_submission(key("shared", caller), [])
                 assert lookup.stored == record
-                assert (
-                    await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("shared", caller))
-                ).stored == record
+                assert await uow.repo.find_request(key("shared", caller)) == record
             # A third caller has no record of it.
             lookup, _ = await uow.repo.begin_submission(key("shared", "token:carol"), [])
             assert lookup.stored is None
-            assert (
-                await uow.repo.daily_usage(uuid.uuid4(), lookup.now, key("shared", "token:carol"))
-            ).stored is None
+            assert await uow.repo.find_request(key("shared", "token:carol")) is None
 
     async def test_a_response_is_saved_only_under_the_caller_that_claimed(self, backend: Backend) -> None:
         async with backend.unit_of_work() as uow:
@@ -287,9 +281,10 @@ class RepositoryContract:
             payment = new_payment(payer, payee, 400, now, request_id="decided")
             request = SavedRequest(key("decided"), "SubmitPayment", b"fp", b"the response")
             changes = rules.submission_changes(payment)
-            await uow.repo.add_decision(
+            stored = await uow.repo.add_decision(
                 payment, first_event(payment), changes, rules.transfer_entries(payment), request
             )
+            assert stored is None
             await uow.commit()
         async with backend.unit_of_work() as uow:
             assert await uow.repo.get_payment(payment.payment_id) == payment
@@ -309,6 +304,13 @@ class RepositoryContract:
             1,
             1,
         )
+        # The payer's usage of the day counts the payment; the payee's does not.
+        assert accounts[payer.account_id].daily_usage == 400
+        assert accounts[payer.account_id].daily_usage_day == rules.utc_day(now)
+        assert (accounts[payee.account_id].daily_usage_day, accounts[payee.account_id].daily_usage) == (
+            None,
+            0,
+        )
         assert lookup.stored == StoredRequest("SubmitPayment", b"fp", b"the response")
         assert await backend.ledger(payer.account_id) == [
             (LedgerKind.OPENING, 1_000, None),
@@ -316,7 +318,10 @@ class RepositoryContract:
         ]
         assert await backend.ledger(payee.account_id) == [(LedgerKind.CREDIT, 400, payment.payment_id)]
 
-    async def test_a_decision_whose_request_id_was_taken_conflicts(self, backend: Backend) -> None:
+    async def test_a_decision_whose_request_id_was_taken_returns_the_first_record(
+        self, backend: Backend
+    ) -> None:
+        """A duplicate that held the locks committed first: its record comes back, for a replay."""
         payer, payee = await self.open_accounts(backend, 1_000, 0)
         async with backend.unit_of_work() as uow:
             await uow.repo.claim_request(key("taken"), "SubmitPayment", b"fp")
@@ -324,11 +329,13 @@ class RepositoryContract:
             await uow.commit()
         async with backend.unit_of_work() as uow:
             payment = new_payment(payer, payee, 10, await uow.repo.now(), request_id="taken")
-            request = SavedRequest(key("taken"), "SubmitPayment", b"fp", b"second")
-            with pytest.raises(TransactionConflict):
-                await uow.repo.add_decision(
-                    payment, first_event(payment), rules.submission_changes(payment), [], request
-                )
+            request = SavedRequest(key("taken"), "SubmitPayment", b"other", b"second")
+            stored = await uow.repo.add_decision(
+                payment, first_event(payment), rules.submission_changes(payment), [], request
+            )
+            # The first record as it is, whatever this request's own fingerprint: the caller compares.
+            assert stored == StoredRequest("SubmitPayment", b"fp", b"first")
+            # Left without a commit, as the handler leaves it.
         async with backend.unit_of_work() as uow:
             assert await uow.repo.get_payment(payment.payment_id) is None
             assert (
@@ -344,9 +351,10 @@ class RepositoryContract:
         async with backend.unit_of_work() as uow:
             payment = new_payment(payer, payee, 10, await uow.repo.now(), request_id="taken")
             request = SavedRequest(key("taken", BOB), "SubmitPayment", b"fp", b"bob's")
-            await uow.repo.add_decision(
+            stored = await uow.repo.add_decision(
                 payment, first_event(payment), rules.submission_changes(payment), [], request
             )
+            assert stored is None
             await uow.commit()
         async with backend.unit_of_work() as uow:
             # The payment keeps the request_id as its caller sent it.
@@ -425,26 +433,36 @@ class RepositoryContract:
 
     # -- balances and limits
 
-    async def test_daily_usage_adds_the_payers_approved_and_held_payments_since_a_time(
-        self, backend: Backend
-    ) -> None:
-        payer, payee = await self.open_accounts(backend, 10_000, 10_000)
-        since = rules.day_start(payer.created_at)
-        payments = [
-            new_payment(payer, payee, 100, since),  # counted: at the boundary
-            new_payment(payer, payee, 20, since + timedelta(hours=1), PaymentStatus.PENDING_REVIEW),
-            new_payment(payer, payee, 3, since + timedelta(hours=2), PaymentStatus.DECLINED),
-            new_payment(payer, payee, 4_000, since - timedelta(microseconds=1)),  # the day before
-            new_payment(payee, payer, 500, since + timedelta(hours=3)),  # another payer
+    async def test_the_daily_counter_moves_by_the_models_rule(self, backend: Backend) -> None:
+        """The store's arithmetic of the counter is Account.applied's, across a day boundary."""
+        (account,) = await self.open_accounts(backend, 10_000)
+        assert (account.daily_usage_day, account.daily_usage) == (None, 0)
+        today = rules.utc_day(account.created_at)
+        yesterday, tomorrow = today - timedelta(days=1), today + timedelta(days=1)
+        steps = [
+            (100, today),  # the first count starts the day
+            (20, today),  # the same day adds up
+            (0, today),  # a decline counts nothing
+            (0, None),  # a change of no day's usage (the payee's side, an approval)
+            (-50, yesterday),  # a decline of a payment of an earlier day gives nothing back
+            (7, tomorrow),  # the first payment of a later day starts its count
+            (-100, today),  # the day before the counter's: nothing back
+            (5, today),  # nor anything added
+            (-7, tomorrow),  # a decline of a payment of the counter's day gives it back
         ]
-        async with backend.unit_of_work() as uow:
-            for payment in payments:
-                await uow.repo.add_payment(payment, first_event(payment))
-            await uow.commit()
-        async with backend.unit_of_work() as uow:
-            assert (await uow.repo.daily_usage(payer.account_id, since, key("r"))).used == 120
-            assert (await uow.repo.daily_usage(payee.account_id, since, key("r"))).used == 500
-            assert (await uow.repo.daily_usage(uuid.uuid4(), since, key("r"))).used == 0
+        expected = account
+        for step, (usage, day) in enumerate(steps):
+            change = AccountChange(account.account_id, ledger=1, daily_usage=usage, daily_usage_day=day)
+            at = account.created_at + timedelta(seconds=step + 1)
+            expected = expected.applied(change, at)
+            async with backend.unit_of_work() as uow:
+                await uow.repo.apply_changes([change], [], at)
+                await uow.commit()
+            async with backend.unit_of_work() as uow:
+                locked = await uow.repo.lock_accounts([account.account_id])
+                _, begun = await uow.repo.begin_submission(key(), [account.account_id])
+            assert locked == begun == {account.account_id: expected}, f"step {step}: {usage}, {day}"
+        assert (expected.daily_usage_day, expected.daily_usage) == (tomorrow, 0)
 
     async def test_changes_move_balances_and_counters_and_stamp_the_time(self, backend: Backend) -> None:
         (account,) = await self.open_accounts(backend, 100)
@@ -468,7 +486,7 @@ class RepositoryContract:
         ],
     )
     async def test_changes_that_break_a_balance_invariant_are_refused(
-        self, backend: Backend, change: dict[str, int]
+        self, backend: Backend, change: dict[str, Any]
     ) -> None:
         (account,) = await self.open_accounts(backend, 100)
         with pytest.raises(asyncpg.CheckViolationError):

@@ -158,7 +158,11 @@ async def test_racing_submit_payment_pays_once(svc: RunningServer, db: asyncpg.C
             )
         )
 
+    replayed, retried = replays("SubmitPayment"), retries()
     answers = await race_pairs(call)
+    # Each second call waited for the first one's locks, then replayed its response: found by
+    # its lookup, or by its decision's write, which checks the key after the locks.
+    assert (replays("SubmitPayment") - replayed, retries() - retried) == (PAIRS, 0)
     assert all(
         kind == "ok" and r.payment.status == payment_pb2.PAYMENT_STATUS_APPROVED for kind, r in answers
     )

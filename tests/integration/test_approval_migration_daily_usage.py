@@ -13,10 +13,13 @@ import pytest
 import sqlalchemy.exc
 from psycopg2.extensions import connection as Connection
 
+from approval_svc.domain import commands
+from approval_svc.domain.model import DeclineReason, PaymentStatus
 from approval_svc.migrate import current, downgrade, upgrade
 from payments_common.keys import KeySchema
 from replicator.changes import ACCOUNTS, RowChange
 from replicator.projector import Projector
+from tests.support.approval import engine_for, handlers_for, key
 from tests.support.waiting import wait_until
 
 COUNTER_COLUMNS = ("daily_usage_day", "daily_usage_minor")
@@ -109,18 +112,18 @@ def same_day_or_skip(db: Connection, start: datetime) -> date:
     return start.date()
 
 
-def test_0004_counts_each_payers_approved_and_held_payments_of_the_utc_day(
+async def test_0004_counts_each_payers_approved_and_held_payments_of_the_utc_day(
     database_dsn: str, db: Connection
 ) -> None:
     upgrade(database_dsn, "0003")
-    ada, bob, cy = account(db), account(db), account(db)
+    ada, bob, cy = account(db, daily_limit=1_000), account(db), account(db)
     start = midnight(db)
     just_before = start - timedelta(microseconds=1)
     payment(db, ada, bob, 100, "APPROVED", start)  # counted: at midnight
     payment(db, ada, bob, 20, "PENDING_REVIEW", start + timedelta(seconds=1))
     payment(db, ada, bob, 3, "DECLINED", start + timedelta(seconds=2))
     payment(db, ada, bob, 4_000, "APPROVED", just_before)  # yesterday's
-    payment(db, ada, bob, 900, "PENDING_REVIEW", just_before)
+    held_yesterday = payment(db, ada, bob, 900, "PENDING_REVIEW", just_before)
     payment(db, bob, ada, 70, "APPROVED", start + timedelta(seconds=3))
     payment(db, bob, ada, 500, "APPROVED", just_before)
     payment(db, cy, ada, 5, "DECLINED", start + timedelta(seconds=4))  # cy only declined or was paid
@@ -132,6 +135,25 @@ def test_0004_counts_each_payers_approved_and_held_payments_of_the_utc_day(
     assert counters(db) == {ada: (today, 120), bob: (today, 70), cy: (None, 0)}
     # The columns came without a rewrite of the table.
     assert rows(db, "SELECT pg_relation_filenode('accounts')") == [(filenode,)]
+
+    # The release of 0004 decides by the counters: 880 of ada's 1,000 are left today.
+    async with engine_for(database_dsn, pool_size=2) as engine:
+        handlers = handlers_for(engine, review_threshold=10**6)
+
+        async def pay(amount: int) -> tuple[PaymentStatus, DeclineReason | None]:
+            command = commands.SubmitPayment(uuid.UUID(ada), uuid.UUID(bob), "EUR", amount, "")
+            outcome = await handlers.submit_payment(command, key("SubmitPayment"))
+            assert outcome.value is not None
+            return outcome.value.status, outcome.value.decline_reason
+
+        assert await pay(881) == (PaymentStatus.DECLINED, DeclineReason.DAILY_LIMIT_EXCEEDED)
+        # Yesterday's held payment, declined today, frees nothing of today's limit.
+        decline = commands.ReviewPayment(uuid.UUID(held_yesterday), "eve", "", approve=False)
+        await handlers.review_payment(decline, key("DeclinePayment"))
+        assert await pay(881) == (PaymentStatus.DECLINED, DeclineReason.DAILY_LIMIT_EXCEEDED)
+        assert await pay(880) == (PaymentStatus.APPROVED, None)
+    same_day_or_skip(db, start)
+    assert counters(db)[ada] == (today, 1_000)
 
 
 def wait_for_lock_wait(db: Connection, table: str) -> None:
@@ -202,11 +224,15 @@ def test_0004_gives_up_on_a_long_transaction_and_leaves_nothing_to_undo(
     assert counters(db)[payer] == (same_day_or_skip(db, start), 30)
 
 
-def test_0004_goes_back_down_and_counts_again_on_the_way_up(database_dsn: str, db: Connection) -> None:
+async def test_0004_goes_back_down_and_counts_again_on_the_way_up(database_dsn: str, db: Connection) -> None:
     upgrade(database_dsn)
     payer, payee = account(db), account(db)
     start = midnight(db)
-    payment(db, payer, payee, 60, "APPROVED", start)
+    async with engine_for(database_dsn, pool_size=2) as engine:
+        handlers = handlers_for(engine)
+        command = commands.SubmitPayment(uuid.UUID(payer), uuid.UUID(payee), "EUR", 60, "")
+        await handlers.submit_payment(command, key("SubmitPayment"))
+    assert counters(db)[payer][1] == 60
 
     assert downgrade(database_dsn, "0003") == "0003"
     assert not columns(db) & set(COUNTER_COLUMNS)

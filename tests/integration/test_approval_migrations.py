@@ -102,7 +102,9 @@ async def test_keys_recorded_before_0002_are_the_anonymous_callers_and_the_table
     ]
     with pytest.raises(psycopg2.errors.NotNullViolation):
         record(db, "no caller")
-    # The record is the anonymous caller's: replayed to it (authentication disabled), not to others.
+    # The record is the anonymous caller's: replayed to it (authentication disabled), not to others,
+    # by this release on its schema.
+    upgrade(database_dsn)
     async with engine_for(database_dsn, pool_size=1) as engine, SqlUnitOfWork(engine) as uow:
         mine, _ = await uow.repo.begin_submission(IdempotencyKey(ANONYMOUS, "before"), [])
         assert mine.stored == StoredRequest("SubmitPayment", b"fp", b"before")

@@ -10,15 +10,16 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from approval_svc.adapters.repository import IdempotencyKey
+from approval_svc.adapters.repository import IdempotencyKey, SavedRequest, StoredRequest
 from approval_svc.adapters.unit_of_work import CALL_DEADLINE, SqlUnitOfWork
-from approval_svc.domain import commands
+from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
     AccountNotFound,
     DeadlineExceeded,
     InvalidRequest,
     PaymentNotUnderReview,
     RequestIdReused,
+    TransactionConflict,
 )
 from approval_svc.domain.model import (
     MAX_AMOUNT,
@@ -26,11 +27,13 @@ from approval_svc.domain.model import (
     AccountStatus,
     DeclineReason,
     Payment,
+    PaymentEvent,
     PaymentStatus,
 )
 from approval_svc.handlers import Handlers
 from payments_common.lsn import parse_lsn
-from tests.support.approval import engine_for, handlers_for, key, open_account
+from tests.support.approval import CALLER, engine_for, handlers_for, key, open_account
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -147,10 +150,15 @@ async def test_the_daily_limit_ignores_yesterday_and_declines(engine: AsyncEngin
     old = await pay(handlers, payer, payee, 900)
     declined = await pay(handlers, payer, payee, 200)
     assert declined.decline_reason is DeclineReason.DAILY_LIMIT_EXCEEDED
+    # As yesterday left them: the payment, and the payer's counter of that day.
     async with engine.begin() as connection:
         await connection.execute(
             text("UPDATE payments SET created_at = created_at - interval '1 day' WHERE payment_id = :p"),
             {"p": old.payment_id},
+        )
+        await connection.execute(
+            text("UPDATE accounts SET daily_usage_day = daily_usage_day - 1 WHERE account_id = :a"),
+            {"a": payer.account_id},
         )
     assert (await pay(handlers, payer, payee, 1_000)).status is PaymentStatus.APPROVED
 
@@ -286,3 +294,44 @@ async def test_the_wait_for_a_connection_ends_with_the_call_deadline(migrated_ds
             finally:
                 CALL_DEADLINE.reset(token)
         assert (await balances(engine))[payer.account_id] == (1_000, 0, 1_000)
+
+
+async def test_a_decision_that_waited_for_its_key_runs_again(engine: AsyncEngine) -> None:
+    """The key, committed while the decision's write waited for it, is not in that write's snapshot."""
+    handlers = handlers_for(engine)
+    first_payer, second_payer, payee = (
+        await open_account(handlers, 100),
+        await open_account(handlers, 100),
+        await open_account(handlers, 0),
+    )
+
+    async def decide(uow: SqlUnitOfWork, payer: Account, response: bytes) -> StoredRequest | None:
+        now = await uow.repo.now()
+        payment = Payment(
+            uuid.uuid4(), "shared", payer.account_id, payee.account_id, "Ada", "Ada", "EUR", 10, "",
+            PaymentStatus.APPROVED, None, now, now,
+        )  # fmt: skip
+        event = PaymentEvent(payment.payment_id, 1, payment.status, None, "system", "", now)
+        request = SavedRequest(IdempotencyKey(CALLER, "shared"), "SubmitPayment", b"f", response)
+        return await uow.repo.add_decision(
+            payment, event, rules.submission_changes(payment), rules.transfer_entries(payment), request
+        )
+
+    async with SqlUnitOfWork(engine) as first:
+        assert await decide(first, first_payer, b"first") is None
+        async with SqlUnitOfWork(engine) as second:
+            # The same key with other accounts: no lock in common, so the insert of the key waits.
+            waiting = asyncio.create_task(decide(second, second_payer, b"second"))
+            async with engine.connect() as connection:
+
+                async def waits() -> object:
+                    query = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+                    return (await connection.execute(text(query))).scalar_one()
+
+                await eventually(waits, what="the second insert of the key waits for the first")
+            await first.commit()
+            with pytest.raises(TransactionConflict):
+                await waiting
+    async with engine.connect() as connection:
+        payers = (await connection.execute(text("SELECT payer_account_id FROM payments"))).scalars().all()
+    assert payers == [first_payer.account_id]

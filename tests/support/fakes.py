@@ -20,7 +20,6 @@ from uuid import UUID
 import asyncpg
 
 from approval_svc.adapters.repository import (
-    DailyUsage,
     IdempotencyKey,
     Repository,
     RequestLookup,
@@ -35,7 +34,6 @@ from approval_svc.domain.model import (
     LedgerEntry,
     Payment,
     PaymentEvent,
-    PaymentStatus,
 )
 
 START = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)
@@ -54,7 +52,7 @@ class Store:
     position: int = 100
     conflicts_to_raise: int = 0
     # Requests a duplicate commits while a submission waits for its locks: the lookup
-    # before the locks misses them, the statement after the locks sees them.
+    # before the locks misses them, the statements after the locks see them.
     committed_elsewhere: dict[IdempotencyKey, StoredRequest] = field(default_factory=dict)
 
 
@@ -117,18 +115,14 @@ class FakeRepository(Repository):
         self, key: IdempotencyKey, account_ids: Sequence[UUID]
     ) -> tuple[RequestLookup, dict[UUID, Account]]:
         lookup = RequestLookup(self.state.now, self.state.requests.get(key))
+        # The duplicate commits while this transaction waits for the locks.
+        committed = self.shared.committed_elsewhere.pop(key, None)
+        if committed is not None:
+            self.shared.requests[key] = self.state.requests[key] = committed
         return lookup, await self.lock_accounts(account_ids)
 
-    async def daily_usage(self, payer_account_id: UUID, since: datetime, key: IdempotencyKey) -> DailyUsage:
-        used = sum(
-            p.amount
-            for p in self.state.payments.values()
-            if p.payer_account_id == payer_account_id
-            and p.created_at >= since
-            and p.status in (PaymentStatus.APPROVED, PaymentStatus.PENDING_REVIEW)
-        )
-        # What a duplicate committed while this transaction waited for the locks.
-        return DailyUsage(used, self.state.requests.get(key) or self.shared.committed_elsewhere.get(key))
+    async def find_request(self, key: IdempotencyKey) -> StoredRequest | None:
+        return self.state.requests.get(key)
 
     async def add_payment(self, payment: Payment, event: PaymentEvent) -> None:
         self.state.payments[payment.payment_id] = payment
@@ -141,15 +135,19 @@ class FakeRepository(Repository):
         changes: Sequence[AccountChange],
         entries: Sequence[LedgerEntry],
         request: SavedRequest,
-    ) -> None:
+    ) -> StoredRequest | None:
         self._maybe_conflict()
-        if request.key in self.state.requests:
-            raise TransactionConflict("a concurrent request with the same key committed first")
+        # A request committed before the statement: its record, and nothing written (the
+        # real statement's writes are rolled back with the transaction).
+        stored = self.state.requests.get(request.key)
+        if stored is not None:
+            return stored
         await self.add_payment(payment, event)
         await self.apply_changes(changes, entries, payment.created_at)
         self.state.requests[request.key] = StoredRequest(
             request.method, request.fingerprint, request.response
         )
+        return None
 
     async def update_payment(self, payment: Payment, event: PaymentEvent) -> None:
         # The UPDATE sets the status, the reason and the time, and adds the event only

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import TypeVar
 
 import pytest
@@ -17,11 +17,13 @@ from approval_svc.domain import commands
 from approval_svc.domain.errors import (
     AccountNotFound,
     DatabaseUnavailable,
+    InvalidRequest,
     PaymentNotFound,
     PaymentNotUnderReview,
     RequestIdReused,
 )
 from approval_svc.domain.model import (
+    MAX_AMOUNT,
     Account,
     AccountStatus,
     DeclineReason,
@@ -253,3 +255,78 @@ async def test_a_duplicate_committed_while_a_submission_waited_for_its_locks_is_
     assert store.accounts[payer.account_id].ledger_balance == 1_000
     with pytest.raises(RequestIdReused):
         await handlers.submit_payment(command, key("SubmitPayment", "dup", b"other"))
+
+
+async def test_a_duplicate_committed_while_waiting_is_replayed_rather_than_refused(
+    handlers: Handlers, store: Store
+) -> None:
+    """The duplicate's credit is what no longer fits the payee: the answer is still the duplicate's."""
+    payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
+    store.accounts[payee.account_id] = dataclasses.replace(
+        store.accounts[payee.account_id], ledger_balance=MAX_AMOUNT - 50
+    )
+    store.committed_elsewhere[IdempotencyKey(CALLER, "dup")] = StoredRequest(
+        "SubmitPayment", b"f", b"the first response"
+    )
+    command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 100, "")
+    outcome = await handlers.submit_payment(command, key("SubmitPayment", "dup"))
+    assert outcome.replay == b"the first response"
+    with pytest.raises(InvalidRequest):
+        await pay(handlers, payer, payee, 100)
+
+
+async def test_a_reviewers_decline_gives_back_to_the_day_the_payment_was_counted(
+    handlers: Handlers, store: Store
+) -> None:
+    payer, payee = await open_account(handlers, 10_000, daily=2_500), await open_account(handlers, 0)
+
+    async def review(payment: Payment, approve: bool) -> None:
+        command = commands.ReviewPayment(payment.payment_id, "eve", "", approve)
+        await handlers.review_payment(command, key("ApprovePayment" if approve else "DeclinePayment"))
+
+    def counter() -> tuple[date | None, int]:
+        account = store.accounts[payer.account_id]
+        return account.daily_usage_day, account.daily_usage
+
+    held_yesterday = await pay(handlers, payer, payee, 1_500)
+    store.now = START + timedelta(days=1)
+    today = store.now.date()
+    first, second = await pay(handlers, payer, payee, 1_200), await pay(handlers, payer, payee, 1_000)
+    assert first.status is second.status is PaymentStatus.PENDING_REVIEW
+    assert counter() == (today, 2_200)
+    # Yesterday's payment counted towards yesterday's limit: declining it frees nothing today.
+    await review(held_yesterday, approve=False)
+    assert counter() == (today, 2_200)
+    assert store.accounts[payer.account_id].held == 2_200
+    assert (await pay(handlers, payer, payee, 301)).decline_reason is DeclineReason.DAILY_LIMIT_EXCEEDED
+    # An approval leaves the usage as it is; a decline of today's payment gives its amount back.
+    await review(first, approve=True)
+    assert counter() == (today, 2_200)
+    await review(second, approve=False)
+    assert counter() == (today, 1_200)
+    assert (await pay(handlers, payer, payee, 1_300)).status is PaymentStatus.PENDING_REVIEW
+    assert (await pay(handlers, payer, payee, 1)).decline_reason is DeclineReason.DAILY_LIMIT_EXCEEDED
+    assert counter() == (today, 2_500)
+
+
+async def test_a_submission_whose_clock_is_behind_the_counters_day_runs_again(
+    handlers: Handlers, store: Store
+) -> None:
+    """A payment that started before midnight waited for one that started after it and committed first."""
+    payer, payee = await open_account(handlers, 10_000), await open_account(handlers, 0)
+    before, after = datetime(2026, 3, 4, 23, 59, 59, tzinfo=UTC), datetime(2026, 3, 5, 0, 0, 1, tzinfo=UTC)
+    # What the payment that started later left: the payer's counter is of the next day.
+    store.accounts[payer.account_id] = dataclasses.replace(
+        store.accounts[payer.account_id], daily_usage_day=after.date(), daily_usage=4_000
+    )
+    clocks = [before, after]
+
+    def unit_of_work() -> FakeUnitOfWork:
+        # Each transaction's clock is its start: the second attempt starts after midnight.
+        store.now = clocks.pop(0) if clocks else store.now
+        return FakeUnitOfWork(store)
+
+    retried = Handlers(unit_of_work, review_threshold=1_000)
+    declined = await pay(retried, payer, payee, 1_001)
+    assert (declined.created_at, declined.decline_reason) == (after, DeclineReason.DAILY_LIMIT_EXCEEDED)
+    assert (await pay(retried, payer, payee, 999)).status is PaymentStatus.APPROVED

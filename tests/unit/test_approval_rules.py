@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import uuid
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
 from approval_svc.config import Settings
 from approval_svc.domain import commands, rules
-from approval_svc.domain.errors import InvalidRequest
+from approval_svc.domain.errors import InvalidRequest, TransactionConflict
 from approval_svc.domain.model import (
     MAX_AMOUNT,
     Account,
+    AccountChange,
     AccountStatus,
     DeclineReason,
     HoldReason,
@@ -52,7 +54,9 @@ def account(
     )
 
 
-def payment(payer: Account, payee: Account, amount: int, status: PaymentStatus) -> Payment:
+def payment(
+    payer: Account, payee: Account, amount: int, status: PaymentStatus, at: datetime = NOW
+) -> Payment:
     return Payment(
         payment_id=uuid.uuid4(),
         request_id="r",
@@ -65,8 +69,8 @@ def payment(payer: Account, payee: Account, amount: int, status: PaymentStatus) 
         reference="",
         status=status,
         decline_reason=None,
-        created_at=NOW,
-        updated_at=NOW,
+        created_at=at,
+        updated_at=at,
     )
 
 
@@ -122,9 +126,81 @@ def test_a_frozen_account_wins_over_other_reasons() -> None:
     assert decision.decline_reason is DeclineReason.ACCOUNT_FROZEN
 
 
+MIDNIGHT = datetime(2026, 3, 5, tzinfo=UTC)
+BEFORE_MIDNIGHT = MIDNIGHT - timedelta(microseconds=1)
+
+
 def test_the_day_starts_at_utc_midnight() -> None:
     late_in_tokyo = datetime(2026, 3, 5, 1, 0, tzinfo=timezone(timedelta(hours=9)))
-    assert rules.day_start(late_in_tokyo) == datetime(2026, 3, 4, tzinfo=UTC)
+    assert rules.utc_day(late_in_tokyo) == date(2026, 3, 4)
+    assert rules.utc_day(BEFORE_MIDNIGHT) == date(2026, 3, 4)
+    assert rules.utc_day(MIDNIGHT) == date(2026, 3, 5)
+
+
+def test_the_counter_tells_only_its_own_days_usage() -> None:
+    today = date(2026, 3, 5)
+    assert rules.daily_usage(account(), today) == 0  # nothing counted yet
+    counted = dataclasses.replace(account(), daily_usage_day=today, daily_usage=700)
+    assert rules.daily_usage(counted, today) == 700
+    assert rules.daily_usage(counted, today + timedelta(days=1)) == 0  # yesterday's usage
+    # A transaction whose clock is before a midnight that a payment committed meanwhile
+    # has passed runs again, with a later clock.
+    with pytest.raises(TransactionConflict):
+        rules.daily_usage(counted, today - timedelta(days=1))
+
+
+def counter(payer: Account, *changes: AccountChange) -> tuple[date | None, int]:
+    for change in changes:
+        payer = payer.applied(change, NOW)
+    return payer.daily_usage_day, payer.daily_usage
+
+
+def test_the_counter_across_utc_midnight() -> None:
+    """Payments just before and after midnight; a reviewer's decline of each, then an approval."""
+    payer, payee = account(), account()
+    held_before = payment(payer, payee, 1_000, PaymentStatus.PENDING_REVIEW, BEFORE_MIDNIGHT)
+    approved_before = payment(payer, payee, 300, PaymentStatus.APPROVED, BEFORE_MIDNIGHT)
+    held_after = payment(payer, payee, 2_000, PaymentStatus.PENDING_REVIEW, MIDNIGHT)
+    declined_after = payment(payer, payee, 50, PaymentStatus.DECLINED, MIDNIGHT)
+    approved_after = payment(payer, payee, 40, PaymentStatus.APPROVED, MIDNIGHT)
+    yesterday, today = date(2026, 3, 4), date(2026, 3, 5)
+
+    def submitted(p: Payment) -> AccountChange:
+        return rules.submission_changes(p)[0]
+
+    def reviewed(p: Payment, approve: bool) -> AccountChange:
+        return rules.review_changes(p, approve)[0]
+
+    before = (submitted(held_before), submitted(approved_before))
+    assert counter(payer, *before) == (yesterday, 1_300)
+    # The first payment counted after midnight starts the new day; a decline counts nothing.
+    after = (*before, submitted(held_after), submitted(declined_after), submitted(approved_after))
+    assert counter(payer, *after) == (today, 2_040)
+    # Yesterday's held payment declined today gives nothing back to today's count; today's does.
+    assert counter(payer, *after, reviewed(held_before, approve=False)) == (today, 2_040)
+    assert counter(payer, *after, reviewed(held_after, approve=False)) == (today, 40)
+    # An approval leaves the count as it is: the payment was counted when it was held.
+    assert counter(payer, *after, reviewed(held_after, approve=True)) == (today, 2_040)
+    # Yesterday's payments declined before midnight give back to yesterday's count.
+    assert counter(payer, *before, reviewed(held_before, approve=False)) == (yesterday, 300)
+    # The payee's counter is not the payer's: receiving counts nothing.
+    assert counter(payee, *(rules.submission_changes(p)[1] for p in (held_after, approved_after))) == (
+        None,
+        0,
+    )
+
+
+def test_the_daily_limit_reads_the_counter_of_the_transactions_day() -> None:
+    """Decided just after midnight, yesterday's usage does not count; just before, it does."""
+    payer = dataclasses.replace(
+        account(daily_limit=8_000), daily_usage_day=rules.utc_day(BEFORE_MIDNIGHT), daily_usage=7_500
+    )
+    late = rules.daily_usage(payer, rules.utc_day(BEFORE_MIDNIGHT))
+    assert rules.decide(payer, account(), "EUR", 501, late, THRESHOLD).decline_reason is (
+        DeclineReason.DAILY_LIMIT_EXCEEDED
+    )
+    early = rules.daily_usage(payer, rules.utc_day(MIDNIGHT))
+    assert rules.decide(payer, account(), "EUR", 501, early, THRESHOLD).status is PaymentStatus.APPROVED
 
 
 def test_a_credit_that_would_overflow_the_payee_is_rejected() -> None:
