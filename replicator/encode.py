@@ -93,6 +93,8 @@ def _notification(
     batch = read_model_pb2.ChangeBatch(checkpoint_lsn=checkpoint.lsn, omits_payments=omits_payments)
     if checkpoint.commit_time_us is not None:
         batch.commit_time.CopyFrom(timestamp(checkpoint.commit_time_us))
+    if checkpoint.covered_until_us is not None:
+        batch.source_time.CopyFrom(timestamp(checkpoint.covered_until_us))
     for view in payments:
         entries = timelines.get(view.payment_id)
         item = batch.payments.add()

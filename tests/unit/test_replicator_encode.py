@@ -61,6 +61,8 @@ def test_the_notification_lists_the_payments_with_their_complete_timelines_only(
     assert notification is not None
     assert notification.checkpoint_lsn == 90
     assert notification.commit_time.ToMicroseconds() == 1_700_000_000_000_000
+    # Without a source time of its own, the checkpoint covers the source up to its commit.
+    assert notification.source_time.ToMicroseconds() == 1_700_000_000_000_000
     assert not notification.omits_payments
     # Left for the apply stage, which knows the checkpoint the batch moves from.
     assert notification.previous_checkpoint_lsn == 0
@@ -79,3 +81,20 @@ def test_an_idle_advance_has_no_commit_time_and_a_truncate_omits_payments() -> N
     truncated = encode([], Checkpoint(96, 5), omits_payments=True).notification
     assert truncated is not None
     assert truncated.omits_payments
+
+
+def test_the_notification_says_up_to_when_the_checkpoint_covers_the_source() -> None:
+    # An idle advance, or a heartbeat of an idle source: the walsender's send time, no commit.
+    idle = encode([], Checkpoint(95, None, 1_700_000_005_000_000)).notification
+    assert idle is not None
+    assert not idle.HasField("commit_time")
+    assert idle.source_time.ToMicroseconds() == 1_700_000_005_000_000
+    # A source time recorded beside a commit time is the one that says how far it covers.
+    both = encode([_payment(P)], Checkpoint(96, 1_700_000_000_000_000, 1_700_000_001_000_000)).notification
+    assert both is not None
+    assert both.commit_time.ToMicroseconds() == 1_700_000_000_000_000
+    assert both.source_time.ToMicroseconds() == 1_700_000_001_000_000
+    # Neither known: unset, never the epoch.
+    unknown = encode([], Checkpoint(97, None)).notification
+    assert unknown is not None
+    assert not unknown.HasField("source_time")

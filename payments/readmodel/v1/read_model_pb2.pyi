@@ -108,20 +108,22 @@ class AccountView(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., owner_name: _Optional[str] = ..., currency_code: _Optional[str] = ..., status: _Optional[_Union[_payment_pb2.AccountStatus, str]] = ..., ledger_balance: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., available_balance: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., total_sent: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., total_received: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., counts: _Optional[_Union[PaymentCounts, _Mapping]] = ..., per_payment_limit: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., daily_limit: _Optional[_Union[_money_pb2.Money, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., source_lsn: _Optional[int] = ...) -> None: ...
 
 class ChangeBatch(_message.Message):
-    __slots__ = ("checkpoint_lsn", "commit_time", "payments", "previous_checkpoint_lsn", "omits_payments", "traced")
+    __slots__ = ("checkpoint_lsn", "commit_time", "payments", "previous_checkpoint_lsn", "omits_payments", "traced", "source_time")
     CHECKPOINT_LSN_FIELD_NUMBER: _ClassVar[int]
     COMMIT_TIME_FIELD_NUMBER: _ClassVar[int]
     PAYMENTS_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_CHECKPOINT_LSN_FIELD_NUMBER: _ClassVar[int]
     OMITS_PAYMENTS_FIELD_NUMBER: _ClassVar[int]
     TRACED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TIME_FIELD_NUMBER: _ClassVar[int]
     checkpoint_lsn: int
     commit_time: _timestamp_pb2.Timestamp
     payments: _containers.RepeatedCompositeFieldContainer[PaymentView]
     previous_checkpoint_lsn: int
     omits_payments: bool
     traced: _containers.RepeatedCompositeFieldContainer[TracedTransaction]
-    def __init__(self, checkpoint_lsn: _Optional[int] = ..., commit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payments: _Optional[_Iterable[_Union[PaymentView, _Mapping]]] = ..., previous_checkpoint_lsn: _Optional[int] = ..., omits_payments: _Optional[bool] = ..., traced: _Optional[_Iterable[_Union[TracedTransaction, _Mapping]]] = ...) -> None: ...
+    source_time: _timestamp_pb2.Timestamp
+    def __init__(self, checkpoint_lsn: _Optional[int] = ..., commit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., payments: _Optional[_Iterable[_Union[PaymentView, _Mapping]]] = ..., previous_checkpoint_lsn: _Optional[int] = ..., omits_payments: _Optional[bool] = ..., traced: _Optional[_Iterable[_Union[TracedTransaction, _Mapping]]] = ..., source_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TracedTransaction(_message.Message):
     __slots__ = ("traceparent", "commit_lsn", "payment_ids")
