@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 PING_INTERVAL_SECONDS = 0.1
 IDLE_ADVANCE_INTERVAL_SECONDS = 0.02
 LAG_QUERY_INTERVAL_SECONDS = 2.0
+# While caught up, renew the source time that the checkpoint covers when it is this old, so
+# that an idle source's read models do not look older and older: readers tell a quiet source
+# from a stopped replicator by it (history_read_model_age_seconds, the alert ReadModelsStale).
+# At most one query and one checkpoint write per interval.
+HEARTBEAT_INTERVAL_SECONDS = 5.0
 # Under a steady stream the socket rarely drains; apply at least this often anyway.
 BATCH_MAX_AGE_SECONDS = 0.2
 # How long an idle loop waits for data before it renews the lock and pings again.
@@ -239,7 +244,7 @@ class _Stream:
         self.acks = Acknowledgements(owner.settings.ack_delay_seconds)
         self.acks.applied(checkpoint.lsn)
         now = time.monotonic()
-        self.last_ping = self.last_advance = self.last_lag_query = now
+        self.last_ping = self.last_advance = self.last_lag_query = self.last_heartbeat = now
         self.batch_started = now
 
     def run(self) -> None:
@@ -475,10 +480,38 @@ class _Stream:
         elif server_position > self.checkpoint.lsn:
             # Rate-limited: come back as soon as the interval is over, not at the next idle wake-up.
             wait = IDLE_ADVANCE_INTERVAL_SECONDS - (now - self.last_advance)
-        elif now - self.last_ping >= PING_INTERVAL_SECONDS:
-            self.stream.ping()
-            self.last_ping = now
+        else:
+            # Every change the walsender sent is applied.
+            self.heartbeat(now)
+            if now - self.last_ping >= PING_INTERVAL_SECONDS:
+                self.stream.ping()
+                self.last_ping = now
         self.sample_lag(now)
         if self.acks.next_due_in() > 0:
             wait = min(wait, self.acks.next_due_in())
         return max(wait, 0.0)
+
+    def heartbeat(self, now: float) -> None:
+        """Writes the checkpoint again with a newer source time, when caught up with the source itself.
+
+        Runs when every change the walsender sent is applied and the time the checkpoint
+        covers is HEARTBEAT_INTERVAL_SECONDS old by the walsender's latest message (pings ask
+        for one every PING_INTERVAL_SECONDS), at most once per interval. A keepalive's send
+        time alone proves nothing: the walsender may not have read the WAL written before it.
+        So the source's clock is read, then its WAL insert position: if the checkpoint is at
+        or past that position, every transaction that committed before that time is applied.
+        """
+        covered = self.checkpoint.covered_until_us
+        latest = self.stream.wal_end_time_us
+        if now - self.last_heartbeat < HEARTBEAT_INTERVAL_SECONDS or not latest:
+            return
+        if covered is not None and latest - covered < HEARTBEAT_INTERVAL_SECONDS * 1_000_000:
+            return
+        self.last_heartbeat = now
+        clock_us, position = self.source.clock_then_insert_position()
+        if self.source.past_page_header(position) > self.checkpoint.lsn or (
+            covered is not None and clock_us <= covered
+        ):
+            return  # WAL the walsender has not sent yet: its advance or its commit renews the time
+        self.writer.write([], Checkpoint(self.checkpoint.lsn, None, clock_us))
+        self.checkpoint = Checkpoint(self.checkpoint.lsn, self.checkpoint.commit_time_us, clock_us)

@@ -213,6 +213,18 @@ class Source:
     def server_wal_lsn(self) -> int:
         return parse_lsn(self._query("SELECT pg_current_wal_lsn()::text")[0][0])
 
+    def clock_then_insert_position(self) -> tuple[int, int]:
+        """The source's clock (Unix microseconds), then the WAL position it inserts at, read in that order.
+
+        Every transaction that committed before that time has its commit record below that
+        position (up to the microseconds between a commit's timestamp and its record).
+        """
+        clock_us, position = self._query(
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,"
+            " pg_current_wal_insert_lsn()::text"
+        )[0]
+        return int(clock_us), parse_lsn(position)
+
     def server_time_us(self) -> int:
         """The source's clock, in Unix microseconds."""
         return int(self._query("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")[0][0])
