@@ -14,12 +14,20 @@ from history_svc.queries import REDIS_ERRORS, ReadModelUnavailable
 from history_svc.resume import ChangePosition
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.errors import OutOfRange
-from payments_common.keys import CHECKPOINT_LSN_FIELD, STREAM_BATCH_FIELD, KeySchema
+from payments_common.keys import (
+    CHECKPOINT_COMMIT_TIME_FIELD,
+    CHECKPOINT_LSN_FIELD,
+    CHECKPOINT_SOURCE_TIME_FIELD,
+    STREAM_BATCH_FIELD,
+    KeySchema,
+)
 
 log = logging.getLogger(__name__)
 
 # Entries read per round trip while walking back through the stream.
 CHUNK: Final = 256
+# The fields of the checkpoint's hash that the watcher reads, in one HMGET.
+CHECKPOINT_FIELDS: Final = (CHECKPOINT_LSN_FIELD, CHECKPOINT_COMMIT_TIME_FIELD, CHECKPOINT_SOURCE_TIME_FIELD)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,25 @@ class Entry:
 
     id: bytes
     batch: read_model_pb2.ChangeBatch | None
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """The checkpoint as Redis holds it: its position (0 before the first), and the source time it covers.
+
+    `covered_until_us` (Unix microseconds, the source's clock; None when unknown) is the
+    replicator's `source_time_us`, or the last applied commit's time where it recorded none.
+    """
+
+    lsn: int
+    covered_until_us: int | None = None
+
+
+def _stored_checkpoint(raw: list[bytes | None]) -> StoredCheckpoint:
+    """The checkpoint from its hash's fields, read with HMGET in the order of CHECKPOINT_FIELDS."""
+    lsn, commit_time, source_time = raw
+    covered = source_time or commit_time
+    return StoredCheckpoint(int(lsn) if lsn is not None else 0, int(covered) if covered else None)
 
 
 class ResumeUnavailable(OutOfRange):
@@ -98,28 +125,27 @@ class ChangeStream:
         self.name = schema.changes()
         self._checkpoint_key = schema.checkpoint(slot)
 
-    async def last_entry_then_checkpoint(self) -> tuple[Entry | None, int]:
-        """The stream's last entry (None when it is empty), then the checkpoint (0 before the first).
+    async def last_entry_then_checkpoint(self) -> tuple[Entry | None, StoredCheckpoint]:
+        """The stream's last entry (None when it is empty), then the checkpoint.
 
         No MULTI: the service's Redis user may only read.
         """
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xrevrange(self.name, count=1)
-            pipe.hget(self._checkpoint_key, CHECKPOINT_LSN_FIELD)
-            last, raw_lsn = await pipe.execute()
-        checkpoint = int(raw_lsn) if raw_lsn is not None else 0
+            pipe.hmget(self._checkpoint_key, CHECKPOINT_FIELDS)
+            last, raw = await pipe.execute()
+        checkpoint = _stored_checkpoint(raw)
         if not last:
             return None, checkpoint
         return Entry(bytes(last[0][0]), parse_entry(last[0][1])), checkpoint
 
-    async def checkpoint_then_last_id(self) -> tuple[int, bytes]:
-        """The checkpoint (0 before the first), then the id of the stream's last entry ("0-0": none)."""
+    async def checkpoint_then_last_id(self) -> tuple[StoredCheckpoint, bytes]:
+        """The checkpoint, then the id of the stream's last entry ("0-0": none)."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self._checkpoint_key, CHECKPOINT_LSN_FIELD)
+            pipe.hmget(self._checkpoint_key, CHECKPOINT_FIELDS)
             pipe.xrevrange(self.name, count=1)
-            raw_lsn, last = await pipe.execute()
-        checkpoint = int(raw_lsn) if raw_lsn is not None else 0
-        return checkpoint, bytes(last[0][0]) if last else b"0-0"
+            raw, last = await pipe.execute()
+        return _stored_checkpoint(raw), bytes(last[0][0]) if last else b"0-0"
 
     async def read(self, after_id: bytes, count: int, block_ms: int) -> list[Entry]:
         """Up to `count` entries after `after_id`, waiting up to `block_ms` for the first (XREAD BLOCK)."""

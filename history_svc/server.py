@@ -20,7 +20,7 @@ from history_svc.multiplex import Multiplexer
 from history_svc.queries import ReadModel
 from history_svc.servicer import HistoryServicer, serialize
 from history_svc.watch import Watches
-from history_svc.watcher import ChangeWatcher
+from history_svc.watcher import READ_MODEL_AGE, ChangeWatcher
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common import grpcserver
 from payments_common.grpcserver import GrpcService, Readiness, build_server
@@ -157,6 +157,10 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
         ChangeStream(deps.watch_redis, schema, settings.slot_name),
         timelines=read_model.timelines,
         block_ms=WATCH_BLOCK_MS,
+    )
+    # Computed at each scrape from what the watcher last read: no Redis call of its own.
+    READ_MODEL_AGE.labels(slot=settings.slot_name, key_namespace=settings.namespace).set_function(
+        watcher.read_model_age
     )
     servicer = HistoryServicer(
         read_model,

@@ -7,6 +7,8 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Final
 from opentelemetry.trace import SpanContext
 from prometheus_client import Counter, Gauge
 
-from history_svc.changestream import Change, ChangeStream, Entry, stream_id
+from history_svc.changestream import Change, ChangeStream, Entry, StoredCheckpoint, stream_id
 from history_svc.queries import REDIS_ERRORS
 from payments.readmodel.v1 import read_model_pb2
 from payments_common import tracing
@@ -25,6 +27,14 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_LSN = Gauge(
     "history_checkpoint_lsn", "The replicator's applied WAL position, as this process knows it."
+)
+# Labelled as the replicator labels its series (replicator/metrics.py): the read-model version
+# this process serves, HISTORY_SLOT_NAME and HISTORY_KEY_NAMESPACE (history_svc/server.py).
+READ_MODEL_AGE = Gauge(
+    "history_read_model_age_seconds",
+    "Seconds since the source time up to which the read models cover the source, as this process "
+    "last read their checkpoint; NaN until it knows one.",
+    ["slot", "key_namespace"],
 )
 BATCHES = Counter("history_change_batches_total", "Change batches read from the change stream.")
 WATCHER_ERRORS = Counter("history_watcher_errors_total", "Failed reads of the change stream.")
@@ -176,6 +186,8 @@ class ChangeWatcher:
         self._batch_count = batch_count
         self._retry_seconds = retry_seconds
         self.checkpoint = 0
+        # The source time that the checkpoint covers (Unix microseconds; None: unknown).
+        self.covered_until_us: int | None = None
         self.connected = False
         # The entry taken in last and its checkpoint: the position that the next entry must name.
         self.last_id: bytes | None = None
@@ -204,6 +216,25 @@ class ChangeWatcher:
             _, _, future = heapq.heappop(self._waiters)
             if not future.done():
                 future.set_result(None)
+
+    def read_model_age(self) -> float:
+        """Seconds from the source time the checkpoint covers to now (this host's clock); NaN when unknown.
+
+        Computed when asked (at each scrape) from what the watcher last took in: every entry
+        of the change stream carries it, and the checkpoint read after each idle wait. It
+        grows while nothing renews it: a replicator that is stopped, stuck or behind. A
+        replicator that is caught up renews it even when the source writes nothing
+        (replicator/runner.py, HEARTBEAT_INTERVAL_SECONDS). Never below 0: a clock behind the
+        source's would otherwise make it negative.
+        """
+        covered = self.covered_until_us
+        if covered is None:
+            return math.nan
+        return max(0.0, time.time() - covered / 1e6)
+
+    def _covers(self, stored: StoredCheckpoint) -> None:
+        self.covered_until_us = stored.covered_until_us
+        self.advance(stored.lsn)
 
     async def wait_for(self, lsn: int, within_seconds: float) -> bool:
         """Whether the checkpoint reaches `lsn` within `within_seconds`."""
@@ -345,6 +376,9 @@ class ChangeWatcher:
                 group.append(Change(view, batch.checkpoint_lsn, entry_id, len(group), trace))
         for subscription, changes in groups.items():
             subscription.offer(changes)
+        if batch.HasField("source_time") or batch.HasField("commit_time"):
+            covered = batch.source_time if batch.HasField("source_time") else batch.commit_time
+            self.covered_until_us = covered.ToMicroseconds()
         if batch.checkpoint_lsn > self.checkpoint:
             self.advance(batch.checkpoint_lsn)
 
@@ -408,11 +442,11 @@ class ChangeWatcher:
             self.lose_continuity("the watcher started over")
         if last is not None:
             self.last_id = last.id
-            self.head = last.batch.checkpoint_lsn if last.batch is not None else checkpoint
+            self.head = last.batch.checkpoint_lsn if last.batch is not None else checkpoint.lsn
         else:
             self.last_id = b"0-0"
-            self.head = checkpoint
-        self.advance(checkpoint)
+            self.head = checkpoint.lsn
+        self._covers(checkpoint)
         self.synced.set()
 
     async def _check_idle(self) -> None:
@@ -423,8 +457,9 @@ class ChangeWatcher:
         moved without an entry that this watcher can read: Redis lost data or was restored
         (backwards), or entries were trimmed or never written (forwards).
         """
-        checkpoint, last_id = await self._stream.checkpoint_then_last_id()
-        self.advance(checkpoint)
+        stored, last_id = await self._stream.checkpoint_then_last_id()
+        self._covers(stored)
+        checkpoint = stored.lsn
         assert self.last_id is not None
         if stream_id(last_id) > stream_id(self.last_id):
             return  # entries to read: the next XREAD takes them

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Iterable
 
 import pytest
+from google.protobuf import timestamp_pb2
 
-from history_svc.changestream import Change
+from history_svc.changestream import Change, StoredCheckpoint
 from history_svc.watcher import ChangeWatcher, ContinuityLost, Subscription, WatchTooSlow
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
@@ -150,11 +153,11 @@ class _SwallowingStream:
         self.reading = asyncio.Event()
         self.swallowed = 0
 
-    async def last_entry_then_checkpoint(self) -> tuple[None, int]:
-        return None, 0
+    async def last_entry_then_checkpoint(self) -> tuple[None, StoredCheckpoint]:
+        return None, StoredCheckpoint(0)
 
-    async def checkpoint_then_last_id(self) -> tuple[int, bytes]:
-        return 0, b"0-0"
+    async def checkpoint_then_last_id(self) -> tuple[StoredCheckpoint, bytes]:
+        return StoredCheckpoint(0), b"0-0"
 
     async def read(self, after_id: bytes, count: int, block_ms: int) -> list[object]:
         self.reading.set()
@@ -275,3 +278,81 @@ async def test_the_end_of_a_stream_never_splits_a_batch() -> None:
     assert (first.lsn, second.lsn) == (2, 2)
     with pytest.raises(WatchTooSlow):
         await subscription.__anext__()
+
+
+def _at(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(int(seconds * 1e6))
+    return stamp
+
+
+async def test_the_read_models_age_follows_the_source_time_of_each_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_000.0)
+    watcher = _watcher()
+    assert math.isnan(watcher.read_model_age())  # nothing read yet: unknown, never 0
+
+    async def feed(
+        lsn: int,
+        commit_time: timestamp_pb2.Timestamp | None = None,
+        source_time: timestamp_pb2.Timestamp | None = None,
+    ) -> None:
+        batch = read_model_pb2.ChangeBatch(
+            checkpoint_lsn=lsn,
+            previous_checkpoint_lsn=watcher.head,
+            commit_time=commit_time,
+            source_time=source_time,
+        )
+        await watcher.apply(batch, f"{lsn}-0".encode())
+
+    # A transaction: covered up to its commit.
+    await feed(5, commit_time=_at(990), source_time=_at(990))
+    assert watcher.read_model_age() == pytest.approx(10)
+    # An idle advance or a heartbeat: no commit, a newer source time.
+    await feed(5, source_time=_at(998))
+    assert watcher.read_model_age() == pytest.approx(2)
+    # An entry of a replicator that records no source time: its commit time stands for it.
+    await feed(6, commit_time=_at(999))
+    assert watcher.read_model_age() == pytest.approx(1)
+    # An entry with neither says nothing new: the age keeps growing from the last known time.
+    await feed(7)
+    monkeypatch.setattr(time, "time", lambda: 1_030.0)
+    assert watcher.read_model_age() == pytest.approx(31)
+    # A host clock behind the source's never makes it negative.
+    await feed(8, source_time=_at(1_031))
+    assert watcher.read_model_age() == 0
+
+
+class _CheckpointOnly:
+    """A change stream without entries whose checkpoint covers the source up to `covered_until_us`."""
+
+    name = "changes"
+
+    def __init__(self, lsn: int, covered_until_us: int | None) -> None:
+        self.checkpoint = StoredCheckpoint(lsn, covered_until_us)
+
+    async def last_entry_then_checkpoint(self) -> tuple[None, StoredCheckpoint]:
+        return None, self.checkpoint
+
+    async def checkpoint_then_last_id(self) -> tuple[StoredCheckpoint, bytes]:
+        return self.checkpoint, b"0-0"
+
+
+async def test_the_read_models_age_follows_the_checkpoint_read_at_sync_and_after_idle_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_000.0)
+    stream = _CheckpointOnly(5, 980_000_000)
+    watcher = ChangeWatcher(stream)  # type: ignore[arg-type]
+    await watcher._sync()
+    assert watcher.checkpoint == 5
+    assert watcher.read_model_age() == pytest.approx(20)
+    # The checkpoint renewed while no entry was read (a replicator that writes no notification).
+    stream.checkpoint = StoredCheckpoint(5, 995_000_000)
+    await watcher._check_idle()
+    assert watcher.read_model_age() == pytest.approx(5)
+    # Redis has no checkpoint any more (emptied): unknown again.
+    stream.checkpoint = StoredCheckpoint(0)
+    await watcher._check_idle()
+    assert math.isnan(watcher.read_model_age())
