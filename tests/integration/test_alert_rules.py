@@ -12,12 +12,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
+from history_svc import watcher
 from replicator import metrics
 from tests.support import ROOT
 
@@ -288,6 +290,58 @@ _cases(
 )
 
 
+# Two history pods serving the live version, and one serving the next version. Each exports
+# the age of the read models it serves, labelled with that version (history_svc/watcher.py).
+H1 = _pod("history-a", "10.0.1.1:9102", V1).replace("payments/replicator", "payments/history")
+H2 = _pod("history-b", "10.0.1.2:9102", V1).replace("payments/replicator", "payments/history")
+H3 = _pod("history-c", "10.0.1.3:9102", V2).replace("payments/replicator", "payments/history")
+# A caught-up replicator on an idle source renews the time every 5 s: a sawtooth under 5 s.
+HEARTBEAT = " ".join(["0.5 4.5"] * 10)
+
+
+def _stale(version: dict[str, str], age: str) -> dict[str, Any]:
+    return _alert(
+        "ReadModelsStale",
+        {"severity": "critical", "namespace": "payments", **version},
+        f"The read models {version['key_namespace']} in payments are {age} old: nothing newer has been "
+        "replicated to them.",
+    )
+
+
+_cases(
+    "ReadModelsStale",
+    # The replicator stops: both history processes see the age grow by a minute a minute. Above
+    # 60 s from the second minute (62 s), pending for 2 minutes, then firing.
+    (
+        {f"history_read_model_age_seconds{{{H}}}": "2+60x10" for H in (H1, H2)},
+        [("1m", []), ("2m", []), ("3m", [_stale(V1, "3m 2s")])],
+    ),
+    # A caught-up replicator on an idle source: never.
+    ({f"history_read_model_age_seconds{{{H}}}": HEARTBEAT for H in (H1, H2)}, [("10m", [])]),
+    # One process cut off from the change stream (its age grows) while the other is fresh: the
+    # read models are not stale.
+    (
+        {
+            f"history_read_model_age_seconds{{{H1}}}": "2+60x10",
+            f"history_read_model_age_seconds{{{H2}}}": HEARTBEAT,
+        },
+        [("5m", []), ("9m", [])],
+    ),
+    # Two versions side by side: the one whose replicator stopped is named.
+    (
+        {
+            f"history_read_model_age_seconds{{{H1}}}": HEARTBEAT,
+            f"history_read_model_age_seconds{{{H3}}}": "2+60x10",
+        },
+        [("3m", [_stale(V2, "3m 2s")])],
+    ),
+    # A large transaction that takes 90 s to apply, then caught up again: shorter than 2 minutes.
+    ({f"history_read_model_age_seconds{{{H1}}}": "1 90 1x10"}, [("1m", []), ("3m", [])]),
+    # Unknown (no checkpoint read yet, or none in Redis): NaN never fires.
+    ({f"history_read_model_age_seconds{{{H1}}}": " ".join(["NaN"] * 10)}, [("5m", [])]),
+)
+
+
 def _promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
@@ -327,10 +381,10 @@ def test_the_alert_fires_when_it_should_and_only_then(alertname: str, tmp_path: 
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def _exported() -> set[str]:
-    """The names of the series that replicator/metrics.py exports."""
+def _exported(module: ModuleType) -> set[str]:
+    """The names of the series that the metrics defined in `module` export."""
     names: set[str] = set()
-    for value in vars(metrics).values():
+    for value in vars(module).values():
         if not isinstance(value, MetricWrapperBase):
             continue
         for family in value.describe():
@@ -341,10 +395,16 @@ def _exported() -> set[str]:
     return names
 
 
-def test_the_rules_use_only_metrics_the_replicator_exports() -> None:
+def test_the_rules_use_only_metrics_the_replicator_and_history_export() -> None:
     used = set(re.findall(r"\breplicator_[a-z_]+", RULES.read_text()))
     assert used, "no metric found in the rules"
-    assert used <= _exported(), used - _exported()
+    assert used <= _exported(metrics), used - _exported(metrics)
+    # ReadModelsStale reads the history service's age of the read models, labelled like the
+    # replicator's series with the version it serves.
+    from_history = set(re.findall(r"\bhistory_[a-z_]+", RULES.read_text()))
+    assert from_history == {"history_read_model_age_seconds"}
+    assert from_history <= _exported(watcher)
+    assert watcher.READ_MODEL_AGE._labelnames == metrics.VERSION_LABELS
     # Besides its own, ReplicatorRebuilt joins the start of the process, which prometheus_client's
     # process collector puts in the default registry that /metrics serves (Linux only, as the image).
     assert set(re.findall(r"\bprocess_[a-z_]+", RULES.read_text())) == {"process_start_time_seconds"}
