@@ -873,12 +873,19 @@ def test_the_alerts_ship_as_a_prometheus_rule_equal_to_the_rules_file(
     assert rule["spec"] == source
 
 
-def _scraped_by_the_pod_monitor(objs: tuple[Obj, ...], namespace: str) -> set[str]:
-    """The workloads whose pods the PodMonitor `replicator` scrapes; each on its metrics port.
+def _scraped_by_the_pod_monitor(
+    objs: tuple[Obj, ...],
+    namespace: str,
+    name: str = "replicator",
+    command: tuple[str, ...] = ("replicator", "run"),
+    setting: str = "REPLICATOR_METRICS_PORT",
+) -> set[str]:
+    """The workloads whose pods the PodMonitor `name` scrapes; each on the port of its `setting`.
 
-    The PodMonitor selects pods in its own namespace (it has no namespaceSelector).
+    The PodMonitor selects pods in its own namespace (it has no namespaceSelector); the
+    container scraped is the one that runs `command`.
     """
-    monitor = k8s.named(objs, "PodMonitor", "replicator")
+    monitor = k8s.named(objs, "PodMonitor", name)
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert monitor["metadata"]["namespace"] == namespace
     spec = monitor["spec"]
@@ -891,9 +898,9 @@ def _scraped_by_the_pod_monitor(objs: tuple[Obj, ...], namespace: str) -> set[st
         if not k8s.selector_matches(spec["selector"], pod["metadata"]["labels"]):
             continue
         scraped.add(workload["metadata"]["name"])
-        (container,) = [c for c in pod["spec"]["containers"] if c.get("command") == ["replicator", "run"]]
+        (container,) = [c for c in pod["spec"]["containers"] if c.get("command") == list(command)]
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        metrics_port = k8s.container_env(container, objs, namespace)["REPLICATOR_METRICS_PORT"]
+        metrics_port = k8s.container_env(container, objs, namespace)[setting]
         assert str(ports[endpoint["port"]]) == metrics_port, workload["metadata"]["name"]
     return scraped
 
@@ -912,6 +919,25 @@ def test_where_the_alerts_ship_a_pod_monitor_scrapes_the_replicators(
         assert k8s.of_kind(objs, "PodMonitor") == [] == k8s.of_kind(objs, "PrometheusRule")
         return
     assert _scraped_by_the_pod_monitor(objs, namespace) == {"replicator"}
+
+
+def test_where_the_alerts_ship_a_pod_monitor_scrapes_the_history_pods(
+    objs: tuple[Obj, ...], overlay: str, namespace: str
+) -> None:
+    """ReadModelsStale reads the age of the read models that history exports, not the replicator.
+
+    So that it fires while no replicator is scraped, the alerts component ships a second
+    PodMonitor, `history`: it scrapes the history pods on the port of HISTORY_METRICS_PORT,
+    and no other pod. Prometheus may reach that port (components/monitoring).
+    """
+    if overlay == "dev":
+        assert k8s.of_kind(objs, "PodMonitor") == []
+        return
+    scraped = _scraped_by_the_pod_monitor(
+        objs, namespace, "history", ("history-svc", "serve"), "HISTORY_METRICS_PORT"
+    )
+    assert scraped == {"history"}
+    assert {m["metadata"]["name"] for m in k8s.of_kind(objs, "PodMonitor")} == {"replicator", "history"}
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
