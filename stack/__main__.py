@@ -1,4 +1,4 @@
-"""`python -m stack up|down|demo|token|authority`: the local stack, the demo scenario and its tokens."""
+"""`python -m stack up|down|stop|start|demo|token|authority`: the local stack, the demo scenario and its tokens."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, parents=[common], help=text)
         command.add_argument("--history", type=int, default=2, help="number of history processes")
     commands.add_parser("down", parents=[common], help="stop the local stack and remove its data")
+    for name, text in (
+        ("stop", "stop one process of the running stack (SIGTERM), e.g. the replicator"),
+        ("start", "start a stopped process of the stack again, and wait until it is ready"),
+    ):
+        command = commands.add_parser(name, parents=[common], help=text)
+        command.add_argument(
+            "process", help="approval, replicator, history-1, history-2, ..., prometheus (STACK_PROMETHEUS=1)"
+        )
     token = commands.add_parser(
         "token",
         parents=[common],
@@ -61,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "down":
         local.down(args.root)
+        return 0
+    if args.command in ("stop", "start"):
+        try:
+            if args.command == "stop":
+                local.stop_process(args.root, args.process)
+            else:
+                local.start_process(args.root, args.process)
+        except LookupError as error:
+            print(error.args[0], file=sys.stderr)
+            return 2
+        except RuntimeError as error:
+            print(f"{args.command} {args.process} failed: {error}", file=sys.stderr)
+            return 1
+        print(f"{args.process} {'stopped' if args.command == 'stop' else 'started'}")
         return 0
     if args.command == "token":
         if CUSTOMER in args.role and not args.account:

@@ -1,4 +1,8 @@
-"""The local stack: private PostgreSQL and Redis plus every service, in the background, under .stack/."""
+"""The local stack: private PostgreSQL and Redis plus every service, in the background, under .stack/.
+
+With STACK_PROMETHEUS=1, also a Prometheus that scrapes every process and evaluates the
+shipped alert rules (deploy/k8s/components/alerts/replicator.rules.yml).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,15 +34,39 @@ STATE_FILE = "state.json"
 ENDPOINTS_FILE = "endpoints.env"
 DATABASE = "payments"
 
+# STACK_PROMETHEUS=1 (or true, yes) adds a Prometheus. It scrapes every process and evaluates
+# the rules this often: a local stack's alerts should follow it within seconds (a production
+# Prometheus scrapes every 15-60 s). Its configuration and data live in PROMETHEUS_DIR.
+PROMETHEUS_INTERVAL_SECONDS = 1
+PROMETHEUS_DIR = "prometheus"
+# The rules it loads unless STACK_PROMETHEUS_RULES names another file: the shipped ones.
+ALERT_RULES = (
+    Path(__file__).resolve().parent.parent
+    / "deploy"
+    / "k8s"
+    / "components"
+    / "alerts"
+    / "replicator.rules.yml"
+)
+
+
+def prometheus_wanted() -> bool:
+    return os.environ.get("STACK_PROMETHEUS", "").strip().lower() in ("1", "true", "yes")
+
 
 @dataclass
 class Process:
-    """A background process of the stack: its name, pid, and where it logs."""
+    """A background process of the stack: its name, pid, where it logs, and how to start it again."""
 
     name: str
     pid: int
     log: str
     health_addr: str = ""
+    # The command and the environment it adds to the stack's: `start_process` runs it again.
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    # Where a process without gRPC health (Prometheus) answers 200 once it is ready.
+    ready_url: str = ""
 
 
 @dataclass
@@ -48,11 +78,23 @@ class StackState:
     postgres_dir: str = ""
     redis_pid: int = 0
     redis_dir: str = ""
+    prometheus_dir: str = ""
     endpoints: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
 
     def save(self) -> None:
-        Path(self.root, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+        # Only its owner may read it: the processes' environments hold the page token secret.
+        path = Path(self.root, STATE_FILE)
+        path.unlink(missing_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(json.dumps(asdict(self), indent=2))
+
+    def process(self, name: str) -> Process:
+        for process in self.processes:
+            if process.name == name:
+                return process
+        names = ", ".join(p.name for p in self.processes)
+        raise LookupError(f"the stack has no process {name!r} (it has {names})")
 
     @classmethod
     def load(cls, root: Path) -> StackState | None:
@@ -101,6 +143,26 @@ def wait_serving(
     raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s (last: {last})")
 
 
+def wait_http_ready(url: str, timeout: float, alive: Callable[[], bool] | None = None) -> None:
+    """Returns once `url` answers 200; TimeoutError when it does not in time, ChildProcessError once `alive` says no."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise ChildProcessError(f"the server of {url} exited")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+                last = f"HTTP {reply.status}"
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s (last: {last})")
+
+
 def _spawn(root: Path, name: str, args: list[str], env: dict[str, str]) -> Process:
     log = root / f"{name}.log"
     with open(log, "ab") as out:
@@ -112,7 +174,19 @@ def _spawn(root: Path, name: str, args: list[str], env: dict[str, str]) -> Proce
             env={**os.environ, **env},
             start_new_session=True,
         )
-    return Process(name=name, pid=process.pid, log=str(log))
+    return Process(name=name, pid=process.pid, log=str(log), args=args, env=env)
+
+
+def _wait_ready(process: Process, timeout: float) -> None:
+    """Waits until the process is ready: SERVING on gRPC health, or 200 from its ready URL."""
+    try:
+        if process.ready_url:
+            wait_http_ready(process.ready_url, timeout, alive=lambda: process_alive(process.pid))
+        else:
+            wait_serving(process.health_addr, timeout, alive=lambda: process_alive(process.pid))
+    except (TimeoutError, ChildProcessError) as error:
+        tail = "\n".join(Path(process.log).read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"{process.name} did not become ready: {error}\n{tail}") from None
 
 
 def up(root: Path, history_count: int = 2, fsync: bool = False, timeout: float = 90.0) -> StackState:
@@ -176,6 +250,10 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     )
 
     approval_port = _port("approval")
+    # Where each process serves /metrics, by Prometheus's job name.
+    metrics: dict[str, list[str]] = {"approval": [], "replicator": [], "history": []}
+    approval_metrics_port = _port("approval_metrics")
+    metrics["approval"].append(f"127.0.0.1:{approval_metrics_port}")
     approval = _spawn(
         root,
         "approval",
@@ -184,7 +262,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
             "APPROVAL_DATABASE_URL": dsn,
             "APPROVAL_HOST": "127.0.0.1",
             "APPROVAL_PORT": str(approval_port),
-            "APPROVAL_METRICS_PORT": str(_port("approval_metrics")),
+            "APPROVAL_METRICS_PORT": str(approval_metrics_port),
             # Low enough that the demo's large payment is held for review.
             "APPROVAL_REVIEW_THRESHOLD_MINOR": os.environ.get("APPROVAL_REVIEW_THRESHOLD_MINOR", "100000"),
             **authority.server_env("APPROVAL_"),
@@ -194,6 +272,8 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     state.processes.append(approval)
 
     replicator_port = _port("replicator_health")
+    replicator_metrics_port = _port("replicator_metrics")
+    metrics["replicator"].append(f"127.0.0.1:{replicator_metrics_port}")
     replicator = _spawn(
         root,
         "replicator",
@@ -202,7 +282,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
             "REPLICATOR_DATABASE_URL": dsn,
             "REPLICATOR_REDIS_URL": redis_url,
             "REPLICATOR_HEALTH_PORT": str(replicator_port),
-            "REPLICATOR_METRICS_PORT": str(_port("replicator_metrics")),
+            "REPLICATOR_METRICS_PORT": str(replicator_metrics_port),
         },
     )
     replicator.health_addr = f"127.0.0.1:{replicator_port}"
@@ -210,8 +290,13 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
 
     page_secret = secrets.token_hex(32)
     history_addrs = []
+    with_prometheus = prometheus_wanted()
     for index in range(1, history_count + 1):
         port = free_port()
+        # Served only for Prometheus: without it, the history processes serve no metrics.
+        history_metrics_port = free_port() if with_prometheus else 0
+        if history_metrics_port:
+            metrics["history"].append(f"127.0.0.1:{history_metrics_port}")
         history = _spawn(
             root,
             f"history-{index}",
@@ -220,7 +305,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
                 "HISTORY_REDIS_URL": redis_url,
                 "HISTORY_HOST": "127.0.0.1",
                 "HISTORY_PORT": str(port),
-                "HISTORY_METRICS_PORT": "0",
+                "HISTORY_METRICS_PORT": str(history_metrics_port),
                 "HISTORY_PAGE_TOKEN_SECRET": page_secret,
                 **authority.server_env("HISTORY_"),
             },
@@ -232,11 +317,7 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
 
     for process in state.processes:
         print(f"waiting for {process.name} ({process.health_addr}) to be SERVING ...", flush=True)
-        try:
-            wait_serving(process.health_addr, timeout)
-        except TimeoutError as error:
-            tail = "\n".join(Path(process.log).read_text(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"{process.name} did not become ready: {error}\n{tail}") from None
+        _wait_ready(process, timeout)
 
     state.endpoints = {
         "APPROVAL_ADDR": approval.health_addr,
@@ -245,6 +326,11 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
         "POSTGRES_DSN": dsn,
         "REDIS_URL": redis_url,
     }
+    if with_prometheus:
+        prometheus = _start_prometheus(root, state, metrics)
+        print(f"waiting for prometheus ({prometheus.ready_url}) to be ready ...", flush=True)
+        _wait_ready(prometheus, timeout)
+        state.endpoints["PROMETHEUS_URL"] = prometheus.ready_url.removesuffix("/-/ready")
     state.save()
     lines = [f"{key}={shlex.quote(value)}" for key, value in state.endpoints.items()]
     (root / ENDPOINTS_FILE).write_text("\n".join(lines) + "\n")
@@ -252,6 +338,12 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     print("the stack is up:")
     for line in lines:
         print(f"  {line}")
+    if with_prometheus:
+        url = state.endpoints["PROMETHEUS_URL"]
+        print(
+            f"prometheus: {url} scrapes every process every {PROMETHEUS_INTERVAL_SECONDS}s and evaluates "
+            f"the alert rules of {_rules_file()} as often; the alerts: {url}/alerts"
+        )
     print(f"endpoints written to {root / ENDPOINTS_FILE}; logs in {root}/*.log; `make down` stops it")
     print(
         f"authentication is on: a token per role ({', '.join(tokens.token_variable(r) for r in ROLES if r != CUSTOMER)}) "
@@ -259,6 +351,94 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
         "  call with the metadata 'authorization: Bearer <token>'; "
         "`python -m stack token --role ROLE [--account ID]` prints another"
     )
+
+
+def _rules_file() -> Path:
+    """The rules Prometheus loads: STACK_PROMETHEUS_RULES, or the shipped ones."""
+    return Path(os.environ.get("STACK_PROMETHEUS_RULES") or ALERT_RULES).resolve()
+
+
+def prometheus_config(rules: Path, targets: dict[str, list[str]]) -> str:
+    """The local Prometheus's configuration: the rules file, and one job per service with its /metrics addresses."""
+    interval = f"{PROMETHEUS_INTERVAL_SECONDS}s"
+    lines = [
+        "# Written by `make up` with STACK_PROMETHEUS=1 (stack/local.py).",
+        "global:",
+        f"  scrape_interval: {interval}",
+        f"  scrape_timeout: {interval}",
+        f"  evaluation_interval: {interval}",
+        "rule_files:",
+        f"  - {json.dumps(str(rules))}",
+        "scrape_configs:",
+    ]
+    for job, addresses in targets.items():
+        # JSON's strings and lists are YAML too.
+        lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {json.dumps(addresses)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _start_prometheus(root: Path, state: StackState, targets: dict[str, list[str]]) -> Process:
+    """Starts Prometheus on the stack's /metrics addresses, its configuration and data under root/prometheus."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("STACK_PROMETHEUS=1 needs Prometheus: apt-get install prometheus (Debian)")
+    rules = _rules_file()
+    if not rules.is_file():
+        raise RuntimeError(f"STACK_PROMETHEUS_RULES: no file {rules}")
+    folder = root / PROMETHEUS_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data").mkdir(parents=True)
+    state.prometheus_dir = str(folder)
+    config = folder / "prometheus.yml"
+    config.write_text(prometheus_config(rules, targets))
+    port = _port("prometheus")
+    print(f"starting Prometheus on 127.0.0.1:{port} ...", flush=True)
+    prometheus = _spawn(
+        root,
+        "prometheus",
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1d",
+        ],
+        {},
+    )
+    prometheus.ready_url = f"http://127.0.0.1:{port}/-/ready"
+    state.processes.append(prometheus)
+    state.save()
+    return prometheus
+
+
+def stop_process(root: Path, name: str) -> None:
+    """Stops one process of the stack as Kubernetes stops a container (SIGTERM, SIGKILL after 20 s)."""
+    state = _state_of(root)
+    _terminate(state.process(name).pid, signal.SIGTERM, 20)
+
+
+def start_process(root: Path, name: str, timeout: float = 90.0) -> None:
+    """Starts a stopped process of the stack again, as it was started, and waits until it is ready."""
+    state = _state_of(root)
+    old = state.process(name)
+    if process_alive(old.pid):
+        raise RuntimeError(f"{name} is running (pid {old.pid}); stop it first")
+    if not old.args:
+        raise RuntimeError(
+            f"{name} was started by an earlier version of the stack: `make down`, then `make up`"
+        )
+    new = _spawn(root, name, old.args, old.env)
+    new.health_addr, new.ready_url = old.health_addr, old.ready_url
+    state.processes[state.processes.index(old)] = new
+    state.save()
+    _wait_ready(new, timeout)
+
+
+def _state_of(root: Path) -> StackState:
+    state = StackState.load(root)
+    if state is None or not process_alive(state.postgres_pid):
+        raise RuntimeError(f"the stack of {root} is not up")
+    return state
 
 
 def _terminate(pid: int, sig: int, timeout: float) -> None:
@@ -292,7 +472,7 @@ def down(root: Path, quiet: bool = False) -> None:
     _terminate(state.redis_pid, signal.SIGTERM, 10)
     _terminate(state.postgres_pid, signal.SIGINT, 30)
 
-    for folder in (state.postgres_dir, state.redis_dir):
+    for folder in (state.postgres_dir, state.redis_dir, state.prometheus_dir):
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
     # The authority (root/auth) stays: tokens it signed remain valid for the next stack.
