@@ -66,7 +66,7 @@ def migrated_dsn(database_dsn: str) -> str:
 IN_ORDER = frozenset({"tests/integration/test_fuzz_approval.py", "tests/integration/test_fuzz_history.py"})
 # End-to-end modules that start what they need themselves (the image's containers and their own servers),
 # so that they run beside the local stack's suites rather than after them.
-APART = frozenset({"tests/e2e/test_image_stack.py"})
+APART = frozenset({"tests/e2e/test_image_stack.py", "tests/e2e/test_freshness_alert.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -95,9 +95,14 @@ def history_process(redis_url: str, port: int, log_path: Path, slot: str, **env:
     )
 
 
-async def open_accounts(address: str, count: int, opening_balance_minor: int) -> list[str]:
-    """Opens `count` EUR accounts through the approval service at `address` (limits that never bind); their ids."""
-    async with aio_channel(address) as channel:
+async def open_accounts(
+    address: str, count: int, opening_balance_minor: int, token: str | None = None
+) -> list[str]:
+    """Opens `count` EUR accounts through the approval service at `address` (limits that never bind); their ids.
+
+    The calls carry `token`, by default the tests' service token.
+    """
+    async with aio_channel(address, token) as channel:
         stub: approval_grpc.ApprovalServiceAsyncStub = approval_grpc.ApprovalServiceStub(channel)
         accounts = []
         for n in range(count):
@@ -235,13 +240,17 @@ class PaymentLoad:
     """Submits payments among `accounts` until stopped; retries every failure with the same request_id.
 
     Every request is retried until it gets a response, so when `run` returns every request
-    that was sent is acknowledged (or listed in `unresolved` if its budget ran out).
+    that was sent is acknowledged (or listed in `unresolved` if its budget ran out). The calls
+    carry `token`, by default the tests' service token.
     """
 
     approval_address: str
     accounts: list[str]
     currency: str = "EUR"
     workers: int = 3
+    token: str | None = None
+    # Each worker's pause after an acknowledged payment: a client's think time, which paces the load.
+    think_s: float = 0.0
     request_budget_s: float = 90.0
     seed: int = 7
     acks: list[Ack] = field(default_factory=list)
@@ -252,7 +261,7 @@ class PaymentLoad:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        async with aio_channel(self.approval_address, options=FAST_RECONNECT) as channel:
+        async with aio_channel(self.approval_address, self.token, options=FAST_RECONNECT) as channel:
             stub = approval_grpc.ApprovalServiceStub(channel)
             await asyncio.gather(*(self._worker(stub, n) for n in range(self.workers)))
 
@@ -268,6 +277,8 @@ class PaymentLoad:
                 reference=f"load {number}",
             )
             await self._submit(stub, request)
+            if self.think_s:
+                await asyncio.sleep(self.think_s)  # pacing, not synchronisation
 
     async def _submit(
         self, stub: approval_grpc.ApprovalServiceAsyncStub, request: approval_pb.SubmitPaymentRequest
