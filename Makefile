@@ -12,7 +12,7 @@ help:
 	@echo "make demo   bring the local stack up, run the scenario, bring it down"
 	@echo "make test   set up, lint, type-check, check the contracts, build the image, run every test"
 	@echo "make test-fast  lint, type-check, the unit and contract tests: the edit-run loop"
-	@echo "make up     start the local stack in the background (make down stops it)"
+	@echo "make up     start the local stack in the background (make down stops it; STACK_PROMETHEUS=1 adds a Prometheus)"
 	@echo "make token ROLE=reviewer [ACCOUNT=id]  print a bearer token the local stack accepts"
 	@echo "make gen    regenerate the Python code of protos/ and the PrometheusRule of the alerts"
 	@echo "make image  build the service image with docker or podman (IMAGE_BASE=standin: on a local stand-in base)"
