@@ -7,13 +7,14 @@ import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Generic, TypeVar
 from uuid import UUID, uuid4
 
 from approval_svc import metrics
-from approval_svc.adapters.repository import IdempotencyKey, SavedRequest, StoredRequest
+from approval_svc.adapters.repository import IdempotencyKey, SavedRequest, StoredRequest, SubmissionPath
 from approval_svc.adapters.unit_of_work import UnitOfWork
 from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
@@ -31,6 +32,7 @@ from approval_svc.domain.model import (
     Account,
     AccountStatus,
     DeclineReason,
+    LedgerEntry,
     Payment,
     PaymentEvent,
     PaymentStatus,
@@ -80,6 +82,28 @@ class Outcome(Generic[T]):
 
 
 UnitOfWorkFactory = Callable[[], UnitOfWork]
+# Opens the path without locks for one submission (SqlSubmissionPath); None: every submission locks.
+SubmissionPathFactory = Callable[[], AbstractAsyncContextManager[SubmissionPath]]
+
+
+def _submission_records(
+    payment: Payment, key: RequestKey[Payment]
+) -> tuple[PaymentEvent, list[LedgerEntry], SavedRequest]:
+    """What a decided submission writes besides the payment: its first event, its ledger entries, its record."""
+    event = PaymentEvent(
+        payment.payment_id,
+        SUBMISSION_SEQUENCE,
+        payment.status,
+        payment.decline_reason,
+        SYSTEM_ACTOR,
+        "",
+        payment.created_at,
+    )
+    entries = rules.transfer_entries(payment) if payment.status is PaymentStatus.APPROVED else []
+    request = SavedRequest(key.stored_as, key.method, key.fingerprint, key.encode(payment))
+    tracing.note_payment(str(payment.payment_id))
+    tracing.set_attributes({"payment.status": payment.status.name})
+    return event, entries, request
 
 
 def _stored_response(stored: StoredRequest | None, key: RequestKey[T]) -> bytes | None:
@@ -100,8 +124,10 @@ class Handlers:
         review_threshold: int,
         new_id: Callable[[], UUID] = uuid4,
         max_attempts: int = 8,
+        submissions: SubmissionPathFactory | None = None,
     ) -> None:
         self._uow_factory = uow_factory
+        self._submissions = submissions
         self._review_threshold = review_threshold
         self._new_id = new_id
         self._max_attempts = max_attempts
@@ -168,6 +194,20 @@ class Handlers:
     async def submit_payment(
         self, command: commands.SubmitPayment, key: RequestKey[Payment]
     ) -> Outcome[Payment]:
+        """Decides and records a payment, once per request_id.
+
+        First without locks, in two round trips: the inputs read as they are, the decision
+        written and committed only if none of them changed meanwhile. Otherwise (an account
+        changed, the key came in between, an account or a credit the rules refuse) the
+        decision is made again under the accounts' locks, which serialises it with the others.
+        """
+        if self._submissions is not None:
+            quick = await self._submit_without_locks(command, key)
+            if quick is not None:
+                if quick.value is not None:
+                    _count_decision(quick.value, SYSTEM_ACTOR)
+                return quick
+
         async def work(uow: UnitOfWork) -> Outcome[Payment]:
             repo = uow.repo
             lookup, accounts = await repo.begin_submission(
@@ -187,19 +227,7 @@ class Handlers:
                 if replay is not None:
                     return Outcome(None, replay, await uow.position())
                 raise
-            event = PaymentEvent(
-                payment.payment_id,
-                SUBMISSION_SEQUENCE,
-                payment.status,
-                payment.decline_reason,
-                SYSTEM_ACTOR,
-                "",
-                now,
-            )
-            entries = rules.transfer_entries(payment) if payment.status is PaymentStatus.APPROVED else []
-            request = SavedRequest(key.stored_as, key.method, key.fingerprint, key.encode(payment))
-            tracing.note_payment(str(payment.payment_id))
-            tracing.set_attributes({"payment.status": payment.status.name})
+            event, entries, request = _submission_records(payment, key)
             stored = await repo.add_decision(
                 payment, event, rules.submission_changes(payment), entries, request
             )
@@ -213,6 +241,42 @@ class Handlers:
         if outcome.value is not None:
             _count_decision(outcome.value, SYSTEM_ACTOR)
         return outcome
+
+    async def _submit_without_locks(
+        self, command: commands.SubmitPayment, key: RequestKey[Payment]
+    ) -> Outcome[Payment] | None:
+        """The submission in two round trips, or None when it must be decided under the locks."""
+        assert self._submissions is not None
+        try:
+            async with self._submissions() as path:
+                peek = await path.peek(key.stored_as, [command.payer_account_id, command.payee_account_id])
+                replay = _stored_response(peek.stored, key)
+                if replay is not None:
+                    return Outcome(None, replay, peek.position)
+                try:
+                    payment = self._decide(command, key.request_id, peek.accounts, peek.now)
+                except (AccountNotFound, InvalidRequest):
+                    # Refused: decided again under the locks, which also look at the key again.
+                    return None
+                event, entries, request = _submission_records(payment, key)
+                submitted = await path.commit(
+                    payment, event, rules.submission_changes(payment), entries, request, peek.versions
+                )
+        except TransactionConflict:
+            metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("conflict").inc()
+            return None
+        except DatabaseUnavailable:
+            # A pooled connection that died (a database restart), or a commit whose answer was
+            # lost: the locked path starts on a fresh connection, and finds the request's record
+            # if the commit went through.
+            metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("unavailable").inc()
+            return None
+        metrics.SUBMISSIONS_WITHOUT_LOCKS.labels(submitted.outcome).inc()
+        if submitted.outcome == "committed":
+            return Outcome(payment, None, submitted.position)
+        if submitted.outcome == "replay":
+            return Outcome(None, _stored_response(submitted.stored, key), submitted.position)
+        return None
 
     def _decide(
         self, command: commands.SubmitPayment, request_id: str, accounts: dict[UUID, Account], now: datetime

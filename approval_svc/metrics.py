@@ -18,6 +18,13 @@ RETRIES = Counter(
     "approval_transaction_retries_total",
     "Units of work run again after a serialization failure, deadlock or concurrent request_id.",
 )
+SUBMISSIONS_WITHOUT_LOCKS = Counter(
+    "approval_submissions_without_locks_total",
+    "Payments submitted on the path without locks, by outcome: committed, replay (answered with the "
+    "stored response), conflict (decided again under the locks), unavailable (the connection failed: "
+    "decided again under the locks, on another).",
+    ["outcome"],
+)
 POOL_CHECKED_OUT = Gauge(
     "approval_db_pool_checked_out",
     "Database connections out of the pool: in use by a call, or on their way back.",

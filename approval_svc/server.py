@@ -11,9 +11,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from approval_svc import metrics
-from approval_svc.adapters.unit_of_work import SqlUnitOfWork, create_engine, probe
+from approval_svc.adapters.unit_of_work import SqlSubmissionPath, SqlUnitOfWork, create_engine, probe
 from approval_svc.config import Settings
-from approval_svc.handlers import Handlers, UnitOfWorkFactory
+from approval_svc.handlers import Handlers, SubmissionPathFactory, UnitOfWorkFactory
 from approval_svc.servicer import AUDITED, SERVICE_NAME, ApprovalServicer
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments_common import grpcserver
@@ -28,6 +28,8 @@ class Dependencies:
     probe: Callable[[], Awaitable[bool]]
     new_id: Callable[[], UUID] = uuid4
     readiness_interval_seconds: float = 1.0
+    # The submissions' path without locks; None: every submission is decided under the locks.
+    submissions: SubmissionPathFactory | None = None
 
     @classmethod
     def from_engine(cls, engine: AsyncEngine, readiness_interval_seconds: float = 1.0) -> Dependencies:
@@ -35,12 +37,15 @@ class Dependencies:
             uow_factory=lambda: SqlUnitOfWork(engine),
             probe=lambda: probe(engine),
             readiness_interval_seconds=readiness_interval_seconds,
+            submissions=lambda: SqlSubmissionPath(engine),
         )
 
 
 def create_server(settings: Settings, deps: Dependencies) -> tuple[GrpcService, int]:
     """Builds (does not start) the server; returns it and its bound port (tests bind port 0)."""
-    handlers = Handlers(deps.uow_factory, settings.review_threshold_minor, new_id=deps.new_id)
+    handlers = Handlers(
+        deps.uow_factory, settings.review_threshold_minor, new_id=deps.new_id, submissions=deps.submissions
+    )
     servicer = ApprovalServicer(handlers)
     server, port, readiness = build_server(
         settings,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 import asyncpg
@@ -26,6 +26,7 @@ from approval_svc.domain.model import (
     PaymentEvent,
     PaymentStatus,
 )
+from payments_common.lsn import parse_lsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,54 @@ class RequestLookup:
 
     now: datetime
     stored: StoredRequest | None
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """A submission's inputs read without locks: the time, the request's record, the accounts and their versions.
+
+    `position` is a WAL position at or past the commit of the record, when there is one.
+    """
+
+    now: datetime
+    stored: StoredRequest | None
+    accounts: dict[UUID, Account]
+    versions: dict[UUID, str]
+    position: int
+
+
+SubmitOutcome = Literal["committed", "replay", "conflict"]
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What became of a decision made without locks (`SubmissionPath.commit`).
+
+    committed: written and committed, `position` at or past its commit. replay: a request
+    with the same key is recorded (`stored`), nothing written. conflict: an account changed
+    since it was read, or the key was committed meanwhile: nothing written, decide again.
+    """
+
+    outcome: SubmitOutcome
+    position: int
+    stored: StoredRequest | None = None
+
+
+class SubmissionPath(Protocol):
+    """A payment's decision in two round trips: its inputs read without locks, then a write that commits
+    only if none of them changed. Each call is a statement of its own, outside any transaction."""
+
+    async def peek(self, key: IdempotencyKey, account_ids: Sequence[UUID]) -> Peek: ...
+
+    async def commit(
+        self,
+        payment: Payment,
+        event: PaymentEvent,
+        changes: Sequence[AccountChange],
+        entries: Sequence[LedgerEntry],
+        request: SavedRequest,
+        versions: dict[UUID, str],
+    ) -> Submitted: ...
 
 
 class Repository(Protocol):
@@ -291,8 +340,8 @@ def _changes_sql(n: int) -> str:
 # not read them.
 _APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
 
-# A submission in one statement: the payment, its event, both accounts, the ledger rows
-# and the request's record. The foreign keys are checked at the end of the statement,
+# A submission in one statement (the function apply_decision, migration 0005): the payment,
+# its event, both accounts, the ledger rows and the request's record. The foreign keys are checked at the end of the statement,
 # when the payment row exists.
 # When a request with the same key committed first, ON CONFLICT DO NOTHING records
 # nothing, and the statement returns that request's record if its snapshot has it: a
@@ -302,19 +351,25 @@ _APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
 # transaction rolls back. No row at all: the key was committed while this statement
 # waited for it (the caller's reuse of the request_id with other accounts, which the
 # locks did not serialise); the transaction runs again and its lookup finds the record.
-_ADD_DECISION = f"""
-    WITH {_INSERT_PAYMENT}, {_changes_sql(21)},
-    request AS (
-        INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)
-        VALUES ($39, $40, $41, $42, $43)
-        ON CONFLICT (caller, request_id) DO NOTHING
-        RETURNING 1
-    )
-    SELECT NULL AS method, NULL::bytea AS request_fingerprint, NULL::bytea AS response FROM request
-    UNION ALL
-    SELECT k.method, k.request_fingerprint, k.response FROM idempotency_keys AS k
-    WHERE k.caller = $39 AND k.request_id = $40 AND NOT EXISTS (SELECT FROM request)
+_ADD_DECISION = "SELECT * FROM apply_decision(" + ", ".join(f"${n}" for n in range(1, 44)) + ")"
+
+# The decision's inputs read without locks, outside any transaction: the request's record,
+# the accounts with their row versions (`xmin`), and a WAL position read after the snapshot
+# (at or past the commit of any record it holds).
+_PEEK_SUBMISSION = f"""
+    SELECT l.now, l.method, l.request_fingerprint, l.response,
+           pg_current_wal_insert_lsn()::text AS position, a.*
+    FROM ({_BEGIN_REQUEST}) AS l
+    LEFT JOIN (
+        SELECT xmin::text AS version, {_ACCOUNT_COLUMNS} FROM accounts
+        WHERE account_id = ANY($3::uuid[])
+        ORDER BY account_id
+    ) AS a ON true
 """
+
+# The decision's write and commit, if the accounts are still the versions it read
+# (migration 0005). CALLed outside a transaction block: it commits.
+_SUBMIT_DECIDED = "CALL submit_decided(" + ", ".join(f"${n}" for n in range(1, 47)) + ")"
 
 _LOCK_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1 FOR NO KEY UPDATE"
 _GET_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1"
@@ -441,6 +496,55 @@ def _changes_args(
         [e.kind.value for e in entries],
         [e.amount for e in entries],
     ]
+
+
+async def peek_submission(
+    connection: asyncpg.Connection, key: IdempotencyKey, account_ids: Sequence[UUID]
+) -> Peek:
+    rows = await connection.fetch(_PEEK_SUBMISSION, key.caller, key.request_id, list(account_ids))
+    first = rows[0]
+    present = [row for row in rows if row["account_id"] is not None]
+    return Peek(
+        first["now"],
+        _stored(first),
+        {row["account_id"]: _account(row) for row in present},
+        {row["account_id"]: row["version"] for row in present},
+        parse_lsn(first["position"]),
+    )
+
+
+async def submit_decided(
+    connection: asyncpg.Connection,
+    payment: Payment,
+    event: PaymentEvent,
+    changes: Sequence[AccountChange],
+    entries: Sequence[LedgerEntry],
+    request: SavedRequest,
+    versions: dict[UUID, str],
+    trace_context: str | None,
+) -> Submitted:
+    ordered = sorted(versions)  # as the procedure locks them, in account order
+    row = await connection.fetchrow(
+        _SUBMIT_DECIDED,
+        ordered,
+        [versions[account_id] for account_id in ordered],
+        trace_context,
+        *_payment_args(payment, event),
+        *_changes_args(changes, entries, payment.created_at),
+        request.key.caller,
+        request.key.request_id,
+        request.method,
+        request.fingerprint,
+        request.response,
+    )
+    outcome: SubmitOutcome = row["outcome"]
+    position = int(row["wal_position"] or 0)  # asyncpg reads a pg_lsn as its integer
+    stored = None
+    if row["stored_method"] is not None:
+        stored = StoredRequest(
+            row["stored_method"], bytes(row["stored_fingerprint"]), bytes(row["stored_response"])
+        )
+    return Submitted(outcome, position, stored)
 
 
 class SqlRepository:

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Final, Protocol, Self
+from uuid import UUID
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from approval_svc.adapters.repository import Repository, SqlRepository
+from approval_svc.adapters.repository import (
+    IdempotencyKey,
+    Peek,
+    Repository,
+    SavedRequest,
+    SqlRepository,
+    Submitted,
+    peek_submission,
+    submit_decided,
+)
 from approval_svc.domain.errors import DatabaseUnavailable, DeadlineExceeded, TransactionConflict
+from approval_svc.domain.model import AccountChange, LedgerEntry, Payment, PaymentEvent
 from payments_common import tracing
 from payments_common.errors import ServiceError
 from payments_common.lsn import format_lsn, parse_lsn
@@ -153,6 +164,55 @@ def create_engine(database_url: str, pool_size: int, pool_timeout: float = 5.0) 
     )
 
 
+async def _release(
+    connection: AsyncConnection, driver: asyncpg.Connection, cancelled: bool, broken: bool = False
+) -> None:
+    """Ends the transaction and gives the connection back to the pool (or drops it if broken).
+
+    After a cancelled statement asyncpg first waits for PostgreSQL to acknowledge the
+    cancel request it sent, then runs the ROLLBACK: the connection returns clean,
+    without a reconnect. A cancellation can land before the transaction status is
+    known (in BEGIN), so then ROLLBACK is sent whatever the status says.
+    """
+    if not broken and not driver.is_closed() and (cancelled or driver.is_in_transaction()):
+        try:
+            await driver.execute("ROLLBACK", timeout=_RELEASE_TIMEOUT_S)
+        except Exception as error:
+            if database_error(error) is None and not isinstance(error, asyncpg.PostgresError):
+                log.error("could not roll back", exc_info=error)
+            else:
+                log.warning("could not roll back: %s", error)
+            broken = True
+    await _discard(connection, invalidate=broken or driver.is_closed())
+
+
+async def _checkout(engine: AsyncEngine) -> AsyncConnection:
+    deadline = CALL_DEADLINE.get()
+    if deadline is None:
+        return await engine.connect()
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before a database connection was free")
+    try:
+        async with asyncio.timeout(remaining):
+            return await engine.connect()
+    except TimeoutError:
+        raise DeadlineExceeded("the call's deadline passed before a database connection was free") from None
+
+
+async def _discard(connection: AsyncConnection, invalidate: bool) -> None:
+    """Returns the connection to the pool, or drops it when it can no longer be trusted."""
+    try:
+        if invalidate:
+            await connection.invalidate()
+        await connection.close()
+    except Exception as error:
+        if database_error(error) is None:
+            log.error("could not release a database connection", exc_info=error)
+        else:
+            log.warning("could not release a database connection: %s", error)
+
+
 class SqlUnitOfWork:
     """A UnitOfWork on one pooled connection of `engine`.
 
@@ -174,7 +234,7 @@ class SqlUnitOfWork:
         # before anything ran, so one more try on a fresh connection is safe.
         for attempt in (1, 2):
             try:
-                connection = await self._checkout()
+                connection = await _checkout(self._engine)
             except Exception as error:
                 mapped = database_error(error)
                 if mapped is not None:
@@ -188,7 +248,7 @@ class SqlUnitOfWork:
                 await begun.execute("BEGIN")
             except Exception as error:
                 mapped = database_error(error)
-                await self._discard(connection, invalidate=mapped is not None)
+                await _discard(connection, invalidate=mapped is not None)
                 if isinstance(mapped, DatabaseUnavailable) and attempt == 1:
                     continue
                 if mapped is not None:
@@ -197,9 +257,9 @@ class SqlUnitOfWork:
             except BaseException:
                 # Cancelled during BEGIN: the connection goes back all the same.
                 if driver is None:
-                    await _to_the_end(self._discard(connection, invalidate=True))
+                    await _to_the_end(_discard(connection, invalidate=True))
                 else:
-                    await _to_the_end(self._release(connection, driver, cancelled=True))
+                    await _to_the_end(_release(connection, driver, cancelled=True))
                 raise
             self._connection, self._driver = connection, begun
             self.repo = SqlRepository(begun)
@@ -214,66 +274,17 @@ class SqlUnitOfWork:
         if connection is not None and driver is not None:
             if exc is None and not driver.is_in_transaction():
                 # Committed: back to the pool without any await (nothing to interrupt).
-                await self._discard(connection, invalidate=driver.is_closed())
+                await _discard(connection, invalidate=driver.is_closed())
             else:
                 cancelled = exc is not None and not isinstance(exc, Exception)
                 broken = isinstance(exc, DatabaseUnavailable) or (
                     isinstance(exc, Exception) and isinstance(database_error(exc), DatabaseUnavailable)
                 )
-                await _to_the_end(self._release(connection, driver, cancelled=cancelled, broken=broken))
+                await _to_the_end(_release(connection, driver, cancelled=cancelled, broken=broken))
         if isinstance(exc, Exception):
             mapped = database_error(exc)
             if mapped is not None:
                 raise mapped from exc
-
-    async def _release(
-        self, connection: AsyncConnection, driver: asyncpg.Connection, cancelled: bool, broken: bool = False
-    ) -> None:
-        """Ends the transaction and gives the connection back to the pool (or drops it if broken).
-
-        After a cancelled statement asyncpg first waits for PostgreSQL to acknowledge the
-        cancel request it sent, then runs the ROLLBACK: the connection returns clean,
-        without a reconnect. A cancellation can land before the transaction status is
-        known (in BEGIN), so then ROLLBACK is sent whatever the status says.
-        """
-        if not broken and not driver.is_closed() and (cancelled or driver.is_in_transaction()):
-            try:
-                await driver.execute("ROLLBACK", timeout=_RELEASE_TIMEOUT_S)
-            except Exception as error:
-                if database_error(error) is None and not isinstance(error, asyncpg.PostgresError):
-                    log.error("could not roll back", exc_info=error)
-                else:
-                    log.warning("could not roll back: %s", error)
-                broken = True
-        await self._discard(connection, invalidate=broken or driver.is_closed())
-
-    async def _checkout(self) -> AsyncConnection:
-        deadline = CALL_DEADLINE.get()
-        if deadline is None:
-            return await self._engine.connect()
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise DeadlineExceeded("the call's deadline passed before a database connection was free")
-        try:
-            async with asyncio.timeout(remaining):
-                return await self._engine.connect()
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "the call's deadline passed before a database connection was free"
-            ) from None
-
-    @staticmethod
-    async def _discard(connection: AsyncConnection, invalidate: bool) -> None:
-        """Returns the connection to the pool, or drops it when it can no longer be trusted."""
-        try:
-            if invalidate:
-                await connection.invalidate()
-            await connection.close()
-        except Exception as error:
-            if database_error(error) is None:
-                log.error("could not release a database connection", exc_info=error)
-            else:
-                log.warning("could not release a database connection: %s", error)
 
     def _require(self) -> asyncpg.Connection:
         if self._driver is None:
@@ -313,6 +324,84 @@ class SqlUnitOfWork:
     async def position(self) -> int:
         text_lsn: str = await self._require().fetchval(_WAL_POSITION)
         return parse_lsn(text_lsn)
+
+
+class SqlSubmissionPath:
+    """A SubmissionPath on one pooled connection, without a transaction block: each call commits by itself.
+
+    Opened for one submission (`async with`), so that its two round trips share the
+    connection, and given back to the pool when it ends.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+        self._driver: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            connection = await _checkout(self._engine)
+        except Exception as error:
+            mapped = database_error(error)
+            if mapped is not None:
+                raise mapped from error
+            raise
+        try:
+            raw = await connection.get_raw_connection()
+        except BaseException:
+            await _to_the_end(_discard(connection, invalidate=True))
+            raise
+        self._connection, self._driver = connection, raw.driver_connection
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        connection, self._connection = self._connection, None
+        driver, self._driver = self._driver, None
+        if connection is not None and driver is not None:
+            if exc is None and not driver.is_in_transaction():
+                await _discard(connection, invalidate=driver.is_closed())
+            else:
+                # A call cut short (cancelled, or the connection failed): the same release as a
+                # unit of work's, which rolls back whatever the server may still have open.
+                cancelled = exc is not None and not isinstance(exc, Exception)
+                broken = isinstance(exc, Exception) and isinstance(database_error(exc), DatabaseUnavailable)
+                await _to_the_end(_release(connection, driver, cancelled=cancelled, broken=broken))
+        if isinstance(exc, Exception):
+            mapped = database_error(exc)
+            if mapped is not None:
+                raise mapped from exc
+
+    def _require(self) -> asyncpg.Connection:
+        if self._driver is None:
+            raise RuntimeError("the submission path is not open")
+        return self._driver
+
+    async def peek(self, key: IdempotencyKey, account_ids: Sequence[UUID]) -> Peek:
+        return await peek_submission(self._require(), key, account_ids)
+
+    async def commit(
+        self,
+        payment: Payment,
+        event: PaymentEvent,
+        changes: Sequence[AccountChange],
+        entries: Sequence[LedgerEntry],
+        request: SavedRequest,
+        versions: dict[UUID, str],
+    ) -> Submitted:
+        driver = self._require()
+        if not tracing.active():
+            return await submit_decided(driver, payment, event, changes, entries, request, versions, None)
+        with tracing.span("commit") as span:
+            # The trace context goes to the WAL with the transaction (docs/tracing.md).
+            submitted = await submit_decided(
+                driver, payment, event, changes, entries, request, versions, tracing.sampled_traceparent()
+            )
+            if span is not None:
+                span.set_attribute("db.consistency_lsn", format_lsn(submitted.position))
+                span.set_attribute("db.outcome", submitted.outcome)
+            return submitted
 
 
 async def probe(engine: AsyncEngine) -> bool:

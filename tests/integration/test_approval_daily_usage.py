@@ -256,7 +256,7 @@ async def test_a_payment_reads_none_of_the_payers_earlier_payments(
     # The same reads whatever the payer's volume; no scan of the table, and no row but the
     # foreign-key checks of the event and the two ledger entries, on the new payment's key.
     assert on_busy == on_quiet == (0, 0, 3, 3)
-    # One round trip each: BEGIN, the lookup with the locks (and the counter), the decision's
-    # writes, COMMIT, the WAL position.
-    assert MeasuredUnitOfWork.statements == [["BEGIN", "SELECT", "WITH", "COMMIT", "SELECT"]] * 2
+    # Under the locks, one round trip each: BEGIN, the lookup with the locks (and the counter),
+    # the decision's writes (apply_decision), COMMIT, the WAL position.
+    assert MeasuredUnitOfWork.statements == [["BEGIN", "SELECT", "SELECT", "COMMIT", "SELECT"]] * 2
     assert (await usage(engine, busy))[1:] == ((volume + 1) * amount, (volume + 1) * amount)

@@ -129,14 +129,15 @@ async def test_0004_counts_each_payers_approved_and_held_payments_of_the_utc_day
     payment(db, cy, ada, 5, "DECLINED", start + timedelta(seconds=4))  # cy only declined or was paid
     ((filenode,),) = rows(db, "SELECT pg_relation_filenode('accounts')")
 
-    assert upgrade(database_dsn) == "0004"
+    assert upgrade(database_dsn, "0004") == "0004"
 
     today = same_day_or_skip(db, start)
     assert counters(db) == {ada: (today, 120), bob: (today, 70), cy: (None, 0)}
     # The columns came without a rewrite of the table.
     assert rows(db, "SELECT pg_relation_filenode('accounts')") == [(filenode,)]
 
-    # The release of 0004 decides by the counters: 880 of ada's 1,000 are left today.
+    # The service decides by the counters: 880 of ada's 1,000 are left today.
+    upgrade(database_dsn)
     async with engine_for(database_dsn, pool_size=2) as engine:
         handlers = handlers_for(engine, review_threshold=10**6)
 
@@ -184,7 +185,7 @@ def test_payments_written_while_0004_waits_for_its_locks_are_counted(
                 " WHERE payment_id = %s",
                 (corrected,),
             )
-        thread = threading.Thread(target=lambda: migrated.append(upgrade(database_dsn)))
+        thread = threading.Thread(target=lambda: migrated.append(upgrade(database_dsn, "0004")))
         thread.start()
         # The columns wait for the submission (every account write does), the count for
         # every write of payments: each is counted as it commits.
@@ -214,13 +215,13 @@ def test_0004_gives_up_on_a_long_transaction_and_leaves_nothing_to_undo(
             cursor.execute("SELECT 1 FROM accounts WHERE account_id = %s FOR NO KEY UPDATE", (payer,))
         # Waited for longer than its lock_timeout (5 s): the migration fails and changes nothing.
         with pytest.raises(sqlalchemy.exc.OperationalError) as raised:
-            upgrade(database_dsn)
+            upgrade(database_dsn, "0004")
         assert isinstance(raised.value.orig, psycopg2.errors.LockNotAvailable)
         assert current(database_dsn) == "0003"
         assert not columns(db) & set(COUNTER_COLUMNS)
     finally:
         blocker.close()
-    assert upgrade(database_dsn) == "0004"
+    assert upgrade(database_dsn, "0004") == "0004"
     assert counters(db)[payer] == (same_day_or_skip(db, start), 30)
 
 
@@ -239,7 +240,7 @@ async def test_0004_goes_back_down_and_counts_again_on_the_way_up(database_dsn: 
     # The release before writes a payment and moves no counter (it has none).
     payment(db, payer, payee, 15, "PENDING_REVIEW", start + timedelta(seconds=1))
 
-    assert upgrade(database_dsn) == "0004"
+    assert upgrade(database_dsn, "0004") == "0004"
     assert counters(db)[payer] == (same_day_or_skip(db, start), 75)
 
 
@@ -248,7 +249,7 @@ def test_the_counter_columns_change_no_read_model(database_dsn: str, db: Connect
     upgrade(database_dsn, "0003")
     payer, payee = account(db), account(db)
     payment(db, payer, payee, 25, "APPROVED", midnight(db))
-    upgrade(database_dsn)
+    upgrade(database_dsn, "0004")
     names = [
         str(n)
         for (n,) in rows(

@@ -11,7 +11,7 @@ from typing import TypeVar
 import grpc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from approval_svc.adapters.unit_of_work import SqlUnitOfWork, create_engine
+from approval_svc.adapters.unit_of_work import SqlSubmissionPath, SqlUnitOfWork, create_engine
 from approval_svc.config import Settings
 from approval_svc.domain import commands
 from approval_svc.domain.model import Account
@@ -38,8 +38,12 @@ async def engine_for(dsn: str, pool_size: int = 20) -> AsyncIterator[AsyncEngine
         await engine.dispose()
 
 
-def handlers_for(engine: AsyncEngine, review_threshold: int = 1_000_000) -> Handlers:
-    return Handlers(lambda: SqlUnitOfWork(engine), review_threshold)
+def handlers_for(
+    engine: AsyncEngine, review_threshold: int = 1_000_000, *, locked_only: bool = False
+) -> Handlers:
+    """The service's handlers on `engine`, as the server builds them (`locked_only`: every submission under the locks)."""
+    submissions = None if locked_only else (lambda: SqlSubmissionPath(engine))
+    return Handlers(lambda: SqlUnitOfWork(engine), review_threshold, submissions=submissions)
 
 
 T = TypeVar("T")
