@@ -101,9 +101,13 @@ def _submission_records(
     )
     entries = rules.transfer_entries(payment) if payment.status is PaymentStatus.APPROVED else []
     request = SavedRequest(key.stored_as, key.method, key.fingerprint, key.encode(payment))
+    return event, entries, request
+
+
+def _note_decided(payment: Payment) -> None:
+    """Names the committed payment in the call's log lines and span (never a decision that was not kept)."""
     tracing.note_payment(str(payment.payment_id))
     tracing.set_attributes({"payment.status": payment.status.name})
-    return event, entries, request
 
 
 def _stored_response(stored: StoredRequest | None, key: RequestKey[T]) -> bytes | None:
@@ -235,7 +239,9 @@ class Handlers:
             if replay is not None:
                 # Nothing of this decision is committed: the unit of work rolls it back.
                 return Outcome(None, replay, await uow.position())
-            return Outcome(payment, None, await uow.commit())
+            committed = Outcome(payment, None, await uow.commit())
+            _note_decided(payment)
+            return committed
 
         outcome = await self._run(work)
         if outcome.value is not None:
@@ -245,18 +251,27 @@ class Handlers:
     async def _submit_without_locks(
         self, command: commands.SubmitPayment, key: RequestKey[Payment]
     ) -> Outcome[Payment] | None:
-        """The submission in two round trips, or None when it must be decided under the locks."""
+        """The submission in two round trips, or None when it must be decided under the locks.
+
+        A call that gets no connection fails as the locked path would (it would wait for one
+        again); one whose connection fails once it has it is decided again under the locks, on
+        another, where the request's record is found if its commit went through.
+        """
         assert self._submissions is not None
+        opened = False
         try:
             async with self._submissions() as path:
+                opened = True
                 peek = await path.peek(key.stored_as, [command.payer_account_id, command.payee_account_id])
                 replay = _stored_response(peek.stored, key)
                 if replay is not None:
+                    metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("replay").inc()
                     return Outcome(None, replay, peek.position)
                 try:
                     payment = self._decide(command, key.request_id, peek.accounts, peek.now)
                 except (AccountNotFound, InvalidRequest):
                     # Refused: decided again under the locks, which also look at the key again.
+                    metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("refused").inc()
                     return None
                 event, entries, request = _submission_records(payment, key)
                 submitted = await path.commit(
@@ -266,13 +281,13 @@ class Handlers:
             metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("conflict").inc()
             return None
         except DatabaseUnavailable:
-            # A pooled connection that died (a database restart), or a commit whose answer was
-            # lost: the locked path starts on a fresh connection, and finds the request's record
-            # if the commit went through.
+            if not opened:
+                raise
             metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("unavailable").inc()
             return None
         metrics.SUBMISSIONS_WITHOUT_LOCKS.labels(submitted.outcome).inc()
         if submitted.outcome == "committed":
+            _note_decided(payment)
             return Outcome(payment, None, submitted.position)
         if submitted.outcome == "replay":
             return Outcome(None, _stored_response(submitted.stored, key), submitted.position)

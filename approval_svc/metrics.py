@@ -20,9 +20,10 @@ RETRIES = Counter(
 )
 SUBMISSIONS_WITHOUT_LOCKS = Counter(
     "approval_submissions_without_locks_total",
-    "Payments submitted on the path without locks, by outcome: committed, replay (answered with the "
-    "stored response), conflict (decided again under the locks), unavailable (the connection failed: "
-    "decided again under the locks, on another).",
+    "Payments submitted on the path without locks, by outcome: committed; replay (answered with the "
+    "stored response); conflict (an account changed or is being written: decided again under the "
+    "locks); refused (the rules refused what was read: decided again under the locks); unavailable "
+    "(the connection failed: decided again under the locks, on another).",
     ["outcome"],
 )
 POOL_CHECKED_OUT = Gauge(

@@ -10,8 +10,9 @@ record was written, the record of a request with the same key that committed fir
 row at all when such a record was committed while the statement waited for it.
 
 `submit_decided` is a decision's write and commit in one call, for a decision made from
-accounts read without locks. It locks the accounts (in account order), and writes only if
-each is still the version that was read (its `xmin`: any committed change of the row
+accounts read without locks. It locks the accounts (in account order, without waiting: a
+lock held by another transaction is a conflict), and writes only if each is still the
+version that was read (its `xmin`: any committed change of the row
 gives it another); then it writes with `apply_decision`, adds the trace context to the
 WAL when it is given, commits, and returns a WAL position read after the commit. It
 answers `committed`, `replay` (a request with the same key is recorded: nothing written,
@@ -123,14 +124,28 @@ def upgrade() -> None:
             written boolean := false;
             r record;
         BEGIN
-            -- The accounts as the decision read them, or nothing is written.
-            SELECT array_agg(s.version ORDER BY s.account_id) INTO read_versions
-            FROM (
-                SELECT a.account_id, a.xmin::text AS version FROM accounts AS a
-                WHERE a.account_id = ANY(account_ids)
-                ORDER BY a.account_id
-                FOR NO KEY UPDATE
-            ) AS s;
+            -- The accounts as the decision read them, or nothing is written. Compared first
+            -- without a lock, then locked without waiting: a row that another transaction is
+            -- writing will not be the version read, and the decision is made again under the
+            -- locks, which queue for it once.
+            SELECT array_agg(a.xmin::text ORDER BY a.account_id) INTO read_versions
+            FROM accounts AS a WHERE a.account_id = ANY(account_ids);
+            IF read_versions IS DISTINCT FROM versions THEN
+                outcome := 'conflict';
+                RETURN;
+            END IF;
+            BEGIN
+                SELECT array_agg(s.version ORDER BY s.account_id) INTO read_versions
+                FROM (
+                    SELECT a.account_id, a.xmin::text AS version FROM accounts AS a
+                    WHERE a.account_id = ANY(account_ids)
+                    ORDER BY a.account_id
+                    FOR NO KEY UPDATE NOWAIT
+                ) AS s;
+            EXCEPTION WHEN lock_not_available THEN
+                outcome := 'conflict';
+                RETURN;
+            END;
             IF read_versions IS DISTINCT FROM versions THEN
                 outcome := 'conflict';
                 RETURN;
