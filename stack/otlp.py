@@ -2,14 +2,22 @@
 
 The services export with the OpenTelemetry SDK's own OTLP exporter, configured only by the
 standard OTEL_* variables (`collector_env`), so a test sees exactly what a collector would.
+`python -m stack.otlp --port N --counts FILE` is the counting receiver in a process of its
+own, as the benchmark runs it: it keeps no span, only how many each service sent.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import signal
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -113,3 +121,69 @@ def collector() -> Iterator[Collector]:
         yield Collector(server, receiver, port)
     finally:
         server.stop(0)
+
+
+class SpanCounter(trace_service_pb2_grpc.TraceServiceServicer):
+    """Counts the spans of each service (`service.name`), keeping none; `path` holds the counts after each export."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        received: Counter[str] = Counter()
+        for resource_spans in request.resource_spans:
+            service = next(
+                (a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"),
+                "",
+            )
+            received[service] += sum(len(scope_spans.spans) for scope_spans in resource_spans.scope_spans)
+        with self.lock:
+            self.counts.update(received)
+            self.write()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def write(self) -> None:
+        """Replaces the counts file in one step, so that a reader never sees half of it."""
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(dict(self.counts), sort_keys=True))
+        os.replace(partial, self.path)
+
+
+def read_counts(path: Path) -> dict[str, int]:
+    """The spans received so far by a counting receiver, by service; empty before it serves."""
+    try:
+        raw: dict[str, int] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    return raw
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Counts the spans exported to 127.0.0.1:PORT until SIGTERM; FILE appears once it serves."""
+    parser = argparse.ArgumentParser(prog="python -m stack.otlp", description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--counts", type=Path, required=True, help="where the counts are kept, as JSON")
+    args = parser.parse_args(argv)
+    args.counts.unlink(missing_ok=True)
+    counter = SpanCounter(args.counts)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(counter, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    server.start()
+    with counter.lock:
+        counter.write()
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    stopping.wait()
+    # The exports already under way are answered and counted.
+    server.stop(grace=5).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
