@@ -9,6 +9,11 @@ accounts are opened with balances far above what the payments move.
 
 The session turns `synchronous_commit` off so that generating the backlog does not wait
 for a disk flush per transaction; the WAL and the replicated changes are the same.
+
+With `traced_share`, that share of the transactions (evenly spread, exactly rounded per
+chunk) also carries what a traced SubmitPayment writes before its COMMIT: the
+transactional logical message `payments.trace` holding a sampled W3C traceparent of its
+own trace, for the replicator to continue.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import psycopg2
 
 from payments_common.lsn import parse_lsn
+from payments_common.tracing import WAL_MESSAGE_PREFIX
 
 # Row changes per payment that the publication carries: payments + payment_events + 2 accounts.
 CHANGES_PER_PAYMENT = 4
@@ -60,6 +66,12 @@ BEGIN
         INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)
         VALUES ('token:backlog', 'backlog-' || pid, 'SubmitPayment', sha256(pid::text::bytea),
                 decode(repeat('5a', 240), 'hex'));
+        -- The i-th of `count` is traced when i * traced / count passes an integer: exactly
+        -- `traced` of them, evenly spread.
+        IF (i::bigint * %(traced)s) / %(count)s > ((i - 1)::bigint * %(traced)s) / %(count)s THEN
+            PERFORM pg_logical_emit_message(
+                true, %(prefix)s, '00-' || md5(pid::text) || '-' || left(md5(random()::text), 16) || '-01');
+        END IF;
         COMMIT;
     END LOOP;
 END
@@ -81,12 +93,25 @@ class Backlog:
     changes: int
     target_lsn: int
     elapsed_s: float
+    traced: int = 0  # transactions that carry a sampled trace context
 
 
-def generate(dsn: str, account_ids: Sequence[str], payments: int, chunk: int = 10_000) -> Backlog:
-    """Commits `payments` payments between random pairs of `account_ids`, one transaction each."""
+def traced_in_chunk(count: int, share: float) -> int:
+    """How many of a chunk's `count` transactions carry a trace context: `share` of them, rounded."""
+    return min(count, max(0, round(count * share)))
+
+
+def generate(
+    dsn: str, account_ids: Sequence[str], payments: int, chunk: int = 10_000, traced_share: float = 0.0
+) -> Backlog:
+    """Commits `payments` payments between random pairs of `account_ids`, one transaction each.
+
+    `traced_share` of them (0 to 1) carry a sampled trace context, as traced submissions do.
+    """
     if len(account_ids) < 2:
         raise ValueError("a backlog needs at least two accounts")
+    if not 0.0 <= traced_share <= 1.0:
+        raise ValueError("traced_share is a share, between 0 and 1")
     ids = "{" + ",".join(account_ids) + "}"
     started = time.monotonic()
     connection = psycopg2.connect(dsn)
@@ -94,11 +119,15 @@ def generate(dsn: str, account_ids: Sequence[str], payments: int, chunk: int = 1
     try:
         with connection.cursor() as cursor:
             cursor.execute("SET synchronous_commit = off")
-            left = payments
+            left, traced = payments, 0
             while left > 0:
                 count = min(chunk, left)
-                cursor.execute(_GENERATE, {"ids": ids, "count": count})
+                marked = traced_in_chunk(count, traced_share)
+                cursor.execute(
+                    _GENERATE, {"ids": ids, "count": count, "traced": marked, "prefix": WAL_MESSAGE_PREFIX}
+                )
                 left -= count
+                traced += marked
             cursor.execute("SET synchronous_commit = on")
         connection.autocommit = False
         with connection.cursor() as cursor:
@@ -115,4 +144,5 @@ def generate(dsn: str, account_ids: Sequence[str], payments: int, chunk: int = 1
         changes=payments * CHANGES_PER_PAYMENT + 1,
         target_lsn=target,
         elapsed_s=time.monotonic() - started,
+        traced=traced,
     )

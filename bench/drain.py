@@ -99,8 +99,8 @@ class ReplicationOnly:
             self.process.kill()
             self.process.wait(timeout=10)
 
-    def start_replicator(self) -> int:
-        self.process = start_replicator(self.env, self.log)
+    def start_replicator(self, extra_env: Mapping[str, str] | None = None) -> int:
+        self.process = start_replicator({**self.env, **(extra_env or {})}, self.log)
         return self.process.pid
 
     def replicator_alive(self) -> bool:

@@ -67,6 +67,9 @@ class Job:
     grace_seconds: float = 3.0  # visibility: how long to wait for the last payments to show
     seed: int = 0
     token: str = ""  # the bearer token every call carries (none for the echo server)
+    # SubmitPayment: each call carries a sampled W3C traceparent of a trace of its own, as a
+    # caller that traced the request sends it.
+    traced: bool = False
 
 
 @dataclass
@@ -136,6 +139,7 @@ def _submitter(job: Job, channel: grpc.aio.Channel, rng: random.Random) -> Calla
 
     stub = approval_grpc.ApprovalServiceStub(channel)
     payers, payees = job.payer_ids, job.payee_ids or job.payer_ids
+    traced = job.traced
 
     def submit() -> Awaitable[Any]:
         payer = rng.choice(payers)
@@ -151,9 +155,17 @@ def _submitter(job: Job, channel: grpc.aio.Channel, rng: random.Random) -> Calla
                 reference="benchmark",
             ),
             timeout=CALL_TIMEOUT_S,
+            metadata=(("traceparent", sampled_traceparent(rng)),) if traced else None,
         )
 
     return submit
+
+
+def sampled_traceparent(rng: random.Random) -> str:
+    """A W3C traceparent of a new trace, sampled: a caller's span whose trace the server must follow."""
+    trace_id = rng.getrandbits(128) or 1
+    span_id = rng.getrandbits(64) or 1
+    return f"00-{trace_id:032x}-{span_id:016x}-01"
 
 
 async def _sleep_until(moment: float) -> None:

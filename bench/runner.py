@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -139,31 +139,43 @@ class Runner:
             ("crud", "bench.crud_history", ["--dsn", self.dsn]),
         ):
             port = free_port()
-            log = open(self.root / f"bench-{name}.log", "ab")  # noqa: SIM115 - the child keeps it
-            self.servers[name] = subprocess.Popen(
-                [sys.executable, "-m", module, "--port", str(port), *extra],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=ROOT,
-                start_new_session=True,
-            )
-            log.close()
+            self.spawn(name, ["-m", module, "--port", str(port), *extra])
             self.endpoints[f"BENCH_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
-        for name in self.servers:
+        for name in ("echo", "crud"):
             local.wait_serving(self.endpoints[f"BENCH_{name.upper()}_ADDR"], 30)
         self.pool = LoadPool(self.plan.workers + 1)
 
-    def stop(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-        for server in self.servers.values():
+    def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Starts `python <args>` as the server `name`, output to bench-<name>.log; `stop` stops it."""
+        log = open(self.root / f"bench-{name}.log", "ab")  # noqa: SIM115 - the child keeps it
+        self.servers[name] = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=None if env is None else dict(env),
+            start_new_session=True,
+        )
+        log.close()
+
+    def stop_servers(self, *names: str) -> None:
+        """SIGTERM to each of the servers `names` together, then waits for each (SIGKILL after 15 s)."""
+        servers = [self.servers[name] for name in names]
+        for server in servers:
             with contextlib.suppress(ProcessLookupError):
                 server.send_signal(signal.SIGTERM)
+        for server in servers:
             try:
                 server.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 server.kill()
+                server.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.stop_servers(*self.servers)
         local.down(self.root, quiet=True)
 
     def wait_checkpoint(self, target: int, timeout: float) -> None:
@@ -204,8 +216,11 @@ class Runner:
         if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
-    def start_replicator(self) -> int:
-        """Starts the replicator again on its health port, its output to its log; returns its pid."""
+    def start_replicator(self, extra_env: Mapping[str, str] | None = None) -> int:
+        """Starts the replicator again on its health port, its output to its log; returns its pid.
+
+        `extra_env` (e.g. OTEL_* variables) is added to the stack's settings for this process only.
+        """
         assert self.state is not None
         old = self._replicator()
         env = replicator_env(
@@ -213,6 +228,7 @@ class Runner:
             self.redis_url,
             health_port=int(old.health_addr.rsplit(":", 1)[1]),
             metrics_port=free_port(),
+            extra=extra_env,
         )
         process = start_replicator(env, Path(old.log), detached=True)
         new = local.Process(name=old.name, pid=process.pid, log=old.log, health_addr=old.health_addr)
@@ -281,8 +297,12 @@ class Runner:
         warmup_s: float | None = None,
         history_channel: bool = False,
         workers: int | None = None,
+        traced: bool = False,
     ) -> Callable[[float], list[Job]]:
-        """A closed-loop (`total` callers) or open-loop (`total` calls/s) load spread over the workers."""
+        """A closed-loop (`total` callers) or open-loop (`total` calls/s) load spread over the workers.
+
+        `traced` submissions carry a sampled traceparent each (`Job.traced`).
+        """
         count = workers or self.plan.workers
         duration = self.plan.window_s if duration_s is None else duration_s
         warmup = self.plan.warmup_s if warmup_s is None else warmup_s
@@ -305,6 +325,7 @@ class Runner:
                     page_size=self.plan.page_size,
                     seed=int(start_at * 1000) + index,
                     token="" if call == "echo" else self.token,
+                    traced=traced,
                 )
                 for index, share in enumerate(split(total, count))
             ]

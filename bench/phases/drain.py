@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,8 +45,8 @@ class Replication(Protocol):
 
     def stop_replicator(self) -> None: ...
 
-    def start_replicator(self) -> int:
-        """Starts the replicator and returns its pid."""
+    def start_replicator(self, extra_env: Mapping[str, str] | None = None) -> int:
+        """Starts the replicator, `extra_env` added to its settings, and returns its pid."""
         ...
 
     def replicator_alive(self) -> bool: ...
@@ -70,6 +70,8 @@ class Drain:
     redis_cpu_s: float
     pg_cpu_s: float
     generation_s: float  # committing the backlog, before the replicator started
+    traced: int = 0  # the backlog's transactions that carried a sampled trace context
+    startup_cpu_s: float = math.nan  # the replicator's CPU when the checkpoint first moved
 
     @property
     def changes_per_s(self) -> float:
@@ -82,6 +84,11 @@ class Drain:
     @property
     def cpu_us_per_change(self) -> float:
         return self.cpu_s * 1e6 / self.changes
+
+    @property
+    def cpu_us_per_change_steady(self) -> float:
+        """CPU per change after the first apply: without the process's start-up (imports, connections)."""
+        return (self.cpu_s - self.startup_cpu_s) * 1e6 / self.changes
 
     def metrics(self) -> dict[str, float]:
         """The figures of `replication.drain`."""
@@ -110,25 +117,38 @@ def run(runner: Runner) -> None:
         runner.collector.add("replication.drain", **drained.metrics())
 
 
-def once(stack: Replication, payers: Sequence[str], payments: int, observe: Observer | None = None) -> Drain:
-    """Stops the replicator, commits `payments` payments between `payers`, starts it again and times the catch-up."""
+def once(
+    stack: Replication,
+    payers: Sequence[str],
+    payments: int,
+    observe: Observer | None = None,
+    *,
+    replicator_env: Mapping[str, str] | None = None,
+    traced_share: float = 0.0,
+) -> Drain:
+    """Stops the replicator, commits `payments` payments between `payers`, starts it again and times the catch-up.
+
+    The new replicator gets `replicator_env` on top of its settings; `traced_share` of the
+    backlog's transactions carry a sampled trace context (`bench.backlog.generate`).
+    """
     stack.settle()
     stack.stop_replicator()
-    made = backlog.generate(stack.dsn, payers, payments)
+    made = backlog.generate(stack.dsn, payers, payments, traced_share=traced_share)
     client = redis.Redis.from_url(stack.redis_url)
     try:
         before = read_checkpoint(client, stack.slot)
         redis_before, pg_before = stack.redis_cpu(), stack.pg_cpu()
         started = time.monotonic()
-        pid = stack.start_replicator()
+        pid = stack.start_replicator(replicator_env)
         with observe(pid) if observe is not None else contextlib.nullcontext():
-            first = math.nan
+            first = first_cpu = math.nan
             deadline = started + TIMEOUT_S
             while True:
                 position = read_checkpoint(client, stack.slot)
                 now = time.monotonic()
                 if math.isnan(first) and position > before:
                     first = now
+                    first_cpu = cpu.process_cpu_s(pid)
                 if position >= made.target_lsn:
                     break
                 if not stack.replicator_alive():
@@ -152,4 +172,6 @@ def once(stack: Replication, payers: Sequence[str], payments: int, observe: Obse
         redis_cpu_s=redis_spent,
         pg_cpu_s=pg_spent,
         generation_s=made.elapsed_s,
+        traced=made.traced,
+        startup_cpu_s=first_cpu,
     )
