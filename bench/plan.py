@@ -28,6 +28,7 @@ class Plan:
     watched_accounts: int
     drain_payments: int
     drain_reps: int
+    tracing_drain_payments: int  # each drain of the tracing figures, under each configuration
     sweep_window_s: float
     sweep_rates: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
@@ -51,6 +52,7 @@ FULL = Plan(
     watched_accounts=16,
     drain_payments=50_000,
     drain_reps=3,
+    tracing_drain_payments=50_000,
     sweep_window_s=4.0,
     sweep_rates={
         "echo": (500, 1000, 2000, 3000, 4000),
@@ -74,6 +76,7 @@ QUICK = dataclasses.replace(
     watched_accounts=8,
     drain_payments=5_000,
     drain_reps=1,
+    tracing_drain_payments=2_500,
     sweep_window_s=1.0,
     sweep_rates={"echo": (500, 2000), "history": (500, 2000), "crud": (500, 2000), "approval": (100, 200)},
 )

@@ -8,6 +8,12 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from payments_common.tracing import DEFAULT_SAMPLE_RATIO
+
+# The configurations of the tracing figures (bench/phases/tracing.py), `off` first.
+TRACING_CONFIGS: Final = ("off", "sampled_all", "default_ratio")
+_RATIO: Final = f"{float(DEFAULT_SAMPLE_RATIO):.0%}"
+
 # Every figure of the results file, as "figures.<path>"; each is a spread of repetitions
 # ({"median", "min", "max", "reps"}). The smoke test checks that all are there and finite.
 _READ_METRICS: Final = ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_rpc", "cpu_ratio_to_floor")
@@ -44,6 +50,25 @@ REQUIRED_FIGURES: Final[tuple[str, ...]] = (
         f"replication.drain.{m}"
         for m in ("changes", "changes_per_s", "changes_per_s_steady", "startup_s", "cpu_us_per_change")
     ),
+    *(
+        f"tracing.approval_submit.{config}.{m}"
+        for config in TRACING_CONFIGS
+        for m in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_rpc", "postgres_cpu_us_per_rpc")
+    ),
+    *(
+        f"tracing.{figure}.{config}.{m}"
+        for figure in ("approval_submit", "drain")
+        for config in TRACING_CONFIGS[1:]
+        for m in ("throughput_ratio_to_off", "cpu_ratio_to_off")
+    ),
+    *(
+        f"tracing.drain.{config}.{m}"
+        for config in TRACING_CONFIGS
+        for m in ("changes_per_s", "changes_per_s_steady", "cpu_us_per_change", "traced_transactions")
+    ),
+    *(f"tracing.exported.approval.{config}.{m}" for config in TRACING_CONFIGS for m in ("spans", "calls")),
+    *(f"tracing.exported.replicator.{config}.spans" for config in TRACING_CONFIGS),
+    *(f"tracing.exported.replicator.{config}.spans_per_traced_transaction" for config in TRACING_CONFIGS[1:]),
 )
 
 
@@ -153,6 +178,12 @@ def write_json(results: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
 
 
+def _each(figure: str, metric: str, traced: bool = False) -> str:
+    """The paths of `metric` of a tracing figure, one per configuration (the traced ones only, or all)."""
+    configs = TRACING_CONFIGS[1:] if traced else TRACING_CONFIGS
+    return "|".join(f"tracing.{figure}.{config}.{metric}" for config in configs)
+
+
 # Rows of the table: (label, figure path, unit, format).
 _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
     ("gRPC floor (echo), throughput", "echo_floor.throughput_rps", "RPC/s"),
@@ -246,6 +277,51 @@ _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
     ("Replicator drain (from restart)", "replication.drain.changes_per_s", "changes/s"),
     ("Replicator drain (steady, after first apply)", "replication.drain.changes_per_s_steady", "changes/s"),
     ("Replicator CPU per change", "replication.drain.cpu_us_per_change", "µs"),
+    *(
+        (f"Tracing off / all / {_RATIO}: {label}", _each(figure, metric), unit)
+        for label, figure, metric, unit in (
+            ("SubmitPayment throughput", "approval_submit", "throughput_rps", "payments/s"),
+            ("SubmitPayment server CPU per RPC", "approval_submit", "server_cpu_us_per_rpc", "µs"),
+            ("SubmitPayment PostgreSQL CPU per payment", "approval_submit", "postgres_cpu_us_per_rpc", "µs"),
+            ("drain", "drain", "changes_per_s", "changes/s"),
+            ("replicator CPU per change", "drain", "cpu_us_per_change", "µs"),
+            ("replicator CPU per change, after the first apply", "drain", "cpu_us_per_change_steady", "µs"),
+        )
+    ),
+    *(
+        (
+            f"Tracing all / {_RATIO} ÷ off: {label}",
+            _each(figure, metric, traced=True),
+            "x",
+        )
+        for label, figure, metric in (
+            ("SubmitPayment throughput", "approval_submit", "throughput_ratio_to_off"),
+            ("SubmitPayment server CPU per RPC", "approval_submit", "cpu_ratio_to_off"),
+            ("drain throughput", "drain", "throughput_ratio_to_off"),
+            ("replicator CPU per change", "drain", "cpu_ratio_to_off"),
+            ("replicator CPU per change, after the first apply", "drain", "steady_cpu_ratio_to_off"),
+        )
+    ),
+    (
+        f"Tracing off / all / {_RATIO}: spans received from approval",
+        _each("exported.approval", "spans"),
+        "spans",
+    ),
+    (
+        f"Tracing all / {_RATIO}: spans per SubmitPayment answered",
+        _each("exported.approval", "spans_per_call", traced=True),
+        "spans",
+    ),
+    (
+        f"Tracing off / all / {_RATIO}: spans received from the replicator",
+        _each("exported.replicator", "spans"),
+        "spans",
+    ),
+    (
+        f"Tracing all / {_RATIO}: spans per traced transaction drained",
+        _each("exported.replicator", "spans_per_traced_transaction", traced=True),
+        "spans",
+    ),
 )
 
 

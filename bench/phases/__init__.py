@@ -6,7 +6,7 @@ Each phase is a function of the `bench.runner.Runner`; its name is the key of
 
 from __future__ import annotations
 
-from bench.phases import closed_loop, crud, drain, seed, sweeps, visibility
+from bench.phases import closed_loop, crud, drain, seed, sweeps, tracing, visibility
 from bench.runner import Phase, Runner
 
 PHASES: tuple[tuple[str, Phase], ...] = (
@@ -17,4 +17,5 @@ PHASES: tuple[tuple[str, Phase], ...] = (
     ("commit_to_visible", visibility.run),
     ("sweeps", sweeps.run),
     ("drain", drain.run),
+    ("tracing", tracing.run),
 )

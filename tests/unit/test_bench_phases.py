@@ -26,6 +26,7 @@ def test_phases_run_in_the_order_of_the_results_phase_seconds() -> None:
         "commit_to_visible",
         "sweeps",
         "drain",
+        "tracing",
     ]
 
 

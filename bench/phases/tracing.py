@@ -1,0 +1,297 @@
+"""The cost of tracing on the write path and on the drain: off, every request traced, and the default ratio, in one run.
+
+Three configurations, measured in turn within each repetition (the order rotates from one
+repetition to the next), with the spans exported over OTLP/gRPC to a receiver in a
+process of its own that only counts them (`python -m stack.otlp`):
+
+- `off`: OTEL_TRACES_EXPORTER=none, tracing off as the services run by default.
+- `sampled_all`: tracing on with the default sampler, and every request traced by its
+  caller: each SubmitPayment carries a sampled W3C traceparent of a trace of its own, so
+  approval follows it, makes its spans, writes the trace context into the transaction and
+  exports; every transaction of the drain's backlog carries that trace context.
+- `default_ratio`: the same services, requests without a traceparent: approval samples
+  DEFAULT_SAMPLE_RATIO of them itself, and that share of the backlog's transactions
+  carries a trace context.
+
+SubmitPayment runs on three approval processes of this phase, started with the stack's
+approval's own environment and differing only in their OTEL_* variables, closed loop at the
+plan's concurrency. The drain is `bench.phases.drain.once` with the replicator restarted
+under each configuration's variables. Each repetition also gives the ratios traced ÷ off
+of throughput and CPU. The receiver's counts, by the service names given to each
+configuration, say how many spans each exported; a process exports its last spans when
+it stops, so they are read once every traced process has stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench import stats
+from bench.figures import Window, read_metrics
+from bench.phases import drain
+from bench.runner import Runner
+from payments_common.tracing import DEFAULT_SAMPLE_RATIO
+from stack import local
+from stack.otlp import read_counts
+from stack.servers import free_port
+
+SUBMIT_METHOD: Final = "/payments.approval.v1.ApprovalService/SubmitPayment"
+# The spans that one traced SubmitPayment makes in approval (the call's and `commit`), and
+# one traced transaction in the replicator (`replicate`, `replication lag`, `apply to Redis`).
+APPROVAL_SPANS_PER_CALL: Final = 2
+REPLICATOR_SPANS_PER_TRANSACTION: Final = 3
+SINK: Final = "otlp-sink"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of tracing: the services' exporter, the load's trace context, the backlog's traced share."""
+
+    key: str
+    exporter: str  # OTEL_TRACES_EXPORTER
+    traced_calls: bool  # every SubmitPayment carries a sampled traceparent
+    traced_share: float  # of the drain backlog's transactions
+
+    def env(self, service: str, endpoint: str) -> dict[str, str]:
+        """The OTEL_* variables of a process of `service` in this configuration.
+
+        The sampler is left at the services' default whatever this process's environment says.
+        """
+        return {
+            "OTEL_TRACES_EXPORTER": self.exporter,
+            "OTEL_SDK_DISABLED": "",
+            "OTEL_TRACES_SAMPLER": "",
+            "OTEL_TRACES_SAMPLER_ARG": "",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+            "OTEL_SERVICE_NAME": service_name(service, self),
+        }
+
+
+OFF: Final = Config("off", "none", traced_calls=False, traced_share=0.0)
+CONFIGS: Final[tuple[Config, ...]] = (
+    OFF,
+    Config("sampled_all", "otlp", traced_calls=True, traced_share=1.0),
+    Config("default_ratio", "otlp", traced_calls=False, traced_share=float(DEFAULT_SAMPLE_RATIO)),
+)
+
+
+def service_name(service: str, config: Config) -> str:
+    return f"{service}-bench-{config.key}"
+
+
+def rotated(configs: Sequence[Config], rep: int) -> list[Config]:
+    """The configurations in the order of repetition `rep`: each takes each place in turn."""
+    shift = rep % len(configs)
+    return [*configs[shift:], *configs[:shift]]
+
+
+def run(runner: Runner) -> None:
+    counts_path = runner.root / "otlp-counts.json"
+    endpoint = start_sink(runner, counts_path)
+    served = submit_figures(runner, endpoint)
+    traced = drain_figures(runner, endpoint)
+    runner.stop_servers(SINK)
+    add_span_counts(runner, read_counts(counts_path), served, traced)
+
+
+def start_sink(runner: Runner, counts: Path, timeout: float = 30.0) -> str:
+    """Starts the counting OTLP receiver; returns its endpoint once it serves."""
+    port = free_port()
+    runner.spawn(SINK, ["-m", "stack.otlp", "--port", str(port), "--counts", str(counts)])
+    deadline = time.monotonic() + timeout
+    while not counts.exists():
+        if runner.servers[SINK].poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the OTLP receiver did not start; see {runner.root / f'bench-{SINK}.log'}")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """A process's environment as it was started."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def submit_figures(runner: Runner, endpoint: str) -> dict[str, float]:
+    """SubmitPayment under each configuration, repetition by repetition; returns the calls each process served."""
+    plan = runner.plan
+    base = {
+        name: value
+        for name, value in _environ(runner.pid("approval")).items()
+        if not name.startswith("OTEL_")
+    }
+    addrs: dict[str, str] = {}
+    metrics: dict[str, int] = {}
+    for config in CONFIGS:
+        port, metrics[config.key] = free_port(), free_port()
+        env = {
+            **base,
+            "APPROVAL_PORT": str(port),
+            "APPROVAL_METRICS_PORT": str(metrics[config.key]),
+            **config.env("approval-svc", endpoint),
+        }
+        runner.spawn(f"approval-{config.key}", ["-m", "approval_svc", "serve"], env)
+        addrs[config.key] = f"127.0.0.1:{port}"
+    names = [f"approval-{config.key}" for config in CONFIGS]
+    try:
+        for config in CONFIGS:
+            local.wait_serving(addrs[config.key], 60, alive=functools.partial(_running, runner, config))
+        for rep in range(plan.reps):
+            windows: dict[str, Window] = {}
+            for config in rotated(CONFIGS, rep):
+                print(
+                    f"== tracing {config.key}: SubmitPayment, repetition {rep + 1}/{plan.reps}",
+                    flush=True,
+                )
+                name = f"approval-{config.key}"
+                window = runner.measure(
+                    runner.jobs(
+                        "closed",
+                        "approval_submit",
+                        addrs[config.key],
+                        plan.concurrency,
+                        traced=config.traced_calls,
+                    ),
+                    {"approval": runner.cpu_reader(name), "pg": runner.pg_cpu},
+                    plan.window_s,
+                    plan.warmup_s,
+                )
+                figure = f"tracing.approval_submit.{config.key}"
+                runner.collector.add(figure, **submit_metrics(window))
+                runner.collector.add_errors(figure, window.errors, window.dropped)
+                windows[config.key] = window
+                runner.settle()
+                runner.wait_idle(name)
+            for config in CONFIGS[1:]:
+                runner.collector.add(
+                    f"tracing.approval_submit.{config.key}",
+                    **ratios_to_off(
+                        submit_metrics(windows[config.key]), submit_metrics(windows[OFF.key]), SUBMIT_RATIOS
+                    ),
+                )
+        return {config.key: float(submitted(metrics[config.key])) for config in CONFIGS}
+    finally:
+        # A stopping process exports the spans it still holds.
+        runner.stop_servers(*names)
+
+
+def _running(runner: Runner, config: Config) -> bool:
+    return runner.servers[f"approval-{config.key}"].poll() is None
+
+
+def submit_metrics(window: Window) -> dict[str, float]:
+    """A SubmitPayment window: `read_metrics` and PostgreSQL's CPU per payment (its processes, the WAL sender's included)."""
+    return {
+        **read_metrics(window, "approval", None),
+        "postgres_cpu_us_per_rpc": window.cpu_us_per_op("pg"),
+    }
+
+
+# What each ratio to `off` divides: (ratio's name, metric).
+SUBMIT_RATIOS: Final = (
+    ("throughput_ratio_to_off", "throughput_rps"),
+    ("cpu_ratio_to_off", "server_cpu_us_per_rpc"),
+    ("postgres_cpu_ratio_to_off", "postgres_cpu_us_per_rpc"),
+)
+DRAIN_RATIOS: Final = (
+    ("throughput_ratio_to_off", "changes_per_s"),
+    ("steady_throughput_ratio_to_off", "changes_per_s_steady"),
+    ("cpu_ratio_to_off", "cpu_us_per_change"),
+    ("steady_cpu_ratio_to_off", "cpu_us_per_change_steady"),
+)
+
+
+def ratios_to_off(
+    traced: Mapping[str, float], off: Mapping[str, float], pairs: Sequence[tuple[str, str]]
+) -> dict[str, float]:
+    """A traced configuration's figures over those of `off` in the same repetition, as `pairs` name them."""
+    return {name: stats.ratio(traced[metric], off[metric]) for name, metric in pairs}
+
+
+def submitted(metrics_port: int) -> int:
+    """The SubmitPayment calls that an approval process answered OK, from its Prometheus counter."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "grpc_server_handled_total"
+                and sample.labels.get("grpc_method") == SUBMIT_METHOD
+                and sample.labels.get("grpc_code") == "OK"
+            ):
+                return int(sample.value)
+    return 0
+
+
+def drain_figures(runner: Runner, endpoint: str) -> dict[str, float]:
+    """The drain under each configuration, repetition by repetition; returns the traced transactions of each."""
+    plan = runner.plan
+    traced = {config.key: 0.0 for config in CONFIGS}
+    last = OFF
+    try:
+        for rep in range(plan.drain_reps):
+            drained: dict[str, dict[str, float]] = {}
+            for config in rotated(CONFIGS, rep):
+                print(
+                    f"== tracing {config.key}: drain of {plan.tracing_drain_payments:,} payments, "
+                    f"repetition {rep + 1}/{plan.drain_reps}",
+                    flush=True,
+                )
+                last = config
+                once = drain.once(
+                    runner,
+                    runner.payers,
+                    plan.tracing_drain_payments,
+                    replicator_env=config.env("replicator", endpoint),
+                    traced_share=config.traced_share,
+                )
+                drained[config.key] = {
+                    **once.metrics(),
+                    "cpu_us_per_change_steady": once.cpu_us_per_change_steady,
+                }
+                traced[config.key] += once.traced
+                runner.collector.add(
+                    f"tracing.drain.{config.key}", **drained[config.key], traced_transactions=once.traced
+                )
+            for config in CONFIGS[1:]:
+                runner.collector.add(
+                    f"tracing.drain.{config.key}",
+                    **ratios_to_off(drained[config.key], drained[OFF.key], DRAIN_RATIOS),
+                )
+    finally:
+        if last is not OFF:
+            # The traced replicator exports its last spans as it stops; the stack's own takes over.
+            runner.stop_replicator()
+            runner.start_replicator()
+            runner.replicator_ready()
+    return traced
+
+
+def add_span_counts(
+    runner: Runner, counts: Mapping[str, int], served: Mapping[str, float], traced: Mapping[str, float]
+) -> None:
+    """What the receiver counted from each configuration's processes, against what they should have sent."""
+    for config in CONFIGS:
+        spans = counts.get(service_name("approval-svc", config), 0)
+        calls = served.get(config.key, 0.0)
+        runner.collector.add(
+            f"tracing.exported.approval.{config.key}",
+            spans=spans,
+            calls=calls,
+            spans_per_call=stats.ratio(spans, calls),
+        )
+        spans = counts.get(service_name("replicator", config), 0)
+        transactions = traced.get(config.key, 0.0)
+        figures = {"spans": float(spans), "traced_transactions": transactions}
+        if config is not OFF:
+            figures["spans_per_traced_transaction"] = stats.ratio(spans, transactions)
+        runner.collector.add(f"tracing.exported.replicator.{config.key}", **figures)
