@@ -24,10 +24,10 @@ it stops, so they are read once every traced process has stopped.
 
 from __future__ import annotations
 
-import functools
+import subprocess
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -94,25 +94,36 @@ def rotated(configs: Sequence[Config], rep: int) -> list[Config]:
     return [*configs[shift:], *configs[:shift]]
 
 
+def drain_order(rep: int, reps: int) -> list[Config]:
+    """`rotated`, shifted so that the last repetition ends with `off`.
+
+    The replicator left running is then untraced, as the stack's, and each traced one has
+    exported its last spans as it stopped, without one more restart.
+    """
+    return rotated(CONFIGS, rep + 2 - reps)
+
+
 def run(runner: Runner) -> None:
     counts_path = runner.root / "otlp-counts.json"
-    endpoint = start_sink(runner, counts_path)
-    served = submit_figures(runner, endpoint)
+    port = free_port()
+    runner.spawn(SINK, ["-m", "stack.otlp", "--port", str(port), "--counts", str(counts_path)])
+    endpoint = f"http://127.0.0.1:{port}"
+    # The processes start together; none exports before its first window.
+    approvals = start_approvals(runner, endpoint)
+    wait_sink(runner, counts_path)
+    served = submit_figures(runner, approvals)
     traced = drain_figures(runner, endpoint)
     runner.stop_servers(SINK)
     add_span_counts(runner, read_counts(counts_path), served, traced)
 
 
-def start_sink(runner: Runner, counts: Path, timeout: float = 30.0) -> str:
-    """Starts the counting OTLP receiver; returns its endpoint once it serves."""
-    port = free_port()
-    runner.spawn(SINK, ["-m", "stack.otlp", "--port", str(port), "--counts", str(counts)])
+def wait_sink(runner: Runner, counts: Path, timeout: float = 30.0) -> None:
+    """Returns once the counting receiver serves (its counts file appears then)."""
     deadline = time.monotonic() + timeout
     while not counts.exists():
         if runner.servers[SINK].poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the OTLP receiver did not start; see {runner.root / f'bench-{SINK}.log'}")
         time.sleep(0.05)
-    return f"http://127.0.0.1:{port}"
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -121,30 +132,50 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
 
 
-def submit_figures(runner: Runner, endpoint: str) -> dict[str, float]:
-    """SubmitPayment under each configuration, repetition by repetition; returns the calls each process served."""
-    plan = runner.plan
+@dataclass(frozen=True)
+class Approval:
+    """An approval process of this phase: its server name in the runner, its address and its metrics port."""
+
+    name: str
+    addr: str
+    metrics_port: int
+
+
+def start_approvals(runner: Runner, endpoint: str) -> dict[str, Approval]:
+    """Starts an approval process per configuration, with the stack's approval's environment, without waiting."""
     base = {
         name: value
         for name, value in _environ(runner.pid("approval")).items()
         if not name.startswith("OTEL_")
     }
-    addrs: dict[str, str] = {}
-    metrics: dict[str, int] = {}
+    approvals = {}
     for config in CONFIGS:
-        port, metrics[config.key] = free_port(), free_port()
+        port, metrics_port = free_port(), free_port()
         env = {
             **base,
             "APPROVAL_PORT": str(port),
-            "APPROVAL_METRICS_PORT": str(metrics[config.key]),
+            "APPROVAL_METRICS_PORT": str(metrics_port),
             **config.env("approval-svc", endpoint),
         }
-        runner.spawn(f"approval-{config.key}", ["-m", "approval_svc", "serve"], env)
-        addrs[config.key] = f"127.0.0.1:{port}"
-    names = [f"approval-{config.key}" for config in CONFIGS]
+        approval = Approval(f"approval-{config.key}", f"127.0.0.1:{port}", metrics_port)
+        runner.spawn(approval.name, ["-m", "approval_svc", "serve"], env)
+        approvals[config.key] = approval
+    return approvals
+
+
+def _alive(process: subprocess.Popen[bytes]) -> Callable[[], bool]:
+    return lambda: process.poll() is None
+
+
+def submit_figures(runner: Runner, approvals: Mapping[str, Approval]) -> dict[str, float]:
+    """SubmitPayment under each configuration, repetition by repetition; returns the calls each process served.
+
+    The processes are stopped at the end, so that they export the spans they still hold.
+    """
+    plan = runner.plan
     try:
-        for config in CONFIGS:
-            local.wait_serving(addrs[config.key], 60, alive=functools.partial(_running, runner, config))
+        for approval in approvals.values():
+            local.wait_serving(approval.addr, 60, alive=_alive(runner.servers[approval.name]))
         for rep in range(plan.reps):
             windows: dict[str, Window] = {}
             for config in rotated(CONFIGS, rep):
@@ -152,12 +183,12 @@ def submit_figures(runner: Runner, endpoint: str) -> dict[str, float]:
                     f"== tracing {config.key}: SubmitPayment, repetition {rep + 1}/{plan.reps}",
                     flush=True,
                 )
-                name = f"approval-{config.key}"
+                name = approvals[config.key].name
                 window = runner.measure(
                     runner.jobs(
                         "closed",
                         "approval_submit",
-                        addrs[config.key],
+                        approvals[config.key].addr,
                         plan.concurrency,
                         traced=config.traced_calls,
                     ),
@@ -178,14 +209,9 @@ def submit_figures(runner: Runner, endpoint: str) -> dict[str, float]:
                         submit_metrics(windows[config.key]), submit_metrics(windows[OFF.key]), SUBMIT_RATIOS
                     ),
                 )
-        return {config.key: float(submitted(metrics[config.key])) for config in CONFIGS}
+        return {key: float(submitted(approval.metrics_port)) for key, approval in approvals.items()}
     finally:
-        # A stopping process exports the spans it still holds.
-        runner.stop_servers(*names)
-
-
-def _running(runner: Runner, config: Config) -> bool:
-    return runner.servers[f"approval-{config.key}"].poll() is None
+        runner.stop_servers(*(approval.name for approval in approvals.values()))
 
 
 def submit_metrics(window: Window) -> dict[str, float]:
@@ -240,7 +266,7 @@ def drain_figures(runner: Runner, endpoint: str) -> dict[str, float]:
     try:
         for rep in range(plan.drain_reps):
             drained: dict[str, dict[str, float]] = {}
-            for config in rotated(CONFIGS, rep):
+            for config in drain_order(rep, plan.drain_reps):
                 print(
                     f"== tracing {config.key}: drain of {plan.tracing_drain_payments:,} payments, "
                     f"repetition {rep + 1}/{plan.drain_reps}",
@@ -269,7 +295,7 @@ def drain_figures(runner: Runner, endpoint: str) -> dict[str, float]:
                 )
     finally:
         if last is not OFF:
-            # The traced replicator exports its last spans as it stops; the stack's own takes over.
+            # Only when a drain failed: the traced replicator exports its last spans as it stops.
             runner.stop_replicator()
             runner.start_replicator()
             runner.replicator_ready()
@@ -279,19 +305,25 @@ def drain_figures(runner: Runner, endpoint: str) -> dict[str, float]:
 def add_span_counts(
     runner: Runner, counts: Mapping[str, int], served: Mapping[str, float], traced: Mapping[str, float]
 ) -> None:
-    """What the receiver counted from each configuration's processes, against what they should have sent."""
+    """What the receiver counted from each configuration's processes, against what they should have sent.
+
+    Every SubmitPayment answered by the `sampled_all` process should have sent
+    APPROVAL_SPANS_PER_CALL spans (about DEFAULT_SAMPLE_RATIO of that at the default ratio,
+    the calls' own sampling), and every traced transaction of a backlog
+    REPLICATOR_SPANS_PER_TRANSACTION: fewer means spans were dropped (the SDK's batch
+    processor drops what its queue cannot hold).
+    """
     for config in CONFIGS:
-        spans = counts.get(service_name("approval-svc", config), 0)
+        spans = float(counts.get(service_name("approval-svc", config), 0))
         calls = served.get(config.key, 0.0)
-        runner.collector.add(
-            f"tracing.exported.approval.{config.key}",
-            spans=spans,
-            calls=calls,
-            spans_per_call=stats.ratio(spans, calls),
-        )
-        spans = counts.get(service_name("replicator", config), 0)
+        figures = {"spans": spans, "calls": calls, "spans_per_call": stats.ratio(spans, calls)}
+        if config.traced_calls:
+            figures["spans_expected"] = APPROVAL_SPANS_PER_CALL * calls
+        runner.collector.add(f"tracing.exported.approval.{config.key}", **figures)
+        spans = float(counts.get(service_name("replicator", config), 0))
         transactions = traced.get(config.key, 0.0)
-        figures = {"spans": float(spans), "traced_transactions": transactions}
+        figures = {"spans": spans, "traced_transactions": transactions}
         if config is not OFF:
+            figures["spans_expected"] = REPLICATOR_SPANS_PER_TRANSACTION * transactions
             figures["spans_per_traced_transaction"] = stats.ratio(spans, transactions)
         runner.collector.add(f"tracing.exported.replicator.{config.key}", **figures)

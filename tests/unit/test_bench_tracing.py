@@ -27,6 +27,13 @@ def test_each_configuration_takes_each_place_in_turn() -> None:
     assert [c.key for c in tracing.CONFIGS] == list(report.TRACING_CONFIGS)
 
 
+@pytest.mark.parametrize("reps", [1, 2, 3])
+def test_the_drains_end_with_tracing_off(reps: int) -> None:
+    orders = [[c.key for c in tracing.drain_order(rep, reps)] for rep in range(reps)]
+    assert orders[-1][-1] == "off"
+    assert all(sorted(order) == sorted(report.TRACING_CONFIGS) for order in orders)
+
+
 def test_the_configurations_differ_only_in_what_tracing_does() -> None:
     off, every, default = tracing.CONFIGS
     assert off.env("replicator", "http://127.0.0.1:1")["OTEL_TRACES_EXPORTER"] == "none"
