@@ -5,6 +5,11 @@ SubmitPayment, history GetPayment, history ListPayments, the replicator draining
 backlog) while `py-spy record` samples the busy threads of the process that serves it,
 and prints the functions with the largest inclusive and self shares of the samples.
 The raw stacks go to bench/results/profile-*.txt (collapsed format, for flame graphs).
+With `--tracing`, the same for tracing at 100% as the tracing figures measure it
+(`bench.phases.tracing`, `sampled_all`): SubmitPayment on an approval process that traces,
+every call carrying a sampled traceparent, and the replicator draining a backlog whose
+every transaction is traced, spans exported to the counting receiver
+(profile-*-traced.txt).
 py-spy is not a dependency of the project: `.venv/bin/pip install py-spy` first.
 """
 
@@ -22,10 +27,11 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bench.phases import drain, seed
+from bench.phases import drain, seed, tracing
 from bench.plan import QUICK
 from bench.runner import ROOT, Runner
 from stack.clients import history_target
+from stack.otlp import read_counts
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -114,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-payments", type=int, default=50_000)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench/results")
     parser.add_argument("--summarize", type=Path, nargs="*", help="only summarize these recorded files")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="SubmitPayment and the drain with every call and transaction traced",
+    )
     args = parser.parse_args(argv)
     if args.summarize:
         for path in args.summarize:
@@ -125,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner.start()
         seed.run(runner)
+        if args.tracing:
+            _traced(runner, args.out_dir, seconds, args.drain_payments)
+            return 0
         history = history_target(runner.endpoints["HISTORY_ADDRS"].split(",")[:1])
         loads = (
             ("approval", "approval_submit", runner.endpoints["APPROVAL_ADDR"], False),
@@ -161,6 +175,54 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runner.stop()
     return 0
+
+
+def _traced(runner: Runner, out_dir: Path, seconds: float, drain_payments: int) -> None:
+    """SubmitPayment, then the drain, every call and every transaction traced, each sampled."""
+    config = tracing.SAMPLED_ALL
+    endpoint, counts = tracing.start_sink(runner)
+    approval = tracing.start_approvals(runner, endpoint, [config])[config.key]
+    tracing.wait_sink(runner, counts)
+    tracing.wait_approvals(runner, {config.key: approval})
+    out = out_dir / "profile-approval_submit-traced.txt"
+    print(
+        f"== sampling {approval.name} under closed-loop traced approval_submit for {seconds:.0f}s", flush=True
+    )
+    spy = _record(runner.pid(approval.name), out, seconds + 1)
+    runner.measure(
+        runner.jobs(
+            "closed",
+            "approval_submit",
+            approval.addr,
+            runner.plan.concurrency,
+            duration_s=seconds,
+            traced=True,
+        ),
+        {},
+        seconds,
+        0.5,
+    )
+    spy.wait(timeout=60)
+    runner.settle()
+    _report(f"{approval.name} under traced approval_submit", out)
+
+    out = out_dir / "profile-replicator-drain-traced.txt"
+    print(f"== sampling the replicator draining {drain_payments:,} traced payments", flush=True)
+    drain.once(
+        runner,
+        runner.payers,
+        drain_payments,
+        observe=lambda pid: _sampled(pid, out),
+        replicator_env=config.env("replicator", endpoint),
+        traced_share=config.traced_share,
+    )
+    _report("replicator draining a traced backlog", out)
+    # The traced replicator exports its last spans as it stops, before the receiver does.
+    runner.stop_replicator()
+    runner.start_replicator()
+    runner.replicator_ready()
+    runner.stop_servers(approval.name, tracing.SINK)
+    print(f"spans received: {read_counts(counts)}")
 
 
 if __name__ == "__main__":

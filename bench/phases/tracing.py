@@ -77,11 +77,11 @@ class Config:
 
 
 OFF: Final = Config("off", "none", traced_calls=False, traced_share=0.0)
-CONFIGS: Final[tuple[Config, ...]] = (
-    OFF,
-    Config("sampled_all", "otlp", traced_calls=True, traced_share=1.0),
-    Config("default_ratio", "otlp", traced_calls=False, traced_share=float(DEFAULT_SAMPLE_RATIO)),
+SAMPLED_ALL: Final = Config("sampled_all", "otlp", traced_calls=True, traced_share=1.0)
+DEFAULT_RATIO: Final = Config(
+    "default_ratio", "otlp", traced_calls=False, traced_share=float(DEFAULT_SAMPLE_RATIO)
 )
+CONFIGS: Final[tuple[Config, ...]] = (OFF, SAMPLED_ALL, DEFAULT_RATIO)
 
 
 def service_name(service: str, config: Config) -> str:
@@ -104,17 +104,22 @@ def drain_order(rep: int, reps: int) -> list[Config]:
 
 
 def run(runner: Runner) -> None:
-    counts_path = runner.root / "otlp-counts.json"
-    port = free_port()
-    runner.spawn(SINK, ["-m", "stack.otlp", "--port", str(port), "--counts", str(counts_path)])
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint, counts_path = start_sink(runner)
     # The processes start together; none exports before its first window.
-    approvals = start_approvals(runner, endpoint)
+    approvals = start_approvals(runner, endpoint, CONFIGS)
     wait_sink(runner, counts_path)
     served = submit_figures(runner, approvals)
     traced = drain_figures(runner, endpoint)
     runner.stop_servers(SINK)
     add_span_counts(runner, read_counts(counts_path), served, traced)
+
+
+def start_sink(runner: Runner) -> tuple[str, Path]:
+    """Starts the counting OTLP receiver, without waiting; returns its endpoint and its counts file."""
+    counts = runner.root / "otlp-counts.json"
+    port = free_port()
+    runner.spawn(SINK, ["-m", "stack.otlp", "--port", str(port), "--counts", str(counts)])
+    return f"http://127.0.0.1:{port}", counts
 
 
 def wait_sink(runner: Runner, counts: Path, timeout: float = 30.0) -> None:
@@ -141,7 +146,7 @@ class Approval:
     metrics_port: int
 
 
-def start_approvals(runner: Runner, endpoint: str) -> dict[str, Approval]:
+def start_approvals(runner: Runner, endpoint: str, configs: Sequence[Config]) -> dict[str, Approval]:
     """Starts an approval process per configuration, with the stack's approval's environment, without waiting."""
     base = {
         name: value
@@ -149,7 +154,7 @@ def start_approvals(runner: Runner, endpoint: str) -> dict[str, Approval]:
         if not name.startswith("OTEL_")
     }
     approvals = {}
-    for config in CONFIGS:
+    for config in configs:
         port, metrics_port = free_port(), free_port()
         env = {
             **base,
@@ -167,6 +172,11 @@ def _alive(process: subprocess.Popen[bytes]) -> Callable[[], bool]:
     return lambda: process.poll() is None
 
 
+def wait_approvals(runner: Runner, approvals: Mapping[str, Approval]) -> None:
+    for approval in approvals.values():
+        local.wait_serving(approval.addr, 60, alive=_alive(runner.servers[approval.name]))
+
+
 def submit_figures(runner: Runner, approvals: Mapping[str, Approval]) -> dict[str, float]:
     """SubmitPayment under each configuration, repetition by repetition; returns the calls each process served.
 
@@ -174,8 +184,7 @@ def submit_figures(runner: Runner, approvals: Mapping[str, Approval]) -> dict[st
     """
     plan = runner.plan
     try:
-        for approval in approvals.values():
-            local.wait_serving(approval.addr, 60, alive=_alive(runner.servers[approval.name]))
+        wait_approvals(runner, approvals)
         for rep in range(plan.reps):
             windows: dict[str, Window] = {}
             for config in rotated(CONFIGS, rep):
