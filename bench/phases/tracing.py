@@ -24,6 +24,7 @@ it stops, so they are read once every traced process has stopped.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 import urllib.request
@@ -302,12 +303,15 @@ def drain_figures(runner: Runner, endpoint: str) -> dict[str, float]:
                     f"tracing.drain.{config.key}",
                     **ratios_to_off(drained[config.key], drained[OFF.key], DRAIN_RATIOS),
                 )
-    finally:
+    except BaseException:
         if last is not OFF:
-            # Only when a drain failed: the traced replicator exports its last spans as it stops.
-            runner.stop_replicator()
-            runner.start_replicator()
-            runner.replicator_ready()
+            # The stack gets an untraced replicator back (the traced one exports its last spans
+            # as it stops); the drain's own error is the one to report.
+            with contextlib.suppress(Exception):
+                runner.stop_replicator()
+                runner.start_replicator()
+                runner.replicator_ready()
+        raise
     return traced
 
 
