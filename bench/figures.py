@@ -22,6 +22,7 @@ class Window:
     errors: dict[str, int]
     dropped: int
     cpu_s: dict[str, float]
+    served: int = 0  # open loop: the calls that returned OK inside the window (`JobResult.served`)
 
     @classmethod
     def of(cls, results: Iterable[JobResult], duration_s: float, cpu_s: dict[str, float]) -> Window:
@@ -37,6 +38,7 @@ class Window:
             errors=dict(errors),
             dropped=sum(r.dropped for r in results),
             cpu_s=cpu_s,
+            served=sum(r.served for r in results),
         )
 
     @property

@@ -12,6 +12,8 @@ workers and the orchestrator's CPU readings cover the same interval.
 - open loop: calls start at a fixed rate whatever the servers do; latency is counted
   from the moment the call was due, so a stalled server is not hidden (no coordinated
   omission). Calls beyond `max_inflight` are not sent and are reported as dropped.
+  Besides the calls due in the window, it counts those that returned inside it
+  (`served`): what the servers kept up with when a queue grows.
 - visibility: open-loop SubmitPayment to approval while WatchPayments streams on
   history time when each acknowledged payment becomes visible on the query side.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import random
 import time
@@ -37,7 +40,7 @@ from google.protobuf import wrappers_pb2
 from bench.echo_server import METHOD as ECHO_METHOD
 
 Call = Callable[[], Awaitable[Any]]
-CallKind = Literal["echo", "history_get", "history_list", "approval_submit"]
+CallKind = Literal["echo", "history_get", "history_list", "history_mixed", "approval_submit"]
 Mode = Literal["closed", "open", "visibility"]
 
 CURRENCY = "EUR"
@@ -80,6 +83,10 @@ class JobResult:
     completed: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     dropped: int = 0
+    # Open loop: the calls that returned OK inside the window, whenever they were due. Below
+    # the offered rate times the window when a queue grows, where `completed` (the calls due
+    # in the window that returned OK at last) is not.
+    served: int = 0
     delays: list[float] = field(default_factory=list)
     submit_delays: list[float] = field(default_factory=list)
     missing: int = 0
@@ -108,18 +115,28 @@ def make_call(job: Job, channel: grpc.aio.Channel, rng: random.Random) -> Call:
         )
         ids = job.payment_ids or (str(uuid.uuid4()),)
         return lambda: echo(wrappers_pb2.StringValue(value=rng.choice(ids)), timeout=CALL_TIMEOUT_S)
-    if job.call in ("history_get", "history_list"):
-        from payments.history.v1 import history_service_pb2 as history
-        from payments.history.v1 import history_service_pb2_grpc as history_grpc
+    if job.call in ("history_get", "history_list", "history_mixed"):
+        return _reader(job, channel, rng)
+    if job.call == "approval_submit":
+        return _submitter(job, channel, rng)
+    raise ValueError(f"unknown call {job.call!r}")
 
-        stub = history_grpc.HistoryServiceStub(channel)
-        if job.call == "history_get":
-            payment_ids = job.payment_ids
-            return lambda: stub.GetPayment(
-                history.GetPaymentRequest(payment_id=rng.choice(payment_ids)), timeout=CALL_TIMEOUT_S
-            )
-        account_ids = job.account_ids
-        return lambda: stub.ListPayments(
+
+def _reader(job: Job, channel: grpc.aio.Channel, rng: random.Random) -> Call:
+    """GetPayment, ListPayments, or (`history_mixed`) the two in turn: half of the calls each."""
+    from payments.history.v1 import history_service_pb2 as history
+    from payments.history.v1 import history_service_pb2_grpc as history_grpc
+
+    stub = history_grpc.HistoryServiceStub(channel)
+    payment_ids, account_ids = job.payment_ids, job.account_ids
+
+    def get() -> Awaitable[Any]:
+        return stub.GetPayment(
+            history.GetPaymentRequest(payment_id=rng.choice(payment_ids)), timeout=CALL_TIMEOUT_S
+        )
+
+    def list_() -> Awaitable[Any]:
+        return stub.ListPayments(
             history.ListPaymentsRequest(
                 account_id=rng.choice(account_ids),
                 direction=history.PAYMENT_DIRECTION_ALL,
@@ -127,9 +144,13 @@ def make_call(job: Job, channel: grpc.aio.Channel, rng: random.Random) -> Call:
             ),
             timeout=CALL_TIMEOUT_S,
         )
-    if job.call == "approval_submit":
-        return _submitter(job, channel, rng)
-    raise ValueError(f"unknown call {job.call!r}")
+
+    if job.call == "history_get":
+        return get
+    if job.call == "history_list":
+        return list_
+    turns = itertools.cycle((get, list_))
+    return lambda: next(turns)()
 
 
 def _submitter(job: Job, channel: grpc.aio.Channel, rng: random.Random) -> Callable[[], Awaitable[Any]]:
@@ -223,8 +244,11 @@ async def open_loop(job: Job, call: Call) -> JobResult:
             if start <= due < end:
                 errors[_error_name(error)] += 1
             return
+        finished = time.monotonic()
         if start <= due < end:
-            result.latencies.append(time.monotonic() - due)
+            result.latencies.append(finished - due)
+        if start <= finished <= end:
+            result.served += 1
 
     await _sleep_until(begin)
     sent = 0

@@ -252,15 +252,27 @@ class Runner:
         warmup_s: float,
     ) -> Window:
         """Runs one window: the jobs start together, the CPU readings bracket the measured part."""
+        return self.measure_apart({"": jobs_for}, cpu_of, duration_s, warmup_s)[""]
+
+    def measure_apart(
+        self,
+        loads: Mapping[str, Callable[[float], list[Job]]],
+        cpu_of: dict[str, Callable[[], cpu.Snapshot]],
+        duration_s: float,
+        warmup_s: float,
+    ) -> dict[str, Window]:
+        """`measure` of several loads at once, e.g. writes and reads: a window for each, the same CPU readings in each."""
         assert self.pool is not None
         start_at = time.monotonic() + 0.3 + warmup_s
-        handles = self.pool.submit(jobs_for(start_at))
+        handles = {name: self.pool.submit(jobs_for(start_at)) for name, jobs_for in loads.items()}
         sleep_until(start_at)
         before = {name: read() for name, read in cpu_of.items()}
         sleep_until(start_at + duration_s)
         after = {name: read() for name, read in cpu_of.items()}
-        results = self.pool.collect(handles)
-        return Window.of(results, duration_s, {name: cpu.spent(before[name], after[name]) for name in cpu_of})
+        spent = {name: cpu.spent(before[name], after[name]) for name in cpu_of}
+        return {
+            name: Window.of(self.pool.collect(handle), duration_s, spent) for name, handle in handles.items()
+        }
 
     def closed_loop_figure(
         self,
