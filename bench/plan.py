@@ -22,6 +22,7 @@ class Plan:
     page_size: int
     write_rate: float  # the steady approval writes under the CRUD comparison
     read_rate: float  # the open-loop reads of the CRUD comparison, the same for both sides
+    offload_read_rate: float  # the heavy open-loop reads under which the offload figure measures the writes
     visibility_rate: float
     visibility_low_rate: float  # a rate that approval sustains, to see replication without overload
     visibility_window_s: float
@@ -46,6 +47,7 @@ FULL = Plan(
     page_size=20,
     write_rate=100.0,
     read_rate=250.0,
+    offload_read_rate=1500.0,
     visibility_rate=500.0,
     visibility_low_rate=100.0,
     visibility_window_s=10.0,

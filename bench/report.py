@@ -31,6 +31,17 @@ _CRUD_METRICS: Final = (
     "pg_cpu_us_per_read_history",
     "redis_cpu_us_per_read_history",
 )
+_OFFLOAD_METRICS: Final = (
+    "write_throughput_rps",
+    "write_p50_ms",
+    "write_p99_ms",
+    "postgres_cpu_us_per_write",
+    "read_rate_offered",
+    "read_rate_achieved",
+    "read_p99_ms",
+    "read_failed",
+    "read_sustained",
+)
 REQUIRED_FIGURES: Final[tuple[str, ...]] = (
     *(f"echo_floor.{m}" for m in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_rpc")),
     *(f"approval_submit.{m}" for m in _READ_METRICS),
@@ -41,6 +52,9 @@ REQUIRED_FIGURES: Final[tuple[str, ...]] = (
     ),
     *(f"crud_baseline.{query}.{m}" for query in ("get_payment", "list_payments") for m in _CRUD_METRICS),
     "crud_baseline.write_rate_achieved",
+    *(f"offload.{side}.{m}" for side in ("crud", "history") for m in _OFFLOAD_METRICS),
+    "offload.write_throughput_ratio",
+    "offload.write_p99_ratio",
     *(
         f"replication.{figure}.{m}"
         for figure in ("commit_to_visible", "commit_to_visible_sustained")
@@ -254,6 +268,48 @@ _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
     (
         "Under writes: ListPayments PostgreSQL CPU per read, history",
         "crud_baseline.list_payments.pg_cpu_us_per_read_history",
+        "µs",
+    ),
+    (
+        "Under heavy reads: reads/s offered; served with CRUD / history",
+        "offload.crud.read_rate_offered|offload.crud.read_rate_achieved|offload.history.read_rate_achieved",
+        "reads/s",
+    ),
+    (
+        "Under heavy reads: reads failed or dropped, CRUD / history",
+        "offload.crud.read_failed|offload.history.read_failed",
+        "reads",
+    ),
+    (
+        "Under heavy reads: read load sustained (1 yes, 0 no), CRUD / history",
+        "offload.crud.read_sustained|offload.history.read_sustained",
+        "",
+    ),
+    (
+        "Under heavy reads: reads p99, CRUD / history",
+        "offload.crud.read_p99_ms|offload.history.read_p99_ms",
+        "ms",
+    ),
+    (
+        "Under heavy reads: SubmitPayment throughput, CRUD reads / history reads",
+        "offload.crud.write_throughput_rps|offload.history.write_throughput_rps",
+        "payments/s",
+    ),
+    (
+        "Under heavy reads: SubmitPayment p50 / p99, CRUD reads",
+        "offload.crud.write_p50_ms|offload.crud.write_p99_ms",
+        "ms",
+    ),
+    (
+        "Under heavy reads: SubmitPayment p50 / p99, history reads",
+        "offload.history.write_p50_ms|offload.history.write_p99_ms",
+        "ms",
+    ),
+    ("Under heavy reads: write throughput, history ÷ CRUD", "offload.write_throughput_ratio", "x"),
+    ("Under heavy reads: write p99, CRUD ÷ history", "offload.write_p99_ratio", "x"),
+    (
+        "Under heavy reads: PostgreSQL CPU per write, CRUD reads / history reads",
+        "offload.crud.postgres_cpu_us_per_write|offload.history.postgres_cpu_us_per_write",
         "µs",
     ),
     (

@@ -6,7 +6,7 @@ Each phase is a function of the `bench.runner.Runner`; its name is the key of
 
 from __future__ import annotations
 
-from bench.phases import closed_loop, crud, drain, seed, sweeps, tracing, visibility
+from bench.phases import closed_loop, crud, drain, offload, seed, sweeps, tracing, visibility
 from bench.runner import Phase, Runner
 
 PHASES: tuple[tuple[str, Phase], ...] = (
@@ -14,6 +14,7 @@ PHASES: tuple[tuple[str, Phase], ...] = (
     ("seed", seed.run),
     ("floor_approval_history", closed_loop.run),
     ("crud_baseline", crud.run),
+    ("offload", offload.run),
     ("commit_to_visible", visibility.run),
     ("sweeps", sweeps.run),
     ("drain", drain.run),

@@ -1,4 +1,4 @@
-"""The phases' own arithmetic: the CRUD comparison, commit-to-visible, a sweep point, the drain; their order; the targets."""
+"""The phases' own arithmetic: the CRUD comparison, the offload, commit-to-visible, a sweep point, the drain; their order; the targets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from bench import report
 from bench.figures import Window
 from bench.load import JobResult
-from bench.phases import PHASES, crud, drain, sweeps, visibility
+from bench.phases import PHASES, crud, drain, offload, sweeps, visibility
 from bench.report import REQUIRED_FIGURES
 
 
@@ -23,6 +23,7 @@ def test_phases_run_in_the_order_of_the_results_phase_seconds() -> None:
         "seed",
         "floor_approval_history",
         "crud_baseline",
+        "offload",
         "commit_to_visible",
         "sweeps",
         "drain",
@@ -48,6 +49,39 @@ def test_crud_comparison_takes_the_writes_baseline_off_each_side() -> None:
     assert figures["history_server_cpu_us_per_rpc"] == pytest.approx(220)
     assert figures["history_server_cpu_us_per_rpc_baseline_excluded"] == pytest.approx(200)
     assert figures["pg_cpu_share_baseline"] == pytest.approx(0.1)
+
+
+def test_offload_figures_of_a_side_and_the_ratios_between_sides() -> None:
+    crud_writes = _window(0.100, 400, {"pg": 0.8, "approval": 0.5})
+    history_writes = _window(0.050, 600, {"pg": 0.6, "approval": 0.7})
+    # 1,500 reads/s offered over 2 s: the CRUD side served 1,000/s, with 3 failures.
+    crud_reads = Window(2.0, [1.5] * 2900, 2900, {"DEADLINE_EXCEEDED": 2}, 1, {}, served=2000)
+    history_reads = Window(2.0, [0.004] * 3000, 3000, {}, 0, {}, served=2990)
+    crud_side = offload.side_metrics(crud_writes, crud_reads, 1500.0)
+    history_side = offload.side_metrics(history_writes, history_reads, 1500.0)
+    assert {f"offload.crud.{name}" for name in crud_side} >= {
+        path for path in REQUIRED_FIGURES if path.startswith("offload.crud.")
+    }
+    assert crud_side["write_throughput_rps"] == pytest.approx(200)
+    assert crud_side["write_p99_ms"] == pytest.approx(100)
+    assert crud_side["postgres_cpu_us_per_write"] == pytest.approx(2000)
+    assert crud_side["approval_cpu_us_per_write"] == pytest.approx(1250)
+    assert crud_side["read_rate_achieved"] == pytest.approx(1000)
+    assert crud_side["read_failed"] == 3
+    assert crud_side["read_sustained"] == 0
+    assert history_side["read_rate_achieved"] == pytest.approx(1495)
+    assert history_side["read_sustained"] == 1
+    ratios = offload.ratios(crud_writes, history_writes)
+    assert ratios["write_throughput_ratio"] == pytest.approx(1.5)
+    assert ratios["write_p99_ratio"] == pytest.approx(2.0)
+
+
+def test_offload_sides_alternate_from_one_repetition_to_the_next() -> None:
+    assert [offload.order(rep) for rep in range(3)] == [
+        ("crud", "history"),
+        ("history", "crud"),
+        ("crud", "history"),
+    ]
 
 
 def test_visibility_counts_every_generator_and_what_it_missed() -> None:
