@@ -1,7 +1,10 @@
 """Figure 5a, commit-to-visible: payments submitted at a steady rate, timed until they arrive on WatchPayments streams.
 
-Measured at the target rate and at a rate that approval sustains on this machine, so
-that replication's own delay shows apart from an overloaded approval service.
+Measured at the target rate, at a rate that approval sustains on this machine, so
+that replication's own delay shows apart from an overloaded approval service, and at
+SHARE_OF_APPROVAL of the payments/s that approval sustained closed loop earlier in the
+same run (the median of the approval figure's repetitions): a rate near what this
+machine's write path can give, whatever the machine.
 """
 
 from __future__ import annotations
@@ -9,27 +12,44 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import Final
 
 from bench import stats
-from bench.figures import latency_of
+from bench.figures import Collector, latency_of
 from bench.load import Job, JobResult, split
 from bench.runner import Runner
 from stack.clients import history_target
 
+# The share of approval's closed-loop throughput at which `commit_to_visible_80pct` submits.
+SHARE_OF_APPROVAL: Final = 0.8
+APPROVAL_THROUGHPUT: Final = "approval_submit.throughput_rps"
+
 
 def run(runner: Runner) -> None:
     plan = runner.plan
+    share_rate = SHARE_OF_APPROVAL * approval_rate(runner.collector)
     for rep in range(plan.reps):
-        # The sustained rate first: an overloaded approval keeps working off abandoned
+        # The lower rates first: an overloaded approval keeps working off abandoned
         # requests for a while after its clients have given up.
         for figure, rate in (
             ("commit_to_visible_sustained", plan.visibility_low_rate),
+            ("commit_to_visible_80pct", share_rate),
             ("commit_to_visible", plan.visibility_rate),
         ):
             print(f"== {figure} at {rate:.0f} payments/s, repetition {rep + 1}/{plan.reps}", flush=True)
             measure(runner, f"replication.{figure}", rate)
             runner.settle()
             runner.wait_idle("approval")
+
+
+def approval_rate(collector: Collector) -> float:
+    """The median of approval's closed-loop throughput over the repetitions measured so far in this run."""
+    measured = collector.values.get(APPROVAL_THROUGHPUT)
+    if not measured:
+        raise RuntimeError(
+            f"commit-to-visible at a share of approval's rate needs {APPROVAL_THROUGHPUT} first"
+        )
+    return stats.spread(measured).median
 
 
 def measure(runner: Runner, figure: str, total_rate: float) -> None:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench import report
-from bench.figures import Window
+from bench.figures import Collector, Window
 from bench.load import JobResult
 from bench.phases import PHASES, crud, drain, offload, sweeps, visibility
 from bench.report import REQUIRED_FIGURES
@@ -82,6 +82,16 @@ def test_offload_sides_alternate_from_one_repetition_to_the_next() -> None:
         ("history", "crud"),
         ("crud", "history"),
     ]
+
+
+def test_visibility_at_a_share_of_approval_takes_the_median_measured_so_far() -> None:
+    collector = Collector()
+    for throughput in (600.0, 700.0, 650.0):
+        collector.add("approval_submit", throughput_rps=throughput)
+    assert visibility.approval_rate(collector) == 650
+    assert visibility.SHARE_OF_APPROVAL == 0.8
+    with pytest.raises(RuntimeError):
+        visibility.approval_rate(Collector())
 
 
 def test_visibility_counts_every_generator_and_what_it_missed() -> None:
