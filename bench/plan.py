@@ -30,6 +30,8 @@ class Plan:
     drain_payments: int
     drain_reps: int
     tracing_drain_payments: int  # each drain of the tracing figures, under each configuration
+    large_transaction_changes: int  # the row changes of the large transaction's one INSERT
+    large_transaction_reps: int
     sweep_window_s: float
     sweep_rates: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
@@ -55,6 +57,8 @@ FULL = Plan(
     drain_payments=50_000,
     drain_reps=3,
     tracing_drain_payments=50_000,
+    large_transaction_changes=1_000_000,
+    large_transaction_reps=3,
     sweep_window_s=4.0,
     sweep_rates={
         "echo": (500, 1000, 2000, 3000, 4000),
@@ -79,6 +83,8 @@ QUICK = dataclasses.replace(
     drain_payments=5_000,
     drain_reps=1,
     tracing_drain_payments=2_500,
+    large_transaction_changes=20_000,
+    large_transaction_reps=1,
     sweep_window_s=1.0,
     sweep_rates={"echo": (500, 2000), "history": (500, 2000), "crud": (500, 2000), "approval": (100, 200)},
 )

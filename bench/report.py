@@ -84,6 +84,18 @@ REQUIRED_FIGURES: Final[tuple[str, ...]] = (
     *(f"tracing.exported.approval.{config}.{m}" for config in TRACING_CONFIGS for m in ("spans", "calls")),
     *(f"tracing.exported.replicator.{config}.spans" for config in TRACING_CONFIGS),
     *(f"tracing.exported.replicator.{config}.spans_per_traced_transaction" for config in TRACING_CONFIGS[1:]),
+    *(
+        f"large_transaction.{m}"
+        for m in (
+            "changes",
+            "commit_to_applied_s",
+            "changes_per_s",
+            "cpu_us_per_change",
+            "rss_before_mb",
+            "peak_rss_mb",
+            "peak_rss_growth_mb",
+        )
+    ),
 )
 
 
@@ -351,6 +363,15 @@ _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
     ("Replicator drain (from restart)", "replication.drain.changes_per_s", "changes/s"),
     ("Replicator drain (steady, after first apply)", "replication.drain.changes_per_s_steady", "changes/s"),
     ("Replicator CPU per change", "replication.drain.cpu_us_per_change", "µs"),
+    ("Large transaction: row changes in one INSERT", "large_transaction.changes", "changes"),
+    ("Large transaction: from its commit to the checkpoint", "large_transaction.commit_to_applied_s", "s"),
+    ("Large transaction: changes applied per second", "large_transaction.changes_per_s", "changes/s"),
+    ("Large transaction: replicator CPU per change", "large_transaction.cpu_us_per_change", "µs"),
+    (
+        "Large transaction: replicator RSS before / peak during (VmHWM reset at the commit)",
+        "large_transaction.rss_before_mb|large_transaction.peak_rss_mb",
+        "MB",
+    ),
     *(
         (f"Tracing off / all / {_RATIO}: {label}", _each(figure, metric), unit)
         for label, figure, metric, unit in (

@@ -363,8 +363,9 @@ class Runner:
             "mode": self.plan.mode,
             "note": (
                 "quick run: one short repetition per figure, a small drain backlog "
-                f"({self.plan.drain_payments * backlog.CHANGES_PER_PAYMENT:,} changes instead of 200,000+) "
-                "and a coarse sweep; a smoke test of the benchmark, not a measurement"
+                f"({self.plan.drain_payments * backlog.CHANGES_PER_PAYMENT:,} changes instead of 200,000+), "
+                f"a large transaction of {self.plan.large_transaction_changes:,} row changes instead of "
+                "1,000,000 and a coarse sweep; a smoke test of the benchmark, not a measurement"
                 if self.plan.mode == "quick"
                 else "full run"
             ),

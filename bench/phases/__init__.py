@@ -6,7 +6,7 @@ Each phase is a function of the `bench.runner.Runner`; its name is the key of
 
 from __future__ import annotations
 
-from bench.phases import closed_loop, crud, drain, offload, seed, sweeps, tracing, visibility
+from bench.phases import closed_loop, crud, drain, large, offload, seed, sweeps, tracing, visibility
 from bench.runner import Phase, Runner
 
 PHASES: tuple[tuple[str, Phase], ...] = (
@@ -19,4 +19,5 @@ PHASES: tuple[tuple[str, Phase], ...] = (
     ("sweeps", sweeps.run),
     ("drain", drain.run),
     ("tracing", tracing.run),
+    ("large_transaction", large.run),
 )

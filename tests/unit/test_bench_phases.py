@@ -1,15 +1,16 @@
-"""The phases' own arithmetic: the CRUD comparison, the offload, commit-to-visible, a sweep point, the drain; their order; the targets."""
+"""The phases' own arithmetic: the CRUD comparison, the offload, commit-to-visible, a sweep point, the drain, the large transaction; their order; the targets."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
 from bench import report
 from bench.figures import Collector, Window
 from bench.load import JobResult
-from bench.phases import PHASES, crud, drain, offload, sweeps, visibility
+from bench.phases import PHASES, crud, drain, large, offload, sweeps, visibility
 from bench.report import REQUIRED_FIGURES
 
 
@@ -28,6 +29,7 @@ def test_phases_run_in_the_order_of_the_results_phase_seconds() -> None:
         "sweeps",
         "drain",
         "tracing",
+        "large_transaction",
     ]
 
 
@@ -150,6 +152,38 @@ def test_drain_figures_from_restart_and_from_the_first_apply() -> None:
     assert figures["redis_cpu_us_per_change"] == pytest.approx(10)
     assert figures["postgres_cpu_us_per_change"] == pytest.approx(5)
     assert figures["generation_s"] == 3.0
+
+
+def test_large_transaction_figures() -> None:
+    applied = large.Applied(
+        changes=1_000_000,
+        statement_s=12.0,
+        elapsed_s=50.0,
+        cpu_s=30.0,
+        pg_cpu_s=10.0,
+        rss_before_bytes=80 * 1024 * 1024,
+        peak_rss_bytes=200 * 1024 * 1024,
+    )
+    figures = applied.metrics()
+    assert {f"large_transaction.{name}" for name in figures} >= {
+        path for path in REQUIRED_FIGURES if path.startswith("large_transaction.")
+    }
+    assert figures["changes_per_s"] == pytest.approx(20_000)
+    assert figures["cpu_us_per_change"] == pytest.approx(30)
+    assert figures["postgres_cpu_us_per_change"] == pytest.approx(10)
+    assert figures["peak_rss_mb"] == pytest.approx(200)
+    assert figures["peak_rss_growth_mb"] == pytest.approx(120)
+
+
+def test_a_process_peak_rss_resets_to_its_rss_now() -> None:
+    pid = os.getpid()
+    grown = bytearray(64 * 1024 * 1024)
+    for i in range(0, len(grown), 4096):
+        grown[i] = 1
+    del grown
+    assert large.memory(pid, "VmHWM") - large.memory(pid, "VmRSS") > 32 * 1024 * 1024
+    large.reset_peak(pid)
+    assert large.memory(pid, "VmHWM") - large.memory(pid, "VmRSS") < 8 * 1024 * 1024
 
 
 def test_targets_judge_the_median_and_leave_missing_figures_undecided() -> None:
