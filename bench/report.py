@@ -450,12 +450,17 @@ def rows(results: Mapping[str, Any]) -> Iterator[tuple[str, str, str, str]]:
         yield label, " / ".join(medians), " / ".join(r for r in ranges if r), unit
 
 
-def markdown_table(results: Mapping[str, Any]) -> str:
+def markdown_table(results: Mapping[str, Any], *, skip_absent: bool = False) -> str:
+    """The table of every row; with `skip_absent`, without the rows of figures that were not measured."""
     reps = results.get("settings", {}).get("reps", "?")
     lines = [
         f"| figure | median of {reps} | min-max | unit |",
         "|---|---:|---:|---|",
-        *(f"| {label} | {median} | {span} | {unit} |" for label, median, span, unit in rows(results)),
+        *(
+            f"| {label} | {median} | {span} | {unit} |"
+            for label, median, span, unit in rows(results)
+            if not (skip_absent and not span)
+        ),
     ]
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from bench import report
+from bench.__main__ import select
 from bench.figures import Collector, Window
 from bench.load import JobResult
 from bench.phases import PHASES, crud, drain, large, offload, sweeps, visibility
@@ -31,6 +32,14 @@ def test_phases_run_in_the_order_of_the_results_phase_seconds() -> None:
         "tracing",
         "large_transaction",
     ]
+
+
+def test_only_some_phases_run_after_the_stack_and_the_seed() -> None:
+    assert select(PHASES, None) == list(PHASES)
+    chosen = select(PHASES, "large_transaction, floor_approval_history")
+    assert [name for name, _ in chosen] == ["start", "seed", "floor_approval_history", "large_transaction"]
+    with pytest.raises(SystemExit):
+        select(PHASES, "offload,nonsense")
 
 
 def test_crud_comparison_takes_the_writes_baseline_off_each_side() -> None:

@@ -56,6 +56,15 @@ def test_table_has_a_row_per_figure_line() -> None:
     assert "| gRPC floor (echo), throughput | 1,234 | 1,234-1,234 | RPC/s |" in table
 
 
+def test_table_can_leave_out_the_figures_not_measured() -> None:
+    results = _results(1234.5)
+    del results["figures"]["echo_floor"]
+    assert "| gRPC floor (echo), throughput | n/a |  | RPC/s |" in report.markdown_table(results)
+    table = report.markdown_table(results, skip_absent=True)
+    assert "gRPC floor" not in table
+    assert "| Approval SubmitPayment, throughput | 1,234 |" in table
+
+
 def test_targets_table_shows_misses() -> None:
     results = _results()
     results["targets"] = [{"name": "drain", "goal": ">= 1", "value": 0.5, "met": False}]
