@@ -16,7 +16,7 @@ help:
 	@echo "make token ROLE=reviewer [ACCOUNT=id]  print a bearer token the local stack accepts"
 	@echo "make gen    regenerate the Python code of protos/ and the PrometheusRule of the alerts"
 	@echo "make image  build the service image with docker or podman (IMAGE_BASE=standin: on a local stand-in base)"
-	@echo "make bench  the benchmark (about 15 min); make bench-quick is the smoke size (about 90 s)"
+	@echo "make bench  the benchmark (about 20 min); make bench-quick is the smoke size (about 2 min)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
