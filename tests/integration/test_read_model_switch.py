@@ -174,9 +174,20 @@ def _source_payments(dsn: str) -> int:
 
 
 def _history(redis_url: str, port: int, log: Path, namespace: str, slot: str) -> ServiceProcess:
-    """A history process serving the version (`namespace`, `slot`); a token read may wait for it up to 10 s."""
+    """A history process serving the version (`namespace`, `slot`); a token read may wait for it up to 10 s.
+
+    Stopped for its restart, it gives the calls in flight 10 s, the service's default grace (not
+    the 1 s of the other tests): on a loaded machine a read may take longer than 1 s, and one
+    cut off at the end of the grace is CANCELLED, a failed read.
+    """
     return history_process(
-        redis_url, port, log, slot, key_namespace=namespace, consistency_wait_max_seconds="10"
+        redis_url,
+        port,
+        log,
+        slot,
+        key_namespace=namespace,
+        consistency_wait_max_seconds="10",
+        grace_seconds="10",
     )
 
 
