@@ -213,6 +213,30 @@ async def _discard(connection: AsyncConnection, invalidate: bool) -> None:
             log.warning("could not release a database connection: %s", error)
 
 
+async def _give_back(
+    connection: AsyncConnection | None, driver: asyncpg.Connection | None, exc: BaseException | None
+) -> None:
+    """Returns a connection at the end of its work, then raises the service error that `exc` stands for.
+
+    Work that ended cleanly, outside a transaction, goes back without any await (nothing to
+    interrupt); work cut short (cancelled, or the connection failed) is released as `_release`
+    says, which rolls back whatever the server may still have open.
+    """
+    if connection is not None and driver is not None:
+        if exc is None and not driver.is_in_transaction():
+            await _discard(connection, invalidate=driver.is_closed())
+        else:
+            cancelled = exc is not None and not isinstance(exc, Exception)
+            broken = isinstance(exc, DatabaseUnavailable) or (
+                isinstance(exc, Exception) and isinstance(database_error(exc), DatabaseUnavailable)
+            )
+            await _to_the_end(_release(connection, driver, cancelled=cancelled, broken=broken))
+    if isinstance(exc, Exception):
+        mapped = database_error(exc)
+        if mapped is not None:
+            raise mapped from exc
+
+
 class SqlUnitOfWork:
     """A UnitOfWork on one pooled connection of `engine`.
 
@@ -271,20 +295,7 @@ class SqlUnitOfWork:
     ) -> None:
         connection, self._connection = self._connection, None
         driver, self._driver = self._driver, None
-        if connection is not None and driver is not None:
-            if exc is None and not driver.is_in_transaction():
-                # Committed: back to the pool without any await (nothing to interrupt).
-                await _discard(connection, invalidate=driver.is_closed())
-            else:
-                cancelled = exc is not None and not isinstance(exc, Exception)
-                broken = isinstance(exc, DatabaseUnavailable) or (
-                    isinstance(exc, Exception) and isinstance(database_error(exc), DatabaseUnavailable)
-                )
-                await _to_the_end(_release(connection, driver, cancelled=cancelled, broken=broken))
-        if isinstance(exc, Exception):
-            mapped = database_error(exc)
-            if mapped is not None:
-                raise mapped from exc
+        await _give_back(connection, driver, exc)
 
     def _require(self) -> asyncpg.Connection:
         if self._driver is None:
@@ -359,19 +370,7 @@ class SqlSubmissionPath:
     ) -> None:
         connection, self._connection = self._connection, None
         driver, self._driver = self._driver, None
-        if connection is not None and driver is not None:
-            if exc is None and not driver.is_in_transaction():
-                await _discard(connection, invalidate=driver.is_closed())
-            else:
-                # A call cut short (cancelled, or the connection failed): the same release as a
-                # unit of work's, which rolls back whatever the server may still have open.
-                cancelled = exc is not None and not isinstance(exc, Exception)
-                broken = isinstance(exc, Exception) and isinstance(database_error(exc), DatabaseUnavailable)
-                await _to_the_end(_release(connection, driver, cancelled=cancelled, broken=broken))
-        if isinstance(exc, Exception):
-            mapped = database_error(exc)
-            if mapped is not None:
-                raise mapped from exc
+        await _give_back(connection, driver, exc)
 
     def _require(self) -> asyncpg.Connection:
         if self._driver is None:
