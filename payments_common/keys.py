@@ -28,7 +28,11 @@ Layout (for payment P, account A, replication slot S):
                                              source_time_us -> the source's clock when it was
                                              at lsn (a commit's time, or a keepalive's)
     rm:v1:changes                      STREAM  batch -> ChangeBatch bytes, one entry per applied batch
+                                             (rm:v1:changes:{S} on a Redis Cluster, beside the lock)
     rm:v1:lock:{S}                     STRING  the replicator instance that owns slot S (with a TTL)
+    rm:v1:lock:{S}:epoch               STRING  on a cluster: counts the sessions that held the lock
+    rm:v1:lock:{N}:node                HASH    on a cluster: epoch -> the session allowed to write node N
+    rm:v1:checkpoint:{N}:node          HASH    on a cluster: node N's checkpoint, fields as the slot's
     rm:v1:owner                        STRING  S: the one slot that feeds this version
     slot-owner:{S}                     STRING  rm:v1: the one version that slot S feeds (outside any version)
 """
@@ -37,7 +41,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Final
+
+from redis.crc import key_slot
 
 from payments.type.v1 import payment_pb2
 
@@ -145,11 +152,42 @@ def parse_features(value: bytes | str | None) -> frozenset[str]:
     return frozenset(name for name in text.split(",") if name)
 
 
+# The field of a cluster node's fence hash that names the session allowed to write the node.
+FENCE_EPOCH_FIELD: Final = "epoch"
+
+
+@cache
+def node_tag(slot: int) -> str:
+    """The hash tag of a Redis Cluster node's own keys (its fence and checkpoint): `n<k>`, the
+    first such name that hashes to `slot`, the lowest slot the node serves.
+
+    The replicator and the readers derive a node's tag from the same topology, so they agree
+    on where the node's checkpoint is without asking anyone.
+    """
+    if not 0 <= slot < 16384:
+        raise ValueError(f"a cluster slot is 0-16383, got {slot}")
+    k = 0
+    while key_slot(f"n{k}".encode()) != slot:
+        k += 1
+    return f"n{k}"
+
+
 @dataclass(frozen=True)
 class KeySchema:
-    """Builds the keys of one read-model version; `namespace` is e.g. "rm:v1"."""
+    """Builds the keys of one read-model version; `namespace` is e.g. "rm:v1".
+
+    `control_tag` is set on a Redis Cluster to the replication slot's name: the change
+    stream then carries the slot's hash tag, so that it lives on the node of the lock and
+    the checkpoint, and one fenced script call moves the checkpoint and appends to it.
+    """
 
     namespace: str = DEFAULT_NAMESPACE
+    control_tag: str | None = None
+
+    @classmethod
+    def for_redis(cls, namespace: str, slot: str, cluster: bool) -> KeySchema:
+        """The schema of `namespace` as it is laid out on one node (`cluster` false) or on a cluster."""
+        return cls(namespace, slot if cluster else None)
 
     def payment(self, payment_id: str) -> str:
         return f"{self.namespace}:payment:{{{payment_id}}}"
@@ -181,7 +219,21 @@ class KeySchema:
         return f"{self.namespace}:checkpoint:{{{slot}}}"
 
     def changes(self) -> str:
+        if self.control_tag is not None:
+            return f"{self.namespace}:changes:{{{self.control_tag}}}"
         return f"{self.namespace}:changes"
+
+    def epoch(self, slot: str) -> str:
+        """On a cluster: the counter of the sessions that held slot `slot`'s lock."""
+        return f"{self.lock(slot)}:epoch"
+
+    def node_fence(self, tag: str) -> str:
+        """On a cluster: the hash naming the one session allowed to write the node of `tag`."""
+        return f"{self.lock_prefix()}{{{tag}}}:node"
+
+    def node_checkpoint(self, tag: str) -> str:
+        """On a cluster: the checkpoint of the node of `tag` (every change up to it is on that node)."""
+        return f"{self.namespace}:checkpoint:{{{tag}}}:node"
 
     def owner(self) -> str:
         """The version's record of the one slot that feeds it."""

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Final, Self, TypeVar
 from payments_common.authsettings import AuthSettings
 from payments_common.jwks import JwksError, read_jwks_file
 from payments_common.policy import Policy, PolicyError
+from payments_common.redisconn import SCHEMES, url_problem
 from payments_common.tls import TlsSettings
 
 # Where a server listens unless told otherwise: every interface, IPv6 and IPv4.
@@ -93,6 +94,14 @@ class EnvReader:
         if not value.startswith(schemes):
             allowed = ", ".join(schemes[:-1]) + f" or {schemes[-1]}" if len(schemes) > 1 else schemes[0]
             raise SettingsError(f"{self.prefix}{name} must start with {allowed}")
+        return value
+
+    def redis_url(self, name: str) -> str:
+        """A required Redis URL: one node's, or a cluster's seeds (payments_common/redisconn.py)."""
+        value = self.url(name, SCHEMES)
+        problem = url_problem(value)
+        if problem:
+            raise SettingsError(f"{self.prefix}{name} {problem}")
         return value
 
     def flag(self, name: str, default: bool = False) -> bool:

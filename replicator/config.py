@@ -12,7 +12,21 @@ from payments_common.keys import (
     namespace_problem,
     slot_problem,
 )
+from payments_common.redisconn import is_cluster
 from payments_common.settings import EnvReader, ServiceSettings, SettingsError
+
+
+def wait_replicas(env: EnvReader) -> int | None:
+    """REPLICATOR_REDIS_WAIT_REPLICAS: a count of replicas, on a cluster only."""
+    if not env.text("REDIS_WAIT_REPLICAS", ""):
+        return None
+    count = env.integer("REDIS_WAIT_REPLICAS", 0, minimum=0)
+    if count and not is_cluster(env.text("REDIS_URL", "")):
+        raise SettingsError(
+            f"{env.prefix}REDIS_WAIT_REPLICAS applies to a Redis Cluster (redis+cluster://); "
+            f"{env.prefix}REDIS_URL names one node"
+        )
+    return count
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +62,20 @@ class Settings(ServiceSettings):
     redis_timeout_seconds: float = 30.0
     # How often the slot's gauges are read from pg_replication_slots (with metrics served).
     slot_sample_seconds: float = 10.0
+    # On a Redis Cluster: how many replicas of each master must have a batch's writes before
+    # a position past them is confirmed (WAIT); None reads as 1 on a cluster.
+    redis_wait_replicas: int | None = None
+
+    @property
+    def cluster(self) -> bool:
+        return is_cluster(self.redis_url)
+
+    @property
+    def wait_replicas(self) -> int:
+        """The replicas that must acknowledge a node's writes: the setting, else 1 on a cluster, 0 on one node."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if self.cluster else 0
 
     @classmethod
     def read(cls, env: EnvReader) -> dict[str, Any]:
@@ -66,7 +94,7 @@ class Settings(ServiceSettings):
         return {
             **super().read(env),
             "database_url": env.url("DATABASE_URL", ("postgresql://", "postgres://")),
-            "redis_url": env.url("REDIS_URL", ("redis://", "rediss://", "unix://")),
+            "redis_url": env.redis_url("REDIS_URL"),
             "slot_name": slot_name,
             "namespace": namespace,
             "publication": env.text("PUBLICATION", cls.publication),
@@ -80,4 +108,5 @@ class Settings(ServiceSettings):
             "ack_delay_seconds": env.number("ACK_DELAY_SECONDS", cls.ack_delay_seconds),
             "redis_timeout_seconds": env.positive("REDIS_TIMEOUT_SECONDS", cls.redis_timeout_seconds),
             "slot_sample_seconds": env.positive("SLOT_SAMPLE_SECONDS", cls.slot_sample_seconds),
+            "redis_wait_replicas": wait_replicas(env),
         }

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import redis
 
 from payments_common.keys import KeySchema, slot_owner
+from payments_common.redisconn import SyncClient, sync_client
 from replicator import metrics
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class LockOwner:
     ttl_ms: int | None
 
 
-def read_owner(client: redis.Redis, key: str) -> LockOwner:
+def read_owner(client: SyncClient, key: str) -> LockOwner:
     """The lock's owner and remaining TTL, read in one round trip (None, None: nobody holds it)."""
     with client.pipeline(transaction=True) as pipe:
         pipe.get(key)
@@ -71,7 +72,7 @@ def instance_token() -> str:
 class SlotLock:
     """The Redis lock that makes one instance the only writer for a slot."""
 
-    def __init__(self, client: redis.Redis, key: str, ttl_seconds: float, token: str | None = None) -> None:
+    def __init__(self, client: SyncClient, key: str, ttl_seconds: float, token: str | None = None) -> None:
         self.client = client
         self.key = key
         self.ttl_seconds = ttl_seconds
@@ -116,7 +117,7 @@ class LockKeeper:
         self.key = key
         self.ttl_seconds = ttl_seconds
         self.stall_seconds = stall_seconds
-        self._client = redis.Redis.from_url(
+        self._client = sync_client(
             redis_url,
             socket_timeout=max(0.5, self.ttl_seconds / 3),
             socket_connect_timeout=max(0.5, self.ttl_seconds / 3),
@@ -184,7 +185,7 @@ class VersionConflict(RuntimeError):
     """The slot feeds another version, or the version is fed by another slot: a setting is wrong."""
 
 
-def claim_version(client: redis.Redis, schema: KeySchema, slot: str) -> None:
+def claim_version(client: SyncClient, schema: KeySchema, slot: str) -> None:
     """Records that `slot` feeds the version of `schema`, and that it is the version's only slot.
 
     A version fed by two slots, or a slot feeding two versions, would make their replicators

@@ -46,6 +46,7 @@ from payments.readmodel.v1 import read_model_pb2
 from payments_common import keys
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn, parse_lsn
+from payments_common.redisconn import SyncClient, sync_client
 from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, RowChange
 from replicator.config import Settings
 from replicator.ops import SetIndexes, UpsertTimeline, UpsertView
@@ -171,7 +172,7 @@ def read_source(dsn: str, deadline: float) -> Snapshot:
 
 
 def _wait_for_checkpoint(
-    client: redis.Redis, key: str, target: int, deadline: float, wait_seconds: float
+    client: SyncClient, key: str, target: int, deadline: float, wait_seconds: float
 ) -> int:
     while True:
         raw = client.hget(key, keys.CHECKPOINT_LSN_FIELD)
@@ -186,7 +187,7 @@ def _wait_for_checkpoint(
         time.sleep(0.05)
 
 
-def _scan_hashes(client: redis.Redis, pattern: str, fields: list[str]) -> dict[str, list[bytes | None]]:
+def _scan_hashes(client: SyncClient, pattern: str, fields: list[str]) -> dict[str, list[bytes | None]]:
     found: dict[str, list[bytes | None]] = {}
     batch: list[str] = []
 
@@ -209,7 +210,7 @@ def _scan_hashes(client: redis.Redis, pattern: str, fields: list[str]) -> dict[s
 
 
 def compare(
-    client: redis.Redis,
+    client: SyncClient,
     schema: KeySchema,
     snapshot: Snapshot,
     report: Report,
@@ -363,9 +364,9 @@ def reconcile(
     The first round compares everything; a further round, with a newer snapshot, looks
     again only at what Redis lacked without a trace.
     """
-    schema = KeySchema(settings.namespace)
+    schema = KeySchema.for_redis(settings.namespace, settings.slot_name, settings.cluster)
     # A Redis that stops answering ends the run instead of hanging it (it restarts a replicator's session).
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
+    client = sync_client(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
     report = Report(max_printed=max_printed)
     only: set[Item] | None = None
     try:

@@ -21,6 +21,7 @@ import psycopg2.errors
 import redis
 
 from payments_common.keys import KeySchema, reader_name, slot_owner
+from payments_common.redisconn import SyncClient, sync_client
 from replicator.config import Settings
 from replicator.lock import RELEASE_LOCK, LockKeeper, LockLost, SlotLock, instance_token
 from replicator.sink import FENCED_UNLINK
@@ -104,7 +105,7 @@ def _drop_slot(dsn: str, slot: str) -> None:
                     )
 
 
-def _batches(client: redis.Redis, schema: KeySchema, skip: str, size: int) -> Iterator[list[bytes]]:
+def _batches(client: SyncClient, schema: KeySchema, skip: str, size: int) -> Iterator[list[bytes]]:
     """The version's keys but `skip`, in lists of at most `size`, one SCAN step at a time.
 
     Only this version's kinds of key: a namespace nested in it (`rm:v1` under `rm`) is left alone.
@@ -126,7 +127,7 @@ def _text(value: object) -> str | None:
     return value.decode() if isinstance(value, bytes) else None
 
 
-def _check_the_pair(client: redis.Redis, schema: KeySchema, slot: str) -> None:
+def _check_the_pair(client: SyncClient, schema: KeySchema, slot: str) -> None:
     """Refuses a slot that feeds another version, or a version fed by another slot: a typo would
     retire the wrong one (its keys, or a live slot)."""
     fed_by = _text(client.get(schema.owner()))
@@ -137,7 +138,7 @@ def _check_the_pair(client: redis.Redis, schema: KeySchema, slot: str) -> None:
         raise VersionInUse(f"slot {slot} feeds {feeds}, not {schema.namespace}; nothing was removed")
 
 
-def _check_unread(client: redis.Redis, schema: KeySchema) -> None:
+def _check_unread(client: SyncClient, schema: KeySchema) -> None:
     """Refuses while a history process reads the version (its connections carry the version's name)."""
     name = reader_name(schema.namespace)
     readers = [entry for entry in client.client_list() if entry.get("name") == name]
@@ -149,7 +150,7 @@ def _check_unread(client: redis.Redis, schema: KeySchema) -> None:
         )
 
 
-def _check_unlocked(client: redis.Redis, schema: KeySchema, own: str | None) -> None:
+def _check_unlocked(client: SyncClient, schema: KeySchema, own: str | None) -> None:
     """Refuses while any replicator holds a lock of the version (of any slot: one started with a wrong slot too)."""
     for key in client.scan_iter(match=f"{schema.lock_prefix()}*", count=1000):
         name = key.decode()
@@ -170,8 +171,8 @@ def retire(
     progress: Callable[[str], None] = lambda line: None,
 ) -> Retirement:
     """Retires the version (`namespace`, `slot`): VersionInUse while anything runs it, Unreachable without a server."""
-    schema = KeySchema(namespace)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
+    schema = KeySchema.for_redis(namespace, slot, settings.cluster)
+    client = sync_client(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
     try:
         return _retire(settings, client, schema, slot, batch, dry_run, progress)
     except (redis.ConnectionError, redis.TimeoutError) as error:
@@ -192,7 +193,7 @@ def retire(
 
 def _retire(
     settings: Settings,
-    client: redis.Redis,
+    client: SyncClient,
     schema: KeySchema,
     slot: str,
     batch: int,

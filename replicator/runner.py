@@ -11,15 +11,18 @@ from collections.abc import Callable
 
 import psycopg2
 import redis
+from redis.cluster import RedisCluster
 
 from payments_common import tracing
 from payments_common.keys import FEATURES, KeySchema
 from payments_common.lsn import format_lsn
+from payments_common.redisconn import SyncClient, sync_client
 from payments_common.tracing import WAL_MESSAGE_PREFIX
 from replicator import metrics
 from replicator.ack import Acknowledgements
 from replicator.bootstrap import PROGRESS_INTERVAL_SECONDS, Stopped, bootstrap, rebuild_needed
 from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
+from replicator.clustersink import ClusterSink
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, LogicalMessage, Relation, Truncate, as_row
 from replicator.lock import LockKeeper, LockLost, SlotLock, VersionConflict, claim_version, instance_token
@@ -56,7 +59,7 @@ class Replicator:
 
     def __init__(self, settings: Settings, on_ready: Callable[[bool], None] | None = None) -> None:
         self.settings = settings
-        self.schema = KeySchema(settings.namespace)
+        self.schema = KeySchema.for_redis(settings.namespace, settings.slot_name, settings.cluster)
         self.projector = Projector(self.schema)
         self._stop = threading.Event()
         self._on_ready = on_ready or (lambda ready: None)
@@ -107,7 +110,7 @@ class Replicator:
     # -- one session ------------------------------------------------------------------------
 
     def run_once(self) -> None:
-        client = redis.Redis.from_url(
+        client = sync_client(
             self.settings.redis_url,
             socket_timeout=self.settings.redis_timeout_seconds,
             socket_connect_timeout=5.0,
@@ -129,15 +132,9 @@ class Replicator:
                 self.token,
                 STALL_LIMIT_SECONDS,
             ).start()
-            sink = Sink(
-                client,
-                self.schema,
-                self.settings.slot_name,
-                lock,
-                self.settings.stream_maxlen,
-                on_progress=keeper.check,
-            )
+            sink = self._sink(client, lock, keeper)
             sink.load_scripts()
+            sink.begin()
             writer = Writer(self.projector, sink)
             source.connect()
             checkpoint = sink.read_checkpoint()
@@ -175,6 +172,24 @@ class Replicator:
                 with contextlib.suppress(redis.RedisError):
                     lock.release()
             client.close()
+
+    def _sink(self, client: SyncClient, lock: SlotLock, keeper: LockKeeper) -> Sink:
+        """The apply stage of the Redis that the settings name: one node's, or a cluster's."""
+        settings = self.settings
+        if isinstance(client, RedisCluster):
+            return ClusterSink(
+                client,
+                self.schema,
+                settings.slot_name,
+                lock,
+                settings.stream_maxlen,
+                on_progress=keeper.check,
+                wait_replicas=settings.wait_replicas,
+                wait_timeout_seconds=settings.redis_timeout_seconds,
+            )
+        return Sink(
+            client, self.schema, settings.slot_name, lock, settings.stream_maxlen, on_progress=keeper.check
+        )
 
     def _tell_missing_features(self, sink: Sink) -> None:
         """Logs once that the namespace was built without features of this version.

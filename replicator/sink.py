@@ -12,6 +12,7 @@ import redis
 
 from payments_common import keys
 from payments_common.keys import KeySchema
+from payments_common.redisconn import SyncClient
 from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, Checkpoint
 from replicator.encode import EncodedBatch, EncodedEntry, EncodedView, EncodedWrite
 from replicator.lock import LockLost, SlotLock
@@ -34,26 +35,37 @@ log = logging.getLogger(__name__)
 #   I keys(idxver, add..., remove...)  position, payment id, member, #add, #remove
 #   T keys(payment hash, timeline)     position, sequence, entry   ('X': delete, no entry)
 #
+# The field names are those of payments_common.keys, filled in for their @PLACEHOLDERS@.
+
+
+def fill_fields(script: str) -> str:
+    """The script with the field names of payments_common.keys in place of their @PLACEHOLDERS@."""
+    for placeholder, name in (
+        ("@CHECKPOINT_LSN@", keys.CHECKPOINT_LSN_FIELD),
+        ("@COMMIT_TIME@", keys.CHECKPOINT_COMMIT_TIME_FIELD),
+        ("@SOURCE_TIME@", keys.CHECKPOINT_SOURCE_TIME_FIELD),
+        ("@BATCH@", keys.STREAM_BATCH_FIELD),
+        ("@LSN@", keys.LSN_FIELD),
+        ("@VIEW@", keys.VIEW_FIELD),
+        ("@TIMELINE_POSITION@", keys.TIMELINE_POSITION_PREFIX),
+        ("@EPOCH@", keys.FENCE_EPOCH_FIELD),
+    ):
+        script = script.replace(placeholder, name)
+    return script
+
+
 # Positions are decimal strings; comparing them as Lua numbers would lose precision above
-# 2^53, so they are compared by length, then lexically. The field names are those of
-# payments_common.keys, filled in for their @PLACEHOLDERS@.
-APPLY_BATCH = (
-    """
-local function newer(a, b)
+# 2^53, so they are compared by length, then lexically.
+NEWER = """local function newer(a, b)
   if #a ~= #b then return #a > #b end
   return a > b
 end
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
-end
--- The change stream is a chain: each entry names the checkpoint it moved from. A stored
--- checkpoint other than the one this instance last wrote means Redis lost or gained
--- writes behind its back: nothing is written, and the session restarts from Redis.
-if ARGV[2] ~= '' and (redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@') or '0') ~= ARGV[6] then
-  return redis.error_reply('CHECKPOINTMOVED the stored checkpoint is not the one this instance wrote')
-end
-local k, a, applied, skipped = 4, 8, 0, 0
-while a <= #ARGV do
+"""
+
+# The entity writes of a batch: `k` indexes the op's first key in KEYS, `a` its code in ARGV,
+# both set before the loop. The cluster's script (replicator/clustersink.py) runs the same
+# loop over keys passed in ARGV.
+APPLY_OPS = """while a <= #ARGV do
   local code, lsn = ARGV[a], ARGV[a + 1]
   if code == 'V' or code == 'D' then
     local key = KEYS[k]
@@ -107,7 +119,23 @@ while a <= #ARGV do
     return redis.error_reply('ERR unknown op ' .. tostring(code))
   end
 end
-if ARGV[2] ~= '' then
+"""
+
+APPLY_BATCH = fill_fields(
+    NEWER
+    + """if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
+end
+-- The change stream is a chain: each entry names the checkpoint it moved from. A stored
+-- checkpoint other than the one this instance last wrote means Redis lost or gained
+-- writes behind its back: nothing is written, and the session restarts from Redis.
+if ARGV[2] ~= '' and (redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@') or '0') ~= ARGV[6] then
+  return redis.error_reply('CHECKPOINTMOVED the stored checkpoint is not the one this instance wrote')
+end
+local k, a, applied, skipped = 4, 8, 0, 0
+"""
+    + APPLY_OPS
+    + """if ARGV[2] ~= '' then
   local cur = redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@')
   if not (cur and newer(cur, ARGV[2])) then
     redis.call('HSET', KEYS[2], '@CHECKPOINT_LSN@', ARGV[2])
@@ -119,13 +147,7 @@ if ARGV[2] ~= '' then
   end
 end
 return {applied, skipped}
-""".replace("@CHECKPOINT_LSN@", keys.CHECKPOINT_LSN_FIELD)
-    .replace("@COMMIT_TIME@", keys.CHECKPOINT_COMMIT_TIME_FIELD)
-    .replace("@SOURCE_TIME@", keys.CHECKPOINT_SOURCE_TIME_FIELD)
-    .replace("@BATCH@", keys.STREAM_BATCH_FIELD)
-    .replace("@LSN@", keys.LSN_FIELD)
-    .replace("@VIEW@", keys.VIEW_FIELD)
-    .replace("@TIMELINE_POSITION@", keys.TIMELINE_POSITION_PREFIX)
+"""
 )
 
 # Removes keys (the checkpoint, read-model keys of a truncate or a rebuild) only while the
@@ -197,6 +219,9 @@ class Sink:
 
     def load_scripts(self) -> None:
         self._sha = {name: str(self.client.script_load(body)) for name, body in _SCRIPTS.items()}
+
+    def begin(self) -> None:
+        """Readies a session's writes once the lock is held (on one node, the lock fences them all)."""
 
     def ping(self) -> None:
         self.settle()
@@ -412,7 +437,7 @@ class Sink:
         self.position = 0
 
 
-def read_checkpoint(client: redis.Redis, key: str) -> Checkpoint | None:
+def read_checkpoint(client: SyncClient, key: str) -> Checkpoint | None:
     """The checkpoint as the apply script stores it in the hash `key`; None when there is none."""
     lsn, commit_time, source_time = client.hmget(
         key,

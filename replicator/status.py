@@ -17,6 +17,7 @@ import redis
 
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn
+from payments_common.redisconn import sync_client
 from replicator.changes import Checkpoint
 from replicator.config import Settings
 from replicator.lock import LockOwner, read_owner
@@ -125,14 +126,14 @@ class Status:
 
 def read_status(settings: Settings, timeout_seconds: float = 5.0) -> Status:
     """Reads Redis, then PostgreSQL (so that the lag is never below the truth); each error is kept, not raised."""
-    schema = KeySchema(settings.namespace)
+    schema = KeySchema.for_redis(settings.namespace, settings.slot_name, settings.cluster)
     checked_at = datetime.now(UTC)
     lock_key = schema.lock(settings.slot_name)
     checkpoint: Checkpoint | None = None
     lock: LockOwner | None = None
     redis_error: str | None = None
     redis_refused = False
-    client = redis.Redis.from_url(
+    client = sync_client(
         settings.redis_url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
     )
     try:

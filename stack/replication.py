@@ -25,13 +25,14 @@ from payments_common.keys import (
     KeySchema,
 )
 from payments_common.lsn import parse_lsn
+from payments_common.redisconn import SyncClient, is_cluster, sync_client
 from stack.servers import dying_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_checkpoint(
-    client: redis.Redis, slot: str = DEFAULT_SLOT_NAME, keys: KeySchema = DEFAULT_SCHEMA
+    client: SyncClient, slot: str = DEFAULT_SLOT_NAME, keys: KeySchema = DEFAULT_SCHEMA
 ) -> int:
     """The WAL position up to which the replicator of `slot` has applied the source; 0 before its first batch."""
     raw = client.hget(keys.checkpoint(slot), CHECKPOINT_LSN_FIELD)
@@ -40,9 +41,9 @@ def read_checkpoint(
 
 def checkpoint_lsn(redis_url: str, slot: str = DEFAULT_SLOT_NAME, namespace: str = DEFAULT_NAMESPACE) -> int:
     """`read_checkpoint` on a connection of its own."""
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
-        return read_checkpoint(client, slot, KeySchema(namespace))
+        return read_checkpoint(client, slot, KeySchema.for_redis(namespace, slot, is_cluster(redis_url)))
     finally:
         client.close()
 

@@ -430,6 +430,140 @@ class RedisServer:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise ServerError("found no free port pair (port, port + 10000) for a cluster node")
+
+
+@dataclass
+class RedisCluster:
+    """A private Redis Cluster: `masters` masters with `replicas` replicas each, one process per node.
+
+    Formed with `redis-cli --cluster create`, each node in a folder of its own under
+    `base_dir`; `node_timeout_ms` is how long a master may be silent before its replica is
+    promoted (Redis's default is 15 s; tests use less). Nothing is kept on disk but the
+    nodes' cluster configuration.
+    """
+
+    base_dir: Path | None = None
+    masters: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = 2000
+    detached: bool = False
+    ports: list[int] = field(default_factory=list)
+    nodes: list[RedisServer] = field(default_factory=list, init=False, repr=False)
+    _owns_dir: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The cluster URL that every service takes: the masters as seeds (payments_common/redisconn.py)."""
+        seeds = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[: self.masters])
+        return f"redis+cluster://{seeds}"
+
+    def start(self, timeout: float = 60.0) -> RedisCluster:
+        if self.base_dir is None:
+            self.base_dir = Path(tempfile.mkdtemp(prefix="payments-redis-cluster-"))
+            self._owns_dir = True
+        count = self.masters * (1 + self.replicas)
+        if not self.ports:
+            self.ports = [free_cluster_port() for _ in range(count)]
+        for port in self.ports:
+            node = RedisServer(
+                base_dir=self.base_dir / str(port),
+                port=port,
+                detached=self.detached,
+                extra_args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    str(self.node_timeout_ms),
+                ],
+            )
+            self.nodes.append(node)
+            node.start(timeout)
+        if not self._formed():
+            self._create(timeout)
+        self.wait_ok(timeout)
+        return self
+
+    def _create(self, timeout: float) -> None:
+        cli = shutil.which("redis-cli")
+        if not cli:
+            raise ServerError("redis-cli not found on PATH; install it: `apt-get install redis-tools`")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        result = subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"redis-cli --cluster create failed:\n{result.stdout}\n{result.stderr}")
+
+    def _formed(self) -> bool:
+        """Whether the nodes already form a cluster (restarted from their nodes.conf)."""
+        return self._info(self.nodes[0]).get("cluster_known_nodes") == str(len(self.nodes))
+
+    def _info(self, node: RedisServer) -> dict[str, str]:
+        try:
+            client = redis.Redis(port=node.port, socket_connect_timeout=1, socket_timeout=2)
+            try:
+                raw = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+            finally:
+                client.close()
+        except redis.RedisError:
+            return {}
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+    def wait_ok(self, timeout: float = 60.0) -> None:
+        """Waits until every running node says `cluster_state:ok` and sees every slot served."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [self._info(node) for node in self.nodes if node.process is not None]
+            if infos and all(
+                info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384"
+                for info in infos
+            ):
+                return
+            time.sleep(0.1)
+        raise ServerError(f"the Redis Cluster under {self.base_dir} was not ok within {timeout:.0f}s")
+
+    def node(self, port: int) -> RedisServer:
+        return next(node for node in self.nodes if node.port == port)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+    def remove(self) -> None:
+        for node in self.nodes:
+            node.remove()
+        if self._owns_dir and self.base_dir is not None:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
 def _stop(process: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
     if process is None or process.poll() is not None:
         return
@@ -449,6 +583,15 @@ def running_postgres(**kwargs: object) -> Iterator[PostgresServer]:
         yield server.start()
     finally:
         server.remove()
+
+
+@contextlib.contextmanager
+def running_redis_cluster(**kwargs: object) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(**kwargs)  # type: ignore[arg-type]
+    try:
+        yield cluster.start()
+    finally:
+        cluster.remove()
 
 
 @contextlib.contextmanager

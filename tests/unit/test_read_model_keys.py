@@ -8,12 +8,13 @@ import re
 from types import ModuleType
 
 import pytest
+from redis.crc import key_slot
 
 from history_svc import queries
 from payments.type.v1 import payment_pb2
 from payments_common import keys
 from payments_common.keys import KeySchema
-from replicator import lock, reconcile, sink
+from replicator import clustersink, lock, reconcile, sink
 
 SCHEMA = KeySchema("rm:test")
 P = "00000000-0000-4000-8000-000000000001"
@@ -27,10 +28,19 @@ FIELD_NAMES = sorted(
 
 
 def test_the_field_names_are_known() -> None:
-    assert FIELD_NAMES == ["batch", "commit_time_us", "features", "lsn", "source_time_us", "tl:", "view"]
+    assert FIELD_NAMES == [
+        "batch",
+        "commit_time_us",
+        "epoch",
+        "features",
+        "lsn",
+        "source_time_us",
+        "tl:",
+        "view",
+    ]
 
 
-@pytest.mark.parametrize("module", [sink, lock, reconcile, queries], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [sink, clustersink, lock, reconcile, queries], ids=lambda m: m.__name__)
 def test_no_script_or_query_spells_a_field_name_of_its_own(module: ModuleType) -> None:
     source = inspect.getsource(module)
     for name in FIELD_NAMES:
@@ -125,7 +135,7 @@ def _keys_built_by_every_method(schema: KeySchema) -> dict[str, str]:
     """The key of every key-building method of the schema (so a kind of key added later is covered)."""
     built = {}
     for name, method in inspect.getmembers(schema, inspect.ismethod):
-        if name.startswith("_") or name.endswith(("pattern", "patterns", "prefix")):
+        if name.startswith("_") or name.endswith(("pattern", "patterns", "prefix")) or name == "for_redis":
             continue
         arguments = {
             parameter: "sent" if parameter == "direction" else 0 if parameter == "status" else P
@@ -135,12 +145,40 @@ def _keys_built_by_every_method(schema: KeySchema) -> dict[str, str]:
     return built
 
 
-def test_the_version_patterns_match_every_key_of_the_version_and_none_of_a_nested_one() -> None:
+@pytest.mark.parametrize("cluster", [False, True], ids=["one node", "cluster"])
+def test_the_version_patterns_match_every_key_of_the_version_and_none_of_a_nested_one(cluster: bool) -> None:
     """A rebuild and `replicator retire` delete by these patterns: `rm` must not take `rm:v1` with it."""
-    outer = KeySchema("rm")
-    nested = KeySchema("rm:v1")
+    outer = KeySchema.for_redis("rm", "slot", cluster)
+    nested = KeySchema.for_redis("rm:v1", "slot", cluster)
     for name, key in _keys_built_by_every_method(outer).items():
         assert any(fnmatch.fnmatchcase(key, p) for p in outer.version_patterns()), name
     for name, key in _keys_built_by_every_method(nested).items():
         assert not any(fnmatch.fnmatchcase(key, p) for p in outer.version_patterns()), name
     assert set(_keys_built_by_every_method(outer)) >= {"payment", "account", "checkpoint", "changes", "lock"}
+
+
+def _slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+def test_on_a_cluster_the_lock_the_checkpoint_and_the_change_stream_share_the_slots_hash_slot() -> None:
+    """One fenced script call moves the checkpoint and appends to the change stream (replicator/clustersink.py)."""
+    schema = KeySchema.for_redis("rm:v1", "payments_read_model", cluster=True)
+    control = {schema.lock("payments_read_model"), schema.checkpoint("payments_read_model"), schema.changes()}
+    control.add(schema.epoch("payments_read_model"))
+    assert len({_slot(key) for key in control}) == 1
+    assert KeySchema.for_redis("rm:v1", "payments_read_model", cluster=False).changes() == "rm:v1:changes"
+
+
+@pytest.mark.parametrize("slot", [0, 1, 5461, 10923, 16383])
+def test_a_nodes_fence_and_checkpoint_hash_to_the_slot_their_tag_names(slot: int) -> None:
+    """Readers find a node's checkpoint from the lowest slot it serves, as the replicator writes it."""
+    tag = keys.node_tag(slot)
+    assert _slot(SCHEMA.node_fence(tag)) == _slot(SCHEMA.node_checkpoint(tag)) == slot
+    assert SCHEMA.node_fence(tag).startswith(SCHEMA.lock_prefix())  # kept by a rebuild's wipe
+    assert not SCHEMA.node_checkpoint(tag).startswith(SCHEMA.lock_prefix())  # removed by it
+
+
+def test_a_slot_outside_the_cluster_has_no_tag() -> None:
+    with pytest.raises(ValueError, match="0-16383"):
+        keys.node_tag(16384)

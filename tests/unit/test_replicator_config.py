@@ -80,3 +80,24 @@ def test_a_namespace_that_would_widen_a_key_pattern_is_refused(namespace: str) -
     like a kind of key (`rm:account` would look like `rm`'s accounts) would reach other keys."""
     with pytest.raises(SettingsError, match="REPLICATOR_KEY_NAMESPACE"):
         Settings.from_env({**REQUIRED, "REPLICATOR_KEY_NAMESPACE": namespace})
+
+
+def test_a_cluster_waits_for_one_replica_by_default_and_one_node_for_none() -> None:
+    cluster = Settings.from_env({**REQUIRED, "REPLICATOR_REDIS_URL": "redis+cluster://a:7000,b:7001"})
+    assert cluster.cluster
+    assert cluster.wait_replicas == 1
+    assert Settings.from_env(REQUIRED).wait_replicas == 0
+    none = Settings.from_env(
+        {**REQUIRED, "REPLICATOR_REDIS_URL": "redis+cluster://a:7000", "REPLICATOR_REDIS_WAIT_REPLICAS": "0"}
+    )
+    assert none.wait_replicas == 0
+
+
+def test_waiting_for_replicas_is_refused_on_one_node() -> None:
+    with pytest.raises(SettingsError, match="REPLICATOR_REDIS_WAIT_REPLICAS applies to a Redis Cluster"):
+        Settings.from_env({**REQUIRED, "REPLICATOR_REDIS_WAIT_REPLICAS": "1"})
+
+
+def test_a_cluster_url_without_seeds_is_refused() -> None:
+    with pytest.raises(SettingsError, match="REPLICATOR_REDIS_URL each seed must be host:port"):
+        Settings.from_env({**REQUIRED, "REPLICATOR_REDIS_URL": "redis+cluster://cluster"})

@@ -1,0 +1,487 @@
+"""The apply stage on a Redis Cluster: each batch as one fenced script call per node, made durable, then the checkpoint.
+
+On one node a batch is one script (replicator/sink.py). On a cluster no script may touch
+keys of another node, so a batch is applied in two steps:
+
+1. Every master gets one call of `APPLY_ON_NODE` with the batch's writes to the entities
+   it owns (their keys passed as arguments: the script's `allow-cross-slot-keys` flag lets
+   it touch any key of its own node) and, when the batch moves the checkpoint, the node's
+   own checkpoint, moved in the same atomic call. Then `WAIT` on the same connection until
+   `wait_replicas` replicas have everything the node wrote. The masters work in parallel.
+2. Only then the slot's checkpoint moves and the change notification is appended (the
+   single-node script with no writes: the lock, the checkpoint and the change stream share
+   the slot's hash tag), and `WAIT` again. Only a position past this step is confirmed to
+   PostgreSQL, so an acknowledged change is on at least `wait_replicas` replicas of every
+   node that holds a part of it, and survives the failover of any one master.
+
+Fencing: the lock lives on one node, where another node's script cannot read it. Each
+session takes a number from the slot's epoch counter (while it holds the lock) and writes
+it into every master's fence hash, unless a later session's number is there already;
+a node's script writes nothing unless the fence holds its session's number. An instance
+that lost the lock to another is refused everywhere as soon as the other has claimed the
+nodes, which it does before it writes anything.
+
+Topology: a node's fence and checkpoint carry the hash tag of the lowest slot it serves
+(payments_common.keys.node_tag), so readers find a node's checkpoint from the topology
+alone. Any refusal that says the topology moved (MOVED, ASK, a key that the node does not
+own, CLUSTERDOWN, TRYAGAIN), and any lost connection, refreshes the client's topology and
+ends the session; the next one starts from the slot's checkpoint, and per-entity position
+fencing makes the replay harmless. A node's script checks that it owns every key before
+it writes any, so a refused call writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from hashlib import sha1
+from typing import Any, Final
+
+import hiredis
+import redis
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+
+from payments_common import keys
+from payments_common.keys import KeySchema, node_tag
+from replicator.encode import EncodedBatch
+from replicator.lock import LockLost, SlotLock
+from replicator.sink import _PACKERS, _SCRIPTS, APPLY_OPS, NEWER, Arg, Sink, fill_fields, pack_evalsha
+
+log = logging.getLogger(__name__)
+
+_CROSS_SLOT: Final = "#!lua flags=allow-cross-slot-keys\n"
+_FENCED: Final = """if redis.call('HGET', KEYS[1], '@EPOCH@') ~= ARGV[1] then
+  return redis.error_reply('LOCKLOST another session of the slot owns this node')
+end
+"""
+
+# One batch's writes to the entities of one node, and the node's checkpoint.
+# KEYS: the node's fence, the node's checkpoint (both with the node's own hash tag).
+# ARGV: the session's epoch, the checkpoint position ('' = none), commit time in us ('' =
+#       unchanged), source time in us ('' = unchanged), the number of keys, the keys, then
+#       the ops as APPLY_BATCH takes them, their keys numbered from 1 in that list.
+APPLY_ON_NODE: Final = fill_fields(
+    _CROSS_SLOT
+    + NEWER
+    + _FENCED
+    + """local n = tonumber(ARGV[5])
+local K = {}
+for i = 1, n do
+  K[i] = ARGV[5 + i]
+  -- A key of a slot this node does not serve fails here, before anything is written.
+  redis.call('EXISTS', K[i])
+end
+local k, a, applied, skipped = 1, 6 + n, 0, 0
+"""
+    + APPLY_OPS.replace("KEYS[", "K[")
+    + """if ARGV[2] ~= '' then
+  local cur = redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@')
+  if not (cur and newer(cur, ARGV[2])) then
+    redis.call('HSET', KEYS[2], '@CHECKPOINT_LSN@', ARGV[2])
+    if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], '@COMMIT_TIME@', ARGV[3]) end
+    if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], '@SOURCE_TIME@', ARGV[4]) end
+  end
+end
+return {applied, skipped}
+"""
+)
+
+# Takes the next session number, only while the caller holds the lock.
+# KEYS: the lock, the epoch counter (the slot's hash tag). ARGV: owner token.
+NEXT_EPOCH: Final = """if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
+end
+return redis.call('INCR', KEYS[2])
+"""
+
+# Makes a node writable by the caller's session, unless a later session has claimed it.
+# KEYS: the node's fence. ARGV: the session's epoch.
+CLAIM_NODE: Final = fill_fields(
+    """local cur = tonumber(redis.call('HGET', KEYS[1], '@EPOCH@') or '0')
+if cur > tonumber(ARGV[1]) then
+  return redis.error_reply('LOCKLOST a later session of the slot owns this node')
+end
+redis.call('HSET', KEYS[1], '@EPOCH@', ARGV[1])
+return 1
+"""
+)
+
+# Removes keys of one node. KEYS: the node's fence. ARGV: the session's epoch, the keys.
+UNLINK_ON_NODE: Final = fill_fields(
+    _CROSS_SLOT
+    + _FENCED
+    + """local removed = 0
+for i = 2, #ARGV do removed = removed + redis.call('UNLINK', ARGV[i]) end
+return removed
+"""
+)
+
+# Sets a field of a hash of one node. KEYS: the node's fence. ARGV: epoch, hash, field, value.
+HSET_ON_NODE: Final = fill_fields(
+    _CROSS_SLOT + _FENCED + "return redis.call('HSET', ARGV[2], ARGV[3], ARGV[4])\n"
+)
+
+_CLUSTER_SCRIPTS: Final = {
+    "apply_on_node": APPLY_ON_NODE,
+    "next_epoch": NEXT_EPOCH,
+    "claim_node": CLAIM_NODE,
+    "unlink_on_node": UNLINK_ON_NODE,
+    "hset_on_node": HSET_ON_NODE,
+}
+
+# Errors with which a node says that the keys, or the node, moved.
+_MOVED_PREFIXES: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+# How long one WAIT blocks before the node is asked again (and the lock keeper hears of progress).
+WAIT_STEP_MS: Final = 500
+
+
+class TopologyChanged(redis.RedisError):
+    """A node refused a call because the cluster's slots or masters changed: the session restarts."""
+
+
+class NotDurable(redis.RedisError):
+    """A node's replicas did not acknowledge its writes in time: nothing past them is confirmed."""
+
+
+def _sha(body: str) -> str:
+    return sha1(body.encode()).hexdigest()
+
+
+def _moved(error: redis.ResponseError) -> bool:
+    text = str(error)
+    return text.startswith(_MOVED_PREFIXES) or "non local key" in text or "non-local" in text
+
+
+class _Call:
+    """Commands sent on one node's connection, their replies not read yet."""
+
+    def __init__(self, sink: ClusterSink, node: ClusterNode, commands: list[bytes]) -> None:
+        self.sink = sink
+        self.node = node
+        self.pool = sink.cluster.get_redis_connection(node).connection_pool
+        self.connection = self.pool.get_connection()
+        try:
+            self.connection.send_packed_command(commands)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self._drop()
+            raise
+        self.count = len(commands)
+
+    def replies(self) -> list[Any]:
+        """Every command's reply, or its error as the value (a refused script, NOSCRIPT)."""
+        out: list[Any] = []
+        try:
+            for _ in range(self.count):
+                try:
+                    out.append(self.connection.read_response())
+                except redis.ResponseError as error:
+                    out.append(error)
+        except BaseException:
+            self._drop()
+            raise
+        self.pool.release(self.connection)
+        return out
+
+    def _drop(self) -> None:
+        self.connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may be half read
+        self.pool.release(self.connection)
+
+
+class ClusterSink(Sink):
+    """Applies encoded batches to a Redis Cluster, fenced per node, durable before confirmed.
+
+    `wait_replicas`: how many replicas of a node must have its writes before a position
+    past them counts (0: none, on a cluster without replicas); `wait_timeout_seconds`: how
+    long to wait for them before the session restarts.
+    """
+
+    def __init__(
+        self,
+        client: RedisCluster,
+        schema: KeySchema,
+        slot: str,
+        lock: SlotLock,
+        stream_maxlen: int = 10_000,
+        on_progress: Callable[[], None] = lambda: None,
+        wait_replicas: int = 1,
+        wait_timeout_seconds: float = 30.0,
+    ) -> None:
+        super().__init__(client, schema, slot, lock, stream_maxlen, on_progress)  # type: ignore[arg-type]
+        self.cluster = client
+        self.slot = slot
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_seconds = wait_timeout_seconds
+        self.epoch = ""
+        # Each master's name and the tag of its fence and checkpoint, from the session's topology.
+        self.tags: dict[str, str] = {}
+        self._nodes: dict[str, ClusterNode] = {}
+        # The single-node script moves the slot's checkpoint: its keys share the slot's tag.
+        self._scripts = {**_CLUSTER_SCRIPTS, "apply_batch": _SCRIPTS["apply_batch"]}
+
+    def load_scripts(self) -> None:
+        # SCRIPT LOAD through the cluster client reaches every master; a replica promoted
+        # later lacks them, which a node call finds out (NOSCRIPT) and mends.
+        for body in self._scripts.values():
+            self.client.script_load(body)
+        self._sha = {name: _sha(body) for name, body in self._scripts.items()}
+
+    # -- the session ------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Takes the session's number and claims every master for it, durably, before any write."""
+        self._read_topology()
+        control = self._node_of(self.lock.key)
+        (epoch,) = self._on_node(
+            control,
+            [
+                pack_evalsha(
+                    self._sha["next_epoch"], [self.lock.key, self.schema.epoch(self.slot)], [self.lock.token]
+                )
+            ],
+            durable=True,
+        )
+        self.epoch = str(int(epoch))
+        calls = [
+            (name, [pack_evalsha(self._sha["claim_node"], [self.schema.node_fence(tag)], [self.epoch])])
+            for name, tag in self.tags.items()
+        ]
+        self._on_nodes(calls, durable=True)
+        log.info(
+            "session %s of slot %s writes %d masters: %s",
+            self.epoch,
+            self.slot,
+            len(self.tags),
+            ", ".join(sorted(self.tags)),
+        )
+
+    def _read_topology(self) -> None:
+        cache = self.cluster.nodes_manager.slots_cache
+        tags: dict[str, str] = {}
+        nodes: dict[str, ClusterNode] = {}
+        for slot in range(16384):
+            owners = cache.get(slot)
+            if not owners:
+                raise TopologyChanged(f"no node serves slot {slot}")
+            primary = owners[0]
+            if primary.name not in tags:
+                tags[primary.name] = node_tag(slot)
+                nodes[primary.name] = primary
+        self.tags, self._nodes = tags, nodes
+
+    def _node_of(self, key: str) -> str:
+        owners = self.cluster.nodes_manager.slots_cache.get(key_slot(key.encode()))
+        name = owners[0].name if owners else None
+        if name is None or name not in self.tags:
+            self._refresh()
+            raise TopologyChanged(f"the key {key} is on a node this session does not know")
+        return name
+
+    def _refresh(self) -> None:
+        try:
+            self.cluster.nodes_manager.initialize()
+        except redis.RedisError as error:
+            log.warning("could not refresh the cluster's topology: %s", error)
+
+    # -- calls on nodes ---------------------------------------------------------------------
+
+    def _on_node(self, name: str, commands: list[bytes], durable: bool) -> list[Any]:
+        return self._on_nodes([(name, commands)], durable)[name]
+
+    def _on_nodes(self, calls: Sequence[tuple[str, list[bytes]]], durable: bool) -> dict[str, list[Any]]:
+        """Sends each node its commands (and a WAIT when `durable`), all before reading any reply.
+
+        Returns each node's replies to its commands; raises what a refusal means.
+        """
+        wait = [self._wait_command()] if durable and self.wait_replicas > 0 else []
+        sent: list[tuple[str, list[bytes], _Call]] = []
+        try:
+            for name, commands in calls:
+                sent.append((name, commands, _Call(self, self._nodes[name], [*commands, *wait])))
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            for _, _, call in sent:
+                call._drop()
+            self._refresh()
+            raise
+        results: dict[str, list[Any]] = {}
+        failure: BaseException | None = None
+        for name, commands, call in sent:
+            try:
+                replies = call.replies()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+                failure = failure or error
+                continue
+            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies[: len(commands)]):
+                # A promoted replica has no scripts: load them there, and run the calls again.
+                self._load_on(name)
+                replies = _Call(self, self._nodes[name], [*commands, *wait]).replies()
+            results[name] = replies
+        if failure is not None:
+            self._refresh()
+            raise failure
+        for name, commands, _ in sent:
+            replies = results[name]
+            for reply in replies[: len(commands)]:
+                if isinstance(reply, redis.ResponseError):
+                    self._raise_refusal(name, reply)
+            if wait:
+                self._wait_durable(name, int(replies[len(commands)]))
+        return {name: replies[: len(commands)] for name, commands, _ in sent}
+
+    def _raise_refusal(self, name: str, error: redis.ResponseError) -> None:
+        if str(error).startswith("LOCKLOST"):
+            raise LockLost(f"node {name}: {error}") from error
+        if str(error).startswith("CHECKPOINTMOVED"):
+            self._raise_script_error(error)
+        if _moved(error):
+            self._refresh()
+            raise TopologyChanged(f"node {name}: {error}") from error
+        raise error
+
+    def _wait_durable(self, name: str, acknowledged: int) -> None:
+        """Waits until `wait_replicas` replicas of node `name` have what it wrote; NotDurable after the timeout."""
+        deadline = time.monotonic() + self.wait_timeout_seconds
+        while acknowledged < self.wait_replicas:
+            if time.monotonic() >= deadline:
+                raise NotDurable(
+                    f"node {name}: {acknowledged} of {self.wait_replicas} replicas acknowledged its writes"
+                    f" within {self.wait_timeout_seconds:.0f}s; nothing past them is confirmed"
+                )
+            self.on_progress()
+            (acknowledged,) = _Call(self, self._nodes[name], [self._wait_command()]).replies()
+
+    def _wait_command(self) -> bytes:
+        packed: bytes = hiredis.pack_command(("WAIT", self.wait_replicas, WAIT_STEP_MS))  # type: ignore[arg-type]
+        return packed
+
+    def _load_on(self, name: str) -> None:
+        node = self.cluster.get_redis_connection(self._nodes[name])
+        for body in self._scripts.values():
+            node.script_load(body)
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(self, batch: EncodedBatch, on_applied: Callable[[], None] | None = None) -> None:
+        """Applies the batch on every node that it writes, durably, then moves the slot's checkpoint.
+
+        Waited for whole: `on_applied` runs before it returns.
+        """
+        checkpoint = batch.checkpoint
+        if batch.writes or checkpoint is not None:
+            self._apply(batch)
+        if on_applied is not None:
+            on_applied()
+
+    def _apply(self, batch: EncodedBatch) -> None:
+        checkpoint = batch.checkpoint
+        per_node: dict[str, tuple[list[str], list[Arg]]] = {}
+        for write in batch.writes:
+            write_keys: list[str] = []
+            write_args: list[Arg] = []
+            _PACKERS[type(write)](write, write_keys, write_args)
+            node_keys, node_args = per_node.setdefault(self._node_of(write_keys[0]), ([], []))
+            node_keys += write_keys
+            node_args += write_args
+        if checkpoint is not None:
+            # Every node's checkpoint moves, written or not: readers of any node wait on it.
+            for name in self.tags:
+                per_node.setdefault(name, ([], []))
+        header: list[Arg]
+        if checkpoint is None:
+            header = ["", "", ""]
+        else:
+            header = [
+                checkpoint.lsn,
+                "" if checkpoint.commit_time_us is None else checkpoint.commit_time_us,
+                "" if checkpoint.covered_until_us is None else checkpoint.covered_until_us,
+            ]
+        calls = []
+        for name, (node_keys, node_args) in per_node.items():
+            tag = self.tags[name]
+            calls.append(
+                (
+                    name,
+                    [
+                        pack_evalsha(
+                            self._sha["apply_on_node"],
+                            [self.schema.node_fence(tag), self.schema.node_checkpoint(tag)],
+                            [self.epoch, *header, len(node_keys), *node_keys, *node_args],
+                        )
+                    ],
+                )
+            )
+        # Entity writes without a checkpoint (a large transaction's chunks) need no WAIT: the
+        # batch that moves the checkpoint past them waits for everything each node wrote.
+        self._on_nodes(calls, durable=checkpoint is not None)
+        if checkpoint is None:
+            return
+        notification = b""
+        if batch.notification is not None:
+            batch.notification.previous_checkpoint_lsn = self.position
+            notification = batch.notification.SerializeToString()
+        self._execute(
+            "apply_batch",
+            [self.lock.key, self.checkpoint_key, self.schema.changes()],
+            [
+                self.lock.token,
+                checkpoint.lsn,
+                "" if checkpoint.commit_time_us is None else checkpoint.commit_time_us,
+                self.stream_maxlen,
+                notification,
+                self.position,
+                "" if checkpoint.covered_until_us is None else checkpoint.covered_until_us,
+            ],
+        )
+        self.position = max(self.position, checkpoint.lsn)
+
+    def _execute(self, script: str, keys_: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        """Runs a script whose keys share one slot on that slot's node, durably."""
+        first = keys_[0]
+        name = self._node_of(first.decode() if isinstance(first, bytes) else first)
+        (reply,) = self._on_node(name, [pack_evalsha(self._sha[script], keys_, args)], durable=True)
+        return reply
+
+    # -- fenced writes of whole keys ---------------------------------------------------------
+
+    def write_features(self, features: tuple[str, ...]) -> None:
+        meta = self.schema.meta()
+        name = self._node_of(meta)
+        self._on_node(
+            name,
+            [
+                pack_evalsha(
+                    self._sha["hset_on_node"],
+                    [self.schema.node_fence(self.tags[name])],
+                    [self.epoch, meta, keys.META_FEATURES_FIELD, keys.format_features(features)],
+                )
+            ],
+            durable=True,
+        )
+
+    def _unlink(self, chunk: Sequence[str | bytes]) -> int:
+        self.on_progress()
+        per_node: dict[str, list[str | bytes]] = {}
+        for key in chunk:
+            text = key.decode() if isinstance(key, bytes) else key
+            per_node.setdefault(self._node_of(text), []).append(key)
+        calls = [
+            (
+                name,
+                [
+                    pack_evalsha(
+                        self._sha["unlink_on_node"],
+                        [self.schema.node_fence(self.tags[name])],
+                        [self.epoch, *node_keys],
+                    )
+                ],
+            )
+            for name, node_keys in per_node.items()
+        ]
+        replies = self._on_nodes(calls, durable=True)
+        return sum(int(reply) for node_replies in replies.values() for reply in node_replies)
+
+    def clear_checkpoint(self) -> None:
+        """Removes the slot's checkpoint and every node's: readers wait until the rebuild has moved them again."""
+        self._unlink([self.checkpoint_key, *(self.schema.node_checkpoint(tag) for tag in self.tags.values())])
+        self.position = 0
