@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from stack.servers import PostgresServer, RedisServer
+from payments_common.redisconn import sync_client
+from stack.servers import PostgresServer, RedisCluster, RedisServer
 
 _redis_dbs = itertools.count(1)
 
@@ -33,6 +34,16 @@ def redis_server() -> Iterator[RedisServer]:
         server.remove()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A private Redis Cluster (3 masters, a replica each) shared by a worker's tests; each test empties it."""
+    cluster = RedisCluster(node_timeout_ms=2000)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.remove()
+
+
 @pytest.fixture
 def database_dsn(postgres_server: PostgresServer) -> Iterator[str]:
     """An empty database of its own for one test (dropped afterwards, with its slots)."""
@@ -50,6 +61,29 @@ def redis_url(redis_server: RedisServer) -> str:
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()
+    return url
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisCluster) -> str:
+    """The shared cluster, emptied for one test (every master flushed; the replicas follow)."""
+    client = sync_client(redis_cluster.url)
+    assert isinstance(client, redis.RedisCluster)
+    try:
+        client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+    finally:
+        client.close()
+    return redis_cluster.url
+
+
+@pytest.fixture(params=["one node", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """An empty Redis of its own for one test, once a single node and once a Redis Cluster.
+
+    For the tests of what must hold on either topology: the read models' guarantees.
+    """
+    name = "redis_url" if request.param == "one node" else "cluster_url"
+    url: str = request.getfixturevalue(name)
     return url
 
 
