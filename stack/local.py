@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stack import tokens
 from stack.auth import CUSTOMER, ROLES
-from stack.servers import PostgresServer, RedisServer, free_port, process_alive
+from stack.servers import PostgresServer, RedisCluster, RedisServer, free_port, process_alive
 
 STATE_FILE = "state.json"
 ENDPOINTS_FILE = "endpoints.env"
@@ -52,6 +52,19 @@ ALERT_RULES = (
 
 def prometheus_wanted() -> bool:
     return os.environ.get("STACK_PROMETHEUS", "").strip().lower() in ("1", "true", "yes")
+
+
+# STACK_REDIS=cluster runs the read models on a Redis Cluster of 3 masters and 3 replicas
+# instead of one Redis; a master's replica is promoted after this long without it.
+CLUSTER_NODE_TIMEOUT_MS = 5000
+
+
+def redis_topology() -> str:
+    """`single` (the default) or `cluster`, from STACK_REDIS."""
+    topology = os.environ.get("STACK_REDIS", "").strip().lower() or "single"
+    if topology not in ("single", "cluster"):
+        raise RuntimeError(f"STACK_REDIS must be single or cluster, got {topology!r}")
+    return topology
 
 
 @dataclass
@@ -78,6 +91,8 @@ class StackState:
     postgres_dir: str = ""
     redis_pid: int = 0
     redis_dir: str = ""
+    # A cluster's nodes (STACK_REDIS=cluster), each a process of its own in redis_dir.
+    redis_cluster_pids: list[int] = field(default_factory=list)
     prometheus_dir: str = ""
     endpoints: dict[str, str] = field(default_factory=dict)
     processes: list[Process] = field(default_factory=list)
@@ -104,6 +119,32 @@ class StackState:
         raw = json.loads(path.read_text())
         raw["processes"] = [Process(**p) for p in raw.get("processes", [])]
         return cls(**raw)
+
+
+def _start_redis(root: Path, state: StackState) -> tuple[str, list[str]]:
+    """Starts one Redis, or a cluster with STACK_REDIS=cluster; returns its URL and every node's address."""
+    if redis_topology() == "cluster":
+        print("starting a Redis Cluster (3 masters, 3 replicas) ...", flush=True)
+        cluster = RedisCluster(
+            base_dir=root / "redis", detached=True, node_timeout_ms=CLUSTER_NODE_TIMEOUT_MS
+        )
+        state.redis_dir = str(root / "redis")
+        try:
+            cluster.start()
+        finally:
+            state.redis_cluster_pids = [
+                node.process.pid for node in cluster.nodes if node.process is not None
+            ]
+            state.save()
+        return cluster.url, [f"127.0.0.1:{node.port}" for node in cluster.nodes]
+    print("starting Redis ...", flush=True)
+    redis_server = RedisServer(
+        base_dir=root / "redis", port=_port("redis"), detached=True, log_file=root / "redis.log"
+    ).start()
+    assert redis_server.process is not None
+    state.redis_pid, state.redis_dir = redis_server.process.pid, str(redis_server.base_dir)
+    state.save()
+    return redis_server.url(0), [f"127.0.0.1:{redis_server.port}"]
 
 
 def _port(name: str) -> int:
@@ -222,16 +263,8 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     assert postgres.process is not None
     state.postgres_pid, state.postgres_dir = postgres.process.pid, str(postgres.base_dir)
     state.save()
-    print("starting Redis ...", flush=True)
-    redis_server = RedisServer(
-        base_dir=root / "redis", port=_port("redis"), detached=True, log_file=root / "redis.log"
-    ).start()
-    assert redis_server.process is not None
-    state.redis_pid, state.redis_dir = redis_server.process.pid, str(redis_server.base_dir)
-    state.save()
-
+    redis_url, redis_nodes = _start_redis(root, state)
     dsn = postgres.create_database(DATABASE)
-    redis_url = redis_server.url(0)
     python = sys.executable
     # Authentication is on, as in Kubernetes: the servers verify tokens of the local
     # authority (created once, kept across `make down`) and apply its policies.
@@ -325,6 +358,8 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
         "REPLICATOR_HEALTH_ADDR": replicator.health_addr,
         "POSTGRES_DSN": dsn,
         "REDIS_URL": redis_url,
+        "REDIS_TOPOLOGY": redis_topology(),
+        "REDIS_NODES": ",".join(redis_nodes),
     }
     if with_prometheus:
         prometheus = _start_prometheus(root, state, metrics)
@@ -469,7 +504,8 @@ def down(root: Path, quiet: bool = False) -> None:
         return
     for process in reversed(state.processes):
         _terminate(process.pid, signal.SIGTERM, 20)
-    _terminate(state.redis_pid, signal.SIGTERM, 10)
+    for pid in (state.redis_pid, *state.redis_cluster_pids):
+        _terminate(pid, signal.SIGTERM, 10)
     _terminate(state.postgres_pid, signal.SIGINT, 30)
 
     for folder in (state.postgres_dir, state.redis_dir, state.prometheus_dir):
