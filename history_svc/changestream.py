@@ -9,6 +9,7 @@ from typing import Any, Final
 from google.protobuf.message import DecodeError
 from opentelemetry.trace import SpanContext
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from history_svc.queries import REDIS_ERRORS, ReadModelUnavailable
 from history_svc.resume import ChangePosition
@@ -117,9 +118,13 @@ class ChangeStream:
     The change watcher follows it (`read`, and the two checks of where it ends); a resumed
     WatchPayments reads back what its client missed (`missed_changes`). The watcher's reads
     raise redis-py's errors, which it retries; `missed_changes` raises ReadModelUnavailable.
+
+    On a Redis Cluster (`redis` a cluster client, `schema` the cluster's, whose stream carries
+    the slot's hash tag) the stream and the slot's checkpoint share one slot, so every read
+    here, and each pipeline of two, goes to that one node.
     """
 
-    def __init__(self, redis: Redis, schema: KeySchema, slot: str) -> None:
+    def __init__(self, redis: Redis | RedisCluster, schema: KeySchema, slot: str) -> None:
         self._redis = redis
         self.namespace = schema.namespace
         self.name = schema.changes()

@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common.keys import DEFAULT_NAMESPACE, DEFAULT_SLOT_NAME, namespace_problem, slot_problem
 from payments_common.policy import method_names
-from payments_common.redisconn import SINGLE_SCHEMES
 from payments_common.settings import EnvReader, ServerSettings, SettingsError
 
 MIN_SECRET_BYTES = 16
@@ -50,7 +49,7 @@ class Settings(ServerSettings):
             raise SettingsError(f"{cls.PREFIX}PAGE_TOKEN_SECRET must be at least {MIN_SECRET_BYTES} bytes")
         return {
             **super().read(env),
-            "redis_url": env.url("REDIS_URL", SINGLE_SCHEMES),
+            "redis_url": env.redis_url("REDIS_URL"),
             "page_token_secret": secret,
             "consistency_wait_max_seconds": env.number(
                 "CONSISTENCY_WAIT_MAX_SECONDS", cls.consistency_wait_max_seconds

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 from prometheus_client import Counter
@@ -52,11 +53,22 @@ def consistency_budget(time_remaining: float | None, cap: float) -> float:
 
 
 class Consistency:
-    """Waits on the process's one change watcher, so that a waiting read costs Redis nothing."""
+    """Waits on the process's one change watcher, so that a waiting read costs Redis nothing.
 
-    def __init__(self, watcher: ChangeWatcher, wait_max_seconds: float) -> None:
+    `refresh` is given on a Redis Cluster: it reads the cluster's topology again (a master's
+    lowest slot, which names its checkpoint, may have moved). There a read with a token reads
+    first (see `answer`).
+    """
+
+    def __init__(
+        self,
+        watcher: ChangeWatcher,
+        wait_max_seconds: float,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._watcher = watcher
         self._wait_max_seconds = wait_max_seconds
+        self._refresh = refresh
 
     def budget(self, call: Deadline) -> float:
         return consistency_budget(call.time_remaining(), self._wait_max_seconds)
@@ -90,6 +102,42 @@ class Consistency:
         if not self._watcher.connected:
             raise ReadModelUnavailable()
         raise ConsistencyNotReached(lsn, self._watcher.checkpoint)
+
+    async def answer(
+        self, read: Callable[[float], Awaitable[T]], lsn: int, call: Deadline, payment_id: str = ""
+    ) -> T:
+        """The answer of `read(until)`, a read that raises CheckpointBehind below `lsn` (0: no token).
+
+        On one node: waits for `lsn` on the watcher, then reads once (`reach`, then `read`).
+        On a Redis Cluster a read checks the checkpoints of the masters it read, which move
+        before the slot's checkpoint (that one moves once every master has the batch): it
+        reads first and answers at once when those are at `lsn`; else it waits for the slot's
+        checkpoint on the watcher and reads again; a master still behind then may mean that
+        the topology moved, so it is read once more on a refreshed topology; still behind,
+        CONSISTENCY_NOT_REACHED. `until` bounds a cluster read's retries while a master fails
+        over: the same budget as a wait.
+        """
+        if self._refresh is None:
+            if lsn:
+                await self.reach(lsn, call, payment_id)
+            return await self.read(read(0.0), lsn)
+        until = time.monotonic() + self.budget(call)
+        if not lsn:
+            return await read(until)
+        try:
+            answered = await read(until)
+        except CheckpointBehind:
+            pass
+        else:
+            CONSISTENCY_READS.labels("immediate").inc()
+            return answered
+        await self.reach(lsn, call, payment_id)
+        try:
+            return await read(until)
+        except CheckpointBehind:
+            CONSISTENCY_READS.labels("behind_in_redis").inc()
+        await self._refresh()
+        return await self.read(read(until), lsn)
 
     @staticmethod
     async def read(read: Awaitable[T], min_lsn: int) -> T:

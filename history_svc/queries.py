@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from hashlib import sha1
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
@@ -213,6 +213,42 @@ class HeldPage:
     checkpoint: int
 
 
+class Reads(Protocol):
+    """What the servicer and the watches read: `ReadModel` on one node, `ClusterReadModel` on a Redis Cluster.
+
+    `until` (a `time.monotonic()` instant; 0: the adapter's own bound) is how long a read may
+    be tried again while a cluster's topology moves; on one node it is not used.
+    """
+
+    namespace: str
+
+    async def ping(self) -> bool: ...
+
+    async def refresh(self) -> None: ...
+
+    async def payment_response(
+        self, payment_id: str, min_lsn: int = 0, until: float = 0.0
+    ) -> bytes | None: ...
+
+    async def account(
+        self, account_id: str, min_lsn: int = 0, until: float = 0.0
+    ) -> read_model_pb2.AccountView | None: ...
+
+    async def account_exists(self, account_id: str) -> bool: ...
+
+    async def timelines(
+        self, payment_ids: Iterable[str]
+    ) -> dict[str, list[read_model_pb2.TimelineEntry]]: ...
+
+    async def page(
+        self, query: ListQuery, cursor: str | None, size: int, min_lsn: int = 0, until: float = 0.0
+    ) -> Page | None: ...
+
+    async def held_page(
+        self, cursor: str | None, size: int, min_lsn: int = 0, until: float = 0.0
+    ) -> HeldPage | None: ...
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -238,7 +274,7 @@ class ReadModel:
     The scripts assume a single Redis node: a payment's keys share one hash tag, but a
     consistency token adds the checkpoint key (another slot), and a page (of an account's
     index or of the review queue) reads the views of payments whose keys are only known
-    inside the script.
+    inside the script. On a Redis Cluster, history_svc/clusterqueries.py reads instead.
     """
 
     def __init__(
@@ -275,6 +311,9 @@ class ReadModel:
         except NoScriptError:
             return await self._execute("EVAL_RO", script.source, len(keys), *keys, *args)
 
+    async def refresh(self) -> None:
+        """Nothing to refresh: one node has no topology."""
+
     async def ping(self) -> bool:
         """Whether Redis answers, and this process's slot is the one that feeds its version.
 
@@ -299,7 +338,7 @@ class ReadModel:
             return False
         return bool(answered)
 
-    async def payment_response(self, payment_id: str, min_lsn: int = 0) -> bytes | None:
+    async def payment_response(self, payment_id: str, min_lsn: int = 0, until: float = 0.0) -> bytes | None:
         """The GetPaymentResponse bytes of the payment, timeline oldest first; None when absent."""
         keys = [self._schema.payment(payment_id), self._schema.payment_timeline(payment_id)]
         if min_lsn:
@@ -323,9 +362,11 @@ class ReadModel:
                 replies = await pipe.execute()
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
-        return {payment_id: _timeline(raw) for payment_id, raw in zip(ids, replies, strict=True)}
+        return {payment_id: timeline_of(raw) for payment_id, raw in zip(ids, replies, strict=True)}
 
-    async def account(self, account_id: str, min_lsn: int = 0) -> read_model_pb2.AccountView | None:
+    async def account(
+        self, account_id: str, min_lsn: int = 0, until: float = 0.0
+    ) -> read_model_pb2.AccountView | None:
         try:
             if min_lsn:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -346,7 +387,9 @@ class ReadModel:
         except REDIS_ERRORS as error:
             raise ReadModelUnavailable() from error
 
-    async def page(self, query: ListQuery, cursor: str | None, size: int, min_lsn: int = 0) -> Page | None:
+    async def page(
+        self, query: ListQuery, cursor: str | None, size: int, min_lsn: int = 0, until: float = 0.0
+    ) -> Page | None:
         """One page of the query, newest first; None when the account does not exist."""
         upper, lower, count = index_range(query, cursor, size)
         keys = [
@@ -364,7 +407,9 @@ class ReadModel:
             return None
         return Page(payments=reply[2], next_cursor=None if reply[3] is None else _text(reply[3]))
 
-    async def held_page(self, cursor: str | None, size: int, min_lsn: int = 0) -> HeldPage | None:
+    async def held_page(
+        self, cursor: str | None, size: int, min_lsn: int = 0, until: float = 0.0
+    ) -> HeldPage | None:
         """One page of the review queue, oldest first; None when the namespace was built without it.
 
         A namespace with neither the queue's feature nor a checkpoint is being built (or lost
@@ -384,6 +429,6 @@ class ReadModel:
         return HeldPage(reply[2], None if reply[3] is None else _text(reply[3]), checkpoint)
 
 
-def _timeline(raw: dict[bytes, bytes]) -> list[read_model_pb2.TimelineEntry]:
+def timeline_of(raw: dict[bytes, bytes]) -> list[read_model_pb2.TimelineEntry]:
     ordered = sorted(raw.items(), key=lambda item: int(item[0]))
     return [read_model_pb2.TimelineEntry.FromString(value) for _, value in ordered]

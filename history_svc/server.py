@@ -9,15 +9,17 @@ from typing import Any
 
 import grpc
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from history_svc.changestream import ChangeStream
+from history_svc.clusterqueries import ClusterReadModel
 from history_svc.config import Settings
 from history_svc.consistency import Consistency
 from history_svc.multiplex import Multiplexer
-from history_svc.queries import ReadModel
+from history_svc.queries import ReadModel, Reads
 from history_svc.servicer import HistoryServicer, serialize
 from history_svc.watch import Watches
 from history_svc.watcher import READ_MODEL_AGE, ChangeWatcher
@@ -25,6 +27,7 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments_common import grpcserver
 from payments_common.grpcserver import GrpcService, Readiness, build_server
 from payments_common.keys import KeySchema, reader_name
+from payments_common.redisconn import async_client, is_cluster
 from payments_common.tokens import PageTokenCodec
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HistoryService"].full_name
@@ -47,16 +50,20 @@ class Dependencies:
     """The connections a server uses: a bounded pool for queries, one connection for the watcher.
 
     `multiplexer` shares one pipelined connection of the query pool's settings among all
-    GetPayment and ListPayments calls (see history_svc/multiplex.py).
+    GetPayment and ListPayments calls (see history_svc/multiplex.py). On a Redis Cluster
+    (`redis` and `watch_redis` are cluster clients) there is none: each read goes to the
+    master of its entity (history_svc/clusterqueries.py).
     """
 
-    redis: Redis
-    watch_redis: Redis
-    multiplexer: Multiplexer
+    redis: Redis | RedisCluster
+    watch_redis: Redis | RedisCluster
+    multiplexer: Multiplexer | None
 
     @classmethod
     def connect(cls, settings: Settings) -> Dependencies:
         """Creates the clients; they connect lazily, at the first command."""
+        if is_cluster(settings.redis_url):
+            return cls.connect_cluster(settings)
         pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=settings.redis_max_connections,
@@ -83,10 +90,41 @@ class Dependencies:
             multiplexer=Multiplexer(redis, settings.redis_timeout_seconds),
         )
 
+    @classmethod
+    def connect_cluster(cls, settings: Settings) -> Dependencies:
+        """The cluster clients: each keeps a pool per node, and reads the topology at its first command.
+
+        redis-py's cluster client retries a command itself on a refreshed topology; the reads
+        of history_svc/clusterqueries.py go to the nodes directly and retry themselves.
+        """
+        common: dict[str, Any] = {
+            "socket_connect_timeout": min(settings.redis_timeout_seconds, 2.0),
+            "client_name": reader_name(settings.namespace),
+        }
+        return cls(
+            redis=async_client(
+                settings.redis_url,
+                max_connections=settings.redis_max_connections,
+                socket_timeout=settings.redis_timeout_seconds,
+                **common,
+            ),
+            watch_redis=async_client(
+                settings.redis_url,
+                max_connections=2,
+                socket_timeout=settings.redis_timeout_seconds + WATCH_BLOCK_MS / 1000,
+                **common,
+            ),
+            multiplexer=None,
+        )
+
     async def close(self) -> None:
-        await self.multiplexer.close()
-        await self.redis.aclose(close_connection_pool=True)
-        await self.watch_redis.aclose(close_connection_pool=True)
+        if self.multiplexer is not None:
+            await self.multiplexer.close()
+        for client in (self.redis, self.watch_redis):
+            if isinstance(client, RedisCluster):
+                await client.aclose()
+            else:
+                await client.aclose(close_connection_pool=True)
 
 
 class HistoryServer(GrpcService):
@@ -149,8 +187,13 @@ def method_handlers(servicer: HistoryServicer) -> dict[str, grpc.RpcMethodHandle
 
 def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer, int]:
     """Creates (not starts) the server and binds its port; port 0 picks a free one."""
-    schema = KeySchema(settings.namespace)
-    read_model = ReadModel(deps.redis, schema, settings.slot_name, deps.multiplexer)
+    cluster = isinstance(deps.redis, RedisCluster)
+    schema = KeySchema.for_redis(settings.namespace, settings.slot_name, cluster)
+    read_model: Reads
+    if isinstance(deps.redis, RedisCluster):
+        read_model = ClusterReadModel(deps.redis, schema, settings.slot_name, settings.redis_timeout_seconds)
+    else:
+        read_model = ReadModel(deps.redis, schema, settings.slot_name, deps.multiplexer)
     # The watcher follows the stream on a connection of its own (its reads block); resumes
     # read it back through the query pool.
     watcher = ChangeWatcher(
@@ -164,7 +207,7 @@ def create_server(settings: Settings, deps: Dependencies) -> tuple[HistoryServer
     )
     servicer = HistoryServicer(
         read_model,
-        Consistency(watcher, settings.consistency_wait_max_seconds),
+        Consistency(watcher, settings.consistency_wait_max_seconds, read_model.refresh if cluster else None),
         Watches(
             watcher,
             read_model,

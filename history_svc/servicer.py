@@ -14,7 +14,7 @@ from history_svc import wire
 from history_svc.changestream import Change
 from history_svc.consistency import Consistency
 from history_svc.paging import HELD, ListQuery, decode_page_token, encode_page_token, page_size
-from history_svc.queries import ReadModel
+from history_svc.queries import Reads
 from history_svc.resume import ChangePosition, decode_resume_token, encode_resume_token
 from history_svc.watch import Watches
 from payments.history.v1 import history_service_pb2 as pb
@@ -67,6 +67,19 @@ class ReadModelWithoutReviewQueue(FailedPrecondition):
         )
 
 
+def _min_lsn(token: str) -> int:
+    """The position of a read's `min_consistency_token` (0: none)."""
+    if not token:
+        return 0
+    try:
+        return decode_consistency_token(token)
+    except TokenError:
+        raise InvalidArgument(
+            [FieldViolation("min_consistency_token", "not a consistency token")],
+            reason="INVALID_CONSISTENCY_TOKEN",
+        ) from None
+
+
 def serialize(response: bytes | Message) -> bytes:
     """The response serializer: GetPayment, ListPayments and ListHeldPayments answer with bytes built from Redis."""
     return response if isinstance(response, bytes) else response.SerializeToString()
@@ -80,7 +93,7 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
     """
 
     def __init__(
-        self, read_model: ReadModel, consistency: Consistency, watches: Watches, page_tokens: PageTokenCodec
+        self, read_model: Reads, consistency: Consistency, watches: Watches, page_tokens: PageTokenCodec
     ) -> None:
         self._read_model = read_model
         self._consistency = consistency
@@ -93,9 +106,12 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         caller = current_caller()
-        min_lsn = await self._await_consistency(request.min_consistency_token, context, payment_id)
-        response = await self._consistency.read(
-            self._read_model.payment_response(payment_id, min_lsn), min_lsn
+        min_lsn = _min_lsn(request.min_consistency_token)
+        response = await self._consistency.answer(
+            lambda until: self._read_model.payment_response(payment_id, min_lsn, until),
+            min_lsn,
+            context,
+            payment_id,
         )
         if response is None:
             if caller.scoped:
@@ -113,8 +129,10 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         if violations:
             raise InvalidArgument(violations)
         current_caller().require_account(account_id)
-        min_lsn = await self._await_consistency(request.min_consistency_token, context)
-        view = await self._consistency.read(self._read_model.account(account_id, min_lsn), min_lsn)
+        min_lsn = _min_lsn(request.min_consistency_token)
+        view = await self._consistency.answer(
+            lambda until: self._read_model.account(account_id, min_lsn, until), min_lsn, context
+        )
         if view is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
         return pb.GetAccountResponse(account=view)
@@ -145,8 +163,10 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         cursor = (
             decode_page_token(self._page_tokens, query, request.page_token) if request.page_token else None
         )
-        min_lsn = await self._await_consistency(request.min_consistency_token, context)
-        page = await self._consistency.read(self._read_model.page(query, cursor, size, min_lsn), min_lsn)
+        min_lsn = _min_lsn(request.min_consistency_token)
+        page = await self._consistency.answer(
+            lambda until: self._read_model.page(query, cursor, size, min_lsn, until), min_lsn, context
+        )
         if page is None:
             raise NotFound("ACCOUNT_NOT_FOUND", "no such account", {"account_id": account_id})
         token = (
@@ -166,8 +186,10 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
         cursor = (
             decode_page_token(self._page_tokens, HELD, request.page_token) if request.page_token else None
         )
-        min_lsn = await self._await_consistency(request.min_consistency_token, context)
-        page = await self._consistency.read(self._read_model.held_page(cursor, size, min_lsn), min_lsn)
+        min_lsn = _min_lsn(request.min_consistency_token)
+        page = await self._consistency.answer(
+            lambda until: self._read_model.held_page(cursor, size, min_lsn, until), min_lsn, context
+        )
         if page is None:
             raise ReadModelWithoutReviewQueue(self._read_model.namespace)
         token = (
@@ -229,16 +251,3 @@ class HistoryServicer(history_service_pb2_grpc.HistoryServiceServicer):
                 self._page_tokens, account_id, change, self._read_model.namespace
             ),
         )
-
-    async def _await_consistency(self, token: str, context: Context, payment_id: str = "") -> int:
-        """Waits until the known checkpoint reaches the token; returns its position (0: no token)."""
-        if not token:
-            return 0
-        try:
-            lsn = decode_consistency_token(token)
-        except TokenError:
-            raise InvalidArgument(
-                [FieldViolation("min_consistency_token", "not a consistency token")],
-                reason="INVALID_CONSISTENCY_TOKEN",
-            ) from None
-        return await self._consistency.reach(lsn, context, payment_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from history_svc.changestream import Change, ChangeStream
-from history_svc.queries import ReadModel
+from history_svc.queries import Reads
 from history_svc.resume import ChangePosition
 from history_svc.watcher import ChangeWatcher, Subscription
 from payments_common.errors import NotFound
@@ -31,7 +31,7 @@ class Watches:
     """Opens WatchPayments streams on the process's one change watcher."""
 
     def __init__(
-        self, watcher: ChangeWatcher, read_model: ReadModel, stream: ChangeStream, queue_size: int
+        self, watcher: ChangeWatcher, read_model: Reads, stream: ChangeStream, queue_size: int
     ) -> None:
         self._watcher = watcher
         self._read_model = read_model

@@ -90,3 +90,11 @@ def test_a_version_that_no_replicator_could_write_is_refused(variable: str, valu
     """The same rules as the replicator's: a typo stops the start instead of serving an empty version."""
     with pytest.raises(SettingsError, match=variable):
         Settings.from_env({**REQUIRED, variable: value})
+
+
+def test_a_redis_cluster_url_is_accepted_and_a_malformed_one_refused() -> None:
+    url = "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"
+    assert Settings.from_env({**REQUIRED, "HISTORY_REDIS_URL": url}).redis_url == url
+    for bad in ("redis+cluster://10.0.0.1", "redis+cluster://10.0.0.1:7000/3", "http://10.0.0.1:7000"):
+        with pytest.raises(SettingsError, match="HISTORY_REDIS_URL"):
+            Settings.from_env({**REQUIRED, "HISTORY_REDIS_URL": bad})

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import history_svc
 
-# The read models' adapter (with its shared connection), the change stream's adapter, and the
-# server, which creates the clients and hands them to the adapters.
-REDIS_MODULES = {"queries", "multiplex", "changestream", "server"}
+# The read models' adapters (one node's, with its shared connection, and a Redis Cluster's), the
+# change stream's adapter, and the server, which creates the clients and hands them to the adapters.
+REDIS_MODULES = {"queries", "multiplex", "clusterqueries", "changestream", "server"}
 REDIS_PACKAGES = {"redis", "hiredis"}
 
 
