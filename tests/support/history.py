@@ -34,8 +34,9 @@ from payments_common.keys import (
 )
 from payments_common.tokens import decode_consistency_token
 from stack.replication import checkpoint_lsn
-from stack.servers import PostgresServer, RedisServer
+from stack.servers import PostgresServer, RedisCluster, RedisServer
 from tests.support.auth import aio_channel, auth_settings, server_env
+from tests.support.history_cluster import start_cluster
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
 from tests.support.source import SourceWriter
@@ -136,15 +137,32 @@ def history_processes(make: Callable[[int], HistoryProcess], count: int) -> Iter
             process.kill()
 
 
+# The Redis topologies that the read models' guarantees must hold on: a single node, and a
+# Redis Cluster (3 masters with a replica each).
+TOPOLOGIES = ("one node", "cluster")
+
+
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def topology(request: pytest.FixtureRequest) -> str:
+    """The topology of a module's replicated source: each test of the module runs once on each."""
+    value: str = request.param
+    return value
+
+
 @dataclass
 class ReplicatedSource:
-    """A source database with the real replicator feeding a private Redis."""
+    """A source database with the real replicator feeding a private Redis (one node, or a Redis Cluster)."""
 
     dsn: str
     redis_url: str
     slot_name: str
     writer: SourceWriter
     replicator: ReplicatorProcess
+    redis: RedisServer | RedisCluster
+
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self.redis, RedisCluster)
 
     def wait_replicated(self, token: str | None = None, timeout: float = 60.0) -> None:
         """Waits until the Redis checkpoint includes `token` (default: everything committed so far)."""
@@ -161,26 +179,37 @@ class ReplicatedSource:
 
 
 @contextlib.contextmanager
-def replicated_source(postgres: PostgresServer, work_dir: Path) -> Iterator[ReplicatedSource]:
+def replicated_source(
+    postgres: PostgresServer, work_dir: Path, topology: str = "one node"
+) -> Iterator[ReplicatedSource]:
+    """A new source database, and the real replicator feeding a Redis of its own: one node, or a
+    private Redis Cluster when `topology` is "cluster" (its masters may be killed by the test)."""
     from approval_svc.migrate import upgrade
 
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"unknown topology {topology!r}")
     name = f"h_{uuid.uuid4().hex[:12]}"
     dsn = postgres.create_database(name)
     # Detached: started without a pre-exec hook (see test_history_health).
-    redis_server = RedisServer(base_dir=work_dir / f"redis-{name}", detached=True)
+    redis: RedisServer | RedisCluster | None = None
     writer = source_writer(dsn)
     replicator: ReplicatorProcess | None = None
     try:
         upgrade(dsn)
-        redis_server.start()
-        replicator = ReplicatorProcess(dsn, redis_server.url(), work_dir / f"replicator-{name}.log")
+        if topology == "cluster":
+            redis = start_cluster(work_dir / f"redis-{name}")
+        else:
+            redis = RedisServer(base_dir=work_dir / f"redis-{name}", detached=True).start()
+        url = redis.url if isinstance(redis, RedisCluster) else redis.url()
+        replicator = ReplicatorProcess(dsn, url, work_dir / f"replicator-{name}.log")
         replicator.start()
-        yield ReplicatedSource(dsn, redis_server.url(), replicator.slot, writer, replicator)
+        yield ReplicatedSource(dsn, url, replicator.slot, writer, replicator, redis)
     finally:
         writer.close()
         if replicator is not None:
             replicator.stop()
-        redis_server.remove()
+        if redis is not None:
+            redis.remove()
         postgres.drop_database(name)
 
 
