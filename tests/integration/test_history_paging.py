@@ -1,6 +1,7 @@
 """Paging stays stable while payments arrive: every page walk sees each older payment exactly once.
 
-The same holds for the review queue, oldest first, while payments are held and decided.
+The same holds for the review queue, oldest first, while payments are held and decided. Both
+on one Redis node and on a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import pytest
 
 from payments.history.v1 import history_service_pb2 as pb
 from stack.servers import PostgresServer
-from tests.support.history import replicated_source, running_history, settings_for
+from tests.support.history import TOPOLOGIES, replicated_source, running_history, settings_for
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
 @pytest.mark.parametrize("direction", [pb.PAYMENT_DIRECTION_ALL, pb.PAYMENT_DIRECTION_SENT])
 async def test_walking_pages_during_concurrent_writes_has_no_duplicates_and_no_gaps(
-    postgres_server: PostgresServer, tmp_path: Path, direction: int
+    postgres_server: PostgresServer, tmp_path: Path, direction: int, topology: str
 ) -> None:
-    with replicated_source(postgres_server, tmp_path) as source:
+    with replicated_source(postgres_server, tmp_path, topology) as source:
         writer = source.writer
         mia, ned = (
             writer.open_account("Mia", balance_minor=10**9),
@@ -61,10 +63,11 @@ async def test_walking_pages_during_concurrent_writes_has_no_duplicates_and_no_g
             assert [payment_id for payment_id in seen if payment_id in set(existing)] == existing
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
 async def test_walking_the_review_queue_while_payments_are_held_and_decided_has_no_duplicates_and_no_gaps(
-    postgres_server: PostgresServer, tmp_path: Path
+    postgres_server: PostgresServer, tmp_path: Path, topology: str
 ) -> None:
-    with replicated_source(postgres_server, tmp_path) as source:
+    with replicated_source(postgres_server, tmp_path, topology) as source:
         writer = source.writer
         mia, ned = (
             writer.open_account("Mia", balance_minor=10**9),

@@ -1,4 +1,7 @@
-"""ListHeldPayments, the review queue, against the real replicator, Redis, history server and approval service."""
+"""ListHeldPayments, the review queue, against the real replicator, Redis, history server and approval service.
+
+Each test runs on one Redis node and on a Redis Cluster (`topology`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from redis.asyncio import Redis
 
 from payments.approval.v1 import approval_service_pb2 as approval
 from payments.history.v1 import history_service_pb2 as pb
@@ -19,7 +21,8 @@ from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import money_pb2
 from payments.type.v1 import payment_pb2 as types
 from payments_common.grpcstatus import bad_request, error_info
-from payments_common.keys import CHECKPOINT_LSN_FIELD, META_FEATURES_FIELD, KeySchema
+from payments_common.keys import META_FEATURES_FIELD, KeySchema
+from payments_common.redisconn import async_client
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer
 from tests.support.approval import RunningServer, running_server
@@ -30,7 +33,11 @@ from tests.support.history import (
     replicated_source,
     running_history,
     settings_for,
+    topology,
 )
+from tests.support.history_cluster import set_checkpoint
+
+__all__ = ["topology"]
 
 # Before any payment created during the tests: the dataset's payments are the oldest in the queue.
 T0 = datetime(2020, 3, 1, 12, 0, tzinfo=UTC)
@@ -52,9 +59,11 @@ class Dataset:
 
 
 @pytest.fixture(scope="module")
-def dataset(postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dataset]:
+def dataset(
+    postgres_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory, topology: str
+) -> Iterator[Dataset]:
     work_dir: Path = tmp_path_factory.mktemp("review-queue")
-    with replicated_source(postgres_server, work_dir) as source:
+    with replicated_source(postgres_server, work_dir, topology) as source:
         writer = source.writer
         accounts = {name: writer.open_account(name) for name in ("Alice", "Bob", "Carol", "Dave")}
         alice, bob, carol, dave = accounts.values()
@@ -155,7 +164,7 @@ async def test_the_queue_holds_every_held_payment_of_every_account_oldest_first_
 
 
 async def test_pages_are_the_stored_views(dataset: Dataset, history: RunningHistory) -> None:
-    client = Redis.from_url(dataset.source.redis_url)
+    client = async_client(dataset.source.redis_url)
     try:
         page = await history.stub.ListHeldPayments(pb.ListHeldPaymentsRequest(page_size=3), timeout=10)
         for view in page.payments:
@@ -292,7 +301,7 @@ async def test_a_namespace_built_without_the_queue_is_failed_precondition(
     dataset: Dataset, history: RunningHistory
 ) -> None:
     """The replicator's namespace as a bootstrap by a version without the queue leaves it: no features."""
-    client = Redis.from_url(dataset.source.redis_url)
+    client = async_client(dataset.source.redis_url)
     features = await client.hget(KEYS.meta(), META_FEATURES_FIELD)
     assert features == b"review_queue"
     await client.hdel(KEYS.meta(), META_FEATURES_FIELD)
@@ -319,7 +328,8 @@ async def test_a_namespace_not_built_yet_is_unavailable_then_without_the_queue(d
     settings = settings_for(
         dataset.source.redis_url, slot_name=dataset.source.slot_name, namespace=other.namespace
     )
-    client = Redis.from_url(dataset.source.redis_url)
+    client = async_client(dataset.source.redis_url)
+    checkpoints: list[str] = []
     try:
         async with running_history(settings) as unbuilt:
             await _fails(
@@ -327,7 +337,9 @@ async def test_a_namespace_not_built_yet_is_unavailable_then_without_the_queue(d
                 grpc.StatusCode.UNAVAILABLE,
                 "READ_MODEL_UNAVAILABLE",
             )
-            await client.hset(other.checkpoint(dataset.source.slot_name), CHECKPOINT_LSN_FIELD, 1)
+            checkpoints = await set_checkpoint(
+                client, dataset.source.redis_url, other, dataset.source.slot_name, 1
+            )
             await _fails(
                 unbuilt.stub.ListHeldPayments(pb.ListHeldPaymentsRequest()),
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -338,5 +350,6 @@ async def test_a_namespace_not_built_yet_is_unavailable_then_without_the_queue(d
             assert (list(empty.payments), empty.next_page_token) == ([], "")
             assert decode_consistency_token(empty.consistency_token) == 1
     finally:
-        await client.delete(other.checkpoint(dataset.source.slot_name), other.meta())
+        for key in (other.meta(), *checkpoints):
+            await client.delete(key)
         await client.aclose()

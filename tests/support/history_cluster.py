@@ -7,6 +7,8 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
+from payments_common.keys import CHECKPOINT_LSN_FIELD, KeySchema, node_tag
+from payments_common.redisconn import AsyncClient, is_cluster, sync_client
 from stack.servers import RedisCluster, ServerError, free_cluster_port
 
 # A port picked free can be taken by another process's connection before its node binds it:
@@ -77,3 +79,40 @@ def promoted(cluster: RedisCluster, key: str, dead_port: int) -> bool:
     except (AssertionError, ServerError):
         return False
     return True
+
+
+def node_checkpoint_keys(url: str, schema: KeySchema) -> list[str]:
+    """The key of every master's own checkpoint in `schema`'s namespace (none on one node), as the replicator names them."""
+    if not is_cluster(url):
+        return []
+    client = sync_client(url)
+    assert isinstance(client, redis.RedisCluster)
+    try:
+        lowest: dict[str, int] = {}
+        for slot, owners in client.nodes_manager.slots_cache.items():
+            name = owners[0].name
+            lowest[name] = min(slot, lowest.get(name, slot))
+    finally:
+        client.close()
+    return [schema.node_checkpoint(node_tag(slot)) for slot in lowest.values()]
+
+
+async def set_checkpoint(client: AsyncClient, url: str, schema: KeySchema, slot: str, lsn: int) -> list[str]:
+    """Moves the slot's checkpoint and, on a cluster, every master's own, as an applied batch would; returns the keys."""
+    keys = [schema.checkpoint(slot), *node_checkpoint_keys(url, schema)]
+    for key in keys:
+        await client.hset(key, CHECKPOINT_LSN_FIELD, lsn)
+    return keys
+
+
+def node_checkpoint_key_of(url: str, schema: KeySchema, key: str) -> str:
+    """The key of the own checkpoint of the master that serves `key`."""
+    client = sync_client(url)
+    assert isinstance(client, redis.RedisCluster)
+    try:
+        table = client.nodes_manager.slots_cache
+        master = table[key_slot(key.encode())][0].name
+        lowest = min(slot for slot, owners in table.items() if owners[0].name == master)
+    finally:
+        client.close()
+    return schema.node_checkpoint(node_tag(lowest))
