@@ -716,9 +716,9 @@ class RoundTrips:
         return count
 
 
+# It counts the one-node scripts and their client: a cluster reads through its masters.
+@pytest.mark.parametrize("topology", ["one node"], indirect=True)
 async def test_round_trips_per_query_do_not_grow_with_the_page_size(dataset: Dataset) -> None:
-    if dataset.source.cluster:
-        pytest.skip("counts the one-node scripts and their client; a cluster reads through its masters")
     client = Redis.from_url(dataset.source.redis_url)
     trips = RoundTrips(client)
     read_model = ReadModel(client, KeySchema(), dataset.source.slot_name)
