@@ -232,6 +232,7 @@ def _wait_ready(process: Process, timeout: float) -> None:
 
 def up(root: Path, history_count: int = 2, fsync: bool = False, timeout: float = 90.0) -> StackState:
     """Starts everything in the background and waits until every health check is SERVING."""
+    redis_topology()  # a wrong STACK_REDIS stops it before anything starts
     existing = StackState.load(root)
     if existing is not None and process_alive(existing.postgres_pid):
         print(f"the stack is already up (see {root / ENDPOINTS_FILE}); `make down` stops it")

@@ -6,6 +6,7 @@ authority (kept under the stack's root), through `python -m stack token` or its 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,14 +23,16 @@ def read_endpoints(root: Path) -> dict[str, str]:
     return read_env_file(root / "endpoints.env")
 
 
-@pytest.fixture(scope="session")
-def stack_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+@pytest.fixture(scope="session", params=["single", "cluster"])
+def stack_root(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The stack as `make up` starts it, once on one Redis and once on a Redis Cluster (STACK_REDIS=cluster)."""
     root = tmp_path_factory.mktemp("stack")
     up = subprocess.run(
         [sys.executable, "-m", "stack", "up", "--root", str(root)],
         capture_output=True,
         text=True,
         timeout=240,
+        env={**os.environ, "STACK_REDIS": request.param},
     )
     try:
         assert up.returncode == 0, f"stack up failed:\n{up.stdout}\n{up.stderr}"
