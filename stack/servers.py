@@ -445,6 +445,70 @@ def free_cluster_port() -> int:
     raise ServerError("found no free port pair (port, port + 10000) for a cluster node")
 
 
+def _redis_cli() -> str:
+    cli = shutil.which("redis-cli")
+    if not cli:
+        raise ServerError("redis-cli not found on PATH; install it: `apt-get install redis-tools`")
+    return cli
+
+
+@dataclass(frozen=True)
+class ClusterNodeView:
+    """One node as a line of `CLUSTER NODES` shows it."""
+
+    node_id: str
+    port: int
+    master: bool
+    myself: bool
+    # Marked as failing (`fail` or `fail?`) by the node that lists it.
+    failed: bool
+    # The node id of the master that a replica follows; None for a master.
+    master_id: str | None
+    # The ranges of hash slots it serves, lowest first (inclusive bounds).
+    slots: tuple[tuple[int, int], ...]
+
+
+def parse_cluster_nodes(raw: object) -> list[ClusterNodeView]:
+    """The nodes of a `CLUSTER NODES` reply (slots being moved, `[...]`, are left out)."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    views = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        flags = set(parts[2].split(","))
+        slots = []
+        for part in parts[8:]:
+            if part.startswith("["):
+                continue
+            low, _, high = part.partition("-")
+            slots.append((int(low), int(high or low)))
+        views.append(
+            ClusterNodeView(
+                node_id=parts[0],
+                port=int(parts[1].split("@")[0].rpartition(":")[2]),
+                master="master" in flags,
+                myself="myself" in flags,
+                failed=bool(flags & {"fail", "fail?"}),
+                master_id=None if parts[3] == "-" else parts[3],
+                slots=tuple(sorted(slots)),
+            )
+        )
+    return views
+
+
+def _count(slots: tuple[tuple[int, int], ...]) -> int:
+    return sum(high - low + 1 for low, high in slots)
+
+
+def _text_info(raw: object) -> dict[str, str]:
+    """The fields of an `INFO` reply, whether redis-py parsed it or not."""
+    if isinstance(raw, dict):
+        return {str(key): str(value) for key, value in raw.items()}
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
 @dataclass
 class RedisCluster:
     """A private Redis Cluster: `masters` masters with `replicas` replicas each, one process per node.
@@ -463,6 +527,7 @@ class RedisCluster:
     ports: list[int] = field(default_factory=list)
     nodes: list[RedisServer] = field(default_factory=list, init=False, repr=False)
     _owns_dir: bool = field(default=False, init=False, repr=False)
+    _paused: set[int] = field(default_factory=set, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -489,6 +554,12 @@ class RedisCluster:
                     "nodes.conf",
                     "--cluster-node-timeout",
                     str(self.node_timeout_ms),
+                    # Failovers and resyncs are logged at this level: the log tails of errors show them.
+                    "--loglevel",
+                    "notice",
+                    # A replica that starts, or starts again, gets its full sync at once (not after 5 s).
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ],
             )
             self.nodes.append(node)
@@ -499,9 +570,7 @@ class RedisCluster:
         return self
 
     def _create(self, timeout: float) -> None:
-        cli = shutil.which("redis-cli")
-        if not cli:
-            raise ServerError("redis-cli not found on PATH; install it: `apt-get install redis-tools`")
+        cli = _redis_cli()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         result = subprocess.run(
             [
@@ -538,20 +607,195 @@ class RedisCluster:
         return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
     def wait_ok(self, timeout: float = 60.0) -> None:
-        """Waits until every running node says `cluster_state:ok` and sees every slot served."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            infos = [self._info(node) for node in self.nodes if node.process is not None]
-            if infos and all(
-                info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384"
-                for info in infos
-            ):
-                return
-            time.sleep(0.1)
-        raise ServerError(f"the Redis Cluster under {self.base_dir} was not ok within {timeout:.0f}s")
+        """Waits until every running node says `cluster_state:ok` and sees every slot served.
+
+        A paused node cannot answer: it is left out until it is resumed.
+        """
+
+        def ok(node: RedisServer) -> bool:
+            info = self._info(node)
+            return info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384"
+
+        self._wait(
+            lambda: all(ok(node) for node in self._answering()),
+            timeout,
+            "was not ok",
+            lambda: [node for node in self._answering() if not ok(node)],
+        )
 
     def node(self, port: int) -> RedisServer:
         return next(node for node in self.nodes if node.port == port)
+
+    # -- the topology, as the nodes see it --------------------------------------------------
+
+    def topology(self) -> list[ClusterNodeView]:
+        """Every node as the first answering node lists it in `CLUSTER NODES`."""
+        for node in self._answering():
+            with contextlib.suppress(redis.RedisError):
+                return parse_cluster_nodes(self._command(node.port, "CLUSTER", "NODES"))
+        raise ServerError(f"no node of the Redis Cluster under {self.base_dir} answers")
+
+    def master_ports(self) -> list[int]:
+        """The ports of the masters that serve slots and are not failed, lowest slot first."""
+        serving = [view for view in self.topology() if view.master and view.slots and not view.failed]
+        return [view.port for view in sorted(serving, key=lambda view: view.slots[0][0])]
+
+    def replica_of(self, master_port: int) -> int:
+        """The port of the replica that follows the master on `master_port` (and is not failed)."""
+        views = self.topology()
+        master = next(view for view in views if view.port == master_port)
+        for view in views:
+            if view.master_id == master.node_id and not view.failed:
+                return view.port
+        raise ServerError(f"the master on port {master_port} has no replica:\n{self._tail(master_port)}")
+
+    def master_of_slot(self, slot: int) -> int:
+        """The port of the master that serves hash slot `slot`."""
+        for view in self.topology():
+            if view.master and not view.failed and any(low <= slot <= high for low, high in view.slots):
+                return view.port
+        raise ServerError(f"no master of the Redis Cluster under {self.base_dir} serves slot {slot}")
+
+    def node_id(self, port: int) -> str:
+        raw = self._command(port, "CLUSTER", "MYID")
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def kill(self, port: int) -> None:
+        """kill -9 of one node: it stops at once, and its data is gone (nothing is kept on disk)."""
+        self._paused.discard(port)
+        self.node(port).kill()
+
+    def start_node(self, port: int, timeout: float = 60.0) -> None:
+        """Starts a killed node again, from its nodes.conf, and waits until it has rejoined as a
+        replica (of whichever node serves its slots now) and holds its master's data.
+
+        Start a killed master only after its replica was promoted (`wait_promoted`): before
+        that, it would come back as the master of its slots, empty.
+        """
+        node = self.node(port)
+        node.start(timeout)
+        self.wait_in_sync(port, timeout)
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP: the node keeps its connections but answers nothing until `resume`."""
+        self.node(port).pause()
+        self._paused.add(port)
+
+    def resume(self, port: int) -> None:
+        self.node(port).resume()
+        self._paused.discard(port)
+
+    def reshard(self, from_port: int, to_port: int, slots: int, timeout: float = 120.0) -> None:
+        """Moves `slots` hash slots, and their keys, from one master to another with
+        `redis-cli --cluster reshard`, then waits until every running node agrees on the new layout."""
+        source, target = self.node_id(from_port), self.node_id(to_port)
+        expected = _count(next(view.slots for view in self.topology() if view.node_id == target)) + slots
+        result = subprocess.run(
+            [
+                _redis_cli(),
+                "--cluster",
+                "reshard",
+                f"127.0.0.1:{from_port}",
+                "--cluster-from",
+                source,
+                "--cluster-to",
+                target,
+                "--cluster-slots",
+                str(slots),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0 or "[ERR]" in result.stdout:
+            raise ServerError(
+                f"redis-cli --cluster reshard failed:\n{result.stdout[-3000:]}\n{result.stderr}\n"
+                f"{self._tail(from_port)}\n{self._tail(to_port)}"
+            )
+
+        def layouts() -> dict[int, dict[str, tuple[tuple[int, int], ...]]]:
+            seen = {}
+            for node in self._answering():
+                try:
+                    views = parse_cluster_nodes(self._command(node.port, "CLUSTER", "NODES"))
+                except redis.RedisError:
+                    views = []
+                seen[node.port] = {view.node_id: view.slots for view in views if view.master}
+            return seen
+
+        def disagreeing() -> list[RedisServer]:
+            seen = layouts()
+            reference = seen.get(to_port, {})
+            if _count(reference.get(target, ())) != expected:
+                return [self.node(to_port)]
+            return [self.node(port) for port, layout in seen.items() if layout != reference]
+
+        self._wait(
+            lambda: not disagreeing(), timeout, "did not agree on the slots after the reshard", disagreeing
+        )
+        self.wait_ok(timeout)
+
+    def wait_promoted(self, port: int, timeout: float = 60.0) -> None:
+        """Waits until the node on `port` is a master that serves slots, in its own view."""
+
+        def promoted() -> bool:
+            try:
+                views = parse_cluster_nodes(self._command(port, "CLUSTER", "NODES"))
+            except redis.RedisError:
+                return False
+            return any(view.myself and view.master and view.slots for view in views)
+
+        self._wait(promoted, timeout, f"did not promote the node on port {port}", lambda: [self.node(port)])
+
+    def wait_in_sync(self, port: int, timeout: float = 60.0) -> None:
+        """Waits until the node on `port` is a replica whose link to its master is up (the full sync done)."""
+
+        def in_sync() -> bool:
+            try:
+                info = _text_info(self._command(port, "INFO", "replication"))
+            except redis.RedisError:
+                return False
+            return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+        self._wait(in_sync, timeout, f"has no replica in sync on port {port}", lambda: [self.node(port)])
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _answering(self) -> list[RedisServer]:
+        """The nodes that run and are not paused."""
+        return [node for node in self.nodes if node.process is not None and node.port not in self._paused]
+
+    def _command(self, port: int, *args: str) -> object:
+        client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=2)
+        try:
+            return client.execute_command(*args)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+
+    def _wait(
+        self,
+        check: Callable[[], bool],
+        timeout: float,
+        what: str,
+        culprits: Callable[[], list[RedisServer]],
+    ) -> None:
+        """Polls `check` until it holds; ServerError with the log tails of `culprits()` at the deadline."""
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() >= deadline:
+                tails = "\n".join(self._tail(node.port) for node in culprits())
+                raise ServerError(
+                    f"the Redis Cluster under {self.base_dir} {what} within {timeout:.0f}s\n{tails}"
+                )
+            time.sleep(0.05)
+
+    def _tail(self, port: int) -> str:
+        node = self.node(port)
+        return f"-- node {port} ({'running' if node.process is not None else 'stopped'}):\n{_tail(node.log_path)}"
 
     def stop(self, timeout: float = 10.0) -> None:
         for node in self.nodes:
