@@ -42,6 +42,7 @@ import hiredis
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from payments_common import keys
 from payments_common.keys import KeySchema, node_tag
@@ -131,8 +132,9 @@ _CLUSTER_SCRIPTS: Final = {
     "hset_on_node": HSET_ON_NODE,
 }
 
-# Errors with which a node says that the keys, or the node, moved.
-_MOVED_PREFIXES: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+# Errors with which a node says that the keys, or the node, moved: redis-py reads MOVED, ASK,
+# TRYAGAIN and CLUSTERDOWN replies as these classes, their code dropped from the message.
+_MOVED_ERRORS: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
 # How long one WAIT blocks before the node is asked again (and the lock keeper hears of progress).
 WAIT_STEP_MS: Final = 500
 
@@ -151,7 +153,7 @@ def _sha(body: str) -> str:
 
 def _moved(error: redis.ResponseError) -> bool:
     text = str(error)
-    return text.startswith(_MOVED_PREFIXES) or "non local key" in text or "non-local" in text
+    return isinstance(error, _MOVED_ERRORS) or "non local key" in text or "non-local" in text
 
 
 class _Call:

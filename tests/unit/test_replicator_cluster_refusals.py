@@ -19,11 +19,6 @@ NON_LOCAL = (
     " in a cluster node script: f_0123, on @user_script:12."
 )
 
-# The apply stage looks for the code at the start of the message, where redis-py no longer has it.
-CODE_DROPPED = pytest.mark.xfail(
-    strict=True, reason="the refusal is looked for by its code, which redis-py drops"
-)
-
 
 def _parsed(reply: str) -> redis.ResponseError:
     error: redis.ResponseError = BaseParser.parse_error(reply)  # type: ignore[no-untyped-call]
@@ -33,10 +28,10 @@ def _parsed(reply: str) -> redis.ResponseError:
 @pytest.mark.parametrize(
     "reply",
     [
-        pytest.param("MOVED 3999 127.0.0.1:7001", marks=CODE_DROPPED),
-        pytest.param("ASK 3999 127.0.0.1:7001", marks=CODE_DROPPED),
-        pytest.param("TRYAGAIN Multiple keys request during rehashing of slot", marks=CODE_DROPPED),
-        pytest.param("CLUSTERDOWN The cluster is down", marks=CODE_DROPPED),
+        "MOVED 3999 127.0.0.1:7001",
+        "ASK 3999 127.0.0.1:7001",
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "CLUSTERDOWN The cluster is down",
         NON_LOCAL,
     ],
     ids=["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "non local key"],
