@@ -540,34 +540,48 @@ class RedisCluster:
             self.base_dir = Path(tempfile.mkdtemp(prefix="payments-redis-cluster-"))
             self._owns_dir = True
         count = self.masters * (1 + self.replicas)
-        if not self.ports:
+        chosen = not self.ports
+        if chosen:
             self.ports = [free_cluster_port() for _ in range(count)]
-        for port in self.ports:
-            node = RedisServer(
-                base_dir=self.base_dir / str(port),
-                port=port,
-                detached=self.detached,
-                extra_args=[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    str(self.node_timeout_ms),
-                    # Failovers and resyncs are logged at this level: the log tails of errors show them.
-                    "--loglevel",
-                    "notice",
-                    # A replica that starts, or starts again, gets its full sync at once (not after 5 s).
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ],
-            )
+        for index, port in enumerate(self.ports):
+            for attempt in range(1, 6):
+                node = self._node(port)
+                try:
+                    node.start(timeout)
+                    break
+                except ServerError as error:
+                    # A port found free may be taken by another process before the node binds it.
+                    if not chosen or "Address already in use" not in str(error) or attempt == 5:
+                        raise
+                    node.remove()
+                    port = self.ports[index] = free_cluster_port()
             self.nodes.append(node)
-            node.start(timeout)
         if not self._formed():
             self._create(timeout)
         self.wait_ok(timeout)
         return self
+
+    def _node(self, port: int) -> RedisServer:
+        assert self.base_dir is not None
+        return RedisServer(
+            base_dir=self.base_dir / str(port),
+            port=port,
+            detached=self.detached,
+            extra_args=[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                str(self.node_timeout_ms),
+                # Failovers and resyncs are logged at this level: the log tails of errors show them.
+                "--loglevel",
+                "notice",
+                # A replica that starts, or starts again, gets its full sync at once (not after 5 s).
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+        )
 
     def _create(self, timeout: float) -> None:
         cli = _redis_cli()

@@ -9,58 +9,17 @@ from redis.crc import key_slot
 
 from payments_common.keys import CHECKPOINT_LSN_FIELD, KeySchema, node_tag
 from payments_common.redisconn import AsyncClient, is_cluster, sync_client
-from stack.servers import RedisCluster, ServerError, free_cluster_port
-
-# A port picked free can be taken by another process's connection before its node binds it:
-# a cluster that fails to start is started again on other ports, this many times in all.
-START_ATTEMPTS = 3
-
-
-def _distinct_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_cluster_port()
-        if port not in ports and port + 10000 not in ports and port - 10000 not in ports:
-            ports.append(port)
-    return ports
+from stack.servers import RedisCluster, ServerError
 
 
 def start_cluster(base_dir: Path, masters: int = 3, replicas: int = 1) -> RedisCluster:
     """A private cluster under `base_dir`, detached (its nodes can be killed without killing the test)."""
-    for attempt in range(1, START_ATTEMPTS + 1):
-        cluster = RedisCluster(
-            base_dir=base_dir / f"cluster-{attempt}",
-            masters=masters,
-            replicas=replicas,
-            detached=True,
-            ports=_distinct_ports(masters * (1 + replicas)),
-        )
-        try:
-            return cluster.start()
-        except ServerError:
-            cluster.remove()
-            if attempt == START_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")
+    return RedisCluster(base_dir=base_dir, masters=masters, replicas=replicas, detached=True).start()
 
 
 def master_port_of(cluster: RedisCluster, key: str) -> int:
-    """The port of the master that serves `key`'s slot now, as a running node reports it."""
-    slot = key_slot(key.encode())
-    for node in cluster.nodes:
-        if node.process is None:
-            continue
-        client = redis.Redis(port=node.port, socket_connect_timeout=1, socket_timeout=2)
-        try:
-            ranges = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-        except redis.RedisError:
-            continue
-        finally:
-            client.close()
-        for start, end, primary, *_ in ranges:
-            if int(start) <= slot <= int(end):
-                return int(primary[1])
-    raise AssertionError(f"no running node of the cluster reports the master of {key}")
+    """The port of the master that serves `key`'s slot now, as the running nodes report it."""
+    return cluster.master_of_slot(key_slot(key.encode()))
 
 
 def kill_master_of(cluster: RedisCluster, key: str) -> int:
