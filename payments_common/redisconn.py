@@ -21,6 +21,7 @@ import redis.asyncio
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 
 SINGLE_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
@@ -82,16 +83,23 @@ def cluster_target(url: str) -> ClusterTarget:
 def sync_client(url: str, **options: Any) -> SyncClient:
     """A redis-py client of the URL's Redis: `redis.Redis` for one node, `RedisCluster` for a cluster.
 
-    `options` are the client's keyword arguments (timeouts, client_name, ...).
+    `options` are the client's keyword arguments (timeouts, client_name, ...). A cluster's
+    client asks a seed for the topology at once: ConnectionError when none answers.
     """
     if not is_cluster(url):
         return redis.Redis.from_url(url, **options)
     target = cluster_target(url)
-    return RedisCluster.from_url(
-        target.first_seed_url,
-        startup_nodes=[ClusterNode(host, port) for host, port in target.seeds[1:]],  # type: ignore[no-untyped-call]
-        **options,
-    )
+    try:
+        return RedisCluster.from_url(
+            target.first_seed_url,
+            startup_nodes=[ClusterNode(host, port) for host, port in target.seeds[1:]],  # type: ignore[no-untyped-call]
+            **options,
+        )
+    except RedisClusterException as error:
+        # The cluster client reads the topology as it is made, and says that no seed answered
+        # with an exception outside redis-py's RedisError: callers handle a Redis out of reach
+        # as ConnectionError, whatever the topology.
+        raise redis.ConnectionError(str(error)) from error
 
 
 def async_client(url: str, **options: Any) -> AsyncClient:

@@ -365,11 +365,13 @@ def reconcile(
     again only at what Redis lacked without a trace.
     """
     schema = KeySchema.for_redis(settings.namespace, settings.slot_name, settings.cluster)
-    # A Redis that stops answering ends the run instead of hanging it (it restarts a replicator's session).
-    client = sync_client(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
     report = Report(max_printed=max_printed)
     only: set[Item] | None = None
+    client: SyncClient | None = None
     try:
+        # A Redis that stops answering ends the run instead of hanging it (it restarts a replicator's
+        # session). A cluster's client reads the topology as it is made: an error here is Redis's too.
+        client = sync_client(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
         for round_ in range(1, rounds + 1):
             deadline = time.monotonic() + wait_seconds
             snapshot = read_source(settings.database_url, deadline)
@@ -397,7 +399,8 @@ def reconcile(
         # Exit status 1 means drift: a Redis that cannot be read is "could not compare".
         raise ReconcileError(f"could not read Redis: {type(error).__name__}: {error}") from None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _text(value: object) -> str:

@@ -172,8 +172,10 @@ def retire(
 ) -> Retirement:
     """Retires the version (`namespace`, `slot`): VersionInUse while anything runs it, Unreachable without a server."""
     schema = KeySchema.for_redis(namespace, slot, settings.cluster)
-    client = sync_client(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
+    client: SyncClient | None = None
     try:
+        # A cluster's client reads the topology as it is made: an error here is Redis's too.
+        client = sync_client(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
         return _retire(settings, client, schema, slot, batch, dry_run, progress)
     except (redis.ConnectionError, redis.TimeoutError) as error:
         raise Unreachable(f"Redis: {error}") from None
@@ -188,7 +190,8 @@ def retire(
         # run it again once the cause is fixed.
         raise RetireFailed(f"{type(error).__name__}: {str(error).strip()}") from None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _retire(

@@ -17,7 +17,7 @@ import redis
 
 from payments_common.keys import KeySchema
 from payments_common.lsn import format_lsn
-from payments_common.redisconn import sync_client
+from payments_common.redisconn import SyncClient, sync_client
 from replicator.changes import Checkpoint
 from replicator.config import Settings
 from replicator.lock import LockOwner, read_owner
@@ -133,10 +133,12 @@ def read_status(settings: Settings, timeout_seconds: float = 5.0) -> Status:
     lock: LockOwner | None = None
     redis_error: str | None = None
     redis_refused = False
-    client = sync_client(
-        settings.redis_url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
-    )
+    client: SyncClient | None = None
     try:
+        # A cluster's client reads the topology as it is made: an error here is Redis's too.
+        client = sync_client(
+            settings.redis_url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+        )
         checkpoint = read_checkpoint(client, schema.checkpoint(settings.slot_name))
         lock = read_owner(client, lock_key)
     except redis.RedisError as error:
@@ -146,7 +148,8 @@ def read_status(settings: Settings, timeout_seconds: float = 5.0) -> Status:
         redis_refused = isinstance(error, REDIS_REFUSALS)
         checkpoint = None
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     usage: SlotUsage | None = None
     source_now_us: int | None = None
     postgres_error: str | None = None

@@ -127,15 +127,19 @@ def test_status_without_the_slot(migrated_dsn: str, redis_url: str) -> None:
     assert rows["outcome"] == "slot_missing (exit status 3)"
 
 
-@pytest.mark.parametrize("side", ["postgres", "redis"])
-def test_status_when_a_side_cannot_be_reached(migrated_dsn: str, redis_url: str, side: str) -> None:
+@pytest.mark.parametrize("unreachable", ["postgres", "redis", "redis cluster"])
+def test_status_when_a_side_cannot_be_reached(migrated_dsn: str, redis_url: str, unreachable: str) -> None:
     """Exit status 4, the side named, no traceback, and the password in the URL printed nowhere."""
     secret = "s3cret-in-the-url"
     port = free_port()
-    if side == "postgres":
+    side = unreachable.split()[0]
+    if unreachable == "postgres":
         database_url, redis_at = f"postgresql://replicator:{secret}@127.0.0.1:{port}/payments", redis_url
-    else:
+    elif unreachable == "redis":
         database_url, redis_at = migrated_dsn, f"redis://default:{secret}@127.0.0.1:{port}/0"
+    else:
+        seeds = f"127.0.0.1:{port},127.0.0.1:{free_port()}"
+        database_url, redis_at = migrated_dsn, f"redis+cluster://default:{secret}@{seeds}"
     done = run_status(database_url, redis_at, "--json", "--timeout", "2", slot=slot_for(migrated_dsn))
     assert done.returncode == EXIT_UNREACHABLE, done.stdout + done.stderr
     assert secret not in done.stdout + done.stderr
