@@ -6,11 +6,11 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-import redis
 from prometheus_client import REGISTRY
 
 from payments_common.keys import DEFAULT_PUBLICATION
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from payments_common.redisconn import SyncClient, sync_client
 from replicator import metrics
 from replicator.lock import LockKeeper, LockLost, SlotLock
 from replicator.source import Source
@@ -21,20 +21,20 @@ KEY = KEYS.lock("s")
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(redis_url)
+def client(any_redis_url: str) -> Iterator[SyncClient]:
+    connection = sync_client(any_redis_url)
     yield connection
     connection.close()
 
 
 @pytest.fixture
-def keeper(redis_url: str, client: redis.Redis) -> Iterator[Callable[[float], LockKeeper]]:
+def keeper(any_redis_url: str, client: SyncClient) -> Iterator[Callable[[float], LockKeeper]]:
     started: list[LockKeeper] = []
 
     def start(stall_seconds: float) -> LockKeeper:
         lock = SlotLock(client, KEY, TTL_SECONDS)
         assert lock.try_acquire()
-        started.append(LockKeeper(redis_url, KEY, TTL_SECONDS, lock.token, stall_seconds).start())
+        started.append(LockKeeper(any_redis_url, KEY, TTL_SECONDS, lock.token, stall_seconds).start())
         return started[-1]
 
     yield start
@@ -43,7 +43,7 @@ def keeper(redis_url: str, client: redis.Redis) -> Iterator[Callable[[float], Lo
 
 
 def test_the_lock_outlives_a_step_many_times_longer_than_its_ttl(
-    keeper: Callable[[float], LockKeeper], client: redis.Redis
+    keeper: Callable[[float], LockKeeper], client: SyncClient
 ) -> None:
     held = keeper(60)
     # One long step of the owner (a projection, a slow script call): nothing calls check().
@@ -62,7 +62,7 @@ def _reports_lost(keeper: LockKeeper) -> bool:
 
 
 def test_a_lock_taken_by_another_instance_is_reported_as_lost(
-    keeper: Callable[[float], LockKeeper], client: redis.Redis
+    keeper: Callable[[float], LockKeeper], client: SyncClient
 ) -> None:
     held = keeper(60)
     metrics.LOCK_HELD.set(1)  # as the runner sets it once it has the lock
@@ -76,7 +76,7 @@ def test_a_lock_taken_by_another_instance_is_reported_as_lost(
 
 
 def test_an_owner_that_makes_no_progress_lets_the_lock_expire(
-    keeper: Callable[[float], LockKeeper], client: redis.Redis
+    keeper: Callable[[float], LockKeeper], client: SyncClient
 ) -> None:
     held = keeper(2 * TTL_SECONDS)
     metrics.LOCK_HELD.set(1)

@@ -6,13 +6,13 @@ import time
 import urllib.request
 
 import grpc
-import redis
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
-from payments_common.keys import DEFAULT_SCHEMA as KEYS
-from payments_common.keys import index_member
+from payments_common.keys import KeySchema, index_member
+from payments_common.redisconn import SyncClient, sync_client
 from stack.replication import run_reconcile, slot_confirmed_lsn
 from stack.servers import free_port
 from tests.support.replicator import (
@@ -21,6 +21,7 @@ from tests.support.replicator import (
     checkpoint_lsn,
     current_wal_lsn,
     replicator,
+    schema_for,
     slot_for,
 )
 from tests.support.source import SourceWriter
@@ -41,23 +42,26 @@ def test_idle_checkpoint_follows_writes_to_unpublished_tables(
     process.wait_caught_up()
     assert checkpoint_lsn(redis_url, process.slot) >= target
     # The slot is told too, so that it does not pin WAL.
-    deadline = time.monotonic() + 30
-    while slot_confirmed_lsn(migrated_dsn, process.slot) < target:
-        assert time.monotonic() < deadline, "the slot's confirmed position did not advance"
-        time.sleep(0.05)
-    client = redis.Redis.from_url(redis_url)
-    batch, *_ = change_batches(client.xrevrange(KEYS.changes(), count=1))
+    wait_until(
+        lambda: slot_confirmed_lsn(migrated_dsn, process.slot) >= target,
+        30,
+        "the slot's confirmed position at the checkpoint",
+    )
+    client = sync_client(redis_url)
+    batch, *_ = change_batches(client.xrevrange(schema_for(redis_url, process.slot).changes(), count=1))
+    client.close()
     assert batch.checkpoint_lsn >= target
     assert not batch.payments
 
 
 def test_change_stream_announces_every_payment(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
-    process = replicator(migrated_dsn, redis_url)
+    process = replicator(migrated_dsn, any_redis_url)
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
-    last = client.xrevrange(KEYS.changes(), count=1)
+    client = sync_client(any_redis_url)
+    changes = schema_for(any_redis_url, process.slot).changes()
+    last = client.xrevrange(changes, count=1)
     assert last is not None
     start = last[0][0]
     assert isinstance(start, bytes)
@@ -67,21 +71,22 @@ def test_change_stream_announces_every_payment(
         process.wait_caught_up()
     seen: set[str] = set()
     checkpoints = []
-    for batch in change_batches(client.xrange(KEYS.changes(), min=f"({start.decode()}")):
+    for batch in change_batches(client.xrange(changes, min=f"({start.decode()}")):
         checkpoints.append(batch.checkpoint_lsn)
         for view in batch.payments:
             assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
             assert view.payer_name == "Alice"
             assert [entry.sequence for entry in view.timeline] == [1]
             seen.add(view.payment_id)
+    client.close()
     assert seen == payments
     assert checkpoints == sorted(checkpoints)
 
 
 def test_dropped_slot_leads_to_a_fresh_bootstrap(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
-    process = replicator(migrated_dsn, redis_url)
+    process = replicator(migrated_dsn, any_redis_url)
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         source.submit(alice, bob, 10)
@@ -94,10 +99,10 @@ def test_dropped_slot_leads_to_a_fresh_bootstrap(
             "DELETE FROM payment_events WHERE payment_id IN (SELECT payment_id FROM payments LIMIT 1)"
         )
         source.execute("DELETE FROM payments WHERE payment_id IN (SELECT payment_id FROM payments LIMIT 1)")
-    restarted = replicator(migrated_dsn, redis_url)
+    restarted = replicator(migrated_dsn, any_redis_url)
     restarted.wait_caught_up()
     assert "REBUILD" in restarted.log_path.read_text()
-    result = run_reconcile(migrated_dsn, redis_url, slot_for(migrated_dsn), wait_seconds=30)
+    result = run_reconcile(migrated_dsn, any_redis_url, slot_for(migrated_dsn), wait_seconds=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -107,24 +112,25 @@ MISSING_QUEUE = "were built without review_queue"
 def test_a_bootstrap_records_its_features_and_a_namespace_without_them_is_streamed_into_and_said_once(
     migrated_dsn: str, redis_url: str, replicator: StartReplicator
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, slot_for(migrated_dsn))
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         before = source.submit(alice, bob, 10, status="PENDING_REVIEW")
         process = replicator(migrated_dsn, redis_url)
         process.wait_caught_up()
-        assert client.hget(KEYS.meta(), "features") == b"review_queue"
-        assert client.zrange(KEYS.review_queue(), 0, -1) == [_member(client, before)]
+        assert client.hget(keys.meta(), "features") == b"review_queue"
+        assert client.zrange(keys.review_queue(), 0, -1) == [_member(client, keys, before)]
         assert process.stop() == 0
         # As a bootstrap by a version without the queue left the namespace: no features, no queue.
-        client.delete(KEYS.meta(), KEYS.review_queue(), KEYS.review_queue_versions())
+        client.delete(keys.meta(), keys.review_queue(), keys.review_queue_versions())
         restarted = replicator(migrated_dsn, redis_url)
         restarted.wait_caught_up()
         after = source.submit(alice, bob, 20, status="PENDING_REVIEW")
         restarted.wait_caught_up()
         # Streaming goes on, without a rebuild, and maintains the queue from now on.
-        assert client.zrange(KEYS.review_queue(), 0, -1) == [_member(client, after)]
-        assert not client.exists(KEYS.meta())
+        assert client.zrange(keys.review_queue(), 0, -1) == [_member(client, keys, after)]
+        assert not client.exists(keys.meta())
         assert "REBUILD" not in restarted.log_text()
         # A new session of the same process (its walsender ended) does not say it again.
         source.execute(
@@ -143,16 +149,18 @@ def test_a_bootstrap_records_its_features_and_a_namespace_without_them_is_stream
     assert MISSING_QUEUE not in process.log_text()
 
 
-def _member(client: redis.Redis, payment_id: str) -> bytes:
-    raw = client.hget(KEYS.payment(payment_id), "view")
+def _member(client: SyncClient, keys: KeySchema, payment_id: str) -> bytes:
+    raw = client.hget(keys.payment(payment_id), "view")
     assert isinstance(raw, bytes)
     view = read_model_pb2.PaymentView.FromString(raw)
     return index_member(view.create_time.ToMicroseconds(), payment_id).encode()
 
 
-def test_reconcile_without_redis_cannot_compare(migrated_dsn: str) -> None:
-    """Exit status 2 (could not compare), not 1 (drift), when Redis does not answer."""
-    result = run_reconcile(migrated_dsn, f"redis://127.0.0.1:{free_port()}/0", slot_for(migrated_dsn), 5)
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_reconcile_without_redis_cannot_compare(migrated_dsn: str, scheme: str) -> None:
+    """Exit status 2 (could not compare), not 1 (drift), when Redis does not answer (no seed of a cluster)."""
+    url = f"{scheme}://127.0.0.1:{free_port()}" + ("/0" if scheme == "redis" else f",127.0.0.1:{free_port()}")
+    result = run_reconcile(migrated_dsn, url, slot_for(migrated_dsn), 5)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "could not read Redis" in result.stderr
     assert "Traceback" not in result.stderr
@@ -167,20 +175,22 @@ def test_reconcile_reports_drift(migrated_dsn: str, redis_url: str, replicator: 
     clean = run_reconcile(migrated_dsn, redis_url, slot_for(migrated_dsn), wait_seconds=30)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     # Tamper while the replicator runs (it must keep the checkpoint moving); it leaves unchanged rows alone.
-    client = redis.Redis.from_url(redis_url)
-    raw = client.hget(KEYS.account(bob), "view")
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, process.slot)
+    raw = client.hget(keys.account(bob), "view")
     assert isinstance(raw, bytes)
     view = read_model_pb2.AccountView.FromString(raw)
     view.owner_name = "Mallory"
-    client.hset(KEYS.account(bob), "view", view.SerializeToString())
-    client.hdel(KEYS.payment(paid), "view")
+    client.hset(keys.account(bob), "view", view.SerializeToString())
+    client.hdel(keys.payment(paid), "view")
     client.zadd(
-        KEYS.account_index(alice, "sent", payment_pb2.PAYMENT_STATUS_DECLINED), {"0000000000000001:x": 0}
+        keys.account_index(alice, "sent", payment_pb2.PAYMENT_STATUS_DECLINED), {"0000000000000001:x": 0}
     )
+    client.close()
     drift = run_reconcile(migrated_dsn, redis_url, slot_for(migrated_dsn), wait_seconds=30)
     assert drift.returncode == 1, drift.stdout + drift.stderr
-    assert KEYS.account(bob) in drift.stdout
-    assert KEYS.payment(paid) in drift.stdout
+    assert keys.account(bob) in drift.stdout
+    assert keys.payment(paid) in drift.stdout
     assert "payment x extra in the index" in drift.stdout
 
 

@@ -9,13 +9,12 @@ from collections.abc import Iterator
 
 import psycopg2
 import pytest
-import redis
 
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from payments_common.redisconn import sync_client
 from replicator.config import Settings
 from replicator.reconcile import Report, compare, read_source, reconcile
-from tests.support.replicator import StartReplicator, replicator, slot_for
+from tests.support.replicator import StartReplicator, replicator, schema_for, slot_for
 from tests.support.source import SourceLoad, SourceWriter
 from tests.support.waiting import wait_until
 
@@ -100,8 +99,9 @@ def test_a_commit_streamed_before_it_is_visible_is_not_drift(
         source.submit(alice, bob, 10)
     process = replicator(migrated_dsn, redis_url)
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
-    payments_before = set(client.scan_iter(match=KEYS.payment("*")))
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, process.slot)
+    payments_before = set(client.scan_iter(match=keys.payment("*")))
     result: list[Report | BaseException] = []
     held: list[_HeldCommit] = []
     with _synchronous_standby_required(migrated_dsn):
@@ -115,7 +115,7 @@ def test_a_commit_streamed_before_it_is_visible_is_not_drift(
         wait_until(a_commit_is_held, 30, "a commit waiting for the synchronous standby")
         # The replicator applies the held transaction: its payment is in Redis, not in any snapshot.
         wait_until(
-            lambda: len(set(client.scan_iter(match=KEYS.payment("*"))) - payments_before) == len(held),
+            lambda: len(set(client.scan_iter(match=keys.payment("*"))) - payments_before) == len(held),
             30,
             "the held commit applied to Redis",
         )
@@ -149,49 +149,50 @@ def test_a_commit_streamed_before_it_is_visible_is_not_drift(
 
 
 def test_reconcile_under_concurrent_writes_reports_no_false_drift(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
     with SourceWriter(migrated_dsn) as source:
         accounts = [source.open_account(f"Owner {i}") for i in range(4)]
-    process = replicator(migrated_dsn, redis_url)
+    process = replicator(migrated_dsn, any_redis_url)
     process.wait_caught_up()
     reports: list[Report] = []
     with SourceLoad(migrated_dsn, accounts) as load:
         load.wait_for(50)
         for _ in range(8):
-            reports.append(reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30))
+            reports.append(reconcile(_settings(migrated_dsn, any_redis_url), wait_seconds=30))
             load.wait_for(load.written + 20)
     dirty = ["\n".join(r.lines()) for r in reports if not r.clean]
     assert dirty == []
     process.wait_caught_up()
-    final = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30)
+    final = reconcile(_settings(migrated_dsn, any_redis_url), wait_seconds=30)
     assert final.clean, "\n".join(final.lines())
     assert final.in_flight == 0
 
 
 def test_reconcile_under_concurrent_writes_finds_drift(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         quiet = source.submit(alice, bob, 10)
         busy = [source.open_account(f"Busy {i}") for i in range(3)]
-    process = replicator(migrated_dsn, redis_url)
+    process = replicator(migrated_dsn, any_redis_url)
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
-    raw = client.hget(KEYS.payment(quiet), "view")
+    client = sync_client(any_redis_url)
+    keys = schema_for(any_redis_url, process.slot)
+    raw = client.hget(keys.payment(quiet), "view")
     assert isinstance(raw, bytes)
     view = read_model_pb2.PaymentView.FromString(raw)
     view.amount.amount_minor += 1
-    client.hset(KEYS.payment(quiet), "view", view.SerializeToString())
-    client.delete(KEYS.account(bob))
+    client.hset(keys.payment(quiet), "view", view.SerializeToString())
+    client.delete(keys.account(bob))
     client.close()
     with SourceLoad(migrated_dsn, busy) as load:
         load.wait_for(30)
-        report = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30)
+        report = reconcile(_settings(migrated_dsn, any_redis_url), wait_seconds=30)
     text = "\n".join(report.lines())
-    assert f"{KEYS.payment(quiet)}: differs" in text
-    assert f"{KEYS.account(bob)}: missing in Redis" in text
+    assert f"{keys.payment(quiet)}: differs" in text
+    assert f"{keys.account(bob)}: missing in Redis" in text
     assert len(report.differences) == 2, text
 
 
@@ -208,15 +209,16 @@ def test_rows_truncated_after_the_snapshot_are_checked_again(
         snapshot = read_source(migrated_dsn, time.monotonic() + 30)
         source.execute(f"TRUNCATE {tables}")
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, process.slot)
     try:
-        assert client.exists(KEYS.payment_timeline(paid)) == 0
+        assert client.exists(keys.payment_timeline(paid)) == 0
         report = Report(snapshot_lsn=snapshot.position)
-        unresolved = compare(client, KEYS, snapshot, report)
+        unresolved = compare(client, keys, snapshot, report)
     finally:
         client.close()
     assert report.clean, "\n".join(report.lines())
-    assert (KEYS.payment_timeline(paid), "1") in unresolved
+    assert (keys.payment_timeline(paid), "1") in unresolved
     final = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30)
     assert final.clean, "\n".join(final.lines())
     assert final.rounds == 1
@@ -230,14 +232,15 @@ def test_drift_that_leaves_no_trace_is_reported_after_the_last_round(
         paid = source.submit(alice, bob, 10)
     process = replicator(migrated_dsn, redis_url)
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
-    client.delete(KEYS.payment(paid), KEYS.payment_timeline(paid))
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, process.slot)
+    client.delete(keys.payment(paid), keys.payment_timeline(paid))
     client.close()
     report = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30, rounds=2)
     text = "\n".join(report.lines())
     assert report.rounds == 2
-    assert f"{KEYS.payment(paid)}: missing in Redis" in text
-    assert f"{KEYS.payment_timeline(paid)} entry 1: missing in Redis" in text
+    assert f"{keys.payment(paid)}: missing in Redis" in text
+    assert f"{keys.payment_timeline(paid)} entry 1: missing in Redis" in text
     assert len(report.differences) == 2, text
 
 
@@ -253,26 +256,27 @@ def test_reconcile_under_concurrent_writes_finds_a_review_queue_that_drifted(
         busy = [source.open_account(f"Busy {i}") for i in range(3)]
     process = replicator(migrated_dsn, redis_url)
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, process.slot)
     try:
-        (member,) = client.zrange(KEYS.review_queue(), 0, -1)
+        (member,) = client.zrange(keys.review_queue(), 0, -1)
         assert isinstance(member, bytes)
         assert member.decode().endswith(held)
-        client.zrem(KEYS.review_queue(), member)
-        client.zadd(KEYS.review_queue(), {member.decode().replace(held, decided): 0})
+        client.zrem(keys.review_queue(), member)
+        client.zadd(keys.review_queue(), {member.decode().replace(held, decided): 0})
         with SourceLoad(migrated_dsn, busy) as load:
             load.wait_for(30)
             report = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30, rounds=2)
         text = "\n".join(report.lines())
-        assert f"{KEYS.review_queue()}: payment {held} missing from the queue" in text
-        assert f"{KEYS.review_queue()}: payment {decided} extra in the queue" in text
+        assert f"{keys.review_queue()}: payment {held} missing from the queue" in text
+        assert f"{keys.review_queue()}: payment {decided} extra in the queue" in text
         assert len(report.differences) == 2, text
         # A namespace built without the queue is not served the queue, nor compared.
-        client.delete(KEYS.meta())
+        client.delete(keys.meta())
         unchecked = reconcile(_settings(migrated_dsn, redis_url), wait_seconds=30, rounds=1)
         assert unchecked.clean, "\n".join(unchecked.lines())
         assert unchecked.not_compared == [
-            f"{KEYS.review_queue()}: not compared: the namespace was built without the review queue"
+            f"{keys.review_queue()}: not compared: the namespace was built without the review queue"
         ]
     finally:
         client.close()

@@ -7,16 +7,14 @@ import threading
 import time
 import uuid
 
-import redis
-
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
-from payments_common.keys import DEFAULT_PUBLICATION
-from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from payments_common.keys import DEFAULT_PUBLICATION, KeySchema
+from payments_common.redisconn import SyncClient, sync_client
 from replicator.config import Settings
 from replicator.reconcile import reconcile
 from replicator.source import Source
-from tests.support.replicator import StartReplicator, replicator, slot_for
+from tests.support.replicator import StartReplicator, replicator, schema_for, slot_for
 from tests.support.source import SourceWriter
 from tests.support.waiting import wait_until
 
@@ -33,47 +31,51 @@ def _assert_reconciled(database_url: str, redis_url: str) -> None:
     assert report.checked > 0
 
 
-def _payment(client: redis.Redis, payment_id: str) -> read_model_pb2.PaymentView:
-    raw = client.hget(KEYS.payment(payment_id), "view")
+def _payment(client: SyncClient, keys: KeySchema, payment_id: str) -> read_model_pb2.PaymentView:
+    raw = client.hget(keys.payment(payment_id), "view")
     assert isinstance(raw, bytes)
     return read_model_pb2.PaymentView.FromString(raw)
 
 
 def test_streams_inserts_updates_and_deletes(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
-    process = replicator(migrated_dsn, redis_url)
+    process = replicator(migrated_dsn, any_redis_url)
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(any_redis_url)
+    keys = schema_for(any_redis_url, process.slot)
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         paid = source.submit(alice, bob, 1250, reference="rent")
         held = source.submit(alice, bob, 900_000, status="PENDING_REVIEW")
         declined = source.submit(bob, alice, 5, status="DECLINED")
         process.wait_caught_up()
-        view = _payment(client, paid)
+        view = _payment(client, keys, paid)
         assert view.payer_name == "Alice"
         assert view.payee_name == "Bob"
         assert view.amount.amount_minor == 1250
         assert view.reference == "rent"
         assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
-        assert _payment(client, declined).decline_reason == payment_pb2.DECLINE_REASON_INSUFFICIENT_FUNDS
+        assert (
+            _payment(client, keys, declined).decline_reason == payment_pb2.DECLINE_REASON_INSUFFICIENT_FUNDS
+        )
         source.review(held, approve=False, note="too large")
         process.wait_caught_up()
-        assert _payment(client, held).status == payment_pb2.PAYMENT_STATUS_DECLINED
-        pending = KEYS.account_index(alice, "sent", payment_pb2.PAYMENT_STATUS_PENDING_REVIEW)
+        assert _payment(client, keys, held).status == payment_pb2.PAYMENT_STATUS_DECLINED
+        pending = keys.account_index(alice, "sent", payment_pb2.PAYMENT_STATUS_PENDING_REVIEW)
         assert client.zcard(pending) == 0
-        assert client.hlen(KEYS.payment_timeline(held)) == 2
-        _assert_reconciled(migrated_dsn, redis_url)
+        assert client.hlen(keys.payment_timeline(held)) == 2
+        _assert_reconciled(migrated_dsn, any_redis_url)
         source.execute("DELETE FROM payment_events WHERE payment_id = %s", (paid,))
         source.execute("DELETE FROM payments WHERE payment_id = %s", (paid,))
         process.wait_caught_up()
-        assert client.hget(KEYS.payment(paid), "view") is None
-        _assert_reconciled(migrated_dsn, redis_url)
+        assert client.hget(keys.payment(paid), "view") is None
+        _assert_reconciled(migrated_dsn, any_redis_url)
+    client.close()
 
 
 def test_bootstrap_under_concurrent_writes_equals_the_source(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
     with SourceWriter(migrated_dsn) as source:
         accounts = [source.open_account(f"Owner {i}") for i in range(8)]
@@ -96,7 +98,7 @@ def test_bootstrap_under_concurrent_writes_equals_the_source(
     thread = threading.Thread(target=write)
     thread.start()
     try:
-        process = replicator(migrated_dsn, redis_url)
+        process = replicator(migrated_dsn, any_redis_url)
         process.wait_caught_up()
         deadline = time.monotonic() + 30
         while len(written) < 200 and time.monotonic() < deadline:
@@ -105,11 +107,13 @@ def test_bootstrap_under_concurrent_writes_equals_the_source(
         stop.set()
         thread.join()
     process.wait_caught_up()
-    _assert_reconciled(migrated_dsn, redis_url)
-    client = redis.Redis.from_url(redis_url)
+    _assert_reconciled(migrated_dsn, any_redis_url)
+    client = sync_client(any_redis_url)
+    keys = schema_for(any_redis_url, process.slot)
     everything = sum(
-        client.zcard(KEYS.account_index(a, "sent", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) for a in accounts
+        client.zcard(keys.account_index(a, "sent", payment_pb2.PAYMENT_STATUS_UNSPECIFIED)) for a in accounts
     )
+    client.close()
     assert everything == 400 + len(written)
 
 
@@ -117,7 +121,8 @@ def test_unchanged_toast_column_is_kept(
     migrated_dsn: str, redis_url: str, replicator: StartReplicator
 ) -> None:
     process = replicator(migrated_dsn, redis_url)
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, process.slot)
     big = secrets.token_hex(6000)  # incompressible: stored out of line, sent as "unchanged" on update
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
@@ -136,7 +141,7 @@ def test_unchanged_toast_column_is_kept(
             cursor.execute("UPDATE payments SET status = 'APPROVED' WHERE payment_id = %s", (both,))
         process.wait_caught_up()
     for payment_id in (held, both):
-        view = _payment(client, payment_id)
+        view = _payment(client, keys, payment_id)
         assert view.status == payment_pb2.PAYMENT_STATUS_APPROVED
         assert view.reference == big
     _assert_reconciled(migrated_dsn, redis_url)
@@ -153,28 +158,33 @@ def test_column_added_while_streaming(migrated_dsn: str, redis_url: str, replica
         late = source.submit(alice, bob, 20, reference="after the DDL")
         source.execute("UPDATE accounts SET nickname = 'Al' WHERE account_id = %s", (alice,))
         process.wait_caught_up()
-    assert _payment(redis.Redis.from_url(redis_url), late).reference == "after the DDL"
+    assert (
+        _payment(sync_client(redis_url), schema_for(redis_url, process.slot), late).reference
+        == "after the DDL"
+    )
     _assert_reconciled(migrated_dsn, redis_url)
 
 
 def test_truncate_removes_the_read_models(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
-    process = replicator(migrated_dsn, redis_url)
-    client = redis.Redis.from_url(redis_url)
+    process = replicator(migrated_dsn, any_redis_url)
+    client = sync_client(any_redis_url)
+    keys = schema_for(any_redis_url, process.slot)
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         gone = source.submit(alice, bob, 10)
         process.wait_caught_up()
         source.execute("TRUNCATE payment_events, payments CASCADE")
         process.wait_caught_up()
-        assert not client.exists(KEYS.payment(gone))
-        assert not client.exists(KEYS.account_index(alice, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED))
-        assert client.exists(KEYS.account(alice))
+        assert not client.exists(keys.payment(gone))
+        assert not client.exists(keys.account_index(alice, "all", payment_pb2.PAYMENT_STATUS_UNSPECIFIED))
+        assert client.exists(keys.account(alice))
         kept = source.submit(bob, alice, 3)
         process.wait_caught_up()
-    assert _payment(client, kept).payer_name == "Bob"
-    _assert_reconciled(migrated_dsn, redis_url)
+    assert _payment(client, keys, kept).payer_name == "Bob"
+    client.close()
+    _assert_reconciled(migrated_dsn, any_redis_url)
 
 
 def test_server_date_style_and_time_zone_do_not_matter(
@@ -197,14 +207,15 @@ def test_server_date_style_and_time_zone_do_not_matter(
     with SourceWriter(migrated_dsn) as source:
         after = source.submit(bob, alice, 20)
     process.wait_caught_up()
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
+    keys = schema_for(redis_url, process.slot)
     with SourceWriter(migrated_dsn) as source, source.connection.cursor() as cursor:
         cursor.execute(
             "SELECT payment_id::text, (extract(epoch FROM created_at) * 1000000)::bigint FROM payments"
         )
         created = dict(cursor.fetchall())
     for payment_id in (before, after):
-        assert _payment(client, payment_id).create_time.ToMicroseconds() == created[payment_id]
+        assert _payment(client, keys, payment_id).create_time.ToMicroseconds() == created[payment_id]
     _assert_reconciled(migrated_dsn, redis_url)
 
 

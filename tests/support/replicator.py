@@ -20,12 +20,12 @@ from urllib.parse import urlparse
 
 import psycopg2
 import pytest
-import redis
 from redis.typing import StreamRangeResponse
 
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.keys import DEFAULT_NAMESPACE
+from payments_common.keys import DEFAULT_NAMESPACE, KeySchema
 from payments_common.lsn import format_lsn
+from payments_common.redisconn import is_cluster, sync_client
 from replicator.config import Settings
 from replicator.status import Status, read_status
 from stack.replication import ROOT, replicator_env, start_replicator
@@ -38,6 +38,11 @@ from tests.support.waiting import wait_until
 def slot_for(database_url: str) -> str:
     """A replication slot name unique to a test database (slot names are cluster-wide)."""
     return "rm_" + (urlparse(database_url).path.lstrip("/") or "postgres").lower()
+
+
+def schema_for(redis_url: str, slot: str, namespace: str = DEFAULT_NAMESPACE) -> KeySchema:
+    """The keys of version `namespace` fed by `slot`, as they are laid out on the Redis of `redis_url`."""
+    return KeySchema.for_redis(namespace, slot, is_cluster(redis_url))
 
 
 def wait_caught_up(
@@ -182,7 +187,7 @@ class Monotonic:
     """Samples the `lsn` of some hashes while a test runs and records any that moved backwards."""
 
     def __init__(self, redis_url: str, keys: list[str]) -> None:
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = sync_client(redis_url)
         self.keys = keys
         self.highest: dict[str, int] = {}
         self.backwards: list[str] = []
@@ -230,7 +235,8 @@ def retire(database_url: str, redis_url: str, *args: str) -> subprocess.Complete
 
 
 def keys_of(redis_url: str, namespace: str) -> int:
-    client = redis.Redis.from_url(redis_url)
+    """How many keys of the Redis of `redis_url` (every node of a cluster) are under `namespace`."""
+    client = sync_client(redis_url)
     try:
         return sum(1 for _ in client.scan_iter(match=f"{namespace}:*", count=1000))
     finally:
