@@ -329,7 +329,7 @@ class ClusterSink(Sink):
                     self._raise_refusal(name, reply)
             if wait:
                 self._wait_durable(name, int(replies[len(commands)]))
-        return {name: replies[: len(commands)] for name, commands, _ in sent}
+        return {name: results[name][: len(commands)] for name, commands, _ in sent}
 
     def _raise_refusal(self, name: str, error: redis.ResponseError) -> None:
         if str(error).startswith("LOCKLOST"):

@@ -428,6 +428,10 @@ class Sink:
                 removed += self._unlink(chunk)
         return removed
 
+    def unlink(self, chunk: Sequence[str | bytes]) -> int:
+        """Removes these keys (a bounded number: one call per node), fenced; returns how many there were."""
+        return self._unlink(chunk)
+
     def _unlink(self, chunk: Sequence[str | bytes]) -> int:
         self.on_progress()
         return int(self._execute("fenced_unlink", [self.lock.key, *chunk], [self.lock.token]))

@@ -281,3 +281,25 @@ def test_writes_that_too_few_replicas_acknowledge_do_not_move_the_slots_checkpoi
     assert [e.checkpoint_lsn for e in _changes(client)] == [100]
     # Nothing is confirmed past 100, so a session that resumes from the checkpoint replays it.
     assert greedy.read_checkpoint() == Checkpoint(100, 1_100, 1_100)
+
+
+def test_removing_keys_of_every_master_counts_what_each_removed(client: RedisCluster) -> None:
+    sink = _sink(client, "first")
+    by_master: dict[str, list[str]] = {}
+    candidate = 0
+    ranges = _ranges(client)
+    # One key on the first master, two on the second, three on the third.
+    wanted = {name: n + 1 for n, name in enumerate(sorted(_masters(client)))}
+    while any(len(by_master.get(name, [])) < count for name, count in wanted.items()):
+        key = SCHEMA.payment(f"gone{candidate}")
+        slot = key_slot(key.encode())
+        (owner,) = [name for start, end, name in ranges if start <= slot <= end]
+        if len(by_master.setdefault(owner, [])) < wanted[owner]:
+            by_master[owner].append(key)
+        candidate += 1
+    present = [key for keys in by_master.values() for key in keys]
+    for key in present:
+        client.hset(key, "lsn", 1)
+
+    assert sink.unlink([*present, SCHEMA.payment("never written")]) == 6
+    assert sum(client.exists(key) for key in present) == 0
