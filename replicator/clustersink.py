@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from hashlib import sha1
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import hiredis
 import redis
@@ -49,6 +49,10 @@ from payments_common.keys import KeySchema, node_tag
 from replicator.encode import EncodedBatch
 from replicator.lock import LockLost, SlotLock
 from replicator.sink import _PACKERS, _SCRIPTS, APPLY_OPS, NEWER, Arg, Sink, fill_fields, pack_evalsha
+
+if TYPE_CHECKING:
+    from payments_common.redisconn import SyncClient
+    from replicator.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -487,3 +491,21 @@ class ClusterSink(Sink):
         """Removes the slot's checkpoint and every node's: readers wait until the rebuild has moved them again."""
         self._unlink([self.checkpoint_key, *(self.schema.node_checkpoint(tag) for tag in self.tags.values())])
         self.position = 0
+
+
+def sink_for(
+    client: SyncClient, schema: KeySchema, settings: Settings, lock: SlotLock, on_progress: Callable[[], None]
+) -> Sink:
+    """The apply stage of the Redis that `client` reaches: one node's, or a cluster's."""
+    if isinstance(client, RedisCluster):
+        return ClusterSink(
+            client,
+            schema,
+            settings.slot_name,
+            lock,
+            settings.stream_maxlen,
+            on_progress=on_progress,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout_seconds=settings.redis_timeout_seconds,
+        )
+    return Sink(client, schema, settings.slot_name, lock, settings.stream_maxlen, on_progress=on_progress)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import psycopg2
@@ -22,9 +22,9 @@ import redis
 
 from payments_common.keys import KeySchema, reader_name, slot_owner
 from payments_common.redisconn import SyncClient, sync_client
+from replicator.clustersink import sink_for
 from replicator.config import Settings
 from replicator.lock import RELEASE_LOCK, LockKeeper, LockLost, SlotLock, instance_token
-from replicator.sink import FENCED_UNLINK
 
 DEFAULT_BATCH: Final = 500
 # Keys per Redis call at most, so that no call of a retirement runs long.
@@ -106,14 +106,14 @@ def _drop_slot(dsn: str, slot: str) -> None:
 
 
 def _batches(client: SyncClient, schema: KeySchema, skip: str, size: int) -> Iterator[list[bytes]]:
-    """The version's keys but `skip`, in lists of at most `size`, one SCAN step at a time.
+    """The version's keys but those that start with `skip`, in lists of at most `size`, one SCAN step at a time.
 
     Only this version's kinds of key: a namespace nested in it (`rm:v1` under `rm`) is left alone.
     """
     chunk: list[bytes] = []
     for pattern in schema.version_patterns():
         for key in client.scan_iter(match=pattern, count=size):
-            if key == skip.encode():
+            if key.startswith(skip.encode()):
                 continue
             chunk.append(key)
             if len(chunk) >= size:
@@ -150,9 +150,17 @@ def _check_unread(client: SyncClient, schema: KeySchema) -> None:
         )
 
 
+def _fencing_keys(client: SyncClient, schema: KeySchema, lock: str) -> list[bytes]:
+    """The keys under the version's lock prefix but `lock`: on a cluster, the session counter and the node fences."""
+    return [
+        key for key in client.scan_iter(match=f"{schema.lock_prefix()}*", count=1000) if key != lock.encode()
+    ]
+
+
 def _check_unlocked(client: SyncClient, schema: KeySchema, own: str | None) -> None:
     """Refuses while any replicator holds a lock of the version (of any slot: one started with a wrong slot too)."""
-    for key in client.scan_iter(match=f"{schema.lock_prefix()}*", count=1000):
+    # A lock is `<prefix>{<slot>}`; a cluster's session counter and node fences have a suffix.
+    for key in client.scan_iter(match=f"{schema.lock_prefix()}{{*}}", count=1000):
         name = key.decode()
         if name != own:
             raise VersionInUse(
@@ -212,7 +220,8 @@ def _retire(
         _check_unlocked(client, schema, own=None)
         if pid is not None:
             raise VersionInUse(f"slot {slot} is in use by walsender pid {pid}; stop its replicator first")
-        keys = sum(len(chunk) for chunk in _batches(client, schema, lock.key, batch))
+        keys = sum(len(chunk) for chunk in _batches(client, schema, schema.lock_prefix(), batch))
+        keys += len(_fencing_keys(client, schema, lock.key))
         return Retirement(schema.namespace, slot, found, retained, keys, dry_run=True)
     if not lock.try_acquire():
         raise VersionInUse(
@@ -230,15 +239,26 @@ def _retire(
             keeper.check()
             _drop_slot(settings.database_url, slot)
             progress(f"{schema.namespace}: dropped slot {slot}")
-        unlink = client.register_script(FENCED_UNLINK)
+        # Counted as found: the session that fences the deletions (on a cluster) writes some of them again.
+        fencing = _fencing_keys(client, schema, lock.key)
+        sink = sink_for(client, schema, replace(settings, slot_name=slot), lock, on_progress=keeper.check)
+        sink.load_scripts()
+        sink.begin()
         deleted, reported = 0, 0.0
-        for chunk in _batches(client, schema, lock.key, batch):
+        for chunk in _batches(client, schema, schema.lock_prefix(), batch):
             keeper.check()
-            deleted += int(unlink(keys=[lock.key, *chunk], args=[lock.token]))
+            deleted += sink.unlink(chunk)
             # After the first batch (it has started), then every PROGRESS_SECONDS.
             if time.monotonic() - reported >= PROGRESS_SECONDS:
                 progress(f"{schema.namespace}: {deleted:,} keys deleted")
                 reported = time.monotonic()
+        # Last, what fenced them: each node's fence goes in the call that it fences.
+        # One call per node, whatever `batch` (they are few): a node's fence must go in its last call.
+        left = _fencing_keys(client, schema, lock.key)
+        if left:
+            keeper.check()
+            sink.unlink(left)
+        deleted += len(fencing)
         # The slot is free to feed another version now.
         client.eval(
             RELEASE_LOCK, 1, slot_owner(slot), schema.namespace

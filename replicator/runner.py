@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import psycopg2
 import redis
-from redis.cluster import RedisCluster
 
 from payments_common import tracing
 from payments_common.keys import FEATURES, KeySchema
@@ -22,7 +21,7 @@ from replicator import metrics
 from replicator.ack import Acknowledgements
 from replicator.bootstrap import PROGRESS_INTERVAL_SECONDS, Stopped, bootstrap, rebuild_needed
 from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
-from replicator.clustersink import ClusterSink
+from replicator.clustersink import sink_for
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, LogicalMessage, Relation, Truncate, as_row
 from replicator.lock import LockKeeper, LockLost, SlotLock, VersionConflict, claim_version, instance_token
@@ -175,21 +174,7 @@ class Replicator:
 
     def _sink(self, client: SyncClient, lock: SlotLock, keeper: LockKeeper) -> Sink:
         """The apply stage of the Redis that the settings name: one node's, or a cluster's."""
-        settings = self.settings
-        if isinstance(client, RedisCluster):
-            return ClusterSink(
-                client,
-                self.schema,
-                settings.slot_name,
-                lock,
-                settings.stream_maxlen,
-                on_progress=keeper.check,
-                wait_replicas=settings.wait_replicas,
-                wait_timeout_seconds=settings.redis_timeout_seconds,
-            )
-        return Sink(
-            client, self.schema, settings.slot_name, lock, settings.stream_maxlen, on_progress=keeper.check
-        )
+        return sink_for(client, self.schema, self.settings, lock, on_progress=keeper.check)
 
     def _tell_missing_features(self, sink: Sink) -> None:
         """Logs once that the namespace was built without features of this version.
