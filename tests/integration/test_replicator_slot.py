@@ -29,6 +29,7 @@ from tests.support.replicator import (
     current_wal_lsn,
     replicator,
     run_status,
+    schema_for,
     slot_for,
     status_json,
     status_now,
@@ -51,26 +52,26 @@ def _rows(text: str) -> dict[str, str]:
 
 
 def test_status_of_a_running_replicator(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator
 ) -> None:
     """Table and JSON, under a namespace that is not the default: status reads the settings `run` reads."""
     namespace = "rm:status"
     slot = slot_for(migrated_dsn)
-    process = replicator(migrated_dsn, redis_url, key_namespace=namespace)
+    process = replicator(migrated_dsn, any_redis_url, key_namespace=namespace)
     with SourceWriter(migrated_dsn) as source:
         alice, bob = source.open_account("Alice"), source.open_account("Bob")
         source.submit(alice, bob, 10)
     target = current_wal_lsn(migrated_dsn)
     wait_until(
-        lambda: checkpoint_lsn(redis_url, slot, namespace) >= target,
+        lambda: checkpoint_lsn(any_redis_url, slot, namespace) >= target,
         60,
         "the checkpoint of rm:status reaches the last write",
         detail=process.log_tail,
     )
     # Nothing was written under the default namespace.
-    assert checkpoint_lsn(redis_url, slot) == 0
+    assert checkpoint_lsn(any_redis_url, slot) == 0
 
-    code, document = status_json(migrated_dsn, redis_url, key_namespace=namespace)
+    code, document = status_json(migrated_dsn, any_redis_url, key_namespace=namespace)
     assert code == EXIT_OK
     assert document["format"] == 1
     assert (document["outcome"], document["exit_code"]) == ("ok", 0)
@@ -95,12 +96,12 @@ def test_status_of_a_running_replicator(
     assert document["lag"]["bytes"] == max(0, current - parse_lsn(document["checkpoint"]["lsn"]))
     assert document["lag"]["seconds_basis"] in (CAUGHT_UP, SOURCE_TIME)
     lock = document["lock"]
-    assert lock["key"] == KeySchema(namespace).lock(slot)
+    assert lock["key"] == schema_for(any_redis_url, slot, namespace).lock(slot)
     assert process.process is not None
     assert f":{process.process.pid}:" in lock["owner"]
     assert 0 < lock["ttl_seconds"] <= 2  # the fixture's REPLICATOR_LOCK_TTL_SECONDS
 
-    done = run_status(migrated_dsn, redis_url, key_namespace=namespace)
+    done = run_status(migrated_dsn, any_redis_url, key_namespace=namespace)
     assert (done.returncode, done.stderr) == (EXIT_OK, "")
     rows = _rows(done.stdout)
     assert rows["namespace"] == namespace
@@ -358,10 +359,10 @@ def _metrics(port: int) -> dict[str, float]:
     return samples
 
 
-def test_the_slot_and_lock_gauges(migrated_dsn: str, redis_url: str, replicator: StartReplicator) -> None:
+def test_the_slot_and_lock_gauges(migrated_dsn: str, any_redis_url: str, replicator: StartReplicator) -> None:
     """The owner and a standby both export the slot; only the owner holds the lock; the WAL a slot keeps shows."""
     owner_port, standby_port = free_port(), free_port()
-    owner = replicator(migrated_dsn, redis_url, metrics_port=str(owner_port), slot_sample_seconds="0.2")
+    owner = replicator(migrated_dsn, any_redis_url, metrics_port=str(owner_port), slot_sample_seconds="0.2")
     owner.wait_caught_up()
     wait_until(
         lambda: _metrics(owner_port).get("replicator_slot_active") == 1, 30, "the owner sees its slot active"
@@ -378,7 +379,9 @@ def test_the_slot_and_lock_gauges(migrated_dsn: str, redis_url: str, replicator:
     assert seen['replicator_bootstraps_total{reason="new_deployment"}'] == 1
     assert seen['replicator_bootstraps_total{reason="slot_lost"}'] == 0
 
-    standby = replicator(migrated_dsn, redis_url, metrics_port=str(standby_port), slot_sample_seconds="0.2")
+    standby = replicator(
+        migrated_dsn, any_redis_url, metrics_port=str(standby_port), slot_sample_seconds="0.2"
+    )
     standby.wait_for_log("waiting for the lock")
     wait_until(
         lambda: _metrics(standby_port).get("replicator_slot_exists") == 1, 30, "the standby reads the slot"
@@ -403,7 +406,7 @@ def test_the_slot_and_lock_gauges(migrated_dsn: str, redis_url: str, replicator:
 
         for port in (owner_port, standby_port):
             wait_until(partial(grown, port), 30, "the WAL kept by the slot grows")
-        code, document = status_json(migrated_dsn, redis_url)
+        code, document = status_json(migrated_dsn, any_redis_url)
         assert code == EXIT_OK
         assert document["slot"]["retained_wal_bytes"] > kept + 100_000
     finally:
