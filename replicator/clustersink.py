@@ -3,16 +3,21 @@
 On one node a batch is one script (replicator/sink.py). On a cluster no script may touch
 keys of another node, so a batch is applied in two steps:
 
-1. Every master gets one call of `APPLY_ON_NODE` with the batch's writes to the entities
-   it owns (their keys passed as arguments: the script's `allow-cross-slot-keys` flag lets
-   it touch any key of its own node) and, when the batch moves the checkpoint, the node's
-   own checkpoint, moved in the same atomic call. Then `WAIT` on the same connection until
-   `wait_replicas` replicas have everything the node wrote. The masters work in parallel.
-2. Only then the slot's checkpoint moves and the change notification is appended (the
+1. Every master with writes in the batch gets one call of `APPLY_ON_NODE` with the writes
+   to the entities it serves (their keys passed as arguments: the script's
+   `allow-cross-slot-keys` flag lets it touch any key of its own node). When the batch
+   moves the checkpoint, each call is followed on the same connection by `WAIT`, until
+   `wait_replicas` replicas have everything the master wrote (masters written by earlier
+   batches without a checkpoint, a large transaction's chunks, are called and waited for
+   too). The masters work in parallel.
+2. Only once every master has accepted its part, and its replicas have it, every master's
+   own checkpoint moves (another `APPLY_ON_NODE` call, without writes) and, on the slot's
+   master, the slot's checkpoint moves and the change notification is appended (the
    single-node script with no writes: the lock, the checkpoint and the change stream share
-   the slot's hash tag), and `WAIT` again. Only a position past this step is confirmed to
-   PostgreSQL, so an acknowledged change is on at least `wait_replicas` replicas of every
-   node that holds a part of it, and survives the failover of any one master.
+   the slot's hash tag), each followed by `WAIT`. Only a position past this step is
+   confirmed to PostgreSQL, so an acknowledged change is on at least `wait_replicas`
+   replicas of every master that holds a part of it, and survives the failover of any one
+   master; and a master's checkpoint never covers a write that a refused call left out.
 
 Fencing: the lock lives on one node, where another node's script cannot read it. Each
 session takes a number from the slot's epoch counter (while it holds the lock) and writes
@@ -89,6 +94,8 @@ local k, a, applied, skipped = 1, 6 + n, 0, 0
     if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], '@SOURCE_TIME@', ARGV[4]) end
   end
 end
+-- Always a write: a WAIT after the call then covers everything the node wrote before it.
+redis.call('HSET', KEYS[1], '@EPOCH@', ARGV[1])
 return {applied, skipped}
 """
 )
@@ -161,17 +168,26 @@ def _moved(error: redis.ResponseError) -> bool:
 
 
 class _Call:
-    """Commands sent on one node's connection, their replies not read yet."""
+    """Commands sent on one node's connection, their replies not read yet.
+
+    The connection is held until `release`: a WAIT counts what this connection wrote, so a
+    node is asked again on the connection that wrote.
+    """
 
     def __init__(self, sink: ClusterSink, node: ClusterNode, commands: list[bytes]) -> None:
         self.sink = sink
         self.node = node
         self.pool = sink.cluster.get_redis_connection(node).connection_pool
         self.connection = self.pool.get_connection()
+        self.count = 0
+        self.dropped = False
+        self.send(commands)
+
+    def send(self, commands: list[bytes]) -> None:
         try:
             self.connection.send_packed_command(commands)  # type: ignore[no-untyped-call]
         except BaseException:
-            self._drop()
+            self.drop()
             raise
         self.count = len(commands)
 
@@ -185,14 +201,19 @@ class _Call:
                 except redis.ResponseError as error:
                     out.append(error)
         except BaseException:
-            self._drop()
+            self.drop()
             raise
-        self.pool.release(self.connection)
         return out
 
-    def _drop(self) -> None:
-        self.connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may be half read
-        self.pool.release(self.connection)
+    def release(self) -> None:
+        if not self.dropped:
+            self.pool.release(self.connection)
+
+    def drop(self) -> None:
+        if not self.dropped:
+            self.dropped = True
+            self.connection.disconnect()  # type: ignore[no-untyped-call]  # a reply may be half read
+            self.pool.release(self.connection)
 
 
 class ClusterSink(Sink):
@@ -223,6 +244,8 @@ class ClusterSink(Sink):
         # Each master's name and the tag of its fence and checkpoint, from the session's topology.
         self.tags: dict[str, str] = {}
         self._nodes: dict[str, ClusterNode] = {}
+        # Masters written by batches without a checkpoint since their replicas were last waited for.
+        self._unwaited: set[str] = set()
         # The single-node script moves the slot's checkpoint: its keys share the slot's tag.
         self._scripts = {**_CLUSTER_SCRIPTS, "apply_batch": _SCRIPTS["apply_batch"]}
 
@@ -298,7 +321,8 @@ class ClusterSink(Sink):
     def _on_nodes(self, calls: Sequence[tuple[str, list[bytes]]], durable: bool) -> dict[str, list[Any]]:
         """Sends each node its commands (and a WAIT when `durable`), all before reading any reply.
 
-        Returns each node's replies to its commands; raises what a refusal means.
+        Returns each node's replies to its commands; raises what a refusal means, and
+        NotDurable when a node's replicas have not acknowledged within the timeout.
         """
         wait = [self._wait_command()] if durable and self.wait_replicas > 0 else []
         sent: list[tuple[str, list[bytes], _Call]] = []
@@ -307,32 +331,42 @@ class ClusterSink(Sink):
                 sent.append((name, commands, _Call(self, self._nodes[name], [*commands, *wait])))
         except (redis.ConnectionError, redis.TimeoutError, OSError):
             for _, _, call in sent:
-                call._drop()
+                call.drop()
             self._refresh()
             raise
         results: dict[str, list[Any]] = {}
         failure: BaseException | None = None
-        for name, commands, call in sent:
-            try:
-                replies = call.replies()
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
-                failure = failure or error
-                continue
-            if any(isinstance(reply, redis.exceptions.NoScriptError) for reply in replies[: len(commands)]):
-                # A promoted replica has no scripts: load them there, and run the calls again.
-                self._load_on(name)
-                replies = _Call(self, self._nodes[name], [*commands, *wait]).replies()
-            results[name] = replies
-        if failure is not None:
-            self._refresh()
-            raise failure
-        for name, commands, _ in sent:
-            replies = results[name]
-            for reply in replies[: len(commands)]:
-                if isinstance(reply, redis.ResponseError):
-                    self._raise_refusal(name, reply)
+        live: list[_Call] = []
+        try:
+            for name, commands, call in sent:
+                try:
+                    replies = call.replies()
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+                    failure = failure or error
+                    continue
+                live.append(call)
+                if any(
+                    isinstance(reply, redis.exceptions.NoScriptError) for reply in replies[: len(commands)]
+                ):
+                    # A promoted replica has no scripts: load them there, and run the calls again.
+                    self._load_on(name)
+                    call.send([*commands, *wait])
+                    replies = call.replies()
+                results[name] = replies
+            if failure is not None:
+                self._refresh()
+                raise failure
+            for name, commands, _ in sent:
+                for reply in results[name][: len(commands)]:
+                    if isinstance(reply, redis.ResponseError):
+                        self._raise_refusal(name, reply)
             if wait:
-                self._wait_durable(name, int(replies[len(commands)]))
+                deadline = time.monotonic() + self.wait_timeout_seconds
+                for name, commands, call in sent:
+                    self._wait_durable(name, call, int(results[name][len(commands)]), deadline)
+        finally:
+            for call in live:
+                call.release()
         return {name: results[name][: len(commands)] for name, commands, _ in sent}
 
     def _raise_refusal(self, name: str, error: redis.ResponseError) -> None:
@@ -345,9 +379,11 @@ class ClusterSink(Sink):
             raise TopologyChanged(f"node {name}: {error}") from error
         raise error
 
-    def _wait_durable(self, name: str, acknowledged: int) -> None:
-        """Waits until `wait_replicas` replicas of node `name` have what it wrote; NotDurable after the timeout."""
-        deadline = time.monotonic() + self.wait_timeout_seconds
+    def _wait_durable(self, name: str, call: _Call, acknowledged: int, deadline: float) -> None:
+        """Waits until `wait_replicas` replicas of node `name` have what `call`'s connection wrote.
+
+        NotDurable once `deadline` has passed (one deadline for every node of a call).
+        """
         while acknowledged < self.wait_replicas:
             if time.monotonic() >= deadline:
                 raise NotDurable(
@@ -355,7 +391,8 @@ class ClusterSink(Sink):
                     f" within {self.wait_timeout_seconds:.0f}s; nothing past them is confirmed"
                 )
             self.on_progress()
-            (acknowledged,) = _Call(self, self._nodes[name], [self._wait_command()]).replies()
+            call.send([self._wait_command()])
+            (acknowledged,) = call.replies()
 
     def _wait_command(self) -> bytes:
         packed: bytes = hiredis.pack_command(("WAIT", self.wait_replicas, WAIT_STEP_MS))  # type: ignore[arg-type]
@@ -380,6 +417,15 @@ class ClusterSink(Sink):
             on_applied()
 
     def _apply(self, batch: EncodedBatch) -> None:
+        """The batch's writes on their masters, durably, then every master's checkpoint and the slot's.
+
+        Two rounds, each in parallel across the masters. The first writes the entities (and,
+        when the batch moves the checkpoint, waits until each master's replicas have them,
+        those written by earlier batches without a checkpoint too); only once every master
+        has accepted its part does the second move each master's own checkpoint, and, on the
+        slot's master, the slot's checkpoint and the change stream. So a master's checkpoint
+        never covers a write that a refused or lost call left out, nor one its replicas lack.
+        """
         checkpoint = batch.checkpoint
         per_node: dict[str, tuple[list[str], list[Arg]]] = {}
         for write in batch.writes:
@@ -389,45 +435,34 @@ class ClusterSink(Sink):
             node_keys, node_args = per_node.setdefault(self._node_of(write_keys[0]), ([], []))
             node_keys += write_keys
             node_args += write_args
+        written = set(per_node)
         if checkpoint is not None:
-            # Every node's checkpoint moves, written or not: readers of any node wait on it.
-            for name in self.tags:
+            # Masters written by a large transaction's earlier chunks are waited for too.
+            for name in self._unwaited:
                 per_node.setdefault(name, ([], []))
-        header: list[Arg]
-        if checkpoint is None:
-            header = ["", "", ""]
-        else:
-            header = [
-                checkpoint.lsn,
-                "" if checkpoint.commit_time_us is None else checkpoint.commit_time_us,
-                "" if checkpoint.covered_until_us is None else checkpoint.covered_until_us,
-            ]
-        calls = []
-        for name, (node_keys, node_args) in per_node.items():
-            tag = self.tags[name]
-            calls.append(
-                (
-                    name,
-                    [
-                        pack_evalsha(
-                            self._sha["apply_on_node"],
-                            [self.schema.node_fence(tag), self.schema.node_checkpoint(tag)],
-                            [self.epoch, *header, len(node_keys), *node_keys, *node_args],
-                        )
-                    ],
-                )
+        if per_node:
+            self._on_nodes(
+                [
+                    (name, [self._node_call(name, ["", "", ""], keys_, args)])
+                    for name, (keys_, args) in per_node.items()
+                ],
+                durable=checkpoint is not None,
             )
-        # Entity writes without a checkpoint (a large transaction's chunks) need no WAIT: the
-        # batch that moves the checkpoint past them waits for everything each node wrote.
-        self._on_nodes(calls, durable=checkpoint is not None)
         if checkpoint is None:
+            self._unwaited |= written
             return
+        self._unwaited.clear()
+        header: list[Arg] = [
+            checkpoint.lsn,
+            "" if checkpoint.commit_time_us is None else checkpoint.commit_time_us,
+            "" if checkpoint.covered_until_us is None else checkpoint.covered_until_us,
+        ]
         notification = b""
         if batch.notification is not None:
             batch.notification.previous_checkpoint_lsn = self.position
             notification = batch.notification.SerializeToString()
-        self._execute(
-            "apply_batch",
+        control = pack_evalsha(
+            self._sha["apply_batch"],
             [self.lock.key, self.checkpoint_key, self.schema.changes()],
             [
                 self.lock.token,
@@ -439,7 +474,25 @@ class ClusterSink(Sink):
                 "" if checkpoint.covered_until_us is None else checkpoint.covered_until_us,
             ],
         )
+        control_node = self._node_of(self.lock.key)
+        # Every master's checkpoint moves, written or not: readers of any master wait on it.
+        self._on_nodes(
+            [
+                (name, [self._node_call(name, header, [], []), *([control] if name == control_node else [])])
+                for name in self.tags
+            ],
+            durable=True,
+        )
         self.position = max(self.position, checkpoint.lsn)
+
+    def _node_call(self, name: str, header: list[Arg], keys_: list[str], args: list[Arg]) -> bytes:
+        """The packed call of APPLY_ON_NODE on master `name`: `header` is the checkpoint's three arguments."""
+        tag = self.tags[name]
+        return pack_evalsha(
+            self._sha["apply_on_node"],
+            [self.schema.node_fence(tag), self.schema.node_checkpoint(tag)],
+            [self.epoch, *header, len(keys_), *keys_, *args],
+        )
 
     def _execute(self, script: str, keys_: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         """Runs a script whose keys share one slot on that slot's node, durably."""
