@@ -24,7 +24,7 @@ from replicator.encode import EncodedBatch, EncodedView
 from replicator.lock import LockLost, SlotLock
 from stack.servers import RedisCluster, free_cluster_port
 from tests.support.cluster import cluster_schema, missing_payments
-from tests.support.replicator import StartReplicator, replicator, retire
+from tests.support.replicator import StartReplicator, replicator, retire, run_status
 from tests.support.source import SourceWriter
 from tests.support.waiting import wait_until
 
@@ -180,3 +180,15 @@ def test_a_session_that_lost_the_lock_writes_nothing_once_a_later_one_began_even
         finally:
             old_client.close()
             new_client.close()
+
+
+def test_status_of_a_cluster_that_does_not_answer_is_unreachable_without_a_traceback(
+    migrated_dsn: str,
+) -> None:
+    """`replicator status` reports a cluster whose seeds do not answer as Redis not reached
+    (exit status 4), as it reports one node that does not answer."""
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{free_cluster_port()}" for _ in range(3))
+    done = run_status(migrated_dsn, url, "--timeout", "2")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "not reached" in done.stdout
