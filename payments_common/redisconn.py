@@ -84,7 +84,10 @@ def sync_client(url: str, **options: Any) -> SyncClient:
     """A redis-py client of the URL's Redis: `redis.Redis` for one node, `RedisCluster` for a cluster.
 
     `options` are the client's keyword arguments (timeouts, client_name, ...). A cluster's
-    client asks a seed for the topology at once: ConnectionError when none answers.
+    client reads the topology as it is made: when no seed answers, or the nodes that answer
+    do not serve every slot, that is a redis.ConnectionError (redis.AuthenticationError when
+    a seed refused the credentials), as for one node (redis-py raises RedisClusterException,
+    which is no RedisError).
     """
     if not is_cluster(url):
         return redis.Redis.from_url(url, **options)
@@ -96,10 +99,10 @@ def sync_client(url: str, **options: Any) -> SyncClient:
             **options,
         )
     except RedisClusterException as error:
-        # The cluster client reads the topology as it is made, and says that no seed answered
-        # with an exception outside redis-py's RedisError: callers handle a Redis out of reach
-        # as ConnectionError, whatever the topology.
-        raise redis.ConnectionError(str(error)) from error
+        # A seed that refused the credentials stays a refusal (it answered), not an outage.
+        refused = isinstance(error.__cause__, redis.AuthenticationError)
+        kind = redis.AuthenticationError if refused else redis.ConnectionError
+        raise kind(f"Redis Cluster: {error}") from error
 
 
 def async_client(url: str, **options: Any) -> AsyncClient:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import psycopg2
 import redis
+from redis.exceptions import RedisClusterException
 
 from payments_common import tracing
 from payments_common.keys import FEATURES, KeySchema
@@ -87,7 +88,16 @@ class Replicator:
                 # Restarting cannot fix a setting: exit so that it is seen (and fixed).
                 log.error("%s", error)
                 return 2
-            except (psycopg2.Error, redis.RedisError, LockLost, CheckpointMoved, OSError) as error:
+            # A cluster's client says that it cannot serve a slot (a failover under way) with
+            # RedisClusterException, which is no RedisError: an outage like the others.
+            except (
+                psycopg2.Error,
+                redis.RedisError,
+                RedisClusterException,
+                LockLost,
+                CheckpointMoved,
+                OSError,
+            ) as error:
                 metrics.RECONNECTS.inc()
                 if time.monotonic() - started > 30:
                     backoff = 0.5
