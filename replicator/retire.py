@@ -19,6 +19,7 @@ from typing import Final
 import psycopg2
 import psycopg2.errors
 import redis
+from redis.cluster import RedisCluster
 
 from payments_common.keys import KeySchema, reader_name, slot_owner
 from payments_common.redisconn import SyncClient, sync_client
@@ -141,7 +142,15 @@ def _check_the_pair(client: SyncClient, schema: KeySchema, slot: str) -> None:
 def _check_unread(client: SyncClient, schema: KeySchema) -> None:
     """Refuses while a history process reads the version (its connections carry the version's name)."""
     name = reader_name(schema.namespace)
-    readers = [entry for entry in client.client_list() if entry.get("name") == name]
+    if isinstance(client, RedisCluster):
+        # Each master has its own clients: one node's list does not show the others'.
+        lists = client.client_list(target_nodes=RedisCluster.PRIMARIES)
+        clients = (
+            [entry for entries in lists.values() for entry in entries] if isinstance(lists, dict) else lists
+        )
+    else:
+        clients = client.client_list()
+    readers = [entry for entry in clients if entry.get("name") == name]
     if readers:
         addresses = sorted({str(entry.get("addr", "?")).rsplit(":", 1)[0] for entry in readers})
         raise VersionInUse(
