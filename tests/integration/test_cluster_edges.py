@@ -11,22 +11,35 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 from redis.crc import key_slot
 
-from payments_common.keys import node_tag
-from payments_common.redisconn import sync_client
+from payments.history.v1 import history_service_pb2 as pb
+from payments_common.grpcstatus import error_info
+from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, KeySchema, node_tag
+from payments_common.redisconn import async_client, sync_client
+from payments_common.tokens import encode_consistency_token
 from replicator.changes import Checkpoint
 from replicator.clustersink import ClusterSink
 from replicator.encode import EncodedBatch, EncodedView
 from replicator.lock import LockLost, SlotLock
 from stack.servers import RedisCluster, free_cluster_port
 from tests.support.cluster import cluster_schema, missing_payments
+from tests.support.history import (
+    ALICE,
+    BOB,
+    HandWrittenReadModel,
+    payment_view,
+    running_history,
+    settings_for,
+)
+from tests.support.history_cluster import node_checkpoint_keys
 from tests.support.replicator import StartReplicator, replicator, retire, run_status
 from tests.support.source import SourceWriter
-from tests.support.waiting import wait_until
+from tests.support.waiting import eventually, wait_until
 
 __all__ = ["replicator"]
 
@@ -192,3 +205,73 @@ def test_status_of_a_cluster_that_does_not_answer_is_unreachable_without_a_trace
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 4, done.stdout + done.stderr
     assert "not reached" in done.stdout
+
+
+# -- the readers' view of a master's checkpoint across a reshard ---------------------------------
+
+HISTORY_SCHEMA = KeySchema.for_redis("rm:v1", DEFAULT_SLOT_NAME, cluster=True)
+AHEAD = 900_000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a master's checkpoint is named by its lowest slot and moves with that slot's keys: the master "
+    "that receives it answers token reads from another master's position",
+)
+async def test_a_token_read_is_not_answered_from_a_checkpoint_that_a_reshard_brought_from_another_master(
+    tmp_path: Path,
+) -> None:
+    """One master has applied its part of the batch at AHEAD, another not yet (as between the
+    two masters' scripts, or after the second one's call failed). Slot 0, the lowest of the
+    first master, moves to the second: a read of a payment on the second master with the
+    token AHEAD must not be answered, for that master does not hold the batch."""
+    with _cluster(tmp_path / "cluster") as cluster:
+        cluster.start()
+        url = cluster.url
+        first, second = cluster.master_ports()[:2]
+        sync = sync_client(url)
+        assert isinstance(sync, ClusterClient)
+        try:
+            view = next(
+                view
+                for view in (payment_view(number, ALICE, BOB) for number in range(1, 10_000))
+                if _slot_on(sync, HISTORY_SCHEMA.payment(view.payment_id), second)
+            )
+        finally:
+            sync.close()
+        client = async_client(url)
+        try:
+            model = HandWrittenReadModel(client, keys=HISTORY_SCHEMA)  # type: ignore[arg-type]
+            for account in (ALICE, BOB):
+                await model.open_account(account)
+            await model.publish()
+            for key in node_checkpoint_keys(url, HISTORY_SCHEMA):
+                await client.hset(key, CHECKPOINT_LSN_FIELD, model.checkpoint)
+            # The first master has its part of the batch at AHEAD (not this payment: it is the second's).
+            await client.hset(HISTORY_SCHEMA.node_checkpoint(node_tag(0)), CHECKPOINT_LSN_FIELD, AHEAD)
+            cluster.reshard(first, second, 1)
+            assert cluster.master_of_slot(0) == second
+            settings = settings_for(url, consistency_wait_max_seconds=0.5)
+            async with running_history(settings) as history:
+                await eventually(
+                    lambda: history.server.watcher.checkpoint == model.checkpoint, 10, "the watcher synced"
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await history.stub.GetPayment(
+                        pb.GetPaymentRequest(
+                            payment_id=view.payment_id, min_consistency_token=encode_consistency_token(AHEAD)
+                        ),
+                        timeout=10,
+                    )
+                assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value
+                info = error_info(raised.value)
+                assert info is not None
+                assert info.reason == "CONSISTENCY_NOT_REACHED"
+        finally:
+            await client.aclose()
+
+
+def _slot_on(client: ClusterClient, key: str, port: int) -> bool:
+    """Whether the master on `port` serves `key`, in a slot that no reshard of a few slots moves."""
+    slot = key_slot(key.encode())
+    return slot >= 100 and _port(client.nodes_manager.slots_cache[slot][0].name) == port
