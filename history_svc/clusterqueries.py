@@ -53,6 +53,7 @@ from history_svc.queries import (
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import (
     CHECKPOINT_LSN_FIELD,
+    CHECKPOINT_NODE_FIELD,
     DEFAULT_SLOT_NAME,
     FEATURE_REVIEW_QUEUE,
     META_FEATURES_FIELD,
@@ -68,7 +69,18 @@ log = logging.getLogger(__name__)
 
 # A script that reads keys of other slots of its node (its node's checkpoint, not declared)
 # and writes nothing, so that EVALSHA_RO may run it.
-_NODE_READ: Final = "#!lua flags=no-writes,allow-cross-slot-keys\n"
+# A node's checkpoint counts only where that node wrote it: one that a reshard carried here
+# with its slot is another node's, and says nothing of this one's data (read as none).
+_NODE_READ: Final = (
+    "#!lua flags=no-writes,allow-cross-slot-keys\n"
+    + """
+local function node_checkpoint(key, node)
+  local found = redis.call('HMGET', key, '@LSN@', '@NODE@')
+  if found[2] ~= node then return false end
+  return found[1]
+end
+""".replace("@LSN@", CHECKPOINT_LSN_FIELD).replace("@NODE@", CHECKPOINT_NODE_FIELD)
+)
 
 _LUA_WIRE: Final = """
 local function varint(n)
@@ -86,14 +98,14 @@ end
 """
 
 # KEYS: payment hash, timeline hash. ARGV: the tags of PaymentView.timeline and of
-# GetPaymentResponse.payment, the node's checkpoint hash. Returns {node checkpoint lsn or nil,
+# GetPaymentResponse.payment, the node's checkpoint hash, the node's name (host:port). Returns {node checkpoint lsn or nil,
 # GetPaymentResponse bytes or nil}, the checkpoint read first (as the one-node script does).
 CLUSTER_PAYMENT_SCRIPT: Final = Script(
     (
         _NODE_READ
         + _LUA_WIRE
         + """
-local checkpoint = redis.call('HGET', ARGV[3], '@LSN@')
+local checkpoint = node_checkpoint(ARGV[3], ARGV[4])
 local view = redis.call('HGET', KEYS[1], '@VIEW@')
 if not view then return {checkpoint, false} end
 local raw = redis.call('HGETALL', KEYS[2])
@@ -110,7 +122,8 @@ return {checkpoint, field(ARGV[2], table.concat(parts))}
 )
 
 # KEYS: account hash, index zset. ARGV: upper bound, lower bound, the number of members to
-# range (page size + 1; 0 when the bounds match nothing), the node's checkpoint hash. Returns
+# range (page size + 1; 0 when the bounds match nothing), the node's checkpoint hash, the
+# node's name. Returns
 # {node checkpoint lsn or nil, 0} when the account does not exist or was deleted, else
 # {checkpoint, 1, the page's members (at most page size), the next cursor or nil}. The views
 # live on the payments' nodes: the caller reads them there.
@@ -118,7 +131,7 @@ CLUSTER_PAGE_SCRIPT: Final = Script(
     (
         _NODE_READ
         + """
-local checkpoint = redis.call('HGET', ARGV[4], '@LSN@')
+local checkpoint = node_checkpoint(ARGV[4], ARGV[5])
 if redis.call('HEXISTS', KEYS[1], '@VIEW@') == 0 then return {checkpoint, 0} end
 local limit = tonumber(ARGV[3])
 if limit == 0 then return {checkpoint, 1, {}, false} end
@@ -137,13 +150,13 @@ return {checkpoint, 1, members, cursor}
 )
 
 # KEYS: review queue zset. ARGV: lower bound, the number of members to range (page size + 1),
-# the node's checkpoint hash. Returns {node checkpoint lsn or nil, the page's members, the
+# the node's checkpoint hash, the node's name. Returns {node checkpoint lsn or nil, the page's members, the
 # next cursor or nil}.
 CLUSTER_QUEUE_SCRIPT: Final = Script(
     (
         _NODE_READ
         + """
-local checkpoint = redis.call('HGET', ARGV[3], '@LSN@')
+local checkpoint = node_checkpoint(ARGV[3], ARGV[4])
 local limit = tonumber(ARGV[2])
 local members = redis.call('ZRANGE', KEYS[1], ARGV[1], '+', 'BYLEX', 'LIMIT', 0, limit)
 local size = limit - 1
@@ -181,6 +194,17 @@ def _moved(error: ResponseError) -> bool:
         or str(error).startswith(_MOVED_TEXT)
         or "non local key" in str(error)
     )
+
+
+def _checkpoint_read(key: str) -> tuple[object, ...]:
+    """The command that reads a node's checkpoint with the node that wrote it."""
+    return ("HMGET", key, CHECKPOINT_LSN_FIELD, CHECKPOINT_NODE_FIELD)
+
+
+def _node_lsn(reply: list[bytes | None], node: ClusterNode) -> int:
+    """A node's checkpoint read by `_checkpoint_read`: 0 unless that node wrote it."""
+    lsn, writer = reply
+    return _lsn(lsn) if writer is not None and writer.decode() == node.name else 0
 
 
 def _lsn(raw: bytes | None) -> int:
@@ -333,9 +357,9 @@ class ClusterReadModel:
 
         async def read(node: ClusterNode, checkpoint_key: str) -> tuple[int, list[Any]]:
             replies = await self._pipeline(
-                node, [("HGET", checkpoint_key, CHECKPOINT_LSN_FIELD), *(("HGET", k, f) for k, f in reads)]
+                node, [_checkpoint_read(checkpoint_key), *(("HGET", k, f) for k, f in reads)]
             )
-            return _lsn(replies[0]), replies[1:]
+            return _node_lsn(replies[0], node), replies[1:]
 
         return await self._on_master(key, until, read)
 
@@ -356,7 +380,7 @@ class ClusterReadModel:
                     self._pipeline(
                         node,
                         [
-                            ("HGET", self._nodes.checkpoint_key(node), CHECKPOINT_LSN_FIELD),
+                            _checkpoint_read(self._nodes.checkpoint_key(node)),
                             *(("HGET", keys[i], VIEW_FIELD) for i in indexes),
                         ],
                     )
@@ -364,7 +388,10 @@ class ClusterReadModel:
                 )
             )
             views: list[bytes | None] = [None] * len(keys)
-            lowest = min(_lsn(replies[0]) for replies in results)
+            lowest = min(
+                _node_lsn(replies[0], node)
+                for (node, _), replies in zip(groups.values(), results, strict=True)
+            )
             for (_, indexes), replies in zip(groups.values(), results, strict=True):
                 for index, reply in zip(indexes, replies[1:], strict=True):
                     views[index] = reply
@@ -403,7 +430,7 @@ class ClusterReadModel:
                 node,
                 CLUSTER_PAYMENT_SCRIPT,
                 keys,
-                (wire.PAYMENT_VIEW_TIMELINE, wire.GET_PAYMENT_RESPONSE_PAYMENT, checkpoint_key),
+                (wire.PAYMENT_VIEW_TIMELINE, wire.GET_PAYMENT_RESPONSE_PAYMENT, checkpoint_key, node.name),
             )
 
         checkpoint, response = await self._on_master(keys[0], until, read)
@@ -449,7 +476,9 @@ class ClusterReadModel:
         ]
 
         async def read(node: ClusterNode, checkpoint_key: str) -> Any:
-            return await self._script(node, CLUSTER_PAGE_SCRIPT, keys, (upper, lower, count, checkpoint_key))
+            return await self._script(
+                node, CLUSTER_PAGE_SCRIPT, keys, (upper, lower, count, checkpoint_key, node.name)
+            )
 
         reply = await self._on_master(keys[0], until, read)
         checkpoint = _lsn(reply[0])
@@ -481,7 +510,9 @@ class ClusterReadModel:
         meta = self._schema.meta()
 
         async def read_queue(node: ClusterNode, checkpoint_key: str) -> Any:
-            return await self._script(node, CLUSTER_QUEUE_SCRIPT, [queue], (lower, count, checkpoint_key))
+            return await self._script(
+                node, CLUSTER_QUEUE_SCRIPT, [queue], (lower, count, checkpoint_key, node.name)
+            )
 
         queued, (meta_checkpoint, (features,)) = await asyncio.gather(
             self._on_master(queue, until, read_queue),

@@ -32,7 +32,9 @@ Layout (for payment P, account A, replication slot S):
     rm:v1:lock:{S}                     STRING  the replicator instance that owns slot S (with a TTL)
     rm:v1:lock:{S}:epoch               STRING  on a cluster: counts the sessions that held the lock
     rm:v1:lock:{N}:node                HASH    on a cluster: epoch -> the session allowed to write node N
-    rm:v1:checkpoint:{N}:node          HASH    on a cluster: node N's checkpoint, fields as the slot's
+    rm:v1:lock:{S}:fences              SET     on a cluster: the tags of every node fence ever claimed
+    rm:v1:checkpoint:{N}:node          HASH    on a cluster: node N's checkpoint, fields as the slot's,
+                                             and node -> the node (host:port) that wrote it
     rm:v1:owner                        STRING  S: the one slot that feeds this version
     slot-owner:{S}                     STRING  rm:v1: the one version that slot S feeds (outside any version)
 """
@@ -154,6 +156,9 @@ def parse_features(value: bytes | str | None) -> frozenset[str]:
 
 # The field of a cluster node's fence hash that names the session allowed to write the node.
 FENCE_EPOCH_FIELD: Final = "epoch"
+# The field of a cluster node's checkpoint hash that names the node that wrote it (host:port):
+# a checkpoint that a reshard carried to another node (with its slot) is not that node's.
+CHECKPOINT_NODE_FIELD: Final = "node"
 
 
 @cache
@@ -226,6 +231,18 @@ class KeySchema:
     def epoch(self, slot: str) -> str:
         """On a cluster: the counter of the sessions that held slot `slot`'s lock."""
         return f"{self.lock(slot)}:epoch"
+
+    def fence_tags(self, slot: str) -> str:
+        """On a cluster: the tags of every node fence the sessions of slot `slot` have claimed.
+
+        Fences move with their slots when slots move, but only a node that lost its data
+        loses one: a tag listed here and found on no node says that a node came back empty.
+        """
+        return f"{self.lock(slot)}:fences"
+
+    def node_fence_pattern(self) -> str:
+        """Every node fence of the version (SCAN pattern)."""
+        return f"{self.lock_prefix()}{{*}}:node"
 
     def node_fence(self, tag: str) -> str:
         """On a cluster: the hash naming the one session allowed to write the node of `tag`."""

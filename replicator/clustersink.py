@@ -70,26 +70,30 @@ end
 # One batch's writes to the entities of one node, and the node's checkpoint.
 # KEYS: the node's fence, the node's checkpoint (both with the node's own hash tag).
 # ARGV: the session's epoch, the checkpoint position ('' = none), commit time in us ('' =
-#       unchanged), source time in us ('' = unchanged), the number of keys, the keys, then
-#       the ops as APPLY_BATCH takes them, their keys numbered from 1 in that list.
+#       unchanged), source time in us ('' = unchanged), the node's name (host:port), the
+#       number of keys, the keys, then the ops as APPLY_BATCH takes them, their keys
+#       numbered from 1 in that list.
 APPLY_ON_NODE: Final = fill_fields(
     _CROSS_SLOT
     + NEWER
     + _FENCED
-    + """local n = tonumber(ARGV[5])
+    + """local n = tonumber(ARGV[6])
 local K = {}
 for i = 1, n do
-  K[i] = ARGV[5 + i]
+  K[i] = ARGV[6 + i]
   -- A key of a slot this node does not serve fails here, before anything is written.
   redis.call('EXISTS', K[i])
 end
-local k, a, applied, skipped = 1, 6 + n, 0, 0
+local k, a, applied, skipped = 1, 7 + n, 0, 0
 """
     + APPLY_OPS.replace("KEYS[", "K[")
     + """if ARGV[2] ~= '' then
+  -- A checkpoint that another node wrote came with a slot that moved here: it says nothing
+  -- of this node, which has everything up to this batch.
+  local ours = redis.call('HGET', KEYS[2], '@NODE@') == ARGV[5]
   local cur = redis.call('HGET', KEYS[2], '@CHECKPOINT_LSN@')
-  if not (cur and newer(cur, ARGV[2])) then
-    redis.call('HSET', KEYS[2], '@CHECKPOINT_LSN@', ARGV[2])
+  if not ours or not (cur and newer(cur, ARGV[2])) then
+    redis.call('HSET', KEYS[2], '@CHECKPOINT_LSN@', ARGV[2], '@NODE@', ARGV[5])
     if ARGV[3] ~= '' then redis.call('HSET', KEYS[2], '@COMMIT_TIME@', ARGV[3]) end
     if ARGV[4] ~= '' then redis.call('HSET', KEYS[2], '@SOURCE_TIME@', ARGV[4]) end
   end
@@ -100,12 +104,16 @@ return {applied, skipped}
 """
 )
 
-# Takes the next session number, only while the caller holds the lock.
-# KEYS: the lock, the epoch counter (the slot's hash tag). ARGV: owner token.
+# Takes the next session number, only while the caller holds the lock, and records the tags
+# of the fences the session claims. KEYS: the lock, the epoch counter, the tags of the fences
+# ever claimed (the slot's hash tag). ARGV: owner token, the session's tags. Returns
+# {epoch, the tags recorded before}.
 NEXT_EPOCH: Final = """if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('LOCKLOST the slot lock is not held by this instance')
 end
-return redis.call('INCR', KEYS[2])
+local known = redis.call('SMEMBERS', KEYS[3])
+for i = 2, #ARGV do redis.call('SADD', KEYS[3], ARGV[i]) end
+return {redis.call('INCR', KEYS[2]), known}
 """
 
 # Makes a node writable by the caller's session, unless a later session has claimed it.
@@ -160,6 +168,10 @@ class NotDurable(redis.RedisError):
 
 def _sha(body: str) -> str:
     return sha1(body.encode()).hexdigest()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _moved(error: redis.ResponseError) -> bool:
@@ -259,22 +271,47 @@ class ClusterSink(Sink):
     # -- the session ------------------------------------------------------------------------
 
     def begin(self) -> None:
-        """Takes the session's number and claims every master for it, durably, before any write."""
+        """Takes the session's number and claims every master for it, durably, before any write.
+
+        Every fence found on a master is claimed, not only the one of its lowest slot: a
+        fence that moved with its slot (resharding) must not admit an earlier session. A
+        fence that a session claimed once and that no master holds any more says that a
+        master came back without its data (with its replicas): the slot's checkpoint is
+        removed, so that the session rebuilds the read models (`redis_empty`).
+        """
         self._read_topology()
+        found = self._fences()
         control = self._node_of(self.lock.key)
-        (epoch,) = self._on_node(
+        fences = self.schema.fence_tags(self.slot)
+        ((epoch, known),) = self._on_node(
             control,
             [
                 pack_evalsha(
-                    self._sha["next_epoch"], [self.lock.key, self.schema.epoch(self.slot)], [self.lock.token]
+                    self._sha["next_epoch"],
+                    [self.lock.key, self.schema.epoch(self.slot), fences],
+                    [self.lock.token, *sorted(set(self.tags.values()))],
                 )
             ],
             durable=True,
         )
         self.epoch = str(int(epoch))
+        held = {tag for tags in found.values() for tag in tags}
+        # A fence in the middle of a move may be missed by the scans of both nodes: asked for
+        # by name, the client follows the move.
+        lost = sorted(
+            tag
+            for tag in (_text(raw) for raw in known)
+            if tag not in held and not self.cluster.exists(self.schema.node_fence(tag))
+        )
         calls = [
-            (name, [pack_evalsha(self._sha["claim_node"], [self.schema.node_fence(tag)], [self.epoch])])
-            for name, tag in self.tags.items()
+            (
+                name,
+                [
+                    pack_evalsha(self._sha["claim_node"], [self.schema.node_fence(tag)], [self.epoch])
+                    for tag in sorted({self.tags[name], *found.get(name, ())})
+                ],
+            )
+            for name in self.tags
         ]
         self._on_nodes(calls, durable=True)
         log.info(
@@ -284,6 +321,26 @@ class ClusterSink(Sink):
             len(self.tags),
             ", ".join(sorted(self.tags)),
         )
+        if lost:
+            log.error(
+                "REBUILD: the fences %s of slot %s are on no master: a master came back without its data "
+                "(with its replicas); the read models are rebuilt",
+                ", ".join(lost),
+                self.slot,
+            )
+            self.clear_checkpoint()
+
+    def _fences(self) -> dict[str, list[str]]:
+        """The tags of the node fences each master holds now."""
+        pattern = self.schema.node_fence_pattern()
+        prefix = len(self.schema.lock_prefix()) + 1
+        found: dict[str, list[str]] = {}
+        for name, node in self._nodes.items():
+            client = self.cluster.get_redis_connection(node)
+            found[name] = [
+                _text(key)[prefix : -len("}:node")] for key in client.scan_iter(match=pattern, count=1000)
+            ]
+        return found
 
     def _read_topology(self) -> None:
         cache = self.cluster.nodes_manager.slots_cache
@@ -491,7 +548,7 @@ class ClusterSink(Sink):
         return pack_evalsha(
             self._sha["apply_on_node"],
             [self.schema.node_fence(tag), self.schema.node_checkpoint(tag)],
-            [self.epoch, *header, len(keys_), *keys_, *args],
+            [self.epoch, *header, name, len(keys_), *keys_, *args],
         )
 
     def _execute(self, script: str, keys_: Sequence[str | bytes], args: Sequence[Any]) -> Any:

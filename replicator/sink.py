@@ -49,6 +49,7 @@ def fill_fields(script: str) -> str:
         ("@VIEW@", keys.VIEW_FIELD),
         ("@TIMELINE_POSITION@", keys.TIMELINE_POSITION_PREFIX),
         ("@EPOCH@", keys.FENCE_EPOCH_FIELD),
+        ("@NODE@", keys.CHECKPOINT_NODE_FIELD),
     ):
         script = script.replace(placeholder, name)
     return script

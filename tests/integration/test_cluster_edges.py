@@ -19,7 +19,7 @@ from redis.crc import key_slot
 
 from payments.history.v1 import history_service_pb2 as pb
 from payments_common.grpcstatus import error_info
-from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, KeySchema, node_tag
+from payments_common.keys import DEFAULT_SLOT_NAME, KeySchema, node_tag
 from payments_common.redisconn import async_client, sync_client
 from payments_common.tokens import encode_consistency_token
 from replicator.changes import Checkpoint
@@ -36,7 +36,7 @@ from tests.support.history import (
     running_history,
     settings_for,
 )
-from tests.support.history_cluster import node_checkpoint_keys
+from tests.support.history_cluster import move_node_checkpoint, node_checkpoints
 from tests.support.replicator import StartReplicator, replicator, retire, run_status
 from tests.support.source import SourceWriter
 from tests.support.waiting import eventually, wait_until
@@ -144,11 +144,6 @@ def _key_on(client: ClusterClient, master: str, prefix: str) -> str:
     raise AssertionError(f"no key found on {master}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a master's fence is named by its lowest slot: when it gains a lower slot, the later session "
-    "claims it under the new name and the earlier session's fence, under the old one, still admits it",
-)
 def test_a_session_that_lost_the_lock_writes_nothing_once_a_later_one_began_even_after_a_reshard(
     tmp_path: Path,
 ) -> None:
@@ -213,11 +208,6 @@ HISTORY_SCHEMA = KeySchema.for_redis("rm:v1", DEFAULT_SLOT_NAME, cluster=True)
 AHEAD = 900_000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a master's checkpoint is named by its lowest slot and moves with that slot's keys: the master "
-    "that receives it answers token reads from another master's position",
-)
 async def test_a_token_read_is_not_answered_from_a_checkpoint_that_a_reshard_brought_from_another_master(
     tmp_path: Path,
 ) -> None:
@@ -245,10 +235,12 @@ async def test_a_token_read_is_not_answered_from_a_checkpoint_that_a_reshard_bro
             for account in (ALICE, BOB):
                 await model.open_account(account)
             await model.publish()
-            for key in node_checkpoint_keys(url, HISTORY_SCHEMA):
-                await client.hset(key, CHECKPOINT_LSN_FIELD, model.checkpoint)
+            masters = node_checkpoints(url, HISTORY_SCHEMA)
+            for key, node in masters.items():
+                await move_node_checkpoint(client, key, node, model.checkpoint)
             # The first master has its part of the batch at AHEAD (not this payment: it is the second's).
-            await client.hset(HISTORY_SCHEMA.node_checkpoint(node_tag(0)), CHECKPOINT_LSN_FIELD, AHEAD)
+            first_checkpoint = HISTORY_SCHEMA.node_checkpoint(node_tag(0))
+            await move_node_checkpoint(client, first_checkpoint, masters[first_checkpoint], AHEAD)
             cluster.reshard(first, second, 1)
             assert cluster.master_of_slot(0) == second
             settings = settings_for(url, consistency_wait_max_seconds=0.5)
@@ -280,11 +272,6 @@ def _slot_on(client: ClusterClient, key: str, port: int) -> bool:
 # -- a master that comes back empty --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a master that lost its data with its replica's only fails the fence: the next session claims "
-    "it again and streams on from the slot's checkpoint, so what it held is never written again",
-)
 def test_a_master_that_came_back_empty_with_its_replica_is_filled_again(
     migrated_dsn: str, replicator: StartReplicator, tmp_path: Path
 ) -> None:

@@ -21,7 +21,6 @@ from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.grpcstatus import error_info
 from payments_common.keys import (
-    CHECKPOINT_LSN_FIELD,
     DEFAULT_SLOT_NAME,
     LSN_FIELD,
     VIEW_FIELD,
@@ -43,8 +42,10 @@ from tests.support.history import (
 )
 from tests.support.history_cluster import (
     kill_master_of,
+    move_node_checkpoint,
     node_checkpoint_key_of,
-    node_checkpoint_keys,
+    node_checkpoint_of,
+    node_checkpoints,
     promoted,
 )
 from tests.support.waiting import eventually
@@ -70,8 +71,8 @@ async def model(cluster_url: str, cluster_client: AsyncClient) -> HandWrittenRea
     for account in (ALICE, BOB):
         await model.open_account(account)
     await model.publish()
-    for key in node_checkpoint_keys(cluster_url, SCHEMA):
-        await cluster_client.hset(key, CHECKPOINT_LSN_FIELD, model.checkpoint)
+    for key, node in node_checkpoints(cluster_url, SCHEMA).items():
+        await move_node_checkpoint(cluster_client, key, node, model.checkpoint)
     return model
 
 
@@ -111,7 +112,7 @@ async def _write_index(client: AsyncClient, account: str, view: read_model_pb2.P
 
 async def _move_master(client: AsyncClient, cluster_url: str, key: str, lsn: int) -> None:
     """Moves the own checkpoint of the master of `key`, as its part of the batch at `lsn` does."""
-    await client.hset(node_checkpoint_key_of(cluster_url, SCHEMA, key), CHECKPOINT_LSN_FIELD, lsn)
+    await move_node_checkpoint(client, *node_checkpoint_of(cluster_url, SCHEMA, key), lsn)
 
 
 async def _refused(call: object, reason: str) -> grpc.aio.AioRpcError:
@@ -155,9 +156,9 @@ async def test_a_master_still_behind_once_the_slots_checkpoint_passed_the_token_
     # lowest slot moved (its checkpoint under another name) looks like to a reader.
     behind = model.checkpoint
     position = await model.publish()
-    for key in node_checkpoint_keys(cluster_url, SCHEMA):
+    for key, node in node_checkpoints(cluster_url, SCHEMA).items():
         if key != node_checkpoint_key_of(cluster_url, SCHEMA, SCHEMA.account(ALICE)):
-            await cluster_client.hset(key, CHECKPOINT_LSN_FIELD, position)
+            await move_node_checkpoint(cluster_client, key, node, position)
     await eventually(lambda: history.server.watcher.checkpoint == position, 10, "the watcher at the batch")
     token = encode_consistency_token(position)
     await _refused(

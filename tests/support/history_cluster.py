@@ -7,7 +7,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-from payments_common.keys import CHECKPOINT_LSN_FIELD, KeySchema, node_tag
+from payments_common.keys import CHECKPOINT_LSN_FIELD, CHECKPOINT_NODE_FIELD, KeySchema, node_tag
 from payments_common.redisconn import AsyncClient, is_cluster, sync_client
 from stack.servers import RedisCluster, ServerError
 
@@ -40,10 +40,11 @@ def promoted(cluster: RedisCluster, key: str, dead_port: int) -> bool:
     return True
 
 
-def node_checkpoint_keys(url: str, schema: KeySchema) -> list[str]:
-    """The key of every master's own checkpoint in `schema`'s namespace (none on one node), as the replicator names them."""
+def node_checkpoints(url: str, schema: KeySchema) -> dict[str, str]:
+    """Every master's own checkpoint key in `schema`'s namespace (none on one node), as the
+    replicator names it, and the master's name (host:port), which the replicator writes in it."""
     if not is_cluster(url):
-        return []
+        return {}
     client = sync_client(url)
     assert isinstance(client, redis.RedisCluster)
     try:
@@ -53,19 +54,29 @@ def node_checkpoint_keys(url: str, schema: KeySchema) -> list[str]:
             lowest[name] = min(slot, lowest.get(name, slot))
     finally:
         client.close()
-    return [schema.node_checkpoint(node_tag(slot)) for slot in lowest.values()]
+    return {schema.node_checkpoint(node_tag(slot)): name for name, slot in lowest.items()}
+
+
+def node_checkpoint_keys(url: str, schema: KeySchema) -> list[str]:
+    return list(node_checkpoints(url, schema))
+
+
+async def move_node_checkpoint(client: AsyncClient, key: str, node: str, lsn: int) -> None:
+    """Moves a master's own checkpoint as the replicator does: the position, and the master that wrote it."""
+    await client.hset(key, mapping={CHECKPOINT_LSN_FIELD: lsn, CHECKPOINT_NODE_FIELD: node})
 
 
 async def set_checkpoint(client: AsyncClient, url: str, schema: KeySchema, slot: str, lsn: int) -> list[str]:
     """Moves the slot's checkpoint and, on a cluster, every master's own, as an applied batch would; returns the keys."""
-    keys = [schema.checkpoint(slot), *node_checkpoint_keys(url, schema)]
-    for key in keys:
-        await client.hset(key, CHECKPOINT_LSN_FIELD, lsn)
-    return keys
+    await client.hset(schema.checkpoint(slot), CHECKPOINT_LSN_FIELD, lsn)
+    masters = node_checkpoints(url, schema)
+    for key, node in masters.items():
+        await move_node_checkpoint(client, key, node, lsn)
+    return [schema.checkpoint(slot), *masters]
 
 
-def node_checkpoint_key_of(url: str, schema: KeySchema, key: str) -> str:
-    """The key of the own checkpoint of the master that serves `key`."""
+def node_checkpoint_of(url: str, schema: KeySchema, key: str) -> tuple[str, str]:
+    """The own checkpoint key of the master that serves `key`, and that master's name."""
     client = sync_client(url)
     assert isinstance(client, redis.RedisCluster)
     try:
@@ -74,4 +85,9 @@ def node_checkpoint_key_of(url: str, schema: KeySchema, key: str) -> str:
         lowest = min(slot for slot, owners in table.items() if owners[0].name == master)
     finally:
         client.close()
-    return schema.node_checkpoint(node_tag(lowest))
+    return schema.node_checkpoint(node_tag(lowest)), master
+
+
+def node_checkpoint_key_of(url: str, schema: KeySchema, key: str) -> str:
+    """The own checkpoint key of the master that serves `key`."""
+    return node_checkpoint_of(url, schema, key)[0]

@@ -34,6 +34,7 @@ def test_the_field_names_are_known() -> None:
         "epoch",
         "features",
         "lsn",
+        "node",
         "source_time_us",
         "tl:",
         "view",
