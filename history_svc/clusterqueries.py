@@ -48,7 +48,7 @@ from history_svc.queries import (
     Page,
     ReadModelUnavailable,
     Script,
-    timeline_of,
+    read_timelines,
 )
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import (
@@ -453,17 +453,7 @@ class ClusterReadModel:
 
     async def timelines(self, payment_ids: Iterable[str]) -> dict[str, list[read_model_pb2.TimelineEntry]]:
         """The timelines of several payments, one round trip per master."""
-        ids = list(dict.fromkeys(payment_ids))
-        if not ids:
-            return {}
-        try:
-            async with self._cluster.pipeline(transaction=False) as pipe:
-                for payment_id in ids:
-                    pipe.hgetall(self._schema.payment_timeline(payment_id))
-                replies = await pipe.execute()
-        except REDIS_ERRORS as error:
-            raise ReadModelUnavailable() from error
-        return {payment_id: timeline_of(raw) for payment_id, raw in zip(ids, replies, strict=True)}
+        return await read_timelines(self._cluster, self._schema, payment_ids)
 
     async def page(
         self, query: ListQuery, cursor: str | None, size: int, min_lsn: int = 0, until: float = 0.0

@@ -9,6 +9,7 @@ from hashlib import sha1
 from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from history_svc import wire
@@ -352,17 +353,7 @@ class ReadModel:
 
     async def timelines(self, payment_ids: Iterable[str]) -> dict[str, list[read_model_pb2.TimelineEntry]]:
         """The timelines of several payments in one round trip."""
-        ids = list(dict.fromkeys(payment_ids))
-        if not ids:
-            return {}
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for payment_id in ids:
-                    pipe.hgetall(self._schema.payment_timeline(payment_id))
-                replies = await pipe.execute()
-        except REDIS_ERRORS as error:
-            raise ReadModelUnavailable() from error
-        return {payment_id: timeline_of(raw) for payment_id, raw in zip(ids, replies, strict=True)}
+        return await read_timelines(self._redis, self._schema, payment_ids)
 
     async def account(
         self, account_id: str, min_lsn: int = 0, until: float = 0.0
@@ -427,6 +418,23 @@ class ReadModel:
                 raise ReadModelUnavailable()
             return None
         return HeldPage(reply[2], None if reply[3] is None else _text(reply[3]), checkpoint)
+
+
+async def read_timelines(
+    client: Redis | RedisCluster, schema: KeySchema, payment_ids: Iterable[str]
+) -> dict[str, list[read_model_pb2.TimelineEntry]]:
+    """The timelines of several payments, pipelined (on a cluster, one round trip per master)."""
+    ids = list(dict.fromkeys(payment_ids))
+    if not ids:
+        return {}
+    try:
+        async with client.pipeline(transaction=False) as pipe:
+            for payment_id in ids:
+                pipe.hgetall(schema.payment_timeline(payment_id))
+            replies = await pipe.execute()
+    except REDIS_ERRORS as error:
+        raise ReadModelUnavailable() from error
+    return {payment_id: timeline_of(raw) for payment_id, raw in zip(ids, replies, strict=True)}
 
 
 def timeline_of(raw: dict[bytes, bytes]) -> list[read_model_pb2.TimelineEntry]:
