@@ -14,6 +14,8 @@ from typing import Any
 import psycopg2
 import redis
 
+from payments_common.redisconn import cluster_target, is_cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -71,7 +73,9 @@ def versions(postgres_dsn: str, redis_url: str) -> dict[str, str]:
         row = cursor.fetchone()
         found["postgresql"] = str(row[0]) if row else "?"
     with contextlib.suppress(Exception):
-        client = redis.Redis.from_url(redis_url)
+        # A cluster's nodes run one build: its first seed's version is every node's.
+        one_node = cluster_target(redis_url).first_seed_url if is_cluster(redis_url) else redis_url
+        client = redis.Redis.from_url(one_node)
         found["redis_server"] = str(client.info("server")["redis_version"])
         client.close()
     with contextlib.suppress(Exception):

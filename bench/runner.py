@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg2
-import redis
 
 from bench import backlog, cpu, environment, report
 from bench.figures import Collector, Window
@@ -29,6 +28,7 @@ from bench.load import Job, LoadPool, split
 from bench.plan import Plan
 from payments_common.keys import DEFAULT_SLOT_NAME
 from payments_common.lsn import parse_lsn
+from payments_common.redisconn import sync_client
 from stack import local
 from stack.auth import ACCOUNTS_ADMIN, HISTORY_READER, PAYMENT_GATEWAY
 from stack.replication import replicator_env, start_replicator, wait_for_checkpoint
@@ -66,7 +66,7 @@ def settle(
             row = cursor.fetchone()
             assert row is not None
         connection.commit()
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         wait_for_checkpoint(client, parse_lsn(row[0]), timeout, slot, alive)
     finally:
@@ -74,11 +74,17 @@ def settle(
 
 
 class Runner:
-    """One run: the stack, the extra servers, the load pool, the accounts, and the figures so far."""
+    """One run: the stack, the extra servers, the load pool, the accounts, and the figures so far.
 
-    def __init__(self, plan: Plan, root: Path) -> None:
+    `history_count` history processes are started; `extra_servers` adds the echo floor and
+    the CRUD baseline, which only `python -m bench`'s phases call.
+    """
+
+    def __init__(self, plan: Plan, root: Path, *, history_count: int = 2, extra_servers: bool = True) -> None:
         self.plan = plan
         self.root = root
+        self.history_count = history_count
+        self.extra_servers = extra_servers
         self.collector = Collector()
         self.sweeps: dict[str, list[dict[str, Any]]] = {}
         self.phase_s: dict[str, float] = {}
@@ -116,8 +122,6 @@ class Runner:
         assert self.state is not None
         if name == "postgres":
             return self.state.postgres_pid
-        if name == "redis":
-            return self.state.redis_pid
         if name in self.servers:
             return self.servers[name].pid
         for process in self.state.processes:
@@ -125,24 +129,37 @@ class Runner:
                 return process.pid
         raise KeyError(name)
 
+    def pids(self, name: str) -> list[int]:
+        """The processes of `name`: "redis" is every Redis process of the stack (one, or each node of a cluster)."""
+        assert self.state is not None
+        if name == "redis":
+            return [pid for pid in (self.state.redis_pid, *self.state.redis_cluster_pids) if pid]
+        return [self.pid(name)]
+
     def start(self) -> None:
-        print(f"== starting the stack under {self.root} (fsync on, 2 history processes)", flush=True)
-        self.state = local.up(self.root, history_count=2, fsync=True)
+        topology = local.redis_topology()
+        print(
+            f"== starting the stack under {self.root} "
+            f"(fsync on, {self.history_count} history processes, Redis: {topology})",
+            flush=True,
+        )
+        self.state = local.up(self.root, history_count=self.history_count, fsync=True)
         self.token = token_for(
             authority(self.root),
             [ACCOUNTS_ADMIN, PAYMENT_GATEWAY, HISTORY_READER],
             subject="spiffe://payments.local/ns/payments/sa/benchmark",
             lifetime_seconds=24 * 3600,
         )
-        for name, module, extra in (
-            ("echo", "bench.echo_server", []),
-            ("crud", "bench.crud_history", ["--dsn", self.dsn]),
-        ):
-            port = free_port()
-            self.spawn(name, ["-m", module, "--port", str(port), *extra])
-            self.endpoints[f"BENCH_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
-        for name in ("echo", "crud"):
-            local.wait_serving(self.endpoints[f"BENCH_{name.upper()}_ADDR"], 30)
+        if self.extra_servers:
+            for name, module, extra in (
+                ("echo", "bench.echo_server", []),
+                ("crud", "bench.crud_history", ["--dsn", self.dsn]),
+            ):
+                port = free_port()
+                self.spawn(name, ["-m", module, "--port", str(port), *extra])
+                self.endpoints[f"BENCH_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
+            for name in ("echo", "crud"):
+                local.wait_serving(self.endpoints[f"BENCH_{name.upper()}_ADDR"], 30)
         self.pool = LoadPool(self.plan.workers + 1)
 
     def spawn(self, name: str, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
@@ -179,7 +196,7 @@ class Runner:
         local.down(self.root, quiet=True)
 
     def wait_checkpoint(self, target: int, timeout: float) -> None:
-        client = redis.Redis.from_url(self.redis_url)
+        client = sync_client(self.redis_url)
         try:
             wait_for_checkpoint(client, target, timeout, self.slot)
         finally:
@@ -284,19 +301,27 @@ class Runner:
         floor_us: float | None,
         processes: Sequence[str] = (),
         history_channel: bool = False,
+        redis_cpu: bool = False,
     ) -> Window:
         """Measures `call` on `target`, closed loop at the plan's concurrency, and adds the window to `figure`.
 
         `server` names the CPU of `processes` (by default the process of that name) in the
-        window; its CPU per RPC is divided by `floor_us` when one is given.
+        window; its CPU per RPC is divided by `floor_us` when one is given. With `redis_cpu`,
+        the CPU of every Redis process over the window per RPC is added too
+        (`redis_cpu_us_per_rpc`).
         """
+        cpu_of = {server: self.cpu_reader(*(processes or [server]))}
+        if redis_cpu:
+            cpu_of["redis"] = self.redis_cpu
         window = self.measure(
             self.jobs("closed", call, target, self.plan.concurrency, history_channel=history_channel),
-            {server: self.cpu_reader(*(processes or [server]))},
+            cpu_of,
             self.plan.window_s,
             self.plan.warmup_s,
         )
         self.collector.add_window(figure, window, server, floor_us)
+        if redis_cpu:
+            self.collector.add(figure, redis_cpu_us_per_rpc=window.cpu_us_per_op("redis"))
         return window
 
     def jobs(
@@ -345,14 +370,15 @@ class Runner:
         return build
 
     def cpu_reader(self, *names: str) -> Callable[[], cpu.Snapshot]:
-        pids = [self.pid(name) for name in names]
+        pids = [pid for name in names for pid in self.pids(name)]
         return lambda: cpu.snapshot(pids)
 
     def pg_cpu(self) -> cpu.Snapshot:
         return cpu.tree_snapshot(self.pid("postgres"))
 
     def redis_cpu(self) -> cpu.Snapshot:
-        return cpu.snapshot([self.pid("redis")])
+        """Every Redis process of the stack: the one server, or all the nodes of a cluster, masters and replicas."""
+        return cpu.snapshot(self.pids("redis"))
 
     # -- results ----------------------------------------------------------------------------
 
@@ -377,7 +403,8 @@ class Runner:
             "settings": {
                 **asdict(self.plan),
                 "fsync": True,
-                "history_processes": 2,
+                "history_processes": self.history_count,
+                "redis_topology": self.endpoints.get("REDIS_TOPOLOGY", "single"),
                 "load_processes": self.plan.workers,
             },
             "figures": figures,

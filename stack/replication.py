@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import psycopg2
-import redis
 
 from payments_common.keys import (
     CHECKPOINT_LSN_FIELD,
@@ -77,7 +76,7 @@ def _read_lsn(database_url: str, query: str, args: tuple[str, ...] = ()) -> int:
 
 
 def wait_for_checkpoint(
-    client: redis.Redis,
+    client: SyncClient,
     target: int,
     timeout: float,
     slot: str = DEFAULT_SLOT_NAME,

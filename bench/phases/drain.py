@@ -16,10 +16,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis
-
 from bench import backlog, cpu
 from bench.runner import Runner
+from payments_common.redisconn import sync_client
 from stack.replication import read_checkpoint
 
 # A context around the timed catch-up, given the new replicator's pid (e.g. a profiler).
@@ -72,6 +71,8 @@ class Drain:
     generation_s: float  # committing the backlog, before the replicator started
     traced: int = 0  # the backlog's transactions that carried a sampled trace context
     startup_cpu_s: float = math.nan  # the replicator's CPU when the checkpoint first moved
+    # The reads of the checkpoint while timing (one HGET each): Redis counts them among its commands.
+    checkpoint_reads: int = 0
 
     @property
     def changes_per_s(self) -> float:
@@ -134,7 +135,7 @@ def once(
     stack.settle()
     stack.stop_replicator()
     made = backlog.generate(stack.dsn, payers, payments, traced_share=traced_share)
-    client = redis.Redis.from_url(stack.redis_url)
+    client = sync_client(stack.redis_url)
     try:
         before = read_checkpoint(client, stack.slot)
         redis_before, pg_before = stack.redis_cpu(), stack.pg_cpu()
@@ -143,8 +144,10 @@ def once(
         with observe(pid) if observe is not None else contextlib.nullcontext():
             first = first_cpu = math.nan
             deadline = started + TIMEOUT_S
+            reads = 0
             while True:
                 position = read_checkpoint(client, stack.slot)
+                reads += 1
                 now = time.monotonic()
                 if math.isnan(first) and position > before:
                     first = now
@@ -174,4 +177,5 @@ def once(
         generation_s=made.elapsed_s,
         traced=made.traced,
         startup_cpu_s=first_cpu,
+        checkpoint_reads=reads,
     )
