@@ -420,7 +420,8 @@ _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
 )
 
 
-def _number(value: float) -> str:
+def number(value: float) -> str:
+    """A figure as the tables show it: thousands grouped, three significant digits below 1,000."""
     if not math.isfinite(value):
         return "n/a"
     if abs(value) >= 1000:
@@ -440,7 +441,7 @@ def _spread_text(results: Mapping[str, Any], path: str) -> tuple[str, str]:
         )
     except (KeyError, TypeError):
         return "n/a", ""
-    return _number(median), f"{_number(low)}-{_number(high)}"
+    return number(median), f"{number(low)}-{number(high)}"
 
 
 def rows(results: Mapping[str, Any]) -> Iterator[tuple[str, str, str, str]]:
@@ -469,7 +470,7 @@ def targets_table(results: Mapping[str, Any]) -> str:
     lines = ["| target | goal | measured (median) | met |", "|---|---|---:|---|"]
     for target in results.get("targets", []):
         value = target.get("value")
-        shown = _number(float(value)) if isinstance(value, int | float) else "n/a"
+        shown = number(float(value)) if isinstance(value, int | float) else "n/a"
         met = {True: "yes", False: "**no**"}.get(target.get("met"), "n/a")
         lines.append(f"| {target['name']} | {target['goal']} | {shown} | {met} |")
     return "\n".join(lines)
