@@ -88,3 +88,10 @@ QUICK = dataclasses.replace(
     sweep_window_s=1.0,
     sweep_rates={"echo": (500, 2000), "history": (500, 2000), "crud": (500, 2000), "approval": (100, 200)},
 )
+
+# `python -m bench.topologies`: each repetition starts two stacks (one Redis, then a Redis
+# Cluster), seeds each, measures history on 1, 2 and 3 processes and drains one backlog. The
+# windows are a little shorter and the backlog smaller than the full run's, so that three
+# repetitions of both take under 15 minutes on 2 cores; `drain_reps` is one drain per stack.
+TOPOLOGIES = dataclasses.replace(FULL, window_s=4.0, warmup_s=1.0, drain_payments=25_000, drain_reps=1)
+TOPOLOGIES_QUICK = dataclasses.replace(QUICK, drain_reps=1)
