@@ -8,8 +8,10 @@ phase code of `python -m bench`:
 - history GetPayment and ListPayments(20), closed loop on 1, 2 and 3 history processes
   (bench/phases/history.py): throughput, p50/p99, history's CPU per RPC and the CPU of
   every Redis process per RPC;
+- the CPU of every Redis process with the stack at rest, before the reads;
 - the drain of a backlog (bench/phases/drain.py): changes/s from restart, the
-  replicator's CPU per change and the CPU of every Redis process per change;
+  replicator's CPU per change and the CPU of every Redis process per change (on the
+  cluster also the replicas' part of it);
 - the commands that each master ran while the replicator drained (`INFO commandstats`
   before and after, the commands run inside scripts included), per payment replicated.
 
@@ -39,7 +41,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from bench import backlog, environment, report, stats
+from bench import backlog, cpu, environment, report, stats
 from bench.figures import Collector
 from bench.phases import drain, history, seed
 from bench.plan import TOPOLOGIES, TOPOLOGIES_QUICK, Plan
@@ -81,7 +83,10 @@ ALL_COMMANDS: Final = "all"
 # its snapshots of the counts.
 OWN_COMMANDS: Final = frozenset({"info"})
 
-# Per command: (calls, µs that Redis spent in it).
+# How long the Redis CPU is read with the stack idle, before the reads.
+REST_S: Final = 3.0
+
+# Per command: (calls, µs that Redis spent in it: wall time, a script's including its commands').
 CommandStats = dict[str, tuple[int, int]]
 
 
@@ -149,12 +154,41 @@ def difference(before: CommandStats, after: CommandStats) -> CommandStats:
 
 
 @contextlib.contextmanager
-def counting(nodes: Mapping[str, redis.Redis], into: dict[str, CommandStats]) -> Iterator[None]:
-    """Fills `into` with what each node ran inside the block."""
+def counting(
+    nodes: Mapping[str, redis.Redis],
+    into: dict[str, CommandStats],
+    replicas: Sequence[int],
+    spent: list[float],
+) -> Iterator[None]:
+    """Fills `into` with what each node ran inside the block, and appends to `spent` the CPU seconds of the `replicas`."""
     before = {name: command_stats(client) for name, client in nodes.items()}
+    replicas_before = cpu.snapshot(replicas)
     yield
+    spent.append(cpu.spent(replicas_before, cpu.snapshot(replicas)))
     for name, client in nodes.items():
         into[name] = difference(before[name], command_stats(client))
+
+
+def replica_pids(runner: Runner) -> list[int]:
+    """The processes of the stack's Redis replicas (none on one Redis), by each node's own `INFO replication`."""
+    found = []
+    addresses = runner.endpoints["REDIS_NODES"].split(",")
+    for address, pid in zip(addresses, runner.pids("redis"), strict=True):
+        host, port = address.rsplit(":", 1)
+        client = redis.Redis(host=host, port=int(port))
+        try:
+            if client.info("replication")["role"] != "master":
+                found.append(pid)
+        finally:
+            client.close()
+    return found
+
+
+def at_rest(runner: Runner, seconds: float) -> float:
+    """The CPU of every Redis process per second, in ms, with the stack idle: what the nodes cost before any work."""
+    before = runner.redis_cpu()
+    time.sleep(seconds)
+    return cpu.spent(before, runner.redis_cpu()) * 1000 / seconds
 
 
 # -- one stack -------------------------------------------------------------------------------
@@ -193,21 +227,32 @@ def measure(plan: Plan, root: Path, topology: str, collector: Collector) -> Meas
             runner.start()
             seed.run(runner)
             warm_up(runner)
+            runner.settle()
+            collector.add("redis_at_rest", cpu_ms_per_s=at_rest(runner, REST_S))
             history.measure(runner, None, HISTORY_PROCESSES, redis_cpu=True)
             print(
                 f"== drain of {plan.drain_payments * backlog.CHANGES_PER_PAYMENT:,} row changes on {NAMES[topology]}",
                 flush=True,
             )
             nodes = masters(runner)
+            replicas = replica_pids(runner)
             commands: dict[str, CommandStats] = {}
+            replicas_spent: list[float] = []
             try:
                 drained = drain.once(
-                    runner, runner.payers, plan.drain_payments, lambda _pid: counting(nodes, commands)
+                    runner,
+                    runner.payers,
+                    plan.drain_payments,
+                    lambda _pid: counting(nodes, commands, replicas, replicas_spent),
                 )
             finally:
                 for client in nodes.values():
                     client.close()
             collector.add("drain", **drained.metrics())
+            if replicas:
+                collector.add(
+                    "drain", redis_replicas_cpu_us_per_change=replicas_spent[0] * 1e6 / drained.changes
+                )
             # The drain's own reads of the checkpoint are HGETs on the node that holds it.
             holder = NODES[topology][0]
             calls, usec = commands[holder].get("hget", (0, 0))
@@ -232,30 +277,33 @@ def measure(plan: Plan, root: Path, topology: str, collector: Collector) -> Meas
 def add_commands(collector: Collector, topology: str, runs: Sequence[Measured]) -> None:
     """`commands.<node>.<command>.{calls,usec}_per_payment` for every repetition, 0 where a command did not run.
 
-    `all` sums a node's commands (each script call and each command it ran), and
-    `all_masters` sums the masters.
+    `all` counts a node's commands (each script call and each command it ran), and
+    `all_masters` sums the masters. The µs of `all` are not given: a script's µs include
+    those of the commands it ran, which Redis also counts under their own names.
     """
-    names = {command for run in runs for node in run.commands.values() for command in node}
+    names = sorted({command for run in runs for node in run.commands.values() for command in node})
     for run in runs:
-        total: dict[str, list[float]] = {}
+        calls_sum: dict[str, float] = {}
+        usec_sum: dict[str, float] = {}
         for node in NODES[topology]:
             counts = run.commands.get(node, {})
-            for command in [*sorted(names), ALL_COMMANDS]:
-                if command == ALL_COMMANDS:
-                    calls = sum(c for c, _ in counts.values())
-                    usec = sum(u for _, u in counts.values())
-                else:
-                    calls, usec = counts.get(command, (0, 0))
+            every = sum(calls for calls, _ in counts.values()) / run.payments
+            collector.add(f"commands.{node}.{ALL_COMMANDS}", calls_per_payment=every)
+            calls_sum[ALL_COMMANDS] = calls_sum.get(ALL_COMMANDS, 0.0) + every
+            for command in names:
+                calls, usec = counts.get(command, (0, 0))
                 per_calls, per_usec = calls / run.payments, usec / run.payments
                 collector.add(
                     f"commands.{node}.{command}", calls_per_payment=per_calls, usec_per_payment=per_usec
                 )
-                sums = total.setdefault(command, [0.0, 0.0])
-                sums[0] += per_calls
-                sums[1] += per_usec
-        for command, (per_calls, per_usec) in total.items():
+                calls_sum[command] = calls_sum.get(command, 0.0) + per_calls
+                usec_sum[command] = usec_sum.get(command, 0.0) + per_usec
+        collector.add(f"commands.{ALL_MASTERS}.{ALL_COMMANDS}", calls_per_payment=calls_sum.pop(ALL_COMMANDS))
+        for command in names:
             collector.add(
-                f"commands.{ALL_MASTERS}.{command}", calls_per_payment=per_calls, usec_per_payment=per_usec
+                f"commands.{ALL_MASTERS}.{command}",
+                calls_per_payment=calls_sum[command],
+                usec_per_payment=usec_sum[command],
             )
 
 
@@ -263,7 +311,7 @@ def ratios(single: Collector, cluster: Collector) -> Collector:
     """Cluster ÷ one Redis, repetition by repetition, of the history, drain and all-masters figures."""
     found = Collector()
     for path, values in single.values.items():
-        comparable = path.startswith(("history.", "drain.", f"commands.{ALL_MASTERS}."))
+        comparable = path.startswith(("history.", "drain.", "redis_at_rest.", f"commands.{ALL_MASTERS}."))
         other = cluster.values.get(path)
         if comparable and other is not None and len(other) == len(values):
             figure, metric = path.rsplit(".", 1)
@@ -283,13 +331,13 @@ def required_figures() -> list[str]:
             for metric in HISTORY_METRICS
         ]
         paths += [f"{topology}.drain.{metric}" for metric in DRAIN_METRICS]
+        paths += [f"{topology}.redis_at_rest.cpu_ms_per_s"]
         script_calls = ("evalsha",) if topology == "single" else ("evalsha", "wait")
         for node in (*NODES[topology], ALL_MASTERS):
-            paths += [
-                f"{topology}.commands.{node}.{ALL_COMMANDS}.{m}"
-                for m in ("calls_per_payment", "usec_per_payment")
-            ]
+            paths += [f"{topology}.commands.{node}.{ALL_COMMANDS}.calls_per_payment"]
+            paths += [f"{topology}.commands.{node}.evalsha.usec_per_payment"]
             paths += [f"{topology}.commands.{node}.{command}.calls_per_payment" for command in script_calls]
+    paths += ["cluster.drain.redis_replicas_cpu_us_per_change"]
     paths += [
         f"cluster_over_single.history.{call}_{n}.{metric}"
         for call in HISTORY_CALLS
@@ -297,6 +345,7 @@ def required_figures() -> list[str]:
         for metric in HISTORY_METRICS
     ]
     paths += [f"cluster_over_single.drain.{metric}" for metric in DRAIN_METRICS]
+    paths += ["cluster_over_single.redis_at_rest.cpu_ms_per_s"]
     paths += [f"cluster_over_single.commands.{ALL_MASTERS}.{ALL_COMMANDS}.calls_per_payment"]
     return paths
 
@@ -350,10 +399,11 @@ def _rows() -> Iterator[tuple[str, str, str]]:
         "",
     )
     yield (
-        "Drain, µs in Redis commands per payment (all masters)",
-        f"commands.{ALL_MASTERS}.{ALL_COMMANDS}.usec_per_payment",
+        "Drain, Redis replicas' CPU per change (in the line above)",
+        "drain.redis_replicas_cpu_us_per_change",
         "µs",
     )
+    yield "Redis CPU with the stack at rest (all nodes)", "redis_at_rest.cpu_ms_per_s", "ms/s"
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
@@ -403,8 +453,10 @@ def commands_table(results: Mapping[str, Any]) -> str:
         values = [median(topology, node, command) for topology, node in columns]
         label = "all commands" if command == ALL_COMMANDS else f"`{command}`"
         lines.append(f"| {label} | {' | '.join(_calls(v) for v in values)} |")
-    usec = [median(topology, node, ALL_COMMANDS, "usec_per_payment") for topology, node in columns]
-    lines.append(f"| µs in commands per payment | {' | '.join(report.number(v) for v in usec)} |")
+    scripts = [median(topology, node, "evalsha", "usec_per_payment") for topology, node in columns]
+    lines.append(
+        f"| µs inside `evalsha` per payment, its commands included | {' | '.join(report.number(v) for v in scripts)} |"
+    )
     return "\n".join(lines)
 
 
