@@ -14,7 +14,7 @@ from typing import Any
 import psycopg2
 import redis
 
-from payments_common.redisconn import cluster_target, is_cluster
+from payments_common.redisurl import cluster_target, is_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 

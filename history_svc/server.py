@@ -27,7 +27,8 @@ from payments.history.v1 import history_service_pb2 as pb
 from payments_common import grpcserver
 from payments_common.grpcserver import GrpcService, Readiness, build_server
 from payments_common.keys import KeySchema, reader_name
-from payments_common.redisconn import async_client, is_cluster
+from payments_common.redisconn import async_client
+from payments_common.redisurl import is_cluster
 from payments_common.tokens import PageTokenCodec
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["HistoryService"].full_name

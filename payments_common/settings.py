@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Final, Self, TypeVar
 from payments_common.authsettings import AuthSettings
 from payments_common.jwks import JwksError, read_jwks_file
 from payments_common.policy import Policy, PolicyError
-from payments_common.redisconn import SCHEMES, url_problem
+from payments_common.redisurl import SCHEMES, url_problem
 from payments_common.tls import TlsSettings
 
 # Where a server listens unless told otherwise: every interface, IPv6 and IPv4.

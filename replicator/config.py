@@ -12,7 +12,7 @@ from payments_common.keys import (
     namespace_problem,
     slot_problem,
 )
-from payments_common.redisconn import is_cluster
+from payments_common.redisurl import is_cluster
 from payments_common.settings import EnvReader, ServiceSettings, SettingsError
 
 

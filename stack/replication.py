@@ -24,7 +24,8 @@ from payments_common.keys import (
     KeySchema,
 )
 from payments_common.lsn import parse_lsn
-from payments_common.redisconn import SyncClient, is_cluster, sync_client
+from payments_common.redisconn import SyncClient, sync_client
+from payments_common.redisurl import is_cluster
 from stack.servers import dying_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 
-from payments_common.redisconn import is_cluster
+from payments_common.redisurl import is_cluster
 from tests.e2e.conftest import read_endpoints
 from tests.support.waiting import wait_until
 

@@ -8,7 +8,8 @@ import redis
 from redis.crc import key_slot
 
 from payments_common.keys import CHECKPOINT_LSN_FIELD, CHECKPOINT_NODE_FIELD, KeySchema, node_tag
-from payments_common.redisconn import AsyncClient, is_cluster, sync_client
+from payments_common.redisconn import AsyncClient, sync_client
+from payments_common.redisurl import is_cluster
 from stack.servers import RedisCluster, ServerError
 
 

@@ -25,7 +25,8 @@ from redis.typing import StreamRangeResponse
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import DEFAULT_NAMESPACE, KeySchema
 from payments_common.lsn import format_lsn
-from payments_common.redisconn import is_cluster, sync_client
+from payments_common.redisconn import sync_client
+from payments_common.redisurl import is_cluster
 from replicator.config import Settings
 from replicator.status import Status, read_status
 from stack.replication import ROOT, replicator_env, start_replicator

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from redis.cluster import RedisCluster
 
-from payments_common.redisconn import cluster_target, is_cluster, sync_client, url_problem
+from payments_common.redisconn import sync_client
+from payments_common.redisurl import cluster_target, is_cluster, url_problem
 
 
 def test_a_cluster_url_lists_its_seeds_and_keeps_credentials_and_options() -> None:
