@@ -28,7 +28,7 @@ def test_quick_benchmark_reports_every_figure(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=230,
+        timeout=400,
     )
     assert run.returncode == 0, f"bench --quick failed:\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}"
 
