@@ -654,14 +654,27 @@ class RedisCluster:
         serving = [view for view in self.topology() if view.master and view.slots and not view.failed]
         return [view.port for view in sorted(serving, key=lambda view: view.slots[0][0])]
 
-    def replica_of(self, master_port: int) -> int:
-        """The port of the replica that follows the master on `master_port` (and is not failed)."""
-        views = self.topology()
-        master = next(view for view in views if view.port == master_port)
-        for view in views:
-            if view.master_id == master.node_id and not view.failed:
-                return view.port
-        raise ServerError(f"the master on port {master_port} has no replica:\n{self._tail(master_port)}")
+    def replica_of(self, master_port: int, timeout: float = 30.0) -> int:
+        """The port of the replica that follows the master on `master_port` (and is not failed).
+
+        Waits until the nodes say so: just after the cluster forms, or a node rejoins, the
+        node asked may not have heard yet which node follows which.
+        """
+        found: list[int] = []
+
+        def known() -> bool:
+            views = self.topology()
+            master = next(view for view in views if view.port == master_port)
+            found[:] = [view.port for view in views if view.master_id == master.node_id and not view.failed]
+            return bool(found)
+
+        self._wait(
+            known,
+            timeout,
+            f"showed no replica of the master on port {master_port}",
+            lambda: [self.node(master_port)],
+        )
+        return found[0]
 
     def master_of_slot(self, slot: int) -> int:
         """The port of the master that serves hash slot `slot`."""
