@@ -42,6 +42,7 @@ Layout (for payment P, account A, replication slot S):
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Final
@@ -175,6 +176,16 @@ def node_tag(slot: int) -> str:
     while key_slot(f"n{k}".encode()) != slot:
         k += 1
     return f"n{k}"
+
+
+def node_tags(owners: Iterable[tuple[int, str]]) -> dict[str, str]:
+    """Each master's tag (`node_tag` of the lowest slot it serves), from (slot, master's name)
+    pairs: every slot of a slot table, or the first slot of each of its ranges."""
+    lowest: dict[str, int] = {}
+    for slot, name in owners:
+        if slot < lowest.get(name, 16384):
+            lowest[name] = slot
+    return {name: node_tag(slot) for name, slot in lowest.items()}
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,34 @@ import redis.asyncio
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import AskError, ClusterDownError, MovedError, RedisClusterException, TryAgainError
 
 from payments_common.redisurl import cluster_target, is_cluster
 
 SyncClient = redis.Redis | RedisCluster
 AsyncClient = redis.asyncio.Redis | AsyncRedisCluster
+
+# Refusals with which a cluster's node says that a key, or the node, moved: redis-py reads the
+# MOVED, ASK, TRYAGAIN and CLUSTERDOWN replies as these classes and drops their code from the
+# message; a script that touched a key its node does not serve fails with "non local key".
+_MOVED_ERRORS = (MovedError, AskError, TryAgainError, ClusterDownError)
+_MOVED_TEXT = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def topology_moved(error: redis.ResponseError) -> bool:
+    """Whether a node's refusal says that the slot table the call was routed by is out of date.
+
+    A slot moved or moving (resharding), a failover under way, or a script's undeclared key
+    on a node that no longer serves it: refresh the table and try again. Any other refusal
+    is the call's own.
+    """
+    text = str(error)
+    return (
+        isinstance(error, _MOVED_ERRORS)
+        or text.startswith(_MOVED_TEXT)
+        or "non local key" in text
+        or "non-local key" in text
+    )
 
 
 def sync_client(url: str, **options: Any) -> SyncClient:

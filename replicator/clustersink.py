@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from hashlib import sha1
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,10 +47,10 @@ import hiredis
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
 
 from payments_common import keys
-from payments_common.keys import KeySchema, node_tag
+from payments_common.keys import KeySchema
+from payments_common.redisconn import topology_moved
 from replicator.encode import EncodedBatch
 from replicator.lock import LockLost, SlotLock
 from replicator.sink import _PACKERS, _SCRIPTS, APPLY_OPS, NEWER, Arg, Sink, fill_fields, pack_evalsha
@@ -71,20 +71,28 @@ end
 # KEYS: the node's fence, the node's checkpoint (both with the node's own hash tag).
 # ARGV: the session's epoch, the checkpoint position ('' = none), commit time in us ('' =
 #       unchanged), source time in us ('' = unchanged), the node's name (host:port), the
-#       number of keys, the keys, then the ops as APPLY_BATCH takes them, their keys
-#       numbered from 1 in that list.
+#       number of keys, the keys, the number of slots they are in and, for each slot, the
+#       number of its distinct keys and their indexes in the keys, then the ops as
+#       APPLY_BATCH takes them, their keys numbered from 1 in that list.
+# Before anything is written, one EXISTS per slot touches every distinct key of that slot: a
+# slot this node does not serve, or one that it is migrating away (its missing keys would be
+# asked of the target), refuses it there ("non local key"), so a refused call writes nothing.
 APPLY_ON_NODE: Final = fill_fields(
     _CROSS_SLOT
     + NEWER
     + _FENCED
     + """local n = tonumber(ARGV[6])
 local K = {}
-for i = 1, n do
-  K[i] = ARGV[6 + i]
-  -- A key of a slot this node does not serve fails here, before anything is written.
-  redis.call('EXISTS', K[i])
+for i = 1, n do K[i] = ARGV[6 + i] end
+local j = 8 + n
+for _ = 1, tonumber(ARGV[7 + n]) do
+  local count = tonumber(ARGV[j])
+  local group = {}
+  for i = 1, count do group[i] = K[tonumber(ARGV[j + i])] end
+  redis.call('EXISTS', unpack(group))
+  j = j + 1 + count
 end
-local k, a, applied, skipped = 1, 7 + n, 0, 0
+local k, a, applied, skipped = 1, j, 0, 0
 """
     + APPLY_OPS.replace("KEYS[", "K[")
     + """if ARGV[2] ~= '' then
@@ -151,9 +159,6 @@ _CLUSTER_SCRIPTS: Final = {
     "hset_on_node": HSET_ON_NODE,
 }
 
-# Errors with which a node says that the keys, or the node, moved: redis-py reads MOVED, ASK,
-# TRYAGAIN and CLUSTERDOWN replies as these classes, their code dropped from the message.
-_MOVED_ERRORS: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
 # How long one WAIT blocks before the node is asked again (and the lock keeper hears of progress).
 WAIT_STEP_MS: Final = 500
 
@@ -172,11 +177,6 @@ def _sha(body: str) -> str:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _moved(error: redis.ResponseError) -> bool:
-    text = str(error)
-    return isinstance(error, _MOVED_ERRORS) or "non local key" in text or "non-local" in text
 
 
 class _Call:
@@ -344,20 +344,18 @@ class ClusterSink(Sink):
 
     def _read_topology(self) -> None:
         cache = self.cluster.nodes_manager.slots_cache
-        tags: dict[str, str] = {}
-        nodes: dict[str, ClusterNode] = {}
-        for slot in range(16384):
-            owners = cache.get(slot)
-            if not owners:
-                raise TopologyChanged(f"no node serves slot {slot}")
-            primary = owners[0]
-            if primary.name not in tags:
-                tags[primary.name] = node_tag(slot)
-                nodes[primary.name] = primary
-        self.tags, self._nodes = tags, nodes
+        uncovered = next((slot for slot in range(16384) if not cache.get(slot)), None)
+        if uncovered is not None:
+            raise TopologyChanged(f"no node serves slot {uncovered}")
+        self.tags = keys.node_tags((slot, owners[0].name) for slot, owners in cache.items())
+        self._nodes = {owners[0].name: owners[0] for owners in cache.values()}
 
     def _node_of(self, key: str) -> str:
-        owners = self.cluster.nodes_manager.slots_cache.get(key_slot(key.encode()))
+        return self._node_of_slot(key_slot(key.encode()), key)
+
+    def _node_of_slot(self, slot: int, key: str) -> str:
+        """The master that serves `slot`, where `key` is."""
+        owners = self.cluster.nodes_manager.slots_cache.get(slot)
         name = owners[0].name if owners else None
         if name is None or name not in self.tags:
             self._refresh()
@@ -431,7 +429,7 @@ class ClusterSink(Sink):
             raise LockLost(f"node {name}: {error}") from error
         if str(error).startswith("CHECKPOINTMOVED"):
             self._raise_script_error(error)
-        if _moved(error):
+        if topology_moved(error):
             self._refresh()
             raise TopologyChanged(f"node {name}: {error}") from error
         raise error
@@ -484,24 +482,32 @@ class ClusterSink(Sink):
         never covers a write that a refused or lost call left out, nor one its replicas lack.
         """
         checkpoint = batch.checkpoint
-        per_node: dict[str, tuple[list[str], list[Arg]]] = {}
+        # Per master: its keys, its ops' arguments, and per slot its distinct keys' indexes.
+        per_node: dict[str, tuple[list[str], list[Arg], dict[int, dict[str, int]]]] = {}
         for write in batch.writes:
             write_keys: list[str] = []
             write_args: list[Arg] = []
             _PACKERS[type(write)](write, write_keys, write_args)
-            node_keys, node_args = per_node.setdefault(self._node_of(write_keys[0]), ([], []))
+            slot = key_slot(write_keys[0].encode())
+            node_keys, node_args, slots = per_node.setdefault(
+                self._node_of_slot(slot, write_keys[0]), ([], [], {})
+            )
+            # A write's keys are one entity's: they share its hash tag, so its slot.
+            distinct = slots.setdefault(slot, {})
+            for offset, key in enumerate(write_keys, start=len(node_keys) + 1):
+                distinct.setdefault(key, offset)
             node_keys += write_keys
             node_args += write_args
         written = set(per_node)
         if checkpoint is not None:
             # Masters written by a large transaction's earlier chunks are waited for too.
             for name in self._unwaited:
-                per_node.setdefault(name, ([], []))
+                per_node.setdefault(name, ([], [], {}))
         if per_node:
             self._on_nodes(
                 [
-                    (name, [self._node_call(name, ["", "", ""], keys_, args)])
-                    for name, (keys_, args) in per_node.items()
+                    (name, [self._node_call(name, ["", "", ""], keys_, args, slots)])
+                    for name, (keys_, args, slots) in per_node.items()
                 ],
                 durable=checkpoint is not None,
             )
@@ -542,13 +548,26 @@ class ClusterSink(Sink):
         )
         self.position = max(self.position, checkpoint.lsn)
 
-    def _node_call(self, name: str, header: list[Arg], keys_: list[str], args: list[Arg]) -> bytes:
-        """The packed call of APPLY_ON_NODE on master `name`: `header` is the checkpoint's three arguments."""
+    def _node_call(
+        self,
+        name: str,
+        header: list[Arg],
+        keys_: list[str],
+        args: list[Arg],
+        slots: Mapping[int, Mapping[str, int]] | None = None,
+    ) -> bytes:
+        """The packed call of APPLY_ON_NODE on master `name`: `header` is the checkpoint's three
+        arguments, `slots` the distinct keys of each slot that `keys_` are in, with their index
+        (from 1) in `keys_`."""
         tag = self.tags[name]
+        checks: list[Arg] = [len(slots or ())]
+        for distinct in (slots or {}).values():
+            checks.append(len(distinct))
+            checks += distinct.values()
         return pack_evalsha(
             self._sha["apply_on_node"],
             [self.schema.node_fence(tag), self.schema.node_checkpoint(tag)],
-            [self.epoch, *header, name, len(keys_), *keys_, *args],
+            [self.epoch, *header, name, len(keys_), *keys_, *checks, *args],
         )
 
     def _execute(self, script: str, keys_: Sequence[str | bytes], args: Sequence[Any]) -> Any:

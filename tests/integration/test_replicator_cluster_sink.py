@@ -11,13 +11,12 @@ from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
 from payments.readmodel.v1 import read_model_pb2
-from payments_common.keys import KeySchema, node_tag
+from payments_common.keys import KeySchema, node_tags
 from payments_common.redisconn import sync_client
 from replicator.changes import Checkpoint
 from replicator.clustersink import ClusterSink, NotDurable, TopologyChanged
-from replicator.encode import EncodedBatch, EncodedView, EncodedWrite
+from replicator.encode import EncodedBatch, EncodedEntry, EncodedView, EncodedWrite
 from replicator.lock import LockLost, SlotLock
-from replicator.sink import pack_evalsha
 from tests.support.replicator import change_batches
 from tests.support.waiting import wait_until
 
@@ -44,13 +43,11 @@ def _ranges(client: RedisCluster) -> list[tuple[int, int, str]]:
     ]
 
 
-def _masters(client: RedisCluster) -> dict[str, int]:
-    """Each master's name and the lowest slot it serves."""
-    lowest: dict[str, int] = {}
-    for start, _, name in _ranges(client):
-        lowest[name] = min(start, lowest.get(name, start))
-    assert len(lowest) == 3, lowest
-    return lowest
+def _masters(client: RedisCluster) -> dict[str, str]:
+    """Each master's name and its tag (that of the lowest slot it serves), as the nodes report their slots."""
+    tags = node_tags((start, name) for start, _, name in _ranges(client))
+    assert len(tags) == 3, tags
+    return tags
 
 
 def _payment_per_master(client: RedisCluster) -> dict[str, str]:
@@ -106,10 +103,7 @@ def _lsn(client: redis.Redis | RedisCluster, key: str) -> int | None:
 
 
 def _node_checkpoints(client: RedisCluster) -> dict[str, int | None]:
-    return {
-        name: _lsn(client, SCHEMA.node_checkpoint(node_tag(lowest)))
-        for name, lowest in _masters(client).items()
-    }
+    return {name: _lsn(client, SCHEMA.node_checkpoint(tag)) for name, tag in _masters(client).items()}
 
 
 def _changes(client: RedisCluster) -> list[read_model_pb2.ChangeBatch]:
@@ -156,10 +150,10 @@ def test_a_batch_on_every_master_moves_each_nodes_checkpoint_then_the_slots_on_t
     # Applied means on a replica of every node that holds a part of it: each replica has its
     # master's writes as soon as the apply returns, without waiting for them.
     control = client.get_node_from_key(SCHEMA.checkpoint(SLOT)).name  # type: ignore[no-untyped-call]
-    for master, lowest in _masters(client).items():
+    for master, tag in _masters(client).items():
         replica = _replica_of(client, master)
         try:
-            assert _lsn(replica, SCHEMA.node_checkpoint(node_tag(lowest))) == 100, master
+            assert _lsn(replica, SCHEMA.node_checkpoint(tag)) == 100, master
             assert _lsn(replica, SCHEMA.payment(payments[master])) == 100, master
             if master == control:
                 assert _lsn(replica, SCHEMA.checkpoint(SLOT)) == 100
@@ -205,12 +199,7 @@ def test_a_session_that_lost_the_lock_is_refused_on_every_node_once_a_later_one_
 
 def _apply_on_node(sink: ClusterSink, master: str, lsn: int) -> bytes:
     """The sink's node call that moves only the node's checkpoint to `lsn`."""
-    tag = sink.tags[master]
-    return pack_evalsha(
-        sink._sha["apply_on_node"],
-        [SCHEMA.node_fence(tag), SCHEMA.node_checkpoint(tag)],
-        [sink.epoch, lsn, "", "", 0],
-    )
+    return sink._node_call(master, [lsn, "", ""], [], [])
 
 
 def test_a_node_asked_to_write_a_key_it_does_not_serve_writes_nothing_and_the_session_ends(
@@ -239,14 +228,71 @@ def test_a_node_asked_to_write_a_key_it_does_not_serve_writes_nothing_and_the_se
     assert _lsn(client, SCHEMA.checkpoint(SLOT)) == 100
     assert len(_changes(client)) == 1
     # The refusal refreshed the client's topology: the next session writes where the keys are.
-    assert [node.name for node in client.nodes_manager.slots_cache[moved_slot]] == [
-        node.name for node in right
-    ]
+    # (The replicas listed may differ: the nodes learn them by gossip after the cluster forms.)
+    assert client.nodes_manager.slots_cache[moved_slot][0].name == right[0].name
     sink.begin()
     sink.read_checkpoint()
     sink.apply(_batch(order, 200))
     assert {_lsn(client, SCHEMA.payment(payment_id)) for payment_id in payments.values()} == {200}
     assert _node_checkpoints(client) == dict.fromkeys(payments, 200)
+
+
+def _command(node: Any, *args: Any) -> Any:
+    """A raw command on one node's connection (or pipeline), for what redis-py has no method for."""
+    return node.execute_command(*args)
+
+
+def _with_entry(payment_id: str, lsn: int) -> EncodedBatch:
+    """The payment's view and a timeline entry at `lsn`: two keys of the payment's slot."""
+    batch = _batch([payment_id], lsn)
+    entry = read_model_pb2.TimelineEntry(sequence=lsn, actor="system").SerializeToString()
+    batch.writes.append(
+        EncodedEntry(SCHEMA.payment(payment_id), SCHEMA.payment_timeline(payment_id), lsn, lsn, entry)
+    )
+    return batch
+
+
+def test_a_slot_being_migrated_away_with_some_of_its_keys_moved_refuses_the_call_whole(
+    client: RedisCluster,
+) -> None:
+    """While `redis-cli --cluster reshard` moves a slot key by key, its master still serves the
+    keys it holds and asks for the others elsewhere: a call that writes both is refused before
+    it writes any, so a reader never sees an entity half applied."""
+    payments = _payment_per_master(client)
+    masters = sorted(payments)
+    source_name, target_name = masters[0], masters[1]
+    payment = payments[source_name]
+    sink = _sink(client, "first")
+    sink.apply(_with_entry(payment, 100))
+    source = client.get_redis_connection(client.get_node(node_name=source_name))  # type: ignore[no-untyped-call]
+    target = client.get_redis_connection(client.get_node(node_name=target_name))  # type: ignore[no-untyped-call]
+    slot = key_slot(SCHEMA.payment(payment).encode())
+    timeline = SCHEMA.payment_timeline(payment)
+    target_host, target_port = target_name.rsplit(":", 1)
+    try:
+        _command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", _command(source, "CLUSTER", "MYID"))
+        _command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", _command(target, "CLUSTER", "MYID"))
+        # The timeline has moved; the payment's view has not yet. The source asks for the
+        # timeline at the target, and still serves the view.
+        _command(source, "MIGRATE", target_host, int(target_port), timeline, 0, 5000)
+        with pytest.raises(redis.exceptions.AskError):
+            source.exists(timeline)
+        assert source.exists(SCHEMA.payment(payment)) == 1
+
+        with pytest.raises(TopologyChanged):
+            sink.apply(_with_entry(payment, 200))
+        assert _lsn(source, SCHEMA.payment(payment)) == 100
+        with target.pipeline(transaction=False) as asking:
+            _command(asking, "ASKING")
+            asking.hkeys(timeline)
+            assert asking.execute()[1] == [b"100"]
+    finally:
+        with target.pipeline(transaction=False) as asking:
+            _command(asking, "ASKING")
+            asking.delete(timeline)
+            asking.execute()
+        for node in (target, source):
+            _command(node, "CLUSTER", "SETSLOT", slot, "STABLE")
 
 
 def test_masters_that_lost_their_scripts_get_them_again_and_the_batch_applies(client: RedisCluster) -> None:
@@ -266,15 +312,21 @@ def test_masters_that_lost_their_scripts_get_them_again_and_the_batch_applies(cl
     assert [e.checkpoint_lsn for e in _changes(client)] == [100, 200]
 
 
-def test_writes_that_too_few_replicas_acknowledge_do_not_move_the_slots_checkpoint(
-    client: RedisCluster,
-) -> None:
+def _greedy(client: RedisCluster) -> tuple[dict[str, str], ClusterSink]:
+    """A payment per master applied at 100, then a sink of the same session that asks for two
+    replicas of each master, which has one: every wait it makes fails, one second later."""
     payments = _payment_per_master(client)
     sink = _sink(client, "first")
     sink.apply(_batch(list(payments.values()), 100))
-    # Every master has one replica: once the session has begun, two are asked for, and never come.
     greedy = _sink(client, "first", wait_timeout=1.0)
     greedy.wait_replicas = 2
+    return payments, greedy
+
+
+def test_writes_that_too_few_replicas_acknowledge_do_not_move_the_slots_checkpoint(
+    client: RedisCluster,
+) -> None:
+    payments, greedy = _greedy(client)
 
     with pytest.raises(NotDurable):
         greedy.apply(_batch(list(payments.values()), 200))
@@ -283,6 +335,24 @@ def test_writes_that_too_few_replicas_acknowledge_do_not_move_the_slots_checkpoi
     assert [e.checkpoint_lsn for e in _changes(client)] == [100]
     # Nothing is confirmed past 100, so a session that resumes from the checkpoint replays it.
     assert greedy.read_checkpoint() == Checkpoint(100, 1_100, 1_100)
+
+
+def test_the_end_of_a_chunked_transaction_waits_for_the_replicas_of_the_masters_its_chunks_wrote(
+    client: RedisCluster,
+) -> None:
+    # Every wait fails: which one shows where the apply stopped.
+    payments, greedy = _greedy(client)
+    chunked = sorted(payments)[0]
+    # A chunk of a large transaction: its writes, no checkpoint, not waited for yet.
+    greedy.apply(EncodedBatch(_batch([payments[chunked]], 150).writes, None, None))
+    assert _lsn(client, SCHEMA.payment(payments[chunked])) == 150
+
+    # The transaction's last chunk writes on no master; the checkpoint moves with it.
+    with pytest.raises(NotDurable):
+        greedy.apply(EncodedBatch([], Checkpoint(200, 1_200), read_model_pb2.ChangeBatch(checkpoint_lsn=200)))
+    # Refused at the wait for the chunk's master, before any master's checkpoint moved.
+    assert _node_checkpoints(client) == dict.fromkeys(payments, 100)
+    assert _lsn(client, SCHEMA.checkpoint(SLOT)) == 100
 
 
 def test_removing_keys_of_every_master_counts_what_each_removed(client: RedisCluster) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import redis
 from redis.crc import key_slot
 
-from payments_common.keys import CHECKPOINT_LSN_FIELD, CHECKPOINT_NODE_FIELD, KeySchema, node_tag
+from payments_common.keys import CHECKPOINT_LSN_FIELD, CHECKPOINT_NODE_FIELD, KeySchema, node_tags
 from payments_common.redisconn import AsyncClient, sync_client
 from payments_common.redisurl import is_cluster
 from stack.servers import RedisCluster, ServerError
@@ -49,13 +49,10 @@ def node_checkpoints(url: str, schema: KeySchema) -> dict[str, str]:
     client = sync_client(url)
     assert isinstance(client, redis.RedisCluster)
     try:
-        lowest: dict[str, int] = {}
-        for slot, owners in client.nodes_manager.slots_cache.items():
-            name = owners[0].name
-            lowest[name] = min(slot, lowest.get(name, slot))
+        tags = node_tags((slot, owners[0].name) for slot, owners in client.nodes_manager.slots_cache.items())
     finally:
         client.close()
-    return {schema.node_checkpoint(node_tag(slot)): name for name, slot in lowest.items()}
+    return {schema.node_checkpoint(tag): name for name, tag in tags.items()}
 
 
 def node_checkpoint_keys(url: str, schema: KeySchema) -> list[str]:
@@ -83,10 +80,10 @@ def node_checkpoint_of(url: str, schema: KeySchema, key: str) -> tuple[str, str]
     try:
         table = client.nodes_manager.slots_cache
         master = table[key_slot(key.encode())][0].name
-        lowest = min(slot for slot, owners in table.items() if owners[0].name == master)
+        tags = node_tags((slot, owners[0].name) for slot, owners in table.items())
     finally:
         client.close()
-    return schema.node_checkpoint(node_tag(lowest)), master
+    return schema.node_checkpoint(tags[master]), master
 
 
 def node_checkpoint_key_of(url: str, schema: KeySchema, key: str) -> str:

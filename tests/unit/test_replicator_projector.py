@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from redis.crc import key_slot
+
 from payments.readmodel.v1 import read_model_pb2
 from payments.type.v1 import payment_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
-from payments_common.keys import index_member
+from payments_common.keys import KeySchema, index_member
 from replicator.changes import ACCOUNTS, PAYMENT_EVENTS, PAYMENTS, RowBatch, RowChange, TruncateTables
 from replicator.decoder import UNCHANGED
+from replicator.encode import encode
 from replicator.ops import (
     DeleteTimeline,
     DeleteView,
@@ -16,8 +19,10 @@ from replicator.ops import (
     UnindexPayment,
     UpsertTimeline,
     UpsertView,
+    Write,
 )
-from replicator.projector import parse_timestamp_us
+from replicator.projector import Projector, parse_timestamp_us
+from replicator.sink import _PACKERS
 from tests.support.rows import PROJECTOR, A, B, P, account_row, payment_event_row, payment_row
 
 
@@ -281,3 +286,31 @@ def test_row_batch_truncate_is_a_barrier() -> None:
     ops = PROJECTOR.project_batch(batch)
     kinds = [type(op).__name__ for op in ops]
     assert kinds == ["UpsertView", "TruncateTables", "UpsertView"]
+
+
+def test_every_write_keeps_to_one_slot_on_a_cluster() -> None:
+    """Each write touches one entity's keys, which share its hash tag: the cluster's apply
+    script checks them with one EXISTS per slot before it writes (replicator/clustersink.py APPLY_ON_NODE)."""
+    projector = Projector(KeySchema.for_redis("rm:v1", "payments_read_model", cluster=True))
+    changes = [
+        RowChange(ACCOUNTS, "insert", account_row(), 1),
+        RowChange(ACCOUNTS, "update", account_row(), 2),
+        RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 3),
+        RowChange(PAYMENTS, "update", payment_row(status="APPROVED"), 4),
+        RowChange(PAYMENTS, "insert", payment_row(payee_account_id=A), 5),
+        RowChange(PAYMENT_EVENTS, "insert", payment_event_row(sequence=2), 6),
+        RowChange(PAYMENT_EVENTS, "delete", {"payment_id": P, "sequence": "2"}, 7),
+        RowChange(PAYMENTS, "delete", {"payment_id": P, "status": None}, 8),
+        RowChange(ACCOUNTS, "delete", {"account_id": A}, 9),
+    ]
+    held = projector.project(RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 10))
+    view = held[0].view  # type: ignore[union-attr]
+    assert isinstance(view, read_model_pb2.PaymentView)
+    ops: list[Op] = [op for change in changes for op in projector.project(change)]
+    ops += projector.unindex(UnindexPayment(P, 11), view)
+    writes = encode([op for op in ops if isinstance(op, Write)], None).writes
+    assert {type(write) for write in writes} == set(_PACKERS)
+    for write in writes:
+        keys: list[str] = []
+        _PACKERS[type(write)](write, keys, [])
+        assert len({key_slot(key.encode()) for key in keys}) == 1, keys

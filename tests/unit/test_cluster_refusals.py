@@ -1,4 +1,4 @@
-"""How the cluster's apply stage reads a node's refusal: which ones say that the slots or the masters moved.
+"""How a node's refusal is read by the cluster's apply stage and reads: which ones say that the slots or the masters moved.
 
 The replies are parsed as redis-py parses them off the wire (`parse_error`, which both its
 Python and its hiredis readers use): it turns MOVED, ASK, TRYAGAIN and CLUSTERDOWN into
@@ -11,7 +11,7 @@ import pytest
 import redis
 from redis._parsers.base import BaseParser
 
-from replicator.clustersink import _moved
+from payments_common.redisconn import topology_moved
 
 # What a script's refusal looks like when it touched a key of another node.
 NON_LOCAL = (
@@ -37,7 +37,7 @@ def _parsed(reply: str) -> redis.ResponseError:
     ids=["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "non local key"],
 )
 def test_a_refusal_that_says_the_topology_changed_is_read_as_such(reply: str) -> None:
-    assert _moved(_parsed(reply))
+    assert topology_moved(_parsed(reply))
 
 
 @pytest.mark.parametrize(
@@ -51,4 +51,4 @@ def test_a_refusal_that_says_the_topology_changed_is_read_as_such(reply: str) ->
     ids=["LOCKLOST", "NOSCRIPT", "CHECKPOINTMOVED", "OOM"],
 )
 def test_any_other_refusal_is_not(reply: str) -> None:
-    assert not _moved(_parsed(reply))
+    assert not topology_moved(_parsed(reply))
