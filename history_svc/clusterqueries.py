@@ -27,14 +27,11 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
-    AskError,
-    ClusterDownError,
     ClusterError,
-    MovedError,
     NoScriptError,
+    RedisClusterException,
     ResponseError,
     SlotNotCoveredError,
-    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -42,12 +39,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from history_svc import wire
 from history_svc.paging import ListQuery, index_range, queue_range
 from history_svc.queries import (
+    LUA_PAGE_CUT,
     REDIS_ERRORS,
     CheckpointBehind,
     HeldPage,
     Page,
     ReadModelUnavailable,
     Script,
+    payment_script,
     read_timelines,
 )
 from payments.readmodel.v1 import read_model_pb2
@@ -59,9 +58,10 @@ from payments_common.keys import (
     META_FEATURES_FIELD,
     VIEW_FIELD,
     KeySchema,
-    node_tag,
+    node_tags,
     parse_features,
 )
+from payments_common.redisconn import topology_moved
 
 T = TypeVar("T")
 
@@ -82,43 +82,12 @@ end
 """.replace("@LSN@", CHECKPOINT_LSN_FIELD).replace("@NODE@", CHECKPOINT_NODE_FIELD)
 )
 
-_LUA_WIRE: Final = """
-local function varint(n)
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = string.char(n % 128 + 128)
-    n = math.floor(n / 128)
-  end
-  out[#out + 1] = string.char(n)
-  return table.concat(out)
-end
-local function field(tag, bytes)
-  return tag .. varint(#bytes) .. bytes
-end
-"""
-
 # KEYS: payment hash, timeline hash. ARGV: the tags of PaymentView.timeline and of
-# GetPaymentResponse.payment, the node's checkpoint hash, the node's name (host:port). Returns {node checkpoint lsn or nil,
-# GetPaymentResponse bytes or nil}, the checkpoint read first (as the one-node script does).
+# GetPaymentResponse.payment, the node's checkpoint hash, the node's name (host:port). Returns
+# {node checkpoint lsn or nil, GetPaymentResponse bytes or nil}: the one node's script
+# (`payment_script`), with the node's checkpoint read first.
 CLUSTER_PAYMENT_SCRIPT: Final = Script(
-    (
-        _NODE_READ
-        + _LUA_WIRE
-        + """
-local checkpoint = node_checkpoint(ARGV[3], ARGV[4])
-local view = redis.call('HGET', KEYS[1], '@VIEW@')
-if not view then return {checkpoint, false} end
-local raw = redis.call('HGETALL', KEYS[2])
-local entries = {}
-for i = 1, #raw, 2 do entries[#entries + 1] = {tonumber(raw[i]), raw[i + 1]} end
-table.sort(entries, function(a, b) return a[1] < b[1] end)
-local parts = {view}
-for _, entry in ipairs(entries) do parts[#parts + 1] = field(ARGV[1], entry[2]) end
-return {checkpoint, field(ARGV[2], table.concat(parts))}
-"""
-    )
-    .replace("@LSN@", CHECKPOINT_LSN_FIELD)
-    .replace("@VIEW@", VIEW_FIELD)
+    payment_script("\nlocal checkpoint = node_checkpoint(ARGV[3], ARGV[4])\n", prelude=_NODE_READ)
 )
 
 # KEYS: account hash, index zset. ARGV: upper bound, lower bound, the number of members to
@@ -130,18 +99,14 @@ return {checkpoint, field(ARGV[2], table.concat(parts))}
 CLUSTER_PAGE_SCRIPT: Final = Script(
     (
         _NODE_READ
+        + LUA_PAGE_CUT
         + """
 local checkpoint = node_checkpoint(ARGV[4], ARGV[5])
 if redis.call('HEXISTS', KEYS[1], '@VIEW@') == 0 then return {checkpoint, 0} end
 local limit = tonumber(ARGV[3])
 if limit == 0 then return {checkpoint, 1, {}, false} end
 local members = redis.call('ZRANGE', KEYS[2], ARGV[1], ARGV[2], 'BYLEX', 'REV', 'LIMIT', 0, limit)
-local size = limit - 1
-local cursor = false
-if #members > size then
-  cursor = members[size]
-  members[#members] = nil
-end
+local cursor = cut(members, limit)
 return {checkpoint, 1, members, cursor}
 """
     )
@@ -155,30 +120,22 @@ return {checkpoint, 1, members, cursor}
 CLUSTER_QUEUE_SCRIPT: Final = Script(
     (
         _NODE_READ
+        + LUA_PAGE_CUT
         + """
 local checkpoint = node_checkpoint(ARGV[3], ARGV[4])
 local limit = tonumber(ARGV[2])
 local members = redis.call('ZRANGE', KEYS[1], ARGV[1], '+', 'BYLEX', 'LIMIT', 0, limit)
-local size = limit - 1
-local cursor = false
-if #members > size then
-  cursor = members[size]
-  members[#members] = nil
-end
+local cursor = cut(members, limit)
 return {checkpoint, members, cursor}
 """
     ).replace("@LSN@", CHECKPOINT_LSN_FIELD)
 )
 
-# Refusals that say the key is no longer where the slot table puts it.
-_MOVED_TEXT: Final = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "non local key", "non-local key")
-# Errors after which the same read may succeed on a refreshed topology.
+# Errors after which the same read may succeed on a refreshed topology, besides the refusals
+# that say so (`topology_moved`).
 _TOPOLOGY_ERRORS: Final = (
-    MovedError,
-    AskError,
-    TryAgainError,
-    ClusterDownError,
-    SlotNotCoveredError,
+    # No node serves the key's slot, or none could be reached (a failover under way).
+    RedisClusterException,
     ClusterError,
     RedisConnectionError,
     RedisTimeoutError,
@@ -186,14 +143,6 @@ _TOPOLOGY_ERRORS: Final = (
 )
 # The pause between two tries of a read whose node is failing over.
 RETRY_PAUSE_SECONDS: Final = 0.1
-
-
-def _moved(error: ResponseError) -> bool:
-    return (
-        isinstance(error, _TOPOLOGY_ERRORS)
-        or str(error).startswith(_MOVED_TEXT)
-        or "non local key" in str(error)
-    )
 
 
 def _checkpoint_read(key: str) -> tuple[object, ...]:
@@ -240,13 +189,8 @@ class ClusterNodes:
         """The key of the master's own checkpoint."""
         table = self._cluster.nodes_manager.slots_cache
         if table is not self._table:
-            lowest: dict[str, int] = {}
-            for slot, owners in table.items():
-                if owners and slot < lowest.get(owners[0].name, 16384):
-                    lowest[owners[0].name] = slot
-            self._checkpoints = {
-                name: self._schema.node_checkpoint(node_tag(slot)) for name, slot in lowest.items()
-            }
+            tags = node_tags((slot, owners[0].name) for slot, owners in table.items() if owners)
+            self._checkpoints = {name: self._schema.node_checkpoint(tag) for name, tag in tags.items()}
             self._table = table
         key = self._checkpoints.get(node.name)
         if key is None:
@@ -309,7 +253,7 @@ class ClusterReadModel:
             try:
                 return await attempt()
             except ResponseError as error:
-                if not _moved(error):
+                if not topology_moved(error):
                     raise ReadModelUnavailable() from error
                 failure: Exception = error
             except _TOPOLOGY_ERRORS as error:
@@ -319,7 +263,12 @@ class ClusterReadModel:
             if time.monotonic() + RETRY_PAUSE_SECONDS >= deadline:
                 raise ReadModelUnavailable() from failure
             log.info("a read will be tried again on a refreshed topology: %r", failure)
-            await self._nodes.refresh()
+            try:
+                # Reading the topology asks node after node: on a hung cluster, within the budget.
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self._nodes.refresh()
+            except TimeoutError:
+                raise ReadModelUnavailable() from failure
             await asyncio.sleep(RETRY_PAUSE_SECONDS)
 
     async def _on_master(self, key: str, until: float, read: Callable[[ClusterNode, str], Awaitable[T]]) -> T:
@@ -402,13 +351,14 @@ class ClusterReadModel:
     # -- the reads ---------------------------------------------------------------------------
 
     async def ping(self) -> bool:
-        """Whether every master answers, and this process's slot is the one that feeds its version."""
-        try:
-            await self._cluster.initialize()
-            answered = await self._cluster.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
-            owner = await self._cluster.get(self._schema.owner())
-        except REDIS_ERRORS:
-            return False
+        """Whether every master answers, and this process's slot is the one that feeds its version.
+
+        An error is raised, as on one node: the readiness probe logs it (a refused login, an
+        ACL without the cluster's commands, no node answering) and reports NOT_SERVING.
+        """
+        await self._cluster.initialize()
+        answered = await self._cluster.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
+        owner = await self._cluster.get(self._schema.owner())
         if owner is not None and _text(owner) != self._slot:
             if not self._mismatch_logged:
                 log.error(

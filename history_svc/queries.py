@@ -10,7 +10,7 @@ from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from history_svc import wire
 from history_svc.multiplex import Multiplexer
@@ -27,7 +27,9 @@ from payments_common.keys import (
 )
 
 # Errors that mean "Redis cannot answer now"; everything else is a bug.
-REDIS_ERRORS: Final = (RedisError, OSError)
+# What an unreachable or failing Redis raises: a cluster's client says that it cannot reach
+# any node with RedisClusterException, which is no RedisError.
+REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,10 @@ class CheckpointBehind(Exception):
         self.checkpoint = checkpoint
 
 
-# Lua helpers shared by the scripts: a protobuf varint, and a length-delimited field
-# (`tag` is the field's tag bytes, passed in ARGV from history_svc/wire.py).
-_LUA_WIRE = """
+# Lua helpers shared by the scripts (here and in history_svc/clusterqueries.py): a protobuf
+# varint, and a length-delimited field (`tag` is the field's tag bytes, passed in ARGV from
+# history_svc/wire.py).
+LUA_WIRE: Final = """
 local function varint(n)
   local out = {}
   while n >= 128 do
@@ -70,17 +73,34 @@ local function field(tag, bytes)
 end
 """
 
-# KEYS: payment hash, timeline hash[, checkpoint hash]. ARGV: the tags of PaymentView.timeline
-# and of GetPaymentResponse.payment. Returns {checkpoint lsn or nil, GetPaymentResponse bytes
-# or nil}. The view is stored with an empty timeline, so the entries, sorted by sequence, are
-# appended to it as timeline fields; the checkpoint is read first, so the data read after it
-# includes everything it covers.
-_PAYMENT_SCRIPT = (
-    (
-        _LUA_WIRE
+# A page's range: at most `limit` (page size + 1) members were ranged; the extra one, if
+# any, is dropped and the page's last member is the next cursor (nil on the last page).
+LUA_PAGE_CUT: Final = """
+local function cut(members, limit)
+  local size = limit - 1
+  if #members <= size then return false end
+  members[#members] = nil
+  return members[size]
+end
+"""
+
+
+def payment_script(checkpoint_read: str, prelude: str = "") -> str:
+    """GetPayment's script, the one node's or a cluster's: they differ only in how they read the checkpoint.
+
+    KEYS: payment hash, timeline hash (and what `checkpoint_read` declares). ARGV: the tags of
+    PaymentView.timeline and of GetPaymentResponse.payment (then what `checkpoint_read`
+    reads). `checkpoint_read` is Lua that sets `checkpoint` (an lsn, or false) and runs
+    first, so that the data read after it includes everything it covers. Returns
+    {checkpoint, GetPaymentResponse bytes or nil}. The view is stored with an empty
+    timeline, so the entries, sorted by sequence, are appended to it as timeline fields.
+    `prelude` goes first (a cluster's flags line and helpers).
+    """
+    return (
+        prelude
+        + LUA_WIRE
+        + checkpoint_read
         + """
-local checkpoint = false
-if #KEYS == 3 then checkpoint = redis.call('HGET', KEYS[3], '@LSN@') end
 local view = redis.call('HGET', KEYS[1], '@VIEW@')
 if not view then return {checkpoint, false} end
 local raw = redis.call('HGETALL', KEYS[2])
@@ -91,9 +111,15 @@ local parts = {view}
 for _, entry in ipairs(entries) do parts[#parts + 1] = field(ARGV[1], entry[2]) end
 return {checkpoint, field(ARGV[2], table.concat(parts))}
 """
-    )
-    .replace("@LSN@", CHECKPOINT_LSN_FIELD)
-    .replace("@VIEW@", VIEW_FIELD)
+    ).replace("@VIEW@", VIEW_FIELD)
+
+
+# One node: KEYS[3], when given, is the checkpoint hash.
+_PAYMENT_SCRIPT = payment_script(
+    f"""
+local checkpoint = false
+if #KEYS == 3 then checkpoint = redis.call('HGET', KEYS[3], '{CHECKPOINT_LSN_FIELD}') end
+"""
 )
 
 # KEYS: account hash, index zset[, checkpoint hash]. ARGV: upper bound, lower bound, the
@@ -106,7 +132,8 @@ return {checkpoint, field(ARGV[2], table.concat(parts))}
 # was indexed) is skipped; the cursor moves past it.
 _PAGE_SCRIPT = (
     (
-        _LUA_WIRE
+        LUA_WIRE
+        + LUA_PAGE_CUT
         + """
 local checkpoint = false
 if #KEYS == 3 then checkpoint = redis.call('HGET', KEYS[3], '@LSN@') end
@@ -114,16 +141,13 @@ if redis.call('HEXISTS', KEYS[1], '@VIEW@') == 0 then return {checkpoint, 0} end
 local limit = tonumber(ARGV[3])
 if limit == 0 then return {checkpoint, 1, '', false} end
 local members = redis.call('ZRANGE', KEYS[2], ARGV[1], ARGV[2], 'BYLEX', 'REV', 'LIMIT', 0, limit)
-local size = limit - 1
+local cursor = cut(members, limit)
 local parts = {}
-for i = 1, math.min(#members, size) do
-  local member = members[i]
+for _, member in ipairs(members) do
   local id = string.sub(member, string.find(member, ':', 1, true) + 1)
   local view = redis.call('HGET', ARGV[4] .. id .. ARGV[5], '@VIEW@')
   if view then parts[#parts + 1] = field(ARGV[6], view) end
 end
-local cursor = false
-if #members > size then cursor = members[size] end
 return {checkpoint, 1, table.concat(parts), cursor}
 """
     )
@@ -141,7 +165,8 @@ return {checkpoint, 1, table.concat(parts), cursor}
 # moves past it.
 _HELD_SCRIPT = (
     (
-        _LUA_WIRE
+        LUA_WIRE
+        + LUA_PAGE_CUT
         + """
 local checkpoint = redis.call('HGET', KEYS[3], '@LSN@')
 local features = redis.call('HGET', KEYS[1], '@FEATURES@')
@@ -150,16 +175,13 @@ if not (features and string.find(',' .. features .. ',', ',@REVIEW_QUEUE@,', 1, 
 end
 local limit = tonumber(ARGV[2])
 local members = redis.call('ZRANGE', KEYS[2], ARGV[1], '+', 'BYLEX', 'LIMIT', 0, limit)
-local size = limit - 1
+local cursor = cut(members, limit)
 local parts = {}
-for i = 1, math.min(#members, size) do
-  local member = members[i]
+for _, member in ipairs(members) do
   local id = string.sub(member, string.find(member, ':', 1, true) + 1)
   local view = redis.call('HGET', ARGV[3] .. id .. ARGV[4], '@VIEW@')
   if view then parts[#parts + 1] = field(ARGV[5], view) end
 end
-local cursor = false
-if #members > size then cursor = members[size] end
 return {checkpoint, 1, table.concat(parts), cursor}
 """
     )

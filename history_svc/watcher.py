@@ -89,8 +89,12 @@ class Subscription:
     A batch's changes are offered, and taken, together: an end (shutdown, WATCH_TOO_SLOW,
     WATCH_CONTINUITY_LOST) comes between two batches, never inside one, so the last token a
     client saw before an end covers every change it received with that token. When the buffer
-    would overflow, the stream ends with WATCH_TOO_SLOW instead of growing: the buffered
-    batches are dropped, so memory stays bounded.
+    would overflow while batches still wait in it, the stream ends with WATCH_TOO_SLOW instead
+    of growing: the buffered batches are dropped, so memory stays bounded. A batch that
+    arrives when none waits is taken whole, however large: a client that keeps up is not
+    ended by one large batch (a transaction of many payments, the first batch of a catch-up);
+    what is held stays below the buffer plus two batches, which the replicator bounds
+    (REPLICATOR_BATCH_MAX_CHANGES and the transaction that crosses it).
 
     `after_id` and `after_lsn` are the change stream entry (and its checkpoint) that the
     watcher had taken in when the subscription began: every later entry is offered to it.
@@ -111,7 +115,7 @@ class Subscription:
     def offer(self, changes: list[Change]) -> None:
         if self.ended or not changes:
             return
-        if self._size + len(changes) > self._limit:
+        if self._size and self._size + len(changes) > self._limit:
             WATCH_TOO_SLOW.inc()
             self._groups.clear()
             self._size = 0

@@ -9,6 +9,8 @@ the failover test runs the real replicator and kills a master.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from payments_common.keys import (
 )
 from payments_common.redisconn import AsyncClient, async_client
 from payments_common.tokens import encode_consistency_token
-from stack.servers import PostgresServer
+from stack.servers import PostgresServer, RedisCluster
 from tests.support.history import (
     ALICE,
     BOB,
@@ -233,6 +235,7 @@ async def test_reads_answer_correctly_or_unavailable_while_the_payments_master_f
         writer = source.writer
         alice, bob = writer.open_account("Alice"), writer.open_account("Bob")
         paid = [writer.pay(alice, bob, 100 + n)[0] for n in range(5)]
+        held = [writer.pay(bob, alice, 200 + n, status="PENDING_REVIEW")[0] for n in range(3)]
         await asyncio.to_thread(source.wait_replicated)
         settings = settings_for(source.redis_url, slot_name=source.slot_name)
         async with running_history(settings) as history:
@@ -244,12 +247,23 @@ async def test_reads_answer_correctly_or_unavailable_while_the_payments_master_f
                     pb.ListPaymentsRequest(account_id=alice, direction=pb.PAYMENT_DIRECTION_ALL),
                 ),
                 "GetAccount": (stub.GetAccount, pb.GetAccountRequest(account_id=alice)),
+                "ListHeldPayments": (stub.ListHeldPayments, pb.ListHeldPaymentsRequest(page_size=10)),
             }
+
+            def answer(reply: Any) -> Any:
+                # The queue's consistency token is the checkpoint its masters had: it moves on.
+                return list(reply.payments) if isinstance(reply, pb.ListHeldPaymentsResponse) else reply
+
             expected = {
-                name: await method(request, timeout=10) for name, (method, request) in requests.items()
+                name: answer(await method(request, timeout=10))
+                for name, (method, request) in requests.items()
             }
-            listed = expected["ListPayments"]
-            assert [view.payment_id for view in listed.payments] == paid[::-1]
+            # Newest first: the held payments (received) came after the paid ones (sent).
+            assert [view.payment_id for view in expected["ListPayments"].payments] == [
+                *held[::-1],
+                *paid[::-1],
+            ]
+            assert sorted(view.payment_id for view in expected["ListHeldPayments"]) == sorted(held)
 
             outcomes: dict[str, list[str]] = {name: [] for name in requests}
             wrong: list[str] = []
@@ -265,17 +279,17 @@ async def test_reads_answer_correctly_or_unavailable_while_the_payments_master_f
                             wrong.append(f"{name}: {error.code().name} {error.details()}")
                         return
                     outcomes[name].append("OK")
-                    if reply != expected[name]:
+                    if answer(reply) != expected[name]:
                         wrong.append(f"{name}: a wrong answer {reply}")
 
                 await asyncio.gather(*(one(name) for name in requests))
 
-            assert source.cluster
+            assert isinstance(source.redis, RedisCluster)
             cluster = source.redis
-            dead = await asyncio.to_thread(kill_master_of, cluster, SCHEMA.payment(paid[0]))  # type: ignore[arg-type]
+            dead = await asyncio.to_thread(kill_master_of, cluster, SCHEMA.payment(paid[0]))
             # Reads go on through the failover until the replica is promoted, and after it.
             rounds = 0
-            while not await asyncio.to_thread(promoted, cluster, SCHEMA.payment(paid[0]), dead):  # type: ignore[arg-type]
+            while not await asyncio.to_thread(promoted, cluster, SCHEMA.payment(paid[0]), dead):
                 await read_all()
                 rounds += 1
                 assert not wrong, wrong
@@ -284,6 +298,34 @@ async def test_reads_answer_correctly_or_unavailable_while_the_payments_master_f
                 read_all_answered(read_all, outcomes), 30, "every read answered after the promotion"
             )
             assert not wrong, wrong
+
+            # A payment written after the failover is read with its token: once the replicator
+            # carries on, never an answer without it. The promoted master has no replica until
+            # the killed node comes back as one, and the replicator confirms nothing till then.
+            await asyncio.to_thread(cluster.start_node, dead)
+            later, token = await asyncio.to_thread(writer.pay, alice, bob, 300)
+
+            async def read_with_token() -> bool:
+                try:
+                    reply = await stub.GetPayment(
+                        pb.GetPaymentRequest(payment_id=later, min_consistency_token=token), timeout=8
+                    )
+                except grpc.aio.AioRpcError as error:
+                    refused = error.code()
+                else:
+                    assert reply.payment.payment_id == later
+                    return True
+                assert refused == grpc.StatusCode.UNAVAILABLE, refused
+                return False
+
+            await eventually(
+                read_with_token, 60, "the payment written after the failover, read with its token"
+            )
+
+
+def _status(error: grpc.aio.AioRpcError) -> tuple[str, str]:
+    info = error_info(error)
+    return error.code().name, info.reason if info else ""
 
 
 def read_all_answered(
@@ -296,3 +338,99 @@ def read_all_answered(
         return all(results and results[-1] == "OK" for results in outcomes.values())
 
     return check
+
+
+@pytest.mark.slow
+async def test_a_watch_across_a_failover_of_the_change_streams_master_misses_nothing_and_repeats_nothing(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """The master of the change stream is killed under a steady stream of payments to a watched account.
+
+    The watch either goes on with every payment once, in order, or ends with ABORTED
+    WATCH_CONTINUITY_LOST after a prefix without a gap; a resume from its last token then
+    gives exactly the rest, or OUT_OF_RANGE WATCH_RESUME_UNAVAILABLE. Never a change twice,
+    never one left out.
+    """
+    with replicated_source(postgres_server, tmp_path, "cluster") as source:
+        writer = source.writer
+        alice, bob = writer.open_account("Alice"), writer.open_account("Bob")
+        await asyncio.to_thread(source.wait_replicated)
+        assert isinstance(source.redis, RedisCluster)
+        cluster = source.redis
+        changes_key = KeySchema.for_redis("rm:v1", source.slot_name, cluster=True).changes()
+        # A buffer that holds the replicator's catch-up after the failover: this test is of
+        # continuity, not of a client slower than the catch-up (WATCH_TOO_SLOW).
+        settings = settings_for(source.redis_url, slot_name=source.slot_name, watch_queue_size=100_000)
+        async with running_history(settings) as history:
+            watch = history.stub.WatchPayments(pb.WatchPaymentsRequest(account_id=alice))
+            await watch.initial_metadata()
+            received: list[pb.WatchPaymentsResponse] = []
+            ended: list[grpc.aio.AioRpcError] = []
+
+            async def read() -> None:
+                try:
+                    async for message in watch:
+                        received.append(message)
+                except grpc.aio.AioRpcError as error:
+                    ended.append(error)
+
+            reader = asyncio.create_task(read())
+            paid: list[str] = []
+            stop = threading.Event()
+
+            def pay_steadily() -> None:
+                # The load's pace (about 200 payments/s at most), not a synchronisation.
+                while not stop.wait(0.005):
+                    paid.append(writer.pay(alice, bob, 1 + len(paid))[0])
+
+            paying = asyncio.create_task(asyncio.to_thread(pay_steadily))
+            try:
+                await eventually(lambda: len(received) >= 10, 30, "the watch under way")
+                dead = await asyncio.to_thread(kill_master_of, cluster, changes_key)
+                await eventually(
+                    lambda: asyncio.to_thread(promoted, cluster, changes_key, dead),
+                    60,
+                    "the change stream's replica promoted",
+                )
+                # Back as the promoted master's replica: until then the replicator confirms
+                # nothing (REPLICATOR_REDIS_WAIT_REPLICAS=1) and moves no checkpoint.
+                await asyncio.to_thread(cluster.start_node, dead)
+                after = len(paid)
+                await eventually(lambda: len(paid) >= after + 50, 60, "payments after the promotion")
+            finally:
+                stop.set()
+                await paying
+            await asyncio.to_thread(source.wait_replicated)
+            await eventually(
+                lambda: ended or len(received) >= len(paid), 60, "every payment delivered, or the watch ended"
+            )
+            delivered = [message.payment.payment_id for message in received]
+            assert len(set(delivered)) == len(delivered), "a payment came twice"
+            # The watch was open before the first payment: what it delivered is a prefix of them.
+            assert delivered == paid[: len(delivered)]
+            if not ended:
+                assert delivered == paid
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+                return
+            assert _status(ended[0]) == ("ABORTED", "WATCH_CONTINUITY_LOST"), ended[0]
+            resumed = history.stub.WatchPayments(
+                pb.WatchPaymentsRequest(account_id=alice, start_after_resume_token=received[-1].resume_token)
+            )
+            rest: list[str] = []
+            refused: grpc.aio.AioRpcError | None = None
+            try:
+                async with asyncio.timeout(30):
+                    while len(delivered) + len(rest) < len(paid):
+                        message = await resumed.read()
+                        assert isinstance(message, pb.WatchPaymentsResponse), message
+                        rest.append(message.payment.payment_id)
+            except grpc.aio.AioRpcError as error:
+                refused = error
+            if refused is not None:
+                assert _status(refused) == ("OUT_OF_RANGE", "WATCH_RESUME_UNAVAILABLE"), refused
+                assert not rest
+                return
+            assert rest == paid[len(delivered) :]
+            resumed.cancel()

@@ -21,7 +21,7 @@ from payments.readmodel.v1 import read_model_pb2
 from payments_common.grpcstatus import error_info
 from payments_common.keys import CHECKPOINT_LSN_FIELD, DEFAULT_SLOT_NAME, STREAM_BATCH_FIELD, KeySchema
 from payments_common.tokens import encode_consistency_token
-from stack.servers import RedisServer
+from stack.servers import RedisCluster, RedisServer
 from tests.support.auth import service_token
 from tests.support.history import RunningHistory, running_history, settings_for
 from tests.support.waiting import eventually
@@ -137,6 +137,43 @@ async def test_a_hung_redis_times_out_as_unavailable_and_recovers(
         await eventually(lambda: _serving(history))
         call = history.stub.GetAccount(pb.GetAccountRequest(account_id=SOMEONE), timeout=10)
         assert await _reason(call) == (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND")
+
+
+NOT_FOUND_ALL = [
+    (grpc.StatusCode.NOT_FOUND, "PAYMENT_NOT_FOUND"),
+    (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+    (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+    (grpc.StatusCode.NOT_FOUND, "ACCOUNT_NOT_FOUND"),
+]
+
+
+@pytest.mark.slow
+async def test_a_hung_redis_cluster_times_out_as_unavailable_and_recovers(tmp_path: Path) -> None:
+    # Every node stopped (SIGSTOP) for a while shorter than the node timeout: the cluster sees
+    # no failure of its own (no failover), only its clients do.
+    cluster = RedisCluster(base_dir=tmp_path / "cluster", node_timeout_ms=60_000, detached=True)
+    try:
+        cluster.start()
+        settings = settings_for(cluster.url, redis_timeout_seconds=0.5, consistency_wait_max_seconds=1.0)
+        async with running_history(settings) as history:
+            await eventually(lambda: _serving(history))
+            assert [await _reason(call) for call in _calls(history)] == NOT_FOUND_ALL
+            for port in cluster.ports:
+                cluster.pause(port)
+            try:
+                assert [await _reason(call) for call in _calls(history)] == [
+                    (grpc.StatusCode.UNAVAILABLE, "READ_MODEL_UNAVAILABLE")
+                ] * 4
+                await eventually(lambda: _not_serving(history))
+                assert await _status(history, "liveness") == SERVING
+            finally:
+                for port in cluster.ports:
+                    cluster.resume(port)
+            await eventually(lambda: _serving(history))
+            assert [await _reason(call) for call in _calls(history)] == NOT_FOUND_ALL
+            await eventually(lambda: history.server.watcher.connected)
+    finally:
+        cluster.remove()
 
 
 async def _serving(history: RunningHistory) -> bool:

@@ -15,11 +15,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from history_svc.paging import ListQuery
 from history_svc.queries import ReadModel
 from payments.history.v1 import history_service_pb2 as pb
+from payments.history.v1 import history_service_pb2_grpc
 from payments.readmodel.v1 import read_model_pb2 as read_model
 from payments.type.v1 import payment_pb2 as types
 from payments_common.grpcstatus import bad_request, error_info
@@ -27,6 +29,7 @@ from payments_common.keys import KeySchema
 from payments_common.redisconn import AsyncClient, async_client
 from payments_common.tokens import decode_consistency_token, encode_consistency_token
 from stack.servers import PostgresServer
+from tests.support.auth import aio_channel
 from tests.support.history import (
     ReplicatedSource,
     RunningHistory,
@@ -631,11 +634,36 @@ async def test_a_watch_that_falls_behind_is_ended_with_watch_too_slow(dataset: D
     jay, kim = writer.open_account("Jay"), writer.open_account("Kim")
     dataset.source.wait_replicated()
     settings = settings_for(dataset.source.redis_url, slot_name=dataset.source.slot_name, watch_queue_size=2)
-    async with running_history(settings) as small:
-        stream = small.stub.WatchPayments(pb.WatchPaymentsRequest(account_id=jay))
+    async with (
+        running_history(settings) as small,
+        # Without BDP probing the client's HTTP/2 window stays at its first size (64 KiB), so
+        # a client that stops reading stops the server's sends soon.
+        aio_channel(small.address, options=[("grpc.http2.bdp_probe", 0)]) as channel,
+    ):
+        stub: history_service_pb2_grpc.HistoryServiceAsyncStub = history_service_pb2_grpc.HistoryServiceStub(
+            channel
+        )
+        stream = stub.WatchPayments(pb.WatchPaymentsRequest(account_id=jay))
         await stream.initial_metadata()
-        # One source transaction is one batch: five changes arrive at once into a buffer of two.
-        await asyncio.to_thread(writer.pay_many, jay, kim, 5)
+        # One source transaction is one batch: five changes at once into a buffer of two are
+        # taken whole while none waits, so a client that keeps up is not ended.
+        paid = await asyncio.to_thread(writer.pay_many, jay, kim, 5)
+        got = []
+        async with asyncio.timeout(30):
+            for _ in paid:
+                message = await stream.read()
+                assert isinstance(message, pb.WatchPaymentsResponse), message
+                got.append(message.payment.payment_id)
+        assert got == paid
+        # A client that stops reading: once gRPC holds all it will for it, batches wait in the
+        # buffer, and the next one overflows it.
+        ended = REGISTRY.get_sample_value("history_watch_too_slow_total") or 0.0
+
+        async def behind() -> bool:
+            await asyncio.to_thread(writer.pay_many, jay, kim, 200)
+            return (REGISTRY.get_sample_value("history_watch_too_slow_total") or 0.0) > ended
+
+        await eventually(behind, 120, "the stream ended as too slow", interval=0)
         await _fails(_drain(stream), grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCH_TOO_SLOW")
         assert small.server.watcher.subscriptions == 0
 

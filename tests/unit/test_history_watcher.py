@@ -265,6 +265,24 @@ async def test_a_subscription_begins_after_the_entry_taken_in_last() -> None:
     assert (subscription.after_id, subscription.after_lsn) == (b"7-0", 7)
 
 
+async def test_a_batch_larger_than_the_buffer_is_taken_whole_when_none_waits() -> None:
+    """A client that keeps up is not ended by one large batch: the replicator catching up after a pause."""
+    watcher = _watcher()
+    subscription = watcher.subscribe(ALICE, 2)
+    await _feed(watcher, 5, *(_view(n, ALICE, BOB) for n in range(1, 6)))
+    assert not subscription.ended
+    assert [c.view.payment_id[-1] for c in await _drain(subscription, 5)] == ["1", "2", "3", "4", "5"]
+    # Read: the next large batch is taken whole too.
+    await _feed(watcher, 6, *(_view(n, ALICE, BOB) for n in range(6, 9)))
+    assert len(await _drain(subscription, 3)) == 3
+    # One that arrives while another still waits overflows the buffer: the client is behind.
+    await _feed(watcher, 7, *(_view(n, ALICE, BOB) for n in range(1, 4)))
+    await _feed(watcher, 8, _view(9, ALICE, BOB))
+    assert subscription.ended
+    with pytest.raises(WatchTooSlow):
+        await subscription.__anext__()
+
+
 async def test_the_end_of_a_stream_never_splits_a_batch() -> None:
     watcher = _watcher()
     subscription = watcher.subscribe(ALICE, 2)
