@@ -22,7 +22,7 @@ from replicator import metrics
 from replicator.ack import Acknowledgements
 from replicator.bootstrap import PROGRESS_INTERVAL_SECONDS, Stopped, bootstrap, rebuild_needed
 from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
-from replicator.clustersink import sink_for
+from replicator.clustersink import TopologyChanged, sink_for
 from replicator.config import Settings
 from replicator.decoder import Begin, Commit, Decoder, LogicalMessage, Relation, Truncate, as_row
 from replicator.lock import LockKeeper, LockLost, SlotLock, VersionConflict, claim_version, instance_token
@@ -48,10 +48,32 @@ HEARTBEAT_INTERVAL_SECONDS = 5.0
 BATCH_MAX_AGE_SECONDS = 0.2
 # How long an idle loop waits for data before it renews the lock and pings again.
 IDLE_WAIT_SECONDS = 0.05
+MIN_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 10.0
+# Sessions ended by a topology change that restart without backing off, since one lasted.
+FAST_RESTARTS = 5
 # The lock keeper lets the lock go when the main loop made no progress for this long (a
 # wedged instance must not block a standby forever); every step is far shorter.
 STALL_LIMIT_SECONDS = 120.0
+
+
+def restart_delay(
+    backoff: float, error: BaseException, session_seconds: float, moves: int = 0
+) -> tuple[float, float]:
+    """How long to wait before the next session after `error` ended one, and the backoff after that.
+
+    Outages back off exponentially, from MIN_BACKOFF_SECONDS to MAX_BACKOFF_SECONDS, and start
+    over after a session that lasted 30 s. A Redis Cluster whose slots or masters moved ends
+    sessions too, and a reshard moves its slots one by one: the next session starts after the
+    shortest wait, for up to FAST_RESTARTS sessions ended so since one lasted (`moves` counts
+    those before this one); after that, as for an outage, so that a cluster that stays down
+    is not asked again and again.
+    """
+    if session_seconds > 30:
+        backoff = MIN_BACKOFF_SECONDS
+    if isinstance(error, TopologyChanged) and moves < FAST_RESTARTS:
+        return MIN_BACKOFF_SECONDS, backoff
+    return backoff, min(backoff * 2, MAX_BACKOFF_SECONDS)
 
 
 class Replicator:
@@ -77,7 +99,8 @@ class Replicator:
 
     def run_forever(self) -> int:
         """Streams until stopped; returns 0, or 1 after an unexpected error (a bug or unknown data)."""
-        backoff = 0.5
+        backoff = MIN_BACKOFF_SECONDS
+        moves = 0
         while not self.stopping:
             started = time.monotonic()
             try:
@@ -99,13 +122,14 @@ class Replicator:
                 OSError,
             ) as error:
                 metrics.RECONNECTS.inc()
-                if time.monotonic() - started > 30:
-                    backoff = 0.5
+                lasted = time.monotonic() - started
+                moves = 0 if lasted > 30 else moves
+                wait, backoff = restart_delay(backoff, error, lasted, moves)
+                moves += isinstance(error, TopologyChanged)
                 log.warning(
-                    "replication stopped: %s: %s; restarting in %.1fs", type(error).__name__, error, backoff
+                    "replication stopped: %s: %s; restarting in %.1fs", type(error).__name__, error, wait
                 )
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                self._stop.wait(wait)
             except Exception:
                 # Retrying cannot fix a bug or a row this version cannot read: exit so that it is seen.
                 log.exception("replication failed with an unexpected error; exiting")
