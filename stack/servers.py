@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import redis
@@ -525,6 +526,11 @@ class RedisCluster:
     node_timeout_ms: int = 2000
     detached: bool = False
     ports: list[int] = field(default_factory=list)
+    # Every node's own arguments besides the cluster's: ACL users (`--user name rules...`), say.
+    extra_args: list[str] = field(default_factory=list)
+    # With ACL users: the one (name, password) that may do everything. The replicas log in
+    # to their masters with it, and this class forms and administers the cluster as it.
+    admin: tuple[str, str] | None = None
     nodes: list[RedisServer] = field(default_factory=list, init=False, repr=False)
     _owns_dir: bool = field(default=False, init=False, repr=False)
     _paused: set[int] = field(default_factory=set, init=False, repr=False)
@@ -580,8 +586,19 @@ class RedisCluster:
                 # A replica that starts, or starts again, gets its full sync at once (not after 5 s).
                 "--repl-diskless-sync-delay",
                 "0",
+                *(["--masteruser", self.admin[0], "--masterauth", self.admin[1]] if self.admin else []),
+                *self.extra_args,
             ],
         )
+
+    def _cli_auth(self) -> list[str]:
+        return ["--user", self.admin[0], "--pass", self.admin[1], "--no-auth-warning"] if self.admin else []
+
+    def _client(self, port: int, **options: Any) -> redis.Redis:
+        """A connection to one node, as the administrator when there are ACL users."""
+        if self.admin is not None:
+            options.update(username=self.admin[0], password=self.admin[1])
+        return redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=2, **options)
 
     def _create(self, timeout: float) -> None:
         cli = _redis_cli()
@@ -589,6 +606,7 @@ class RedisCluster:
         result = subprocess.run(
             [
                 cli,
+                *self._cli_auth(),
                 "--cluster",
                 "create",
                 *addresses,
@@ -610,7 +628,7 @@ class RedisCluster:
 
     def _info(self, node: RedisServer) -> dict[str, str]:
         try:
-            client = redis.Redis(port=node.port, socket_connect_timeout=1, socket_timeout=2)
+            client = self._client(node.port)
             try:
                 raw = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
             finally:
@@ -722,6 +740,7 @@ class RedisCluster:
         result = subprocess.run(
             [
                 _redis_cli(),
+                *self._cli_auth(),
                 "--cluster",
                 "reshard",
                 f"127.0.0.1:{from_port}",
@@ -797,7 +816,7 @@ class RedisCluster:
         return [node for node in self.nodes if node.process is not None and node.port not in self._paused]
 
     def _command(self, port: int, *args: str) -> object:
-        client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=2)
+        client = self._client(port)
         try:
             return client.execute_command(*args)  # type: ignore[no-untyped-call]
         finally:

@@ -19,6 +19,8 @@ import redis
 
 from payments.readmodel.v1 import read_model_pb2
 from payments_common.keys import DEFAULT_SCHEMA as KEYS
+from payments_common.redisconn import sync_client
+from payments_common.redisurl import is_cluster
 from stack.replication import run_reconcile
 from tests.support.replicator import (
     ReplicatorProcess,
@@ -121,8 +123,14 @@ def test_an_update_of_every_payment_of_a_million_is_applied_within_bounded_memor
 
 
 def test_a_kill_in_the_middle_of_a_large_transaction_resumes_from_the_checkpoint(
-    migrated_dsn: str, redis_url: str, replicator: StartReplicator, tmp_path: Path
+    migrated_dsn: str, any_redis_url: str, replicator: StartReplicator, tmp_path: Path
 ) -> None:
+    """On a Redis Cluster too, where each chunk goes to every master (the replicas of the
+    masters that earlier chunks wrote are waited for before the checkpoint moves:
+    test_replicator_cluster_sink.py covers the waits, this the chunks and the kill)."""
+    redis_url = any_redis_url
+    # Enough rows that the kill lands between chunks: fewer on a cluster, whose apply is slower.
+    rows = 60_000 if is_cluster(redis_url) else 200_000
     first = replicator(migrated_dsn, redis_url, transaction_chunk_changes="5000", lock_ttl_seconds=LOCK_TTL)
     first.wait_caught_up()
     before = checkpoint_lsn(redis_url, first.slot)
@@ -131,19 +139,20 @@ def test_a_kill_in_the_middle_of_a_large_transaction_resumes_from_the_checkpoint
         "INSERT INTO accounts (account_id, owner_name, currency_code, status, ledger_balance_minor, "
         "per_payment_limit_minor, daily_limit_minor) "
         "SELECT md5(i::text)::uuid, 'owner ' || i, 'EUR', 'ACTIVE', i, 1000000, 1000000 "
-        "FROM generate_series(1, 200000) AS i",
+        f"FROM generate_series(1, {rows}) AS i",
     )
     commit_end = current_wal_lsn(migrated_dsn)
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     try:
         # Kill it once some chunks are in Redis, before the last: the checkpoint has not moved.
         wait_until(
-            lambda: client.dbsize() > 20_000 or not first.alive,
+            lambda: _keys(client) > 20_000 or not first.alive,
             600,
             "chunks applied",
             interval=0.01,
             detail=first.log_tail,
         )
+        assert first.alive, first.log_tail()
         first.kill()
         assert checkpoint_lsn(redis_url, first.slot) < commit_end
         assert checkpoint_lsn(redis_url, first.slot) >= before
@@ -157,11 +166,18 @@ def test_a_kill_in_the_middle_of_a_large_transaction_resumes_from_the_checkpoint
         assert "REBUILD" not in text
         assert "bootstrap of slot" not in text
         assert "REBUILD" not in first.log_path.read_text()
-        assert client.exists(KEYS.account(str(_md5_uuid(200000))))
+        assert client.exists(KEYS.account(str(_md5_uuid(rows))))
     finally:
         client.close()
     report = run_reconcile(migrated_dsn, redis_url, first.slot)
     assert report.returncode == 0, report.stdout
+
+
+def _keys(client: redis.Redis | redis.RedisCluster) -> int:
+    """How many keys Redis holds: on a cluster, on every master."""
+    if isinstance(client, redis.RedisCluster):
+        return int(client.dbsize(target_nodes=redis.RedisCluster.PRIMARIES))
+    return int(client.dbsize())
 
 
 def _assert_slot_behind_checkpoint(database_url: str, slot: str, redis_url: str) -> None:

@@ -29,11 +29,14 @@ from payments.history.v1 import history_service_pb2 as history_pb
 from payments.history.v1 import history_service_pb2_grpc as history_grpc
 from payments.type.v1 import money_pb2
 from payments_common.grpcstatus import error_info
-from stack.servers import PostgresServer, RedisServer, free_port
+from payments_common.redisconn import sync_client
+from stack.servers import PostgresServer, RedisCluster, RedisServer, free_port
 from tests.support import ROOT
 from tests.support.auth import aio_channel, sync_channel
 from tests.support.faults import approval_process, history_process, secret_free
+from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess
+from tests.support.source import SourceWriter
 from tests.support.waiting import eventually
 
 SLOT = "acl_read_model"
@@ -61,22 +64,21 @@ REPLICATOR_ACL = ["on", f">{REPLICATOR_PASSWORD}", "~*", "&*", "+@all"]
 DEFAULT_ACL = ["on", "nopass", "-@all", "+ping"]
 
 
+def acl_users(history_more: list[str] | None = None, **others: list[str]) -> list[str]:
+    """redis-server's arguments for the users: `default`, `history` (with `history_more`
+    rules), `replicator`, and `others` by name."""
+    users = {
+        "default": DEFAULT_ACL,
+        "history": [*HISTORY_ACL, *(history_more or [])],
+        **others,
+        "replicator": REPLICATOR_ACL,
+    }
+    return [argument for name, rules in users.items() for argument in ("--user", name, *rules)]
+
+
 @pytest.fixture
 def acl_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(
-        base_dir=tmp_path / "redis",
-        extra_args=[
-            "--user",
-            "default",
-            *DEFAULT_ACL,
-            "--user",
-            "history",
-            *HISTORY_ACL,
-            "--user",
-            "replicator",
-            *REPLICATOR_ACL,
-        ],
-    )
+    server = RedisServer(base_dir=tmp_path / "redis", extra_args=acl_users())
     try:
         yield server.start()
     finally:
@@ -85,6 +87,24 @@ def acl_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 def url(server: RedisServer, user: str, password: str) -> str:
     return f"redis://{user}:{password}@127.0.0.1:{server.port}/0"
+
+
+async def read_back(
+    read: history_grpc.HistoryServiceAsyncStub, payment_id: str, token: str, within_s: float
+) -> None:
+    """Waits until history answers GetPayment with the payment's token (UNAVAILABLE until the
+    replicator's first checkpoint: a client retries it)."""
+    request = history_pb.GetPaymentRequest(payment_id=payment_id, min_consistency_token=token)
+    found: list[str] = []
+
+    async def replicated() -> bool:
+        try:
+            found.append((await read.GetPayment(request, timeout=5)).payment.payment_id)
+        except grpc.aio.AioRpcError as error:
+            found.append(error.code().name)
+        return found[-1] == payment_id
+
+    await eventually(replicated, within_s, "the payment is read back")
 
 
 def database_with_password(postgres: PostgresServer) -> tuple[str, str]:
@@ -165,20 +185,7 @@ async def test_services_run_on_least_privilege_redis_users_and_never_reveal_cred
                 timeout=10,
             )
             # The whole path works with these users: a read with the payment's token finds it.
-            request = history_pb.GetPaymentRequest(
-                payment_id=paid.payment.payment_id, min_consistency_token=paid.consistency_token
-            )
-            found: list[str] = []
-
-            async def replicated() -> bool:
-                # UNAVAILABLE until the replicator's first checkpoint: a client retries it.
-                try:
-                    found.append((await read.GetPayment(request, timeout=5)).payment.payment_id)
-                except grpc.aio.AioRpcError as error:
-                    found.append(error.code().name)
-                return found[-1] == paid.payment.payment_id
-
-            await eventually(replicated, 30, "the payment is read back")
+            await read_back(read, paid.payment.payment_id, paid.consistency_token, 30)
 
             # Redis goes away: the history service's errors carry no credential.
             acl_redis.kill()
@@ -327,3 +334,84 @@ def test_an_unreachable_database_reveals_no_credential(tmp_path: Path) -> None:
         approval.stop(5)
     assert "readiness probe failed" in approval.log_text()
     assert secret_free([approval.log_text()], [password]) == []
+
+
+# On a Redis Cluster a client also reads the topology (CLUSTER SLOTS, or CLUSTER SHARDS) and
+# the command table (COMMAND): the history user needs these besides its read-only set.
+CLUSTER_READS = ["+cluster|slots", "+cluster|shards", "+command"]
+
+
+@pytest.mark.slow
+async def test_on_a_redis_cluster_history_serves_as_its_read_only_user_with_the_cluster_reads(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    cluster = RedisCluster(
+        base_dir=tmp_path / "cluster",
+        detached=True,
+        admin=("replicator", REPLICATOR_PASSWORD),
+        # "plain": the read-only set alone, as on one node.
+        extra_args=acl_users(CLUSTER_READS, plain=HISTORY_ACL),
+    )
+    name, dsn = database_with_password(postgres_server)
+    upgrade(dsn)
+    processes: list[ReplicatorProcess | ServiceProcess] = []
+    try:
+        cluster.start()
+        seeds = ",".join(f"127.0.0.1:{port}" for port in cluster.master_ports())
+
+        def cluster_url(user: str, password: str) -> str:
+            return f"redis+cluster://{user}:{password}@{seeds}"
+
+        replicator = ReplicatorProcess(
+            dsn, cluster_url("replicator", REPLICATOR_PASSWORD), tmp_path / "replicator.log", slot=SLOT
+        )
+        history = history_process(
+            cluster_url("history", HISTORY_PASSWORD), free_port(), tmp_path / "history.log", SLOT
+        )
+        plain = history_process(
+            cluster_url("plain", HISTORY_PASSWORD), free_port(), tmp_path / "plain.log", SLOT
+        )
+        processes += [replicator, history, plain]
+        for process in processes:
+            process.start()
+        history.wait_serving(60)
+        with SourceWriter(dsn) as writer:
+            payer, payee = writer.open_account("Payer"), writer.open_account("Payee")
+            payment_id, token = writer.pay(payer, payee, 5)
+
+        async with aio_channel(history.address) as channel:
+            read: history_grpc.HistoryServiceAsyncStub = history_grpc.HistoryServiceStub(channel)
+            await read_back(read, payment_id, token, 60)
+            listed = await read.ListPayments(
+                history_pb.ListPaymentsRequest(
+                    account_id=payer,
+                    direction=history_pb.PAYMENT_DIRECTION_ALL,
+                    min_consistency_token=token,
+                ),
+                timeout=10,
+            )
+            assert [view.payment_id for view in listed.payments] == [payment_id]
+
+        # Without the cluster reads the same read-only user cannot find the cluster's topology.
+        with pytest.raises(AssertionError, match="not SERVING"):
+            plain.wait_serving(3)
+        assert "readiness probe failed" in plain.log_text()
+
+        # The history user may read on every master, and write on none.
+        history_client = sync_client(cluster_url("history", HISTORY_PASSWORD))
+        try:
+            assert history_client.exists(f"rm:v1:payment:{{{payment_id}}}") == 1
+            for write in (
+                lambda: history_client.hset(f"rm:v1:account:{{{payer}}}", "view", b""),
+                lambda: history_client.hset(f"rm:v1:payment:{{{payment_id}}}", "view", b""),
+                lambda: history_client.xadd("rm:v1:changes:{" + SLOT + "}", {"batch": b""}),
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    write()
+        finally:
+            history_client.close()
+    finally:
+        for process in processes:
+            process.stop()
+        cluster.remove()
+        postgres_server.drop_database(name)
