@@ -11,6 +11,7 @@ import ctypes
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -431,19 +432,38 @@ class RedisServer:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for port 0 and for outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_cluster_port() -> int:
-    """A free port whose cluster bus port (the port + 10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise ServerError("found no free port pair (port, port + 10000) for a cluster node")
+    """A free port whose cluster bus port (the port + 10000) is free too, both below the
+    kernel's ephemeral range.
+
+    So neither can be taken between this choice and the node's bind by a port that another
+    process got from `free_port` (the ephemeral range) or by an outgoing connection's own
+    port; another cluster choosing the same pair is what `RedisCluster.start` retries.
+    """
+    high = _ephemeral_low() - 10000
+    low = max(1024, high - 12000)
+    for _ in range(500):
+        port = random.randrange(low, high)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise ServerError(f"found no free port pair (port, port + 10000) for a cluster node in {low}-{high}")
 
 
 def _redis_cli() -> str:

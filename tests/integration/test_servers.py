@@ -7,12 +7,21 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psycopg2
 import psycopg2.extras
 import redis
 
-from stack.servers import PostgresServer, RedisServer, process_alive, running_postgres, running_redis
+from stack.servers import (
+    PostgresServer,
+    RedisServer,
+    free_cluster_port,
+    free_port,
+    process_alive,
+    running_postgres,
+    running_redis,
+)
 
 
 def _wait_gone(pid: int, timeout: float = 20.0) -> bool:
@@ -106,3 +115,14 @@ def test_servers_die_with_a_killed_owner() -> None:
     owner.send_signal(signal.SIGKILL)
     owner.wait()
     assert all(_wait_gone(pid) for pid in pids)
+
+
+def test_a_cluster_nodes_ports_are_chosen_below_the_kernels_ephemeral_range() -> None:
+    """A port that `free_port` returned, or that an outgoing connection took, is never a
+    cluster node's port or bus port: a service's port chosen before a cluster starts
+    beside it is still free when the service binds it."""
+    low, _ = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    for _ in range(50):
+        port = free_cluster_port()
+        assert port + 10000 < low
+        assert free_port() >= low
