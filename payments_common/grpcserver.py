@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -413,6 +415,7 @@ class Readiness:
     probe: Callable[[], Awaitable[bool]]
     interval_seconds: float = 1.0
     ready: bool = False
+    _stopping: bool = field(default=False, repr=False)
     _task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def _set_all(self, serving: bool) -> None:
@@ -438,7 +441,10 @@ class Readiness:
         return ok
 
     async def _loop(self) -> None:
-        while True:
+        # The flag, not only the cancellation, ends the loop: a client library that swallows a
+        # cancellation landing in its read (redis-py has) would otherwise keep it probing for
+        # ever, and stop() waiting for it.
+        while not self._stopping:
             await self.check_once()
             await asyncio.sleep(self.interval_seconds)
 
@@ -448,6 +454,8 @@ class Readiness:
         self._task = asyncio.create_task(self._loop(), name="readiness")
 
     async def stop(self) -> None:
+        """Ends the probing, at once or at the end of the probe under way, then reports NOT_SERVING for good."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -567,6 +575,64 @@ async def wait_for_signal() -> None:
     log.info("shutdown signal received")
 
 
+# How long past its grace a process may take to stop after SIGTERM or SIGINT before it exits
+# anyway (with EXIT_STOP_OVERDUE, saying where it was stuck): within the pods' termination
+# grace (deploy/k8s/base: preStop 5 s + grace 10 s + this, below 30 s), so that the
+# kubelet's SIGKILL never comes first and the reason is in the log.
+STOP_MARGIN_SECONDS: Final = 5.0
+EXIT_STOP_OVERDUE: Final = 70  # EX_SOFTWARE
+
+
+def _awaiting(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """Where each task of the loop waits: the coroutines it awaits, outermost first, and the innermost's line."""
+    for _ in range(3):  # the set of tasks may change while it is read
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+            break
+        except RuntimeError:
+            continue
+    else:
+        return []
+    places = []
+    for task in tasks:
+        chain, where = [], "?"
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+            if frame is not None:
+                chain.append(frame.f_code.co_qualname)
+                where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+        places.append(f"{task.get_name()}: {' > '.join(chain)} ({where})")
+    return sorted(places)
+
+
+def _exit_if_not_stopped(name: str, seconds: float) -> threading.Timer:
+    """Arms the exit of a process that has not stopped within `seconds`; cancel it once stopped.
+
+    A thread, so that it fires whatever the event loop does: a dependency's client that
+    swallows a cancellation, or a call that blocks the loop.
+    """
+    loop = asyncio.get_running_loop()
+
+    def overdue() -> None:
+        log.error(
+            "%s did not stop within %g s of the signal; exiting",
+            name,
+            seconds,
+            extra={"awaiting": _awaiting(loop), "exit_code": EXIT_STOP_OVERDUE},
+        )
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(EXIT_STOP_OVERDUE)
+
+    timer = threading.Timer(seconds, overdue)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 async def serve(
     name: str,
     settings: ServerSettings,
@@ -578,10 +644,13 @@ async def serve(
     `opened` builds the service on its dependencies and closes them after it stops.
     Metrics are served on their own port from the start; `details` go in the
     start-up log line. A signal that arrives while the service starts stops it
-    gracefully once it has started.
+    gracefully once it has started. From the signal, the service has its grace plus
+    STOP_MARGIN_SECONDS to stop and close its dependencies; past that the process exits with
+    EXIT_STOP_OVERDUE, logging what it was waiting for.
     """
     stop = shutdown_requested()
-    with metrics_served(settings.metrics_port):
+    overdue: threading.Timer | None = None
+    with metrics_served(settings.metrics_port), _cancelled_at_exit(lambda: overdue):
         try:
             async with opened() as (service, port):
                 await service.start()
@@ -598,8 +667,20 @@ async def serve(
                 )
                 await stop.wait()
                 log.info("%s stopping", name, extra={"grace_seconds": settings.grace_seconds})
+                overdue = _exit_if_not_stopped(name, settings.grace_seconds + STOP_MARGIN_SECONDS)
                 await service.stop(settings.grace_seconds)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(sig)
     log.info("%s stopped", name)
+
+
+@contextlib.contextmanager
+def _cancelled_at_exit(timer: Callable[[], threading.Timer | None]) -> Iterator[None]:
+    """Cancels the timer that `timer()` names at the end of the block, however it ends."""
+    try:
+        yield
+    finally:
+        armed = timer()
+        if armed is not None:
+            armed.cancel()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,10 +23,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from payments_common.errors import INTERNAL_MESSAGE, FieldViolation, InvalidArgument, NotFound
-from payments_common.grpcserver import LIVENESS, READINESS, GrpcService, Readiness, build_server, serve
+from payments_common.grpcserver import (
+    EXIT_STOP_OVERDUE,
+    LIVENESS,
+    READINESS,
+    STOP_MARGIN_SECONDS,
+    GrpcService,
+    Readiness,
+    build_server,
+    serve,
+)
 from payments_common.grpcstatus import bad_request, error_info
 from payments_common.settings import ServerSettings
 from stack.auth import ROLES, LocalAuthority
+from tests.support import ROOT
 from tests.support.auth import aio_channel, authority, bearer, policy_for, trusting
 
 SERVICE = "test.Echo"
@@ -325,3 +338,50 @@ async def test_serve_stops_gracefully_after_a_signal_that_came_during_start_up()
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert events == ["starting", "draining", "stopped", "closed"]
+
+
+# A service whose clean-up never ends, run as a process of its own that gets SIGTERM once started.
+_STUCK_ON_STOP = """
+import asyncio, contextlib, os, signal
+from payments_common.authsettings import AuthSettings
+from payments_common.grpcserver import GrpcService, build_server, serve
+from payments_common.logs import configure_logging
+from payments_common.settings import ServerSettings
+
+class StuckOnStop(GrpcService):
+    async def started_then_signalled(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def stopped(self) -> None:
+        await asyncio.Event().wait()  # a dependency's close that never returns
+
+@contextlib.asynccontextmanager
+async def opened():
+    server, port, readiness = build_server(settings, lambda server: None, [])
+    service = StuckOnStop(server, readiness)
+    service.starting = service.started_then_signalled
+    yield service, port
+
+configure_logging("stuck")
+settings = ServerSettings(host="127.0.0.1", grace_seconds=0.2, auth=AuthSettings(disabled=True))
+asyncio.run(serve("stuck service", settings, opened))
+print("returned")
+"""
+
+
+def test_a_process_that_does_not_stop_in_its_grace_exits_saying_where_it_waits() -> None:
+    """The kubelet's SIGKILL would end it silently: it exits first, with what it was waiting for."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STUCK_ON_STOP], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == EXIT_STOP_OVERDUE, done.stdout + done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    overdue = [r for r in records if "did not stop" in r["message"]]
+    assert len(overdue) == 1, done.stdout
+    assert overdue[0]["level"] == "error"
+    assert (
+        overdue[0]["message"]
+        == f"stuck service did not stop within {0.2 + STOP_MARGIN_SECONDS:g} s of the signal; exiting"
+    )
+    assert any("StuckOnStop.stopped" in place for place in overdue[0]["awaiting"]), overdue[0]
+    assert "returned" not in done.stdout
