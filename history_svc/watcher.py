@@ -424,9 +424,9 @@ class ChangeWatcher:
 
     async def stop(self) -> None:
         self.close_streams()
-        # redis-py's asyncio client can swallow a cancellation that lands in a blocking read
-        # (XREAD BLOCK), and the loop would then go on for ever: the flag ends it at its next
-        # turn, one block later at most.
+        # redis-py's asyncio client can lose a cancellation (one that lands as a command is
+        # sent, through Python 3.11's asyncio.wait_for), and the loop would then go on for
+        # ever: the flag ends it at its next turn, one block later at most.
         self._stopping = True
         if self._task is not None:
             self._task.cancel()

@@ -441,9 +441,10 @@ class Readiness:
         return ok
 
     async def _loop(self) -> None:
-        # The flag, not only the cancellation, ends the loop: a client library that swallows a
-        # cancellation landing in its read (redis-py has) would otherwise keep it probing for
-        # ever, and stop() waiting for it.
+        # The flag, not only the cancellation, ends the loop: a probe may lose the cancellation
+        # and return as usual (redis-py sends a command through Python 3.11's asyncio.wait_for,
+        # which drops a cancellation that lands as the write completes), and the loop would
+        # then probe for ever, and stop() wait for it.
         while not self._stopping:
             await self.check_once()
             await asyncio.sleep(self.interval_seconds)
