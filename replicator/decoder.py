@@ -211,23 +211,33 @@ class Decoder:
         except KeyError:
             raise DecodeError(f"change for relation {oid} before its Relation message") from None
 
-    def row_change(self, payload: bytes) -> tuple[RowKind, Relation, tuple[Value, ...]] | None:
-        """An insert, update or delete as ("insert" | "update" | "delete", relation, values), else None.
+    def row_change(self, payload: bytes) -> tuple[RowKind, Relation, dict[str, Value]] | None:
+        """An insert, update or delete as ("insert" | "update" | "delete", relation, row), else None.
 
-        The values are the new row, or the old key (or row) of a delete. The same parsing
-        as `decode` without building a message object, for the per-change hot path.
+        The row is the new row, or the old key (or row) of a delete, by column name, as
+        `as_row` gives it from the decoded message. The same parsing as `decode` without
+        building a message object or a tuple of values, for the per-change hot path.
         """
         kind = payload[0] if payload else 0
         try:
             if kind == 0x55:  # 'U'
-                relation, _, new = self._update_values(payload)
-                return "update", relation, new
+                relation = self._relation(payload, 1)
+                offset = 5
+                if payload[offset] in (0x4B, 0x4F):  # 'K', 'O': the old tuple, skipped
+                    _, offset = _tuple(payload, offset + 1)
+                if payload[offset] != 0x4E:  # 'N'
+                    raise DecodeError(f"update without a new tuple: {payload[offset : offset + 1]!r}")
+                return "update", relation, _row(payload, offset + 1, relation.column_names)
             if kind == 0x49:  # 'I'
-                relation, new = self._insert(payload)
-                return "insert", relation, new
+                relation = self._relation(payload, 1)
+                if payload[5] != 0x4E:  # 'N'
+                    raise DecodeError(f"insert without a new tuple: {payload[5:6]!r}")
+                return "insert", relation, _row(payload, 6, relation.column_names)
             if kind == 0x44:  # 'D'
-                relation, old = self._delete(payload)
-                return "delete", relation, old
+                relation = self._relation(payload, 1)
+                if payload[5] not in (0x4B, 0x4F):  # 'K', 'O'
+                    raise DecodeError(f"delete without an old tuple: {payload[5:6]!r}")
+                return "delete", relation, _row(payload, 6, relation.column_names)
         except (struct.error, IndexError, UnicodeDecodeError) as exc:
             raise DecodeError(f"truncated or malformed {chr(kind)!r} message: {exc}") from exc
         return None
@@ -313,6 +323,45 @@ def _tuple(data: bytes, offset: int) -> tuple[tuple[Value, ...], int]:
         else:
             raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
     return tuple(values), offset
+
+
+def _row(data: bytes, offset: int, names: tuple[str, ...]) -> dict[str, Value]:
+    """The TupleData at `offset` by column name, as `as_row(relation, _tuple(...))` gives it.
+
+    A tuple shorter than the relation has only its first columns; values past the
+    relation's columns are read and dropped.
+    """
+    (count,) = _I16.unpack_from(data, offset)
+    offset += 2
+    row: dict[str, Value] = {}
+    unpack = _U32.unpack_from
+    named = len(names)
+    value: Value
+    for index in range(count):
+        kind = data[offset]
+        if kind == 0x74:  # 't'
+            (length,) = unpack(data, offset + 1)
+            offset += 5
+            end = offset + length
+            value = data[offset:end].decode()
+            offset = end
+        elif kind == 0x6E:  # 'n'
+            value = None
+            offset += 1
+        elif kind == 0x75:  # 'u'
+            value = UNCHANGED
+            offset += 1
+        elif kind == 0x62:  # 'b'
+            (length,) = unpack(data, offset + 1)
+            offset += 5
+            end = offset + length
+            value = data[offset:end]
+            offset = end
+        else:
+            raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
+        if index < named:
+            row[names[index]] = value
+    return row
 
 
 def as_row(relation: Relation, values: tuple[Value, ...]) -> dict[str, Value]:

@@ -24,7 +24,7 @@ from replicator.bootstrap import PROGRESS_INTERVAL_SECONDS, Stopped, bootstrap, 
 from replicator.changes import TABLES, Checkpoint, RowBatch, Transaction
 from replicator.clustersink import TopologyChanged, sink_for
 from replicator.config import Settings
-from replicator.decoder import Begin, Commit, Decoder, LogicalMessage, Relation, Truncate, as_row
+from replicator.decoder import Begin, Commit, Decoder, LogicalMessage, Relation, Truncate
 from replicator.lock import LockKeeper, LockLost, SlotLock, VersionConflict, claim_version, instance_token
 from replicator.projector import Projector
 from replicator.sink import CheckpointMoved, Sink
@@ -318,10 +318,10 @@ class _Stream:
             transaction = self.transaction
             if transaction is None or transaction.skip:
                 return
-            kind, relation, values = change
+            kind, relation, row = change
             table = relation.qualified_name
             if table in TABLES:
-                transaction.changes.append((table, kind, as_row(relation, values)))
+                transaction.changes.append((table, kind, row))
                 if len(transaction.changes) >= self.chunk_max:
                     self.apply_chunk(transaction)
             return

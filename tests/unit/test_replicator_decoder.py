@@ -150,11 +150,11 @@ def test_row_change_matches_the_decoded_message() -> None:
         message = decoder.decode(payload)
         change = decoder.row_change(payload)
         if isinstance(message, Insert):
-            assert change == ("insert", message.relation, message.new)
+            assert change == ("insert", message.relation, as_row(message.relation, message.new))
         elif isinstance(message, Update):
-            assert change == ("update", message.relation, message.new)
+            assert change == ("update", message.relation, as_row(message.relation, message.new))
         elif isinstance(message, Delete):
-            assert change == ("delete", message.relation, message.old)
+            assert change == ("delete", message.relation, as_row(message.relation, message.old))
         else:
             assert change is None
             continue
@@ -166,3 +166,47 @@ def test_row_change_of_a_malformed_message_raises_decode_error() -> None:
     decoder = Decoder()
     with pytest.raises(DecodeError):
         decoder.row_change(struct.pack(">cI", b"I", 99))
+
+
+def _tuple_data(*values: object) -> bytes:
+    """pgoutput's TupleData of the values: text, binary, null and unchanged TOAST."""
+    out = struct.pack(">h", len(values))
+    for value in values:
+        if value is None:
+            out += b"n"
+        elif value is UNCHANGED:
+            out += b"u"
+        elif isinstance(value, bytes):
+            out += b"b" + struct.pack(">I", len(value)) + value
+        else:
+            assert isinstance(value, str)
+            encoded = value.encode()
+            out += b"t" + struct.pack(">I", len(encoded)) + encoded
+    return out
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("1", None, UNCHANGED),  # every column
+        ("1", "é"),  # shorter than the relation: its first columns only
+        ("1", b"\x00\x01", None, "extra"),  # longer: the values past the relation's columns dropped
+        (),
+    ],
+)
+def test_a_row_read_by_name_is_the_tuple_by_name(values: tuple[object, ...]) -> None:
+    """The hot path's row (`row_change`) is what the decoded message's tuple gives by column name."""
+    columns = b"".join(
+        struct.pack(">b", int(name == "id")) + name.encode() + b"\0" + struct.pack(">Ii", 25, -1)
+        for name in ("id", "name", "note")
+    )
+    decoder = Decoder()
+    relation = decoder.decode(
+        struct.pack(">cI", b"R", 16384) + b"public\0t\0d" + struct.pack(">h", 3) + columns
+    )
+    assert isinstance(relation, Relation)
+    payload = b"I" + struct.pack(">I", relation.oid) + b"N" + _tuple_data(*values)
+    message = decoder.decode(payload)
+    assert isinstance(message, Insert)
+    assert decoder.row_change(payload) == ("insert", relation, as_row(relation, message.new))
+    assert list(as_row(relation, message.new).values()) == list(values[:3])
