@@ -404,6 +404,13 @@ async def test_a_watch_across_a_failover_of_the_change_streams_master_misses_not
             await eventually(
                 lambda: ended or len(received) >= len(paid), 60, "every payment delivered, or the watch ended"
             )
+            if not ended:
+                # One payment more once the others are in: the next message must be it, so that
+                # a payment delivered again after the last one would show.
+                paid.append((await asyncio.to_thread(writer.pay, alice, bob, 1 + len(paid)))[0])
+                await eventually(
+                    lambda: ended or len(received) >= len(paid), 60, "the last payment delivered"
+                )
             delivered = [message.payment.payment_id for message in received]
             assert len(set(delivered)) == len(delivered), "a payment came twice"
             # The watch was open before the first payment: what it delivered is a prefix of them.
@@ -433,4 +440,10 @@ async def test_a_watch_across_a_failover_of_the_change_streams_master_misses_not
                 assert not rest
                 return
             assert rest == paid[len(delivered) :]
+            # As above: after the rest, the next message is the next payment, not one again.
+            last = (await asyncio.to_thread(writer.pay, alice, bob, 1 + len(paid)))[0]
+            async with asyncio.timeout(30):
+                message = await resumed.read()
+            assert isinstance(message, pb.WatchPaymentsResponse), message
+            assert message.payment.payment_id == last
             resumed.cancel()
