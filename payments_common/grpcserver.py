@@ -447,6 +447,8 @@ class Readiness:
         # then probe for ever, and stop() wait for it.
         while not self._stopping:
             await self.check_once()
+            if self._stopping:
+                break
             await asyncio.sleep(self.interval_seconds)
 
     async def start(self) -> None:
@@ -617,16 +619,17 @@ def _exit_if_not_stopped(name: str, seconds: float) -> threading.Timer:
     loop = asyncio.get_running_loop()
 
     def overdue() -> None:
-        log.error(
-            "%s did not stop within %g s of the signal; exiting",
-            name,
-            seconds,
-            extra={"awaiting": _awaiting(loop), "exit_code": EXIT_STOP_OVERDUE},
-        )
-        for handler in logging.getLogger().handlers:
-            with contextlib.suppress(Exception):
+        try:
+            log.error(
+                "%s did not stop within %g s of the signal; exiting",
+                name,
+                seconds,
+                extra={"awaiting": _awaiting(loop), "exit_code": EXIT_STOP_OVERDUE},
+            )
+            for handler in logging.getLogger().handlers:
                 handler.flush()
-        os._exit(EXIT_STOP_OVERDUE)
+        finally:
+            os._exit(EXIT_STOP_OVERDUE)  # whatever the logging did
 
     timer = threading.Timer(seconds, overdue)
     timer.daemon = True
@@ -638,6 +641,8 @@ async def serve(
     name: str,
     settings: ServerSettings,
     opened: Callable[[], AbstractAsyncContextManager[tuple[GrpcService, int]]],
+    *,
+    exit_when_overdue: bool = True,
     **details: object,
 ) -> None:
     """Runs a service until SIGTERM or SIGINT, then stops it gracefully.
@@ -647,7 +652,8 @@ async def serve(
     start-up log line. A signal that arrives while the service starts stops it
     gracefully once it has started. From the signal, the service has its grace plus
     STOP_MARGIN_SECONDS to stop and close its dependencies; past that the process exits with
-    EXIT_STOP_OVERDUE, logging what it was waiting for.
+    EXIT_STOP_OVERDUE, logging what it was waiting for (unless `exit_when_overdue` is false:
+    a caller that is not the service's own process, a test).
     """
     stop = shutdown_requested()
     overdue: threading.Timer | None = None
@@ -668,7 +674,8 @@ async def serve(
                 )
                 await stop.wait()
                 log.info("%s stopping", name, extra={"grace_seconds": settings.grace_seconds})
-                overdue = _exit_if_not_stopped(name, settings.grace_seconds + STOP_MARGIN_SECONDS)
+                if exit_when_overdue:
+                    overdue = _exit_if_not_stopped(name, settings.grace_seconds + STOP_MARGIN_SECONDS)
                 await service.stop(settings.grace_seconds)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):

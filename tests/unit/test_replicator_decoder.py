@@ -194,7 +194,18 @@ def _tuple_data(*values: object) -> bytes:
         (),
     ],
 )
-def test_a_row_read_by_name_is_the_tuple_by_name(values: tuple[object, ...]) -> None:
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "insert",
+        "update",
+        "update with the old key",
+        "update with the old row",
+        "delete by key",
+        "delete by row",
+    ],
+)
+def test_a_row_read_by_name_is_the_tuple_by_name(values: tuple[object, ...], kind: str) -> None:
     """The hot path's row (`row_change`) is what the decoded message's tuple gives by column name."""
     columns = b"".join(
         struct.pack(">b", int(name == "id")) + name.encode() + b"\0" + struct.pack(">Ii", 25, -1)
@@ -205,8 +216,22 @@ def test_a_row_read_by_name_is_the_tuple_by_name(values: tuple[object, ...]) -> 
         struct.pack(">cI", b"R", 16384) + b"public\0t\0d" + struct.pack(">h", 3) + columns
     )
     assert isinstance(relation, Relation)
-    payload = b"I" + struct.pack(">I", relation.oid) + b"N" + _tuple_data(*values)
+    oid = struct.pack(">I", relation.oid)
+    old_key = _tuple_data("0", None, None)  # another key, and a tuple of another length than the new one
+    old_row = _tuple_data("0", "before", UNCHANGED, "x")
+    payload = {
+        "insert": b"I" + oid + b"N" + _tuple_data(*values),
+        "update": b"U" + oid + b"N" + _tuple_data(*values),
+        "update with the old key": b"U" + oid + b"K" + old_key + b"N" + _tuple_data(*values),
+        "update with the old row": b"U" + oid + b"O" + old_row + b"N" + _tuple_data(*values),
+        "delete by key": b"D" + oid + b"K" + _tuple_data(*values),
+        "delete by row": b"D" + oid + b"O" + _tuple_data(*values),
+    }[kind]
     message = decoder.decode(payload)
-    assert isinstance(message, Insert)
-    assert decoder.row_change(payload) == ("insert", relation, as_row(relation, message.new))
-    assert list(as_row(relation, message.new).values()) == list(values[:3])
+    if isinstance(message, Delete):
+        expected = ("delete", relation, as_row(relation, message.old))
+    else:
+        assert isinstance(message, Insert | Update)
+        expected = (kind.split()[0], relation, as_row(relation, message.new))
+    assert decoder.row_change(payload) == expected
+    assert list(expected[2].values()) == list(values[:3])
