@@ -8,8 +8,9 @@ Integers are big-endian; strings are NUL-terminated; timestamps are microseconds
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 # Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 PG_EPOCH_OFFSET_US: Final = 946_684_800_000_000
@@ -33,6 +34,7 @@ UNCHANGED: Final = _Unchanged()
 
 # A column value: None for NULL, text, bytes (binary format), or UNCHANGED.
 Value = str | bytes | None | _Unchanged
+K = TypeVar("K")  # the keys of a row read from a tuple: column names, or positions
 
 
 RowKind = Literal["insert", "update", "delete"]
@@ -227,17 +229,17 @@ class Decoder:
                     _, offset = _tuple(payload, offset + 1)
                 if payload[offset] != 0x4E:  # 'N'
                     raise DecodeError(f"update without a new tuple: {payload[offset : offset + 1]!r}")
-                return "update", relation, _row(payload, offset + 1, relation.column_names)
+                return "update", relation, _row(payload, offset + 1, relation.column_names)[0]
             if kind == 0x49:  # 'I'
                 relation = self._relation(payload, 1)
                 if payload[5] != 0x4E:  # 'N'
                     raise DecodeError(f"insert without a new tuple: {payload[5:6]!r}")
-                return "insert", relation, _row(payload, 6, relation.column_names)
+                return "insert", relation, _row(payload, 6, relation.column_names)[0]
             if kind == 0x44:  # 'D'
                 relation = self._relation(payload, 1)
                 if payload[5] not in (0x4B, 0x4F):  # 'K', 'O'
                     raise DecodeError(f"delete without an old tuple: {payload[5:6]!r}")
-                return "delete", relation, _row(payload, 6, relation.column_names)
+                return "delete", relation, _row(payload, 6, relation.column_names)[0]
         except (struct.error, IndexError, UnicodeDecodeError) as exc:
             raise DecodeError(f"truncated or malformed {chr(kind)!r} message: {exc}") from exc
         return None
@@ -295,45 +297,22 @@ def _parse_relation(data: bytes) -> Relation:
 
 
 def _tuple(data: bytes, offset: int) -> tuple[tuple[Value, ...], int]:
+    """The TupleData at `offset`, its values in order, and the offset after it."""
     (count,) = _I16.unpack_from(data, offset)
-    offset += 2
-    values: list[Value] = []
-    append = values.append
-    unpack = _U32.unpack_from
-    for _ in range(count):
-        kind = data[offset]
-        if kind == 0x74:  # 't'
-            (length,) = unpack(data, offset + 1)
-            offset += 5
-            end = offset + length
-            append(data[offset:end].decode())
-            offset = end
-        elif kind == 0x6E:  # 'n'
-            append(None)
-            offset += 1
-        elif kind == 0x75:  # 'u'
-            append(UNCHANGED)
-            offset += 1
-        elif kind == 0x62:  # 'b'
-            (length,) = unpack(data, offset + 1)
-            offset += 5
-            end = offset + length
-            append(data[offset:end])
-            offset = end
-        else:
-            raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
-    return tuple(values), offset
+    by_position, end = _row(data, offset, range(count))
+    return tuple(by_position.values()), end
 
 
-def _row(data: bytes, offset: int, names: tuple[str, ...]) -> dict[str, Value]:
-    """The TupleData at `offset` by column name, as `as_row(relation, _tuple(...))` gives it.
+def _row(data: bytes, offset: int, names: Sequence[K]) -> tuple[dict[K, Value], int]:
+    """The TupleData at `offset` by column name, and the offset after it.
 
-    A tuple shorter than the relation has only its first columns; values past the
-    relation's columns are read and dropped.
+    A tuple shorter than `names` (the relation's columns) has only its first columns;
+    values past them are read and dropped. The row is built as the tuple is read: the
+    per-change hot path makes no tuple of values first.
     """
     (count,) = _I16.unpack_from(data, offset)
     offset += 2
-    row: dict[str, Value] = {}
+    row: dict[K, Value] = {}
     unpack = _U32.unpack_from
     named = len(names)
     value: Value
@@ -361,7 +340,7 @@ def _row(data: bytes, offset: int, names: tuple[str, ...]) -> dict[str, Value]:
             raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
         if index < named:
             row[names[index]] = value
-    return row
+    return row, offset
 
 
 def as_row(relation: Relation, values: tuple[Value, ...]) -> dict[str, Value]:
