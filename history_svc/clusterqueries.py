@@ -27,6 +27,8 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
     ClusterError,
     NoScriptError,
     RedisClusterException,
@@ -141,6 +143,48 @@ _TOPOLOGY_ERRORS: Final = (
     RedisTimeoutError,
     OSError,
 )
+
+
+# How long the readiness probe waits for each master: within the probe's own bound (2 s), so
+# that a master that hangs counts as one that cannot be reached.
+PING_SECONDS: Final = 1.0
+
+
+async def _within(seconds: float, calls: list[Awaitable[Any]]) -> list[Any]:
+    """Each call's reply, or its error; a call not done within `seconds` gives a TimeoutError.
+
+    Waited for without cancelling them (a redis-py call may lose a cancellation); the calls
+    left are cancelled after, and end by their own socket timeout at the latest.
+    """
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.wait(tasks, timeout=seconds)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.add_done_callback(_retrieved)
+                task.cancel()
+    return [
+        (task.exception() or task.result())
+        if task.done() and not task.cancelled()
+        else TimeoutError(f"no answer within {seconds:g} s")
+        for task in tasks
+    ]
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Takes a left call's outcome, so that asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _unreachable(error: BaseException) -> bool:
+    """Whether a node's error says it could not be reached (down, hung), not that it refused."""
+    if isinstance(error, AuthenticationError | AuthorizationError):
+        return False  # a refused login: every read of the node would be refused too
+    return isinstance(error, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError)
+
+
 # The pause between two tries of a read whose node is failing over.
 RETRY_PAUSE_SECONDS: Final = 0.1
 
@@ -233,6 +277,8 @@ class ClusterReadModel:
         self._retry_seconds = retry_seconds
         self._nodes = ClusterNodes(cluster, schema)
         self._mismatch_logged = False
+        # Whether the slot's `owner` was this process's slot when last read (none: as good).
+        self._owner_verdict = True
         self._shas = {
             script: script.sha
             for script in (CLUSTER_PAYMENT_SCRIPT, CLUSTER_PAGE_SCRIPT, CLUSTER_QUEUE_SCRIPT)
@@ -351,25 +397,50 @@ class ClusterReadModel:
     # -- the reads ---------------------------------------------------------------------------
 
     async def ping(self) -> bool:
-        """Whether every master answers, and this process's slot is the one that feeds its version.
+        """Whether history can serve: a master answers, none refuses, and this process's slot feeds its version.
 
-        An error is raised, as on one node: the readiness probe logs it (a refused login, an
-        ACL without the cluster's commands, no node answering) and reports NOT_SERVING.
+        A master that cannot be reached (killed or hung, until its replica takes over) leaves
+        history serving the others' keys: every history process sees the same cluster, so
+        reporting NOT_SERVING would take all of them out of their Service and fail every
+        read, not only that master's share (UNAVAILABLE meanwhile). No master answering, or
+        any refusing (a login, an ACL), is raised, as on one node: the readiness probe logs it
+        and reports NOT_SERVING. Each master is asked once, without the client's retries, all
+        at once, and waited for at most PING_SECONDS. The slot's `owner` is read on its master
+        meanwhile; while that master cannot be reached, the last verdict stands.
         """
         await self._cluster.initialize()
-        answered = await self._cluster.ping(target_nodes=AsyncRedisCluster.PRIMARIES)
-        owner = await self._cluster.get(self._schema.owner())
-        if owner is not None and _text(owner) != self._slot:
-            if not self._mismatch_logged:
-                log.error(
-                    "HISTORY_SLOT_NAME %s does not feed %s (its slot is %s): not serving",
-                    self._slot,
-                    self.namespace,
-                    _text(owner),
-                )
-                self._mismatch_logged = True
-            return False
-        return bool(answered)
+        masters = self._cluster.get_primaries()
+        if not masters:
+            raise SlotNotCoveredError("the cluster has no master")
+        owner_key = self._schema.owner()
+        owner_node = await self._nodes.master(owner_key)
+        *replies, owner = await _within(
+            PING_SECONDS,
+            [
+                *(node.execute_command("PING") for node in masters),
+                owner_node.execute_command("GET", owner_key),
+            ],
+        )
+        failures = [reply for reply in replies if isinstance(reply, BaseException)]
+        refusals = [failure for failure in failures if not _unreachable(failure)]
+        if refusals:
+            raise refusals[0]
+        if len(failures) == len(masters):
+            raise failures[0]
+        if isinstance(owner, BaseException):
+            if not _unreachable(owner):
+                raise owner
+            return self._owner_verdict
+        self._owner_verdict = owner is None or _text(owner) == self._slot
+        if not self._owner_verdict and not self._mismatch_logged:
+            log.error(
+                "HISTORY_SLOT_NAME %s does not feed %s (its slot is %s): not serving",
+                self._slot,
+                self.namespace,
+                _text(owner),
+            )
+            self._mismatch_logged = True
+        return self._owner_verdict
 
     async def payment_response(self, payment_id: str, min_lsn: int = 0, until: float = 0.0) -> bytes | None:
         """The GetPaymentResponse bytes of the payment, timeline oldest first; None when absent."""

@@ -44,6 +44,7 @@ from tests.support.history import (
 )
 from tests.support.history_cluster import (
     kill_master_of,
+    master_port_of,
     move_node_checkpoint,
     node_checkpoint_key_of,
     node_checkpoint_of,
@@ -228,6 +229,54 @@ async def test_without_a_token_a_reader_sees_one_masters_part_of_a_batch_before_
 
 
 @pytest.mark.slow
+async def test_a_dead_master_leaves_history_serving_the_other_masters_keys(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    """The master that holds the slot's owner key hung, then killed: readiness stays SERVING, and
+    until its replica takes over the other masters' keys are read; after, its keys are read too.
+
+    Every history process sees the same cluster: NOT_SERVING would take them all out of their
+    Service, and fail every read instead of the dead master's share.
+    """
+    with replicated_source(postgres_server, tmp_path, "cluster") as source:
+        assert isinstance(source.redis, RedisCluster)
+        cluster = source.redis
+        schema = KeySchema.for_redis("rm:v1", source.slot_name, cluster=True)
+        accounts = [source.writer.open_account(f"Owner {n}") for n in range(30)]
+        await asyncio.to_thread(source.wait_replicated)
+        settings = settings_for(source.redis_url, slot_name=source.slot_name)
+        async with running_history(settings) as history:
+            readiness = history.server.readiness
+            assert await readiness.check_once()
+            # Hung (SIGSTOP) for less than the node timeout: it answers nothing, and nothing
+            # fails over unless the pause outlasts the node timeout.
+            hung = master_port_of(cluster, schema.owner())
+            cluster.pause(hung)
+            try:
+                assert await readiness.check_once()
+            finally:
+                cluster.resume(hung)
+            await asyncio.to_thread(cluster.wait_ok)
+            doomed = master_port_of(cluster, schema.owner())
+            ports = {account: master_port_of(cluster, schema.account(account)) for account in accounts}
+            elsewhere = next(account for account, port in ports.items() if port != doomed)
+            there = next(account for account, port in ports.items() if port == doomed)
+            assert await asyncio.to_thread(kill_master_of, cluster, schema.owner()) == doomed
+            # At once, long before the node timeout lets its replica take over.
+            assert await readiness.check_once()
+            reply = await history.stub.GetAccount(pb.GetAccountRequest(account_id=elsewhere), timeout=10)
+            assert reply.account.account_id == elsewhere
+            await eventually(
+                lambda: asyncio.to_thread(promoted, cluster, schema.owner(), doomed),
+                60,
+                "the owner key's replica promoted",
+            )
+            reply = await history.stub.GetAccount(pb.GetAccountRequest(account_id=there), timeout=10)
+            assert reply.account.account_id == there
+            await history.stub.GetAccount(pb.GetAccountRequest(account_id=elsewhere), timeout=10)
+            assert await readiness.check_once()
+
+
 async def test_reads_answer_correctly_or_unavailable_while_the_payments_master_fails_over(
     postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
