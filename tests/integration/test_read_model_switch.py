@@ -1,14 +1,18 @@
 """A new read-model version built beside the live one, the history processes switched one by one, the old one retired.
 
-All of it under a steady payment load, with readers that must never see a failed read. The
-live version is one built before the review queue existed (its `meta` names no feature),
+All of it under a steady payment load, with readers that must never see a failed read; each
+history process is taken out of their rotation before it restarts, as Kubernetes takes a pod
+out of its Service before it stops it. The live version is one built before the review queue existed (its `meta` names no feature),
 the new one is built with it: the queue answers once the readers have switched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from tests.support.auth import aio_channel
 from tests.support.faults import FAST_RECONNECT, PaymentLoad, approval_process, history_process, open_accounts
 from tests.support.processes import ServiceProcess
 from tests.support.replicator import ReplicatorProcess, keys_of, retire, slot_exists, slot_for
+from tests.support.waiting import eventually
 
 ACCOUNTS = 6
 REVIEW_THRESHOLD = 400
@@ -37,7 +42,7 @@ READ_TIMEOUT_S = 20.0
 
 @dataclass
 class CheckedReaders:
-    """Readers through a round-robin channel over every history process; each answer is checked.
+    """Readers spread over the history processes in rotation; each answer is checked.
 
     A payment read with its acknowledgement's consistency token must hold what approval
     answered; a page of the payer's history read with that token must list it; an account
@@ -45,28 +50,48 @@ class CheckedReaders:
     older one. Any error is a failed read.
     """
 
-    target: str
+    addresses: list[str]
     load: PaymentLoad
     accounts: list[str]
     reads: int = 0
     failed: list[str] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _in_rotation: list[str] = field(default_factory=list)
+    _stubs: dict[str, history_grpc.HistoryServiceAsyncStub] = field(default_factory=dict)
+    _reading: Counter[str] = field(default_factory=Counter)
 
     async def run(self, readers: int = 2) -> None:
-        options = [*FAST_RECONNECT, ("grpc.lb_policy_name", "round_robin")]
-        async with aio_channel(self.target, options=options) as channel:
-            stub = history_grpc.HistoryServiceStub(channel)
-            await asyncio.gather(*(self._reader(stub, n) for n in range(readers)))
+        async with contextlib.AsyncExitStack() as channels:
+            for address in self.addresses:
+                channel = await channels.enter_async_context(aio_channel(address, options=FAST_RECONNECT))
+                self._stubs[address] = history_grpc.HistoryServiceStub(channel)
+            self._in_rotation = list(self.addresses)
+            await asyncio.gather(*(self._reader(n) for n in range(readers)))
 
-    async def _reader(self, stub: history_grpc.HistoryServiceAsyncStub, number: int) -> None:
+    @contextlib.asynccontextmanager
+    async def out_of_rotation(self, address: str) -> AsyncIterator[None]:
+        """As Kubernetes takes a pod out of its Service before it stops it: no read begins on
+        the process, and those under way (a read may be two calls) end first."""
+        self._in_rotation.remove(address)
+        try:
+            await eventually(lambda: self._reading[address] == 0, READ_TIMEOUT_S * 3, f"reads on {address}")
+            yield
+        finally:
+            self._in_rotation.append(address)
+
+    async def _reader(self, number: int) -> None:
         rng = random.Random(number)
         seen: dict[str, int] = {}
         while not self.stopping.is_set():
+            address = rng.choice(self._in_rotation)
+            self._reading[address] += 1
             try:
-                await self._read_once(stub, rng, seen)
+                await self._read_once(self._stubs[address], rng, seen)
                 self.reads += 1
             except grpc.aio.AioRpcError as error:
                 self.failed.append(f"{error.code().name}: {error.details()}")
+            finally:
+                self._reading[address] -= 1
             await asyncio.sleep(0.005)  # a reader's pace, not synchronisation
 
     async def _read_once(
@@ -229,7 +254,7 @@ async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_r
         _as_built_before_the_review_queue(redis_url, "rm:v1")
         assert await _held_payments_outcome(histories[0].address) == "READ_MODEL_WITHOUT_REVIEW_QUEUE"
         load = PaymentLoad(approval.address, accounts, workers=2)
-        readers = CheckedReaders("ipv4:" + ",".join(h.address for h in histories), load, accounts)
+        readers = CheckedReaders([h.address for h in histories], load, accounts)
         tasks = [asyncio.create_task(load.run()), asyncio.create_task(readers.run())]
         try:
             await load.wait_acks(50)
@@ -245,7 +270,8 @@ async def test_a_new_version_replaces_the_live_one_under_load_without_a_failed_r
             # The history processes switch one at a time, as a rolling restart does.
             for n, history in enumerate(list(histories)):
                 reads_before = readers.reads
-                histories[n] = await _switch(history, "rm:v2", new_slot, tmp_path / f"history-{n}-v2.log")
+                async with readers.out_of_rotation(history.address):
+                    histories[n] = await _switch(history, "rm:v2", new_slot, tmp_path / f"history-{n}-v2.log")
                 await load.wait_acks(len(load.acks) + 20)
                 await _more_reads(readers, reads_before + 50)
             # v1 serves nobody now: its replicator stops and the version is retired.
