@@ -28,7 +28,6 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
-    AuthorizationError,
     ClusterError,
     NoScriptError,
     RedisClusterException,
@@ -157,12 +156,13 @@ async def _within(seconds: float, calls: list[Awaitable[Any]]) -> list[Any]:
     left are cancelled after, and end by their own socket timeout at the latest.
     """
     tasks = [asyncio.ensure_future(call) for call in calls]
+    for task in tasks:
+        task.add_done_callback(_retrieved)
     try:
         await asyncio.wait(tasks, timeout=seconds)
     finally:
         for task in tasks:
             if not task.done():
-                task.add_done_callback(_retrieved)
                 task.cancel()
     return [
         (task.exception() or task.result())
@@ -173,15 +173,20 @@ async def _within(seconds: float, calls: list[Awaitable[Any]]) -> list[Any]:
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
-    """Takes a left call's outcome, so that asyncio does not report it as never retrieved."""
+    """Takes a call's outcome, so that asyncio never reports it as never retrieved (a call left, or
+    one whose waiter was cancelled)."""
     if not task.cancelled():
         task.exception()
 
 
 def _unreachable(error: BaseException) -> bool:
-    """Whether a node's error says it could not be reached (down, hung), not that it refused."""
-    if isinstance(error, AuthenticationError | AuthorizationError):
+    """Whether a node's error says it could not be reached (down, hung, loading), or that the
+    slot table is out of date (a failover under way or done: MOVED, CLUSTERDOWN), not that it
+    refused the call."""
+    if isinstance(error, AuthenticationError):
         return False  # a refused login: every read of the node would be refused too
+    if isinstance(error, ResponseError):
+        return topology_moved(error)
     return isinstance(error, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError)
 
 
@@ -277,8 +282,10 @@ class ClusterReadModel:
         self._retry_seconds = retry_seconds
         self._nodes = ClusterNodes(cluster, schema)
         self._mismatch_logged = False
-        # Whether the slot's `owner` was this process's slot when last read (none: as good).
-        self._owner_verdict = True
+        # Whether the slot's `owner` was this process's slot (or none) when last read; None
+        # until it has been read.
+        self._owner_verdict: bool | None = None
+        self._refreshing: asyncio.Future[None] | None = None
         self._shas = {
             script: script.sha
             for script in (CLUSTER_PAYMENT_SCRIPT, CLUSTER_PAGE_SCRIPT, CLUSTER_QUEUE_SCRIPT)
@@ -400,13 +407,16 @@ class ClusterReadModel:
         """Whether history can serve: a master answers, none refuses, and this process's slot feeds its version.
 
         A master that cannot be reached (killed or hung, until its replica takes over) leaves
-        history serving the others' keys: every history process sees the same cluster, so
-        reporting NOT_SERVING would take all of them out of their Service and fail every
-        read, not only that master's share (UNAVAILABLE meanwhile). No master answering, or
-        any refusing (a login, an ACL), is raised, as on one node: the readiness probe logs it
-        and reports NOT_SERVING. Each master is asked once, without the client's retries, all
-        at once, and waited for at most PING_SECONDS. The slot's `owner` is read on its master
-        meanwhile; while that master cannot be reached, the last verdict stands.
+        history serving: history's processes all reach the same masters, and NOT_SERVING
+        would take every one of them out of its Service and fail every read, not only those
+        that need that master (UNAVAILABLE meanwhile, or answered once the replica has taken
+        over, within the call's deadline). No master answering, or any refusing (a login, an
+        ACL), is raised, as on one node: the readiness probe logs it and reports NOT_SERVING.
+        Each master is asked once, without the client's retries, all at once, and waited for
+        at most PING_SECONDS; after a failure the slot table is read again in the background,
+        for the next probe. The slot's `owner` is read on its master meanwhile: while that
+        master cannot be reached, the last verdict stands, and a process has none until it
+        has read it once (NOT_SERVING).
         """
         await self._cluster.initialize()
         masters = self._cluster.get_primaries()
@@ -421,14 +431,16 @@ class ClusterReadModel:
                 owner_node.execute_command("GET", owner_key),
             ],
         )
-        failures = [reply for reply in replies if isinstance(reply, BaseException)]
+        failures = [reply for reply in (*replies, owner) if isinstance(reply, BaseException)]
+        if failures:
+            self._refresh_in_background()
         refusals = [failure for failure in failures if not _unreachable(failure)]
         if refusals:
             raise refusals[0]
-        if len(failures) == len(masters):
-            raise failures[0]
+        if all(isinstance(reply, BaseException) for reply in replies):
+            raise replies[0]
         if isinstance(owner, BaseException):
-            if not _unreachable(owner):
+            if self._owner_verdict is None:
                 raise owner
             return self._owner_verdict
         self._owner_verdict = owner is None or _text(owner) == self._slot
@@ -441,6 +453,12 @@ class ClusterReadModel:
             )
             self._mismatch_logged = True
         return self._owner_verdict
+
+    def _refresh_in_background(self) -> None:
+        """Reads the slot table again, once at a time, without waiting for it."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._nodes.refresh())
+            self._refreshing.add_done_callback(_retrieved)
 
     async def payment_response(self, payment_id: str, min_lsn: int = 0, until: float = 0.0) -> bytes | None:
         """The GetPaymentResponse bytes of the payment, timeline oldest first; None when absent."""
