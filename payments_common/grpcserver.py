@@ -10,7 +10,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -588,13 +588,9 @@ EXIT_STOP_OVERDUE: Final = 70  # EX_SOFTWARE
 
 def _awaiting(loop: asyncio.AbstractEventLoop) -> list[str]:
     """Where each task of the loop waits: the coroutines it awaits, outermost first, and the innermost's line."""
-    for _ in range(3):  # the set of tasks may change while it is read
-        try:
-            tasks = list(asyncio.all_tasks(loop))
-            break
-        except RuntimeError:
-            continue
-    else:
+    try:
+        tasks = asyncio.all_tasks(loop)  # retries by itself while the loop changes the set
+    except RuntimeError:
         return []
     places = []
     for task in tasks:
@@ -657,7 +653,7 @@ async def serve(
     """
     stop = shutdown_requested()
     overdue: threading.Timer | None = None
-    with metrics_served(settings.metrics_port), _cancelled_at_exit(lambda: overdue):
+    with metrics_served(settings.metrics_port):
         try:
             async with opened() as (service, port):
                 await service.start()
@@ -680,15 +676,6 @@ async def serve(
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(sig)
+            if overdue is not None:
+                overdue.cancel()
     log.info("%s stopped", name)
-
-
-@contextlib.contextmanager
-def _cancelled_at_exit(timer: Callable[[], threading.Timer | None]) -> Iterator[None]:
-    """Cancels the timer that `timer()` names at the end of the block, however it ends."""
-    try:
-        yield
-    finally:
-        armed = timer()
-        if armed is not None:
-            armed.cancel()

@@ -38,6 +38,7 @@ K = TypeVar("K")  # the keys of a row read from a tuple: column names, or positi
 
 
 RowKind = Literal["insert", "update", "delete"]
+_ROW_KINDS: Final[dict[int, RowKind]] = {0x49: "insert", 0x55: "update", 0x44: "delete"}  # 'I', 'U', 'D'
 
 
 class DecodeError(ValueError):
@@ -170,13 +171,14 @@ class Decoder:
                 flags, commit_lsn, end_lsn, time_us = _COMMIT.unpack_from(data, 1)
                 return Commit(flags, commit_lsn, end_lsn, time_us + PG_EPOCH_OFFSET_US)
             if kind == 0x49:  # 'I'
-                relation, new = self._insert(data)
-                return Insert(relation, new)
+                relation, _, at = self._located(data)
+                return Insert(relation, _tuple(data, at)[0])
             if kind == 0x55:  # 'U'
-                return self._update(data)
+                relation, old, at = self._located(data)
+                return Update(relation, old, _tuple(data, at)[0])
             if kind == 0x44:  # 'D'
-                relation, old = self._delete(data)
-                return Delete(relation, old)
+                relation, _, at = self._located(data)
+                return Delete(relation, _tuple(data, at)[0])
             if kind == 0x52:  # 'R'
                 relation = _parse_relation(data)
                 self.relations[relation.oid] = relation
@@ -220,57 +222,32 @@ class Decoder:
         `as_row` gives it from the decoded message. The same parsing as `decode` without
         building a message object or a tuple of values, for the per-change hot path.
         """
-        kind = payload[0] if payload else 0
+        kind = _ROW_KINDS.get(payload[0]) if payload else None
+        if kind is None:
+            return None
         try:
-            if kind == 0x55:  # 'U'
-                relation = self._relation(payload, 1)
-                offset = 5
-                if payload[offset] in (0x4B, 0x4F):  # 'K', 'O': the old tuple, skipped
-                    _, offset = _tuple(payload, offset + 1)
-                if payload[offset] != 0x4E:  # 'N'
-                    raise DecodeError(f"update without a new tuple: {payload[offset : offset + 1]!r}")
-                return "update", relation, _row(payload, offset + 1, relation.column_names)[0]
-            if kind == 0x49:  # 'I'
-                relation = self._relation(payload, 1)
-                if payload[5] != 0x4E:  # 'N'
-                    raise DecodeError(f"insert without a new tuple: {payload[5:6]!r}")
-                return "insert", relation, _row(payload, 6, relation.column_names)[0]
-            if kind == 0x44:  # 'D'
-                relation = self._relation(payload, 1)
-                if payload[5] not in (0x4B, 0x4F):  # 'K', 'O'
-                    raise DecodeError(f"delete without an old tuple: {payload[5:6]!r}")
-                return "delete", relation, _row(payload, 6, relation.column_names)[0]
+            relation, _, at = self._located(payload)
+            return kind, relation, _row(payload, at, relation.column_names)[0]
         except (struct.error, IndexError, UnicodeDecodeError) as exc:
-            raise DecodeError(f"truncated or malformed {chr(kind)!r} message: {exc}") from exc
-        return None
+            raise DecodeError(f"truncated or malformed {chr(payload[0])!r} message: {exc}") from exc
 
-    def _insert(self, data: bytes) -> tuple[Relation, tuple[Value, ...]]:
+    def _located(self, data: bytes) -> tuple[Relation, tuple[Value, ...] | None, int]:
+        """An insert's, update's or delete's relation, an update's old tuple (None otherwise),
+        and where its row's tuple starts: the new row, or a delete's old key (or row)."""
         relation = self._relation(data, 1)
-        if data[5] != 0x4E:  # 'N'
-            raise DecodeError(f"insert without a new tuple: {data[5:6]!r}")
-        new, _ = _tuple(data, 6)
-        return relation, new
-
-    def _delete(self, data: bytes) -> tuple[Relation, tuple[Value, ...]]:
-        relation = self._relation(data, 1)
-        if data[5] not in (0x4B, 0x4F):  # 'K', 'O'
-            raise DecodeError(f"delete without an old tuple: {data[5:6]!r}")
-        old, _ = _tuple(data, 6)
-        return relation, old
-
-    def _update(self, data: bytes) -> Update:
-        return Update(*self._update_values(data))
-
-    def _update_values(self, data: bytes) -> tuple[Relation, tuple[Value, ...] | None, tuple[Value, ...]]:
-        relation = self._relation(data, 1)
+        kind = data[0]
+        if kind == 0x44:  # 'D'
+            if data[5] not in (0x4B, 0x4F):  # 'K', 'O'
+                raise DecodeError(f"delete without an old tuple: {data[5:6]!r}")
+            return relation, None, 6
         offset = 5
         old: tuple[Value, ...] | None = None
-        if data[offset] in (0x4B, 0x4F):  # 'K', 'O'
+        if kind == 0x55 and data[offset] in (0x4B, 0x4F):  # an update's 'K', 'O'
             old, offset = _tuple(data, offset + 1)
         if data[offset] != 0x4E:  # 'N'
-            raise DecodeError(f"update without a new tuple: {data[offset : offset + 1]!r}")
-        new, _ = _tuple(data, offset + 1)
-        return relation, old, new
+            what = "update" if kind == 0x55 else "insert"
+            raise DecodeError(f"{what} without a new tuple: {data[offset : offset + 1]!r}")
+        return relation, old, offset + 1
 
 
 def _cstring(data: bytes, offset: int) -> tuple[str, int]:
