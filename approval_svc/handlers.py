@@ -14,7 +14,13 @@ from typing import Generic, TypeVar
 from uuid import UUID, uuid4
 
 from approval_svc import metrics
-from approval_svc.adapters.repository import IdempotencyKey, SavedRequest, StoredRequest, SubmissionPath
+from approval_svc.adapters.repository import (
+    IdempotencyKey,
+    SavedRequest,
+    StoredRequest,
+    Submission,
+    SubmissionPath,
+)
 from approval_svc.adapters.unit_of_work import UnitOfWork
 from approval_svc.domain import commands, rules
 from approval_svc.domain.errors import (
@@ -82,7 +88,8 @@ class Outcome(Generic[T]):
 
 
 UnitOfWorkFactory = Callable[[], UnitOfWork]
-# Opens the path without locks for one submission (SqlSubmissionPath); None: every submission locks.
+# Opens the path of one call for one submission (SqlSubmissionPath); None: every submission is decided
+# under the locks in Python.
 SubmissionPathFactory = Callable[[], AbstractAsyncContextManager[SubmissionPath]]
 
 
@@ -200,13 +207,14 @@ class Handlers:
     ) -> Outcome[Payment]:
         """Decides and records a payment, once per request_id.
 
-        First without locks, in two round trips: the inputs read as they are, the decision
-        written and committed only if none of them changed meanwhile. Otherwise (an account
-        changed, the key came in between, an account or a credit the rules refuse) the
-        decision is made again under the accounts' locks, which serialises it with the others.
+        First in one round trip: a procedure that takes the accounts' locks, decides with
+        the rules in PostgreSQL (held to `rules` by a contract test), writes and commits.
+        What it refuses (an account missing, a credit the payee cannot hold, a usage counted
+        for a later day, the key committed meanwhile) is decided again here, under the
+        locks, with the rules in Python, which give each case its error.
         """
         if self._submissions is not None:
-            quick = await self._submit_without_locks(command, key)
+            quick = await self._submit_in_one_call(command, key)
             if quick is not None:
                 if quick.value is not None:
                     _count_decision(quick.value, SYSTEM_ACTOR)
@@ -248,50 +256,65 @@ class Handlers:
             _count_decision(outcome.value, SYSTEM_ACTOR)
         return outcome
 
-    async def _submit_without_locks(
+    async def _submit_in_one_call(
         self, command: commands.SubmitPayment, key: RequestKey[Payment]
     ) -> Outcome[Payment] | None:
-        """The submission in two round trips, or None when it must be decided under the locks.
+        """The submission in one round trip, or None when it must be decided under the locks in Python.
 
         A call that gets no connection fails as the locked path would (it would wait for one
         again); one whose connection fails once it has it is decided again under the locks, on
         another, where the request's record is found if its commit went through.
         """
         assert self._submissions is not None
+        submission = Submission(
+            key.stored_as,
+            key.method,
+            key.fingerprint,
+            self._new_id(),
+            command.payer_account_id,
+            command.payee_account_id,
+            command.currency,
+            command.amount,
+            command.reference,
+            self._review_threshold,
+        )
         opened = False
         try:
             async with self._submissions() as path:
                 opened = True
-                peek = await path.peek(key.stored_as, [command.payer_account_id, command.payee_account_id])
-                replay = _stored_response(peek.stored, key)
-                if replay is not None:
-                    metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("replay").inc()
-                    return Outcome(None, replay, peek.position)
-                try:
-                    payment = self._decide(command, key.request_id, peek.accounts, peek.now)
-                except (AccountNotFound, InvalidRequest):
-                    # Refused: decided again under the locks, which also look at the key again.
-                    metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("refused").inc()
-                    return None
-                event, entries, request = _submission_records(payment, key)
-                submitted = await path.commit(
-                    payment, event, rules.submission_changes(payment), entries, request, peek.versions
-                )
+                submitted = await path.submit(submission)
         except TransactionConflict:
-            metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("conflict").inc()
+            metrics.SUBMISSIONS_IN_ONE_CALL.labels("conflict").inc()
             return None
         except DatabaseUnavailable:
             if not opened:
                 raise
-            metrics.SUBMISSIONS_WITHOUT_LOCKS.labels("unavailable").inc()
+            metrics.SUBMISSIONS_IN_ONE_CALL.labels("unavailable").inc()
             return None
-        metrics.SUBMISSIONS_WITHOUT_LOCKS.labels(submitted.outcome).inc()
-        if submitted.outcome == "committed":
-            _note_decided(payment)
-            return Outcome(payment, None, submitted.position)
+        metrics.SUBMISSIONS_IN_ONE_CALL.labels(submitted.outcome).inc()
         if submitted.outcome == "replay":
             return Outcome(None, _stored_response(submitted.stored, key), submitted.position)
-        return None
+        if submitted.decided is None:
+            return None
+        decided = submitted.decided
+        payment = Payment(
+            payment_id=submission.payment_id,
+            request_id=key.request_id,
+            payer_account_id=command.payer_account_id,
+            payee_account_id=command.payee_account_id,
+            payer_name=decided.payer_name,
+            payee_name=decided.payee_name,
+            currency=command.currency,
+            amount=command.amount,
+            reference=command.reference,
+            status=decided.status,
+            decline_reason=decided.decline_reason,
+            created_at=decided.created_at,
+            updated_at=decided.created_at,
+            hold_reason=decided.hold_reason,
+        )
+        _note_decided(payment)
+        return Outcome(payment, None, submitted.position)
 
     def _decide(
         self, command: commands.SubmitPayment, request_id: str, accounts: dict[UUID, Account], now: datetime

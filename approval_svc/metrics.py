@@ -18,12 +18,13 @@ RETRIES = Counter(
     "approval_transaction_retries_total",
     "Units of work run again after a serialization failure, deadlock or concurrent request_id.",
 )
-SUBMISSIONS_WITHOUT_LOCKS = Counter(
-    "approval_submissions_without_locks_total",
-    "Payments submitted on the path without locks, by outcome: committed; replay (answered with the "
-    "stored response); conflict (an account changed or is being written: decided again under the "
-    "locks); refused (the rules refused what was read: decided again under the locks); unavailable "
-    "(the connection failed: decided again under the locks, on another).",
+SUBMISSIONS_IN_ONE_CALL = Counter(
+    "approval_submissions_in_one_call_total",
+    "Payments submitted in one call to the database, by outcome: committed; replay (answered with the "
+    "stored response); refused (an account missing, a credit the payee cannot hold, a daily usage counted "
+    "for a later day, or the key committed "
+    "meanwhile: decided again under the locks); conflict (a deadlock or serialization failure: decided "
+    "again under the locks); unavailable (the connection failed: decided again under the locks, on another).",
     ["outcome"],
 )
 POOL_CHECKED_OUT = Gauge(

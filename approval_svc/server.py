@@ -28,7 +28,7 @@ class Dependencies:
     probe: Callable[[], Awaitable[bool]]
     new_id: Callable[[], UUID] = uuid4
     readiness_interval_seconds: float = 1.0
-    # The submissions' path without locks; None: every submission is decided under the locks.
+    # The submissions' path in one call; None: every submission is decided under the locks in Python.
     submissions: SubmissionPathFactory | None = None
 
     @classmethod

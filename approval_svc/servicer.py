@@ -214,7 +214,7 @@ def _create_account_response(account: Account) -> pb.CreateAccountResponse:
     return pb.CreateAccountResponse(account=account_message(account))
 
 
-def _submit_payment_response(payment: Payment) -> pb.SubmitPaymentResponse:
+def submit_payment_response(payment: Payment) -> pb.SubmitPaymentResponse:
     return pb.SubmitPaymentResponse(payment=payment_message(payment))
 
 
@@ -267,9 +267,9 @@ class ApprovalServicer(pb_grpc.ApprovalServiceServicer):
         )
         # A customer pays from its own accounts only (to anyone's).
         current_caller().require_account(str(command.payer_account_id))
-        key = _key("SubmitPayment", request, _submit_payment_response)
+        key = _key("SubmitPayment", request, submit_payment_response)
         outcome = await self._handlers.submit_payment(command, key)
-        return _response(outcome, pb.SubmitPaymentResponse, _submit_payment_response)
+        return _response(outcome, pb.SubmitPaymentResponse, submit_payment_response)
 
     @_deadline_bound
     async def ApprovePayment(

@@ -26,7 +26,6 @@ from approval_svc.domain.model import (
     PaymentEvent,
     PaymentStatus,
 )
-from payments_common.lsn import parse_lsn
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,52 +67,63 @@ class RequestLookup:
     stored: StoredRequest | None
 
 
-@dataclass(frozen=True, slots=True)
-class Peek:
-    """A submission's inputs read without locks: the time, the request's record, the accounts and their versions.
+SubmitOutcome = Literal["committed", "replay", "refused"]
 
-    `position` is a WAL position at or past the commit of the record, when there is one.
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A payment to decide, write and commit in one call (`SubmissionPath.submit`).
+
+    `key`, `method` and `fingerprint` make the request's record; `payment_id` names the
+    payment if one is written; `review_threshold` is the rules' (Settings).
     """
 
-    now: datetime
-    stored: StoredRequest | None
-    accounts: dict[UUID, Account]
-    versions: dict[UUID, str]
-    position: int
+    key: IdempotencyKey
+    method: str
+    fingerprint: bytes
+    payment_id: UUID
+    payer_account_id: UUID
+    payee_account_id: UUID
+    currency: str
+    amount: int
+    reference: str
+    review_threshold: int
 
 
-SubmitOutcome = Literal["committed", "replay", "conflict"]
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What the rules decided for a committed submission, and what the payment took from its accounts."""
+
+    created_at: datetime
+    status: PaymentStatus
+    decline_reason: DeclineReason | None
+    hold_reason: HoldReason | None
+    payer_name: str
+    payee_name: str
 
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
-    """What became of a decision made without locks (`SubmissionPath.commit`).
+    """What became of a submission in one call.
 
-    committed: written and committed, `position` at or past its commit. replay: a request
-    with the same key is recorded (`stored`), nothing written. conflict: an account changed
-    since it was read, or the key was committed meanwhile: nothing written, decide again.
+    committed: decided, written and committed (`decided`), `position` at or past its
+    commit. replay: a request with the same key is recorded (`stored`), nothing written.
+    refused: nothing written; the rules refuse what they found (an account missing, a
+    credit the payee cannot hold), the payer's usage is counted for a later day, or the key
+    was committed meanwhile: decided again under the locks, which says which.
     """
 
     outcome: SubmitOutcome
     position: int
     stored: StoredRequest | None = None
+    decided: Decided | None = None
 
 
 class SubmissionPath(Protocol):
-    """A payment's decision in two round trips: its inputs read without locks, then a write that commits
-    only if none of them changed. Each call is a statement of its own, outside any transaction."""
+    """A payment's decision in one round trip: the procedure `submit_payment` (migration 0006) looks up
+    the request's record, locks the accounts, decides with the rules, writes and commits."""
 
-    async def peek(self, key: IdempotencyKey, account_ids: Sequence[UUID]) -> Peek: ...
-
-    async def commit(
-        self,
-        payment: Payment,
-        event: PaymentEvent,
-        changes: Sequence[AccountChange],
-        entries: Sequence[LedgerEntry],
-        request: SavedRequest,
-        versions: dict[UUID, str],
-    ) -> Submitted: ...
+    async def submit(self, submission: Submission) -> Submitted: ...
 
 
 class Repository(Protocol):
@@ -353,23 +363,9 @@ _APPLY_CHANGES = f"WITH {_changes_sql(1)} SELECT 1"
 # locks did not serialise); the transaction runs again and its lookup finds the record.
 _ADD_DECISION = "SELECT * FROM apply_decision(" + ", ".join(f"${n}" for n in range(1, 44)) + ")"
 
-# The decision's inputs read without locks, outside any transaction: the request's record,
-# the accounts with their row versions (`xmin`), and a WAL position read after the snapshot
-# (at or past the commit of any record it holds).
-_PEEK_SUBMISSION = f"""
-    SELECT l.now, l.method, l.request_fingerprint, l.response,
-           pg_current_wal_insert_lsn()::text AS position, a.*
-    FROM ({_BEGIN_REQUEST}) AS l
-    LEFT JOIN (
-        SELECT xmin::text AS version, {_ACCOUNT_COLUMNS} FROM accounts
-        WHERE account_id = ANY($3::uuid[])
-        ORDER BY account_id
-    ) AS a ON true
-"""
-
-# The decision's write and commit, if the accounts are still the versions it read
-# (migration 0005). CALLed outside a transaction block: it commits.
-_SUBMIT_DECIDED = "CALL submit_decided(" + ", ".join(f"${n}" for n in range(1, 47)) + ")"
+# A submission decided, written and committed in one call (migration 0006). CALLed outside a
+# transaction block: it commits.
+_SUBMIT_PAYMENT = "CALL submit_payment(" + ", ".join(f"${n}" for n in range(1, 13)) + ")"
 
 _LOCK_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1 FOR NO KEY UPDATE"
 _GET_PAYMENT = f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1"
@@ -498,53 +494,43 @@ def _changes_args(
     ]
 
 
-async def peek_submission(
-    connection: asyncpg.Connection, key: IdempotencyKey, account_ids: Sequence[UUID]
-) -> Peek:
-    rows = await connection.fetch(_PEEK_SUBMISSION, key.caller, key.request_id, list(account_ids))
-    first = rows[0]
-    present = [row for row in rows if row["account_id"] is not None]
-    return Peek(
-        first["now"],
-        _stored(first),
-        {row["account_id"]: _account(row) for row in present},
-        {row["account_id"]: row["version"] for row in present},
-        parse_lsn(first["position"]),
-    )
-
-
-async def submit_decided(
-    connection: asyncpg.Connection,
-    payment: Payment,
-    event: PaymentEvent,
-    changes: Sequence[AccountChange],
-    entries: Sequence[LedgerEntry],
-    request: SavedRequest,
-    versions: dict[UUID, str],
-    trace_context: str | None,
+async def submit_payment(
+    connection: asyncpg.Connection, submission: Submission, trace_context: str | None
 ) -> Submitted:
-    ordered = sorted(versions)  # as the procedure locks them, in account order
     row = await connection.fetchrow(
-        _SUBMIT_DECIDED,
-        ordered,
-        [versions[account_id] for account_id in ordered],
+        _SUBMIT_PAYMENT,
+        submission.key.caller,
+        submission.key.request_id,
+        submission.method,
+        submission.fingerprint,
+        submission.payment_id,
+        submission.payer_account_id,
+        submission.payee_account_id,
+        submission.currency,
+        submission.amount,
+        submission.reference,
+        submission.review_threshold,
         trace_context,
-        *_payment_args(payment, event),
-        *_changes_args(changes, entries, payment.created_at),
-        request.key.caller,
-        request.key.request_id,
-        request.method,
-        request.fingerprint,
-        request.response,
     )
     outcome: SubmitOutcome = row["outcome"]
     position = int(row["wal_position"] or 0)  # asyncpg reads a pg_lsn as its integer
-    stored = None
-    if row["stored_method"] is not None:
+    if outcome == "replay":
         stored = StoredRequest(
             row["stored_method"], bytes(row["stored_fingerprint"]), bytes(row["stored_response"])
         )
-    return Submitted(outcome, position, stored)
+        return Submitted(outcome, position, stored=stored)
+    if outcome == "committed":
+        reason, hold = row["decided_decline_reason"], row["decided_hold_reason"]
+        decided = Decided(
+            row["decided_at"],
+            PaymentStatus(row["decided_status"]),
+            DeclineReason(reason) if reason is not None else None,
+            HoldReason(hold) if hold is not None else None,
+            row["payer_name"],
+            row["payee_name"],
+        )
+        return Submitted(outcome, position, decided=decided)
+    return Submitted(outcome, position)
 
 
 class SqlRepository:

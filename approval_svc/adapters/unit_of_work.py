@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Final, Protocol, Self
-from uuid import UUID
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
@@ -16,17 +15,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from approval_svc.adapters.repository import (
-    IdempotencyKey,
-    Peek,
     Repository,
-    SavedRequest,
     SqlRepository,
+    Submission,
     Submitted,
-    peek_submission,
-    submit_decided,
+    submit_payment,
 )
 from approval_svc.domain.errors import DatabaseUnavailable, DeadlineExceeded, TransactionConflict
-from approval_svc.domain.model import AccountChange, LedgerEntry, Payment, PaymentEvent
 from payments_common import tracing
 from payments_common.errors import ServiceError
 from payments_common.lsn import format_lsn, parse_lsn
@@ -338,10 +333,9 @@ class SqlUnitOfWork:
 
 
 class SqlSubmissionPath:
-    """A SubmissionPath on one pooled connection, without a transaction block: each call commits by itself.
+    """A SubmissionPath on one pooled connection, without a transaction block: the call commits by itself.
 
-    Opened for one submission (`async with`), so that its two round trips share the
-    connection, and given back to the pool when it ends.
+    Opened for one submission (`async with`) and given back to the pool when it ends.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -377,26 +371,13 @@ class SqlSubmissionPath:
             raise RuntimeError("the submission path is not open")
         return self._driver
 
-    async def peek(self, key: IdempotencyKey, account_ids: Sequence[UUID]) -> Peek:
-        return await peek_submission(self._require(), key, account_ids)
-
-    async def commit(
-        self,
-        payment: Payment,
-        event: PaymentEvent,
-        changes: Sequence[AccountChange],
-        entries: Sequence[LedgerEntry],
-        request: SavedRequest,
-        versions: dict[UUID, str],
-    ) -> Submitted:
+    async def submit(self, submission: Submission) -> Submitted:
         driver = self._require()
         if not tracing.active():
-            return await submit_decided(driver, payment, event, changes, entries, request, versions, None)
+            return await submit_payment(driver, submission, None)
         with tracing.span("commit") as span:
             # The trace context goes to the WAL with the transaction (docs/tracing.md).
-            submitted = await submit_decided(
-                driver, payment, event, changes, entries, request, versions, tracing.sampled_traceparent()
-            )
+            submitted = await submit_payment(driver, submission, tracing.sampled_traceparent())
             if span is not None:
                 span.set_attribute("db.consistency_lsn", format_lsn(submitted.position))
                 span.set_attribute("db.outcome", submitted.outcome)

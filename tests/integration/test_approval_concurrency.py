@@ -16,7 +16,7 @@ from approval_svc.domain import commands
 from approval_svc.domain.errors import PaymentNotUnderReview, RequestIdReused
 from approval_svc.domain.model import DeclineReason, Payment, PaymentStatus
 from approval_svc.handlers import Handlers, Outcome, RequestKey
-from tests.support.approval import CALLER, engine_for, handlers_for, key, open_account
+from tests.support.approval import engine_for, handlers_for, key, open_account, submission_key
 
 
 @pytest.fixture
@@ -109,19 +109,11 @@ async def test_racing_retries_of_one_request_have_one_effect(engine: AsyncEngine
     handlers = handlers_for(engine)
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 10, "")
-    request: RequestKey[object] = RequestKey(
-        CALLER,
-        "race-1",
-        "SubmitPayment",
-        b"same",
-        lambda payment: str(payment.payment_id).encode(),  # type: ignore[attr-defined]
-    )
-    outcomes = await asyncio.gather(
-        *(handlers.submit_payment(command, request) for _ in range(20))  # type: ignore[arg-type]
-    )
-    done = [o for o in outcomes if o.value is not None]
+    request = submission_key("race-1", b"same")
+    outcomes = await asyncio.gather(*(handlers.submit_payment(command, request) for _ in range(20)))
+    done = [o.value for o in outcomes if o.value is not None]
     assert len(done) == 1
-    first = str(done[0].value.payment_id).encode()  # type: ignore[union-attr]
+    first = request.encode(done[0])
     assert all(o.replay == first for o in outcomes if o.value is None)
     await check_books(engine, 1_000)
     async with engine.connect() as connection:

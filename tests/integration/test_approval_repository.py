@@ -32,7 +32,7 @@ from approval_svc.domain.model import (
 )
 from approval_svc.handlers import Handlers
 from payments_common.lsn import parse_lsn
-from tests.support.approval import CALLER, engine_for, handlers_for, key, open_account
+from tests.support.approval import CALLER, engine_for, handlers_for, key, open_account, submission_key
 from tests.support.waiting import eventually
 
 
@@ -167,9 +167,10 @@ async def test_idempotency_is_recorded_with_the_effect(engine: AsyncEngine) -> N
     handlers = handlers_for(engine)
     payer, payee = await open_account(handlers, 1_000), await open_account(handlers, 0)
     command = commands.SubmitPayment(payer.account_id, payee.account_id, "EUR", 10, "")
-    first = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))
-    again = await handlers.submit_payment(command, key("SubmitPayment", "r-1"))
-    assert again.replay == b"stored"
+    first = await handlers.submit_payment(command, submission_key("r-1"))
+    again = await handlers.submit_payment(command, submission_key("r-1"))
+    assert first.value is not None
+    assert again.replay == submission_key().encode(first.value)
     assert again.position >= first.position
     with pytest.raises(RequestIdReused):
         await handlers.submit_payment(command, key("SubmitPayment", "r-1", b"other"))

@@ -14,9 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from approval_svc.adapters.unit_of_work import SqlSubmissionPath, SqlUnitOfWork, create_engine
 from approval_svc.config import Settings
 from approval_svc.domain import commands
-from approval_svc.domain.model import Account
+from approval_svc.domain.model import Account, Payment
 from approval_svc.handlers import Handlers, RequestKey
 from approval_svc.server import Dependencies, create_server
+from approval_svc.servicer import submit_payment_response
 from payments.approval.v1 import approval_service_pb2_grpc as pb_grpc
 from payments_common.authsettings import AuthSettings
 from payments_common.grpcserver import GrpcService
@@ -58,6 +59,17 @@ def key(
 ) -> RequestKey[T]:
     """A request key whose stored response is a placeholder: these tests check effects, not replies."""
     return RequestKey(caller, request_id or uuid.uuid4().hex, method, fingerprint, lambda value: b"stored")
+
+
+def submission_key(
+    request_id: str | None = None, fingerprint: bytes = b"f", caller: str = CALLER
+) -> RequestKey[Payment]:
+    """A SubmitPayment key whose stored response is the servicer's, as the path of one call stores it too."""
+
+    def encode(payment: Payment) -> bytes:
+        return submit_payment_response(payment).SerializeToString(deterministic=True)
+
+    return RequestKey(caller, request_id or uuid.uuid4().hex, "SubmitPayment", fingerprint, encode)
 
 
 async def open_account(
