@@ -45,6 +45,7 @@ _OFFLOAD_METRICS: Final = (
 REQUIRED_FIGURES: Final[tuple[str, ...]] = (
     *(f"echo_floor.{m}" for m in ("throughput_rps", "p50_ms", "p99_ms", "server_cpu_us_per_rpc")),
     *(f"approval_submit.{m}" for m in _READ_METRICS),
+    "approval_submit.postgres_cpu_us_per_rpc",
     *(
         f"history.{name}.{m}"
         for name in ("get_payment_1", "get_payment_2", "list_payments_1", "list_payments_2")
@@ -226,6 +227,7 @@ _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
     ("Approval SubmitPayment, p50 / p99", "approval_submit.p50_ms|approval_submit.p99_ms", "ms"),
     ("Approval SubmitPayment, server CPU per RPC", "approval_submit.server_cpu_us_per_rpc", "µs"),
     ("Approval SubmitPayment, CPU ÷ floor", "approval_submit.cpu_ratio_to_floor", "x"),
+    ("Approval SubmitPayment, PostgreSQL CPU per payment", "approval_submit.postgres_cpu_us_per_rpc", "µs"),
     ("History GetPayment x1 process, throughput", "history.get_payment_1.throughput_rps", "RPC/s"),
     ("History GetPayment x1, p50 / p99", "history.get_payment_1.p50_ms|history.get_payment_1.p99_ms", "ms"),
     ("History GetPayment x2 processes, throughput", "history.get_payment_2.throughput_rps", "RPC/s"),

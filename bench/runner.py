@@ -302,17 +302,21 @@ class Runner:
         processes: Sequence[str] = (),
         history_channel: bool = False,
         redis_cpu: bool = False,
+        postgres_cpu: bool = False,
     ) -> Window:
         """Measures `call` on `target`, closed loop at the plan's concurrency, and adds the window to `figure`.
 
         `server` names the CPU of `processes` (by default the process of that name) in the
         window; its CPU per RPC is divided by `floor_us` when one is given. With `redis_cpu`,
         the CPU of every Redis process over the window per RPC is added too
-        (`redis_cpu_us_per_rpc`).
+        (`redis_cpu_us_per_rpc`); with `postgres_cpu`, PostgreSQL's, every process of the
+        server, its WAL senders included (`postgres_cpu_us_per_rpc`).
         """
         cpu_of = {server: self.cpu_reader(*(processes or [server]))}
         if redis_cpu:
             cpu_of["redis"] = self.redis_cpu
+        if postgres_cpu:
+            cpu_of["pg"] = self.pg_cpu
         window = self.measure(
             self.jobs("closed", call, target, self.plan.concurrency, history_channel=history_channel),
             cpu_of,
@@ -322,6 +326,8 @@ class Runner:
         self.collector.add_window(figure, window, server, floor_us)
         if redis_cpu:
             self.collector.add(figure, redis_cpu_us_per_rpc=window.cpu_us_per_op("redis"))
+        if postgres_cpu:
+            self.collector.add(figure, postgres_cpu_us_per_rpc=window.cpu_us_per_op("pg"))
         return window
 
     def jobs(

@@ -13,6 +13,7 @@ def measure(runner: Runner, floor_us: float) -> None:
         runner.endpoints["APPROVAL_ADDR"],
         server="approval",
         floor_us=floor_us,
+        postgres_cpu=True,
     )
     runner.settle()
     runner.wait_idle("approval")

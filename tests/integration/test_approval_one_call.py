@@ -411,10 +411,6 @@ async def test_0006_adds_the_procedure_and_its_rules_and_takes_them_back(databas
     added = {
         *names,
         "pb_varint",
-        "pb_number_field",
-        "pb_message_field",
-        "pb_text_field",
-        "pb_timestamp_field",
     }
     upgrade(database_dsn, "0006")
     assert routines() == added

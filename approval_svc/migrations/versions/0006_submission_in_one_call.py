@@ -54,66 +54,81 @@ _ENCODING = [
     END
     $body$
     """,
-    # A varint field (wire type 0), left out when 0 as proto3 does.
-    """
-    CREATE FUNCTION pb_number_field(field integer, value bigint) RETURNS bytea
-    LANGUAGE sql IMMUTABLE STRICT AS $body$
-        SELECT CASE WHEN value = 0 THEN ''::bytea ELSE pb_varint(field << 3) || pb_varint(value) END
-    $body$
-    """,
-    # A length-delimited field (wire type 2), always written: a message field that is set.
-    """
-    CREATE FUNCTION pb_message_field(field integer, value bytea) RETURNS bytea
-    LANGUAGE sql IMMUTABLE STRICT AS $body$
-        SELECT pb_varint((field << 3) | 2) || pb_varint(length(value)) || value
-    $body$
-    """,
-    # A string field, UTF-8, left out when empty as proto3 does.
-    """
-    CREATE FUNCTION pb_text_field(field integer, value text) RETURNS bytea
-    LANGUAGE sql IMMUTABLE STRICT AS $body$
-        SELECT CASE WHEN value = '' THEN ''::bytea ELSE pb_message_field(field, convert_to(value, 'UTF8')) END
-    $body$
-    """,
-    # A google.protobuf.Timestamp field, at the microsecond of a timestamptz.
-    """
-    CREATE FUNCTION pb_timestamp_field(field integer, value timestamptz) RETURNS bytea
-    LANGUAGE sql IMMUTABLE STRICT AS $body$
-        SELECT pb_message_field(
-            field,
-            pb_number_field(1, floor(e)::bigint) || pb_number_field(2, ((e - floor(e)) * 1000000000)::bigint)
-        )
-        FROM (SELECT EXTRACT(EPOCH FROM value) AS e) AS t
-    $body$
-    """,
     # payments.approval.v1.SubmitPaymentResponse{payment}, as the servicer stores it (no token).
+    # Each field's tag is a constant byte: (field number << 3) | wire type. A string or an
+    # enum at its default is left out, as proto3 does; a message field that is set is not.
     """
     CREATE FUNCTION submitted_payment_response(
         payment_id uuid, payer_account_id uuid, payee_account_id uuid, currency_code text, amount_minor bigint,
         reference text, status text, decline_reason text, created_at timestamptz, hold_reason text
     ) RETURNS bytea
-    LANGUAGE sql IMMUTABLE AS $body$
-        SELECT pb_message_field(1,
-            pb_text_field(1, payment_id::text)
-            || pb_text_field(2, payer_account_id::text)
-            || pb_text_field(3, payee_account_id::text)
-            || pb_message_field(4, pb_text_field(1, currency_code) || pb_number_field(2, amount_minor))
-            || pb_text_field(5, reference)
-            || pb_number_field(6, CASE status
-                WHEN 'APPROVED' THEN 1 WHEN 'DECLINED' THEN 2 WHEN 'PENDING_REVIEW' THEN 3 END)
-            || pb_number_field(7, CASE coalesce(decline_reason, '')
-                WHEN '' THEN 0
-                WHEN 'INSUFFICIENT_FUNDS' THEN 1
-                WHEN 'PER_PAYMENT_LIMIT_EXCEEDED' THEN 2
-                WHEN 'DAILY_LIMIT_EXCEEDED' THEN 3
-                WHEN 'ACCOUNT_FROZEN' THEN 4
-                WHEN 'CURRENCY_MISMATCH' THEN 5
-                WHEN 'DECLINED_BY_REVIEWER' THEN 6 END)
-            || pb_timestamp_field(8, created_at)
-            || pb_timestamp_field(9, created_at)
-            || pb_number_field(10, CASE coalesce(hold_reason, '')
-                WHEN '' THEN 0 WHEN 'AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD' THEN 1 END)
-        )
+    LANGUAGE plpgsql IMMUTABLE AS $body$
+    DECLARE
+        epoch numeric := EXTRACT(EPOCH FROM created_at);
+        seconds bigint := floor(epoch);
+        nanos bigint := (epoch - floor(epoch)) * 1000000000;
+        status_number bigint;
+        reason_number bigint;
+        hold_number bigint;
+        money bytea;
+        stamp bytea := '';
+        text_bytes bytea;
+        payment bytea;
+    BEGIN
+        status_number := CASE status
+            WHEN 'APPROVED' THEN 1 WHEN 'DECLINED' THEN 2 WHEN 'PENDING_REVIEW' THEN 3 END;
+        reason_number := CASE coalesce(decline_reason, '')
+            WHEN '' THEN 0
+            WHEN 'INSUFFICIENT_FUNDS' THEN 1
+            WHEN 'PER_PAYMENT_LIMIT_EXCEEDED' THEN 2
+            WHEN 'DAILY_LIMIT_EXCEEDED' THEN 3
+            WHEN 'ACCOUNT_FROZEN' THEN 4
+            WHEN 'CURRENCY_MISMATCH' THEN 5
+            WHEN 'DECLINED_BY_REVIEWER' THEN 6 END;
+        hold_number := CASE coalesce(hold_reason, '')
+            WHEN '' THEN 0 WHEN 'AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD' THEN 1 END;
+        IF status_number IS NULL OR reason_number IS NULL OR hold_number IS NULL THEN
+            RAISE EXCEPTION 'submitted_payment_response: no enum number for %, %, %', status, decline_reason, hold_reason;
+        END IF;
+        -- payments.type.v1.Money: currency_code = 1, amount_minor = 2.
+        money := '';
+        IF currency_code <> '' THEN
+            text_bytes := convert_to(currency_code, 'UTF8');
+            money := '\\x0a'::bytea || pb_varint(length(text_bytes)) || text_bytes;
+        END IF;
+        IF amount_minor <> 0 THEN
+            money := money || '\\x10'::bytea || pb_varint(amount_minor);
+        END IF;
+        -- google.protobuf.Timestamp: seconds = 1, nanos = 2.
+        IF seconds <> 0 THEN
+            stamp := '\\x08'::bytea || pb_varint(seconds);
+        END IF;
+        IF nanos <> 0 THEN
+            stamp := stamp || '\\x10'::bytea || pb_varint(nanos);
+        END IF;
+        -- A UUID's text is 36 bytes (0x24).
+        payment := '\\x0a24'::bytea || convert_to(payment_id::text, 'UTF8')
+            || '\\x1224'::bytea || convert_to(payer_account_id::text, 'UTF8')
+            || '\\x1a24'::bytea || convert_to(payee_account_id::text, 'UTF8')
+            || '\\x22'::bytea || pb_varint(length(money)) || money;
+        IF reference <> '' THEN
+            text_bytes := convert_to(reference, 'UTF8');
+            payment := payment || '\\x2a'::bytea || pb_varint(length(text_bytes)) || text_bytes;
+        END IF;
+        IF status_number <> 0 THEN
+            payment := payment || '\\x30'::bytea || pb_varint(status_number);
+        END IF;
+        IF reason_number <> 0 THEN
+            payment := payment || '\\x38'::bytea || pb_varint(reason_number);
+        END IF;
+        payment := payment
+            || '\\x42'::bytea || pb_varint(length(stamp)) || stamp
+            || '\\x4a'::bytea || pb_varint(length(stamp)) || stamp;
+        IF hold_number <> 0 THEN
+            payment := payment || '\\x50'::bytea || pb_varint(hold_number);
+        END IF;
+        RETURN '\\x0a'::bytea || pb_varint(length(payment)) || payment;
+    END
     $body$
     """,
 ]
@@ -309,10 +324,6 @@ _ROUTINES = [
     "FUNCTION payment_decision",
     "FUNCTION payment_daily_usage",
     "FUNCTION submitted_payment_response",
-    "FUNCTION pb_timestamp_field",
-    "FUNCTION pb_text_field",
-    "FUNCTION pb_message_field",
-    "FUNCTION pb_number_field",
     "FUNCTION pb_varint",
 ]
 
