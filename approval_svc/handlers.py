@@ -34,6 +34,7 @@ from approval_svc.domain.errors import (
     TransactionConflict,
 )
 from approval_svc.domain.model import (
+    MAX_AMOUNT,
     SYSTEM_ACTOR,
     Account,
     AccountStatus,
@@ -262,8 +263,10 @@ class Handlers:
         """The submission in one round trip, or None when it must be decided under the locks in Python.
 
         A call that gets no connection fails as the locked path would (it would wait for one
-        again); one whose connection fails once it has it is decided again under the locks, on
-        another, where the request's record is found if its commit went through.
+        again), and so does one that the database does not answer within the command timeout
+        (it would queue for the same locks again); one whose connection fails once it has it
+        is decided again under the locks, on another, where the request's record is found if
+        its commit went through.
         """
         assert self._submissions is not None
         submission = Submission(
@@ -276,7 +279,8 @@ class Handlers:
             command.currency,
             command.amount,
             command.reference,
-            self._review_threshold,
+            # A threshold above any amount (no payment is held) does not fit a bigint: None.
+            self._review_threshold if self._review_threshold <= MAX_AMOUNT else None,
         )
         opened = False
         try:
@@ -286,8 +290,13 @@ class Handlers:
         except TransactionConflict:
             metrics.SUBMISSIONS_IN_ONE_CALL.labels("conflict").inc()
             return None
-        except DatabaseUnavailable:
+        except DatabaseUnavailable as error:
             if not opened:
+                raise
+            if isinstance(error.__cause__, TimeoutError):
+                # The database did not answer within the command timeout (the call may be
+                # queued for a lock): deciding again would queue a second time.
+                metrics.SUBMISSIONS_IN_ONE_CALL.labels("timeout").inc()
                 raise
             metrics.SUBMISSIONS_IN_ONE_CALL.labels("unavailable").inc()
             return None

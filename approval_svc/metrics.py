@@ -24,7 +24,8 @@ SUBMISSIONS_IN_ONE_CALL = Counter(
     "stored response); refused (an account missing, a credit the payee cannot hold, a daily usage counted "
     "for a later day, or the key committed "
     "meanwhile: decided again under the locks); conflict (a deadlock or serialization failure: decided "
-    "again under the locks); unavailable (the connection failed: decided again under the locks, on another).",
+    "again under the locks); timeout (no answer within the command timeout, a lock wait included: "
+    "UNAVAILABLE); unavailable (the connection failed: decided again under the locks, on another).",
     ["outcome"],
 )
 POOL_CHECKED_OUT = Gauge(

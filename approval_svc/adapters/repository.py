@@ -75,7 +75,8 @@ class Submission:
     """A payment to decide, write and commit in one call (`SubmissionPath.submit`).
 
     `key`, `method` and `fingerprint` make the request's record; `payment_id` names the
-    payment if one is written; `review_threshold` is the rules' (Settings).
+    payment if one is written; `review_threshold` is the rules' (Settings), None for one
+    above any amount.
     """
 
     key: IdempotencyKey
@@ -87,7 +88,7 @@ class Submission:
     currency: str
     amount: int
     reference: str
-    review_threshold: int
+    review_threshold: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -379,7 +379,8 @@ class SqlSubmissionPath:
             # The trace context goes to the WAL with the transaction (docs/tracing.md).
             submitted = await submit_payment(driver, submission, tracing.sampled_traceparent())
             if span is not None:
-                span.set_attribute("db.consistency_lsn", format_lsn(submitted.position))
+                if submitted.position:
+                    span.set_attribute("db.consistency_lsn", format_lsn(submitted.position))
                 span.set_attribute("db.outcome", submitted.outcome)
             return submitted
 

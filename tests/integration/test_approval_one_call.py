@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC
 from types import TracebackType
 from typing import Any, ClassVar, Self
 from uuid import UUID, uuid4
@@ -20,13 +21,13 @@ import psycopg2
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from approval_svc import metrics
 from approval_svc.adapters import unit_of_work
 from approval_svc.adapters.unit_of_work import SqlSubmissionPath, SqlUnitOfWork, create_engine
 from approval_svc.domain import commands
-from approval_svc.domain.errors import AccountNotFound, DatabaseUnavailable
+from approval_svc.domain.errors import AccountNotFound, DatabaseUnavailable, RequestIdReused
 from approval_svc.domain.model import (
     Account,
     AccountStatus,
@@ -248,6 +249,171 @@ async def test_every_submission_in_one_call_is_counted_by_its_outcome(engine: As
     assert refused == {"refused": 1.0}, refused
 
 
+async def test_a_retry_is_answered_without_waiting_for_the_accounts_locks(
+    engine: AsyncEngine, migrated_dsn: str, db: asyncpg.Connection
+) -> None:
+    """The record is looked up before the locks: a retry of a recorded payment is answered while
+    another transaction holds the payer's."""
+    handlers = handlers_for(engine, 10**9)
+    payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
+    request = submission_key()
+    first = await handlers.submit_payment(_submission(payer, payee, 10), request)
+    assert first.value is not None
+    writer = await asyncpg.connect(migrated_dsn)
+    try:
+        await writer.execute("BEGIN")
+        await writer.execute("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE", payer.account_id)
+        writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
+        retry = asyncio.ensure_future(handlers.submit_payment(_submission(payer, payee, 10), request))
+        for _ in range(POLLS):
+            if retry.done():
+                break
+            waiting = await db.fetchval(
+                "SELECT query FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", writer_pid
+            )
+            assert waiting is None, f"the retry queued for the payer's lock: {waiting}"
+            await asyncio.sleep(0.005)
+        again = await retry
+    finally:
+        await writer.close()
+    assert again.replay == request.encode(first.value)
+
+
+async def test_a_key_committed_by_another_request_while_the_call_waited_for_it_leaves_nothing_written(
+    engine: AsyncEngine, migrated_dsn: str, db: asyncpg.Connection
+) -> None:
+    """A request_id reused with other content, whose record commits while the call's write waits for
+    the key: the call's payment is rolled back, and the locked path answers REQUEST_ID_REUSED."""
+    handlers = handlers_for(engine, 10**9)
+    payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
+    request = submission_key(fingerprint=b"mine")
+    writer = await asyncpg.connect(migrated_dsn)
+    try:
+        await writer.execute("BEGIN")
+        await writer.execute(
+            "INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)"
+            " VALUES ($1, $2, 'SubmitPayment', 'theirs', 'their answer')",
+            request.caller,
+            request.request_id,
+        )
+        writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
+        before = _outcomes()
+        submission = asyncio.ensure_future(handlers.submit_payment(_submission(payer, payee, 10), request))
+        try:
+            await _blocked_by(db, writer_pid)
+        finally:
+            await writer.execute("COMMIT")
+        with pytest.raises(RequestIdReused):
+            await submission
+    finally:
+        await writer.close()
+    assert _moved(before, _outcomes()) == {"refused": 1.0}
+    assert await db.fetchval("SELECT count(*) FROM payments") == 0
+    assert await _balance(engine, payer) == 100
+
+
+async def test_a_payer_counted_for_a_later_day_is_refused_by_the_call_and_nothing_is_written(
+    engine: AsyncEngine, db: asyncpg.Connection
+) -> None:
+    """A counter on a later UTC day than the transaction's clock: the call writes nothing and the locked
+    path runs the transaction again (here the day never comes, so the call ends UNAVAILABLE)."""
+    handlers = handlers_for(engine, 10**9)
+    payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
+    await db.execute(
+        "UPDATE accounts SET daily_usage_day = (now() AT TIME ZONE 'UTC')::date + 1, daily_usage_minor = 7"
+        " WHERE account_id = $1",
+        payer.account_id,
+    )
+    before = _outcomes()
+    with pytest.raises(DatabaseUnavailable):
+        await handlers.submit_payment(_submission(payer, payee, 10), key("SubmitPayment"))
+    assert _moved(before, _outcomes()) == {"refused": 1.0}
+    assert await db.fetchval("SELECT count(*) FROM payments") == 0
+    assert (
+        await db.fetchval("SELECT daily_usage_minor FROM accounts WHERE account_id = $1", payer.account_id)
+        == 7
+    )
+
+
+async def test_the_call_counts_a_payment_on_its_utc_day_whatever_the_sessions_time_zone(
+    migrated_dsn: str, db: asyncpg.Connection
+) -> None:
+    """The daily limit counts UTC days: a session whose time zone is on another date still counts the
+    payment on the UTC date of its time."""
+    # A zone whose date differs from UTC's now: UTC+14 from 10:00 UTC, UTC-12 before 12:00 UTC.
+    zone = (
+        "Pacific/Kiritimati"
+        if await db.fetchval("SELECT extract(hour FROM now() AT TIME ZONE 'UTC')") >= 12
+        else "Etc/GMT+12"
+    )
+    await db.execute(
+        f"ALTER ROLE CURRENT_USER IN DATABASE {await db.fetchval('SELECT current_database()')} SET TimeZone = '{zone}'"
+    )
+    async with engine_for(migrated_dsn) as engine:
+        handlers = handlers_for(engine, 10**9)
+        payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
+        outcome = await handlers.submit_payment(_submission(payer, payee, 10), key("SubmitPayment"))
+        assert outcome.value is not None
+        async with engine.connect() as connection:
+            local = await connection.scalar(text("SELECT now()::date"))
+    row = await db.fetchrow(
+        "SELECT daily_usage_day, daily_usage_minor FROM accounts WHERE account_id = $1", payer.account_id
+    )
+    assert (row["daily_usage_day"], row["daily_usage_minor"]) == (
+        outcome.value.created_at.astimezone(UTC).date(),
+        10,
+    )
+    assert local != row["daily_usage_day"], "the session's date is the UTC date: the case is not met"
+
+
+async def test_a_review_threshold_above_any_amount_holds_no_payment(engine: AsyncEngine) -> None:
+    """APPROVAL_REVIEW_THRESHOLD_MINOR may exceed any int64 amount (no payment is held); it does not fit
+    the procedure's bigint, which takes it as NULL."""
+    handlers = handlers_for(engine, 2**63)
+    payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
+    before = _outcomes()
+    outcome = await handlers.submit_payment(_submission(payer, payee, 100), key("SubmitPayment"))
+    assert outcome.value is not None
+    assert outcome.value.status is PaymentStatus.APPROVED
+    assert _moved(before, _outcomes()) == {"committed": 1.0}
+
+
+async def test_a_call_the_database_does_not_answer_in_time_is_unavailable_and_not_decided_again(
+    migrated_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CALL queued for a lock past the command timeout ends UNAVAILABLE: the locked path would queue
+    for the same lock once more."""
+    engine = create_async_engine(
+        async_url(migrated_dsn), pool_size=2, max_overflow=0, connect_args={"command_timeout": 1}
+    )
+    try:
+        handlers = Handlers(
+            lambda: SqlUnitOfWork(engine), 10**9, submissions=lambda: SqlSubmissionPath(engine)
+        )
+        payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
+        checkouts: list[None] = []
+        checkout = unit_of_work._checkout
+
+        async def counted(engine: AsyncEngine) -> object:
+            checkouts.append(None)
+            return await checkout(engine)
+
+        monkeypatch.setattr(unit_of_work, "_checkout", counted)
+        writer = await asyncpg.connect(migrated_dsn)
+        try:
+            await writer.execute("BEGIN")
+            await writer.execute("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE", payer.account_id)
+            before = _outcomes()
+            with pytest.raises(DatabaseUnavailable):
+                await handlers.submit_payment(_submission(payer, payee, 10), key("SubmitPayment"))
+        finally:
+            await writer.close()
+        assert _moved(before, _outcomes()) == {"timeout": 1.0}
+        assert len(checkouts) == 1, "the payment was decided again under the locks"
+    finally:
+        await engine.dispose()
+
+
 # One payer's day of submissions that meets every rule: (payer, amount, currency); 'frozen' freezes
 # the payee before the next one. The payers: 'a' opens with 1,000 (per payment 500, per day 800),
 # 'b' with 50; the review threshold is 300.
@@ -267,7 +433,8 @@ _DAY = [
 _ACCOUNT_STATE = """
     SELECT status, ledger_balance_minor, held_minor, total_sent_minor, total_received_minor,
            sent_approved, sent_declined, sent_pending_review, received_approved, received_declined,
-           received_pending_review, daily_usage_day, daily_usage_minor, updated_at = created_at AS untouched
+           received_pending_review, daily_usage_day = (updated_at AT TIME ZONE 'UTC')::date AS usage_day_of_last_change,
+           daily_usage_minor, updated_at = created_at AS untouched
     FROM accounts WHERE account_id = $1
 """
 _PAYMENT_STATE = """

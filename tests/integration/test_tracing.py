@@ -240,7 +240,7 @@ async def test_a_payment_is_one_trace_from_its_submission_to_the_read_that_waite
     assert submit.attributes["rpc.grpc.status_code"] == 0
     commit = _only(spans, "commit", parent_span_id=submit.span_id)
     assert "db.consistency_lsn" in commit.attributes
-    assert commit.attributes["db.outcome"] == "committed"  # decided without locks
+    assert commit.attributes["db.outcome"] == "committed"  # decided in one call
     # Across the WAL: the replicator's span is the commit's child.
     replicate = _only(spans, "replicate", service="replicator")
     assert replicate.parent_span_id == commit.span_id

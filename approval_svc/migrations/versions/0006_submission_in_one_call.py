@@ -5,11 +5,11 @@ Revises: 0005
 
 `submit_payment` is a submission in one round trip. It answers a retry from the request's
 record without taking a lock; otherwise it locks the two accounts (in account order,
-queueing for them), looks at the record again (a duplicate that held the locks may have
-committed), decides with the rules below, writes with `apply_decision` (0005), adds the
+queueing for them), decides with the rules below, writes with `apply_decision` (0005), adds the
 trace context to the WAL when it is given, commits, and returns a WAL position read after
 the commit. It answers `committed` (with what was decided), `replay` (a request with the
-same key is recorded: nothing written, its record is returned) or `refused` (an account
+same key is recorded, before the call or by a duplicate that held the locks first, whose
+key the write finds: nothing of this call is kept, the record is returned) or `refused` (an account
 is missing, the payee's balance cannot hold the credit, the payer's daily usage is
 already counted for a later day, or the key was committed while it waited: nothing
 written; the service decides again under the locks, in Python, which gives each its
@@ -19,7 +19,7 @@ The rules are those of `approval_svc.domain.rules`, which stay the definition: t
 locked path and the unit tests' store run them, and
 tests/contract/test_approval_rules_in_sql.py holds these functions to them:
 - `payment_daily_usage`: `rules.daily_usage`, NULL where it raises (a later day);
-- `payment_decision`: `rules.decide`;
+- `payment_decision`: `rules.decide`, a NULL threshold standing for one above any amount;
 - `submitted_payment_response`: the SubmitPaymentResponse that the servicer stores as the
   request's first response, byte for byte (enum numbers of payments.type.v1).
 
@@ -62,7 +62,7 @@ _ENCODING = [
         payment_id uuid, payer_account_id uuid, payee_account_id uuid, currency_code text, amount_minor bigint,
         reference text, status text, decline_reason text, created_at timestamptz, hold_reason text
     ) RETURNS bytea
-    LANGUAGE plpgsql IMMUTABLE AS $body$
+    LANGUAGE plpgsql STABLE AS $body$
     DECLARE
         epoch numeric := EXTRACT(EPOCH FROM created_at);
         seconds bigint := floor(epoch);
@@ -161,7 +161,7 @@ _RULES = [
             status := 'DECLINED'; decline_reason := 'DAILY_LIMIT_EXCEEDED';
         ELSIF amount > payer.ledger_balance_minor - payer.held_minor THEN
             status := 'DECLINED'; decline_reason := 'INSUFFICIENT_FUNDS';
-        ELSIF amount >= review_threshold THEN
+        ELSIF amount >= review_threshold THEN  -- NULL: a threshold above any amount
             status := 'PENDING_REVIEW'; hold_reason := 'AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD';
         ELSE
             status := 'APPROVED';
@@ -221,15 +221,6 @@ _SUBMIT_PAYMENT = """
         END LOOP;
         IF payer.account_id IS NULL OR payee.account_id IS NULL THEN
             outcome := 'refused';
-            RETURN;
-        END IF;
-        -- A duplicate that held the locks first may have committed meanwhile: its answer is this one's.
-        SELECT k.method, k.request_fingerprint, k.response
-        INTO stored_method, stored_fingerprint, stored_response
-        FROM idempotency_keys AS k WHERE k.caller = key_caller AND k.request_id = key_request_id;
-        IF FOUND THEN
-            outcome := 'replay';
-            wal_position := pg_current_wal_insert_lsn();
             RETURN;
         END IF;
         used := payment_daily_usage(payer, today);
