@@ -95,15 +95,19 @@ def _row(account: Account) -> str:
 _ACCOUNT = "json_populate_record(NULL::accounts, %s::json)"
 
 
+# A decision's inputs; a threshold above any amount holds no payment.
+DECISIONS = {
+    "payer": accounts(),
+    "payee": accounts(),
+    "currency": st.sampled_from(["EUR", "USD"]),
+    "amount": amounts,
+    "used": st.integers(0, 2_500),
+    "threshold": st.one_of(amounts, st.integers(MAX_AMOUNT + 1, 2**64)),
+}
+
+
 @CASES
-@given(
-    payer=accounts(),
-    payee=accounts(),
-    currency=st.sampled_from(["EUR", "USD"]),
-    amount=amounts,
-    used=st.integers(0, 2_500),
-    threshold=st.one_of(amounts, st.integers(MAX_AMOUNT + 1, 2**64)),
-)
+@given(**DECISIONS)
 def test_a_payment_is_decided_as_the_python_rules_decide_it(
     db: Any, payer: Account, payee: Account, currency: str, amount: int, used: int, threshold: int
 ) -> None:
@@ -139,14 +143,7 @@ def test_the_generated_cases_reach_every_answer_of_the_rules() -> None:
     reached: set[tuple[str, str | None]] = set()
 
     @fuzz_settings(300)
-    @given(
-        payer=accounts(),
-        payee=accounts(),
-        currency=st.sampled_from(["EUR", "USD"]),
-        amount=amounts,
-        used=st.integers(0, 2_500),
-        threshold=amounts,
-    )
+    @given(**DECISIONS)
     def decide(payer: Account, payee: Account, currency: str, amount: int, used: int, threshold: int) -> None:
         decision = rules.decide(payer, payee, currency, amount, used, threshold)
         reached.add(

@@ -118,6 +118,33 @@ def _moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float
     }
 
 
+async def _record(
+    connection: asyncpg.Connection, request: RequestKey[Payment], fingerprint: bytes, response: bytes
+) -> None:
+    """A record of the request's key, as another request's commit would leave it."""
+    await connection.execute(
+        "INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)"
+        " VALUES ($1, $2, 'SubmitPayment', $3, $4)",
+        request.caller,
+        request.request_id,
+        fingerprint,
+        response,
+    )
+
+
+def _count_checkouts(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """One entry per wait for a pooled connection from now on."""
+    checkouts: list[None] = []
+    checkout = unit_of_work._checkout
+
+    async def counted(engine: AsyncEngine) -> object:
+        checkouts.append(None)
+        return await checkout(engine)
+
+    monkeypatch.setattr(unit_of_work, "_checkout", counted)
+    return checkouts
+
+
 async def test_a_payment_is_decided_in_one_round_trip(engine: AsyncEngine) -> None:
     handlers = Handlers(lambda: SqlUnitOfWork(engine), 10**9, submissions=lambda: _Logged(engine))
     payer, payee = await open_account(handlers, 10**6), await open_account(handlers, 0)
@@ -202,13 +229,7 @@ async def test_a_duplicate_committed_while_the_call_waited_for_the_locks_is_repl
     try:
         await writer.execute("BEGIN")
         await writer.execute("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE", payer.account_id)
-        await writer.execute(
-            "INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)"
-            " VALUES ($1, $2, 'SubmitPayment', $3, 'the duplicate''s answer')",
-            request.caller,
-            request.request_id,
-            request.fingerprint,
-        )
+        await _record(writer, request, request.fingerprint, b"the duplicate's answer")
         writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
         before = _outcomes()
         submission = asyncio.ensure_future(handlers.submit_payment(_submission(payer, payee, 10), request))
@@ -290,12 +311,7 @@ async def test_a_key_committed_by_another_request_while_the_call_waited_for_it_l
     writer = await asyncpg.connect(migrated_dsn)
     try:
         await writer.execute("BEGIN")
-        await writer.execute(
-            "INSERT INTO idempotency_keys (caller, request_id, method, request_fingerprint, response)"
-            " VALUES ($1, $2, 'SubmitPayment', 'theirs', 'their answer')",
-            request.caller,
-            request.request_id,
-        )
+        await _record(writer, request, b"theirs", b"their answer")
         writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
         before = _outcomes()
         submission = asyncio.ensure_future(handlers.submit_payment(_submission(payer, payee, 10), request))
@@ -391,14 +407,7 @@ async def test_a_call_the_database_does_not_answer_in_time_is_unavailable_and_no
             lambda: SqlUnitOfWork(engine), 10**9, submissions=lambda: SqlSubmissionPath(engine)
         )
         payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
-        checkouts: list[None] = []
-        checkout = unit_of_work._checkout
-
-        async def counted(engine: AsyncEngine) -> object:
-            checkouts.append(None)
-            return await checkout(engine)
-
-        monkeypatch.setattr(unit_of_work, "_checkout", counted)
+        checkouts = _count_checkouts(monkeypatch)
         writer = await asyncpg.connect(migrated_dsn)
         try:
             await writer.execute("BEGIN")
@@ -528,14 +537,7 @@ async def test_a_call_waits_for_a_pooled_connection_once_before_it_is_unavailabl
             lambda: SqlUnitOfWork(engine), 10**9, submissions=lambda: SqlSubmissionPath(engine)
         )
         payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
-        waits: list[None] = []
-        checkout = unit_of_work._checkout
-
-        async def counted(engine: AsyncEngine) -> object:
-            waits.append(None)
-            return await checkout(engine)
-
-        monkeypatch.setattr(unit_of_work, "_checkout", counted)
+        waits = _count_checkouts(monkeypatch)
         busy = await engine.connect()  # every pooled connection in use
         try:
             with pytest.raises(DatabaseUnavailable):
