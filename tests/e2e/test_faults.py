@@ -296,7 +296,11 @@ async def test_the_platform_keeps_working_and_loses_nothing_under_faults(tmp_pat
 async def test_a_retry_across_an_approval_crash_never_pays_twice(
     tmp_path: Path, postgres_server: PostgresServer
 ) -> None:
-    """The crash lands before the commit (the request waits on a row lock) and after it (the reply was sent)."""
+    """The crash lands before the commit (the request waits on a row lock) and after it (the reply was sent).
+
+    Before the commit, the one call that the dead process sent goes on in PostgreSQL once the
+    lock is free: it decides and commits by itself, and the retry answers with its payment.
+    """
     name = f"f_{uuid.uuid4().hex[:12]}"
     dsn = postgres_server.create_database(name)
     approval = approval_process(dsn, free_port(), tmp_path / "approval.log")
@@ -329,14 +333,17 @@ async def test_a_retry_across_an_approval_crash_never_pays_twice(
         finally:
             blocker.rollback()
             blocker.close()
-        assert _payments(dsn, "pay-once") == []
+        orphaned = await eventually(
+            lambda: _payments(dsn, "pay-once"), 20, "the call of the dead process commits by itself"
+        )
 
-        # The client retries with the same request_id once the service is back.
+        # The client retries with the same request_id once the service is back: the payment is that one.
         approval.start()
         approval.wait_serving(60)
         async with aio_channel(approval.address) as channel:
             stub = approval_grpc.ApprovalServiceStub(channel)
             first = await stub.SubmitPayment(request, timeout=10)
+        assert [first.payment.payment_id] == orphaned
 
         # 2. After the commit: the service dies, the client did not trust the reply and retries.
         approval.kill()
