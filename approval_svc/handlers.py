@@ -112,6 +112,33 @@ def _submission_records(
     return event, entries, request
 
 
+def _submitted(
+    command: commands.SubmitPayment,
+    request_id: str,
+    payment_id: UUID,
+    names: tuple[str, str],
+    decision: rules.Decision,
+    at: datetime,
+) -> Payment:
+    """The payment that `command` became, decided at `at`; `names` are the payer's and the payee's."""
+    return Payment(
+        payment_id=payment_id,
+        request_id=request_id,
+        payer_account_id=command.payer_account_id,
+        payee_account_id=command.payee_account_id,
+        payer_name=names[0],
+        payee_name=names[1],
+        currency=command.currency,
+        amount=command.amount,
+        reference=command.reference,
+        status=decision.status,
+        decline_reason=decision.decline_reason,
+        created_at=at,
+        updated_at=at,
+        hold_reason=decision.hold_reason,
+    )
+
+
 def _note_decided(payment: Payment) -> None:
     """Names the committed payment in the call's log lines and span (never a decision that was not kept)."""
     tracing.note_payment(str(payment.payment_id))
@@ -306,21 +333,13 @@ class Handlers:
         if submitted.decided is None:
             return None
         decided = submitted.decided
-        payment = Payment(
-            payment_id=submission.payment_id,
-            request_id=key.request_id,
-            payer_account_id=command.payer_account_id,
-            payee_account_id=command.payee_account_id,
-            payer_name=decided.payer_name,
-            payee_name=decided.payee_name,
-            currency=command.currency,
-            amount=command.amount,
-            reference=command.reference,
-            status=decided.status,
-            decline_reason=decided.decline_reason,
-            created_at=decided.created_at,
-            updated_at=decided.created_at,
-            hold_reason=decided.hold_reason,
+        payment = _submitted(
+            command,
+            key.request_id,
+            submission.payment_id,
+            (decided.payer_name, decided.payee_name),
+            decided.decision,
+            decided.created_at,
         )
         _note_decided(payment)
         return Outcome(payment, None, submitted.position)
@@ -339,21 +358,8 @@ class Handlers:
         decision = rules.decide(payer, payee, command.currency, command.amount, used, self._review_threshold)
         if decision.status is not PaymentStatus.DECLINED:
             rules.check_credit_fits(payee, command.amount)
-        return Payment(
-            payment_id=self._new_id(),
-            request_id=request_id,
-            payer_account_id=payer.account_id,
-            payee_account_id=payee.account_id,
-            payer_name=payer.owner_name,
-            payee_name=payee.owner_name,
-            currency=command.currency,
-            amount=command.amount,
-            reference=command.reference,
-            status=decision.status,
-            decline_reason=decision.decline_reason,
-            created_at=now,
-            updated_at=now,
-            hold_reason=decision.hold_reason,
+        return _submitted(
+            command, request_id, self._new_id(), (payer.owner_name, payee.owner_name), decision, now
         )
 
     async def review_payment(

@@ -26,6 +26,7 @@ from approval_svc.domain.model import (
     PaymentEvent,
     PaymentStatus,
 )
+from approval_svc.domain.rules import Decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +94,10 @@ class Submission:
 
 @dataclass(frozen=True, slots=True)
 class Decided:
-    """What the rules decided for a committed submission, and what the payment took from its accounts."""
+    """What the rules decided for a committed submission, when, and the names it took from its accounts."""
 
     created_at: datetime
-    status: PaymentStatus
-    decline_reason: DeclineReason | None
-    hold_reason: HoldReason | None
+    decision: Decision
     payer_name: str
     payee_name: str
 
@@ -522,11 +521,14 @@ async def submit_payment(
         return Submitted(outcome, position, stored=stored)
     if outcome == "committed":
         reason, hold = row["decided_decline_reason"], row["decided_hold_reason"]
-        decided = Decided(
-            row["decided_at"],
+        decision = Decision(
             PaymentStatus(row["decided_status"]),
             DeclineReason(reason) if reason is not None else None,
             HoldReason(hold) if hold is not None else None,
+        )
+        decided = Decided(
+            row["decided_at"],
+            decision,
             row["payer_name"],
             row["payee_name"],
         )

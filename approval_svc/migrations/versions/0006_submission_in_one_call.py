@@ -197,6 +197,7 @@ _SUBMIT_PAYMENT = """
         moved bigint := 0;
         usage bigint := 0;
         entry_accounts uuid[] := '{}';
+        entry_payments uuid[] := '{}';
         entry_kinds text[] := '{}';
         entry_amounts bigint[] := '{}';
         response bytea;
@@ -241,6 +242,7 @@ _SUBMIT_PAYMENT = """
             moved := amount;
             usage := amount;
             entry_accounts := ARRAY[payer_id, payee_id];
+            entry_payments := ARRAY[new_payment_id, new_payment_id];
             entry_kinds := ARRAY['DEBIT', 'CREDIT'];
             entry_amounts := ARRAY[-amount, amount];
         ELSIF decision.status = 'PENDING_REVIEW' THEN
@@ -271,7 +273,7 @@ _SUBMIT_PAYMENT = """
             ARRAY[usage, 0],
             ARRAY[CASE WHEN usage > 0 THEN today END, NULL]::date[],
             entry_accounts,
-            CASE WHEN moved > 0 THEN ARRAY[new_payment_id, new_payment_id] ELSE '{}'::uuid[] END,
+            entry_payments,
             entry_kinds,
             entry_amounts,
             key_caller, key_request_id, key_method, key_fingerprint, response
