@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from replicator.decoder import UNCHANGED, Begin, RowKind, Value
+from replicator.decoder import UNCHANGED, Begin, RowKind, TupleData, Value
 
 PAYMENTS: Final = "public.payments"
 PAYMENT_EVENTS: Final = "public.payment_events"
@@ -75,9 +75,10 @@ class Transaction:
     begin: Begin
     # Its commit starts below the checkpoint: already applied, only read past.
     skip: bool
-    # (table, kind, row) for a row change; (tables, None, None) for a truncate.
-    changes: list[tuple[str | tuple[str, ...], RowKind | None, dict[str, Value] | None]] = field(
-        default_factory=list
+    # (table, kind, row) for a row change, its row as it arrived (TupleData) or decoded;
+    # (tables, None, None) for a truncate.
+    changes: list[tuple[str | tuple[str, ...], RowKind | None, TupleData | Mapping[str, Value] | None]] = (
+        field(default_factory=list)
     )
     # The trace context that the transaction carried through the WAL (a traceparent), if any.
     trace: bytes | None = None
@@ -104,60 +105,96 @@ class Transaction:
             else:
                 assert isinstance(table, str)
                 assert row is not None
-                batch.add(RowChange(table, kind, row, lsn))
+                batch.add(table, kind, row, lsn)
+
+
+class _Kept:
+    """A row's change as a batch keeps it: its row decoded only when the batch is projected.
+
+    `earlier` is the change of the same row that it replaced in the batch, from which its
+    unchanged (TOAST) columns take their values.
+    """
+
+    __slots__ = ("earlier", "kind", "lsn", "row", "table")
+
+    def __init__(
+        self, table: str, kind: RowKind, row: TupleData | Mapping[str, Value], lsn: int, earlier: _Kept | None
+    ) -> None:
+        self.table = table
+        self.kind = kind
+        self.row = row
+        self.lsn = lsn
+        self.earlier = earlier
+
+    def change(self) -> RowChange:
+        """The change with its whole row: unchanged columns from the changes it replaced, the latest first."""
+        rows: list[Mapping[str, Value]] = []
+        kept: _Kept | None = self
+        while kept is not None:
+            row = kept.row.row() if type(kept.row) is TupleData else kept.row
+            assert not isinstance(row, TupleData)
+            rows.append(row)
+            # `in` compares by identity first; no text or bytes value equals UNCHANGED.
+            if UNCHANGED not in row.values():
+                break
+            kept = kept.earlier
+        merged = rows.pop()
+        for row in reversed(rows):
+            merged = {
+                name: merged.get(name, value) if value is UNCHANGED else value for name, value in row.items()
+            }
+        return RowChange(self.table, self.kind, merged, self.lsn)
 
 
 @dataclass(slots=True)
 class Segment:
     """Row changes to project in this order, then (unless None) a truncate that follows them."""
 
-    early: list[RowChange]
-    latest: dict[tuple[str, ...], RowChange]
+    early: list[_Kept]
+    latest: dict[tuple[str, ...], _Kept]
     truncate: TruncateTables | None = None
 
     def rows(self) -> Iterator[RowChange]:
-        yield from self.early
-        yield from self.latest.values()
+        for kept in self.early:
+            yield kept.change()
+        for kept in self.latest.values():
+            yield kept.change()
 
 
 class RowBatch:
     """The row changes of whole transactions, keeping only the last change of each row.
 
     Every view is a function of its row, so only a row's last state in a batch needs
-    projecting. A delete followed by an insert of the same key keeps both, in order. An
-    unchanged (TOAST) column takes its value from the row's earlier change in the batch.
-    A truncate is a barrier: what came before it is projected before it.
+    projecting, and only that state is decoded (a replaced change is read as far as its
+    key). A delete followed by an insert of the same key keeps both, in order. An unchanged
+    (TOAST) column takes its value from the row's earlier change in the batch. A truncate
+    is a barrier: what came before it is projected before it.
     """
 
     def __init__(self) -> None:
         self.segments: list[Segment] = [Segment([], {})]
         self.changes = 0
 
-    def add(self, change: RowChange) -> None:
+    def add(self, table: str, kind: RowKind, row: TupleData | Mapping[str, Value], lsn: int) -> None:
+        """Adds a row change of `table`, its row as it arrived or decoded, at position `lsn`."""
         self.changes += 1
-        columns = KEY_COLUMNS.get(change.table)
+        columns = KEY_COLUMNS.get(table)
         if columns is None:
             return
-        row = change.row
         if len(columns) == 1:
-            key: tuple[str, ...] = (change.table, str(row.get(columns[0])))
+            key: tuple[str, ...] = (table, str(row.get(columns[0])))
         else:
-            key = (change.table, *[str(row.get(c)) for c in columns])
+            key = (table, *[str(row.get(c)) for c in columns])
         segment = self.segments[-1]
-        previous = segment.latest.get(key)
+        previous = segment.latest.pop(key, None)
+        earlier = None
         if previous is not None:
             if previous.kind == "delete":
-                if change.kind != "delete":
+                if kind != "delete":
                     segment.early.append(previous)
-            # `in` compares by identity first; no text or bytes value equals UNCHANGED.
-            elif change.kind != "delete" and UNCHANGED in row.values():
-                merged = {
-                    name: previous.row.get(name, value) if value is UNCHANGED else value
-                    for name, value in change.row.items()
-                }
-                change = RowChange(change.table, change.kind, merged, change.lsn)
-            del segment.latest[key]
-        segment.latest[key] = change
+            elif kind != "delete":
+                earlier = previous
+        segment.latest[key] = _Kept(table, kind, row, lsn, earlier)
 
     def truncate(self, tables: tuple[str, ...], lsn: int) -> None:
         published = tuple(table for table in tables if table in TABLES)

@@ -215,21 +215,22 @@ class Decoder:
         except KeyError:
             raise DecodeError(f"change for relation {oid} before its Relation message") from None
 
-    def row_change(self, payload: bytes) -> tuple[RowKind, Relation, dict[str, Value]] | None:
-        """An insert, update or delete as ("insert" | "update" | "delete", relation, row), else None.
+    def row_change(self, payload: bytes) -> tuple[RowKind, Relation, TupleData] | None:
+        """An insert, update or delete as ("insert" | "update" | "delete", relation, tuple), else None.
 
-        The row is the new row, or the old key (or row) of a delete, by column name, as
-        `as_row` gives it from the decoded message. The same parsing as `decode` without
-        building a message object or a tuple of values, for the per-change hot path.
+        The tuple is the new row's, or a delete's old key (or row), its values decoded by
+        column name when first asked for (`TupleData.row`), as `as_row` gives them from the
+        decoded message. The same parsing as `decode` without building a message object or a
+        tuple of values, for the per-change hot path.
         """
         kind = _ROW_KINDS.get(payload[0]) if payload else None
         if kind is None:
             return None
         try:
             relation, _, at = self._located(payload)
-            return kind, relation, _row(payload, at, relation.column_names)[0]
         except (struct.error, IndexError, UnicodeDecodeError) as exc:
             raise DecodeError(f"truncated or malformed {chr(payload[0])!r} message: {exc}") from exc
+        return kind, relation, TupleData(payload, at, relation.column_names)
 
     def _located(self, data: bytes) -> tuple[Relation, tuple[Value, ...] | None, int]:
         """An insert's, update's or delete's relation, an update's old tuple (None otherwise),
@@ -291,33 +292,92 @@ def _row(data: bytes, offset: int, names: Sequence[K]) -> tuple[dict[K, Value], 
     offset += 2
     row: dict[K, Value] = {}
     unpack = _U32.unpack_from
-    named = len(names)
-    value: Value
-    for index in range(count):
+    # The common case, a value for every column, is read without counting positions.
+    named = names if count == len(names) else names[:count]
+    for name in named:
         kind = data[offset]
         if kind == 0x74:  # 't'
-            (length,) = unpack(data, offset + 1)
-            offset += 5
-            end = offset + length
-            value = data[offset:end].decode()
-            offset = end
+            start = offset + 5
+            offset = start + unpack(data, offset + 1)[0]
+            row[name] = data[start:offset].decode()
         elif kind == 0x6E:  # 'n'
-            value = None
+            row[name] = None
             offset += 1
         elif kind == 0x75:  # 'u'
-            value = UNCHANGED
+            row[name] = UNCHANGED
             offset += 1
         elif kind == 0x62:  # 'b'
-            (length,) = unpack(data, offset + 1)
-            offset += 5
-            end = offset + length
-            value = data[offset:end]
-            offset = end
+            start = offset + 5
+            offset = start + unpack(data, offset + 1)[0]
+            row[name] = data[start:offset]
         else:
             raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
-        if index < named:
-            row[names[index]] = value
+    for _ in range(count - len(named)):
+        offset = _past_value(data, offset)
     return row, offset
+
+
+def _past_value(data: bytes, offset: int) -> int:
+    """The offset after the TupleData value at `offset`, which is not decoded."""
+    kind = data[offset]
+    if kind in (0x74, 0x62):  # 't', 'b'
+        length: int = _U32.unpack_from(data, offset + 1)[0]
+        if offset + 5 + length > len(data):
+            raise IndexError("value past the end of the message")
+        return offset + 5 + length
+    if kind in (0x6E, 0x75):  # 'n', 'u'
+        return offset + 1
+    raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
+
+
+class TupleData:
+    """A row change's TupleData as it arrived, its values decoded when first asked for.
+
+    A batch keeps only the last change of each row (`changes.RowBatch`): the changes that
+    a later one replaces are read no further than their key's columns.
+    """
+
+    __slots__ = ("_row", "data", "names", "offset")
+
+    def __init__(self, data: bytes, offset: int, names: tuple[str, ...]) -> None:
+        self.data = data
+        self.offset = offset  # where the tuple starts: its column count
+        self.names = names  # the relation's columns
+        self._row: dict[str, Value] | None = None
+
+    def row(self) -> dict[str, Value]:
+        """The values by column name; a tuple shorter than the relation has only its first columns."""
+        row = self._row
+        if row is None:
+            try:
+                row = self._row = _row(self.data, self.offset, self.names)[0]
+            except (struct.error, IndexError, UnicodeDecodeError) as exc:
+                raise DecodeError(f"truncated or malformed tuple: {exc}") from exc
+        return row
+
+    def get(self, column: str) -> Value:
+        """The value of one column, as `row().get(column)`: the ones before it are read past, not decoded."""
+        if self._row is not None or column not in self.names:
+            return self.row().get(column)
+        position = self.names.index(column)
+        data = self.data
+        try:
+            (count,) = _I16.unpack_from(data, self.offset)
+            if position >= count:
+                return None
+            offset = self.offset + 2
+            for _ in range(position):
+                offset = _past_value(data, offset)
+            kind = data[offset]
+            if kind == 0x74:  # 't'
+                (length,) = _U32.unpack_from(data, offset + 1)
+                if offset + 5 + length > len(data):
+                    raise IndexError("value past the end of the message")
+                return data[offset + 5 : offset + 5 + length].decode()
+        except (struct.error, IndexError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"truncated or malformed tuple: {exc}") from exc
+        # NULL, unchanged, or binary: as the whole row has it (rare for a key).
+        return self.row().get(column)
 
 
 def as_row(relation: Relation, values: tuple[Value, ...]) -> dict[str, Value]:

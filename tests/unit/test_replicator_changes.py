@@ -57,15 +57,15 @@ def test_a_truncate_ends_a_segment_and_keeps_only_published_tables() -> None:
 
 def test_rows_of_unpublished_tables_are_counted_but_not_kept() -> None:
     batch = RowBatch()
-    batch.add(RowChange("public.ledger_entries", "insert", {"entry_id": "1"}, 10))
-    batch.add(RowChange(PAYMENTS, "delete", {"payment_id": "p"}, 10))
+    batch.add("public.ledger_entries", "insert", {"entry_id": "1"}, 10)
+    batch.add(PAYMENTS, "delete", {"payment_id": "p"}, 10)
     assert batch.changes == 2
     assert [change.table for change in _rows(batch)] == [PAYMENTS]
 
 
 def test_a_deleted_row_inserted_again_keeps_the_delete_first() -> None:
     batch = RowBatch()
-    batch.add(RowChange(ACCOUNTS, "delete", {"account_id": A}, 10))
-    batch.add(RowChange(ACCOUNTS, "insert", account_row(), 20))
-    batch.add(RowChange(ACCOUNTS, "update", account_row(owner_name="Carol"), 30))
+    batch.add(ACCOUNTS, "delete", {"account_id": A}, 10)
+    batch.add(ACCOUNTS, "insert", account_row(), 20)
+    batch.add(ACCOUNTS, "update", account_row(owner_name="Carol"), 30)
     assert [(change.kind, change.lsn) for change in _rows(batch)] == [("delete", 10), ("update", 30)]

@@ -148,7 +148,8 @@ def test_row_change_matches_the_decoded_message() -> None:
     for line in CAPTURE.read_text().splitlines():
         payload = bytes.fromhex(json.loads(line)["hex"])
         message = decoder.decode(payload)
-        change = decoder.row_change(payload)
+        found = decoder.row_change(payload)
+        change = None if found is None else (found[0], found[1], found[2].row())
         if isinstance(message, Insert):
             assert change == ("insert", message.relation, as_row(message.relation, message.new))
         elif isinstance(message, Update):
@@ -166,6 +167,33 @@ def test_row_change_of_a_malformed_message_raises_decode_error() -> None:
     decoder = Decoder()
     with pytest.raises(DecodeError):
         decoder.row_change(struct.pack(">cI", b"I", 99))
+
+
+@pytest.mark.parametrize(
+    "tuple_data",
+    [
+        struct.pack(">h", 2) + b"t" + struct.pack(">I", 40) + b"short",  # a value past the end
+        struct.pack(">h", 2) + b"t" + struct.pack(">I", 1) + b"1" + b"?",  # an unknown kind
+        struct.pack(">h", 2) + b"t" + struct.pack(">I", 1),  # the value missing
+        # not UTF-8
+        struct.pack(">h", 2) + b"t" + struct.pack(">I", 1) + b"1" + b"t" + struct.pack(">I", 2) + b"\xff\xfe",
+    ],
+)
+def test_a_malformed_tuple_raises_decode_error_when_it_is_read(tuple_data: bytes) -> None:
+    """A row change's tuple is decoded when asked for, the row or one column: malformed, it raises then."""
+    columns = b"".join(
+        struct.pack(">b", 0) + name.encode() + b"\0" + struct.pack(">Ii", 25, -1) for name in ("id", "note")
+    )
+    decoder = Decoder()
+    decoder.decode(struct.pack(">cI", b"R", 16384) + b"public\0t\0d" + struct.pack(">h", 2) + columns)
+    payload = b"I" + struct.pack(">I", 16384) + b"N" + tuple_data
+    whole, one = decoder.row_change(payload), decoder.row_change(payload)
+    assert whole is not None
+    assert one is not None
+    with pytest.raises(DecodeError):
+        whole[2].row()
+    with pytest.raises(DecodeError):
+        one[2].get("note")
 
 
 def _tuple_data(*values: object) -> bytes:
@@ -233,5 +261,12 @@ def test_a_row_read_by_name_is_the_tuple_by_name(values: tuple[object, ...], kin
     else:
         assert isinstance(message, Insert | Update)
         expected = (kind.split()[0], relation, as_row(relation, message.new))
-    assert decoder.row_change(payload) == expected
+    change = decoder.row_change(payload)
+    assert change is not None
+    assert (change[0], change[1], change[2].row()) == expected
     assert list(expected[2].values()) == list(values[:3])
+    # One column read alone, before the row is decoded, is the row's.
+    for name in ("id", "name", "note", "absent"):
+        fresh = decoder.row_change(payload)
+        assert fresh is not None
+        assert fresh[2].get(name) == expected[2].get(name)

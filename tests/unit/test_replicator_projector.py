@@ -156,8 +156,8 @@ def test_the_queue_write_is_fenced_by_position_per_payment() -> None:
     """Like an index write, the queue write is one entity per payment: the last of a batch wins, and the
     apply script skips it when the payment's queue version is newer (tests/integration/test_replicator_sink.py)."""
     batch = RowBatch()
-    batch.add(RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 400))
-    batch.add(RowChange(PAYMENTS, "update", payment_row(status="APPROVED"), 410))
+    batch.add(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 400)
+    batch.add(PAYMENTS, "update", payment_row(status="APPROVED"), 410)
     (queue,) = _queue_writes(PROJECTOR.project_batch(batch))
     assert queue.identity == ("idx", KEYS.review_queue_versions(), P)
     assert (queue.lsn, queue.remove) == (410, (KEYS.review_queue(),))
@@ -249,10 +249,10 @@ def _views(ops: list[Op]) -> list[tuple[str, int]]:
 
 def test_row_batch_projects_only_the_last_state_of_each_row() -> None:
     batch = RowBatch()
-    batch.add(RowChange(ACCOUNTS, "update", account_row(ledger_balance_minor="1"), 10))
-    batch.add(RowChange(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 10))
-    batch.add(RowChange(ACCOUNTS, "update", account_row(ledger_balance_minor="2"), 20))
-    batch.add(RowChange(PAYMENTS, "update", payment_row(), 20))
+    batch.add(ACCOUNTS, "update", account_row(ledger_balance_minor="1"), 10)
+    batch.add(PAYMENTS, "insert", payment_row(status="PENDING_REVIEW"), 10)
+    batch.add(ACCOUNTS, "update", account_row(ledger_balance_minor="2"), 20)
+    batch.add(PAYMENTS, "update", payment_row(), 20)
     assert batch.changes == 4
     ops = PROJECTOR.project_batch(batch)
     assert _views(ops) == [(KEYS.account(A), 20), (KEYS.payment(P), 20)]
@@ -262,8 +262,8 @@ def test_row_batch_projects_only_the_last_state_of_each_row() -> None:
 
 def test_row_batch_fills_unchanged_columns_from_the_earlier_change() -> None:
     batch = RowBatch()
-    batch.add(RowChange(PAYMENTS, "insert", payment_row(reference="long"), 10))
-    batch.add(RowChange(PAYMENTS, "update", payment_row(reference=UNCHANGED, status="DECLINED"), 10))
+    batch.add(PAYMENTS, "insert", payment_row(reference="long"), 10)
+    batch.add(PAYMENTS, "update", payment_row(reference=UNCHANGED, status="DECLINED"), 10)
     (view, *_) = PROJECTOR.project_batch(batch)
     assert isinstance(view, UpsertView)
     assert not view.keep
@@ -272,17 +272,17 @@ def test_row_batch_fills_unchanged_columns_from_the_earlier_change() -> None:
 
 def test_row_batch_keeps_a_delete_before_a_new_insert_of_the_same_key() -> None:
     batch = RowBatch()
-    batch.add(RowChange(ACCOUNTS, "delete", {"account_id": A}, 10))
-    batch.add(RowChange(ACCOUNTS, "insert", account_row(), 20))
+    batch.add(ACCOUNTS, "delete", {"account_id": A}, 10)
+    batch.add(ACCOUNTS, "insert", account_row(), 20)
     assert _views(PROJECTOR.project_batch(batch)) == [(KEYS.account(A), 10), (KEYS.account(A), 20)]
     assert isinstance(PROJECTOR.project_batch(batch)[0], DeleteView)
 
 
 def test_row_batch_truncate_is_a_barrier() -> None:
     batch = RowBatch()
-    batch.add(RowChange(ACCOUNTS, "update", account_row(), 10))
+    batch.add(ACCOUNTS, "update", account_row(), 10)
     batch.truncate((ACCOUNTS, PAYMENTS), 20)
-    batch.add(RowChange(ACCOUNTS, "insert", account_row(), 30))
+    batch.add(ACCOUNTS, "insert", account_row(), 30)
     ops = PROJECTOR.project_batch(batch)
     kinds = [type(op).__name__ for op in ops]
     assert kinds == ["UpsertView", "TruncateTables", "UpsertView"]
