@@ -7,8 +7,10 @@ that depends on a value passes it rather than relying on the default here.
 
 from __future__ import annotations
 
+import struct
+
 from payments_common.keys import DEFAULT_SCHEMA
-from replicator.decoder import Value
+from replicator.decoder import UNCHANGED, Value
 from replicator.projector import Projector
 
 P = "00000000-0000-4000-8000-000000000001"
@@ -91,3 +93,20 @@ def _declined_with_reason(row: dict[str, Value], changes: dict[str, Value]) -> d
     if row["status"] == "PENDING_REVIEW" and "hold_reason" in row and "hold_reason" not in changes:
         row["hold_reason"] = "AMOUNT_AT_OR_ABOVE_REVIEW_THRESHOLD"
     return row
+
+
+def tuple_data(*values: object) -> bytes:
+    """pgoutput's TupleData of the values: text, binary, null and unchanged TOAST."""
+    out = struct.pack(">h", len(values))
+    for value in values:
+        if value is None:
+            out += b"n"
+        elif value is UNCHANGED:
+            out += b"u"
+        elif isinstance(value, bytes):
+            out += b"b" + struct.pack(">I", len(value)) + value
+        else:
+            assert isinstance(value, str)
+            encoded = value.encode()
+            out += b"t" + struct.pack(">I", len(encoded)) + encoded
+    return out

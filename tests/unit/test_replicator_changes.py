@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+
+import pytest
+
 from replicator.changes import ACCOUNTS, PAYMENTS, RowBatch, RowChange, Transaction, TruncateTables
-from replicator.decoder import Begin
-from tests.support.rows import A, B, account_row
+from replicator.decoder import UNCHANGED, Begin, DecodeError, TupleData
+from tests.support.rows import A, B, account_row, tuple_data
 
 
 def _transaction(final_lsn: int) -> Transaction:
@@ -69,3 +73,49 @@ def test_a_deleted_row_inserted_again_keeps_the_delete_first() -> None:
     batch.add(ACCOUNTS, "insert", account_row(), 20)
     batch.add(ACCOUNTS, "update", account_row(owner_name="Carol"), 30)
     assert [(change.kind, change.lsn) for change in _rows(batch)] == [("delete", 10), ("update", 30)]
+
+
+def _arrived(*values: object) -> TupleData:
+    """An accounts row change's tuple as the decoder hands it over, undecoded."""
+    return TupleData(tuple_data(*values), 0, ("account_id", "owner_name", "status"))
+
+
+def test_a_change_that_a_later_one_replaces_is_read_only_as_far_as_its_key() -> None:
+    # The first change's status is not UTF-8: decoded, it would raise.
+    first = TupleData(
+        struct.pack(">h", 3) + tuple_data(A, "Alice")[2:] + b"t" + struct.pack(">I", 1) + b"\xff",
+        0,
+        ("account_id", "owner_name", "status"),
+    )
+    with pytest.raises(DecodeError):
+        TupleData(first.data, 0, first.names).row()
+    batch = RowBatch()
+    batch.add(ACCOUNTS, "update", first, 10)
+    batch.add(ACCOUNTS, "update", _arrived(A, "Alice", "FROZEN"), 20)
+    assert [(change.row, change.lsn) for change in _rows(batch)] == [
+        ({"account_id": A, "owner_name": "Alice", "status": "FROZEN"}, 20)
+    ]
+
+
+def test_unchanged_columns_of_changes_as_they_arrived_come_from_the_latest_change_that_sent_them() -> None:
+    batch = RowBatch()
+    batch.add(ACCOUNTS, "insert", _arrived(A, "Alice", "ACTIVE"), 10)
+    batch.add(ACCOUNTS, "update", _arrived(A, "Alicia", UNCHANGED), 20)
+    batch.add(ACCOUNTS, "update", _arrived(A, UNCHANGED, "FROZEN"), 30)
+    batch.add(ACCOUNTS, "update", _arrived(A, UNCHANGED, UNCHANGED), 40)
+    batch.add(ACCOUNTS, "update", _arrived(B, UNCHANGED, "ACTIVE"), 40)
+    assert [(change.kind, change.row, change.lsn) for change in _rows(batch)] == [
+        ("update", {"account_id": A, "owner_name": "Alicia", "status": "FROZEN"}, 40),
+        # Nothing earlier in the batch to take it from: left to resolution against Redis.
+        ("update", {"account_id": B, "owner_name": UNCHANGED, "status": "ACTIVE"}, 40),
+    ]
+
+
+def test_a_row_replaced_many_times_in_one_batch_is_merged_without_recursion() -> None:
+    batch = RowBatch()
+    batch.add(ACCOUNTS, "insert", _arrived(A, "Alice", "ACTIVE"), 1)
+    for lsn in range(2, 5002):
+        batch.add(ACCOUNTS, "update", _arrived(A, UNCHANGED, UNCHANGED), lsn)
+    assert [change.row for change in _rows(batch)] == [
+        {"account_id": A, "owner_name": "Alice", "status": "ACTIVE"}
+    ]

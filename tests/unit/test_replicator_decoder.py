@@ -22,6 +22,7 @@ from replicator.decoder import (
     Update,
     as_row,
 )
+from tests.support.rows import tuple_data
 
 CAPTURE = Path(__file__).parent / "data" / "pgoutput_capture.jsonl"
 PAYMENT = "00000000-0000-4000-8000-000000000001"
@@ -196,23 +197,6 @@ def test_a_malformed_tuple_raises_decode_error_when_it_is_read(tuple_data: bytes
         one[2].get("note")
 
 
-def _tuple_data(*values: object) -> bytes:
-    """pgoutput's TupleData of the values: text, binary, null and unchanged TOAST."""
-    out = struct.pack(">h", len(values))
-    for value in values:
-        if value is None:
-            out += b"n"
-        elif value is UNCHANGED:
-            out += b"u"
-        elif isinstance(value, bytes):
-            out += b"b" + struct.pack(">I", len(value)) + value
-        else:
-            assert isinstance(value, str)
-            encoded = value.encode()
-            out += b"t" + struct.pack(">I", len(encoded)) + encoded
-    return out
-
-
 @pytest.mark.parametrize(
     "values",
     [
@@ -245,15 +229,15 @@ def test_a_row_read_by_name_is_the_tuple_by_name(values: tuple[object, ...], kin
     )
     assert isinstance(relation, Relation)
     oid = struct.pack(">I", relation.oid)
-    old_key = _tuple_data("0", None, None)  # another key, and a tuple of another length than the new one
-    old_row = _tuple_data("0", "before", UNCHANGED, "x")
+    old_key = tuple_data("0", None, None)  # another key, and a tuple of another length than the new one
+    old_row = tuple_data("0", "before", UNCHANGED, "x")
     payload = {
-        "insert": b"I" + oid + b"N" + _tuple_data(*values),
-        "update": b"U" + oid + b"N" + _tuple_data(*values),
-        "update with the old key": b"U" + oid + b"K" + old_key + b"N" + _tuple_data(*values),
-        "update with the old row": b"U" + oid + b"O" + old_row + b"N" + _tuple_data(*values),
-        "delete by key": b"D" + oid + b"K" + _tuple_data(*values),
-        "delete by row": b"D" + oid + b"O" + _tuple_data(*values),
+        "insert": b"I" + oid + b"N" + tuple_data(*values),
+        "update": b"U" + oid + b"N" + tuple_data(*values),
+        "update with the old key": b"U" + oid + b"K" + old_key + b"N" + tuple_data(*values),
+        "update with the old row": b"U" + oid + b"O" + old_row + b"N" + tuple_data(*values),
+        "delete by key": b"D" + oid + b"K" + tuple_data(*values),
+        "delete by row": b"D" + oid + b"O" + tuple_data(*values),
     }[kind]
     message = decoder.decode(payload)
     if isinstance(message, Delete):
