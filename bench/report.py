@@ -112,6 +112,12 @@ def lookup(results: Mapping[str, Any], path: str) -> Any:
 _TARGETS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
     ("Replicator drain", "≥ 30,000 row changes/s", "replication.drain.changes_per_s", lambda v: v >= 30_000),
     (
+        "Replicator CPU per change",
+        "≤ 18 µs",
+        "replication.drain.cpu_us_per_change",
+        lambda v: v <= 18,
+    ),
+    (
         "Commit-to-visible p99 at 500 payments/s",
         "≤ 15 ms",
         "replication.commit_to_visible.p99_ms",
@@ -152,6 +158,12 @@ _TARGETS: tuple[tuple[str, str, str, Callable[[float], bool]], ...] = (
         "≥ 1,000 payments/s",
         "approval_submit.throughput_rps",
         lambda v: v >= 1000,
+    ),
+    (
+        "Approval SubmitPayment CPU per payment ÷ floor",
+        "≤ 2.5x",
+        "approval_submit.cpu_ratio_to_floor",
+        lambda v: v <= 2.5,
     ),
 )
 

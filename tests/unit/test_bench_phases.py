@@ -197,11 +197,15 @@ def test_a_process_peak_rss_resets_to_its_rss_now() -> None:
 
 def test_targets_judge_the_median_and_leave_missing_figures_undecided() -> None:
     figures = {
-        "replication": {"drain": {"changes_per_s": {"median": 31_000.0}}},
-        "approval_submit": {"throughput_rps": {"median": 480.0}},
+        "replication": {
+            "drain": {"changes_per_s": {"median": 31_000.0}, "cpu_us_per_change": {"median": 18.5}}
+        },
+        "approval_submit": {"throughput_rps": {"median": 480.0}, "cpu_ratio_to_floor": {"median": 2.5}},
     }
     found = {t["figure"]: t for t in report.targets(figures)}
     assert found["replication.drain.changes_per_s"]["met"] is True
+    assert found["replication.drain.cpu_us_per_change"]["met"] is False
+    assert found["approval_submit.cpu_ratio_to_floor"]["met"] is True
     assert found["approval_submit.throughput_rps"]["met"] is False
     assert found["approval_submit.throughput_rps"]["value"] == 480.0
     missing = found["history.get_payment_1.cpu_ratio_to_floor"]
