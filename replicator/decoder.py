@@ -289,6 +289,8 @@ def _row(data: bytes, offset: int, names: Sequence[K]) -> tuple[dict[K, Value], 
     per-change hot path makes no tuple of values first.
     """
     (count,) = _I16.unpack_from(data, offset)
+    if count < 0:
+        raise DecodeError(f"tuple of {count} columns")
     offset += 2
     row: dict[K, Value] = {}
     unpack = _U32.unpack_from
@@ -314,6 +316,9 @@ def _row(data: bytes, offset: int, names: Sequence[K]) -> tuple[dict[K, Value], 
             raise DecodeError(f"unknown tuple column kind {chr(kind)!r}")
     for _ in range(count - len(named)):
         offset = _past_value(data, offset)
+    if offset > len(data):
+        # A value ran past the end of the message: its slice came out short.
+        raise IndexError("value past the end of the message")
     return row, offset
 
 
@@ -363,6 +368,8 @@ class TupleData:
         data = self.data
         try:
             (count,) = _I16.unpack_from(data, self.offset)
+            if count < 0:
+                raise DecodeError(f"tuple of {count} columns")
             if position >= count:
                 return None
             offset = self.offset + 2

@@ -174,6 +174,10 @@ def test_row_change_of_a_malformed_message_raises_decode_error() -> None:
     "tuple_data",
     [
         struct.pack(">h", 2) + b"t" + struct.pack(">I", 40) + b"short",  # a value past the end
+        # the last value past the end
+        struct.pack(">h", 2) + b"t" + struct.pack(">I", 1) + b"1" + b"t" + struct.pack(">I", 40) + b"short",
+        # a negative column count
+        struct.pack(">h", -1) + b"t" + struct.pack(">I", 1) + b"1" + b"t" + struct.pack(">I", 1) + b"2",
         struct.pack(">h", 2) + b"t" + struct.pack(">I", 1) + b"1" + b"?",  # an unknown kind
         struct.pack(">h", 2) + b"t" + struct.pack(">I", 1),  # the value missing
         # not UTF-8
