@@ -362,9 +362,12 @@ class TupleData:
 
     def get(self, column: str) -> Value:
         """The value of one column, as `row().get(column)`: the ones before it are read past, not decoded."""
-        if self._row is not None or column not in self.names:
-            return self.row().get(column)
-        position = self.names.index(column)
+        if self._row is not None:
+            return self._row.get(column)
+        try:
+            position = self.names.index(column)
+        except ValueError:
+            return None  # not a column of the relation
         data = self.data
         try:
             (count,) = _I16.unpack_from(data, self.offset)

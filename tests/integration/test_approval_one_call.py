@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -193,23 +193,15 @@ async def test_a_call_queues_once_for_an_account_being_written_and_decides_on_wh
     # The connection's first call prepares the statement.
     await handlers.submit_payment(_submission(payer, payee, 1), key("SubmitPayment"))
     (await _Logged.flushed()).clear()
-    writer = await asyncpg.connect(migrated_dsn)
-    try:
-        await writer.execute("BEGIN")
-        await writer.execute(
+    submission, waiting = await _behind_a_writer(
+        migrated_dsn,
+        db,
+        lambda writer: writer.execute(
             "UPDATE accounts SET ledger_balance_minor = 5 WHERE account_id = $1", payer.account_id
-        )
-        writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
-        submission = asyncio.ensure_future(
-            handlers.submit_payment(_submission(payer, payee, 10), key("SubmitPayment"))
-        )
-        try:
-            waiting = await _blocked_by(db, writer_pid)
-        finally:
-            await writer.execute("COMMIT")
-            outcome = await submission
-    finally:
-        await writer.close()
+        ),
+        lambda: handlers.submit_payment(_submission(payer, payee, 10), key("SubmitPayment")),
+    )
+    outcome = submission.result()
     assert waiting.split("(", 1)[0].strip().upper() == "CALL SUBMIT_PAYMENT"
     assert outcome.value is not None
     assert outcome.value.decline_reason is DeclineReason.INSUFFICIENT_FUNDS
@@ -219,27 +211,22 @@ async def test_a_call_queues_once_for_an_account_being_written_and_decides_on_wh
 async def test_a_duplicate_committed_while_the_call_waited_for_the_locks_is_replayed_and_nothing_is_written(
     engine: AsyncEngine, migrated_dsn: str, db: asyncpg.Connection
 ) -> None:
-    """The record is looked up before the locks (a retry waits for none) and again once they are held:
-    a duplicate that held them and committed meanwhile is this call's answer."""
+    """The record is looked up before the locks (a retry waits for none), and the write finds the key once
+    they are held: a duplicate that held them and committed meanwhile is this call's answer."""
     plain = handlers_for(engine, 10**9, locked_only=True)
     payer, payee = await open_account(plain, 100), await open_account(plain, 0)
     request = submission_key()
     handlers = handlers_for(engine, 10**9)
-    writer = await asyncpg.connect(migrated_dsn)
-    try:
-        await writer.execute("BEGIN")
+
+    async def hold(writer: asyncpg.Connection) -> None:
         await writer.execute("SELECT 1 FROM accounts WHERE account_id = $1 FOR UPDATE", payer.account_id)
         await _record(writer, request, request.fingerprint, b"the duplicate's answer")
-        writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
-        before = _outcomes()
-        submission = asyncio.ensure_future(handlers.submit_payment(_submission(payer, payee, 10), request))
-        try:
-            await _blocked_by(db, writer_pid)
-        finally:
-            await writer.execute("COMMIT")
-            outcome = await submission
-    finally:
-        await writer.close()
+
+    before = _outcomes()
+    submission, _ = await _behind_a_writer(
+        migrated_dsn, db, hold, lambda: handlers.submit_payment(_submission(payer, payee, 10), request)
+    )
+    outcome = submission.result()
     assert (outcome.value, outcome.replay) == (None, b"the duplicate's answer")
     assert _moved(before, _outcomes()) == {"replay": 1.0}
     assert (
@@ -308,21 +295,15 @@ async def test_a_key_committed_by_another_request_while_the_call_waited_for_it_l
     handlers = handlers_for(engine, 10**9)
     payer, payee = await open_account(handlers, 100), await open_account(handlers, 0)
     request = submission_key(fingerprint=b"mine")
-    writer = await asyncpg.connect(migrated_dsn)
-    try:
-        await writer.execute("BEGIN")
-        await _record(writer, request, b"theirs", b"their answer")
-        writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
-        before = _outcomes()
-        submission = asyncio.ensure_future(handlers.submit_payment(_submission(payer, payee, 10), request))
-        try:
-            await _blocked_by(db, writer_pid)
-        finally:
-            await writer.execute("COMMIT")
-        with pytest.raises(RequestIdReused):
-            await submission
-    finally:
-        await writer.close()
+    before = _outcomes()
+    submission, _ = await _behind_a_writer(
+        migrated_dsn,
+        db,
+        lambda writer: _record(writer, request, b"theirs", b"their answer"),
+        lambda: handlers.submit_payment(_submission(payer, payee, 10), request),
+    )
+    with pytest.raises(RequestIdReused):
+        submission.result()
     assert _moved(before, _outcomes()) == {"refused": 1.0}
     assert await db.fetchval("SELECT count(*) FROM payments") == 0
     assert await _balance(engine, payer) == 100
@@ -511,7 +492,32 @@ async def test_a_submission_in_one_call_writes_and_answers_what_the_rules_in_pyt
     }
 
 
+T = TypeVar("T")
 POLLS = 4000  # of 5 ms: how long a test waits for PostgreSQL to reach a state before it gives up
+
+
+async def _behind_a_writer(
+    dsn: str,
+    observer: asyncpg.Connection,
+    hold: Callable[[asyncpg.Connection], Awaitable[object]],
+    call: Callable[[], Awaitable[T]],
+) -> tuple[asyncio.Future[T], str]:
+    """Starts `call` while another transaction that ran `hold` is open, commits that transaction once
+    the call waits for one of its locks, and gives back the call, finished, and the statement that waited."""
+    writer = await asyncpg.connect(dsn)
+    try:
+        await writer.execute("BEGIN")
+        await hold(writer)
+        writer_pid = await writer.fetchval("SELECT pg_backend_pid()")
+        called = asyncio.ensure_future(call())
+        try:
+            waiting = await _blocked_by(observer, writer_pid)
+        finally:
+            await writer.execute("COMMIT")
+            await asyncio.wait([called])
+    finally:
+        await writer.close()
+    return called, waiting
 
 
 async def _blocked_by(observer: asyncpg.Connection, blocker_pid: int) -> str:
