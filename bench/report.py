@@ -63,6 +63,12 @@ REQUIRED_FIGURES: Final[tuple[str, ...]] = (
     ),
     "replication.commit_to_visible_80pct.offered_rate",
     *(
+        f"replication.{figure}.{stage}_{q}_ms"
+        for figure in ("commit_to_visible", "commit_to_visible_sustained", "commit_to_visible_80pct")
+        for stage in ("replicator_commit_to_apply", "history_apply_to_watch")
+        for q in ("p50", "p99")
+    ),
+    *(
         f"replication.drain.{m}"
         for m in ("changes", "changes_per_s", "changes_per_s_steady", "startup_s", "cpu_us_per_change")
     ),
@@ -373,6 +379,22 @@ _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
         "replication.commit_to_visible_80pct.p50_ms|replication.commit_to_visible_80pct.p99_ms"
         "|replication.commit_to_visible_80pct.max_ms",
         "ms",
+    ),
+    *(
+        (
+            f"Commit-to-visible {label}, by stage: commit to applied in Redis (replicator) p50 / p99; "
+            "applied to handed to the watch streams (history) p50 / p99",
+            f"replication.{figure}.replicator_commit_to_apply_p50_ms"
+            f"|replication.{figure}.replicator_commit_to_apply_p99_ms"
+            f"|replication.{figure}.history_apply_to_watch_p50_ms"
+            f"|replication.{figure}.history_apply_to_watch_p99_ms",
+            "ms",
+        )
+        for figure, label in (
+            ("commit_to_visible_sustained", "at 100/s"),
+            ("commit_to_visible", "at 500/s"),
+            ("commit_to_visible_80pct", "at 80%"),
+        )
     ),
     ("Replicator drain (from restart)", "replication.drain.changes_per_s", "changes/s"),
     ("Replicator drain (steady, after first apply)", "replication.drain.changes_per_s_steady", "changes/s"),

@@ -244,7 +244,8 @@ class Runner:
             self.dsn,
             self.redis_url,
             health_port=int(old.health_addr.rsplit(":", 1)[1]),
-            metrics_port=free_port(),
+            # The same port as before, where `endpoints` says the replicator's /metrics is.
+            metrics_port=int(self.endpoints["REPLICATOR_METRICS_ADDR"].rsplit(":", 1)[1]),
             extra=extra_env,
         )
         process = start_replicator(env, Path(old.log), detached=True)

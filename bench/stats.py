@@ -111,3 +111,30 @@ def merge(parts: Iterable[Sequence[float]]) -> list[float]:
     for part in parts:
         merged.extend(part)
     return merged
+
+
+def histogram_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
+    """The q-quantile of a Prometheus histogram, as PromQL's `histogram_quantile` estimates it.
+
+    `buckets` are (upper bound, cumulative count) pairs, the last bound +Inf. Within the
+    bucket that holds the quantile the observations are taken as spread evenly from the
+    bucket below's bound (0 for the first); a quantile in the +Inf bucket is the highest
+    finite bound. NaN when the histogram holds no observation.
+    """
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be within [0, 1], got {q}")
+    ordered = sorted(buckets)
+    if not ordered or not math.isinf(ordered[-1][0]):
+        raise ValueError("a histogram's buckets end with +Inf")
+    total = ordered[-1][1]
+    if total <= 0:
+        return math.nan
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in ordered:
+        if count >= rank and count > lower_count:
+            if math.isinf(bound):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (count - lower_count)
+        lower_bound, lower_count = bound, count
+    return lower_bound

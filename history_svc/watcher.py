@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Final
 
 from opentelemetry.trace import SpanContext
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from history_svc.changestream import Change, ChangeStream, Entry, StoredCheckpoint, stream_id
 from history_svc.queries import REDIS_ERRORS
 from payments.readmodel.v1 import read_model_pb2
 from payments_common import tracing
 from payments_common.errors import Aborted, ResourceExhausted, ServiceError
+from payments_common.metrics import CHANGE_DELAY_BUCKETS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,13 @@ READ_MODEL_AGE = Gauge(
     ["slot", "key_namespace"],
 )
 BATCHES = Counter("history_change_batches_total", "Change batches read from the change stream.")
+APPLY_TO_WATCH = Histogram(
+    "history_apply_to_watch_seconds",
+    "Seconds from Redis appending a change-stream entry (the time in its id, Redis's clock) to this "
+    "process handing the entry's changes to its WatchPayments streams (this host's clock); "
+    "observed for every entry read, watched or not.",
+    buckets=CHANGE_DELAY_BUCKETS,
+)
 WATCHER_ERRORS = Counter("history_watcher_errors_total", "Failed reads of the change stream.")
 WATCH_STREAMS = Gauge("history_watch_streams", "Open WatchPayments streams.")
 WATCH_TOO_SLOW = Counter(
@@ -380,6 +388,7 @@ class ChangeWatcher:
                 group.append(Change(view, batch.checkpoint_lsn, entry_id, len(group), trace))
         for subscription, changes in groups.items():
             subscription.offer(changes)
+        APPLY_TO_WATCH.observe(max(0.0, time.time() - stream_id(entry_id)[0] / 1000))
         if batch.HasField("source_time") or batch.HasField("commit_time"):
             covered = batch.source_time if batch.HasField("source_time") else batch.commit_time
             self.covered_until_us = covered.ToMicroseconds()

@@ -18,6 +18,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from payments_common.metrics import CHANGE_DELAY_BUCKETS
+
 # The labels that name a read-model version: REPLICATOR_SLOT_NAME and REPLICATOR_KEY_NAMESPACE.
 VERSION_LABELS: Final = ("slot", "key_namespace")
 
@@ -31,6 +33,13 @@ LAG_BYTES = Gauge(
 LAG_SECONDS = Gauge(
     "replicator_lag_seconds",
     "Seconds between the commit of the last applied transaction and its apply; 0 when caught up.",
+    registry=_OWN,
+)
+COMMIT_TO_APPLY_SECONDS = Histogram(
+    "replicator_commit_to_apply_seconds",
+    "Seconds from the commit of each applied source transaction to Redis acknowledging the batch "
+    "that carried it (the source's clock against this host's).",
+    buckets=CHANGE_DELAY_BUCKETS,
     registry=_OWN,
 )
 CHECKPOINT_LSN = Gauge(

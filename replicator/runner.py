@@ -274,6 +274,8 @@ class _Stream:
         self.pending_transactions = 0
         self.pending_omits = False
         self.pending_traced: list[TracedCommit] = []
+        # The commit time of each transaction of the pending batch, for the delay of each.
+        self.pending_commits: list[int] = []
         # Redis has the checkpoint, but perhaps not on disk yet: confirm it after the delay too.
         self.acks = Acknowledgements(owner.settings.ack_delay_seconds)
         self.acks.applied(checkpoint.lsn)
@@ -356,6 +358,7 @@ class _Stream:
             if self.pending_checkpoint is None:
                 self.batch_started = time.monotonic()
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
+            self.pending_commits.append(message.commit_time_us)
         elif isinstance(message, LogicalMessage):
             # The command side's trace context, inside the transaction it traced.
             if (
@@ -414,6 +417,8 @@ class _Stream:
         self.pending_checkpoint = checkpoint
         if traced is not None:
             self.pending_traced.append(traced)
+        if checkpoint.commit_time_us is not None:
+            self.pending_commits.append(checkpoint.commit_time_us)
         self.pending_transactions = 1
         # The change stream did not list its payments.
         self.pending_omits = True
@@ -440,6 +445,7 @@ class _Stream:
         started = time.perf_counter()
         applying = Applying(self.pending_traced)
         changes, transactions = self.pending_changes, self.pending_transactions
+        commits = self.pending_commits
 
         def applied() -> None:
             applying.applied(changes, transactions)
@@ -447,8 +453,11 @@ class _Stream:
             metrics.CHANGES.inc(changes)
             metrics.TRANSACTIONS.inc(transactions)
             metrics.BATCH_CHANGES.observe(changes)
+            now = time.time()
+            for commit_time_us in commits:
+                metrics.COMMIT_TO_APPLY_SECONDS.observe(max(0.0, now - commit_time_us / 1e6))
             if checkpoint.commit_time_us is not None:
-                metrics.LAG_SECONDS.set(max(0.0, time.time() - checkpoint.commit_time_us / 1e6))
+                metrics.LAG_SECONDS.set(max(0.0, now - checkpoint.commit_time_us / 1e6))
             metrics.CHECKPOINT_LSN.set(checkpoint.lsn)
             # Redis has acknowledged: the slot may forget everything up to here once it is durable.
             self.acks.applied(checkpoint.lsn)
@@ -467,6 +476,7 @@ class _Stream:
         self.pending_changes = self.pending_transactions = 0
         self.pending_omits = False
         self.pending_traced = []
+        self.pending_commits = []
         self.sample_lag(time.monotonic())
         self.confirm_due()
 

@@ -327,10 +327,8 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
     with_prometheus = prometheus_wanted()
     for index in range(1, history_count + 1):
         port = free_port()
-        # Served only for Prometheus: without it, the history processes serve no metrics.
-        history_metrics_port = free_port() if with_prometheus else 0
-        if history_metrics_port:
-            metrics["history"].append(f"127.0.0.1:{history_metrics_port}")
+        history_metrics_port = free_port()
+        metrics["history"].append(f"127.0.0.1:{history_metrics_port}")
         history = _spawn(
             root,
             f"history-{index}",
@@ -357,6 +355,10 @@ def _start(root: Path, state: StackState, history_count: int, fsync: bool, timeo
         "APPROVAL_ADDR": approval.health_addr,
         "HISTORY_ADDRS": ",".join(history_addrs),
         "REPLICATOR_HEALTH_ADDR": replicator.health_addr,
+        # Where each process serves /metrics, for a look with curl and for the benchmark.
+        "APPROVAL_METRICS_ADDR": metrics["approval"][0],
+        "REPLICATOR_METRICS_ADDR": metrics["replicator"][0],
+        "HISTORY_METRICS_ADDRS": ",".join(metrics["history"]),
         "POSTGRES_DSN": dsn,
         "REDIS_URL": redis_url,
         "REDIS_TOPOLOGY": redis_topology(),

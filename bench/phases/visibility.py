@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
-from bench import stats
+from bench import scrape, stats
 from bench.figures import Collector, latency_of
 from bench.load import Job, JobResult, split
 from bench.runner import Runner
@@ -81,12 +81,66 @@ def measure(runner: Runner, figure: str, total_rate: float) -> None:
 
     assert runner.pool is not None
     start_at = time.monotonic() + 1.0 + plan.warmup_s  # streams open before the window
-    results = runner.pool.collect(runner.pool.submit(build(start_at)), timeout=120)
-    runner.collector.add(figure, **metrics(results, total_rate, plan.visibility_window_s))
+    pending = runner.pool.submit(build(start_at))
+    stages = Stages(runner.endpoints)
+    _sleep_until(start_at)
+    stages.begin()
+    _sleep_until(start_at + plan.visibility_window_s)
+    stages.end()
+    results = runner.pool.collect(pending, timeout=120)
+    runner.collector.add(figure, **metrics(results, total_rate, plan.visibility_window_s), **stages.figures())
     errors: Counter[str] = Counter()
     for r in results:
         errors.update(r.errors)
     runner.collector.add_errors(figure, dict(errors), sum(r.dropped for r in results))
+
+
+def _sleep_until(moment: float) -> None:
+    delay = moment - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+class Stages:
+    """Where a window's delay arose: the services' own histograms of it, read at the window's ends.
+
+    `replicator_commit_to_apply_seconds`, per source transaction from its commit to Redis
+    acknowledging its batch, and `history_apply_to_watch_seconds`, per change-stream entry
+    from Redis appending it to a history process handing its changes to the watch streams
+    (over every history process). What a payment's commit-to-visible delay has beyond the
+    two is its way to the client (gRPC, the watch stream, the generator's own loop), less
+    the time from its commit to its response, where commit-to-visible starts.
+    """
+
+    REPLICATOR: Final = "replicator_commit_to_apply_seconds"
+    HISTORY: Final = "history_apply_to_watch_seconds"
+
+    def __init__(self, endpoints: Mapping[str, str]) -> None:
+        self._replicator = [endpoints["REPLICATOR_METRICS_ADDR"]]
+        self._history = endpoints["HISTORY_METRICS_ADDRS"].split(",")
+        self._before: tuple[scrape.Buckets, scrape.Buckets] | None = None
+        self._after: tuple[scrape.Buckets, scrape.Buckets] | None = None
+
+    def _read(self) -> tuple[scrape.Buckets, scrape.Buckets]:
+        return scrape.histogram(self._replicator, self.REPLICATOR), scrape.histogram(self._history, self.HISTORY)
+
+    def begin(self) -> None:
+        self._before = self._read()
+
+    def end(self) -> None:
+        self._after = self._read()
+
+    def figures(self) -> dict[str, float]:
+        assert self._before is not None, "begin() first"
+        assert self._after is not None, "end() first"
+        replicator = scrape.window(self._before[0], self._after[0])
+        history = scrape.window(self._before[1], self._after[1])
+        return {
+            "replicator_commit_to_apply_p50_ms": scrape.quantile_ms(replicator, 0.5),
+            "replicator_commit_to_apply_p99_ms": scrape.quantile_ms(replicator, 0.99),
+            "history_apply_to_watch_p50_ms": scrape.quantile_ms(history, 0.5),
+            "history_apply_to_watch_p99_ms": scrape.quantile_ms(history, 0.99),
+        }
 
 
 def metrics(results: Sequence[JobResult], offered_rate: float, window_s: float) -> dict[str, float]:

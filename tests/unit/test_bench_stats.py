@@ -125,3 +125,54 @@ def test_cpu_snapshot_of_this_process() -> None:
     assert list(mine) == [os.getpid()]
     assert mine[os.getpid()] > 0
     assert os.getpid() in tree_snapshot(os.getppid())
+
+
+def _prometheus_buckets(values: list[float], bounds: tuple[float, ...]) -> list[tuple[float, float]]:
+    """The (upper bound, cumulative count) pairs that a prometheus_client Histogram exports for `values`."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    histogram = Histogram("delay_seconds", "test", buckets=bounds, registry=registry)
+    for value in values:
+        histogram.observe(value)
+    return [
+        (float(sample.labels["le"]), sample.value)
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "delay_seconds_bucket"
+    ]
+
+
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=200.0), min_size=1, max_size=300),
+    st.floats(min_value=0.0, max_value=1.0),
+)
+def test_histogram_quantile_lies_in_the_bucket_of_the_exact_quantile(values: list[float], q: float) -> None:
+    bounds = (0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0)
+    estimate = stats.histogram_quantile(_prometheus_buckets(values, bounds), q)
+    # The observation of rank ceil(q * n) (1-based) is in the bucket that PromQL interpolates in.
+    ordered = sorted(values)
+    exact = ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    upper = next((b for b in bounds if exact <= b), math.inf)
+    lower = max((b for b in bounds if b < upper), default=0.0)
+    if math.isinf(upper):
+        assert estimate == bounds[-1]  # above every bound: the highest finite one, as PromQL says
+    else:
+        assert lower <= estimate <= upper
+
+
+def test_histogram_quantile_interpolates_within_a_bucket() -> None:
+    # 10 observations up to 1, 10 more up to 2: the median is the first bucket's bound, the
+    # 75th percentile halfway through the second bucket.
+    buckets = [(1.0, 10.0), (2.0, 20.0), (math.inf, 20.0)]
+    assert stats.histogram_quantile(buckets, 0.5) == 1.0
+    assert stats.histogram_quantile(buckets, 0.75) == pytest.approx(1.5)
+    assert stats.histogram_quantile(buckets, 0.25) == pytest.approx(0.5)
+
+
+def test_histogram_quantile_of_nothing_is_nan_and_needs_the_inf_bucket() -> None:
+    assert math.isnan(stats.histogram_quantile([(1.0, 0.0), (math.inf, 0.0)], 0.99))
+    with pytest.raises(ValueError, match="Inf"):
+        stats.histogram_quantile([(1.0, 3.0)], 0.5)
+    with pytest.raises(ValueError, match="within"):
+        stats.histogram_quantile([(math.inf, 3.0)], 1.5)
