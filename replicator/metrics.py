@@ -35,6 +35,14 @@ LAG_SECONDS = Gauge(
     "Seconds between the commit of the last applied transaction and its apply; 0 when caught up.",
     registry=_OWN,
 )
+COMMIT_TO_RECEIVE_SECONDS = Histogram(
+    "replicator_commit_to_receive_seconds",
+    "Seconds from the commit of each applied source transaction to this process reading its commit "
+    "message from the walsender (the source's clock against this host's): the WAL's flush, its "
+    "decoding and sending, and the wait for this process to read it.",
+    buckets=CHANGE_DELAY_BUCKETS,
+    registry=_OWN,
+)
 COMMIT_TO_APPLY_SECONDS = Histogram(
     "replicator_commit_to_apply_seconds",
     "Seconds from the commit of each applied source transaction to Redis acknowledging the batch "

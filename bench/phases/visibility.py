@@ -104,25 +104,32 @@ def _sleep_until(moment: float) -> None:
 class Stages:
     """Where a window's delay arose: the services' own histograms of it, read at the window's ends.
 
-    `replicator_commit_to_apply_seconds`, per source transaction from its commit to Redis
-    acknowledging its batch, and `history_apply_to_watch_seconds`, per change-stream entry
-    from Redis appending it to a history process handing its changes to the watch streams
-    (over every history process). What a payment's commit-to-visible delay has beyond the
-    two is its way to the client (gRPC, the watch stream, the generator's own loop), less
-    the time from its commit to its response, where commit-to-visible starts.
+    Per source transaction, from its commit: to the replicator reading its commit message
+    (`replicator_commit_to_receive_seconds`: the WAL's flush, the walsender's decoding and
+    sending) and to Redis acknowledging its batch (`replicator_commit_to_apply_seconds`);
+    per change-stream entry, from Redis appending it to a history process handing its
+    changes to the watch streams (`history_apply_to_watch_seconds`, over every history
+    process). What a payment's commit-to-visible delay has beyond these is its way to the
+    client (gRPC, the watch stream, the generator's own loop), less the time from its
+    commit to its response, where commit-to-visible starts.
     """
 
+    RECEIVED: Final = "replicator_commit_to_receive_seconds"
     REPLICATOR: Final = "replicator_commit_to_apply_seconds"
     HISTORY: Final = "history_apply_to_watch_seconds"
 
     def __init__(self, endpoints: Mapping[str, str]) -> None:
         self._replicator = [endpoints["REPLICATOR_METRICS_ADDR"]]
         self._history = endpoints["HISTORY_METRICS_ADDRS"].split(",")
-        self._before: tuple[scrape.Buckets, scrape.Buckets] | None = None
-        self._after: tuple[scrape.Buckets, scrape.Buckets] | None = None
+        self._before: list[scrape.Buckets] | None = None
+        self._after: list[scrape.Buckets] | None = None
 
-    def _read(self) -> tuple[scrape.Buckets, scrape.Buckets]:
-        return scrape.histogram(self._replicator, self.REPLICATOR), scrape.histogram(self._history, self.HISTORY)
+    def _read(self) -> list[scrape.Buckets]:
+        return [
+            scrape.histogram(self._replicator, self.RECEIVED),
+            scrape.histogram(self._replicator, self.REPLICATOR),
+            scrape.histogram(self._history, self.HISTORY),
+        ]
 
     def begin(self) -> None:
         self._before = self._read()
@@ -133,9 +140,12 @@ class Stages:
     def figures(self) -> dict[str, float]:
         assert self._before is not None, "begin() first"
         assert self._after is not None, "end() first"
-        replicator = scrape.window(self._before[0], self._after[0])
-        history = scrape.window(self._before[1], self._after[1])
+        received, replicator, history = (
+            scrape.window(before, after) for before, after in zip(self._before, self._after, strict=True)
+        )
         return {
+            "replicator_commit_to_receive_p50_ms": scrape.quantile_ms(received, 0.5),
+            "replicator_commit_to_receive_p99_ms": scrape.quantile_ms(received, 0.99),
             "replicator_commit_to_apply_p50_ms": scrape.quantile_ms(replicator, 0.5),
             "replicator_commit_to_apply_p99_ms": scrape.quantile_ms(replicator, 0.99),
             "history_apply_to_watch_p50_ms": scrape.quantile_ms(history, 0.5),

@@ -1,7 +1,8 @@
 """The delay along the change stream, as the services time it: from a source commit to the replicator's apply, and on to history's watch streams.
 
-`replicator_commit_to_apply_seconds` is observed once per source transaction applied, from
-its commit; `history_apply_to_watch_seconds` once per change-stream entry a history process
+`replicator_commit_to_receive_seconds` and `replicator_commit_to_apply_seconds` are observed
+once per source transaction applied, from its commit to the replicator reading it and to Redis
+acknowledging it; `history_apply_to_watch_seconds` once per change-stream entry a history process
 reads, from the time in the entry's id (Redis appending it). The benchmark reads both at a
 commit-to-visible window's ends to tell where a payment's delay arose
 (bench/phases/visibility.py). A real replicator and a real history process, on a source that
@@ -26,6 +27,7 @@ from tests.support.waiting import wait_until
 
 __all__ = ["replicator"]
 
+RECEIVED = "replicator_commit_to_receive_seconds"
 REPLICATOR = "replicator_commit_to_apply_seconds"
 HISTORY = "history_apply_to_watch_seconds"
 
@@ -84,6 +86,7 @@ def test_each_transaction_and_each_entry_is_timed_by_the_replicator_and_by_histo
             assert last
             after = last[0][0]
             assert isinstance(after, bytes)
+            received_before = observed(replicator_metrics, RECEIVED)
             replicator_before = observed(replicator_metrics, REPLICATOR)
             history_before = observed(history_metrics, HISTORY)
             started = time.time()
@@ -91,6 +94,7 @@ def test_each_transaction_and_each_entry_is_timed_by_the_replicator_and_by_histo
                 source.submit(alice, bob, amount)
             source.pay_many(alice, bob, 4)  # one transaction of four payments
             process.wait_caught_up()
+            received = observed(replicator_metrics, RECEIVED).since(received_before)
             replicated = observed(replicator_metrics, REPLICATOR).since(replicator_before)
             entries = client.xrange(changes, min=f"({after.decode()}")
             assert entries
@@ -104,10 +108,12 @@ def test_each_transaction_and_each_entry_is_timed_by_the_replicator_and_by_histo
     client.close()
 
     # Six transactions, whatever batches carried them; every entry the replicator appended.
-    assert replicated.count == 6
+    assert received.count == replicated.count == 6
     assert watched.count == len(entries)
     # Each delay lies between a moment after `started` and one before `elapsed` ran out: in
     # seconds (not microseconds or milliseconds), and never negative. An entry's id holds the
     # millisecond of its append, rounded down: up to 1 ms more.
     assert 0 < replicated.total <= replicated.count * elapsed
+    # A transaction is read before it is applied.
+    assert 0 < received.total < replicated.total
     assert 0 <= watched.total <= watched.count * (elapsed + 0.001)
