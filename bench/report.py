@@ -65,7 +65,12 @@ REQUIRED_FIGURES: Final[tuple[str, ...]] = (
     *(
         f"replication.{figure}.{stage}_{q}_ms"
         for figure in ("commit_to_visible", "commit_to_visible_sustained", "commit_to_visible_80pct")
-        for stage in ("replicator_commit_to_receive", "replicator_commit_to_apply", "history_apply_to_watch")
+        for stage in (
+            "replicator_commit_to_send",
+            "replicator_commit_to_receive",
+            "replicator_commit_to_apply",
+            "history_apply_to_watch",
+        )
         for q in ("p50", "p99")
     ),
     *(
@@ -382,10 +387,12 @@ _ROWS: Final[tuple[tuple[str, str, str], ...]] = (
     ),
     *(
         (
-            f"Commit-to-visible {label}, by stage: commit to received by the replicator p50 / p99; "
-            "commit to applied in Redis p50 / p99; applied to handed to the watch streams (history) "
-            "p50 / p99",
-            f"replication.{figure}.replicator_commit_to_receive_p50_ms"
+            f"Commit-to-visible {label}, by stage: commit to sent by the walsender p50 / p99; to read "
+            "by the replicator p50 / p99; to applied in Redis p50 / p99; appended to handed to the "
+            "watch streams (history) p50 / p99",
+            f"replication.{figure}.replicator_commit_to_send_p50_ms"
+            f"|replication.{figure}.replicator_commit_to_send_p99_ms"
+            f"|replication.{figure}.replicator_commit_to_receive_p50_ms"
             f"|replication.{figure}.replicator_commit_to_receive_p99_ms"
             f"|replication.{figure}.replicator_commit_to_apply_p50_ms"
             f"|replication.{figure}.replicator_commit_to_apply_p99_ms"

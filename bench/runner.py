@@ -232,6 +232,10 @@ class Runner:
             time.sleep(0.05)
         if process_alive(pid):
             os.kill(pid, signal.SIGKILL)
+            # Gone before a new one binds its ports.
+            deadline = time.monotonic() + 10
+            while process_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def start_replicator(self, extra_env: Mapping[str, str] | None = None) -> int:
         """Starts the replicator again on its health port, its output to its log; returns its pid.

@@ -1,4 +1,4 @@
-"""A histogram read from the services' /metrics, summed over processes, and its change over a window."""
+"""Histograms read from the services' /metrics, summed over processes, and their change over a window."""
 
 from __future__ import annotations
 
@@ -14,27 +14,37 @@ from bench import stats
 Buckets = dict[float, float]
 
 
-def histogram(addrs: Iterable[str], name: str) -> Buckets:
-    """The buckets of the histogram `name` (every series of it added up) over the processes at `addrs`."""
-    buckets: Buckets = {}
+def histograms(addrs: Iterable[str], names: Iterable[str]) -> dict[str, Buckets]:
+    """The buckets of each histogram of `names` (every series of it added up), each process read once."""
+    wanted = set(names)
+    found: dict[str, Buckets] = {name: {} for name in wanted}
+    addrs = list(addrs)
     for addr in addrs:
         with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as response:
             text = response.read().decode()
         for family in text_string_to_metric_families(text):
-            if family.name != name:
+            if family.name not in wanted:
                 continue
+            buckets = found[family.name]
             for sample in family.samples:
-                if sample.name == f"{name}_bucket":
+                if sample.name == f"{family.name}_bucket":
                     bound = float(sample.labels["le"])
                     buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    if math.inf not in buckets:
-        raise LookupError(f"no histogram {name} at {', '.join(addrs)}")
-    return buckets
+    for name, buckets in found.items():
+        if math.inf not in buckets:
+            raise LookupError(f"no histogram {name} at {', '.join(addrs)}")
+    return found
 
 
 def window(before: Mapping[float, float], after: Mapping[float, float]) -> Buckets:
-    """What was observed between two readings of the same histogram."""
-    return {bound: count - before.get(bound, 0.0) for bound, count in after.items()}
+    """What was observed between two readings of the same histogram.
+
+    Raises ValueError when a count went down (a process restarted between the readings):
+    the difference would be no distribution at all.
+    """
+    if set(before) != set(after) or any(after[bound] < before[bound] for bound in after):
+        raise ValueError("the histogram was reset between the two readings")
+    return {bound: count - before[bound] for bound, count in after.items()}
 
 
 def quantile_ms(buckets: Mapping[float, float], q: float) -> float:

@@ -35,18 +35,26 @@ LAG_SECONDS = Gauge(
     "Seconds between the commit of the last applied transaction and its apply; 0 when caught up.",
     registry=_OWN,
 )
+COMMIT_TO_SEND_SECONDS = Histogram(
+    "replicator_commit_to_send_seconds",
+    "Seconds from the commit of each applied source transaction to the walsender sending its commit "
+    "message, both on the source's clock: the WAL's flush, its decoding and the walsender's turn.",
+    buckets=CHANGE_DELAY_BUCKETS,
+    registry=_OWN,
+)
 COMMIT_TO_RECEIVE_SECONDS = Histogram(
     "replicator_commit_to_receive_seconds",
     "Seconds from the commit of each applied source transaction to this process reading its commit "
-    "message from the walsender (the source's clock against this host's): the WAL's flush, its "
-    "decoding and sending, and the wait for this process to read it.",
+    "message (the source's clock against this host's): the above, and the message's wait in the "
+    "socket for this process to read it.",
     buckets=CHANGE_DELAY_BUCKETS,
     registry=_OWN,
 )
 COMMIT_TO_APPLY_SECONDS = Histogram(
     "replicator_commit_to_apply_seconds",
-    "Seconds from the commit of each applied source transaction to Redis acknowledging the batch "
-    "that carried it (the source's clock against this host's).",
+    "Seconds from the commit of each applied source transaction to this process reading Redis's "
+    "acknowledgement of the batch that carried it (the source's clock against this host's); the "
+    "reply is read at once when the stream is drained, with the next batch while a backlog streams in.",
     buckets=CHANGE_DELAY_BUCKETS,
     registry=_OWN,
 )

@@ -274,9 +274,10 @@ class _Stream:
         self.pending_transactions = 0
         self.pending_omits = False
         self.pending_traced: list[TracedCommit] = []
-        # Each transaction of the pending batch: its commit time (Unix µs, the source's clock)
-        # and when its commit message was read (Unix s), for the delays of each.
-        self.pending_commits: list[tuple[int, float]] = []
+        # Each transaction of the pending batch, for the delays of each: its commit time and
+        # the walsender's send time of its commit message (Unix µs, the source's clock), and
+        # when this process read that message (Unix s, this host's clock).
+        self.pending_commits: list[tuple[int, int, float]] = []
         # Redis has the checkpoint, but perhaps not on disk yet: confirm it after the delay too.
         self.acks = Acknowledgements(owner.settings.ack_delay_seconds)
         self.acks.applied(checkpoint.lsn)
@@ -359,7 +360,7 @@ class _Stream:
             if self.pending_checkpoint is None:
                 self.batch_started = time.monotonic()
             self.pending_checkpoint = Checkpoint(message.end_lsn, message.commit_time_us)
-            self.pending_commits.append((message.commit_time_us, time.time()))
+            self.pending_commits.append((message.commit_time_us, self.stream.wal_end_time_us, time.time()))
         elif isinstance(message, LogicalMessage):
             # The command side's trace context, inside the transaction it traced.
             if (
@@ -414,13 +415,13 @@ class _Stream:
         self, transaction: Transaction, checkpoint: Checkpoint, traced: TracedCommit | None = None
     ) -> None:
         """Applies the rest of a transaction applied in chunks, then moves the checkpoint past it."""
-        received = time.time()
+        sent, received = self.stream.wal_end_time_us, time.time()
         self.apply_chunk(transaction)
         self.pending_checkpoint = checkpoint
         if traced is not None:
             self.pending_traced.append(traced)
         if checkpoint.commit_time_us is not None:
-            self.pending_commits.append((checkpoint.commit_time_us, received))
+            self.pending_commits.append((checkpoint.commit_time_us, sent, received))
         self.pending_transactions = 1
         # The change stream did not list its payments.
         self.pending_omits = True
@@ -456,8 +457,9 @@ class _Stream:
             metrics.TRANSACTIONS.inc(transactions)
             metrics.BATCH_CHANGES.observe(changes)
             now = time.time()
-            for commit_time_us, received in commits:
+            for commit_time_us, sent_us, received in commits:
                 committed = commit_time_us / 1e6
+                metrics.COMMIT_TO_SEND_SECONDS.observe(max(0.0, (sent_us - commit_time_us) / 1e6))
                 metrics.COMMIT_TO_RECEIVE_SECONDS.observe(max(0.0, received - committed))
                 metrics.COMMIT_TO_APPLY_SECONDS.observe(max(0.0, now - committed))
             if checkpoint.commit_time_us is not None:

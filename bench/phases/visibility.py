@@ -9,6 +9,7 @@ machine's write path can give, whatever the machine.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -83,11 +84,13 @@ def measure(runner: Runner, figure: str, total_rate: float) -> None:
     start_at = time.monotonic() + 1.0 + plan.warmup_s  # streams open before the window
     pending = runner.pool.submit(build(start_at))
     stages = Stages(runner.endpoints)
-    _sleep_until(start_at)
-    stages.begin()
-    _sleep_until(start_at + plan.visibility_window_s)
+    try:
+        _sleep_until(start_at)
+        stages.begin()
+    finally:
+        results = runner.pool.collect(pending, timeout=120)
+    # Once every payment of the window has arrived or been given up on: its last ones are in.
     stages.end()
-    results = runner.pool.collect(pending, timeout=120)
     runner.collector.add(figure, **metrics(results, total_rate, plan.visibility_window_s), **stages.figures())
     errors: Counter[str] = Counter()
     for r in results:
@@ -104,32 +107,37 @@ def _sleep_until(moment: float) -> None:
 class Stages:
     """Where a window's delay arose: the services' own histograms of it, read at the window's ends.
 
-    Per source transaction, from its commit: to the replicator reading its commit message
-    (`replicator_commit_to_receive_seconds`: the WAL's flush, the walsender's decoding and
-    sending) and to Redis acknowledging its batch (`replicator_commit_to_apply_seconds`);
-    per change-stream entry, from Redis appending it to a history process handing its
-    changes to the watch streams (`history_apply_to_watch_seconds`, over every history
-    process). What a payment's commit-to-visible delay has beyond these is its way to the
-    client (gRPC, the watch stream, the generator's own loop), less the time from its
-    commit to its response, where commit-to-visible starts.
+    Per source transaction, from its commit: to the walsender sending its commit message
+    (`replicator_commit_to_send_seconds`, on the source's clock: the WAL's flush and its
+    decoding), to the replicator reading it (`replicator_commit_to_receive_seconds`: and
+    the wait in the socket) and to the replicator reading Redis's acknowledgement of its
+    batch (`replicator_commit_to_apply_seconds`); per change-stream entry, from Redis
+    appending it to a history process handing its changes to the watch streams
+    (`history_apply_to_watch_seconds`, over every history process). The readings span
+    from the window's start to the last arrival of its payments: they include the
+    warm-up's last applies. A reading that fails, or a histogram reset between the two,
+    gives NaN figures rather than ending the run.
     """
 
+    SENT: Final = "replicator_commit_to_send_seconds"
     RECEIVED: Final = "replicator_commit_to_receive_seconds"
-    REPLICATOR: Final = "replicator_commit_to_apply_seconds"
+    APPLIED: Final = "replicator_commit_to_apply_seconds"
     HISTORY: Final = "history_apply_to_watch_seconds"
 
     def __init__(self, endpoints: Mapping[str, str]) -> None:
         self._replicator = [endpoints["REPLICATOR_METRICS_ADDR"]]
         self._history = endpoints["HISTORY_METRICS_ADDRS"].split(",")
-        self._before: list[scrape.Buckets] | None = None
-        self._after: list[scrape.Buckets] | None = None
+        self._before: dict[str, scrape.Buckets] | None = None
+        self._after: dict[str, scrape.Buckets] | None = None
 
-    def _read(self) -> list[scrape.Buckets]:
-        return [
-            scrape.histogram(self._replicator, self.RECEIVED),
-            scrape.histogram(self._replicator, self.REPLICATOR),
-            scrape.histogram(self._history, self.HISTORY),
-        ]
+    def _read(self) -> dict[str, scrape.Buckets] | None:
+        try:
+            return scrape.histograms(self._replicator, (self.SENT, self.RECEIVED, self.APPLIED)) | (
+                scrape.histograms(self._history, (self.HISTORY,))
+            )
+        except (OSError, LookupError) as error:
+            print(f"   (could not read the stages' histograms: {error})", flush=True)
+            return None
 
     def begin(self) -> None:
         self._before = self._read()
@@ -137,20 +145,28 @@ class Stages:
     def end(self) -> None:
         self._after = self._read()
 
+    def _window(self, name: str) -> scrape.Buckets:
+        if self._before is None or self._after is None:
+            return {math.inf: 0.0}
+        try:
+            return scrape.window(self._before[name], self._after[name])
+        except ValueError as error:
+            print(f"   ({name}: {error})", flush=True)
+            return {math.inf: 0.0}
+
     def figures(self) -> dict[str, float]:
-        assert self._before is not None, "begin() first"
-        assert self._after is not None, "end() first"
-        received, replicator, history = (
-            scrape.window(before, after) for before, after in zip(self._before, self._after, strict=True)
-        )
-        return {
-            "replicator_commit_to_receive_p50_ms": scrape.quantile_ms(received, 0.5),
-            "replicator_commit_to_receive_p99_ms": scrape.quantile_ms(received, 0.99),
-            "replicator_commit_to_apply_p50_ms": scrape.quantile_ms(replicator, 0.5),
-            "replicator_commit_to_apply_p99_ms": scrape.quantile_ms(replicator, 0.99),
-            "history_apply_to_watch_p50_ms": scrape.quantile_ms(history, 0.5),
-            "history_apply_to_watch_p99_ms": scrape.quantile_ms(history, 0.99),
+        stages = {
+            "replicator_commit_to_send": self.SENT,
+            "replicator_commit_to_receive": self.RECEIVED,
+            "replicator_commit_to_apply": self.APPLIED,
+            "history_apply_to_watch": self.HISTORY,
         }
+        figures: dict[str, float] = {}
+        for stage, name in stages.items():
+            buckets = self._window(name)
+            figures[f"{stage}_p50_ms"] = scrape.quantile_ms(buckets, 0.5)
+            figures[f"{stage}_p99_ms"] = scrape.quantile_ms(buckets, 0.99)
+        return figures
 
 
 def metrics(results: Sequence[JobResult], offered_rate: float, window_s: float) -> dict[str, float]:

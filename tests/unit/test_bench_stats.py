@@ -176,3 +176,22 @@ def test_histogram_quantile_of_nothing_is_nan_and_needs_the_inf_bucket() -> None
         stats.histogram_quantile([(1.0, 3.0)], 0.5)
     with pytest.raises(ValueError, match="within"):
         stats.histogram_quantile([(math.inf, 3.0)], 1.5)
+
+
+def test_a_window_of_a_histogram_is_the_difference_of_its_readings() -> None:
+    from bench import scrape
+
+    before = {0.01: 2.0, 0.1: 5.0, math.inf: 6.0}
+    after = {0.01: 2.0, 0.1: 9.0, math.inf: 11.0}
+    assert scrape.window(before, after) == {0.01: 0.0, 0.1: 4.0, math.inf: 5.0}
+    # 5 observations, 4 of them in (0.01, 0.1]: the median is inside that bucket, in ms.
+    assert 10.0 < scrape.quantile_ms(scrape.window(before, after), 0.5) < 100.0
+
+
+def test_a_histogram_reset_between_readings_is_no_window() -> None:
+    from bench import scrape
+
+    with pytest.raises(ValueError, match="reset"):
+        scrape.window({0.1: 5.0, math.inf: 6.0}, {0.1: 1.0, math.inf: 7.0})
+    with pytest.raises(ValueError, match="reset"):
+        scrape.window({0.1: 5.0, math.inf: 6.0}, {0.2: 5.0, math.inf: 6.0})
