@@ -1,4 +1,4 @@
-"""Histograms read from the services' /metrics, summed over processes, and their change over a window."""
+"""The services' /metrics as the benchmark reads them: families, histograms summed over processes, a window's change."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 import urllib.request
 from collections.abc import Iterable, Mapping
 
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import stats
@@ -14,15 +15,19 @@ from bench import stats
 Buckets = dict[float, float]
 
 
+def families(addr: str) -> list[Metric]:
+    """Every metric family that the process at `addr` (host:port) serves on /metrics."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as response:
+        return list(text_string_to_metric_families(response.read().decode()))
+
+
 def histograms(addrs: Iterable[str], names: Iterable[str]) -> dict[str, Buckets]:
     """The buckets of each histogram of `names` (every series of it added up), each process read once."""
     wanted = set(names)
     found: dict[str, Buckets] = {name: {} for name in wanted}
     addrs = list(addrs)
     for addr in addrs:
-        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
+        for family in families(addr):
             if family.name not in wanted:
                 continue
             buckets = found[family.name]

@@ -8,9 +8,10 @@ from typing import Final
 
 from prometheus_client import start_http_server
 
-# The buckets of a delay along the change stream, from a source commit to a later step (the
-# replicator's apply, a history process's hand-over to its watch streams): the same buckets
-# for both, so that a dashboard and the benchmark compare them bucket by bucket.
+# The buckets of a delay along the change stream (from a source commit to the replicator's
+# steps, from a change-stream entry's append to a history process's hand-over to its watch
+# streams): the same buckets for all, so that a dashboard and the benchmark compare them
+# bucket by bucket.
 CHANGE_DELAY_BUCKETS: Final = (
     0.001,
     0.002,

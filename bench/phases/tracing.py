@@ -27,15 +27,12 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from bench import stats
+from bench import scrape, stats
 from bench.figures import Window, read_metrics
 from bench.phases import drain
 from bench.runner import Runner
@@ -255,9 +252,7 @@ def ratios_to_off(
 
 def submitted(metrics_port: int) -> int:
     """The SubmitPayment calls that an approval process answered OK, from its Prometheus counter."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
+    for family in scrape.families(f"127.0.0.1:{metrics_port}"):
         for sample in family.samples:
             if (
                 sample.name == "grpc_server_handled_total"

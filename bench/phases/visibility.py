@@ -145,15 +145,6 @@ class Stages:
     def end(self) -> None:
         self._after = self._read()
 
-    def _window(self, name: str) -> scrape.Buckets:
-        if self._before is None or self._after is None:
-            return {math.inf: 0.0}
-        try:
-            return scrape.window(self._before[name], self._after[name])
-        except ValueError as error:
-            print(f"   ({name}: {error})", flush=True)
-            return {math.inf: 0.0}
-
     def figures(self) -> dict[str, float]:
         stages = {
             "replicator_commit_to_send": self.SENT,
@@ -163,9 +154,14 @@ class Stages:
         }
         figures: dict[str, float] = {}
         for stage, name in stages.items():
-            buckets = self._window(name)
-            figures[f"{stage}_p50_ms"] = scrape.quantile_ms(buckets, 0.5)
-            figures[f"{stage}_p99_ms"] = scrape.quantile_ms(buckets, 0.99)
+            p50 = p99 = math.nan
+            if self._before is not None and self._after is not None:
+                try:
+                    buckets = scrape.window(self._before[name], self._after[name])
+                    p50, p99 = scrape.quantile_ms(buckets, 0.5), scrape.quantile_ms(buckets, 0.99)
+                except ValueError as error:
+                    print(f"   ({name}: {error})", flush=True)
+            figures[f"{stage}_p50_ms"], figures[f"{stage}_p99_ms"] = p50, p99
         return figures
 
 

@@ -11,12 +11,10 @@ delay arose (bench/phases/visibility.py). A real replicator and a real history p
 from __future__ import annotations
 
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from bench import scrape
 from payments_common.redisconn import sync_client
 from stack.servers import free_port
 from tests.support.history import HistoryProcess, history_processes
@@ -44,20 +42,9 @@ class Observed:
 
 
 def observed(metrics_port: int, name: str) -> Observed:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    count = total = 0.0
-    found = False
-    for family in text_string_to_metric_families(text):
-        if family.name != name:
-            continue
-        found = True
-        for sample in family.samples:
-            if sample.name == f"{name}_count":
-                count += sample.value
-            elif sample.name == f"{name}_sum":
-                total += sample.value
-    assert found, f"no {name} at port {metrics_port}"
+    (family,) = [f for f in scrape.families(f"127.0.0.1:{metrics_port}") if f.name == name]
+    count = sum(s.value for s in family.samples if s.name == f"{name}_count")
+    total = sum(s.value for s in family.samples if s.name == f"{name}_sum")
     return Observed(count, total)
 
 

@@ -211,3 +211,24 @@ def test_targets_judge_the_median_and_leave_missing_figures_undecided() -> None:
     missing = found["history.get_payment_1.cpu_ratio_to_floor"]
     assert missing["met"] is None
     assert math.isnan(missing["value"])
+
+
+def test_stages_that_cannot_be_read_are_nan_figures_not_a_failed_run() -> None:
+    from stack.servers import free_port
+
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there
+    stages = visibility.Stages({"REPLICATOR_METRICS_ADDR": nobody, "HISTORY_METRICS_ADDRS": nobody})
+    stages.begin()
+    stages.end()
+    figures = stages.figures()
+    assert sorted(figures) == sorted(
+        f"{stage}_{q}_ms"
+        for stage in (
+            "replicator_commit_to_send",
+            "replicator_commit_to_receive",
+            "replicator_commit_to_apply",
+            "history_apply_to_watch",
+        )
+        for q in ("p50", "p99")
+    )
+    assert all(math.isnan(value) for value in figures.values())
